@@ -1,0 +1,1 @@
+"""Turning TenSet / Ansor measure records into datasets for tlp-jax (no TVM needed)."""
