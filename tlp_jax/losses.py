@@ -1,0 +1,163 @@
+"""Training losses: TLP's LambdaRank (allRank-style) and MSE, masked per hardware head.
+
+Every loss works on a batch ``preds (B, H)``, ``labels (B, H)``, ``mask (B, H)`` (True = label
+present for that head) and ``task_index (B,)``; a head's loss only sees its present labels and the
+heads' losses are summed. Shapes are static and nothing is boolean-indexed, so every loss is
+jit-able.
+
+LambdaRank follows ``LambdaRankLoss.forward`` of TLP's ``tlp_train.py`` (k=None, eps=1e-10,
+sigma=1): items are ranked by prediction, ``D = log2(1 + position)``,
+``G = (2^y - 1) / maxDCG`` (labels clamped at 0), ``w_ij = |1/D_i - 1/D_j| * |G_i - G_j|`` and
+the loss is ``-sum log2(clamp(clamp(sigmoid(sigma * (s_i - s_j)), eps) ** w_ij, eps))`` over the
+pairs with ``y_i > y_j``. The original sorts the batch; here positions are computed as ranks by
+pairwise comparison (ties broken by batch index), which gives the same positions, needs no
+sort/gather and extends directly to ranking within task groups (``group_by_task``): positions,
+maxDCG and pairs are then all restricted to items of the same task. The original ranks the
+whole batch as one list (``group_by_task=False``, the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Loss hyper-parameters. Defaults are TLP's.
+
+  Attributes:
+    name: key of ``LOSSES`` ("lambdarank" or "mse").
+    sigma: LambdaRank sigmoid scale.
+    eps: LambdaRank clamp floor.
+    k: LambdaRank NDCG truncation (``None`` = whole list, as TLP trains).
+    group_by_task: rank within each task group instead of across the whole batch.
+  """
+
+  name: str = "lambdarank"
+  sigma: float = 1.0
+  eps: float = 1e-10
+  k: int | None = None
+  group_by_task: bool = False
+
+  def __post_init__(self):
+    if self.name not in LOSSES:
+      raise ValueError(f"unknown loss {self.name!r}; known: {sorted(LOSSES)}")
+    if self.k is not None and self.k < 1:
+      raise ValueError(f"k must be >= 1 or None, got {self.k}")
+
+
+class HeadLoss(Protocol):
+
+  def __call__(self, preds: Array, labels: Array, valid: Array, groups: Array,
+               config: LossConfig) -> Array:
+    ...
+
+
+def _ranks(values: Array, comparable: Array) -> Array:
+  """0-based descending rank of each item among the items it is comparable with.
+
+  ``comparable (N, N)`` must be symmetric with True on the diagonal for valid items. Ties are
+  broken by index (earlier first), like a stable descending sort.
+  """
+  n = values.shape[0]
+  idx = jnp.arange(n)
+  ahead = (values[None, :] > values[:, None]) | (
+      (values[None, :] == values[:, None]) & (idx[None, :] < idx[:, None]))
+  return jnp.sum(ahead & comparable, axis=1)
+
+
+def lambdarank_head(preds: Array, labels: Array, valid: Array, groups: Array,
+                    config: LossConfig) -> Array:
+  """TLP's LambdaRank loss for one head. preds, labels, valid, groups: (N,). Returns a scalar."""
+  preds = preds.astype(jnp.float32)
+  labels = jnp.where(valid, labels.astype(jnp.float32), 0.0)  # absent labels may be NaN
+  eps = config.eps
+  n = preds.shape[0]
+  # Positions beyond every possible rank when k is None.
+  k = n if config.k is None else config.k
+
+  comparable = (groups[:, None] == groups[None, :]) & valid[:, None] & valid[None, :]
+  pred_rank = _ranks(preds, comparable)
+  true_rank = _ranks(labels, comparable)
+
+  gains = jnp.exp2(jnp.maximum(labels, 0.0)) - 1.0
+  gains = jnp.where(valid, gains, 0.0)
+  d_pred = jnp.log2(2.0 + pred_rank.astype(jnp.float32))
+  d_true = jnp.log2(2.0 + true_rank.astype(jnp.float32))
+  ideal = jnp.where(true_rank < k, gains / d_true, 0.0)
+  max_dcg = jnp.maximum(comparable.astype(jnp.float32) @ ideal, eps)
+  g = gains / max_dcg
+
+  inv_d = 1.0 / d_pred
+  weights = jnp.abs(inv_d[:, None] - inv_d[None, :]) * jnp.abs(g[:, None] - g[None, :])
+  weights = jax.lax.stop_gradient(weights)
+
+  diffs = jnp.clip(preds[:, None] - preds[None, :], -1e8, 1e8)
+  diffs = jnp.where(jnp.isnan(diffs), 0.0, diffs)
+  log_eps = math.log(eps)
+  # log2(clamp(clamp(sigmoid(x), eps) ** w, eps)), computed in log space for stability.
+  log_p = jnp.maximum(jax.nn.log_sigmoid(config.sigma * diffs), log_eps)
+  pair_loss = jnp.maximum(weights * log_p, log_eps) / math.log(2.0)
+
+  in_top_k = pred_rank < k
+  pairs = comparable & (labels[:, None] > labels[None, :]) & in_top_k[:, None] & in_top_k[None, :]
+  return -jnp.sum(jnp.where(pairs, pair_loss, 0.0))
+
+
+def mse_head(preds: Array, labels: Array, valid: Array, groups: Array,
+             config: LossConfig) -> Array:
+  """Mean squared error over the head's present labels (``torch.nn.MSELoss`` when all present)."""
+  del groups, config
+  err = jnp.where(valid, preds.astype(jnp.float32) - labels.astype(jnp.float32), 0.0)
+  return jnp.sum(err * err) / jnp.maximum(jnp.sum(valid), 1)
+
+
+LOSSES: dict[str, HeadLoss] = {
+    "lambdarank": lambdarank_head,
+    "mse": mse_head,
+}
+
+
+def multi_head_loss(config: LossConfig, preds: Array, labels: Array, mask: Array,
+                    task_index: Array | None = None) -> Array:
+  """Sum over heads of ``config``'s loss on each head's present labels.
+
+  Args:
+    config: which loss and its hyper-parameters.
+    preds: (B, H) model outputs.
+    labels: (B, H) targets (TLP scores ``min_cost / cost``); absent entries may hold anything.
+    mask: (B, H) bool, True where the label is present.
+    task_index: (B,) int task of each row; needed when ``config.group_by_task``.
+
+  Returns:
+    Scalar float32 loss.
+  """
+  if preds.ndim != 2 or preds.shape != labels.shape or preds.shape != mask.shape:
+    raise ValueError(f"preds {preds.shape}, labels {labels.shape} and mask {mask.shape} must "
+                     "all be (batch, heads)")
+  if config.group_by_task:
+    if task_index is None:
+      raise ValueError("group_by_task=True needs task_index")
+    groups = task_index
+  else:
+    groups = jnp.zeros((preds.shape[0],), jnp.int32)
+  head_fn = LOSSES[config.name]
+  per_head = jax.vmap(lambda p, y, m: head_fn(p, y, m, groups, config),
+                      in_axes=(1, 1, 1))(preds, labels, mask.astype(bool))
+  return jnp.sum(per_head)
+
+
+def make_loss_fn(config: LossConfig) -> Callable[..., Array]:
+  """``fn(preds, labels, mask, task_index=None) -> scalar`` bound to ``config``."""
+
+  def loss_fn(preds, labels, mask, task_index=None):
+    return multi_head_loss(config, preds, labels, mask, task_index)
+
+  return loss_fn

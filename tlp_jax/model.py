@@ -1,0 +1,316 @@
+"""TLP's attention cost model in Flax linen, with per-hardware (MTL-TLP) decoder heads.
+
+Structure follows the original ``AttentionModule`` of TLP's ``tlp_train.py`` exactly:
+
+    x[:, :seq_len, :feature_dim]
+    -> encoder  Linear E->64->128->256->256, ReLU after every Linear
+    -> PyTorch-style multi-head self attention (in-projection with bias, out-projection with
+       bias, scaled dot product, no dropout) over the step axis, plus a residual
+    -> ``res_blocks`` x  (x = relu(Linear256(x)) + x)
+    -> decoder 256->256->128->64->1 per step (ReLU between, none after the last)
+    -> SUM over the step axis, padding rows included (no positional encoding, no layer norm,
+       no padding mask).
+
+The original also builds an ``l0`` layer that ``forward`` never calls; it is left out here since
+it cannot change any output.
+
+MTL-TLP: the decoder is ``nn.vmap``-ed over ``num_heads`` stacked parameter sets (one per
+hardware), so the model returns ``(batch, num_heads)``; the single-hardware model is the same code
+with ``num_heads=1``.
+
+Initialisation mirrors PyTorch's defaults (``nn.Linear``: kernel and bias uniform in
++-1/sqrt(fan_in); ``nn.MultiheadAttention``: Xavier-uniform over the packed (3E, E) in-projection,
+zero biases), so that training dynamics match the original recipe.
+
+Improvements over the original (all off by default; see ``TLPConfig``): ``padding_mask``,
+``input_norm`` and ``pool``. Each is independent of the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Attention logits of masked keys. Finite (not -inf) so that a program whose steps are all
+# padding gets a uniform softmax instead of NaNs.
+_MASKED_LOGIT = -1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+def _identity(x: Array) -> Array:
+  return x
+
+
+def _signed_log1p(x: Array) -> Array:
+  # Raw split factors / extents reach thousands; compress them while keeping 0 -> 0 (so padding
+  # rows stay all-zero) and the sign.
+  return jnp.sign(x) * jnp.log1p(jnp.abs(x))
+
+
+# name -> elementwise transform applied to the selected feature columns before the encoder.
+INPUT_NORMS: dict[str, Callable[[Array], Array]] = {
+    "none": _identity,
+    "log1p": _signed_log1p,
+}
+
+
+def _pool_sum(y: Array, weights: Array) -> Array:
+  """Sum per-step outputs ``y (B, L)`` with per-step ``weights (B, L)`` (1 = counted)."""
+  return jnp.sum(y * weights, axis=-1)
+
+
+def _pool_mean_valid(y: Array, valid: Array) -> Array:
+  """Mean of per-step outputs over valid (non-padding) steps; 0 for an all-padding program."""
+  count = jnp.maximum(jnp.sum(valid, axis=-1), 1.0)
+  return jnp.sum(y * valid, axis=-1) / count
+
+
+@dataclasses.dataclass(frozen=True)
+class _PoolSpec:
+  fn: Callable[[Array, Array], Array]
+  # Whether the pool always restricts itself to valid steps (independently of padding_mask).
+  uses_valid: bool
+
+
+POOLS: dict[str, _PoolSpec] = {
+    "sum": _PoolSpec(_pool_sum, uses_valid=False),
+    "mean_valid": _PoolSpec(_pool_mean_valid, uses_valid=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TLPConfig:
+  """Hyper-parameters of the TLP attention model. Defaults reproduce the original TLP model.
+
+  Attributes:
+    feature_dim: per-step feature width E (TLP's ``fea_size``); inputs are cropped to it.
+    seq_len: number of steps L (TLP's ``step_size``); inputs are cropped to it.
+    encoder_dims: widths of the encoder Linear layers (TLP ``hidden_dim``); the last one is the
+      attention / residual width.
+    attention_heads: heads of the self attention (TLP ``attention_head``).
+    res_blocks: number of residual blocks ``relu(Linear(x)) + x`` (TLP ``res_block_cnt``).
+    decoder_dims: widths of the decoder Linear layers (TLP ``out_dim``); must end in 1.
+    num_heads: number of hardware decoder heads (1 = TLP, >1 = MTL-TLP).
+    dtype: compute dtype name ("float32", "bfloat16", ...); parameters stay float32.
+    padding_mask: mask padded steps (all-zero feature rows) as attention keys and in the decoder
+      sum. Original: False.
+    input_norm: key of ``INPUT_NORMS`` applied to the input features. Original: "none".
+    input_norm_columns: feature columns the norm applies to; ``None`` = every column.
+    pool: key of ``POOLS`` for reducing per-step decoder outputs. Original: "sum".
+  """
+
+  feature_dim: int = 22
+  seq_len: int = 25
+  encoder_dims: tuple[int, ...] = (64, 128, 256, 256)
+  attention_heads: int = 8
+  res_blocks: int = 2
+  decoder_dims: tuple[int, ...] = (256, 128, 64, 1)
+  num_heads: int = 1
+  dtype: str = "float32"
+  padding_mask: bool = False
+  input_norm: str = "none"
+  input_norm_columns: tuple[int, ...] | None = None
+  pool: str = "sum"
+
+  def __post_init__(self):
+    # Lists from ConfigDicts / JSON would make the dataclass unhashable (flax needs hashable
+    # module attributes), so normalise sequences to tuples.
+    for name in ("encoder_dims", "decoder_dims"):
+      object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+    if self.input_norm_columns is not None:
+      object.__setattr__(self, "input_norm_columns",
+                         tuple(int(v) for v in self.input_norm_columns))
+    if not self.encoder_dims or not self.decoder_dims:
+      raise ValueError("encoder_dims and decoder_dims must be non-empty")
+    if self.decoder_dims[-1] != 1:
+      raise ValueError(f"decoder_dims must end in 1, got {self.decoder_dims}")
+    if self.hidden_dim % self.attention_heads:
+      raise ValueError(f"attention width {self.hidden_dim} is not divisible by "
+                       f"attention_heads={self.attention_heads}")
+    if self.num_heads < 1:
+      raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+    if self.input_norm not in INPUT_NORMS:
+      raise ValueError(f"unknown input_norm {self.input_norm!r}; known: {sorted(INPUT_NORMS)}")
+    if self.pool not in POOLS:
+      raise ValueError(f"unknown pool {self.pool!r}; known: {sorted(POOLS)}")
+    if self.input_norm_columns is not None:
+      bad = [c for c in self.input_norm_columns if not 0 <= c < self.feature_dim]
+      if bad:
+        raise ValueError(f"input_norm_columns {bad} outside [0, {self.feature_dim})")
+    jnp.dtype(self.dtype)  # raises on an unknown dtype name
+
+  @property
+  def hidden_dim(self) -> int:
+    """Width of the attention and residual blocks (last encoder width)."""
+    return self.encoder_dims[-1]
+
+  def to_dict(self) -> dict[str, Any]:
+    """Plain-Python dict of the fields (JSON-serialisable)."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "TLPConfig":
+    """Inverse of ``to_dict``; unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown TLPConfig fields: {sorted(unknown)}")
+    return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch-default initialisers
+# ----------------------------------------------------------------------------------------------
+
+
+def _uniform(limit: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+  return init
+
+
+def torch_linear(features: int, fan_in: int, dtype, name: str | None = None) -> nn.Dense:
+  """``nn.Dense`` initialised like ``torch.nn.Linear`` (kaiming-uniform a=sqrt(5) == U(+-1/sqrt(fan_in)))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=_uniform(bound), bias_init=_uniform(bound), name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+  """``torch.nn.MultiheadAttention(dim, heads)`` applied as self attention, batch-major.
+
+  Parameters: ``query``, ``key``, ``value``, ``out`` Dense layers of shape (dim, dim) with bias.
+  """
+
+  dim: int
+  heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, key_valid: Array | None = None) -> Array:
+    """x: (B, L, dim); key_valid: optional (B, L) bool, False keys get no attention."""
+    head_dim = self.dim // self.heads
+    # PyTorch packs q/k/v into one (3*dim, dim) matrix and Xavier-initialises it as a whole.
+    in_bound = math.sqrt(6.0 / (self.dim + 3 * self.dim))
+
+    def in_proj(name):
+      return nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32,
+                      kernel_init=_uniform(in_bound), bias_init=nn.initializers.zeros,
+                      name=name)
+
+    b, l, _ = x.shape
+    q = in_proj("query")(x).reshape(b, l, self.heads, head_dim)
+    k = in_proj("key")(x).reshape(b, l, self.heads, head_dim)
+    v = in_proj("value")(x).reshape(b, l, self.heads, head_dim)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+    logits = logits.astype(jnp.float32)
+    if key_valid is not None:
+      logits = jnp.where(key_valid[:, None, None, :], logits, _MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, self.dim)
+    out_bound = 1.0 / math.sqrt(self.dim)
+    return nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=_uniform(out_bound), bias_init=nn.initializers.zeros,
+                    name="out")(ctx)
+
+
+class Decoder(nn.Module):
+  """Per-step MLP decoder reduced over steps: (B, L, D) -> (B,)."""
+
+  config: TLPConfig
+
+  @nn.compact
+  def __call__(self, h: Array, pool_weights: Array) -> Array:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    fan_in = cfg.hidden_dim
+    for i, width in enumerate(cfg.decoder_dims):
+      h = torch_linear(width, fan_in, dtype, name=f"dense_{i}")(h)
+      if i < len(cfg.decoder_dims) - 1:
+        h = nn.relu(h)
+      fan_in = width
+    y = h[..., 0].astype(jnp.float32)
+    return POOLS[cfg.pool].fn(y, pool_weights)
+
+
+class TLPModel(nn.Module):
+  """TLP attention regressor: ``(B, L, E)`` features -> ``(B, num_heads)`` scores."""
+
+  config: TLPConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    if x.ndim != 3:
+      raise ValueError(f"expected features (batch, steps, width), got shape {x.shape}")
+    if x.shape[1] < cfg.seq_len or x.shape[2] < cfg.feature_dim:
+      raise ValueError(f"features {x.shape[1:]} are smaller than the model's "
+                       f"(seq_len, feature_dim)=({cfg.seq_len}, {cfg.feature_dim})")
+    # As the original: crop to (step_size, fea_size).
+    x = x[:, :cfg.seq_len, :cfg.feature_dim].astype(jnp.float32)
+    valid = valid_steps(x)
+
+    x = apply_input_norm(x, cfg)
+    h = x.astype(dtype)
+    fan_in = cfg.feature_dim
+    for i, width in enumerate(cfg.encoder_dims):
+      h = nn.relu(torch_linear(width, fan_in, dtype, name=f"encoder_{i}")(h))
+      fan_in = width
+
+    key_valid = valid if cfg.padding_mask else None
+    h = SelfAttention(cfg.hidden_dim, cfg.attention_heads, dtype=dtype,
+                      name="attention")(h, key_valid) + h
+    for i in range(cfg.res_blocks):
+      h = nn.relu(torch_linear(cfg.hidden_dim, cfg.hidden_dim, dtype,
+                               name=f"res_block_{i}")(h)) + h
+
+    use_valid = cfg.padding_mask or POOLS[cfg.pool].uses_valid
+    pool_weights = valid.astype(jnp.float32) if use_valid else jnp.ones(valid.shape, jnp.float32)
+    heads = nn.vmap(
+        Decoder,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=None,
+        out_axes=-1,
+        axis_size=cfg.num_heads,
+    )
+    return heads(cfg, name="heads")(h, pool_weights)
+
+
+def valid_steps(x: Array) -> Array:
+  """(B, L) bool: True where a step's feature row is not all zero (i.e. not padding)."""
+  return jnp.any(x != 0, axis=-1)
+
+
+def apply_input_norm(x: Array, config: TLPConfig) -> Array:
+  """Apply ``config.input_norm`` to ``config.input_norm_columns`` (all columns if None)."""
+  fn = INPUT_NORMS[config.input_norm]
+  if fn is _identity:
+    return x
+  if config.input_norm_columns is None:
+    return fn(x)
+  cols = jnp.zeros((x.shape[-1],), bool).at[jnp.asarray(config.input_norm_columns)].set(True)
+  return jnp.where(cols, fn(x), x)
+
+
+def init_params(config: TLPConfig, rng: Array) -> dict:
+  """Initialise the model's parameters (the ``params`` collection) for ``config``."""
+  dummy = jnp.zeros((1, config.seq_len, config.feature_dim), jnp.float32)
+  return TLPModel(config).init(rng, dummy)["params"]
