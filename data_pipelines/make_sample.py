@@ -1,0 +1,135 @@
+"""Copies a small, deterministic subset of a TenSet-layout directory (the embedded sample).
+
+Keeps TenSet's exact layout and copies files byte for byte:
+
+* ``network_info/*.json`` for every network (not ``all_tasks.pkl``, not ``*.task.pkl``);
+* ``measure_records/HW/*.json`` of every task of the hold-out networks, on every hardware that
+  measured it (so evaluation covers all hold-out networks);
+* plus training tasks, round-robin over the non-hold-out networks (each network's tasks in
+  SHA-1-of-workload-key order, tasks measured on every hardware first), until the byte budget is
+  spent. ``to_measure_programs`` is skipped: its programs are the records' programs again.
+
+Usage::
+
+  python -m data_pipelines.make_sample --tenset_dir /work/shared/tenset-mini \
+      --out_dir data/sample/tenset-mini
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import shutil
+from typing import Sequence
+
+from absl import logging
+import orjson
+
+from data_pipelines import network_info as network_info_lib
+
+MEASURE_DIR = "measure_records"
+
+
+def record_file_workload_key(path: str) -> str | None:
+  """Workload key of a measure-record file (from its first parsable line), None if empty."""
+  with open(path, "rb") as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        return orjson.loads(line)["i"][0][0]
+      except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        continue
+  return None
+
+
+def _sha1(text: str) -> str:
+  return hashlib.sha1(text.encode()).hexdigest()
+
+
+def plan_sample(tenset_dir: str, holdout: Sequence[str] | None = None,
+                budget_bytes: int = 3_700_000) -> dict[str, list[str]]:
+  """Chooses the record files to copy: ``{hardware: [file names]}`` (deterministic)."""
+  nets = network_info_lib.load_network_infos(tenset_dir)
+  holdout = holdout or network_info_lib.default_holdout(nets)
+  held = network_info_lib.select_holdout(nets, holdout)
+  held_keys = network_info_lib.holdout_workload_keys(held)
+
+  root = os.path.join(tenset_dir, MEASURE_DIR)
+  hardware = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  # workload key -> {hw: file name}
+  files: dict[str, dict[str, str]] = {}
+  for hw in hardware:
+    for name in sorted(os.listdir(os.path.join(root, hw))):
+      wk = record_file_workload_key(os.path.join(root, hw, name))
+      if wk is not None:
+        files.setdefault(wk, {})[hw] = name
+
+  def size(wk):
+    return sum(os.path.getsize(os.path.join(root, hw, n)) for hw, n in files[wk].items())
+
+  used = sum(os.path.getsize(n.path) for n in nets)
+  chosen = [wk for wk in sorted(files) if wk in held_keys]
+  used += sum(size(wk) for wk in chosen)
+  if used > budget_bytes:
+    raise ValueError(f"hold-out tasks alone take {used} bytes > budget {budget_bytes}")
+
+  # Round-robin over training networks so the sample mixes operator kinds.
+  queues = []
+  for net in nets:
+    if net in held:
+      continue
+    keys = [t.workload_key for t in net.tasks if t.workload_key in files
+            and t.workload_key not in held_keys]
+    keys.sort(key=lambda wk: (-len(files[wk]), _sha1(wk)))
+    queues.append(keys)
+  taken = set(chosen)
+  for wk in itertools.chain.from_iterable(itertools.zip_longest(*queues)):
+    if wk is None or wk in taken:
+      continue
+    if used + size(wk) > budget_bytes:
+      continue
+    taken.add(wk)
+    chosen.append(wk)
+    used += size(wk)
+  plan = {hw: sorted(files[wk][hw] for wk in chosen if hw in files[wk]) for hw in hardware}
+  logging.info("sample: %d tasks (%d hold-out), %d bytes", len(chosen),
+               sum(wk in held_keys for wk in chosen), used)
+  return plan
+
+
+def make_sample(tenset_dir: str, out_dir: str, holdout: Sequence[str] | None = None,
+                budget_bytes: int = 3_700_000) -> dict[str, list[str]]:
+  """Writes the sample into ``out_dir`` (replacing it) and returns the plan."""
+  plan = plan_sample(tenset_dir, holdout, budget_bytes)
+  if os.path.exists(out_dir):
+    shutil.rmtree(out_dir)
+  os.makedirs(os.path.join(out_dir, network_info_lib.NETWORK_INFO_DIR))
+  for net in network_info_lib.load_network_infos(tenset_dir):
+    shutil.copyfile(net.path, os.path.join(out_dir, network_info_lib.NETWORK_INFO_DIR,
+                                           os.path.basename(net.path)))
+  for hw, names in plan.items():
+    os.makedirs(os.path.join(out_dir, MEASURE_DIR, hw))
+    for name in names:
+      shutil.copyfile(os.path.join(tenset_dir, MEASURE_DIR, hw, name),
+                      os.path.join(out_dir, MEASURE_DIR, hw, name))
+  return plan
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS
+  plan = make_sample(fv.tenset_dir, fv.out_dir, fv.holdout or None, fv.budget_bytes)
+  for hw, names in plan.items():
+    print(f"{hw}: {len(names)} task files")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  flags.DEFINE_string("tenset_dir", None, "TenSet-layout source directory.", required=True)
+  flags.DEFINE_string("out_dir", "data/sample/tenset-mini", "Where to write the sample.")
+  flags.DEFINE_list("holdout", [], "Hold-out specs NAME[@SIZE]; default by dataset.")
+  flags.DEFINE_integer("budget_bytes", 3_700_000, "Byte budget for the copied files.")
+  app.run(main)
