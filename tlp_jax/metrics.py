@@ -116,7 +116,7 @@ class TopKScores:
     """JSON-ready dict: per-network and aggregate scores keyed by ``"top-k"``."""
 
     def row(values):
-      return {f"top-{k}": _json_float(v) for k, v in zip(self.ks, values)}
+      return {f"top-{k}": json_float(v) for k, v in zip(self.ks, values)}
 
     return {
         "per_network": {
@@ -131,7 +131,8 @@ class TopKScores:
     }
 
 
-def _json_float(v) -> float | None:
+def json_float(v) -> float | None:
+  """``float(v)``, or None (JSON null) when it is not finite."""
   v = float(v)
   return v if np.isfinite(v) else None
 
