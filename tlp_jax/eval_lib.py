@@ -1,0 +1,277 @@
+"""Library of ``eval.py``: top-k of a cost model on the held-out networks of one hardware.
+
+One prediction path: every model is evaluated through the pure-NumPy predictor
+(:class:`tlp_jax.numpy_predictor.Predictor`), loaded from an exported ``.npz`` or exported in
+memory from a training workdir (:func:`load_predictor`). Predictions are made in batches over
+every valid program of the split, then scored with :mod:`tlp_jax.metrics`. The report puts the
+model next to the exact random-ranking expectation, the oracle and any extra named baselines
+(per-program prediction arrays, e.g. an XGBoost model on Ansor features) so all rows share the
+same programs, tasks, networks and split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import tqdm
+
+from tlp_jax import metrics
+
+RANDOM_ROW = "random (exact expectation)"
+ORACLE_ROW = "oracle"
+# Points of the predicted-vs-measured scatter kept in the report (a deterministic subsample).
+SCATTER_POINTS = 5000
+
+
+class EvalError(ValueError):
+  """A user-facing evaluation error (unknown hardware, missing model head, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSplit:
+  """The programs of one split for one hardware, with what top-k needs.
+
+  Attributes:
+    hardware: the hardware evaluated.
+    split: split name.
+    features: ``(N, L, E)`` float32 features of the valid programs.
+    score: ``(N,)`` true normalised score (``min_cost / cost``) on ``hardware``.
+    latency: ``(N,)`` true latency (seconds), from the score as TLP does.
+    task_index: ``(N,)`` task of each program (index into ``task_keys``).
+    rows: ``(N,)`` row of each program in the split's arrays (to align extra predictions).
+    task_keys: ``(T,)`` workload keys.
+    networks: the evaluation networks.
+    num_split_programs: programs in the split, valid on ``hardware`` or not.
+  """
+
+  hardware: str
+  split: str
+  features: np.ndarray
+  score: np.ndarray
+  latency: np.ndarray
+  task_index: np.ndarray
+  rows: np.ndarray
+  task_keys: tuple[str, ...]
+  networks: tuple[metrics.NetworkTasks, ...]
+  num_split_programs: int
+
+
+def hardware_index(hardware: Sequence[str], hw: str, what: str = "the dataset") -> int:
+  """Index of ``hw`` in ``hardware``; an :class:`EvalError` listing the known names otherwise."""
+  names = [str(h) for h in hardware]
+  if hw not in names:
+    raise EvalError(f"hardware {hw!r} is not in {what}; available: {', '.join(names) or 'none'}")
+  return names.index(hw)
+
+
+def _network_tasks(arrays) -> tuple[metrics.NetworkTasks, ...]:
+  nets = []
+  for net in arrays.networks:
+    nets.append(metrics.NetworkTasks(net.label, np.asarray(net.task_indices),
+                                     np.asarray(net.weights)))
+  return tuple(nets)
+
+
+def select_split(arrays, hw: str, split: str = "test") -> EvalSplit:
+  """The valid programs of ``split`` on hardware ``hw`` from a ``DatasetArrays``.
+
+  Raises:
+    EvalError: ``hw`` is not a hardware of the dataset, or ``split`` does not exist.
+  """
+  h = hardware_index(arrays.hardware, hw)
+  if split not in ("train", "validation", "test"):
+    raise EvalError(f"unknown split {split!r}; choose train, validation or test")
+  s = getattr(arrays, split)
+  valid = np.asarray(s.mask[:, h], dtype=bool)
+  rows = np.flatnonzero(valid)
+  task_index = np.asarray(s.task_index)[rows].astype(np.int64)
+  score = np.asarray(s.scores[rows, h], dtype=np.float64)
+  min_cost = np.asarray(arrays.tasks.min_cost, dtype=np.float64)[:, h]
+  latency = metrics.latency_from_score(score, min_cost[task_index])
+  logging.info("%s split on %s: %d of %d programs have a valid measurement", split, hw,
+               rows.size, valid.size)
+  return EvalSplit(hardware=hw, split=split, features=s.features[rows], score=score,
+                   latency=latency, task_index=task_index, rows=rows,
+                   task_keys=tuple(arrays.tasks.workload_keys),
+                   networks=_network_tasks(arrays), num_split_programs=int(valid.size))
+
+
+def predict_in_batches(predict: Callable[[np.ndarray], np.ndarray], features: np.ndarray,
+                       batch_size: int = 4096, desc: str = "predict") -> np.ndarray:
+  """``predict`` over ``features`` in batches (bounded memory at TenSet scale), as float64."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  out = np.empty(features.shape[0], dtype=np.float64)
+  for start in tqdm.trange(0, features.shape[0], batch_size, desc=desc, unit="batch",
+                           disable=features.shape[0] <= batch_size):
+    stop = min(start + batch_size, features.shape[0])
+    pred = np.asarray(predict(features[start:stop]), dtype=np.float64).reshape(-1)
+    if pred.shape[0] != stop - start:
+      raise ValueError(f"predictor returned {pred.shape[0]} values for {stop - start} programs")
+    out[start:stop] = pred
+  return out
+
+
+def _rows_of(name: str, r: metrics.TopKScores, data: EvalSplit, pred=None) -> dict:
+  d = r.to_dict()
+  if pred is not None:
+    q = metrics.quick_top_ks(pred, data.score, data.task_index, r.ks)
+    d["task_mean"] = {f"top-{k}": metrics.json_float(q[k]) for k in r.ks}
+  return d
+
+
+def _scatter(pred: np.ndarray, score: np.ndarray, seed: int = 0) -> dict:
+  n = pred.shape[0]
+  idx = np.arange(n)
+  if n > SCATTER_POINTS:
+    idx = np.sort(np.random.default_rng(seed).choice(n, SCATTER_POINTS, replace=False))
+  return {"pred": pred[idx].tolist(), "score": score[idx].tolist(), "total": int(n)}
+
+
+def evaluate(data: EvalSplit, predict: Callable[[np.ndarray], np.ndarray], *,
+             model_name: str = "model", ks: Sequence[int] = metrics.DEFAULT_KS,
+             extra_predictions: Mapping[str, np.ndarray] | None = None,
+             batch_size: int = 4096, model_info: Mapping[str, Any] | None = None) -> dict:
+  """Top-k report of a model on one split/hardware, with random, oracle and extra rows.
+
+  Args:
+    data: the split (see :func:`select_split`).
+    predict: ``features (B, L, E) -> (B,)`` predicted scores (higher = faster) for
+      ``data.hardware``; see :func:`predictor_fn`.
+    model_name: the model's row name.
+    ks: the k values.
+    extra_predictions: ``{row name: (num_split_programs,) predictions}`` aligned with the rows of
+      the split's arrays (all programs of the split, valid on the hardware or not: only the
+      valid ones are used), e.g. a baseline cost model.
+    batch_size: prediction batch size.
+    model_info: JSON-able description of the model (path, heads, ...) stored in the report.
+
+  Returns:
+    A JSON-able report dict: ``hardware``, ``split``, ``ks``, counts, ``networks`` (name,
+    tasks, weights), ``rows`` (row name -> per-network / ``mean`` (TenSet) / ``pooled`` (TLP)
+    top-k, plus ``task_mean``, the unweighted mean over all tasks of the split, for ranked
+    rows) and ``scatter`` (a subsample of model predictions vs measured scores).
+  """
+  ks = tuple(int(k) for k in ks)
+  num_tasks = len(data.task_keys)
+  args = (data.latency, data.task_index, data.networks, ks, num_tasks)
+  pred = predict_in_batches(predict, data.features, batch_size, desc=f"predict {model_name}")
+  if not np.all(np.isfinite(pred)):
+    logging.warning("%d non-finite predictions (ranked last)", int((~np.isfinite(pred)).sum()))
+  rows = {model_name: _rows_of(model_name, metrics.top_k_scores(pred, *args), data, pred)}
+  for name, extra in (extra_predictions or {}).items():
+    extra = np.asarray(extra, dtype=np.float64).reshape(-1)
+    if extra.shape[0] != data.num_split_programs:
+      raise EvalError(f"extra predictions {name!r} have {extra.shape[0]} entries; the "
+                      f"{data.split} split has {data.num_split_programs} programs")
+    if name in rows or name in (RANDOM_ROW, ORACLE_ROW):
+      raise EvalError(f"extra predictions name {name!r} clashes with another row")
+    p = extra[data.rows]
+    rows[name] = _rows_of(name, metrics.top_k_scores(p, *args), data, p)
+  rows[RANDOM_ROW] = _rows_of(RANDOM_ROW, metrics.random_top_k_scores(*args), data)
+  oracle_pred = -data.latency
+  rows[ORACLE_ROW] = _rows_of(ORACLE_ROW, metrics.oracle_top_k_scores(*args), data, oracle_pred)
+  present = np.zeros(num_tasks, bool)
+  present[data.task_index] = True
+  return {
+      "hardware": data.hardware,
+      "split": data.split,
+      "ks": list(ks),
+      "model": {"name": model_name, **dict(model_info or {})},
+      "num_programs": int(data.task_index.size),
+      "num_split_programs": data.num_split_programs,
+      "num_tasks_with_programs": int(present.sum()),
+      "networks": [{"name": n.name, "tasks": int(n.task_indices.size),
+                    "occurrences": float(n.weights.sum())} for n in data.networks],
+      "rows": rows,
+      "scatter": _scatter(pred, data.score),
+  }
+
+
+def _fmt(v) -> str:
+  return "  n/a" if v is None else f"{v:.3f}"
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+  """Markdown tables of a report: one row per (ranking, network / aggregate), one column per k."""
+  ks = report["ks"]
+  head = [f"top-{k}" for k in ks]
+  out = io.StringIO()
+  out.write(f"hardware {report['hardware']}, split {report['split']}: "
+            f"{report['num_programs']} programs with a valid measurement "
+            f"(of {report['num_split_programs']}), "
+            f"{report['num_tasks_with_programs']} tasks\n\n")
+  out.write("| ranking | network | " + " | ".join(head) + " | tasks used/skipped |\n")
+  out.write("|---|---|" + "---|" * len(head) + "---|\n")
+  for name, row in report["rows"].items():
+    for net, vals in row["per_network"].items():
+      cells = " | ".join(_fmt(vals[h]) for h in head)
+      out.write(f"| {name} | {net} | {cells} | {vals['tasks_used']}/{vals['tasks_skipped']} |\n")
+    for agg, label in (("mean", "mean (TenSet)"), ("pooled", "pooled (TLP)"),
+                       ("task_mean", "all tasks, unweighted")):
+      if agg in row:
+        cells = " | ".join(_fmt(row[agg][h]) for h in head)
+        out.write(f"| {name} | **{label}** | {cells} | |\n")
+  return out.getvalue()
+
+
+def plot_report(report: Mapping[str, Any], path: str) -> None:
+  """PNG: per-network grouped bars for each k, and predicted vs measured score of the model."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  ks = report["ks"]
+  rows = report["rows"]
+  groups = list(next(iter(rows.values()))["per_network"]) + ["mean (TenSet)", "pooled (TLP)"]
+  panels = len(ks) + 2  # one per k, the scatter, the legend
+  ncols = min(3, panels)
+  nrows = -(-panels // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 4.2 * nrows), squeeze=False)
+  axes = axes.reshape(-1)
+  width = 0.8 / len(rows)
+  x = np.arange(len(groups))
+  handles = []
+  for ax, k in zip(axes, ks):
+    key = f"top-{k}"
+    handles = []
+    for i, (name, row) in enumerate(rows.items()):
+      vals = [row["per_network"][g][key] for g in groups[:-2]]
+      vals += [row["mean"][key], row["pooled"][key]]
+      vals = [np.nan if v is None else v for v in vals]
+      handles.append(ax.bar(x + (i - (len(rows) - 1) / 2) * width, vals, width, label=name))
+    ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{key} ({report['hardware']}, {report['split']})", fontsize=9)
+  for ax in axes[len(ks) + 1:]:
+    ax.axis("off")
+  axes[len(ks) + 1].legend(handles, list(rows), loc="center", fontsize=9)
+  sc = report["scatter"]
+  ax = axes[len(ks)]
+  ax.scatter(sc["pred"], sc["score"], s=3, alpha=0.4)
+  ax.set_xlabel("predicted score")
+  ax.set_ylabel("measured score (min_cost / cost)")
+  ax.set_title(f"{report['model']['name']}: {len(sc['pred'])} of {sc['total']} programs",
+               fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_report(report: Mapping[str, Any], out_dir: str) -> dict[str, str]:
+  """Writes ``report.json``, ``report.md`` and ``report.png`` under ``out_dir``; returns paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  stem = f"eval_{report['hardware']}_{report['split']}"
+  paths = {ext: os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "md", "png")}
+  with open(paths["json"], "w") as f:
+    json.dump(report, f, indent=1, allow_nan=False)
+  with open(paths["md"], "w") as f:
+    f.write(format_report(report))
+  plot_report(report, paths["png"])
+  return paths
