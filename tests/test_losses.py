@@ -32,7 +32,8 @@ def _lambdarank_reference(preds, labels, k=None, eps=1e-10, sigma=1.0):
   w = np.abs(1 / d[:, :, None] - 1 / d[:, None, :]) * np.abs(g[:, :, None] - g[:, None, :])
   diffs = np.clip(y_pred_sorted[:, :, None] - y_pred_sorted[:, None, :], -1e8, 1e8)
   diffs[np.isnan(diffs)] = 0
-  probs = np.maximum(np.maximum(1 / (1 + np.exp(-sigma * diffs)), eps) ** w, eps)
+  with np.errstate(over="ignore"):  # exp overflow -> sigmoid 0 -> eps clamp, as in torch
+    probs = np.maximum(np.maximum(1 / (1 + np.exp(-sigma * diffs)), eps) ** w, eps)
   return -np.sum(np.log2(probs)[pair_mask & at_k])
 
 

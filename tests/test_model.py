@@ -1,0 +1,205 @@
+"""Tests for tlp_jax.model: shapes, stacked vmap heads, head isolation, config options."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tlp_jax import losses
+from tlp_jax.model import TLPConfig, TLPModel, init_params
+
+SMALL = dict(feature_dim=6, seq_len=5, encoder_dims=(8, 16), attention_heads=2,
+             decoder_dims=(8, 1))
+
+
+def _x(batch, cfg, seed=0, pad_from=None):
+  x = np.random.default_rng(seed).normal(size=(batch, cfg.seq_len, cfg.feature_dim))
+  if pad_from is not None:
+    x[:, pad_from:] = 0.0
+  return jnp.asarray(x, jnp.float32)
+
+
+@pytest.mark.parametrize("num_heads", [1, 3])
+def test_output_shape_default_dims(num_heads):
+  cfg = TLPConfig(num_heads=num_heads)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  out = TLPModel(cfg).apply({"params": params}, _x(4, cfg))
+  assert out.shape == (4, num_heads)
+  assert out.dtype == jnp.float32
+  # Original layer widths.
+  assert params["encoder_0"]["kernel"].shape == (22, 64)
+  assert params["encoder_3"]["kernel"].shape == (256, 256)
+  assert params["attention"]["query"]["kernel"].shape == (256, 256)
+  assert "res_block_1" in params and "res_block_2" not in params
+
+
+def test_vmap_heads_have_stacked_distinct_params():
+  cfg = TLPConfig(num_heads=3, **SMALL)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  heads = params["heads"]
+  assert heads["dense_0"]["kernel"].shape == (3, 16, 8)
+  assert heads["dense_1"]["kernel"].shape == (3, 8, 1)
+  assert heads["dense_1"]["bias"].shape == (3, 1)
+  k = np.asarray(heads["dense_0"]["kernel"])
+  assert not np.allclose(k[0], k[1]) and not np.allclose(k[1], k[2])
+
+
+def test_torch_style_init_bounds():
+  cfg = TLPConfig()
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  assert np.abs(params["encoder_0"]["kernel"]).max() <= 1 / np.sqrt(22)
+  assert np.abs(params["encoder_0"]["bias"]).max() <= 1 / np.sqrt(22)
+  assert np.abs(params["attention"]["query"]["kernel"]).max() <= np.sqrt(6 / (4 * 256))
+  assert np.all(params["attention"]["query"]["bias"] == 0)
+  assert np.all(params["attention"]["out"]["bias"] == 0)
+
+
+def test_gradient_from_one_head_changes_only_that_head():
+  cfg = TLPConfig(num_heads=3, **SMALL)
+  model = TLPModel(cfg)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  x = _x(12, cfg, seed=1)
+  rng = np.random.default_rng(0)
+  labels = jnp.asarray(rng.uniform(size=(12, 3)), jnp.float32)
+  mask = jnp.zeros((12, 3), bool).at[:, 1].set(True)
+  loss_fn = losses.make_loss_fn(losses.LossConfig())
+
+  def objective(p):
+    return loss_fn(model.apply({"params": p}, x), labels, mask)
+
+  tx = optax.sgd(0.1)
+  grads = jax.grad(objective)(params)
+  updates, _ = tx.update(grads, tx.init(params))
+  new = optax.apply_updates(params, updates)
+  for name in ("dense_0", "dense_1"):
+    for leaf in ("kernel", "bias"):
+      old_p, new_p = np.asarray(params["heads"][name][leaf]), np.asarray(new["heads"][name][leaf])
+      np.testing.assert_array_equal(old_p[0], new_p[0])
+      np.testing.assert_array_equal(old_p[2], new_p[2])
+  assert not np.allclose(params["heads"]["dense_0"]["kernel"][1], new["heads"]["dense_0"]["kernel"][1])
+  # The shared trunk learns from head 1 too.
+  assert not np.allclose(params["encoder_0"]["kernel"], new["encoder_0"]["kernel"])
+
+
+def _reference_forward(params, x, cfg):
+  """Independent NumPy forward of the original TLP model (no options)."""
+  p = jax.tree_util.tree_map(np.asarray, params)
+  relu = lambda a: np.maximum(a, 0)
+  h = np.asarray(x, np.float64)
+  for i in range(len(cfg.encoder_dims)):
+    h = relu(h @ p[f"encoder_{i}"]["kernel"] + p[f"encoder_{i}"]["bias"])
+  a = p["attention"]
+  nh, dh = cfg.attention_heads, cfg.hidden_dim // cfg.attention_heads
+  outs = []
+  for b in range(h.shape[0]):
+    q = h[b] @ a["query"]["kernel"] + a["query"]["bias"]
+    k = h[b] @ a["key"]["kernel"] + a["key"]["bias"]
+    v = h[b] @ a["value"]["kernel"] + a["value"]["bias"]
+    ctx = np.zeros_like(q)
+    for j in range(nh):
+      sl = slice(j * dh, (j + 1) * dh)
+      logits = q[:, sl] @ k[:, sl].T / np.sqrt(dh)
+      w = np.exp(logits - logits.max(-1, keepdims=True))
+      w /= w.sum(-1, keepdims=True)
+      ctx[:, sl] = w @ v[:, sl]
+    outs.append(ctx @ a["out"]["kernel"] + a["out"]["bias"])
+  h = np.stack(outs) + h
+  for i in range(cfg.res_blocks):
+    h = relu(h @ p[f"res_block_{i}"]["kernel"] + p[f"res_block_{i}"]["bias"]) + h
+  res = []
+  for head in range(cfg.num_heads):
+    y = h
+    n = len(cfg.decoder_dims)
+    for i in range(n):
+      y = y @ p["heads"][f"dense_{i}"]["kernel"][head] + p["heads"][f"dense_{i}"]["bias"][head]
+      if i < n - 1:
+        y = relu(y)
+    res.append(y[..., 0].sum(-1))
+  return np.stack(res, -1)
+
+
+def test_matches_independent_reference_forward():
+  cfg = TLPConfig(num_heads=2, **SMALL)
+  params = init_params(cfg, jax.random.PRNGKey(3))
+  x = _x(3, cfg, seed=2, pad_from=3)
+  got = np.asarray(TLPModel(cfg).apply({"params": params}, x))
+  np.testing.assert_allclose(got, _reference_forward(params, x, cfg), rtol=1e-5, atol=1e-5)
+
+
+def test_crops_wider_inputs_and_rejects_narrower():
+  cfg = TLPConfig(**SMALL)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  x = _x(2, cfg)
+  wide = jnp.concatenate([x, jnp.ones((2, cfg.seq_len, 3))], axis=-1)
+  wide = jnp.concatenate([wide, jnp.ones((2, 2, cfg.feature_dim + 3))], axis=1)
+  model = TLPModel(cfg)
+  np.testing.assert_array_equal(model.apply({"params": params}, wide),
+                                model.apply({"params": params}, x))
+  with pytest.raises(ValueError, match="smaller"):
+    model.apply({"params": params}, x[:, :, :-1])
+
+
+def test_padding_rows_count_in_original_but_not_with_options():
+  base = TLPConfig(**SMALL)
+  params = init_params(base, jax.random.PRNGKey(0))
+  x = _x(2, base, pad_from=3)
+  # In the original the number of padding rows matters: 3 real steps in seq_len 5 vs 6.
+  longer = dataclasses.replace(base, seq_len=6)
+  x6 = jnp.concatenate([x, jnp.zeros((2, 1, base.feature_dim))], axis=1)
+  orig5 = TLPModel(base).apply({"params": params}, x)
+  orig6 = TLPModel(longer).apply({"params": params}, x6)
+  assert not np.allclose(orig5, orig6)
+  # With padding_mask, padding rows are invisible to attention and to the decoder sum.
+  for opts in (dict(padding_mask=True),
+               dict(padding_mask=True, pool="mean_valid", input_norm="log1p")):
+    a = TLPModel(dataclasses.replace(base, **opts)).apply({"params": params}, x)
+    b = TLPModel(dataclasses.replace(longer, **opts)).apply({"params": params}, x6)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_options_are_independent_and_change_outputs():
+  base = TLPConfig(**SMALL)
+  params = init_params(base, jax.random.PRNGKey(0))
+  x = _x(4, base, pad_from=2) * 50
+  ref = np.asarray(TLPModel(base).apply({"params": params}, x))
+  for opts in (dict(padding_mask=True), dict(input_norm="log1p"), dict(pool="mean_valid"),
+               dict(input_norm="log1p", input_norm_columns=(0, 2))):
+    out = np.asarray(TLPModel(dataclasses.replace(base, **opts)).apply({"params": params}, x))
+    assert out.shape == ref.shape
+    assert not np.allclose(out, ref), opts
+
+
+def test_mean_valid_pool_is_sum_over_count_when_masked():
+  base = TLPConfig(padding_mask=True, **SMALL)
+  params = init_params(base, jax.random.PRNGKey(0))
+  x = _x(2, base, pad_from=2)
+  s = TLPModel(base).apply({"params": params}, x)
+  m = TLPModel(dataclasses.replace(base, pool="mean_valid")).apply({"params": params}, x)
+  np.testing.assert_allclose(np.asarray(m), np.asarray(s) / 2, rtol=1e-5)
+
+
+def test_bfloat16_compute_runs():
+  cfg = TLPConfig(dtype="bfloat16", **SMALL)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  assert params["encoder_0"]["kernel"].dtype == jnp.float32
+  out = TLPModel(cfg).apply({"params": params}, _x(2, cfg))
+  assert out.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(out)))
+
+
+def test_config_validation_and_roundtrip():
+  with pytest.raises(ValueError, match="input_norm"):
+    TLPConfig(input_norm="zscore")
+  with pytest.raises(ValueError, match="pool"):
+    TLPConfig(pool="max")
+  with pytest.raises(ValueError, match="end in 1"):
+    TLPConfig(decoder_dims=(8, 2))
+  with pytest.raises(ValueError, match="divisible"):
+    TLPConfig(attention_heads=7)
+  cfg = TLPConfig(num_heads=2, encoder_dims=[64, 128, 256, 256], input_norm_columns=[1, 2])
+  assert hash(cfg) == hash(TLPConfig.from_dict(cfg.to_dict()))
+  assert TLPConfig.from_dict(cfg.to_dict()) == cfg
+  with pytest.raises(ValueError, match="unknown"):
+    TLPConfig.from_dict({"bogus": 1})
