@@ -1,0 +1,22 @@
+"""Tiny, seconds-fast config for tests and smoke runs on CPU (set ``data_dir`` to a built dataset)."""
+
+from configs import default
+
+
+def get_config():
+  """Returns a tiny configuration: small model, small batch, two short epochs."""
+  config = default.get_config()
+  config.hardware = ()
+  config.model.encoder_dims = (16, 16, 32, 32)
+  config.model.attention_heads = 4
+  config.model.res_blocks = 1
+  config.model.decoder_dims = (32, 16, 1)
+  config.batch_size = 64
+  config.eval_batch_size = 128
+  config.num_epochs = 2
+  config.warmup_epochs = 0.5
+  config.learning_rate = 1e-3
+  config.log_every_steps = 5
+  config.checkpoint_every_steps = 10
+  config.data_placement = "device"
+  return config

@@ -1,0 +1,33 @@
+"""The original TLP recipe exactly (``tlp_train.py`` defaults), no new options.
+
+* Adam (PyTorch ``optim.Adam``: betas 0.9/0.999, eps 1e-8) with *coupled* L2 weight decay 1e-6
+  (added to the clipped gradient before the Adam moments), lr 7e-4;
+* ``StepLR(step_size=n_epoch // 3, gamma=1)`` -- the original's ``--optimizer default`` -- i.e. a
+  constant learning rate (its ``decrease_per_17_0.5`` option is ``step_decay_rate = 0.5``);
+* gradients clipped to global norm 0.5;
+* LambdaRank over the whole batch (no task grouping), batch 1024, 50 epochs, shuffled every
+  epoch, the last partial batch kept (here: padded with masked rows, which the loss ignores);
+* TLP's attention model with its defaults (no padding mask, no input normalisation, sum pool).
+"""
+
+from configs import default
+
+
+def get_config():
+  """Returns the original TLP training configuration."""
+  config = default.get_config()
+  config.model = default.get_model_config()
+  config.loss = "lambdarank"
+  config.group_by_task = False
+  config.optimizer = "adam"
+  config.learning_rate = 7e-4
+  config.weight_decay = 1e-6
+  config.grad_clip_norm = 0.5
+  config.schedule = "step"
+  config.num_epochs = 50
+  config.step_decay_every_epochs = config.num_epochs // 3
+  config.step_decay_rate = 1.0
+  config.warmup_epochs = 0.0
+  config.batch_size = 1024
+  config.eval_batch_size = 1024
+  return config

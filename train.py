@@ -1,0 +1,36 @@
+"""Trains a TLP / MTL-TLP cost model.
+
+    python train.py --config configs/default.py --workdir /tmp/tlp [--config.FIELD=VALUE ...]
+
+Re-running the same command resumes from the workdir's latest checkpoint. See docs/TRAINING.md.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and metadata.")
+config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  # Imported here so that jax.distributed.initialize() runs before anything touches a backend.
+  import jax  # pylint: disable=g-import-not-at-top
+  if config.distributed:
+    jax.distributed.initialize()
+  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  train_lib.train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
