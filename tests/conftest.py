@@ -8,3 +8,41 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import functools  # noqa: E402  (XLA_FLAGS must be set before anything imports JAX)
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SAMPLE_TENSET_DIR = REPO_ROOT / "data" / "sample" / "tenset-mini"
+
+
+@pytest.fixture(scope="session")
+def sample_tenset_dir() -> str:
+  """The embedded TenSet-layout sample (data/sample/tenset-mini), read-only."""
+  return str(SAMPLE_TENSET_DIR)
+
+
+@pytest.fixture(scope="session")
+def built_sample_dataset(tmp_path_factory, sample_tenset_dir) -> str:
+  """data_dir of the sample built once per session: configs epyc-9004, xeon-emr-16c, all.
+
+  Shared by every test file: do not modify it (copy it first, see test_dataset.py).
+  """
+  from data_pipelines import tenset_tfds  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("tenset_data"))
+  tenset_tfds.build(sample_tenset_dir, data_dir, tenset_tfds.make_configs(sample_tenset_dir))
+  return data_dir
+
+
+@pytest.fixture(scope="session")
+def sample_arrays(built_sample_dataset):
+  """``sample_arrays(config_name) -> DatasetArrays`` of the built sample (cached per config)."""
+  from tlp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  @functools.lru_cache(maxsize=None)
+  def load(config_name: str = "epyc-9004"):
+    return input_pipeline.load_arrays(built_sample_dataset, config_name)
+
+  return load
