@@ -1,0 +1,569 @@
+"""TFDS builder for TenSet-layout measure records (array_record; builds and reads without TF).
+
+One :class:`TensetConfig` per hardware folder of ``measure_records/`` plus a multi-hardware
+config that joins the same program across hardware by ``(workload_key, program_key)``. Every
+config has the same example structure (``H`` = number of hardware of the config)::
+
+    features   (L, E) float32   TLP primitive features
+    score      (H,)   float32   min_cost / cost per hardware (0 where not measured)
+    mask       (H,)   bool      program has a valid measurement on that hardware
+    min_cost   (H,)   float32   the task's best cost (s) on that hardware (0 if none there)
+    task_index ()     int32     row of the task table in the dataset metadata
+
+Splits (TLP's protocol): ``test`` = every record of a task occurring in a hold-out network;
+the rest 90/10 ``train``/``validation`` by record (by joined program in the multi config), with
+a seed. Single-hardware configs keep duplicate programs, as TLP does; the multi config keeps the
+first occurrence per hardware (counted in ``join_stats``).
+
+Stored with the dataset (``metadata.json`` next to the TFDS files, ``builder.info.metadata``):
+task table (workload keys, per-hardware min_cost, flop_ct, records), hold-out networks with their
+task indices and weights, the feature vocabulary JSON, the read stats per hardware, seed,
+hold-out list, crop and platform.
+
+Each hardware is read and featurized once per build (:class:`RecordStaging`, flat arrays on
+disk, shared by all configs of the build), so a build scales to TenSet's ~8.6M records per
+hardware without holding features in memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Mapping, Sequence
+
+from absl import logging
+import numpy as np
+import orjson
+import tensorflow_datasets as tfds
+import tqdm
+
+from data_pipelines import network_info as network_info_lib
+from data_pipelines import records as records_lib
+from tlp_jax import features as features_lib
+
+BUILDER_NAME = "tenset"
+VERSION = "1.0.0"
+MEASURE_DIR = "measure_records"
+SPLITS = ("train", "validation", "test")
+METADATA_FORMAT = 1
+
+_CITATION = """\
+@inproceedings{zhai2023tlp,
+  title={TLP: A Deep Learning-Based Cost Model for Tensor Program Tuning},
+  author={Zhai, Yi and Zhang, Yu and Liu, Shuo and others},
+  booktitle={ASPLOS}, year={2023}}
+@inproceedings{zheng2021tenset,
+  title={TenSet: A Large-scale Program Performance Dataset for Learned Tensor Compilers},
+  author={Zheng, Lianmin and Liu, Ruochen and Shao, Junru and others},
+  booktitle={NeurIPS Datasets and Benchmarks}, year={2021}}
+"""
+
+
+class DatasetBuildError(RuntimeError):
+  """The TenSet directory cannot be turned into a dataset (with the reason)."""
+
+
+@dataclasses.dataclass(eq=False)
+class TensetConfig(tfds.core.BuilderConfig):
+  """One dataset configuration: which hardware, how to split, how to featurize.
+
+  Attributes:
+    hardware: hardware folder names under ``measure_records/`` (one = single-hardware config).
+    platform: ``"llvm"`` or ``"cuda"`` (all hardware of a config share it).
+    crop: ``(L, E)`` feature crop; ``None`` = the featurizer's default for ``platform``.
+    holdout: hold-out specs ``NAME[@SIZE]``; empty = :func:`network_info.default_holdout`.
+    seed: seed of the train/validation split.
+    train_fraction: share of non-hold-out examples in ``train``.
+  """
+  hardware: tuple[str, ...] = ()
+  platform: str = "llvm"
+  crop: tuple[int, int] | None = None
+  holdout: tuple[str, ...] = ()
+  seed: int = 0
+  train_fraction: float = network_info_lib.TRAIN_FRACTION
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: each hardware once per build, featurized, into flat on-disk arrays.
+
+
+@dataclasses.dataclass
+class StagedHardware:
+  """All valid records of one hardware, in (sorted task file, line) order.
+
+  ``features`` is a read-only memmap; the others are in memory (a few bytes per record).
+  """
+  hardware: str
+  platform: str
+  features: np.ndarray        # (N, L, E) float32
+  scores: np.ndarray          # (N,) float32
+  program_keys: np.ndarray    # (N,) uint64
+  record_task: np.ndarray     # (N,) int32, index into task_keys
+  task_keys: list[str]        # workload keys of the task files with valid records
+  task_min_cost: np.ndarray   # (T,) float64 seconds
+  task_files: list[str]
+  stats: Any                  # records.ReadStats
+  layout: int                 # featurizer one-hot width the features were made with
+
+  @property
+  def num_records(self) -> int:
+    return int(self.scores.shape[0])
+
+
+def hardware_folders(tenset_dir: str) -> list[str]:
+  """Sorted hardware folder names under ``measure_records/``."""
+  root = os.path.join(tenset_dir, MEASURE_DIR)
+  if not os.path.isdir(root):
+    raise DatasetBuildError(f"{root}: no measure_records folder (is {tenset_dir} a TenSet dir?)")
+  found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  if not found:
+    raise DatasetBuildError(f"{root}: no hardware folders")
+  return found
+
+
+def _task_files(tenset_dir: str, hardware: str) -> list[str]:
+  folder = os.path.join(tenset_dir, MEASURE_DIR, hardware)
+  if not os.path.isdir(folder):
+    raise DatasetBuildError(f"{folder}: no such hardware folder; available: "
+                            f"{', '.join(hardware_folders(tenset_dir))}")
+  return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".json")]
+
+
+def detect_platform(tenset_dir: str, hardware: str) -> str:
+  """``llvm``/``cuda`` from the target of the first parsable record of a hardware folder."""
+  for path in _task_files(tenset_dir, hardware):
+    with open(path, "rb") as f:
+      for line in f:
+        try:
+          target = orjson.loads(line)["i"][0][1]
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+          continue
+        return features_lib.platform_of_target(target)
+  raise DatasetBuildError(f"{hardware}: no parsable record in {tenset_dir}/{MEASURE_DIR}")
+
+
+class RecordStaging:
+  """Reads and featurizes each hardware once; shared by all configs of one build.
+
+  All hardware of a platform share one growing :class:`features.Vocabulary` (the original TLP
+  tables first). A new step kind widens the one-hot block and so changes the layout of every
+  feature vector; hardware staged under an older layout is re-read by :meth:`get_all` so the
+  features of one config always share one layout, matching the vocabulary stored with it.
+  """
+
+  def __init__(self, tenset_dir: str, work_dir: str,
+               crop: tuple[int, int] | None = None):
+    self.tenset_dir = tenset_dir
+    self.work_dir = work_dir
+    self.crop = tuple(crop) if crop else None
+    self._featurizers: dict[str, Any] = {}
+    self._staged: dict[str, StagedHardware] = {}
+
+  def featurizer(self, platform: str):
+    """The shared featurizer (and vocabulary, ``.vocab``) of a platform."""
+    if platform not in self._featurizers:
+      self._featurizers[platform] = features_lib.Featurizer(
+          platform, crop=self.crop, vocab=features_lib.Vocabulary.original(platform))
+    return self._featurizers[platform]
+
+  def get(self, hardware: str) -> StagedHardware:
+    """The staged records of one hardware (read on first use)."""
+    if hardware not in self._staged:
+      self._staged[hardware] = self._stage(hardware)
+    return self._staged[hardware]
+
+  def get_all(self, hardware: Sequence[str]) -> list[StagedHardware]:
+    """Staged records of several hardware, all in the current feature layout."""
+    for _ in range(3):
+      staged = [self.get(hw) for hw in hardware]
+      stale = [s.hardware for s in staged
+               if s.layout != self.featurizer(s.platform).layout]
+      if not stale:
+        return staged
+      logging.warning("vocabulary grew a step kind after %s was read; re-reading it", stale)
+      for hw in stale:
+        del self._staged[hw]
+    raise DatasetBuildError(f"feature layout of {list(hardware)} did not settle")
+
+  def _stage(self, hardware: str) -> StagedHardware:
+    platform = detect_platform(self.tenset_dir, hardware)
+    featurizer = self.featurizer(platform)
+    paths = _task_files(self.tenset_dir, hardware)
+    os.makedirs(self.work_dir, exist_ok=True)
+    # A fresh file per read: a re-read must not truncate a file an older memmap still maps.
+    feat_path = tempfile.mkstemp(prefix=f"{hardware}.", suffix=".f32", dir=self.work_dir)
+    os.close(feat_path[0])
+    feat_path = feat_path[1]
+    scores, keys, rec_task = [], [], []
+    task_keys, task_min, task_files = [], [], []
+    stats = None
+    shape = None
+    layouts = set()
+    with open(feat_path, "wb") as feat_out:
+      for path in tqdm.tqdm(paths, desc=f"reading {hardware}", unit=" files", mininterval=2):
+        tf = records_lib.read_task_file(path, hardware=hardware, featurizer=featurizer)
+        stats = tf.stats if stats is None else stats + tf.stats
+        sc = np.asarray(tf.scores, dtype=np.float32)
+        # Only measured programs get a label (records.py's contract); skip any others defensively.
+        valid = np.isfinite(sc) & (sc > 0)
+        if not valid.any():
+          continue
+        if tf.platform != platform:
+          raise DatasetBuildError(f"{path}: target platform {tf.platform} differs from "
+                                  f"{platform} of the rest of {hardware}")
+        layouts.add(tf.layout)
+        feats = np.ascontiguousarray(np.asarray(tf.features, dtype=np.float32)[valid])
+        if shape is None:
+          shape = feats.shape[1:]
+        elif feats.shape[1:] != shape:
+          raise DatasetBuildError(f"{path}: feature shape {feats.shape[1:]} != {shape}")
+        feat_out.write(feats.tobytes())
+        scores.append(sc[valid])
+        keys.append(np.asarray(tf.program_keys, dtype=np.uint64)[valid])
+        rec_task.append(np.full(int(valid.sum()), len(task_keys), np.int32))
+        task_keys.append(tf.workload_key)
+        task_min.append(float(tf.min_cost))
+        task_files.append(os.path.basename(path))
+    if not task_keys:
+      raise DatasetBuildError(f"{hardware}: no valid measurement in {len(paths)} task files")
+    n = int(sum(s.size for s in scores))
+    features = np.memmap(feat_path, dtype=np.float32, mode="r", shape=(n,) + tuple(shape))
+    logging.info("%s: %d valid records in %d tasks (%d files)", hardware, n, len(task_keys),
+                 len(paths))
+    return StagedHardware(
+        hardware=hardware, platform=platform, features=features,
+        scores=np.concatenate(scores), program_keys=np.concatenate(keys),
+        record_task=np.concatenate(rec_task), task_keys=task_keys,
+        task_min_cost=np.asarray(task_min, np.float64), task_files=task_files, stats=stats,
+        # A kind first seen mid-way leaves earlier files in an older layout: -1 = stale.
+        layout=layouts.pop() if len(layouts) == 1 else -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: task table, cross-hardware join, splits.
+
+
+@dataclasses.dataclass
+class ExamplePlan:
+  """Which staged records make up each example, and the split of every example."""
+  task_keys: list[str]            # (T,) sorted workload keys
+  task_min_cost: np.ndarray       # (T, H) seconds, NaN where the task has no record on h
+  task_records: np.ndarray        # (T, H) records kept per task and hardware
+  rows: np.ndarray                # (M, H) int64 row into staged[h], -1 = not measured
+  task_index: np.ndarray          # (M,) int32
+  splits: dict[str, np.ndarray]   # split -> sorted example indices
+  join_stats: dict[str, int]
+
+
+def plan_examples(staged: Sequence[StagedHardware], holdout_keys: frozenset[str], seed: int,
+                  train_fraction: float = network_info_lib.TRAIN_FRACTION) -> ExamplePlan:
+  """Joins the staged hardware into examples and splits them (TLP hold-out + 90/10)."""
+  num_hw = len(staged)
+  task_keys = sorted(set().union(*(s.task_keys for s in staged)))
+  key_to_task = {k: i for i, k in enumerate(task_keys)}
+  num_tasks = len(task_keys)
+  task_min = np.full((num_tasks, num_hw), np.nan)
+  task_records = np.zeros((num_tasks, num_hw), np.int64)
+  per_hw_task = []
+  for h, s in enumerate(staged):
+    local_to_global = np.array([key_to_task[k] for k in s.task_keys], np.int64)
+    task_min[local_to_global, h] = s.task_min_cost
+    per_hw_task.append(local_to_global[s.record_task])
+  join_stats = {"duplicate_programs_dropped": 0}
+  if num_hw == 1:
+    # TLP keeps every record of a hardware, duplicates included.
+    rows = np.arange(staged[0].num_records, dtype=np.int64)[:, None]
+    task_index = per_hw_task[0]
+  else:
+    all_task = np.concatenate(per_hw_task)
+    all_key = np.concatenate([s.program_keys for s in staged])
+    all_hw = np.concatenate([np.full(s.num_records, h, np.int64) for h, s in enumerate(staged)])
+    all_row = np.concatenate([np.arange(s.num_records, dtype=np.int64) for s in staged])
+    order = np.lexsort((all_row, all_hw, all_key, all_task))
+    t, k, hw, row = all_task[order], all_key[order], all_hw[order], all_row[order]
+    new_group = np.ones(t.size, bool)
+    new_group[1:] = (t[1:] != t[:-1]) | (k[1:] != k[:-1])
+    group = np.cumsum(new_group) - 1
+    first_of_hw = new_group.copy()
+    first_of_hw[1:] |= hw[1:] != hw[:-1]
+    join_stats["duplicate_programs_dropped"] = int((~first_of_hw).sum())
+    rows = np.full((int(group[-1]) + 1, num_hw), -1, np.int64)
+    rows[group[first_of_hw], hw[first_of_hw]] = row[first_of_hw]
+    task_index = t[new_group]
+    measured_on = (rows >= 0).sum(axis=1)
+    for c in range(1, num_hw + 1):
+      join_stats[f"programs_on_{c}_hardware"] = int((measured_on == c).sum())
+  for h in range(num_hw):
+    task_records[:, h] = np.bincount(task_index[rows[:, h] >= 0], minlength=num_tasks)
+
+  is_test_task = np.array([k in holdout_keys for k in task_keys], bool)
+  example_is_test = is_test_task[task_index] if task_index.size else np.zeros(0, bool)
+  test = np.flatnonzero(example_is_test)
+  rest = np.flatnonzero(~example_is_test)
+  train_pos, val_pos = network_info_lib.train_validation_split(rest.size, seed, train_fraction)
+  splits = {"train": rest[train_pos], "validation": rest[val_pos], "test": test}
+  # The hold-out guarantee everything downstream relies on; checked, not assumed.
+  for name in ("train", "validation"):
+    leaked = np.unique(task_index[splits[name]][is_test_task[task_index[splits[name]]]])
+    if leaked.size:
+      raise DatasetBuildError(f"hold-out tasks leaked into {name}: "
+                              f"{[task_keys[i] for i in leaked[:5]]}")
+  if set(np.unique(task_index[test]).tolist()) != set(np.flatnonzero(is_test_task).tolist()):
+    raise DatasetBuildError("some hold-out task with records is missing from test")
+  return ExamplePlan(task_keys=task_keys, task_min_cost=task_min, task_records=task_records,
+                     rows=rows, task_index=task_index.astype(np.int32), splits=splits,
+                     join_stats=join_stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata.
+
+
+def _json_float(x: float) -> float | None:
+  return float(x) if math.isfinite(x) else None
+
+
+def stats_to_json(stats) -> dict:
+  """``records.ReadStats`` -> plain JSON dict (records read/kept/skipped by reason)."""
+  if hasattr(stats, "to_dict"):
+    return stats.to_dict()
+  return json.loads(json.dumps(dataclasses.asdict(stats), default=str))
+
+
+def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[StagedHardware],
+                   networks: Sequence[network_info_lib.NetworkInfo],
+                   holdout: Sequence[str], holdout_nets: Sequence[network_info_lib.NetworkInfo],
+                   vocab_json: str, crop: Sequence[int], tenset_dir: str) -> dict:
+  """The JSON metadata stored with a config (see module docstring)."""
+  flop_ct = {}
+  for net in networks:
+    for t in net.tasks:
+      # TVM's flop_ct is -1 where it cannot count; that is "unknown" (None) in the table.
+      flop_ct.setdefault(t.workload_key, t.flop_ct if t.flop_ct >= 0 else float("nan"))
+  key_to_task = {k: i for i, k in enumerate(plan.task_keys)}
+  nets_json = []
+  for net in holdout_nets:
+    present = [t for t in net.tasks if t.workload_key in key_to_task]
+    nets_json.append({
+        "name": net.name, "batch_size": net.batch_size, "input_size": net.input_size,
+        "label": net.label,
+        "task_indices": [key_to_task[t.workload_key] for t in present],
+        "weights": [t.weight for t in present],
+        "missing_workload_keys": [t.workload_key for t in net.tasks
+                                  if t.workload_key not in key_to_task],
+    })
+  return {
+      "format": METADATA_FORMAT,
+      "config": config.name,
+      "hardware": list(config.hardware),
+      "platform": config.platform,
+      "crop": [int(c) for c in crop],
+      "seed": int(config.seed),
+      "train_fraction": float(config.train_fraction),
+      "holdout": list(holdout),
+      "tenset_dir": os.path.abspath(tenset_dir),
+      "tasks": {
+          "workload_keys": plan.task_keys,
+          "min_cost": [[_json_float(v) for v in row] for row in plan.task_min_cost],
+          "flop_ct": [_json_float(flop_ct.get(k, float("nan"))) for k in plan.task_keys],
+          "num_records": plan.task_records.tolist(),
+      },
+      "networks": nets_json,
+      "examples": {name: int(idx.size) for name, idx in plan.splits.items()},
+      "vocab_json": vocab_json,
+      "read_stats": {s.hardware: stats_to_json(s.stats) for s in staged},
+      "join_stats": plan.join_stats,
+  }
+
+
+def format_summary(meta: Mapping[str, Any]) -> str:
+  """Human-readable summary of one config's metadata (the build CLI prints it)."""
+  lines = [f"config {meta['config']}: hardware {', '.join(meta['hardware'])} "
+           f"({meta['platform']}, crop {tuple(meta['crop'])}, seed {meta['seed']})",
+           f"  hold-out: {', '.join(meta['holdout'])}",
+           f"  tasks: {len(meta['tasks']['workload_keys'])}; examples: " +
+           ", ".join(f"{k} {v}" for k, v in meta["examples"].items())]
+  records = np.asarray(meta["tasks"]["num_records"]).reshape(-1, len(meta["hardware"]))
+  for h, hw in enumerate(meta["hardware"]):
+    st = meta["read_stats"].get(hw, {})
+    lines.append(f"  {hw}: {int(records[:, h].sum())} examples measured, "
+                 f"{int((records[:, h] > 0).sum())} tasks; read: " + _stats_line(st))
+  if len(meta["hardware"]) > 1:
+    lines.append("  join: " + ", ".join(f"{k} {v}" for k, v in meta["join_stats"].items()))
+  for net in meta["networks"]:
+    lines.append(f"  hold-out {net['label']}: {len(net['task_indices'])} tasks with records, "
+                 f"{len(net['missing_workload_keys'])} without")
+  return "\n".join(lines)
+
+
+def _stats_line(st: Mapping[str, Any]) -> str:
+  parts = []
+  for k, v in st.items():
+    if isinstance(v, (int, float)):
+      parts.append(f"{k} {v}")
+    elif isinstance(v, Mapping) and v and all(isinstance(x, (int, float)) for x in v.values()):
+      parts.append(f"{k} {{" + ", ".join(f"{a}: {b}" for a, b in sorted(v.items())) + "}")
+  return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The TFDS builder.
+
+
+class Tenset(tfds.core.GeneratorBasedBuilder):
+  """TenSet measure records as TLP examples (see the module docstring)."""
+
+  VERSION = tfds.core.Version(VERSION)
+
+  def __init__(self, *, tenset_dir: str, staging: RecordStaging | None = None, **kwargs):
+    """Args: tenset_dir: TenSet root; staging: shared reader (one is made if None)."""
+    self._tenset_dir = tenset_dir
+    self._staging = staging
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    num_hw = len(cfg.hardware)
+    crop = tuple(cfg.crop) if cfg.crop else tuple(features_lib.DEFAULT_CROP[cfg.platform])
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="TenSet measure records with TLP primitive features.",
+        features=tfds.features.FeaturesDict({
+            # Raw bytes decode with one np.frombuffer (the array loader's fast path).
+            "features": tfds.features.Tensor(shape=crop, dtype=np.float32,
+                                             encoding=tfds.features.Encoding.BYTES),
+            "score": tfds.features.Tensor(shape=(num_hw,), dtype=np.float32),
+            "mask": tfds.features.Tensor(shape=(num_hw,), dtype=np.bool_),
+            "min_cost": tfds.features.Tensor(shape=(num_hw,), dtype=np.float32),
+            "task_index": tfds.features.Scalar(dtype=np.int32),
+        }),
+        homepage="https://github.com/zhaiyi000/tlp",
+        citation=_CITATION,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    networks = network_info_lib.load_network_infos(self._tenset_dir)
+    holdout = tuple(cfg.holdout) or network_info_lib.default_holdout(networks)
+    holdout_nets = network_info_lib.select_holdout(networks, holdout)
+    held_keys = network_info_lib.holdout_workload_keys(holdout_nets)
+    staging = self._staging
+    own_tmp = None
+    if staging is None:
+      own_tmp = tempfile.mkdtemp(prefix="tenset_staging_")
+      staging = RecordStaging(self._tenset_dir, own_tmp, crop=cfg.crop)
+    staged = staging.get_all(cfg.hardware)
+    for s in staged:
+      if s.platform != cfg.platform:
+        raise DatasetBuildError(f"{s.hardware} is {s.platform}, config {cfg.name} is "
+                                f"{cfg.platform}")
+    crop = staged[0].features.shape[1:]
+    plan = plan_examples(staged, held_keys, cfg.seed, cfg.train_fraction)
+    self.info.metadata.update(build_metadata(
+        cfg, plan, staged, networks, [str(h) for h in network_info_lib.parse_holdout(holdout)],
+        holdout_nets, staging.featurizer(cfg.platform).vocab.to_json(), crop, self._tenset_dir))
+    logging.info("%s", format_summary(self.info.metadata))
+    return {name: self._generate_examples(plan, staged, name) for name in SPLITS}
+
+  def _generate_examples(self, plan: ExamplePlan, staged: Sequence[StagedHardware],
+                         split: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    num_hw = len(staged)
+    min_cost = np.nan_to_num(plan.task_min_cost, nan=0.0).astype(np.float32)
+    for i in plan.splits[split]:
+      row = plan.rows[i]
+      t = int(plan.task_index[i])
+      mask = row >= 0
+      score = np.zeros(num_hw, np.float32)
+      feats = None
+      for h in range(num_hw):
+        if mask[h]:
+          score[h] = staged[h].scores[row[h]]
+          if feats is None:
+            # The same program (same step list) featurizes identically on every hardware.
+            feats = np.asarray(staged[h].features[row[h]])
+      yield int(i), {"features": feats, "score": score, "mask": mask,
+                     "min_cost": min_cost[t], "task_index": t}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and whole builds.
+
+
+def multi_config_name(hardware: Sequence[str], all_hardware: Sequence[str]) -> str:
+  """``all`` when the config covers every hardware folder, else the names joined by ``+``."""
+  return "all" if sorted(hardware) == sorted(all_hardware) else "+".join(hardware)
+
+
+def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
+                 holdout: Sequence[str] = (), seed: int = 0,
+                 crop: tuple[int, int] | None = None,
+                 train_fraction: float = network_info_lib.TRAIN_FRACTION,
+                 multi: bool = True) -> list[TensetConfig]:
+  """One config per hardware (default: every folder) plus the multi-hardware join config.
+
+  The multi config is made when there are at least two hardware of the same platform; with
+  mixed platforms there is one per platform (named ``all-<platform>``).
+  """
+  all_hw = hardware_folders(tenset_dir)
+  hardware = list(hardware) if hardware else all_hw
+  unknown = [h for h in hardware if h not in all_hw]
+  if unknown:
+    raise DatasetBuildError(f"unknown hardware {unknown}; available: {', '.join(all_hw)}")
+  platforms = {hw: detect_platform(tenset_dir, hw) for hw in hardware}
+  common = dict(holdout=tuple(holdout), seed=seed, crop=tuple(crop) if crop else None,
+                train_fraction=train_fraction)
+  configs = [TensetConfig(name=hw, version=VERSION, hardware=(hw,), platform=platforms[hw],
+                          description=f"{hw} measure records", **common) for hw in hardware]
+  if multi:
+    groups: dict[str, list[str]] = {}
+    for hw in hardware:
+      groups.setdefault(platforms[hw], []).append(hw)
+    for platform, hws in sorted(groups.items()):
+      if len(hws) < 2:
+        continue
+      name = multi_config_name(hws, all_hw)
+      if len(groups) > 1 and name == "all":
+        name = f"all-{platform}"
+      configs.append(TensetConfig(name=name, version=VERSION, hardware=tuple(hws),
+                                  platform=platform,
+                                  description=f"programs joined across {', '.join(hws)}",
+                                  **common))
+  return configs
+
+
+def dataset_dir(data_dir: str, config_name: str, version: str = VERSION) -> str:
+  """Where TFDS puts a config: ``DATA_DIR/tenset/CONFIG/VERSION``."""
+  return os.path.join(data_dir, BUILDER_NAME, config_name, version)
+
+
+def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig]) -> list[dict]:
+  """Builds (overwriting) every config into ``data_dir``; returns their metadata dicts.
+
+  Hardware shared by several configs is read once (a temporary staging dir inside
+  ``data_dir`` holds the featurized records during the build and is removed after).
+  """
+  os.makedirs(data_dir, exist_ok=True)
+  crops = {c.crop for c in configs}
+  if len(crops) > 1:
+    raise DatasetBuildError(f"configs of one build must share the crop, got {crops}")
+  work = tempfile.mkdtemp(prefix="staging_", dir=data_dir)
+  try:
+    staging = RecordStaging(tenset_dir, work, crop=next(iter(crops)))
+    metas = []
+    for cfg in configs:
+      builder = Tenset(tenset_dir=tenset_dir, staging=staging, config=cfg, data_dir=data_dir,
+                       file_format="array_record")
+      builder.download_and_prepare(
+          download_dir=os.path.join(work, "downloads"),
+          download_config=tfds.download.DownloadConfig(
+              download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS,
+              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+      metas.append(dict(builder.info.metadata))
+    return metas
+  finally:
+    shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,335 @@
+"""One-shot array loader: a built TenSet TFDS config -> contiguous NumPy arrays.
+
+Decoding TFDS examples one by one runs at ~10-20k examples/s, far too slow to feed a trainer, so
+:func:`load_arrays` reads each split once (raw array_record records, decoded in large batches
+straight into preallocated arrays) and caches them as ``.npy`` files in ``arrays_cache/`` inside
+the dataset's version folder. Later loads memory-map the cache (millions of examples/s). The
+cache carries a fingerprint of the dataset files; a rebuilt dataset invalidates it.
+
+No JAX, and TFDS is imported only when the cache has to be (re)made.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+from typing import Any, Mapping
+
+import numpy as np
+
+BUILDER_NAME = "tenset"
+SPLITS = ("train", "validation", "test")
+CACHE_DIR = "arrays_cache"
+CACHE_FORMAT = 1
+FIELDS = ("features", "scores", "mask", "task_index", "min_cost")
+_DECODE_BATCH = 16384
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """No built config at the given place (the message says what exists)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitArrays:
+  """One split as contiguous arrays (``H`` = hardware of the config).
+
+  Attributes:
+    features: ``(N, L, E)`` float32 TLP features.
+    scores: ``(N, H)`` float32 ``min_cost / cost`` (0 where not measured).
+    mask: ``(N, H)`` bool, the program has a valid measurement on that hardware.
+    task_index: ``(N,)`` int32 row of :attr:`DatasetArrays.tasks`.
+    min_cost: ``(N, H)`` float32 the task's best cost (s) per hardware (0 where none).
+  """
+  features: np.ndarray
+  scores: np.ndarray
+  mask: np.ndarray
+  task_index: np.ndarray
+  min_cost: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.task_index.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskTable:
+  """All tasks of the config; ``task_index`` of the examples points here.
+
+  Attributes:
+    workload_keys: ``(T,)`` sorted workload keys.
+    min_cost: ``(T, H)`` float64 best cost (s) per hardware, NaN where not measured.
+    flop_ct: ``(T,)`` float64 FLOPs from network info (NaN for tasks in no network).
+    num_records: ``(T, H)`` examples measured per task and hardware.
+  """
+  workload_keys: tuple[str, ...]
+  min_cost: np.ndarray
+  flop_ct: np.ndarray
+  num_records: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.workload_keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldoutNetwork:
+  """A hold-out network: its tasks that have records, and their occurrences (weights)."""
+  name: str
+  batch_size: int
+  input_size: int
+  label: str
+  task_indices: np.ndarray
+  weights: np.ndarray
+  missing_workload_keys: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetArrays:
+  """A whole config: three splits plus everything stored with the dataset."""
+  config_name: str
+  train: SplitArrays
+  validation: SplitArrays
+  test: SplitArrays
+  hardware: tuple[str, ...]
+  tasks: TaskTable
+  networks: tuple[HoldoutNetwork, ...]
+  vocab_json: str
+  platform: str
+  crop: tuple[int, int]
+  read_stats: Mapping[str, Any]
+  holdout: tuple[str, ...]
+  seed: int
+  metadata: Mapping[str, Any]
+  fingerprint: str
+
+  def split(self, name: str) -> SplitArrays:
+    """``train``, ``validation`` or ``test``."""
+    if name not in SPLITS:
+      raise ValueError(f"unknown split {name!r}; choose one of {SPLITS}")
+    return getattr(self, name)
+
+  def summary(self) -> str:
+    """A few lines: sizes per split and hardware, tasks, hold-out networks."""
+    lines = [f"{self.config_name}: hardware {', '.join(self.hardware)}, {self.platform}, "
+             f"features {self.crop}, {len(self.tasks)} tasks, seed {self.seed}"]
+    for name in SPLITS:
+      s = self.split(name)
+      per_hw = ", ".join(f"{hw} {int(s.mask[:, h].sum())}" for h, hw in enumerate(self.hardware))
+      n_tasks = np.unique(np.asarray(s.task_index)).size
+      lines.append(f"  {name}: {len(s)} examples, {n_tasks} tasks (measured: {per_hw})")
+    for net in self.networks:
+      lines.append(f"  hold-out {net.label}: {net.task_indices.size} tasks, "
+                   f"{int(net.weights.sum())} occurrences, "
+                   f"{len(net.missing_workload_keys)} tasks without records")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def find_dataset_dir(data_dir: str, config_name: str, version: str | None = None) -> str:
+  """``DATA_DIR/tenset/CONFIG/VERSION`` (newest version when ``version`` is None)."""
+  config_dir = os.path.join(data_dir, BUILDER_NAME, config_name)
+  if not os.path.isdir(config_dir):
+    root = os.path.join(data_dir, BUILDER_NAME)
+    have = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    raise DatasetNotFoundError(
+        f"{config_dir}: no such dataset config; built configs in {root}: {have or 'none'} "
+        "(build with python -m data_pipelines.build)")
+  if version is None:
+    versions = [v for v in os.listdir(config_dir)
+                if os.path.isfile(os.path.join(config_dir, v, "dataset_info.json"))]
+    if not versions:
+      raise DatasetNotFoundError(f"{config_dir}: no complete version folder")
+    version = max(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
+  path = os.path.join(config_dir, version)
+  if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+    raise DatasetNotFoundError(f"{path}: no dataset_info.json (incomplete build?)")
+  return path
+
+
+def _shard_files(ds_dir: str, split: str) -> list[str]:
+  return sorted(glob.glob(os.path.join(ds_dir, f"{BUILDER_NAME}-{split}.array_record-*")))
+
+
+def dataset_fingerprint(ds_dir: str) -> str:
+  """Hash of the dataset's info/metadata files and of its record files' names, sizes, mtimes."""
+  h = hashlib.sha256()
+  for name in ("dataset_info.json", "features.json", "metadata.json"):
+    path = os.path.join(ds_dir, name)
+    if os.path.exists(path):
+      with open(path, "rb") as f:
+        h.update(name.encode() + b"\0" + f.read() + b"\0")
+  for split in SPLITS:
+    for path in _shard_files(ds_dir, split):
+      st = os.stat(path)
+      h.update(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()
+
+
+def _split_lengths(ds_dir: str) -> dict[str, int]:
+  with open(os.path.join(ds_dir, "dataset_info.json"), "rb") as f:
+    info = json.load(f)
+  return {s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in info["splits"]}
+
+
+def _decode_records(records, out: dict[str, np.ndarray], start: int, num_hw: int) -> None:
+  """Decodes serialized tf.Examples (TFDS's encoding) into ``out[*][start:start+len]``.
+
+  Field access mirrors how TFDS serialized our FeaturesDict (bytes for ``features``, float
+  lists for scores/min_cost, int64 lists for mask/task_index); tests check equality with
+  ``tfds.data_source`` reads.
+  """
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+  parse = tf_example_pb2.Example.FromString
+  feats, scores, mask, task, min_cost = [], [], [], [], []
+  for rec in records:
+    fm = parse(rec).features.feature
+    feats.append(fm["features"].bytes_list.value[0])
+    scores.extend(fm["score"].float_list.value)
+    mask.extend(fm["mask"].int64_list.value)
+    task.extend(fm["task_index"].int64_list.value)
+    min_cost.extend(fm["min_cost"].float_list.value)
+  n = len(feats)
+  end = start + n
+  out["features"][start:end] = np.frombuffer(b"".join(feats), np.float32).reshape(
+      (n,) + out["features"].shape[1:])
+  out["scores"][start:end] = np.asarray(scores, np.float32).reshape(n, num_hw)
+  out["mask"][start:end] = np.asarray(mask, np.int64).reshape(n, num_hw) != 0
+  out["task_index"][start:end] = np.asarray(task, np.int64)
+  out["min_cost"][start:end] = np.asarray(min_cost, np.float32).reshape(n, num_hw)
+
+
+def _read_split(ds_dir: str, split: str, num_examples: int, crop, num_hw: int,
+                out_dir: str | None) -> dict[str, np.ndarray]:
+  """Reads one split's array_record shards into arrays (``.npy`` memmaps when out_dir)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+  shapes = {"features": ((num_examples,) + tuple(crop), np.float32),
+            "scores": ((num_examples, num_hw), np.float32),
+            "mask": ((num_examples, num_hw), np.bool_),
+            "task_index": ((num_examples,), np.int32),
+            "min_cost": ((num_examples, num_hw), np.float32)}
+  out = {}
+  for name, (shape, dtype) in shapes.items():
+    if out_dir is None:
+      out[name] = np.empty(shape, dtype)
+    else:
+      out[name] = np.lib.format.open_memmap(os.path.join(out_dir, f"{split}.{name}.npy"),
+                                            mode="w+", dtype=dtype, shape=shape)
+  pos = 0
+  with tqdm.tqdm(total=num_examples, desc=f"decoding {split}", unit=" ex", mininterval=2,
+                 disable=num_examples < 200_000) as bar:
+    for path in _shard_files(ds_dir, split):
+      reader = array_record_module.ArrayRecordReader(path)
+      try:
+        total = reader.num_records()
+        for b in range(0, total, _DECODE_BATCH):
+          recs = reader.read(b, min(b + _DECODE_BATCH, total))
+          if pos + len(recs) > num_examples:
+            raise ValueError(f"{path}: more records than dataset_info.json lists")
+          _decode_records(recs, out, pos, num_hw)
+          pos += len(recs)
+          bar.update(len(recs))
+      finally:
+        reader.close()
+  if pos != num_examples:
+    raise ValueError(f"{ds_dir}: split {split} has {pos} records, dataset_info.json says "
+                     f"{num_examples}")
+  for arr in out.values():
+    if isinstance(arr, np.memmap):
+      arr.flush()
+  return out
+
+
+def _load_cache(cache: str, fingerprint: str, mmap: bool) -> dict[str, dict] | None:
+  try:
+    with open(os.path.join(cache, "fingerprint.json"), "rb") as f:
+      stamp = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if stamp.get("fingerprint") != fingerprint or stamp.get("format") != CACHE_FORMAT:
+    logging.info("%s: stale array cache (dataset changed); rebuilding", cache)
+    return None
+  try:
+    return {split: {name: np.load(os.path.join(cache, f"{split}.{name}.npy"),
+                                  mmap_mode="r" if mmap else None, allow_pickle=False)
+                    for name in FIELDS} for split in SPLITS}
+  except (OSError, ValueError) as e:
+    logging.warning("%s: unreadable array cache (%s); rebuilding", cache, e)
+    return None
+
+
+def _build_arrays(ds_dir: str, fingerprint: str, crop, num_hw: int, use_cache: bool,
+                  mmap: bool) -> dict[str, dict]:
+  lengths = _split_lengths(ds_dir)
+  cache = os.path.join(ds_dir, CACHE_DIR)
+  tmp = f"{cache}.tmp-{os.getpid()}"
+  if use_cache:
+    try:
+      shutil.rmtree(tmp, ignore_errors=True)
+      os.makedirs(tmp)
+    except OSError as e:
+      logging.warning("cannot write an array cache next to %s (%s); loading into memory",
+                      ds_dir, e)
+      use_cache = False
+  arrays = {split: _read_split(ds_dir, split, lengths.get(split, 0), crop, num_hw,
+                               tmp if use_cache else None) for split in SPLITS}
+  if not use_cache:
+    return arrays
+  with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
+    json.dump({"format": CACHE_FORMAT, "fingerprint": fingerprint}, f)
+  del arrays  # close the write memmaps before the folder moves
+  shutil.rmtree(cache, ignore_errors=True)
+  os.replace(tmp, cache)
+  loaded = _load_cache(cache, fingerprint, mmap)
+  if loaded is None:
+    raise RuntimeError(f"{cache}: cache just written cannot be read back")
+  return loaded
+
+
+def load_arrays(data_dir: str, config_name: str, version: str | None = None,
+                use_cache: bool = True, mmap: bool = True) -> DatasetArrays:
+  """Loads a built config as contiguous arrays (decoding once, then from the ``.npy`` cache).
+
+  Args:
+    data_dir: the ``--data_dir`` the dataset was built into.
+    config_name: hardware name, or the multi-hardware config (e.g. ``all``).
+    version: dataset version; newest if None.
+    use_cache: read/write the ``.npy`` cache (False: always decode, write nothing).
+    mmap: memory-map the cached arrays (read-only) instead of reading them into memory.
+
+  Raises:
+    DatasetNotFoundError: nothing built there (the message lists the built configs).
+  """
+  ds_dir = find_dataset_dir(data_dir, config_name, version)
+  with open(os.path.join(ds_dir, "metadata.json"), "rb") as f:
+    meta = json.load(f)
+  fingerprint = dataset_fingerprint(ds_dir)
+  hardware = tuple(meta["hardware"])
+  crop = tuple(int(c) for c in meta["crop"])
+  arrays = _load_cache(os.path.join(ds_dir, CACHE_DIR), fingerprint, mmap) if use_cache else None
+  if arrays is None:
+    arrays = _build_arrays(ds_dir, fingerprint, crop, len(hardware), use_cache, mmap)
+  t = meta["tasks"]
+  nan = float("nan")
+  tasks = TaskTable(
+      workload_keys=tuple(t["workload_keys"]),
+      min_cost=np.array([[nan if v is None else v for v in row] for row in t["min_cost"]],
+                        np.float64).reshape(-1, len(hardware)),
+      flop_ct=np.array([nan if v is None else v for v in t["flop_ct"]], np.float64),
+      num_records=np.asarray(t["num_records"], np.int64).reshape(-1, len(hardware)))
+  networks = tuple(HoldoutNetwork(
+      name=n["name"], batch_size=int(n["batch_size"]), input_size=int(n["input_size"]),
+      label=n["label"], task_indices=np.asarray(n["task_indices"], np.int64),
+      weights=np.asarray(n["weights"], np.float64),
+      missing_workload_keys=tuple(n["missing_workload_keys"])) for n in meta["networks"])
+  return DatasetArrays(
+      config_name=config_name,
+      **{split: SplitArrays(**arrays[split]) for split in SPLITS},
+      hardware=hardware, tasks=tasks, networks=networks, vocab_json=meta["vocab_json"],
+      platform=meta["platform"], crop=crop, read_stats=meta["read_stats"],
+      holdout=tuple(meta["holdout"]), seed=int(meta["seed"]), metadata=meta,
+      fingerprint=fingerprint)
