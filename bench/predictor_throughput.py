@@ -1,0 +1,198 @@
+"""Throughput of the pure-NumPy predictor: programs/s for predict and for featurization.
+
+Uses real TenSet-format records (default: /work/shared/tenset-mini, one hardware), a
+randomly initialised model of the original TLP dimensions exported to the predictor format
+(throughput does not depend on the weights' values), and times:
+
+* ``predict``: ``Predictor.predict`` on ``(batch, 25, 22)`` float32 features, batches drawn
+  uniformly at random from all records ("mixed") and batches of one task's programs
+  ("one task", what a tuner sends);
+* ``featurize``: ``Predictor.featurize_steps`` from raw step lists (cold cache = fresh
+  featurizer, warm = a featurizer that has seen the steps);
+* ``predict_steps``: both together, warm.
+
+Prints a table and writes ``bench/results/predictor_throughput.json`` with machine info.
+
+    python bench/predictor_throughput.py [--records DIR] [--batch 512] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tlp_jax import features  # pylint: disable=wrong-import-position
+from tlp_jax import numpy_predictor  # pylint: disable=wrong-import-position
+
+
+def _machine_info() -> dict:
+  info = {"platform": platform.platform(), "python": platform.python_version(),
+          "numpy": np.__version__, "cpu_count": os.cpu_count()}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          info["cpu"] = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  try:
+    info["loadavg_1m_at_start"] = os.getloadavg()[0]
+  except OSError:
+    pass
+  cfg = np.show_config(mode="dicts") if "mode" in np.show_config.__code__.co_varnames else {}
+  blas = cfg.get("Build Dependencies", {}).get("blas", {}) if isinstance(cfg, dict) else {}
+  info["blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+  return info
+
+
+def _sgemm_gflops(repeats: int = 20) -> float:
+  """Measured float32 GEMM rate of this machine (the bound on any dense predictor)."""
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((8192, 256), dtype=np.float32)
+  w = rng.standard_normal((256, 256), dtype=np.float32)
+  a @ w
+  t = time.perf_counter()
+  for _ in range(repeats):
+    a @ w
+  return 2 * 8192 * 256 * 256 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def _export_random_model(num_heads: int, vocab_json: str) -> numpy_predictor.Predictor:
+  # JAX is only needed to build the parameters; keep it out of the timed process state.
+  code = (
+      "import sys, jax; from tlp_jax import model, export;"
+      f"cfg = model.TLPConfig(num_heads={num_heads});"
+      "p = model.init_params(cfg, jax.random.PRNGKey(0));"
+      f"export.save_npz(sys.argv[1], p, cfg, hardware=[f'hw{{i}}' for i in range({num_heads})],"
+      "platform='llvm', crop=None, vocab_json=sys.stdin.read(), step=0)")
+  path = os.path.join("/tmp", f"tlp_bench_model_{os.getpid()}.npz")
+  subprocess.run([sys.executable, "-c", code, path], input=vocab_json, text=True, check=True,
+                 cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  try:
+    return numpy_predictor.Predictor.load(path)
+  finally:
+    os.remove(path)
+
+
+def _load_steps(records_dir: str) -> list[list]:
+  tasks = []
+  for path in sorted(glob.glob(os.path.join(records_dir, "*.json"))):
+    with open(path) as f:
+      tasks.append([json.loads(line)["i"][1][1] for line in f if line.strip()])
+  if not tasks:
+    raise SystemExit(f"no record files in {records_dir}")
+  return tasks
+
+
+def _time(fn, repeats: int) -> float:
+  fn()  # warm-up
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--records", default="/work/shared/tenset-mini/measure_records/epyc-9004")
+  parser.add_argument("--batch", type=int, default=512)
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--heads", type=int, default=1)
+  parser.add_argument("--out", default=os.path.join(REPO, "bench", "results",
+                                                    "predictor_throughput.json"))
+  args = parser.parse_args()
+
+  vocab_json = features.Vocabulary.original("llvm").to_json()
+  predictor = _export_random_model(args.heads, vocab_json)
+  tasks = _load_steps(args.records)
+  all_steps = [s for t in tasks for s in t]
+  rng = np.random.default_rng(0)
+  feats = predictor.featurize_steps(all_steps)
+
+  b = args.batch
+  mixed_idx = [rng.choice(len(all_steps), b, replace=False) for _ in range(args.repeats)]
+  big_task = max(tasks, key=len)
+  task_feats = predictor.featurize_steps((big_task * (b // len(big_task) + 1))[:b])
+  results = {}
+
+  def per_s(seconds, n=b):
+    return n / seconds
+
+  i = iter(range(10**9))
+  results["predict_mixed"] = per_s(_time(
+      lambda: predictor.predict(feats[mixed_idx[next(i) % args.repeats]]), args.repeats))
+  results["predict_one_task"] = per_s(_time(lambda: predictor.predict(task_feats),
+                                            args.repeats))
+  all_feats = feats[: (len(feats) // b) * b]
+  results["predict_all_records_batch_4096"] = per_s(
+      _time(lambda: predictor.predict(all_feats, batch_size=4096), 2), len(all_feats))
+  if args.heads > 1:
+    results["predict_mixed_all_heads"] = per_s(_time(
+        lambda: predictor.predict(feats[mixed_idx[0]], hw="all"), args.repeats))
+
+  batch_steps = [all_steps[j] for j in mixed_idx[0]]
+
+  def cold():
+    predictor._featurizer = None  # pylint: disable=protected-access
+    predictor.featurize_steps(batch_steps)
+
+  results["featurize_cold"] = per_s(_time(cold, args.repeats))
+  predictor.featurize_steps(batch_steps)
+  results["featurize_warm"] = per_s(_time(lambda: predictor.featurize_steps(batch_steps),
+                                          args.repeats))
+  results["predict_steps_warm"] = per_s(_time(lambda: predictor.predict_steps(batch_steps),
+                                              args.repeats))
+
+  valid = np.any(feats != 0, axis=-1)
+  flops_per_program = _model_flops(predictor)
+  gflops = _sgemm_gflops()
+  report = {
+      "machine": _machine_info(),
+      "sgemm_gflops_measured": gflops,
+      "model": {"heads": args.heads, "config": predictor.config,
+                "dense_mflop_per_program": flops_per_program / 1e6,
+                "dense_bound_programs_per_s": gflops * 1e9 / flops_per_program},
+      "data": {"records_dir": args.records, "programs": len(all_steps),
+               "mean_real_steps": float(valid.sum(1).mean())},
+      "batch": b, "repeats": args.repeats, "timing": "best of repeats",
+      "programs_per_s": results,
+  }
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(report, f, indent=2, sort_keys=True)
+  print(f"sgemm {gflops:.0f} GFLOP/s; dense model {flops_per_program / 1e6:.1f} MFLOP/program "
+        f"-> dense bound {report['model']['dense_bound_programs_per_s']:.0f} programs/s")
+  for k, v in results.items():
+    print(f"{k:34s} {v:12.0f} programs/s")
+  print(f"wrote {args.out}")
+
+
+def _model_flops(predictor: numpy_predictor.Predictor) -> float:
+  """FLOPs of a plain dense forward of one program (every row, every layer)."""
+  cfg = predictor.config
+  dims = [cfg["feature_dim"], *cfg["encoder_dims"]]
+  per_row = sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+  d = cfg["encoder_dims"][-1]
+  per_row += 4 * d * d + cfg["res_blocks"] * d * d
+  dec = [d, *cfg["decoder_dims"]]
+  per_row += sum(a * b for a, b in zip(dec[:-1], dec[1:]))
+  seq = cfg["seq_len"]
+  return 2.0 * (seq * per_row + 2 * seq * seq * d)
+
+
+if __name__ == "__main__":
+  main()

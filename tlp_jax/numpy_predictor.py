@@ -1,0 +1,400 @@
+"""Pure-NumPy TLP predictor over an exported ``.npz`` model (see ``tlp_jax.export``).
+
+Imports only NumPy and the standard library, so it runs inside a tuner process without JAX. The
+file can be copied on its own next to the ``.npz``; only ``predict_steps`` (which featurizes raw
+schedule steps) needs ``tlp_jax.features`` and says so when it is missing.
+
+    predictor = Predictor.load("model.npz")
+    scores = predictor.predict(features)               # (B,) from the first head
+    scores = predictor.predict(features, hw="all")     # (B, H)
+    scores = predictor.predict_steps(list_of_steps, hw="epyc-9004")
+
+Computation. The model has no positional encoding, so its output depends only on the *multiset*
+of step rows of a program; in particular all padding rows (all-zero rows) of a program are
+identical at every layer. The predictor therefore evaluates each distinct padding row once and
+counts it with its multiplicity: in attention by adding ``log(count)`` to that key's logit, in
+the decoder sum by weighting. This is exact (up to float rounding order) and skips the ~25% of
+rows that are padding on TenSet. Programs are grouped by their number of real steps so that
+attention runs as batched matmuls per group; every per-row layer runs as one matmul over the
+packed rows of the whole batch.
+
+Errors are ``PredictorError`` (a ``ValueError``) with the file and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+try:  # Optional: only predict_steps featurizes; the rest works with this file alone.
+  from tlp_jax import features as _features
+except ImportError:  # pragma: no cover - exercised by copying the file out of the package
+  _features = None
+
+# ---- export format (single source of truth; tlp_jax.export writes it) --------------------------
+FORMAT_NAME = "tlp-jax-model"
+FORMAT_VERSION = 1
+PARAMS_PREFIX = "params/"
+META_FORMAT = "meta/format"
+META_FORMAT_VERSION = "meta/format_version"
+META_MODEL_CONFIG = "meta/model_config"
+META_HARDWARE = "meta/hardware"
+META_PLATFORM = "meta/platform"
+META_CROP = "meta/crop"
+META_VOCAB_JSON = "meta/vocab_json"
+META_VOCAB_VERSION = "meta/vocab_version"
+META_STEP = "meta/step"
+REQUIRED_META = (META_FORMAT, META_FORMAT_VERSION, META_MODEL_CONFIG, META_HARDWARE,
+                 META_PLATFORM, META_CROP, META_VOCAB_JSON, META_VOCAB_VERSION, META_STEP)
+
+ALL_HEADS = "all"
+DEFAULT_BATCH_SIZE = 1024
+
+
+class PredictorError(ValueError):
+  """Bad model file or bad predictor input."""
+
+
+# ---- NumPy mirrors of tlp_jax.model's option registries ----------------------------------------
+
+
+def _signed_log1p(x: np.ndarray) -> np.ndarray:
+  return np.sign(x) * np.log1p(np.abs(x))
+
+
+INPUT_NORMS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
+    "none": None,
+    "log1p": _signed_log1p,
+}
+
+# pool name -> (restricted to real steps regardless of padding_mask, divide by #real steps)
+POOLS: dict[str, tuple[bool, bool]] = {
+    "sum": (False, False),
+    "mean_valid": (True, True),
+}
+
+
+def _as_str(a: np.ndarray) -> str:
+  return str(np.asarray(a).reshape(()).item())
+
+
+class Predictor:
+  """TLP cost model evaluated with NumPy from an exported parameter dict."""
+
+  def __init__(self, arrays: Mapping[str, np.ndarray], source: str = "<memory>"):
+    """Builds a predictor from export arrays (``tlp_jax.export.export_params``'s output)."""
+    self.source = source
+    missing = [k for k in (META_FORMAT, META_FORMAT_VERSION) if k not in arrays]
+    if missing or _as_str(arrays[META_FORMAT]) != FORMAT_NAME:
+      raise PredictorError(f"{source}: not a tlp-jax model export (no {META_FORMAT} = "
+                           f"{FORMAT_NAME!r})")
+    version = int(np.asarray(arrays[META_FORMAT_VERSION]).reshape(()))
+    if version > FORMAT_VERSION:
+      raise PredictorError(f"{source}: format_version {version} is newer than this predictor "
+                           f"supports ({FORMAT_VERSION}); update tlp_jax")
+    missing = [k for k in REQUIRED_META if k not in arrays]
+    if missing:
+      raise PredictorError(f"{source}: export lacks {missing}")
+    self.format_version = version
+    try:
+      cfg = json.loads(_as_str(arrays[META_MODEL_CONFIG]))
+    except json.JSONDecodeError as e:
+      raise PredictorError(f"{source}: {META_MODEL_CONFIG} is not JSON: {e}") from None
+    self.config: dict[str, Any] = cfg
+    self.hardware: tuple[str, ...] = tuple(str(h) for h in np.asarray(arrays[META_HARDWARE]))
+    self.platform: str = _as_str(arrays[META_PLATFORM])
+    self.crop: tuple[int, int] = tuple(int(c) for c in np.asarray(arrays[META_CROP]))
+    self.vocab_json: str = _as_str(arrays[META_VOCAB_JSON])
+    self.vocab_version: str = _as_str(arrays[META_VOCAB_VERSION])
+    self.step: int = int(np.asarray(arrays[META_STEP]).reshape(()))
+    self._featurizer = None
+    self._load_weights(arrays, cfg)
+
+  # ---- construction ---------------------------------------------------------------------------
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "Predictor":
+    """Loads an exported ``.npz`` (never unpickles)."""
+    path = os.fspath(path)
+    try:
+      with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+      raise
+    except (ValueError, OSError, EOFError) as e:  # not a zip / corrupt / object arrays
+      raise PredictorError(f"{path}: not a readable .npz model export ({e})") from None
+    return cls(arrays, source=path)
+
+  @classmethod
+  def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "Predictor":
+    """Builds a predictor from an in-memory export dict."""
+    return cls(arrays)
+
+  def _param(self, arrays, name, shape):
+    key = PARAMS_PREFIX + name
+    if key not in arrays:
+      raise PredictorError(f"{self.source}: missing parameter {key}")
+    a = np.ascontiguousarray(arrays[key], dtype=np.float32)
+    if a.shape != tuple(shape):
+      raise PredictorError(f"{self.source}: parameter {key} has shape {a.shape}, the model "
+                           f"config implies {tuple(shape)}")
+    return a
+
+  def _load_weights(self, arrays, cfg):
+    try:
+      self.feature_dim = int(cfg["feature_dim"])
+      self.seq_len = int(cfg["seq_len"])
+      enc_dims = [int(d) for d in cfg["encoder_dims"]]
+      dec_dims = [int(d) for d in cfg["decoder_dims"]]
+      self.attention_heads = int(cfg["attention_heads"])
+      res_blocks = int(cfg["res_blocks"])
+      num_heads = int(cfg["num_heads"])
+      self.padding_mask = bool(cfg["padding_mask"])
+      norm = cfg["input_norm"]
+      norm_cols = cfg["input_norm_columns"]
+      pool = cfg["pool"]
+    except (KeyError, TypeError, ValueError) as e:
+      raise PredictorError(f"{self.source}: bad {META_MODEL_CONFIG}: {e!r}") from None
+    if norm not in INPUT_NORMS:
+      raise PredictorError(f"{self.source}: input_norm {norm!r} unknown to this predictor "
+                           f"(known: {sorted(INPUT_NORMS)})")
+    if pool not in POOLS:
+      raise PredictorError(f"{self.source}: pool {pool!r} unknown to this predictor "
+                           f"(known: {sorted(POOLS)})")
+    if len(self.hardware) != num_heads:
+      raise PredictorError(f"{self.source}: {num_heads} heads but {len(self.hardware)} hardware "
+                           f"names {list(self.hardware)}")
+    self._norm = INPUT_NORMS[norm]
+    self._norm_cols = None if norm_cols is None else np.asarray(norm_cols, np.int64)
+    self._pool_valid_only, self._pool_mean = POOLS[pool]
+
+    fan_in = self.feature_dim
+    self._encoder = []
+    for i, d in enumerate(enc_dims):
+      self._encoder.append((self._param(arrays, f"encoder_{i}/kernel", (fan_in, d)),
+                            self._param(arrays, f"encoder_{i}/bias", (d,))))
+      fan_in = d
+    dim = enc_dims[-1]
+    self.hidden_dim = dim
+    att = {n: (self._param(arrays, f"attention/{n}/kernel", (dim, dim)),
+               self._param(arrays, f"attention/{n}/bias", (dim,)))
+           for n in ("query", "key", "value", "out")}
+    # One fused in-projection matmul instead of three; the 1/sqrt(head_dim) scale is folded
+    # into the query weights.
+    scale = np.float32(1.0 / math.sqrt(dim // self.attention_heads))
+    self._qkv_w = np.ascontiguousarray(np.concatenate(
+        [att["query"][0] * scale, att["key"][0], att["value"][0]], axis=1))
+    self._qkv_b = np.concatenate([att["query"][1] * scale, att["key"][1], att["value"][1]])
+    self._out_w, self._out_b = att["out"]
+    self._res = [(self._param(arrays, f"res_block_{i}/kernel", (dim, dim)),
+                  self._param(arrays, f"res_block_{i}/bias", (dim,))) for i in range(res_blocks)]
+    self._decoder = []
+    fan_in = dim
+    for i, d in enumerate(dec_dims):
+      self._decoder.append((self._param(arrays, f"heads/dense_{i}/kernel", (num_heads, fan_in, d)),
+                            self._param(arrays, f"heads/dense_{i}/bias", (num_heads, d))))
+      fan_in = d
+    # First decoder layer of all heads as one (dim, H*d0) matmul.
+    w0, b0 = self._decoder[0]
+    self._dec0_w = np.ascontiguousarray(w0.transpose(1, 0, 2).reshape(dim, -1))
+    self._dec0_b = b0.reshape(-1)
+
+  # ---- public API ------------------------------------------------------------------------------
+
+  @property
+  def num_heads(self) -> int:
+    return len(self.hardware)
+
+  def head_index(self, hw: str | None) -> int:
+    """Index of hardware head ``hw`` (None = the first head)."""
+    if hw is None:
+      return 0
+    try:
+      return self.hardware.index(hw)
+    except ValueError:
+      raise PredictorError(f"unknown hardware head {hw!r}; this model has: "
+                           f"{', '.join(self.hardware)}") from None
+
+  def predict(self, features: np.ndarray, hw: str | None = None,
+              batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    """Scores of programs (higher = faster), as the Flax model computes them.
+
+    Args:
+      features: ``(B, L, E)`` TLP features; L/E larger than the model's are cropped as the
+        model does.
+      hw: None = first head -> ``(B,)``; a hardware name -> that head ``(B,)``;
+        ``"all"`` -> ``(B, H)``.
+      batch_size: programs per internal chunk (bounds memory).
+
+    Returns:
+      float32 scores.
+    """
+    heads = (np.arange(self.num_heads) if hw == ALL_HEADS
+             else np.array([self.head_index(hw)]))
+    x = np.asarray(features)
+    if x.ndim != 3 or x.shape[1] < self.seq_len or x.shape[2] < self.feature_dim:
+      raise PredictorError(f"features must be (batch, >={self.seq_len} steps, "
+                           f">={self.feature_dim} values), got shape {x.shape}")
+    x = x[:, :self.seq_len, :self.feature_dim]
+    out = np.empty((x.shape[0], len(heads)), np.float32)
+    for start in range(0, x.shape[0], batch_size):
+      chunk = np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32)
+      out[start:start + len(chunk)] = self._forward(chunk, heads)
+    return out if hw == ALL_HEADS else out[:, 0]
+
+  def featurize_steps(self, steps_list: Sequence[Sequence[Any]]) -> np.ndarray:
+    """``(N, L, E)`` features of raw record step lists with the export's frozen vocabulary."""
+    return self._get_featurizer().featurize_many(list(steps_list))
+
+  def predict_steps(self, steps_list: Sequence[Sequence[Any]], hw: str | None = None,
+                    batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    """Featurizes raw schedule step lists (as in measure records) and predicts them."""
+    if len(steps_list) == 0:
+      return np.zeros((0, self.num_heads) if hw == ALL_HEADS else (0,), np.float32)
+    return self.predict(self.featurize_steps(steps_list), hw=hw, batch_size=batch_size)
+
+  # ---- internals -------------------------------------------------------------------------------
+
+  def _get_featurizer(self):
+    if self._featurizer is None:
+      if _features is None:
+        raise PredictorError("predict_steps needs tlp_jax.features (install tlp_jax or put "
+                             "tlp_jax/features.py on the path); predict(features) works without")
+      # Frozen: steps unknown to the training vocabulary map to 0 (and are counted in the
+      # featurizer's stats) instead of growing the table and shifting the feature layout.
+      vocab = _features.Vocabulary.from_json(self.vocab_json, frozen=True)
+      self._featurizer = _features.Featurizer(self.platform, crop=self.crop, vocab=vocab)
+    return self._featurizer
+
+  def _forward(self, x: np.ndarray, heads: np.ndarray) -> np.ndarray:
+    """(B, L, E) float32 -> (B, len(heads)) via per-program row dedup of padding rows."""
+    b, seq, width = x.shape
+    valid = np.any(x != 0, axis=-1)
+    n_valid = valid.sum(axis=1)
+    # Real rows first (stable), padding (all-zero) rows after: row n of a program with n real
+    # rows is then a padding row.
+    order = np.argsort(~valid, axis=1, kind="stable")
+    xs = np.take_along_axis(x, order[:, :, None], axis=1)
+
+    groups = []  # (program indices, rows per program m, key log-counts (m,), pool weights (m,))
+    packed = []
+    for n in np.unique(n_valid):
+      n = int(n)
+      pads = seq - n
+      with_pad_row = pads > 0 and not self.padding_mask
+      m = n + int(with_pad_row)
+      idx = np.nonzero(n_valid == n)[0]
+      if m == 0:  # every step padding and masked: the Flax model outputs exactly 0
+        groups.append((idx, 0, None, None))
+        continue
+      key_bias = np.zeros((m,), np.float32)
+      counts = np.ones((m,), np.float32)
+      if with_pad_row:
+        key_bias[-1] = math.log(pads)
+        counts[-1] = pads
+      weights = counts.copy()
+      if self._pool_valid_only and with_pad_row:
+        weights[-1] = 0.0
+      if self._pool_mean:
+        weights /= max(n, 1)
+      groups.append((idx, m, key_bias, weights))
+      packed.append(xs[idx, :m].reshape(-1, width))
+
+    out = np.zeros((b, len(heads)), np.float32)
+    if not packed:
+      return out
+    rows_in = np.concatenate(packed, axis=0)
+    # Steps repeat heavily across programs (about 1 distinct row in 5 in a batch of TenSet
+    # programs), and everything before the attention mixing is per row: run the input norm,
+    # encoder and q/k/v projection once per distinct row. Byte-exact rows, so exact.
+    void = np.dtype((np.void, rows_in.dtype.itemsize * width))
+    _, first, inverse = np.unique(np.ascontiguousarray(rows_in).view(void).ravel(),
+                                  return_index=True, return_inverse=True)
+    h_u = self._encode(rows_in[first])
+    qkv_u = h_u @ self._qkv_w
+    qkv_u += self._qkv_b
+    inverse = inverse.ravel()
+    h = h_u[inverse]
+    qkv = qkv_u[inverse]
+    ctx = np.empty_like(h)
+    r = 0
+    for idx, m, key_bias, _ in groups:
+      if m:
+        rows = len(idx) * m
+        ctx[r:r + rows] = self._attend(qkv[r:r + rows], len(idx), m, key_bias)
+        r += rows
+    h = self._trunk_rows_post(h, ctx)
+    y = self._decode(h, heads)  # (R, len(heads))
+    r = 0
+    for idx, m, _, weights in groups:
+      if m:
+        rows = len(idx) * m
+        out[idx] = np.einsum("pmh,m->ph", y[r:r + rows].reshape(len(idx), m, -1), weights)
+        r += rows
+    return out
+
+  def _encode(self, h: np.ndarray) -> np.ndarray:
+    """Input norm + encoder over rows (R, E) -> (R, D)."""
+    if self._norm is not None:
+      if self._norm_cols is None:
+        h = self._norm(h)
+      else:
+        h = h.copy()
+        h[:, self._norm_cols] = self._norm(h[:, self._norm_cols])
+      h = h.astype(np.float32, copy=False)
+    for w, bias in self._encoder:
+      h = h @ w
+      h += bias
+      np.maximum(h, 0, out=h)
+    return h
+
+  def _attend(self, qkv: np.ndarray, p: int, m: int, key_bias: np.ndarray) -> np.ndarray:
+    """Attention mixing of p programs with m rows each: qkv (p*m, 3D) -> context (p*m, D)."""
+    nh = self.attention_heads
+    dh = self.hidden_dim // nh
+    qkv = qkv.reshape(p, m, 3, nh, dh)
+    q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # (p, nh, m, dh)
+    k = qkv[:, :, 1].transpose(0, 2, 3, 1)  # (p, nh, dh, m)
+    v = qkv[:, :, 2].transpose(0, 2, 1, 3)  # (p, nh, m, dh)
+    logits = np.matmul(q, k)
+    logits += key_bias  # log multiplicity of each (deduplicated) key
+    logits -= logits.max(axis=-1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=-1, keepdims=True)
+    ctx = np.matmul(logits, v)  # (p, nh, m, dh)
+    return ctx.transpose(0, 2, 1, 3).reshape(p * m, self.hidden_dim)
+
+  def _trunk_rows_post(self, h: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+    """Attention out-projection + residual, then the residual blocks."""
+    a = ctx @ self._out_w
+    a += self._out_b
+    a += h
+    h = a
+    for w, bias in self._res:
+      t = h @ w
+      t += bias
+      np.maximum(t, 0, out=t)
+      t += h
+      h = t
+    return h
+
+  def _decode(self, h: np.ndarray, heads: np.ndarray) -> np.ndarray:
+    """Per-row decoder outputs of the selected heads: (R, D) -> (R, len(heads))."""
+    num_all = self.num_heads
+    d0 = self._decoder[0][0].shape[-1]
+    if len(heads) == num_all:
+      y = h @ self._dec0_w
+      y += self._dec0_b
+      y = y.reshape(-1, num_all, d0).transpose(1, 0, 2)  # (H, R, d0)
+    else:
+      w0, b0 = self._decoder[0]
+      y = np.matmul(h[None], w0[heads]) + b0[heads][:, None, :]
+    for w, bias in self._decoder[1:]:
+      np.maximum(y, 0, out=y)
+      y = np.matmul(y, w[heads])
+      y += bias[heads][:, None, :]
+    return y[..., 0].T
