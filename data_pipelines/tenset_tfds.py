@@ -467,7 +467,7 @@ class Tenset(tfds.core.GeneratorBasedBuilder):
     self.info.metadata.update(build_metadata(
         cfg, plan, staged, networks, [str(h) for h in network_info_lib.parse_holdout(holdout)],
         holdout_nets, staging.featurizer(cfg.platform).vocab.to_json(), crop, self._tenset_dir))
-    logging.info("%s", format_summary(self.info.metadata))
+    logging.info("%s: %s examples", cfg.name, self.info.metadata["examples"])
     return {name: self._generate_examples(plan, staged, name) for name in SPLITS}
 
   def _generate_examples(self, plan: ExamplePlan, staged: Sequence[StagedHardware],
@@ -515,7 +515,13 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
   if unknown:
     raise DatasetBuildError(f"unknown hardware {unknown}; available: {', '.join(all_hw)}")
   platforms = {hw: detect_platform(tenset_dir, hw) for hw in hardware}
-  common = dict(holdout=tuple(holdout), seed=seed, crop=tuple(crop) if crop else None,
+  # Resolve the hold-out now: a bad spec fails before any existing dataset is replaced, and the
+  # config names the networks actually held out.
+  networks = network_info_lib.load_network_infos(tenset_dir)
+  holdout = tuple(holdout) or network_info_lib.default_holdout(networks)
+  network_info_lib.select_holdout(networks, holdout)
+  holdout = tuple(str(h) for h in network_info_lib.parse_holdout(holdout))
+  common = dict(holdout=holdout, seed=seed, crop=tuple(crop) if crop else None,
                 train_fraction=train_fraction)
   configs = [TensetConfig(name=hw, version=VERSION, hardware=(hw,), platform=platforms[hw],
                           description=f"{hw} measure records", **common) for hw in hardware]

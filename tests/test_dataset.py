@@ -1,0 +1,265 @@
+"""TFDS build + array loader on the embedded sample: splits, join, metadata, cache."""
+import collections
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import orjson
+import pytest
+
+from data_pipelines import network_info as ni
+from data_pipelines import records
+from data_pipelines import tenset_tfds
+from tlp_jax import input_pipeline
+
+CONFIGS = ("epyc-9004", "xeon-emr-16c", "all")
+HW = ("epyc-9004", "xeon-emr-16c")
+
+
+def _holdout_keys(sample_tenset_dir):
+  nets = ni.load_network_infos(sample_tenset_dir)
+  return ni.holdout_workload_keys(ni.select_holdout(nets, ni.TENSET_MINI_HOLDOUT))
+
+
+def _raw_records(sample_tenset_dir, hw):
+  """Every non-blank line of a hardware folder, parsed independently of records.py."""
+  out = []
+  for path in sorted(glob.glob(os.path.join(sample_tenset_dir, "measure_records", hw, "*"))):
+    with open(path, "rb") as f:
+      out.extend(orjson.loads(line) for line in f if line.strip())
+  return out
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_holdout_split_disjoint_and_complete(sample_arrays, sample_tenset_dir, config):
+  arrays = sample_arrays(config)
+  held = _holdout_keys(sample_tenset_dir)
+  keys = np.array(arrays.tasks.workload_keys)
+  for split in ("train", "validation"):
+    split_keys = set(keys[np.unique(arrays.split(split).task_index)])
+    assert not split_keys & held, f"hold-out task in {split}"
+  test_keys = set(keys[np.unique(arrays.test.task_index)])
+  assert test_keys <= held
+  # Every hold-out task with a valid record on some hardware of the config is in test.
+  with_records = {r["i"][0][0] for hw in arrays.hardware
+                  for r in _raw_records(sample_tenset_dir, hw) if r["r"][1] == 0}
+  assert test_keys == held & with_records
+  # 90/10 by record among the non-hold-out examples.
+  n_train, n_val = len(arrays.train), len(arrays.validation)
+  assert n_train == int((n_train + n_val) * 0.9)
+  # Hold-out networks point at test tasks and carry the network-info weights.
+  assert [n.label for n in arrays.networks] == ["bert_base (1,128)", "mobilenet (1,240)",
+                                                "resnet_50 (1,224)"]
+  for net in arrays.networks:
+    assert set(keys[net.task_indices]) <= test_keys
+    assert np.all(net.weights >= 1)
+
+
+def test_single_hardware_examples_match_records(sample_arrays, sample_tenset_dir):
+  arrays = sample_arrays("epyc-9004")
+  raw = [r for r in _raw_records(sample_tenset_dir, "epyc-9004") if r["r"][1] == 0]
+  n = sum(len(arrays.split(s)) for s in input_pipeline.SPLITS)
+  assert n == len(raw) == 2824
+  keys = np.array(arrays.tasks.workload_keys)
+  # Per task, min_cost / mean(cost) from the raw lines equals the stored scores.
+  expected = collections.defaultdict(list)
+  for r in raw:
+    expected[r["i"][0][0]].append(float(np.mean(r["r"][0])))
+  for split in input_pipeline.SPLITS:
+    s = arrays.split(split)
+    assert s.mask.all() and s.features.shape[1:] == (25, 22)
+    for t in np.unique(s.task_index)[:10]:
+      costs = np.array(expected[keys[t]])
+      rows = s.task_index == t
+      got = np.sort(s.scores[rows, 0])
+      want = np.sort((costs.min() / costs).astype(np.float32))
+      assert set(np.round(got, 5)) <= set(np.round(want, 5))
+      np.testing.assert_allclose(s.min_cost[rows, 0], costs.min(), rtol=1e-6)
+      np.testing.assert_allclose(arrays.tasks.min_cost[t, 0], costs.min(), rtol=1e-12)
+
+
+def test_multi_hardware_join(sample_arrays, sample_tenset_dir):
+  multi = sample_arrays("all")
+  assert multi.hardware == HW
+  # Independent join from the record files: program key -> score per hardware.
+  expected = collections.Counter()
+  per_hw = {}
+  for h, hw in enumerate(HW):
+    per_hw[hw] = {}
+    for path in sorted(glob.glob(os.path.join(sample_tenset_dir, "measure_records", hw, "*"))):
+      tf = records.read_task_file(path, hardware=hw)
+      for pk, sc in zip(tf.program_keys.tolist(), tf.scores.tolist()):
+        per_hw[hw].setdefault((tf.workload_key, pk), np.float32(sc))
+  both = 0
+  for key in set(per_hw[HW[0]]) | set(per_hw[HW[1]]):
+    s = tuple(per_hw[hw].get(key, np.float32(0)) for hw in HW)
+    m = tuple(key in per_hw[hw] for hw in HW)
+    both += all(m)
+    expected[(key[0],) + s + m] += 1
+  got = collections.Counter()
+  keys = multi.tasks.workload_keys
+  for split in input_pipeline.SPLITS:
+    s = multi.split(split)
+    for i in range(len(s)):
+      got[(keys[s.task_index[i]], s.scores[i, 0], s.scores[i, 1], bool(s.mask[i, 0]),
+           bool(s.mask[i, 1]))] += 1
+  assert got == expected
+  assert both > 500  # the sample's training tasks were chosen to be on both hardware
+  assert multi.metadata["join_stats"]["programs_on_2_hardware"] == both
+  # Per hardware, the multi config holds exactly the single-hardware config's programs.
+  for h, hw in enumerate(HW):
+    single = sample_arrays(hw)
+    n_single = sum(len(single.split(s)) for s in input_pipeline.SPLITS)
+    n_multi = sum(int(multi.split(s).mask[:, h].sum()) for s in input_pipeline.SPLITS)
+    assert n_single == n_multi
+  # min_cost per example is the task's min cost on each hardware where the task has records.
+  t = multi.test
+  rows = t.mask.all(axis=1)
+  np.testing.assert_allclose(t.min_cost[rows], multi.tasks.min_cost[t.task_index[rows]],
+                             rtol=1e-6)
+
+
+def test_read_stats_in_metadata(sample_arrays, sample_tenset_dir):
+  for hw in HW:
+    arrays = sample_arrays(hw)
+    raw = _raw_records(sample_tenset_dir, hw)
+    stats = arrays.read_stats[hw]
+    assert stats["lines"] == len(raw)
+    assert stats["kept"] == sum(r["r"][1] == 0 for r in raw)
+    assert stats["failed"] == {"error_code": sum(r["r"][1] != 0 for r in raw)}
+    meta = arrays.metadata
+    assert meta["seed"] == 0 and meta["holdout"] == list(ni.TENSET_MINI_HOLDOUT)
+    assert '"tlp_jax.vocabulary"' in arrays.vocab_json
+    assert meta["examples"] == {s: len(arrays.split(s)) for s in input_pipeline.SPLITS}
+  summary = sample_arrays("all").summary()
+  assert "test: 847 examples" in summary and "xeon-emr-16c 524" in summary
+
+
+def test_loader_equals_data_source(sample_arrays, built_sample_dataset):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  for config in ("epyc-9004", "all"):
+    arrays = sample_arrays(config)
+    ds_dir = input_pipeline.find_dataset_dir(built_sample_dataset, config)
+    sources = tfds.builder_from_directory(ds_dir).as_data_source()
+    for split in input_pipeline.SPLITS:
+      src, arr = sources[split], arrays.split(split)
+      assert len(src) == len(arr)
+      ex = src.__getitems__(list(range(len(src))))
+      np.testing.assert_array_equal(np.stack([e["features"] for e in ex]), arr.features)
+      np.testing.assert_array_equal(np.stack([e["score"] for e in ex]), arr.scores)
+      np.testing.assert_array_equal(np.stack([e["mask"] for e in ex]), arr.mask)
+      np.testing.assert_array_equal(np.stack([e["min_cost"] for e in ex]), arr.min_cost)
+      np.testing.assert_array_equal(np.array([e["task_index"] for e in ex]), arr.task_index)
+
+
+def test_cache_hit_and_invalidation(tmp_path, sample_tenset_dir, monkeypatch):
+  data_dir = str(tmp_path / "data")
+  cfgs = tenset_tfds.make_configs(sample_tenset_dir, hardware=["xeon-emr-16c"], multi=False)
+  tenset_tfds.build(sample_tenset_dir, data_dir, cfgs)
+  first = input_pipeline.load_arrays(data_dir, "xeon-emr-16c")
+  assert isinstance(first.train.features, np.memmap)
+  # Second load must come from the cache: decoding is forbidden now.
+  with monkeypatch.context() as m:
+    m.setattr(input_pipeline, "_read_split", _forbidden)
+    cached = input_pipeline.load_arrays(data_dir, "xeon-emr-16c")
+  np.testing.assert_array_equal(cached.validation.scores, first.validation.scores)
+  # Rebuild with another seed: the cache is stale and must be rebuilt.
+  cfgs = tenset_tfds.make_configs(sample_tenset_dir, hardware=["xeon-emr-16c"], multi=False,
+                                  seed=7)
+  tenset_tfds.build(sample_tenset_dir, data_dir, cfgs)
+  second = input_pipeline.load_arrays(data_dir, "xeon-emr-16c")
+  assert second.seed == 7 and second.fingerprint != first.fingerprint
+  fresh = input_pipeline.load_arrays(data_dir, "xeon-emr-16c", use_cache=False)
+  for split in input_pipeline.SPLITS:
+    np.testing.assert_array_equal(second.split(split).features, fresh.split(split).features)
+    np.testing.assert_array_equal(second.split(split).task_index, fresh.split(split).task_index)
+  assert not np.array_equal(np.sort(second.validation.scores[:, 0]),
+                            np.sort(first.validation.scores[:, 0]))
+  # A corrupted cache file is detected and rebuilt, not trusted.
+  cache = os.path.join(input_pipeline.find_dataset_dir(data_dir, "xeon-emr-16c"),
+                       input_pipeline.CACHE_DIR)
+  with open(os.path.join(cache, "test.scores.npy"), "wb") as f:
+    f.write(b"garbage")
+  again = input_pipeline.load_arrays(data_dir, "xeon-emr-16c")
+  np.testing.assert_array_equal(again.test.scores, fresh.test.scores)
+
+
+def _forbidden(*args, **kwargs):
+  raise AssertionError("decoded although the cache is valid")
+
+
+def test_missing_config_lists_built(built_sample_dataset):
+  with pytest.raises(input_pipeline.DatasetNotFoundError, match=r"\['all', 'epyc-9004'"):
+    input_pipeline.load_arrays(built_sample_dataset, "nope")
+
+
+def _staged(hw, task_keys, record_task, program_keys, scores):
+  n = len(scores)
+  return tenset_tfds.StagedHardware(
+      hardware=hw, platform="llvm", features=np.zeros((n, 2, 3), np.float32),
+      scores=np.asarray(scores, np.float32), program_keys=np.asarray(program_keys, np.uint64),
+      record_task=np.asarray(record_task, np.int32), task_keys=list(task_keys),
+      task_min_cost=np.ones(len(task_keys)), task_files=[], stats=None, layout=11)
+
+
+def test_plan_join_duplicates_and_holdout():
+  a = _staged("a", ["t1", "t2"], [0, 0, 0, 1], [5, 5, 6, 7], [1.0, 0.5, 0.8, 1.0])
+  b = _staged("b", ["t2", "t3"], [0, 1, 1], [7, 8, 8], [0.9, 1.0, 0.7])
+  single = tenset_tfds.plan_examples([a], frozenset(), seed=0)
+  assert single.rows.shape == (4, 1)  # TLP keeps duplicate programs
+  multi = tenset_tfds.plan_examples([a, b], frozenset({"t3"}), seed=0)
+  assert multi.task_keys == ["t1", "t2", "t3"]
+  assert multi.join_stats["duplicate_programs_dropped"] == 2
+  assert multi.join_stats == {"duplicate_programs_dropped": 2, "programs_on_1_hardware": 3,
+                              "programs_on_2_hardware": 1}
+  # (t2, 7) is on both; its rows point at a[3] and b[0]; first duplicate kept.
+  joined = {(multi.task_keys[t], tuple(r)) for t, r in zip(multi.task_index, multi.rows)}
+  assert joined == {("t1", (0, -1)), ("t1", (2, -1)), ("t2", (3, 0)), ("t3", (-1, 1))}
+  assert multi.task_index[multi.splits["test"]].tolist() == [2]
+  assert multi.task_records.tolist() == [[2, 0], [1, 1], [0, 1]]
+
+
+_NO_TF_SCRIPT = textwrap.dedent("""
+    import runpy, sys
+    tenset_dir, data_dir = sys.argv[1], sys.argv[2]
+    sys.argv = ["build", "--tenset_dir", tenset_dir, "--data_dir", data_dir]
+    try:
+      runpy.run_module("data_pipelines.build", run_name="__main__")
+    except SystemExit as e:
+      assert not e.code, e.code
+    import tensorflow_datasets as tfds
+    from data_pipelines import tenset_tfds
+    from tlp_jax import input_pipeline
+    src = tfds.builder_from_directory(tenset_tfds.dataset_dir(data_dir, "all")).as_data_source()
+    ex = src["test"][0]
+    assert ex["features"].shape == (25, 22) and ex["mask"].shape == (2,), ex
+    arrays = input_pipeline.load_arrays(data_dir, "all")
+    assert len(arrays.test) == len(src["test"])
+    # Where TF is installed this proves nothing imported it; where it is not (this project's
+    # install), the build and reads above ran without it.
+    assert not [m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow.")]
+    print("NO_TF_OK")
+""")
+
+
+def test_cli_build_and_read_without_tensorflow(tmp_path, sample_tenset_dir, sample_arrays):
+  data_dir = str(tmp_path / "data")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", _NO_TF_SCRIPT, sample_tenset_dir, data_dir],
+                        cwd=repo, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=repo))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "NO_TF_OK" in proc.stdout
+  assert "config all: hardware epyc-9004, xeon-emr-16c" in proc.stdout
+  assert "built 3 configs" in proc.stdout
+  # Same seed, same source: the CLI build equals the fixture's build (determinism).
+  cli = input_pipeline.load_arrays(data_dir, "all")
+  ref = sample_arrays("all")
+  for split in input_pipeline.SPLITS:
+    np.testing.assert_array_equal(cli.split(split).features, ref.split(split).features)
+    np.testing.assert_array_equal(cli.split(split).scores, ref.split(split).scores)
+  shutil.rmtree(data_dir)
