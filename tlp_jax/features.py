@@ -28,6 +28,7 @@ inside a tuner process.
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import hashlib
@@ -35,6 +36,7 @@ import itertools
 import json
 import logging
 import math
+import re
 from typing import Any, Iterable, Mapping, MutableMapping, Sequence
 
 import numpy as np
@@ -90,6 +92,19 @@ STAT_NEW_TOKENS = "new_tokens"
 STAT_LAYOUT_CHANGES = "layout_changes"
 
 _F32_MAX = float(np.finfo(np.float32).max)
+
+try:  # optional: only speeds up parsing step texts
+    import orjson as _orjson
+    _fast_loads = _orjson.loads
+except ImportError:  # pragma: no cover - exercised only without orjson
+    def _fast_loads(text: bytes) -> Any:
+        return json.loads(text.decode("utf-8"))
+
+# A step text (after its leading '["') in TVM's exact layout with only ints of at most 18
+# digits (no "-0"), int lists and strings of [A-Za-z0-9_$.]: see featurize_step_texts.
+_INT = rb"(?:0|-?[1-9][0-9]{0,17})"
+_SIMPLE_STEP = re.compile(
+    rb'[A-Za-z_]+"(?:, (?:%s|\[(?:%s(?:, %s)*)?\]|"[A-Za-z0-9_$.]*"))*' % (_INT, _INT, _INT))
 
 
 def _check_platform(platform: str) -> str:
@@ -275,14 +290,17 @@ class Vocabulary:
                 f"frozen={self.frozen})")
 
 
-def canonical_steps_json(steps: Sequence[Any]) -> bytes:
-    """Canonical text of a step list: compact stdlib JSON (``separators=(",", ":")``), UTF-8.
+_CANONICAL_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
-    Formatting-independent (TVM writes ``", "``), so the same program read from two files
-    (two hardware) gives the same bytes.
+
+def canonical_steps_json(steps: Sequence[Any]) -> bytes:
+    """Canonical text of a step list: ``json.dumps(steps, ensure_ascii=False)``, UTF-8.
+
+    Independent of how the input was formatted, so the same program read from two files
+    (two hardware) gives the same bytes. The stdlib's default separators (``", "``) are also
+    what TVM writes, which lets the record reader use TVM's text as is for plain steps.
     """
-    return json.dumps(steps, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8", "surrogatepass")
+    return _CANONICAL_ENCODER.encode(steps).encode("utf-8", "surrogatepass")
 
 
 def program_key(canonical: bytes) -> int:
@@ -326,9 +344,11 @@ class Featurizer:
         self._value_width = min(self.full_width, self.crop[1])
         self._row_bytes = 4 * self.crop[1]
         self._zero_record = bytes(self._row_bytes * self.crop[0])
+        self._zero_values = [0] * self.crop[1]
         self._max_rows = min(self.full_length, self.crop[0])
+        # Step text -> row for steps in TVM's simple layout, (row, canonical) for the others.
         self._text_rows: dict[bytes, bytes] = {}
-        self._text_canon: dict[bytes, bytes] = {}
+        self._text_other: dict[bytes, tuple[bytes, bytes]] = {}
         self._key_rows: dict[bytes, bytes] = {}
 
     @property
@@ -375,19 +395,24 @@ class Featurizer:
         vec.append(0)
         return True
 
-    def _row_values(self, vec: list, stats: MutableMapping[str, int]) -> tuple[bytes, bool]:
+    def _row_values(self, vec: list, stats: MutableMapping[str, int],
+                    ints_only: bool) -> tuple[bytes, bool]:
         events = False
         if len(vec) > self.full_width:
             stats[STAT_STEPS_OVER_WIDTH] += 1
             events = True
         values = vec[:self._value_width]
+        if ints_only and -_F32_MAX <= min(values) and max(values) <= _F32_MAX:
+            # Plain ints: array('f') rounds each value exactly like NumPy's float32 cast.
+            values.extend(self._zero_values[len(values):])
+            return array.array("f", values).tobytes(), events
         try:
             arr = np.array(values, dtype=np.float64)
         except OverflowError:  # ints beyond float64
             arr = np.array([_to_float(v) for v in values], dtype=np.float64)
-        if not np.all(np.abs(arr) <= _F32_MAX):
-            bad = ~(np.abs(arr) <= _F32_MAX)
-            stats[STAT_OUT_OF_RANGE_VALUES] += int(bad.sum())
+        in_range = np.abs(arr) <= _F32_MAX  # False for NaN too
+        if not in_range.all():
+            stats[STAT_OUT_OF_RANGE_VALUES] += int((~in_range).sum())
             arr = np.where(np.isnan(arr), 0.0, np.clip(arr, -_F32_MAX, _F32_MAX))
             events = True
         row = np.zeros(self.crop[1], dtype=np.float32)
@@ -397,19 +422,30 @@ class Featurizer:
     def step_row(self, step: Any, stats: MutableMapping[str, int] | None = None) -> _Row:
         """Feature row (float32 bytes, crop width) of one step, computed from scratch."""
         stats = self.stats if stats is None else stats
+        row, events = self._step_row(step, stats)
+        return _Row(row, _canonical_or_repr(step), events)
+
+    def _step_row(self, step: Any, stats: MutableMapping[str, int]) -> tuple[bytes, bool]:
         if (not isinstance(step, (list, tuple)) or not step or not isinstance(step[0], str)):
             stats[STAT_BAD_STEPS] += 1
-            return _Row(bytes(self._row_bytes), _canonical_or_repr(step), True)
+            return bytes(self._row_bytes), True
         kind = step[0]
         kid = self.vocab.kind_id(kind, stats)
         events = kid == 0
         vec: list = [0] * self.vocab.one_hot_width
         if kid:
             vec[kid - 1] = 1
+        append = vec.append
         for value in itertools.islice(step, 1, None):
-            events |= self._append(vec, kind, value, stats, False)
-        row, row_events = self._row_values(vec, stats)
-        return _Row(row, canonical_steps_json(step), events or row_events)
+            if type(value) is int:
+                append(value)
+            elif type(value) is list and all(type(v) is int for v in value):
+                vec.extend(value)
+            else:
+                # Strings become int token ids; everything that is not an int counts an event.
+                events |= self._append(vec, kind, value, stats, False)
+        row, row_events = self._row_values(vec, stats, not events)
+        return row, events or row_events
 
     def _assemble(self, rows: Iterable[bytes], n_steps: int,
                   stats: MutableMapping[str, int]) -> bytes:
@@ -463,13 +499,14 @@ class Featurizer:
     def clear_cache(self) -> None:
         """Forgets all cached step rows."""
         self._text_rows.clear()
-        self._text_canon.clear()
+        self._text_other.clear()
         self._key_rows.clear()
 
     def _make_room(self) -> None:
         # Emptying the whole cache when full keeps memory bounded on all of TenSet and the
         # output independent of the policy (cached rows equal recomputed ones).
-        if len(self._text_rows) + len(self._key_rows) >= self.cache_size:
+        if (len(self._text_rows) + len(self._text_other) + len(self._key_rows)
+                >= self.cache_size):
             self.clear_cache()
 
     def featurize_many(self, list_of_steps: Sequence[Sequence[Any]],
@@ -487,6 +524,26 @@ class Featurizer:
         stats.update(scratch)
         out = np.frombuffer(b"".join(parts), dtype=np.float32)
         return out.reshape((len(parts),) + self.crop).copy()
+
+    def featurize_to_bytes(self, steps: Sequence[Any],
+                           stats: MutableMapping[str, int] | None = None,
+                           cached: bool = True) -> bytes:
+        """One record's features as raw float32 bytes (C order, ``crop`` shape).
+
+        No retry when a new kind widens the one-hot block mid-record: callers that batch
+        records compare :attr:`layout` before and after and redo the batch if it changed.
+        ``cached=False`` is the reference path (every step computed from scratch).
+        """
+        stats = self.stats if stats is None else stats
+        if cached:
+            data = self._record_bytes(steps, stats)
+        else:
+            if not isinstance(steps, (list, tuple)):
+                raise TypeError(f"steps must be a list of steps, got {type(steps).__name__}")
+            rows = [self.step_row(st, stats).row for st in steps]
+            data = self._assemble(iter(rows), len(steps), stats)
+        self._check_layout(stats)
+        return data
 
     def _record_bytes(self, steps: Sequence[Any], stats: MutableMapping[str, int]) -> bytes:
         if not isinstance(steps, (list, tuple)):
@@ -509,56 +566,114 @@ class Featurizer:
             rows.append(row)
         return self._assemble(iter(rows), len(steps), stats)
 
-    def featurize_step_texts(self, pieces: Sequence[bytes],
+    def featurize_step_texts(self, steps_text: bytes,
                              stats: MutableMapping[str, int]) -> tuple[bytes, bytes] | None:
         """Fast path for TVM's record text: features and canonical JSON of one program.
 
-        ``pieces`` are the step texts of one record with their leading ``["`` and trailing
-        ``]`` removed (what splitting TVM's ``[["FU", 1, [5, 6]], ["SP", ...]]`` on
-        ``'], ["'`` leaves). Returns ``(features bytes, canonical steps JSON)``, or None if
-        a piece is not one well-formed step (then the caller parses the whole line), so a
-        text is only ever accepted when it parses to exactly one step. Rows are cached by
-        text.
+        ``steps_text`` is the text of a step list without its outer brackets, as TVM writes
+        it: ``b'["FU", 1, [5, 6]], ["AN", 3, 3, 2]'`` (``b""`` for no steps). Returns
+        ``(features bytes, canonical steps JSON)``, or None when the text is not such a list
+        of well-formed steps (then the caller parses the whole line): it is split on
+        ``'], ["'`` and every piece must parse as exactly one step, which also proves the split
+        (a split inside a step leaves pieces with unbalanced brackets). Rows are cached by text.
         """
-        rows_cache, canon_cache = self._text_rows, self._text_canon
+        if not steps_text:
+            pieces = []
+        elif steps_text[:2] == b'["' and steps_text[-1:] == b"]":
+            pieces = steps_text[2:-1].split(b'], ["')
+        else:
+            return None
+        simple = self._text_rows
+        m = self._max_rows
+        try:
+            if len(pieces) <= m:
+                body = b"".join(map(simple.__getitem__, pieces))
+            else:
+                body = b"".join(map(simple.__getitem__, pieces[:m]))
+                if not all(map(simple.__contains__, pieces[m:])):
+                    raise KeyError
+        except KeyError:
+            return self._step_texts_slow(pieces, stats)
+        stats[STAT_RECORDS] += 1
+        stats[STAT_STEPS] += len(pieces)
+        if len(pieces) > self.full_length:
+            stats[STAT_RECORDS_OVER_LENGTH] += 1
+        # Every piece is in TVM's simple layout (see _SIMPLE_STEP), which is the canonical
+        # JSON already.
+        return body + self._zero_record[len(body):], b"[" + steps_text + b"]"
+
+    def step_texts_valid(self, steps_text: bytes) -> bool:
+        """Whether ``steps_text`` (as for :meth:`featurize_step_texts`) is a list of
+        well-formed steps; checks without featurizing (so the vocabulary never grows)."""
+        if not steps_text:
+            return True
+        if steps_text[:2] != b'["' or steps_text[-1:] != b"]":
+            return False
+        for piece in steps_text[2:-1].split(b'], ["'):
+            if (piece in self._text_rows or piece in self._text_other
+                    or _SIMPLE_STEP.fullmatch(piece) is not None):  # the pattern is valid JSON
+                continue
+            try:
+                json.loads((b'["' + piece + b"]").decode("utf-8"))
+            except (ValueError, RecursionError):
+                return False
+        return True
+
+    def _step_texts_slow(self, pieces: list[bytes],
+                         stats: MutableMapping[str, int]) -> tuple[bytes, bytes] | None:
+        simple, other = self._text_rows, self._text_other
         for _ in range(2):
             layout = self.vocab.one_hot_width
-            try:
-                canon = b",".join(map(canon_cache.__getitem__, pieces))
-            except KeyError:
-                scratch: collections.Counter = collections.Counter()
-                rows = []
-                canons = []
-                for piece in pieces:
-                    row = rows_cache.get(piece)
-                    if row is not None:
-                        rows.append(row)
-                        canons.append(canon_cache[piece])
-                        continue
+            scratch: collections.Counter = collections.Counter()
+            rows = []
+            canons = []
+            for piece in pieces:
+                row = simple.get(piece)
+                if row is not None:
+                    rows.append(row)
+                    canons.append(b'["' + piece + b"]")
+                    continue
+                hit = other.get(piece)
+                if hit is not None:
+                    rows.append(hit[0])
+                    canons.append(hit[1])
+                    continue
+                text = b'["' + piece + b"]"
+                is_simple = _SIMPLE_STEP.fullmatch(piece) is not None
+                if is_simple:
+                    # ASCII ints (< 2**63), int lists and plain strings, ", "-separated: the
+                    # text is the canonical JSON, and orjson parses it to the same objects as
+                    # json.
                     try:
-                        step = json.loads(b'["' + piece + b"]")
+                        step = _fast_loads(text)
+                    except ValueError:  # pragma: no cover - the pattern admits valid JSON only
+                        return None
+                    canonical = text
+                else:
+                    try:
+                        # Strict UTF-8 first: json.loads(bytes) would let encoded surrogates
+                        # through, which the whole-line path rejects.
+                        step = json.loads(text.decode("utf-8"))
                     except (ValueError, RecursionError):
                         return None
-                    r = self.step_row(step, scratch)
-                    rows.append(r.row)
-                    canons.append(r.canonical)
-                    if not r.events:
-                        self._make_room()
-                        rows_cache[piece] = r.row
-                        canon_cache[piece] = r.canonical
-                if self.vocab.one_hot_width != layout:
-                    self._check_layout(stats)
-                    self._note_layout_change(stats, scratch)
-                    continue
-                stats.update(scratch)
-                body = self._assemble(iter(rows), len(pieces), stats)
-                return body, b"[" + b",".join(canons) + b"]"
-            body = b"".join(map(rows_cache.__getitem__, pieces[:self._max_rows]))
-            stats[STAT_RECORDS] += 1
-            stats[STAT_STEPS] += len(pieces)
-            if len(pieces) > self.full_length:
-                stats[STAT_RECORDS_OVER_LENGTH] += 1
-            return body + self._zero_record[len(body):], b"[" + canon + b"]"
+                    canonical = canonical_steps_json(step)
+                row, events = self._step_row(step, scratch)
+                rows.append(row)
+                canons.append(canonical)
+                if not events:
+                    self._make_room()
+                    if is_simple:
+                        simple[piece] = row
+                    else:
+                        other[piece] = (row, canonical)
+            if self.vocab.one_hot_width != layout:
+                # A new kind widened the one-hot block mid-record: redo it in the new layout.
+                self._check_layout(stats)
+                self._note_layout_change(stats, scratch)
+                continue
+            stats.update(scratch)
+            body = self._assemble(iter(rows), len(pieces), stats)
+            return body, b"[" + b", ".join(canons) + b"]"
         raise AssertionError("vocabulary grew twice for one record")  # pragma: no cover
 
 
