@@ -468,7 +468,14 @@ class Tenset(tfds.core.GeneratorBasedBuilder):
         cfg, plan, staged, networks, [str(h) for h in network_info_lib.parse_holdout(holdout)],
         holdout_nets, staging.featurizer(cfg.platform).vocab.to_json(), crop, self._tenset_dir))
     logging.info("%s: %s examples", cfg.name, self.info.metadata["examples"])
-    return {name: self._generate_examples(plan, staged, name) for name in SPLITS}
+    empty = [name for name in SPLITS if not plan.splits[name].size]
+    if len(empty) == len(SPLITS):
+      raise DatasetBuildError(f"{cfg.name}: no examples at all")
+    if empty:
+      # TFDS cannot write an empty split; the loader reads a missing split as zero examples.
+      logging.warning("%s: splits %s are empty and are not written", cfg.name, empty)
+    return {name: self._generate_examples(plan, staged, name) for name in SPLITS
+            if name not in empty}
 
   def _generate_examples(self, plan: ExamplePlan, staged: Sequence[StagedHardware],
                          split: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:

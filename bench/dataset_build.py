@@ -1,0 +1,179 @@
+r"""Dataset build and array-loader throughput.
+
+  python bench/dataset_build.py --tenset_dir /work/shared/tenset-mini \
+      [--scale_records 1000000] [--out bench/results/dataset_build.json]
+
+1. Builds every config of ``--tenset_dir`` (all hardware + the multi config) and times it.
+2. Array loader: first load (decode + write the .npy cache) and cached loads (open, and a full
+   pass over every array), in examples/s.
+3. TenSet scale (``--scale_records`` > 0): **replicated** data, not real measurements. The
+   first hardware's task files are copied with fresh workload keys (the task hash in the key is
+   replaced; lines repeated to TenSet's ~4,000 records per task) until ``--scale_records``
+   records, then built (single-hardware config only) and loaded. Real TenSet has ~8.6M records
+   per hardware; use ``--scale_records 8600000`` where disk allows (~8 GB input JSON, ~2x20 GB
+   staging + dataset, ~20 GB array cache).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+from data_pipelines import tenset_tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tlp_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_TENSET_DIR = flags.DEFINE_string("tenset_dir", "/work/shared/tenset-mini", "TenSet root.")
+_OUT = flags.DEFINE_string("out", os.path.join(_REPO, "bench", "results", "dataset_build.json"),
+                           "Result JSON.")
+_WORK = flags.DEFINE_string("work_dir", None, "Scratch dir (default: a temp dir, removed).")
+_SCALE = flags.DEFINE_integer("scale_records", 1_000_000,
+                              "Replicated records for the scale run (0 = skip).")
+_PER_TASK = flags.DEFINE_integer("records_per_task", 4000, "Scale run: records per task file.")
+
+
+def _machine() -> dict:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  cpu = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+  except OSError:
+    pass
+  return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+          "python": platform.python_version(), "numpy": np.__version__,
+          "tensorflow_datasets": tfds.__version__}
+
+
+def _timed_loads(data_dir: str, config: str) -> dict:
+  ds_dir = input_pipeline.find_dataset_dir(data_dir, config)
+  shutil.rmtree(os.path.join(ds_dir, input_pipeline.CACHE_DIR), ignore_errors=True)
+  t = time.perf_counter()
+  arrays = input_pipeline.load_arrays(data_dir, config)
+  first = time.perf_counter() - t
+  n = sum(len(arrays.split(s)) for s in input_pipeline.SPLITS)
+  t = time.perf_counter()
+  arrays = input_pipeline.load_arrays(data_dir, config)
+  cached_open = time.perf_counter() - t
+  # A full pass over every cached array: what a trainer pays to get all data into memory.
+  t = time.perf_counter()
+  checksum = 0.0
+  for s in input_pipeline.SPLITS:
+    sp = arrays.split(s)
+    for name in input_pipeline.FIELDS:
+      a = np.asarray(getattr(sp, name))
+      step = max(1, (1 << 26) // max(1, a[:1].nbytes))
+      for i in range(0, a.shape[0], step):
+        checksum += float(np.asarray(a[i:i + step], np.float64).sum())
+  cached_read = time.perf_counter() - t
+  return {"config": config, "examples": n, "first_load_s": first,
+          "first_load_examples_per_s": n / first,
+          "cached_open_s": cached_open, "cached_open_examples_per_s": n / cached_open,
+          "cached_full_read_s": cached_read, "cached_full_read_examples_per_s": n / cached_read,
+          "checksum": checksum}
+
+
+def _replicate(src_dir: str, dst_dir: str, hardware: str, target_records: int,
+               per_task: int) -> dict:
+  """Copies ``hardware``'s task files under fresh workload keys up to target_records."""
+  shutil.copytree(os.path.join(src_dir, "network_info"), os.path.join(dst_dir, "network_info"),
+                  ignore=shutil.ignore_patterns("*.pkl"))
+  out_dir = os.path.join(dst_dir, "measure_records", hardware)
+  os.makedirs(out_dir)
+  src = os.path.join(src_dir, "measure_records", hardware)
+  originals = []
+  for name in sorted(os.listdir(src)):
+    with open(os.path.join(src, name), "rb") as f:
+      lines = [l if l.endswith(b"\n") else l + b"\n" for l in f if l.strip()]
+    if lines:
+      task_hash = json.loads(json.loads(lines[0])["i"][0][0])[0]
+      originals.append((name, task_hash, lines))
+  written = files = 0
+  copy = 0
+  while written < target_records:
+    for name, task_hash, lines in originals:
+      if written >= target_records:
+        break
+      # Copy 0 keeps the real keys, so the hold-out networks still have their tasks.
+      new_hash = task_hash if copy == 0 else hashlib.md5(f"{task_hash}-{copy}".encode()).hexdigest()
+      reps = max(1, per_task // len(lines))
+      body = b"".join(lines).replace(task_hash.encode(), new_hash.encode()) * reps
+      n = len(lines) * reps
+      with open(os.path.join(out_dir, name.replace(task_hash, new_hash)), "wb") as f:
+        f.write(body)
+      written += n
+      files += 1
+    copy += 1
+  return {"records": written, "task_files": files, "source_task_files": len(originals)}
+
+
+def main(argv) -> None:
+  del argv
+  work = _WORK.value or tempfile.mkdtemp(prefix="bench_dataset_")
+  results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "machine": _machine(), "tenset_dir": _TENSET_DIR.value}
+  try:
+    data_dir = os.path.join(work, "data")
+    configs = tenset_tfds.make_configs(_TENSET_DIR.value)
+    t = time.perf_counter()
+    metas = tenset_tfds.build(_TENSET_DIR.value, data_dir, configs)
+    build_s = time.perf_counter() - t
+    results["tenset_mini_build"] = {
+        "seconds": build_s, "configs": [m["config"] for m in metas],
+        "examples": {m["config"]: m["examples"] for m in metas},
+        "records_read": {hw: s["lines"] for m in metas for hw, s in m["read_stats"].items()}}
+    print(f"build of {len(metas)} configs: {build_s:.2f} s")
+    results["tenset_mini_load"] = [_timed_loads(data_dir, m["config"]) for m in metas]
+    for r in results["tenset_mini_load"]:
+      print(f"load {r['config']}: first {r['first_load_examples_per_s']:.0f} ex/s, cached open "
+            f"{r['cached_open_examples_per_s']:.0f} ex/s, cached full read "
+            f"{r['cached_full_read_examples_per_s']:.0f} ex/s")
+    shutil.rmtree(data_dir)
+
+    if _SCALE.value > 0:
+      hw = tenset_tfds.hardware_folders(_TENSET_DIR.value)[0]
+      rep_dir = os.path.join(work, "replicated")
+      t = time.perf_counter()
+      rep = _replicate(_TENSET_DIR.value, rep_dir, hw, _SCALE.value, _PER_TASK.value)
+      rep["replicate_s"] = time.perf_counter() - t
+      rep["hardware"] = hw
+      rep["note"] = ("REPLICATED records (real lines of tenset-mini under fresh workload keys, "
+                     "repeated within a task), not real measurements; for throughput only")
+      rep_data = os.path.join(work, "replicated_data")
+      cfg = tenset_tfds.make_configs(rep_dir, hardware=[hw], multi=False,
+                                     holdout=["resnet_50@224"])
+      t = time.perf_counter()
+      tenset_tfds.build(rep_dir, rep_data, cfg)
+      rep["build_s"] = time.perf_counter() - t
+      rep["build_records_per_s"] = rep["records"] / rep["build_s"]
+      shutil.rmtree(rep_dir)
+      rep["load"] = _timed_loads(rep_data, hw)
+      results["scale_run"] = rep
+      print(f"scale run ({rep['records']} replicated records): build {rep['build_s']:.1f} s "
+            f"({rep['build_records_per_s']:.0f} rec/s); first load "
+            f"{rep['load']['first_load_examples_per_s']:.0f} ex/s; cached full read "
+            f"{rep['load']['cached_full_read_examples_per_s']:.0f} ex/s")
+  finally:
+    if not _WORK.value:
+      shutil.rmtree(work, ignore_errors=True)
+  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(results, f, indent=1)
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
