@@ -1,0 +1,282 @@
+"""Export round trip, NumPy-predictor parity with the Flax model, errors, NumPy-only import."""
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from tlp_jax import export
+from tlp_jax import features
+from tlp_jax import numpy_predictor as npred
+from tlp_jax.model import TLPConfig, TLPModel, init_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "data", "sample", "tenset-mini", "measure_records", "epyc-9004")
+VOCAB_JSON = features.Vocabulary.original("llvm").to_json()
+SMALL = dict(encoder_dims=(16, 32), attention_heads=4, decoder_dims=(16, 8, 1))
+
+
+def _export(cfg, seed=0, hardware=None):
+  params = init_params(cfg, jax.random.PRNGKey(seed))
+  hardware = hardware or [f"hw{i}" for i in range(cfg.num_heads)]
+  arrays = export.export_params(params, cfg, hardware=hardware, platform="llvm", crop=None,
+                                vocab_json=VOCAB_JSON, step=7)
+  return params, arrays
+
+
+def _flax(cfg, params, x):
+  return np.asarray(jax.jit(lambda a: TLPModel(cfg).apply({"params": params}, a))(x))
+
+
+def _random_features(n, cfg, seed=0, scale=5.0):
+  """Random programs with ragged lengths, zero rows mid-sequence and repeated rows."""
+  rng = np.random.default_rng(seed)
+  x = (rng.normal(size=(n, cfg.seq_len, cfg.feature_dim)) * scale).astype(np.float32)
+  lengths = rng.integers(0, cfg.seq_len + 1, size=n)
+  x[np.arange(cfg.seq_len)[None, :] >= lengths[:, None]] = 0.0
+  x[::7, 1] = 0.0              # a zero row between real rows
+  x[::5, 2] = x[::5, 0]        # a repeated row inside a program
+  x[1::3, 3] = x[0, 0]         # the same row in many programs
+  return x
+
+
+def _sample_steps(max_files=6):
+  steps = []
+  for path in sorted(glob.glob(os.path.join(SAMPLE, "*.json")))[:max_files]:
+    with open(path) as f:
+      steps += [json.loads(line)["i"][1][1] for line in f if line.strip()]
+  return steps
+
+
+@pytest.fixture(scope="module")
+def real_features():
+  steps = _sample_steps()
+  assert len(steps) > 100
+  return features.Featurizer("llvm").featurize_many(steps)
+
+
+OPTIONS = [dict(), dict(padding_mask=True), dict(input_norm="log1p"), dict(pool="mean_valid"),
+           dict(input_norm="log1p", input_norm_columns=(11, 12, 13)),
+           dict(padding_mask=True, input_norm="log1p", pool="mean_valid")]
+
+
+@pytest.mark.parametrize("num_heads", [1, 3])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "original")
+def test_parity_random_inputs(num_heads, opts):
+  cfg = TLPConfig(num_heads=num_heads, **SMALL, **opts)
+  params, arrays = _export(cfg, seed=num_heads)
+  pred = npred.Predictor.from_arrays(arrays)
+  x = _random_features(200, cfg)
+  ref = _flax(cfg, params, x)
+  got = pred.predict(x, hw="all", batch_size=64)
+  assert got.shape == (200, num_heads) and got.dtype == np.float32
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(padding_mask=True, input_norm="log1p"),
+                                  dict(pool="mean_valid")])
+def test_parity_real_inputs_original_dims(real_features, opts):
+  cfg = TLPConfig(num_heads=2, **opts)
+  params, arrays = _export(cfg, seed=3)
+  pred = npred.Predictor.from_arrays(arrays)
+  ref = _flax(cfg, params, real_features)
+  got = pred.predict(real_features, hw="all")
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+  assert np.abs(ref).max() > 1e-2  # not a trivially-zero comparison
+
+
+def test_head_selection():
+  cfg = TLPConfig(num_heads=3, **SMALL)
+  params, arrays = _export(cfg, hardware=["epyc", "xeon", "gpu"])
+  pred = npred.Predictor.from_arrays(arrays)
+  x = _random_features(20, cfg)
+  ref = _flax(cfg, params, x)
+  np.testing.assert_allclose(pred.predict(x), ref[:, 0], atol=1e-5)
+  np.testing.assert_allclose(pred.predict(x, hw="xeon"), ref[:, 1], atol=1e-5)
+  assert pred.predict(x, hw="gpu").shape == (20,)
+  assert pred.predict(x, hw="all").shape == (20, 3)
+  assert pred.hardware == ("epyc", "xeon", "gpu")
+  with pytest.raises(npred.PredictorError, match="epyc, xeon, gpu"):
+    pred.predict(x, hw="a100")
+
+
+def test_batch_size_does_not_change_results():
+  cfg = TLPConfig(**SMALL)
+  _, arrays = _export(cfg)
+  pred = npred.Predictor.from_arrays(arrays)
+  x = _random_features(101, cfg)
+  np.testing.assert_allclose(pred.predict(x, batch_size=7), pred.predict(x, batch_size=1000),
+                             atol=1e-6)
+
+
+def test_round_trip_npz(tmp_path):
+  cfg = TLPConfig(num_heads=2, padding_mask=True, **SMALL)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  path = str(tmp_path / "sub" / "model.npz")
+  arrays = export.save_npz(path, params, cfg, hardware=["a", "b"], platform="llvm",
+                           crop=(25, 22), vocab_json=VOCAB_JSON, step=1234)
+  with np.load(path, allow_pickle=False) as npz:
+    loaded = {k: npz[k] for k in npz.files}
+  assert set(loaded) == set(arrays)
+  for k, v in arrays.items():
+    np.testing.assert_array_equal(loaded[k], v)
+  # Every parameter leaf is exported under its tree path.
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  assert len([k for k in loaded if k.startswith("params/")]) == len(leaves)
+  np.testing.assert_array_equal(loaded["params/heads/dense_0/kernel"],
+                                np.asarray(params["heads"]["dense_0"]["kernel"]))
+  assert loaded["params/heads/dense_0/kernel"].shape == (2, 32, 16)
+  pred = npred.Predictor.load(path)
+  assert pred.hardware == ("a", "b")
+  assert pred.platform == "llvm"
+  assert pred.crop == (25, 22)
+  assert pred.step == 1234
+  assert pred.format_version == npred.FORMAT_VERSION
+  assert pred.vocab_json == VOCAB_JSON
+  assert pred.vocab_version == str(features.VOCAB_VERSION)
+  assert TLPConfig.from_dict(pred.config) == cfg
+  x = _random_features(30, cfg)
+  np.testing.assert_allclose(pred.predict(x, hw="all"), _flax(cfg, params, x), atol=1e-5)
+
+
+def test_export_validates_inputs():
+  cfg = TLPConfig(num_heads=2, **SMALL)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  kw = dict(platform="llvm", crop=None, vocab_json=VOCAB_JSON, step=0)
+  with pytest.raises(ValueError, match="2 heads"):
+    export.export_params(params, cfg, hardware=["a"], **kw)
+  with pytest.raises(ValueError, match="duplicate"):
+    export.export_params(params, cfg, hardware=["a", "a"], **kw)
+  with pytest.raises(ValueError, match="vocabulary"):
+    export.export_params(params, cfg, hardware=["a", "b"], **{**kw, "vocab_json": "{}"})
+  other = dataclasses.replace(cfg, encoder_dims=(16, 64))
+  with pytest.raises(npred.PredictorError, match="shape"):
+    export.export_params(params, other, hardware=["a", "b"], **kw)
+
+
+def test_predict_steps_matches_features_path():
+  cfg = TLPConfig(num_heads=2)
+  params, arrays = _export(cfg, seed=5)
+  pred = npred.Predictor.from_arrays(arrays)
+  steps = _sample_steps(max_files=2)
+  feats = features.Featurizer("llvm").featurize_many(steps)
+  got = pred.predict_steps(steps, hw="hw1")
+  np.testing.assert_allclose(got, _flax(cfg, params, feats)[:, 1], atol=1e-5)
+  assert pred.predict_steps([], hw="all").shape == (0, 2)
+
+
+def test_predict_steps_uses_frozen_vocabulary():
+  cfg = TLPConfig(**SMALL)
+  _, arrays = _export(cfg)
+  pred = npred.Predictor.from_arrays(arrays)
+  steps = [["PR", 1, 0, "auto_unroll_max_step$999"], ["XX", 3]]
+  pred.predict_steps([steps])
+  fz = pred._featurizer  # pylint: disable=protected-access
+  assert fz.vocab.frozen
+  assert fz.stats[features.STAT_UNKNOWN_KINDS] + fz.stats[features.STAT_UNKNOWN_TOKENS] >= 1
+  # The vocabulary of the export did not grow.
+  assert fz.vocab.kinds == list(features.ORIGINAL_KINDS["llvm"])
+
+
+def test_wrong_feature_shapes():
+  cfg = TLPConfig(**SMALL)
+  _, arrays = _export(cfg)
+  pred = npred.Predictor.from_arrays(arrays)
+  for bad in (np.zeros((4, 22)), np.zeros((4, 24, 22)), np.zeros((4, 25, 21))):
+    with pytest.raises(npred.PredictorError, match=r"\(batch, >=25 steps, >=22 values\)"):
+      pred.predict(bad)
+  # Wider inputs are cropped, as the model does.
+  x = _random_features(5, cfg)
+  wide = np.concatenate([x, np.ones((5, 25, 4), np.float32)], axis=2)
+  np.testing.assert_array_equal(pred.predict(wide), pred.predict(x))
+
+
+def test_file_that_is_not_our_export(tmp_path):
+  text = tmp_path / "notes.npz"
+  text.write_text("hello")
+  with pytest.raises(npred.PredictorError, match="notes.npz"):
+    npred.Predictor.load(text)
+  other = tmp_path / "other.npz"
+  np.savez(other, weights=np.zeros(3))
+  with pytest.raises(npred.PredictorError, match="not a tlp-jax model export"):
+    npred.Predictor.load(other)
+  pickled = tmp_path / "pickled.npz"
+  np.savez(pickled, **{npred.META_FORMAT: np.array([{"x": 1}], dtype=object)})
+  with pytest.raises(npred.PredictorError, match="pickled.npz"):
+    npred.Predictor.load(pickled)
+
+
+def test_newer_format_version_and_missing_param(tmp_path):
+  cfg = TLPConfig(**SMALL)
+  _, arrays = _export(cfg)
+  newer = dict(arrays)
+  newer[npred.META_FORMAT_VERSION] = np.array(npred.FORMAT_VERSION + 1)
+  path = tmp_path / "newer.npz"
+  np.savez(path, **newer)
+  with pytest.raises(npred.PredictorError, match="newer"):
+    npred.Predictor.load(path)
+  partial = {k: v for k, v in arrays.items() if k != "params/res_block_1/kernel"}
+  with pytest.raises(npred.PredictorError, match="res_block_1/kernel"):
+    npred.Predictor.from_arrays(partial)
+
+
+def _run_python(code, cwd, env_extra=None):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_predictor_imports_no_jax(tmp_path):
+  cfg = TLPConfig(num_heads=2, **SMALL)
+  params, arrays = _export(cfg)
+  path = tmp_path / "m.npz"
+  np.savez(path, **arrays)
+  x = _random_features(10, cfg)
+  np.save(tmp_path / "x.npy", x)
+  code = f"""
+      import sys
+      import numpy as np
+      from tlp_jax import numpy_predictor
+      p = numpy_predictor.Predictor.load({str(path)!r})
+      y = p.predict(np.load({str(tmp_path / 'x.npy')!r}), hw="all")
+      p.predict_steps([[["CA", 2, 1, 3], ["FU", 1, [0, 1]]]])
+      heavy = [m for m in ("jax", "flax", "tensorflow", "optax", "orbax") if m in sys.modules]
+      assert not heavy, heavy
+      np.save({str(tmp_path / 'y.npy')!r}, y)
+  """
+  res = _run_python(code, cwd=REPO, env_extra={"PYTHONPATH": REPO})
+  assert res.returncode == 0, res.stderr
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), _flax(cfg, params, x), atol=1e-5)
+
+
+def test_predictor_file_works_copied_alone(tmp_path):
+  cfg = TLPConfig(**SMALL)
+  _, arrays = _export(cfg)
+  np.savez(tmp_path / "m.npz", **arrays)
+  shutil.copy(os.path.join(REPO, "tlp_jax", "numpy_predictor.py"), tmp_path / "tlp_pred.py")
+  code = """
+      import sys
+      sys.modules["tlp_jax"] = None  # as if the package were not installed
+      import numpy as np
+      import tlp_pred
+      p = tlp_pred.Predictor.load("m.npz")
+      assert p.predict(np.ones((2, 25, 22), np.float32)).shape == (2,)
+      try:
+        p.predict_steps([[["CA", 2, 1, 3]]])
+      except tlp_pred.PredictorError as e:
+        assert "tlp_jax.features" in str(e), e
+      else:
+        raise AssertionError("predict_steps should need tlp_jax.features")
+  """
+  res = _run_python(code, cwd=str(tmp_path))
+  assert res.returncode == 0, res.stderr
