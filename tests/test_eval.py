@@ -103,3 +103,127 @@ def test_metrics_and_eval_agree_on_random_ranking():
   r = metrics.random_top_k_scores(data.latency, data.task_index, data.networks, (1, 5))
   report = eval_lib.evaluate(data, _read_feature0, ks=(1, 5))
   assert report["rows"][eval_lib.RANDOM_ROW]["pooled"]["top-5"] == pytest.approx(r.pooled[1])
+
+
+# ---- end to end on the embedded sample (built dataset + exported NumPy model) ----------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOLDOUT_FILES = ("(resnet_50,[(1,224)]).json", "(bert_base,[(1,128)]).json",
+                 "(mobilenet,[(1,240)]).json")
+
+
+def _raw_holdout_latencies(tenset_dir, hw):
+  """Straight from the measure-record JSON lines, independent of the dataset pipeline."""
+  nets = []
+  for name in HOLDOUT_FILES:
+    with open(os.path.join(tenset_dir, "network_info", name)) as f:
+      nets.append(json.load(f))
+  keys = sorted({t["workload_key"] for n in nets for t in n["tasks"]})
+  index = {k: i for i, k in enumerate(keys)}
+  lat, task = [], []
+  folder = os.path.join(tenset_dir, "measure_records", hw)
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name)) as f:
+      for line in f:
+        rec = json.loads(line)
+        key = rec["i"][0][0]
+        if key in index and rec["r"][1] == 0:
+          lat.append(np.mean(rec["r"][0]))
+          task.append(index[key])
+  networks = [metrics.NetworkTasks(n["network"], [index[t["workload_key"]] for t in n["tasks"]],
+                                   [t["weight"] for t in n["tasks"]]) for n in nets]
+  return np.array(lat), np.array(task), networks, len(keys)
+
+
+@pytest.fixture(scope="module")
+def two_head_model(tmp_path_factory, sample_arrays):
+  """A randomly initialised 2-head (MTL) model exported to .npz, with the dataset's features."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tlp_jax import export  # pylint: disable=g-import-not-at-top
+  from tlp_jax.model import TLPConfig, init_params  # pylint: disable=g-import-not-at-top
+  arrays = sample_arrays("all")
+  cfg = TLPConfig(num_heads=2, encoder_dims=(16, 32), attention_heads=4, decoder_dims=(16, 8, 1),
+                  seq_len=arrays.crop[0], feature_dim=arrays.crop[1])
+  path = str(tmp_path_factory.mktemp("model") / "mtl.npz")
+  export.save_npz(path, init_params(cfg, jax.random.PRNGKey(0)), cfg,
+                  hardware=arrays.hardware, platform=arrays.platform, crop=arrays.crop,
+                  vocab_json=arrays.vocab_json, step=0)
+  return path
+
+
+@pytest.mark.parametrize("hw", ["epyc-9004", "xeon-emr-16c"])
+def test_end_to_end_on_sample(built_sample_dataset, sample_tenset_dir, sample_arrays,
+                              two_head_model, hw):
+  from tlp_jax import numpy_predictor  # pylint: disable=g-import-not-at-top
+  report = eval_lib.run(hw=hw, data_dir=built_sample_dataset, model_path=two_head_model,
+                        batch_size=300)
+  # Default config for --hw is the per-hardware one.
+  assert report["model"]["dataset"] == hw and report["model"]["heads"] == ["epyc-9004",
+                                                                          "xeon-emr-16c"]
+  rows = report["rows"]
+  assert list(rows) == ["mtl", eval_lib.RANDOM_ROW, eval_lib.ORACLE_ROW]
+  assert rows[eval_lib.ORACLE_ROW]["pooled"] == {f"top-{k}": 1.0 for k in (1, 5, 10, 20)}
+  # The random row equals the exact expectation computed from the raw records, which checks the
+  # whole data path (valid records, min costs, task indices, weights, skipped tasks).
+  lat, task, nets, num_tasks = _raw_holdout_latencies(sample_tenset_dir, hw)
+  assert report["num_programs"] == lat.size
+  want = metrics.random_top_k_scores(lat, task, nets, num_tasks=num_tasks)
+  got = rows[eval_lib.RANDOM_ROW]
+  np.testing.assert_allclose([got["pooled"][f"top-{k}"] for k in (1, 5, 10, 20)], want.pooled,
+                             rtol=1e-5)
+  np.testing.assert_allclose([got["mean"][f"top-{k}"] for k in (1, 5, 10, 20)], want.mean,
+                             rtol=1e-5)
+  for net, skipped in zip(want.networks, want.tasks_skipped):
+    (label,) = [k for k in got["per_network"] if k.startswith(net + " ")]
+    assert got["per_network"][label]["tasks_skipped"] == skipped
+  # The model row is the predictor's head for hw on the split's valid programs.
+  arrays = sample_arrays(hw)
+  valid = arrays.test.mask[:, 0]
+  pred = numpy_predictor.Predictor.load(two_head_model).predict(arrays.test.features[valid], hw=hw)
+  data = eval_lib.select_split(arrays, hw, "test")
+  want_model = metrics.top_k_scores(pred, data.latency, data.task_index, data.networks,
+                                    num_tasks=len(data.task_keys))
+  np.testing.assert_allclose([rows["mtl"]["pooled"][f"top-{k}"] for k in (1, 5, 10, 20)],
+                             want_model.pooled, rtol=1e-6)
+  for v in rows["mtl"]["pooled"].values():
+    assert 0.0 < v <= 1.0
+
+
+def test_model_without_the_head_says_so(built_sample_dataset, sample_arrays, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from tlp_jax import export  # pylint: disable=g-import-not-at-top
+  from tlp_jax.model import TLPConfig, init_params  # pylint: disable=g-import-not-at-top
+  arrays = sample_arrays("epyc-9004")
+  cfg = TLPConfig(encoder_dims=(8, 16), attention_heads=2, decoder_dims=(8, 1))
+  path = str(tmp_path / "one.npz")
+  export.save_npz(path, init_params(cfg, jax.random.PRNGKey(1)), cfg, hardware=["epyc-9004"],
+                  platform=arrays.platform, crop=arrays.crop, vocab_json=arrays.vocab_json,
+                  step=0)
+  with pytest.raises(eval_lib.EvalError, match=r"'xeon-emr-16c' is not in the model's heads.*"
+                     r"available: epyc-9004"):
+    eval_lib.run(hw="xeon-emr-16c", data_dir=built_sample_dataset, model_path=path)
+
+
+def _eval_cli(*args):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_report_and_rejects_unknown_hardware(built_sample_dataset, two_head_model,
+                                                        tmp_path):
+  out = tmp_path / "out"
+  ok = _eval_cli("--hw", "xeon-emr-16c", "--data_dir", built_sample_dataset, "--dataset", "all",
+                 "--model", two_head_model, "--out", str(out))
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert "| random (exact expectation) | **pooled (TLP)** |" in ok.stdout
+  with open(out / "eval_xeon-emr-16c_test.json") as f:
+    report = json.load(f)
+  assert report["model"]["dataset"] == "all" and report["hardware"] == "xeon-emr-16c"
+  assert (out / "eval_xeon-emr-16c_test.png").stat().st_size > 10_000
+  bad = _eval_cli("--hw", "graviton2", "--data_dir", built_sample_dataset, "--model",
+                  two_head_model, "--out", str(out))
+  assert bad.returncode != 0
+  assert "'graviton2'" in bad.stderr and "available: epyc-9004, xeon-emr-16c" in bad.stderr

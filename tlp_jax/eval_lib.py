@@ -73,8 +73,9 @@ def hardware_index(hardware: Sequence[str], hw: str, what: str = "the dataset") 
 def _network_tasks(arrays) -> tuple[metrics.NetworkTasks, ...]:
   nets = []
   for net in arrays.networks:
-    nets.append(metrics.NetworkTasks(net.label, np.asarray(net.task_indices),
-                                     np.asarray(net.weights)))
+    nets.append(metrics.NetworkTasks(
+        net.label, np.asarray(net.task_indices), np.asarray(net.weights),
+        num_missing=len(getattr(net, "missing_workload_keys", ()))))
   return tuple(nets)
 
 
@@ -84,7 +85,8 @@ def select_split(arrays, hw: str, split: str = "test") -> EvalSplit:
   Raises:
     EvalError: ``hw`` is not a hardware of the dataset, or ``split`` does not exist.
   """
-  h = hardware_index(arrays.hardware, hw)
+  h = hardware_index(arrays.hardware, hw,
+                     what=f"dataset config {getattr(arrays, 'config_name', '?')!r}")
   if split not in ("train", "validation", "test"):
     raise EvalError(f"unknown split {split!r}; choose train, validation or test")
   s = getattr(arrays, split)
@@ -192,6 +194,148 @@ def evaluate(data: EvalSplit, predict: Callable[[np.ndarray], np.ndarray], *,
       "rows": rows,
       "scatter": _scatter(pred, data.score),
   }
+
+
+# ---- models --------------------------------------------------------------------------------
+
+
+def load_predictor(model_path: str | None = None, workdir: str | None = None,
+                   which: str = "best"):
+  """The NumPy predictor of an exported ``.npz`` or of a training workdir, and a description.
+
+  A workdir is restored with ``train_lib.restore_for_export`` and exported in memory with
+  ``export.export_params``, so it is evaluated through exactly the code that serves it.
+
+  Args:
+    model_path: exported ``.npz`` (exclusive with ``workdir``).
+    workdir: training workdir.
+    which: checkpoint of the workdir, "best" or "latest".
+
+  Returns:
+    ``(predictor, info)``: a ``numpy_predictor.Predictor`` and a JSON-able dict.
+  """
+  from tlp_jax import numpy_predictor  # pylint: disable=g-import-not-at-top
+  if (model_path is None) == (workdir is None):
+    raise EvalError("give exactly one of a model file and a workdir")
+  if model_path is not None:
+    if not os.path.exists(model_path):
+      raise EvalError(f"{model_path}: no such model file")
+    try:
+      predictor = numpy_predictor.Predictor.load(model_path)
+    except numpy_predictor.PredictorError as e:
+      raise EvalError(str(e)) from None
+    info = {"model_file": os.path.abspath(model_path)}
+  else:
+    # JAX/Orbax only on this path: an exported model is evaluated with NumPy alone.
+    from tlp_jax import export  # pylint: disable=g-import-not-at-top
+    from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+    try:
+      params, model_config, meta = train_lib.restore_for_export(workdir, which)
+    except (FileNotFoundError, train_lib.CheckpointError) as e:
+      raise EvalError(str(e)) from None
+    arrays = export.export_params(
+        params, model_config, hardware=meta["hardware"], platform=meta["platform"],
+        crop=meta.get("crop"), vocab_json=meta["vocab_json"], step=int(meta["step"]))
+    predictor = numpy_predictor.Predictor.from_arrays(arrays)
+    info = {"workdir": os.path.abspath(workdir), "checkpoint": which}
+  info.update({"heads": list(predictor.hardware), "step": int(predictor.step),
+               "vocab_version": predictor.vocab_version})
+  return predictor, info
+
+
+def predictor_fn(predictor, hw: str, arrays=None) -> Callable[[np.ndarray], np.ndarray]:
+  """``features -> scores`` of the predictor's head ``hw``.
+
+  Raises:
+    EvalError: the model has no head ``hw``, or (given the dataset ``arrays``) was trained on
+      features of another platform or crop.
+  """
+  head = hardware_index(predictor.hardware, hw, what=f"the model's heads ({predictor.source})")
+  if arrays is not None:
+    if predictor.platform != arrays.platform:
+      raise EvalError(f"the model was trained on {predictor.platform} features, the dataset "
+                      f"has {arrays.platform} features")
+    if tuple(predictor.crop) != tuple(arrays.crop):
+      raise EvalError(f"the model expects features cropped to {tuple(predictor.crop)}, the "
+                      f"dataset has {tuple(arrays.crop)}")
+    if predictor.vocab_json != arrays.vocab_json:
+      # Same platform and crop but another vocabulary (e.g. a dataset built with more records):
+      # token ids of entries both know agree, new ones are unseen by the model.
+      logging.warning("the model's feature vocabulary (version %s) differs from the dataset's; "
+                      "steps unknown to the model get ids it never saw", predictor.vocab_version)
+  name = predictor.hardware[head]
+  return lambda x: predictor.predict(x, hw=name)
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+def built_hardware(data_dir: str) -> dict[str, tuple[str, ...]]:
+  """``{config name: hardware}`` of every dataset config built under ``data_dir``."""
+  from tlp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  root = os.path.join(data_dir, input_pipeline.BUILDER_NAME)
+  out = {}
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    try:
+      ds_dir = input_pipeline.find_dataset_dir(data_dir, name)
+      with open(os.path.join(ds_dir, "metadata.json"), "rb") as f:
+        out[name] = tuple(json.load(f)["hardware"])
+    except (input_pipeline.DatasetNotFoundError, OSError, KeyError, ValueError) as e:
+      logging.warning("skipping dataset config %s: %s", name, e)
+  return out
+
+
+def resolve_config(data_dir: str, hw: str, dataset: str | None = None) -> str:
+  """The dataset config to evaluate ``hw`` on: ``dataset`` if given, else the per-hardware
+  config named ``hw``, else the first built config that has ``hw``.
+
+  Raises:
+    EvalError: nothing built in ``data_dir`` has ``hw`` (the message lists what is there).
+  """
+  if dataset is not None:
+    return dataset
+  configs = built_hardware(data_dir)
+  if hw in configs and hw in configs[hw]:
+    return hw
+  for name, hardware in configs.items():
+    if hw in hardware:
+      return name
+  have = sorted({h for hardware in configs.values() for h in hardware})
+  raise EvalError(f"hardware {hw!r} is not in the datasets built in {data_dir}; available: "
+                  f"{', '.join(have) or 'none (build one with python -m data_pipelines.build)'}")
+
+
+def run(*, hw: str, data_dir: str, dataset: str | None = None, workdir: str | None = None,
+        model_path: str | None = None, which: str = "best", split: str = "test",
+        ks: Sequence[int] = metrics.DEFAULT_KS, batch_size: int = 4096,
+        extra_predictions: Mapping[str, np.ndarray] | None = None) -> dict:
+  """Everything ``eval.py`` does but writing: load data and model, evaluate, return the report.
+  """
+  from tlp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = resolve_config(data_dir, hw, dataset)
+  try:
+    arrays = input_pipeline.load_arrays(data_dir, config)
+  except input_pipeline.DatasetNotFoundError as e:
+    raise EvalError(str(e)) from None
+  data = select_split(arrays, hw, split)
+  predictor, info = load_predictor(model_path, workdir, which)
+  predict = predictor_fn(predictor, hw, arrays)
+  name = os.path.splitext(os.path.basename(model_path))[0] if model_path else "TLP (workdir)"
+  info.update({"dataset": config, "dataset_fingerprint": arrays.fingerprint})
+  return evaluate(data, predict, model_name=name, ks=ks, extra_predictions=extra_predictions,
+                  batch_size=batch_size, model_info=info)
+
+
+def default_out_dir(out: str | None, workdir: str | None, model_path: str | None) -> str:
+  """``out``, else ``WORKDIR/eval``, else the model file's folder."""
+  if out:
+    return out
+  if workdir:
+    return os.path.join(workdir, "eval")
+  return os.path.dirname(os.path.abspath(model_path))
+
+
+# ---- report ----------------------------------------------------------------------------------
 
 
 def _fmt(v) -> str:

@@ -67,11 +67,14 @@ class NetworkTasks:
     task_indices: ``(m,)`` ints, indices into the task table the programs' ``task_index``
       refers to.
     weights: ``(m,)`` occurrences of each task in the network.
+    num_missing: further tasks of the network absent from the task table (no records at all);
+      they only add to the skipped count.
   """
 
   name: str
   task_indices: np.ndarray
   weights: np.ndarray
+  num_missing: int = 0
 
   def __post_init__(self):
     ti = np.asarray(self.task_indices).reshape(-1).astype(np.int64)
@@ -337,13 +340,13 @@ def network_top_k(best_k: np.ndarray, min_latency: np.ndarray,
                        f"{num_tasks} tasks exist")
     ok = np.isfinite(min_latency[ti]) & np.all(np.isfinite(best_k[ti]), axis=1)
     used[i] = int(ok.sum())
-    skipped[i] = int(ti.size - used[i])
+    skipped[i] = int(ti.size - used[i]) + int(net.num_missing)
     w = net.weights[ok]
     best_sum[i] = float(np.sum(w * min_latency[ti[ok]]))
     topk_sum[i] = np.sum(w[:, None] * best_k[ti[ok]], axis=0)
     if skipped[i]:
-      logging.info("network %s: %d of %d tasks have no valid program; skipped",
-                   net.name, skipped[i], ti.size)
+      logging.debug("network %s: %d of %d tasks have no valid program; skipped",
+                   net.name, skipped[i], ti.size + net.num_missing)
   with np.errstate(invalid="ignore", divide="ignore"):
     per_network = np.where(topk_sum > 0, best_sum[:, None] / topk_sum, np.nan)
     finite = np.isfinite(per_network)

@@ -1,0 +1,55 @@
+r"""Top-k of a TLP cost model on the held-out networks of one hardware.
+
+    python eval.py --hw epyc-9004 --data_dir DATA [--dataset CONFIG] \
+        (--workdir WORKDIR | --model model.npz) [--split test] [--out DIR]
+
+Prints the per-network top-1/5/10/20 table with TenSet's mean and TLP's pooled aggregate, next to
+the exact random-ranking expectation and the oracle, and writes JSON, Markdown and PNG to --out.
+See docs/EVAL.md.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from tlp_jax import eval_lib
+
+_HW = flags.DEFINE_string("hw", None, "Hardware to evaluate on (a hardware of the dataset; for "
+                          "an MTL model also the head to use).", required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Built dataset directory.", required=True)
+_DATASET = flags.DEFINE_string("dataset", None, "Dataset config name (default: the data dir's "
+                               "default config).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its --checkpoint is exported "
+                               "in memory).")
+_MODEL = flags.DEFINE_string("model", None, "Exported model .npz.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                                "Checkpoint of --workdir to evaluate.")
+_SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to evaluate.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/eval, or the model "
+                           "file's folder).")
+_BATCH = flags.DEFINE_integer("batch_size", 4096, "Prediction batch size.")
+_KS = flags.DEFINE_list("ks", ["1", "5", "10", "20"], "k values of top-k.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if (_WORKDIR.value is None) == (_MODEL.value is None):
+    raise app.UsageError("give exactly one of --workdir and --model")
+  try:
+    report = eval_lib.run(
+        hw=_HW.value, data_dir=_DATA_DIR.value, dataset=_DATASET.value,
+        workdir=_WORKDIR.value, model_path=_MODEL.value, which=_CHECKPOINT.value,
+        split=_SPLIT.value,
+        ks=[int(k) for k in _KS.value], batch_size=_BATCH.value)
+  except eval_lib.EvalError as e:
+    # A user error (unknown hardware, missing head, ...): the message says it all.
+    raise SystemExit(f"eval.py: error: {e}") from None
+  paths = eval_lib.write_report(report, eval_lib.default_out_dir(_OUT.value, _WORKDIR.value,
+                                                                 _MODEL.value))
+  print(eval_lib.format_report(report))
+  logging.info("wrote %s", ", ".join(paths.values()))
+
+
+if __name__ == "__main__":
+  app.run(main)
