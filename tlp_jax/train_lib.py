@@ -415,7 +415,7 @@ def train_step(state: TrainState, features: jax.Array, scores: jax.Array, mask: 
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, {"loss": loss, "loss_per_head": per_head,
-                     "grad_norm": optax.global_norm(grads),
+                     "grad_norm": optax.tree.norm(grads),
                      "labels": jnp.sum(all_mask, axis=0)}
 
 

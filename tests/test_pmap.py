@@ -1,0 +1,178 @@
+"""Data-parallel training step: 8 CPU devices (see conftest) against 1 device."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from tlp_jax import losses
+from tlp_jax import model as model_lib
+from tlp_jax import train_lib
+
+L, E, H = 6, 5, 2
+TINY = model_lib.TLPConfig(feature_dim=E, seq_len=L, encoder_dims=(8, 8, 16, 16),
+                           attention_heads=2, res_blocks=1, decoder_dims=(16, 8, 1), num_heads=H)
+LOSS = losses.LossConfig()
+
+
+def _batch(n, seed=0, tasks=4):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, L, E)).astype(np.float32)
+  scores = rng.uniform(0.05, 1.0, size=(n, H)).astype(np.float32)
+  mask = rng.random((n, H)) > 0.15
+  task = rng.integers(0, tasks, n).astype(np.int32)
+  return x, scores, mask, task
+
+
+def _shard(arrays, devices):
+  return tuple(a.reshape((devices, -1) + a.shape[1:]) for a in arrays)
+
+
+def _pmapped_step(tx, devices):
+  fn = functools.partial(train_lib.train_step, model=model_lib.TLPModel(TINY), tx=tx,
+                         loss_config=LOSS)
+  return jax.pmap(fn, axis_name=train_lib.AXIS, devices=devices)
+
+
+def _global_loss(params, batch):
+  x, s, m, t = batch
+  preds = model_lib.TLPModel(TINY).apply({"params": params}, x)
+  return jnp.sum(train_lib.per_head_losses(LOSS, preds, s, m, t))
+
+
+def _unreplicate(tree):
+  return jax.tree_util.tree_map(lambda a: np.asarray(a[0]), tree)
+
+
+def test_eight_devices_available():
+  assert jax.device_count() == 8
+
+
+def test_one_step_lowers_loss_and_keeps_replicas_identical():
+  devices = jax.devices()
+  tx, _ = train_lib.make_optimizer(train_lib.OptimConfig(optimizer="adam", schedule="constant",
+                                                         learning_rate=3e-3), 1, 1)
+  state = train_lib.create_train_state(TINY, tx, seed=0)
+  batch = _batch(64)
+  before = float(_global_loss(state.params, batch))
+  rstate = train_lib.replicate_to_devices(state, devices)
+  rstate, metrics = _pmapped_step(tx, devices)(rstate, *_shard(batch, len(devices)))
+  # The reported loss is the global-batch loss before the update, identical on every device.
+  np.testing.assert_allclose(np.asarray(metrics["loss"]), before, rtol=1e-5)
+  for leaf in jax.tree_util.tree_leaves(rstate):
+    leaf = np.asarray(leaf)
+    for i in range(1, len(devices)):
+      np.testing.assert_array_equal(leaf[i], leaf[0])
+  after = float(_global_loss(_unreplicate(rstate.params), batch))
+  assert after < before
+  assert int(_unreplicate(rstate.step)) == 1
+
+
+def test_gradient_is_the_single_device_global_batch_gradient():
+  # With SGD(lr=1) the parameter change is exactly -grad, so the 8-device gradient (all-gathered
+  # predictions, sliced prediction gradients, psum) can be compared with jax.grad on one device.
+  devices = jax.devices()
+  tx = optax.sgd(1.0)
+  state = train_lib.create_train_state(TINY, tx, seed=1)
+  batch = _batch(64, seed=1)
+  want = jax.grad(_global_loss)(state.params, batch)
+  rstate = train_lib.replicate_to_devices(state, devices)
+  rstate, _ = _pmapped_step(tx, devices)(rstate, *_shard(batch, len(devices)))
+  got = jax.tree_util.tree_map(lambda new, old: np.asarray(old) - new,
+                               _unreplicate(rstate.params), state.params)
+  # atol: the parameter difference (old - new) of float32 params resolves gradients to ~1e-7.
+  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(g, np.asarray(w), rtol=1e-4, atol=5e-6)
+  assert any(np.abs(np.asarray(w)).max() > 0 for w in jax.tree_util.tree_leaves(want))
+
+
+def test_eight_and_one_device_steps_agree():
+  # SGD with momentum (optimizer state carried over steps) rather than Adam: LambdaRank is
+  # invariant to a shift of the predictions and softmax to a shift of the attention keys, so some
+  # true gradients are exactly zero and their float rounding differs with the reduction order;
+  # Adam normalises such noise to learning-rate-sized steps, SGD keeps it at rounding level.
+  tx = optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.05, momentum=0.9))
+  state = train_lib.create_train_state(TINY, tx, seed=2)
+  results = []
+  for devices in (jax.devices(), jax.devices()[:1]):
+    step = _pmapped_step(tx, devices)
+    rstate = train_lib.replicate_to_devices(state, devices)
+    for s in range(3):
+      rstate, _ = step(rstate, *_shard(_batch(32, seed=10 + s), len(devices)))
+    results.append(_unreplicate(rstate.params))
+  for a, b in zip(*map(jax.tree_util.tree_leaves, results)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@dataclasses.dataclass
+class _Split:
+  features: np.ndarray
+  scores: np.ndarray
+  mask: np.ndarray
+  task_index: np.ndarray
+
+
+@dataclasses.dataclass
+class _Dataset:
+  train: _Split
+  validation: _Split
+  test: _Split
+  hardware: tuple = ("hw-a", "hw-b")
+  platform: str = "llvm"
+  crop: tuple = (L, E)
+  vocab_json: str = "{}"
+
+
+def _config(batch):
+  config = ml_collections.ConfigDict(train_lib_test_config())
+  config.batch_size = batch
+  return config
+
+
+def train_lib_test_config():
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.model.seq_len, config.model.feature_dim = L, E
+  config.model.encoder_dims = TINY.encoder_dims
+  config.model.attention_heads = TINY.attention_heads
+  config.model.decoder_dims = TINY.decoder_dims
+  config.num_epochs = 2
+  config.checkpoint_every_steps = 0
+  return config.to_dict()
+
+
+def test_full_runs_agree_across_device_counts_and_data_placement(tmp_path):
+  # 8 devices with the training set resident on device vs 1 device gathering on the host:
+  # same global batches (padded last batch included), so the same parameters. MSE, because with
+  # LambdaRank the output bias has an exactly-zero gradient that Adam turns from rounding noise
+  # into learning-rate-sized, reduction-order-dependent steps (see the test above).
+  ds = _Dataset(_Split(*_batch(150, seed=3)), _Split(*_batch(40, seed=4)),
+                _Split(*_batch(8, seed=5)))
+  runs = []
+  for name, devices, placement in (("eight", jax.devices(), "device"),
+                                   ("one", jax.devices()[:1], "host")):
+    config = _config(32)
+    config.data_placement = placement
+    config.loss = "mse"
+    runs.append(train_lib.train_and_evaluate(config, str(tmp_path / name), dataset=ds,
+                                             devices=devices))
+  assert int(runs[0].state.step) == int(runs[1].state.step) == 2 * 5
+  for a, b in zip(*(jax.tree_util.tree_leaves(r.state.params) for r in runs)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  for key in ("val_loss", "val_top1/hw-a"):
+    np.testing.assert_allclose(runs[0].validation[key], runs[1].validation[key], rtol=1e-4)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="batch size 60 is not divisible by the number of devices 8"):
+    train_lib.BatchLayout.create(60, jax.devices())
+  ds = _Dataset(_Split(*_batch(16)), _Split(*_batch(8)), _Split(*_batch(8)))
+  with pytest.raises(ValueError, match="not divisible"):
+    train_lib.train_and_evaluate(_config(12), str(tmp_path / "w"), dataset=ds)
+  # The same batch is fine on devices that divide it.
+  assert train_lib.BatchLayout.create(12, jax.devices()[:4]).per_device == 3
