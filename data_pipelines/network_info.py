@@ -16,7 +16,11 @@ converts them once (only do this for a TenSet copy you trust), after which every
 
 Hold-out (TLP's protocol): every workload key that occurs in a hold-out network goes to the test
 split only; the remaining records are split 90/10 train/validation by record with a seed
-(:func:`train_validation_split`).
+(:func:`train_validation_split`). Specs are ``NAME[@SIZE]`` at batch 1 (no size: every input
+size). Default (:func:`default_holdout`): TLP's TenSet list (resnet_50@224, mobilenet_v2@224,
+resnext_50@224, bert_base@128, bert_tiny@128) when all five exist in the directory, else
+tenset-mini's (resnet_50@224, bert_base@128, mobilenet@240) when all three exist, else an error
+asking for an explicit list.
 """
 from __future__ import annotations
 
