@@ -280,3 +280,34 @@ def test_predictor_file_works_copied_alone(tmp_path):
   """
   res = _run_python(code, cwd=str(tmp_path))
   assert res.returncode == 0, res.stderr
+
+
+def test_export_workdir_uses_train_lib_restore(tmp_path, monkeypatch):
+  from tlp_jax import train_lib  # pylint: disable=import-outside-toplevel
+  cfg = TLPConfig(num_heads=2, **SMALL)
+  params = jax.tree_util.tree_map(np.asarray, init_params(cfg, jax.random.PRNGKey(1)))
+  meta = {"hardware": ["epyc-9004", "xeon-emr-16c"], "platform": "llvm", "crop": [25, 22],
+          "vocab_json": VOCAB_JSON, "step": 42, "epoch": 3}
+  calls = []
+
+  def fake_restore(workdir, which):
+    calls.append((workdir, which))
+    return params, cfg, meta
+
+  monkeypatch.setattr(train_lib, "restore_for_export", fake_restore)
+  out = str(tmp_path / "model.npz")
+  export.export_workdir("/some/workdir", out, which="latest")
+  assert calls == [("/some/workdir", "latest")]
+  pred = npred.Predictor.load(out)
+  assert pred.hardware == ("epyc-9004", "xeon-emr-16c") and pred.step == 42
+  x = _random_features(8, cfg)
+  np.testing.assert_allclose(pred.predict(x, hw="all"), _flax(cfg, params, x), atol=1e-5)
+
+
+def test_export_cli_reports_a_bad_workdir(tmp_path):
+  res = subprocess.run([sys.executable, "-m", "tlp_jax.export", "--workdir", str(tmp_path),
+                        "--out", str(tmp_path / "m.npz")], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert res.returncode != 0
+  assert "not a training workdir" in res.stderr
+  assert not os.path.exists(tmp_path / "m.npz")

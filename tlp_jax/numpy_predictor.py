@@ -9,14 +9,17 @@ schedule steps) needs ``tlp_jax.features`` and says so when it is missing.
     scores = predictor.predict(features, hw="all")     # (B, H)
     scores = predictor.predict_steps(list_of_steps, hw="epyc-9004")
 
-Computation. The model has no positional encoding, so its output depends only on the *multiset*
-of step rows of a program; in particular all padding rows (all-zero rows) of a program are
-identical at every layer. The predictor therefore evaluates each distinct padding row once and
-counts it with its multiplicity: in attention by adding ``log(count)`` to that key's logit, in
-the decoder sum by weighting. This is exact (up to float rounding order) and skips the ~25% of
-rows that are padding on TenSet. Programs are grouped by their number of real steps so that
-attention runs as batched matmuls per group; every per-row layer runs as one matmul over the
-packed rows of the whole batch.
+Computation (exact, up to float rounding order). The model has no positional encoding, so
+its output depends only on the *multiset* of step rows of a program:
+
+* all padding (all-zero) rows of a program are identical at every layer, so each program
+  keeps one of them, counted with its multiplicity: ``log(count)`` is added to that key's
+  attention logit and the decoder sum weights it by ``count`` (~25% of rows on TenSet);
+* everything before the attention mixing (input norm, encoder, q/k/v projection) is per row,
+  and steps repeat heavily across programs (about 1 distinct row in 5 in a batch of TenSet
+  programs), so those layers run once per distinct row of the batch;
+* programs are grouped by their number of real steps so attention runs as batched matmuls per
+  group; the layers after it run as one matmul over the packed rows of the whole batch.
 
 Errors are ``PredictorError`` (a ``ValueError``) with the file and the reason.
 """
