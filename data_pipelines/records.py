@@ -124,10 +124,10 @@ class ReadStats:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
         return {"files": self.files, "lines": self.lines, "kept": self.kept,
-                "failed": dict(sorted(self.failed.items())),
-                "malformed": dict(sorted(self.malformed.items())),
+                "failed": {k: v for k, v in sorted(self.failed.items()) if v},
+                "malformed": {k: v for k, v in sorted(self.malformed.items()) if v},
                 "examples": [list(e) for e in self.examples],
-                "features": dict(sorted(self.features.items())),
+                "features": {k: v for k, v in sorted(self.features.items()) if v},
                 "fast_path_lines": self.fast_path_lines}
 
     @classmethod
@@ -253,6 +253,10 @@ def _mean_costs(costs: list[list[float]]) -> np.ndarray:
     Rows of equal length are reduced together; a contiguous last-axis sum uses the same
     pairwise summation as the 1-D sum, and padding would change its grouping, so no padding.
     """
+    if not costs:
+        return np.zeros(0, dtype=np.float64)
+    if len(set(map(len, costs))) == 1:  # one repeat count per task: the usual case
+        return np.array(costs, dtype=np.float64).mean(axis=1)
     out = np.empty(len(costs), dtype=np.float64)
     by_len: dict[int, list[int]] = collections.defaultdict(list)
     for i, c in enumerate(costs):
@@ -466,7 +470,8 @@ def read_task_file(path: str | os.PathLike, hardware: str | None = None,
         reader = _FileReader(path, hardware, reader.featurizer, fast)
         for key in (features_lib.STAT_NEW_KINDS, features_lib.STAT_NEW_TOKENS,
                     features_lib.STAT_LAYOUT_CHANGES):
-            reader.fstats[key] += first[key]
+            if first[key]:
+                reader.fstats[key] += first[key]
         reader.run(lines)
     return _task_file(reader, path, hardware)
 

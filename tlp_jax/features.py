@@ -481,7 +481,8 @@ class Featurizer:
     def _note_layout_change(self, stats: MutableMapping[str, int],
                             scratch: collections.Counter) -> None:
         for key in (STAT_NEW_KINDS, STAT_NEW_TOKENS):
-            stats[key] += scratch[key]
+            if scratch[key]:
+                stats[key] += scratch[key]
 
     def _check_layout(self, stats: MutableMapping[str, int]) -> bool:
         """Drops cached rows when the one-hot width changed; True if it did."""
@@ -593,7 +594,12 @@ class Featurizer:
                 if not all(map(simple.__contains__, pieces[m:])):
                     raise KeyError
         except KeyError:
-            return self._step_texts_slow(pieces, stats)
+            if not self._fill_text_cache(pieces, stats):
+                return None
+            if not all(map(simple.__contains__, pieces)):
+                # Some steps are not in TVM's simple layout or count events on every use.
+                return self._step_texts_slow(pieces, stats)
+            body = b"".join(map(simple.__getitem__, pieces[:m]))
         stats[STAT_RECORDS] += 1
         stats[STAT_STEPS] += len(pieces)
         if len(pieces) > self.full_length:
@@ -619,62 +625,83 @@ class Featurizer:
                 return False
         return True
 
-    def _step_texts_slow(self, pieces: list[bytes],
-                         stats: MutableMapping[str, int]) -> tuple[bytes, bytes] | None:
+    def _fill_text_cache(self, pieces: list[bytes], stats: MutableMapping[str, int]) -> bool:
+        """Parses and caches the rows of the pieces not cached yet; False if one does not parse.
+
+        All pieces are parsed before any row is computed, so a record that turns out malformed
+        never adds to the vocabulary (the full parse would not featurize it either). Only the
+        vocabulary additions are counted here: pieces with per-use events are not cached and
+        get counted when their record is assembled.
+        """
         simple, other = self._text_rows, self._text_other
-        for _ in range(2):
-            layout = self.vocab.one_hot_width
-            scratch: collections.Counter = collections.Counter()
-            rows = []
-            canons = []
+        while True:
+            todo = []
             for piece in pieces:
-                row = simple.get(piece)
-                if row is not None:
-                    rows.append(row)
-                    canons.append(b'["' + piece + b"]")
-                    continue
-                hit = other.get(piece)
-                if hit is not None:
-                    rows.append(hit[0])
-                    canons.append(hit[1])
+                if piece in simple or piece in other:
                     continue
                 text = b'["' + piece + b"]"
-                is_simple = _SIMPLE_STEP.fullmatch(piece) is not None
-                if is_simple:
+                if _SIMPLE_STEP.fullmatch(piece) is not None:
                     # ASCII ints (< 2**63), int lists and plain strings, ", "-separated: the
                     # text is the canonical JSON, and orjson parses it to the same objects as
                     # json.
                     try:
-                        step = _fast_loads(text)
+                        todo.append((piece, _fast_loads(text), None))
                     except ValueError:  # pragma: no cover - the pattern admits valid JSON only
-                        return None
-                    canonical = text
+                        return False
                 else:
                     try:
                         # Strict UTF-8 first: json.loads(bytes) would let encoded surrogates
                         # through, which the whole-line path rejects.
                         step = json.loads(text.decode("utf-8"))
                     except (ValueError, RecursionError):
-                        return None
-                    canonical = canonical_steps_json(step)
+                        return False
+                    todo.append((piece, step, canonical_steps_json(step)))
+            layout = self.vocab.one_hot_width
+            scratch: collections.Counter = collections.Counter()
+            for piece, step, canonical in todo:
                 row, events = self._step_row(step, scratch)
-                rows.append(row)
-                canons.append(canonical)
                 if not events:
                     self._make_room()
-                    if is_simple:
+                    if canonical is None:
                         simple[piece] = row
                     else:
                         other[piece] = (row, canonical)
-            if self.vocab.one_hot_width != layout:
-                # A new kind widened the one-hot block mid-record: redo it in the new layout.
-                self._check_layout(stats)
-                self._note_layout_change(stats, scratch)
+            self._note_layout_change(stats, scratch)
+            if not self._check_layout(stats) and self.vocab.one_hot_width == layout:
+                return True
+
+    def _step_texts_slow(self, pieces: list[bytes],
+                         stats: MutableMapping[str, int]) -> tuple[bytes, bytes]:
+        """Assembles a record with uncached pieces (steps that count events on every use).
+
+        Called after :meth:`_fill_text_cache`: every piece parses and every kind is in the
+        vocabulary already, so the layout cannot change here.
+        """
+        simple, other = self._text_rows, self._text_other
+        rows = []
+        canons = []
+        for piece in pieces:
+            row = simple.get(piece)
+            if row is not None:
+                rows.append(row)
+                canons.append(b'["' + piece + b"]")
                 continue
-            stats.update(scratch)
-            body = self._assemble(iter(rows), len(pieces), stats)
-            return body, b"[" + b", ".join(canons) + b"]"
-        raise AssertionError("vocabulary grew twice for one record")  # pragma: no cover
+            hit = other.get(piece)
+            if hit is not None:
+                rows.append(hit[0])
+                canons.append(hit[1])
+                continue
+            text = b'["' + piece + b"]"
+            if _SIMPLE_STEP.fullmatch(piece) is not None:
+                step = _fast_loads(text)
+                canonical = text
+            else:
+                step = json.loads(text.decode("utf-8"))
+                canonical = canonical_steps_json(step)
+            rows.append(self._step_row(step, stats)[0])
+            canons.append(canonical)
+        body = self._assemble(iter(rows), len(pieces), stats)
+        return body, b"[" + b", ".join(canons) + b"]"
 
 
 def _to_float(value: Any) -> float:
