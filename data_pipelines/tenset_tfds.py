@@ -1,5 +1,7 @@
 """TFDS builder for TenSet-layout measure records (array_record; builds and reads without TF).
 
+A ``tfds.core.ShardBasedBuilder`` (see :class:`Tenset` for why not ``GeneratorBasedBuilder``).
+
 One :class:`TensetConfig` per hardware folder of ``measure_records/`` plus a multi-hardware
 config that joins the same program across hardware by ``(workload_key, program_key)``. Every
 config has the same example structure (``H`` = number of hardware of the config)::
@@ -27,6 +29,7 @@ hardware without holding features in memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -49,6 +52,8 @@ VERSION = "1.0.0"
 MEASURE_DIR = "measure_records"
 SPLITS = ("train", "validation", "test")
 METADATA_FORMAT = 1
+# ~0.5 GB of llvm features per array_record shard.
+SHARD_SIZE = 200_000
 
 _CITATION = """\
 @inproceedings{zhai2023tlp,
@@ -413,15 +418,25 @@ def _stats_line(st: Mapping[str, Any]) -> str:
 # The TFDS builder.
 
 
-class Tenset(tfds.core.GeneratorBasedBuilder):
-  """TenSet measure records as TLP examples (see the module docstring)."""
+class Tenset(tfds.core.ShardBasedBuilder):
+  """TenSet measure records as TLP examples (see the module docstring).
+
+  A ``ShardBasedBuilder`` rather than a ``GeneratorBasedBuilder``: the latter's shuffler spills
+  splits over 1 GB to disk through ``tf.io.gfile`` (tensorflow_datasets/core/shuffle.py), i.e.
+  it needs TensorFlow at TenSet scale. Shard-based writing needs no TF, skips the shuffle pass
+  (the trainer shuffles anyway) and keeps examples in plan order (test grouped by task).
+  """
 
   VERSION = tfds.core.Version(VERSION)
 
-  def __init__(self, *, tenset_dir: str, staging: RecordStaging | None = None, **kwargs):
-    """Args: tenset_dir: TenSet root; staging: shared reader (one is made if None)."""
+  def __init__(self, *, tenset_dir: str, staging: RecordStaging | None = None,
+               shard_size: int = SHARD_SIZE, **kwargs):
+    """Args: tenset_dir: TenSet root; staging: shared reader (one is made if None);
+    shard_size: examples per array_record shard."""
     self._tenset_dir = tenset_dir
     self._staging = staging
+    self._own_staging_dir = None
+    self._shard_size = int(shard_size)
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -445,18 +460,27 @@ class Tenset(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(),
     )
 
-  def _split_generators(self, dl_manager):
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    try:
+      super()._download_and_prepare(dl_manager, download_config)
+    finally:
+      if self._own_staging_dir:
+        shutil.rmtree(self._own_staging_dir, ignore_errors=True)
+        self._own_staging_dir = None
+        self._staging = None
+
+  def _shard_iterators_per_split(self, dl_manager):
+    """Reads (or reuses) the staged hardware, plans the splits, returns one writer per shard."""
     del dl_manager
     cfg = self.builder_config
     networks = network_info_lib.load_network_infos(self._tenset_dir)
     holdout = tuple(cfg.holdout) or network_info_lib.default_holdout(networks)
     holdout_nets = network_info_lib.select_holdout(networks, holdout)
     held_keys = network_info_lib.holdout_workload_keys(holdout_nets)
+    if self._staging is None:
+      self._own_staging_dir = tempfile.mkdtemp(prefix="tenset_staging_")
+      self._staging = RecordStaging(self._tenset_dir, self._own_staging_dir, crop=cfg.crop)
     staging = self._staging
-    own_tmp = None
-    if staging is None:
-      own_tmp = tempfile.mkdtemp(prefix="tenset_staging_")
-      staging = RecordStaging(self._tenset_dir, own_tmp, crop=cfg.crop)
     staged = staging.get_all(cfg.hardware)
     for s in staged:
       if s.platform != cfg.platform:
@@ -474,14 +498,22 @@ class Tenset(tfds.core.GeneratorBasedBuilder):
     if empty:
       # TFDS cannot write an empty split; the loader reads a missing split as zero examples.
       logging.warning("%s: splits %s are empty and are not written", cfg.name, empty)
-    return {name: self._generate_examples(plan, staged, name) for name in SPLITS
-            if name not in empty}
+    out = {}
+    for name in SPLITS:
+      idx = plan.splits[name]
+      if idx.size:
+        out[name] = [functools.partial(self._generate_examples, plan, staged, chunk, name)
+                     for chunk in np.array_split(idx, -(-idx.size // self._shard_size))]
+    return out
 
   def _generate_examples(self, plan: ExamplePlan, staged: Sequence[StagedHardware],
-                         split: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+                         indices: np.ndarray, split: str
+                         ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yields ``(example index, example)`` for one shard, in index order."""
     num_hw = len(staged)
     min_cost = np.nan_to_num(plan.task_min_cost, nan=0.0).astype(np.float32)
-    for i in plan.splits[split]:
+    for i in tqdm.tqdm(indices, desc=f"writing {self.builder_config.name} {split}", unit=" ex",
+                       mininterval=2, disable=indices.size < 100_000, leave=False):
       row = plan.rows[i]
       t = int(plan.task_index[i])
       mask = row >= 0
@@ -554,7 +586,8 @@ def dataset_dir(data_dir: str, config_name: str, version: str = VERSION) -> str:
   return os.path.join(data_dir, BUILDER_NAME, config_name, version)
 
 
-def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig]) -> list[dict]:
+def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig],
+          shard_size: int = SHARD_SIZE) -> list[dict]:
   """Builds (overwriting) every config into ``data_dir``; returns their metadata dicts.
 
   Hardware shared by several configs is read once (a temporary staging dir inside
@@ -570,7 +603,7 @@ def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig]) -> li
     metas = []
     for cfg in configs:
       builder = Tenset(tenset_dir=tenset_dir, staging=staging, config=cfg, data_dir=data_dir,
-                       file_format="array_record")
+                       file_format="array_record", shard_size=shard_size)
       builder.download_and_prepare(
           download_dir=os.path.join(work, "downloads"),
           download_config=tfds.download.DownloadConfig(

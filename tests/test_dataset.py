@@ -156,12 +156,19 @@ def test_loader_equals_data_source(sample_arrays, built_sample_dataset):
       np.testing.assert_array_equal(np.array([e["task_index"] for e in ex]), arr.task_index)
 
 
-def test_cache_hit_and_invalidation(tmp_path, sample_tenset_dir, monkeypatch):
+def test_cache_hit_and_invalidation(tmp_path, sample_tenset_dir, sample_arrays, monkeypatch):
   data_dir = str(tmp_path / "data")
   cfgs = tenset_tfds.make_configs(sample_tenset_dir, hardware=["xeon-emr-16c"], multi=False)
-  tenset_tfds.build(sample_tenset_dir, data_dir, cfgs)
+  # Small shards: the loader must stitch several shards per split in order.
+  tenset_tfds.build(sample_tenset_dir, data_dir, cfgs, shard_size=100)
+  ds_dir = input_pipeline.find_dataset_dir(data_dir, "xeon-emr-16c")
+  assert len(glob.glob(os.path.join(ds_dir, "tenset-train.array_record-*"))) == 4
   first = input_pipeline.load_arrays(data_dir, "xeon-emr-16c")
   assert isinstance(first.train.features, np.memmap)
+  ref = sample_arrays("xeon-emr-16c")
+  for split in input_pipeline.SPLITS:
+    np.testing.assert_array_equal(first.split(split).features, ref.split(split).features)
+    np.testing.assert_array_equal(first.split(split).scores, ref.split(split).scores)
   # Second load must come from the cache: decoding is forbidden now.
   with monkeypatch.context() as m:
     m.setattr(input_pipeline, "_read_split", _forbidden)
