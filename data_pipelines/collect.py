@@ -28,7 +28,7 @@ Usage::
 
   python -m data_pipelines.collect --out_dir DIR \
       [--networks resnet_18:1:224,mobilenet:1:224] [--hardware NAME] [--programs_per_task 48] \
-      [--stages tasks,dump,measure] [--max_tasks N] [--seed 0]
+      [--stages tasks,dump,measure] [--start_idx I] [--end_idx J] [--seed 0]
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ import zlib
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from data_pipelines import network_info
 
 # Constants of TenSet's measure_programs.py (FLOP thresholds for the number of repeats).
 _REPEAT_BY_FLOPS = ((2416443392.0, 4), (834928640.0, 6))
@@ -153,11 +155,6 @@ class NetworkSpec:
       raise ValueError(f"unknown network {parts[0]!r}; available: {sorted(NETWORKS)}")
     return cls(parts[0], int(parts[1]), int(parts[2]))
 
-  @property
-  def info_filename(self) -> str:
-    """TenSet-style network info file name, e.g. ``(resnet_18,[(1,224)]).json``."""
-    return f"({self.name},[({self.batch_size},{self.input_size})]).json"
-
 
 @dataclasses.dataclass(frozen=True)
 class CollectConfig:
@@ -171,7 +168,8 @@ class CollectConfig:
     num_cores: ``HardwareParams.num_cores`` of the tasks (None: all CPUs of this machine).
     programs_per_task: N of TenSet's dump_programs.
     stages: subset of ("tasks", "dump", "measure"), run in that order.
-    max_tasks: only the first N unique tasks (None: all); for smoke runs and tests.
+    start_idx, end_idx: only unique tasks [start_idx, end_idx) in extraction order (TenSet's
+      --start-idx/--end-idx; None: from the first / to the last); to split work or smoke-test.
     seed: base seed; each task's sampling seed is derived from it and the workload key.
     measure_batch_size: programs built and run per batch.
     build_timeout, run_timeout: LocalBuilder / LocalRunner timeouts in seconds.
@@ -184,7 +182,8 @@ class CollectConfig:
   num_cores: int | None = None
   programs_per_task: int = 48
   stages: tuple[str, ...] = ("tasks", "dump", "measure")
-  max_tasks: int | None = None
+  start_idx: int | None = None
+  end_idx: int | None = None
   seed: int = 0
   measure_batch_size: int = 64
   build_timeout: int = 15
@@ -275,16 +274,13 @@ def extract_network_tasks(spec: NetworkSpec, target: str, num_cores: int | None)
   return list(tasks), [int(w) for w in weights]
 
 
-def network_info_dict(spec: NetworkSpec, tasks, weights) -> dict:
-  """The network info JSON content (our TenSet-style layout)."""
-  return {
-      "network": spec.name,
-      "batch_size": spec.batch_size,
-      "input_size": spec.input_size,
-      "tasks": [{"workload_key": t.workload_key, "weight": int(w),
-                 "flop_ct": float(t.compute_dag.flop_ct), "desc": t.desc}
-                for t, w in zip(tasks, weights)],
-  }
+def network_info_of(spec: NetworkSpec, tasks, weights) -> network_info.NetworkInfo:
+  """The network's info in the layout ``data_pipelines.network_info`` reads."""
+  return network_info.NetworkInfo(
+      name=spec.name, batch_size=spec.batch_size, input_size=spec.input_size,
+      tasks=tuple(network_info.NetworkTask(workload_key=t.workload_key, weight=int(w),
+                                           flop_ct=float(t.compute_dag.flop_ct), desc=t.desc)
+                  for t, w in zip(tasks, weights)))
 
 
 def stage_tasks(config: CollectConfig, progress: bool = True) -> list:
@@ -298,16 +294,16 @@ def stage_tasks(config: CollectConfig, progress: bool = True) -> list:
   unique, seen = [], set()
   for spec in tqdm(config.networks, desc="extract tasks", disable=not progress):
     tasks, weights = extract_network_tasks(spec, config.target, config.num_cores)
-    path = os.path.join(info_dir, spec.info_filename)
+    net = network_info_of(spec, tasks, weights)
+    path = os.path.join(info_dir, network_info.json_file_name(net))
     if not os.path.exists(path):
-      _write_text(path, json.dumps(network_info_dict(spec, tasks, weights), indent=1))
+      _write_text(path, json.dumps(net.to_json_dict(), indent=1))
     for t in tasks:
       key = (t.workload_key, str(t.target.kind))
       if key not in seen:
         seen.add(key)
         unique.append(t)
-  if config.max_tasks is not None:
-    unique = unique[:config.max_tasks]
+  unique = unique[config.start_idx:config.end_idx]
   pkl = os.path.join(info_dir, "all_tasks.pkl")
   if not os.path.exists(pkl):
     def write(tmp):
@@ -515,7 +511,8 @@ def _define_flags():
   flags.DEFINE_integer("num_cores", None, "HardwareParams.num_cores (default: all CPUs).")
   flags.DEFINE_integer("programs_per_task", 48, "Programs sampled per task (TenSet: 4000).")
   flags.DEFINE_list("stages", list(STAGES), "Stages to run (tasks are always extracted).")
-  flags.DEFINE_integer("max_tasks", None, "Only the first N unique tasks.")
+  flags.DEFINE_integer("start_idx", None, "First unique task (extraction order) to process.")
+  flags.DEFINE_integer("end_idx", None, "One past the last unique task to process.")
   flags.DEFINE_integer("seed", 0, "Base sampling seed.")
   flags.DEFINE_integer("measure_batch_size", 64, "Programs built/run per batch.")
 
@@ -533,7 +530,8 @@ def main(argv: Iterable[str]) -> None:
       num_cores=f.num_cores,
       programs_per_task=f.programs_per_task,
       stages=tuple(f.stages),
-      max_tasks=f.max_tasks,
+      start_idx=f.start_idx,
+      end_idx=f.end_idx,
       seed=f.seed,
       measure_batch_size=f.measure_batch_size)
   summary = collect(config)

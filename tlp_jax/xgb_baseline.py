@@ -1,0 +1,395 @@
+r"""Baseline: Ansor's XGBoost cost model on its hand-crafted features, scored like TLP (needs TVM).
+
+Exactly how ANCHORS.md's "Ansor XGBModel" row was made: TVM's own
+``auto_scheduler.cost_model.XGBModel`` (defaults: seed 43, pack-sum squared error on normalised
+throughput, early stopping on the training set) is ``update()``-d once with every record of the
+training tasks (the tasks outside the hold-out networks, errors included: Ansor trains on them
+with throughput 0), then ``predict()``-s every program of each hold-out task from its rebuilt
+state (per-store features, ``get_per_store_features_from_states``). The predictions are scored
+with :mod:`tlp_jax.metrics` top-k on the hold-out networks over the valid (error-free) programs,
+i.e. the same records, split and metric as ``eval.py``.
+
+The hold-out split is :mod:`data_pipelines.network_info`'s (default hold-out for the directory,
+every workload key of a hold-out network is test-only), so it is identical to the dataset's.
+
+Tasks: records hold only workload keys; Ansor needs each workload's compute DAG registered to
+replay a record's steps. TenSet ships them only as ``network_info/all_tasks.pkl`` (pickled
+``SearchTask`` objects). That file is the user's own TenSet download, so it is trusted, but it
+is still read with a restricted unpickler that only constructs the handful of TVM classes a
+``SearchTask`` pickle contains (:data:`_ALLOWED_PICKLE_GLOBALS`), so a tampered file cannot run
+arbitrary code. Records are read with ``load_record_from_string``; malformed lines are skipped
+and counted with file and line.
+
+Outputs: a JSON summary (top-k per hardware) and, per hardware, an ``.npz`` of per-program
+predictions keyed by ``(workload_key, program_key)`` (``tlp_jax.features.program_key``, the key
+the dataset uses to join programs) that :func:`align_predictions` maps onto a dataset split for
+``eval_lib.evaluate(extra_predictions=...)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import logging
+import os
+import pickle
+import time
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import orjson
+
+from data_pipelines import network_info
+from tlp_jax import features, metrics
+
+# (module, name) pairs a pickled list of auto-scheduler SearchTasks needs, and nothing else.
+_ALLOWED_PICKLE_GLOBALS = frozenset({
+    ("tvm.runtime.object", "Object"),
+    ("tvm.runtime.object", "_new_object"),
+    ("tvm.runtime.container", "String"),
+    ("tvm.ir.container", "Array"),
+    ("tvm.target.target", "Target"),
+    ("tvm.auto_scheduler.search_task", "SearchTask"),
+    ("tvm.auto_scheduler.search_task", "HardwareParams"),
+    ("tvm.auto_scheduler.compute_dag", "ComputeDAG"),
+})
+
+
+def _tvm():
+  try:
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError as e:
+    raise ImportError("the XGBoost baseline needs TVM and xgboost: pip install -e '.[tvm]' "
+                      "(set TOPHUB_LOCATION=NONE when offline)") from e
+  return tvm
+
+
+class _SearchTaskUnpickler(pickle.Unpickler):
+  """Constructs only the TVM classes of a SearchTask pickle; anything else is refused."""
+
+  def find_class(self, module, name):
+    if (module, name) not in _ALLOWED_PICKLE_GLOBALS:
+      raise pickle.UnpicklingError(
+          f"refusing to load {module}.{name}: not part of a TVM SearchTask pickle")
+    return super().find_class(module, name)
+
+
+def load_search_tasks(path: str) -> list:
+  """Loads TenSet's ``all_tasks.pkl`` with a restricted unpickler; registers every workload.
+
+  Only for the user's own TenSet download (see the module docstring).
+  """
+  _tvm()
+  from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel
+  with open(path, "rb") as f:
+    tasks = _SearchTaskUnpickler(io.BytesIO(f.read())).load()
+  if not isinstance(tasks, list):
+    raise ValueError(f"{path}: expected a pickled list of SearchTask, got {type(tasks).__name__}")
+  for t in tasks:
+    if not isinstance(t, auto_scheduler.SearchTask):
+      raise ValueError(f"{path}: expected SearchTask entries, got {type(t).__name__}")
+    # Unpickling registers the DAG only for unseen keys; re-register so the file always wins.
+    auto_scheduler.workload_registry.register_workload_tensors(t.workload_key,
+                                                               t.compute_dag.tensors)
+  return tasks
+
+
+@dataclasses.dataclass
+class TaskRecords:
+  """The measure records of one task file on one hardware."""
+  workload_key: str
+  path: str
+  inputs: list            # MeasureInput per kept line
+  results: list           # MeasureResult per kept line
+  line_numbers: np.ndarray  # (n,) 1-based
+  latency: np.ndarray     # (n,) mean cost in seconds; NaN for failed measurements
+  program_keys: np.ndarray  # (n,) uint64
+
+
+@dataclasses.dataclass
+class ReadCounts:
+  """Lines read / kept / skipped (malformed) with examples, and failed measurements."""
+  lines: int = 0
+  kept: int = 0
+  malformed: int = 0
+  failed: int = 0
+  examples: list = dataclasses.field(default_factory=list)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _latency(costs, error_no) -> float:
+  if int(error_no) != 0:
+    return float("nan")
+  c = np.asarray([float(x) for x in costs], dtype=np.float64)
+  if c.size == 0 or not np.all(np.isfinite(c)) or np.any(c <= 0):
+    return float("nan")
+  return float(c.mean())
+
+
+def read_task_records(path: str, counts: ReadCounts, max_examples: int = 20) -> TaskRecords:
+  """Reads one measure-record file with TVM (the workloads must be registered)."""
+  from tvm.auto_scheduler import measure_record  # pylint: disable=import-outside-toplevel
+  inputs, results, lines, lat, keys = [], [], [], [], []
+  wk = None
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, start=1):
+      counts.lines += 1
+      try:
+        rec = orjson.loads(raw)
+        key = rec["i"][0][0]
+        steps = rec["i"][1][1]
+        if wk is None:
+          wk = key
+        if key != wk:
+          raise ValueError(f"workload key differs from the file's first record")
+        inp, res = measure_record.load_record_from_string(raw.decode())
+      except Exception as e:  # pylint: disable=broad-except
+        counts.malformed += 1
+        if len(counts.examples) < max_examples:
+          counts.examples.append(f"{path}:{n}: {type(e).__name__}: {str(e)[:120]}")
+        continue
+      counts.kept += 1
+      inputs.append(inp)
+      results.append(res)
+      lines.append(n)
+      lat.append(_latency(rec["r"][0], rec["r"][1]))
+      keys.append(features.program_key(features.canonical_steps_json(steps)))
+  counts.failed += int(np.isnan(np.asarray(lat, dtype=np.float64)).sum())
+  return TaskRecords(workload_key=wk or "", path=path, inputs=inputs, results=results,
+                     line_numbers=np.asarray(lines, dtype=np.int64),
+                     latency=np.asarray(lat, dtype=np.float64),
+                     program_keys=np.asarray(keys, dtype=np.uint64))
+
+
+def read_hardware(tenset_dir: str, hardware: str, progress: bool = True
+                  ) -> tuple[list[TaskRecords], ReadCounts]:
+  """Every task file of ``measure_records/<hardware>/``, sorted by file name."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  paths = sorted(glob.glob(os.path.join(tenset_dir, "measure_records", hardware, "*.json")))
+  if not paths:
+    raise FileNotFoundError(f"{tenset_dir}/measure_records/{hardware}: no record files")
+  counts = ReadCounts()
+  tasks = [read_task_records(p, counts) for p in tqdm(paths, desc=f"read {hardware}",
+                                                       disable=not progress)]
+  return [t for t in tasks if t.inputs], counts
+
+
+@dataclasses.dataclass(frozen=True)
+class XGBBaselineConfig:
+  """Options. Defaults reproduce ANCHORS.md's XGBModel row.
+
+  Attributes:
+    seed: XGBModel seed (TVM's default is 43).
+    train_on_failed: also train on records whose measurement failed (Ansor's XGBModel.update
+      does, with normalised throughput 0).
+    holdout: hold-out specs; None = ``network_info.default_holdout`` of the directory.
+    num_warmup_sample: XGBModel predicts at random until it has seen more training records
+      than this (TVM's default 100); tests on tiny data lower it.
+    ks: top-k values reported.
+  """
+  seed: int = 43
+  train_on_failed: bool = True
+  num_warmup_sample: int = 100
+  holdout: tuple[str, ...] | None = None
+  ks: tuple[int, ...] = metrics.DEFAULT_KS
+
+
+@dataclasses.dataclass
+class HardwarePredictions:
+  """XGB predictions for every valid program of the hold-out tasks of one hardware."""
+  hardware: str
+  task_keys: tuple[str, ...]   # hold-out tasks with at least one valid program
+  task_index: np.ndarray       # (N,)
+  program_keys: np.ndarray     # (N,) uint64
+  line_numbers: np.ndarray     # (N,)
+  latency: np.ndarray          # (N,) seconds
+  pred: np.ndarray             # (N,) XGBModel scores (higher = faster)
+  networks: tuple[metrics.NetworkTasks, ...]
+  info: dict
+
+  def save_npz(self, path: str) -> None:
+    """Per-program predictions, loadable with ``np.load(allow_pickle=False)``."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    np.savez(path, hardware=np.asarray(self.hardware),
+             task_keys=np.asarray(self.task_keys), task_index=self.task_index,
+             workload_keys=np.asarray([self.task_keys[i] for i in self.task_index]),
+             program_keys=self.program_keys, line_numbers=self.line_numbers,
+             latency=self.latency, pred=self.pred)
+
+
+def _holdout_networks(tenset_dir: str, holdout: Sequence[str] | None):
+  nets = network_info.load_network_infos(tenset_dir)
+  specs = holdout or network_info.default_holdout(nets)
+  return network_info.select_holdout(nets, specs)
+
+
+@dataclasses.dataclass
+class PreparedHardware:
+  """Records of one hardware split into XGB training pairs and hold-out test tasks."""
+  hardware: str
+  train_inputs: list
+  train_results: list
+  test_tasks: list              # TaskRecords of hold-out tasks with >= 1 valid program
+  test_states: list             # per test task: (SearchTask, rebuilt states of valid programs)
+  networks: tuple[metrics.NetworkTasks, ...]
+  info: dict
+
+
+def prepare_hardware(tenset_dir: str, hardware: str,
+                     config: XGBBaselineConfig = XGBBaselineConfig(),
+                     progress: bool = True) -> PreparedHardware:
+  """Reads ``hardware``'s records, splits them by the hold-out, rebuilds the test states."""
+  _tvm()
+  from tvm.auto_scheduler.measure import recover_measure_input  # pylint: disable=import-outside-toplevel
+  holdout_nets = _holdout_networks(tenset_dir, config.holdout)
+  test_keys = network_info.holdout_workload_keys(holdout_nets)
+  tasks, counts = read_hardware(tenset_dir, hardware, progress)
+  train_inputs, train_results, test_tasks, test_states = [], [], [], []
+  for t in tasks:
+    if t.workload_key in test_keys:
+      valid = np.flatnonzero(np.isfinite(t.latency))
+      if valid.size:
+        rec = [recover_measure_input(t.inputs[i], rebuild_state=True) for i in valid]
+        test_tasks.append(t)
+        test_states.append((rec[0].task, [r.state for r in rec]))
+      continue
+    for inp, res, lat in zip(t.inputs, t.results, t.latency):
+      if config.train_on_failed or np.isfinite(lat):
+        train_inputs.append(inp)
+        train_results.append(res)
+  index = {t.workload_key: i for i, t in enumerate(test_tasks)}
+  networks = []
+  for net in holdout_nets:
+    present = [(index[task.workload_key], task.weight) for task in net.tasks
+               if task.workload_key in index]
+    networks.append(metrics.NetworkTasks(
+        net.label, np.asarray([p[0] for p in present], dtype=np.int64),
+        np.asarray([p[1] for p in present], dtype=np.float64)))
+  info = {
+      "hardware": hardware,
+      "holdout": [n.label for n in holdout_nets],
+      "train_records": len(train_inputs),
+      "train_tasks": sum(t.workload_key not in test_keys for t in tasks),
+      "test_tasks_with_valid_programs": len(test_tasks),
+      "test_programs": int(sum(len(s) for _, s in test_states)),
+      "read": counts.to_dict(),
+      "xgb_seed": config.seed,
+      "train_on_failed": config.train_on_failed,
+  }
+  return PreparedHardware(hardware, train_inputs, train_results, test_tasks, test_states,
+                          tuple(networks), info)
+
+
+def fit_predict(prep: PreparedHardware, seed: int = 43, progress: bool = True,
+                num_warmup_sample: int = 100) -> HardwarePredictions:
+  """Trains a fresh ``XGBModel`` on the training pairs and predicts every test program."""
+  from tvm.auto_scheduler.cost_model import XGBModel  # pylint: disable=import-outside-toplevel
+  t0 = time.time()
+  model = XGBModel(seed=seed, verbose_eval=25 if progress else 0,
+                   num_warmup_sample=num_warmup_sample)
+  model.update(prep.train_inputs, prep.train_results)
+  train_s = time.time() - t0
+  t0 = time.time()
+  pred = [np.asarray(model.predict(task, states), dtype=np.float64)
+          for task, states in prep.test_states]
+  predict_s = time.time() - t0
+  valid = [np.flatnonzero(np.isfinite(t.latency)) for t in prep.test_tasks]
+
+  def cat(parts, dtype):
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+  info = dict(prep.info, xgb_seed=seed, train_seconds=round(train_s, 1),
+              predict_seconds=round(predict_s, 1))
+  return HardwarePredictions(
+      hardware=prep.hardware, task_keys=tuple(t.workload_key for t in prep.test_tasks),
+      task_index=cat([np.full(v.size, i) for i, v in enumerate(valid)], np.int64),
+      program_keys=cat([t.program_keys[v] for t, v in zip(prep.test_tasks, valid)], np.uint64),
+      line_numbers=cat([t.line_numbers[v] for t, v in zip(prep.test_tasks, valid)], np.int64),
+      latency=cat([t.latency[v] for t, v in zip(prep.test_tasks, valid)], np.float64),
+      pred=cat(pred, np.float64), networks=prep.networks, info=info)
+
+
+def run_hardware(tenset_dir: str, hardware: str, config: XGBBaselineConfig = XGBBaselineConfig(),
+                 progress: bool = True) -> HardwarePredictions:
+  """Trains XGBModel on the training tasks of ``hardware`` and predicts the hold-out tasks."""
+  return fit_predict(prepare_hardware(tenset_dir, hardware, config, progress), config.seed,
+                     progress, config.num_warmup_sample)
+
+
+def score(p: HardwarePredictions, ks: Sequence[int] = metrics.DEFAULT_KS) -> dict:
+  """Top-k of the XGB ranking, plus the random expectation on the same programs."""
+  num_tasks = len(p.task_keys)
+  xgb = metrics.top_k_scores(p.pred, p.latency, p.task_index, p.networks, ks, num_tasks)
+  rnd = metrics.random_top_k_scores(p.latency, p.task_index, p.networks, ks, num_tasks)
+  return {"xgb": xgb.to_dict(), "random": rnd.to_dict()}
+
+
+def align_predictions(pred_npz: Mapping[str, np.ndarray], workload_keys: Sequence[str],
+                      program_keys: np.ndarray) -> np.ndarray:
+  """Maps saved per-program predictions onto another program list (e.g. a dataset split).
+
+  Args:
+    pred_npz: arrays saved by :meth:`HardwarePredictions.save_npz`.
+    workload_keys: ``(N,)`` workload key of each target program.
+    program_keys: ``(N,)`` ``features.program_key`` of each target program.
+
+  Returns:
+    ``(N,)`` float64 predictions, NaN where a program has no XGB prediction (NaN ranks last in
+    ``tlp_jax.metrics``).
+  """
+  lookup = {(str(w), int(k)): float(v) for w, k, v in
+            zip(pred_npz["workload_keys"], pred_npz["program_keys"], pred_npz["pred"])}
+  return np.asarray([lookup.get((str(w), int(k)), np.nan)
+                     for w, k in zip(workload_keys, np.asarray(program_keys, dtype=np.uint64))],
+                    dtype=np.float64)
+
+
+def hardware_in(tenset_dir: str) -> list[str]:
+  """Hardware folders of ``measure_records/``, sorted."""
+  root = os.path.join(tenset_dir, "measure_records")
+  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def _summarise(runs: Sequence[dict], ks: Sequence[int]) -> dict:
+  """Mean / std / min / max over repetitions of each pooled and mean top-k."""
+  out = {}
+  for agg in ("pooled", "mean"):
+    for k in ks:
+      vals = np.asarray([r[agg][f"top-{k}"] for r in runs], dtype=np.float64)
+      out[f"{agg} top-{k}"] = {"mean": float(vals.mean()), "std": float(vals.std()),
+                               "min": float(vals.min()), "max": float(vals.max())}
+  return out
+
+
+def run(tenset_dir: str, hardware: Iterable[str] | None = None,
+        config: XGBBaselineConfig = XGBBaselineConfig(), out_dir: str | None = None,
+        repeats: int = 1, progress: bool = True) -> dict:
+  """Runs the baseline for each hardware ``repeats`` times (TVM's feature extraction is not
+  deterministic, see docs/TVM.md); writes the first run's per-program predictions to
+  ``out_dir``."""
+  pkl = os.path.join(tenset_dir, "network_info", "all_tasks.pkl")
+  load_search_tasks(pkl)
+  report = {}
+  for hw in hardware or hardware_in(tenset_dir):
+    prep = prepare_hardware(tenset_dir, hw, config, progress)
+    runs, first = [], None
+    for _ in range(repeats):
+      p = fit_predict(prep, config.seed, progress, config.num_warmup_sample)
+      first = first or p
+      runs.append({"info": {k: p.info[k] for k in ("train_seconds", "predict_seconds")},
+                   **score(p, config.ks)})
+    entry = {"info": first.info, "runs": runs,
+             "xgb_over_runs": _summarise([r["xgb"] for r in runs], config.ks),
+             "random": runs[0]["random"]}
+    if out_dir:
+      path = os.path.join(out_dir, f"xgb_predictions_{hw}.npz")
+      first.save_npz(path)
+      entry["predictions_npz"] = path
+    report[hw] = entry
+    logging.info("%s: XGB pooled top-1 %.3f top-5 %.3f (mean of %d runs)", hw,
+                 entry["xgb_over_runs"]["pooled top-1"]["mean"],
+                 entry["xgb_over_runs"]["pooled top-5"]["mean"], repeats)
+  return report
