@@ -165,7 +165,8 @@ def dataset_fingerprint(ds_dir: str) -> str:
   for split in SPLITS:
     for path in _shard_files(ds_dir, split):
       st = os.stat(path)
-      h.update(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+      # Whole seconds: copies made with tar/rsync keep mtimes only to the second.
+      h.update(f"{os.path.basename(path)}:{st.st_size}:{int(st.st_mtime)}\n".encode())
   return h.hexdigest()
 
 
