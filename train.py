@@ -5,6 +5,8 @@
 Re-running the same command resumes from the workdir's latest checkpoint. See docs/TRAINING.md.
 """
 
+import logging as py_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -18,10 +20,18 @@ config_flags.DEFINE_config_file("config", None, "Training configuration file.",
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietCheckpointing(py_logging.Filter):
+  """Drops Orbax's per-save INFO chatter (it logs every thread of every save); keeps warnings."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
+  logging.get_absl_handler().addFilter(_QuietCheckpointing())
   # Imported here so that jax.distributed.initialize() runs before anything touches a backend.
   import jax  # pylint: disable=g-import-not-at-top
   if config.distributed:

@@ -34,7 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Data: ``tlp_jax.input_pipeline.load_arrays(data_dir, dataset)``.
   config.data_dir = ""
-  config.dataset = "llvm"
+  # A built config of data_pipelines/tenset_tfds.py: a hardware name, or the joined
+  # multi-hardware config ("all") for MTL-TLP.
+  config.dataset = "epyc-9004"
   # Heads, one per hardware, target first; empty = every hardware of the dataset, in its order.
   config.hardware = ("epyc-9004",)
   # Few-shot (MTL-TLP transfer): keep only this many / this fraction of the target head's

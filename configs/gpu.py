@@ -6,7 +6,7 @@ from configs import default
 def get_config():
   """Returns the GPU (cuda, crop 40 x 20) training configuration."""
   config = default.get_config()
-  config.dataset = "cuda"
+  config.dataset = "t4"
   config.hardware = ("t4",)
   config.model.seq_len = 40
   config.model.feature_dim = 20

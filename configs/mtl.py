@@ -13,6 +13,7 @@ from configs import default
 def get_config():
   """Returns the multi-task (per-hardware heads) training configuration."""
   config = default.get_config()
+  config.dataset = "all"  # programs joined across hardware: one row, one label per hardware
   config.hardware = ("xeon-emr-16c", "epyc-9004")
   config.few_shot.num_labels = -1
   config.few_shot.fraction = 1.0

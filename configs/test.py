@@ -4,7 +4,7 @@ from configs import default
 
 
 def get_config():
-  """Returns a tiny configuration: small model, small batch, two short epochs."""
+  """Returns a tiny configuration: small model, small batch, three short epochs."""
   config = default.get_config()
   config.hardware = ()
   config.model.encoder_dims = (16, 16, 32, 32)
@@ -13,7 +13,7 @@ def get_config():
   config.model.decoder_dims = (32, 16, 1)
   config.batch_size = 64
   config.eval_batch_size = 128
-  config.num_epochs = 2
+  config.num_epochs = 3
   config.warmup_epochs = 0.5
   config.learning_rate = 1e-3
   config.log_every_steps = 5

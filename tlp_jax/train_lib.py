@@ -335,8 +335,10 @@ def replicate_to_devices(tree: Any, devices: Sequence[Any]) -> Any:
   Unlike ``flax.jax_utils.replicate`` no ``(devices, ...)`` host copy is made, so a large
   training set needs only its own size in host memory.
   """
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+  # The same sharding (mesh axis named like pmap's axis) as pmap's outputs, so a step compiled
+  # for these inputs is reused when the state it returns is fed back.
+  mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
 
   def put(x):
     x = np.asarray(x)
