@@ -34,12 +34,31 @@ import numpy as np
 
 from tlp_jax import features as features_lib
 
-try:  # orjson is a project dependency; json keeps the reader importable without it.
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite number {text}")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite constant {name}")
+
+
+def _json_loads_strict(data: bytes) -> Any:
+    """The fast path's parser without orjson, with orjson's guarantees: strict UTF-8 (json.loads
+    of bytes would accept surrogates) and never a NaN or an infinity."""
+    return json.loads(data.decode("utf-8"), parse_float=_finite_float,
+                      parse_constant=_reject_constant)
+
+
+try:  # orjson is a project dependency; json keeps the reader working without it.
     import orjson
     _loads_fast = orjson.loads
 except ImportError:  # pragma: no cover - exercised only without orjson
-    orjson = None
-    _loads_fast = json.loads
+    _loads_fast = _json_loads_strict
 
 __all__ = ["ReadStats", "TaskFile", "read_task_file", "hardware_of_target",
            "RECORD_VERSION", "MALFORMED_REASONS", "FAILED_REASONS"]
@@ -362,8 +381,7 @@ class _FileReader:
             key, target, steps, costs, error_code = _check_record(rec)
         except _Malformed as e:
             return self._skip(lineno, e.reason)
-        if self.key is None:
-            self._first_record(line, rec, key, target)
+        # run() took the file's key and target from the first well-formed line (_establish).
         if key != self.key:
             return self._skip(lineno, WORKLOAD_MISMATCH)
         elif target != self.target:

@@ -268,16 +268,34 @@ def _mutated_line(draw):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_mutated_line(), min_size=1, max_size=12), st.booleans())
-def test_fuzz_reader_never_raises_and_fast_equals_full_parse(tmp_path_factory, lines, first_ok):
+@given(st.lists(_mutated_line(), min_size=1, max_size=12), st.booleans(), st.booleans())
+def test_fuzz_reader_never_raises_and_fast_equals_full_parse(tmp_path_factory, lines, first_ok,
+                                                              no_orjson):
     if first_ok:
         lines = [_TASK[0]] + lines
     path = tmp_path_factory.mktemp("fuzz") / "task.json"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    fast = R.read_task_file(str(path), featurizer=F.Featurizer("llvm"))
+    saved = R._loads_fast, F._fast_loads
+    if no_orjson:
+        R._loads_fast, F._fast_loads = R._json_loads_strict, F._json_loads_strict
+    try:
+        fast = R.read_task_file(str(path), featurizer=F.Featurizer("llvm"))
+    finally:
+        R._loads_fast, F._fast_loads = saved
     full = R.read_task_file(str(path), featurizer=F.Featurizer("llvm"), fast=False)
     _invariant(fast.stats)
     assert fast.stats.lines == len(lines)
     _assert_same(fast, full)
     assert np.isfinite(fast.features).all()
     assert ((fast.scores > 0) & (fast.scores <= 1)).all()
+
+
+def test_without_orjson_the_reader_gives_the_same_output(monkeypatch):
+    paths = [_fixture("bad_lines.json"), _fixture("labels_task.json")]
+    want = [R.read_task_file(p, featurizer=F.Featurizer("llvm")) for p in paths]
+    monkeypatch.setattr(R, "_loads_fast", R._json_loads_strict)
+    monkeypatch.setattr(F, "_fast_loads", F._json_loads_strict)
+    for p, w in zip(paths, want):
+        got = R.read_task_file(p, featurizer=F.Featurizer("llvm"))
+        _assert_same(got, w)
+        assert got.stats.fast_path_lines == w.stats.fast_path_lines > 0

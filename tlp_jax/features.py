@@ -93,12 +93,17 @@ STAT_LAYOUT_CHANGES = "layout_changes"
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
+
+
+def _json_loads_strict(text: bytes) -> Any:
+    return json.loads(text.decode("utf-8"))
+
+
 try:  # optional: only speeds up parsing step texts
     import orjson as _orjson
     _fast_loads = _orjson.loads
 except ImportError:  # pragma: no cover - exercised only without orjson
-    def _fast_loads(text: bytes) -> Any:
-        return json.loads(text.decode("utf-8"))
+    _fast_loads = _json_loads_strict
 
 # A step text (after its leading '["') in TVM's exact layout with only ints of at most 18
 # digits (no "-0"), int lists and strings of [A-Za-z0-9_$.]: see featurize_step_texts.
@@ -322,11 +327,12 @@ class Featurizer:
     ``featurize`` is the per-step reference path; ``featurize_many`` and
     ``featurize_step_texts`` serve step rows from a cache (steps repeat a lot across
     records) and give the same bytes. Counters accumulate in ``stats`` unless a ``stats``
-    Counter is passed.
+    Counter is passed. ``cache_size`` bounds the cached step rows (about 250 bytes each); a
+    full cache is emptied, which changes speed only, never output.
     """
 
     def __init__(self, platform: str = "llvm", crop: tuple[int, int] | None = None,
-                 vocab: Vocabulary | None = None, cache_size: int = 1 << 20):
+                 vocab: Vocabulary | None = None, cache_size: int = 1 << 18):
         self.platform = _check_platform(platform)
         self.full_length, self.full_width = FULL_SHAPE[platform]
         crop = DEFAULT_CROP[platform] if crop is None else tuple(crop)
