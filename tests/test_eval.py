@@ -227,3 +227,29 @@ def test_cli_writes_report_and_rejects_unknown_hardware(built_sample_dataset, tw
                   two_head_model, "--out", str(out))
   assert bad.returncode != 0
   assert "'graviton2'" in bad.stderr and "available: epyc-9004, xeon-emr-16c" in bad.stderr
+
+
+def test_workdir_is_evaluated_through_the_exported_predictor(built_sample_dataset, sample_arrays,
+                                                             tmp_path):
+  import importlib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from tlp_jax import export  # pylint: disable=g-import-not-at-top
+  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module("configs.test").get_config()
+  config.data_dir = built_sample_dataset
+  config.dataset = "epyc-9004"
+  config.hardware = ("epyc-9004",)
+  config.num_epochs = 1
+  config.checkpoint_every_steps = 0  # one checkpoint, at the end of the epoch
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(config, workdir, dataset=sample_arrays("epyc-9004"),
+                               devices=jax.devices()[:1])
+  from_workdir = eval_lib.run(hw="epyc-9004", data_dir=built_sample_dataset, workdir=workdir,
+                              which="latest")
+  npz = str(tmp_path / "model.npz")
+  export.export_workdir(workdir, npz, which="latest")
+  from_file = eval_lib.run(hw="epyc-9004", data_dir=built_sample_dataset, model_path=npz)
+  assert from_workdir["model"]["workdir"] == os.path.abspath(workdir)
+  assert from_workdir["rows"]["TLP (workdir)"] == from_file["rows"]["model"]
+  with pytest.raises(eval_lib.EvalError, match="not a training workdir"):
+    eval_lib.run(hw="epyc-9004", data_dir=built_sample_dataset, workdir=str(tmp_path))
