@@ -4,7 +4,6 @@ import glob
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -21,14 +20,6 @@ B5DE9 = '["b5de9ba85ef9f559d4479d25db4a9ecf", [4, 8, 8, 512], [4, 1, 1, 512]]'
 
 def _fixture(name):
     return os.path.join(FIXTURES, name)
-
-
-def _copy(tmp_path, name, folder="some-hw"):
-    d = tmp_path / folder
-    d.mkdir(exist_ok=True)
-    dst = d / name
-    shutil.copy(_fixture(name), dst)
-    return str(dst)
 
 
 def _assert_same(a: R.TaskFile, b: R.TaskFile):
@@ -241,8 +232,8 @@ def _real_lines():
 
 _TASK, _OTHER = _real_lines()
 _SNIPPETS = [b"]", b"[", b",", b", ", b'"', b"\\", b"], [", b'], ["', b'"r": [[', b"]]]", b"1",
-             b"-0", b"1e400", b"NaN", b"Infinity", b"true", b"null", b"{}", b"\xff", b"\xed\xa0\x80",
-             b"99999999999999999999999", b'"CA"', b'"XX"', b'"auto_unroll_max_step$1024"', b" ",
+             b"-0", b"1e400", b"NaN", b"Infinity", b"true", b"null", b"{}", b"\xff",
+             b"\xed\xa0\x80", b"99999999999999999999999", b'"CA"', b'"XX"', b'"auto_unroll_max_step$1024"', b" ",
              b"\r", b"0.0", b"-1e-05", b'"v0.5"', b"[]", b'["SP", 1, [2], ["x"]]']
 
 
