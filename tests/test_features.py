@@ -334,3 +334,20 @@ def test_step_texts_go_back_to_the_caller_unless_the_split_is_proven():
     out = fz.featurize_step_texts(b'["CA", 1], ["AN", [1, "x"]]', fz.stats)
     assert out is not None and out[1] == b'[["CA", 1], ["AN", [1, "x"]]]'
     assert fz.stats[F.STAT_IRREGULAR_LIST_ITEMS] == 1 and fz.vocab.tokens["AN"] == {"x": 1}
+
+
+def test_featurizers_sharing_a_vocabulary_follow_its_layout():
+    vocab = F.Vocabulary.original("llvm")
+    a, b = F.Featurizer("llvm", vocab=vocab), F.Featurizer("llvm", vocab=vocab)
+    text = b'["CA", 1, 2, 0]'
+    first = a.featurize_step_texts(text, a.stats)[0]
+    assert a.featurize_many([[["CA", 1, 2, 0]]])[0, 0, 11] == 1
+    b.featurize([["NEWKIND", 1]])  # grows the shared vocabulary: 12 one-hot columns
+    again = a.featurize_step_texts(text, a.stats)[0]
+    assert first != again
+    assert np.frombuffer(again, np.float32)[12] == 1
+    assert a.featurize_many([[["CA", 1, 2, 0]]])[0, 0, 12] == 1
+    np.testing.assert_array_equal(
+        np.frombuffer(a.featurize_to_bytes([["CA", 1, 2, 0]]), np.float32).reshape(25, 22),
+        b.featurize([["CA", 1, 2, 0]]))
+    assert a.stats[F.STAT_LAYOUT_CHANGES] == 1

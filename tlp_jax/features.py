@@ -520,6 +520,7 @@ class Featurizer:
                        stats: MutableMapping[str, int] | None = None) -> np.ndarray:
         """Features ``(N, crop_length, crop_width)`` float32; same values as :meth:`featurize`."""
         stats = self.stats if stats is None else stats
+        self._check_layout(stats)  # the vocabulary may be shared and have grown elsewhere
         while True:
             layout = self.vocab.one_hot_width
             scratch: collections.Counter = collections.Counter()
@@ -543,6 +544,7 @@ class Featurizer:
         """
         stats = self.stats if stats is None else stats
         if cached:
+            self._check_layout(stats)  # the vocabulary may be shared and have grown elsewhere
             data = self._record_bytes(steps, stats)
         else:
             if not isinstance(steps, (list, tuple)):
@@ -590,6 +592,8 @@ class Featurizer:
             pieces = steps_text[2:-1].split(b'], ["')
         else:
             return None
+        if self.vocab.one_hot_width != self._layout:  # a shared vocabulary grew elsewhere
+            self._check_layout(stats)
         simple = self._text_rows
         m = self._max_rows
         try:
