@@ -44,8 +44,8 @@ import numpy as np
 __all__ = [
     "PLATFORMS", "FULL_SHAPE", "DEFAULT_CROP", "ONE_HOT_MIN_WIDTH", "ORIGINAL_KINDS",
     "ORIGINAL_UNROLL", "CHW_SCOPES", "CHR_SCOPES", "VOCAB_FORMAT", "VOCAB_VERSION",
-    "Vocabulary", "Featurizer", "featurize", "platform_of_target", "canonical_steps_json",
-    "program_key", "original_tlp_features",
+    "Vocabulary", "Featurizer", "StepRow", "featurize", "platform_of_target",
+    "canonical_steps_json", "program_key", "original_tlp_features",
 ]
 
 PLATFORMS = ("llvm", "cuda")
@@ -314,8 +314,8 @@ def program_key(canonical: bytes) -> int:
 
 
 @dataclasses.dataclass
-class _Row:
-    """One step's feature row and what it takes to reproduce its counters."""
+class StepRow:
+    """One step's feature row (what :meth:`Featurizer.step_row` returns)."""
     row: bytes           # float32, crop width
     canonical: bytes     # canonical JSON of the step
     events: bool         # counted something per occurrence: must not be served from cache
@@ -372,7 +372,7 @@ class Featurizer:
     def _append(self, vec: list, kind: str, value: Any, stats: MutableMapping[str, int],
                 in_list: bool) -> bool:
         """Appends one field's values to ``vec``; True if a per-occurrence event was counted."""
-        if isinstance(value, (int, np.integer)):  # bools are ints, as in the original
+        if isinstance(value, (int, np.integer, np.bool_)):  # bools are ints, as in the original
             vec.append(int(value))
             return False
         if isinstance(value, str):
@@ -425,11 +425,11 @@ class Featurizer:
         row[:len(values)] = arr
         return row.tobytes(), events
 
-    def step_row(self, step: Any, stats: MutableMapping[str, int] | None = None) -> _Row:
+    def step_row(self, step: Any, stats: MutableMapping[str, int] | None = None) -> StepRow:
         """Feature row (float32 bytes, crop width) of one step, computed from scratch."""
         stats = self.stats if stats is None else stats
         row, events = self._step_row(step, stats)
-        return _Row(row, _canonical_or_repr(step), events)
+        return StepRow(row, _canonical_or_repr(step), events)
 
     def _step_row(self, step: Any, stats: MutableMapping[str, int]) -> tuple[bytes, bool]:
         if (not isinstance(step, (list, tuple)) or not step or not isinstance(step[0], str)):
