@@ -93,8 +93,12 @@ def test_extra_predictions_must_align_with_split():
 def test_predict_in_batches_checks_output_length():
   with pytest.raises(ValueError, match="returned 1 values"):
     eval_lib.predict_in_batches(lambda x: np.zeros(1), np.zeros((5, 2, 3)), batch_size=2)
-  got = eval_lib.predict_in_batches(_read_feature0, _toy_arrays().test.features, batch_size=2)
-  np.testing.assert_allclose(got, _toy_arrays().test.features[:, 0, 0])
+  x = _toy_arrays().test.features
+  got = eval_lib.predict_in_batches(_read_feature0, x, batch_size=2)
+  np.testing.assert_allclose(got, x[:, 0, 0])
+  rows = np.array([8, 0, 3, 4, 5])
+  got = eval_lib.predict_in_batches(_read_feature0, x, rows, batch_size=2)
+  np.testing.assert_allclose(got, x[rows, 0, 0])
 
 
 def test_metrics_and_eval_agree_on_random_ranking():

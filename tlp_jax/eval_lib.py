@@ -40,7 +40,8 @@ class EvalSplit:
   Attributes:
     hardware: the hardware evaluated.
     split: split name.
-    features: ``(N, L, E)`` float32 features of the valid programs.
+    split_features: ``(M, L, E)`` float32 features of *all* programs of the split (possibly a
+      memory map); ``split_features[rows]`` are the valid ones (see :attr:`features`).
     score: ``(N,)`` true normalised score (``min_cost / cost``) on ``hardware``.
     latency: ``(N,)`` true latency (seconds), from the score as TLP does.
     task_index: ``(N,)`` task of each program (index into ``task_keys``).
@@ -52,7 +53,7 @@ class EvalSplit:
 
   hardware: str
   split: str
-  features: np.ndarray
+  split_features: np.ndarray
   score: np.ndarray
   latency: np.ndarray
   task_index: np.ndarray
@@ -60,6 +61,12 @@ class EvalSplit:
   task_keys: tuple[str, ...]
   networks: tuple[metrics.NetworkTasks, ...]
   num_split_programs: int
+
+  @property
+  def features(self) -> np.ndarray:
+    """``(N, L, E)`` features of the valid programs (a copy: :func:`evaluate` gathers them
+    batch by batch instead)."""
+    return np.asarray(self.split_features[self.rows])
 
 
 def hardware_index(hardware: Sequence[str], hw: str, what: str = "the dataset") -> int:
@@ -98,22 +105,37 @@ def select_split(arrays, hw: str, split: str = "test") -> EvalSplit:
   latency = metrics.latency_from_score(score, min_cost[task_index])
   logging.info("%s split on %s: %d of %d programs have a valid measurement", split, hw,
                rows.size, valid.size)
-  return EvalSplit(hardware=hw, split=split, features=s.features[rows], score=score,
+  return EvalSplit(hardware=hw, split=split, split_features=s.features, score=score,
                    latency=latency, task_index=task_index, rows=rows,
                    task_keys=tuple(arrays.tasks.workload_keys),
                    networks=_network_tasks(arrays), num_split_programs=int(valid.size))
 
 
 def predict_in_batches(predict: Callable[[np.ndarray], np.ndarray], features: np.ndarray,
-                       batch_size: int = 4096, desc: str = "predict") -> np.ndarray:
-  """``predict`` over ``features`` in batches (bounded memory at TenSet scale), as float64."""
+                       rows: np.ndarray | None = None, batch_size: int = 4096,
+                       desc: str = "predict") -> np.ndarray:
+  """``predict(features[rows])`` in batches, as float64.
+
+  Only one batch of features is gathered at a time, so a memory-mapped split of TenSet size is
+  never copied whole into memory.
+
+  Args:
+    predict: ``(B, L, E) -> (B,)``.
+    features: ``(M, L, E)`` features.
+    rows: indices into ``features`` to predict (default: all, in order).
+    batch_size: programs per call of ``predict``.
+    desc: progress-bar label.
+  """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  out = np.empty(features.shape[0], dtype=np.float64)
-  for start in tqdm.trange(0, features.shape[0], batch_size, desc=desc, unit="batch",
-                           disable=features.shape[0] <= batch_size):
-    stop = min(start + batch_size, features.shape[0])
-    pred = np.asarray(predict(features[start:stop]), dtype=np.float64).reshape(-1)
+  if rows is None:
+    rows = np.arange(features.shape[0])
+  n = rows.shape[0]
+  out = np.empty(n, dtype=np.float64)
+  for start in tqdm.trange(0, n, batch_size, desc=desc, unit="batch", disable=n <= batch_size):
+    stop = min(start + batch_size, n)
+    pred = np.asarray(predict(np.asarray(features[rows[start:stop]])),
+                      dtype=np.float64).reshape(-1)
     if pred.shape[0] != stop - start:
       raise ValueError(f"predictor returned {pred.shape[0]} values for {stop - start} programs")
     out[start:stop] = pred
@@ -163,7 +185,8 @@ def evaluate(data: EvalSplit, predict: Callable[[np.ndarray], np.ndarray], *,
   ks = tuple(int(k) for k in ks)
   num_tasks = len(data.task_keys)
   args = (data.latency, data.task_index, data.networks, ks, num_tasks)
-  pred = predict_in_batches(predict, data.features, batch_size, desc=f"predict {model_name}")
+  pred = predict_in_batches(predict, data.split_features, data.rows, batch_size,
+                            desc=f"predict {model_name}")
   if not np.all(np.isfinite(pred)):
     logging.warning("%d non-finite predictions (ranked last)", int((~np.isfinite(pred)).sum()))
   rows = {model_name: _rows_of(model_name, metrics.top_k_scores(pred, *args), data, pred)}
