@@ -339,14 +339,16 @@ class Featurizer:
         if (len(crop) != 2 or not all(isinstance(c, (int, np.integer)) and c > 0 for c in crop)):
             raise ValueError(f"crop must be two positive ints (length, width), got {crop!r}")
         self.crop: tuple[int, int] = (int(crop[0]), int(crop[1]))
-        self.vocab = Vocabulary.original(platform) if vocab is None else vocab
-        if self.vocab.platform != platform:
+        self._vocab = Vocabulary.original(platform) if vocab is None else vocab
+        if self._vocab.platform != platform:
             raise ValueError(f"vocabulary is for {self.vocab.platform!r}, featurizer for "
                              f"{platform!r}")
         self.stats: collections.Counter = collections.Counter()
         self.cache_size = int(cache_size)
         # Rows kept in the cache were made under this one-hot width; a new kind invalidates them.
         self._layout = self.vocab.one_hot_width
+        self._kinds = self.vocab.kinds  # grows in place: a cheap check that the layout held
+        self._num_kinds = len(self._kinds)
         self._value_width = min(self.full_width, self.crop[1])
         self._row_bytes = 4 * self.crop[1]
         self._zero_record = bytes(self._row_bytes * self.crop[0])
@@ -356,6 +358,12 @@ class Featurizer:
         self._text_rows: dict[bytes, bytes] = {}
         self._text_other: dict[bytes, tuple[bytes, bytes]] = {}
         self._key_rows: dict[bytes, bytes] = {}
+        self._get_text_row = self._text_rows.__getitem__  # the caches are only ever cleared
+
+    @property
+    def vocab(self) -> Vocabulary:
+        """The vocabulary (may be shared with other featurizers; fixed for this one)."""
+        return self._vocab
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -492,6 +500,7 @@ class Featurizer:
 
     def _check_layout(self, stats: MutableMapping[str, int]) -> bool:
         """Drops cached rows when the one-hot width changed; True if it did."""
+        self._num_kinds = len(self._kinds)
         width = self.vocab.one_hot_width
         if width == self._layout:
             return False
@@ -592,13 +601,13 @@ class Featurizer:
             pieces = steps_text[2:-1].split(b'], ["')
         else:
             return None
-        if self.vocab.one_hot_width != self._layout:  # a shared vocabulary grew elsewhere
+        if len(self._kinds) != self._num_kinds:  # a shared vocabulary grew elsewhere
             self._check_layout(stats)
         simple = self._text_rows
         m = self._max_rows
         try:
             if len(pieces) <= m:
-                body = b"".join(map(simple.__getitem__, pieces))
+                body = b"".join(map(self._get_text_row, pieces))
             else:
                 body = b"".join(map(simple.__getitem__, pieces[:m]))
                 if not all(map(simple.__contains__, pieces[m:])):
