@@ -1,0 +1,216 @@
+"""Issue-5 accuracy protocol: train each experiment with several seeds, top-k on hold-out networks.
+
+Every experiment is a config (a ``configs/*.py`` module plus dotted overrides) trained with
+``train_lib.train_and_evaluate`` -- the same code ``train.py`` runs -- once per seed, then scored
+with ``eval_lib.select_split`` + ``metrics.top_k_scores`` on the test split (the hold-out networks)
+of the target hardware. Reported: mean +- std over seeds of pooled (TLP) and mean (TenSet) top-1/5
+and per-network top-1/5, plus the score of the seed ensemble (mean of the seeds' per-task
+z-scored predictions).
+
+Usage (GPU recommended; ~10 s per run on an H100 for tenset-mini):
+  python bench/accuracy_sweep.py --data_dir DIR --experiments tlp_original,default \
+      --seeds 0,1,2,3,4 --out bench/results/accuracy_sweep.json
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tlp_jax import eval_lib, input_pipeline, metrics  # noqa: E402
+
+KS = (1, 5)
+
+# name -> (config module, dotted overrides, target hardware). Suspects from issue 5 are tested
+# one at a time on top of the original recipe, then combined.
+EXPERIMENTS = {
+    # The original recipe on each hardware.
+    "tlp_original": ("tlp_original", {}, "epyc-9004"),
+    # One change at a time on top of the original.
+    "orig+group_by_task": ("tlp_original", {"group_by_task": True}, "epyc-9004"),
+    "orig+log1p": ("tlp_original", {"model.input_norm": "log1p"}, "epyc-9004"),
+    "orig+padding_mask": ("tlp_original", {"model.padding_mask": True}, "epyc-9004"),
+    "orig+mean_pool": ("tlp_original", {"model.pool": "mean_valid"}, "epyc-9004"),
+    "orig+batch256": ("tlp_original", {"batch_size": 256}, "epyc-9004"),
+    "orig+adamw_cosine": ("default", {}, "epyc-9004"),
+    # Combinations.
+    "group+log1p": ("tlp_original", {"group_by_task": True, "model.input_norm": "log1p"},
+                    "epyc-9004"),
+    "group+log1p+cosine": ("default", {"group_by_task": True, "model.input_norm": "log1p"},
+                           "epyc-9004"),
+    "group+log1p+cosine+mask": ("default", {"group_by_task": True, "model.input_norm": "log1p",
+                                            "model.padding_mask": True}, "epyc-9004"),
+    "group+log1p+cosine+b256": ("default", {"group_by_task": True, "model.input_norm": "log1p",
+                                            "batch_size": 256}, "epyc-9004"),
+    # The shipped default (whatever configs/default.py says now).
+    "default": ("default", {}, "epyc-9004"),
+    "tlp_original@xeon": ("tlp_original", {"hardware": ("xeon-emr-16c",),
+                                           "dataset": "xeon-emr-16c"}, "xeon-emr-16c"),
+    "default@xeon": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c"},
+                     "xeon-emr-16c"),
+    # MTL-TLP transfer: 10% of xeon's training labels, with vs without all of epyc's.
+    "xeon10%_alone": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "all",
+                                  "few_shot.fraction": 0.1}, "xeon-emr-16c"),
+    "xeon10%+epyc_mtl": ("mtl", {"hardware": ("xeon-emr-16c", "epyc-9004"), "dataset": "all",
+                                 "few_shot.fraction": 0.1}, "xeon-emr-16c"),
+}
+
+
+def make_config(module: str, overrides: dict, data_dir: str, seed: int):
+  """The experiment's ConfigDict for one seed."""
+  config = importlib.import_module(f"configs.{module}").get_config()
+  config.data_dir = data_dir
+  if "dataset" not in overrides:
+    config.dataset = config.hardware[0] if config.hardware else "all"
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *path, leaf = key.split(".")
+      for p in path:
+        node = node[p]
+      node[leaf] = value
+  config.seed = seed
+  config.checkpoint_every_steps = 0
+  config.log_every_steps = 10_000
+  return config
+
+
+def _zscore_per_task(pred: np.ndarray, task_index: np.ndarray) -> np.ndarray:
+  out = np.empty_like(pred)
+  for t in np.unique(task_index):
+    sel = task_index == t
+    p = pred[sel]
+    out[sel] = (p - p.mean()) / (p.std() + 1e-12)
+  return out
+
+
+def _summary(values: list[float]) -> dict:
+  a = np.asarray(values, dtype=np.float64)
+  return {"mean": float(np.nanmean(a)), "std": float(np.nanstd(a)), "values": a.tolist()}
+
+
+def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dict,
+                   save_preds_dir: str | None = None) -> dict:
+  """Trains ``name`` once per seed; returns per-seed and aggregate top-k."""
+  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+
+  module, overrides, target = EXPERIMENTS[name]
+  per_seed, preds, wall = [], [], []
+  data = None
+  for seed in seeds:
+    config = make_config(module, overrides, data_dir, seed)
+    if config.dataset not in arrays_cache:
+      arrays_cache[config.dataset] = input_pipeline.load_arrays(data_dir, config.dataset)
+    arrays = arrays_cache[config.dataset]
+    data = eval_lib.select_split(arrays, target, "test")
+    with tempfile.TemporaryDirectory() as workdir:
+      t0 = time.time()
+      result = train_lib.train_and_evaluate(config, workdir, dataset=arrays)
+      wall.append(time.time() - t0)
+    head = list(result.hardware).index(target)
+    predict = train_lib.make_predict_fn(result.model_config)
+    pred = predict(result.state.params, data.features)[:, head].astype(np.float64)
+    preds.append(pred)
+    scores = metrics.top_k_scores(pred, data.latency, data.task_index, data.networks, KS,
+                                  len(data.task_keys))
+    per_seed.append(scores.to_dict())
+    logging.info("%s seed %d: pooled %s (%.1f s)", name, seed, scores.to_dict()["pooled"],
+                 wall[-1])
+  if save_preds_dir:
+    os.makedirs(save_preds_dir, exist_ok=True)
+    np.savez(os.path.join(save_preds_dir, f"{name.replace('%', 'pct')}.npz"),
+             preds=np.stack(preds), latency=data.latency, task_index=data.task_index,
+             rows=data.rows)
+  ensemble = np.mean([_zscore_per_task(p, data.task_index) for p in preds], axis=0)
+  ens = metrics.top_k_scores(ensemble, data.latency, data.task_index, data.networks, KS,
+                             len(data.task_keys)).to_dict()
+  rnd = metrics.random_top_k_scores(data.latency, data.task_index, data.networks, KS,
+                                    len(data.task_keys)).to_dict()
+  agg = {}
+  for agg_name in ("pooled", "mean"):
+    for k in KS:
+      agg[f"{agg_name}/top-{k}"] = _summary([s[agg_name][f"top-{k}"] for s in per_seed])
+  for net in per_seed[0]["per_network"]:
+    for k in KS:
+      agg[f"{net}/top-{k}"] = _summary([s["per_network"][net][f"top-{k}"] for s in per_seed])
+  return {"config_module": f"configs/{module}.py", "overrides": {k: v for k, v in
+                                                               overrides.items()},
+          "target": target, "seeds": seeds, "aggregate": agg, "ensemble": ens,
+          "random": rnd, "per_seed": per_seed, "train_wall_s": wall}
+
+
+def format_table(results: dict) -> str:
+  """Markdown table: experiment | pooled top-1 | pooled top-5 | mean top-1 | mean top-5 | ens."""
+  lines = ["| experiment | target | pooled top-1 | pooled top-5 | mean top-1 | mean top-5 | "
+           "ensemble pooled top-1/top-5 |", "|---|---|---|---|---|---|---|"]
+  for name, r in results.items():
+    a = r["aggregate"]
+
+    def ms(key):
+      return f"{a[key]['mean']:.3f} ± {a[key]['std']:.3f}"
+
+    e = r["ensemble"]["pooled"]
+    lines.append(f"| {name} | {r['target']} | {ms('pooled/top-1')} | {ms('pooled/top-5')} | "
+                 f"{ms('mean/top-1')} | {ms('mean/top-5')} | "
+                 f"{e['top-1']:.3f} / {e['top-5']:.3f} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data_dir", required=True)
+  parser.add_argument("--experiments", default="tlp_original,default")
+  parser.add_argument("--seeds", default="0,1,2,3,4")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--save_preds", default=None,
+                      help="folder for per-experiment test predictions (.npz, one row a seed)")
+  parser.add_argument("--set", action="append", default=[],
+                      help="extra override for every experiment, KEY=PYTHON_LITERAL "
+                      "(smoke runs: --set num_epochs=2)")
+  args = parser.parse_args()
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  for noisy in ("absl", "orbax", "jax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+
+  names = [n for n in args.experiments.split(",") if n]
+  unknown = [n for n in names if n not in EXPERIMENTS]
+  if unknown:
+    raise SystemExit(f"unknown experiments {unknown}; known: {', '.join(EXPERIMENTS)}")
+  seeds = [int(s) for s in args.seeds.split(",")]
+  extra = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+  for name in names:
+    EXPERIMENTS[name] = (EXPERIMENTS[name][0], {**EXPERIMENTS[name][1], **extra},
+                         EXPERIMENTS[name][2])
+  results = {}
+  if os.path.exists(args.out):  # resume: keep finished experiments
+    with open(args.out) as f:
+      results = json.load(f).get("experiments", {})
+  arrays_cache: dict = {}
+  for name in names:
+    if name in results and results[name]["seeds"] == seeds:
+      continue
+    results[name] = run_experiment(name, args.data_dir, seeds, arrays_cache, args.save_preds)
+    payload = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+               "jax": jax.__version__, "host": platform.node(),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "experiments": results}
+    with open(args.out + ".tmp", "w") as f:
+      json.dump(payload, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(format_table({name: results[name]}).splitlines()[-1], flush=True)
+  print(format_table(results))
+
+
+if __name__ == "__main__":
+  main()
