@@ -16,7 +16,11 @@ import pytest
 from tlp_jax import export
 from tlp_jax import features
 from tlp_jax import numpy_predictor as npred
-from tlp_jax.model import TLPConfig, TLPModel, init_params
+from tlp_jax import model as model_lib
+from tlp_jax.model import TLPConfig, TLPModel
+
+# Jitted: eager op-by-op initialisation of the full-size model is slow on 2 cores.
+init_params = jax.jit(model_lib.init_params, static_argnums=0)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "data", "sample", "tenset-mini", "measure_records", "epyc-9004")

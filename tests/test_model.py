@@ -9,7 +9,11 @@ import optax
 import pytest
 
 from tlp_jax import losses
-from tlp_jax.model import TLPConfig, TLPModel, init_params
+from tlp_jax import model as model_lib
+from tlp_jax.model import TLPConfig, TLPModel
+
+# Jitted: eager op-by-op initialisation of the full-size model is slow on 2 cores.
+init_params = jax.jit(model_lib.init_params, static_argnums=0)
 
 SMALL = dict(feature_dim=6, seq_len=5, encoder_dims=(8, 16), attention_heads=2,
              decoder_dims=(8, 1))
@@ -26,7 +30,7 @@ def _x(batch, cfg, seed=0, pad_from=None):
 def test_output_shape_default_dims(num_heads):
   cfg = TLPConfig(num_heads=num_heads)
   params = init_params(cfg, jax.random.PRNGKey(0))
-  out = TLPModel(cfg).apply({"params": params}, _x(4, cfg))
+  out = jax.jit(TLPModel(cfg).apply)({"params": params}, _x(4, cfg))
   assert out.shape == (4, num_heads)
   assert out.dtype == jnp.float32
   # Original layer widths.
@@ -71,7 +75,7 @@ def test_gradient_from_one_head_changes_only_that_head():
     return loss_fn(model.apply({"params": p}, x), labels, mask)
 
   tx = optax.sgd(0.1)
-  grads = jax.grad(objective)(params)
+  grads = jax.jit(jax.grad(objective))(params)
   updates, _ = tx.update(grads, tx.init(params))
   new = optax.apply_updates(params, updates)
   for name in ("dense_0", "dense_1"):
