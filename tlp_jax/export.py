@@ -145,7 +145,7 @@ def main(argv: Sequence[str]) -> None:
   fl = flags.FLAGS
   arrays = export_workdir(fl.workdir, fl.out, fl.which)
   logging.info("wrote %s: %d arrays, heads %s, step %d", fl.out, len(arrays),
-               list(arrays[npred.META_HARDWARE]), int(arrays[npred.META_STEP]))
+               [str(h) for h in arrays[npred.META_HARDWARE]], int(arrays[npred.META_STEP]))
 
 
 if __name__ == "__main__":
