@@ -135,8 +135,8 @@ def main() -> None:
   results["predict_one_task"] = per_s(_time(lambda: predictor.predict(task_feats),
                                             args.repeats))
   all_feats = feats[: (len(feats) // b) * b]
-  results["predict_all_records_batch_4096"] = per_s(
-      _time(lambda: predictor.predict(all_feats, batch_size=4096), 2), len(all_feats))
+  results["predict_all_records_default_chunks"] = per_s(
+      _time(lambda: predictor.predict(all_feats), 2), len(all_feats))
   if args.heads > 1:
     results["predict_mixed_all_heads"] = per_s(_time(
         lambda: predictor.predict(feats[mixed_idx[0]], hw="all"), args.repeats))
