@@ -341,13 +341,13 @@ class Featurizer:
         self.crop: tuple[int, int] = (int(crop[0]), int(crop[1]))
         self._vocab = Vocabulary.original(platform) if vocab is None else vocab
         if self._vocab.platform != platform:
-            raise ValueError(f"vocabulary is for {self.vocab.platform!r}, featurizer for "
+            raise ValueError(f"vocabulary is for {self._vocab.platform!r}, featurizer for "
                              f"{platform!r}")
         self.stats: collections.Counter = collections.Counter()
         self.cache_size = int(cache_size)
         # Rows kept in the cache were made under this one-hot width; a new kind invalidates them.
-        self._layout = self.vocab.one_hot_width
-        self._kinds = self.vocab.kinds  # grows in place: a cheap check that the layout held
+        self._layout = self._vocab.one_hot_width
+        self._kinds = self._vocab.kinds  # grows in place: a cheap check that the layout held
         self._num_kinds = len(self._kinds)
         self._value_width = min(self.full_width, self.crop[1])
         self._row_bytes = 4 * self.crop[1]
@@ -373,7 +373,7 @@ class Featurizer:
     @property
     def layout(self) -> int:
         """One-hot width of the features this featurizer produces now (11 = original)."""
-        return self.vocab.one_hot_width
+        return self._vocab.one_hot_width
 
     # ---- reference per-step path ---------------------------------------------------------
 
@@ -385,7 +385,7 @@ class Featurizer:
             return False
         if isinstance(value, str):
             ns = token_namespace(kind, value)
-            tid = self.vocab.token_id(ns, value, stats)
+            tid = self._vocab.token_id(ns, value, stats)
             vec.append(tid)
             if in_list:
                 stats[STAT_IRREGULAR_LIST_ITEMS] += 1
@@ -444,9 +444,9 @@ class Featurizer:
             stats[STAT_BAD_STEPS] += 1
             return bytes(self._row_bytes), True
         kind = step[0]
-        kid = self.vocab.kind_id(kind, stats)
+        kid = self._vocab.kind_id(kind, stats)
         events = kid == 0
-        vec: list = [0] * self.vocab.one_hot_width
+        vec: list = [0] * self._vocab.one_hot_width
         if kid:
             vec[kid - 1] = 1
         append = vec.append
@@ -477,10 +477,10 @@ class Featurizer:
             raise TypeError(f"steps must be a list of steps, got {type(steps).__name__}")
         stats = self.stats if stats is None else stats
         while True:
-            layout = self.vocab.one_hot_width
+            layout = self._vocab.one_hot_width
             scratch: collections.Counter = collections.Counter()
             rows = [self.step_row(st, scratch).row for st in steps]
-            if self.vocab.one_hot_width == layout:
+            if self._vocab.one_hot_width == layout:
                 break
             # A new kind widened the one-hot block mid-record: the earlier rows are stale.
             # Only the vocabulary additions of the first attempt are kept.
@@ -501,12 +501,12 @@ class Featurizer:
     def _check_layout(self, stats: MutableMapping[str, int]) -> bool:
         """Drops cached rows when the one-hot width changed; True if it did."""
         self._num_kinds = len(self._kinds)
-        width = self.vocab.one_hot_width
+        width = self._vocab.one_hot_width
         if width == self._layout:
             return False
         logging.warning("one-hot width grew from %d to %d (vocabulary now has %d kinds): "
                         "features made before with this featurizer have a different layout",
-                        self._layout, width, len(self.vocab.kinds))
+                        self._layout, width, len(self._vocab.kinds))
         stats[STAT_LAYOUT_CHANGES] += 1
         self._layout = width
         self.clear_cache()
@@ -531,10 +531,10 @@ class Featurizer:
         stats = self.stats if stats is None else stats
         self._check_layout(stats)  # the vocabulary may be shared and have grown elsewhere
         while True:
-            layout = self.vocab.one_hot_width
+            layout = self._vocab.one_hot_width
             scratch: collections.Counter = collections.Counter()
             parts = [self._record_bytes(steps, scratch) for steps in list_of_steps]
-            if self.vocab.one_hot_width == layout:
+            if self._vocab.one_hot_width == layout:
                 break
             self._check_layout(stats)
             self._note_layout_change(stats, scratch)
@@ -675,7 +675,7 @@ class Featurizer:
                     except (ValueError, RecursionError):
                         return False
                     todo.append((piece, step, canonical_steps_json(step)))
-            layout = self.vocab.one_hot_width
+            layout = self._vocab.one_hot_width
             scratch: collections.Counter = collections.Counter()
             for piece, step, canonical in todo:
                 row, events = self._step_row(step, scratch)
@@ -686,7 +686,7 @@ class Featurizer:
                     else:
                         other[piece] = (row, canonical)
             self._note_layout_change(stats, scratch)
-            if not self._check_layout(stats) and self.vocab.one_hot_width == layout:
+            if not self._check_layout(stats) and self._vocab.one_hot_width == layout:
                 return True
 
     def _step_texts_slow(self, pieces: list[bytes],
