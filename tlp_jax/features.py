@@ -359,6 +359,7 @@ class Featurizer:
         self._text_other: dict[bytes, tuple[bytes, bytes]] = {}
         self._key_rows: dict[bytes, bytes] = {}
         self._get_text_row = self._text_rows.__getitem__  # the caches are only ever cleared
+        self._scratch: collections.Counter = collections.Counter()
 
     @property
     def vocab(self) -> Vocabulary:
@@ -446,7 +447,8 @@ class Featurizer:
         kind = step[0]
         kid = self._vocab.kind_id(kind, stats)
         events = kid == 0
-        vec: list = [0] * self._vocab.one_hot_width
+        num_kinds = len(self._kinds)  # the one-hot width, max(11, kinds), inlined: hot path
+        vec: list = [0] * (num_kinds if num_kinds > ONE_HOT_MIN_WIDTH else ONE_HOT_MIN_WIDTH)
         if kid:
             vec[kid - 1] = 1
         append = vec.append
@@ -675,8 +677,9 @@ class Featurizer:
                     except (ValueError, RecursionError):
                         return False
                     todo.append((piece, step, canonical_steps_json(step)))
-            layout = self._vocab.one_hot_width
-            scratch: collections.Counter = collections.Counter()
+            num_kinds = len(self._kinds)
+            scratch = self._scratch
+            scratch.clear()
             for piece, step, canonical in todo:
                 row, events = self._step_row(step, scratch)
                 if not events:
@@ -685,8 +688,11 @@ class Featurizer:
                         simple[piece] = row
                     else:
                         other[piece] = (row, canonical)
-            self._note_layout_change(stats, scratch)
-            if not self._check_layout(stats) and self._vocab.one_hot_width == layout:
+            if scratch:
+                self._note_layout_change(stats, scratch)
+            # No new kind: the layout held. A new kind that widened the one-hot block emptied
+            # the cache (_check_layout): fill it again in the new layout.
+            if len(self._kinds) == num_kinds or not self._check_layout(stats):
                 return True
 
     def _step_texts_slow(self, pieces: list[bytes],
