@@ -33,7 +33,8 @@ class LossConfig:
   """Loss hyper-parameters. Defaults are TLP's.
 
   Attributes:
-    name: key of ``LOSSES`` ("lambdarank" or "mse").
+    name: key of ``LOSSES``: "lambdarank" (TLP), "mse" (TLP's alternative), or this project's
+      log-scale losses "mse_log" and "pairwise_log".
     sigma: LambdaRank sigmoid scale.
     eps: LambdaRank clamp floor.
     k: LambdaRank NDCG truncation (``None`` = whole list, as TLP trains).
@@ -119,9 +120,53 @@ def mse_head(preds: Array, labels: Array, valid: Array, groups: Array,
   return jnp.sum(err * err) / jnp.maximum(jnp.sum(valid), 1)
 
 
+# Scores below this floor are treated as equal to it in the log-scale losses (TLP's eval uses the
+# same 1e-5 floor when it turns scores back into latencies).
+_LOG_SCORE_FLOOR = 1e-5
+
+
+def _log_scores(labels: Array, valid: Array) -> Array:
+  return jnp.where(valid, jnp.log(jnp.maximum(labels.astype(jnp.float32), _LOG_SCORE_FLOOR)),
+                   0.0)
+
+
+def mse_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
+                 config: LossConfig) -> Array:
+  """MSE between the prediction and ``log(score)`` = ``-log(cost / min_cost)``.
+
+  Not in TLP. The score ``min_cost / cost`` squashes every slow program towards 0, so a program
+  7x slower than the best (0.14) and one 120x slower (0.008) look alike to a loss on scores,
+  while top-k punishes picking the second one 17 times harder. On the log scale they are
+  ``log(7)`` apart.
+  """
+  del groups, config
+  err = jnp.where(valid, preds.astype(jnp.float32) - _log_scores(labels, valid), 0.0)
+  return jnp.sum(err * err) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def pairwise_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
+                      config: LossConfig) -> Array:
+  """Pairwise logistic (RankNet) loss with each pair weighted by ``log(y_i / y_j)``.
+
+  Not in TLP. Over the pairs of comparable items (same group when ``group_by_task``) with
+  ``y_i > y_j``: ``-sum w_ij * log_sigmoid(sigma * (s_i - s_j)) / sum w_ij`` with
+  ``w_ij = log(y_i) - log(y_j)``, i.e. how many times slower ``j`` is than ``i`` (in nats). A
+  mis-ordered pair costs in proportion to the latency ratio it gets wrong, which is what the
+  top-k ratio measures.
+  """
+  preds = preds.astype(jnp.float32)
+  log_y = _log_scores(labels, valid)
+  comparable = (groups[:, None] == groups[None, :]) & valid[:, None] & valid[None, :]
+  weights = jnp.where(comparable, jnp.maximum(log_y[:, None] - log_y[None, :], 0.0), 0.0)
+  log_p = jax.nn.log_sigmoid(config.sigma * (preds[:, None] - preds[None, :]))
+  return -jnp.sum(weights * log_p) / jnp.maximum(jnp.sum(weights), config.eps)
+
+
 LOSSES: dict[str, HeadLoss] = {
     "lambdarank": lambdarank_head,
     "mse": mse_head,
+    "mse_log": mse_log_head,
+    "pairwise_log": pairwise_log_head,
 }
 
 
