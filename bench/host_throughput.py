@@ -1,0 +1,162 @@
+r"""Host-side throughput on this (CPU-only) machine, aggregated from the per-stage benchmarks.
+
+Runs, each in its own process (so one stage's memory and threads don't colour the next):
+
+* ``bench/featurize_throughput.py`` -- TenSet records -> TLP features, records/s;
+* ``bench/dataset_build.py`` -- TFDS dataset build, first (decode + cache) and cached array
+  loads, examples/s (``--scale_records`` replicated records for a TenSet-scale build);
+* ``bench/predictor_throughput.py`` -- the pure-NumPy predictor, programs/s;
+
+then writes one summary ``bench/results/host-<cpu>-<N>core.json`` (the stage reports inside)
+and prints a table. ``--reuse`` aggregates the stage JSONs already in ``--stage_dir`` instead of
+running the stages again.
+
+    python bench/host_throughput.py [--scale_records 200000] [--reuse]
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_BENCH = os.path.dirname(os.path.abspath(__file__))
+_RESULTS = os.path.join(_BENCH, "results")
+
+_TENSET_DIR = flags.DEFINE_string("tenset_dir", "/work/shared/tenset-mini", "TenSet root.")
+_SCALE = flags.DEFINE_integer("scale_records", 200_000,
+                              "dataset_build.py --scale_records (0 = skip the scale run).")
+_STAGE_DIR = flags.DEFINE_string("stage_dir", _RESULTS, "Where the stage JSONs are written/read.")
+_OUT = flags.DEFINE_string("out", None, "Summary JSON (default results/host-<cpu>-<N>core.json).")
+_REUSE = flags.DEFINE_bool("reuse", False, "Aggregate existing stage JSONs; run nothing.")
+_TIMEOUT = flags.DEFINE_integer("stage_timeout_s", 3600, "Per-stage time limit.")
+
+STAGES = {  # name -> (script, its JSON, extra arguments builder)
+    "featurize": ("featurize_throughput.py", "featurize_throughput.json",
+                  lambda: ["--tenset_dir", _TENSET_DIR.value]),
+    "dataset_build": ("dataset_build.py", "dataset_build.json",
+                      lambda: ["--tenset_dir", _TENSET_DIR.value,
+                               "--scale_records", str(_SCALE.value)]),
+    "predictor": ("predictor_throughput.py", "predictor_throughput.json",
+                  lambda: ["--records",
+                           os.path.join(_TENSET_DIR.value, "measure_records", "epyc-9004")]),
+}
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "cpu"
+
+
+def run_stage(name: str) -> dict[str, Any]:
+  """Runs one stage script; returns its JSON plus wall time (or the error)."""
+  script, out_name, extra = STAGES[name]
+  out = os.path.join(_STAGE_DIR.value, out_name)
+  cmd = [sys.executable, os.path.join(_BENCH, script), "--out", out] + extra()
+  logging.info("running %s", " ".join(cmd))
+  t0 = time.time()
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value,
+                        check=False)
+  wall = time.time() - t0
+  if proc.returncode != 0:
+    logging.error("%s failed (rc %d):\n%s", name, proc.returncode, proc.stderr[-3000:])
+    return {"error": f"rc {proc.returncode}: {proc.stderr[-1000:]}", "wall_s": wall}
+  return {"report": load_stage(name), "wall_s": wall}
+
+
+def load_stage(name: str) -> dict[str, Any]:
+  path = os.path.join(_STAGE_DIR.value, STAGES[name][1])
+  with open(path) as f:
+    return json.load(f)
+
+
+def summarize(stages: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+  """(stage, quantity, value) rows of the headline numbers."""
+  rows: list[tuple[str, str, str]] = []
+
+  def rep(name):
+    return stages.get(name, {}).get("report") or {}
+
+  feat = rep("featurize").get("results", {})
+  for method, r in feat.items():
+    rows.append(("featurize", f"{method} records/s (wall, best)",
+                 f"{r.get('records_per_s_wall_best', float('nan')):,.0f}"))
+  build = rep("dataset_build")
+  if "tenset_mini_build" in build:
+    b = build["tenset_mini_build"]
+    n = sum(b.get("records_read", {}).values())
+    rows.append(("dataset_build", f"tenset-mini build, {len(b['configs'])} configs (s)",
+                 f"{b['seconds']:.1f} ({n / b['seconds']:,.0f} records/s)"))
+  for r in build.get("tenset_mini_load", []):
+    rows.append(("array_load", f"{r['config']}: first / cached full read (examples/s)",
+                 f"{r['first_load_examples_per_s']:,.0f} / "
+                 f"{r['cached_full_read_examples_per_s']:,.0f}"))
+  if "scale_run" in build:
+    s = build["scale_run"]
+    rows.append(("dataset_build", f"scale run {s['records']:,} replicated records",
+                 f"{s['build_records_per_s']:,.0f} records/s build; "
+                 f"{s['load']['first_load_examples_per_s']:,.0f} ex/s first load; "
+                 f"{s['load']['cached_full_read_examples_per_s']:,.0f} ex/s cached"))
+  for k, v in rep("predictor").get("programs_per_s", {}).items():
+    rows.append(("numpy_predictor", f"{k} programs/s", f"{v:,.0f}"))
+  for name, st in stages.items():
+    if "error" in st:
+      rows.append((name, "ERROR", st["error"][:120].replace("\n", " ")))
+  return rows
+
+
+def main(argv):
+  del argv
+  stages: dict[str, dict[str, Any]] = {}
+  load_start = os.getloadavg()[0]
+  for name in STAGES:
+    if _REUSE.value:
+      try:
+        stages[name] = {"report": load_stage(name)}
+      except (OSError, json.JSONDecodeError) as e:
+        stages[name] = {"error": f"cannot read stage JSON: {e}"}
+    else:
+      stages[name] = run_stage(name)
+  rows = summarize(stages)
+  cpu = _cpu_name()
+  ncpu = os.cpu_count() or 0
+  out = _OUT.value or os.path.join(
+      _RESULTS, f"host-{re.sub(r'[^a-z0-9]+', '-', cpu.lower()).strip('-')}-{ncpu}core.json")
+  summary = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "machine": {"cpu": cpu, "cpu_count": ncpu, "platform": platform.platform(),
+                  "python": platform.python_version(), "loadavg_1m_start": load_start,
+                  "loadavg_1m_end": os.getloadavg()[0]},
+      "note": "shared 2-core machine: other processes ran at the same time (see load averages "
+              "in each stage's machine info); treat numbers as lower bounds",
+      "reused_stage_json": _REUSE.value,
+      "table": [list(r) for r in rows],
+      "stages": stages}
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(summary, f, indent=1)
+  width = max(len(r[1]) for r in rows) if rows else 10
+  print(f"{'stage':<16} {'quantity':<{width}} value")
+  for stage, what, value in rows:
+    print(f"{stage:<16} {what:<{width}} {value}")
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
