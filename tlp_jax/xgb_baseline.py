@@ -389,7 +389,136 @@ def run(tenset_dir: str, hardware: Iterable[str] | None = None,
       first.save_npz(path)
       entry["predictions_npz"] = path
     report[hw] = entry
-    logging.info("%s: XGB pooled top-1 %.3f top-5 %.3f (mean of %d runs)", hw,
-                 entry["xgb_over_runs"]["pooled top-1"]["mean"],
-                 entry["xgb_over_runs"]["pooled top-5"]["mean"], repeats)
+    k = config.ks[0]
+    logging.info("%s: XGB pooled top-%d %.3f (mean of %d runs)", hw, k,
+                 entry["xgb_over_runs"][f"pooled top-{k}"]["mean"], repeats)
   return report
+
+
+def align_to_split(pred_npz: Mapping[str, np.ndarray], arrays, hw: str,
+                   split: str = "test") -> np.ndarray:
+  """Per-program XGB predictions aligned with a ``DatasetArrays`` split, for ``eval_lib``.
+
+  The dataset arrays carry no program keys, so programs are matched within each task by their
+  true score ``min_cost / cost`` (the label both sides compute from the same records), nearest
+  first. Programs with equal scores have equal latencies, so whichever of them receives which
+  prediction, every top-k value is unchanged.
+
+  Returns:
+    ``(num_split_programs,)`` float64; NaN where the split has no valid program on ``hw`` or no
+    prediction matched.
+
+  Raises:
+    ValueError: a task's programs cannot all be matched (different records on the two sides).
+  """
+  from tlp_jax import eval_lib  # pylint: disable=import-outside-toplevel
+  h = eval_lib.hardware_index(arrays.hardware, hw)
+  s = getattr(arrays, split)
+  out = np.full(s.task_index.shape[0], np.nan, dtype=np.float64)
+  keys = np.asarray(pred_npz["workload_keys"])
+  lat = np.asarray(pred_npz["latency"], dtype=np.float64)
+  pred = np.asarray(pred_npz["pred"], dtype=np.float64)
+  by_task: dict[str, np.ndarray] = {}
+  for k in np.unique(keys):
+    idx = np.flatnonzero(keys == k)
+    by_task[str(k)] = idx
+  valid = np.asarray(s.mask[:, h], dtype=bool)
+  task_keys = arrays.tasks.workload_keys
+  for t in np.unique(s.task_index[valid]):
+    rows = np.flatnonzero(valid & (s.task_index == t))
+    key = task_keys[int(t)]
+    cand = by_task.get(key)
+    if cand is None:
+      raise ValueError(f"no XGB predictions for task {key}")
+    if cand.size != rows.size:
+      raise ValueError(f"task {key}: {rows.size} programs in the dataset, {cand.size} predicted")
+    theirs = np.asarray(s.scores[rows, h], dtype=np.float64)
+    ours = lat[cand].min() / lat[cand]
+    # Sorting both sides by score pairs equal-score programs among themselves.
+    a, b = rows[np.argsort(theirs, kind="stable")], cand[np.argsort(ours, kind="stable")]
+    diff = np.abs(np.sort(theirs) - np.sort(ours))
+    if diff.max(initial=0.0) > 1e-5:
+      raise ValueError(f"task {key}: scores differ by up to {diff.max():.2e}; not the same records")
+    out[a] = pred[b]
+  return out
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("tenset_dir", None, "TenSet-layout root (needs network_info/all_tasks.pkl).",
+                      required=True)
+  flags.DEFINE_list("hardware", None, "Hardware folders (default: all).")
+  flags.DEFINE_integer("repeats", 3, "XGB runs per hardware (TVM's features are not "
+                       "deterministic, so results vary run to run).")
+  flags.DEFINE_boolean("train_on_failed", False, "Also train on failed measurements.")
+  flags.DEFINE_string("predictions_dir", None, "Where xgb_predictions_<hw>.npz go.")
+  flags.DEFINE_string("data_dir", None, "Built dataset (data_pipelines.build) for TLP rows.")
+  flags.DEFINE_list("tlp", [], "HW=MODEL pairs: an exported .npz or a training workdir per "
+                    "hardware, evaluated with eval_lib next to the XGB row.")
+  flags.DEFINE_string("out", "bench/results/xgb_baseline.json", "Summary JSON.")
+
+
+def _pooled(rows: Mapping, name: str) -> dict:
+  r = rows[name]
+  return {"pooled": {k: r["pooled"][k] for k in ("top-1", "top-5")},
+          "mean": {k: r["mean"][k] for k in ("top-1", "top-5")}}
+
+
+def main(argv) -> None:
+  """CLI: XGB baseline per hardware, optionally next to TLP models via eval_lib."""
+  del argv
+  import json  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  cfg = XGBBaselineConfig(train_on_failed=f.train_on_failed)
+  pred_dir = f.predictions_dir or os.path.dirname(os.path.abspath(f.out))
+  report = run(f.tenset_dir, f.hardware, cfg, out_dir=pred_dir, repeats=f.repeats)
+  tlp_models = dict(item.split("=", 1) for item in f.tlp)
+  summary = {"tenset_dir": os.path.abspath(f.tenset_dir), "config": dataclasses.asdict(cfg),
+             "repeats": f.repeats, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "hardware": {}}
+  for hw, entry in report.items():
+    out = {"xgb_first_run": {k: entry["runs"][0]["xgb"][k] for k in ("pooled", "mean")},
+           "xgb_over_runs": entry["xgb_over_runs"],
+           "xgb_runs_pooled": [[r["xgb"]["pooled"]["top-1"], r["xgb"]["pooled"]["top-5"]]
+                               for r in entry["runs"]],
+           "info": entry["info"], "predictions_npz": entry.get("predictions_npz")}
+    model = tlp_models.get(hw)
+    if model and f.data_dir:
+      from tlp_jax import eval_lib, input_pipeline  # pylint: disable=import-outside-toplevel
+      arrays = input_pipeline.load_arrays(f.data_dir, eval_lib.resolve_config(f.data_dir, hw))
+      with np.load(entry["predictions_npz"], allow_pickle=False) as z:
+        aligned = align_to_split(dict(z), arrays, hw)
+      is_npz = model.endswith(".npz")
+      xgb_row = "Ansor XGBModel (TVM 0.19, run 1)"
+      ev = eval_lib.run(hw=hw, data_dir=f.data_dir, model_path=model if is_npz else None,
+                        workdir=None if is_npz else model,
+                        extra_predictions={xgb_row: aligned})
+      rows = ev["rows"]
+      tlp_row = next(n for n in rows if n not in (xgb_row, eval_lib.RANDOM_ROW,
+                                                   eval_lib.ORACLE_ROW))
+      out["tlp"] = {"model": model, "row": tlp_row, **_pooled(rows, tlp_row)}
+      out["xgb_via_eval"] = _pooled(rows, xgb_row)
+      out["random_expectation"] = _pooled(rows, eval_lib.RANDOM_ROW)
+      out["eval_per_network"] = {n: rows[n]["per_network"] for n in rows}
+    else:
+      out["tlp"] = None
+      out["tlp_note"] = "no trained TLP model given for this hardware"
+    summary["hardware"][hw] = out
+  os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+  with open(f.out, "w", encoding="utf-8") as fh:
+    json.dump(summary, fh, indent=1)
+  for hw, out in summary["hardware"].items():
+    o = out["xgb_over_runs"]
+    line = (f"{hw}: XGB pooled top-1 {o['pooled top-1']['mean']:.3f}+-{o['pooled top-1']['std']:.3f}"
+            f" top-5 {o['pooled top-5']['mean']:.3f}+-{o['pooled top-5']['std']:.3f}")
+    if out["tlp"]:
+      line += (f" | TLP pooled top-1 {out['tlp']['pooled']['top-1']:.3f} "
+               f"top-5 {out['tlp']['pooled']['top-5']:.3f}")
+    print(line)
+  print(f"wrote {f.out}")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)
