@@ -116,6 +116,13 @@ def main(argv):
             num_bytes += len(data)
             num_lines += data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
 
+    read_stats = records_lib.ReadStats()
+    for files in groups.values():
+        featurizer = features_lib.Featurizer(_platform_of_folder(files))
+        for path in files:
+            read_stats += records_lib.read_task_file(path, featurizer=featurizer).stats
+    read_stats.examples = read_stats.examples[:5]
+
     methods = {"fast": run_fast,
                "full_parse": lambda g: run_fast(g, fast=False),
                "original_loop": run_original}
@@ -149,6 +156,7 @@ def main(argv):
         "note": ("records/s counts input lines (kept + failed + malformed) per second of one "
                  "process; cpu = process_time, wall = perf_counter; the machine may be shared, "
                  "so cpu time is the steadier measure."),
+        "read_stats": read_stats.to_dict(),
         "repeats": _REPEATS.value,
         "results": results,
     }
