@@ -12,12 +12,15 @@ record it can handle, and extends it where the original would assert:
   entries are the original TLP tables. A growing vocabulary appends entries the original
   tables lack (a new unroll value gets the next id after the table's maximum); a ``frozen``
   one (an exported model) maps them to 0 and counts them.
-* The one-hot block is ``max(11, number of kinds)`` wide. With the 11 original kinds (all that
-  occur in TenSet) every vector is bit-identical to the original. **Consequence**: a 12th kind
-  widens the one-hot block, which shifts every later column of *every* step by one, so the
-  features of a dataset are only consistent when all of them were made with the same
-  vocabulary size; :attr:`Featurizer.layout` tells which layout a featurizer currently
-  produces, and the featurizer logs a warning when it changes.
+* The one-hot block is ``max(11, number of kinds)`` wide. With the 11 original kinds (the
+  original tables were built from TenSet; every kind in tenset-mini's llvm records is in them)
+  every vector is bit-identical to the original. **Consequence**: a 12th kind widens the
+  one-hot block, which shifts every later column of *every* step by one (and pushes one more
+  argument column out of the crop), so features are only consistent when all of them were
+  made with the same number of kinds, and a model only accepts features of the layout it was
+  trained on. :attr:`Featurizer.layout` tells the current layout; the featurizer drops its
+  cached rows and logs a warning when it changes; the record reader re-reads a file during
+  which it changed; a frozen vocabulary (prediction time) never changes it.
 * Never a crash on content: float fields are appended (and counted), unsupported values
   (None, dicts) become 0 and are counted, over-wide steps and over-long sequences are cropped
   and counted. Counters are plain ``collections.Counter`` objects with the ``STAT_*`` keys.
