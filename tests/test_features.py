@@ -1,5 +1,6 @@
 """Tests of the TLP featurizer: hand-derived vectors, crops, vocabulary, cached paths."""
 
+import hashlib
 import json
 import logging
 import os
@@ -250,8 +251,10 @@ def test_program_key_is_stable_and_format_independent():
     assert canon == json.dumps(steps).encode()
     assert F.canonical_steps_json(json.loads(json.dumps(steps, indent=1))) == canon
     key = F.program_key(canon)
-    assert 0 <= key < 2 ** 64
-    assert key == F.program_key(b"" + canon)  # pure function of the bytes
+    # The documented definition, computed independently: BLAKE2b-64 of json.dumps, little-endian.
+    want = int.from_bytes(hashlib.blake2b(json.dumps(steps).encode(), digest_size=8).digest(),
+                          "little")
+    assert key == want and 0 <= key < 2 ** 64
     assert key != F.program_key(F.canonical_steps_json(_real_steps()[0]))
 
 
