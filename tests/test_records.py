@@ -290,3 +290,13 @@ def test_without_orjson_the_reader_gives_the_same_output(monkeypatch):
         got = R.read_task_file(p, featurizer=F.Featurizer("llvm"))
         _assert_same(got, w)
         assert got.stats.fast_path_lines == w.stats.fast_path_lines > 0
+
+
+def test_crlf_files_read_like_lf_files(tmp_path):
+    with open(_fixture("labels_task.json"), "rb") as f:
+        data = f.read()
+    path = tmp_path / "crlf.json"
+    path.write_bytes(data.replace(b"\n", b"\r\n"))
+    crlf = R.read_task_file(str(path))
+    _assert_same(crlf, R.read_task_file(_fixture("labels_task.json")))
+    assert crlf.stats.fast_path_lines == crlf.stats.lines == 5
