@@ -123,6 +123,7 @@ def main(argv):
             read_stats += records_lib.read_task_file(path, featurizer=featurizer).stats
     read_stats.examples = read_stats.examples[:5]
 
+    load_at_start = os.getloadavg()[0]
     methods = {"fast": run_fast,
                "full_parse": lambda g: run_fast(g, fast=False),
                "original_loop": run_original}
@@ -152,6 +153,7 @@ def main(argv):
         "machine": {"cpu_model": _cpu_model(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "numpy": np.__version__, "platform": platform.platform(),
+                    "load_avg_1m_at_start": load_at_start,
                     "load_avg_1m_at_end": os.getloadavg()[0]},
         "note": ("records/s counts input lines (kept + failed + malformed) per second of one "
                  "process; cpu = process_time, wall = perf_counter; the machine may be shared, "

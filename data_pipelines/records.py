@@ -441,7 +441,7 @@ class _FileReader:
                 k = line.find(sep, hlen)
                 if k >= 0:
                     try:
-                        res = loads(line[k + seplen:len(line) - tlen])
+                        res = loads(line[k + seplen:-tlen])
                     except ValueError:
                         res = None
                     # orjson never yields inf/nan, and min() > 0.0 raises TypeError unless all
