@@ -5,9 +5,10 @@ Exactly how ANCHORS.md's "Ansor XGBModel" row was made: TVM's own
 throughput, early stopping on the training set) is ``update()``-d once with every record of the
 training tasks (the tasks outside the hold-out networks; records with an error code are left
 out, as in ANCHORS.md -- ``train_on_failed`` keeps them, as Ansor's tuner would), then
-``predict()``-s every program of each hold-out task from its rebuilt state (per-store features, ``get_per_store_features_from_states``). The predictions are scored
-with :mod:`tlp_jax.metrics` top-k on the hold-out networks over the valid (error-free) programs,
-i.e. the same records, split and metric as ``eval.py``.
+``predict()``-s every program of each hold-out task from its rebuilt state (per-store
+features, ``get_per_store_features_from_states``). The predictions are scored with
+:mod:`tlp_jax.metrics` top-k on the hold-out networks over the valid (error-free) programs, i.e.
+the same records, split and metric as ``eval.py``.
 
 The hold-out split is :mod:`data_pipelines.network_info`'s (default hold-out for the directory,
 every workload key of a hold-out network is test-only), so it is identical to the dataset's.
