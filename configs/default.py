@@ -51,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Loss: tlp_jax.losses.LossConfig.
   config.loss = "lambdarank"
   config.group_by_task = False
+  # "random" (TLP: rows shuffled freely) or "by_task" (whole tasks per batch, for group_by_task).
+  config.batch_order = "random"
 
   # Optimizer and schedule (keys of train_lib.OPTIMIZERS / train_lib.SCHEDULES).
   config.optimizer = "adamw"

@@ -270,13 +270,25 @@ def few_shot_mask(mask: np.ndarray, num_labels: int, fraction: float, seed: int)
   return out
 
 
+BATCH_ORDERS = ("random", "by_task")
+
+
 def epoch_order(seed: int, epoch: int, n: int, steps_per_epoch: int,
-                global_batch: int) -> tuple[np.ndarray, np.ndarray]:
+                global_batch: int, task_index: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
   """Row order of one epoch padded to whole batches: ``(order, valid)``, both ``(S * B,)``.
 
+  With ``task_index`` (``batch_order="by_task"``) the epoch visits whole tasks in a random
+  order, each task's programs shuffled, so a batch holds all programs of a few tasks and a
+  within-task ranking loss sees every pair of them; without it (TLP) rows are shuffled freely.
   Padding rows point at row 0 and are invalid (their labels are masked in the step).
   """
-  perm = np.random.default_rng([seed, _STREAM_SHUFFLE, epoch]).permutation(n).astype(np.int32)
+  rng = np.random.default_rng([seed, _STREAM_SHUFFLE, epoch])
+  perm = rng.permutation(n).astype(np.int32)
+  if task_index is not None:
+    task_index = np.asarray(task_index)
+    task_position = rng.permutation(int(task_index.max()) + 1)[task_index[perm]]
+    perm = perm[np.argsort(task_position, kind="stable")]
   total = steps_per_epoch * global_batch
   order = np.zeros(total, np.int32)
   order[:n] = perm
@@ -838,6 +850,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def host_state() -> TrainState:
     return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], rstate))
 
+  if config.get("batch_order", "random") not in BATCH_ORDERS:
+    raise ValueError(f"config.batch_order must be one of {BATCH_ORDERS}, "
+                     f"got {config.batch_order!r}")
+  order_by_task = train.task_index if config.get("batch_order") == "by_task" else None
   bar = tqdm.tqdm(total=total_steps * layout.global_batch, initial=start_step * layout.global_batch,
                   unit="sample", unit_scale=True, dynamic_ncols=True, disable=not is_chief,
                   desc="train")
@@ -847,7 +863,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     for epoch in range(start_step // steps_per_epoch, num_epochs):
       order, valid = epoch_order(int(config.seed), epoch, train.size, steps_per_epoch,
-                                 layout.global_batch)
+                                 layout.global_batch, order_by_task)
       if placement == "device":
         d_order, d_valid = replicate_to_devices((order, valid), devices)
       for in_epoch in range(step - epoch * steps_per_epoch, steps_per_epoch):

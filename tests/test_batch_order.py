@@ -1,0 +1,26 @@
+"""``batch_order="by_task"``: each epoch visits whole tasks, deterministically from the seed."""
+import numpy as np
+
+from tlp_jax import train_lib
+
+
+def test_by_task_order_keeps_tasks_contiguous_and_covers_every_row_once():
+  task_index = np.random.default_rng(0).integers(0, 7, size=50)
+  order, valid = train_lib.epoch_order(3, 1, 50, steps_per_epoch=4, global_batch=16,
+                                       task_index=task_index)
+  rows = order[valid]
+  assert sorted(rows.tolist()) == list(range(50))
+  tasks = task_index[rows]
+  # Contiguous runs: the number of task changes is the number of distinct tasks minus one.
+  assert np.count_nonzero(np.diff(tasks)) == len(np.unique(task_index)) - 1
+  again, _ = train_lib.epoch_order(3, 1, 50, 4, 16, task_index)
+  np.testing.assert_array_equal(order, again)
+  other_epoch, _ = train_lib.epoch_order(3, 2, 50, 4, 16, task_index)
+  assert not np.array_equal(order, other_epoch)
+
+
+def test_random_order_is_unchanged_by_the_option():
+  order, valid = train_lib.epoch_order(5, 0, 30, 2, 16)
+  expected = np.random.default_rng([5, train_lib._STREAM_SHUFFLE, 0]).permutation(30)
+  np.testing.assert_array_equal(order[valid], expected)
+  assert valid.sum() == 30 and not valid[30:].any()
