@@ -275,7 +275,7 @@ class Predictor:
     return self._featurizer
 
   def _forward(self, x: np.ndarray, heads: np.ndarray) -> np.ndarray:
-    """(B, L, E) float32 -> (B, len(heads)) via per-program row dedup of padding rows."""
+    """(B, L, E) float32 -> (B, len(heads)); the row dedup is explained in the module doc."""
     b, seq, width = x.shape
     valid = np.any(x != 0, axis=-1)
     n_valid = valid.sum(axis=1)
