@@ -466,6 +466,34 @@ class Featurizer:
         row, row_events = self._row_values(vec, stats, not events)
         return row, events or row_events
 
+    def _simple_step_row(self, step: list, stats: MutableMapping[str, int]) -> tuple[bytes, bool]:
+        """:meth:`_step_row` for a step in TVM's simple layout (see ``_SIMPLE_STEP``): only
+        ints below 2**63, int lists and ASCII strings, so no type dispatch or range check."""
+        vocab = self._vocab
+        kind = step[0]
+        kid = vocab.kind_id(kind, stats)
+        events = kid == 0
+        num_kinds = len(self._kinds)
+        vec: list = [0] * (num_kinds if num_kinds > ONE_HOT_MIN_WIDTH else ONE_HOT_MIN_WIDTH)
+        if kid:
+            vec[kid - 1] = 1
+        for value in itertools.islice(step, 1, None):
+            t = type(value)
+            if t is int:
+                vec.append(value)
+            elif t is list:
+                vec.extend(value)
+            else:
+                tid = vocab.token_id(token_namespace(kind, value), value, stats)
+                vec.append(tid)
+                events |= tid == 0
+        if len(vec) > self.full_width:
+            stats[STAT_STEPS_OVER_WIDTH] += 1
+            events = True
+        values = vec[:self._value_width]
+        values.extend(self._zero_values[len(values):])
+        return array.array("f", values).tobytes(), events
+
     def _assemble(self, rows: Iterable[bytes], n_steps: int,
                   stats: MutableMapping[str, int]) -> bytes:
         stats[STAT_RECORDS] += 1
@@ -684,7 +712,10 @@ class Featurizer:
             scratch = self._scratch
             scratch.clear()
             for piece, step, canonical in todo:
-                row, events = self._step_row(step, scratch)
+                if canonical is None:
+                    row, events = self._simple_step_row(step, scratch)
+                else:
+                    row, events = self._step_row(step, scratch)
                 if not events:
                     self._make_room()
                     if canonical is None:
@@ -721,11 +752,11 @@ class Featurizer:
                 continue
             text = b'["' + piece + b"]"
             if _SIMPLE_STEP.fullmatch(piece) is not None:
-                step = _fast_loads(text)
-                canonical = text
-            else:
-                step = json.loads(text.decode("utf-8"))
-                canonical = canonical_steps_json(step)
+                rows.append(self._simple_step_row(_fast_loads(text), stats)[0])
+                canons.append(text)
+                continue
+            step = json.loads(text.decode("utf-8"))
+            canonical = canonical_steps_json(step)
             rows.append(self._step_row(step, stats)[0])
             canons.append(canonical)
         body = self._assemble(iter(rows), len(pieces), stats)
