@@ -2,8 +2,8 @@
 
 Compares, on the same files:
   * ``fast``: ``data_pipelines.records.read_task_file`` (text fast path, cached step rows), one
-    featurizer shared by all files of a platform, as the dataset builder uses it; it starts
-    cold (empty cache) in every repeat;
+    featurizer shared by all files of a platform (all hardware folders), as the dataset builder
+    uses it; it starts cold (empty cache) in every repeat;
   * ``full_parse``: the same reader with ``fast=False`` (json.loads of every line, every step
     featurized from scratch): the reference the fast path is tested against;
   * ``original_loop``: a faithful re-implementation of the original TLP extraction loop
@@ -60,10 +60,13 @@ def _platform_of_folder(files: list[str]) -> str:
 
 
 def run_fast(groups: dict[str, list[str]], fast: bool = True) -> int:
-    """Reads every file with one shared featurizer per hardware folder; returns records kept."""
+    """Reads every file with one featurizer per platform, shared by its hardware folders (as
+    the dataset builder does); returns the number of records kept."""
     kept = 0
+    featurizers: dict[str, features_lib.Featurizer] = {}
     for files in groups.values():
-        featurizer = features_lib.Featurizer(_platform_of_folder(files))
+        plat = _platform_of_folder(files)
+        featurizer = featurizers.setdefault(plat, features_lib.Featurizer(plat))
         for path in files:
             kept += len(records_lib.read_task_file(path, featurizer=featurizer, fast=fast))
     return kept
@@ -117,8 +120,10 @@ def main(argv):
             num_lines += data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
 
     read_stats = records_lib.ReadStats()
+    featurizers: dict[str, features_lib.Featurizer] = {}
     for files in groups.values():
-        featurizer = features_lib.Featurizer(_platform_of_folder(files))
+        plat = _platform_of_folder(files)
+        featurizer = featurizers.setdefault(plat, features_lib.Featurizer(plat))
         for path in files:
             read_stats += records_lib.read_task_file(path, featurizer=featurizer).stats
     read_stats.examples = read_stats.examples[:5]
