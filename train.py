@@ -27,6 +27,18 @@ class _QuietCheckpointing(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _distributed_args(cfg) -> dict:
+  """The explicitly set fields of ``config.distributed`` (the rest is auto-detected by JAX)."""
+  args = {}
+  if cfg.coordinator_address:
+    args["coordinator_address"] = cfg.coordinator_address
+  if cfg.num_processes > 0:
+    args["num_processes"] = cfg.num_processes
+  if cfg.process_id >= 0:
+    args["process_id"] = cfg.process_id
+  return args
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -34,8 +46,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietCheckpointing())
   # Imported here so that jax.distributed.initialize() runs before anything touches a backend.
   import jax  # pylint: disable=g-import-not-at-top
-  if config.distributed:
-    jax.distributed.initialize()
+  if config.distributed.enabled:
+    jax.distributed.initialize(**_distributed_args(config.distributed))
   from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())

@@ -82,6 +82,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoints_to_keep = 2
   config.eval_top_k = (1, 5)
 
-  # Multi-host: call jax.distributed.initialize() (from train.py) before anything else.
-  config.distributed = False
+  # Multi-host: train.py calls jax.distributed.initialize() before anything else. Empty / 0 /
+  # -1 fields are left to JAX's cluster auto-detection (TPU pods, SLURM, Open MPI, ...); set
+  # them for a manual launch (see docs/TRAINING.md).
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.enabled = False
+  config.distributed.coordinator_address = ""
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
   return config

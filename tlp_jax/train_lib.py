@@ -341,6 +341,16 @@ def host_batch(split: Split, rows: np.ndarray, valid: np.ndarray,
           split.task_index[rows].reshape(shape))
 
 
+def first_replica(tree: Any) -> Any:
+  """NumPy copy of this process's first device's slice of pmapped (replicated) outputs.
+
+  Reads only a local shard: indexing the global array (``x[0]``) would run a computation over
+  all processes' devices, which in a multi-host run only process 0 can answer alone and which
+  desynchronises the processes' collective programs.
+  """
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+
+
 def replicate_to_devices(tree: Any, devices: Sequence[Any]) -> Any:
   """Copies every array of ``tree`` to each device, as pmap's ``(devices, ...)`` inputs.
 
@@ -723,9 +733,9 @@ def evaluate(p_eval_step: Callable, params: Any, split: Split, layout: BatchLayo
   for s in range(steps):
     sl = layout.local_slice(s)
     batch = host_batch(split, order[sl], valid[sl], layout)
-    p, per_head = p_eval_step(params, *batch)
-    preds[s * layout.global_batch:(s + 1) * layout.global_batch] = np.asarray(p[0])
-    loss_sum += np.asarray(per_head[0], np.float64)
+    p, per_head = first_replica(p_eval_step(params, *batch))
+    preds[s * layout.global_batch:(s + 1) * layout.global_batch] = p
+    loss_sum += per_head.astype(np.float64)
   preds = preds[:split.size]
   out = {"val_loss": float(loss_sum.sum())}
   for h, name in enumerate(hardware):
@@ -758,6 +768,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     The final state and validation metrics.
   """
+  # pmap wants the *global* device list in multi-process runs (its default); an explicit
+  # subset is for single-process use (tests, 1-device runs).
+  pmap_devices = list(devices) if devices is not None else None
   devices = list(devices) if devices is not None else jax.local_devices()
   layout = BatchLayout.create(int(config.batch_size), devices)
   eval_layout = BatchLayout.create(int(config.eval_batch_size), devices)
@@ -798,6 +811,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state = create_train_state(model_config, tx, int(config.seed))
   latest_mgr, best_mgr = checkpoint_managers(workdir, config.checkpoints_to_keep)
   best_val = math.inf
+  validation: dict[str, Any] = {}
   if latest_mgr.latest_step() is not None or _step_entries(str(latest_mgr.directory)):
     state, meta = restore_checkpoint(latest_mgr, state)
     mismatch = {k: (meta.get(k), v) for k, v in run_identity.items() if meta.get(k) != v}
@@ -805,6 +819,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       raise CheckpointError(
           f"checkpoint {latest_mgr.directory}/{int(state.step)} comes from an incompatible run "
           f"(checkpoint vs now: {mismatch}); use another workdir")
+    validation = dict(meta.get("validation") or {})
     best_val = meta.get("best_val_loss")
     best_val = math.inf if best_val is None else float(best_val)
     logging.info("resumed from %s at step %d (epoch %d, step %d in epoch)",
@@ -821,14 +836,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if placement == "device":
     p_train = jax.pmap(functools.partial(train_step_resident, steps_per_epoch=steps_per_epoch,
                                          global_batch=layout.global_batch, **step_kwargs),
-                       axis_name=AXIS, devices=devices, donate_argnums=(0,))
+                       axis_name=AXIS, devices=pmap_devices, donate_argnums=(0,))
     resident = replicate_to_devices((train.features, train.scores, train.mask, train.task_index),
                                     devices)
   else:
     p_train = jax.pmap(functools.partial(train_step, **step_kwargs), axis_name=AXIS,
-                       devices=devices, donate_argnums=(0,))
+                       devices=pmap_devices, donate_argnums=(0,))
   p_eval = jax.pmap(functools.partial(eval_step, model=model, loss_config=loss_config),
-                    axis_name=AXIS, devices=devices)
+                    axis_name=AXIS, devices=pmap_devices)
   logging.info("training %d records (%s), %d validation, heads %s, %d steps/epoch x %d epochs, "
                "batch %d on %d device(s), data on %s", train.size, model_config, val.size,
                hardware, steps_per_epoch, num_epochs, layout.global_batch, layout.num_devices,
@@ -838,7 +853,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if start_step == 0:
     writer.write_hparams(config.to_dict())
   rstate = replicate_to_devices(state, devices)
-  validation: dict[str, float] = {}
 
   def meta_for(step: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -848,7 +862,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return m
 
   def host_state() -> TrainState:
-    return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], rstate))
+    return first_replica(rstate)
 
   if config.get("batch_order", "random") not in BATCH_ORDERS:
     raise ValueError(f"config.batch_order must be one of {BATCH_ORDERS}, "
@@ -876,7 +890,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         pending.append(m)
         bar.update(layout.global_batch)
         if step % int(config.log_every_steps) == 0 or in_epoch == steps_per_epoch - 1:
-          got = jax.device_get([jax.tree_util.tree_map(lambda x: x[0], p) for p in pending])
+          got = [first_replica(p) for p in pending]
           now = time.time()
           scalars = {"train_loss": float(np.mean([g["loss"] for g in got])),
                      "grad_norm": float(np.mean([g["grad_norm"] for g in got])),
@@ -904,6 +918,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if val.size and math.isfinite(target_loss) and target_loss < best_val:
         best_val = target_loss
         save_checkpoint(best_mgr, hstate, meta_for(step, {"validation": validation}))
+        # Orbax's multi-host barriers are named by step: let this save finish before the
+        # latest manager saves the same step.
+        best_mgr.wait_until_finished()
       save_checkpoint(latest_mgr, hstate, meta_for(step, {"validation": validation}))
   finally:
     bar.close()
