@@ -73,6 +73,15 @@ _SECTIONS = flags.DEFINE_list(
 _TORCH_COMPILE = flags.DEFINE_list("torch_compile_runs", ["tf32:1024", "bf16:1024",
                                                           "bf16:16384"],
                                    "precision:batch pairs for torch.compile.")
+_TORCH_EAGER = flags.DEFINE_list("torch_eager_runs", [],
+                                  "precision:batch pairs of the torch_extra section (eager, "
+                                  "original loop).")
+_CURVE_PRECISIONS = flags.DEFINE_list("curve_precisions", None,
+                                      "Precisions of the JAX loss curves (default --precisions).")
+_CURVE_SEEDS = flags.DEFINE_list("curve_seed_offsets", ["0"],
+                                 "Seed offsets of the JAX curves (>0: a seed-noise reference).")
+_TORCH_CURVE = flags.DEFINE_bool("torch_curve", True, "Also the PyTorch reference curve.")
+_TAG = flags.DEFINE_string("tag", "", "Suffix of the JSON file name (several runs per device).")
 _ROWS = flags.DEFINE_integer("synthetic_rows", 1 << 18, "Rows of the throughput arrays.")
 _MIN_TIME = flags.DEFINE_float("min_time_s", 1.0, "Timed seconds per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats per variant (median kept).")
@@ -717,7 +726,7 @@ def main(argv):
   budget = Budget(_BUDGET.value)
   info = device_info()
   path = os.path.join(_OUT_DIR.value, slug(info["device_kind"]) + (
-      "-smoke" if smoke else "") + ".json")
+      "-smoke" if smoke else "") + (f"-{_TAG.value}" if _TAG.value else "") + ".json")
   report = Report(path, {"device": info, "config": {
       "batches": batches, "precisions": precisions, "synthetic_rows": rows,
       "min_time_s": min_time, "repeats": repeats, "log_every": LOG_EVERY, "scan_k": SCAN_K,
@@ -818,8 +827,13 @@ def main(argv):
       torch_runs(small, precisions, "torch_eager_original")
       torch_runs(small, precisions, "torch_eager_nosync", faithful=False)
     elif section == "curves":
-      run_curves(report, budget, train, val, hardware, ref, batches[0], curve_steps, precisions,
-                 seed, smoke)
+      run_curves(report, budget, train, val, hardware, ref if _TORCH_CURVE.value else None,
+                 batches[0], curve_steps, list(_CURVE_PRECISIONS.value or precisions),
+                 [int(o) for o in _CURVE_SEEDS.value], seed, smoke)
+    elif section == "torch_extra":
+      for spec in _TORCH_EAGER.value:
+        p, b = spec.split(":")
+        torch_runs([int(b) if not smoke else batches[0]], [p], "torch_eager_original")
     elif section == "jax_big":
       jax_runs(big, precisions)
     elif section == "scan":
@@ -850,28 +864,36 @@ def main(argv):
 
 
 def run_curves(report: Report, budget: Budget, train, val, hardware, ref, batch: int,
-               steps: int, precisions: list[str], seed: int, smoke: bool) -> None:
-  """Loss curves on the real arrays: JAX per precision and the PyTorch reference (float32)."""
-  curves: dict[str, Any] = {"batch": batch, "steps": steps, "optimizer": "tlp_original"}
-  base = None
-  order = ["float32"] + [p for p in precisions if p != "float32"]
-  for p in order:
+               steps: int, precisions: list[str], seed_offsets: list[int], seed: int,
+               smoke: bool) -> None:
+  """Loss curves on the real arrays: JAX per precision (and seed) and the PyTorch reference.
+
+  ``jax_float32`` (seed offset 0) is the reference the others are compared with; a float32
+  curve with another seed shows how far two equally good runs drift apart.
+  """
+  curves: dict[str, Any] = dict(report.data.get("curves") or {},
+                                batch=batch, steps=steps, optimizer="tlp_original")
+  base = curves.get("jax_float32", {}).get("loss")
+  runs = [(p, 0) for p in sorted(precisions, key=lambda p: p != "float32") if 0 in seed_offsets]
+  runs += [("float32", o) for o in seed_offsets if o]
+  for p, offset in runs:
+    name = f"jax_{p}" + (f"_seed{seed + offset}" if offset else "")
     if not budget.allows(20.0 if not smoke else 0.5):
-      curves[f"jax_{p}"] = {"skipped": "time budget"}
+      curves[name] = {"skipped": "time budget"}
       continue
     try:
-      c = jax_curve(train, val, batch, steps, p, seed, hardware)
+      c = jax_curve(train, val, batch, steps, p, seed + offset, hardware)
     except Exception as e:  # pylint: disable=broad-except
-      logging.exception("curve %s failed", p)
-      curves[f"jax_{p}"] = {"error": f"{type(e).__name__}: {e}"}
+      logging.exception("curve %s failed", name)
+      curves[name] = {"error": f"{type(e).__name__}: {e}"}
       continue
     c.pop("final_params")
     c.pop("params0")
-    if p == "float32":
+    if name == "jax_float32":
       base = c["loss"]
     elif base is not None:
       c["vs_jax_float32"] = curve_summary(c["loss"], base)
-    curves[f"jax_{p}"] = c
+    curves[name] = c
     report.set("curves", curves)
   if ref is not None and budget.allows(20.0 if not smoke else 0.5):
     try:
