@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -327,3 +328,74 @@ def test_workdir_of_another_run_is_refused(trained, sample_arrays, built_sample_
   config.batch_size = 128
   with pytest.raises(train_lib.CheckpointError, match="incompatible run"):
     train_lib.train_and_evaluate(config, workdir, dataset=sample_arrays("epyc-9004"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-host: two processes (4 CPU devices each, gloo collectives) vs one process of 8 devices
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_processes_train_like_one(built_sample_dataset, tmp_path):
+  overrides = {"num_epochs": 1, "loss": "mse", "data_placement": "host",
+               "checkpoint_every_steps": 0}
+  config = _test_config(built_sample_dataset)
+  for k, v in overrides.items():
+    config[k] = v
+  single = train_lib.train_and_evaluate(config, str(tmp_path / "single"))
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir = str(tmp_path / "multi")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  procs = []
+  for i in range(2):
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
+           os.path.join(REPO, "configs", "test.py"), "--workdir", workdir,
+           f"--config.data_dir={built_sample_dataset}",
+           "--config.distributed.enabled=True",
+           f"--config.distributed.coordinator_address=localhost:{port}",
+           "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
+    cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE))
+  errors = []
+  try:
+    for p in procs:
+      _, err = p.communicate(timeout=300)
+      errors.append(err.decode()[-3000:])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert [p.returncode for p in procs] == [0, 0], errors
+  params, _, meta = train_lib.restore_for_export(workdir, "latest")
+  assert meta["step"] == int(single.state.step)
+  # Same global batches and the same global-batch loss; only the order of the cross-device sums
+  # differs, so the parameters agree to float precision -- except the attention key bias, whose
+  # true gradient is exactly zero (softmax ignores a per-query constant): Adam turns its
+  # rounding-noise gradient into small steps that depend on the summation order.
+  want = dict(jax.tree_util.tree_flatten_with_path(single.state.params)[0])
+  for path, got in jax.tree_util.tree_flatten_with_path(params)[0]:
+    ref = np.asarray(want[path])
+    if jax.tree_util.keystr(path) == "['attention']['key']['bias']":
+      assert np.abs(got - ref).max() < 1e-3
+    else:
+      np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6, err_msg=str(path))
+  np.testing.assert_allclose(meta["validation"]["val_loss"], single.validation["val_loss"],
+                             rtol=1e-3)
+
+
+def test_mtl_heads_target_first_and_few_shot_on_the_joined_dataset(sample_arrays):
+  dataset = sample_arrays("all")
+  config = _config("mtl")
+  columns = train_lib.head_columns(dataset.hardware, config.hardware)
+  assert [dataset.hardware[c] for c in columns] == ["xeon-emr-16c", "epyc-9004"]
+  split = train_lib.select_split(dataset.train, columns)
+  np.testing.assert_array_equal(split.mask[:, 0], dataset.train.mask[:, columns[0]][
+      dataset.train.mask[:, columns].any(axis=1)])
+  assert split.mask.any(axis=1).all()  # rows without any selected label are dropped
+  kept = train_lib.few_shot_mask(split.mask, num_labels=50, fraction=1.0, seed=0)
+  assert kept[:, 0].sum() == 50 and (kept[:, 1] == split.mask[:, 1]).all()
