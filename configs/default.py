@@ -1,8 +1,10 @@
 """Default training config: TLP's CPU (llvm) setting with this project's improvements.
 
-TLP's recipe (``tlp_train.py``) for the model, loss, batch, epochs, learning rate, weight decay and
-gradient clip; the optimizer is AdamW with linear warm-up and cosine decay instead of the
-original's coupled-L2 Adam at a constant rate (``configs/tlp_original.py`` keeps that).
+TLP's recipe (``tlp_train.py``) for the model, batch, epochs, learning rate, weight decay and
+gradient clip, with the changes that won on the hold-out networks (docs/ACCURACY.md): ranking
+within each task (``pairwise_log`` loss, ``group_by_task``, batches of whole tasks), log-scaled
+numeric fields, and AdamW with linear warm-up and cosine decay instead of the original's
+coupled-L2 Adam at a constant rate. ``configs/tlp_original.py`` keeps the original exactly.
 
 Run: ``python train.py --config configs/default.py --workdir /tmp/tlp``; any field can be
 overridden on the command line, e.g. ``--config.batch_size=512``.
@@ -47,12 +49,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.few_shot.fraction = 1.0
 
   config.model = get_model_config()
+  # This project's default (issue 5, docs/ACCURACY.md): log-scaled numeric fields.
+  config.model.input_norm = "log1p"
 
   # Loss: tlp_jax.losses.LossConfig.
-  config.loss = "lambdarank"
-  config.group_by_task = False
+  # TLP ranks the whole batch with LambdaRank (configs/tlp_original.py). This project's default
+  # ranks within each task with latency-ratio-weighted pairs, on batches of whole tasks: top-1 on
+  # the hold-out networks goes from ~0.11 to ~0.49 (docs/ACCURACY.md).
+  config.loss = "pairwise_log"
+  config.group_by_task = True
   # "random" (TLP: rows shuffled freely) or "by_task" (whole tasks per batch, for group_by_task).
-  config.batch_order = "random"
+  config.batch_order = "by_task"
 
   # Optimizer and schedule (keys of train_lib.OPTIMIZERS / train_lib.SCHEDULES).
   config.optimizer = "adamw"

@@ -19,6 +19,7 @@ def get_config():
   config.model = default.get_model_config()
   config.loss = "lambdarank"
   config.group_by_task = False
+  config.batch_order = "random"
   config.optimizer = "adam"
   config.learning_rate = 7e-4
   config.weight_decay = 1e-6
