@@ -14,12 +14,14 @@ Usage (GPU recommended; ~10 s per run on an H100 for tenset-mini):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ast
 import importlib
 import json
 import logging
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -43,7 +45,19 @@ EXPERIMENTS = {
     "orig+padding_mask": ("tlp_original", {"model.padding_mask": True}, "epyc-9004"),
     "orig+mean_pool": ("tlp_original", {"model.pool": "mean_valid"}, "epyc-9004"),
     "orig+batch256": ("tlp_original", {"batch_size": 256}, "epyc-9004"),
-    "orig+adamw_cosine": ("default", {}, "epyc-9004"),
+    "orig+adamw_cosine": ("tlp_original", {"optimizer": "adamw", "schedule": "warmup_cosine",
+                                           "warmup_epochs": 1.0}, "epyc-9004"),
+    # Log-scale losses (this project's; see tlp_jax/losses.py).
+    "orig+mse_log": ("tlp_original", {"loss": "mse_log"}, "epyc-9004"),
+    "orig+pairwise_log": ("tlp_original", {"loss": "pairwise_log"}, "epyc-9004"),
+    "orig+pairwise_log+group": ("tlp_original", {"loss": "pairwise_log", "group_by_task": True},
+                                "epyc-9004"),
+    "pwlog+group+log1p+cosine": ("tlp_original", {
+        "loss": "pairwise_log", "group_by_task": True, "model.input_norm": "log1p",
+        "optimizer": "adamw", "schedule": "warmup_cosine", "warmup_epochs": 1.0}, "epyc-9004"),
+    "mselog+log1p+cosine": ("tlp_original", {
+        "loss": "mse_log", "model.input_norm": "log1p", "optimizer": "adamw",
+        "schedule": "warmup_cosine", "warmup_epochs": 1.0}, "epyc-9004"),
     # Combinations.
     "group+log1p": ("tlp_original", {"group_by_task": True, "model.input_norm": "log1p"},
                     "epyc-9004"),
@@ -53,6 +67,26 @@ EXPERIMENTS = {
                                             "model.padding_mask": True}, "epyc-9004"),
     "group+log1p+cosine+b256": ("default", {"group_by_task": True, "model.input_norm": "log1p",
                                             "batch_size": 256}, "epyc-9004"),
+    # Task-grouped batches (train_lib batch_order="by_task") for the within-task losses.
+    "pwlog+group+bytask": ("tlp_original", {"loss": "pairwise_log", "group_by_task": True,
+                                            "batch_order": "by_task"}, "epyc-9004"),
+    "lrank+group+bytask": ("tlp_original", {"group_by_task": True, "batch_order": "by_task"},
+                           "epyc-9004"),
+    "pwlog+group+bytask+log1p+cosine": ("tlp_original", {
+        "loss": "pairwise_log", "group_by_task": True, "batch_order": "by_task",
+        "model.input_norm": "log1p", "optimizer": "adamw", "schedule": "warmup_cosine",
+        "warmup_epochs": 1.0}, "epyc-9004"),
+    "pwlog+group+bytask+log1p+cosine+e150": ("tlp_original", {
+        "loss": "pairwise_log", "group_by_task": True, "batch_order": "by_task",
+        "model.input_norm": "log1p", "optimizer": "adamw", "schedule": "warmup_cosine",
+        "warmup_epochs": 1.0, "num_epochs": 150}, "epyc-9004"),
+    "pwlog+group+bytask+b256": ("tlp_original", {"loss": "pairwise_log", "group_by_task": True,
+                                                 "batch_order": "by_task", "batch_size": 256},
+                                "epyc-9004"),
+    "pwlog+group+bytask+log1p+cosine+mask": ("tlp_original", {
+        "loss": "pairwise_log", "group_by_task": True, "batch_order": "by_task",
+        "model.input_norm": "log1p", "model.padding_mask": True, "optimizer": "adamw",
+        "schedule": "warmup_cosine", "warmup_epochs": 1.0}, "epyc-9004"),
     # The shipped default (whatever configs/default.py says now).
     "default": ("default", {}, "epyc-9004"),
     "tlp_original@xeon": ("tlp_original", {"hardware": ("xeon-emr-16c",),
@@ -86,6 +120,27 @@ def make_config(module: str, overrides: dict, data_dir: str, seed: int):
   return config
 
 
+def labelled_rows_only(arrays, config):
+  """``arrays`` with the training rows the single-head few-shot run would keep, and no others.
+
+  Applies train_lib's own few-shot selection (same function, mask columns and seed, so the kept
+  labels are exactly those of the multi-head run with the same seed) and drops the rows left
+  without a label: they carry no loss, only compute.
+  """
+  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  cols = train_lib.head_columns(list(arrays.hardware), list(config.hardware))
+  split = train_lib.select_split(arrays.train, cols)
+  mask = train_lib.few_shot_mask(split.mask, int(config.few_shot.num_labels),
+                                 float(config.few_shot.fraction), int(config.seed))
+  rows = np.flatnonzero(mask[:, 0])
+  train = type(arrays.train)(**{f.name: getattr(arrays.train, f.name)[rows]
+                                for f in dataclasses.fields(arrays.train)})
+  train_mask = np.zeros_like(np.asarray(arrays.train.mask)[rows])
+  train_mask[:, cols[0]] = True
+  train = dataclasses.replace(train, mask=train_mask)
+  return dataclasses.replace(arrays, train=train)
+
+
 def _zscore_per_task(pred: np.ndarray, task_index: np.ndarray) -> np.ndarray:
   out = np.empty_like(pred)
   for t in np.unique(task_index):
@@ -114,6 +169,9 @@ def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dic
       arrays_cache[config.dataset] = input_pipeline.load_arrays(data_dir, config.dataset)
     arrays = arrays_cache[config.dataset]
     data = eval_lib.select_split(arrays, target, "test")
+    if len(config.hardware) == 1 and config.few_shot.fraction < 1.0:
+      arrays = labelled_rows_only(arrays, config)
+      config.few_shot.fraction = 1.0
     with tempfile.TemporaryDirectory() as workdir:
       t0 = time.time()
       result = train_lib.train_and_evaluate(config, workdir, dataset=arrays)
@@ -129,7 +187,7 @@ def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dic
                  wall[-1])
   if save_preds_dir:
     os.makedirs(save_preds_dir, exist_ok=True)
-    np.savez(os.path.join(save_preds_dir, f"{name.replace('%', 'pct')}.npz"),
+    np.savez(os.path.join(save_preds_dir, re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".npz"),
              preds=np.stack(preds), latency=data.latency, task_index=data.task_index,
              rows=data.rows)
   ensemble = np.mean([_zscore_per_task(p, data.task_index) for p in preds], axis=0)
