@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +48,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the search policies, task scheduler and
 flags.DEFINE_enum("score_transform", "softplus", sorted(tvm_cost_model.SCORE_TRANSFORMS),
                   "TLPCostModel score transform.")
 flags.DEFINE_list("models", ["xgb", "tlp"], "Cost models to run, in order.")
+flags.DEFINE_string("single_model", None, "Internal: run only this cost model, in this process.")
+flags.DEFINE_string("work_dir", None, "Records and per-model results (default: a temp dir).")
 flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                             "results"), "Where JSON/PNG go.")
 
@@ -92,12 +95,37 @@ def _predict_log(model) -> list:
   return list(model.predict_calls)
 
 
-def tune(name, tasks, weights, cost_model, log_file):
-  """Runs Ansor's task scheduler with ``cost_model``; returns the curve and timings."""
+def _make_model(name: str, num_tasks: int):
+  """The cost model called ``name`` ("xgb": Ansor's default, "tlp": TLPCostModel)."""
+  from tlp_jax import numpy_predictor  # pylint: disable=import-outside-toplevel
+  if name == "xgb":
+    return _timed_xgb(num_tasks * FLAGS.per_round, FLAGS.seed + 43)
+  if name == "tlp":
+    if not FLAGS.model:
+      raise app.UsageError("--model (an exported .npz) is required for the tlp cost model")
+    return tvm_cost_model.TLPCostModel(
+        numpy_predictor.Predictor.load(FLAGS.model),
+        tvm_cost_model.CostModelConfig(hardware=FLAGS.hw, score_transform=FLAGS.score_transform))
+  raise app.UsageError(f"unknown cost model {name!r}; choose xgb or tlp")
+
+
+def tune(name, tasks, weights, cost_model, log_file, partial_path=None):
+  """Runs Ansor's task scheduler with ``cost_model``; returns the curve and timings.
+
+  After every round the curve so far is written to ``partial_path`` (status "running"), so a
+  crash inside TVM still leaves the rounds that finished.
+  """
   from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel
 
   curve = []
   rounds = []
+
+  def dump_partial():
+    if partial_path:
+      with open(partial_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"cost_model": name, "status": "running", "curve": curve,
+                   "per_round": rounds}, f)
+      os.replace(partial_path + ".tmp", partial_path)
 
   class Record(auto_scheduler.task_scheduler.TaskSchedulerCallback):
     """After each round: trials, elapsed time, estimated latency, predict time in the round."""
@@ -117,6 +145,7 @@ def tune(name, tasks, weights, cost_model, log_file):
       rounds.append({"task": int(task_id), "predict_calls": len(new),
                      "predict_states": int(sum(c[1] for c in new)),
                      "predict_s": float(sum(c[2] for c in new))})
+      dump_partial()
 
   policies = [auto_scheduler.SketchPolicy(
       t, program_cost_model=cost_model,
@@ -187,7 +216,6 @@ def plot(results: dict, path: str, title: str) -> None:
 def main(argv):
   del argv
   tvm_cost_model.require_tvm()
-  from tlp_jax import numpy_predictor  # pylint: disable=import-outside-toplevel
   spec = collect.NetworkSpec.parse(FLAGS.network)
   target = FLAGS.target or collect.default_target()
   t0 = time.time()
@@ -201,21 +229,38 @@ def main(argv):
   logging.info("tuning %d of %d tasks of %s on %s", len(tasks), len(all_tasks), FLAGS.network,
                target)
 
+  work = FLAGS.work_dir or tempfile.mkdtemp(prefix="tune_")
+  os.makedirs(work, exist_ok=True)
+  if FLAGS.single_model:
+    name = FLAGS.single_model
+    result_path = os.path.join(work, f"{name}.result.json")
+    result = tune(name, tasks, weights, _make_model(name, len(tasks)),
+                  os.path.join(work, f"{name}.records.json"), result_path)
+    result["status"] = "done"
+    with open(result_path, "w", encoding="utf-8") as f:
+      json.dump(result, f)
+    return
+
+  # Each cost model runs in its own process: TVM's C++ feature extraction can abort the whole
+  # process (an out-of-range assertion seen with XGBModel); the other model's run survives and
+  # the crashed one keeps the rounds it finished.
   results = {}
-  work = tempfile.mkdtemp(prefix="tune_")
   for name in FLAGS.models:
-    if name == "xgb":
-      model = _timed_xgb(len(tasks) * FLAGS.per_round, FLAGS.seed + 43)
-    elif name == "tlp":
-      if not FLAGS.model:
-        raise app.UsageError("--model (an exported .npz) is required for the tlp cost model")
-      model = tvm_cost_model.TLPCostModel(
-          numpy_predictor.Predictor.load(FLAGS.model),
-          tvm_cost_model.CostModelConfig(hardware=FLAGS.hw,
-                                         score_transform=FLAGS.score_transform))
-    else:
-      raise app.UsageError(f"unknown cost model {name!r}; choose xgb or tlp")
-    results[name] = tune(name, tasks, weights, model, os.path.join(work, f"{name}.json"))
+    args = [sys.executable, os.path.abspath(__file__), f"--single_model={name}",
+            f"--work_dir={work}"] + [a for a in sys.argv[1:] if not a.startswith(
+                ("--single_model", "--work_dir", "--models"))]
+    t0 = time.time()
+    proc = subprocess.run(args, check=False)
+    path = os.path.join(work, f"{name}.result.json")
+    result = {"cost_model": name, "status": "no result", "curve": [], "per_round": []}
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+    if proc.returncode != 0:
+      result["status"] = f"crashed (exit code {proc.returncode}) after {len(result['curve'])} rounds"
+      result["wall_s"] = round(time.time() - t0, 1)
+      logging.warning("%s: %s", name, result["status"])
+    results[name] = result
 
   net = spec.name
   report = {
@@ -241,6 +286,10 @@ def main(argv):
   plot(results, os.path.join(FLAGS.out_dir, f"tune_{net}.png"),
        f"{FLAGS.network}, {len(tasks)} tasks")
   for name, r in results.items():
+    if r.get("status") != "done":
+      last = r["curve"][-1] if r["curve"] else {}
+      print(f"{name:4s} {r['status']}; last round: {last}")
+      continue
     print(f"{name:4s} trials {r['trials']:4d}  wall {r['wall_s']:7.1f} s  "
           f"est. latency {r['final_estimated_latency_ms']:8.3f} ms  "
           f"predict {r['predict_total_s']:6.1f} s ({r['predict_s_per_round_mean']:.2f} s/round)")

@@ -210,8 +210,8 @@ def default_hardware_name() -> str:
 
 def default_target() -> str:
   """``llvm -mcpu=<host cpu>`` as LLVM detects it (what Ansor tunes for on this machine)."""
-  from tvm.target import codegen  # pylint: disable=import-outside-toplevel
   _tvm()
+  from tvm.target import codegen  # pylint: disable=import-outside-toplevel
   return f"llvm -mcpu={codegen.llvm_get_system_cpu()}"
 
 
@@ -303,15 +303,14 @@ def stage_tasks(config: CollectConfig, progress: bool = True) -> list:
       if key not in seen:
         seen.add(key)
         unique.append(t)
-  unique = unique[config.start_idx:config.end_idx]
-  pkl = os.path.join(info_dir, "all_tasks.pkl")
-  if not os.path.exists(pkl):
-    def write(tmp):
-      with open(tmp, "wb") as f:
-        pickle.dump(unique, f)
-    _atomic_write(pkl, write)
+  # All tasks of the requested networks, whatever slice this run processes (rewritten every run,
+  # atomically, so it always matches the network info).
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      pickle.dump(unique, f)
+  _atomic_write(os.path.join(info_dir, "all_tasks.pkl"), write)
   logging.info("%d unique tasks from %d networks", len(unique), len(config.networks))
-  return unique
+  return unique[config.start_idx:config.end_idx]
 
 
 # ----------------------------------------------------------------------------------------------

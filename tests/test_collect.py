@@ -83,6 +83,12 @@ def test_collect_tiny_task_end_to_end_and_resume(tmp_path):
   assert net.name == "mlp" and net.batch_size == 1 and net.input_size == 28
   assert len(net.tasks) >= 3 and all(t.weight >= 1 for t in net.tasks)
 
+  # all_tasks.pkl (for TenSet's scripts) holds every task, not just the processed slice; it
+  # loads with the baseline's restricted unpickler.
+  from tlp_jax import xgb_baseline
+  pickled = xgb_baseline.load_search_tasks(os.path.join(out, "network_info", "all_tasks.pkl"))
+  assert sorted(t.workload_key for t in pickled) == sorted(net.workload_keys)
+
   files = os.listdir(os.path.join(out, "measure_records", "testhw"))
   assert len(files) == 1
   path = os.path.join(out, "measure_records", "testhw", files[0])
