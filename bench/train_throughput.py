@@ -494,7 +494,7 @@ def jax_curve(train, val, batch: int, steps: int, precision: str, seed: int,
     params = jax.tree_util.tree_map(lambda x: x[0], rstate.params)
     validation = train_lib.evaluate(p_eval, rstate.params, val, layout, hardware, (1, 5))
   return {"loss": losses_host, "wall_s": wall, "validation": validation,
-          "params0": None, "final_params": jax.device_get(params)}
+          "final_params": jax.device_get(params)}
 
 
 def epoch_batches(train, batch: int, steps: int, seed: int):
@@ -888,7 +888,6 @@ def run_curves(report: Report, budget: Budget, train, val, hardware, ref, batch:
       curves[name] = {"error": f"{type(e).__name__}: {e}"}
       continue
     c.pop("final_params")
-    c.pop("params0")
     if name == "jax_float32":
       base = c["loss"]
     elif base is not None:
