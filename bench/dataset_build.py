@@ -19,7 +19,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -35,6 +34,7 @@ if _REPO not in sys.path:
 
 from data_pipelines import tenset_tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tlp_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+import machine_info  # pylint: disable=wrong-import-position  # bench/ is sys.path[0]
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", "/work/shared/tenset-mini", "TenSet root.")
 _OUT = flags.DEFINE_string("out", os.path.join(_REPO, "bench", "results", "dataset_build.json"),
@@ -47,16 +47,7 @@ _PER_TASK = flags.DEFINE_integer("records_per_task", 4000, "Scale run: records p
 
 def _machine() -> dict:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  cpu = ""
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-  except OSError:
-    pass
-  return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-          "load_average_at_start": os.getloadavg(),
-          "python": platform.python_version(), "numpy": np.__version__,
-          "tensorflow_datasets": tfds.__version__}
+  return machine_info.machine_info(tensorflow_datasets=tfds.__version__)
 
 
 def _timed_loads(data_dir: str, config: str) -> dict:

@@ -21,7 +21,6 @@ import datetime
 import glob
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipelines import records as records_lib  # noqa: E402
 from tlp_jax import features as features_lib  # noqa: E402
+import machine_info  # pylint: disable=wrong-import-position  # bench/ is sys.path[0]
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", "/work/shared/tenset-mini",
                                   "TenSet-layout root holding measure_records/.")
@@ -41,17 +41,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per method (best an
 _OUT = flags.DEFINE_string(
     "out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                         "featurize_throughput.json"), "Where to write the JSON results.")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _platform_of_folder(files: list[str]) -> str:
@@ -155,11 +144,8 @@ def main(argv):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "data": {"tenset_dir": _TENSET_DIR.value, "hardware": list(groups), "files": num_files,
                  "records": num_lines, "bytes": num_bytes},
-        "machine": {"cpu_model": _cpu_model(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": np.__version__, "platform": platform.platform(),
-                    "load_avg_1m_at_start": load_at_start,
-                    "load_avg_1m_at_end": os.getloadavg()[0]},
+        "machine": machine_info.machine_info(load_avg_1m_at_start=load_at_start,
+                                             load_avg_1m_at_end=os.getloadavg()[0]),
         "note": ("records/s counts input lines (kept + failed + malformed) per second of one "
                  "process; cpu = process_time, wall = perf_counter; the machine may be shared, "
                  "so cpu time is the steadier measure."),

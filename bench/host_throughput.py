@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
+
+import machine_info  # bench/ is sys.path[0] when run as a script
 
 _BENCH = os.path.dirname(os.path.abspath(__file__))
 _RESULTS = os.path.join(_BENCH, "results")
@@ -51,17 +52,6 @@ STAGES = {  # name -> (script, its JSON, extra arguments builder)
                   lambda: ["--records",
                            os.path.join(_TENSET_DIR.value, "measure_records", "epyc-9004")]),
 }
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "cpu"
 
 
 def run_stage(name: str) -> dict[str, Any]:
@@ -134,15 +124,14 @@ def main(argv):
     else:
       stages[name] = run_stage(name)
   rows = summarize(stages)
-  cpu = _cpu_name()
+  cpu = machine_info.cpu_model()
   ncpu = os.cpu_count() or 0
   out = _OUT.value or os.path.join(
       _RESULTS, f"host-{re.sub(r'[^a-z0-9]+', '-', cpu.lower()).strip('-')}-{ncpu}core.json")
   summary = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "machine": {"cpu": cpu, "cpu_count": ncpu, "platform": platform.platform(),
-                  "python": platform.python_version(), "loadavg_1m_start": load_start,
-                  "loadavg_1m_end": os.getloadavg()[0]},
+      "machine": machine_info.machine_info(loadavg_1m_start=load_start,
+                                           loadavg_1m_end=os.getloadavg()[0]),
       "note": "shared 2-core machine: other processes ran at the same time (see load averages "
               "in each stage's machine info); treat numbers as lower bounds",
       "reused_stage_json": _REUSE.value,

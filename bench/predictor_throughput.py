@@ -22,7 +22,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -34,19 +33,11 @@ sys.path.insert(0, REPO)
 
 from tlp_jax import features  # pylint: disable=wrong-import-position
 from tlp_jax import numpy_predictor  # pylint: disable=wrong-import-position
+import machine_info  # pylint: disable=wrong-import-position  # bench/ is sys.path[0]
 
 
 def _machine_info() -> dict:
-  info = {"platform": platform.platform(), "python": platform.python_version(),
-          "numpy": np.__version__, "cpu_count": os.cpu_count()}
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          info["cpu"] = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
+  info = machine_info.machine_info()
   cfg = np.show_config(mode="dicts") if "mode" in np.show_config.__code__.co_varnames else {}
   blas = cfg.get("Build Dependencies", {}).get("blas", {}) if isinstance(cfg, dict) else {}
   info["blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
