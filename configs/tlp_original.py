@@ -30,5 +30,7 @@ def get_config():
   config.step_decay_rate = 1.0
   config.warmup_epochs = 0.0
   config.batch_size = 1024
+  # PyTorch computes float32 matmuls in float32 (TF32 is off by default); so does this config.
+  config.matmul_precision = "highest"
   config.eval_batch_size = 1024
   return config

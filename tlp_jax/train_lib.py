@@ -271,6 +271,8 @@ def few_shot_mask(mask: np.ndarray, num_labels: int, fraction: float, seed: int)
 
 
 BATCH_ORDERS = ("random", "by_task")
+# Values of jax.default_matmul_precision for config.matmul_precision.
+MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
 
 def epoch_order(seed: int, epoch: int, n: int, steps_per_epoch: int,
@@ -768,6 +770,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     The final state and validation metrics.
   """
+  precision = config.get("matmul_precision", "default")
+  if precision not in MATMUL_PRECISIONS:
+    raise ValueError(f"config.matmul_precision must be one of {MATMUL_PRECISIONS}, "
+                     f"got {precision!r}")
+  # Steps are traced inside this context, so it sets the precision of every float32 matmul of
+  # the model and loss ("default" is TF32 on Ampere/Hopper GPUs; "highest" is true float32).
+  with jax.default_matmul_precision(precision):
+    return _train_and_evaluate(config, workdir, dataset, devices)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset: Any | None,
+                        devices: Sequence[Any] | None) -> TrainResult:
+  """``train_and_evaluate`` under the configured matmul precision."""
   # pmap wants the *global* device list in multi-process runs (its default); an explicit
   # subset is for single-process use (tests, 1-device runs).
   pmap_devices = list(devices) if devices is not None else None

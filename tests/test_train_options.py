@@ -1,4 +1,4 @@
-"""``batch_order="by_task"``: each epoch visits whole tasks, deterministically from the seed."""
+"""Trainer options added on top of TLP's recipe: batch order by task, matmul precision."""
 import numpy as np
 
 from tlp_jax import train_lib
@@ -24,3 +24,25 @@ def test_random_order_is_unchanged_by_the_option():
   expected = np.random.default_rng([5, train_lib._STREAM_SHUFFLE, 0]).permutation(30)
   np.testing.assert_array_equal(order[valid], expected)
   assert valid.sum() == 30 and not valid[30:].any()
+
+
+def test_matmul_precision_is_in_force_while_training(monkeypatch, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  seen = []
+  monkeypatch.setattr(train_lib, "_train_and_evaluate",
+                      lambda *a: seen.append(jax.config.jax_default_matmul_precision))
+  config = test_config.get_config()
+  config.matmul_precision = "highest"
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert seen == ["highest"]
+  assert jax.config.jax_default_matmul_precision != "highest"  # restored afterwards
+
+
+def test_unknown_matmul_precision_is_a_clear_error(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.matmul_precision = "fp8"
+  with pytest.raises(ValueError, match="matmul_precision"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
