@@ -96,6 +96,9 @@ EXPERIMENTS = {
     # MTL-TLP transfer: 10% of xeon's training labels, with vs without all of epyc's.
     "xeon10%_alone": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "all",
                                   "few_shot.fraction": 0.1}, "xeon-emr-16c"),
+    # All of xeon's labels plus all of epyc's (MTL-TLP without the few-shot cut).
+    "xeon+epyc_mtl": ("mtl", {"hardware": ("xeon-emr-16c", "epyc-9004"), "dataset": "all"},
+                      "xeon-emr-16c"),
     # Same with 10 epochs (90 steps over the joined rows): what fits a 2-core CPU run.
     "xeon10%+epyc_mtl_e10": ("mtl", {"hardware": ("xeon-emr-16c", "epyc-9004"), "dataset": "all",
                                      "few_shot.fraction": 0.1, "num_epochs": 10},
