@@ -160,10 +160,7 @@ def main(argv) -> None:
   finally:
     if not _WORK.value:
       shutil.rmtree(work, ignore_errors=True)
-  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=1)
-  print(f"wrote {_OUT.value}")
+  machine_info.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -153,10 +153,7 @@ def main(argv):
         "repeats": _REPEATS.value,
         "results": results,
     }
-    os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {_OUT.value}")
+    machine_info.write_json(_OUT.value, report)
 
 
 if __name__ == "__main__":

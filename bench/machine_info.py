@@ -1,6 +1,7 @@
 """What every benchmark records about the machine it ran on (imported by the bench scripts)."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 
@@ -24,3 +25,11 @@ def machine_info(**extra) -> dict:
   return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
           "load_average": os.getloadavg(), "python": platform.python_version(),
           "numpy": np.__version__, **extra}
+
+
+def write_json(path: str, obj) -> None:
+  """Writes a benchmark's results (folders made as needed) and says where."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=1)
+  print(f"wrote {path}")
