@@ -36,10 +36,12 @@ def _held_out_programs(tenset_dir: str, hw: str, workload_key: str, limit: int):
   pattern = os.path.join(tenset_dir, "measure_records", hw, "*.json")
   for path in sorted(glob.glob(pattern)):
     with open(path) as f:
-      lines = [json.loads(line) for line in f if line.strip()]
-    if not lines or lines[0]["i"][0][0] != workload_key:
+      texts = [line for line in f if line.strip()]
+    # Only the matching task's file is parsed whole.
+    if not texts or json.loads(texts[0])["i"][0][0] != workload_key:
       continue
-    good = [r for r in lines if r["r"][1] == 0 and r["r"][0]][:limit]
+    records = [json.loads(line) for line in texts]
+    good = [r for r in records if r["r"][1] == 0 and r["r"][0]][:limit]
     return [r["i"][1][1] for r in good], [sum(r["r"][0]) / len(r["r"][0]) for r in good]
   return [], []
 

@@ -46,3 +46,13 @@ def test_unknown_matmul_precision_is_a_clear_error(tmp_path):
   config.matmul_precision = "fp8"
   with pytest.raises(ValueError, match="matmul_precision"):
     train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+def test_unknown_batch_order_fails_before_any_work(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.batch_order = "by_network"
+  with pytest.raises(ValueError, match="batch_order"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()

@@ -774,6 +774,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if precision not in MATMUL_PRECISIONS:
     raise ValueError(f"config.matmul_precision must be one of {MATMUL_PRECISIONS}, "
                      f"got {precision!r}")
+  batch_order = config.get("batch_order", "random")
+  if batch_order not in BATCH_ORDERS:
+    raise ValueError(f"config.batch_order must be one of {BATCH_ORDERS}, got {batch_order!r}")
   # Steps are traced inside this context, so it sets the precision of every float32 matmul of
   # the model and loss ("default" is TF32 on Ampere/Hopper GPUs; "highest" is true float32).
   with jax.default_matmul_precision(precision):
@@ -879,10 +882,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
   def host_state() -> TrainState:
     return first_replica(rstate)
 
-  if config.get("batch_order", "random") not in BATCH_ORDERS:
-    raise ValueError(f"config.batch_order must be one of {BATCH_ORDERS}, "
-                     f"got {config.batch_order!r}")
-  order_by_task = train.task_index if config.get("batch_order") == "by_task" else None
+  order_by_task = (train.task_index if config.get("batch_order", "random") == "by_task"
+                   else None)
   bar = tqdm.tqdm(total=total_steps * layout.global_batch, initial=start_step * layout.global_batch,
                   unit="sample", unit_scale=True, dynamic_ncols=True, disable=not is_chief,
                   desc="train")
