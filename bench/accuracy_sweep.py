@@ -89,6 +89,15 @@ EXPERIMENTS = {
         "schedule": "warmup_cosine", "warmup_epochs": 1.0}, "epyc-9004"),
     # The shipped default (whatever configs/default.py says now).
     "default": ("default", {}, "epyc-9004"),
+    # Round 2 on top of the default: other within-task losses, regularisation, more steps.
+    "default+listwise_T1": ("default", {"loss": "listwise_log", "loss_temperature": 1.0},
+                            "epyc-9004"),
+    "default+listwise_T0.5": ("default", {"loss": "listwise_log", "loss_temperature": 0.5},
+                              "epyc-9004"),
+    "default+centered_mse_log": ("default", {"loss": "centered_mse_log"}, "epyc-9004"),
+    "default+wd1e-2": ("default", {"weight_decay": 1e-2}, "epyc-9004"),
+    "default+lr2e-3": ("default", {"learning_rate": 2e-3}, "epyc-9004"),
+    "default+e150": ("default", {"num_epochs": 150}, "epyc-9004"),
     "tlp_original@xeon": ("tlp_original", {"hardware": ("xeon-emr-16c",),
                                            "dataset": "xeon-emr-16c"}, "xeon-emr-16c"),
     "default@xeon": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c"},

@@ -58,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   # the hold-out networks goes from ~0.11 to ~0.49 (docs/ACCURACY.md).
   config.loss = "pairwise_log"
   config.group_by_task = True
+  # Target temperature of the "listwise_log" loss (unused by the others).
+  config.loss_temperature = 1.0
   # "random" (TLP: rows shuffled freely) or "by_task" (whole tasks per batch, for group_by_task).
   config.batch_order = "by_task"
 

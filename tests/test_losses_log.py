@@ -44,7 +44,56 @@ def test_mse_log_regresses_log_scores():
   assert float(got) == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["pairwise_log", "mse_log"])
+def test_listwise_log_matches_hand_computation():
+  """Two groups: cross-entropy of softmax(preds) against softmax(log(y) / T), averaged."""
+  cfg = losses.LossConfig("listwise_log", group_by_task=True, temperature=0.5)
+  preds = np.array([0.3, -0.2, 1.0, 2.0, 0.0, 7.0])
+  labels = np.array([1.0, 0.5, 0.1, 1.0, 0.25, 1.0])
+  task = np.array([0, 0, 0, 1, 1, 2])  # task 2 has one program: no ranking, no loss
+  expected = []
+  for t in (0, 1):
+    sel = task == t
+    q = labels[sel] ** (1 / 0.5)
+    q /= q.sum()
+    log_p = preds[sel] - np.log(np.exp(preds[sel]).sum())
+    expected.append(-(q * log_p).sum())
+  got = losses.multi_head_loss(cfg, jnp.array(preds)[:, None], jnp.array(labels)[:, None],
+                               jnp.ones((6, 1), bool), jnp.array(task))
+  assert float(got) == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_listwise_log_is_stable_for_large_scores_and_ignores_masked_rows():
+  cfg = losses.LossConfig("listwise_log", group_by_task=True)
+  preds = jnp.array([[1e4], [-1e4], [3.0]])
+  labels = jnp.array([[1.0], [0.5], [jnp.nan]])
+  mask = jnp.array([[True], [True], [False]])
+  loss, grad = jax.value_and_grad(
+      lambda p: losses.multi_head_loss(cfg, p, labels, mask, jnp.zeros(3, jnp.int32)))(preds)
+  # Target (2/3, 1/3); the model puts all mass on row 0: loss = -(1/3) * log p_1 = (1/3) * 2e4.
+  assert float(loss) == pytest.approx(2e4 / 3, rel=1e-5)
+  assert np.all(np.isfinite(np.asarray(grad))) and float(grad[2, 0]) == 0.0
+
+
+def test_centered_mse_log_ignores_a_per_task_offset():
+  cfg = losses.LossConfig("centered_mse_log", group_by_task=True)
+  labels = jnp.array([[1.0], [0.1], [1.0], [0.5]])
+  task = jnp.array([0, 0, 1, 1])
+  mask = jnp.ones((4, 1), bool)
+  exact = jnp.log(labels) + jnp.array([[3.0], [3.0], [-2.0], [-2.0]])  # offset per task
+  assert float(losses.multi_head_loss(cfg, exact, labels, mask, task)) == pytest.approx(
+      0.0, abs=1e-10)
+  # Residuals (r0, r1) = (0, 1) in task 0 and 0 in task 1: centred error +-0.5 on 2 of 4 rows.
+  off = exact.at[1, 0].add(1.0)
+  assert float(losses.multi_head_loss(cfg, off, labels, mask, task)) == pytest.approx(
+      (0.25 + 0.25) / 4, rel=1e-6)
+
+
+def test_non_positive_temperature_rejected():
+  with pytest.raises(ValueError, match="temperature"):
+    losses.LossConfig("listwise_log", temperature=0.0)
+
+
+@pytest.mark.parametrize("name", ["pairwise_log", "mse_log", "listwise_log", "centered_mse_log"])
 def test_log_losses_prefer_the_faster_program(name):
   """A gradient step on the loss must move the faster program's score above the slower one's."""
   cfg = losses.LossConfig(name)

@@ -34,11 +34,13 @@ class LossConfig:
 
   Attributes:
     name: key of ``LOSSES``: "lambdarank" (TLP), "mse" (TLP's alternative), or this project's
-      log-scale losses "mse_log" and "pairwise_log".
+      log-scale losses "mse_log", "pairwise_log", "listwise_log" and "centered_mse_log".
     sigma: LambdaRank sigmoid scale.
     eps: LambdaRank clamp floor.
     k: LambdaRank NDCG truncation (``None`` = whole list, as TLP trains).
     group_by_task: rank within each task group instead of across the whole batch.
+    temperature: target temperature of the listwise loss ("listwise_log"): the target
+      distribution over a group's items is ``softmax(log(y) / temperature)``.
   """
 
   name: str = "lambdarank"
@@ -46,10 +48,13 @@ class LossConfig:
   eps: float = 1e-10
   k: int | None = None
   group_by_task: bool = False
+  temperature: float = 1.0
 
   def __post_init__(self):
     if self.name not in LOSSES:
       raise ValueError(f"unknown loss {self.name!r}; known: {sorted(LOSSES)}")
+    if not self.temperature > 0:
+      raise ValueError(f"temperature must be > 0, got {self.temperature}")
     if self.k is not None and self.k < 1:
       raise ValueError(f"k must be >= 1 or None, got {self.k}")
 
@@ -162,11 +167,66 @@ def pairwise_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
   return -jnp.sum(weights * log_p) / jnp.maximum(jnp.sum(weights), config.eps)
 
 
+def _group_logsumexp(values: Array, comparable: Array) -> Array:
+  """``log(sum_j exp(values_j))`` over the items ``j`` comparable with each item ``i``."""
+  masked = jnp.where(comparable, values[None, :], -jnp.inf)
+  peak = jax.lax.stop_gradient(jnp.max(masked, axis=1, keepdims=True))
+  peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+  total = jnp.sum(jnp.where(comparable, jnp.exp(masked - peak), 0.0), axis=1)
+  return jnp.log(jnp.maximum(total, 1e-30)) + peak[:, 0]
+
+
+def listwise_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
+                      config: LossConfig) -> Array:
+  """Listwise softmax cross-entropy (ListNet, top-1 form) against ``softmax(log(y) / T)``.
+
+  Not in TLP. Within each group (task when ``group_by_task``) the model's scores define a
+  softmax over the group's programs and the target puts mass ``y_i^(1/T) / sum_j y_j^(1/T)`` on
+  each, i.e. in proportion to its speed; the loss is the cross-entropy, averaged over groups
+  with at least two valid items. Mass concentrates on the fastest programs, which is what top-1
+  rewards, and a program ``r`` times slower than the best gets ``r^(-1/T)`` of the best's mass.
+  """
+  preds = preds.astype(jnp.float32)
+  log_y = _log_scores(labels, valid)
+  comparable = (groups[:, None] == groups[None, :]) & valid[:, None] & valid[None, :]
+  target_logits = log_y / config.temperature
+  log_q = target_logits - _group_logsumexp(target_logits, comparable)
+  q = jax.lax.stop_gradient(jnp.where(valid, jnp.exp(log_q), 0.0))
+  log_p = preds - _group_logsumexp(preds, comparable)
+  group_size = jnp.sum(comparable, axis=1)
+  in_list = valid & (group_size >= 2)
+  # Each item's row sums its group's target mass once per item; 1/group_size counts each group
+  # once.
+  num_groups = jnp.sum(jnp.where(in_list, 1.0 / jnp.maximum(group_size, 1), 0.0))
+  return -jnp.sum(jnp.where(in_list, q * log_p, 0.0)) / jnp.maximum(num_groups, 1.0)
+
+
+def centered_mse_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
+                          config: LossConfig) -> Array:
+  """MSE on ``log(y)`` up to a free per-group offset.
+
+  Not in TLP. ``log(y) = log(min_cost) - log(cost)`` carries a per-task constant the model
+  cannot know for an unseen task; subtracting each group's mean residual removes it, so only
+  within-group log-latency ratios are regressed (``mse_log`` with ``group_by_task`` off is the
+  uncentred version).
+  """
+  del config
+  preds = preds.astype(jnp.float32)
+  comparable = (groups[:, None] == groups[None, :]) & valid[:, None] & valid[None, :]
+  resid = jnp.where(valid, preds - _log_scores(labels, valid), 0.0)
+  group_size = jnp.sum(comparable, axis=1)
+  group_mean = (comparable.astype(jnp.float32) @ resid) / jnp.maximum(group_size, 1)
+  err = jnp.where(valid, resid - group_mean, 0.0)
+  return jnp.sum(err * err) / jnp.maximum(jnp.sum(valid), 1)
+
+
 LOSSES: dict[str, HeadLoss] = {
     "lambdarank": lambdarank_head,
     "mse": mse_head,
     "mse_log": mse_log_head,
     "pairwise_log": pairwise_log_head,
+    "listwise_log": listwise_log_head,
+    "centered_mse_log": centered_mse_log_head,
 }
 
 

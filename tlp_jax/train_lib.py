@@ -186,8 +186,10 @@ def model_config_from(config: ml_collections.ConfigDict, num_heads: int) -> mode
 
 
 def loss_config_from(config: ml_collections.ConfigDict) -> losses.LossConfig:
-  """``LossConfig`` from ``config.loss`` (name) and ``config.group_by_task``."""
-  return losses.LossConfig(name=config.loss, group_by_task=bool(config.group_by_task))
+  """``LossConfig`` from ``config.loss`` (name), ``config.group_by_task`` and, when present,
+  ``config.loss_temperature`` (listwise loss)."""
+  return losses.LossConfig(name=config.loss, group_by_task=bool(config.group_by_task),
+                           temperature=float(config.get("loss_temperature", 1.0)))
 
 
 # ---------------------------------------------------------------------------------------------
