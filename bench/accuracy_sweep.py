@@ -102,9 +102,18 @@ EXPERIMENTS = {
                                            "dataset": "xeon-emr-16c"}, "xeon-emr-16c"),
     "default@xeon": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c"},
                      "xeon-emr-16c"),
+    # xeon has 1,430 training programs: 2 steps per epoch, 100 steps in 50 epochs. More steps:
+    "default@xeon+e200": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c",
+                                      "num_epochs": 200}, "xeon-emr-16c"),
+    "default@xeon+b256": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c",
+                                      "batch_size": 256}, "xeon-emr-16c"),
     # MTL-TLP transfer: 10% of xeon's training labels, with vs without all of epyc's.
     "xeon10%_alone": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "all",
                                   "few_shot.fraction": 0.1}, "xeon-emr-16c"),
+    # The single-head arm has 141 rows (1 step per epoch): also given 10x the epochs.
+    "xeon10%_alone+e500": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "all",
+                                       "few_shot.fraction": 0.1, "num_epochs": 500},
+                           "xeon-emr-16c"),
     # All of xeon's labels plus all of epyc's (MTL-TLP without the few-shot cut).
     "xeon+epyc_mtl": ("mtl", {"hardware": ("xeon-emr-16c", "epyc-9004"), "dataset": "all"},
                       "xeon-emr-16c"),
