@@ -105,6 +105,8 @@ EXPERIMENTS = {
     # xeon has 1,430 training programs: 2 steps per epoch, 100 steps in 50 epochs. More steps:
     "default@xeon+e200": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c",
                                       "num_epochs": 200}, "xeon-emr-16c"),
+    "default@xeon+e500": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c",
+                                      "num_epochs": 500}, "xeon-emr-16c"),
     "default@xeon+b256": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c",
                                       "batch_size": 256}, "xeon-emr-16c"),
     # MTL-TLP transfer: 10% of xeon's training labels, with vs without all of epyc's.
@@ -117,6 +119,8 @@ EXPERIMENTS = {
     # All of xeon's labels plus all of epyc's (MTL-TLP without the few-shot cut).
     "xeon+epyc_mtl": ("mtl", {"hardware": ("xeon-emr-16c", "epyc-9004"), "dataset": "all"},
                       "xeon-emr-16c"),
+    "xeon+epyc_mtl+e150": ("mtl", {"hardware": ("xeon-emr-16c", "epyc-9004"), "dataset": "all",
+                                   "num_epochs": 150}, "xeon-emr-16c"),
     # Same with 10 epochs (90 steps over the joined rows): what fits a 2-core CPU run.
     "xeon10%+epyc_mtl_e10": ("mtl", {"hardware": ("xeon-emr-16c", "epyc-9004"), "dataset": "all",
                                      "few_shot.fraction": 0.1, "num_epochs": 10},
@@ -140,6 +144,10 @@ def make_config(module: str, overrides: dict, data_dir: str, seed: int):
         node = node[p]
       node[leaf] = value
   config.seed = seed
+  # The protocol scores the final parameters, which do not depend on when validation runs:
+  # validate (and checkpoint) once, at the end, instead of after every short epoch.
+  if "eval_every_epochs" not in overrides:
+    config.eval_every_epochs = int(config.num_epochs)
   config.checkpoint_every_steps = 0
   config.log_every_steps = 10_000
   return config

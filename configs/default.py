@@ -91,7 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.device_data_max_bytes = 4 << 30
 
   config.log_every_steps = 50
-  config.checkpoint_every_steps = 1000  # 0 = only at epoch ends
+  # Validation (and the epoch-end checkpoint) every N epochs and after the last one.
+  config.eval_every_epochs = 1
+  config.checkpoint_every_steps = 1000  # 0 = only at validated epoch ends
   config.checkpoints_to_keep = 2
   config.eval_top_k = (1, 5)
 

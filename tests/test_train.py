@@ -204,6 +204,31 @@ def test_end_to_end_test_config(trained, sample_arrays):
   assert after["val_loss"] < before["val_loss"]
 
 
+def test_eval_every_epochs_changes_only_when_it_validates(trained, sample_arrays,
+                                                         built_sample_dataset, tmp_path):
+  """Validating every 2nd epoch (and the last) trains the same parameters, with fewer saves."""
+  _, full = trained
+  config = _test_config(built_sample_dataset)
+  with config.unlocked():
+    config.eval_every_epochs = 2
+    config.checkpoint_every_steps = 0
+  result = train_lib.train_and_evaluate(config, str(tmp_path), dataset=sample_arrays("epyc-9004"))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, result.state.params, full.state.params)
+  steps_per_epoch = math.ceil(len(sample_arrays("epyc-9004").train) / 64)
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints" / "latest"))
+  assert saved == [2 * steps_per_epoch, 3 * steps_per_epoch]
+  assert result.validation["epoch"] == 3
+
+
+def test_eval_every_epochs_below_one_fails_before_any_work(built_sample_dataset, tmp_path):
+  config = _test_config(built_sample_dataset)
+  with config.unlocked():
+    config.eval_every_epochs = 0
+  with pytest.raises(ValueError, match="eval_every_epochs"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
 def test_restore_for_export(trained, sample_arrays):
   workdir, result = trained
   params, model_config, meta = train_lib.restore_for_export(workdir, "latest")

@@ -14,10 +14,11 @@
 * the training arrays are either copied once to every local device and gathered there by index
   (``data_placement="device"``: no host->device traffic per step) or gathered on the host per
   step (``"host"``); both give identical batches;
-* validation each epoch: per-head loss (summed over the validation batches, as TLP reports it)
+* validation every ``eval_every_epochs`` epochs (1 = each epoch, as TLP; the last epoch always):
+  per-head loss (summed over the validation batches, as TLP reports it)
   and the quick top-k of ``tlp_jax.metrics``;
 * Orbax checkpoints in ``workdir/checkpoints/latest`` (every ``checkpoint_every_steps`` and at
-  each epoch end) and ``workdir/checkpoints/best`` (lowest target-head validation loss). The
+  each validated epoch end) and ``workdir/checkpoints/best`` (lowest target-head validation loss). The
   data order state (epoch, step in epoch) is part of the checkpoint, so a restarted run resumes
   exactly where the checkpoint was taken and ends with the same parameters as an unbroken run.
 
@@ -779,6 +780,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   batch_order = config.get("batch_order", "random")
   if batch_order not in BATCH_ORDERS:
     raise ValueError(f"config.batch_order must be one of {BATCH_ORDERS}, got {batch_order!r}")
+  if int(config.get("eval_every_epochs", 1)) < 1:
+    raise ValueError(f"config.eval_every_epochs must be >= 1, got {config.eval_every_epochs}")
   # Steps are traced inside this context, so it sets the precision of every float32 matmul of
   # the model and loss ("default" is TF32 on Ampere/Hopper GPUs; "highest" is true float32).
   with jax.default_matmul_precision(precision):
@@ -845,6 +848,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
     logging.info("resumed from %s at step %d (epoch %d, step %d in epoch)",
                  latest_mgr.directory, int(state.step), meta["epoch"], meta["step_in_epoch"])
   start_step = int(state.step)
+  # Small datasets run many short epochs; validating and checkpointing each one can cost more
+  # than the training steps (bench/README.md).
+  eval_every = int(config.get("eval_every_epochs", 1))
 
   model = model_lib.TLPModel(model_config)
   step_kwargs = dict(model=model, tx=tx, loss_config=loss_config)
@@ -927,6 +933,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
         if every > 0 and step % every == 0 and in_epoch != steps_per_epoch - 1:
           save_checkpoint(latest_mgr, host_state(), meta_for(step))
 
+      if (epoch + 1) % eval_every != 0 and epoch + 1 != num_epochs:
+        continue
       validation = evaluate(p_eval, rstate.params, val,
                             eval_layout, hardware, config.eval_top_k)
       validation["epoch"] = epoch + 1
