@@ -98,6 +98,16 @@ EXPERIMENTS = {
     "default+wd1e-2": ("default", {"weight_decay": 1e-2}, "epyc-9004"),
     "default+lr2e-3": ("default", {"learning_rate": 2e-3}, "epyc-9004"),
     "default+e150": ("default", {"num_epochs": 150}, "epyc-9004"),
+    # Within-task ranking plus a whole-batch term (TLP's LambdaRank, ~100x the scale of the
+    # normalised pairwise_log, or pairwise_log across tasks), to keep the original's top-5.
+    "default+aux_lrank0.002": ("default", {"aux_loss": "lambdarank", "aux_loss_weight": 0.002},
+                               "epyc-9004"),
+    "default+aux_lrank0.01": ("default", {"aux_loss": "lambdarank", "aux_loss_weight": 0.01},
+                              "epyc-9004"),
+    "default+aux_pwlog0.3": ("default", {"aux_loss": "pairwise_log", "aux_loss_weight": 0.3},
+                             "epyc-9004"),
+    "default+aux_pwlog1": ("default", {"aux_loss": "pairwise_log", "aux_loss_weight": 1.0},
+                           "epyc-9004"),
     "tlp_original@xeon": ("tlp_original", {"hardware": ("xeon-emr-16c",),
                                            "dataset": "xeon-emr-16c"}, "xeon-emr-16c"),
     "default@xeon": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c"},
@@ -107,6 +117,9 @@ EXPERIMENTS = {
                                       "num_epochs": 200}, "xeon-emr-16c"),
     "default@xeon+e500": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c",
                                       "num_epochs": 500}, "xeon-emr-16c"),
+    "default@xeon+e500+aux_lrank0.01": ("default", {
+        "hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c", "num_epochs": 500,
+        "aux_loss": "lambdarank", "aux_loss_weight": 0.01}, "xeon-emr-16c"),
     "default@xeon+b256": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c",
                                       "batch_size": 256}, "xeon-emr-16c"),
     # MTL-TLP transfer: 10% of xeon's training labels, with vs without all of epyc's.
@@ -119,6 +132,8 @@ EXPERIMENTS = {
     # All of xeon's labels plus all of epyc's (MTL-TLP without the few-shot cut).
     "xeon+epyc_mtl": ("mtl", {"hardware": ("xeon-emr-16c", "epyc-9004"), "dataset": "all"},
                       "xeon-emr-16c"),
+    "xeon+epyc_mtl+e100": ("mtl", {"hardware": ("xeon-emr-16c", "epyc-9004"), "dataset": "all",
+                                   "num_epochs": 100}, "xeon-emr-16c"),
     "xeon+epyc_mtl+e150": ("mtl", {"hardware": ("xeon-emr-16c", "epyc-9004"), "dataset": "all",
                                    "num_epochs": 150}, "xeon-emr-16c"),
     # Same with 10 epochs (90 steps over the joined rows): what fits a 2-core CPU run.

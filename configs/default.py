@@ -60,6 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.group_by_task = True
   # Target temperature of the "listwise_log" loss (unused by the others).
   config.loss_temperature = 1.0
+  # Optional second loss added with a weight ("" = none), e.g. "lambdarank" over the whole batch.
+  config.aux_loss = ""
+  config.aux_loss_weight = 0.0
+  config.aux_loss_group_by_task = False
   # "random" (TLP: rows shuffled freely) or "by_task" (whole tasks per batch, for group_by_task).
   config.batch_order = "by_task"
 

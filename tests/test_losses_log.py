@@ -103,3 +103,27 @@ def test_log_losses_prefer_the_faster_program(name):
   grad = jax.grad(lambda p: losses.multi_head_loss(cfg, p, labels, mask))(preds)
   assert float(grad[0, 0]) > 0 > float(grad[1, 0])
   assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_aux_loss_adds_a_weighted_second_loss_with_its_own_grouping():
+  preds = jnp.array([[0.2], [1.0], [-0.5], [0.7]])
+  labels = jnp.array([[1.0], [0.3], [1.0], [0.6]])
+  mask = jnp.ones((4, 1), bool)
+  task = jnp.array([0, 0, 1, 1])
+  within = losses.LossConfig("pairwise_log", group_by_task=True)
+  whole = losses.LossConfig("lambdarank", group_by_task=False)
+  mixed = losses.LossConfig("pairwise_log", group_by_task=True, aux_name="lambdarank",
+                            aux_weight=0.25, aux_group_by_task=False)
+  expected = (losses.multi_head_loss(within, preds, labels, mask, task)
+              + 0.25 * losses.multi_head_loss(whole, preds, labels, mask, task))
+  got = losses.multi_head_loss(mixed, preds, labels, mask, task)
+  assert float(got) == pytest.approx(float(expected), rel=1e-6)
+  # The whole-batch term sees cross-task pairs: it differs from its grouped version here.
+  grouped = losses.LossConfig("lambdarank", group_by_task=True)
+  assert float(losses.multi_head_loss(grouped, preds, labels, mask, task)) != pytest.approx(
+      float(losses.multi_head_loss(whole, preds, labels, mask, task)))
+
+
+def test_unknown_aux_loss_rejected():
+  with pytest.raises(ValueError, match="unknown loss"):
+    losses.LossConfig("pairwise_log", aux_name="hinge", aux_weight=1.0)

@@ -41,6 +41,10 @@ class LossConfig:
     group_by_task: rank within each task group instead of across the whole batch.
     temperature: target temperature of the listwise loss ("listwise_log"): the target
       distribution over a group's items is ``softmax(log(y) / temperature)``.
+    aux_name: optional second loss (a key of ``LOSSES``) added with weight ``aux_weight``, with
+      its own ``aux_group_by_task`` (e.g. within-task ranking plus a small whole-batch term).
+    aux_weight: weight of the auxiliary loss.
+    aux_group_by_task: ``group_by_task`` of the auxiliary loss.
   """
 
   name: str = "lambdarank"
@@ -49,10 +53,16 @@ class LossConfig:
   k: int | None = None
   group_by_task: bool = False
   temperature: float = 1.0
+  aux_name: str | None = None
+  aux_weight: float = 0.0
+  aux_group_by_task: bool = False
 
   def __post_init__(self):
-    if self.name not in LOSSES:
-      raise ValueError(f"unknown loss {self.name!r}; known: {sorted(LOSSES)}")
+    for name in (self.name, self.aux_name):
+      if name is not None and name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known: {sorted(LOSSES)}")
+    if self.aux_name is not None and not self.aux_weight >= 0:
+      raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
     if not self.temperature > 0:
       raise ValueError(f"temperature must be > 0, got {self.temperature}")
     if self.k is not None and self.k < 1:
@@ -247,6 +257,11 @@ def multi_head_loss(config: LossConfig, preds: Array, labels: Array, mask: Array
   if preds.ndim != 2 or preds.shape != labels.shape or preds.shape != mask.shape:
     raise ValueError(f"preds {preds.shape}, labels {labels.shape} and mask {mask.shape} must "
                      "all be (batch, heads)")
+  if config.aux_name is not None:
+    primary = dataclasses.replace(config, aux_name=None, aux_weight=0.0)
+    aux = dataclasses.replace(primary, name=config.aux_name, group_by_task=config.aux_group_by_task)
+    return (multi_head_loss(primary, preds, labels, mask, task_index)
+            + config.aux_weight * multi_head_loss(aux, preds, labels, mask, task_index))
   if config.group_by_task:
     if task_index is None:
       raise ValueError("group_by_task=True needs task_index")

@@ -188,9 +188,13 @@ def model_config_from(config: ml_collections.ConfigDict, num_heads: int) -> mode
 
 def loss_config_from(config: ml_collections.ConfigDict) -> losses.LossConfig:
   """``LossConfig`` from ``config.loss`` (name), ``config.group_by_task`` and, when present,
-  ``config.loss_temperature`` (listwise loss)."""
+  ``config.loss_temperature`` (listwise loss) and ``config.aux_loss`` (name, "" = none),
+  ``config.aux_loss_weight``, ``config.aux_loss_group_by_task``."""
   return losses.LossConfig(name=config.loss, group_by_task=bool(config.group_by_task),
-                           temperature=float(config.get("loss_temperature", 1.0)))
+                           temperature=float(config.get("loss_temperature", 1.0)),
+                           aux_name=config.get("aux_loss", "") or None,
+                           aux_weight=float(config.get("aux_loss_weight", 0.0)),
+                           aux_group_by_task=bool(config.get("aux_loss_group_by_task", False)))
 
 
 # ---------------------------------------------------------------------------------------------
