@@ -204,15 +204,21 @@ def _summary(values: list[float]) -> dict:
 
 
 def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dict,
-                   save_preds_dir: str | None = None) -> dict:
-  """Trains ``name`` once per seed; returns per-seed and aggregate top-k."""
+                   save_preds_dir: str | None = None, also_best: bool = False) -> dict:
+  """Trains ``name`` once per seed; returns per-seed and aggregate top-k.
+
+  With ``also_best`` the run validates every epoch and the checkpoint with the lowest target
+  validation loss (what ``eval.py`` loads by default) is scored too, as ``*_best``.
+  """
   from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
 
   module, overrides, target = EXPERIMENTS[name]
-  per_seed, preds, wall = [], [], []
+  per_seed, preds, wall, per_seed_best = [], [], [], []
   data = None
   for seed in seeds:
     config = make_config(module, overrides, data_dir, seed)
+    if also_best:
+      config.eval_every_epochs = 1
     if config.dataset not in arrays_cache:
       arrays_cache[config.dataset] = input_pipeline.load_arrays(data_dir, config.dataset)
     arrays = arrays_cache[config.dataset]
@@ -224,8 +230,15 @@ def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dic
       t0 = time.time()
       result = train_lib.train_and_evaluate(config, workdir, dataset=arrays)
       wall.append(time.time() - t0)
-    head = list(result.hardware).index(target)
-    predict = train_lib.make_predict_fn(result.model_config)
+      head = list(result.hardware).index(target)
+      predict = train_lib.make_predict_fn(result.model_config)
+      if also_best:
+        best_params, _, best_meta = train_lib.restore_for_export(workdir, "best")
+        pred_best = predict(best_params, data.features)[:, head].astype(np.float64)
+        best_scores = metrics.top_k_scores(pred_best, data.latency, data.task_index,
+                                           data.networks, KS, len(data.task_keys)).to_dict()
+        best_scores["epoch"] = best_meta.get("epoch")
+        per_seed_best.append(best_scores)
     pred = predict(result.state.params, data.features)[:, head].astype(np.float64)
     preds.append(pred)
     scores = metrics.top_k_scores(pred, data.latency, data.task_index, data.networks, KS,
@@ -250,8 +263,14 @@ def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dic
   for net in per_seed[0]["per_network"]:
     for k in KS:
       agg[f"{net}/top-{k}"] = _summary([s["per_network"][net][f"top-{k}"] for s in per_seed])
-  return {"config_module": f"configs/{module}.py", "overrides": {k: v for k, v in
-                                                               overrides.items()},
+  extra = {}
+  if per_seed_best:
+    extra["per_seed_best"] = per_seed_best
+    extra["aggregate_best"] = {
+        f"{agg_name}/top-{k}": _summary([s[agg_name][f"top-{k}"] for s in per_seed_best])
+        for agg_name in ("pooled", "mean") for k in KS}
+  return {**extra, "config_module": f"configs/{module}.py", "overrides": {k: v for k, v in
+                                                                        overrides.items()},
           "target": target, "seeds": seeds, "aggregate": agg, "ensemble": ens,
           "random": rnd, "per_seed": per_seed, "train_wall_s": wall}
 
@@ -281,6 +300,9 @@ def main() -> None:
   parser.add_argument("--out", required=True)
   parser.add_argument("--save_preds", default=None,
                       help="folder for per-experiment test predictions (.npz, one row a seed)")
+  parser.add_argument("--also_best", action="store_true",
+                      help="validate every epoch and also score the best-validation checkpoint "
+                      "(eval.py's default), reported as aggregate_best")
   parser.add_argument("--set", action="append", default=[],
                       help="extra override for every experiment, KEY=PYTHON_LITERAL "
                       "(smoke runs: --set num_epochs=2)")
@@ -307,7 +329,8 @@ def main() -> None:
   for name in names:
     if name in results and results[name]["seeds"] == seeds:
       continue
-    results[name] = run_experiment(name, args.data_dir, seeds, arrays_cache, args.save_preds)
+    results[name] = run_experiment(name, args.data_dir, seeds, arrays_cache, args.save_preds,
+                                   args.also_best)
     payload = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                "jax": jax.__version__, "host": platform.node(),
                "date": time.strftime("%Y-%m-%d %H:%M:%S"), "experiments": results}
@@ -315,6 +338,11 @@ def main() -> None:
       json.dump(payload, f, indent=1)
     os.replace(args.out + ".tmp", args.out)
     print(format_table({name: results[name]}).splitlines()[-1], flush=True)
+    if "aggregate_best" in results[name]:
+      b = results[name]["aggregate_best"]
+      print(f"  best-validation checkpoint: pooled top-1 {b['pooled/top-1']['mean']:.3f} ± "
+            f"{b['pooled/top-1']['std']:.3f}, top-5 {b['pooled/top-5']['mean']:.3f} ± "
+            f"{b['pooled/top-5']['std']:.3f}", flush=True)
   print(format_table(results))
 
 
