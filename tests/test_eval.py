@@ -67,6 +67,16 @@ def test_report_matches_hand_values_with_random_oracle_and_extra_rows(tmp_path):
   assert os.path.getsize(paths["png"]) > 10_000
   text = eval_lib.format_report(report)
   assert "| toy | **pooled (TLP)** | 0.396 | 0.905 |" in text
+  # Top-1 picks: task 0 latency 2 (best 1), task 1 6 (3), task 2 20 (5); occurrences over both
+  # networks 2, 1 + 3, 1. Excess W * (pick - best) = 2, 12, 15 of 29; best sum 19, pick sum 48.
+  costly = report["costliest_tasks"]
+  assert [t["task"] for t in costly] == [2, 1, 0]
+  assert [t["pick_ratio"] for t in costly] == pytest.approx([4.0, 2.0, 2.0])
+  assert [t["excess_share"] for t in costly] == pytest.approx([15 / 29, 12 / 29, 2 / 29])
+  assert [t["pooled_top1_if_fixed"] for t in costly] == pytest.approx([19 / 33, 19 / 36, 19 / 46])
+  assert costly[1]["networks"] == ["A", "B"] and costly[1]["weight"] == 4
+  assert costly[0]["best_latency_share"] == pytest.approx(5 / 19)
+  assert "| 2 w2 | B | 1 | 0.263 | 4.00x | 0.517 | 0.576 |" in text
   assert eval_lib.RANDOM_ROW in text and "oracle" in text
 
 

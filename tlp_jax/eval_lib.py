@@ -158,6 +158,57 @@ def _scatter(pred: np.ndarray, score: np.ndarray, seed: int = 0) -> dict:
   return {"pred": pred[idx].tolist(), "score": score[idx].tolist(), "total": int(n)}
 
 
+def costliest_tasks(pred: np.ndarray, data: EvalSplit, limit: int = 10) -> list[dict]:
+  """The tasks whose top-1 pick costs the pooled (TLP) top-1 the most, costliest first.
+
+  Pooled top-1 is ``sum_t W_t * min_t / sum_t W_t * pick_t`` over the evaluation tasks, with
+  ``W_t`` the task's occurrences summed over the networks. A task's *excess* is
+  ``W_t * (pick_t - min_t)``: the latency its top-1 pick adds. One badly ranked heavy task can
+  decide the whole score, and this list shows which one.
+
+  Args:
+    pred: ``(N,)`` predictions for the split's valid programs (higher = faster).
+    data: the split.
+    limit: at most this many tasks (only tasks with a non-zero excess are listed).
+
+  Returns:
+    One dict per task: ``task`` (index), ``workload_key``, ``networks``, ``weight`` (``W_t``),
+    ``num_programs``, ``best_latency_share`` (its share of ``sum W_t * min_t``), ``pick_ratio``
+    (``pick_t / min_t``), ``excess_share`` (its share of all the excess) and
+    ``pooled_top1_if_fixed`` (pooled top-1 had this task's pick been its best program).
+  """
+  num_tasks = len(data.task_keys)
+  pick = metrics.best_latency_in_top_k(pred, data.latency, data.task_index, (1,), num_tasks)[:, 0]
+  best = metrics.min_latency_per_task(data.latency, data.task_index, num_tasks)
+  weight = np.zeros(num_tasks)
+  names: list[list[str]] = [[] for _ in range(num_tasks)]
+  for net in data.networks:
+    for t, w in zip(net.task_indices, net.weights):
+      if np.isfinite(pick[t]) and np.isfinite(best[t]):
+        weight[t] += w
+        names[t].append(net.name)
+  present = weight > 0
+  best_sum = float(np.sum(weight[present] * best[present]))
+  pick_sum = float(np.sum(weight[present] * pick[present]))
+  excess = np.where(present, weight * (np.where(present, pick, 0) - np.where(present, best, 0)),
+                    0.0)
+  total_excess = float(excess.sum())
+  out = []
+  for t in np.argsort(-excess, kind="stable")[:limit]:
+    if excess[t] <= 0:
+      break
+    out.append({
+        "task": int(t), "workload_key": str(data.task_keys[t]), "networks": names[t],
+        "weight": float(weight[t]),
+        "num_programs": int(np.count_nonzero(data.task_index == t)),
+        "best_latency_share": float(weight[t] * best[t] / best_sum),
+        "pick_ratio": float(pick[t] / best[t]),
+        "excess_share": float(excess[t] / total_excess),
+        "pooled_top1_if_fixed": float(best_sum / (pick_sum - excess[t])),
+    })
+  return out
+
+
 def evaluate(data: EvalSplit, predict: Callable[[np.ndarray], np.ndarray], *,
              model_name: str = "model", ks: Sequence[int] = metrics.DEFAULT_KS,
              extra_predictions: Mapping[str, np.ndarray] | None = None,
@@ -180,7 +231,8 @@ def evaluate(data: EvalSplit, predict: Callable[[np.ndarray], np.ndarray], *,
     A JSON-able report dict: ``hardware``, ``split``, ``ks``, counts, ``networks`` (name,
     tasks, weights), ``rows`` (row name -> per-network / ``mean`` (TenSet) / ``pooled`` (TLP)
     top-k, plus ``task_mean``, the unweighted mean over all tasks of the split, for ranked
-    rows) and ``scatter`` (a subsample of model predictions vs measured scores).
+    rows), ``costliest_tasks`` (:func:`costliest_tasks` of the model) and ``scatter`` (a
+    subsample of model predictions vs measured scores).
   """
   ks = tuple(int(k) for k in ks)
   num_tasks = len(data.task_keys)
@@ -215,6 +267,7 @@ def evaluate(data: EvalSplit, predict: Callable[[np.ndarray], np.ndarray], *,
       "networks": [{"name": n.name, "tasks": int(n.task_indices.size),
                     "occurrences": float(n.weights.sum())} for n in data.networks],
       "rows": rows,
+      "costliest_tasks": costliest_tasks(pred, data),
       "scatter": _scatter(pred, data.score),
   }
 
@@ -385,6 +438,15 @@ def format_report(report: Mapping[str, Any]) -> str:
       if agg in row:
         cells = " | ".join(_fmt(row[agg][h]) for h in head)
         out.write(f"| {name} | **{label}** | {cells} | |\n")
+  costly = report.get("costliest_tasks")
+  if costly:
+    out.write(f"\nTasks costing {report['model']['name']} the most pooled top-1 (its pick vs the "
+              "task's best):\n\n| task | networks | weight | share of best latency | pick / best "
+              "| share of the loss | pooled top-1 if fixed |\n|---|---|---|---|---|---|---|\n")
+    for t in costly:
+      out.write(f"| {t['task']} {t['workload_key'][:60]} | {', '.join(t['networks'])} | "
+                f"{t['weight']:g} | {t['best_latency_share']:.3f} | {t['pick_ratio']:.2f}x | "
+                f"{t['excess_share']:.3f} | {t['pooled_top1_if_fixed']:.3f} |\n")
   return out.getvalue()
 
 
