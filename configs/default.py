@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Loss: tlp_jax.losses.LossConfig.
   # TLP ranks the whole batch with LambdaRank (configs/tlp_original.py). This project's default
   # ranks within each task with latency-ratio-weighted pairs, on batches of whole tasks: top-1 on
-  # the hold-out networks goes from ~0.11 to ~0.49 (docs/ACCURACY.md).
+  # the hold-out networks goes from ~0.11 to ~0.47 (docs/ACCURACY.md).
   config.loss = "pairwise_log"
   config.group_by_task = True
   # Target temperature of the "listwise_log" loss (unused by the others).
