@@ -12,6 +12,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from tlp_jax import runtime
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and metadata.")
@@ -44,6 +46,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
   logging.get_absl_handler().addFilter(_QuietCheckpointing())
+  if config.get("deterministic_gpu_ops", False):
+    runtime.enable_deterministic_gpu_ops()  # before JAX starts a backend
   # Imported here so that jax.distributed.initialize() runs before anything touches a backend.
   import jax  # pylint: disable=g-import-not-at-top
   if config.distributed.enabled:

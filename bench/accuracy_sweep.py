@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tlp_jax import eval_lib, input_pipeline, metrics  # noqa: E402
+from tlp_jax import eval_lib, input_pipeline, metrics, runtime  # noqa: E402
 
 KS = (1, 5)
 
@@ -306,7 +306,11 @@ def main() -> None:
   parser.add_argument("--set", action="append", default=[],
                       help="extra override for every experiment, KEY=PYTHON_LITERAL "
                       "(smoke runs: --set num_epochs=2)")
+  parser.add_argument("--nondeterministic_gpu", action="store_true",
+                      help="leave XLA's GPU autotuning free (runs then differ between processes)")
   args = parser.parse_args()
+  if not args.nondeterministic_gpu:
+    runtime.enable_deterministic_gpu_ops()  # before JAX starts a backend
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)

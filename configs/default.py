@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   # float32 matmul precision (jax.default_matmul_precision): "default" is TF32 on Ampere/Hopper
   # GPUs (bench/README.md: same loss curve as float32, 2x faster), exact float32 on CPU.
   config.matmul_precision = "default"
+  # Reproducible GPU kernels (XLA_FLAGS --xla_gpu_deterministic_ops, set by train.py before JAX
+  # starts; tlp_jax/runtime.py). Without it two processes with the same seed diverge on a GPU.
+  config.deterministic_gpu_ops = True
 
   config.batch_size = 1024  # global, over all devices of all hosts
   config.eval_batch_size = 1024

@@ -50,6 +50,7 @@ import tqdm
 from tlp_jax import losses
 from tlp_jax import metrics
 from tlp_jax import model as model_lib
+from tlp_jax import runtime
 
 AXIS = "batch"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -786,6 +787,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(f"config.batch_order must be one of {BATCH_ORDERS}, got {batch_order!r}")
   if int(config.get("eval_every_epochs", 1)) < 1:
     raise ValueError(f"config.eval_every_epochs must be >= 1, got {config.eval_every_epochs}")
+  if (config.get("deterministic_gpu_ops", False) and jax.default_backend() == "gpu"
+      and not runtime.deterministic_gpu_ops_enabled()):
+    logging.warning("config.deterministic_gpu_ops is set but XLA_FLAGS lacks %s, and JAX has "
+                    "started: this run is not reproducible across processes. Call "
+                    "tlp_jax.runtime.enable_deterministic_gpu_ops() before JAX starts (train.py "
+                    "does).", runtime.DETERMINISTIC_GPU_FLAG)
   # Steps are traced inside this context, so it sets the precision of every float32 matmul of
   # the model and loss ("default" is TF32 on Ampere/Hopper GPUs; "highest" is true float32).
   with jax.default_matmul_precision(precision):

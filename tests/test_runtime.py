@@ -1,0 +1,34 @@
+"""tlp_jax.runtime: the XLA flag that makes GPU runs reproducible across processes."""
+import subprocess
+import sys
+
+from tlp_jax import runtime
+
+
+def test_enable_adds_the_flag_once_and_keeps_other_flags():
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert not runtime.deterministic_gpu_ops_enabled(env)
+  assert runtime.enable_deterministic_gpu_ops(env)
+  assert env["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
+                              "--xla_gpu_deterministic_ops=true")
+  assert runtime.deterministic_gpu_ops_enabled(env)
+  assert not runtime.enable_deterministic_gpu_ops(env)  # already there: unchanged
+  assert env["XLA_FLAGS"].count("deterministic") == 1
+
+
+def test_an_explicit_setting_is_respected():
+  env = {"XLA_FLAGS": "--xla_gpu_deterministic_ops=false"}
+  assert not runtime.enable_deterministic_gpu_ops(env)
+  assert env["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=false"
+  assert not runtime.deterministic_gpu_ops_enabled(env)
+  empty: dict = {}
+  assert runtime.enable_deterministic_gpu_ops(empty)
+  assert empty["XLA_FLAGS"] == runtime.DETERMINISTIC_GPU_FLAG
+
+
+def test_flag_is_accepted_by_jax_on_this_backend_and_runtime_imports_no_jax():
+  code = ("import sys; from tlp_jax import runtime; assert 'jax' not in sys.modules; "
+          "runtime.enable_deterministic_gpu_ops(); import jax.numpy as jnp; "
+          "print(float(jnp.arange(4.0).sum()))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "6.0"
