@@ -18,9 +18,10 @@
   per-head loss (summed over the validation batches, as TLP reports it)
   and the quick top-k of ``tlp_jax.metrics``;
 * Orbax checkpoints in ``workdir/checkpoints/latest`` (every ``checkpoint_every_steps`` and at
-  each validated epoch end) and ``workdir/checkpoints/best`` (lowest target-head validation loss). The
-  data order state (epoch, step in epoch) is part of the checkpoint, so a restarted run resumes
-  exactly where the checkpoint was taken and ends with the same parameters as an unbroken run.
+  each validated epoch end) and ``workdir/checkpoints/best`` (lowest target-head validation
+  loss). The data order state (epoch, step in epoch) is part of the checkpoint, so a restarted
+  run resumes exactly where the checkpoint was taken and ends with the same parameters as an
+  unbroken run.
 
 The model's hyper-parameters and the dataset metadata needed for export are written to
 ``workdir/model_config.json`` and ``workdir/dataset_meta.json``; ``restore_for_export`` reads
@@ -765,7 +766,8 @@ def _load_dataset(config: ml_collections.ConfigDict) -> Any:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        dataset: Any | None = None,
                        devices: Sequence[Any] | None = None) -> TrainResult:
-  """Trains (or resumes training) and evaluates every epoch; checkpoints into ``workdir``.
+  """Trains (or resumes training), validating every ``config.eval_every_epochs`` epochs and
+  after the last; checkpoints into ``workdir``.
 
   Args:
     config: training config (see ``configs/default.py``).
