@@ -7,7 +7,13 @@ of the target hardware. Reported: mean +- std over seeds of pooled (TLP) and mea
 and per-network top-1/5, plus the score of the seed ensemble (mean of the seeds' per-task
 z-scored predictions).
 
-Usage (GPU recommended; ~10 s per run on an H100 for tenset-mini):
+Each run validates once, at the end (the final parameters do not depend on it; runs are 6-9x
+faster than with per-epoch validation), unless ``--also_best`` also scores the best-validation
+checkpoint, which is what ``eval.py`` loads by default. GPU kernels are made deterministic before
+JAX starts (``tlp_jax.runtime``), so a rerun reproduces a row; ``--nondeterministic_gpu`` leaves
+XLA's autotuning free.
+
+Usage (GPU recommended; ~2-7 s per run on an H100 for tenset-mini):
   python bench/accuracy_sweep.py --data_dir DIR --experiments tlp_original,default \
       --seeds 0,1,2,3,4 --out bench/results/accuracy_sweep.json
 """
