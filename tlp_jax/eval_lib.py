@@ -190,8 +190,8 @@ def costliest_tasks(pred: np.ndarray, data: EvalSplit, limit: int = 10) -> list[
   present = weight > 0
   best_sum = float(np.sum(weight[present] * best[present]))
   pick_sum = float(np.sum(weight[present] * pick[present]))
-  excess = np.where(present, weight * (np.where(present, pick, 0) - np.where(present, best, 0)),
-                    0.0)
+  excess = np.zeros(num_tasks)
+  excess[present] = weight[present] * (pick[present] - best[present])
   total_excess = float(excess.sum())
   out = []
   for t in np.argsort(-excess, kind="stable")[:limit]:
