@@ -51,8 +51,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from tlp_jax import runtime  # pylint: disable=g-import-not-at-top
-  if _CONFIG.value.get("deterministic_gpu_ops", False):
-    runtime.enable_deterministic_gpu_ops()  # before JAX starts a backend
+  runtime.apply_config(_CONFIG.value)  # before JAX starts a backend
   from data_pipelines import tenset_tfds  # pylint: disable=g-import-not-at-top
   from tlp_jax import eval_lib, export, input_pipeline, numpy_predictor, train_lib  # pylint: disable=g-import-not-at-top
 

@@ -46,8 +46,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
   logging.get_absl_handler().addFilter(_QuietCheckpointing())
-  if config.get("deterministic_gpu_ops", False):
-    runtime.enable_deterministic_gpu_ops()  # before JAX starts a backend
+  runtime.apply_config(config)  # before JAX starts a backend
   # Imported here so that jax.distributed.initialize() runs before anything touches a backend.
   import jax  # pylint: disable=g-import-not-at-top
   if config.distributed.enabled:

@@ -36,8 +36,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from tlp_jax import runtime  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
-  if config.get("deterministic_gpu_ops", False):
-    runtime.enable_deterministic_gpu_ops()  # before JAX starts a backend
+  runtime.apply_config(config)  # before JAX starts a backend
   import jax  # pylint: disable=g-import-not-at-top
   from tlp_jax import eval_lib, input_pipeline, train_lib  # pylint: disable=g-import-not-at-top
   ks = [int(k) for k in FLAGS.ks]

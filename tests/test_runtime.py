@@ -26,6 +26,14 @@ def test_an_explicit_setting_is_respected():
   assert empty["XLA_FLAGS"] == runtime.DETERMINISTIC_GPU_FLAG
 
 
+def test_apply_config_follows_the_config(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "")
+  runtime.apply_config({"deterministic_gpu_ops": False})
+  assert not runtime.deterministic_gpu_ops_enabled()
+  runtime.apply_config({"deterministic_gpu_ops": True})
+  assert runtime.deterministic_gpu_ops_enabled()
+
+
 def test_flag_is_accepted_by_jax_on_this_backend_and_runtime_imports_no_jax():
   code = ("import sys; from tlp_jax import runtime; assert 'jax' not in sys.modules; "
           "runtime.enable_deterministic_gpu_ops(); import jax.numpy as jnp; "

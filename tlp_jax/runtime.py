@@ -13,7 +13,7 @@ config. This module does not import JAX.
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
+from typing import Any, Mapping, MutableMapping
 
 DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
 _FLAG_NAME = "--xla_gpu_deterministic_ops"
@@ -49,3 +49,12 @@ def enable_deterministic_gpu_ops(environ: MutableMapping[str, str] | None = None
     return False
   environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_GPU_FLAG}".strip()
   return True
+
+
+def apply_config(config: Mapping[str, Any]) -> None:
+  """Makes a training config's process-wide XLA settings (``deterministic_gpu_ops``).
+
+  Entry points call it before JAX starts a backend.
+  """
+  if config.get("deterministic_gpu_ops", False):
+    enable_deterministic_gpu_ops()
