@@ -209,6 +209,12 @@ def _summary(values: list[float]) -> dict:
   return {"mean": float(np.nanmean(a)), "std": float(np.nanstd(a)), "values": a.tolist()}
 
 
+def _aggregate(per_seed: list[dict]) -> dict:
+  """Mean +- std over seeds of the pooled (TLP) and mean (TenSet) top-k."""
+  return {f"{agg_name}/top-{k}": _summary([s[agg_name][f"top-{k}"] for s in per_seed])
+          for agg_name in ("pooled", "mean") for k in KS}
+
+
 def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dict,
                    save_preds_dir: str | None = None, also_best: bool = False) -> dict:
   """Trains ``name`` once per seed; returns per-seed and aggregate top-k.
@@ -262,19 +268,14 @@ def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dic
                              len(data.task_keys)).to_dict()
   rnd = metrics.random_top_k_scores(data.latency, data.task_index, data.networks, KS,
                                     len(data.task_keys)).to_dict()
-  agg = {}
-  for agg_name in ("pooled", "mean"):
-    for k in KS:
-      agg[f"{agg_name}/top-{k}"] = _summary([s[agg_name][f"top-{k}"] for s in per_seed])
+  agg = _aggregate(per_seed)
   for net in per_seed[0]["per_network"]:
     for k in KS:
       agg[f"{net}/top-{k}"] = _summary([s["per_network"][net][f"top-{k}"] for s in per_seed])
   extra = {}
   if per_seed_best:
     extra["per_seed_best"] = per_seed_best
-    extra["aggregate_best"] = {
-        f"{agg_name}/top-{k}": _summary([s[agg_name][f"top-{k}"] for s in per_seed_best])
-        for agg_name in ("pooled", "mean") for k in KS}
+    extra["aggregate_best"] = _aggregate(per_seed_best)
   return {**extra, "config_module": f"configs/{module}.py", "overrides": {k: v for k, v in
                                                                         overrides.items()},
           "target": target, "seeds": seeds, "aggregate": agg, "ensemble": ens,
