@@ -76,6 +76,11 @@ class HeadLoss(Protocol):
     ...
 
 
+def _comparable(groups: Array, valid: Array) -> Array:
+  """``(N, N)`` True where items ``i`` and ``j`` are both valid and in the same group."""
+  return (groups[:, None] == groups[None, :]) & valid[:, None] & valid[None, :]
+
+
 def _ranks(values: Array, comparable: Array) -> Array:
   """0-based descending rank of each item among the items it is comparable with.
 
@@ -99,7 +104,7 @@ def lambdarank_head(preds: Array, labels: Array, valid: Array, groups: Array,
   # Positions beyond every possible rank when k is None.
   k = n if config.k is None else config.k
 
-  comparable = (groups[:, None] == groups[None, :]) & valid[:, None] & valid[None, :]
+  comparable = _comparable(groups, valid)
   pred_rank = _ranks(preds, comparable)
   true_rank = _ranks(labels, comparable)
 
@@ -171,7 +176,7 @@ def pairwise_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
   """
   preds = preds.astype(jnp.float32)
   log_y = _log_scores(labels, valid)
-  comparable = (groups[:, None] == groups[None, :]) & valid[:, None] & valid[None, :]
+  comparable = _comparable(groups, valid)
   weights = jnp.where(comparable, jnp.maximum(log_y[:, None] - log_y[None, :], 0.0), 0.0)
   log_p = jax.nn.log_sigmoid(config.sigma * (preds[:, None] - preds[None, :]))
   return -jnp.sum(weights * log_p) / jnp.maximum(jnp.sum(weights), config.eps)
@@ -198,7 +203,7 @@ def listwise_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
   """
   preds = preds.astype(jnp.float32)
   log_y = _log_scores(labels, valid)
-  comparable = (groups[:, None] == groups[None, :]) & valid[:, None] & valid[None, :]
+  comparable = _comparable(groups, valid)
   target_logits = log_y / config.temperature
   log_q = target_logits - _group_logsumexp(target_logits, comparable)
   q = jax.lax.stop_gradient(jnp.where(valid, jnp.exp(log_q), 0.0))
@@ -222,7 +227,7 @@ def centered_mse_log_head(preds: Array, labels: Array, valid: Array, groups: Arr
   """
   del config
   preds = preds.astype(jnp.float32)
-  comparable = (groups[:, None] == groups[None, :]) & valid[:, None] & valid[None, :]
+  comparable = _comparable(groups, valid)
   resid = jnp.where(valid, preds - _log_scores(labels, valid), 0.0)
   group_size = jnp.sum(comparable, axis=1)
   group_mean = (comparable.astype(jnp.float32) @ resid) / jnp.maximum(group_size, 1)
