@@ -2,7 +2,7 @@ r"""Builds the TenSet TFDS dataset: one config per hardware plus the multi-hardw
 
   python -m data_pipelines.build --tenset_dir /work/shared/tenset-mini --data_dir ~/tlp_data \
       [--hardware epyc-9004,xeon-emr-16c] [--holdout resnet_50@224,bert_base@128] \
-      [--seed 0] [--crop 25,22]
+      [--seed 0] [--crop 25,22] [--loop_stores 10]
 
 Existing configs of the same name in ``--data_dir`` are rebuilt. Prints one summary per config
 (records read/kept/skipped by reason, tasks, examples per split and hardware). Read them back
@@ -31,6 +31,10 @@ _HOLDOUT = flags.DEFINE_list(
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the 90/10 train/validation split.")
 _CROP = flags.DEFINE_list("crop", [], "Feature crop LENGTH,WIDTH (default: platform's, "
                           "llvm 25,22 and cuda 40,20 as TLP).")
+_LOOP_STORES = flags.DEFINE_integer(
+    "loop_stores", 0, "0: TLP's step features only. N > 0: the 'loop' feature version, each "
+    "program's first N loop-nest store vectors (Ansor's per-store features, computed with TVM "
+    "from network_info/all_tasks.pkl) appended as extra tokens; needs pip install -e '.[tvm]'.")
 _MULTI = flags.DEFINE_bool("multi", True, "Also build the multi-hardware join config.")
 
 
@@ -46,7 +50,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     configs = tenset_tfds.make_configs(_TENSET_DIR.value, hardware=_HARDWARE.value,
                                        holdout=_HOLDOUT.value, seed=_SEED.value, crop=crop,
-                                       multi=_MULTI.value)
+                                       multi=_MULTI.value, loop_stores=_LOOP_STORES.value)
     metas = tenset_tfds.build(_TENSET_DIR.value, _DATA_DIR.value, configs)
   except (FileNotFoundError, network_info.NetworkInfoError, tenset_tfds.DatasetBuildError) as e:
     sys.exit(f"error: {e}")

@@ -6,7 +6,8 @@ One :class:`TensetConfig` per hardware folder of ``measure_records/`` plus a mul
 config that joins the same program across hardware by ``(workload_key, program_key)``. Every
 config has the same example structure (``H`` = number of hardware of the config)::
 
-    features   (L, E) float32   TLP primitive features
+    features   (L, E) float32   TLP primitive features (with ``loop_stores`` N > 0:
+                                (L + N, E + D), loop-nest store vectors appended as tokens)
     score      (H,)   float32   min_cost / cost per hardware (0 where not measured)
     mask       (H,)   bool      program has a valid measurement on that hardware
     min_cost   (H,)   float32   the task's best cost (s) on that hardware (0 if none there)
@@ -82,6 +83,10 @@ class TensetConfig(tfds.core.BuilderConfig):
     holdout: hold-out specs ``NAME[@SIZE]``; empty = :func:`network_info.default_holdout`.
     seed: seed of the train/validation split.
     train_fraction: share of non-hold-out examples in ``train``.
+    loop_stores: 0 = TLP's step features only. N > 0 = the "loop" feature version: each
+      program's first N loop-nest store vectors (:mod:`data_pipelines.loop_features`, needs
+      TVM and ``network_info/all_tasks.pkl``) appended as extra tokens, so examples are
+      ``(L + N, E + D)``.
   """
   hardware: tuple[str, ...] = ()
   platform: str = "llvm"
@@ -89,6 +94,15 @@ class TensetConfig(tfds.core.BuilderConfig):
   holdout: tuple[str, ...] = ()
   seed: int = 0
   train_fraction: float = network_info_lib.TRAIN_FRACTION
+  loop_stores: int = 0
+
+
+def example_shape(crop: Sequence[int], loop_stores: int, loop_dim: int) -> tuple[int, int]:
+  """Shape of one example's features: the TLP crop, plus the loop-nest tokens if any."""
+  length, width = (int(c) for c in crop)
+  if loop_stores:
+    return length + int(loop_stores), width + int(loop_dim)
+  return length, width
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +126,7 @@ class StagedHardware:
   task_files: list[str]
   stats: Any                  # records.ReadStats
   layout: int                 # featurizer one-hot width the features were made with
+  loop_stats: Any = None      # loop_features.LoopFeatureStats when loop features were added
 
   @property
   def num_records(self) -> int:
@@ -160,10 +175,12 @@ class RecordStaging:
   """
 
   def __init__(self, tenset_dir: str, work_dir: str,
-               crop: tuple[int, int] | None = None):
+               crop: tuple[int, int] | None = None, loop_stores: int = 0):
     self.tenset_dir = tenset_dir
     self.work_dir = work_dir
     self.crop = tuple(crop) if crop else None
+    self.loop_stores = int(loop_stores)
+    self._tasks_registered = False
     self._featurizers: dict[str, Any] = {}
     self._staged: dict[str, StagedHardware] = {}
 
@@ -193,9 +210,25 @@ class RecordStaging:
         del self._staged[hw]
     raise DatasetBuildError(f"feature layout of {list(hardware)} did not settle")
 
+  def _store_features(self, path: str, line_numbers: np.ndarray):
+    """Loop-nest features of the given lines of one record file (TVM replays them)."""
+    from data_pipelines import loop_features  # pylint: disable=import-outside-toplevel
+    if not self._tasks_registered:
+      try:
+        loop_features.register_tenset_tasks(self.tenset_dir)
+      except (loop_features.LoopFeatureError, ImportError, ValueError) as e:
+        raise DatasetBuildError(f"loop features: {e}") from e
+      self._tasks_registered = True
+    try:
+      return loop_features.store_features_from_lines(
+          loop_features.read_lines(path, line_numbers), self.loop_stores, where=path)
+    except loop_features.LoopFeatureError as e:
+      raise DatasetBuildError(str(e)) from e
+
   def _stage(self, hardware: str) -> StagedHardware:
     platform = detect_platform(self.tenset_dir, hardware)
     featurizer = self.featurizer(platform)
+    loop_stats = None
     paths = _task_files(self.tenset_dir, hardware)
     os.makedirs(self.work_dir, exist_ok=True)
     # A fresh file per read: a re-read must not truncate a file an older memmap still maps.
@@ -221,6 +254,10 @@ class RecordStaging:
                                   f"{platform} of the rest of {hardware}")
         layouts.add(tf.layout)
         feats = np.ascontiguousarray(np.asarray(tf.features, dtype=np.float32)[valid])
+        if self.loop_stores:
+          stores, st = self._store_features(path, tf.line_numbers[valid])
+          loop_stats = st if loop_stats is None else loop_stats + st
+          feats = features_lib.append_loop_features(feats, stores)
         if shape is None:
           shape = feats.shape[1:]
         elif feats.shape[1:] != shape:
@@ -244,7 +281,7 @@ class RecordStaging:
         record_task=np.concatenate(rec_task), task_keys=task_keys,
         task_min_cost=np.asarray(task_min, np.float64), task_files=task_files, stats=stats,
         # A kind first seen mid-way leaves earlier files in an older layout: -1 = stale.
-        layout=layouts.pop() if len(layouts) == 1 else -1)
+        layout=layouts.pop() if len(layouts) == 1 else -1, loop_stats=loop_stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,8 +378,14 @@ def stats_to_json(stats) -> dict:
 def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[StagedHardware],
                    networks: Sequence[network_info_lib.NetworkInfo],
                    holdout: Sequence[str], holdout_nets: Sequence[network_info_lib.NetworkInfo],
-                   vocab_json: str, crop: Sequence[int], tenset_dir: str) -> dict:
-  """The JSON metadata stored with a config (see module docstring)."""
+                   vocab_json: str, crop: Sequence[int], tenset_dir: str,
+                   tlp_crop: Sequence[int] | None = None) -> dict:
+  """The JSON metadata stored with a config (see module docstring).
+
+  ``crop`` is the examples' feature shape; ``tlp_crop`` the TLP step part of it (the same
+  unless the config adds loop-nest tokens).
+  """
+  tlp_crop = crop if tlp_crop is None else tlp_crop
   flop_ct = {}
   for net in networks:
     for t in net.tasks:
@@ -366,6 +409,11 @@ def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[Sta
       "hardware": list(config.hardware),
       "platform": config.platform,
       "crop": [int(c) for c in crop],
+      # The "loop" feature version (0 = TLP's steps only): the last ``loop_stores`` tokens and
+      # the last ``loop_dim`` columns are loop-nest store vectors (data_pipelines/loop_features).
+      "loop_stores": int(config.loop_stores),
+      "loop_dim": int(crop[1]) - int(tlp_crop[1]) if config.loop_stores else 0,
+      "loop_stats": {s.hardware: s.loop_stats.to_dict() for s in staged if s.loop_stats},
       "seed": int(config.seed),
       "train_fraction": float(config.train_fraction),
       "holdout": list(holdout),
@@ -386,8 +434,10 @@ def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[Sta
 
 def format_summary(meta: Mapping[str, Any]) -> str:
   """Human-readable summary of one config's metadata (the build CLI prints it)."""
+  loop = (f", {meta['loop_stores']} loop-nest store tokens of {meta['loop_dim']}"
+          if meta.get("loop_stores") else "")
   lines = [f"config {meta['config']}: hardware {', '.join(meta['hardware'])} "
-           f"({meta['platform']}, crop {tuple(meta['crop'])}, seed {meta['seed']})",
+           f"({meta['platform']}, crop {tuple(meta['crop'])}{loop}, seed {meta['seed']})",
            f"  hold-out: {', '.join(meta['holdout'])}",
            f"  tasks: {len(meta['tasks']['workload_keys'])}; examples: " +
            ", ".join(f"{k} {v}" for k, v in meta["examples"].items())]
@@ -396,6 +446,8 @@ def format_summary(meta: Mapping[str, Any]) -> str:
     st = meta["read_stats"].get(hw, {})
     lines.append(f"  {hw}: {int(records[:, h].sum())} examples measured, "
                  f"{int((records[:, h] > 0).sum())} tasks; read: " + _stats_line(st))
+    if hw in meta.get("loop_stats", {}):
+      lines.append(f"  {hw} loop features: " + _stats_line(meta["loop_stats"][hw]))
   if len(meta["hardware"]) > 1:
     lines.append("  join: " + ", ".join(f"{k} {v}" for k, v in meta["join_stats"].items()))
   for net in meta["networks"]:
@@ -443,6 +495,9 @@ class Tenset(tfds.core.ShardBasedBuilder):
     cfg = self.builder_config
     num_hw = len(cfg.hardware)
     crop = tuple(cfg.crop) if cfg.crop else tuple(features_lib.DEFAULT_CROP[cfg.platform])
+    if cfg.loop_stores:
+      from data_pipelines import loop_features  # pylint: disable=import-outside-toplevel
+      crop = example_shape(crop, cfg.loop_stores, loop_features.feature_dim())
     return tfds.core.DatasetInfo(
         builder=self,
         description="TenSet measure records with TLP primitive features.",
@@ -479,8 +534,12 @@ class Tenset(tfds.core.ShardBasedBuilder):
     held_keys = network_info_lib.holdout_workload_keys(holdout_nets)
     if self._staging is None:
       self._own_staging_dir = tempfile.mkdtemp(prefix="tenset_staging_")
-      self._staging = RecordStaging(self._tenset_dir, self._own_staging_dir, crop=cfg.crop)
+      self._staging = RecordStaging(self._tenset_dir, self._own_staging_dir, crop=cfg.crop,
+                                    loop_stores=cfg.loop_stores)
     staging = self._staging
+    if staging.loop_stores != cfg.loop_stores:
+      raise DatasetBuildError(f"{cfg.name}: config asks for loop_stores={cfg.loop_stores}, the "
+                              f"shared staging has {staging.loop_stores}")
     staged = staging.get_all(cfg.hardware)
     for s in staged:
       if s.platform != cfg.platform:
@@ -490,7 +549,8 @@ class Tenset(tfds.core.ShardBasedBuilder):
     plan = plan_examples(staged, held_keys, cfg.seed, cfg.train_fraction)
     self.info.metadata.update(build_metadata(
         cfg, plan, staged, networks, [str(h) for h in network_info_lib.parse_holdout(holdout)],
-        holdout_nets, staging.featurizer(cfg.platform).vocab.to_json(), crop, self._tenset_dir))
+        holdout_nets, staging.featurizer(cfg.platform).vocab.to_json(), crop, self._tenset_dir,
+        tlp_crop=staging.featurizer(cfg.platform).crop))
     logging.info("%s: %s examples", cfg.name, self.info.metadata["examples"])
     empty = [name for name in SPLITS if not plan.splits[name].size]
     if len(empty) == len(SPLITS):
@@ -542,7 +602,7 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
                  holdout: Sequence[str] = (), seed: int = 0,
                  crop: tuple[int, int] | None = None,
                  train_fraction: float = network_info_lib.TRAIN_FRACTION,
-                 multi: bool = True) -> list[TensetConfig]:
+                 multi: bool = True, loop_stores: int = 0) -> list[TensetConfig]:
   """One config per hardware (default: every folder) plus the multi-hardware join config.
 
   The multi config is made when there are at least two hardware of the same platform; with
@@ -560,8 +620,10 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
   holdout = tuple(holdout) or network_info_lib.default_holdout(networks)
   network_info_lib.select_holdout(networks, holdout)
   holdout = tuple(str(h) for h in network_info_lib.parse_holdout(holdout))
+  if loop_stores < 0:
+    raise DatasetBuildError(f"loop_stores must be >= 0, got {loop_stores}")
   common = dict(holdout=holdout, seed=seed, crop=tuple(crop) if crop else None,
-                train_fraction=train_fraction)
+                train_fraction=train_fraction, loop_stores=int(loop_stores))
   configs = [TensetConfig(name=hw, version=VERSION, hardware=(hw,), platform=platforms[hw],
                           description=f"{hw} measure records", **common) for hw in hardware]
   if multi:
@@ -597,9 +659,13 @@ def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig],
   crops = {c.crop for c in configs}
   if len(crops) > 1:
     raise DatasetBuildError(f"configs of one build must share the crop, got {crops}")
+  loops = {c.loop_stores for c in configs}
+  if len(loops) > 1:
+    raise DatasetBuildError(f"configs of one build must share loop_stores, got {loops}")
   work = tempfile.mkdtemp(prefix="staging_", dir=data_dir)
   try:
-    staging = RecordStaging(tenset_dir, work, crop=next(iter(crops)))
+    staging = RecordStaging(tenset_dir, work, crop=next(iter(crops)),
+                            loop_stores=next(iter(loops)))
     metas = []
     for cfg in configs:
       builder = Tenset(tenset_dir=tenset_dir, staging=staging, config=cfg, data_dir=data_dir,

@@ -643,12 +643,37 @@ def _check_or_write_json(path: str, obj: Any, what: str, write: bool) -> None:
     _write_json(path, obj)
 
 
+def loop_feature_shape(dataset: Any) -> tuple[int, int]:
+  """``(stores, width)`` of the dataset's loop-nest tokens; ``(0, 0)`` for TLP features only."""
+  meta = getattr(dataset, "metadata", None) or {}
+  return int(meta.get("loop_stores", 0)), int(meta.get("loop_dim", 0))
+
+
 def dataset_meta(dataset: Any, hardware: Sequence[str]) -> dict[str, Any]:
   """What the exporter needs about the data: head hardware, platform, crop, vocabulary."""
   crop = dataset.crop
-  return {"hardware": list(hardware), "platform": str(dataset.platform),
+  loop_stores, loop_dim = loop_feature_shape(dataset)
+  meta = {"hardware": list(hardware), "platform": str(dataset.platform),
           "crop": [int(c) for c in crop] if crop is not None else None,
           "vocab_json": dataset.vocab_json}
+  if loop_stores:
+    meta.update(loop_stores=loop_stores, loop_dim=loop_dim)
+  return meta
+
+
+def check_model_fits_features(model_config: model_lib.TLPConfig, dataset: Any) -> None:
+  """A model must see every loop-nest token of a "loop" dataset (TLP's crop would drop them).
+
+  With TLP features alone a smaller model input crops steps, as TLP does; with loop-nest
+  tokens appended after the steps, the same crop would silently remove them.
+  """
+  loop_stores, _ = loop_feature_shape(dataset)
+  crop = tuple(int(c) for c in dataset.crop)
+  if loop_stores and (model_config.seq_len, model_config.feature_dim) != crop:
+    raise ValueError(
+        f"the dataset has loop-nest features ({loop_stores} store tokens; examples {crop}) but "
+        f"the model input is ({model_config.seq_len}, {model_config.feature_dim}); use "
+        f"configs/loopnest.py or set model.seq_len={crop[0]}, model.feature_dim={crop[1]}")
 
 
 def restore_for_export(workdir: str, which: str = "best"
@@ -825,6 +850,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
   train = dataclasses.replace(train, mask=few_shot_mask(train.mask, int(fs.num_labels),
                                                         float(fs.fraction), int(config.seed)))
   model_config = model_config_from(config, num_heads=len(hardware))
+  check_model_fits_features(model_config, dataset)
   loss_config = loss_config_from(config)
   optim_config = optim_config_from(config)
 

@@ -1,0 +1,143 @@
+"""Loop-nest features: Ansor's per-buffer-store features of each program (needs TVM).
+
+TLP reads a program only through its schedule primitives. What decides its speed is the loop
+nest those primitives produce: the extent of the vectorized innermost loop, how many iterations
+run in parallel after fusion, what gets unrolled, how buffers are touched. TLP's step tokens
+imply these only through several steps (a split's factors, a later reorder, an annotation on an
+iterator index), and with tens of candidates per task the model does not learn them
+(docs/ACCURACY.md, round 2). Ansor computes them directly from the lowered loop nest: one
+164-number vector per buffer store (``tvm.auto_scheduler.feature``, already log-scaled).
+
+This module replays each record's steps with TVM and returns those vectors, padded or cropped to
+``max_stores`` per program. :func:`tlp_jax.features.append_loop_features` then appends them to
+the TLP step features as extra tokens (the "loop" feature version; ``--loop_stores`` of
+``data_pipelines.build``).
+
+TVM must know each workload's compute DAG to replay a record. TenSet ships them in
+``network_info/all_tasks.pkl``; :func:`register_tenset_tasks` reads that file with the XGBoost
+baseline's restricted unpickler (only the TVM classes of a ``SearchTask`` pickle are built).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+
+ALL_TASKS_FILE = os.path.join("network_info", "all_tasks.pkl")
+
+
+class LoopFeatureError(RuntimeError):
+  """Loop-nest features cannot be computed (missing tasks file, unknown workload)."""
+
+
+def feature_dim() -> int:
+  """Width of one store vector in this TVM (164 in TVM 0.19)."""
+  from tvm.auto_scheduler import feature  # pylint: disable=import-outside-toplevel
+  return len(feature.get_per_store_feature_names())
+
+
+def register_tenset_tasks(tenset_dir: str) -> int:
+  """Registers every workload of ``TENSET/network_info/all_tasks.pkl``; returns the count."""
+  from tlp_jax import xgb_baseline  # pylint: disable=import-outside-toplevel
+  path = os.path.join(tenset_dir, ALL_TASKS_FILE)
+  if not os.path.isfile(path):
+    raise LoopFeatureError(
+        f"{path}: not found. Loop-nest features replay each record with TVM, which needs the "
+        "compute DAG of every workload; TenSet ships them in network_info/all_tasks.pkl")
+  return len(xgb_baseline.load_search_tasks(path))
+
+
+@dataclasses.dataclass
+class LoopFeatureStats:
+  """Programs featurized, and how many had more stores than kept or none at all."""
+  programs: int = 0
+  cropped: int = 0
+  no_store: int = 0
+  max_stores_seen: int = 0
+
+  def __add__(self, other: "LoopFeatureStats") -> "LoopFeatureStats":
+    return LoopFeatureStats(self.programs + other.programs, self.cropped + other.cropped,
+                            self.no_store + other.no_store,
+                            max(self.max_stores_seen, other.max_stores_seen))
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def pad_stores(per_program: Sequence[np.ndarray], max_stores: int, dim: int
+               ) -> tuple[np.ndarray, LoopFeatureStats]:
+  """``[(k_i, dim)]`` -> ``(n, max_stores, dim)`` float32: first stores kept, zero padding.
+
+  Ansor lists stores in program order, so cropping keeps the first ``max_stores`` (cropped
+  programs are counted, like TLP's step crop).
+  """
+  out = np.zeros((len(per_program), max_stores, dim), np.float32)
+  stats = LoopFeatureStats(programs=len(per_program))
+  for i, f in enumerate(per_program):
+    f = np.asarray(f, np.float32).reshape(-1, dim) if np.size(f) else np.zeros((0, dim))
+    k = f.shape[0]
+    stats.max_stores_seen = max(stats.max_stores_seen, k)
+    stats.no_store += k == 0
+    stats.cropped += k > max_stores
+    out[i, :min(k, max_stores)] = f[:max_stores]
+  return out, stats
+
+
+def store_features_from_lines(lines: Sequence[bytes], max_stores: int, where: str = "<lines>"
+                              ) -> tuple[np.ndarray, LoopFeatureStats]:
+  """Loop-nest features of measure-record lines (their workloads must be registered).
+
+  Args:
+    lines: raw JSON record lines (already known to parse: the TLP reader kept them).
+    max_stores: stores kept per program.
+    where: file name for error messages.
+
+  Returns:
+    ``(len(lines), max_stores, feature_dim())`` float32 and the crop counts.
+  """
+  from tvm.auto_scheduler import feature  # pylint: disable=import-outside-toplevel
+  from tvm.auto_scheduler import measure_record  # pylint: disable=import-outside-toplevel
+  dim = feature_dim()
+  if not lines:
+    return np.zeros((0, max_stores, dim), np.float32), LoopFeatureStats()
+  inputs, results = [], []
+  for line in lines:
+    try:
+      inp, res = measure_record.load_record_from_string(line.decode())
+    except Exception as e:  # pylint: disable=broad-except
+      raise LoopFeatureError(f"{where}: TVM cannot read a record the TLP reader kept "
+                             f"({type(e).__name__}: {str(e)[:200]})") from e
+    inputs.append(inp)
+    results.append(res)
+  try:
+    feats, _, _ = feature.get_per_store_features_from_measure_pairs(inputs, results)
+  except Exception as e:  # pylint: disable=broad-except
+    raise LoopFeatureError(f"{where}: TVM could not replay the records (is the workload in "
+                           f"{ALL_TASKS_FILE}?): {type(e).__name__}: {str(e)[:300]}") from e
+  return pad_stores(list(feats), max_stores, dim)
+
+
+def store_features_from_states(task, states: Sequence, max_stores: int
+                               ) -> tuple[np.ndarray, LoopFeatureStats]:
+  """Loop-nest features of auto-scheduler ``states`` of ``task`` (the tuner's path)."""
+  from tvm.auto_scheduler import feature  # pylint: disable=import-outside-toplevel
+  dim = feature_dim()
+  if not len(states):  # pylint: disable=g-explicit-length-test
+    return np.zeros((0, max_stores, dim), np.float32), LoopFeatureStats()
+  feats = feature.get_per_store_features_from_states(list(states), task)
+  return pad_stores(list(feats), max_stores, dim)
+
+
+def read_lines(path: str, line_numbers: Sequence[int]) -> list[bytes]:
+  """The given 1-based lines of a record file, split exactly as ``records.read_task_file`` does."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if b"\r\n" in data:
+    data = data.replace(b"\r\n", b"\n")
+  lines = data.split(b"\n")
+  try:
+    return [lines[int(n) - 1] for n in line_numbers]
+  except IndexError as e:
+    raise LoopFeatureError(f"{path}: line number beyond the end of the file") from e
