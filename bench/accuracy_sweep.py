@@ -126,6 +126,18 @@ EXPERIMENTS = {
     "loopnest@xeon+e200": ("loopnest", {"hardware": ("xeon-emr-16c",),
                                         "dataset": "xeon-emr-16c", "num_epochs": 200},
                            "xeon-emr-16c"),
+    "loopnest+padmask@xeon": ("loopnest", {"hardware": ("xeon-emr-16c",),
+                                           "dataset": "xeon-emr-16c",
+                                           "model.padding_mask": True}, "xeon-emr-16c"),
+    "loopnest+padmask_mtl@xeon": ("loopnest", {"hardware": ("xeon-emr-16c", "epyc-9004"),
+                                               "dataset": "all", "model.padding_mask": True},
+                                  "xeon-emr-16c"),
+    "loopnest+padmask_xeon10%_alone": ("loopnest", {
+        "hardware": ("xeon-emr-16c",), "dataset": "all", "few_shot.fraction": 0.1,
+        "model.padding_mask": True}, "xeon-emr-16c"),
+    "loopnest+padmask_xeon10%+epyc_mtl": ("loopnest", {
+        "hardware": ("xeon-emr-16c", "epyc-9004"), "dataset": "all", "few_shot.fraction": 0.1,
+        "model.padding_mask": True}, "xeon-emr-16c"),
     "loopnest@xeon": ("loopnest", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c"},
                       "xeon-emr-16c"),
     "loopnest@xeon+e500": ("loopnest", {"hardware": ("xeon-emr-16c",),
