@@ -126,6 +126,11 @@ EXPERIMENTS = {
     "loopnest@xeon+e200": ("loopnest", {"hardware": ("xeon-emr-16c",),
                                         "dataset": "xeon-emr-16c", "num_epochs": 200},
                            "xeon-emr-16c"),
+    # Ablation: the same model and data with the step tokens zeroed (store tokens only).
+    "loopnest_stores_only": ("loopnest", {"_zero_steps": True}, "epyc-9004"),
+    "loopnest_stores_only@xeon": ("loopnest", {"hardware": ("xeon-emr-16c",),
+                                               "dataset": "xeon-emr-16c", "_zero_steps": True},
+                                  "xeon-emr-16c"),
     "loopnest+padmask@xeon": ("loopnest", {"hardware": ("xeon-emr-16c",),
                                            "dataset": "xeon-emr-16c",
                                            "model.padding_mask": True}, "xeon-emr-16c"),
@@ -231,6 +236,25 @@ def labelled_rows_only(arrays, config):
   return dataclasses.replace(arrays, train=train)
 
 
+def without_step_tokens(arrays):
+  """A "loop" dataset with its TLP step tokens zeroed: the model sees only the store tokens.
+
+  The ablation that asks whether the gain of the loop version comes from the loop-nest vectors
+  alone (the step tokens are the first ``L`` rows, ``L = crop[0] - loop_stores``).
+  """
+  loop_stores = int(arrays.metadata.get("loop_stores", 0))
+  if not loop_stores:
+    raise ValueError("_zero_steps needs a dataset built with --loop_stores")
+  steps = int(arrays.crop[0]) - loop_stores
+  splits = {}
+  for name in ("train", "validation", "test"):
+    split = getattr(arrays, name)
+    feats = np.array(split.features)
+    feats[:, :steps] = 0.0
+    splits[name] = dataclasses.replace(split, features=feats)
+  return dataclasses.replace(arrays, **splits)
+
+
 def _zscore_per_task(pred: np.ndarray, task_index: np.ndarray) -> np.ndarray:
   out = np.empty_like(pred)
   for t in np.unique(task_index):
@@ -261,6 +285,9 @@ def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dic
   from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
 
   module, overrides, target = EXPERIMENTS[name]
+  # Sweep-level options (not config fields) start with "_".
+  zero_steps = bool(overrides.get("_zero_steps", False))
+  overrides = {k: v for k, v in overrides.items() if not k.startswith("_")}
   per_seed, preds, wall, per_seed_best = [], [], [], []
   data = None
   for seed in seeds:
@@ -270,6 +297,8 @@ def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dic
     if config.dataset not in arrays_cache:
       arrays_cache[config.dataset] = input_pipeline.load_arrays(data_dir, config.dataset)
     arrays = arrays_cache[config.dataset]
+    if zero_steps:
+      arrays = without_step_tokens(arrays)
     data = eval_lib.select_split(arrays, target, "test")
     if len(config.hardware) == 1 and config.few_shot.fraction < 1.0:
       arrays = labelled_rows_only(arrays, config)
