@@ -2,7 +2,10 @@
 
 Keeps TenSet's exact layout and copies files byte for byte:
 
-* ``network_info/*.json`` for every network (not ``all_tasks.pkl``, not ``*.task.pkl``);
+* ``network_info/*.json`` for every network (not ``*.task.pkl``);
+* ``network_info/all_tasks.pkl`` cut down to the sampled tasks, when the source has one and TVM
+  is installed (the "loop" feature version replays records with it). Read with the XGBoost
+  baseline's restricted unpickler, written back as the same pickled list of ``SearchTask``;
 * ``measure_records/HW/*.json`` of every task of the hold-out networks, on every hardware that
   measured it (so evaluation covers all hold-out networks);
 * plus training tasks, round-robin over the non-hold-out networks (each network's tasks in
@@ -25,6 +28,7 @@ from typing import Sequence
 from absl import logging
 import orjson
 
+from data_pipelines import loop_features
 from data_pipelines import network_info as network_info_lib
 
 MEASURE_DIR = "measure_records"
@@ -114,7 +118,38 @@ def make_sample(tenset_dir: str, out_dir: str, holdout: Sequence[str] | None = N
     for name in names:
       shutil.copyfile(os.path.join(tenset_dir, MEASURE_DIR, hw, name),
                       os.path.join(out_dir, MEASURE_DIR, hw, name))
+  src_tasks = os.path.join(tenset_dir, loop_features.ALL_TASKS_FILE)
+  if os.path.isfile(src_tasks):
+    keys = set()
+    for hw, names in plan.items():
+      for name in names:
+        keys.add(record_file_workload_key(os.path.join(out_dir, MEASURE_DIR, hw, name)))
+    try:
+      n = write_task_subset(src_tasks, keys, os.path.join(out_dir, loop_features.ALL_TASKS_FILE))
+      logging.info("sample: %d tasks in %s", n, loop_features.ALL_TASKS_FILE)
+    except ImportError:
+      logging.warning("TVM not installed: the sample gets no %s (loop features need it)",
+                      loop_features.ALL_TASKS_FILE)
   return plan
+
+
+def write_task_subset(src: str, workload_keys: set[str], dst: str) -> int:
+  """Writes the ``SearchTask`` entries of ``src`` whose workload key is wanted; returns how many.
+
+  Raises:
+    ValueError: some wanted workload has no task in ``src``.
+  """
+  import pickle  # pylint: disable=g-import-not-at-top
+  from tlp_jax import xgb_baseline  # pylint: disable=g-import-not-at-top
+  tasks = [t for t in xgb_baseline.load_search_tasks(src) if t.workload_key in workload_keys]
+  missing = workload_keys - {t.workload_key for t in tasks}
+  if missing:
+    raise ValueError(f"{src}: no task for {len(missing)} sampled workloads, e.g. "
+                     f"{sorted(missing)[0]}")
+  tasks.sort(key=lambda t: t.workload_key)
+  with open(dst, "wb") as f:
+    pickle.dump(tasks, f)
+  return len(tasks)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -144,7 +144,8 @@ def test_round_trip_npz(tmp_path):
   assert pred.platform == "llvm"
   assert pred.crop == (25, 22)
   assert pred.step == 1234
-  assert pred.format_version == npred.FORMAT_VERSION
+  # TLP-only exports keep format 1, so older predictors still read them.
+  assert pred.format_version == npred.TLP_FORMAT_VERSION
   assert pred.vocab_json == VOCAB_JSON
   assert pred.vocab_version == str(features.VOCAB_VERSION)
   assert TLPConfig.from_dict(pred.config) == cfg

@@ -186,3 +186,31 @@ def test_with_the_real_numpy_predictor(matmul_task, tmp_path):
   expected = pred.predict_steps(tvm_cost_model.states_to_steps(matmul_task, states))
   np.testing.assert_allclose(scores, np.asarray(expected, np.float32), rtol=1e-6)
   assert np.all(np.isfinite(scores)) and np.unique(scores).size > 1
+
+
+@needs_tvm
+def test_loop_model_scores_states_with_their_store_vectors(matmul_task, tmp_path):
+  """A model of the "loop" feature version gets each state's loop-nest vectors from TVM."""
+  import jax
+  from data_pipelines import loop_features
+  from tlp_jax import export, features, model as model_lib, numpy_predictor, tvm_cost_model
+
+  stores, dim = 3, loop_features.feature_dim()
+  crop = (25 + stores, 22 + dim)
+  cfg = model_lib.TLPConfig(feature_dim=crop[1], seq_len=crop[0], encoder_dims=(16, 16),
+                            attention_heads=2, res_blocks=1, decoder_dims=(16, 1),
+                            input_norm="log1p")
+  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0),
+                                        np.zeros((1,) + crop, np.float32))["params"]
+  path = str(tmp_path / "loop.npz")
+  export.save_npz(path, params, cfg, hardware=["hw"], platform="llvm", crop=crop,
+                  vocab_json=features.Vocabulary.original("llvm").to_json(), step=0,
+                  loop_stores=stores, loop_dim=dim)
+  pred = numpy_predictor.Predictor.load(path)
+  states = _states(matmul_task)
+  scores = tvm_cost_model.TLPCostModel(pred).predict(matmul_task, states)
+  vectors, _ = loop_features.store_features_from_states(matmul_task, states, stores)
+  expected = pred.predict_steps(tvm_cost_model.states_to_steps(matmul_task, states),
+                                store_features=vectors)
+  np.testing.assert_allclose(scores, np.asarray(expected, np.float32), rtol=1e-6)
+  assert vectors.any() and np.unique(scores).size > 1

@@ -309,9 +309,7 @@ def load_predictor(model_path: str | None = None, workdir: str | None = None,
       params, model_config, meta = train_lib.restore_for_export(workdir, which)
     except (FileNotFoundError, train_lib.CheckpointError) as e:
       raise EvalError(str(e)) from None
-    arrays = export.export_params(
-        params, model_config, hardware=meta["hardware"], platform=meta["platform"],
-        crop=meta.get("crop"), vocab_json=meta["vocab_json"], step=int(meta["step"]))
+    arrays = export.export_params(params, model_config, **export.meta_kwargs(meta))
     predictor = numpy_predictor.Predictor.from_arrays(arrays)
     info = {"workdir": os.path.abspath(workdir), "checkpoint": which}
   info.update({"heads": list(predictor.hardware), "step": int(predictor.step),

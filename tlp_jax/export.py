@@ -7,7 +7,9 @@ Format (``tlp_jax.numpy_predictor`` defines the key names and ``FORMAT_VERSION``
 * ``meta/format`` (``"tlp-jax-model"``), ``meta/format_version`` (int), ``meta/model_config``
   (``TLPConfig`` as JSON), ``meta/hardware`` (``(H,)`` head names, in head order),
   ``meta/platform``, ``meta/crop`` (``(2,)`` int: steps, width), ``meta/vocab_json``,
-  ``meta/vocab_version``, ``meta/step`` (source checkpoint step).
+  ``meta/vocab_version``, ``meta/step`` (source checkpoint step); for models trained on the
+  "loop" feature version also ``meta/loop_stores`` and ``meta/loop_dim`` (int: the last
+  ``loop_stores`` tokens and ``loop_dim`` columns of ``crop`` are loop-nest store vectors).
 
 Strings are NumPy unicode arrays, so ``np.load(path, allow_pickle=False)`` reads everything.
 
@@ -60,7 +62,8 @@ def _vocab_version(vocab_json: str) -> str:
 
 def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, *,
                   hardware: Sequence[str], platform: str, crop: Sequence[int] | None,
-                  vocab_json: str, step: int) -> dict[str, np.ndarray]:
+                  vocab_json: str, step: int, loop_stores: int = 0,
+                  loop_dim: int = 0) -> dict[str, np.ndarray]:
   """Flat export dict of a trained model (what ``save_npz`` writes).
 
   Args:
@@ -71,6 +74,8 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
     crop: featurizer crop ``(steps, width)``; None = the model's ``(seq_len, feature_dim)``.
     vocab_json: the featurizer vocabulary (``Vocabulary.to_json()``).
     step: training step of the source checkpoint.
+    loop_stores, loop_dim: loop-nest store tokens appended to the step features (the "loop"
+      feature version, ``features.append_loop_features``); 0 = TLP features only.
 
   Returns:
     ``{key: np.ndarray}``, loadable by ``numpy_predictor.Predictor``.
@@ -89,7 +94,8 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
   out = flatten_params(params)
   out.update({
       npred.META_FORMAT: np.array(npred.FORMAT_NAME),
-      npred.META_FORMAT_VERSION: np.array(npred.FORMAT_VERSION, np.int64),
+      npred.META_FORMAT_VERSION: np.array(
+          npred.FORMAT_VERSION if loop_stores else npred.TLP_FORMAT_VERSION, np.int64),
       npred.META_MODEL_CONFIG: np.array(json.dumps(model_config.to_dict(), sort_keys=True)),
       npred.META_HARDWARE: np.array(hardware, dtype=np.str_),
       npred.META_PLATFORM: np.array(str(platform)),
@@ -98,6 +104,12 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
       npred.META_VOCAB_VERSION: np.array(_vocab_version(vocab_json)),
       npred.META_STEP: np.array(int(step), np.int64),
   })
+  if loop_stores:
+    if not 0 < loop_stores < crop[0] or not 0 < loop_dim < crop[1]:
+      raise ValueError(f"loop features ({loop_stores} stores of {loop_dim}) do not fit in the "
+                       f"crop {crop}")
+    out[npred.META_LOOP_STORES] = np.array(int(loop_stores), np.int64)
+    out[npred.META_LOOP_DIM] = np.array(int(loop_dim), np.int64)
   # Validates shapes against the config (raises PredictorError on mismatch).
   npred.Predictor(out, source="<export>")
   return out
@@ -121,13 +133,18 @@ def save_npz(path: str, params: Mapping[str, Any], model_config: model_lib.TLPCo
   return arrays
 
 
+def meta_kwargs(meta: Mapping[str, Any]) -> dict[str, Any]:
+  """``export_params`` keyword arguments from a training run's dataset meta plus ``step``."""
+  return dict(hardware=meta["hardware"], platform=meta["platform"], crop=meta.get("crop"),
+              vocab_json=meta["vocab_json"], step=int(meta["step"]),
+              loop_stores=int(meta.get("loop_stores", 0)), loop_dim=int(meta.get("loop_dim", 0)))
+
+
 def export_workdir(workdir: str, out: str, which: str = "best") -> dict[str, np.ndarray]:
   """Restores a training run's checkpoint via ``train_lib.restore_for_export`` and saves it."""
   from tlp_jax import train_lib  # pylint: disable=import-outside-toplevel
   params, model_config, meta = train_lib.restore_for_export(workdir, which)
-  return save_npz(out, params, model_config, hardware=meta["hardware"],
-                  platform=meta["platform"], crop=meta.get("crop"),
-                  vocab_json=meta["vocab_json"], step=int(meta["step"]))
+  return save_npz(out, params, model_config, **meta_kwargs(meta))
 
 
 def _define_flags() -> None:

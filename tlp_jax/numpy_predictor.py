@@ -40,7 +40,11 @@ except ImportError:  # pragma: no cover - exercised by copying the file out of t
 
 # ---- export format (single source of truth; tlp_jax.export writes it) --------------------------
 FORMAT_NAME = "tlp-jax-model"
-FORMAT_VERSION = 1
+# 2 = a model of the "loop" feature version (meta/loop_stores, meta/loop_dim). Exports of TLP-only
+# models keep version 1, so older predictors still read them and refuse loop models, whose
+# inputs they would build wrong.
+FORMAT_VERSION = 2
+TLP_FORMAT_VERSION = 1
 PARAMS_PREFIX = "params/"
 META_FORMAT = "meta/format"
 META_FORMAT_VERSION = "meta/format_version"
@@ -51,6 +55,8 @@ META_CROP = "meta/crop"
 META_VOCAB_JSON = "meta/vocab_json"
 META_VOCAB_VERSION = "meta/vocab_version"
 META_STEP = "meta/step"
+META_LOOP_STORES = "meta/loop_stores"
+META_LOOP_DIM = "meta/loop_dim"
 REQUIRED_META = (META_FORMAT, META_FORMAT_VERSION, META_MODEL_CONFIG, META_HARDWARE,
                  META_PLATFORM, META_CROP, META_VOCAB_JSON, META_VOCAB_VERSION, META_STEP)
 
@@ -115,6 +121,13 @@ class Predictor:
     self.vocab_json: str = _as_str(arrays[META_VOCAB_JSON])
     self.vocab_version: str = _as_str(arrays[META_VOCAB_VERSION])
     self.step: int = int(np.asarray(arrays[META_STEP]).reshape(()))
+    # Loop-nest store tokens after the step tokens (0 = TLP features only).
+    self.loop_stores: int = int(np.asarray(arrays.get(META_LOOP_STORES, 0)).reshape(()))
+    self.loop_dim: int = int(np.asarray(arrays.get(META_LOOP_DIM, 0)).reshape(()))
+    if self.loop_stores and (version < 2 or not 0 < self.loop_stores < self.crop[0]
+                             or not 0 < self.loop_dim < self.crop[1]):
+      raise PredictorError(f"{source}: inconsistent loop features ({self.loop_stores} stores of "
+                           f"{self.loop_dim}, crop {self.crop}, format_version {version})")
     self._featurizer = None
     self._load_weights(arrays, cfg)
 
@@ -250,16 +263,51 @@ class Predictor:
       out[start:start + len(chunk)] = self._forward(chunk, heads)
     return out if hw == ALL_HEADS else out[:, 0]
 
-  def featurize_steps(self, steps_list: Sequence[Sequence[Any]]) -> np.ndarray:
-    """``(N, L, E)`` features of raw record step lists with the export's frozen vocabulary."""
-    return self._get_featurizer().featurize_many(list(steps_list))
+  @property
+  def step_crop(self) -> tuple[int, int]:
+    """``(L, E)`` of the TLP step features (``crop`` less the loop-nest tokens, if any)."""
+    return (self.crop[0] - self.loop_stores, self.crop[1] - self.loop_dim)
+
+  def featurize_steps(self, steps_list: Sequence[Sequence[Any]],
+                      store_features: np.ndarray | None = None) -> np.ndarray:
+    """Model inputs of raw record step lists, with the export's frozen vocabulary.
+
+    Args:
+      steps_list: step lists as in measure records (``["i"][1][1]``).
+      store_features: ``(N, loop_stores, loop_dim)`` loop-nest vectors of the same programs;
+        required by (and only by) a model of the "loop" feature version. They come from TVM:
+        ``data_pipelines.loop_features`` (records or states); ``tvm_cost_model`` passes them.
+
+    Returns:
+      ``(N, *crop)`` float32.
+    """
+    steps = self._get_featurizer().featurize_many(list(steps_list))
+    if not self.loop_stores:
+      if store_features is not None:
+        raise PredictorError("this model takes TLP step features only; got store features")
+      return steps
+    if store_features is None:
+      raise PredictorError(
+          f"this model also reads {self.loop_stores} loop-nest store vectors per program "
+          "(the 'loop' feature version); compute them with TVM "
+          "(data_pipelines.loop_features) and pass store_features, or use tvm_cost_model")
+    stores = np.asarray(store_features, np.float32)
+    if stores.shape != (len(steps_list), self.loop_stores, self.loop_dim):
+      raise PredictorError(f"store_features must be ({len(steps_list)}, {self.loop_stores}, "
+                           f"{self.loop_dim}), got {stores.shape}")
+    return _features.append_loop_features(steps, stores)
 
   def predict_steps(self, steps_list: Sequence[Sequence[Any]], hw: str | None = None,
-                    batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    """Featurizes raw schedule step lists (as in measure records) and predicts them."""
+                    batch_size: int = DEFAULT_BATCH_SIZE,
+                    store_features: np.ndarray | None = None) -> np.ndarray:
+    """Featurizes raw schedule step lists (as in measure records) and predicts them.
+
+    ``store_features``: see :meth:`featurize_steps` (models of the "loop" version only).
+    """
     if len(steps_list) == 0:
       return np.zeros((0, self.num_heads) if hw == ALL_HEADS else (0,), np.float32)
-    return self.predict(self.featurize_steps(steps_list), hw=hw, batch_size=batch_size)
+    return self.predict(self.featurize_steps(steps_list, store_features), hw=hw,
+                        batch_size=batch_size)
 
   # ---- internals -------------------------------------------------------------------------------
 
@@ -271,7 +319,7 @@ class Predictor:
       # Frozen: steps unknown to the training vocabulary map to 0 (and are counted in the
       # featurizer's stats) instead of growing the table and shifting the feature layout.
       vocab = _features.Vocabulary.from_json(self.vocab_json, frozen=True)
-      self._featurizer = _features.Featurizer(self.platform, crop=self.crop, vocab=vocab)
+      self._featurizer = _features.Featurizer(self.platform, crop=self.step_crop, vocab=vocab)
     return self._featurizer
 
   def _forward(self, x: np.ndarray, heads: np.ndarray) -> np.ndarray:

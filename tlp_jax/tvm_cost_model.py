@@ -10,6 +10,11 @@ the training data share one serialisation, there is no second feature path that 
 TVM is optional for the project: this module imports without it; constructing the cost model (or
 calling the helpers below) without TVM raises an ``ImportError`` naming the extra to install.
 
+A model of the "loop" feature version (``configs/loopnest.py``) also reads each state's
+loop-nest store vectors; they are computed here with TVM's own feature extractor
+(``data_pipelines.loop_features.store_features_from_states``), the function the dataset build
+uses on records.
+
 ``update`` is a no-op, as in the original TLP integration (its ``TLPModel.update`` does nothing):
 the model is trained offline on TenSet-style records and is not refit during tuning.
 """
@@ -131,6 +136,12 @@ class TLPCostModel(_PythonBasedModel):
         config.hardware not in list(hardware)):
       raise ValueError(f"the exported model has no head for hardware {config.hardware!r}; "
                        f"it has {list(hardware)}")
+    self._loop_stores = int(getattr(predictor, "loop_stores", 0))
+    if self._loop_stores:
+      from data_pipelines import loop_features  # pylint: disable=import-outside-toplevel
+      if int(predictor.loop_dim) != loop_features.feature_dim():
+        raise ValueError(f"the model was trained on loop-nest vectors of {predictor.loop_dim} "
+                         f"values; this TVM computes {loop_features.feature_dim()}")
     super().__init__()
     self.predictor = predictor
     self.config = config
@@ -171,7 +182,12 @@ class TLPCostModel(_PythonBasedModel):
     for start in range(0, len(todo), self.config.batch_size):
       chunk = todo[start:start + self.config.batch_size]
       steps = [orjson.loads(keys[i])[1][1] for i in chunk]
-      raw = np.asarray(self.predictor.predict_steps(steps, hw=self.config.hardware),
+      extra = {}
+      if self._loop_stores:
+        from data_pipelines import loop_features  # pylint: disable=import-outside-toplevel
+        extra["store_features"], _ = loop_features.store_features_from_states(
+            task, [states[i] for i in chunk], self._loop_stores)
+      raw = np.asarray(self.predictor.predict_steps(steps, hw=self.config.hardware, **extra),
                        dtype=np.float64).reshape(len(chunk))
       scores[chunk] = self._transform(raw).astype(np.float32)
     if self.config.cache_size > 0:

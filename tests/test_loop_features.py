@@ -1,0 +1,211 @@
+"""The "loop" feature version: loop-nest store vectors appended to TLP's step tokens.
+
+The NumPy parts run everywhere; replaying records and states needs TVM (skipped without it).
+"""
+import importlib
+import importlib.util
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tlp_jax import features
+
+HAS_TVM = importlib.util.find_spec("tvm") is not None
+needs_tvm = pytest.mark.skipif(not HAS_TVM, reason="TVM not installed (pip install -e '.[tvm]')")
+
+LOOP_STORES = 4  # fewer than the sample's largest programs (9 stores): the crop is exercised
+
+
+def test_append_loop_features_uses_disjoint_blocks():
+  rng = np.random.default_rng(0)
+  steps = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  stores = rng.normal(size=(3, 2, 6)).astype(np.float32)
+  out = features.append_loop_features(steps, stores)
+  assert out.shape == (3, 7, 10) and out.dtype == np.float32
+  np.testing.assert_array_equal(out[:, :5, :4], steps)
+  np.testing.assert_array_equal(out[:, 5:, 4:], stores)
+  assert not out[:, :5, 4:].any() and not out[:, 5:, :4].any()
+  with pytest.raises(ValueError, match="same n"):
+    features.append_loop_features(steps, stores[:2])
+
+
+def test_pad_stores_crops_pads_and_counts():
+  from data_pipelines import loop_features
+  progs = [np.ones((3, 2)), np.zeros((0, 2)), np.arange(2.0).reshape(1, 2)]
+  out, stats = loop_features.pad_stores(progs, max_stores=2, dim=2)
+  assert out.shape == (3, 2, 2)
+  np.testing.assert_array_equal(out[0], np.ones((2, 2)))
+  assert not out[1].any()
+  np.testing.assert_array_equal(out[2], [[0.0, 1.0], [0.0, 0.0]])
+  assert stats.to_dict() == {"programs": 3, "cropped": 1, "no_store": 1, "max_stores_seen": 3}
+
+
+def test_model_must_see_every_loop_token(sample_arrays):
+  import dataclasses
+  from tlp_jax import model as model_lib
+  from tlp_jax import train_lib
+  tlp = sample_arrays("epyc-9004")
+  cfg = model_lib.TLPConfig(seq_len=25, feature_dim=22)
+  train_lib.check_model_fits_features(cfg, tlp)  # TLP features: cropping is TLP's behaviour
+  loop = dataclasses.replace(tlp, crop=(25 + LOOP_STORES, 22 + 164),
+                             metadata={**tlp.metadata, "loop_stores": LOOP_STORES,
+                                       "loop_dim": 164})
+  with pytest.raises(ValueError, match="loop-nest features"):
+    train_lib.check_model_fits_features(cfg, loop)
+  train_lib.check_model_fits_features(
+      model_lib.TLPConfig(seq_len=25 + LOOP_STORES, feature_dim=22 + 164), loop)
+
+
+def _tiny_export(tmp_path, crop, loop_stores=0, loop_dim=0):
+  import jax
+  from tlp_jax import export
+  from tlp_jax import model as model_lib
+  cfg = model_lib.TLPConfig(feature_dim=crop[1], seq_len=crop[0], encoder_dims=(8, 8),
+                            attention_heads=2, res_blocks=1, decoder_dims=(8, 1),
+                            input_norm="log1p")
+  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0),
+                                        np.zeros((1,) + tuple(crop), np.float32))["params"]
+  path = str(tmp_path / f"model{loop_stores}.npz")
+  export.save_npz(path, params, cfg, hardware=["hw"], platform="llvm", crop=crop,
+                  vocab_json=features.Vocabulary.original("llvm").to_json(), step=0,
+                  loop_stores=loop_stores, loop_dim=loop_dim)
+  return path
+
+
+def test_loop_model_export_and_numpy_predictor(tmp_path):
+  from tlp_jax import numpy_predictor as npred
+  steps = [[["SP", 2, 0, 64, [8, 4], 1], ["AN", 2, 0, 3]], [["PR", 2, 0, "auto_unroll_max_step$16"]]]
+  tlp = npred.Predictor.load(_tiny_export(tmp_path, (25, 22)))
+  assert tlp.format_version == npred.TLP_FORMAT_VERSION and tlp.loop_stores == 0
+  with pytest.raises(npred.PredictorError, match="TLP step features only"):
+    tlp.predict_steps(steps, store_features=np.zeros((2, 2, 3)))
+
+  loop = npred.Predictor.load(_tiny_export(tmp_path, (27, 25), loop_stores=2, loop_dim=3))
+  assert loop.format_version == 2 and (loop.loop_stores, loop.loop_dim) == (2, 3)
+  assert loop.step_crop == (25, 22)
+  with pytest.raises(npred.PredictorError, match="loop-nest store vectors"):
+    loop.predict_steps(steps)
+  with pytest.raises(npred.PredictorError, match=r"must be \(2, 2, 3\)"):
+    loop.predict_steps(steps, store_features=np.zeros((2, 3, 3)))
+  stores = np.random.default_rng(1).uniform(0, 5, size=(2, 2, 3)).astype(np.float32)
+  got = loop.predict_steps(steps, store_features=stores)
+  want = loop.predict(features.append_loop_features(
+      features.Featurizer("llvm", crop=(25, 22)).featurize_many(steps), stores))
+  np.testing.assert_array_equal(got, want)
+  # The store vectors change the score: they are read, not cropped away.
+  assert not np.allclose(got, loop.predict_steps(steps, store_features=stores * 0))
+
+
+def test_export_rejects_loop_features_outside_the_crop(tmp_path):
+  with pytest.raises(ValueError, match="do not fit"):
+    _tiny_export(tmp_path, (25, 22), loop_stores=25, loop_dim=3)
+
+
+@pytest.fixture(scope="module")
+def loop_sample(tmp_path_factory, sample_tenset_dir):
+  """The sample's epyc-9004 config built with LOOP_STORES loop-nest tokens."""
+  from data_pipelines import tenset_tfds
+  data_dir = str(tmp_path_factory.mktemp("loop_data"))
+  configs = tenset_tfds.make_configs(sample_tenset_dir, hardware=["epyc-9004"], multi=False,
+                                     loop_stores=LOOP_STORES)
+  metas = tenset_tfds.build(sample_tenset_dir, data_dir, configs)
+  return data_dir, metas[0]
+
+
+@needs_tvm
+def test_build_appends_store_vectors_to_the_same_examples(loop_sample, sample_arrays,
+                                                          sample_tenset_dir):
+  from data_pipelines import loop_features
+  from tlp_jax import input_pipeline
+  data_dir, meta = loop_sample
+  dim = loop_features.feature_dim()
+  assert meta["loop_stores"] == LOOP_STORES and meta["loop_dim"] == dim
+  assert meta["crop"] == [25 + LOOP_STORES, 22 + dim]
+  stats = meta["loop_stats"]["epyc-9004"]
+  assert stats["programs"] == meta["examples"]["train"] + meta["examples"]["validation"] + \
+      meta["examples"]["test"]
+  assert stats["cropped"] > 0 and stats["max_stores_seen"] > LOOP_STORES
+
+  loop = input_pipeline.load_arrays(data_dir, "epyc-9004")
+  tlp = sample_arrays("epyc-9004")
+  for split in ("train", "test"):
+    a, b = getattr(loop, split), getattr(tlp, split)
+    np.testing.assert_array_equal(a.features[:, :25, :22], b.features)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert not np.asarray(a.features[:, :25, 22:]).any()
+    assert not np.asarray(a.features[:, 25:, :22]).any()
+  # Every program has at least one store, and its vector is what TVM computes for its record.
+  assert np.asarray(loop.train.features[:, 25]).any(axis=-1).all()
+  from data_pipelines import records
+  folder = os.path.join(sample_tenset_dir, "measure_records", "epyc-9004")
+  first_file = os.path.join(folder, sorted(os.listdir(folder))[0])
+  valid_lines = records.read_task_file(first_file).line_numbers[:3]
+  loop_features.register_tenset_tasks(sample_tenset_dir)
+  stores, _ = loop_features.store_features_from_lines(
+      loop_features.read_lines(first_file, valid_lines), LOOP_STORES)
+  rows = np.concatenate([np.asarray(getattr(loop, split).features[:, 25:, 22:])
+                         for split in ("train", "validation", "test")])
+  for s in stores:
+    assert np.any(np.all(rows == s, axis=(1, 2)))
+
+
+@needs_tvm
+def test_records_and_tuner_states_give_the_same_store_vectors(sample_tenset_dir):
+  """The dataset (records) and the tuner (states) compute identical loop-nest features."""
+  from tvm.auto_scheduler.measure import recover_measure_input
+  from tvm.auto_scheduler import measure_record
+  from data_pipelines import loop_features
+  loop_features.register_tenset_tasks(sample_tenset_dir)
+  folder = os.path.join(sample_tenset_dir, "measure_records", "epyc-9004")
+  path = os.path.join(folder, sorted(os.listdir(folder))[3])
+  lines = loop_features.read_lines(path, [1, 2, 3])
+  from_records, _ = loop_features.store_features_from_lines(lines, LOOP_STORES)
+  inputs = [recover_measure_input(measure_record.load_record_from_string(l.decode())[0],
+                                  rebuild_state=True) for l in lines]
+  from_states, _ = loop_features.store_features_from_states(
+      inputs[0].task, [i.state for i in inputs], LOOP_STORES)
+  np.testing.assert_array_equal(from_records, from_states)
+  assert from_records.any()
+
+
+@needs_tvm
+def test_missing_tasks_file_is_a_clear_build_error(tmp_path, sample_tenset_dir):
+  from data_pipelines import tenset_tfds
+  src = tmp_path / "tenset"
+  shutil.copytree(sample_tenset_dir, src)
+  os.remove(src / "network_info" / "all_tasks.pkl")
+  configs = tenset_tfds.make_configs(str(src), hardware=["xeon-emr-16c"], multi=False,
+                                     loop_stores=2)
+  with pytest.raises(tenset_tfds.DatasetBuildError, match="all_tasks.pkl"):
+    tenset_tfds.build(str(src), str(tmp_path / "data"), configs)
+
+
+@needs_tvm
+def test_train_and_eval_a_loop_model(loop_sample, tmp_path):
+  """configs/loopnest.py-shaped model trains on the loop dataset; eval goes through its export."""
+  import jax
+  from tlp_jax import eval_lib
+  from tlp_jax import input_pipeline
+  from tlp_jax import train_lib
+  data_dir, _ = loop_sample
+  arrays = input_pipeline.load_arrays(data_dir, "epyc-9004")
+  config = importlib.import_module("configs.test").get_config()
+  config.data_dir = data_dir
+  config.dataset = "epyc-9004"
+  config.hardware = ("epyc-9004",)
+  config.model.seq_len, config.model.feature_dim = arrays.crop
+  config.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  result = train_lib.train_and_evaluate(config, workdir, dataset=arrays,
+                                        devices=jax.devices()[:1])
+  assert result.model_config.seq_len == 25 + LOOP_STORES
+  assert np.isfinite(result.validation["val_loss"])
+  report = eval_lib.run(hw="epyc-9004", data_dir=data_dir, workdir=workdir, which="latest")
+  assert 0.0 <= report["rows"]["TLP (workdir)"]["pooled"]["top-1"] <= 1.0
+  # Trained on the loop version: the TLP-only dataset has the wrong shape for it.
+  with pytest.raises(ValueError, match="loop-nest features"):
+    config.model.seq_len, config.model.feature_dim = 25, 22
+    train_lib.train_and_evaluate(config, str(tmp_path / "run2"), dataset=arrays,
+                                 devices=jax.devices()[:1])
