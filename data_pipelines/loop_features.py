@@ -32,10 +32,62 @@ class LoopFeatureError(RuntimeError):
   """Loop-nest features cannot be computed (missing tasks file, unknown workload)."""
 
 
+def feature_names() -> list[str]:
+  """Names of the values of one store vector in this TVM (164 in TVM 0.19)."""
+  from tvm.auto_scheduler import feature  # pylint: disable=import-outside-toplevel
+  return [str(n) for n in feature.get_per_store_feature_names()]
+
+
 def feature_dim() -> int:
   """Width of one store vector in this TVM (164 in TVM 0.19)."""
-  from tvm.auto_scheduler import feature  # pylint: disable=import-outside-toplevel
-  return len(feature.get_per_store_feature_names())
+  return len(feature_names())
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferLayout:
+  """Where the per-buffer blocks ``B0. .. B{n-1}.`` sit in a store vector."""
+  starts: tuple[int, ...]
+  width: int
+  lines: int   # offset of ``lines`` inside a block
+  bytes: int   # offset of ``bytes`` inside a block
+
+  @classmethod
+  def from_names(cls, names: Sequence[str]) -> "BufferLayout":
+    starts, b = [], 0
+    while f"B{b}.acc_type.kRead" in names:
+      starts.append(names.index(f"B{b}.acc_type.kRead"))
+      b += 1
+    if len(starts) < 2:
+      raise LoopFeatureError(f"unexpected store feature names (buffer blocks at {starts})")
+    width = starts[1] - starts[0]
+    block = [n[len("B0."):] for n in names[starts[0]:starts[0] + width]]
+    return cls(tuple(starts), width, block.index("lines"), block.index("bytes"))
+
+
+def canonical_order(stores: np.ndarray, layout: BufferLayout) -> np.ndarray:
+  """One program's ``(k, D)`` store vectors in an order that depends only on their values.
+
+  TVM 0.19 does not return them deterministically: stores come out in the iteration order of
+  a hash map keyed by buffer pointers, and buffers of equal importance (``lines``, ``bytes``)
+  in an order its unstable sort leaves. Two calls on the same program, even in one process,
+  differ for ~15% of tenset-mini's programs. So buffer blocks are re-sorted within each store
+  by Ansor's own key (``lines``, then ``bytes``, descending), ties by all their values, and
+  stores by all their values (descending), which makes the vectors a function of the program.
+  """
+  x = np.array(stores, dtype=np.float32, copy=True).reshape(-1, stores.shape[-1])
+  if x.shape[0] == 0:
+    return x
+  starts = np.asarray(layout.starts)
+  cols = starts[:, None] + np.arange(layout.width)[None, :]          # (B, W)
+  blocks = x[:, cols]                                                  # (k, B, W)
+  for i in range(x.shape[0]):
+    b = blocks[i]
+    keys = [-b[:, c] for c in range(layout.width - 1, -1, -1)]
+    keys += [-b[:, layout.bytes], -b[:, layout.lines]]  # primary key last for lexsort
+    blocks[i] = b[np.lexsort(keys)]
+  x[:, cols] = blocks
+  order = np.lexsort([-x[:, c] for c in range(x.shape[1] - 1, -1, -1)])
+  return x[order]
 
 
 def register_tenset_tasks(tenset_dir: str) -> int:
@@ -70,8 +122,8 @@ def pad_stores(per_program: Sequence[np.ndarray], max_stores: int, dim: int
                ) -> tuple[np.ndarray, LoopFeatureStats]:
   """``[(k_i, dim)]`` -> ``(n, max_stores, dim)`` float32: first stores kept, zero padding.
 
-  Ansor lists stores in program order, so cropping keeps the first ``max_stores`` (cropped
-  programs are counted, like TLP's step crop).
+  Cropping keeps the first ``max_stores`` rows (give them in :func:`canonical_order`); cropped
+  programs are counted, like TLP's step crop.
   """
   out = np.zeros((len(per_program), max_stores, dim), np.float32)
   stats = LoopFeatureStats(programs=len(per_program))
@@ -116,7 +168,15 @@ def store_features_from_lines(lines: Sequence[bytes], max_stores: int, where: st
   except Exception as e:  # pylint: disable=broad-except
     raise LoopFeatureError(f"{where}: TVM could not replay the records (is the workload in "
                            f"{ALL_TASKS_FILE}?): {type(e).__name__}: {str(e)[:300]}") from e
-  return pad_stores(list(feats), max_stores, dim)
+  return _canonical_padded(feats, max_stores)
+
+
+def _canonical_padded(feats, max_stores: int) -> tuple[np.ndarray, LoopFeatureStats]:
+  names = feature_names()
+  layout = BufferLayout.from_names(names)
+  dim = len(names)
+  return pad_stores([canonical_order(np.asarray(f, np.float32).reshape(-1, dim), layout)
+                     for f in feats], max_stores, dim)
 
 
 def store_features_from_states(task, states: Sequence, max_stores: int
@@ -127,7 +187,7 @@ def store_features_from_states(task, states: Sequence, max_stores: int
   if not len(states):  # pylint: disable=g-explicit-length-test
     return np.zeros((0, max_stores, dim), np.float32), LoopFeatureStats()
   feats = feature.get_per_store_features_from_states(list(states), task)
-  return pad_stores(list(feats), max_stores, dim)
+  return _canonical_padded(feats, max_stores)
 
 
 def read_lines(path: str, line_numbers: Sequence[int]) -> list[bytes]:

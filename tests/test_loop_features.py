@@ -42,6 +42,22 @@ def test_pad_stores_crops_pads_and_counts():
   assert stats.to_dict() == {"programs": 3, "cropped": 1, "no_store": 1, "max_stores_seen": 3}
 
 
+def test_canonical_order_removes_store_and_buffer_permutations():
+  from data_pipelines import loop_features
+  # Two buffer blocks of width 3 ("acc", "lines", "bytes") at 1 and 4, one leading value.
+  names = ["x", "B0.acc_type.kRead", "B0.lines", "B0.bytes",
+           "B1.acc_type.kRead", "B1.lines", "B1.bytes", "y"]
+  layout = loop_features.BufferLayout.from_names(names)
+  assert layout == loop_features.BufferLayout(starts=(1, 4), width=3, lines=1, bytes=2)
+  store_a = np.array([1, 0, 5, 9, 1, 5, 2, 7], np.float32)  # buffers tie on lines: bytes decide
+  store_b = np.array([3, 1, 2, 2, 0, 0, 0, 0], np.float32)
+  want = np.array([[3, 1, 2, 2, 0, 0, 0, 0], [1, 0, 5, 9, 1, 5, 2, 7]], np.float32)
+  swapped_a = store_a[[0, 4, 5, 6, 1, 2, 3, 7]]  # the same buffers in the other slots
+  for stores in ([store_a, store_b], [store_b, store_a], [swapped_a, store_b]):
+    np.testing.assert_array_equal(loop_features.canonical_order(np.stack(stores), layout), want)
+  assert loop_features.canonical_order(np.zeros((0, 8)), layout).shape == (0, 8)
+
+
 def test_model_must_see_every_loop_token(sample_arrays):
   import dataclasses
   from tlp_jax import model as model_lib
@@ -168,6 +184,23 @@ def test_records_and_tuner_states_give_the_same_store_vectors(sample_tenset_dir)
       inputs[0].task, [i.state for i in inputs], LOOP_STORES)
   np.testing.assert_array_equal(from_records, from_states)
   assert from_records.any()
+
+
+@needs_tvm
+def test_store_vectors_are_deterministic(sample_tenset_dir):
+  """TVM returns stores and buffers in hash-map order; the canonical order removes that."""
+  from data_pipelines import loop_features, records
+  loop_features.register_tenset_tasks(sample_tenset_dir)
+  folder = os.path.join(sample_tenset_dir, "measure_records", "epyc-9004")
+  paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder))[:30]]
+
+  def all_vectors():
+    return np.concatenate([loop_features.store_features_from_lines(
+        loop_features.read_lines(p, records.read_task_file(p).line_numbers), 10)[0]
+                           for p in paths])
+
+  first = all_vectors()
+  np.testing.assert_array_equal(first, all_vectors())
 
 
 @needs_tvm

@@ -1,0 +1,124 @@
+"""What one ``TLPCostModel.predict`` costs inside Ansor, for each feature version (needs TVM).
+
+For a few hold-out tasks of the sample (their compute DAGs come from its
+``network_info/all_tasks.pkl``), Ansor's ``SketchPolicy`` samples a population of states, and
+each model scores the whole population once with a fresh prediction cache, timed:
+
+* ``tlp``: a model of TLP's step features (25 x 22), as ``configs/default.py`` trains;
+* ``loop``: a model of the "loop" version (35 x 186, ``configs/loopnest.py``), which also
+  extracts every state's loop-nest vectors with TVM;
+* ``store_features_only``: that extraction alone (``loop_features.store_features_from_states``),
+  which is also what Ansor's XGBModel computes before every prediction.
+
+The models are randomly initialised at the default dimensions (timing does not depend on the
+weights' values). Prints a table and writes ``bench/results/tuner_predict_cost.json`` with
+machine info.
+
+    python bench/tuner_predict_cost.py [--states 512] [--tasks 3] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TOPHUB_LOCATION", "NONE")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import machine_info  # noqa: E402  # pylint: disable=wrong-import-position  # bench/ on sys.path
+
+
+def _export(tmp: str, config_module: str, loop_stores: int, loop_dim: int) -> str:
+  import jax  # pylint: disable=import-outside-toplevel
+  from tlp_jax import export, features, model as model_lib, train_lib  # pylint: disable=import-outside-toplevel
+  config = importlib.import_module(f"configs.{config_module}").get_config()
+  cfg = train_lib.model_config_from(config, num_heads=1)
+  crop = (cfg.seq_len, cfg.feature_dim)
+  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0),
+                                        np.zeros((1,) + crop, np.float32))["params"]
+  path = os.path.join(tmp, f"{config_module}.npz")
+  export.save_npz(path, params, cfg, hardware=["hw"], platform="llvm", crop=crop,
+                  vocab_json=features.Vocabulary.original("llvm").to_json(), step=0,
+                  loop_stores=loop_stores, loop_dim=loop_dim)
+  return path
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--tenset_dir", default=os.path.join(REPO, "data", "sample", "tenset-mini"))
+  parser.add_argument("--states", type=int, default=512)
+  parser.add_argument("--tasks", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out", default=os.path.join(REPO, "bench", "results",
+                                                    "tuner_predict_cost.json"))
+  args = parser.parse_args()
+
+  from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel
+  from configs import loopnest  # pylint: disable=import-outside-toplevel
+  from data_pipelines import loop_features, network_info  # pylint: disable=import-outside-toplevel
+  from tlp_jax import tvm_cost_model, xgb_baseline  # pylint: disable=import-outside-toplevel
+
+  tasks = {t.workload_key: t for t in xgb_baseline.load_search_tasks(
+      os.path.join(args.tenset_dir, loop_features.ALL_TASKS_FILE))}
+  nets = network_info.load_network_infos(args.tenset_dir)
+  held = network_info.select_holdout(nets, network_info.default_holdout(nets))
+  chosen = []
+  for net in held:  # heaviest tasks of each hold-out network first, round-robin
+    for t in sorted(net.tasks, key=lambda t: -np.nan_to_num(t.flop_ct) * t.weight):
+      if t.workload_key in tasks and t.workload_key not in chosen:
+        chosen.append(t.workload_key)
+        break
+  chosen = chosen[:args.tasks]
+
+  with tempfile.TemporaryDirectory() as tmp:
+    models = {
+        "tlp": _export(tmp, "default", 0, 0),
+        "loop": _export(tmp, "loopnest", loopnest.LOOP_STORES, loopnest.LOOP_DIM),
+    }
+    rows = []
+    for wk in chosen:
+      task = tasks[wk]
+      policy = auto_scheduler.SketchPolicy(
+          task, params={"evolutionary_search_population": args.states}, seed=0, verbose=0)
+      states = list(policy.sample_initial_population())[:args.states]
+      row = {"workload_key": wk, "states": len(states)}
+      for name, path in models.items():
+        times = []
+        for _ in range(args.repeats):
+          model = tvm_cost_model.TLPCostModel.from_npz(path)  # fresh cache each time
+          t0 = time.perf_counter()
+          model.predict(task, states)
+          times.append(time.perf_counter() - t0)
+        row[f"{name}_s"] = min(times)
+      times = []
+      for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        loop_features.store_features_from_states(task, states, loopnest.LOOP_STORES)
+        times.append(time.perf_counter() - t0)
+      row["store_features_only_s"] = min(times)
+      rows.append(row)
+      print(f"{wk[:60]}: {len(states)} states  tlp {row['tlp_s']:.3f} s  "
+            f"loop {row['loop_s']:.3f} s  store features alone {row['store_features_only_s']:.3f} s")
+
+  total = {k: float(sum(r[k] for r in rows)) for k in ("tlp_s", "loop_s", "store_features_only_s")}
+  n = int(sum(r["states"] for r in rows))
+  summary = {f"{k[:-2]}_states_per_s": n / v for k, v in total.items() if v > 0}
+  print(f"states/s over {n} states: " + ", ".join(f"{k} {v:,.0f}" for k, v in summary.items()))
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump({"machine": machine_info.machine_info(), "args": vars(args), "rows": rows,
+               "summary": summary}, f, indent=1)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
