@@ -64,7 +64,8 @@ def main() -> None:
 
   from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel
   from configs import loopnest  # pylint: disable=import-outside-toplevel
-  from data_pipelines import loop_features, network_info  # pylint: disable=import-outside-toplevel
+  from data_pipelines import network_info  # pylint: disable=import-outside-toplevel
+  from tlp_jax import loop_features  # pylint: disable=import-outside-toplevel
   from tlp_jax import tvm_cost_model, xgb_baseline  # pylint: disable=import-outside-toplevel
 
   tasks = {t.workload_key: t for t in xgb_baseline.load_search_tasks(

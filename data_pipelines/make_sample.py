@@ -28,8 +28,8 @@ from typing import Sequence
 from absl import logging
 import orjson
 
-from data_pipelines import loop_features
 from data_pipelines import network_info as network_info_lib
+from tlp_jax import loop_features
 
 MEASURE_DIR = "measure_records"
 

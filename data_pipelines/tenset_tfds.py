@@ -84,7 +84,7 @@ class TensetConfig(tfds.core.BuilderConfig):
     seed: seed of the train/validation split.
     train_fraction: share of non-hold-out examples in ``train``.
     loop_stores: 0 = TLP's step features only. N > 0 = the "loop" feature version: each
-      program's first N loop-nest store vectors (:mod:`data_pipelines.loop_features`, needs
+      program's first N loop-nest store vectors (:mod:`tlp_jax.loop_features`, needs
       TVM and ``network_info/all_tasks.pkl``) appended as extra tokens, so examples are
       ``(L + N, E + D)``.
   """
@@ -212,7 +212,7 @@ class RecordStaging:
 
   def _store_features(self, path: str, line_numbers: np.ndarray):
     """Loop-nest features of the given lines of one record file (TVM replays them)."""
-    from data_pipelines import loop_features  # pylint: disable=import-outside-toplevel
+    from tlp_jax import loop_features  # pylint: disable=import-outside-toplevel
     if not self._tasks_registered:
       try:
         loop_features.register_tenset_tasks(self.tenset_dir)
@@ -410,7 +410,7 @@ def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[Sta
       "platform": config.platform,
       "crop": [int(c) for c in crop],
       # The "loop" feature version (0 = TLP's steps only): the last ``loop_stores`` tokens and
-      # the last ``loop_dim`` columns are loop-nest store vectors (data_pipelines/loop_features).
+      # the last ``loop_dim`` columns are loop-nest store vectors (tlp_jax/loop_features).
       "loop_stores": int(config.loop_stores),
       "loop_dim": int(crop[1]) - int(tlp_crop[1]) if config.loop_stores else 0,
       "loop_stats": {s.hardware: s.loop_stats.to_dict() for s in staged if s.loop_stats},
@@ -496,7 +496,7 @@ class Tenset(tfds.core.ShardBasedBuilder):
     num_hw = len(cfg.hardware)
     crop = tuple(cfg.crop) if cfg.crop else tuple(features_lib.DEFAULT_CROP[cfg.platform])
     if cfg.loop_stores:
-      from data_pipelines import loop_features  # pylint: disable=import-outside-toplevel
+      from tlp_jax import loop_features  # pylint: disable=import-outside-toplevel
       crop = example_shape(crop, cfg.loop_stores, loop_features.feature_dim())
     return tfds.core.DatasetInfo(
         builder=self,

@@ -32,7 +32,7 @@ def test_append_loop_features_uses_disjoint_blocks():
 
 
 def test_pad_stores_crops_pads_and_counts():
-  from data_pipelines import loop_features
+  from tlp_jax import loop_features
   progs = [np.ones((3, 2)), np.zeros((0, 2)), np.arange(2.0).reshape(1, 2)]
   out, stats = loop_features.pad_stores(progs, max_stores=2, dim=2)
   assert out.shape == (3, 2, 2)
@@ -43,7 +43,7 @@ def test_pad_stores_crops_pads_and_counts():
 
 
 def test_canonical_order_removes_store_and_buffer_permutations():
-  from data_pipelines import loop_features
+  from tlp_jax import loop_features
   # Two buffer blocks of width 3 ("acc", "lines", "bytes") at 1 and 4, one leading value.
   names = ["x", "B0.acc_type.kRead", "B0.lines", "B0.bytes",
            "B1.acc_type.kRead", "B1.lines", "B1.bytes", "y"]
@@ -133,7 +133,7 @@ def loop_sample(tmp_path_factory, sample_tenset_dir):
 @needs_tvm
 def test_build_appends_store_vectors_to_the_same_examples(loop_sample, sample_arrays,
                                                           sample_tenset_dir):
-  from data_pipelines import loop_features
+  from tlp_jax import loop_features
   from tlp_jax import input_pipeline
   data_dir, meta = loop_sample
   dim = loop_features.feature_dim()
@@ -172,7 +172,7 @@ def test_records_and_tuner_states_give_the_same_store_vectors(sample_tenset_dir)
   """The dataset (records) and the tuner (states) compute identical loop-nest features."""
   from tvm.auto_scheduler.measure import recover_measure_input
   from tvm.auto_scheduler import measure_record
-  from data_pipelines import loop_features
+  from tlp_jax import loop_features
   loop_features.register_tenset_tasks(sample_tenset_dir)
   folder = os.path.join(sample_tenset_dir, "measure_records", "epyc-9004")
   path = os.path.join(folder, sorted(os.listdir(folder))[3])
@@ -189,7 +189,8 @@ def test_records_and_tuner_states_give_the_same_store_vectors(sample_tenset_dir)
 @needs_tvm
 def test_store_vectors_are_deterministic(sample_tenset_dir):
   """TVM returns stores and buffers in hash-map order; the canonical order removes that."""
-  from data_pipelines import loop_features, records
+  from data_pipelines import records
+  from tlp_jax import loop_features
   loop_features.register_tenset_tasks(sample_tenset_dir)
   folder = os.path.join(sample_tenset_dir, "measure_records", "epyc-9004")
   paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder))[:30]]

@@ -192,7 +192,7 @@ def test_with_the_real_numpy_predictor(matmul_task, tmp_path):
 def test_loop_model_scores_states_with_their_store_vectors(matmul_task, tmp_path):
   """A model of the "loop" feature version gets each state's loop-nest vectors from TVM."""
   import jax
-  from data_pipelines import loop_features
+  from tlp_jax import loop_features
   from tlp_jax import export, features, model as model_lib, numpy_predictor, tvm_cost_model
 
   stores, dim = 3, loop_features.feature_dim()

@@ -276,7 +276,7 @@ class Predictor:
       steps_list: step lists as in measure records (``["i"][1][1]``).
       store_features: ``(N, loop_stores, loop_dim)`` loop-nest vectors of the same programs;
         required by (and only by) a model of the "loop" feature version. They come from TVM:
-        ``data_pipelines.loop_features`` (records or states); ``tvm_cost_model`` passes them.
+        ``tlp_jax.loop_features`` (records or states); ``tvm_cost_model`` passes them.
 
     Returns:
       ``(N, *crop)`` float32.
@@ -290,7 +290,7 @@ class Predictor:
       raise PredictorError(
           f"this model also reads {self.loop_stores} loop-nest store vectors per program "
           "(the 'loop' feature version); compute them with TVM "
-          "(data_pipelines.loop_features) and pass store_features, or use tvm_cost_model")
+          "(tlp_jax.loop_features) and pass store_features, or use tvm_cost_model")
     stores = np.asarray(store_features, np.float32)
     if stores.shape != (len(steps_list), self.loop_stores, self.loop_dim):
       raise PredictorError(f"store_features must be ({len(steps_list)}, {self.loop_stores}, "

@@ -12,7 +12,7 @@ calling the helpers below) without TVM raises an ``ImportError`` naming the extr
 
 A model of the "loop" feature version (``configs/loopnest.py``) also reads each state's
 loop-nest store vectors; they are computed here with TVM's own feature extractor
-(``data_pipelines.loop_features.store_features_from_states``), the function the dataset build
+(``tlp_jax.loop_features.store_features_from_states``), the function the dataset build
 uses on records.
 
 ``update`` is a no-op, as in the original TLP integration (its ``TLPModel.update`` does nothing):
@@ -138,7 +138,7 @@ class TLPCostModel(_PythonBasedModel):
                        f"it has {list(hardware)}")
     self._loop_stores = int(getattr(predictor, "loop_stores", 0))
     if self._loop_stores:
-      from data_pipelines import loop_features  # pylint: disable=import-outside-toplevel
+      from tlp_jax import loop_features  # pylint: disable=import-outside-toplevel
       if int(predictor.loop_dim) != loop_features.feature_dim():
         raise ValueError(f"the model was trained on loop-nest vectors of {predictor.loop_dim} "
                          f"values; this TVM computes {loop_features.feature_dim()}")
@@ -184,7 +184,7 @@ class TLPCostModel(_PythonBasedModel):
       steps = [orjson.loads(keys[i])[1][1] for i in chunk]
       extra = {}
       if self._loop_stores:
-        from data_pipelines import loop_features  # pylint: disable=import-outside-toplevel
+        from tlp_jax import loop_features  # pylint: disable=import-outside-toplevel
         extra["store_features"], _ = loop_features.store_features_from_states(
             task, [states[i] for i in chunk], self._loop_stores)
       raw = np.asarray(self.predictor.predict_steps(steps, hw=self.config.hardware, **extra),
