@@ -20,6 +20,7 @@ baseline's restricted unpickler (only the TVM classes of a ``SearchTask`` pickle
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Sequence
 
@@ -32,15 +33,21 @@ class LoopFeatureError(RuntimeError):
   """Loop-nest features cannot be computed (missing tasks file, unknown workload)."""
 
 
+@functools.lru_cache(maxsize=1)
+def _tvm_feature_names() -> tuple[str, ...]:
+  # Fixed for a TVM build: asked once per process, not on every call of the tuner's path.
+  from tvm.auto_scheduler import feature  # pylint: disable=import-outside-toplevel
+  return tuple(str(n) for n in feature.get_per_store_feature_names())
+
+
 def feature_names() -> list[str]:
   """Names of the values of one store vector in this TVM (164 in TVM 0.19)."""
-  from tvm.auto_scheduler import feature  # pylint: disable=import-outside-toplevel
-  return [str(n) for n in feature.get_per_store_feature_names()]
+  return list(_tvm_feature_names())
 
 
 def feature_dim() -> int:
   """Width of one store vector in this TVM (164 in TVM 0.19)."""
-  return len(feature_names())
+  return len(_tvm_feature_names())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,10 +178,14 @@ def store_features_from_lines(lines: Sequence[bytes], max_stores: int, where: st
   return _canonical_padded(feats, max_stores)
 
 
+@functools.lru_cache(maxsize=1)
+def _tvm_buffer_layout() -> BufferLayout:
+  return BufferLayout.from_names(_tvm_feature_names())
+
+
 def _canonical_padded(feats, max_stores: int) -> tuple[np.ndarray, LoopFeatureStats]:
-  names = feature_names()
-  layout = BufferLayout.from_names(names)
-  dim = len(names)
+  layout = _tvm_buffer_layout()
+  dim = feature_dim()
   return pad_stores([canonical_order(np.asarray(f, np.float32).reshape(-1, dim), layout)
                      for f in feats], max_stores, dim)
 
