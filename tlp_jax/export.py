@@ -105,9 +105,6 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
       npred.META_STEP: np.array(int(step), np.int64),
   })
   if loop_stores:
-    if not 0 < loop_stores < crop[0] or not 0 < loop_dim < crop[1]:
-      raise ValueError(f"loop features ({loop_stores} stores of {loop_dim}) do not fit in the "
-                       f"crop {crop}")
     out[npred.META_LOOP_STORES] = np.array(int(loop_stores), np.int64)
     out[npred.META_LOOP_DIM] = np.array(int(loop_dim), np.int64)
   # Validates shapes against the config (raises PredictorError on mismatch).

@@ -126,8 +126,9 @@ class Predictor:
     self.loop_dim: int = int(np.asarray(arrays.get(META_LOOP_DIM, 0)).reshape(()))
     if self.loop_stores and (version < 2 or not 0 < self.loop_stores < self.crop[0]
                              or not 0 < self.loop_dim < self.crop[1]):
-      raise PredictorError(f"{source}: inconsistent loop features ({self.loop_stores} stores of "
-                           f"{self.loop_dim}, crop {self.crop}, format_version {version})")
+      raise PredictorError(f"{source}: loop features ({self.loop_stores} stores of "
+                           f"{self.loop_dim}) do not fit in the crop {self.crop} or need "
+                           f"format_version >= 2 (got {version})")
     self._featurizer = None
     self._load_weights(arrays, cfg)
 
