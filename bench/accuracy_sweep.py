@@ -242,7 +242,8 @@ def without_step_tokens(arrays):
   The ablation that asks whether the gain of the loop version comes from the loop-nest vectors
   alone (the step tokens are the first ``L`` rows, ``L = crop[0] - loop_stores``).
   """
-  loop_stores = int(arrays.metadata.get("loop_stores", 0))
+  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  loop_stores, _ = train_lib.loop_feature_shape(arrays)
   if not loop_stores:
     raise ValueError("_zero_steps needs a dataset built with --loop_stores")
   steps = int(arrays.crop[0]) - loop_stores
