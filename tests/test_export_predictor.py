@@ -98,6 +98,34 @@ def test_parity_real_inputs_original_dims(real_features, opts):
   assert np.abs(ref).max() > 1e-2  # not a trivially-zero comparison
 
 
+@pytest.mark.parametrize("opts", [dict(), dict(padding_mask=True, input_norm="log1p")])
+def test_ensemble_parity_and_format_version(tmp_path, opts):
+  cfg = TLPConfig(num_heads=2, ensemble_size=3, **SMALL, **opts)
+  params, arrays = _export(cfg, seed=5)
+  assert int(arrays[npred.META_FORMAT_VERSION]) == npred.ENSEMBLE_FORMAT_VERSION
+  assert arrays["params/members/encoder_0/kernel"].shape[0] == 3
+  path = str(tmp_path / "ens.npz")
+  np.savez(path, **arrays)
+  pred = npred.Predictor.load(path)
+  assert pred.ensemble_size == 3
+  x = _random_features(150, cfg, seed=2)
+  ref = _flax(cfg, params, x)
+  np.testing.assert_allclose(pred.predict(x, hw="all", batch_size=32), ref, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(pred.predict(x, hw="hw1"), ref[:, 1], rtol=0, atol=1e-5)
+  # A single model still exports at the lowest version that reads it.
+  _, single = _export(dataclasses.replace(cfg, ensemble_size=1))
+  assert int(single[npred.META_FORMAT_VERSION]) == npred.TLP_FORMAT_VERSION
+  # An ensemble claiming an older format, or missing its member axis, is refused.
+  old = dict(arrays)
+  old[npred.META_FORMAT_VERSION] = np.array(npred.LOOP_FORMAT_VERSION, np.int64)
+  with pytest.raises(npred.PredictorError, match="ensemble_size 3 needs format_version"):
+    npred.Predictor.from_arrays(old)
+  flat = dict(arrays)
+  flat["params/members/encoder_0/kernel"] = arrays["params/members/encoder_0/kernel"][0]
+  with pytest.raises(npred.PredictorError, match="members/encoder_0/kernel has shape"):
+    npred.Predictor.from_arrays(flat)
+
+
 def test_head_selection():
   cfg = TLPConfig(num_heads=3, **SMALL)
   params, arrays = _export(cfg, hardware=["epyc", "xeon", "gpu"])

@@ -207,3 +207,28 @@ def test_config_validation_and_roundtrip():
   assert TLPConfig.from_dict(cfg.to_dict()) == cfg
   with pytest.raises(ValueError, match="unknown"):
     TLPConfig.from_dict({"bogus": 1})
+
+
+def test_ensemble_is_the_mean_of_independent_members():
+  single = TLPConfig(encoder_dims=(8, 16), attention_heads=2, decoder_dims=(8, 1), num_heads=2)
+  ens = dataclasses.replace(single, ensemble_size=3)
+  params = init_params(ens, jax.random.PRNGKey(0))
+  assert set(params) == {"members"}
+  x = _x(5, ens)
+  members = np.asarray(TLPModel(ens).apply({"params": params}, x, per_member=True))
+  assert members.shape == (5, 3, 2)
+  for m in range(3):
+    p_m = jax.tree_util.tree_map(lambda a, m=m: a[m], params["members"])
+    np.testing.assert_allclose(members[:, m], TLPModel(single).apply({"params": p_m}, x),
+                               rtol=1e-5, atol=1e-5)
+  # Members are initialised independently, so they disagree.
+  assert np.abs(members[:, 0] - members[:, 1]).max() > 1e-3
+  np.testing.assert_allclose(TLPModel(ens).apply({"params": params}, x), members.mean(axis=1),
+                             rtol=1e-6, atol=1e-6)
+  # A single model's tree and outputs are unchanged by the ensemble code path.
+  p1 = init_params(single, jax.random.PRNGKey(0))
+  assert "members" not in p1
+  np.testing.assert_array_equal(TLPModel(single).apply({"params": p1}, x, per_member=True)[:, 0],
+                                TLPModel(single).apply({"params": p1}, x))
+  with pytest.raises(ValueError, match="ensemble_size"):
+    TLPConfig(ensemble_size=0)

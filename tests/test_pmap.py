@@ -176,3 +176,59 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
     train_lib.train_and_evaluate(_config(12), str(tmp_path / "w"), dataset=ds)
   # The same batch is fine on devices that divide it.
   assert train_lib.BatchLayout.create(12, jax.devices()[:4]).per_device == 3
+
+
+def test_ensemble_members_train_as_independent_models():
+  # One step of a 3-member ensemble (8 devices) equals one step of each member trained alone
+  # (1 device) from the member's own parameters: own loss, own gradient clip, own Adam moments.
+  ens_cfg = dataclasses.replace(TINY, ensemble_size=3)
+  # Coupled L2 ("adam") adds the decay after the clip, so a clip that scaled a member by another
+  # member's norm would change its update (Adam alone is nearly scale-invariant).
+  opt = train_lib.OptimConfig(optimizer="adam", schedule="constant", learning_rate=3e-3,
+                              weight_decay=0.5, grad_clip_norm=0.05)
+  tx_ens, _ = train_lib.make_optimizer(opt, 1, 1, ensemble_size=3)
+  tx_one, _ = train_lib.make_optimizer(opt, 1, 1)
+  state = train_lib.create_train_state(ens_cfg, tx_ens, seed=0)
+  batch = _batch(64, seed=3)
+  fn = functools.partial(train_lib.train_step, model=model_lib.TLPModel(ens_cfg), tx=tx_ens,
+                         loss_config=LOSS)
+  devices = jax.devices()
+  step = jax.pmap(fn, axis_name=train_lib.AXIS, devices=devices)
+  rstate, metrics = step(train_lib.replicate_to_devices(state, devices),
+                         *_shard(batch, len(devices)))
+  ens_after = _unreplicate(rstate.params)["members"]
+
+  one_step = jax.pmap(functools.partial(train_lib.train_step, model=model_lib.TLPModel(TINY),
+                                        tx=tx_one, loss_config=LOSS),
+                      axis_name=train_lib.AXIS, devices=devices[:1])
+  losses_alone = []
+  for m in range(3):
+    params = jax.tree_util.tree_map(lambda a, m=m: np.asarray(a[m]), state.params["members"])
+    alone = train_lib.TrainState(step=state.step, params=params, opt_state=tx_one.init(params),
+                                 rng=state.rng)
+    alone, alone_metrics = one_step(train_lib.replicate_to_devices(alone, devices[:1]),
+                                    *_shard(batch, 1))
+    losses_alone.append(np.asarray(alone_metrics["loss_per_head"])[0])
+    for got, want in zip(jax.tree_util.tree_leaves(ens_after),
+                         jax.tree_util.tree_leaves(_unreplicate(alone.params))):
+      np.testing.assert_allclose(got[m], want, rtol=1e-3, atol=1e-5)
+  # Reported per-head losses are the members' mean (comparable with a single model's).
+  np.testing.assert_allclose(np.asarray(metrics["loss_per_head"])[0],
+                             np.mean(losses_alone, axis=0), rtol=1e-4)
+
+
+def test_clip_by_member_norm_clips_each_member_alone():
+  rng = np.random.default_rng(0)
+  grads = {"a": rng.normal(size=(3, 4, 5)).astype(np.float32),
+           "b": rng.normal(size=(3, 7)).astype(np.float32)}
+  grads["a"][1] *= 1e-3  # member 1 is under the limit and must stay unchanged
+  grads["b"][1] *= 1e-3
+  tx = train_lib.clip_by_member_norm(0.5)
+  got, _ = tx.update(grads, tx.init(grads))
+  single = optax.clip_by_global_norm(0.5)
+  for m in range(3):
+    member = {k: v[m] for k, v in grads.items()}
+    want, _ = single.update(member, single.init(member))
+    for k in grads:
+      np.testing.assert_allclose(np.asarray(got[k][m]), np.asarray(want[k]), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(got["b"][1]), grads["b"][1])

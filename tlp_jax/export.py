@@ -3,7 +3,8 @@
 Format (``tlp_jax.numpy_predictor`` defines the key names and ``FORMAT_VERSION``):
 
 * ``params/<module>/<...>/<name>``: every parameter of the Flax tree, float32, the tree path
-  joined with ``/`` (hardware heads keep their leading ``num_heads`` axis);
+  joined with ``/`` (hardware heads keep their leading ``num_heads`` axis; an ensemble's
+  parameters are under ``params/members/`` with a leading ``ensemble_size`` axis);
 * ``meta/format`` (``"tlp-jax-model"``), ``meta/format_version`` (int), ``meta/model_config``
   (``TLPConfig`` as JSON), ``meta/hardware`` (``(H,)`` head names, in head order),
   ``meta/platform``, ``meta/crop`` (``(2,)`` int: steps, width), ``meta/vocab_json``,
@@ -60,6 +61,13 @@ def _vocab_version(vocab_json: str) -> str:
   return str(json.loads(vocab_json)["version"])
 
 
+def format_version(model_config: model_lib.TLPConfig, loop_stores: int) -> int:
+  """The lowest export format version that can describe this model (see numpy_predictor)."""
+  if model_config.ensemble_size > 1:
+    return npred.ENSEMBLE_FORMAT_VERSION
+  return npred.LOOP_FORMAT_VERSION if loop_stores else npred.TLP_FORMAT_VERSION
+
+
 def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, *,
                   hardware: Sequence[str], platform: str, crop: Sequence[int] | None,
                   vocab_json: str, step: int, loop_stores: int = 0,
@@ -95,7 +103,7 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
   out.update({
       npred.META_FORMAT: np.array(npred.FORMAT_NAME),
       npred.META_FORMAT_VERSION: np.array(
-          npred.FORMAT_VERSION if loop_stores else npred.TLP_FORMAT_VERSION, np.int64),
+          format_version(model_config, loop_stores), np.int64),
       npred.META_MODEL_CONFIG: np.array(json.dumps(model_config.to_dict(), sort_keys=True)),
       npred.META_HARDWARE: np.array(hardware, dtype=np.str_),
       npred.META_PLATFORM: np.array(str(platform)),

@@ -18,6 +18,12 @@ MTL-TLP: the decoder is ``nn.vmap``-ed over ``num_heads`` stacked parameter sets
 hardware), so the model returns ``(batch, num_heads)``; the single-hardware model is the same code
 with ``num_heads=1``.
 
+Ensembles (``ensemble_size`` > 1, not in the original): the whole network is ``nn.vmap``-ed over
+``ensemble_size`` independently initialised parameter sets (params under ``members/``, leading
+axis = member). Training gives each member its own loss (``per_member=True``), so the members
+train as independent models that share only the batch order; predictions are the mean of the
+members' scores. With ``ensemble_size=1`` the parameter tree is exactly TLP's.
+
 Initialisation mirrors PyTorch's defaults (``nn.Linear``: kernel and bias uniform in
 +-1/sqrt(fan_in); ``nn.MultiheadAttention``: Xavier-uniform over the packed (3E, E) in-projection,
 zero biases), so that training dynamics match the original recipe.
@@ -108,6 +114,8 @@ class TLPConfig:
     input_norm: key of ``INPUT_NORMS`` applied to the input features. Original: "none".
     input_norm_columns: feature columns the norm applies to; ``None`` = every column.
     pool: key of ``POOLS`` for reducing per-step decoder outputs. Original: "sum".
+    ensemble_size: independently initialised copies of the whole network whose scores are
+      averaged (1 = a single network, as the original).
   """
 
   feature_dim: int = 22
@@ -122,6 +130,7 @@ class TLPConfig:
   input_norm: str = "none"
   input_norm_columns: tuple[int, ...] | None = None
   pool: str = "sum"
+  ensemble_size: int = 1
 
   def __post_init__(self):
     # Lists from ConfigDicts / JSON would make the dataclass unhashable (flax needs hashable
@@ -140,6 +149,8 @@ class TLPConfig:
                        f"attention_heads={self.attention_heads}")
     if self.num_heads < 1:
       raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+    if self.ensemble_size < 1:
+      raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
     if self.input_norm not in INPUT_NORMS:
       raise ValueError(f"unknown input_norm {self.input_norm!r}; known: {sorted(INPUT_NORMS)}")
     if self.pool not in POOLS:
@@ -250,12 +261,31 @@ class Decoder(nn.Module):
 
 
 class TLPModel(nn.Module):
-  """TLP attention regressor: ``(B, L, E)`` features -> ``(B, num_heads)`` scores."""
+  """TLP attention regressor: ``(B, L, E)`` features -> ``(B, num_heads)`` scores.
+
+  ``per_member=True`` returns each ensemble member's scores, ``(B, ensemble_size, num_heads)``
+  (what training ranks, one loss per member); the default returns their mean.
+  """
 
   config: TLPConfig
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, per_member: bool = False) -> Array:
+    cfg = self.config
+    if cfg.ensemble_size > 1:
+      members = nn.vmap(
+          TLPModel,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=None,
+          out_axes=1,
+          axis_size=cfg.ensemble_size,
+      )(dataclasses.replace(cfg, ensemble_size=1), name="members")(x)
+      return members if per_member else jnp.mean(members, axis=1)
+    scores = self._network(x)
+    return scores[:, None, :] if per_member else scores
+
+  def _network(self, x: Array) -> Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     if x.ndim != 3:

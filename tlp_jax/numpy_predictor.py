@@ -40,11 +40,15 @@ except ImportError:  # pragma: no cover - exercised by copying the file out of t
 
 # ---- export format (single source of truth; tlp_jax.export writes it) --------------------------
 FORMAT_NAME = "tlp-jax-model"
-# 2 = a model of the "loop" feature version (meta/loop_stores, meta/loop_dim). Exports of TLP-only
-# models keep version 1, so older predictors still read them and refuse loop models, whose
-# inputs they would build wrong.
-FORMAT_VERSION = 2
+# Each export carries the lowest version that can read it, so older predictors still read the
+# models they can compute and refuse the others by version: 1 = a TLP model; 2 = a model of the
+# "loop" feature version (meta/loop_stores, meta/loop_dim); 3 = an ensemble (parameters under
+# params/members/ with a leading member axis; scores are the members' mean).
+FORMAT_VERSION = 3
 TLP_FORMAT_VERSION = 1
+LOOP_FORMAT_VERSION = 2
+ENSEMBLE_FORMAT_VERSION = 3
+MEMBERS_PREFIX = "members/"
 PARAMS_PREFIX = "params/"
 META_FORMAT = "meta/format"
 META_FORMAT_VERSION = "meta/format_version"
@@ -153,13 +157,18 @@ class Predictor:
     return cls(arrays)
 
   def _param(self, arrays, name, shape):
-    key = PARAMS_PREFIX + name
+    """Parameter ``name`` of every member: ``(members, *shape)``."""
+    prefix = PARAMS_PREFIX + (MEMBERS_PREFIX if self.ensemble_size > 1 else "")
+    key = prefix + name
     if key not in arrays:
       raise PredictorError(f"{self.source}: missing parameter {key}")
-    a = np.ascontiguousarray(arrays[key], dtype=np.float32)
-    if a.shape != tuple(shape):
+    a = np.asarray(arrays[key], dtype=np.float32)
+    if self.ensemble_size == 1:
+      a = a[None]
+    want = (self.ensemble_size,) + tuple(shape)
+    if a.shape != want:
       raise PredictorError(f"{self.source}: parameter {key} has shape {a.shape}, the model "
-                           f"config implies {tuple(shape)}")
+                           f"config implies {want if self.ensemble_size > 1 else tuple(shape)}")
     return a
 
   def _load_weights(self, arrays, cfg):
@@ -175,6 +184,7 @@ class Predictor:
       norm = cfg["input_norm"]
       norm_cols = cfg["input_norm_columns"]
       pool = cfg["pool"]
+      self.ensemble_size = int(cfg.get("ensemble_size", 1))
     except (KeyError, TypeError, ValueError) as e:
       raise PredictorError(f"{self.source}: bad {META_MODEL_CONFIG}: {e!r}") from None
     if norm not in INPUT_NORMS:
@@ -183,6 +193,11 @@ class Predictor:
     if pool not in POOLS:
       raise PredictorError(f"{self.source}: pool {pool!r} unknown to this predictor "
                            f"(known: {sorted(POOLS)})")
+    if self.ensemble_size < 1 or (self.ensemble_size > 1
+                                  and self.format_version < ENSEMBLE_FORMAT_VERSION):
+      raise PredictorError(f"{self.source}: ensemble_size {self.ensemble_size} needs "
+                           f"format_version >= {ENSEMBLE_FORMAT_VERSION} "
+                           f"(got {self.format_version})")
     if len(self.hardware) != num_heads:
       raise PredictorError(f"{self.source}: {num_heads} heads but {len(self.hardware)} hardware "
                            f"names {list(self.hardware)}")
@@ -190,36 +205,11 @@ class Predictor:
     self._norm_cols = None if norm_cols is None else np.asarray(norm_cols, np.int64)
     self._pool_valid_only, self._pool_mean = POOLS[pool]
 
-    fan_in = self.feature_dim
-    self._encoder = []
-    for i, d in enumerate(enc_dims):
-      self._encoder.append((self._param(arrays, f"encoder_{i}/kernel", (fan_in, d)),
-                            self._param(arrays, f"encoder_{i}/bias", (d,))))
-      fan_in = d
-    dim = enc_dims[-1]
-    self.hidden_dim = dim
-    att = {n: (self._param(arrays, f"attention/{n}/kernel", (dim, dim)),
-               self._param(arrays, f"attention/{n}/bias", (dim,)))
-           for n in ("query", "key", "value", "out")}
-    # One fused in-projection matmul instead of three; the 1/sqrt(head_dim) scale is folded
-    # into the query weights.
-    scale = np.float32(1.0 / math.sqrt(dim // self.attention_heads))
-    self._qkv_w = np.ascontiguousarray(np.concatenate(
-        [att["query"][0] * scale, att["key"][0], att["value"][0]], axis=1))
-    self._qkv_b = np.concatenate([att["query"][1] * scale, att["key"][1], att["value"][1]])
-    self._out_w, self._out_b = att["out"]
-    self._res = [(self._param(arrays, f"res_block_{i}/kernel", (dim, dim)),
-                  self._param(arrays, f"res_block_{i}/bias", (dim,))) for i in range(res_blocks)]
-    self._decoder = []
-    fan_in = dim
-    for i, d in enumerate(dec_dims):
-      self._decoder.append((self._param(arrays, f"heads/dense_{i}/kernel", (num_heads, fan_in, d)),
-                            self._param(arrays, f"heads/dense_{i}/bias", (num_heads, d))))
-      fan_in = d
-    # First decoder layer of all heads as one (dim, H*d0) matmul.
-    w0, b0 = self._decoder[0]
-    self._dec0_w = np.ascontiguousarray(w0.transpose(1, 0, 2).reshape(dim, -1))
-    self._dec0_b = b0.reshape(-1)
+    self.hidden_dim = enc_dims[-1]
+    self._members = [_MemberWeights.build(self._param, arrays, m, self.feature_dim, enc_dims,
+                                          dec_dims, res_blocks, num_heads,
+                                          self.attention_heads)
+                     for m in range(self.ensemble_size)]
 
   # ---- public API ------------------------------------------------------------------------------
 
@@ -367,10 +357,28 @@ class Predictor:
     void = np.dtype((np.void, rows_in.dtype.itemsize * width))
     _, first, inverse = np.unique(np.ascontiguousarray(rows_in).view(void).ravel(),
                                   return_index=True, return_inverse=True)
-    h_u = self._encode(rows_in[first])
-    qkv_u = h_u @ self._qkv_w
-    qkv_u += self._qkv_b
     inverse = inverse.ravel()
+    unique_rows = rows_in[first]
+    y = None
+    for weights in self._members:  # an ensemble scores with the mean of its members
+      y_member = self._rows_forward(weights, unique_rows, inverse, groups, heads)
+      y = y_member if y is None else y + y_member
+    if len(self._members) > 1:
+      y /= np.float32(len(self._members))
+    r = 0
+    for idx, m, _, weights in groups:
+      if m:
+        rows = len(idx) * m
+        out[idx] = np.einsum("pmh,m->ph", y[r:r + rows].reshape(len(idx), m, -1), weights)
+        r += rows
+    return out
+
+  def _rows_forward(self, w: "_MemberWeights", unique_rows: np.ndarray, inverse: np.ndarray,
+                    groups: list, heads: np.ndarray) -> np.ndarray:
+    """One member's per-row decoder outputs ``(R, len(heads))`` of the packed rows."""
+    h_u = self._encode(w, unique_rows)
+    qkv_u = h_u @ w.qkv_w
+    qkv_u += w.qkv_b
     h = h_u[inverse]
     qkv = qkv_u[inverse]
     ctx = np.empty_like(h)
@@ -380,17 +388,10 @@ class Predictor:
         rows = len(idx) * m
         ctx[r:r + rows] = self._attend(qkv[r:r + rows], len(idx), m, key_bias)
         r += rows
-    h = self._trunk_rows_post(h, ctx)
-    y = self._decode(h, heads)  # (R, len(heads))
-    r = 0
-    for idx, m, _, weights in groups:
-      if m:
-        rows = len(idx) * m
-        out[idx] = np.einsum("pmh,m->ph", y[r:r + rows].reshape(len(idx), m, -1), weights)
-        r += rows
-    return out
+    h = self._trunk_rows_post(w, h, ctx)
+    return self._decode(w, h, heads)
 
-  def _encode(self, h: np.ndarray) -> np.ndarray:
+  def _encode(self, w: "_MemberWeights", h: np.ndarray) -> np.ndarray:
     """Input norm + encoder over rows (R, E) -> (R, D)."""
     if self._norm is not None:
       if self._norm_cols is None:
@@ -399,8 +400,8 @@ class Predictor:
         h = h.copy()
         h[:, self._norm_cols] = self._norm(h[:, self._norm_cols])
       h = h.astype(np.float32, copy=False)
-    for w, bias in self._encoder:
-      h = h @ w
+    for kernel, bias in w.encoder:
+      h = h @ kernel
       h += bias
       np.maximum(h, 0, out=h)
     return h
@@ -421,33 +422,77 @@ class Predictor:
     ctx = np.matmul(logits, v)  # (p, nh, m, dh)
     return ctx.transpose(0, 2, 1, 3).reshape(p * m, self.hidden_dim)
 
-  def _trunk_rows_post(self, h: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+  def _trunk_rows_post(self, w: "_MemberWeights", h: np.ndarray, ctx: np.ndarray) -> np.ndarray:
     """Attention out-projection + residual, then the residual blocks."""
-    a = ctx @ self._out_w
-    a += self._out_b
+    a = ctx @ w.out_w
+    a += w.out_b
     a += h
     h = a
-    for w, bias in self._res:
-      t = h @ w
+    for kernel, bias in w.res:
+      t = h @ kernel
       t += bias
       np.maximum(t, 0, out=t)
       t += h
       h = t
     return h
 
-  def _decode(self, h: np.ndarray, heads: np.ndarray) -> np.ndarray:
+  def _decode(self, w: "_MemberWeights", h: np.ndarray, heads: np.ndarray) -> np.ndarray:
     """Per-row decoder outputs of the selected heads: (R, D) -> (R, len(heads))."""
     num_all = self.num_heads
-    d0 = self._decoder[0][0].shape[-1]
+    d0 = w.decoder[0][0].shape[-1]
     if len(heads) == num_all:
-      y = h @ self._dec0_w
-      y += self._dec0_b
+      y = h @ w.dec0_w
+      y += w.dec0_b
       y = y.reshape(-1, num_all, d0).transpose(1, 0, 2)  # (H, R, d0)
     else:
-      w0, b0 = self._decoder[0]
+      w0, b0 = w.decoder[0]
       y = np.matmul(h[None], w0[heads]) + b0[heads][:, None, :]
-    for w, bias in self._decoder[1:]:
+    for kernel, bias in w.decoder[1:]:
       np.maximum(y, 0, out=y)
-      y = np.matmul(y, w[heads])
+      y = np.matmul(y, kernel[heads])
       y += bias[heads][:, None, :]
     return y[..., 0].T
+
+
+class _MemberWeights:
+  """One network's weights, laid out for ``Predictor._forward`` (one per ensemble member)."""
+
+  def __init__(self, encoder, qkv_w, qkv_b, out_w, out_b, res, decoder):
+    self.encoder, self.res, self.decoder = encoder, res, decoder
+    self.qkv_w, self.qkv_b, self.out_w, self.out_b = qkv_w, qkv_b, out_w, out_b
+    # First decoder layer of all heads as one (dim, H*d0) matmul.
+    w0, b0 = decoder[0]
+    self.dec0_w = np.ascontiguousarray(w0.transpose(1, 0, 2).reshape(w0.shape[1], -1))
+    self.dec0_b = b0.reshape(-1)
+
+  @classmethod
+  def build(cls, param: Callable[..., np.ndarray], arrays: Mapping[str, np.ndarray],
+            member: int, feature_dim: int, enc_dims: Sequence[int], dec_dims: Sequence[int],
+            res_blocks: int, num_heads: int, attention_heads: int) -> "_MemberWeights":
+    """Member ``member``'s weights; ``param(arrays, name, shape)`` reads all members'."""
+    def get(name, shape):
+      return np.ascontiguousarray(param(arrays, name, shape)[member])
+
+    fan_in = feature_dim
+    encoder = []
+    for i, d in enumerate(enc_dims):
+      encoder.append((get(f"encoder_{i}/kernel", (fan_in, d)), get(f"encoder_{i}/bias", (d,))))
+      fan_in = d
+    dim = enc_dims[-1]
+    att = {n: (get(f"attention/{n}/kernel", (dim, dim)), get(f"attention/{n}/bias", (dim,)))
+           for n in ("query", "key", "value", "out")}
+    # One fused in-projection matmul instead of three; the 1/sqrt(head_dim) scale is folded
+    # into the query weights.
+    scale = np.float32(1.0 / math.sqrt(dim // attention_heads))
+    qkv_w = np.ascontiguousarray(np.concatenate(
+        [att["query"][0] * scale, att["key"][0], att["value"][0]], axis=1))
+    qkv_b = np.concatenate([att["query"][1] * scale, att["key"][1], att["value"][1]])
+    res = [(get(f"res_block_{i}/kernel", (dim, dim)), get(f"res_block_{i}/bias", (dim,)))
+           for i in range(res_blocks)]
+    decoder = []
+    fan_in = dim
+    for i, d in enumerate(dec_dims):
+      decoder.append((get(f"heads/dense_{i}/kernel", (num_heads, fan_in, d)),
+                      get(f"heads/dense_{i}/bias", (num_heads, d))))
+      fan_in = d
+    return cls(encoder, qkv_w, qkv_b, att["out"][0], att["out"][1], res, decoder)

@@ -141,33 +141,66 @@ SCHEDULES: dict[str, Callable[[OptimConfig, int, int], optax.Schedule]] = {
 }
 
 
-def _clip(cfg: OptimConfig) -> list[optax.GradientTransformation]:
-  return [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
+def clip_by_member_norm(max_norm: float) -> optax.GradientTransformation:
+  """``clip_by_global_norm`` applied to each ensemble member on its own.
+
+  Every leaf of an ensemble's gradient has the member as its leading axis. Clipping by the norm
+  over all members would scale every member by the largest one's norm and couple their
+  training; clipping each member's slice keeps them as independent as separately trained runs.
+  """
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = jax.tree_util.tree_leaves(updates)
+    sq = sum(jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1) for g in leaves)
+    norm = jnp.sqrt(sq)
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / jnp.maximum(norm, 1e-30))
+    clipped = jax.tree_util.tree_map(
+        lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), updates)
+    return clipped, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def _adam_l2(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+def _clip(cfg: OptimConfig, ensemble_size: int) -> list[optax.GradientTransformation]:
+  if cfg.grad_clip_norm <= 0:
+    return []
+  if ensemble_size > 1:
+    return [clip_by_member_norm(cfg.grad_clip_norm)]
+  return [optax.clip_by_global_norm(cfg.grad_clip_norm)]
+
+
+def _adam_l2(cfg: OptimConfig, schedule: optax.Schedule,
+             clip: Sequence[optax.GradientTransformation]) -> optax.GradientTransformation:
   # PyTorch Adam(weight_decay): grad += wd * param after clipping, before the moments.
-  return optax.chain(*_clip(cfg), optax.add_decayed_weights(cfg.weight_decay),
+  return optax.chain(*clip, optax.add_decayed_weights(cfg.weight_decay),
                      optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
                      optax.scale_by_learning_rate(schedule))
 
 
-def _adamw(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-  return optax.chain(*_clip(cfg), optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
-                                              weight_decay=cfg.weight_decay))
+def _adamw(cfg: OptimConfig, schedule: optax.Schedule,
+           clip: Sequence[optax.GradientTransformation]) -> optax.GradientTransformation:
+  return optax.chain(*clip, optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
+                                        weight_decay=cfg.weight_decay))
 
 
-OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule], optax.GradientTransformation]] = {
+OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule,
+                                Sequence[optax.GradientTransformation]],
+                               optax.GradientTransformation]] = {
     "adam": _adam_l2,
     "adamw": _adamw,
 }
 
 
-def make_optimizer(cfg: OptimConfig, steps_per_epoch: int,
-                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Builds the Optax optimizer and its learning-rate schedule (a function of the step)."""
+def make_optimizer(cfg: OptimConfig, steps_per_epoch: int, total_steps: int,
+                   ensemble_size: int = 1
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Builds the Optax optimizer and its learning-rate schedule (a function of the step).
+
+  ``ensemble_size`` > 1: the parameters are an ensemble's (leading member axis on every leaf);
+  the gradient clip then applies per member. Adam and weight decay are elementwise already.
+  """
   schedule = SCHEDULES[cfg.schedule](cfg, steps_per_epoch, total_steps)
-  return OPTIMIZERS[cfg.optimizer](cfg, schedule), schedule
+  return OPTIMIZERS[cfg.optimizer](cfg, schedule, _clip(cfg, ensemble_size)), schedule
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,16 +465,26 @@ def train_step(state: TrainState, features: jax.Array, scores: jax.Array, mask: 
   single-device gradient of the global-batch loss, for any number of devices.
   """
   def forward(params):
-    return model.apply({"params": params}, features)
+    # (B, members, H) flattened to (B, members * H): every (member, head) column is ranked on
+    # its own, so each ensemble member trains on its own loss (one column per head if not an
+    # ensemble).
+    preds = model.apply({"params": params}, features, per_member=True)
+    return preds.reshape(preds.shape[0], -1)
 
   preds, model_vjp = jax.vjp(forward, state.params)
   all_scores, all_mask, all_tasks = _gather(scores), _gather(mask), _gather(task_index)
+  members = preds.shape[1] // scores.shape[1]
+  all_scores, all_mask = jnp.tile(all_scores, (1, members)), jnp.tile(all_mask, (1, members))
 
   def total_loss(all_preds):
-    per_head = per_head_losses(loss_config, all_preds, all_scores, all_mask, all_tasks)
-    return jnp.sum(per_head), per_head
+    per_column = per_head_losses(loss_config, all_preds, all_scores, all_mask, all_tasks)
+    # Summed over members (each member's gradient is its own loss's); reported per head as the
+    # members' mean, comparable to a single model's.
+    per_head = jnp.mean(per_column.reshape(members, -1), axis=0)
+    return jnp.sum(per_column), per_head
 
   (loss, per_head), pred_grads = jax.value_and_grad(total_loss, has_aux=True)(_gather(preds))
+  loss = jnp.sum(per_head)
   n = preds.shape[0]
   local_grads = jax.lax.dynamic_slice_in_dim(pred_grads, jax.lax.axis_index(AXIS) * n, n)
   (grads,) = model_vjp(local_grads.astype(preds.dtype))
@@ -451,7 +494,7 @@ def train_step(state: TrainState, features: jax.Array, scores: jax.Array, mask: 
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, {"loss": loss, "loss_per_head": per_head,
                      "grad_norm": optax.tree.norm(grads),
-                     "labels": jnp.sum(all_mask, axis=0)}
+                     "labels": jnp.sum(_gather(mask), axis=0)}
 
 
 def train_step_resident(state: TrainState, data: tuple[jax.Array, ...], order: jax.Array,
@@ -712,22 +755,24 @@ def restore_for_export(workdir: str, which: str = "best"
   return params, model_config, meta
 
 
-def make_predict_fn(model_config: model_lib.TLPConfig, batch_size: int = 4096
-                    ) -> Callable[[Any, np.ndarray], np.ndarray]:
+def make_predict_fn(model_config: model_lib.TLPConfig, batch_size: int = 4096,
+                    per_member: bool = False) -> Callable[[Any, np.ndarray], np.ndarray]:
   """``predict(params, features (N, L, E)) -> scores (N, H)`` on one device, in fixed batches.
 
-  The last batch is padded to ``batch_size`` so only one program is compiled.
+  ``per_member``: each ensemble member's scores, ``(N, ensemble_size, H)``, instead of their
+  mean. The last batch is padded to ``batch_size`` so only one program is compiled.
   """
   model = model_lib.TLPModel(model_config)
 
   @jax.jit
   def apply(params, x):
-    return model.apply({"params": params}, x)
+    return model.apply({"params": params}, x, per_member=per_member)
 
   def predict(params, features: np.ndarray) -> np.ndarray:
     features = np.asarray(features, np.float32)
     n = features.shape[0]
-    out = np.zeros((n, model_config.num_heads), np.float32)
+    shape = ((model_config.ensemble_size,) if per_member else ()) + (model_config.num_heads,)
+    out = np.zeros((n,) + shape, np.float32)
     bs = max(1, min(batch_size, n))
     for start in range(0, n, bs):
       chunk = features[start:start + bs]
@@ -857,7 +902,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
   steps_per_epoch = -(-train.size // layout.global_batch)
   num_epochs = int(config.num_epochs)
   total_steps = steps_per_epoch * num_epochs
-  tx, schedule = make_optimizer(optim_config, steps_per_epoch, total_steps)
+  tx, schedule = make_optimizer(optim_config, steps_per_epoch, total_steps,
+                                model_config.ensemble_size)
 
   # A workdir belongs to one run: refuse to mix runs (a different model or data would make
   # the checkpoints meaningless).
