@@ -15,7 +15,9 @@ import numpy as np
 import optax
 import pytest
 
+from tlp_jax import export
 from tlp_jax import model as model_lib
+from tlp_jax import numpy_predictor as npred
 from tlp_jax import train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -424,3 +426,25 @@ def test_mtl_heads_target_first_and_few_shot_on_the_joined_dataset(sample_arrays
   assert split.mask.any(axis=1).all()  # rows without any selected label are dropped
   kept = train_lib.few_shot_mask(split.mask, num_labels=50, fraction=1.0, seed=0)
   assert kept[:, 0].sum() == 50 and (kept[:, 1] == split.mask[:, 1]).all()
+
+
+def test_ensemble_trains_exports_and_predicts_like_flax(built_sample_dataset, sample_arrays,
+                                                        tmp_path):
+  """An ensemble config runs the whole path: train, checkpoint, export (format 3), NumPy."""
+  config = _test_config(built_sample_dataset)
+  with config.unlocked():
+    config.model.ensemble_size = 2
+    config.num_epochs = 2
+  workdir = str(tmp_path / "ens")
+  result = train_lib.train_and_evaluate(config, workdir, dataset=sample_arrays("epyc-9004"))
+  assert result.model_config.ensemble_size == 2
+  assert np.isfinite(result.validation["val_loss"])
+  arrays = export.export_workdir(workdir, str(tmp_path / "ens.npz"), "latest")
+  assert int(arrays[npred.META_FORMAT_VERSION]) == npred.ENSEMBLE_FORMAT_VERSION
+  x = sample_arrays("epyc-9004").test.features[:300]
+  params, model_config, _ = train_lib.restore_for_export(workdir, "latest")
+  members = train_lib.make_predict_fn(model_config, per_member=True)(params, x)
+  assert members.shape == (300, 2, 1)
+  assert np.abs(members[:, 0] - members[:, 1]).max() > 1e-3  # two different models
+  got = npred.Predictor.load(str(tmp_path / "ens.npz")).predict(x)
+  np.testing.assert_allclose(got, members.mean(axis=1)[:, 0], rtol=1e-4, atol=1e-4)
