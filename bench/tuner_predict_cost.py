@@ -19,6 +19,7 @@ machine info.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -42,6 +43,9 @@ def _export(tmp: str, config_module: str, loop_stores: int, loop_dim: int) -> st
   from tlp_jax import export, features, model as model_lib, train_lib  # pylint: disable=import-outside-toplevel
   config = importlib.import_module(f"configs.{config_module}").get_config()
   cfg = train_lib.model_config_from(config, num_heads=1)
+  # Sized as train_lib sizes it for a dataset with these loop-nest tokens.
+  cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len + loop_stores,
+                            feature_dim=cfg.feature_dim + loop_dim)
   crop = (cfg.seq_len, cfg.feature_dim)
   params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0),
                                         np.zeros((1,) + crop, np.float32))["params"]

@@ -27,6 +27,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   model.input_norm = "none"
   model.input_norm_columns = None
   model.pool = "sum"
+  # Independently initialised copies of the network, scores averaged (1 = TLP's single model).
+  model.ensemble_size = 1
   return model
 
 
@@ -51,6 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = get_model_config()
   # This project's default (issue 5, docs/ACCURACY.md): log-scaled numeric fields.
   config.model.input_norm = "log1p"
+  # On a dataset of the "loop" feature version (data_pipelines.build --loop_stores N) the model
+  # also reads its loop-nest store tokens: model.seq_len / feature_dim are the step crop and the
+  # input grows by the stores (train_lib.model_config_from). "auto" = when the dataset has them,
+  # "required" = refuse a dataset without them, "off" = step tokens only, as the original.
+  config.loop_tokens = "auto"
 
   # Loss: tlp_jax.losses.LossConfig.
   # TLP ranks the whole batch with LambdaRank (configs/tlp_original.py). This project's default

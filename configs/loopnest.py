@@ -1,7 +1,9 @@
-"""The default recipe on the "loop" feature version: TLP step tokens plus loop-nest tokens.
+"""The default recipe on the "loop" feature version, refusing a dataset without it.
 
-Needs a dataset built with loop-nest store features (Ansor's per-store vectors, computed with
-TVM; docs/ACCURACY.md says why)::
+``configs/default.py`` already reads the loop-nest tokens of a dataset that has them
+(``loop_tokens="auto"``); this config makes them a requirement, so a run pointed at a TLP-only
+build fails at once instead of training the weaker step-only model. The dataset needs TVM
+(docs/ACCURACY.md says why)::
 
   pip install -e '.[tvm]'
   python -m data_pipelines.build --tenset_dir TENSET --data_dir ~/tlp_data_loop --loop_stores 10
@@ -9,20 +11,18 @@ TVM; docs/ACCURACY.md says why)::
 
 Each program is then 25 step tokens (22 values, TLP's llvm crop) plus 10 store tokens (164
 values), as one ``(35, 186)`` input whose two token kinds use disjoint columns
-(``features.append_loop_features``). The model is TLP's, with its input sized to match; train_lib
-refuses a model that would crop the store tokens away.
+(``features.append_loop_features``). The model is TLP's; ``train_lib.model_config_from`` sizes
+its input from the dataset.
 """
 
 from configs import default
 
-LOOP_STORES = 10  # the build's --loop_stores
+LOOP_STORES = 10  # the build's --loop_stores used in this project's runs
 LOOP_DIM = 164    # Ansor's per-store feature width in TVM 0.19
 
 
 def get_config():
-  """Returns the default configuration sized for TLP + loop-nest features."""
+  """Returns the default configuration, requiring TLP + loop-nest features."""
   config = default.get_config()
-  steps, width = config.model.seq_len, config.model.feature_dim
-  config.model.seq_len = steps + LOOP_STORES
-  config.model.feature_dim = width + LOOP_DIM
+  config.loop_tokens = "required"
   return config

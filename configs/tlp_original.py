@@ -7,7 +7,9 @@
 * gradients clipped to global norm 0.5;
 * LambdaRank over the whole batch (no task grouping), batch 1024, 50 epochs, shuffled every
   epoch, the last partial batch kept (here: padded with masked rows, which the loss ignores);
-* TLP's attention model with its defaults (no padding mask, no input normalisation, sum pool).
+* TLP's attention model with its defaults (no padding mask, no input normalisation, sum pool),
+  reading TLP's step tokens only (``loop_tokens="off"``, also on a dataset built with
+  loop-nest tokens).
 """
 
 from configs import default
@@ -17,6 +19,7 @@ def get_config():
   """Returns the original TLP training configuration."""
   config = default.get_config()
   config.model = default.get_model_config()
+  config.loop_tokens = "off"
   config.loss = "lambdarank"
   config.group_by_task = False
   config.batch_order = "random"

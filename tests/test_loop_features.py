@@ -58,20 +58,37 @@ def test_canonical_order_removes_store_and_buffer_permutations():
   assert loop_features.canonical_order(np.zeros((0, 8)), layout).shape == (0, 8)
 
 
-def test_model_must_see_every_loop_token(sample_arrays):
+def test_model_input_follows_loop_tokens_mode(sample_arrays):
   import dataclasses
-  from tlp_jax import model as model_lib
   from tlp_jax import train_lib
   tlp = sample_arrays("epyc-9004")
-  cfg = model_lib.TLPConfig(seq_len=25, feature_dim=22)
-  train_lib.check_model_fits_features(cfg, tlp)  # TLP features: cropping is TLP's behaviour
   loop = dataclasses.replace(tlp, crop=(25 + LOOP_STORES, 22 + 164),
                              metadata={**tlp.metadata, "loop_stores": LOOP_STORES,
                                        "loop_dim": 164})
-  with pytest.raises(ValueError, match="loop-nest features"):
-    train_lib.check_model_fits_features(cfg, loop)
-  train_lib.check_model_fits_features(
-      model_lib.TLPConfig(seq_len=25 + LOOP_STORES, feature_dim=22 + 164), loop)
+
+  def shape(config_name, dataset, **overrides):
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    config.update(overrides)
+    cfg = train_lib.model_config_from(config, 1, dataset)
+    meta = train_lib.dataset_meta(dataset, ["epyc-9004"],
+                                  train_lib.reads_loop_tokens(config, dataset))
+    return (cfg.seq_len, cfg.feature_dim), tuple(meta["crop"]), meta.get("loop_stores", 0)
+
+  # default ("auto"): step tokens on a TLP build, steps + stores on a loop build.
+  assert shape("default", tlp) == ((25, 22), (25, 22), 0)
+  full = (25 + LOOP_STORES, 22 + 164)
+  assert shape("default", loop) == (full, full, LOOP_STORES)
+  assert shape("loopnest", loop) == (full, full, LOOP_STORES)
+  # The original reads TLP's steps only, on either build; its export is a TLP model.
+  assert shape("tlp_original", loop) == ((25, 22), (25, 22), 0)
+  with pytest.raises(ValueError, match="has no loop-nest features.*--loop_stores"):
+    shape("loopnest", tlp)
+  with pytest.raises(ValueError, match="step crop"):
+    config = importlib.import_module("configs.default").get_config()
+    config.model.seq_len = 20  # the stores would not be where the model looks for them
+    train_lib.model_config_from(config, 1, loop)
+  with pytest.raises(ValueError, match="unknown loop_tokens"):
+    shape("default", loop, loop_tokens="yes")
 
 
 def _tiny_export(tmp_path, crop, loop_stores=0, loop_dim=0):
@@ -229,7 +246,6 @@ def test_train_and_eval_a_loop_model(loop_sample, tmp_path):
   config.data_dir = data_dir
   config.dataset = "epyc-9004"
   config.hardware = ("epyc-9004",)
-  config.model.seq_len, config.model.feature_dim = arrays.crop
   config.num_epochs = 1
   workdir = str(tmp_path / "run")
   result = train_lib.train_and_evaluate(config, workdir, dataset=arrays,
@@ -238,8 +254,18 @@ def test_train_and_eval_a_loop_model(loop_sample, tmp_path):
   assert np.isfinite(result.validation["val_loss"])
   report = eval_lib.run(hw="epyc-9004", data_dir=data_dir, workdir=workdir, which="latest")
   assert 0.0 <= report["rows"]["TLP (workdir)"]["pooled"]["top-1"] <= 1.0
-  # Trained on the loop version: the TLP-only dataset has the wrong shape for it.
-  with pytest.raises(ValueError, match="loop-nest features"):
-    config.model.seq_len, config.model.feature_dim = 25, 22
-    train_lib.train_and_evaluate(config, str(tmp_path / "run2"), dataset=arrays,
-                                 devices=jax.devices()[:1])
+  # loop_tokens="off" on the same data trains a TLP model: it exports as one, with the step
+  # crop, and the NumPy predictor scores TLP features with it.
+  from tlp_jax import export
+  from tlp_jax import numpy_predictor as npred
+  config.loop_tokens = "off"
+  off = train_lib.train_and_evaluate(config, str(tmp_path / "off"), dataset=arrays,
+                                     devices=jax.devices()[:1])
+  assert (off.model_config.seq_len, off.model_config.feature_dim) == (25, 22)
+  exported = export.export_workdir(str(tmp_path / "off"), str(tmp_path / "off.npz"), "latest")
+  assert int(exported[npred.META_FORMAT_VERSION]) == npred.TLP_FORMAT_VERSION
+  pred = npred.Predictor.load(str(tmp_path / "off.npz"))
+  assert pred.crop == (25, 22) and pred.loop_stores == 0
+  x = arrays.test.features[:50]
+  want = train_lib.make_predict_fn(off.model_config)(off.state.params, x)[:, 0]
+  np.testing.assert_allclose(pred.predict(x[:, :25, :22]), want, rtol=1e-4, atol=1e-4)

@@ -214,10 +214,47 @@ def optim_config_from(config: ml_collections.ConfigDict) -> OptimConfig:
   return OptimConfig(**{n: config[n] for n in names if n in config})
 
 
-def model_config_from(config: ml_collections.ConfigDict, num_heads: int) -> model_lib.TLPConfig:
-  """``TLPConfig`` from ``config.model`` plus the number of hardware heads."""
+# config.loop_tokens: whether the model reads the loop-nest store tokens of a dataset of the "loop"
+# feature version. "auto": when the dataset has them; "required": refuse a dataset without them;
+# "off": read TLP's step tokens only (the original's input, also on a loop dataset).
+LOOP_TOKEN_MODES = ("auto", "required", "off")
+
+
+def reads_loop_tokens(config: ml_collections.ConfigDict, dataset: Any) -> bool:
+  """Whether a model trained with ``config`` on ``dataset`` reads its loop-nest store tokens."""
+  mode = config.get("loop_tokens", "auto")
+  if mode not in LOOP_TOKEN_MODES:
+    raise ValueError(f"unknown loop_tokens {mode!r}; known: {', '.join(LOOP_TOKEN_MODES)}")
+  loop_stores, _ = loop_feature_shape(dataset)
+  if mode == "required" and not loop_stores:
+    raise ValueError(
+        f"config.loop_tokens='required' but dataset {getattr(dataset, 'name', '')!r} has no "
+        "loop-nest features; build it with `python -m data_pipelines.build ... --loop_stores "
+        "10` (needs TVM: pip install -e '.[tvm]')")
+  return bool(loop_stores) and mode != "off"
+
+
+def model_config_from(config: ml_collections.ConfigDict, num_heads: int,
+                      dataset: Any | None = None) -> model_lib.TLPConfig:
+  """``TLPConfig`` from ``config.model``, the number of hardware heads and the dataset.
+
+  ``config.model.seq_len`` / ``feature_dim`` are the step-token crop (TLP's ``step_size`` /
+  ``fea_size``). When the model reads a "loop" dataset's store tokens (``reads_loop_tokens``),
+  its input grows by them: they sit after the dataset's step crop, so the model's step crop must
+  equal the dataset's.
+  """
   fields = dict(config.model.to_dict())
   fields["num_heads"] = num_heads
+  if dataset is not None and reads_loop_tokens(config, dataset):
+    loop_stores, loop_dim = loop_feature_shape(dataset)
+    step_crop = (int(dataset.crop[0]) - loop_stores, int(dataset.crop[1]) - loop_dim)
+    if (fields["seq_len"], fields["feature_dim"]) != step_crop:
+      raise ValueError(
+          f"the dataset's loop-nest tokens follow its {step_crop} step features, but the model's "
+          f"step crop is ({fields['seq_len']}, {fields['feature_dim']}); set "
+          f"model.seq_len={step_crop[0]}, model.feature_dim={step_crop[1]}, or loop_tokens='off'")
+    fields["seq_len"] += loop_stores
+    fields["feature_dim"] += loop_dim
   return model_lib.TLPConfig.from_dict(fields)
 
 
@@ -692,31 +729,24 @@ def loop_feature_shape(dataset: Any) -> tuple[int, int]:
   return int(meta.get("loop_stores", 0)), int(meta.get("loop_dim", 0))
 
 
-def dataset_meta(dataset: Any, hardware: Sequence[str]) -> dict[str, Any]:
-  """What the exporter needs about the data: head hardware, platform, crop, vocabulary."""
+def dataset_meta(dataset: Any, hardware: Sequence[str], loop_tokens: bool = True
+                 ) -> dict[str, Any]:
+  """What the exporter needs about the model's input: head hardware, platform, crop, vocabulary.
+
+  ``loop_tokens=False``: the model reads only the step tokens of a "loop" dataset, so its
+  export is a TLP model (the step crop, no loop fields).
+  """
   crop = dataset.crop
   loop_stores, loop_dim = loop_feature_shape(dataset)
+  if loop_stores and not loop_tokens:
+    crop = (int(crop[0]) - loop_stores, int(crop[1]) - loop_dim)
+    loop_stores = loop_dim = 0
   meta = {"hardware": list(hardware), "platform": str(dataset.platform),
           "crop": [int(c) for c in crop] if crop is not None else None,
           "vocab_json": dataset.vocab_json}
   if loop_stores:
     meta.update(loop_stores=loop_stores, loop_dim=loop_dim)
   return meta
-
-
-def check_model_fits_features(model_config: model_lib.TLPConfig, dataset: Any) -> None:
-  """A model must see every loop-nest token of a "loop" dataset (TLP's crop would drop them).
-
-  With TLP features alone a smaller model input crops steps, as TLP does; with loop-nest
-  tokens appended after the steps, the same crop would silently remove them.
-  """
-  loop_stores, _ = loop_feature_shape(dataset)
-  crop = tuple(int(c) for c in dataset.crop)
-  if loop_stores and (model_config.seq_len, model_config.feature_dim) != crop:
-    raise ValueError(
-        f"the dataset has loop-nest features ({loop_stores} store tokens; examples {crop}) but "
-        f"the model input is ({model_config.seq_len}, {model_config.feature_dim}); use "
-        f"configs/loopnest.py or set model.seq_len={crop[0]}, model.feature_dim={crop[1]}")
 
 
 def restore_for_export(workdir: str, which: str = "best"
@@ -894,8 +924,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
   fs = config.few_shot
   train = dataclasses.replace(train, mask=few_shot_mask(train.mask, int(fs.num_labels),
                                                         float(fs.fraction), int(config.seed)))
-  model_config = model_config_from(config, num_heads=len(hardware))
-  check_model_fits_features(model_config, dataset)
+  model_config = model_config_from(config, num_heads=len(hardware), dataset=dataset)
   loss_config = loss_config_from(config)
   optim_config = optim_config_from(config)
 
@@ -910,7 +939,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
   _check_or_write_json(os.path.join(workdir, MODEL_CONFIG_FILE), model_config.to_dict(),
                        "model config", write=is_chief)
   _check_or_write_json(os.path.join(workdir, DATASET_META_FILE),
-                       dataset_meta(dataset, hardware), "dataset", write=is_chief)
+                       dataset_meta(dataset, hardware, reads_loop_tokens(config, dataset)),
+                       "dataset", write=is_chief)
   if is_chief:
     _write_json(os.path.join(workdir, TRAIN_CONFIG_FILE), config.to_dict())
   run_identity = {"num_train": train.size, "global_batch": layout.global_batch,
