@@ -155,6 +155,28 @@ EXPERIMENTS = {
     "loopnest_xeon10%+epyc_mtl": ("loopnest", {"hardware": ("xeon-emr-16c", "epyc-9004"),
                                                "dataset": "all", "few_shot.fraction": 0.1},
                                   "xeon-emr-16c"),
+    # Ensembles (model.ensemble_size): members trained together, each on its own loss.
+    "loopnest+ens5": ("loopnest", {"model.ensemble_size": 5}, "epyc-9004"),
+    "loopnest+ens5@xeon": ("loopnest", {"hardware": ("xeon-emr-16c",),
+                                        "dataset": "xeon-emr-16c", "model.ensemble_size": 5},
+                           "xeon-emr-16c"),
+    "loopnest+ens5_mtl@xeon": ("loopnest", {"hardware": ("xeon-emr-16c", "epyc-9004"),
+                                            "dataset": "all", "model.ensemble_size": 5},
+                               "xeon-emr-16c"),
+    "loopnest+ens5_xeon10%_alone": ("loopnest", {
+        "hardware": ("xeon-emr-16c",), "dataset": "all", "few_shot.fraction": 0.1,
+        "model.ensemble_size": 5}, "xeon-emr-16c"),
+    "loopnest+ens5_xeon10%+epyc_mtl": ("loopnest", {
+        "hardware": ("xeon-emr-16c", "epyc-9004"), "dataset": "all", "few_shot.fraction": 0.1,
+        "model.ensemble_size": 5}, "xeon-emr-16c"),
+    # TLP's step tokens only, on a "loop" build (loop_tokens="off": the model reads the first
+    # 25 x 22 of each example, the same values a TLP-only build has).
+    "steps": ("default", {"loop_tokens": "off"}, "epyc-9004"),
+    "steps+ens5": ("default", {"loop_tokens": "off", "model.ensemble_size": 5}, "epyc-9004"),
+    "steps+ens5@xeon": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c",
+                                    "loop_tokens": "off", "model.ensemble_size": 5},
+                        "xeon-emr-16c"),
+    "loopnest+ens10": ("loopnest", {"model.ensemble_size": 10}, "epyc-9004"),
     "tlp_original@xeon": ("tlp_original", {"hardware": ("xeon-emr-16c",),
                                            "dataset": "xeon-emr-16c"}, "xeon-emr-16c"),
     "default@xeon": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c"},
@@ -322,6 +344,19 @@ def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dic
     scores = metrics.top_k_scores(pred, data.latency, data.task_index, data.networks, KS,
                                   len(data.task_keys))
     per_seed.append(scores.to_dict())
+    if result.model_config.ensemble_size > 1:
+      # The model averages its members' raw scores; compare with z-scoring each member within
+      # each task first (what the offline seed ensembles below do).
+      members = train_lib.make_predict_fn(result.model_config, per_member=True)(
+          result.state.params, data.features)[:, :, head].astype(np.float64)
+      zscored = np.mean([_zscore_per_task(members[:, m], data.task_index)
+                         for m in range(members.shape[1])], axis=0)
+      per_seed[-1]["members_zscore"] = metrics.top_k_scores(
+          zscored, data.latency, data.task_index, data.networks, KS,
+          len(data.task_keys)).to_dict()["pooled"]
+      per_seed[-1]["members_alone"] = [metrics.top_k_scores(
+          members[:, m], data.latency, data.task_index, data.networks, KS,
+          len(data.task_keys)).to_dict()["pooled"] for m in range(members.shape[1])]
     logging.info("%s seed %d: pooled %s (%.1f s)", name, seed, scores.to_dict()["pooled"],
                  wall[-1])
   if save_preds_dir:
