@@ -11,6 +11,7 @@ def get_config():
   config.model.attention_heads = 4
   config.model.res_blocks = 1
   config.model.decoder_dims = (32, 16, 1)
+  config.model.ensemble_size = 1  # one tiny network; the ensemble tests set their own size
   config.batch_size = 64
   config.eval_batch_size = 128
   config.num_epochs = 3
