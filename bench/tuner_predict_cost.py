@@ -4,9 +4,10 @@ For a few hold-out tasks of the sample (their compute DAGs come from its
 ``network_info/all_tasks.pkl``), Ansor's ``SketchPolicy`` samples a population of states, and
 each model scores the whole population once with a fresh prediction cache, timed:
 
-* ``tlp``: a model of TLP's step features (25 x 22), as ``configs/default.py`` trains;
-* ``loop``: a model of the "loop" version (35 x 186, ``configs/loopnest.py``), which also
-  extracts every state's loop-nest vectors with TVM;
+* ``tlp``: a model of TLP's step features (25 x 22), one network;
+* ``loop``: a model of the "loop" version (35 x 186, ``configs/loopnest.py``), one network,
+  which also extracts every state's loop-nest vectors with TVM;
+* ``tlp_ensN`` / ``loop_ensN``: the same with ``configs/default.py``'s ensemble of N networks;
 * ``store_features_only``: that extraction alone (``loop_features.store_features_from_states``),
   which is also what Ansor's XGBModel computes before every prediction.
 
@@ -38,18 +39,19 @@ sys.path.insert(0, REPO)
 import machine_info  # noqa: E402  # pylint: disable=wrong-import-position  # bench/ on sys.path
 
 
-def _export(tmp: str, config_module: str, loop_stores: int, loop_dim: int) -> str:
+def _export(tmp: str, config_module: str, loop_stores: int, loop_dim: int,
+            ensemble_size: int) -> str:
   import jax  # pylint: disable=import-outside-toplevel
   from tlp_jax import export, features, model as model_lib, train_lib  # pylint: disable=import-outside-toplevel
   config = importlib.import_module(f"configs.{config_module}").get_config()
   cfg = train_lib.model_config_from(config, num_heads=1)
   # Sized as train_lib sizes it for a dataset with these loop-nest tokens.
   cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len + loop_stores,
-                            feature_dim=cfg.feature_dim + loop_dim)
+                            feature_dim=cfg.feature_dim + loop_dim, ensemble_size=ensemble_size)
   crop = (cfg.seq_len, cfg.feature_dim)
   params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0),
                                         np.zeros((1,) + crop, np.float32))["params"]
-  path = os.path.join(tmp, f"{config_module}.npz")
+  path = os.path.join(tmp, f"{config_module}_ens{ensemble_size}.npz")
   export.save_npz(path, params, cfg, hardware=["hw"], platform="llvm", crop=crop,
                   vocab_json=features.Vocabulary.original("llvm").to_json(), step=0,
                   loop_stores=loop_stores, loop_dim=loop_dim)
@@ -67,7 +69,7 @@ def main() -> None:
   args = parser.parse_args()
 
   from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel
-  from configs import loopnest  # pylint: disable=import-outside-toplevel
+  from configs import default, loopnest  # pylint: disable=import-outside-toplevel
   from data_pipelines import network_info  # pylint: disable=import-outside-toplevel
   from tlp_jax import loop_features  # pylint: disable=import-outside-toplevel
   from tlp_jax import tvm_cost_model, xgb_baseline  # pylint: disable=import-outside-toplevel
@@ -85,10 +87,12 @@ def main() -> None:
   chosen = chosen[:args.tasks]
 
   with tempfile.TemporaryDirectory() as tmp:
-    models = {
-        "tlp": _export(tmp, "default", 0, 0),
-        "loop": _export(tmp, "loopnest", loopnest.LOOP_STORES, loopnest.LOOP_DIM),
-    }
+    members = int(default.get_config().model.ensemble_size)
+    models = {}
+    for size, suffix in ((1, ""), (members, f"_ens{members}")):
+      models["tlp" + suffix] = _export(tmp, "default", 0, 0, size)
+      models["loop" + suffix] = _export(tmp, "loopnest", loopnest.LOOP_STORES, loopnest.LOOP_DIM,
+                                        size)
     rows = []
     for wk in chosen:
       task = tasks[wk]
@@ -111,10 +115,10 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
       row["store_features_only_s"] = min(times)
       rows.append(row)
-      print(f"{wk[:60]}: {len(states)} states  tlp {row['tlp_s']:.3f} s  "
-            f"loop {row['loop_s']:.3f} s  store features alone {row['store_features_only_s']:.3f} s")
+      timed = ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in row.items() if k.endswith("_s"))
+      print(f"{wk[:60]}: {len(states)} states: {timed}")
 
-  total = {k: float(sum(r[k] for r in rows)) for k in ("tlp_s", "loop_s", "store_features_only_s")}
+  total = {k: float(sum(r[k] for r in rows)) for k in rows[0] if k.endswith("_s")}
   n = int(sum(r["states"] for r in rows))
   summary = {f"{k[:-2]}_states_per_s": n / v for k, v in total.items() if v > 0}
   print(f"states/s over {n} states: " + ", ".join(f"{k} {v:,.0f}" for k, v in summary.items()))
