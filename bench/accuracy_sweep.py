@@ -13,7 +13,11 @@ checkpoint, which is what ``eval.py`` loads by default. GPU kernels are made det
 JAX starts (``tlp_jax.runtime``), so a rerun reproduces a row; ``--nondeterministic_gpu`` leaves
 XLA's autotuning free.
 
-Usage (GPU recommended; ~2-7 s per run on an H100 for tenset-mini):
+Rounds 1-3 of docs/ACCURACY.md ran when ``configs/default.py`` trained one network; round 4 made
+it an ensemble of five. To reproduce an earlier row, add ``--set model.ensemble_size=1``. Each
+result records the model config it trained (``model_config``).
+
+Usage (GPU recommended; ~2-7 s per run on an H100 for tenset-mini; 2x that for an ensemble):
   python bench/accuracy_sweep.py --data_dir DIR --experiments tlp_original,default \
       --seeds 0,1,2,3,4 --out bench/results/accuracy_sweep.json
 """
@@ -379,6 +383,7 @@ def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dic
     extra["aggregate_best"] = _aggregate(per_seed_best)
   return {**extra, "config_module": f"configs/{module}.py", "overrides": {k: v for k, v in
                                                                         overrides.items()},
+          "model_config": result.model_config.to_dict(),
           "target": target, "seeds": seeds, "aggregate": agg, "ensemble": ens,
           "random": rnd, "per_seed": per_seed, "train_wall_s": wall}
 
