@@ -228,7 +228,7 @@ def reads_loop_tokens(config: ml_collections.ConfigDict, dataset: Any) -> bool:
   loop_stores, _ = loop_feature_shape(dataset)
   if mode == "required" and not loop_stores:
     raise ValueError(
-        f"config.loop_tokens='required' but dataset {getattr(dataset, 'name', '')!r} has no "
+        f"config.loop_tokens='required' but dataset {getattr(dataset, 'config_name', '')!r} has no "
         "loop-nest features; build it with `python -m data_pipelines.build ... --loop_stores "
         "10` (needs TVM: pip install -e '.[tvm]')")
   return bool(loop_stores) and mode != "off"
