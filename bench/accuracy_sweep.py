@@ -180,7 +180,6 @@ EXPERIMENTS = {
     "steps+ens5@xeon": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c",
                                     "loop_tokens": "off", "model.ensemble_size": 5},
                         "xeon-emr-16c"),
-    "loopnest+ens10": ("loopnest", {"model.ensemble_size": 10}, "epyc-9004"),
     "tlp_original@xeon": ("tlp_original", {"hardware": ("xeon-emr-16c",),
                                            "dataset": "xeon-emr-16c"}, "xeon-emr-16c"),
     "default@xeon": ("default", {"hardware": ("xeon-emr-16c",), "dataset": "xeon-emr-16c"},

@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.input_norm = "log1p"
   # Five independently initialised networks trained together, scores averaged (issue 5 round 4,
   # docs/ACCURACY.md): higher top-5 in every setting measured and a smaller seed spread, for 2x
-  # the GPU training time and 5x the predictor's work. 1 = TLP's single network (what tlp_original.py keeps).
+  # the GPU training time and 5x the predictor's work. 1 = TLP's single network (tlp_original).
   config.model.ensemble_size = 5
   # On a dataset of the "loop" feature version (data_pipelines.build --loop_stores N) the model
   # also reads its loop-nest store tokens: model.seq_len / feature_dim are the step crop and the
