@@ -81,7 +81,8 @@ def test_model_input_follows_loop_tokens_mode(sample_arrays):
   assert shape("loopnest", loop) == (full, full, LOOP_STORES)
   # The original reads TLP's steps only, on either build; its export is a TLP model.
   assert shape("tlp_original", loop) == ((25, 22), (25, 22), 0)
-  with pytest.raises(ValueError, match="dataset 'epyc-9004' has no loop-nest features.*--loop_stores"):
+  with pytest.raises(ValueError,
+                     match="dataset 'epyc-9004' has no loop-nest features.*--loop_stores"):
     shape("loopnest", tlp)
   with pytest.raises(ValueError, match="step crop"):
     config = importlib.import_module("configs.default").get_config()
