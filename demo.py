@@ -50,10 +50,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from tlp_jax import runtime  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import runtime  # pylint: disable=g-import-not-at-top
   runtime.apply_config(_CONFIG.value)  # before JAX starts a backend
   from data_pipelines import tenset_tfds  # pylint: disable=g-import-not-at-top
-  from tlp_jax import eval_lib, export, input_pipeline, numpy_predictor, train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.evaluation import eval_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import export  # pylint: disable=g-import-not-at-top
+  from data_pipelines import loader  # pylint: disable=g-import-not-at-top
+  from tlp_jax.core import predictor as npred  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
 
   workdir = os.path.abspath(_WORKDIR.value)
   data_dir = os.path.join(workdir, "data")
@@ -82,8 +86,8 @@ def main(argv):
   export.export_workdir(train_dir, model_path)
 
   print("[5/5] ranking raw programs of a held-out task with the pure-NumPy predictor")
-  predictor = numpy_predictor.Predictor.load(model_path)
-  dataset = eval_lib.select_split(input_pipeline.load_arrays(data_dir, _HW.value), _HW.value,
+  predictor = npred.Predictor.load(model_path)
+  dataset = eval_lib.select_split(loader.load_arrays(data_dir, _HW.value), _HW.value,
                                   "test")
   task_key = dataset.task_keys[int(dataset.task_index[0])]
   steps, costs = _held_out_programs(_TENSET_DIR.value, _HW.value, task_key, limit=8)

@@ -12,7 +12,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from tlp_jax import eval_lib
+from tlp_jax.evaluation import eval_lib
 
 _HW = flags.DEFINE_string("hw", None, "Hardware to evaluate on (a hardware of the dataset; for "
                           "an MTL model also the head to use).", required=True)

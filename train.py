@@ -12,7 +12,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from tlp_jax import runtime
+from tlp_jax.train import runtime
 
 FLAGS = flags.FLAGS
 
@@ -51,7 +51,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if config.distributed.enabled:
     jax.distributed.initialize(**_distributed_args(config.distributed))
-  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   train_lib.train_and_evaluate(config, FLAGS.workdir)

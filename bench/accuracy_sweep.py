@@ -10,7 +10,7 @@ z-scored predictions).
 Each run validates once, at the end (the final parameters do not depend on it; runs are 6-9x
 faster than with per-epoch validation), unless ``--also_best`` also scores the best-validation
 checkpoint, which is what ``eval.py`` loads by default. GPU kernels are made deterministic before
-JAX starts (``tlp_jax.runtime``), so a rerun reproduces a row; ``--nondeterministic_gpu`` leaves
+JAX starts (``tlp_jax.train.runtime``), so a rerun reproduces a row; ``--nondeterministic_gpu`` leaves
 XLA's autotuning free.
 
 Rounds 1-3 of docs/ACCURACY.md ran when ``configs/default.py`` trained one network; round 4 made
@@ -40,7 +40,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tlp_jax import eval_lib, input_pipeline, metrics, runtime  # noqa: E402
+from tlp_jax.evaluation import eval_lib  # noqa: E402
+from data_pipelines import loader  # noqa: E402
+from tlp_jax.core import metrics  # noqa: E402
+from tlp_jax.train import runtime  # noqa: E402
 
 KS = (1, 5)
 
@@ -57,7 +60,7 @@ EXPERIMENTS = {
     "orig+batch256": ("tlp_original", {"batch_size": 256}, "epyc-9004"),
     "orig+adamw_cosine": ("tlp_original", {"optimizer": "adamw", "schedule": "warmup_cosine",
                                            "warmup_epochs": 1.0}, "epyc-9004"),
-    # Log-scale losses (this project's; see tlp_jax/losses.py).
+    # Log-scale losses (this project's; see tlp_jax/train/losses.py).
     "orig+mse_log": ("tlp_original", {"loss": "mse_log"}, "epyc-9004"),
     "orig+pairwise_log": ("tlp_original", {"loss": "pairwise_log"}, "epyc-9004"),
     "orig+pairwise_log+group": ("tlp_original", {"loss": "pairwise_log", "group_by_task": True},
@@ -247,7 +250,7 @@ def labelled_rows_only(arrays, config):
   labels are exactly those of the multi-head run with the same seed) and drops the rows left
   without a label: they carry no loss, only compute.
   """
-  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   cols = train_lib.head_columns(list(arrays.hardware), list(config.hardware))
   split = train_lib.select_split(arrays.train, cols)
   mask = train_lib.few_shot_mask(split.mask, int(config.few_shot.num_labels),
@@ -267,7 +270,7 @@ def without_step_tokens(arrays):
   The ablation that asks whether the gain of the loop version comes from the loop-nest vectors
   alone (the step tokens are the first ``L`` rows, ``L = crop[0] - loop_stores``).
   """
-  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   loop_stores, _ = train_lib.loop_feature_shape(arrays)
   if not loop_stores:
     raise ValueError("_zero_steps needs a dataset built with --loop_stores")
@@ -308,7 +311,7 @@ def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dic
   With ``also_best`` the run validates every epoch and the checkpoint with the lowest target
   validation loss (what ``eval.py`` loads by default) is scored too, as ``*_best``.
   """
-  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
 
   module, overrides, target = EXPERIMENTS[name]
   # Sweep-level options (not config fields) start with "_".
@@ -321,7 +324,7 @@ def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dic
     if also_best:
       config.eval_every_epochs = 1
     if config.dataset not in arrays_cache:
-      arrays_cache[config.dataset] = input_pipeline.load_arrays(data_dir, config.dataset)
+      arrays_cache[config.dataset] = loader.load_arrays(data_dir, config.dataset)
     arrays = arrays_cache[config.dataset]
     if zero_steps:
       arrays = without_step_tokens(arrays)

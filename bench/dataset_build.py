@@ -33,7 +33,7 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 from data_pipelines import tenset_tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tlp_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data_pipelines import loader  # pylint: disable=g-import-not-at-top,wrong-import-position
 import machine_info  # pylint: disable=wrong-import-position  # bench/ is sys.path[0]
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", "/work/shared/tenset-mini", "TenSet root.")
@@ -51,21 +51,21 @@ def _machine() -> dict:
 
 
 def _timed_loads(data_dir: str, config: str) -> dict:
-  ds_dir = input_pipeline.find_dataset_dir(data_dir, config)
-  shutil.rmtree(os.path.join(ds_dir, input_pipeline.CACHE_DIR), ignore_errors=True)
+  ds_dir = loader.find_dataset_dir(data_dir, config)
+  shutil.rmtree(os.path.join(ds_dir, loader.CACHE_DIR), ignore_errors=True)
   t = time.perf_counter()
-  arrays = input_pipeline.load_arrays(data_dir, config)
+  arrays = loader.load_arrays(data_dir, config)
   first = time.perf_counter() - t
-  n = sum(len(arrays.split(s)) for s in input_pipeline.SPLITS)
+  n = sum(len(arrays.split(s)) for s in loader.SPLITS)
   t = time.perf_counter()
-  arrays = input_pipeline.load_arrays(data_dir, config)
+  arrays = loader.load_arrays(data_dir, config)
   cached_open = time.perf_counter() - t
   # Copy every cached array into memory: what a trainer pays to hold all data in RAM.
   t = time.perf_counter()
   checksum = 0.0
-  for s in input_pipeline.SPLITS:
+  for s in loader.SPLITS:
     sp = arrays.split(s)
-    for name in input_pipeline.FIELDS:
+    for name in loader.FIELDS:
       a = np.array(getattr(sp, name), copy=True)
       checksum += float(a.reshape(-1)[:1000].astype(np.float64).sum())
       del a

@@ -1,7 +1,7 @@
 """Read + label + featurize throughput on TenSet-layout measure records, one process.
 
 Compares, on the same files:
-  * ``fast``: ``data_pipelines.records.read_task_file`` (text fast path, cached step rows), one
+  * ``fast``: ``tlp_jax.core.records.read_task_file`` (text fast path, cached step rows), one
     featurizer shared by all files of a platform (all hardware folders), as the dataset builder
     uses it; it starts cold (empty cache) in every repeat;
   * ``full_parse``: the same reader with ``fast=False`` (json.loads of every line, every step
@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_pipelines import records as records_lib  # noqa: E402
-from tlp_jax import features as features_lib  # noqa: E402
+from tlp_jax.core import records as records_lib  # noqa: E402
+from tlp_jax.core import features as features_lib  # noqa: E402
 import machine_info  # pylint: disable=wrong-import-position  # bench/ is sys.path[0]
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", "/work/shared/tenset-mini",

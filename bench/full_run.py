@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import machine_info  # noqa: E402
+from bench import machine_info    # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
@@ -34,15 +34,17 @@ flags.mark_flags_as_required(["config", "workdir", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from tlp_jax import runtime  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import runtime  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   runtime.apply_config(config)  # before JAX starts a backend
   import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax import eval_lib, input_pipeline, train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.evaluation import eval_lib  # pylint: disable=g-import-not-at-top
+  from data_pipelines import loader  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   ks = [int(k) for k in FLAGS.ks]
 
   t0 = time.perf_counter()
-  dataset = input_pipeline.load_arrays(config.data_dir, config.dataset)
+  dataset = loader.load_arrays(config.data_dir, config.dataset)
   load_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   result = train_lib.train_and_evaluate(config, FLAGS.workdir, dataset=dataset)

@@ -31,8 +31,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tlp_jax import features  # pylint: disable=wrong-import-position
-from tlp_jax import numpy_predictor  # pylint: disable=wrong-import-position
+from tlp_jax.core import features  # pylint: disable=wrong-import-position
+from tlp_jax.core import predictor as npred  # pylint: disable=wrong-import-position
 import machine_info  # pylint: disable=wrong-import-position  # bench/ is sys.path[0]
 
 
@@ -56,7 +56,7 @@ def _sgemm_gflops(repeats: int = 20) -> float:
   return 2 * 8192 * 256 * 256 * repeats / (time.perf_counter() - t) / 1e9
 
 
-def _export_random_model(num_heads: int, vocab_json: str) -> numpy_predictor.Predictor:
+def _export_random_model(num_heads: int, vocab_json: str) -> npred.Predictor:
   # JAX is only needed to build the parameters; keep it out of the timed process state.
   code = (
       "import sys, jax; from tlp_jax import model, export;"
@@ -68,7 +68,7 @@ def _export_random_model(num_heads: int, vocab_json: str) -> numpy_predictor.Pre
   subprocess.run([sys.executable, "-c", code, path], input=vocab_json, text=True, check=True,
                  cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   try:
-    return numpy_predictor.Predictor.load(path)
+    return npred.Predictor.load(path)
   finally:
     os.remove(path)
 
@@ -175,7 +175,7 @@ def main() -> None:
   print(f"wrote {args.out}")
 
 
-def _model_flops(predictor: numpy_predictor.Predictor) -> float:
+def _model_flops(predictor: npred.Predictor) -> float:
   """FLOPs of a plain dense forward of one program (every row, every layer)."""
   cfg = predictor.config
   dims = [cfg["feature_dim"], *cfg["encoder_dims"]]

@@ -105,8 +105,8 @@ SPLIT_FIELDS = ("features", "scores", "mask", "task_index")
 
 def prepare_arrays(data_dir: str, dataset: str, out: str) -> None:
   """Saves train/validation arrays of a built config as .npy (allow_pickle-free) into ``out``."""
-  from tlp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  ds = input_pipeline.load_arrays(data_dir, dataset)
+  from data_pipelines import loader  # pylint: disable=g-import-not-at-top
+  ds = loader.load_arrays(data_dir, dataset)
   os.makedirs(out, exist_ok=True)
   for split in ("train", "validation"):
     arrays = ds.split(split)
@@ -122,7 +122,7 @@ def prepare_arrays(data_dir: str, dataset: str, out: str) -> None:
 
 def load_split(arrays_dir: str, split: str):
   """``train_lib.Split`` of the saved arrays (every hardware column)."""
-  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   a = {f: np.load(os.path.join(arrays_dir, f"{split}_{f}.npy"), allow_pickle=False)
        for f in SPLIT_FIELDS}
   for f in SPLIT_FIELDS[1:]:
@@ -136,7 +136,7 @@ def load_split(arrays_dir: str, split: str):
 
 def smoke_split(rows: int, seed: int):
   """Random stand-in arrays of the real shapes (for --smoke without --arrays_dir)."""
-  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   return train_lib.Split(features=rng.normal(size=(rows, 25, 22)).astype(np.float32),
                          scores=rng.random((rows, 1)).astype(np.float32),
@@ -326,7 +326,7 @@ PRECISION_JAX = {  # name -> (model dtype, jax default_matmul_precision)
 
 def original_optim():
   """TLP's optimizer (``configs/tlp_original.py``): Adam, coupled L2 1e-6, lr 7e-4, clip 0.5."""
-  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   return train_lib.OptimConfig(optimizer="adam", schedule="step", learning_rate=7e-4,
                                weight_decay=1e-6, grad_clip_norm=0.5, warmup_epochs=0.0,
                                step_decay_every_epochs=16, step_decay_rate=1.0)
@@ -344,7 +344,7 @@ class JaxData:
 def make_jax_data(split, rows: int, seed: int) -> JaxData:
   """``rows`` rows drawn on the device, with replacement, from the real ``split``."""
   import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   devices = jax.local_devices()[:1]
   real = train_lib.replicate_to_devices(
       (split.features, split.scores, split.mask, split.task_index), devices)
@@ -363,9 +363,9 @@ def run_jax(data: JaxData, batch: int, precision: str, min_time: float, repeats:
             seed: int, scan_k: int = 0, group_by_task: bool = False) -> dict[str, Any]:
   """samples/s of ``train_lib.train_step_resident`` (``scan_k`` > 0: that many per dispatch)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax import losses  # pylint: disable=g-import-not-at-top
-  from tlp_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import losses  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import model as model_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
 
   dtype, matmul_precision = PRECISION_JAX[precision]
   devices = jax.local_devices()[:1]
@@ -457,9 +457,9 @@ def jax_curve(train, val, batch: int, steps: int, precision: str, seed: int,
               hardware: tuple[str, ...]) -> dict[str, Any]:
   """Per-step training loss of train_lib's step on ``train`` in the trainer's data order."""
   import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax import losses  # pylint: disable=g-import-not-at-top
-  from tlp_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import losses  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import model as model_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
 
   dtype, matmul_precision = PRECISION_JAX[precision]
   devices = jax.local_devices()[:1]
@@ -499,7 +499,7 @@ def jax_curve(train, val, batch: int, steps: int, precision: str, seed: int,
 
 def epoch_batches(train, batch: int, steps: int, seed: int):
   """The trainer's batches (rows of each step, padding dropped), for the PyTorch curve."""
-  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   spe = -(-train.size // batch)
   for s in range(steps):
     epoch, in_epoch = divmod(s, spe)
@@ -548,7 +548,7 @@ def torch_precision(precision: str):
 def torch_model_from_jax(ref, seed: int):
   """Reference model with the same initial weights as ``train_lib.create_train_state(seed)``."""
   import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import model as model_lib  # pylint: disable=g-import-not-at-top
   cfg = model_lib.TLPConfig()
   init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
   params = jax.device_get(model_lib.init_params(cfg, init_rng))
@@ -722,7 +722,7 @@ def main(argv):
     raise app.UsageError("use a one-hardware dataset config (the reference has one head)")
 
   import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import model as model_lib  # pylint: disable=g-import-not-at-top
   budget = Budget(_BUDGET.value)
   info = device_info()
   path = os.path.join(_OUT_DIR.value, slug(info["device_kind"]) + (

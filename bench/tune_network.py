@@ -31,13 +31,13 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_pipelines import collect  # pylint: disable=wrong-import-position
-from tlp_jax import tvm_cost_model  # pylint: disable=wrong-import-position
+from tlp_jax.tvm import collect  # pylint: disable=wrong-import-position
+from tlp_jax.tvm import cost_model as tvm_cost_model  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Exported TLP model (.npz) for TLPCostModel.")
 flags.DEFINE_string("hw", None, "Head of the exported model (default: its first head).")
-flags.DEFINE_string("network", "resnet_18:1:224", "NAME:BATCH:SIZE (data_pipelines.collect).")
+flags.DEFINE_string("network", "resnet_18:1:224", "NAME:BATCH:SIZE (tlp_jax.tvm.collect).")
 flags.DEFINE_string("target", None, "LLVM target (default: llvm -mcpu=<host cpu>).")
 flags.DEFINE_integer("num_tasks", 6, "Tune the N tasks with the largest weight x FLOPs "
                      "(0 = all tasks of the network).")
@@ -67,7 +67,7 @@ def _cpu_model() -> str:
 
 def _timed_xgb(num_warmup_sample: int, seed: int):
   """Ansor's XGBModel, with predict/update timed per call."""
-  from tvm.auto_scheduler.cost_model import XGBModel  # pylint: disable=import-outside-toplevel
+  from tvm.auto_scheduler.cost_model import XGBModel    # pylint: disable=import-outside-toplevel
 
   class TimedXGBModel(XGBModel):
     def __init__(self):
@@ -97,14 +97,14 @@ def _predict_log(model) -> list:
 
 def _make_model(name: str, num_tasks: int):
   """The cost model called ``name`` ("xgb": Ansor's default, "tlp": TLPCostModel)."""
-  from tlp_jax import numpy_predictor  # pylint: disable=import-outside-toplevel
+  from tlp_jax.core import predictor as npred  # pylint: disable=import-outside-toplevel
   if name == "xgb":
     return _timed_xgb(num_tasks * FLAGS.per_round, FLAGS.seed + 43)
   if name == "tlp":
     if not FLAGS.model:
       raise app.UsageError("--model (an exported .npz) is required for the tlp cost model")
     return tvm_cost_model.TLPCostModel(
-        numpy_predictor.Predictor.load(FLAGS.model),
+        npred.Predictor.load(FLAGS.model),
         tvm_cost_model.CostModelConfig(hardware=FLAGS.hw, score_transform=FLAGS.score_transform))
   raise app.UsageError(f"unknown cost model {name!r}; choose xgb or tlp")
 
@@ -115,7 +115,7 @@ def tune(name, tasks, weights, cost_model, log_file, partial_path=None):
   After every round the curve so far is written to ``partial_path`` (status "running"), so a
   crash inside TVM still leaves the rounds that finished.
   """
-  from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel
+  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
 
   curve = []
   rounds = []

@@ -42,7 +42,10 @@ import machine_info  # noqa: E402  # pylint: disable=wrong-import-position  # be
 def _export(tmp: str, config_module: str, loop_stores: int, loop_dim: int,
             ensemble_size: int) -> str:
   import jax  # pylint: disable=import-outside-toplevel
-  from tlp_jax import export, features, model as model_lib, train_lib  # pylint: disable=import-outside-toplevel
+  from tlp_jax.train import export  # pylint: disable=import-outside-toplevel
+  from tlp_jax.core import features  # pylint: disable=import-outside-toplevel
+  from tlp_jax.train import model as model_lib  # pylint: disable=import-outside-toplevel
+  from tlp_jax.train import train_lib  # pylint: disable=import-outside-toplevel
   config = importlib.import_module(f"configs.{config_module}").get_config()
   cfg = train_lib.model_config_from(config, num_heads=1)
   # Sized as train_lib sizes it for a dataset with these loop-nest tokens.
@@ -68,11 +71,12 @@ def main() -> None:
                                                     "tuner_predict_cost.json"))
   args = parser.parse_args()
 
-  from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel
-  from configs import default, loopnest  # pylint: disable=import-outside-toplevel
-  from data_pipelines import network_info  # pylint: disable=import-outside-toplevel
-  from tlp_jax import loop_features  # pylint: disable=import-outside-toplevel
-  from tlp_jax import tvm_cost_model, xgb_baseline  # pylint: disable=import-outside-toplevel
+  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
+  from configs import default, loopnest    # pylint: disable=import-outside-toplevel
+  from tlp_jax.core import network_info  # pylint: disable=import-outside-toplevel
+  from tlp_jax.tvm import loop_features  # pylint: disable=import-outside-toplevel
+  from tlp_jax.tvm import cost_model as tvm_cost_model  # pylint: disable=import-outside-toplevel
+  from tlp_jax.tvm import xgb_baseline  # pylint: disable=import-outside-toplevel
 
   tasks = {t.workload_key: t for t in xgb_baseline.load_search_tasks(
       os.path.join(args.tenset_dir, loop_features.ALL_TASKS_FILE))}

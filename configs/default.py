@@ -15,7 +15,7 @@ import ml_collections
 
 
 def get_model_config() -> ml_collections.ConfigDict:
-  """TLP's attention model (``tlp_jax.model.TLPConfig`` fields, ``num_heads`` excluded)."""
+  """TLP's attention model (``tlp_jax.train.model.TLPConfig`` fields, ``num_heads`` excluded)."""
   model = ml_collections.ConfigDict()
   model.feature_dim = 22  # TLP fea_size (llvm crop width)
   model.seq_len = 25  # TLP step_size (llvm crop length)
@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   """Returns the default (TLP CPU) training configuration."""
   config = ml_collections.ConfigDict()
 
-  # Data: ``tlp_jax.input_pipeline.load_arrays(data_dir, dataset)``.
+  # Data: ``data_pipelines.loader.load_arrays(data_dir, dataset)``.
   config.data_dir = ""
   # A built config of data_pipelines/tenset_tfds.py: a hardware name, or the joined
   # multi-hardware config ("all") for MTL-TLP.
@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   # "required" = refuse a dataset without them, "off" = step tokens only, as the original.
   config.loop_tokens = "auto"
 
-  # Loss: tlp_jax.losses.LossConfig.
+  # Loss: tlp_jax.train.losses.LossConfig.
   # TLP ranks the whole batch with LambdaRank (configs/tlp_original.py). This project's default
   # ranks within each task with latency-ratio-weighted pairs, on batches of whole tasks: top-1 on
   # the hold-out networks goes from ~0.11 to ~0.47 (docs/ACCURACY.md).
@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   # GPUs (bench/README.md: same loss curve as float32, 2x faster), exact float32 on CPU.
   config.matmul_precision = "default"
   # Reproducible GPU kernels (XLA_FLAGS --xla_gpu_deterministic_ops, set by train.py before JAX
-  # starts; tlp_jax/runtime.py). Without it two processes with the same seed diverge on a GPU.
+  # starts; tlp_jax/train/runtime.py). Without it two processes with the same seed diverge on a GPU.
   config.deterministic_gpu_ops = True
 
   config.batch_size = 1024  # global, over all devices of all hosts

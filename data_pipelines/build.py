@@ -6,7 +6,7 @@ r"""Builds the TenSet TFDS dataset: one config per hardware plus the multi-hardw
 
 Existing configs of the same name in ``--data_dir`` are rebuilt. Prints one summary per config
 (records read/kept/skipped by reason, tasks, examples per split and hardware). Read them back
-with ``tlp_jax.input_pipeline.load_arrays(data_dir, config_name)``.
+with ``data_pipelines.loader.load_arrays(data_dir, config_name)``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
-from data_pipelines import network_info
+from tlp_jax.core import network_info
 from data_pipelines import tenset_tfds
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", None, "TenSet-layout root directory.",

@@ -28,8 +28,8 @@ from typing import Sequence
 from absl import logging
 import orjson
 
-from data_pipelines import network_info as network_info_lib
-from tlp_jax import loop_features
+from tlp_jax.core import network_info as network_info_lib
+from tlp_jax.tvm import loop_features
 
 MEASURE_DIR = "measure_records"
 
@@ -140,7 +140,7 @@ def write_task_subset(src: str, workload_keys: set[str], dst: str) -> int:
     ValueError: some wanted workload has no task in ``src``.
   """
   import pickle  # pylint: disable=g-import-not-at-top
-  from tlp_jax import xgb_baseline  # pylint: disable=g-import-not-at-top
+  from tlp_jax.tvm import xgb_baseline  # pylint: disable=g-import-not-at-top
   tasks = [t for t in xgb_baseline.load_search_tasks(src) if t.workload_key in workload_keys]
   missing = workload_keys - {t.workload_key for t in tasks}
   if missing:
@@ -154,7 +154,7 @@ def write_task_subset(src: str, workload_keys: set[str], dst: str) -> int:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags    # pylint: disable=g-import-not-at-top
   fv = flags.FLAGS
   plan = make_sample(fv.tenset_dir, fv.out_dir, fv.holdout or None, fv.budget_bytes)
   for hw, names in plan.items():
@@ -162,7 +162,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from absl import app, flags    # pylint: disable=g-import-not-at-top,g-multiple-import
   flags.DEFINE_string("tenset_dir", None, "TenSet-layout source directory.", required=True)
   flags.DEFINE_string("out_dir", "data/sample/tenset-mini", "Where to write the sample.")
   flags.DEFINE_list("holdout", [], "Hold-out specs NAME[@SIZE]; default by dataset.")

@@ -44,9 +44,9 @@ import orjson
 import tensorflow_datasets as tfds
 import tqdm
 
-from data_pipelines import network_info as network_info_lib
-from data_pipelines import records as records_lib
-from tlp_jax import features as features_lib
+from tlp_jax.core import network_info as network_info_lib
+from tlp_jax.core import records as records_lib
+from tlp_jax.core import features as features_lib
 
 BUILDER_NAME = "tenset"
 VERSION = "1.0.0"
@@ -84,7 +84,7 @@ class TensetConfig(tfds.core.BuilderConfig):
     seed: seed of the train/validation split.
     train_fraction: share of non-hold-out examples in ``train``.
     loop_stores: 0 = TLP's step features only. N > 0 = the "loop" feature version: each
-      program's first N loop-nest store vectors (:mod:`tlp_jax.loop_features`, needs
+      program's first N loop-nest store vectors (:mod:`tlp_jax.tvm.loop_features`, needs
       TVM and ``network_info/all_tasks.pkl``) appended as extra tokens, so examples are
       ``(L + N, E + D)``.
   """
@@ -212,7 +212,7 @@ class RecordStaging:
 
   def _store_features(self, path: str, line_numbers: np.ndarray):
     """Loop-nest features of the given lines of one record file (TVM replays them)."""
-    from tlp_jax import loop_features  # pylint: disable=import-outside-toplevel
+    from tlp_jax.tvm import loop_features  # pylint: disable=import-outside-toplevel
     if not self._tasks_registered:
       try:
         loop_features.register_tenset_tasks(self.tenset_dir)
@@ -496,7 +496,7 @@ class Tenset(tfds.core.ShardBasedBuilder):
     num_hw = len(cfg.hardware)
     crop = tuple(cfg.crop) if cfg.crop else tuple(features_lib.DEFAULT_CROP[cfg.platform])
     if cfg.loop_stores:
-      from tlp_jax import loop_features  # pylint: disable=import-outside-toplevel
+      from tlp_jax.tvm import loop_features  # pylint: disable=import-outside-toplevel
       crop = example_shape(crop, cfg.loop_stores, loop_features.feature_dim())
     return tfds.core.DatasetInfo(
         builder=self,

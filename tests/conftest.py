@@ -39,10 +39,10 @@ def built_sample_dataset(tmp_path_factory, sample_tenset_dir) -> str:
 @pytest.fixture(scope="session")
 def sample_arrays(built_sample_dataset):
   """``sample_arrays(config_name) -> DatasetArrays`` of the built sample (cached per config)."""
-  from tlp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from data_pipelines import loader  # pylint: disable=g-import-not-at-top
 
   @functools.lru_cache(maxsize=None)
   def load(config_name: str = "epyc-9004"):
-    return input_pipeline.load_arrays(built_sample_dataset, config_name)
+    return loader.load_arrays(built_sample_dataset, config_name)
 
   return load

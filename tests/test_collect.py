@@ -1,4 +1,4 @@
-"""Tests of the TenSet collection protocol (data_pipelines/collect.py).
+"""Tests of the TenSet collection protocol (tlp_jax/tvm/collect.py).
 
 The pure helpers run everywhere; the end-to-end collection needs TVM and is skipped without it.
 """
@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from data_pipelines import collect, network_info
+from tlp_jax.tvm import collect
+from tlp_jax.core import network_info
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None
 needs_tvm = pytest.mark.skipif(not HAS_TVM, reason="TVM not installed (pip install -e '.[tvm]')")
@@ -85,7 +86,7 @@ def test_collect_tiny_task_end_to_end_and_resume(tmp_path):
 
   # all_tasks.pkl (for TenSet's scripts) holds every task, not just the processed slice; it
   # loads with the baseline's restricted unpickler.
-  from tlp_jax import xgb_baseline
+  from tlp_jax.tvm import xgb_baseline
   pickled = xgb_baseline.load_search_tasks(os.path.join(out, "network_info", "all_tasks.pkl"))
   assert sorted(t.workload_key for t in pickled) == sorted(net.workload_keys)
 
@@ -113,8 +114,8 @@ def test_collect_tiny_task_end_to_end_and_resume(tmp_path):
   assert [r["i"][1][1] for r in recs] == dumped and dumped[0] != dumped[1]
 
   # The produced file feeds the data pipeline unchanged.
-  records = pytest.importorskip("data_pipelines.records",
-                                reason="data_pipelines.records (engineer A) not landed yet")
+  records = pytest.importorskip("tlp_jax.core.records",
+                                reason="tlp_jax.core.records (engineer A) not landed yet")
   tf = records.read_task_file(path)
   assert tf.workload_key == wk and tf.hardware == "testhw"
   assert tf.features.shape[0] == len(valid)

@@ -7,8 +7,8 @@ import types
 import numpy as np
 import pytest
 
-from tlp_jax import eval_lib
-from tlp_jax import metrics
+from tlp_jax.evaluation import eval_lib
+from tlp_jax.core import metrics
 
 
 def _toy_arrays():
@@ -153,8 +153,8 @@ def _raw_holdout_latencies(tenset_dir, hw):
 def two_head_model(tmp_path_factory, sample_arrays):
   """A randomly initialised 2-head (MTL) model exported to .npz, with the dataset's features."""
   import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax import export  # pylint: disable=g-import-not-at-top
-  from tlp_jax.model import TLPConfig, init_params  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import export  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train.model import TLPConfig, init_params    # pylint: disable=g-import-not-at-top
   arrays = sample_arrays("all")
   cfg = TLPConfig(num_heads=2, encoder_dims=(16, 32), attention_heads=4, decoder_dims=(16, 8, 1),
                   seq_len=arrays.crop[0], feature_dim=arrays.crop[1])
@@ -168,7 +168,7 @@ def two_head_model(tmp_path_factory, sample_arrays):
 @pytest.mark.parametrize("hw", ["epyc-9004", "xeon-emr-16c"])
 def test_end_to_end_on_sample(built_sample_dataset, sample_tenset_dir, sample_arrays,
                               two_head_model, hw):
-  from tlp_jax import numpy_predictor  # pylint: disable=g-import-not-at-top
+  from tlp_jax.core import predictor as npred  # pylint: disable=g-import-not-at-top
   report = eval_lib.run(hw=hw, data_dir=built_sample_dataset, model_path=two_head_model,
                         batch_size=300)
   # Default config for --hw is the per-hardware one.
@@ -193,7 +193,7 @@ def test_end_to_end_on_sample(built_sample_dataset, sample_tenset_dir, sample_ar
   # The model row is the predictor's head for hw on the split's valid programs.
   arrays = sample_arrays(hw)
   valid = arrays.test.mask[:, 0]
-  pred = numpy_predictor.Predictor.load(two_head_model).predict(arrays.test.features[valid], hw=hw)
+  pred = npred.Predictor.load(two_head_model).predict(arrays.test.features[valid], hw=hw)
   data = eval_lib.select_split(arrays, hw, "test")
   want_model = metrics.top_k_scores(pred, data.latency, data.task_index, data.networks,
                                     num_tasks=len(data.task_keys))
@@ -205,8 +205,8 @@ def test_end_to_end_on_sample(built_sample_dataset, sample_tenset_dir, sample_ar
 
 def test_model_without_the_head_says_so(built_sample_dataset, sample_arrays, tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax import export  # pylint: disable=g-import-not-at-top
-  from tlp_jax.model import TLPConfig, init_params  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import export  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train.model import TLPConfig, init_params    # pylint: disable=g-import-not-at-top
   arrays = sample_arrays("epyc-9004")
   cfg = TLPConfig(encoder_dims=(8, 16), attention_heads=2, decoder_dims=(8, 1))
   path = str(tmp_path / "one.npz")
@@ -247,8 +247,8 @@ def test_workdir_is_evaluated_through_the_exported_predictor(built_sample_datase
                                                              tmp_path):
   import importlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax import export  # pylint: disable=g-import-not-at-top
-  from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import export  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module("configs.test").get_config()
   config.data_dir = built_sample_dataset
   config.dataset = "epyc-9004"

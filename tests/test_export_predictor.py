@@ -13,11 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from tlp_jax import export
-from tlp_jax import features
-from tlp_jax import numpy_predictor as npred
-from tlp_jax import model as model_lib
-from tlp_jax.model import TLPConfig, TLPModel
+from tlp_jax.train import export
+from tlp_jax.core import features
+from tlp_jax.core import predictor as npred
+from tlp_jax.train import model as model_lib
+from tlp_jax.train.model import TLPConfig, TLPModel
 
 # Jitted: eager op-by-op initialisation of the full-size model is slow on 2 cores.
 init_params = jax.jit(model_lib.init_params, static_argnums=0)
@@ -279,8 +279,8 @@ def test_predictor_imports_no_jax(tmp_path):
   code = f"""
       import sys
       import numpy as np
-      from tlp_jax import numpy_predictor
-      p = numpy_predictor.Predictor.load({str(path)!r})
+      from tlp_jax.core import predictor as npred
+      p = npred.Predictor.load({str(path)!r})
       y = p.predict(np.load({str(tmp_path / 'x.npy')!r}), hw="all")
       p.predict_steps([[["CA", 2, 1, 3], ["FU", 1, [0, 1]]]])
       heavy = [m for m in ("jax", "flax", "tensorflow", "optax", "orbax") if m in sys.modules]
@@ -296,7 +296,7 @@ def test_predictor_file_works_copied_alone(tmp_path):
   cfg = TLPConfig(**SMALL)
   _, arrays = _export(cfg)
   np.savez(tmp_path / "m.npz", **arrays)
-  shutil.copy(os.path.join(REPO, "tlp_jax", "numpy_predictor.py"), tmp_path / "tlp_pred.py")
+  shutil.copy(os.path.join(REPO, "tlp_jax", "core", "predictor.py"), tmp_path / "tlp_pred.py")
   code = """
       import sys
       sys.modules["tlp_jax"] = None  # as if the package were not installed
@@ -307,16 +307,16 @@ def test_predictor_file_works_copied_alone(tmp_path):
       try:
         p.predict_steps([[["CA", 2, 1, 3]]])
       except tlp_pred.PredictorError as e:
-        assert "tlp_jax.features" in str(e), e
+        assert "tlp_jax.core.features" in str(e), e
       else:
-        raise AssertionError("predict_steps should need tlp_jax.features")
+        raise AssertionError("predict_steps should need tlp_jax.core.features")
   """
   res = _run_python(code, cwd=str(tmp_path))
   assert res.returncode == 0, res.stderr
 
 
 def test_export_workdir_uses_train_lib_restore(tmp_path, monkeypatch):
-  from tlp_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from tlp_jax.train import train_lib  # pylint: disable=import-outside-toplevel
   cfg = TLPConfig(num_heads=2, **SMALL)
   params = jax.tree_util.tree_map(np.asarray, init_params(cfg, jax.random.PRNGKey(1)))
   meta = {"hardware": ["epyc-9004", "xeon-emr-16c"], "platform": "llvm", "crop": [25, 22],
@@ -338,7 +338,7 @@ def test_export_workdir_uses_train_lib_restore(tmp_path, monkeypatch):
 
 
 def test_export_cli_reports_a_bad_workdir(tmp_path):
-  res = subprocess.run([sys.executable, "-m", "tlp_jax.export", "--workdir", str(tmp_path),
+  res = subprocess.run([sys.executable, "-m", "tlp_jax.train.export", "--workdir", str(tmp_path),
                         "--out", str(tmp_path / "m.npz")], cwd=REPO, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert res.returncode != 0

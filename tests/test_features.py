@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tlp_jax import features as F
+from tlp_jax.core import features as F
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "records")
 
@@ -259,7 +259,7 @@ def test_program_key_is_stable_and_format_independent():
 
 
 def test_import_needs_no_jax():
-    code = ("import sys; import tlp_jax.features; "
+    code = ("import sys; import tlp_jax.core.features; "
             "assert 'jax' not in sys.modules and 'flax' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tlp_jax import features
+from tlp_jax.core import features
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None
 needs_tvm = pytest.mark.skipif(not HAS_TVM, reason="TVM not installed (pip install -e '.[tvm]')")
@@ -32,7 +32,7 @@ def test_append_loop_features_uses_disjoint_blocks():
 
 
 def test_pad_stores_crops_pads_and_counts():
-  from tlp_jax import loop_features
+  from tlp_jax.tvm import loop_features
   progs = [np.ones((3, 2)), np.zeros((0, 2)), np.arange(2.0).reshape(1, 2)]
   out, stats = loop_features.pad_stores(progs, max_stores=2, dim=2)
   assert out.shape == (3, 2, 2)
@@ -43,7 +43,7 @@ def test_pad_stores_crops_pads_and_counts():
 
 
 def test_canonical_order_removes_store_and_buffer_permutations():
-  from tlp_jax import loop_features
+  from tlp_jax.tvm import loop_features
   # Two buffer blocks of width 3 ("acc", "lines", "bytes") at 1 and 4, one leading value.
   names = ["x", "B0.acc_type.kRead", "B0.lines", "B0.bytes",
            "B1.acc_type.kRead", "B1.lines", "B1.bytes", "y"]
@@ -60,7 +60,7 @@ def test_canonical_order_removes_store_and_buffer_permutations():
 
 def test_model_input_follows_loop_tokens_mode(sample_arrays):
   import dataclasses
-  from tlp_jax import train_lib
+  from tlp_jax.train import train_lib
   tlp = sample_arrays("epyc-9004")
   loop = dataclasses.replace(tlp, crop=(25 + LOOP_STORES, 22 + 164),
                              metadata={**tlp.metadata, "loop_stores": LOOP_STORES,
@@ -94,8 +94,8 @@ def test_model_input_follows_loop_tokens_mode(sample_arrays):
 
 def _tiny_export(tmp_path, crop, loop_stores=0, loop_dim=0):
   import jax
-  from tlp_jax import export
-  from tlp_jax import model as model_lib
+  from tlp_jax.train import export
+  from tlp_jax.train import model as model_lib
   cfg = model_lib.TLPConfig(feature_dim=crop[1], seq_len=crop[0], encoder_dims=(8, 8),
                             attention_heads=2, res_blocks=1, decoder_dims=(8, 1),
                             input_norm="log1p")
@@ -109,7 +109,7 @@ def _tiny_export(tmp_path, crop, loop_stores=0, loop_dim=0):
 
 
 def test_loop_model_export_and_numpy_predictor(tmp_path):
-  from tlp_jax import numpy_predictor as npred
+  from tlp_jax.core import predictor as npred
   steps = [[["SP", 2, 0, 64, [8, 4], 1], ["AN", 2, 0, 3]], [["PR", 2, 0, "auto_unroll_max_step$16"]]]
   tlp = npred.Predictor.load(_tiny_export(tmp_path, (25, 22)))
   assert tlp.format_version == npred.TLP_FORMAT_VERSION and tlp.loop_stores == 0
@@ -151,8 +151,8 @@ def loop_sample(tmp_path_factory, sample_tenset_dir):
 @needs_tvm
 def test_build_appends_store_vectors_to_the_same_examples(loop_sample, sample_arrays,
                                                           sample_tenset_dir):
-  from tlp_jax import loop_features
-  from tlp_jax import input_pipeline
+  from tlp_jax.tvm import loop_features
+  from data_pipelines import loader
   data_dir, meta = loop_sample
   dim = loop_features.feature_dim()
   assert meta["loop_stores"] == LOOP_STORES and meta["loop_dim"] == dim
@@ -162,7 +162,7 @@ def test_build_appends_store_vectors_to_the_same_examples(loop_sample, sample_ar
       meta["examples"]["test"]
   assert stats["cropped"] > 0 and stats["max_stores_seen"] > LOOP_STORES
 
-  loop = input_pipeline.load_arrays(data_dir, "epyc-9004")
+  loop = loader.load_arrays(data_dir, "epyc-9004")
   tlp = sample_arrays("epyc-9004")
   for split in ("train", "test"):
     a, b = getattr(loop, split), getattr(tlp, split)
@@ -172,7 +172,7 @@ def test_build_appends_store_vectors_to_the_same_examples(loop_sample, sample_ar
     assert not np.asarray(a.features[:, 25:, :22]).any()
   # Every program has at least one store, and its vector is what TVM computes for its record.
   assert np.asarray(loop.train.features[:, 25]).any(axis=-1).all()
-  from data_pipelines import records
+  from tlp_jax.core import records
   folder = os.path.join(sample_tenset_dir, "measure_records", "epyc-9004")
   first_file = os.path.join(folder, sorted(os.listdir(folder))[0])
   valid_lines = records.read_task_file(first_file).line_numbers[:3]
@@ -190,7 +190,7 @@ def test_records_and_tuner_states_give_the_same_store_vectors(sample_tenset_dir)
   """The dataset (records) and the tuner (states) compute identical loop-nest features."""
   from tvm.auto_scheduler.measure import recover_measure_input
   from tvm.auto_scheduler import measure_record
-  from tlp_jax import loop_features
+  from tlp_jax.tvm import loop_features
   loop_features.register_tenset_tasks(sample_tenset_dir)
   folder = os.path.join(sample_tenset_dir, "measure_records", "epyc-9004")
   path = os.path.join(folder, sorted(os.listdir(folder))[3])
@@ -207,8 +207,8 @@ def test_records_and_tuner_states_give_the_same_store_vectors(sample_tenset_dir)
 @needs_tvm
 def test_store_vectors_are_deterministic(sample_tenset_dir):
   """TVM returns stores and buffers in hash-map order; the canonical order removes that."""
-  from data_pipelines import records
-  from tlp_jax import loop_features
+  from tlp_jax.core import records
+  from tlp_jax.tvm import loop_features
   loop_features.register_tenset_tasks(sample_tenset_dir)
   folder = os.path.join(sample_tenset_dir, "measure_records", "epyc-9004")
   paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder))[:30]]
@@ -238,11 +238,11 @@ def test_missing_tasks_file_is_a_clear_build_error(tmp_path, sample_tenset_dir):
 def test_train_and_eval_a_loop_model(loop_sample, tmp_path):
   """configs/loopnest.py-shaped model trains on the loop dataset; eval goes through its export."""
   import jax
-  from tlp_jax import eval_lib
-  from tlp_jax import input_pipeline
-  from tlp_jax import train_lib
+  from tlp_jax.evaluation import eval_lib
+  from data_pipelines import loader
+  from tlp_jax.train import train_lib
   data_dir, _ = loop_sample
-  arrays = input_pipeline.load_arrays(data_dir, "epyc-9004")
+  arrays = loader.load_arrays(data_dir, "epyc-9004")
   config = importlib.import_module("configs.test").get_config()
   config.data_dir = data_dir
   config.dataset = "epyc-9004"
@@ -257,8 +257,8 @@ def test_train_and_eval_a_loop_model(loop_sample, tmp_path):
   assert 0.0 <= report["rows"]["TLP (workdir)"]["pooled"]["top-1"] <= 1.0
   # loop_tokens="off" on the same data trains a TLP model: it exports as one, with the step
   # crop, and the NumPy predictor scores TLP features with it.
-  from tlp_jax import export
-  from tlp_jax import numpy_predictor as npred
+  from tlp_jax.train import export
+  from tlp_jax.core import predictor as npred
   config.loop_tokens = "off"
   off = train_lib.train_and_evaluate(config, str(tmp_path / "off"), dataset=arrays,
                                      devices=jax.devices()[:1])

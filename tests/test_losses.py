@@ -1,4 +1,4 @@
-"""Tests for tlp_jax.losses: LambdaRank against hand arithmetic and a NumPy port of TLP's formula."""
+"""Tests for tlp_jax.train.losses: LambdaRank against hand arithmetic and a NumPy port of TLP's formula."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tlp_jax import losses
+from tlp_jax.train import losses
 
 
 def _lambdarank_reference(preds, labels, k=None, eps=1e-10, sigma=1.0):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tlp_jax import losses
+from tlp_jax.train import losses
 
 
 def _log_sigmoid(x):

@@ -1,4 +1,4 @@
-"""Tests of tlp_jax.metrics: hand-computed top-k, exact random expectation, oracle, ties."""
+"""Tests of tlp_jax.core.metrics: hand-computed top-k, exact random expectation, oracle, ties."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tlp_jax import metrics
+from tlp_jax.core import metrics
 
 # Three tasks, worked by hand below.
 #   task 0: latency [1, 2, 4],     pred [0.1, 0.9, 0.5]      -> ranked 2, 4, 1

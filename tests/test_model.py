@@ -1,4 +1,4 @@
-"""Tests for tlp_jax.model: shapes, stacked vmap heads, head isolation, config options."""
+"""Tests for tlp_jax.train.model: shapes, stacked vmap heads, head isolation, config options."""
 
 import dataclasses
 
@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from tlp_jax import losses
-from tlp_jax import model as model_lib
-from tlp_jax.model import TLPConfig, TLPModel
+from tlp_jax.train import losses
+from tlp_jax.train import model as model_lib
+from tlp_jax.train.model import TLPConfig, TLPModel
 
 # Jitted: eager op-by-op initialisation of the full-size model is slow on 2 cores.
 init_params = jax.jit(model_lib.init_params, static_argnums=0)

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from data_pipelines import network_info as ni
+from tlp_jax.core import network_info as ni
 
 
 def _write(folder, name, content):

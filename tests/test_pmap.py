@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from tlp_jax import losses
-from tlp_jax import model as model_lib
-from tlp_jax import train_lib
+from tlp_jax.train import losses
+from tlp_jax.train import model as model_lib
+from tlp_jax.train import train_lib
 
 L, E, H = 6, 5, 2
 TINY = model_lib.TLPConfig(feature_dim=E, seq_len=L, encoder_dims=(8, 8, 16, 16),
@@ -135,7 +135,7 @@ def _config(batch):
 
 
 def train_lib_test_config():
-  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from configs import test as test_config    # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   config.model.seq_len, config.model.feature_dim = L, E
   config.model.encoder_dims = TINY.encoder_dims

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from data_pipelines import records as R
-from tlp_jax import features as F
+from tlp_jax.core import records as R
+from tlp_jax.core import features as F
 
 HERE = os.path.dirname(__file__)
 FIXTURES = os.path.join(HERE, "fixtures", "records")

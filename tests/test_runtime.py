@@ -1,8 +1,8 @@
-"""tlp_jax.runtime: the XLA flag that makes GPU runs reproducible across processes."""
+"""tlp_jax.train.runtime: the XLA flag that makes GPU runs reproducible across processes."""
 import subprocess
 import sys
 
-from tlp_jax import runtime
+from tlp_jax.train import runtime
 
 
 def test_enable_adds_the_flag_once_and_keeps_other_flags():
@@ -35,7 +35,7 @@ def test_apply_config_follows_the_config(monkeypatch):
 
 
 def test_flag_is_accepted_by_jax_on_this_backend_and_runtime_imports_no_jax():
-  code = ("import sys; from tlp_jax import runtime; assert 'jax' not in sys.modules; "
+  code = ("import sys; from tlp_jax.train import runtime; assert 'jax' not in sys.modules; "
           "runtime.enable_deterministic_gpu_ops(); import jax.numpy as jnp; "
           "print(float(jnp.arange(4.0).sum()))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -19,9 +19,9 @@ torch = pytest.importorskip("torch", reason="torch not installed (pip install -e
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from tlp_jax import losses  # noqa: E402
-from tlp_jax import model as model_lib  # noqa: E402
-from tlp_jax import train_lib  # noqa: E402
+from tlp_jax.train import losses  # noqa: E402
+from tlp_jax.train import model as model_lib  # noqa: E402
+from tlp_jax.train import train_lib  # noqa: E402
 
 _REF_PATH = pathlib.Path(__file__).resolve().parent.parent / "bench" / "torch_tlp_reference.py"
 

@@ -15,10 +15,10 @@ import numpy as np
 import optax
 import pytest
 
-from tlp_jax import export
-from tlp_jax import model as model_lib
-from tlp_jax import numpy_predictor as npred
-from tlp_jax import train_lib
+from tlp_jax.train import export
+from tlp_jax.train import model as model_lib
+from tlp_jax.core import predictor as npred
+from tlp_jax.train import train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("default", "gpu", "mtl", "test", "tlp_original")

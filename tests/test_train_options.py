@@ -1,7 +1,7 @@
 """Trainer options added on top of TLP's recipe: batch order by task, matmul precision."""
 import numpy as np
 
-from tlp_jax import train_lib
+from tlp_jax.train import train_lib
 
 
 def test_by_task_order_keeps_tasks_contiguous_and_covers_every_row_once():
@@ -28,7 +28,7 @@ def test_random_order_is_unchanged_by_the_option():
 
 def test_matmul_precision_is_in_force_while_training(monkeypatch, tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
-  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from configs import test as test_config    # pylint: disable=g-import-not-at-top
   seen = []
   monkeypatch.setattr(train_lib, "_train_and_evaluate",
                       lambda *a: seen.append(jax.config.jax_default_matmul_precision))
@@ -41,7 +41,7 @@ def test_matmul_precision_is_in_force_while_training(monkeypatch, tmp_path):
 
 def test_unknown_matmul_precision_is_a_clear_error(tmp_path):
   import pytest  # pylint: disable=g-import-not-at-top
-  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from configs import test as test_config    # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   config.matmul_precision = "fp8"
   with pytest.raises(ValueError, match="matmul_precision"):
@@ -50,7 +50,7 @@ def test_unknown_matmul_precision_is_a_clear_error(tmp_path):
 
 def test_unknown_batch_order_fails_before_any_work(tmp_path):
   import pytest  # pylint: disable=g-import-not-at-top
-  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from configs import test as test_config    # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   config.batch_order = "by_network"
   with pytest.raises(ValueError, match="batch_order"):

@@ -1,4 +1,4 @@
-"""Tests of the TLP cost model for TVM's auto-scheduler (tlp_jax/tvm_cost_model.py)."""
+"""Tests of the TLP cost model for TVM's auto-scheduler (tlp_jax/tvm/cost_model.py)."""
 import importlib.util
 import json
 import subprocess
@@ -17,7 +17,7 @@ def test_module_imports_without_tvm_and_names_the_extra():
   code = textwrap.dedent("""
       import sys
       sys.modules["tvm"] = None  # makes `import tvm` raise ImportError
-      from tlp_jax import tvm_cost_model as m
+      from tlp_jax.tvm import cost_model as m
       try:
         m.TLPCostModel(object())
       except ImportError as e:
@@ -75,7 +75,7 @@ def _states(task, n=8, seed=1):
 def test_steps_equal_the_record_files_steps(matmul_task, tmp_path):
   """The cost model sees exactly the step lists a measure record stores at ["i"][1][1]."""
   from tvm import auto_scheduler
-  from tlp_jax import tvm_cost_model
+  from tlp_jax.tvm import cost_model as tvm_cost_model
   states = _states(matmul_task)
   path = str(tmp_path / "records.json")
   auto_scheduler.save_records(
@@ -89,7 +89,7 @@ def test_steps_equal_the_record_files_steps(matmul_task, tmp_path):
 
 @needs_tvm
 def test_predict_scores_each_state_with_the_predictor(matmul_task):
-  from tlp_jax import tvm_cost_model
+  from tlp_jax.tvm import cost_model as tvm_cost_model
   fake = FakePredictor()
   model = tvm_cost_model.TLPCostModel(fake, tvm_cost_model.CostModelConfig(hardware="hw_b"))
   states = _states(matmul_task)
@@ -109,7 +109,7 @@ def test_predict_scores_each_state_with_the_predictor(matmul_task):
 
 @needs_tvm
 def test_softplus_transform_is_positive_and_order_preserving(matmul_task):
-  from tlp_jax import tvm_cost_model
+  from tlp_jax.tvm import cost_model as tvm_cost_model
   states = _states(matmul_task)
   raw = tvm_cost_model.TLPCostModel(FakePredictor()).predict(matmul_task, states)
   soft = tvm_cost_model.TLPCostModel(
@@ -122,7 +122,7 @@ def test_softplus_transform_is_positive_and_order_preserving(matmul_task):
 
 @needs_tvm
 def test_config_errors():
-  from tlp_jax import tvm_cost_model
+  from tlp_jax.tvm import cost_model as tvm_cost_model
   with pytest.raises(ValueError, match="score_transform"):
     tvm_cost_model.TLPCostModel(FakePredictor(),
                                 tvm_cost_model.CostModelConfig(score_transform="exp"))
@@ -132,7 +132,7 @@ def test_config_errors():
 
 @needs_tvm
 def test_platform_mismatch_is_an_error(matmul_task):
-  from tlp_jax import tvm_cost_model
+  from tlp_jax.tvm import cost_model as tvm_cost_model
   fake = FakePredictor()
   fake.platform = "cuda"
   with pytest.raises(ValueError, match="platform"):
@@ -143,7 +143,7 @@ def test_platform_mismatch_is_an_error(matmul_task):
 def test_ansor_search_calls_the_model_through_the_ffi(matmul_task):
   """Ansor's C++ evolutionary search scores populations via our predict()."""
   from tvm import auto_scheduler
-  from tlp_jax import tvm_cost_model
+  from tlp_jax.tvm import cost_model as tvm_cost_model
   fake = FakePredictor()
   model = tvm_cost_model.TLPCostModel(
       fake, tvm_cost_model.CostModelConfig(score_transform="softplus"))
@@ -164,11 +164,13 @@ def test_ansor_search_calls_the_model_through_the_ffi(matmul_task):
 @needs_tvm
 def test_with_the_real_numpy_predictor(matmul_task, tmp_path):
   """End to end with an exported (randomly initialised) model, when export has landed."""
-  export = pytest.importorskip("tlp_jax.export", reason="tlp_jax.export (engineer B) not landed")
-  numpy_predictor = pytest.importorskip("tlp_jax.numpy_predictor",
-                                        reason="tlp_jax.numpy_predictor not landed")
+  export = pytest.importorskip("tlp_jax.train.export", reason="tlp_jax.train.export (engineer B) not landed")
+  numpy_predictor = pytest.importorskip("tlp_jax.core.predictor",
+                                        reason="tlp_jax.core.predictor not landed")
   import jax
-  from tlp_jax import features, model as model_lib, tvm_cost_model
+  from tlp_jax.core import features
+  from tlp_jax.train import model as model_lib
+  from tlp_jax.tvm import cost_model as tvm_cost_model
 
   vocab = features.Vocabulary.original("llvm")
   crop = (25, 22)
@@ -180,7 +182,7 @@ def test_with_the_real_numpy_predictor(matmul_task, tmp_path):
   path = str(tmp_path / "model.npz")
   export.save_npz(path, params, cfg, hardware=["hw"], platform="llvm", crop=crop,
                   vocab_json=vocab.to_json(), step=0)
-  pred = numpy_predictor.Predictor.load(path)
+  pred = npred.Predictor.load(path)
   states = _states(matmul_task)
   scores = tvm_cost_model.TLPCostModel(pred).predict(matmul_task, states)
   expected = pred.predict_steps(tvm_cost_model.states_to_steps(matmul_task, states))
@@ -192,8 +194,12 @@ def test_with_the_real_numpy_predictor(matmul_task, tmp_path):
 def test_loop_model_scores_states_with_their_store_vectors(matmul_task, tmp_path):
   """A model of the "loop" feature version gets each state's loop-nest vectors from TVM."""
   import jax
-  from tlp_jax import loop_features
-  from tlp_jax import export, features, model as model_lib, numpy_predictor, tvm_cost_model
+  from tlp_jax.tvm import loop_features
+  from tlp_jax.train import export
+  from tlp_jax.core import features
+  from tlp_jax.train import model as model_lib
+  from tlp_jax.core import predictor as npred
+  from tlp_jax.tvm import cost_model as tvm_cost_model
 
   stores, dim = 3, loop_features.feature_dim()
   crop = (25 + stores, 22 + dim)
@@ -206,7 +212,7 @@ def test_loop_model_scores_states_with_their_store_vectors(matmul_task, tmp_path
   export.save_npz(path, params, cfg, hardware=["hw"], platform="llvm", crop=crop,
                   vocab_json=features.Vocabulary.original("llvm").to_json(), step=0,
                   loop_stores=stores, loop_dim=dim)
-  pred = numpy_predictor.Predictor.load(path)
+  pred = npred.Predictor.load(path)
   states = _states(matmul_task)
   scores = tvm_cost_model.TLPCostModel(pred).predict(matmul_task, states)
   vectors, _ = loop_features.store_features_from_states(matmul_task, states, stores)

@@ -7,10 +7,10 @@ training tasks (the tasks outside the hold-out networks; records with an error c
 out, as in ANCHORS.md -- ``train_on_failed`` keeps them, as Ansor's tuner would), then
 ``predict()``-s every program of each hold-out task from its rebuilt state (per-store
 features, ``get_per_store_features_from_states``). The predictions are scored with
-:mod:`tlp_jax.metrics` top-k on the hold-out networks over the valid (error-free) programs, i.e.
+:mod:`tlp_jax.core.metrics` top-k on the hold-out networks over the valid (error-free) programs, i.e.
 the same records, split and metric as ``eval.py``.
 
-The hold-out split is :mod:`data_pipelines.network_info`'s (default hold-out for the directory,
+The hold-out split is :mod:`tlp_jax.core.network_info`'s (default hold-out for the directory,
 every workload key of a hold-out network is test-only), so it is identical to the dataset's.
 
 Tasks: records hold only workload keys; Ansor needs each workload's compute DAG registered to
@@ -22,7 +22,7 @@ arbitrary code. Records are read with ``load_record_from_string``; malformed lin
 and counted with file and line.
 
 Outputs: a JSON summary (top-k per hardware) and, per hardware, an ``.npz`` of per-program
-predictions keyed by ``(workload_key, program_key)`` (``tlp_jax.features.program_key``, the key
+predictions keyed by ``(workload_key, program_key)`` (``tlp_jax.core.features.program_key``, the key
 the dataset uses to join programs) that :func:`align_predictions` maps onto a dataset split for
 ``eval_lib.evaluate(extra_predictions=...)``.
 """
@@ -40,8 +40,9 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import orjson
 
-from data_pipelines import network_info
-from tlp_jax import features, metrics
+from tlp_jax.core import network_info
+from tlp_jax.core import features
+from tlp_jax.core import metrics
 
 # (module, name) pairs a pickled list of auto-scheduler SearchTasks needs, and nothing else.
 _ALLOWED_PICKLE_GLOBALS = frozenset({
@@ -59,7 +60,7 @@ _ALLOWED_PICKLE_GLOBALS = frozenset({
 def _tvm():
   try:
     import tvm  # pylint: disable=import-outside-toplevel
-    from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel,unused-import
+    from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel,unused-import
   except ImportError as e:
     raise ImportError("the XGBoost baseline needs TVM and xgboost: pip install -e '.[tvm]' "
                       "(set TOPHUB_LOCATION=NONE when offline)") from e
@@ -82,7 +83,7 @@ def load_search_tasks(path: str) -> list:
   Only for the user's own TenSet download (see the module docstring).
   """
   _tvm()
-  from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel
+  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
   with open(path, "rb") as f:
     tasks = _SearchTaskUnpickler(io.BytesIO(f.read())).load()
   if not isinstance(tasks, list):
@@ -132,7 +133,7 @@ def _latency(costs, error_no) -> float:
 
 def read_task_records(path: str, counts: ReadCounts, max_examples: int = 20) -> TaskRecords:
   """Reads one measure-record file with TVM (the workloads must be registered)."""
-  from tvm.auto_scheduler import measure_record  # pylint: disable=import-outside-toplevel
+  from tvm.auto_scheduler import measure_record    # pylint: disable=import-outside-toplevel
   inputs, results, lines, lat, keys = [], [], [], [], []
   wk = None
   with open(path, "rb") as f:
@@ -168,7 +169,7 @@ def read_task_records(path: str, counts: ReadCounts, max_examples: int = 20) -> 
 def read_hardware(tenset_dir: str, hardware: str, progress: bool = True
                   ) -> tuple[list[TaskRecords], ReadCounts]:
   """Every task file of ``measure_records/<hardware>/``, sorted by file name."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm    # pylint: disable=import-outside-toplevel
   paths = sorted(glob.glob(os.path.join(tenset_dir, "measure_records", hardware, "*.json")))
   if not paths:
     raise FileNotFoundError(f"{tenset_dir}/measure_records/{hardware}: no record files")
@@ -245,7 +246,7 @@ def prepare_hardware(tenset_dir: str, hardware: str,
                      progress: bool = True) -> PreparedHardware:
   """Reads ``hardware``'s records, splits them by the hold-out, rebuilds the test states."""
   _tvm()
-  from tvm.auto_scheduler.measure import recover_measure_input  # pylint: disable=import-outside-toplevel
+  from tvm.auto_scheduler.measure import recover_measure_input    # pylint: disable=import-outside-toplevel
   holdout_nets = _holdout_networks(tenset_dir, config.holdout)
   test_keys = network_info.holdout_workload_keys(holdout_nets)
   tasks, counts = read_hardware(tenset_dir, hardware, progress)
@@ -288,7 +289,7 @@ def prepare_hardware(tenset_dir: str, hardware: str,
 def fit_predict(prep: PreparedHardware, seed: int = 43, progress: bool = True,
                 num_warmup_sample: int = 100) -> HardwarePredictions:
   """Trains a fresh ``XGBModel`` on the training pairs and predicts every test program."""
-  from tvm.auto_scheduler.cost_model import XGBModel  # pylint: disable=import-outside-toplevel
+  from tvm.auto_scheduler.cost_model import XGBModel    # pylint: disable=import-outside-toplevel
   t0 = time.time()
   model = XGBModel(seed=seed, verbose_eval=25 if progress else 0,
                    num_warmup_sample=num_warmup_sample)
@@ -340,7 +341,7 @@ def align_predictions(pred_npz: Mapping[str, np.ndarray], workload_keys: Sequenc
 
   Returns:
     ``(N,)`` float64 predictions, NaN where a program has no XGB prediction (NaN ranks last in
-    ``tlp_jax.metrics``).
+    ``tlp_jax.core.metrics``).
   """
   lookup = {(str(w), int(k)): float(v) for w, k, v in
             zip(pred_npz["workload_keys"], pred_npz["program_keys"], pred_npz["pred"])}
@@ -413,7 +414,7 @@ def align_to_split(pred_npz: Mapping[str, np.ndarray], arrays, hw: str,
   Raises:
     ValueError: a task's programs cannot all be matched (different records on the two sides).
   """
-  from tlp_jax import eval_lib  # pylint: disable=import-outside-toplevel
+  from tlp_jax.evaluation import eval_lib  # pylint: disable=import-outside-toplevel
   h = eval_lib.hardware_index(arrays.hardware, hw)
   s = getattr(arrays, split)
   out = np.full(s.task_index.shape[0], np.nan, dtype=np.float64)
@@ -446,7 +447,7 @@ def align_to_split(pred_npz: Mapping[str, np.ndarray], arrays, hw: str,
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags    # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("tenset_dir", None, "TenSet-layout root (needs network_info/all_tasks.pkl).",
                       required=True)
   flags.DEFINE_list("hardware", None, "Hardware folders (default: all).")
@@ -470,7 +471,7 @@ def main(argv) -> None:
   """CLI: XGB baseline per hardware, optionally next to TLP models via eval_lib."""
   del argv
   import json  # pylint: disable=import-outside-toplevel
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags    # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   cfg = XGBBaselineConfig(train_on_failed=f.train_on_failed)
   pred_dir = f.predictions_dir or os.path.dirname(os.path.abspath(f.out))
@@ -486,8 +487,9 @@ def main(argv) -> None:
            "info": entry["info"], "predictions_npz": entry.get("predictions_npz")}
     model = tlp_models.get(hw)
     if model and f.data_dir:
-      from tlp_jax import eval_lib, input_pipeline  # pylint: disable=import-outside-toplevel
-      arrays = input_pipeline.load_arrays(f.data_dir, eval_lib.resolve_config(f.data_dir, hw))
+      from tlp_jax.evaluation import eval_lib  # pylint: disable=import-outside-toplevel
+      from data_pipelines import loader  # pylint: disable=import-outside-toplevel
+      arrays = loader.load_arrays(f.data_dir, eval_lib.resolve_config(f.data_dir, hw))
       with np.load(entry["predictions_npz"], allow_pickle=False) as z:
         aligned = align_to_split(dict(z), arrays, hw)
       is_npz = model.endswith(".npz")
@@ -521,6 +523,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import app    # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main)

@@ -2,7 +2,7 @@
 
 ``train_and_evaluate(config, workdir)`` is the whole job behind ``train.py``:
 
-* the dataset comes from ``tlp_jax.input_pipeline.load_arrays`` as contiguous arrays; the
+* the dataset comes from ``data_pipelines.loader.load_arrays`` as contiguous arrays; the
   configured hardware heads are selected (target first) and, for MTL-TLP transfer, all but N of
   the target head's training labels are masked (``few_shot``);
 * the global batch is split ``(devices, per_device, ...)`` over every device of every host; the
@@ -16,7 +16,7 @@
   step (``"host"``); both give identical batches;
 * validation every ``eval_every_epochs`` epochs (1 = each epoch, as TLP; the last epoch always):
   per-head loss (summed over the validation batches, as TLP reports it)
-  and the quick top-k of ``tlp_jax.metrics``;
+  and the quick top-k of ``tlp_jax.core.metrics``;
 * Orbax checkpoints in ``workdir/checkpoints/latest`` (every ``checkpoint_every_steps`` and at
   each validated epoch end) and ``workdir/checkpoints/best`` (lowest target-head validation
   loss). The data order state (epoch, step in epoch) is part of the checkpoint, so a restarted
@@ -48,10 +48,10 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-from tlp_jax import losses
-from tlp_jax import metrics
-from tlp_jax import model as model_lib
-from tlp_jax import runtime
+from tlp_jax.train import losses
+from tlp_jax.core import metrics
+from tlp_jax.train import model as model_lib
+from tlp_jax.train import runtime
 
 AXIS = "batch"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -307,7 +307,7 @@ def head_columns(dataset_hardware: Sequence[str], wanted: Sequence[str]) -> list
 
 
 def select_split(split: Any, columns: Sequence[int]) -> Split:
-  """Keeps the given head columns of an ``input_pipeline.SplitArrays``; drops rows with no label."""
+  """Keeps the given head columns of an ``loader.SplitArrays``; drops rows with no label."""
   cols = np.asarray(columns, dtype=np.int64)
   mask = np.asarray(split.mask, dtype=bool)[:, cols]
   keep = mask.any(axis=1)
@@ -859,8 +859,8 @@ def evaluate(p_eval_step: Callable, params: Any, split: Split, layout: BatchLayo
 
 
 def _load_dataset(config: ml_collections.ConfigDict) -> Any:
-  from tlp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  return input_pipeline.load_arrays(config.data_dir, config.dataset)
+  from data_pipelines import loader  # pylint: disable=g-import-not-at-top
+  return loader.load_arrays(config.data_dir, config.dataset)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -873,7 +873,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     config: training config (see ``configs/default.py``).
     workdir: output directory: checkpoints, TensorBoard events, model/dataset metadata. If it
       holds checkpoints of the same run, training resumes from the latest one.
-    dataset: an ``input_pipeline.DatasetArrays`` (or an object with the same fields); loaded
+    dataset: an ``loader.DatasetArrays`` (or an object with the same fields); loaded
       from ``config.data_dir`` / ``config.dataset`` when None.
     devices: local devices to use (default: all).
 
@@ -893,7 +893,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       and not runtime.deterministic_gpu_ops_enabled()):
     logging.warning("config.deterministic_gpu_ops is set but XLA_FLAGS lacks %s, and JAX has "
                     "started: this run is not reproducible across processes. Call "
-                    "tlp_jax.runtime.enable_deterministic_gpu_ops() before JAX starts (train.py "
+                    "tlp_jax.train.runtime.enable_deterministic_gpu_ops() before JAX starts (train.py "
                     "does).", runtime.DETERMINISTIC_GPU_FLAG)
   # Steps are traced inside this context, so it sets the precision of every float32 matmul of
   # the model and loss ("default" is TF32 on Ampere/Hopper GPUs; "highest" is true float32).

@@ -9,7 +9,7 @@ iterator index), and with tens of candidates per task the model does not learn t
 164-number vector per buffer store (``tvm.auto_scheduler.feature``, already log-scaled).
 
 This module replays each record's steps with TVM and returns those vectors, padded or cropped to
-``max_stores`` per program. :func:`tlp_jax.features.append_loop_features` then appends them to
+``max_stores`` per program. :func:`tlp_jax.core.features.append_loop_features` then appends them to
 the TLP step features as extra tokens (the "loop" feature version; ``--loop_stores`` of
 ``data_pipelines.build``).
 
@@ -36,7 +36,7 @@ class LoopFeatureError(RuntimeError):
 @functools.lru_cache(maxsize=1)
 def _tvm_feature_names() -> tuple[str, ...]:
   # Fixed for a TVM build: asked once per process, not on every call of the tuner's path.
-  from tvm.auto_scheduler import feature  # pylint: disable=import-outside-toplevel
+  from tvm.auto_scheduler import feature    # pylint: disable=import-outside-toplevel
   return tuple(str(n) for n in feature.get_per_store_feature_names())
 
 
@@ -99,7 +99,7 @@ def canonical_order(stores: np.ndarray, layout: BufferLayout) -> np.ndarray:
 
 def register_tenset_tasks(tenset_dir: str) -> int:
   """Registers every workload of ``TENSET/network_info/all_tasks.pkl``; returns the count."""
-  from tlp_jax import xgb_baseline  # pylint: disable=import-outside-toplevel
+  from tlp_jax.tvm import xgb_baseline  # pylint: disable=import-outside-toplevel
   path = os.path.join(tenset_dir, ALL_TASKS_FILE)
   if not os.path.isfile(path):
     raise LoopFeatureError(
@@ -156,8 +156,8 @@ def store_features_from_lines(lines: Sequence[bytes], max_stores: int, where: st
   Returns:
     ``(len(lines), max_stores, feature_dim())`` float32 and the crop counts.
   """
-  from tvm.auto_scheduler import feature  # pylint: disable=import-outside-toplevel
-  from tvm.auto_scheduler import measure_record  # pylint: disable=import-outside-toplevel
+  from tvm.auto_scheduler import feature    # pylint: disable=import-outside-toplevel
+  from tvm.auto_scheduler import measure_record    # pylint: disable=import-outside-toplevel
   dim = feature_dim()
   if not lines:
     return np.zeros((0, max_stores, dim), np.float32), LoopFeatureStats()
@@ -193,7 +193,7 @@ def _canonical_padded(feats, max_stores: int) -> tuple[np.ndarray, LoopFeatureSt
 def store_features_from_states(task, states: Sequence, max_stores: int
                                ) -> tuple[np.ndarray, LoopFeatureStats]:
   """Loop-nest features of auto-scheduler ``states`` of ``task`` (the tuner's path)."""
-  from tvm.auto_scheduler import feature  # pylint: disable=import-outside-toplevel
+  from tvm.auto_scheduler import feature    # pylint: disable=import-outside-toplevel
   dim = feature_dim()
   if not len(states):  # pylint: disable=g-explicit-length-test
     return np.zeros((0, max_stores, dim), np.float32), LoopFeatureStats()

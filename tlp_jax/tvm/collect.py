@@ -26,7 +26,7 @@ interruption leaves either a whole file or none.
 
 Usage::
 
-  python -m data_pipelines.collect --out_dir DIR \
+  python -m tlp_jax.tvm.collect --out_dir DIR \
       [--networks resnet_18:1:224,mobilenet:1:224] [--hardware NAME] [--programs_per_task 48] \
       [--stages tasks,dump,measure] [--start_idx I] [--end_idx J] [--seed 0]
 """
@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from data_pipelines import network_info
+from tlp_jax.core import network_info
 
 # Constants of TenSet's measure_programs.py (FLOP thresholds for the number of repeats).
 _REPEAT_BY_FLOPS = ((2416443392.0, 4), (834928640.0, 6))
@@ -62,9 +62,9 @@ def _tvm():
   """Imports TVM lazily, with install instructions when it is missing."""
   try:
     import tvm  # pylint: disable=import-outside-toplevel
-    from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel,unused-import
+    from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel,unused-import
   except ImportError as e:
-    raise ImportError("data_pipelines.collect needs TVM: pip install -e '.[tvm]' "
+    raise ImportError("tlp_jax.tvm.collect needs TVM: pip install -e '.[tvm]' "
                       "(set TOPHUB_LOCATION=NONE when offline)") from e
   return tvm
 
@@ -76,48 +76,48 @@ def _tvm():
 
 def _resnet(num_layers):
   def build(batch, size):
-    from tvm.relay import testing  # pylint: disable=import-outside-toplevel
+    from tvm.relay import testing    # pylint: disable=import-outside-toplevel
     return testing.resnet.get_workload(num_layers=num_layers, batch_size=batch,
                                        image_shape=(size, size, 3), layout="NHWC")
   return build
 
 
 def _mobilenet(batch, size):
-  from tvm.relay import testing  # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
   return testing.mobilenet.get_workload(batch_size=batch, image_shape=(size, size, 3),
                                         layout="NHWC")
 
 
 def _squeezenet(batch, size):
-  from tvm.relay import testing  # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
   return testing.squeezenet.get_workload(batch_size=batch, version="1.1",
                                          image_shape=(3, size, size))
 
 
 def _inception_v3(batch, size):
-  from tvm.relay import testing  # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
   return testing.inception_v3.get_workload(batch_size=batch, image_shape=(3, size, size))
 
 
 def _densenet_121(batch, size):
-  from tvm.relay import testing  # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
   return testing.densenet.get_workload(densenet_size=121, batch_size=batch,
                                        image_shape=(3, size, size))
 
 
 def _dcgan(batch, size):
-  from tvm.relay import testing  # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
   return testing.dcgan.get_workload(batch_size=batch, oshape=(3, size, size))
 
 
 def _vgg_11(batch, size):
-  from tvm.relay import testing  # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
   return testing.vgg.get_workload(batch_size=batch, num_layers=11, image_shape=(3, size, size))
 
 
 def _mlp(batch, size):
   # A tiny two-dense-layer network: used by the tests; `size` is the square image side.
-  from tvm.relay import testing  # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
   return testing.mlp.get_workload(batch_size=batch, image_shape=(1, size, size))
 
 
@@ -211,7 +211,7 @@ def default_hardware_name() -> str:
 def default_target() -> str:
   """``llvm -mcpu=<host cpu>`` as LLVM detects it (what Ansor tunes for on this machine)."""
   _tvm()
-  from tvm.target import codegen  # pylint: disable=import-outside-toplevel
+  from tvm.target import codegen    # pylint: disable=import-outside-toplevel
   return f"llvm -mcpu={codegen.llvm_get_system_cpu()}"
 
 
@@ -266,7 +266,7 @@ def _write_text(path: str, text: str) -> None:
 def extract_network_tasks(spec: NetworkSpec, target: str, num_cores: int | None):
   """Builds ``spec`` and extracts its tasks; returns ``(tasks, weights)`` (registers them)."""
   tvm = _tvm()
-  from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel
+  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
   mod, params = NETWORKS[spec.name](spec.batch_size, spec.input_size)
   tgt = tvm.target.Target(target)
   hw = auto_scheduler.HardwareParams(num_cores=num_cores or os.cpu_count(), target=tgt)
@@ -275,7 +275,7 @@ def extract_network_tasks(spec: NetworkSpec, target: str, num_cores: int | None)
 
 
 def network_info_of(spec: NetworkSpec, tasks, weights) -> network_info.NetworkInfo:
-  """The network's info in the layout ``data_pipelines.network_info`` reads."""
+  """The network's info in the layout ``tlp_jax.core.network_info`` reads."""
   return network_info.NetworkInfo(
       name=spec.name, batch_size=spec.batch_size, input_size=spec.input_size,
       tasks=tuple(network_info.NetworkTask(workload_key=t.workload_key, weight=int(w),
@@ -289,7 +289,7 @@ def stage_tasks(config: CollectConfig, progress: bool = True) -> list:
   Network info files that already exist are kept (resume); the tasks are still extracted since
   extraction is what registers the workloads for the dump and measure stages.
   """
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm    # pylint: disable=import-outside-toplevel
   info_dir = os.path.join(config.out_dir, "network_info")
   unique, seen = [], set()
   for spec in tqdm(config.networks, desc="extract tasks", disable=not progress):
@@ -319,7 +319,7 @@ def stage_tasks(config: CollectConfig, progress: bool = True) -> list:
 
 def _seeded_random_model(seed: int):
   """A cost model with uniform random scores, like TVM's RandomModel but with its own RNG."""
-  from tvm.auto_scheduler.cost_model.cost_model import PythonBasedModel  # pylint: disable=import-outside-toplevel
+  from tvm.auto_scheduler.cost_model.cost_model import PythonBasedModel    # pylint: disable=import-outside-toplevel
 
   class _SeededRandomModel(PythonBasedModel):
     def __init__(self):
@@ -353,7 +353,7 @@ def _unless_all_invalid(fn):
 
 def sample_programs(task, size: int, seed: int, max_retry_iter: int = 10) -> list:
   """TenSet's dump_programs sampling: up to ``size`` distinct states, shuffled (seeded)."""
-  from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel
+  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
   policy = auto_scheduler.SketchPolicy(
       task, program_cost_model=_seeded_random_model(seed),
       params={"evolutionary_search_num_iters": 1,
@@ -386,7 +386,7 @@ def sample_programs(task, size: int, seed: int, max_retry_iter: int = 10) -> lis
 
 def dump_task(task, path: str, size: int, seed: int) -> int:
   """Writes ``size`` sampled programs of ``task`` to ``path`` (placeholder results)."""
-  from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel
+  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
   states = sample_programs(task, size, seed)
   inputs = [auto_scheduler.MeasureInput(task, s) for s in states]
   results = [auto_scheduler.MeasureResult([0.0], 0, "", 0, time.time()) for _ in states]
@@ -396,7 +396,7 @@ def dump_task(task, path: str, size: int, seed: int) -> int:
 
 def stage_dump(config: CollectConfig, tasks: Sequence, progress: bool = True) -> dict:
   """Dumps programs for every task without a to-measure file yet."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm    # pylint: disable=import-outside-toplevel
   folder = os.path.join(config.out_dir, "to_measure_programs")
   done = skipped = programs = 0
   for task in tqdm(tasks, desc="dump programs", disable=not progress):
@@ -423,7 +423,7 @@ def measure_target(config: CollectConfig) -> str:
 def measure_task(task, to_measure_path: str, out_path: str, config: CollectConfig) -> dict:
   """Builds and runs every program of ``to_measure_path``; writes ``out_path`` atomically."""
   tvm = _tvm()
-  from tvm import auto_scheduler  # pylint: disable=import-outside-toplevel
+  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
   inputs = list(auto_scheduler.RecordReader(to_measure_path).read_lines()[0])
   target = tvm.target.Target(measure_target(config))
   mtask = auto_scheduler.SearchTask(
@@ -450,7 +450,7 @@ def measure_task(task, to_measure_path: str, out_path: str, config: CollectConfi
 
 def stage_measure(config: CollectConfig, tasks: Sequence, progress: bool = True) -> dict:
   """Measures every dumped task that has no measure-record file yet."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm    # pylint: disable=import-outside-toplevel
   src = os.path.join(config.out_dir, "to_measure_programs")
   dst = os.path.join(config.out_dir, "measure_records", config.hardware)
   summary = {"measured_tasks": 0, "already_measured": 0, "not_dumped": 0,
@@ -500,7 +500,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags    # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("out_dir", None, "TenSet-layout output root.", required=True)
   flags.DEFINE_list("networks", list(DEFAULT_NETWORKS), "NAME:BATCH:SIZE network specs; "
                     f"names: {', '.join(sorted(NETWORKS))}.")
@@ -519,7 +519,7 @@ def _define_flags():
 def main(argv: Iterable[str]) -> None:
   """CLI entry point (absl)."""
   del argv
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags    # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   config = CollectConfig(
       out_dir=f.out_dir,
@@ -538,6 +538,6 @@ def main(argv: Iterable[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import app    # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main)

@@ -12,7 +12,7 @@ calling the helpers below) without TVM raises an ``ImportError`` naming the extr
 
 A model of the "loop" feature version (``configs/loopnest.py``) also reads each state's
 loop-nest store vectors; they are computed here with TVM's own feature extractor
-(``tlp_jax.loop_features.store_features_from_states``), the function the dataset build
+(``tlp_jax.tvm.loop_features.store_features_from_states``), the function the dataset build
 uses on records.
 
 ``update`` is a no-op, as in the original TLP integration (its ``TLPModel.update`` does nothing):
@@ -121,7 +121,7 @@ class TLPCostModel(_PythonBasedModel):
   """Ansor ``PythonBasedModel`` scoring states with an exported TLP model (higher = faster).
 
   Args:
-    predictor: a ``tlp_jax.numpy_predictor.Predictor`` (anything with ``platform`` and
+    predictor: a ``tlp_jax.core.predictor.Predictor`` (anything with ``platform`` and
       ``predict_steps(list_of_step_lists, hw=None) -> (N,)``).
     config: ``CostModelConfig``.
   """
@@ -138,7 +138,7 @@ class TLPCostModel(_PythonBasedModel):
                        f"it has {list(hardware)}")
     self._loop_stores = int(getattr(predictor, "loop_stores", 0))
     if self._loop_stores:
-      from tlp_jax import loop_features  # pylint: disable=import-outside-toplevel
+      from tlp_jax.tvm import loop_features  # pylint: disable=import-outside-toplevel
       if int(predictor.loop_dim) != loop_features.feature_dim():
         raise ValueError(f"the model was trained on loop-nest vectors of {predictor.loop_dim} "
                          f"values; this TVM computes {loop_features.feature_dim()}")
@@ -151,16 +151,16 @@ class TLPCostModel(_PythonBasedModel):
 
   @classmethod
   def from_npz(cls, path: str, config: CostModelConfig = CostModelConfig()) -> "TLPCostModel":
-    """Loads an exported ``.npz`` model with ``numpy_predictor.Predictor.load``."""
-    from tlp_jax import numpy_predictor  # pylint: disable=import-outside-toplevel
-    return cls(numpy_predictor.Predictor.load(path), config)
+    """Loads an exported ``.npz`` model with ``npred.Predictor.load``."""
+    from tlp_jax.core import predictor as npred  # pylint: disable=import-outside-toplevel
+    return cls(npred.Predictor.load(path), config)
 
   def update(self, inputs, results):
     """No-op, as in the original TLP integration: the model is trained offline."""
     del inputs, results
 
   def _check_platform(self, task) -> None:
-    from tlp_jax import features  # pylint: disable=import-outside-toplevel
+    from tlp_jax.core import features  # pylint: disable=import-outside-toplevel
     task_platform = features.platform_of_target(str(task.target))
     model_platform = getattr(self.predictor, "platform", task_platform)
     if str(model_platform) != task_platform:
@@ -184,7 +184,7 @@ class TLPCostModel(_PythonBasedModel):
       steps = [orjson.loads(keys[i])[1][1] for i in chunk]
       extra = {}
       if self._loop_stores:
-        from tlp_jax import loop_features  # pylint: disable=import-outside-toplevel
+        from tlp_jax.tvm import loop_features  # pylint: disable=import-outside-toplevel
         extra["store_features"], _ = loop_features.store_features_from_states(
             task, [states[i] for i in chunk], self._loop_stores)
       raw = np.asarray(self.predictor.predict_steps(steps, hw=self.config.hardware, **extra),

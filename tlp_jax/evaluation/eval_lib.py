@@ -1,9 +1,9 @@
 """Library of ``eval.py``: top-k of a cost model on the held-out networks of one hardware.
 
 One prediction path: every model is evaluated through the pure-NumPy predictor
-(:class:`tlp_jax.numpy_predictor.Predictor`), loaded from an exported ``.npz`` or exported in
+(:class:`tlp_jax.core.predictor.Predictor`), loaded from an exported ``.npz`` or exported in
 memory from a training workdir (:func:`load_predictor`). Predictions are made in batches over
-every valid program of the split, then scored with :mod:`tlp_jax.metrics`. The report puts the
+every valid program of the split, then scored with :mod:`tlp_jax.core.metrics`. The report puts the
 model next to the exact random-ranking expectation, the oracle and any extra named baselines
 (per-program prediction arrays, e.g. an XGBoost model on Ansor features) so all rows share the
 same programs, tasks, networks and split.
@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import tqdm
 
-from tlp_jax import metrics
+from tlp_jax.core import metrics
 
 RANDOM_ROW = "random (exact expectation)"
 ORACLE_ROW = "oracle"
@@ -288,29 +288,29 @@ def load_predictor(model_path: str | None = None, workdir: str | None = None,
     which: checkpoint of the workdir, "best" or "latest".
 
   Returns:
-    ``(predictor, info)``: a ``numpy_predictor.Predictor`` and a JSON-able dict.
+    ``(predictor, info)``: a ``npred.Predictor`` and a JSON-able dict.
   """
-  from tlp_jax import numpy_predictor  # pylint: disable=g-import-not-at-top
+  from tlp_jax.core import predictor as npred  # pylint: disable=g-import-not-at-top
   if (model_path is None) == (workdir is None):
     raise EvalError("give exactly one of a model file and a workdir")
   if model_path is not None:
     if not os.path.exists(model_path):
       raise EvalError(f"{model_path}: no such model file")
     try:
-      predictor = numpy_predictor.Predictor.load(model_path)
-    except numpy_predictor.PredictorError as e:
+      predictor = npred.Predictor.load(model_path)
+    except npred.PredictorError as e:
       raise EvalError(str(e)) from None
     info = {"model_file": os.path.abspath(model_path)}
   else:
     # JAX/Orbax only on this path: an exported model is evaluated with NumPy alone.
-    from tlp_jax import export  # pylint: disable=g-import-not-at-top
-    from tlp_jax import train_lib  # pylint: disable=g-import-not-at-top
+    from tlp_jax.train import export  # pylint: disable=g-import-not-at-top
+    from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
     try:
       params, model_config, meta = train_lib.restore_for_export(workdir, which)
     except (FileNotFoundError, train_lib.CheckpointError) as e:
       raise EvalError(str(e)) from None
     arrays = export.export_params(params, model_config, **export.meta_kwargs(meta))
-    predictor = numpy_predictor.Predictor.from_arrays(arrays)
+    predictor = npred.Predictor.from_arrays(arrays)
     info = {"workdir": os.path.abspath(workdir), "checkpoint": which}
   info.update({"heads": list(predictor.hardware), "step": int(predictor.step),
                "vocab_version": predictor.vocab_version})
@@ -346,15 +346,15 @@ def predictor_fn(predictor, hw: str, arrays=None) -> Callable[[np.ndarray], np.n
 
 def built_hardware(data_dir: str) -> dict[str, tuple[str, ...]]:
   """``{config name: hardware}`` of every dataset config built under ``data_dir``."""
-  from tlp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  root = os.path.join(data_dir, input_pipeline.BUILDER_NAME)
+  from data_pipelines import loader  # pylint: disable=g-import-not-at-top
+  root = os.path.join(data_dir, loader.BUILDER_NAME)
   out = {}
   for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
     try:
-      ds_dir = input_pipeline.find_dataset_dir(data_dir, name)
+      ds_dir = loader.find_dataset_dir(data_dir, name)
       with open(os.path.join(ds_dir, "metadata.json"), "rb") as f:
         out[name] = tuple(json.load(f)["hardware"])
-    except (input_pipeline.DatasetNotFoundError, OSError, KeyError, ValueError) as e:
+    except (loader.DatasetNotFoundError, OSError, KeyError, ValueError) as e:
       logging.warning("skipping dataset config %s: %s", name, e)
   return out
 
@@ -385,11 +385,11 @@ def run(*, hw: str, data_dir: str, dataset: str | None = None, workdir: str | No
         extra_predictions: Mapping[str, np.ndarray] | None = None) -> dict:
   """Everything ``eval.py`` does but writing: load data and model, evaluate, return the report.
   """
-  from tlp_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from data_pipelines import loader  # pylint: disable=g-import-not-at-top
   config = resolve_config(data_dir, hw, dataset)
   try:
-    arrays = input_pipeline.load_arrays(data_dir, config)
-  except input_pipeline.DatasetNotFoundError as e:
+    arrays = loader.load_arrays(data_dir, config)
+  except loader.DatasetNotFoundError as e:
     raise EvalError(str(e)) from None
   data = select_split(arrays, hw, split)
   predictor, info = load_predictor(model_path, workdir, which)

@@ -11,7 +11,7 @@ reads the JSON form ``(NAME,[(BATCH,SIZE)]).json``::
 
 Real TenSet ships ``((NAME,[(1,3,224,224)]),llvm).task.pkl`` instead: pickles of TVM
 ``SearchTask`` lists. Unpickling runs arbitrary code and needs TVM, so they are never read
-implicitly: ``python -m data_pipelines.network_info convert --tenset_dir DIR --allow_pickle``
+implicitly: ``python -m tlp_jax.core.network_info convert --tenset_dir DIR --allow_pickle``
 converts them once (only do this for a TenSet copy you trust), after which everything reads JSON.
 
 Hold-out (TLP's protocol): every workload key that occurs in a hold-out network goes to the test
@@ -182,7 +182,7 @@ def load_network_infos(tenset_dir: str) -> list[NetworkInfo]:
           f"{folder} has {len(pkls)} TenSet *.task.pkl files but no JSON network info. Pickles "
           "are code execution and need TVM, so they are not read implicitly. If you trust this "
           "TenSet copy, convert them once (needs `pip install -e '.[tvm]'`): python -m "
-          f"data_pipelines.network_info convert --tenset_dir {tenset_dir} --allow_pickle")
+          f"tlp_jax.core.network_info convert --tenset_dir {tenset_dir} --allow_pickle")
     raise NetworkInfoError(f"{folder}: no network info (*.json) files")
   infos = [read_network_info(os.path.join(folder, n)) for n in jsons]
   infos.sort(key=lambda n: (n.name, n.batch_size, n.input_size, n.target))
@@ -286,7 +286,7 @@ def train_validation_split(num_records: int, seed: int,
 
 def _import_tvm_auto_scheduler():
   try:
-    from tvm import auto_scheduler  # pylint: disable=g-import-not-at-top
+    from tvm import auto_scheduler    # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise NetworkInfoError(
         "converting TenSet *.task.pkl network info needs TVM: pip install -e '.[tvm]'") from e
@@ -362,10 +362,10 @@ def convert_pickles(tenset_dir: str, allow_pickle: bool = False,
 
 def main(argv: Sequence[str]) -> None:
   """``convert`` TenSet pickles to JSON, or ``list`` the networks and the default hold-out."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags    # pylint: disable=g-import-not-at-top
   flag_values = flags.FLAGS
   if len(argv) != 2 or argv[1] not in ("convert", "list"):
-    raise SystemExit("usage: python -m data_pipelines.network_info {convert,list} "
+    raise SystemExit("usage: python -m tlp_jax.core.network_info {convert,list} "
                      "--tenset_dir DIR [--allow_pickle] [--overwrite]")
   if argv[1] == "convert":
     for path in convert_pickles(flag_values.tenset_dir, flag_values.allow_pickle,
@@ -382,7 +382,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from absl import app, flags    # pylint: disable=g-import-not-at-top,g-multiple-import
   flags.DEFINE_string("tenset_dir", None, "TenSet root directory.", required=True)
   flags.DEFINE_bool("allow_pickle", False,
                     "convert: allow unpickling TenSet *.task.pkl (executes code; needs TVM).")

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from tlp_jax import features as features_lib
+from tlp_jax.core import features as features_lib
 
 
 

@@ -1,6 +1,6 @@
 """Export trained TLP parameters to a flat ``.npz`` for the pure-NumPy predictor.
 
-Format (``tlp_jax.numpy_predictor`` defines the key names and ``FORMAT_VERSION``):
+Format (``tlp_jax.core.predictor`` defines the key names and ``FORMAT_VERSION``):
 
 * ``params/<module>/<...>/<name>``: every parameter of the Flax tree, float32, the tree path
   joined with ``/`` (hardware heads keep their leading ``num_heads`` axis; an ensemble's
@@ -16,7 +16,7 @@ Strings are NumPy unicode arrays, so ``np.load(path, allow_pickle=False)`` reads
 
 CLI::
 
-    python -m tlp_jax.export --workdir DIR --out model.npz [--which best|latest]
+    python -m tlp_jax.train.export --workdir DIR --out model.npz [--which best|latest]
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from tlp_jax import features
-from tlp_jax import model as model_lib
-from tlp_jax import numpy_predictor as npred
+from tlp_jax.core import features
+from tlp_jax.train import model as model_lib
+from tlp_jax.core import predictor as npred
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = npred.PARAMS_PREFIX
@@ -147,7 +147,7 @@ def meta_kwargs(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 def export_workdir(workdir: str, out: str, which: str = "best") -> dict[str, np.ndarray]:
   """Restores a training run's checkpoint via ``train_lib.restore_for_export`` and saves it."""
-  from tlp_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from tlp_jax.train import train_lib  # pylint: disable=import-outside-toplevel
   params, model_config, meta = train_lib.restore_for_export(workdir, which)
   return save_npz(out, params, model_config, **meta_kwargs(meta))
 

@@ -1,8 +1,8 @@
-"""Pure-NumPy TLP predictor over an exported ``.npz`` model (see ``tlp_jax.export``).
+"""Pure-NumPy TLP predictor over an exported ``.npz`` model (see ``tlp_jax.train.export``).
 
 Imports only NumPy and the standard library, so it runs inside a tuner process without JAX. The
 file can be copied on its own next to the ``.npz``; only ``predict_steps`` (which featurizes raw
-schedule steps) needs ``tlp_jax.features`` and says so when it is missing.
+schedule steps) needs ``tlp_jax.core.features`` and says so when it is missing.
 
     predictor = Predictor.load("model.npz")
     scores = predictor.predict(features)               # (B,) from the first head
@@ -34,11 +34,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 try:  # Optional: only predict_steps featurizes; the rest works with this file alone.
-  from tlp_jax import features as _features
+  from tlp_jax.core import features as _features
 except ImportError:  # pragma: no cover - exercised by copying the file out of the package
   _features = None
 
-# ---- export format (single source of truth; tlp_jax.export writes it) --------------------------
+# ---- export format (single source of truth; tlp_jax.train.export writes it) --------------------------
 FORMAT_NAME = "tlp-jax-model"
 # Each export carries the lowest version that can read it, so older predictors still read the
 # models they can compute and refuse the others by version: 1 = a TLP model; 2 = a model of the
@@ -73,7 +73,7 @@ class PredictorError(ValueError):
   """Bad model file or bad predictor input."""
 
 
-# ---- NumPy mirrors of tlp_jax.model's option registries ----------------------------------------
+# ---- NumPy mirrors of tlp_jax.train.model's option registries ----------------------------------------
 
 
 def _signed_log1p(x: np.ndarray) -> np.ndarray:
@@ -100,7 +100,7 @@ class Predictor:
   """TLP cost model evaluated with NumPy from an exported parameter dict."""
 
   def __init__(self, arrays: Mapping[str, np.ndarray], source: str = "<memory>"):
-    """Builds a predictor from export arrays (``tlp_jax.export.export_params``'s output)."""
+    """Builds a predictor from export arrays (``tlp_jax.train.export.export_params``'s output)."""
     self.source = source
     missing = [k for k in (META_FORMAT, META_FORMAT_VERSION) if k not in arrays]
     if missing or _as_str(arrays[META_FORMAT]) != FORMAT_NAME:
@@ -267,7 +267,7 @@ class Predictor:
       steps_list: step lists as in measure records (``["i"][1][1]``).
       store_features: ``(N, loop_stores, loop_dim)`` loop-nest vectors of the same programs;
         required by (and only by) a model of the "loop" feature version. They come from TVM:
-        ``tlp_jax.loop_features`` (records or states); ``tvm_cost_model`` passes them.
+        ``tlp_jax.tvm.loop_features`` (records or states); ``tvm_cost_model`` passes them.
 
     Returns:
       ``(N, *crop)`` float32.
@@ -281,7 +281,7 @@ class Predictor:
       raise PredictorError(
           f"this model also reads {self.loop_stores} loop-nest store vectors per program "
           "(the 'loop' feature version); compute them with TVM "
-          "(tlp_jax.loop_features) and pass store_features, or use tvm_cost_model")
+          "(tlp_jax.tvm.loop_features) and pass store_features, or use tvm_cost_model")
     stores = np.asarray(store_features, np.float32)
     if stores.shape != (len(steps_list), self.loop_stores, self.loop_dim):
       raise PredictorError(f"store_features must be ({len(steps_list)}, {self.loop_stores}, "
@@ -305,8 +305,8 @@ class Predictor:
   def _get_featurizer(self):
     if self._featurizer is None:
       if _features is None:
-        raise PredictorError("predict_steps needs tlp_jax.features (install tlp_jax or put "
-                             "tlp_jax/features.py on the path); predict(features) works without")
+        raise PredictorError("predict_steps needs tlp_jax.core.features (install tlp_jax or put "
+                             "tlp_jax/core/features.py on the path); predict(features) works without")
       # Frozen: steps unknown to the training vocabulary map to 0 (and are counted in the
       # featurizer's stats) instead of growing the table and shifting the feature layout.
       vocab = _features.Vocabulary.from_json(self.vocab_json, frozen=True)

@@ -183,7 +183,7 @@ def _decode_records(records, out: dict[str, np.ndarray], start: int, num_hw: int
   lists for scores/min_cost, int64 lists for mask/task_index); tests check equality with
   ``tfds.data_source`` reads.
   """
-  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.proto import tf_example_pb2    # pylint: disable=g-import-not-at-top
   parse = tf_example_pb2.Example.FromString
   feats, scores, mask, task, min_cost = [], [], [], [], []
   for rec in records:
@@ -206,7 +206,7 @@ def _decode_records(records, out: dict[str, np.ndarray], start: int, num_hw: int
 def _read_split(ds_dir: str, split: str, num_examples: int, crop, num_hw: int,
                 out_dir: str | None) -> dict[str, np.ndarray]:
   """Reads one split's array_record shards into arrays (``.npy`` memmaps when out_dir)."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module    # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
   shapes = {"features": ((num_examples,) + tuple(crop), np.float32),
             "scores": ((num_examples, num_hw), np.float32),

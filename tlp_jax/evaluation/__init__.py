@@ -1,0 +1,1 @@
+"""Top-k evaluation of a trained model on a built dataset, and its reports."""
