@@ -157,7 +157,7 @@ def test_ansor_search_calls_the_model_through_the_ffi(matmul_task):
   assert model.calls and sum(c.num_states for c in model.calls) >= 32
   # The returned states are the best-scored ones the search saw.
   best_scores = model.predict(matmul_task, list(best))
-  seen = np.asarray([c for c in model._cache.values()])  # pylint: disable=protected-access
+  seen = np.asarray([c for c in model._cache.values()])
   assert best_scores.min() >= np.sort(seen)[-len(seen) // 2]
 
 
