@@ -13,6 +13,7 @@ from tlp_jax.core import network_info
 from tlp_jax.core import records
 from tlp_jax.core import tenset
 from tlp_jax.tvm import collect
+from tlp_jax.tvm import search_tasks
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None
 needs_tvm = pytest.mark.skipif(not HAS_TVM, reason="TVM not installed (pip install -e '.[tvm]')")
@@ -69,7 +70,6 @@ def test_collect_tiny_task_end_to_end_and_resume(tmp_path):
 
   # all_tasks.pkl (for TenSet's scripts) holds every task, not just the processed slice; it
   # loads with the baseline's restricted unpickler.
-  from tlp_jax.tvm import search_tasks
   pickled = search_tasks.load_search_tasks(os.path.join(out, "network_info", "all_tasks.pkl"))
   assert sorted(t.workload_key for t in pickled) == sorted(net.workload_keys)
 

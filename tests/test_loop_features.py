@@ -115,7 +115,8 @@ def _tiny_export(tmp_path, crop, loop_stores=0, loop_dim=0):
 
 
 def test_loop_model_export_and_numpy_predictor(tmp_path):
-  steps = [[["SP", 2, 0, 64, [8, 4], 1], ["AN", 2, 0, 3]], [["PR", 2, 0, "auto_unroll_max_step$16"]]]
+  steps = [[["SP", 2, 0, 64, [8, 4], 1], ["AN", 2, 0, 3]],
+           [["PR", 2, 0, "auto_unroll_max_step$16"]]]
   tlp = npred.Predictor.load(_tiny_export(tmp_path, (25, 22)))
   assert tlp.format_version == npred.TLP_FORMAT_VERSION and tlp.loop_stores == 0
   with pytest.raises(npred.PredictorError, match="TLP step features only"):

@@ -1,8 +1,11 @@
 """Tests of the dataset schema shared by the builder and the loader (data_pipelines/schema.py)."""
 import dataclasses
+import json
 import os
+import shutil
 
 import numpy as np
+import pytest
 
 from data_pipelines import loader
 from data_pipelines import schema
@@ -40,3 +43,17 @@ def test_built_dataset_has_the_schema(built_sample_dataset, sample_arrays):
     for field, name in schema.ARRAY_NAMES.items():
       shape, dtype = specs[field]
       assert getattr(s, name).shape[1:] == shape and getattr(s, name).dtype == dtype
+
+
+def test_loader_refuses_another_metadata_format(built_sample_dataset, tmp_path):
+  src = schema.dataset_dir(built_sample_dataset, "xeon-emr-16c")
+  dst = schema.dataset_dir(str(tmp_path), "xeon-emr-16c")
+  shutil.copytree(src, dst, ignore=shutil.ignore_patterns(loader.CACHE_DIR))
+  path = os.path.join(dst, schema.METADATA_FILE)
+  with open(path) as f:
+    meta = json.load(f)
+  meta["format"] = schema.METADATA_FORMAT + 1
+  with open(path, "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(ValueError, match="metadata format"):
+    loader.load_arrays(str(tmp_path), "xeon-emr-16c", use_cache=False)

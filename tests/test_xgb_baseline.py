@@ -6,6 +6,8 @@ import types
 import numpy as np
 import pytest
 
+from tlp_jax.core import network_info
+from tlp_jax.tvm import collect
 from tlp_jax.tvm import xgb_baseline
 
 HAS_TVM = (importlib.util.find_spec("tvm") is not None
@@ -56,7 +58,6 @@ def test_align_to_split_rejects_other_records():
 @needs_tvm
 def test_xgb_baseline_end_to_end_on_freshly_collected_records(tmp_path):
   """Collect a tiny TenSet dir (two mlp sizes), hold one out, train XGBModel, score top-k."""
-  from tlp_jax.tvm import collect
   out = str(tmp_path / "tenset")
   specs = (collect.NetworkSpec.parse("mlp:1:28"), collect.NetworkSpec.parse("mlp:1:20"))
   cfg = collect.CollectConfig(out_dir=out, networks=specs, hardware="testhw", target="llvm",
@@ -80,7 +81,6 @@ def test_xgb_baseline_end_to_end_on_freshly_collected_records(tmp_path):
     assert z["pred"].shape == z["latency"].shape == (info["test_programs"],)
     assert np.all(np.isfinite(z["latency"])) and np.all(z["latency"] > 0)
     # Every hold-out prediction belongs to a workload of the held-out network.
-    from tlp_jax.core import network_info
     held = network_info.read_network_info(
         os.path.join(out, "network_info", "(mlp,[(1,20)]).json")).workload_keys
     assert set(z["workload_keys"].tolist()) <= held

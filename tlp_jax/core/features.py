@@ -97,7 +97,6 @@ STAT_LAYOUT_CHANGES = "layout_changes"
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
-
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):

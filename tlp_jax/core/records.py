@@ -34,8 +34,8 @@ import numpy as np
 
 from tlp_jax.core import features as features_lib
 
+# A module attribute (not a direct call of features_lib.json_loads) so tests can swap the parser.
 _loads_fast = features_lib.json_loads
-
 
 __all__ = ["ReadStats", "TaskFile", "Record", "read_task_file", "iter_records", "first_record",
            "read_lines", "lines_at", "mean_costs", "hardware_of_target", "RECORD_VERSION",

@@ -10,8 +10,8 @@ Stages (each resumable; a finished task is never redone, an interrupted one is r
    ``network_info/all_tasks.pkl`` (TVM's pickled ``SearchTask`` list, as TenSet ships it) is
    *written* for compatibility with TenSet's own scripts; this module never reads it.
 2. **dump** -- TenSet's ``dump_programs``: per task, a ``SketchPolicy`` with a random cost model
-   (``evolutionary_search_num_iters=1``, population ``min(N, 2560)``, at least 16) samples an initial
-   population, evolves it, keeps distinct states (by ``str(state)``) until ``N`` are found or 10
+   (``evolutionary_search_num_iters=1``, population ``min(N, 2560)``, at least 16) samples an
+   initial population, evolves it, keeps distinct states (by ``str(state)``) until ``N`` are found or 10
    rounds in a row bring nothing new (then re-samples), shuffles them, and writes
    ``to_measure_programs/([WORKLOAD_KEY,...],llvm).json`` with placeholder results.
 3. **measure** -- TenSet's ``measure_programs``: ``LocalBuilder`` (timeout 15 s) and

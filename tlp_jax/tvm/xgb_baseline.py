@@ -7,8 +7,8 @@ training tasks (the tasks outside the hold-out networks; records with an error c
 out, as in ANCHORS.md -- ``train_on_failed`` keeps them, as Ansor's tuner would), then
 ``predict()``-s every program of each hold-out task from its rebuilt state (per-store
 features, ``get_per_store_features_from_states``). The predictions are scored with
-:mod:`tlp_jax.core.metrics` top-k on the hold-out networks over the valid (error-free) programs, i.e.
-the same records, split and metric as ``eval.py``.
+:mod:`tlp_jax.core.metrics` top-k on the hold-out networks over the valid (error-free) programs,
+i.e. the same records, split and metric as ``eval.py``.
 
 The hold-out split is :mod:`tlp_jax.core.network_info`'s (default hold-out for the directory,
 every workload key of a hold-out network is test-only), so it is identical to the dataset's.
@@ -438,7 +438,8 @@ def main(argv) -> None:
     json.dump(summary, fh, indent=1)
   for hw, out in summary["hardware"].items():
     o = out["xgb_over_runs"]
-    line = (f"{hw}: XGB pooled top-1 {o['pooled top-1']['mean']:.3f}+-{o['pooled top-1']['std']:.3f}"
+    line = (f"{hw}: XGB pooled top-1 {o['pooled top-1']['mean']:.3f}"
+            f"+-{o['pooled top-1']['std']:.3f}"
             f" top-5 {o['pooled top-5']['mean']:.3f}+-{o['pooled top-5']['std']:.3f}")
     if out["tlp"]:
       line += (f" | TLP pooled top-1 {out['tlp']['pooled']['top-1']:.3f} "
