@@ -7,8 +7,6 @@ Builds the TFDS dataset from the TenSet-layout sample, trains the default recipe
 and ranks a few raw programs of a held-out task with the pure-NumPy predictor. Rerunning resumes
 training from the workdir's checkpoints.
 """
-import glob
-import json
 import logging as py_logging
 import os
 
@@ -16,6 +14,13 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from data_pipelines import loader
+from data_pipelines import tenset_tfds
+from tlp_jax.core import predictor as npred
+from tlp_jax.core import records
+from tlp_jax.core import tenset
+from tlp_jax.train import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Output folder.")
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", "data/sample/tenset-mini",
@@ -32,17 +37,14 @@ class _QuietLibraries(py_logging.Filter):
 
 
 def _held_out_programs(tenset_dir: str, hw: str, workload_key: str, limit: int):
-  """Raw step lists and measured mean costs of one task's valid records."""
-  pattern = os.path.join(tenset_dir, "measure_records", hw, "*.json")
-  for path in sorted(glob.glob(pattern)):
-    with open(path) as f:
-      texts = [line for line in f if line.strip()]
-    # Only the matching task's file is parsed whole.
-    if not texts or json.loads(texts[0])["i"][0][0] != workload_key:
+  """Raw step lists and cost labels (mean measured costs) of one task's first valid records."""
+  for path in tenset.task_files(tenset_dir, hw):
+    first = records.first_record(path)
+    # Only the matching task's file is read whole.
+    if first is None or first.workload_key != workload_key:
       continue
-    records = [json.loads(line) for line in texts]
-    good = [r for r in records if r["r"][1] == 0 and r["r"][0]][:limit]
-    return [r["i"][1][1] for r in good], [sum(r["r"][0]) / len(r["r"][0]) for r in good]
+    valid = [r for r in records.iter_records(path) if r.failure is None][:limit]
+    return [r.steps for r in valid], list(records.mean_costs([r.costs for r in valid]))
   return [], []
 
 
@@ -50,14 +52,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from tlp_jax.train import runtime  # pylint: disable=g-import-not-at-top
-  runtime.apply_config(_CONFIG.value)  # before JAX starts a backend
-  from data_pipelines import tenset_tfds  # pylint: disable=g-import-not-at-top
-  from tlp_jax.evaluation import eval_lib  # pylint: disable=g-import-not-at-top
-  from tlp_jax.train import export  # pylint: disable=g-import-not-at-top
-  from data_pipelines import loader  # pylint: disable=g-import-not-at-top
-  from tlp_jax.core import predictor as npred  # pylint: disable=g-import-not-at-top
-  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
+  runtime.apply_config(_CONFIG.value)
+  # The JAX side is imported only now: the config's XLA settings must be in the environment
+  # before anything (even a module-level constant) starts a JAX backend.
+  from tlp_jax.evaluation import eval_lib
+  from tlp_jax.train import export
+  from tlp_jax.train import train_lib
 
   workdir = os.path.abspath(_WORKDIR.value)
   data_dir = os.path.join(workdir, "data")

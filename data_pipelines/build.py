@@ -17,8 +17,8 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
-from tlp_jax.core import network_info
 from data_pipelines import tenset_tfds
+from tlp_jax.core import network_info
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", None, "TenSet-layout root directory.",
                                   required=True)
@@ -38,6 +38,23 @@ _LOOP_STORES = flags.DEFINE_integer(
 _MULTI = flags.DEFINE_bool("multi", True, "Also build the multi-hardware join config.")
 
 
+def tvm_store_features(tenset_dir: str) -> tenset_tfds.StoreFeatures:
+  """TVM's loop-nest store vectors of records, for the "loop" feature version (--loop_stores).
+
+  Registers every workload of ``network_info/all_tasks.pkl`` so TVM can replay the records.
+
+  Raises:
+    ImportError: TVM is not installed.
+    FileNotFoundError: the TenSet dir has no ``all_tasks.pkl``.
+  """
+  # TVM is an optional extra that only the "loop" feature version needs.
+  from tlp_jax.tvm import loop_features
+  from tlp_jax.tvm import search_tasks
+  search_tasks.register_tenset_tasks(tenset_dir)
+  return tenset_tfds.StoreFeatures(dim=loop_features.feature_dim(),
+                                   of_lines=loop_features.store_features_from_lines)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -51,8 +68,12 @@ def main(argv: Sequence[str]) -> None:
     configs = tenset_tfds.make_configs(_TENSET_DIR.value, hardware=_HARDWARE.value,
                                        holdout=_HOLDOUT.value, seed=_SEED.value, crop=crop,
                                        multi=_MULTI.value, loop_stores=_LOOP_STORES.value)
-    metas = tenset_tfds.build(_TENSET_DIR.value, _DATA_DIR.value, configs)
-  except (FileNotFoundError, network_info.NetworkInfoError, tenset_tfds.DatasetBuildError) as e:
+    store_features = (tvm_store_features(_TENSET_DIR.value) if _LOOP_STORES.value > 0
+                      else None)
+    metas = tenset_tfds.build(_TENSET_DIR.value, _DATA_DIR.value, configs,
+                              store_features=store_features)
+  except (FileNotFoundError, ImportError, network_info.NetworkInfoError,
+          tenset_tfds.DatasetBuildError) as e:
     sys.exit(f"error: {e}")
   elapsed = time.perf_counter() - start
   for meta in metas:

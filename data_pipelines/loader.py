@@ -11,7 +11,6 @@ No JAX, and TFDS is imported only when the cache has to be (re)made.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -20,12 +19,12 @@ import shutil
 from typing import Any, Mapping
 
 import numpy as np
+import tqdm
 
-BUILDER_NAME = "tenset"
-SPLITS = ("train", "validation", "test")
+from data_pipelines import schema
+
 CACHE_DIR = "arrays_cache"
 CACHE_FORMAT = 1
-FIELDS = ("features", "scores", "mask", "task_index", "min_cost")
 _DECODE_BATCH = 16384
 
 
@@ -106,15 +105,15 @@ class DatasetArrays:
 
   def split(self, name: str) -> SplitArrays:
     """``train``, ``validation`` or ``test``."""
-    if name not in SPLITS:
-      raise ValueError(f"unknown split {name!r}; choose one of {SPLITS}")
+    if name not in schema.SPLITS:
+      raise ValueError(f"unknown split {name!r}; choose one of {schema.SPLITS}")
     return getattr(self, name)
 
   def summary(self) -> str:
     """A few lines: sizes per split and hardware, tasks, hold-out networks."""
     lines = [f"{self.config_name}: hardware {', '.join(self.hardware)}, {self.platform}, "
              f"features {self.crop}, {len(self.tasks)} tasks, seed {self.seed}"]
-    for name in SPLITS:
+    for name in schema.SPLITS:
       s = self.split(name)
       per_hw = ", ".join(f"{hw} {int(s.mask[:, h].sum())}" for h, hw in enumerate(self.hardware))
       n_tasks = np.unique(np.asarray(s.task_index)).size
@@ -131,39 +130,35 @@ class DatasetArrays:
 
 def find_dataset_dir(data_dir: str, config_name: str, version: str | None = None) -> str:
   """``DATA_DIR/tenset/CONFIG/VERSION`` (newest version when ``version`` is None)."""
-  config_dir = os.path.join(data_dir, BUILDER_NAME, config_name)
+  config_dir = schema.config_dir(data_dir, config_name)
   if not os.path.isdir(config_dir):
-    root = os.path.join(data_dir, BUILDER_NAME)
+    root = os.path.dirname(config_dir)
     have = sorted(os.listdir(root)) if os.path.isdir(root) else []
     raise DatasetNotFoundError(
         f"{config_dir}: no such dataset config; built configs in {root}: {have or 'none'} "
         "(build with python -m data_pipelines.build)")
   if version is None:
     versions = [v for v in os.listdir(config_dir)
-                if os.path.isfile(os.path.join(config_dir, v, "dataset_info.json"))]
+                if os.path.isfile(os.path.join(config_dir, v, schema.DATASET_INFO_FILE))]
     if not versions:
       raise DatasetNotFoundError(f"{config_dir}: no complete version folder")
     version = max(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
-  path = os.path.join(config_dir, version)
-  if not os.path.isfile(os.path.join(path, "dataset_info.json")):
-    raise DatasetNotFoundError(f"{path}: no dataset_info.json (incomplete build?)")
+  path = schema.dataset_dir(data_dir, config_name, version)
+  if not os.path.isfile(os.path.join(path, schema.DATASET_INFO_FILE)):
+    raise DatasetNotFoundError(f"{path}: no {schema.DATASET_INFO_FILE} (incomplete build?)")
   return path
-
-
-def _shard_files(ds_dir: str, split: str) -> list[str]:
-  return sorted(glob.glob(os.path.join(ds_dir, f"{BUILDER_NAME}-{split}.array_record-*")))
 
 
 def dataset_fingerprint(ds_dir: str) -> str:
   """Hash of the dataset's info/metadata files and of its record files' names, sizes, mtimes."""
   h = hashlib.sha256()
-  for name in ("dataset_info.json", "features.json", "metadata.json"):
+  for name in (schema.DATASET_INFO_FILE, "features.json", schema.METADATA_FILE):
     path = os.path.join(ds_dir, name)
     if os.path.exists(path):
       with open(path, "rb") as f:
         h.update(name.encode() + b"\0" + f.read() + b"\0")
-  for split in SPLITS:
-    for path in _shard_files(ds_dir, split):
+  for split in schema.SPLITS:
+    for path in schema.shard_files(ds_dir, split):
       st = os.stat(path)
       # Whole seconds: copies made with tar/rsync keep mtimes only to the second.
       h.update(f"{os.path.basename(path)}:{st.st_size}:{int(st.st_mtime)}\n".encode())
@@ -171,7 +166,7 @@ def dataset_fingerprint(ds_dir: str) -> str:
 
 
 def _split_lengths(ds_dir: str) -> dict[str, int]:
-  with open(os.path.join(ds_dir, "dataset_info.json"), "rb") as f:
+  with open(os.path.join(ds_dir, schema.DATASET_INFO_FILE), "rb") as f:
     info = json.load(f)
   return {s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in info["splits"]}
 
@@ -183,36 +178,35 @@ def _decode_records(records, out: dict[str, np.ndarray], start: int, num_hw: int
   lists for scores/min_cost, int64 lists for mask/task_index); tests check equality with
   ``tfds.data_source`` reads.
   """
-  from tensorflow_datasets.proto import tf_example_pb2    # pylint: disable=g-import-not-at-top
+  # TFDS is imported only to (re)make the cache: cached loads need neither it nor protobuf.
+  from tensorflow_datasets.proto import tf_example_pb2
   parse = tf_example_pb2.Example.FromString
   feats, scores, mask, task, min_cost = [], [], [], [], []
   for rec in records:
     fm = parse(rec).features.feature
-    feats.append(fm["features"].bytes_list.value[0])
-    scores.extend(fm["score"].float_list.value)
-    mask.extend(fm["mask"].int64_list.value)
-    task.extend(fm["task_index"].int64_list.value)
-    min_cost.extend(fm["min_cost"].float_list.value)
+    feats.append(fm[schema.FEATURES].bytes_list.value[0])
+    scores.extend(fm[schema.SCORE].float_list.value)
+    mask.extend(fm[schema.MASK].int64_list.value)
+    task.extend(fm[schema.TASK_INDEX].int64_list.value)
+    min_cost.extend(fm[schema.MIN_COST].float_list.value)
   n = len(feats)
   end = start + n
-  out["features"][start:end] = np.frombuffer(b"".join(feats), np.float32).reshape(
-      (n,) + out["features"].shape[1:])
-  out["scores"][start:end] = np.asarray(scores, np.float32).reshape(n, num_hw)
-  out["mask"][start:end] = np.asarray(mask, np.int64).reshape(n, num_hw) != 0
-  out["task_index"][start:end] = np.asarray(task, np.int64)
-  out["min_cost"][start:end] = np.asarray(min_cost, np.float32).reshape(n, num_hw)
+  arr = schema.ARRAY_NAMES
+  out[arr[schema.FEATURES]][start:end] = np.frombuffer(b"".join(feats), np.float32).reshape(
+      (n,) + out[arr[schema.FEATURES]].shape[1:])
+  out[arr[schema.SCORE]][start:end] = np.asarray(scores, np.float32).reshape(n, num_hw)
+  out[arr[schema.MASK]][start:end] = np.asarray(mask, np.int64).reshape(n, num_hw) != 0
+  out[arr[schema.TASK_INDEX]][start:end] = np.asarray(task, np.int64)
+  out[arr[schema.MIN_COST]][start:end] = np.asarray(min_cost, np.float32).reshape(n, num_hw)
 
 
 def _read_split(ds_dir: str, split: str, num_examples: int, crop, num_hw: int,
                 out_dir: str | None) -> dict[str, np.ndarray]:
   """Reads one split's array_record shards into arrays (``.npy`` memmaps when out_dir)."""
-  from array_record.python import array_record_module    # pylint: disable=g-import-not-at-top
-  import tqdm  # pylint: disable=g-import-not-at-top
-  shapes = {"features": ((num_examples,) + tuple(crop), np.float32),
-            "scores": ((num_examples, num_hw), np.float32),
-            "mask": ((num_examples, num_hw), np.bool_),
-            "task_index": ((num_examples,), np.int32),
-            "min_cost": ((num_examples, num_hw), np.float32)}
+  from array_record.python import array_record_module  # only to (re)make the cache, as TFDS
+  specs = schema.example_specs(crop, num_hw)
+  shapes = {name: ((num_examples,) + specs[field][0], specs[field][1])
+            for field, name in schema.ARRAY_NAMES.items()}
   out = {}
   for name, (shape, dtype) in shapes.items():
     if out_dir is None:
@@ -223,7 +217,7 @@ def _read_split(ds_dir: str, split: str, num_examples: int, crop, num_hw: int,
   pos = 0
   with tqdm.tqdm(total=num_examples, desc=f"decoding {split}", unit=" ex", mininterval=2,
                  disable=num_examples < 200_000) as bar:
-    for path in _shard_files(ds_dir, split):
+    for path in schema.shard_files(ds_dir, split):
       reader = array_record_module.ArrayRecordReader(path)
       try:
         total = reader.num_records()
@@ -257,7 +251,7 @@ def _load_cache(cache: str, fingerprint: str, mmap: bool) -> dict[str, dict] | N
   try:
     return {split: {name: np.load(os.path.join(cache, f"{split}.{name}.npy"),
                                   mmap_mode="r" if mmap else None, allow_pickle=False)
-                    for name in FIELDS} for split in SPLITS}
+                    for name in schema.FIELDS} for split in schema.SPLITS}
   except (OSError, ValueError) as e:
     logging.warning("%s: unreadable array cache (%s); rebuilding", cache, e)
     return None
@@ -277,7 +271,7 @@ def _build_arrays(ds_dir: str, fingerprint: str, crop, num_hw: int, use_cache: b
                       ds_dir, e)
       use_cache = False
   arrays = {split: _read_split(ds_dir, split, lengths.get(split, 0), crop, num_hw,
-                               tmp if use_cache else None) for split in SPLITS}
+                               tmp if use_cache else None) for split in schema.SPLITS}
   if not use_cache:
     return arrays
   with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
@@ -306,8 +300,11 @@ def load_arrays(data_dir: str, config_name: str, version: str | None = None,
     DatasetNotFoundError: nothing built there (the message lists the built configs).
   """
   ds_dir = find_dataset_dir(data_dir, config_name, version)
-  with open(os.path.join(ds_dir, "metadata.json"), "rb") as f:
+  with open(os.path.join(ds_dir, schema.METADATA_FILE), "rb") as f:
     meta = json.load(f)
+  if meta.get("format") != schema.METADATA_FORMAT:
+    raise ValueError(f"{ds_dir}: metadata format {meta.get('format')!r}, this loader reads "
+                     f"{schema.METADATA_FORMAT}; rebuild the dataset")
   fingerprint = dataset_fingerprint(ds_dir)
   hardware = tuple(meta["hardware"])
   crop = tuple(int(c) for c in meta["crop"])
@@ -329,7 +326,7 @@ def load_arrays(data_dir: str, config_name: str, version: str | None = None,
       missing_workload_keys=tuple(n["missing_workload_keys"])) for n in meta["networks"])
   return DatasetArrays(
       config_name=config_name,
-      **{split: SplitArrays(**arrays[split]) for split in SPLITS},
+      **{split: SplitArrays(**arrays[split]) for split in schema.SPLITS},
       hardware=hardware, tasks=tasks, networks=networks, vocab_json=meta["vocab_json"],
       platform=meta["platform"], crop=crop, read_stats=meta["read_stats"],
       holdout=tuple(meta["holdout"]), seed=int(meta["seed"]), metadata=meta,

@@ -4,8 +4,9 @@ Keeps TenSet's exact layout and copies files byte for byte:
 
 * ``network_info/*.json`` for every network (not ``*.task.pkl``);
 * ``network_info/all_tasks.pkl`` cut down to the sampled tasks, when the source has one and TVM
-  is installed (the "loop" feature version replays records with it). Read with the XGBoost
-  baseline's restricted unpickler, written back as the same pickled list of ``SearchTask``;
+  is installed (the "loop" feature version replays records with it). Read with
+  ``tlp_jax.tvm.search_tasks``'s restricted unpickler, written back as the same pickled list of
+  ``SearchTask``;
 * ``measure_records/HW/*.json`` of every task of the hold-out networks, on every hardware that
   measured it (so evaluation covers all hold-out networks);
 * plus training tasks, round-robin over the non-hold-out networks (each network's tasks in
@@ -22,30 +23,23 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import pickle
 import shutil
 from typing import Sequence
 
+from absl import app
+from absl import flags
 from absl import logging
-import orjson
 
 from tlp_jax.core import network_info as network_info_lib
-from tlp_jax.tvm import loop_features
-
-MEASURE_DIR = "measure_records"
+from tlp_jax.core import records
+from tlp_jax.core import tenset
 
 
 def record_file_workload_key(path: str) -> str | None:
-  """Workload key of a measure-record file (from its first parsable line), None if empty."""
-  with open(path, "rb") as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        return orjson.loads(line)["i"][0][0]
-      except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-        continue
-  return None
+  """Workload key of a measure-record file (its first well-formed record), None if none."""
+  first = records.first_record(path)
+  return first.workload_key if first is not None else None
 
 
 def _sha1(text: str) -> str:
@@ -60,15 +54,15 @@ def plan_sample(tenset_dir: str, holdout: Sequence[str] | None = None,
   held = network_info_lib.select_holdout(nets, holdout)
   held_keys = network_info_lib.holdout_workload_keys(held)
 
-  root = os.path.join(tenset_dir, MEASURE_DIR)
-  hardware = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  root = tenset.measure_records_dir(tenset_dir)
+  hardware = tenset.hardware_folders(tenset_dir)
   # workload key -> {hw: file name}
   files: dict[str, dict[str, str]] = {}
   for hw in hardware:
-    for name in sorted(os.listdir(os.path.join(root, hw))):
-      wk = record_file_workload_key(os.path.join(root, hw, name))
+    for path in tenset.task_files(tenset_dir, hw):
+      wk = record_file_workload_key(path)
       if wk is not None:
-        files.setdefault(wk, {})[hw] = name
+        files.setdefault(wk, {})[hw] = os.path.basename(path)
 
   def size(wk):
     return sum(os.path.getsize(os.path.join(root, hw, n)) for hw, n in files[wk].items())
@@ -109,27 +103,28 @@ def make_sample(tenset_dir: str, out_dir: str, holdout: Sequence[str] | None = N
   plan = plan_sample(tenset_dir, holdout, budget_bytes)
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
-  os.makedirs(os.path.join(out_dir, network_info_lib.NETWORK_INFO_DIR))
+  os.makedirs(os.path.join(out_dir, tenset.NETWORK_INFO_DIR))
   for net in network_info_lib.load_network_infos(tenset_dir):
-    shutil.copyfile(net.path, os.path.join(out_dir, network_info_lib.NETWORK_INFO_DIR,
+    shutil.copyfile(net.path, os.path.join(out_dir, tenset.NETWORK_INFO_DIR,
                                            os.path.basename(net.path)))
   for hw, names in plan.items():
-    os.makedirs(os.path.join(out_dir, MEASURE_DIR, hw))
+    os.makedirs(tenset.measure_records_dir(out_dir, hw))
     for name in names:
-      shutil.copyfile(os.path.join(tenset_dir, MEASURE_DIR, hw, name),
-                      os.path.join(out_dir, MEASURE_DIR, hw, name))
-  src_tasks = os.path.join(tenset_dir, loop_features.ALL_TASKS_FILE)
+      shutil.copyfile(os.path.join(tenset.measure_records_dir(tenset_dir, hw), name),
+                      os.path.join(tenset.measure_records_dir(out_dir, hw), name))
+  src_tasks = tenset.all_tasks_path(tenset_dir)
   if os.path.isfile(src_tasks):
     keys = set()
     for hw, names in plan.items():
       for name in names:
-        keys.add(record_file_workload_key(os.path.join(out_dir, MEASURE_DIR, hw, name)))
+        keys.add(record_file_workload_key(
+            os.path.join(tenset.measure_records_dir(out_dir, hw), name)))
     try:
-      n = write_task_subset(src_tasks, keys, os.path.join(out_dir, loop_features.ALL_TASKS_FILE))
-      logging.info("sample: %d tasks in %s", n, loop_features.ALL_TASKS_FILE)
+      n = write_task_subset(src_tasks, keys, tenset.all_tasks_path(out_dir))
+      logging.info("sample: %d tasks in %s", n, tenset.ALL_TASKS_FILE)
     except ImportError:
       logging.warning("TVM not installed: the sample gets no %s (loop features need it)",
-                      loop_features.ALL_TASKS_FILE)
+                      tenset.ALL_TASKS_FILE)
   return plan
 
 
@@ -139,9 +134,9 @@ def write_task_subset(src: str, workload_keys: set[str], dst: str) -> int:
   Raises:
     ValueError: some wanted workload has no task in ``src``.
   """
-  import pickle  # pylint: disable=g-import-not-at-top
-  from tlp_jax.tvm import xgb_baseline  # pylint: disable=g-import-not-at-top
-  tasks = [t for t in xgb_baseline.load_search_tasks(src) if t.workload_key in workload_keys]
+  # Needs TVM (an optional extra); the rest of the sample does not.
+  from tlp_jax.tvm import search_tasks
+  tasks = [t for t in search_tasks.load_search_tasks(src) if t.workload_key in workload_keys]
   missing = workload_keys - {t.workload_key for t in tasks}
   if missing:
     raise ValueError(f"{src}: no task for {len(missing)} sampled workloads, e.g. "
@@ -154,7 +149,6 @@ def write_task_subset(src: str, workload_keys: set[str], dst: str) -> int:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags    # pylint: disable=g-import-not-at-top
   fv = flags.FLAGS
   plan = make_sample(fv.tenset_dir, fv.out_dir, fv.holdout or None, fv.budget_bytes)
   for hw, names in plan.items():
@@ -162,7 +156,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags    # pylint: disable=g-import-not-at-top,g-multiple-import
   flags.DEFINE_string("tenset_dir", None, "TenSet-layout source directory.", required=True)
   flags.DEFINE_string("out_dir", "data/sample/tenset-mini", "Where to write the sample.")
   flags.DEFINE_list("holdout", [], "Hold-out specs NAME[@SIZE]; default by dataset.")

@@ -4,14 +4,9 @@ A ``tfds.core.ShardBasedBuilder`` (see :class:`Tenset` for why not ``GeneratorBa
 
 One :class:`TensetConfig` per hardware folder of ``measure_records/`` plus a multi-hardware
 config that joins the same program across hardware by ``(workload_key, program_key)``. Every
-config has the same example structure (``H`` = number of hardware of the config)::
-
-    features   (L, E) float32   TLP primitive features (with ``loop_stores`` N > 0:
-                                (L + N, E + D), loop-nest store vectors appended as tokens)
-    score      (H,)   float32   min_cost / cost per hardware (0 where not measured)
-    mask       (H,)   bool      program has a valid measurement on that hardware
-    min_cost   (H,)   float32   the task's best cost (s) on that hardware (0 if none there)
-    task_index ()     int32     row of the task table in the dataset metadata
+config has the same example structure, :mod:`data_pipelines.schema` (with ``loop_stores``
+N > 0 the features are ``(L + N, E + D)``: loop-nest store vectors appended as tokens, given by
+the caller as :class:`StoreFeatures`; this module never imports TVM).
 
 Splits (TLP's protocol): ``test`` = every record of a task occurring in a hold-out network;
 the rest 90/10 ``train``/``validation`` by record (by joined program in the multi config), with
@@ -36,23 +31,19 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
 import numpy as np
-import orjson
 import tensorflow_datasets as tfds
 import tqdm
 
+from data_pipelines import schema
+from tlp_jax.core import features as features_lib
 from tlp_jax.core import network_info as network_info_lib
 from tlp_jax.core import records as records_lib
-from tlp_jax.core import features as features_lib
+from tlp_jax.core import tenset
 
-BUILDER_NAME = "tenset"
-VERSION = "1.0.0"
-MEASURE_DIR = "measure_records"
-SPLITS = ("train", "validation", "test")
-METADATA_FORMAT = 1
 # ~0.5 GB of llvm features per array_record shard.
 SHARD_SIZE = 200_000
 
@@ -84,9 +75,8 @@ class TensetConfig(tfds.core.BuilderConfig):
     seed: seed of the train/validation split.
     train_fraction: share of non-hold-out examples in ``train``.
     loop_stores: 0 = TLP's step features only. N > 0 = the "loop" feature version: each
-      program's first N loop-nest store vectors (:mod:`tlp_jax.tvm.loop_features`, needs
-      TVM and ``network_info/all_tasks.pkl``) appended as extra tokens, so examples are
-      ``(L + N, E + D)``.
+      program's first N loop-nest store vectors (:class:`StoreFeatures`, which the build
+      must be given) appended as extra tokens, so examples are ``(L + N, E + D)``.
   """
   hardware: tuple[str, ...] = ()
   platform: str = "llvm"
@@ -97,12 +87,21 @@ class TensetConfig(tfds.core.BuilderConfig):
   loop_stores: int = 0
 
 
-def example_shape(crop: Sequence[int], loop_stores: int, loop_dim: int) -> tuple[int, int]:
-  """Shape of one example's features: the TLP crop, plus the loop-nest tokens if any."""
-  length, width = (int(c) for c in crop)
-  if loop_stores:
-    return length + int(loop_stores), width + int(loop_dim)
-  return length, width
+@dataclasses.dataclass(frozen=True)
+class StoreFeatures:
+  """Where the "loop" feature version gets its loop-nest store vectors.
+
+  The caller that has TVM passes them (``data_pipelines.build`` when ``--loop_stores`` > 0,
+  from :mod:`tlp_jax.tvm.loop_features`), so the builder never imports TVM.
+
+  Attributes:
+    dim: values per store vector (``D``).
+    of_lines: ``(raw record lines, max_stores, where) -> ((n, max_stores, dim) float32,
+      stats)`` where the stats add with ``+`` and have ``to_dict()``; raises ``RuntimeError``
+      or ``ValueError`` when the records cannot be featurized (reported as a build error).
+  """
+  dim: int
+  of_lines: Callable[[Sequence[bytes], int, str], tuple[np.ndarray, Any]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,36 +132,14 @@ class StagedHardware:
     return int(self.scores.shape[0])
 
 
-def hardware_folders(tenset_dir: str) -> list[str]:
-  """Sorted hardware folder names under ``measure_records/``."""
-  root = os.path.join(tenset_dir, MEASURE_DIR)
-  if not os.path.isdir(root):
-    raise DatasetBuildError(f"{root}: no measure_records folder (is {tenset_dir} a TenSet dir?)")
-  found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-  if not found:
-    raise DatasetBuildError(f"{root}: no hardware folders")
-  return found
-
-
-def _task_files(tenset_dir: str, hardware: str) -> list[str]:
-  folder = os.path.join(tenset_dir, MEASURE_DIR, hardware)
-  if not os.path.isdir(folder):
-    raise DatasetBuildError(f"{folder}: no such hardware folder; available: "
-                            f"{', '.join(hardware_folders(tenset_dir))}")
-  return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".json")]
-
-
 def detect_platform(tenset_dir: str, hardware: str) -> str:
-  """``llvm``/``cuda`` from the target of the first parsable record of a hardware folder."""
-  for path in _task_files(tenset_dir, hardware):
-    with open(path, "rb") as f:
-      for line in f:
-        try:
-          target = orjson.loads(line)["i"][0][1]
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-          continue
-        return features_lib.platform_of_target(target)
-  raise DatasetBuildError(f"{hardware}: no parsable record in {tenset_dir}/{MEASURE_DIR}")
+  """``llvm``/``cuda`` from the target of the first well-formed record of a hardware folder."""
+  for path in tenset.task_files(tenset_dir, hardware):
+    first = records_lib.first_record(path)
+    if first is not None:
+      return features_lib.platform_of_target(first.target)
+  raise DatasetBuildError(f"{hardware}: no parsable record in "
+                          f"{tenset.measure_records_dir(tenset_dir, hardware)}")
 
 
 class RecordStaging:
@@ -175,12 +152,18 @@ class RecordStaging:
   """
 
   def __init__(self, tenset_dir: str, work_dir: str,
-               crop: tuple[int, int] | None = None, loop_stores: int = 0):
+               crop: tuple[int, int] | None = None, loop_stores: int = 0,
+               store_features: StoreFeatures | None = None):
     self.tenset_dir = tenset_dir
     self.work_dir = work_dir
     self.crop = tuple(crop) if crop else None
     self.loop_stores = int(loop_stores)
-    self._tasks_registered = False
+    if self.loop_stores and store_features is None:
+      raise DatasetBuildError(
+          f"loop_stores={self.loop_stores} needs the loop-nest store vectors, which TVM "
+          "computes: build with python -m data_pipelines.build --loop_stores N (needs "
+          "pip install -e '.[tvm]')")
+    self.store_features = store_features
     self._featurizers: dict[str, Any] = {}
     self._staged: dict[str, StagedHardware] = {}
 
@@ -211,25 +194,18 @@ class RecordStaging:
     raise DatasetBuildError(f"feature layout of {list(hardware)} did not settle")
 
   def _store_features(self, path: str, line_numbers: np.ndarray):
-    """Loop-nest features of the given lines of one record file (TVM replays them)."""
-    from tlp_jax.tvm import loop_features  # pylint: disable=import-outside-toplevel
-    if not self._tasks_registered:
-      try:
-        loop_features.register_tenset_tasks(self.tenset_dir)
-      except (loop_features.LoopFeatureError, ImportError, ValueError) as e:
-        raise DatasetBuildError(f"loop features: {e}") from e
-      self._tasks_registered = True
+    """Loop-nest features of the given lines of one record file."""
     try:
-      return loop_features.store_features_from_lines(
-          loop_features.read_lines(path, line_numbers), self.loop_stores, where=path)
-    except loop_features.LoopFeatureError as e:
+      return self.store_features.of_lines(records_lib.lines_at(path, line_numbers),
+                                          self.loop_stores, path)
+    except (RuntimeError, ValueError) as e:
       raise DatasetBuildError(str(e)) from e
 
   def _stage(self, hardware: str) -> StagedHardware:
     platform = detect_platform(self.tenset_dir, hardware)
     featurizer = self.featurizer(platform)
     loop_stats = None
-    paths = _task_files(self.tenset_dir, hardware)
+    paths = tenset.task_files(self.tenset_dir, hardware)
     os.makedirs(self.work_dir, exist_ok=True)
     # A fresh file per read: a re-read must not truncate a file an older memmap still maps.
     feat_path = tempfile.mkstemp(prefix=f"{hardware}.", suffix=".f32", dir=self.work_dir)
@@ -404,7 +380,7 @@ def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[Sta
                                   if t.workload_key not in key_to_task],
     })
   return {
-      "format": METADATA_FORMAT,
+      "format": schema.METADATA_FORMAT,
       "config": config.name,
       "hardware": list(config.hardware),
       "platform": config.platform,
@@ -479,37 +455,44 @@ class Tenset(tfds.core.ShardBasedBuilder):
   (the trainer shuffles anyway) and keeps examples in plan order (test grouped by task).
   """
 
-  VERSION = tfds.core.Version(VERSION)
+  VERSION = tfds.core.Version(schema.VERSION)
 
   def __init__(self, *, tenset_dir: str, staging: RecordStaging | None = None,
-               shard_size: int = SHARD_SIZE, **kwargs):
+               shard_size: int = SHARD_SIZE, store_features: StoreFeatures | None = None,
+               **kwargs):
     """Args: tenset_dir: TenSet root; staging: shared reader (one is made if None);
-    shard_size: examples per array_record shard."""
+    shard_size: examples per array_record shard; store_features: the loop-nest vectors of a
+    config with ``loop_stores`` > 0 (the staging's when it is given)."""
     self._tenset_dir = tenset_dir
     self._staging = staging
+    self._store_features = staging.store_features if staging is not None else store_features
     self._own_staging_dir = None
     self._shard_size = int(shard_size)
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
-    num_hw = len(cfg.hardware)
     crop = tuple(cfg.crop) if cfg.crop else tuple(features_lib.DEFAULT_CROP[cfg.platform])
-    if cfg.loop_stores:
-      from tlp_jax.tvm import loop_features  # pylint: disable=import-outside-toplevel
-      crop = example_shape(crop, cfg.loop_stores, loop_features.feature_dim())
+    loop_dim = self._store_features.dim if self._store_features is not None else 0
+    if cfg.loop_stores and not loop_dim:
+      raise DatasetBuildError(f"{cfg.name}: loop_stores={cfg.loop_stores} but no store features "
+                              "were given")
+    specs = schema.example_specs(schema.example_shape(crop, cfg.loop_stores, loop_dim),
+                                 len(cfg.hardware))
+    fields = {}
+    for name, (shape, dtype) in specs.items():
+      if name == schema.FEATURES:
+        # Raw bytes decode with one np.frombuffer (the array loader's fast path).
+        fields[name] = tfds.features.Tensor(shape=shape, dtype=dtype,
+                                            encoding=tfds.features.Encoding.BYTES)
+      elif not shape:
+        fields[name] = tfds.features.Scalar(dtype=dtype)
+      else:
+        fields[name] = tfds.features.Tensor(shape=shape, dtype=dtype)
     return tfds.core.DatasetInfo(
         builder=self,
         description="TenSet measure records with TLP primitive features.",
-        features=tfds.features.FeaturesDict({
-            # Raw bytes decode with one np.frombuffer (the array loader's fast path).
-            "features": tfds.features.Tensor(shape=crop, dtype=np.float32,
-                                             encoding=tfds.features.Encoding.BYTES),
-            "score": tfds.features.Tensor(shape=(num_hw,), dtype=np.float32),
-            "mask": tfds.features.Tensor(shape=(num_hw,), dtype=np.bool_),
-            "min_cost": tfds.features.Tensor(shape=(num_hw,), dtype=np.float32),
-            "task_index": tfds.features.Scalar(dtype=np.int32),
-        }),
+        features=tfds.features.FeaturesDict(fields),
         homepage="https://github.com/zhaiyi000/tlp",
         citation=_CITATION,
         metadata=tfds.core.MetadataDict(),
@@ -535,7 +518,8 @@ class Tenset(tfds.core.ShardBasedBuilder):
     if self._staging is None:
       self._own_staging_dir = tempfile.mkdtemp(prefix="tenset_staging_")
       self._staging = RecordStaging(self._tenset_dir, self._own_staging_dir, crop=cfg.crop,
-                                    loop_stores=cfg.loop_stores)
+                                    loop_stores=cfg.loop_stores,
+                                    store_features=self._store_features)
     staging = self._staging
     if staging.loop_stores != cfg.loop_stores:
       raise DatasetBuildError(f"{cfg.name}: config asks for loop_stores={cfg.loop_stores}, the "
@@ -552,14 +536,14 @@ class Tenset(tfds.core.ShardBasedBuilder):
         holdout_nets, staging.featurizer(cfg.platform).vocab.to_json(), crop, self._tenset_dir,
         tlp_crop=staging.featurizer(cfg.platform).crop))
     logging.info("%s: %s examples", cfg.name, self.info.metadata["examples"])
-    empty = [name for name in SPLITS if not plan.splits[name].size]
-    if len(empty) == len(SPLITS):
+    empty = [name for name in schema.SPLITS if not plan.splits[name].size]
+    if len(empty) == len(schema.SPLITS):
       raise DatasetBuildError(f"{cfg.name}: no examples at all")
     if empty:
       # TFDS cannot write an empty split; the loader reads a missing split as zero examples.
       logging.warning("%s: splits %s are empty and are not written", cfg.name, empty)
     out = {}
-    for name in SPLITS:
+    for name in schema.SPLITS:
       idx = plan.splits[name]
       if idx.size:
         out[name] = [functools.partial(self._generate_examples, plan, staged, chunk, name)
@@ -585,8 +569,8 @@ class Tenset(tfds.core.ShardBasedBuilder):
           if feats is None:
             # The same program (same step list) featurizes identically on every hardware.
             feats = np.asarray(staged[h].features[row[h]])
-      yield int(i), {"features": feats, "score": score, "mask": mask,
-                     "min_cost": min_cost[t], "task_index": t}
+      yield int(i), {schema.FEATURES: feats, schema.SCORE: score, schema.MASK: mask,
+                     schema.MIN_COST: min_cost[t], schema.TASK_INDEX: t}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,7 +592,7 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
   The multi config is made when there are at least two hardware of the same platform; with
   mixed platforms there is one per platform (named ``all-<platform>``).
   """
-  all_hw = hardware_folders(tenset_dir)
+  all_hw = tenset.hardware_folders(tenset_dir)
   hardware = list(hardware) if hardware else all_hw
   unknown = [h for h in hardware if h not in all_hw]
   if unknown:
@@ -624,7 +608,7 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
     raise DatasetBuildError(f"loop_stores must be >= 0, got {loop_stores}")
   common = dict(holdout=holdout, seed=seed, crop=tuple(crop) if crop else None,
                 train_fraction=train_fraction, loop_stores=int(loop_stores))
-  configs = [TensetConfig(name=hw, version=VERSION, hardware=(hw,), platform=platforms[hw],
+  configs = [TensetConfig(name=hw, version=schema.VERSION, hardware=(hw,), platform=platforms[hw],
                           description=f"{hw} measure records", **common) for hw in hardware]
   if multi:
     groups: dict[str, list[str]] = {}
@@ -636,24 +620,21 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
       name = multi_config_name(hws, all_hw)
       if len(groups) > 1 and name == "all":
         name = f"all-{platform}"
-      configs.append(TensetConfig(name=name, version=VERSION, hardware=tuple(hws),
+      configs.append(TensetConfig(name=name, version=schema.VERSION, hardware=tuple(hws),
                                   platform=platform,
                                   description=f"programs joined across {', '.join(hws)}",
                                   **common))
   return configs
 
 
-def dataset_dir(data_dir: str, config_name: str, version: str = VERSION) -> str:
-  """Where TFDS puts a config: ``DATA_DIR/tenset/CONFIG/VERSION``."""
-  return os.path.join(data_dir, BUILDER_NAME, config_name, version)
-
-
 def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig],
-          shard_size: int = SHARD_SIZE) -> list[dict]:
+          shard_size: int = SHARD_SIZE, store_features: StoreFeatures | None = None
+          ) -> list[dict]:
   """Builds (overwriting) every config into ``data_dir``; returns their metadata dicts.
 
   Hardware shared by several configs is read once (a temporary staging dir inside
   ``data_dir`` holds the featurized records during the build and is removed after).
+  ``store_features`` is required when the configs have ``loop_stores`` > 0.
   """
   os.makedirs(data_dir, exist_ok=True)
   crops = {c.crop for c in configs}
@@ -665,7 +646,7 @@ def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig],
   work = tempfile.mkdtemp(prefix="staging_", dir=data_dir)
   try:
     staging = RecordStaging(tenset_dir, work, crop=next(iter(crops)),
-                            loop_stores=next(iter(loops)))
+                            loop_stores=next(iter(loops)), store_features=store_features)
     metas = []
     for cfg in configs:
       builder = Tenset(tenset_dir=tenset_dir, staging=staging, config=cfg, data_dir=data_dir,

@@ -14,6 +14,9 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+from data_pipelines import loader  # noqa: E402
+from data_pipelines import tenset_tfds  # noqa: E402
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SAMPLE_TENSET_DIR = REPO_ROOT / "data" / "sample" / "tenset-mini"
 
@@ -30,7 +33,6 @@ def built_sample_dataset(tmp_path_factory, sample_tenset_dir) -> str:
 
   Shared by every test file: do not modify it (copy it first, see test_dataset.py).
   """
-  from data_pipelines import tenset_tfds  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path_factory.mktemp("tenset_data"))
   tenset_tfds.build(sample_tenset_dir, data_dir, tenset_tfds.make_configs(sample_tenset_dir))
   return data_dir
@@ -39,7 +41,6 @@ def built_sample_dataset(tmp_path_factory, sample_tenset_dir) -> str:
 @pytest.fixture(scope="session")
 def sample_arrays(built_sample_dataset):
   """``sample_arrays(config_name) -> DatasetArrays`` of the built sample (cached per config)."""
-  from data_pipelines import loader  # pylint: disable=g-import-not-at-top
 
   @functools.lru_cache(maxsize=None)
   def load(config_name: str = "epyc-9004"):

@@ -9,30 +9,14 @@ import os
 import numpy as np
 import pytest
 
-from tlp_jax.tvm import collect
 from tlp_jax.core import network_info
+from tlp_jax.core import records
+from tlp_jax.core import tenset
+from tlp_jax.tvm import collect
+from tlp_jax.tvm import search_tasks
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None
 needs_tvm = pytest.mark.skipif(not HAS_TVM, reason="TVM not installed (pip install -e '.[tvm]')")
-
-SHARED = "/work/shared/tenset-mini"
-
-
-def test_record_filename_is_tensets_clean_name():
-  wk = '["01a9e95783ea35e27c2cf5bba3555a81", [1, 128, 8, 8, 16], [1, 128, 1, 1, 16]]'
-  assert collect.record_filename(wk) == (
-      "([01a9e95783ea35e27c2cf5bba3555a81,[1,128,8,8,16],[1,128,1,1,16]],llvm).json")
-
-
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="shared tenset-mini not present")
-def test_record_filename_matches_every_shared_file():
-  folder = os.path.join(SHARED, "measure_records", "epyc-9004")
-  names = sorted(os.listdir(folder))[:40]
-  for name in names:
-    with open(os.path.join(folder, name), encoding="utf-8") as f:
-      rec = json.loads(f.readline())
-    assert collect.record_filename(rec["i"][0][0], "llvm") == name
-
 
 @pytest.mark.parametrize("flops,repeat", [
     (2416443392.0, 4), (3e9, 4), (2416443391.0, 6), (834928640.0, 6), (834928639.0, 8),
@@ -86,8 +70,7 @@ def test_collect_tiny_task_end_to_end_and_resume(tmp_path):
 
   # all_tasks.pkl (for TenSet's scripts) holds every task, not just the processed slice; it
   # loads with the baseline's restricted unpickler.
-  from tlp_jax.tvm import xgb_baseline
-  pickled = xgb_baseline.load_search_tasks(os.path.join(out, "network_info", "all_tasks.pkl"))
+  pickled = search_tasks.load_search_tasks(os.path.join(out, "network_info", "all_tasks.pkl"))
   assert sorted(t.workload_key for t in pickled) == sorted(net.workload_keys)
 
   files = os.listdir(os.path.join(out, "measure_records", "testhw"))
@@ -97,7 +80,7 @@ def test_collect_tiny_task_end_to_end_and_resume(tmp_path):
     recs = [json.loads(line) for line in f]
   assert len(recs) == 2
   wk = recs[0]["i"][0][0]
-  assert files[0] == collect.record_filename(wk)
+  assert files[0] == tenset.record_filename(wk)
   assert wk in net.workload_keys
   repeat = collect.repeat_for_flops(next(t.flop_ct for t in net.tasks if t.workload_key == wk))
   valid = [r for r in recs if r["r"][1] == 0]
@@ -114,8 +97,6 @@ def test_collect_tiny_task_end_to_end_and_resume(tmp_path):
   assert [r["i"][1][1] for r in recs] == dumped and dumped[0] != dumped[1]
 
   # The produced file feeds the data pipeline unchanged.
-  records = pytest.importorskip("tlp_jax.core.records",
-                                reason="tlp_jax.core.records (engineer A) not landed yet")
   tf = records.read_task_file(path)
   assert tf.workload_key == wk and tf.hardware == "testhw"
   assert tf.features.shape[0] == len(valid)

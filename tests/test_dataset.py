@@ -10,11 +10,13 @@ import textwrap
 import numpy as np
 import orjson
 import pytest
+import tensorflow_datasets as tfds
 
+from data_pipelines import loader
+from data_pipelines import schema
+from data_pipelines import tenset_tfds
 from tlp_jax.core import network_info as ni
 from tlp_jax.core import records
-from data_pipelines import tenset_tfds
-from data_pipelines import loader
 
 CONFIGS = ("epyc-9004", "xeon-emr-16c", "all")
 HW = ("epyc-9004", "xeon-emr-16c")
@@ -62,14 +64,14 @@ def test_holdout_split_disjoint_and_complete(sample_arrays, sample_tenset_dir, c
 def test_single_hardware_examples_match_records(sample_arrays, sample_tenset_dir):
   arrays = sample_arrays("epyc-9004")
   raw = [r for r in _raw_records(sample_tenset_dir, "epyc-9004") if r["r"][1] == 0]
-  n = sum(len(arrays.split(s)) for s in loader.SPLITS)
+  n = sum(len(arrays.split(s)) for s in schema.SPLITS)
   assert n == len(raw) == 2824
   keys = np.array(arrays.tasks.workload_keys)
   # Per task, min_cost / mean(cost) from the raw lines equals the stored scores.
   expected = collections.defaultdict(list)
   for r in raw:
     expected[r["i"][0][0]].append(float(np.mean(r["r"][0])))
-  for split in loader.SPLITS:
+  for split in schema.SPLITS:
     s = arrays.split(split)
     assert s.mask.all() and s.features.shape[1:] == (25, 22)
     for t in np.unique(s.task_index)[:10]:
@@ -102,7 +104,7 @@ def test_multi_hardware_join(sample_arrays, sample_tenset_dir):
     expected[(key[0],) + s + m] += 1
   got = collections.Counter()
   keys = multi.tasks.workload_keys
-  for split in loader.SPLITS:
+  for split in schema.SPLITS:
     s = multi.split(split)
     for i in range(len(s)):
       got[(keys[s.task_index[i]], s.scores[i, 0], s.scores[i, 1], bool(s.mask[i, 0]),
@@ -113,8 +115,8 @@ def test_multi_hardware_join(sample_arrays, sample_tenset_dir):
   # Per hardware, the multi config holds exactly the single-hardware config's programs.
   for h, hw in enumerate(HW):
     single = sample_arrays(hw)
-    n_single = sum(len(single.split(s)) for s in loader.SPLITS)
-    n_multi = sum(int(multi.split(s).mask[:, h].sum()) for s in loader.SPLITS)
+    n_single = sum(len(single.split(s)) for s in schema.SPLITS)
+    n_multi = sum(int(multi.split(s).mask[:, h].sum()) for s in schema.SPLITS)
     assert n_single == n_multi
   # min_cost per example is the task's min cost on each hardware where the task has records.
   t = multi.test
@@ -134,18 +136,17 @@ def test_read_stats_in_metadata(sample_arrays, sample_tenset_dir):
     meta = arrays.metadata
     assert meta["seed"] == 0 and meta["holdout"] == list(ni.TENSET_MINI_HOLDOUT)
     assert '"tlp_jax.vocabulary"' in arrays.vocab_json
-    assert meta["examples"] == {s: len(arrays.split(s)) for s in loader.SPLITS}
+    assert meta["examples"] == {s: len(arrays.split(s)) for s in schema.SPLITS}
   summary = sample_arrays("all").summary()
   assert "test: 847 examples" in summary and "xeon-emr-16c 524" in summary
 
 
 def test_loader_equals_data_source(sample_arrays, built_sample_dataset):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   for config in ("epyc-9004", "all"):
     arrays = sample_arrays(config)
     ds_dir = loader.find_dataset_dir(built_sample_dataset, config)
     sources = tfds.builder_from_directory(ds_dir).as_data_source()
-    for split in loader.SPLITS:
+    for split in schema.SPLITS:
       src, arr = sources[split], arrays.split(split)
       assert len(src) == len(arr)
       ex = src.__getitems__(list(range(len(src))))
@@ -166,7 +167,7 @@ def test_cache_hit_and_invalidation(tmp_path, sample_tenset_dir, sample_arrays, 
   first = loader.load_arrays(data_dir, "xeon-emr-16c")
   assert isinstance(first.train.features, np.memmap)
   ref = sample_arrays("xeon-emr-16c")
-  for split in loader.SPLITS:
+  for split in schema.SPLITS:
     np.testing.assert_array_equal(first.split(split).features, ref.split(split).features)
     np.testing.assert_array_equal(first.split(split).scores, ref.split(split).scores)
   # Second load must come from the cache: decoding is forbidden now.
@@ -181,7 +182,7 @@ def test_cache_hit_and_invalidation(tmp_path, sample_tenset_dir, sample_arrays, 
   second = loader.load_arrays(data_dir, "xeon-emr-16c")
   assert second.seed == 7 and second.fingerprint != first.fingerprint
   fresh = loader.load_arrays(data_dir, "xeon-emr-16c", use_cache=False)
-  for split in loader.SPLITS:
+  for split in schema.SPLITS:
     np.testing.assert_array_equal(second.split(split).features, fresh.split(split).features)
     np.testing.assert_array_equal(second.split(split).task_index, fresh.split(split).task_index)
   assert not np.array_equal(np.sort(second.validation.scores[:, 0]),
@@ -241,7 +242,8 @@ _NO_TF_SCRIPT = textwrap.dedent("""
     import tensorflow_datasets as tfds
     from data_pipelines import tenset_tfds
     from data_pipelines import loader
-    src = tfds.builder_from_directory(tenset_tfds.dataset_dir(data_dir, "all")).as_data_source()
+    from data_pipelines import schema
+    src = tfds.builder_from_directory(schema.dataset_dir(data_dir, "all")).as_data_source()
     ex = src["test"][0]
     assert ex["features"].shape == (25, 22) and ex["mask"].shape == (2,), ex
     arrays = loader.load_arrays(data_dir, "all")
@@ -266,7 +268,7 @@ def test_cli_build_and_read_without_tensorflow(tmp_path, sample_tenset_dir, samp
   # Same seed, same source: the CLI build equals the fixture's build (determinism).
   cli = loader.load_arrays(data_dir, "all")
   ref = sample_arrays("all")
-  for split in loader.SPLITS:
+  for split in schema.SPLITS:
     np.testing.assert_array_equal(cli.split(split).features, ref.split(split).features)
     np.testing.assert_array_equal(cli.split(split).scores, ref.split(split).scores)
   shutil.rmtree(data_dir)

@@ -2,15 +2,28 @@
 
 The NumPy parts run everywhere; replaying records and states needs TVM (skipped without it).
 """
+import dataclasses
 import importlib
 import importlib.util
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
+from data_pipelines import build as build_cli
+from data_pipelines import loader
+from data_pipelines import tenset_tfds
 from tlp_jax.core import features
+from tlp_jax.core import predictor as npred
+from tlp_jax.core import records
+from tlp_jax.evaluation import eval_lib
+from tlp_jax.train import export
+from tlp_jax.train import model as model_lib
+from tlp_jax.train import train_lib
+from tlp_jax.tvm import loop_features
+from tlp_jax.tvm import search_tasks
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None
 needs_tvm = pytest.mark.skipif(not HAS_TVM, reason="TVM not installed (pip install -e '.[tvm]')")
@@ -32,7 +45,6 @@ def test_append_loop_features_uses_disjoint_blocks():
 
 
 def test_pad_stores_crops_pads_and_counts():
-  from tlp_jax.tvm import loop_features
   progs = [np.ones((3, 2)), np.zeros((0, 2)), np.arange(2.0).reshape(1, 2)]
   out, stats = loop_features.pad_stores(progs, max_stores=2, dim=2)
   assert out.shape == (3, 2, 2)
@@ -43,7 +55,6 @@ def test_pad_stores_crops_pads_and_counts():
 
 
 def test_canonical_order_removes_store_and_buffer_permutations():
-  from tlp_jax.tvm import loop_features
   # Two buffer blocks of width 3 ("acc", "lines", "bytes") at 1 and 4, one leading value.
   names = ["x", "B0.acc_type.kRead", "B0.lines", "B0.bytes",
            "B1.acc_type.kRead", "B1.lines", "B1.bytes", "y"]
@@ -59,8 +70,6 @@ def test_canonical_order_removes_store_and_buffer_permutations():
 
 
 def test_model_input_follows_loop_tokens_mode(sample_arrays):
-  import dataclasses
-  from tlp_jax.train import train_lib
   tlp = sample_arrays("epyc-9004")
   loop = dataclasses.replace(tlp, crop=(25 + LOOP_STORES, 22 + 164),
                              metadata={**tlp.metadata, "loop_stores": LOOP_STORES,
@@ -93,9 +102,6 @@ def test_model_input_follows_loop_tokens_mode(sample_arrays):
 
 
 def _tiny_export(tmp_path, crop, loop_stores=0, loop_dim=0):
-  import jax
-  from tlp_jax.train import export
-  from tlp_jax.train import model as model_lib
   cfg = model_lib.TLPConfig(feature_dim=crop[1], seq_len=crop[0], encoder_dims=(8, 8),
                             attention_heads=2, res_blocks=1, decoder_dims=(8, 1),
                             input_norm="log1p")
@@ -109,8 +115,8 @@ def _tiny_export(tmp_path, crop, loop_stores=0, loop_dim=0):
 
 
 def test_loop_model_export_and_numpy_predictor(tmp_path):
-  from tlp_jax.core import predictor as npred
-  steps = [[["SP", 2, 0, 64, [8, 4], 1], ["AN", 2, 0, 3]], [["PR", 2, 0, "auto_unroll_max_step$16"]]]
+  steps = [[["SP", 2, 0, 64, [8, 4], 1], ["AN", 2, 0, 3]],
+           [["PR", 2, 0, "auto_unroll_max_step$16"]]]
   tlp = npred.Predictor.load(_tiny_export(tmp_path, (25, 22)))
   assert tlp.format_version == npred.TLP_FORMAT_VERSION and tlp.loop_stores == 0
   with pytest.raises(npred.PredictorError, match="TLP step features only"):
@@ -140,19 +146,17 @@ def test_export_rejects_loop_features_outside_the_crop(tmp_path):
 @pytest.fixture(scope="module")
 def loop_sample(tmp_path_factory, sample_tenset_dir):
   """The sample's epyc-9004 config built with LOOP_STORES loop-nest tokens."""
-  from data_pipelines import tenset_tfds
   data_dir = str(tmp_path_factory.mktemp("loop_data"))
   configs = tenset_tfds.make_configs(sample_tenset_dir, hardware=["epyc-9004"], multi=False,
                                      loop_stores=LOOP_STORES)
-  metas = tenset_tfds.build(sample_tenset_dir, data_dir, configs)
+  metas = tenset_tfds.build(sample_tenset_dir, data_dir, configs,
+                            store_features=build_cli.tvm_store_features(sample_tenset_dir))
   return data_dir, metas[0]
 
 
 @needs_tvm
 def test_build_appends_store_vectors_to_the_same_examples(loop_sample, sample_arrays,
                                                           sample_tenset_dir):
-  from tlp_jax.tvm import loop_features
-  from data_pipelines import loader
   data_dir, meta = loop_sample
   dim = loop_features.feature_dim()
   assert meta["loop_stores"] == LOOP_STORES and meta["loop_dim"] == dim
@@ -172,13 +176,12 @@ def test_build_appends_store_vectors_to_the_same_examples(loop_sample, sample_ar
     assert not np.asarray(a.features[:, 25:, :22]).any()
   # Every program has at least one store, and its vector is what TVM computes for its record.
   assert np.asarray(loop.train.features[:, 25]).any(axis=-1).all()
-  from tlp_jax.core import records
   folder = os.path.join(sample_tenset_dir, "measure_records", "epyc-9004")
   first_file = os.path.join(folder, sorted(os.listdir(folder))[0])
   valid_lines = records.read_task_file(first_file).line_numbers[:3]
-  loop_features.register_tenset_tasks(sample_tenset_dir)
+  search_tasks.register_tenset_tasks(sample_tenset_dir)
   stores, _ = loop_features.store_features_from_lines(
-      loop_features.read_lines(first_file, valid_lines), LOOP_STORES)
+      records.lines_at(first_file, valid_lines), LOOP_STORES)
   rows = np.concatenate([np.asarray(getattr(loop, split).features[:, 25:, 22:])
                          for split in ("train", "validation", "test")])
   for s in stores:
@@ -190,11 +193,10 @@ def test_records_and_tuner_states_give_the_same_store_vectors(sample_tenset_dir)
   """The dataset (records) and the tuner (states) compute identical loop-nest features."""
   from tvm.auto_scheduler.measure import recover_measure_input
   from tvm.auto_scheduler import measure_record
-  from tlp_jax.tvm import loop_features
-  loop_features.register_tenset_tasks(sample_tenset_dir)
+  search_tasks.register_tenset_tasks(sample_tenset_dir)
   folder = os.path.join(sample_tenset_dir, "measure_records", "epyc-9004")
   path = os.path.join(folder, sorted(os.listdir(folder))[3])
-  lines = loop_features.read_lines(path, [1, 2, 3])
+  lines = records.lines_at(path, [1, 2, 3])
   from_records, _ = loop_features.store_features_from_lines(lines, LOOP_STORES)
   inputs = [recover_measure_input(measure_record.load_record_from_string(l.decode())[0],
                                   rebuild_state=True) for l in lines]
@@ -207,40 +209,62 @@ def test_records_and_tuner_states_give_the_same_store_vectors(sample_tenset_dir)
 @needs_tvm
 def test_store_vectors_are_deterministic(sample_tenset_dir):
   """TVM returns stores and buffers in hash-map order; the canonical order removes that."""
-  from tlp_jax.core import records
-  from tlp_jax.tvm import loop_features
-  loop_features.register_tenset_tasks(sample_tenset_dir)
+  search_tasks.register_tenset_tasks(sample_tenset_dir)
   folder = os.path.join(sample_tenset_dir, "measure_records", "epyc-9004")
   paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder))[:30]]
 
   def all_vectors():
     return np.concatenate([loop_features.store_features_from_lines(
-        loop_features.read_lines(p, records.read_task_file(p).line_numbers), 10)[0]
+        records.lines_at(p, records.read_task_file(p).line_numbers), 10)[0]
                            for p in paths])
 
   first = all_vectors()
   np.testing.assert_array_equal(first, all_vectors())
 
 
-@needs_tvm
 def test_missing_tasks_file_is_a_clear_build_error(tmp_path, sample_tenset_dir):
-  from data_pipelines import tenset_tfds
   src = tmp_path / "tenset"
   shutil.copytree(sample_tenset_dir, src)
   os.remove(src / "network_info" / "all_tasks.pkl")
-  configs = tenset_tfds.make_configs(str(src), hardware=["xeon-emr-16c"], multi=False,
+  with pytest.raises(FileNotFoundError, match="all_tasks.pkl"):
+    build_cli.tvm_store_features(str(src))
+
+
+def test_loop_config_without_store_features_is_a_build_error(tmp_path, sample_tenset_dir):
+  """The builder never imports TVM: the loop-nest vectors must be given to it."""
+  configs = tenset_tfds.make_configs(sample_tenset_dir, hardware=["xeon-emr-16c"], multi=False,
                                      loop_stores=2)
-  with pytest.raises(tenset_tfds.DatasetBuildError, match="all_tasks.pkl"):
-    tenset_tfds.build(str(src), str(tmp_path / "data"), configs)
+  with pytest.raises(tenset_tfds.DatasetBuildError, match="data_pipelines.build --loop_stores"):
+    tenset_tfds.build(sample_tenset_dir, str(tmp_path / "data"), configs)
+
+
+def test_build_passes_store_vectors_of_the_kept_lines(tmp_path, sample_tenset_dir):
+  """The builder hands the raw lines of the kept records to the given store features."""
+  calls = []
+
+  def of_lines(lines, max_stores, where):
+    calls.append((where, lines))
+    n = len(lines)
+    out = np.zeros((n, max_stores, 3), np.float32)
+    out[:, 0, 1] = 1.0
+    return out, loop_features.LoopFeatureStats(programs=n)
+
+  configs = tenset_tfds.make_configs(sample_tenset_dir, hardware=["xeon-emr-16c"], multi=False,
+                                     loop_stores=2)
+  meta, = tenset_tfds.build(sample_tenset_dir, str(tmp_path / "data"), configs,
+                            store_features=tenset_tfds.StoreFeatures(dim=3, of_lines=of_lines))
+  assert meta["crop"] == [27, 25] and meta["loop_dim"] == 3
+  assert meta["loop_stats"]["xeon-emr-16c"]["programs"] == sum(meta["examples"].values())
+  where, lines = calls[0]
+  tf = records.read_task_file(where)
+  assert lines == records.lines_at(where, tf.line_numbers)
+  arrays = loader.load_arrays(str(tmp_path / "data"), "xeon-emr-16c")
+  assert np.all(np.asarray(arrays.train.features[:, 25, 23]) == 1.0)
 
 
 @needs_tvm
 def test_train_and_eval_a_loop_model(loop_sample, tmp_path):
   """configs/loopnest.py-shaped model trains on the loop dataset; eval goes through its export."""
-  import jax
-  from tlp_jax.evaluation import eval_lib
-  from data_pipelines import loader
-  from tlp_jax.train import train_lib
   data_dir, _ = loop_sample
   arrays = loader.load_arrays(data_dir, "epyc-9004")
   config = importlib.import_module("configs.test").get_config()
@@ -257,8 +281,6 @@ def test_train_and_eval_a_loop_model(loop_sample, tmp_path):
   assert 0.0 <= report["rows"]["TLP (workdir)"]["pooled"]["top-1"] <= 1.0
   # loop_tokens="off" on the same data trains a TLP model: it exports as one, with the step
   # crop, and the NumPy predictor scores TLP features with it.
-  from tlp_jax.train import export
-  from tlp_jax.core import predictor as npred
   config.loop_tokens = "off"
   off = train_lib.train_and_evaluate(config, str(tmp_path / "off"), dataset=arrays,
                                      devices=jax.devices()[:1])

@@ -68,10 +68,10 @@ def test_labels_by_hand():
 def test_mean_costs_match_numpy_mean_for_mixed_lengths():
     rng = np.random.default_rng(0)
     costs = [list(rng.uniform(1e-6, 1e-3, size=n)) for n in [1, 2, 3, 7, 8, 9, 10, 16, 17, 3, 10]]
-    got = R._mean_costs(costs)
+    got = R.mean_costs(costs)
     assert got.tolist() == [np.mean(c) for c in costs]
     same = [list(rng.uniform(1e-6, 1e-3, size=10)) for _ in range(20)]
-    assert R._mean_costs(same).tolist() == [np.mean(c) for c in same]
+    assert R.mean_costs(same).tolist() == [np.mean(c) for c in same]
 
 
 def test_every_kind_of_bad_line_is_counted_and_skipped():
@@ -266,13 +266,13 @@ def test_fuzz_reader_never_raises_and_fast_equals_full_parse(tmp_path_factory, l
         lines = [_TASK[0]] + lines
     path = tmp_path_factory.mktemp("fuzz") / "task.json"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    saved = R._loads_fast, F._fast_loads
+    saved = R._loads_fast, F.json_loads
     if no_orjson:
-        R._loads_fast, F._fast_loads = R._json_loads_strict, F._json_loads_strict
+        R._loads_fast, F.json_loads = F.json_loads_strict, F.json_loads_strict
     try:
         fast = R.read_task_file(str(path), featurizer=F.Featurizer("llvm"))
     finally:
-        R._loads_fast, F._fast_loads = saved
+        R._loads_fast, F.json_loads = saved
     full = R.read_task_file(str(path), featurizer=F.Featurizer("llvm"), fast=False)
     _invariant(fast.stats)
     assert fast.stats.lines == len(lines)
@@ -284,8 +284,8 @@ def test_fuzz_reader_never_raises_and_fast_equals_full_parse(tmp_path_factory, l
 def test_without_orjson_the_reader_gives_the_same_output(monkeypatch):
     paths = [_fixture("bad_lines.json"), _fixture("labels_task.json")]
     want = [R.read_task_file(p, featurizer=F.Featurizer("llvm")) for p in paths]
-    monkeypatch.setattr(R, "_loads_fast", R._json_loads_strict)
-    monkeypatch.setattr(F, "_fast_loads", F._json_loads_strict)
+    monkeypatch.setattr(R, "_loads_fast", F.json_loads_strict)
+    monkeypatch.setattr(F, "json_loads", F.json_loads_strict)
     for p, w in zip(paths, want):
         got = R.read_task_file(p, featurizer=F.Featurizer("llvm"))
         _assert_same(got, w)
@@ -300,3 +300,49 @@ def test_crlf_files_read_like_lf_files(tmp_path):
     crlf = R.read_task_file(str(path))
     _assert_same(crlf, R.read_task_file(_fixture("labels_task.json")))
     assert crlf.stats.fast_path_lines == crlf.stats.lines == 5
+
+
+# ---- the lower-level API (iter_records, first_record, lines_at) --------------------------------
+
+
+@pytest.mark.parametrize("name", ["bad_lines.json", "labels_task.json", "real_lines.json"])
+def test_iter_records_has_the_reader_labels_and_counts(name):
+    path = _fixture(name)
+    want = R.read_task_file(path, featurizer=F.Featurizer("llvm"))
+    stats = R.ReadStats()
+    recs = list(R.iter_records(path, stats))
+    valid = [r for r in recs if r.failure is None]
+    assert [r.line_number for r in valid] == want.line_numbers.tolist()
+    # The same labels, bit for bit, and the same join keys.
+    assert R.mean_costs([r.costs for r in valid]).tobytes() == want.costs.tobytes()
+    assert [r.program_key for r in valid] == want.program_keys.tolist()
+    _invariant(stats)
+    got, ref = stats.to_dict(), want.stats.to_dict()
+    for key in ("files", "lines", "kept", "failed", "malformed", "examples"):
+        assert got[key] == ref[key], key
+    assert sum(r.failure is not None for r in recs) == stats.num_failed
+    lines = R.read_lines(path)
+    assert all(lines[r.line_number - 1] == r.line for r in recs)
+    assert all(r.workload_key == want.workload_key and r.target == want.target for r in recs)
+
+
+def test_first_record_skips_bad_lines(tmp_path):
+    path = tmp_path / "task.json"
+    good = R.read_lines(_fixture("labels_task.json"))[0]
+    path.write_bytes(b"\n" + b"not json\n" + b'{"v": "v0.6"}\r\n' + good + b"\r\n")
+    first = R.first_record(str(path))
+    assert first.line_number == 4 and first.line == good
+    assert first == next(R.iter_records(str(path)))
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(b"\n\n")
+    assert R.first_record(str(empty)) is None
+
+
+def test_lines_at(tmp_path):
+    path = tmp_path / "crlf.json"
+    path.write_bytes(b"a\r\nb\nc")
+    assert R.lines_at(str(path), [3, 1]) == [b"c", b"a"]
+    with pytest.raises(IndexError, match="line 4 beyond"):
+        R.lines_at(str(path), [4])
+    with pytest.raises(IndexError, match="line 0 beyond"):
+        R.lines_at(str(path), [0])

@@ -5,8 +5,16 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
+
+from tlp_jax.core import features
+from tlp_jax.core import predictor as npred
+from tlp_jax.train import export
+from tlp_jax.train import model as model_lib
+from tlp_jax.tvm import cost_model as tvm_cost_model
+from tlp_jax.tvm import loop_features
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None
 needs_tvm = pytest.mark.skipif(not HAS_TVM, reason="TVM not installed (pip install -e '.[tvm]')")
@@ -75,7 +83,6 @@ def _states(task, n=8, seed=1):
 def test_steps_equal_the_record_files_steps(matmul_task, tmp_path):
   """The cost model sees exactly the step lists a measure record stores at ["i"][1][1]."""
   from tvm import auto_scheduler
-  from tlp_jax.tvm import cost_model as tvm_cost_model
   states = _states(matmul_task)
   path = str(tmp_path / "records.json")
   auto_scheduler.save_records(
@@ -89,7 +96,6 @@ def test_steps_equal_the_record_files_steps(matmul_task, tmp_path):
 
 @needs_tvm
 def test_predict_scores_each_state_with_the_predictor(matmul_task):
-  from tlp_jax.tvm import cost_model as tvm_cost_model
   fake = FakePredictor()
   model = tvm_cost_model.TLPCostModel(fake, tvm_cost_model.CostModelConfig(hardware="hw_b"))
   states = _states(matmul_task)
@@ -109,7 +115,6 @@ def test_predict_scores_each_state_with_the_predictor(matmul_task):
 
 @needs_tvm
 def test_softplus_transform_is_positive_and_order_preserving(matmul_task):
-  from tlp_jax.tvm import cost_model as tvm_cost_model
   states = _states(matmul_task)
   raw = tvm_cost_model.TLPCostModel(FakePredictor()).predict(matmul_task, states)
   soft = tvm_cost_model.TLPCostModel(
@@ -122,7 +127,6 @@ def test_softplus_transform_is_positive_and_order_preserving(matmul_task):
 
 @needs_tvm
 def test_config_errors():
-  from tlp_jax.tvm import cost_model as tvm_cost_model
   with pytest.raises(ValueError, match="score_transform"):
     tvm_cost_model.TLPCostModel(FakePredictor(),
                                 tvm_cost_model.CostModelConfig(score_transform="exp"))
@@ -132,7 +136,6 @@ def test_config_errors():
 
 @needs_tvm
 def test_platform_mismatch_is_an_error(matmul_task):
-  from tlp_jax.tvm import cost_model as tvm_cost_model
   fake = FakePredictor()
   fake.platform = "cuda"
   with pytest.raises(ValueError, match="platform"):
@@ -143,7 +146,6 @@ def test_platform_mismatch_is_an_error(matmul_task):
 def test_ansor_search_calls_the_model_through_the_ffi(matmul_task):
   """Ansor's C++ evolutionary search scores populations via our predict()."""
   from tvm import auto_scheduler
-  from tlp_jax.tvm import cost_model as tvm_cost_model
   fake = FakePredictor()
   model = tvm_cost_model.TLPCostModel(
       fake, tvm_cost_model.CostModelConfig(score_transform="softplus"))
@@ -157,21 +159,13 @@ def test_ansor_search_calls_the_model_through_the_ffi(matmul_task):
   assert model.calls and sum(c.num_states for c in model.calls) >= 32
   # The returned states are the best-scored ones the search saw.
   best_scores = model.predict(matmul_task, list(best))
-  seen = np.asarray([c for c in model._cache.values()])  # pylint: disable=protected-access
+  seen = np.asarray([c for c in model._cache.values()])
   assert best_scores.min() >= np.sort(seen)[-len(seen) // 2]
 
 
 @needs_tvm
 def test_with_the_real_numpy_predictor(matmul_task, tmp_path):
-  """End to end with an exported (randomly initialised) model, when export has landed."""
-  export = pytest.importorskip("tlp_jax.train.export", reason="tlp_jax.train.export (engineer B) not landed")
-  numpy_predictor = pytest.importorskip("tlp_jax.core.predictor",
-                                        reason="tlp_jax.core.predictor not landed")
-  import jax
-  from tlp_jax.core import features
-  from tlp_jax.train import model as model_lib
-  from tlp_jax.tvm import cost_model as tvm_cost_model
-
+  """End to end with an exported (randomly initialised) model."""
   vocab = features.Vocabulary.original("llvm")
   crop = (25, 22)
   # Small widths: the cost model does not depend on them, and init stays cheap.
@@ -193,14 +187,6 @@ def test_with_the_real_numpy_predictor(matmul_task, tmp_path):
 @needs_tvm
 def test_loop_model_scores_states_with_their_store_vectors(matmul_task, tmp_path):
   """A model of the "loop" feature version gets each state's loop-nest vectors from TVM."""
-  import jax
-  from tlp_jax.tvm import loop_features
-  from tlp_jax.train import export
-  from tlp_jax.core import features
-  from tlp_jax.train import model as model_lib
-  from tlp_jax.core import predictor as npred
-  from tlp_jax.tvm import cost_model as tvm_cost_model
-
   stores, dim = 3, loop_features.feature_dim()
   crop = (25 + stores, 22 + dim)
   cfg = model_lib.TLPConfig(feature_dim=crop[1], seq_len=crop[0], encoder_dims=(16, 16),

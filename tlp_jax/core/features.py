@@ -97,16 +97,29 @@ STAT_LAYOUT_CHANGES = "layout_changes"
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite number {text}")
+    return value
 
-def _json_loads_strict(text: bytes) -> Any:
-    return json.loads(text.decode("utf-8"))
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite constant {name}")
 
 
-try:  # optional: only speeds up parsing step texts
-    import orjson as _orjson
-    _fast_loads = _orjson.loads
+def json_loads_strict(data: bytes) -> Any:
+    """``orjson.loads`` without orjson, with its guarantees: strict UTF-8 (``json.loads`` of
+    bytes would accept surrogates) and never a NaN or an infinity."""
+    return json.loads(data.decode("utf-8"), parse_float=_finite_float,
+                      parse_constant=_reject_constant)
+
+
+try:  # orjson is a project dependency; json keeps the readers working without it.
+    import orjson
+    json_loads = orjson.loads
 except ImportError:  # pragma: no cover - exercised only without orjson
-    _fast_loads = _json_loads_strict
+    json_loads = json_loads_strict
 
 # A step text (after its leading '["') in TVM's exact layout with only ints of at most 18
 # digits (no "-0"), int lists and strings of [A-Za-z0-9_$.]: see featurize_step_texts.
@@ -697,7 +710,7 @@ class Featurizer:
                     # text is the canonical JSON, and orjson parses it to the same objects as
                     # json.
                     try:
-                        todo.append((piece, _fast_loads(text), None))
+                        todo.append((piece, json_loads(text), None))
                     except ValueError:  # pragma: no cover - the pattern admits valid JSON only
                         return False
                 else:
@@ -752,7 +765,7 @@ class Featurizer:
                 continue
             text = b'["' + piece + b"]"
             if _SIMPLE_STEP.fullmatch(piece) is not None:
-                rows.append(self._simple_step_row(_fast_loads(text), stats)[0])
+                rows.append(self._simple_step_row(json_loads(text), stats)[0])
                 canons.append(text)
                 continue
             step = json.loads(text.decode("utf-8"))

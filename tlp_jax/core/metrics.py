@@ -52,7 +52,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 # The original clamps normalised scores before turning them back into latencies, so a program
-# with (near) zero throughput has latency at most 1e5 x the task's best.
+# with (near) zero throughput has latency at most 1e5 x the task's best. The one floor of a
+# score in the project: the log-score losses (tlp_jax.train.losses) clamp with it too.
 SCORE_FLOOR = 1e-5
 
 DEFAULT_KS = (1, 5, 10, 20)

@@ -11,7 +11,7 @@ reads the JSON form ``(NAME,[(BATCH,SIZE)]).json``::
 
 Real TenSet ships ``((NAME,[(1,3,224,224)]),llvm).task.pkl`` instead: pickles of TVM
 ``SearchTask`` lists. Unpickling runs arbitrary code and needs TVM, so they are never read
-implicitly: ``python -m tlp_jax.core.network_info convert --tenset_dir DIR --allow_pickle``
+implicitly: ``python -m tlp_jax.tvm.search_tasks convert --tenset_dir DIR --allow_pickle``
 converts them once (only do this for a TenSet copy you trust), after which everything reads JSON.
 
 Hold-out (TLP's protocol): every workload key that occurs in a hold-out network goes to the test
@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 from typing import Iterable, Sequence
 
+from absl import app
+from absl import flags
 import numpy as np
 
-NETWORK_INFO_DIR = "network_info"
+from tlp_jax.core import tenset
 
 # Default hold-out networks (TLP's choice for TenSet; the three hold-out networks of tenset-mini,
 # see its README). :func:`default_holdout` picks the first list whose networks all exist.
@@ -47,8 +48,6 @@ TRAIN_FRACTION = 0.9
 
 _JSON_NAME = re.compile(
     r"^\(?\((?P<name>[^,()\[\]]+),\[\((?P<shape>[0-9, ]+)\)\]\)(?:,(?P<target>[^()]+)\))?\.json$")
-_PKL_NAME = re.compile(
-    r"^\(\((?P<name>[^,()\[\]]+),\[\((?P<shape>[0-9, ]+)\)\]\),(?P<target>.+)\)\.task\.pkl$")
 
 
 class NetworkInfoError(ValueError):
@@ -170,7 +169,7 @@ def load_network_infos(tenset_dir: str) -> list[NetworkInfo]:
     NetworkInfoError: no JSON network info (with instructions when only TenSet's pickles are
       there), or a malformed file.
   """
-  folder = os.path.join(tenset_dir, NETWORK_INFO_DIR)
+  folder = os.path.join(tenset_dir, tenset.NETWORK_INFO_DIR)
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder}: no network_info folder (is {tenset_dir} a TenSet dir?)")
   names = sorted(os.listdir(folder))
@@ -182,7 +181,7 @@ def load_network_infos(tenset_dir: str) -> list[NetworkInfo]:
           f"{folder} has {len(pkls)} TenSet *.task.pkl files but no JSON network info. Pickles "
           "are code execution and need TVM, so they are not read implicitly. If you trust this "
           "TenSet copy, convert them once (needs `pip install -e '.[tvm]'`): python -m "
-          f"tlp_jax.core.network_info convert --tenset_dir {tenset_dir} --allow_pickle")
+          f"tlp_jax.tvm.search_tasks convert --tenset_dir {tenset_dir} --allow_pickle")
     raise NetworkInfoError(f"{folder}: no network info (*.json) files")
   infos = [read_network_info(os.path.join(folder, n)) for n in jsons]
   infos.sort(key=lambda n: (n.name, n.batch_size, n.input_size, n.target))
@@ -280,99 +279,17 @@ def train_validation_split(num_records: int, seed: int,
   return np.sort(perm[:n_train]), np.sort(perm[n_train:])
 
 
-# ---------------------------------------------------------------------------------------------
-# Conversion of TenSet's pickled network info (needs TVM; explicit opt-in only).
-
-
-def _import_tvm_auto_scheduler():
-  try:
-    from tvm import auto_scheduler    # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise NetworkInfoError(
-        "converting TenSet *.task.pkl network info needs TVM: pip install -e '.[tvm]'") from e
-  return auto_scheduler
-
-
-def network_info_from_pickle(path: str) -> NetworkInfo:
-  """Loads one TenSet ``*.task.pkl`` (``(tasks, weights)``) with TVM. Executes pickled code!"""
-  m = _PKL_NAME.match(os.path.basename(path))
-  if not m:
-    raise _fail(path, "name is not ((NAME,[(SHAPE)]),TARGET).task.pkl")
-  _import_tvm_auto_scheduler()  # registers the SearchTask/ComputeDAG pickle hooks
-  import pickle  # pylint: disable=g-import-not-at-top
-  with open(path, "rb") as f:
-    loaded = pickle.load(f)  # explicit, documented opt-in (--allow_pickle)
-  try:
-    search_tasks, weights = loaded
-  except (TypeError, ValueError):
-    raise _fail(path, "expected a pickled (tasks, weights) pair") from None
-  if len(search_tasks) != len(weights):
-    raise _fail(path, f"{len(search_tasks)} tasks but {len(weights)} weights")
-  shape = [int(s) for s in m.group("shape").split(",")]
-  merged: dict[str, NetworkTask] = {}
-  for task, weight in zip(search_tasks, weights):
-    wk = str(task.workload_key)
-    flop_ct = float(task.compute_dag.flop_ct)
-    prev = merged.get(wk)
-    # A network can list one workload under two descs; its occurrences add up.
-    merged[wk] = NetworkTask(wk, int(weight) + (prev.weight if prev else 0),
-                             flop_ct if math.isfinite(flop_ct) else float("nan"),
-                             prev.desc if prev else str(getattr(task, "desc", "")))
-  return NetworkInfo(name=m.group("name"), batch_size=shape[0], input_size=shape[-1],
-                     tasks=tuple(merged.values()), target=m.group("target").split()[0], path=path)
-
-
 def json_file_name(net: NetworkInfo) -> str:
   """TenSet-layout JSON file name; the target is part of it when it is not plain llvm."""
   base = f"({net.name},[({net.batch_size},{net.input_size})])"
   return f"{base}.json" if net.target in ("", "llvm") else f"({base},{net.target}).json"
 
 
-def convert_pickles(tenset_dir: str, allow_pickle: bool = False,
-                    overwrite: bool = False) -> list[str]:
-  """Converts every ``network_info/*.task.pkl`` of a TenSet dir to the JSON form, once.
-
-  Args:
-    tenset_dir: TenSet root.
-    allow_pickle: must be True: unpickling executes code from the files.
-    overwrite: replace JSON files that already exist.
-
-  Returns:
-    The JSON paths written.
-  """
-  if not allow_pickle:
-    raise NetworkInfoError("refusing to unpickle TenSet network info without allow_pickle=True "
-                           "(--allow_pickle): pickles can execute arbitrary code")
-  folder = os.path.join(tenset_dir, NETWORK_INFO_DIR)
-  pkls = sorted(n for n in os.listdir(folder) if n.endswith(".task.pkl"))
-  if not pkls:
-    raise NetworkInfoError(f"{folder}: no *.task.pkl files to convert")
-  written = []
-  for name in pkls:
-    net = network_info_from_pickle(os.path.join(folder, name))
-    out = os.path.join(folder, json_file_name(net))
-    if os.path.exists(out) and not overwrite:
-      continue
-    with open(out + ".tmp", "w") as f:
-      json.dump(net.to_json_dict(), f, indent=1)
-    os.replace(out + ".tmp", out)
-    written.append(out)
-  return written
-
-
 def main(argv: Sequence[str]) -> None:
-  """``convert`` TenSet pickles to JSON, or ``list`` the networks and the default hold-out."""
-  from absl import flags    # pylint: disable=g-import-not-at-top
-  flag_values = flags.FLAGS
-  if len(argv) != 2 or argv[1] not in ("convert", "list"):
-    raise SystemExit("usage: python -m tlp_jax.core.network_info {convert,list} "
-                     "--tenset_dir DIR [--allow_pickle] [--overwrite]")
-  if argv[1] == "convert":
-    for path in convert_pickles(flag_values.tenset_dir, flag_values.allow_pickle,
-                                flag_values.overwrite):
-      print(f"wrote {path}")
-    return
-  nets = load_network_infos(flag_values.tenset_dir)
+  """Lists the networks of a TenSet dir and its default hold-out."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  nets = load_network_infos(flags.FLAGS.tenset_dir)
   for n in nets:
     print(f"{n.label}: {len(n.tasks)} tasks, {sum(t.weight for t in n.tasks)} occurrences")
   try:
@@ -382,9 +299,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags    # pylint: disable=g-import-not-at-top,g-multiple-import
   flags.DEFINE_string("tenset_dir", None, "TenSet root directory.", required=True)
-  flags.DEFINE_bool("allow_pickle", False,
-                    "convert: allow unpickling TenSet *.task.pkl (executes code; needs TVM).")
-  flags.DEFINE_bool("overwrite", False, "convert: replace existing JSON files.")
   app.run(main)

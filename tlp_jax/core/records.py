@@ -28,40 +28,18 @@ import logging
 import math
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from tlp_jax.core import features as features_lib
 
+# A module attribute (not a direct call of features_lib.json_loads) so tests can swap the parser.
+_loads_fast = features_lib.json_loads
 
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"non-finite number {text}")
-    return value
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite constant {name}")
-
-
-def _json_loads_strict(data: bytes) -> Any:
-    """The fast path's parser without orjson, with orjson's guarantees: strict UTF-8 (json.loads
-    of bytes would accept surrogates) and never a NaN or an infinity."""
-    return json.loads(data.decode("utf-8"), parse_float=_finite_float,
-                      parse_constant=_reject_constant)
-
-
-try:  # orjson is a project dependency; json keeps the reader working without it.
-    import orjson
-    _loads_fast = orjson.loads
-except ImportError:  # pragma: no cover - exercised only without orjson
-    _loads_fast = _json_loads_strict
-
-__all__ = ["ReadStats", "TaskFile", "read_task_file", "hardware_of_target",
-           "RECORD_VERSION", "MALFORMED_REASONS", "FAILED_REASONS"]
+__all__ = ["ReadStats", "TaskFile", "Record", "read_task_file", "iter_records", "first_record",
+           "read_lines", "lines_at", "mean_costs", "hardware_of_target", "RECORD_VERSION",
+           "MALFORMED_REASONS", "FAILED_REASONS"]
 
 RECORD_VERSION = "v0.6"
 MAX_EXAMPLES = 20
@@ -235,6 +213,23 @@ def _check_record(rec: Any) -> tuple[str, str, list, list | None, int]:
     return inp[0][0], inp[0][1], steps, costs, error_code
 
 
+def _parse_line(line: bytes) -> tuple[str, str, list, list | None, int]:
+    """Full parse (stdlib json) of one line: the reference semantics of every reader here.
+
+    Returns (workload key, target, steps, costs, error code); raises ``_Malformed``.
+    """
+    text = line.strip(b" \t\r\n")
+    if not text:
+        raise _Malformed(BLANK_LINE)
+    try:
+        rec = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _Malformed(NOT_UTF8) from None
+    except (ValueError, RecursionError):
+        raise _Malformed(INVALID_JSON) from None
+    return _check_record(rec)
+
+
 def _check_result(res: Any) -> tuple[list | None, int]:
     """Shape/type checks of a record's "r"; returns (costs, error_code)."""
     if not (isinstance(res, list) and len(res) >= 2 and type(res[1]) is int):
@@ -265,8 +260,17 @@ def _failure(costs: list | None, error_code: int) -> tuple[str | None, list[floa
     return None, values
 
 
-def _mean_costs(costs: list[list[float]]) -> np.ndarray:
-    """``np.mean`` of each list, bit-identical to the original's per-record ``np.mean``.
+def count_malformed(stats: ReadStats, path: str, lineno: int, reason: str) -> None:
+    """Counts a skipped line in ``stats`` (with the first ``MAX_EXAMPLES`` as examples)."""
+    stats.malformed[reason] += 1
+    if len(stats.examples) < MAX_EXAMPLES:
+        stats.examples.append((path, lineno, reason))
+
+
+def mean_costs(costs: Sequence[Sequence[float]]) -> np.ndarray:
+    """TLP's cost label of each record: ``np.mean`` of its measured costs (float64 seconds).
+
+    Bit-identical to the original's per-record ``np.mean``.
 
     Rows of equal length are reduced together; a contiguous last-axis sum uses the same
     pairwise summation as the 1-D sum, and padding would change its grouping, so no padding.
@@ -308,9 +312,7 @@ class _FileReader:
         self.line_numbers: list[int] = []
 
     def _skip(self, lineno: int, reason: str) -> None:
-        self.stats.malformed[reason] += 1
-        if len(self.stats.examples) < MAX_EXAMPLES:
-            self.stats.examples.append((self.path, lineno, reason))
+        count_malformed(self.stats, self.path, lineno, reason)
 
     def _first_record(self, line: bytes, rec: dict, key: str, target: str) -> None:
         self.key, self.target = key, target
@@ -377,17 +379,8 @@ class _FileReader:
 
     def _slow_line(self, lineno: int, line: bytes) -> None:
         """Full parse (stdlib json) of one line: the reference semantics."""
-        text = line.strip(b" \t\r\n")
-        if not text:
-            return self._skip(lineno, BLANK_LINE)
         try:
-            rec = json.loads(text.decode("utf-8"))
-        except UnicodeDecodeError:
-            return self._skip(lineno, NOT_UTF8)
-        except (ValueError, RecursionError):
-            return self._skip(lineno, INVALID_JSON)
-        try:
-            key, target, steps, costs, error_code = _check_record(rec)
+            key, target, steps, costs, error_code = _parse_line(line)
         except _Malformed as e:
             return self._skip(lineno, e.reason)
         # run() took the file's key and target from the first well-formed line (_establish).
@@ -487,15 +480,7 @@ def read_task_file(path: str | os.PathLike, hardware: str | None = None,
       A :class:`TaskFile` with the records that have a valid measurement.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    if b"\r\n" in data:
-        # CRLF files: the "\r" can only be whitespace after a record (a raw "\r" inside a JSON
-        # string is invalid anyway), and dropping it keeps such lines on the fast path.
-        data = data.replace(b"\r\n", b"\n")
-    lines = data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()  # the newline ending the last line
+    lines = read_lines(path)
     reader = _FileReader(path, hardware, featurizer, fast)
     reader.run(lines)
     if reader.featurizer is not None and reader.featurizer.layout != reader.start_layout:
@@ -519,7 +504,7 @@ def _task_file(reader: _FileReader, path: str, hardware: str | None) -> TaskFile
     features = np.frombuffer(b"".join(reader.feature_parts), dtype=np.float32)
     features = features.reshape((n,) + tuple(crop)).copy() if n else np.zeros(
         (0,) + tuple(crop), np.float32)
-    costs = _mean_costs(reader.costs)
+    costs = mean_costs(reader.costs)
     min_cost = float(costs.min()) if n else math.nan
     scores = min_cost / costs
     keys = np.frombuffer(b"".join(reader.digests), dtype="<u8").astype(np.uint64)
@@ -534,3 +519,113 @@ def _task_file(reader: _FileReader, path: str, hardware: str | None) -> TaskFile
                     min_cost=min_cost, program_keys=keys,
                     line_numbers=np.asarray(reader.line_numbers, dtype=np.int64),
                     stats=reader.stats, layout=fz.layout if fz is not None else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lower-level access for readers that need the records themselves (raw lines, step lists):
+# the XGBoost baseline, the loop-nest features, the demo. Same checks and labels as above.
+
+
+def read_lines(path: str | os.PathLike) -> list[bytes]:
+    """The lines of a record file as every reader here numbers them (1-based = index + 1)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if b"\r\n" in data:
+        # CRLF files: the "\r" can only be whitespace after a record (a raw "\r" inside a JSON
+        # string is invalid anyway), and dropping it keeps such lines on the fast path.
+        data = data.replace(b"\r\n", b"\n")
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the newline ending the last line
+    return lines
+
+
+def lines_at(path: str | os.PathLike, line_numbers: Sequence[int]) -> list[bytes]:
+    """The given 1-based lines of a record file (e.g. :attr:`TaskFile.line_numbers`).
+
+    Raises:
+      IndexError: a line number beyond the end of the file.
+    """
+    lines = read_lines(path)
+    out = []
+    for n in line_numbers:
+        if not 1 <= int(n) <= len(lines):
+            raise IndexError(f"{os.fspath(path)}: line {int(n)} beyond the end of the file "
+                             f"({len(lines)} lines)")
+        out.append(lines[int(n) - 1])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One well-formed record of a file.
+
+    ``failure`` is None for a valid measurement (then ``costs`` are its float costs, whose
+    :func:`mean_costs` is the label), else the reason in :data:`FAILED_REASONS` (``costs``
+    empty). ``line`` is the raw line, ``line_number`` 1-based.
+    """
+    line_number: int
+    line: bytes
+    workload_key: str
+    target: str
+    steps: list
+    costs: list
+    failure: str | None
+
+    @property
+    def program_key(self) -> int:
+        """``features.program_key`` of the record's canonical step list (the dataset's join key)."""
+        return features_lib.program_key(features_lib.canonical_steps_json(self.steps))
+
+
+def iter_records(path: str | os.PathLike, stats: ReadStats | None = None) -> Iterator[Record]:
+    """Every well-formed record of one file, valid or failed, in line order.
+
+    The checks are :func:`read_task_file`'s (full parse): malformed lines, and records of
+    another workload or target than the file's first well-formed record, are skipped and
+    counted in ``stats``, as are the kept and failed records. Unlike :func:`read_task_file`,
+    nothing is featurized, so a target of unknown platform is no reason to skip.
+    """
+    path = os.fspath(path)
+    lines = read_lines(path)
+    if stats is None:
+        stats = ReadStats()
+    stats.files += 1
+    stats.lines += len(lines)
+    key = target = None
+    for lineno, line in enumerate(lines, 1):
+        try:
+            rec_key, rec_target, steps, costs, error_code = _parse_line(line)
+        except _Malformed as e:
+            count_malformed(stats, path, lineno, e.reason)
+            continue
+        if key is None:
+            key, target = rec_key, rec_target
+        if rec_key != key:
+            count_malformed(stats, path, lineno, WORKLOAD_MISMATCH)
+            continue
+        if rec_target != target:
+            count_malformed(stats, path, lineno, TARGET_MISMATCH)
+            continue
+        reason, values = _failure(costs, error_code)
+        if reason is None:
+            stats.kept += 1
+        else:
+            stats.failed[reason] += 1
+        yield Record(lineno, line, rec_key, rec_target, steps, values, reason)
+
+
+def first_record(path: str | os.PathLike) -> Record | None:
+    """The first well-formed record of a file (it names the file's task and target), or None.
+
+    Reads only up to that record, so it is cheap on large files.
+    """
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                key, target, steps, costs, error_code = _parse_line(line)
+            except _Malformed:
+                continue
+            reason, values = _failure(costs, error_code)
+            return Record(lineno, line.rstrip(b"\r\n"), key, target, steps, values, reason)
+    return None

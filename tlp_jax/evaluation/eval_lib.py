@@ -347,7 +347,8 @@ def predictor_fn(predictor, hw: str, arrays=None) -> Callable[[np.ndarray], np.n
 def built_hardware(data_dir: str) -> dict[str, tuple[str, ...]]:
   """``{config name: hardware}`` of every dataset config built under ``data_dir``."""
   from data_pipelines import loader  # pylint: disable=g-import-not-at-top
-  root = os.path.join(data_dir, loader.BUILDER_NAME)
+  from data_pipelines import schema  # pylint: disable=g-import-not-at-top
+  root = os.path.join(data_dir, schema.BUILDER_NAME)
   out = {}
   for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
     try:

@@ -10,8 +10,8 @@ Stages (each resumable; a finished task is never redone, an interrupted one is r
    ``network_info/all_tasks.pkl`` (TVM's pickled ``SearchTask`` list, as TenSet ships it) is
    *written* for compatibility with TenSet's own scripts; this module never reads it.
 2. **dump** -- TenSet's ``dump_programs``: per task, a ``SketchPolicy`` with a random cost model
-   (``evolutionary_search_num_iters=1``, population ``min(N, 2560)``, at least 16) samples an initial
-   population, evolves it, keeps distinct states (by ``str(state)``) until ``N`` are found or 10
+   (``evolutionary_search_num_iters=1``, population ``min(N, 2560)``, at least 16) samples an
+   initial population, evolves it, keeps distinct states (by ``str(state)``) until ``N`` are found or 10
    rounds in a row bring nothing new (then re-samples), shuffles them, and writes
    ``to_measure_programs/([WORKLOAD_KEY,...],llvm).json`` with placeholder results.
 3. **measure** -- TenSet's ``measure_programs``: ``LocalBuilder`` (timeout 15 s) and
@@ -45,9 +45,14 @@ import time
 import zlib
 from typing import Callable, Iterable, Mapping, Sequence
 
+from absl import app
+from absl import flags
 import numpy as np
+from tqdm import tqdm
 
 from tlp_jax.core import network_info
+from tlp_jax.core import tenset
+from tlp_jax.tvm import tvm_import
 
 # Constants of TenSet's measure_programs.py (FLOP thresholds for the number of repeats).
 _REPEAT_BY_FLOPS = ((2416443392.0, 4), (834928640.0, 6))
@@ -58,17 +63,6 @@ _SMALL_TASK_FLOPS, _SMALL_TASK_REPEAT, _DEFAULT_REPEAT = 2097152.0, 10, 8
 _MIN_POPULATION = 16
 
 
-def _tvm():
-  """Imports TVM lazily, with install instructions when it is missing."""
-  try:
-    import tvm  # pylint: disable=import-outside-toplevel
-    from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError as e:
-    raise ImportError("tlp_jax.tvm.collect needs TVM: pip install -e '.[tvm]' "
-                      "(set TOPHUB_LOCATION=NONE when offline)") from e
-  return tvm
-
-
 # ----------------------------------------------------------------------------------------------
 # Networks (tvm.relay.testing). CNNs whose builders take a layout are built NHWC, as the shared
 # data is; the others only exist in NCHW.
@@ -76,48 +70,48 @@ def _tvm():
 
 def _resnet(num_layers):
   def build(batch, size):
-    from tvm.relay import testing    # pylint: disable=import-outside-toplevel
+    from tvm.relay import testing
     return testing.resnet.get_workload(num_layers=num_layers, batch_size=batch,
                                        image_shape=(size, size, 3), layout="NHWC")
   return build
 
 
 def _mobilenet(batch, size):
-  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing
   return testing.mobilenet.get_workload(batch_size=batch, image_shape=(size, size, 3),
                                         layout="NHWC")
 
 
 def _squeezenet(batch, size):
-  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing
   return testing.squeezenet.get_workload(batch_size=batch, version="1.1",
                                          image_shape=(3, size, size))
 
 
 def _inception_v3(batch, size):
-  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing
   return testing.inception_v3.get_workload(batch_size=batch, image_shape=(3, size, size))
 
 
 def _densenet_121(batch, size):
-  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing
   return testing.densenet.get_workload(densenet_size=121, batch_size=batch,
                                        image_shape=(3, size, size))
 
 
 def _dcgan(batch, size):
-  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing
   return testing.dcgan.get_workload(batch_size=batch, oshape=(3, size, size))
 
 
 def _vgg_11(batch, size):
-  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing
   return testing.vgg.get_workload(batch_size=batch, num_layers=11, image_shape=(3, size, size))
 
 
 def _mlp(batch, size):
   # A tiny two-dense-layer network: used by the tests; `size` is the square image side.
-  from tvm.relay import testing    # pylint: disable=import-outside-toplevel
+  from tvm.relay import testing
   return testing.mlp.get_workload(batch_size=batch, image_shape=(1, size, size))
 
 
@@ -210,19 +204,9 @@ def default_hardware_name() -> str:
 
 def default_target() -> str:
   """``llvm -mcpu=<host cpu>`` as LLVM detects it (what Ansor tunes for on this machine)."""
-  _tvm()
-  from tvm.target import codegen    # pylint: disable=import-outside-toplevel
+  tvm_import.require_tvm()
+  from tvm.target import codegen
   return f"llvm -mcpu={codegen.llvm_get_system_cpu()}"
-
-
-def clean_name(x) -> str:
-  """TenSet's ``clean_name``: ``str(x)`` without spaces and quotes."""
-  return str(x).replace(" ", "").replace('"', "").replace("'", "")
-
-
-def record_filename(workload_key: str, target_kind: str = "llvm") -> str:
-  """TenSet's measure-record / to-measure file name of a task (no folder)."""
-  return clean_name((workload_key, target_kind)) + ".json"
 
 
 def repeat_for_flops(flop_ct: float) -> int:
@@ -265,8 +249,8 @@ def _write_text(path: str, text: str) -> None:
 
 def extract_network_tasks(spec: NetworkSpec, target: str, num_cores: int | None):
   """Builds ``spec`` and extracts its tasks; returns ``(tasks, weights)`` (registers them)."""
-  tvm = _tvm()
-  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
+  tvm = tvm_import.require_tvm()
+  from tvm import auto_scheduler
   mod, params = NETWORKS[spec.name](spec.batch_size, spec.input_size)
   tgt = tvm.target.Target(target)
   hw = auto_scheduler.HardwareParams(num_cores=num_cores or os.cpu_count(), target=tgt)
@@ -289,8 +273,7 @@ def stage_tasks(config: CollectConfig, progress: bool = True) -> list:
   Network info files that already exist are kept (resume); the tasks are still extracted since
   extraction is what registers the workloads for the dump and measure stages.
   """
-  from tqdm import tqdm    # pylint: disable=import-outside-toplevel
-  info_dir = os.path.join(config.out_dir, "network_info")
+  info_dir = os.path.join(config.out_dir, tenset.NETWORK_INFO_DIR)
   unique, seen = [], set()
   for spec in tqdm(config.networks, desc="extract tasks", disable=not progress):
     tasks, weights = extract_network_tasks(spec, config.target, config.num_cores)
@@ -308,7 +291,7 @@ def stage_tasks(config: CollectConfig, progress: bool = True) -> list:
   def write(tmp):
     with open(tmp, "wb") as f:
       pickle.dump(unique, f)
-  _atomic_write(os.path.join(info_dir, "all_tasks.pkl"), write)
+  _atomic_write(tenset.all_tasks_path(config.out_dir), write)
   logging.info("%d unique tasks from %d networks", len(unique), len(config.networks))
   return unique[config.start_idx:config.end_idx]
 
@@ -319,7 +302,7 @@ def stage_tasks(config: CollectConfig, progress: bool = True) -> list:
 
 def _seeded_random_model(seed: int):
   """A cost model with uniform random scores, like TVM's RandomModel but with its own RNG."""
-  from tvm.auto_scheduler.cost_model.cost_model import PythonBasedModel    # pylint: disable=import-outside-toplevel
+  from tvm.auto_scheduler.cost_model.cost_model import PythonBasedModel
 
   class _SeededRandomModel(PythonBasedModel):
     def __init__(self):
@@ -342,7 +325,7 @@ def _unless_all_invalid(fn):
   bound inference; TVM then raises instead of returning nothing. That round counts as a
   fruitless retry, as in TenSet's loop, rather than aborting the whole collection.
   """
-  import tvm  # pylint: disable=import-outside-toplevel
+  tvm = tvm_import.require_tvm()
   try:
     return fn()
   except tvm.TVMError as e:
@@ -353,7 +336,7 @@ def _unless_all_invalid(fn):
 
 def sample_programs(task, size: int, seed: int, max_retry_iter: int = 10) -> list:
   """TenSet's dump_programs sampling: up to ``size`` distinct states, shuffled (seeded)."""
-  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
+  from tvm import auto_scheduler
   policy = auto_scheduler.SketchPolicy(
       task, program_cost_model=_seeded_random_model(seed),
       params={"evolutionary_search_num_iters": 1,
@@ -386,7 +369,7 @@ def sample_programs(task, size: int, seed: int, max_retry_iter: int = 10) -> lis
 
 def dump_task(task, path: str, size: int, seed: int) -> int:
   """Writes ``size`` sampled programs of ``task`` to ``path`` (placeholder results)."""
-  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
+  from tvm import auto_scheduler
   states = sample_programs(task, size, seed)
   inputs = [auto_scheduler.MeasureInput(task, s) for s in states]
   results = [auto_scheduler.MeasureResult([0.0], 0, "", 0, time.time()) for _ in states]
@@ -396,11 +379,10 @@ def dump_task(task, path: str, size: int, seed: int) -> int:
 
 def stage_dump(config: CollectConfig, tasks: Sequence, progress: bool = True) -> dict:
   """Dumps programs for every task without a to-measure file yet."""
-  from tqdm import tqdm    # pylint: disable=import-outside-toplevel
-  folder = os.path.join(config.out_dir, "to_measure_programs")
+  folder = os.path.join(config.out_dir, tenset.TO_MEASURE_DIR)
   done = skipped = programs = 0
   for task in tqdm(tasks, desc="dump programs", disable=not progress):
-    path = os.path.join(folder, record_filename(task.workload_key, str(task.target.kind)))
+    path = os.path.join(folder, tenset.record_filename(task.workload_key, str(task.target.kind)))
     if os.path.exists(path):
       skipped += 1
       continue
@@ -422,8 +404,8 @@ def measure_target(config: CollectConfig) -> str:
 
 def measure_task(task, to_measure_path: str, out_path: str, config: CollectConfig) -> dict:
   """Builds and runs every program of ``to_measure_path``; writes ``out_path`` atomically."""
-  tvm = _tvm()
-  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
+  tvm = tvm_import.require_tvm()
+  from tvm import auto_scheduler
   inputs = list(auto_scheduler.RecordReader(to_measure_path).read_lines()[0])
   target = tvm.target.Target(measure_target(config))
   mtask = auto_scheduler.SearchTask(
@@ -450,14 +432,13 @@ def measure_task(task, to_measure_path: str, out_path: str, config: CollectConfi
 
 def stage_measure(config: CollectConfig, tasks: Sequence, progress: bool = True) -> dict:
   """Measures every dumped task that has no measure-record file yet."""
-  from tqdm import tqdm    # pylint: disable=import-outside-toplevel
-  src = os.path.join(config.out_dir, "to_measure_programs")
-  dst = os.path.join(config.out_dir, "measure_records", config.hardware)
+  src = os.path.join(config.out_dir, tenset.TO_MEASURE_DIR)
+  dst = tenset.measure_records_dir(config.out_dir, config.hardware)
   summary = {"measured_tasks": 0, "already_measured": 0, "not_dumped": 0,
              "measured_programs": 0, "errors": 0}
   bar = tqdm(tasks, desc=f"measure on {config.hardware}", disable=not progress)
   for task in bar:
-    name = record_filename(task.workload_key, str(task.target.kind))
+    name = tenset.record_filename(task.workload_key, str(task.target.kind))
     out_path = os.path.join(dst, name)
     if os.path.exists(out_path):
       summary["already_measured"] += 1
@@ -478,7 +459,7 @@ STAGES = ("tasks", "dump", "measure")
 
 def collect(config: CollectConfig, progress: bool = True) -> dict:
   """Runs the requested stages; returns a summary dict. Safe to re-run after interruption."""
-  _tvm()
+  tvm_import.require_tvm()
   unknown = set(config.stages) - set(STAGES)
   if unknown:
     raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
@@ -500,7 +481,6 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
 
 
 def _define_flags():
-  from absl import flags    # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("out_dir", None, "TenSet-layout output root.", required=True)
   flags.DEFINE_list("networks", list(DEFAULT_NETWORKS), "NAME:BATCH:SIZE network specs; "
                     f"names: {', '.join(sorted(NETWORKS))}.")
@@ -519,7 +499,6 @@ def _define_flags():
 def main(argv: Iterable[str]) -> None:
   """CLI entry point (absl)."""
   del argv
-  from absl import flags    # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   config = CollectConfig(
       out_dir=f.out_dir,
@@ -538,6 +517,5 @@ def main(argv: Iterable[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app    # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main)

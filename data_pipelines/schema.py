@@ -1,0 +1,78 @@
+"""The built dataset's on-disk schema, shared by the builder (tenset_tfds) and the loader.
+
+Where a config lives: ``DATA_DIR/tenset/CONFIG/VERSION/`` with TFDS's ``dataset_info.json``
+and ``features.json``, our ``metadata.json`` (format :data:`METADATA_FORMAT`, written by
+``tenset_tfds.build_metadata``) and array_record shards ``tenset-SPLIT.array_record-*``.
+
+One example (``H`` = hardware of the config, ``(L, E)`` = the feature shape)::
+
+    features   (L, E) float32   TLP primitive features (+ loop-nest tokens, see example_shape)
+    score      (H,)   float32   min_cost / cost per hardware (0 where not measured)
+    mask       (H,)   bool      program has a valid measurement on that hardware
+    min_cost   (H,)   float32   the task's best cost (s) on that hardware (0 if none there)
+    task_index ()     int32     row of the task table in the dataset metadata
+
+The loader returns a split as arrays named :data:`ARRAY_NAMES` (``score`` -> ``scores``).
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Sequence
+
+import numpy as np
+
+BUILDER_NAME = "tenset"
+VERSION = "1.0.0"
+SPLITS = ("train", "validation", "test")
+METADATA_FORMAT = 1
+METADATA_FILE = "metadata.json"
+DATASET_INFO_FILE = "dataset_info.json"
+
+# Example fields, in the order the builder declares them.
+FEATURES = "features"
+SCORE = "score"
+MASK = "mask"
+MIN_COST = "min_cost"
+TASK_INDEX = "task_index"
+EXAMPLE_FIELDS = (FEATURES, SCORE, MASK, MIN_COST, TASK_INDEX)
+
+# Loader array name of each example field (the attributes of loader.SplitArrays); the order is
+# the loader's, and the names are those of its .npy cache files.
+ARRAY_NAMES = {FEATURES: "features", SCORE: "scores", MASK: "mask", TASK_INDEX: "task_index",
+               MIN_COST: "min_cost"}
+FIELDS = tuple(ARRAY_NAMES.values())
+
+
+def example_shape(crop: Sequence[int], loop_stores: int, loop_dim: int) -> tuple[int, int]:
+  """Shape of one example's features: the TLP crop, plus the loop-nest tokens if any."""
+  length, width = (int(c) for c in crop)
+  if loop_stores:
+    return length + int(loop_stores), width + int(loop_dim)
+  return length, width
+
+
+def example_specs(feature_shape: Sequence[int], num_hardware: int
+                  ) -> dict[str, tuple[tuple[int, ...], type]]:
+  """``{field: (shape, dtype)}`` of one example, in :data:`EXAMPLE_FIELDS` order."""
+  per_hw = (int(num_hardware),)
+  return {FEATURES: (tuple(int(d) for d in feature_shape), np.float32),
+          SCORE: (per_hw, np.float32),
+          MASK: (per_hw, np.bool_),
+          MIN_COST: (per_hw, np.float32),
+          TASK_INDEX: ((), np.int32)}
+
+
+def config_dir(data_dir: str, config_name: str) -> str:
+  """``DATA_DIR/tenset/CONFIG`` (holds one folder per version)."""
+  return os.path.join(data_dir, BUILDER_NAME, config_name)
+
+
+def dataset_dir(data_dir: str, config_name: str, version: str = VERSION) -> str:
+  """Where TFDS puts a config: ``DATA_DIR/tenset/CONFIG/VERSION``."""
+  return os.path.join(config_dir(data_dir, config_name), version)
+
+
+def shard_files(ds_dir: str, split: str) -> list[str]:
+  """The array_record shards of one split, in order."""
+  return sorted(glob.glob(os.path.join(ds_dir, f"{BUILDER_NAME}-{split}.array_record-*")))
