@@ -238,7 +238,7 @@ def test_missing_tasks_file_is_a_clear_build_error(tmp_path, sample_tenset_dir):
 def test_train_and_eval_a_loop_model(loop_sample, tmp_path):
   """configs/loopnest.py-shaped model trains on the loop dataset; eval goes through its export."""
   import jax
-  from tlp_jax.evaluation import eval_lib
+  from tlp_jax.evaluation import run as eval_run
   from data_pipelines import loader
   from tlp_jax.train import train_lib
   data_dir, _ = loop_sample
@@ -253,7 +253,8 @@ def test_train_and_eval_a_loop_model(loop_sample, tmp_path):
                                         devices=jax.devices()[:1])
   assert result.model_config.seq_len == 25 + LOOP_STORES
   assert np.isfinite(result.validation["val_loss"])
-  report = eval_lib.run(hw="epyc-9004", data_dir=data_dir, workdir=workdir, which="latest")
+  report = eval_run.evaluate_model(hw="epyc-9004", data_dir=data_dir, workdir=workdir,
+                                   which="latest")
   assert 0.0 <= report["rows"]["TLP (workdir)"]["pooled"]["top-1"] <= 1.0
   # loop_tokens="off" on the same data trains a TLP model: it exports as one, with the step
   # crop, and the NumPy predictor scores TLP features with it.
