@@ -55,7 +55,9 @@ def main(argv):
   runtime.apply_config(_CONFIG.value)
   # The JAX side is imported only now: the config's XLA settings must be in the environment
   # before anything (even a module-level constant) starts a JAX backend.
-  from tlp_jax.evaluation import eval_lib
+  from tlp_jax.evaluation import data as eval_data
+  from tlp_jax.evaluation import report as eval_report
+  from tlp_jax.evaluation import run as eval_run
   from tlp_jax.train import export
   from tlp_jax.train import train_lib
 
@@ -76,9 +78,9 @@ def main(argv):
   print("      last validation:", {k: round(v, 4) for k, v in result.validation.items()})
 
   print("[3/5] top-k on the held-out networks")
-  report = eval_lib.run(hw=_HW.value, data_dir=data_dir, workdir=train_dir)
-  paths = eval_lib.write_report(report, os.path.join(workdir, "eval"))
-  print(eval_lib.format_report(report))
+  report = eval_run.evaluate_model(hw=_HW.value, data_dir=data_dir, workdir=train_dir)
+  paths = eval_report.write_report(report, os.path.join(workdir, "eval"))
+  print(eval_report.format_report(report))
   print("      report:", ", ".join(paths.values()))
 
   model_path = os.path.join(workdir, "model.npz")
@@ -87,8 +89,7 @@ def main(argv):
 
   print("[5/5] ranking raw programs of a held-out task with the pure-NumPy predictor")
   predictor = npred.Predictor.load(model_path)
-  dataset = eval_lib.select_split(loader.load_arrays(data_dir, _HW.value), _HW.value,
-                                  "test")
+  dataset = eval_data.eval_data(loader.load_arrays(data_dir, _HW.value), _HW.value, "test")
   task_key = dataset.task_keys[int(dataset.task_index[0])]
   steps, costs = _held_out_programs(_TENSET_DIR.value, _HW.value, task_key, limit=8)
   scores = predictor.predict_steps(steps, hw=_HW.value)

@@ -12,13 +12,15 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from tlp_jax.evaluation import eval_lib
+from tlp_jax.evaluation import report as report_lib
+from tlp_jax.evaluation import run
+from tlp_jax.evaluation.data import EvalError
 
 _HW = flags.DEFINE_string("hw", None, "Hardware to evaluate on (a hardware of the dataset; for "
                           "an MTL model also the head to use).", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Built dataset directory.", required=True)
-_DATASET = flags.DEFINE_string("dataset", None, "Dataset config name (default: the data dir's "
-                               "default config).")
+_DATASET = flags.DEFINE_string("dataset", None, "Dataset config name (default: the config named "
+                               "--hw, else the first built config that has --hw).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its --checkpoint is exported "
                                "in memory).")
 _MODEL = flags.DEFINE_string("model", None, "Exported model .npz.")
@@ -37,17 +39,17 @@ def main(argv):
   if (_WORKDIR.value is None) == (_MODEL.value is None):
     raise app.UsageError("give exactly one of --workdir and --model")
   try:
-    report = eval_lib.run(
+    report = run.evaluate_model(
         hw=_HW.value, data_dir=_DATA_DIR.value, dataset=_DATASET.value,
         workdir=_WORKDIR.value, model_path=_MODEL.value, which=_CHECKPOINT.value,
         split=_SPLIT.value,
         ks=[int(k) for k in _KS.value], batch_size=_BATCH.value)
-  except eval_lib.EvalError as e:
+  except EvalError as e:
     # A user error (unknown hardware, missing head, ...): the message says it all.
     raise SystemExit(f"eval.py: error: {e}") from None
-  paths = eval_lib.write_report(report, eval_lib.default_out_dir(_OUT.value, _WORKDIR.value,
-                                                                 _MODEL.value))
-  print(eval_lib.format_report(report))
+  out_dir = report_lib.default_out_dir(_OUT.value, _WORKDIR.value, _MODEL.value)
+  paths = report_lib.write_report(report, out_dir)
+  print(report_lib.format_report(report))
   logging.info("wrote %s", ", ".join(paths.values()))
 
 

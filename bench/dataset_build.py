@@ -1,6 +1,6 @@
 r"""Dataset build and array-loader throughput.
 
-  python bench/dataset_build.py --tenset_dir /work/shared/tenset-mini \
+  python -m bench.dataset_build --tenset_dir /work/shared/tenset-mini \
       [--scale_records 1000000] [--out bench/results/dataset_build.json]
 
 1. Builds every config of ``--tenset_dir`` (all hardware + the multi config) and times it.
@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -29,12 +28,10 @@ from absl import flags
 import numpy as np
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
 
-from data_pipelines import tenset_tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data_pipelines import loader  # pylint: disable=g-import-not-at-top,wrong-import-position
-import machine_info  # pylint: disable=wrong-import-position  # bench/ is sys.path[0]
+from data_pipelines import tenset_tfds
+from data_pipelines import loader
+from bench import common
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", "/work/shared/tenset-mini", "TenSet root.")
 _OUT = flags.DEFINE_string("out", os.path.join(_REPO, "bench", "results", "dataset_build.json"),
@@ -46,8 +43,8 @@ _PER_TASK = flags.DEFINE_integer("records_per_task", 4000, "Scale run: records p
 
 
 def _machine() -> dict:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return machine_info.machine_info(tensorflow_datasets=tfds.__version__)
+  import tensorflow_datasets as tfds
+  return common.machine_info(tensorflow_datasets=tfds.__version__)
 
 
 def _timed_loads(data_dir: str, config: str) -> dict:
@@ -160,7 +157,7 @@ def main(argv) -> None:
   finally:
     if not _WORK.value:
       shutil.rmtree(work, ignore_errors=True)
-  machine_info.write_json(_OUT.value, results)
+  common.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Compares, on the same files:
 
 Prints a table and writes ``bench/results/featurize_throughput.json``.
 
-  python bench/featurize_throughput.py [--tenset_dir /work/shared/tenset-mini] [--repeats 5]
+  python -m bench.featurize_throughput [--tenset_dir /work/shared/tenset-mini] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -22,18 +22,16 @@ import glob
 import json
 import os
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tlp_jax.core import records as records_lib  # noqa: E402
-from tlp_jax.core import features as features_lib  # noqa: E402
-import machine_info  # pylint: disable=wrong-import-position  # bench/ is sys.path[0]
+from tlp_jax.core import records as records_lib
+from tlp_jax.core import features as features_lib
+from bench import common
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", "/work/shared/tenset-mini",
                                   "TenSet-layout root holding measure_records/.")
@@ -144,8 +142,8 @@ def main(argv):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "data": {"tenset_dir": _TENSET_DIR.value, "hardware": list(groups), "files": num_files,
                  "records": num_lines, "bytes": num_bytes},
-        "machine": machine_info.machine_info(load_avg_1m_at_start=load_at_start,
-                                             load_avg_1m_at_end=os.getloadavg()[0]),
+        "machine": common.machine_info(load_avg_1m_at_start=load_at_start,
+                                       load_avg_1m_at_end=os.getloadavg()[0]),
         "note": ("records/s counts input lines (kept + failed + malformed) per second of one "
                  "process; cpu = process_time, wall = perf_counter; the machine may be shared, "
                  "so cpu time is the steadier measure."),
@@ -153,7 +151,7 @@ def main(argv):
         "repeats": _REPEATS.value,
         "results": results,
     }
-    machine_info.write_json(_OUT.value, report)
+    common.write_json(_OUT.value, report)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,16 @@ r"""Host-side throughput on this (CPU-only) machine, aggregated from the per-sta
 
 Runs, each in its own process (so one stage's memory and threads don't colour the next):
 
-* ``bench/featurize_throughput.py`` -- TenSet records -> TLP features, records/s;
-* ``bench/dataset_build.py`` -- TFDS dataset build, first (decode + cache) and cached array
+* ``bench.featurize_throughput`` -- TenSet records -> TLP features, records/s;
+* ``bench.dataset_build`` -- TFDS dataset build, first (decode + cache) and cached array
   loads, examples/s (``--scale_records`` replicated records for a TenSet-scale build);
-* ``bench/predictor_throughput.py`` -- the pure-NumPy predictor, programs/s;
+* ``bench.predictor_throughput`` -- the pure-NumPy predictor, programs/s;
 
 then writes one summary ``bench/results/host-<cpu>-<N>core.json`` (the stage reports inside)
 and prints a table. ``--reuse`` aggregates the stage JSONs already in ``--stage_dir`` instead of
 running the stages again.
 
-    python bench/host_throughput.py [--scale_records 200000] [--reuse]
+    python -m bench.host_throughput [--scale_records 200000] [--reuse]
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-import machine_info  # bench/ is sys.path[0] when run as a script
+from bench import common
 
 _BENCH = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_BENCH)
 _RESULTS = os.path.join(_BENCH, "results")
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", "/work/shared/tenset-mini", "TenSet root.")
@@ -42,13 +43,13 @@ _OUT = flags.DEFINE_string("out", None, "Summary JSON (default results/host-<cpu
 _REUSE = flags.DEFINE_bool("reuse", False, "Aggregate existing stage JSONs; run nothing.")
 _TIMEOUT = flags.DEFINE_integer("stage_timeout_s", 3600, "Per-stage time limit.")
 
-STAGES = {  # name -> (script, its JSON, extra arguments builder)
-    "featurize": ("featurize_throughput.py", "featurize_throughput.json",
+STAGES = {  # name -> (module, its JSON, extra arguments builder)
+    "featurize": ("bench.featurize_throughput", "featurize_throughput.json",
                   lambda: ["--tenset_dir", _TENSET_DIR.value]),
-    "dataset_build": ("dataset_build.py", "dataset_build.json",
+    "dataset_build": ("bench.dataset_build", "dataset_build.json",
                       lambda: ["--tenset_dir", _TENSET_DIR.value,
                                "--scale_records", str(_SCALE.value)]),
-    "predictor": ("predictor_throughput.py", "predictor_throughput.json",
+    "predictor": ("bench.predictor_throughput", "predictor_throughput.json",
                   lambda: ["--records",
                            os.path.join(_TENSET_DIR.value, "measure_records", "epyc-9004")]),
 }
@@ -56,13 +57,13 @@ STAGES = {  # name -> (script, its JSON, extra arguments builder)
 
 def run_stage(name: str) -> dict[str, Any]:
   """Runs one stage script; returns its JSON plus wall time (or the error)."""
-  script, out_name, extra = STAGES[name]
+  module, out_name, extra = STAGES[name]
   out = os.path.join(_STAGE_DIR.value, out_name)
-  cmd = [sys.executable, os.path.join(_BENCH, script), "--out", out] + extra()
+  cmd = [sys.executable, "-m", module, "--out", out] + extra()
   logging.info("running %s", " ".join(cmd))
   t0 = time.time()
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value,
-                        check=False)
+  proc = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True,
+                        timeout=_TIMEOUT.value, check=False)
   wall = time.time() - t0
   if proc.returncode != 0:
     logging.error("%s failed (rc %d):\n%s", name, proc.returncode, proc.stderr[-3000:])
@@ -124,22 +125,20 @@ def main(argv):
     else:
       stages[name] = run_stage(name)
   rows = summarize(stages)
-  cpu = machine_info.cpu_model()
+  cpu = common.cpu_model()
   ncpu = os.cpu_count() or 0
   out = _OUT.value or os.path.join(
       _RESULTS, f"host-{re.sub(r'[^a-z0-9]+', '-', cpu.lower()).strip('-')}-{ncpu}core.json")
   summary = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "machine": machine_info.machine_info(loadavg_1m_start=load_start,
-                                           loadavg_1m_end=os.getloadavg()[0]),
+      "machine": common.machine_info(loadavg_1m_start=load_start,
+                                     loadavg_1m_end=os.getloadavg()[0]),
       "note": "shared 2-core machine: other processes ran at the same time (see load averages "
               "in each stage's machine info); treat numbers as lower bounds",
       "reused_stage_json": _REUSE.value,
       "table": [list(r) for r in rows],
       "stages": stages}
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(summary, f, indent=1)
+  common.write_json(out, summary, announce=False)
   width = max(len(r[1]) for r in rows) if rows else 10
   print(f"{'stage':<16} {'quantity':<{width}} value")
   for stage, what, value in rows:

@@ -13,7 +13,7 @@ randomly initialised model of the original TLP dimensions exported to the predic
 
 Prints a table and writes ``bench/results/predictor_throughput.json`` with machine info.
 
-    python bench/predictor_throughput.py [--records DIR] [--batch 512] [--repeats 10]
+    python -m bench.predictor_throughput [--records DIR] [--batch 512] [--repeats 10]
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from tlp_jax.core import features  # pylint: disable=wrong-import-position
-from tlp_jax.core import predictor as npred  # pylint: disable=wrong-import-position
-import machine_info  # pylint: disable=wrong-import-position  # bench/ is sys.path[0]
+from tlp_jax.core import features
+from tlp_jax.core import predictor as npred
+from bench import common
 
 
 def _machine_info() -> dict:
-  info = machine_info.machine_info()
+  info = common.machine_info()
   cfg = np.show_config(mode="dicts") if "mode" in np.show_config.__code__.co_varnames else {}
   blas = cfg.get("Build Dependencies", {}).get("blas", {}) if isinstance(cfg, dict) else {}
   info["blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
@@ -59,7 +58,7 @@ def _sgemm_gflops(repeats: int = 20) -> float:
 def _export_random_model(num_heads: int, vocab_json: str) -> npred.Predictor:
   # JAX is only needed to build the parameters; keep it out of the timed process state.
   code = (
-      "import sys, jax; from tlp_jax import model, export;"
+      "import sys, jax; from tlp_jax.train import model, export;"
       f"cfg = model.TLPConfig(num_heads={num_heads});"
       "p = model.init_params(cfg, jax.random.PRNGKey(0));"
       f"export.save_npz(sys.argv[1], p, cfg, hardware=[f'hw{{i}}' for i in range({num_heads})],"
@@ -135,7 +134,7 @@ def main() -> None:
   batch_steps = [all_steps[j] for j in mixed_idx[0]]
 
   def cold():
-    predictor._featurizer = None  # pylint: disable=protected-access
+    predictor._featurizer = None
     predictor.featurize_steps(batch_steps)
 
   results["featurize_cold"] = per_s(_time(cold, args.repeats))
@@ -165,9 +164,7 @@ def main() -> None:
                "sgemm rate measured in the same run (dense_bound_programs_per_s)"),
       "programs_per_s": results,
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
+  common.write_json(args.out, report, announce=False)
   print(f"sgemm {gflops:.0f} GFLOP/s; dense model {flops_per_program / 1e6:.1f} MFLOP/program "
         f"-> dense bound {report['model']['dense_bound_programs_per_s']:.0f} programs/s")
   for k, v in results.items():

@@ -21,9 +21,9 @@ arrays (the real set has only ~8k rows, less than one batch of 16384).
 
 Prepare the arrays here (no TFDS on the GPU machine), then run there:
 
-    python bench/train_throughput.py --prepare_arrays=.carry/F_arrays \
+    python -m bench.train_throughput --prepare_arrays=.carry/F_arrays \
         --data_dir=/tmp/tfds --dataset=epyc-9004
-    python bench/train_throughput.py --arrays_dir=.carry/F_arrays --out_dir=bench/results
+    python -m bench.train_throughput --arrays_dir=.carry/F_arrays --out_dir=bench/results
 
 Writes ``<out_dir>/<device>.json`` (after every variant, so a run cut short keeps what it
 measured) and prints a table. ``--smoke`` runs tiny sizes (CPU, seconds).
@@ -32,13 +32,10 @@ measured) and prints a table. ``--smoke`` runs tiny sizes (CPU, seconds).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
-import importlib.util
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -46,16 +43,28 @@ import sys
 import time
 from typing import Any, Callable
 
-from absl import app
-from absl import flags
-from absl import logging
-import numpy as np
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # JAX and PyTorch share the GPU in this process: JAX must not grab 75% of it up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
+
+from absl import app  # noqa: E402  (the environment above must be set before JAX)
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from bench import common  # noqa: E402
+from data_pipelines import loader  # noqa: E402
+from tlp_jax.train import losses  # noqa: E402
+from tlp_jax.train import model as model_lib  # noqa: E402
+# The trainer's step API, used as the trainer's loop uses it: this benchmark times that step.
+# At the merge of the trainer split these names move to tlp_jax.train.{step,optimizer,data}
+# (TrainState/steps, OptimConfig/make_optimizer, Split/BatchLayout/epoch_order).
+from tlp_jax.train import train_lib  # noqa: E402
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _PREPARE = flags.DEFINE_string("prepare_arrays", None,
                                "Write the train/validation arrays of --data_dir/--dataset as "
@@ -105,7 +114,6 @@ SPLIT_FIELDS = ("features", "scores", "mask", "task_index")
 
 def prepare_arrays(data_dir: str, dataset: str, out: str) -> None:
   """Saves train/validation arrays of a built config as .npy (allow_pickle-free) into ``out``."""
-  from data_pipelines import loader  # pylint: disable=g-import-not-at-top
   ds = loader.load_arrays(data_dir, dataset)
   os.makedirs(out, exist_ok=True)
   for split in ("train", "validation"):
@@ -122,7 +130,6 @@ def prepare_arrays(data_dir: str, dataset: str, out: str) -> None:
 
 def load_split(arrays_dir: str, split: str):
   """``train_lib.Split`` of the saved arrays (every hardware column)."""
-  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   a = {f: np.load(os.path.join(arrays_dir, f"{split}_{f}.npy"), allow_pickle=False)
        for f in SPLIT_FIELDS}
   for f in SPLIT_FIELDS[1:]:
@@ -136,7 +143,6 @@ def load_split(arrays_dir: str, split: str):
 
 def smoke_split(rows: int, seed: int):
   """Random stand-in arrays of the real shapes (for --smoke without --arrays_dir)."""
-  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   return train_lib.Split(features=rng.normal(size=(rows, 25, 22)).astype(np.float32),
                          scores=rng.random((rows, 1)).astype(np.float32),
@@ -228,19 +234,7 @@ class Report:
     self.write()
 
   def write(self) -> None:
-    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.data, f, indent=1, default=_json_default)
-    os.replace(tmp, self.path)
-
-
-def _json_default(o):
-  if isinstance(o, (np.floating, np.integer)):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  return str(o)
+    common.write_json(self.path, self.data, announce=False)
 
 
 def time_loop(run: Callable[[int], None], min_time: float, repeats: int) -> dict[str, Any]:
@@ -268,8 +262,6 @@ def time_loop(run: Callable[[int], None], min_time: float, repeats: int) -> dict
 
 def measure_ceilings(matmul_n: int, copy_mb: int) -> dict[str, Any]:
   """bf16 / TF32 / fp32 matmul TFLOP/s (random data) and copy GB/s (read + write) via JAX."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   def bench(fn, *args, reps=10):
     out = fn(*args)
@@ -326,7 +318,6 @@ PRECISION_JAX = {  # name -> (model dtype, jax default_matmul_precision)
 
 def original_optim():
   """TLP's optimizer (``configs/tlp_original.py``): Adam, coupled L2 1e-6, lr 7e-4, clip 0.5."""
-  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   return train_lib.OptimConfig(optimizer="adam", schedule="step", learning_rate=7e-4,
                                weight_decay=1e-6, grad_clip_norm=0.5, warmup_epochs=0.0,
                                step_decay_every_epochs=16, step_decay_rate=1.0)
@@ -343,8 +334,6 @@ class JaxData:
 
 def make_jax_data(split, rows: int, seed: int) -> JaxData:
   """``rows`` rows drawn on the device, with replacement, from the real ``split``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   devices = jax.local_devices()[:1]
   real = train_lib.replicate_to_devices(
       (split.features, split.scores, split.mask, split.task_index), devices)
@@ -362,10 +351,6 @@ def make_jax_data(split, rows: int, seed: int) -> JaxData:
 def run_jax(data: JaxData, batch: int, precision: str, min_time: float, repeats: int,
             seed: int, scan_k: int = 0, group_by_task: bool = False) -> dict[str, Any]:
   """samples/s of ``train_lib.train_step_resident`` (``scan_k`` > 0: that many per dispatch)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax.train import losses  # pylint: disable=g-import-not-at-top
-  from tlp_jax.train import model as model_lib  # pylint: disable=g-import-not-at-top
-  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
 
   dtype, matmul_precision = PRECISION_JAX[precision]
   devices = jax.local_devices()[:1]
@@ -420,7 +405,7 @@ def run_jax(data: JaxData, batch: int, precision: str, min_time: float, repeats:
       ca = ca[0] if isinstance(ca, (list, tuple)) else ca
       out["xla_flops_per_call"] = float(ca.get("flops", float("nan")))
       out["xla_bytes_per_call"] = float(ca.get("bytes accessed", float("nan")))
-    except Exception as e:  # pylint: disable=broad-except  # informative only
+    except Exception as e:  # informative only
       logging.warning("cost analysis unavailable: %s", e)
 
     def run(n_calls: int) -> None:
@@ -456,10 +441,6 @@ def run_jax(data: JaxData, batch: int, precision: str, min_time: float, repeats:
 def jax_curve(train, val, batch: int, steps: int, precision: str, seed: int,
               hardware: tuple[str, ...]) -> dict[str, Any]:
   """Per-step training loss of train_lib's step on ``train`` in the trainer's data order."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax.train import losses  # pylint: disable=g-import-not-at-top
-  from tlp_jax.train import model as model_lib  # pylint: disable=g-import-not-at-top
-  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
 
   dtype, matmul_precision = PRECISION_JAX[precision]
   devices = jax.local_devices()[:1]
@@ -499,7 +480,6 @@ def jax_curve(train, val, batch: int, steps: int, precision: str, seed: int,
 
 def epoch_batches(train, batch: int, steps: int, seed: int):
   """The trainer's batches (rows of each step, padding dropped), for the PyTorch curve."""
-  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   spe = -(-train.size // batch)
   for s in range(steps):
     epoch, in_epoch = divmod(s, spe)
@@ -527,18 +507,14 @@ def curve_summary(loss: list[float], ref: list[float], window: int = 10) -> dict
 
 
 def load_reference():
-  """``bench/torch_tlp_reference.py`` as a module (bench/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_tlp_reference.py")
-  spec = importlib.util.spec_from_file_location("torch_tlp_reference", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+  """``bench.torch_tlp_reference``, imported only here: PyTorch is an optional dependency."""
+  from bench import torch_tlp_reference
+  return torch_tlp_reference
 
 
 def torch_precision(precision: str):
   """Sets PyTorch's TF32 switches for ``precision``; returns the autocast dtype (or None)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   tf32 = precision == "tf32"
   torch.backends.cuda.matmul.allow_tf32 = tf32
   torch.backends.cudnn.allow_tf32 = tf32
@@ -547,8 +523,6 @@ def torch_precision(precision: str):
 
 def torch_model_from_jax(ref, seed: int):
   """Reference model with the same initial weights as ``train_lib.create_train_state(seed)``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax.train import model as model_lib  # pylint: disable=g-import-not-at-top
   cfg = model_lib.TLPConfig()
   init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
   params = jax.device_get(model_lib.init_params(cfg, init_rng))
@@ -560,7 +534,7 @@ def torch_model_from_jax(ref, seed: int):
 def run_torch(ref, split, batch: int, precision: str, rows: int, min_time: float,
               repeats: int, seed: int, compile_: bool, faithful: bool) -> dict[str, Any]:
   """samples/s of the reference step on device-resident data (drawn like the JAX data)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   amp = torch_precision(precision)
   gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -604,7 +578,7 @@ def run_torch(ref, split, batch: int, precision: str, rows: int, min_time: float
 
 def torch_curve(ref, train, batch: int, steps: int, seed: int) -> dict[str, Any]:
   """Per-step loss of the reference (float32) from JAX's initial weights, trainer's batches."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch_precision("float32")
   feats = torch.from_numpy(train.features).to(dev)
@@ -625,20 +599,14 @@ def torch_curve(ref, train, batch: int, steps: int, seed: int) -> dict[str, Any]
 
 
 def device_info() -> dict[str, Any]:
-  """Device string, versions and date."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import flax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  """``common.device_info`` plus the device string, library versions, PyTorch and the driver."""
   d = jax.devices()[0]
   info: dict[str, Any] = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax_device": str(d), "device_kind": d.device_kind, "platform": d.platform,
-      "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or
-      __import__("jaxlib").__version__, "flax": flax.__version__, "optax": optax.__version__,
-      "numpy": np.__version__, "python": platform.python_version(), "host": platform.node(),
-      "cpu_count": os.cpu_count()}
+      **common.device_info(), "jax_device": str(d), "device_kind": d.device_kind,
+      "platform": d.platform, "jaxlib": getattr(jax.lib, "__version__", None) or
+      __import__("jaxlib").__version__, "flax": flax.__version__, "optax": optax.__version__}
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
     info["torch"] = torch.__version__
     info["torch_cuda"] = torch.version.cuda
     if torch.cuda.is_available():
@@ -721,8 +689,6 @@ def main(argv):
   if train.scores.shape[1] != 1:
     raise app.UsageError("use a one-hardware dataset config (the reference has one head)")
 
-  import jax  # pylint: disable=g-import-not-at-top
-  from tlp_jax.train import model as model_lib  # pylint: disable=g-import-not-at-top
   budget = Budget(_BUDGET.value)
   info = device_info()
   path = os.path.join(_OUT_DIR.value, slug(info["device_kind"]) + (
@@ -883,7 +849,7 @@ def run_curves(report: Report, budget: Budget, train, val, hardware, ref, batch:
       continue
     try:
       c = jax_curve(train, val, batch, steps, p, seed + offset, hardware)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       logging.exception("curve %s failed", name)
       curves[name] = {"error": f"{type(e).__name__}: {e}"}
       continue
@@ -900,7 +866,7 @@ def run_curves(report: Report, budget: Budget, train, val, hardware, ref, batch:
       if base is not None:
         c["vs_jax_float32"] = curve_summary(c["loss"], base)
       curves["torch_float32"] = c
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       logging.exception("torch curve failed")
       curves["torch_float32"] = {"error": f"{type(e).__name__}: {e}"}
   report.set("curves", curves)

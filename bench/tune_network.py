@@ -11,7 +11,7 @@ Writes ``bench/results/tune_<network>.json`` and ``.png``.
 
 Usage::
 
-  TOPHUB_LOCATION=NONE python bench/tune_network.py --model /tmp/tlp.npz \
+  TOPHUB_LOCATION=NONE python -m bench.tune_network --model /tmp/tlp.npz \
       [--network resnet_18:1:224] [--num_tasks 6] [--trials 192] [--per_round 8] \
       [--population 512] [--seed 0] [--score_transform softplus] [--models xgb,tlp]
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -29,10 +28,10 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tlp_jax.tvm import collect  # pylint: disable=wrong-import-position
-from tlp_jax.tvm import cost_model as tvm_cost_model  # pylint: disable=wrong-import-position
+from bench import common
+from tlp_jax.core import predictor as npred
+from tlp_jax.tvm import collect
+from tlp_jax.tvm import cost_model as tvm_cost_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Exported TLP model (.npz) for TLPCostModel.")
@@ -54,20 +53,9 @@ flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__fi
                                             "results"), "Where JSON/PNG go.")
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
-
-
 def _timed_xgb(num_warmup_sample: int, seed: int):
   """Ansor's XGBModel, with predict/update timed per call."""
-  from tvm.auto_scheduler.cost_model import XGBModel    # pylint: disable=import-outside-toplevel
+  from tvm.auto_scheduler.cost_model import XGBModel
 
   class TimedXGBModel(XGBModel):
     def __init__(self):
@@ -97,7 +85,6 @@ def _predict_log(model) -> list:
 
 def _make_model(name: str, num_tasks: int):
   """The cost model called ``name`` ("xgb": Ansor's default, "tlp": TLPCostModel)."""
-  from tlp_jax.core import predictor as npred  # pylint: disable=import-outside-toplevel
   if name == "xgb":
     return _timed_xgb(num_tasks * FLAGS.per_round, FLAGS.seed + 43)
   if name == "tlp":
@@ -115,7 +102,7 @@ def tune(name, tasks, weights, cost_model, log_file, partial_path=None):
   After every round the curve so far is written to ``partial_path`` (status "running"), so a
   crash inside TVM still leaves the rounds that finished.
   """
-  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
+  from tvm import auto_scheduler
 
   curve = []
   rounds = []
@@ -190,9 +177,9 @@ def tune(name, tasks, weights, cost_model, log_file, partial_path=None):
 
 def plot(results: dict, path: str, title: str) -> None:
   """Best estimated latency vs trials and vs wall time, one line per cost model."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   for name, r in results.items():
     pts = [(c["trials"], c["elapsed_s"], c["estimated_latency_ms"]) for c in r["curve"]
@@ -266,8 +253,7 @@ def main(argv):
   report = {
       "network": FLAGS.network,
       "target": target,
-      "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(),
-                  "load_avg_end": list(os.getloadavg()), "python": platform.python_version()},
+      "machine": common.machine_info(),  # load average at the end of the run
       "date": time.strftime("%Y-%m-%d %H:%M:%S"),
       "tasks": [{"workload_key": t.workload_key, "desc": t.desc, "weight": w,
                  "flop_ct": float(t.compute_dag.flop_ct)} for t, w in zip(tasks, weights)],
@@ -281,8 +267,7 @@ def main(argv):
   }
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   path = os.path.join(FLAGS.out_dir, f"tune_{net}.json")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  common.write_json(path, report)
   plot(results, os.path.join(FLAGS.out_dir, f"tune_{net}.png"),
        f"{FLAGS.network}, {len(tasks)} tasks")
   for name, r in results.items():

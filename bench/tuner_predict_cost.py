@@ -15,38 +15,39 @@ The models are randomly initialised at the default dimensions (timing does not d
 weights' values). Prints a table and writes ``bench/results/tuner_predict_cost.json`` with
 machine info.
 
-    python bench/tuner_predict_cost.py [--states 512] [--tasks 3] [--repeats 3]
+    python -m bench.tuner_predict_cost [--states 512] [--tasks 3] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib
-import json
 import os
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("TOPHUB_LOCATION", "NONE")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402  (JAX_PLATFORMS above must be set first)
 import numpy as np  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from bench import common  # noqa: E402
+from configs import default  # noqa: E402
+from configs import loopnest  # noqa: E402
+from tlp_jax.core import features  # noqa: E402
+from tlp_jax.core import network_info  # noqa: E402
+from tlp_jax.train import export  # noqa: E402
+from tlp_jax.train import model as model_lib  # noqa: E402
+from tlp_jax.train import train_lib  # noqa: E402
 
-import machine_info  # noqa: E402  # pylint: disable=wrong-import-position  # bench/ on sys.path
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _export(tmp: str, config_module: str, loop_stores: int, loop_dim: int,
             ensemble_size: int) -> str:
-  import jax  # pylint: disable=import-outside-toplevel
-  from tlp_jax.train import export  # pylint: disable=import-outside-toplevel
-  from tlp_jax.core import features  # pylint: disable=import-outside-toplevel
-  from tlp_jax.train import model as model_lib  # pylint: disable=import-outside-toplevel
-  from tlp_jax.train import train_lib  # pylint: disable=import-outside-toplevel
   config = importlib.import_module(f"configs.{config_module}").get_config()
+  # At the merge of the trainer split: its config mapping (tlp_jax.train.config).
   cfg = train_lib.model_config_from(config, num_heads=1)
   # Sized as train_lib sizes it for a dataset with these loop-nest tokens.
   cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len + loop_stores,
@@ -71,12 +72,11 @@ def main() -> None:
                                                     "tuner_predict_cost.json"))
   args = parser.parse_args()
 
-  from tvm import auto_scheduler    # pylint: disable=import-outside-toplevel
-  from configs import default, loopnest    # pylint: disable=import-outside-toplevel
-  from tlp_jax.core import network_info  # pylint: disable=import-outside-toplevel
-  from tlp_jax.tvm import loop_features  # pylint: disable=import-outside-toplevel
-  from tlp_jax.tvm import cost_model as tvm_cost_model  # pylint: disable=import-outside-toplevel
-  from tlp_jax.tvm import xgb_baseline  # pylint: disable=import-outside-toplevel
+  # TVM only past the flags, so --help works without it.
+  from tvm import auto_scheduler
+  from tlp_jax.tvm import loop_features
+  from tlp_jax.tvm import cost_model as tvm_cost_model
+  from tlp_jax.tvm import xgb_baseline
 
   tasks = {t.workload_key: t for t in xgb_baseline.load_search_tasks(
       os.path.join(args.tenset_dir, loop_features.ALL_TASKS_FILE))}
@@ -126,11 +126,8 @@ def main() -> None:
   n = int(sum(r["states"] for r in rows))
   summary = {f"{k[:-2]}_states_per_s": n / v for k, v in total.items() if v > 0}
   print(f"states/s over {n} states: " + ", ".join(f"{k} {v:,.0f}" for k, v in summary.items()))
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump({"machine": machine_info.machine_info(), "args": vars(args), "rows": rows,
-               "summary": summary}, f, indent=1)
-  print(f"wrote {args.out}")
+  common.write_json(args.out, {"machine": common.machine_info(), "args": vars(args),
+                               "rows": rows, "summary": summary})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from data_pipelines import tenset_tfds
 from tlp_jax.core import features
 from tlp_jax.core import predictor as npred
 from tlp_jax.core import records
-from tlp_jax.evaluation import eval_lib
+from tlp_jax.evaluation import run as eval_run
 from tlp_jax.train import export
 from tlp_jax.train import model as model_lib
 from tlp_jax.train import train_lib
@@ -277,7 +277,8 @@ def test_train_and_eval_a_loop_model(loop_sample, tmp_path):
                                         devices=jax.devices()[:1])
   assert result.model_config.seq_len == 25 + LOOP_STORES
   assert np.isfinite(result.validation["val_loss"])
-  report = eval_lib.run(hw="epyc-9004", data_dir=data_dir, workdir=workdir, which="latest")
+  report = eval_run.evaluate_model(hw="epyc-9004", data_dir=data_dir, workdir=workdir,
+                                   which="latest")
   assert 0.0 <= report["rows"]["TLP (workdir)"]["pooled"]["top-1"] <= 1.0
   # loop_tokens="off" on the same data trains a TLP model: it exports as one, with the step
   # crop, and the NumPy predictor scores TLP features with it.

@@ -22,7 +22,7 @@ TVM with ``load_record_from_string``; skipped lines are counted by reason with f
 Outputs: a JSON summary (top-k per hardware) and, per hardware, an ``.npz`` of per-program
 predictions keyed by ``(workload_key, program_key)`` (``tlp_jax.core.features.program_key``, the key
 the dataset uses to join programs) that :func:`align_predictions` maps onto a dataset split for
-``eval_lib.evaluate(extra_predictions=...)``.
+``evaluation.topk.topk_report(extra_predictions=...)``.
 """
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ from tlp_jax.core import metrics
 from tlp_jax.core import network_info
 from tlp_jax.core import records
 from tlp_jax.core import tenset
-from tlp_jax.evaluation import eval_lib
+from tlp_jax.evaluation import data as eval_data
+from tlp_jax.evaluation import run as eval_run
+from tlp_jax.evaluation import topk
 from tlp_jax.tvm import search_tasks
 from tlp_jax.tvm import tvm_import
 
@@ -345,7 +347,7 @@ def align_to_split(pred_npz: Mapping[str, np.ndarray], arrays, hw: str,
   Raises:
     ValueError: a task's programs cannot all be matched (different records on the two sides).
   """
-  h = eval_lib.hardware_index(arrays.hardware, hw)
+  h = eval_data.hardware_index(arrays.hardware, hw)
   s = getattr(arrays, split)
   out = np.full(s.task_index.shape[0], np.nan, dtype=np.float64)
   keys = np.asarray(pred_npz["workload_keys"])
@@ -397,7 +399,7 @@ def _pooled(rows: Mapping, name: str) -> dict:
 
 
 def main(argv) -> None:
-  """CLI: XGB baseline per hardware, optionally next to TLP models via eval_lib."""
+  """CLI: XGB baseline per hardware, optionally next to TLP models via tlp_jax.evaluation."""
   del argv
   f = flags.FLAGS
   cfg = XGBBaselineConfig(train_on_failed=f.train_on_failed)
@@ -414,20 +416,20 @@ def main(argv) -> None:
            "info": entry["info"], "predictions_npz": entry.get("predictions_npz")}
     model = tlp_models.get(hw)
     if model and f.data_dir:
-      arrays = loader.load_arrays(f.data_dir, eval_lib.resolve_config(f.data_dir, hw))
+      arrays = loader.load_arrays(f.data_dir, eval_run.resolve_config(f.data_dir, hw))
       with np.load(entry["predictions_npz"], allow_pickle=False) as z:
         aligned = align_to_split(dict(z), arrays, hw)
       is_npz = model.endswith(".npz")
       xgb_row = "Ansor XGBModel (TVM 0.19, run 1)"
-      ev = eval_lib.run(hw=hw, data_dir=f.data_dir, model_path=model if is_npz else None,
+      ev = eval_run.evaluate_model(hw=hw, data_dir=f.data_dir, model_path=model if is_npz else None,
                         workdir=None if is_npz else model,
                         extra_predictions={xgb_row: aligned})
       rows = ev["rows"]
-      tlp_row = next(n for n in rows if n not in (xgb_row, eval_lib.RANDOM_ROW,
-                                                   eval_lib.ORACLE_ROW))
+      tlp_row = next(n for n in rows if n not in (xgb_row, topk.RANDOM_ROW,
+                                                   topk.ORACLE_ROW))
       out["tlp"] = {"model": model, "row": tlp_row, **_pooled(rows, tlp_row)}
       out["xgb_via_eval"] = _pooled(rows, xgb_row)
-      out["random_expectation"] = _pooled(rows, eval_lib.RANDOM_ROW)
+      out["random_expectation"] = _pooled(rows, topk.RANDOM_ROW)
       out["eval_per_network"] = {n: rows[n]["per_network"] for n in rows}
     else:
       out["tlp"] = None

@@ -1,0 +1,85 @@
+"""What every benchmark shares: the machine it ran on, timing, tables and the results JSON.
+
+Run the scripts from the repository root as ``python -m bench.<script>`` so that
+``from bench import common`` resolves without editing ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import time
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo, else whatever ``platform`` knows."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def machine_info(**extra) -> dict:
+  """Platform, CPU, core count, load average now, Python and NumPy versions, plus ``extra``."""
+  return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+          "load_average": os.getloadavg(), "python": platform.python_version(),
+          "numpy": np.__version__, **extra}
+
+
+def device_info() -> dict[str, Any]:
+  """The JAX accelerator a run used: device kind, count, backend, versions, date and host."""
+  import jax  # only the JAX benchmarks need it; the host ones stay NumPy-only
+  devices = jax.devices()
+  return {"device": devices[0].device_kind, "num_devices": len(devices),
+          "backend": jax.default_backend(), "jax": jax.__version__,
+          "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+          "host": machine_info(node=platform.node())}
+
+
+@contextlib.contextmanager
+def timed(into: dict[str, float], key: str) -> Iterator[None]:
+  """``with timed(wall, "train"):`` stores the block's wall-clock seconds in ``wall["train"]``."""
+  t0 = time.perf_counter()
+  try:
+    yield
+  finally:
+    into[key] = time.perf_counter() - t0
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A Markdown table (cells formatted with ``str``)."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_json(path: str, obj: Any, announce: bool = True) -> None:
+  """Writes a benchmark's results atomically (folders made as needed) and says where.
+
+  Atomic so that a script rewriting its results after every variant never leaves half a file.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, default=_json_default)
+  os.replace(tmp, path)
+  if announce:
+    print(f"wrote {path}")
+
+
+def _json_default(o):
+  if isinstance(o, (np.floating, np.integer)):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  return str(o)

@@ -1,0 +1,170 @@
+"""What ``eval.py`` does but writing: find the data, load the model, return the top-k report.
+
+One prediction path: every model is evaluated through the pure-NumPy predictor
+(:class:`tlp_jax.core.predictor.Predictor`), loaded from an exported ``.npz`` or exported in
+memory from a training workdir (:func:`load_predictor`), so a workdir is scored by exactly the
+code that serves it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from data_pipelines import loader
+from data_pipelines import schema
+from tlp_jax.core import metrics
+from tlp_jax.core import predictor as npred
+from tlp_jax.evaluation import topk
+from tlp_jax.evaluation.data import EvalError
+from tlp_jax.evaluation.data import eval_data
+from tlp_jax.evaluation.data import hardware_index
+from tlp_jax.train import export as train_export
+from tlp_jax.train import train_lib
+
+WORKDIR_ROW = "TLP (workdir)"
+
+# ---- models --------------------------------------------------------------------------------
+
+
+def _export_workdir_in_memory(workdir: str, which: str) -> dict[str, np.ndarray]:
+  """The export arrays of a training workdir's checkpoint ``which``, without writing a file.
+
+  The one place this package reaches into the trainer. At the merge of the trainer split this
+  becomes ``tlp_jax.train.export.restore_for_export`` (and its checkpoint error type).
+  """
+  try:
+    params, model_config, meta = train_lib.restore_for_export(workdir, which)
+  except (FileNotFoundError, train_lib.CheckpointError) as e:
+    raise EvalError(str(e)) from None
+  return train_export.export_params(params, model_config, **train_export.meta_kwargs(meta))
+
+
+def load_predictor(model_path: str | None = None, workdir: str | None = None,
+                   which: str = "best") -> tuple[npred.Predictor, dict[str, Any]]:
+  """The NumPy predictor of an exported ``.npz`` or of a training workdir, and a description.
+
+  Args:
+    model_path: exported ``.npz`` (exclusive with ``workdir``).
+    workdir: training workdir, exported in memory.
+    which: checkpoint of the workdir, "best" or "latest".
+
+  Returns:
+    ``(predictor, info)``: the predictor and a JSON-able dict.
+
+  Raises:
+    EvalError: not exactly one source, or it cannot be read.
+  """
+  if (model_path is None) == (workdir is None):
+    raise EvalError("give exactly one of a model file and a workdir")
+  if model_path is not None:
+    if not os.path.exists(model_path):
+      raise EvalError(f"{model_path}: no such model file")
+    try:
+      predictor = npred.Predictor.load(model_path)
+    except npred.PredictorError as e:
+      raise EvalError(str(e)) from None
+    info = {"model_file": os.path.abspath(model_path)}
+  else:
+    predictor = npred.Predictor.from_arrays(_export_workdir_in_memory(workdir, which))
+    info = {"workdir": os.path.abspath(workdir), "checkpoint": which}
+  info.update({"heads": list(predictor.hardware), "step": int(predictor.step),
+               "vocab_version": predictor.vocab_version})
+  return predictor, info
+
+
+def predictor_fn(predictor: npred.Predictor, hw: str,
+                 arrays=None) -> Callable[[np.ndarray], np.ndarray]:
+  """``features -> scores`` of the predictor's head ``hw``.
+
+  Raises:
+    EvalError: the model has no head ``hw``, or (given the dataset ``arrays``) was trained on
+      features of another platform or crop.
+  """
+  head = hardware_index(predictor.hardware, hw, what=f"the model's heads ({predictor.source})")
+  if arrays is not None:
+    if predictor.platform != arrays.platform:
+      raise EvalError(f"the model was trained on {predictor.platform} features, the dataset "
+                      f"has {arrays.platform} features")
+    if tuple(predictor.crop) != tuple(arrays.crop):
+      raise EvalError(f"the model expects features cropped to {tuple(predictor.crop)}, the "
+                      f"dataset has {tuple(arrays.crop)}")
+    if predictor.vocab_json != arrays.vocab_json:
+      # Same platform and crop but another vocabulary (e.g. a dataset built with more records):
+      # token ids of entries both know agree, new ones are unseen by the model.
+      logging.warning("the model's feature vocabulary (version %s) differs from the dataset's; "
+                      "steps unknown to the model get ids it never saw", predictor.vocab_version)
+  name = predictor.hardware[head]
+  return lambda x: predictor.predict(x, hw=name)
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+def built_hardware(data_dir: str) -> dict[str, tuple[str, ...]]:
+  """``{config name: hardware}`` of every dataset config built under ``data_dir``."""
+  root = os.path.join(data_dir, schema.BUILDER_NAME)
+  out = {}
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    try:
+      ds_dir = loader.find_dataset_dir(data_dir, name)
+      with open(os.path.join(ds_dir, "metadata.json"), "rb") as f:
+        out[name] = tuple(json.load(f)["hardware"])
+    except (loader.DatasetNotFoundError, OSError, KeyError, ValueError) as e:
+      logging.warning("skipping dataset config %s: %s", name, e)
+  return out
+
+
+def resolve_config(data_dir: str, hw: str, dataset: str | None = None) -> str:
+  """The dataset config to evaluate ``hw`` on: ``dataset`` if given, else the per-hardware
+  config named ``hw``, else the first built config that has ``hw``.
+
+  Raises:
+    EvalError: nothing built in ``data_dir`` has ``hw`` (the message lists what is there).
+  """
+  if dataset is not None:
+    return dataset
+  configs = built_hardware(data_dir)
+  if hw in configs and hw in configs[hw]:
+    return hw
+  for name, hardware in configs.items():
+    if hw in hardware:
+      return name
+  have = sorted({h for hardware in configs.values() for h in hardware})
+  raise EvalError(f"hardware {hw!r} is not in the datasets built in {data_dir}; available: "
+                  f"{', '.join(have) or 'none (build one with python -m data_pipelines.build)'}")
+
+
+# ---- the whole evaluation ------------------------------------------------------------------
+
+
+def evaluate_model(*, hw: str, data_dir: str, dataset: str | None = None,
+                   workdir: str | None = None, model_path: str | None = None,
+                   which: str = "best", split: str = "test",
+                   ks: Sequence[int] = metrics.DEFAULT_KS, batch_size: int = 4096,
+                   extra_predictions: Mapping[str, np.ndarray] | None = None) -> dict:
+  """Loads the data and the model (``model_path`` or ``workdir``), returns the top-k report.
+
+  The model row is named after the model file, or :data:`WORKDIR_ROW` for a workdir; see
+  :func:`tlp_jax.evaluation.topk.topk_report` for the report and ``extra_predictions``.
+
+  Raises:
+    EvalError: a user error (no such hardware, dataset, head or model).
+  """
+  config = resolve_config(data_dir, hw, dataset)
+  try:
+    arrays = loader.load_arrays(data_dir, config)
+  except loader.DatasetNotFoundError as e:
+    raise EvalError(str(e)) from None
+  data = eval_data(arrays, hw, split)
+  predictor, info = load_predictor(model_path, workdir, which)
+  predict = predictor_fn(predictor, hw, arrays)
+  name = os.path.splitext(os.path.basename(model_path))[0] if model_path else WORKDIR_ROW
+  info.update({"dataset": config, "dataset_fingerprint": arrays.fingerprint})
+  return topk.topk_report(data, predict, model_name=name, ks=ks,
+                          extra_predictions=extra_predictions, batch_size=batch_size,
+                          model_info=info)
