@@ -2,6 +2,8 @@
 
 import importlib
 
+from absl import flags
+from ml_collections import config_flags
 import pytest
 
 from configs import default
@@ -95,8 +97,6 @@ def test_removed_and_unknown_options_are_errors(section, field, value, match):
 
 
 def test_command_line_overrides_reach_the_typed_config(monkeypatch):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   argv = ["prog", f"--config={default.__file__}", "--config.model.ensemble_size=1",
           "--config.optim.learning_rate=0.001", "--config.loss.name=mse"]
   monkeypatch.setattr("sys.argv", argv)  # config_flags reads the overrides from sys.argv
