@@ -16,16 +16,16 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch not installed (pip install -e '.[bench]')")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from configs import tlp_original  # noqa: E402
-from tlp_jax.train import config as config_lib  # noqa: E402
-from tlp_jax.train import data  # noqa: E402
-from tlp_jax.train import losses  # noqa: E402
-from tlp_jax.train import model as model_lib  # noqa: E402
-from tlp_jax.train import optimizer  # noqa: E402
-from tlp_jax.train import step as step_lib  # noqa: E402
+from configs import tlp_original
+from tlp_jax.train import config as config_lib
+from tlp_jax.train import data
+from tlp_jax.train import losses
+from tlp_jax.train import model as model_lib
+from tlp_jax.train import optimizer
+from tlp_jax.train import step as step_lib
 
 _REF_PATH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "torch_tlp_reference.py"
 # The original recipe: LambdaRank over the batch, Adam with coupled L2 at a constant rate.
