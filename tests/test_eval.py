@@ -156,7 +156,7 @@ def two_head_model(tmp_path_factory, sample_arrays):
   from tlp_jax.train import export  # pylint: disable=g-import-not-at-top
   from tlp_jax.train.model import TLPConfig, init_params    # pylint: disable=g-import-not-at-top
   arrays = sample_arrays("all")
-  cfg = TLPConfig(num_heads=2, encoder_dims=(16, 32), attention_heads=4, decoder_dims=(16, 8, 1),
+  cfg = TLPConfig(num_hardware_heads=2, encoder_dims=(16, 32), attention_heads=4, decoder_dims=(16, 8, 1),
                   seq_len=arrays.crop[0], feature_dim=arrays.crop[1])
   path = str(tmp_path_factory.mktemp("model") / "mtl.npz")
   export.save_npz(path, init_params(cfg, jax.random.PRNGKey(0)), cfg,
@@ -248,7 +248,7 @@ def test_workdir_is_evaluated_through_the_exported_predictor(built_sample_datase
   import importlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from tlp_jax.train import export  # pylint: disable=g-import-not-at-top
-  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
+  from tlp_jax.train import loop  # pylint: disable=g-import-not-at-top
   config = importlib.import_module("configs.test").get_config()
   config.data_dir = built_sample_dataset
   config.dataset = "epyc-9004"
@@ -256,8 +256,8 @@ def test_workdir_is_evaluated_through_the_exported_predictor(built_sample_datase
   config.num_epochs = 1
   config.checkpoint_every_steps = 0  # one checkpoint, at the end of the epoch
   workdir = str(tmp_path / "run")
-  train_lib.train_and_evaluate(config, workdir, dataset=sample_arrays("epyc-9004"),
-                               devices=jax.devices()[:1])
+  loop.train_and_evaluate(config, workdir, dataset=sample_arrays("epyc-9004"),
+                          devices=jax.devices()[:1])
   from_workdir = eval_lib.run(hw="epyc-9004", data_dir=built_sample_dataset, workdir=workdir,
                               which="latest")
   npz = str(tmp_path / "model.npz")

@@ -120,7 +120,7 @@ def test_loop_model_export_and_numpy_predictor(tmp_path):
     tlp.predict_steps(steps, store_features=np.zeros((2, 2, 3)))
 
   loop = npred.Predictor.load(_tiny_export(tmp_path, (27, 25), loop_stores=2, loop_dim=3))
-  assert loop.format_version == 2 and (loop.loop_stores, loop.loop_dim) == (2, 3)
+  assert loop.format_version == npred.FORMAT_VERSION and (loop.loop_stores, loop.loop_dim) == (2, 3)
   assert loop.step_crop == (25, 22)
   with pytest.raises(npred.PredictorError, match="loop-nest store vectors"):
     loop.predict_steps(steps)

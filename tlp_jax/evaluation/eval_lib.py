@@ -279,7 +279,7 @@ def load_predictor(model_path: str | None = None, workdir: str | None = None,
                    which: str = "best"):
   """The NumPy predictor of an exported ``.npz`` or of a training workdir, and a description.
 
-  A workdir is restored with ``train_lib.restore_for_export`` and exported in memory with
+  A workdir is restored with ``export.restore_for_export`` and exported in memory with
   ``export.export_params``, so it is evaluated through exactly the code that serves it.
 
   Args:
@@ -304,10 +304,10 @@ def load_predictor(model_path: str | None = None, workdir: str | None = None,
   else:
     # JAX/Orbax only on this path: an exported model is evaluated with NumPy alone.
     from tlp_jax.train import export  # pylint: disable=g-import-not-at-top
-    from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
+    from tlp_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
     try:
-      params, model_config, meta = train_lib.restore_for_export(workdir, which)
-    except (FileNotFoundError, train_lib.CheckpointError) as e:
+      params, model_config, meta = export.restore_for_export(workdir, which)
+    except (FileNotFoundError, checkpoints.CheckpointError) as e:
       raise EvalError(str(e)) from None
     arrays = export.export_params(params, model_config, **export.meta_kwargs(meta))
     predictor = npred.Predictor.from_arrays(arrays)
