@@ -59,7 +59,7 @@ def main(argv):
   from tlp_jax.evaluation import report as eval_report
   from tlp_jax.evaluation import run as eval_run
   from tlp_jax.train import export
-  from tlp_jax.train import train_lib
+  from tlp_jax.train import loop
 
   workdir = os.path.abspath(_WORKDIR.value)
   data_dir = os.path.join(workdir, "data")
@@ -74,7 +74,7 @@ def main(argv):
   config.hardware = (_HW.value,)
   train_dir = os.path.join(workdir, "train")
   print(f"[2/5] training ({config.num_epochs} epochs, batch {config.batch_size}) in {train_dir}")
-  result = train_lib.train_and_evaluate(config, train_dir)
+  result = loop.train_and_evaluate(config, train_dir)
   print("      last validation:", {k: round(v, 4) for k, v in result.validation.items()})
 
   print("[3/5] top-k on the held-out networks")

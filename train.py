@@ -10,8 +10,11 @@ import logging as py_logging
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
+from tlp_jax.train import config as config_lib
+from tlp_jax.train import loop
 from tlp_jax.train import runtime
 
 FLAGS = flags.FLAGS
@@ -44,17 +47,15 @@ def _distributed_args(cfg) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
+  config = config_lib.from_config_dict(FLAGS.config)  # fails on a misspelled field
   logging.get_absl_handler().addFilter(_QuietCheckpointing())
-  runtime.apply_config(config)  # before JAX starts a backend
-  # Imported here so that jax.distributed.initialize() runs before anything touches a backend.
-  import jax  # pylint: disable=g-import-not-at-top
+  # Importing JAX starts no backend; these two must run before anything does.
+  runtime.apply_config(config)
   if config.distributed.enabled:
     jax.distributed.initialize(**_distributed_args(config.distributed))
-  from tlp_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  train_lib.train_and_evaluate(config, FLAGS.workdir)
+  loop.train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

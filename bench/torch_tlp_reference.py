@@ -221,10 +221,9 @@ def load_flax_params(model: TLPTorchModel, params: Mapping[str, Any]) -> None:
 
 def model_config_from_tlp(tlp_config: Any) -> TorchModelConfig:
   """The reference dimensions of a ``tlp_jax.train.model.TLPConfig`` (original-model options only)."""
-  if (tlp_config.padding_mask or tlp_config.input_norm != "none" or tlp_config.pool != "sum"
-      or tlp_config.num_heads != 1):
+  if tlp_config.input_norm != "none" or tlp_config.num_hardware_heads != 1:
     raise ValueError("the reference implements the original model only (one head, no "
-                     "padding_mask/input_norm/pool options)")
+                     "input_norm)")
   return TorchModelConfig(feature_dim=tlp_config.feature_dim, seq_len=tlp_config.seq_len,
                           encoder_dims=tuple(tlp_config.encoder_dims),
                           attention_heads=tlp_config.attention_heads,

@@ -8,14 +8,17 @@ coupled-L2 Adam at a constant rate, an ensemble of five networks, and the loop-n
 dataset built with them. ``configs/tlp_original.py`` keeps the original exactly.
 
 Run: ``python train.py --config configs/default.py --workdir /tmp/tlp``; any field can be
-overridden on the command line, e.g. ``--config.batch_size=512``.
+overridden on the command line, e.g. ``--config.batch_size=512`` or
+``--config.optim.learning_rate=1e-3``. Every field is read by ``tlp_jax.train.config``, which
+rejects unknown ones.
 """
 
 import ml_collections
 
 
 def get_model_config() -> ml_collections.ConfigDict:
-  """TLP's attention model (``tlp_jax.train.model.TLPConfig`` fields, ``num_heads`` excluded)."""
+  """TLP's attention model: ``tlp_jax.train.model.TLPConfig``'s fields except
+  ``num_hardware_heads``, which the trainer sets from ``config.hardware`` and the dataset."""
   model = ml_collections.ConfigDict()
   model.feature_dim = 22  # TLP fea_size (llvm crop width)
   model.seq_len = 25  # TLP step_size (llvm crop length)
@@ -24,10 +27,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   model.res_blocks = 2
   model.decoder_dims = (256, 128, 64, 1)
   model.dtype = "float32"
-  model.padding_mask = False
+  # Elementwise transform of the input features (``model.INPUT_NORMS``): TLP reads them raw.
   model.input_norm = "none"
-  model.input_norm_columns = None
-  model.pool = "sum"
   # Independently initialised copies of the network, scores averaged (1 = TLP's single model).
   model.ensemble_size = 1
   return model
@@ -60,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.ensemble_size = 5
   # On a dataset of the "loop" feature version (data_pipelines.build --loop_stores N) the model
   # also reads its loop-nest store tokens: model.seq_len / feature_dim are the step crop and the
-  # input grows by the stores (train_lib.model_config_from). "auto" = when the dataset has them,
+  # input grows by the stores (train.data.model_config_for). "auto" = when the dataset has them,
   # "required" = refuse a dataset without them, "off" = step tokens only, as the original.
   config.loop_tokens = "auto"
 
@@ -68,28 +69,25 @@ def get_config() -> ml_collections.ConfigDict:
   # TLP ranks the whole batch with LambdaRank (configs/tlp_original.py). This project's default
   # ranks within each task with latency-ratio-weighted pairs, on batches of whole tasks: top-1 on
   # the hold-out networks goes from ~0.11 to ~0.47 (docs/ACCURACY.md).
-  config.loss = "pairwise_log"
-  config.group_by_task = True
-  # Target temperature of the "listwise_log" loss (unused by the others).
-  config.loss_temperature = 1.0
-  # Optional second loss added with a weight ("" = none), e.g. "lambdarank" over the whole batch.
-  config.aux_loss = ""
-  config.aux_loss_weight = 0.0
-  config.aux_loss_group_by_task = False
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = "pairwise_log"  # a key of losses.LOSSES
+  config.loss.group_by_task = True
   # "random" (TLP: rows shuffled freely) or "by_task" (whole tasks per batch, for group_by_task).
   config.batch_order = "by_task"
 
-  # Optimizer and schedule (keys of train_lib.OPTIMIZERS / train_lib.SCHEDULES).
-  config.optimizer = "adamw"
-  config.learning_rate = 7e-4
-  config.weight_decay = 1e-6
-  config.grad_clip_norm = 0.5
-  config.schedule = "warmup_cosine"
-  config.warmup_epochs = 1.0
-  config.end_learning_rate = 0.0
+  # Optimizer and schedule: tlp_jax.train.optimizer.OptimConfig (keys of optimizer.OPTIMIZERS /
+  # optimizer.SCHEDULES).
+  config.optim = ml_collections.ConfigDict()
+  config.optim.optimizer = "adamw"
+  config.optim.learning_rate = 7e-4
+  config.optim.weight_decay = 1e-6
+  config.optim.grad_clip_norm = 0.5
+  config.optim.schedule = "warmup_cosine"
+  config.optim.warmup_epochs = 1.0
+  config.optim.end_learning_rate = 0.0
   # "step" schedule (TLP's StepLR, stepped per epoch): lr * rate ** (epoch // every_epochs).
-  config.step_decay_every_epochs = 16  # TLP: n_epoch // 3
-  config.step_decay_rate = 0.5
+  config.optim.step_decay_every_epochs = 16  # TLP: n_epoch // 3
+  config.optim.step_decay_rate = 0.5
 
   # float32 matmul precision (jax.default_matmul_precision): "default" is TF32 on Ampere/Hopper
   # GPUs (bench/README.md: same loss curve as float32, 2x faster), exact float32 on CPU.

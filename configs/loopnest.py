@@ -11,8 +11,8 @@ build fails at once instead of training the weaker step-only model. The dataset 
 
 Each program is then 25 step tokens (22 values, TLP's llvm crop) plus 10 store tokens (164
 values), as one ``(35, 186)`` input whose two token kinds use disjoint columns
-(``features.append_loop_features``). The model is TLP's; ``train_lib.model_config_from`` sizes
-its input from the dataset.
+(``features.append_loop_features``). The model is TLP's; ``tlp_jax.train.data.model_config_for``
+sizes its input from the dataset.
 """
 
 from configs import default

@@ -15,8 +15,8 @@ def get_config():
   config.batch_size = 64
   config.eval_batch_size = 128
   config.num_epochs = 3
-  config.warmup_epochs = 0.5
-  config.learning_rate = 1e-3
+  config.optim.warmup_epochs = 0.5
+  config.optim.learning_rate = 1e-3
   config.log_every_steps = 5
   config.checkpoint_every_steps = 10
   config.data_placement = "device"

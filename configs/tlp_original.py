@@ -7,7 +7,7 @@
 * gradients clipped to global norm 0.5;
 * LambdaRank over the whole batch (no task grouping), batch 1024, 50 epochs, shuffled every
   epoch, the last partial batch kept (here: padded with masked rows, which the loss ignores);
-* TLP's attention model with its defaults (no padding mask, no input normalisation, sum pool),
+* TLP's attention model with its defaults (no input normalisation, one network),
   reading TLP's step tokens only (``loop_tokens="off"``, also on a dataset built with
   loop-nest tokens).
 """
@@ -20,18 +20,18 @@ def get_config():
   config = default.get_config()
   config.model = default.get_model_config()
   config.loop_tokens = "off"
-  config.loss = "lambdarank"
-  config.group_by_task = False
+  config.loss.name = "lambdarank"
+  config.loss.group_by_task = False
   config.batch_order = "random"
-  config.optimizer = "adam"
-  config.learning_rate = 7e-4
-  config.weight_decay = 1e-6
-  config.grad_clip_norm = 0.5
-  config.schedule = "step"
+  config.optim.optimizer = "adam"
+  config.optim.learning_rate = 7e-4
+  config.optim.weight_decay = 1e-6
+  config.optim.grad_clip_norm = 0.5
+  config.optim.schedule = "step"
   config.num_epochs = 50
-  config.step_decay_every_epochs = config.num_epochs // 3
-  config.step_decay_rate = 1.0
-  config.warmup_epochs = 0.0
+  config.optim.step_decay_every_epochs = config.num_epochs // 3
+  config.optim.step_decay_rate = 1.0
+  config.optim.warmup_epochs = 0.0
   config.batch_size = 1024
   # PyTorch computes float32 matmuls in float32 (TF32 is off by default); so does this config.
   config.matmul_precision = "highest"

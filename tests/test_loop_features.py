@@ -21,7 +21,9 @@ from tlp_jax.core import records
 from tlp_jax.evaluation import run as eval_run
 from tlp_jax.train import export
 from tlp_jax.train import model as model_lib
-from tlp_jax.train import train_lib
+from tlp_jax.train import config as config_lib
+from tlp_jax.train import data
+from tlp_jax.train import loop
 from tlp_jax.tvm import loop_features
 from tlp_jax.tvm import search_tasks
 
@@ -78,9 +80,10 @@ def test_model_input_follows_loop_tokens_mode(sample_arrays):
   def shape(config_name, dataset, **overrides):
     config = importlib.import_module(f"configs.{config_name}").get_config()
     config.update(overrides)
-    cfg = train_lib.model_config_from(config, 1, dataset)
-    meta = train_lib.dataset_meta(dataset, ["epyc-9004"],
-                                  train_lib.reads_loop_tokens(config, dataset))
+    typed = config_lib.from_config_dict(config)
+    cfg = data.model_config_for(typed.model, typed.loop_tokens, dataset, 1)
+    meta = data.dataset_meta(dataset, ["epyc-9004"],
+                             data.reads_loop_tokens(typed.loop_tokens, dataset))
     return (cfg.seq_len, cfg.feature_dim), tuple(meta["crop"]), meta.get("loop_stores", 0)
 
   # default ("auto"): step tokens on a TLP build, steps + stores on a loop build.
@@ -96,8 +99,9 @@ def test_model_input_follows_loop_tokens_mode(sample_arrays):
   with pytest.raises(ValueError, match="step crop"):
     config = importlib.import_module("configs.default").get_config()
     config.model.seq_len = 20  # the stores would not be where the model looks for them
-    train_lib.model_config_from(config, 1, loop)
-  with pytest.raises(ValueError, match="unknown loop_tokens"):
+    typed = config_lib.from_config_dict(config)
+    data.model_config_for(typed.model, typed.loop_tokens, loop, 1)
+  with pytest.raises(ValueError, match="loop_tokens"):
     shape("default", loop, loop_tokens="yes")
 
 
@@ -118,12 +122,12 @@ def test_loop_model_export_and_numpy_predictor(tmp_path):
   steps = [[["SP", 2, 0, 64, [8, 4], 1], ["AN", 2, 0, 3]],
            [["PR", 2, 0, "auto_unroll_max_step$16"]]]
   tlp = npred.Predictor.load(_tiny_export(tmp_path, (25, 22)))
-  assert tlp.format_version == npred.TLP_FORMAT_VERSION and tlp.loop_stores == 0
+  assert tlp.format_version == npred.FORMAT_VERSION and tlp.loop_stores == 0
   with pytest.raises(npred.PredictorError, match="TLP step features only"):
     tlp.predict_steps(steps, store_features=np.zeros((2, 2, 3)))
 
   loop = npred.Predictor.load(_tiny_export(tmp_path, (27, 25), loop_stores=2, loop_dim=3))
-  assert loop.format_version == 2 and (loop.loop_stores, loop.loop_dim) == (2, 3)
+  assert loop.format_version == npred.FORMAT_VERSION and (loop.loop_stores, loop.loop_dim) == (2, 3)
   assert loop.step_crop == (25, 22)
   with pytest.raises(npred.PredictorError, match="loop-nest store vectors"):
     loop.predict_steps(steps)
@@ -273,8 +277,7 @@ def test_train_and_eval_a_loop_model(loop_sample, tmp_path):
   config.hardware = ("epyc-9004",)
   config.num_epochs = 1
   workdir = str(tmp_path / "run")
-  result = train_lib.train_and_evaluate(config, workdir, dataset=arrays,
-                                        devices=jax.devices()[:1])
+  result = loop.train_and_evaluate(config, workdir, dataset=arrays, devices=jax.devices()[:1])
   assert result.model_config.seq_len == 25 + LOOP_STORES
   assert np.isfinite(result.validation["val_loss"])
   report = eval_run.evaluate_model(hw="epyc-9004", data_dir=data_dir, workdir=workdir,
@@ -283,13 +286,13 @@ def test_train_and_eval_a_loop_model(loop_sample, tmp_path):
   # loop_tokens="off" on the same data trains a TLP model: it exports as one, with the step
   # crop, and the NumPy predictor scores TLP features with it.
   config.loop_tokens = "off"
-  off = train_lib.train_and_evaluate(config, str(tmp_path / "off"), dataset=arrays,
-                                     devices=jax.devices()[:1])
+  off = loop.train_and_evaluate(config, str(tmp_path / "off"), dataset=arrays,
+                                devices=jax.devices()[:1])
   assert (off.model_config.seq_len, off.model_config.feature_dim) == (25, 22)
   exported = export.export_workdir(str(tmp_path / "off"), str(tmp_path / "off.npz"), "latest")
-  assert int(exported[npred.META_FORMAT_VERSION]) == npred.TLP_FORMAT_VERSION
+  assert npred.META_LOOP_STORES not in exported
   pred = npred.Predictor.load(str(tmp_path / "off.npz"))
   assert pred.crop == (25, 22) and pred.loop_stores == 0
   x = arrays.test.features[:50]
-  want = train_lib.make_predict_fn(off.model_config)(off.state.params, x)[:, 0]
+  want = export.make_predict_fn(off.model_config)(off.state.params, x)[:, 0]
   np.testing.assert_allclose(pred.predict(x[:, :25, :22]), want, rtol=1e-4, atol=1e-4)

@@ -24,7 +24,7 @@ from tlp_jax.evaluation import topk
 from tlp_jax.evaluation.data import EvalError
 from tlp_jax.evaluation.data import eval_data
 from tlp_jax.train import export
-from tlp_jax.train import train_lib
+from tlp_jax.train import loop
 from tlp_jax.train.model import TLPConfig
 from tlp_jax.train.model import init_params
 
@@ -60,7 +60,7 @@ def _raw_holdout_latencies(tenset_dir, hw):
 def two_head_model(tmp_path_factory, sample_arrays):
   """A randomly initialised 2-head (MTL) model exported to .npz, with the dataset's features."""
   arrays = sample_arrays("all")
-  cfg = TLPConfig(num_heads=2, encoder_dims=(16, 32), attention_heads=4, decoder_dims=(16, 8, 1),
+  cfg = TLPConfig(num_hardware_heads=2, encoder_dims=(16, 32), attention_heads=4, decoder_dims=(16, 8, 1),
                   seq_len=arrays.crop[0], feature_dim=arrays.crop[1])
   path = str(tmp_path_factory.mktemp("model") / "mtl.npz")
   export.save_npz(path, init_params(cfg, jax.random.PRNGKey(0)), cfg,
@@ -150,9 +150,8 @@ def test_workdir_is_evaluated_through_the_exported_predictor(built_sample_datase
   config.num_epochs = 1
   config.checkpoint_every_steps = 0  # one checkpoint, at the end of the epoch
   workdir = str(tmp_path / "run")
-  # At the merge of the trainer split: tlp_jax.train.loop.train_and_evaluate.
-  train_lib.train_and_evaluate(config, workdir, dataset=sample_arrays("epyc-9004"),
-                               devices=jax.devices()[:1])
+  loop.train_and_evaluate(config, workdir, dataset=sample_arrays("epyc-9004"),
+                          devices=jax.devices()[:1])
   from_workdir = run.evaluate_model(hw="epyc-9004", data_dir=built_sample_dataset,
                                     workdir=workdir, which="latest")
   npz = str(tmp_path / "model.npz")

@@ -40,12 +40,13 @@ except ImportError:  # pragma: no cover - exercised by copying the file out of t
 
 # ---- export format (single source of truth; tlp_jax.train.export writes it) --------------------------
 FORMAT_NAME = "tlp-jax-model"
-# Each export carries the lowest version that can read it, so older predictors still read the
-# models they can compute and refuse the others by version: 1 = a TLP model; 2 = a model of the
-# "loop" feature version (meta/loop_stores, meta/loop_dim); 3 = an ensemble (parameters under
-# params/members/ with a leading member axis; scores are the members' mean).
-FORMAT_VERSION = 3
-TLP_FORMAT_VERSION = 1
+# Versions: 1 = a TLP model; 2 = a model of the "loop" feature version (meta/loop_stores,
+# meta/loop_dim); 3 = an ensemble (parameters under params/members/ with a leading member axis;
+# scores are the members' mean); 4 = today's model config keys (``num_hardware_heads``; the
+# options removed after commit 4fe3f70 are gone, see ``upgrade_model_config``). Versions 1-3
+# exported the lowest version that could describe the model; every export is now version 4,
+# which older predictors refuse by version. This predictor reads all four.
+FORMAT_VERSION = 4
 LOOP_FORMAT_VERSION = 2
 ENSEMBLE_FORMAT_VERSION = 3
 MEMBERS_PREFIX = "members/"
@@ -73,7 +74,49 @@ class PredictorError(ValueError):
   """Bad model file or bad predictor input."""
 
 
-# ---- NumPy mirrors of tlp_jax.train.model's option registries ----------------------------------------
+# ---- model config keys of earlier format versions ------------------------------------------------
+
+# Keys renamed by format version 4: old name -> today's.
+_RENAMED_MODEL_KEYS = {"num_heads": "num_hardware_heads"}
+# Model options removed after commit 4fe3f70 (docs/ACCURACY.md, "Removed options"), each with the
+# value that behaves as today's model. An old config that set another value describes a model
+# this code cannot compute.
+_REMOVED_MODEL_OPTIONS = {"padding_mask": False, "pool": "sum", "input_norm_columns": None}
+
+
+def upgrade_model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """Today's model config fields of a stored model config of any format version.
+
+  Renames the keys of format versions 1-3 and drops their removed options when they hold the
+  value that remains; raises ``ValueError`` naming an option set to a removed value.
+  """
+  out = {}
+  for key, value in cfg.items():
+    if key in _REMOVED_MODEL_OPTIONS:
+      if value != _REMOVED_MODEL_OPTIONS[key]:
+        raise ValueError(f"model option {key}={value!r} was removed (last in commit 4fe3f70, "
+                         "docs/ACCURACY.md); this version computes only "
+                         f"{key}={_REMOVED_MODEL_OPTIONS[key]!r}")
+      continue
+    out[_RENAMED_MODEL_KEYS.get(key, key)] = value
+  return out
+
+
+# ---- model input of the "loop" feature version -----------------------------------------------
+
+
+def input_shape(step_crop: Sequence[int], loop_shape: Sequence[int]) -> tuple[int, int]:
+  """``(L + S, E + D)``: the model input of ``(L, E)`` step features and ``S`` loop-nest store
+  tokens of width ``D`` (``features.append_loop_features``; ``(0, 0)`` = TLP features only)."""
+  return (int(step_crop[0]) + int(loop_shape[0]), int(step_crop[1]) + int(loop_shape[1]))
+
+
+def step_crop_of(crop: Sequence[int], loop_shape: Sequence[int]) -> tuple[int, int]:
+  """The step-feature crop ``(L, E)`` of a model input ``crop`` (inverse of ``input_shape``)."""
+  return (int(crop[0]) - int(loop_shape[0]), int(crop[1]) - int(loop_shape[1]))
+
+
+# ---- NumPy mirror of tlp_jax.train.model.INPUT_NORMS ------------------------------------------
 
 
 def _signed_log1p(x: np.ndarray) -> np.ndarray:
@@ -83,12 +126,6 @@ def _signed_log1p(x: np.ndarray) -> np.ndarray:
 INPUT_NORMS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
     "none": None,
     "log1p": _signed_log1p,
-}
-
-# pool name -> (restricted to real steps regardless of padding_mask, divide by #real steps)
-POOLS: dict[str, tuple[bool, bool]] = {
-    "sum": (False, False),
-    "mean_valid": (True, True),
 }
 
 
@@ -173,26 +210,21 @@ class Predictor:
 
   def _load_weights(self, arrays, cfg):
     try:
+      cfg = upgrade_model_config(cfg)
       self.feature_dim = int(cfg["feature_dim"])
       self.seq_len = int(cfg["seq_len"])
       enc_dims = [int(d) for d in cfg["encoder_dims"]]
       dec_dims = [int(d) for d in cfg["decoder_dims"]]
       self.attention_heads = int(cfg["attention_heads"])
       res_blocks = int(cfg["res_blocks"])
-      num_heads = int(cfg["num_heads"])
-      self.padding_mask = bool(cfg["padding_mask"])
+      num_heads = int(cfg["num_hardware_heads"])
       norm = cfg["input_norm"]
-      norm_cols = cfg["input_norm_columns"]
-      pool = cfg["pool"]
       self.ensemble_size = int(cfg.get("ensemble_size", 1))
     except (KeyError, TypeError, ValueError) as e:
-      raise PredictorError(f"{self.source}: bad {META_MODEL_CONFIG}: {e!r}") from None
+      raise PredictorError(f"{self.source}: bad {META_MODEL_CONFIG}: {e}") from None
     if norm not in INPUT_NORMS:
       raise PredictorError(f"{self.source}: input_norm {norm!r} unknown to this predictor "
                            f"(known: {sorted(INPUT_NORMS)})")
-    if pool not in POOLS:
-      raise PredictorError(f"{self.source}: pool {pool!r} unknown to this predictor "
-                           f"(known: {sorted(POOLS)})")
     if self.ensemble_size < 1 or (self.ensemble_size > 1
                                   and self.format_version < ENSEMBLE_FORMAT_VERSION):
       raise PredictorError(f"{self.source}: ensemble_size {self.ensemble_size} needs "
@@ -202,8 +234,6 @@ class Predictor:
       raise PredictorError(f"{self.source}: {num_heads} heads but {len(self.hardware)} hardware "
                            f"names {list(self.hardware)}")
     self._norm = INPUT_NORMS[norm]
-    self._norm_cols = None if norm_cols is None else np.asarray(norm_cols, np.int64)
-    self._pool_valid_only, self._pool_mean = POOLS[pool]
 
     self.hidden_dim = enc_dims[-1]
     self._members = [_MemberWeights.build(self._param, arrays, m, self.feature_dim, enc_dims,
@@ -257,7 +287,7 @@ class Predictor:
   @property
   def step_crop(self) -> tuple[int, int]:
     """``(L, E)`` of the TLP step features (``crop`` less the loop-nest tokens, if any)."""
-    return (self.crop[0] - self.loop_stores, self.crop[1] - self.loop_dim)
+    return step_crop_of(self.crop, (self.loop_stores, self.loop_dim))
 
   def featurize_steps(self, steps_list: Sequence[Sequence[Any]],
                       store_features: np.ndarray | None = None) -> np.ndarray:
@@ -323,33 +353,22 @@ class Predictor:
     order = np.argsort(~valid, axis=1, kind="stable")
     xs = np.take_along_axis(x, order[:, :, None], axis=1)
 
-    groups = []  # (program indices, rows per program m, key log-counts (m,), pool weights (m,))
+    groups = []  # (program indices, rows per program m, key log-counts (m,), sum weights (m,))
     packed = []
     for n in np.unique(n_valid):
       n = int(n)
       pads = seq - n
-      with_pad_row = pads > 0 and not self.padding_mask
-      m = n + int(with_pad_row)
+      m = n + int(pads > 0)
       idx = np.nonzero(n_valid == n)[0]
-      if m == 0:  # every step padding and masked: the Flax model outputs exactly 0
-        groups.append((idx, 0, None, None))
-        continue
       key_bias = np.zeros((m,), np.float32)
       counts = np.ones((m,), np.float32)
-      if with_pad_row:
+      if pads:
         key_bias[-1] = math.log(pads)
         counts[-1] = pads
-      weights = counts.copy()
-      if self._pool_valid_only and with_pad_row:
-        weights[-1] = 0.0
-      if self._pool_mean:
-        weights /= max(n, 1)
-      groups.append((idx, m, key_bias, weights))
+      groups.append((idx, m, key_bias, counts))
       packed.append(xs[idx, :m].reshape(-1, width))
 
     out = np.zeros((b, len(heads)), np.float32)
-    if not packed:
-      return out
     rows_in = np.concatenate(packed, axis=0)
     # Steps repeat heavily across programs (about 1 distinct row in 5 in a batch of TenSet
     # programs), and everything before the attention mixing is per row: run the input norm,
@@ -367,10 +386,9 @@ class Predictor:
       y /= np.float32(len(self._members))
     r = 0
     for idx, m, _, weights in groups:
-      if m:
-        rows = len(idx) * m
-        out[idx] = np.einsum("pmh,m->ph", y[r:r + rows].reshape(len(idx), m, -1), weights)
-        r += rows
+      rows = len(idx) * m
+      out[idx] = np.einsum("pmh,m->ph", y[r:r + rows].reshape(len(idx), m, -1), weights)
+      r += rows
     return out
 
   def _rows_forward(self, w: "_MemberWeights", unique_rows: np.ndarray, inverse: np.ndarray,
@@ -384,22 +402,16 @@ class Predictor:
     ctx = np.empty_like(h)
     r = 0
     for idx, m, key_bias, _ in groups:
-      if m:
-        rows = len(idx) * m
-        ctx[r:r + rows] = self._attend(qkv[r:r + rows], len(idx), m, key_bias)
-        r += rows
+      rows = len(idx) * m
+      ctx[r:r + rows] = self._attend(qkv[r:r + rows], len(idx), m, key_bias)
+      r += rows
     h = self._trunk_rows_post(w, h, ctx)
     return self._decode(w, h, heads)
 
   def _encode(self, w: "_MemberWeights", h: np.ndarray) -> np.ndarray:
     """Input norm + encoder over rows (R, E) -> (R, D)."""
     if self._norm is not None:
-      if self._norm_cols is None:
-        h = self._norm(h)
-      else:
-        h = h.copy()
-        h[:, self._norm_cols] = self._norm(h[:, self._norm_cols])
-      h = h.astype(np.float32, copy=False)
+      h = self._norm(h).astype(np.float32, copy=False)
     for kernel, bias in w.encoder:
       h = h @ kernel
       h += bias

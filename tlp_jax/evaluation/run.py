@@ -24,7 +24,7 @@ from tlp_jax.evaluation.data import EvalError
 from tlp_jax.evaluation.data import eval_data
 from tlp_jax.evaluation.data import hardware_index
 from tlp_jax.train import export as train_export
-from tlp_jax.train import train_lib
+from tlp_jax.train import checkpoints
 
 WORKDIR_ROW = "TLP (workdir)"
 
@@ -34,12 +34,11 @@ WORKDIR_ROW = "TLP (workdir)"
 def _export_workdir_in_memory(workdir: str, which: str) -> dict[str, np.ndarray]:
   """The export arrays of a training workdir's checkpoint ``which``, without writing a file.
 
-  The one place this package reaches into the trainer. At the merge of the trainer split this
-  becomes ``tlp_jax.train.export.restore_for_export`` (and its checkpoint error type).
+  The one place this package reaches into the trainer.
   """
   try:
-    params, model_config, meta = train_lib.restore_for_export(workdir, which)
-  except (FileNotFoundError, train_lib.CheckpointError) as e:
+    params, model_config, meta = train_export.restore_for_export(workdir, which)
+  except (FileNotFoundError, checkpoints.CheckpointError) as e:
     raise EvalError(str(e)) from None
   return train_export.export_params(params, model_config, **train_export.meta_kwargs(meta))
 

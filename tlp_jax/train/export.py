@@ -1,9 +1,10 @@
-"""Export trained TLP parameters to a flat ``.npz`` for the pure-NumPy predictor.
+"""Export of a training run: its checkpoint as a flat ``.npz`` for the pure-NumPy predictor, and
+a batched JAX predict function of the restored parameters.
 
 Format (``tlp_jax.core.predictor`` defines the key names and ``FORMAT_VERSION``):
 
 * ``params/<module>/<...>/<name>``: every parameter of the Flax tree, float32, the tree path
-  joined with ``/`` (hardware heads keep their leading ``num_heads`` axis; an ensemble's
+  joined with ``/`` (hardware heads keep their leading ``num_hardware_heads`` axis; an ensemble's
   parameters are under ``params/members/`` with a leading ``ensemble_size`` axis);
 * ``meta/format`` (``"tlp-jax-model"``), ``meta/format_version`` (int), ``meta/model_config``
   (``TLPConfig`` as JSON), ``meta/hardware`` (``(H,)`` head names, in head order),
@@ -24,16 +25,18 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import numpy as np
 
 from tlp_jax.core import features
-from tlp_jax.train import model as model_lib
 from tlp_jax.core import predictor as npred
+from tlp_jax.train import checkpoints
+from tlp_jax.train import model as model_lib
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = npred.PARAMS_PREFIX
@@ -61,13 +64,6 @@ def _vocab_version(vocab_json: str) -> str:
   return str(json.loads(vocab_json)["version"])
 
 
-def format_version(model_config: model_lib.TLPConfig, loop_stores: int) -> int:
-  """The lowest export format version that can describe this model (see numpy_predictor)."""
-  if model_config.ensemble_size > 1:
-    return npred.ENSEMBLE_FORMAT_VERSION
-  return npred.LOOP_FORMAT_VERSION if loop_stores else npred.TLP_FORMAT_VERSION
-
-
 def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, *,
                   hardware: Sequence[str], platform: str, crop: Sequence[int] | None,
                   vocab_json: str, step: int, loop_stores: int = 0,
@@ -86,12 +82,12 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
       feature version, ``features.append_loop_features``); 0 = TLP features only.
 
   Returns:
-    ``{key: np.ndarray}``, loadable by ``numpy_predictor.Predictor``.
+    ``{key: np.ndarray}``, loadable by ``predictor.Predictor``.
   """
   hardware = [str(h) for h in hardware]
-  if len(hardware) != model_config.num_heads:
+  if len(hardware) != model_config.num_hardware_heads:
     raise ValueError(f"{len(hardware)} hardware names {hardware} for a model with "
-                     f"{model_config.num_heads} heads")
+                     f"{model_config.num_hardware_heads} heads")
   if len(set(hardware)) != len(hardware):
     raise ValueError(f"duplicate hardware names: {hardware}")
   if crop is None:
@@ -102,8 +98,7 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
   out = flatten_params(params)
   out.update({
       npred.META_FORMAT: np.array(npred.FORMAT_NAME),
-      npred.META_FORMAT_VERSION: np.array(
-          format_version(model_config, loop_stores), np.int64),
+      npred.META_FORMAT_VERSION: np.array(npred.FORMAT_VERSION, np.int64),
       npred.META_MODEL_CONFIG: np.array(json.dumps(model_config.to_dict(), sort_keys=True)),
       npred.META_HARDWARE: np.array(hardware, dtype=np.str_),
       npred.META_PLATFORM: np.array(str(platform)),
@@ -145,11 +140,78 @@ def meta_kwargs(meta: Mapping[str, Any]) -> dict[str, Any]:
               loop_stores=int(meta.get("loop_stores", 0)), loop_dim=int(meta.get("loop_dim", 0)))
 
 
+def restore_for_export(workdir: str, which: str = "best"
+                       ) -> tuple[Any, model_lib.TLPConfig, dict[str, Any]]:
+  """``(params, TLPConfig, meta)`` of a training run, for export and evaluation.
+
+  Args:
+    workdir: the training run's workdir.
+    which: "best" (lowest target-head validation loss) or "latest".
+
+  Returns:
+    ``params`` as nested dicts of NumPy arrays; the model config; ``meta`` = the dataset
+    metadata (``hardware``, ``platform``, ``crop``, ``vocab_json``) plus ``step``, ``epoch`` and
+    the validation metrics of the restored checkpoint.
+
+  Raises:
+    FileNotFoundError: ``workdir`` is not a training workdir.
+    checkpoints.CheckpointError: no readable ``which`` checkpoint.
+  """
+  if which not in (checkpoints.BEST, checkpoints.LATEST):
+    raise ValueError(f"which must be {checkpoints.BEST!r} or {checkpoints.LATEST!r}, "
+                     f"got {which!r}")
+  model_path = os.path.join(workdir, checkpoints.MODEL_CONFIG_FILE)
+  meta_path = os.path.join(workdir, checkpoints.DATASET_META_FILE)
+  for p in (model_path, meta_path):
+    if not os.path.exists(p):
+      raise FileNotFoundError(f"{p} missing: {workdir} is not a training workdir")
+  model_config = model_lib.TLPConfig.from_dict(checkpoints.read_json(model_path))
+  meta = dict(checkpoints.read_json(meta_path))
+  manager = checkpoints.open_for_reading(workdir, which)
+  try:
+    tree, ckpt_meta = checkpoints.restore_checkpoint(manager, None)
+  finally:
+    manager.close()
+  params = jax.tree_util.tree_map(np.asarray, tree["params"])
+  meta.update({k: ckpt_meta[k] for k in ("step", "epoch", "validation") if k in ckpt_meta})
+  return params, model_config, meta
+
+
 def export_workdir(workdir: str, out: str, which: str = "best") -> dict[str, np.ndarray]:
-  """Restores a training run's checkpoint via ``train_lib.restore_for_export`` and saves it."""
-  from tlp_jax.train import train_lib  # pylint: disable=import-outside-toplevel
-  params, model_config, meta = train_lib.restore_for_export(workdir, which)
+  """Restores a training run's checkpoint (``restore_for_export``) and saves it to ``out``."""
+  params, model_config, meta = restore_for_export(workdir, which)
   return save_npz(out, params, model_config, **meta_kwargs(meta))
+
+
+def make_predict_fn(model_config: model_lib.TLPConfig, batch_size: int = 4096,
+                    per_member: bool = False) -> Callable[[Any, np.ndarray], np.ndarray]:
+  """``predict(params, features (N, L, E)) -> scores (N, H)`` on one device, in fixed batches.
+
+  ``per_member``: each ensemble member's scores, ``(N, ensemble_size, H)``, instead of their
+  mean. The last batch is padded to ``batch_size`` so only one program is compiled.
+  """
+  model = model_lib.TLPModel(model_config)
+
+  @jax.jit
+  def apply(params, x):
+    return model.apply({"params": params}, x, per_member=per_member)
+
+  def predict(params, features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, np.float32)
+    n = features.shape[0]
+    shape = (((model_config.ensemble_size,) if per_member else ())
+             + (model_config.num_hardware_heads,))
+    out = np.zeros((n,) + shape, np.float32)
+    bs = max(1, min(batch_size, n))
+    for start in range(0, n, bs):
+      chunk = features[start:start + bs]
+      m = chunk.shape[0]
+      if m < bs:
+        chunk = np.concatenate([chunk, np.zeros((bs - m,) + chunk.shape[1:], np.float32)])
+      out[start:start + m] = np.asarray(apply(params, chunk))[:m]
+    return out
+
+  return predict
 
 
 def _define_flags() -> None:

@@ -1,4 +1,5 @@
-"""Training losses: TLP's LambdaRank (allRank-style) and MSE, masked per hardware head.
+"""Training losses: TLP's LambdaRank (allRank-style) and MSE, and this project's pairwise_log;
+masked per hardware head.
 
 Every loss works on a batch ``preds (B, H)``, ``labels (B, H)``, ``mask (B, H)`` (True = label
 present for that head) and ``task_index (B,)``; a head's loss only sees its present labels and the
@@ -20,51 +21,38 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+
+from tlp_jax.core import metrics
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Loss hyper-parameters. Defaults are TLP's.
+  """Loss hyper-parameters (``config.loss``; sigma, eps and k are TLP's constants, not in it).
 
   Attributes:
-    name: key of ``LOSSES``: "lambdarank" (TLP), "mse" (TLP's alternative), or this project's
-      log-scale losses "mse_log", "pairwise_log", "listwise_log" and "centered_mse_log".
-    sigma: LambdaRank sigmoid scale.
-    eps: LambdaRank clamp floor.
+    name: key of ``LOSSES``: "lambdarank" (TLP), "mse" (TLP's alternative) or this project's
+      "pairwise_log".
+    group_by_task: rank within each task group instead of across the whole batch (TLP: False).
+    sigma: LambdaRank / pairwise_log sigmoid scale.
+    eps: LambdaRank clamp floor (and pairwise_log's weight-sum floor).
     k: LambdaRank NDCG truncation (``None`` = whole list, as TLP trains).
-    group_by_task: rank within each task group instead of across the whole batch.
-    temperature: target temperature of the listwise loss ("listwise_log"): the target
-      distribution over a group's items is ``softmax(log(y) / temperature)``.
-    aux_name: optional second loss (a key of ``LOSSES``) added with weight ``aux_weight``, with
-      its own ``aux_group_by_task`` (e.g. within-task ranking plus a small whole-batch term).
-    aux_weight: weight of the auxiliary loss.
-    aux_group_by_task: ``group_by_task`` of the auxiliary loss.
   """
 
-  name: str = "lambdarank"
+  name: str
+  group_by_task: bool
   sigma: float = 1.0
   eps: float = 1e-10
   k: int | None = None
-  group_by_task: bool = False
-  temperature: float = 1.0
-  aux_name: str | None = None
-  aux_weight: float = 0.0
-  aux_group_by_task: bool = False
 
   def __post_init__(self):
-    for name in (self.name, self.aux_name):
-      if name is not None and name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; known: {sorted(LOSSES)}")
-    if self.aux_name is not None and not self.aux_weight >= 0:
-      raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
-    if not self.temperature > 0:
-      raise ValueError(f"temperature must be > 0, got {self.temperature}")
+    if self.name not in LOSSES:
+      raise ValueError(f"unknown loss {self.name!r}; known: {sorted(LOSSES)}")
     if self.k is not None and self.k < 1:
       raise ValueError(f"k must be >= 1 or None, got {self.k}")
 
@@ -140,28 +128,10 @@ def mse_head(preds: Array, labels: Array, valid: Array, groups: Array,
   return jnp.sum(err * err) / jnp.maximum(jnp.sum(valid), 1)
 
 
-# Scores below this floor are treated as equal to it in the log-scale losses (TLP's eval uses the
-# same 1e-5 floor when it turns scores back into latencies).
-_LOG_SCORE_FLOOR = 1e-5
-
-
 def _log_scores(labels: Array, valid: Array) -> Array:
-  return jnp.where(valid, jnp.log(jnp.maximum(labels.astype(jnp.float32), _LOG_SCORE_FLOOR)),
+  # Scores below the floor TLP's eval uses to turn scores back into latencies count as equal.
+  return jnp.where(valid, jnp.log(jnp.maximum(labels.astype(jnp.float32), metrics.SCORE_FLOOR)),
                    0.0)
-
-
-def mse_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
-                 config: LossConfig) -> Array:
-  """MSE between the prediction and ``log(score)`` = ``-log(cost / min_cost)``.
-
-  Not in TLP. The score ``min_cost / cost`` squashes every slow program towards 0, so a program
-  7x slower than the best (0.14) and one 120x slower (0.008) look alike to a loss on scores,
-  while top-k punishes picking the second one 17 times harder. On the log scale they are
-  ``log(7)`` apart.
-  """
-  del groups, config
-  err = jnp.where(valid, preds.astype(jnp.float32) - _log_scores(labels, valid), 0.0)
-  return jnp.sum(err * err) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def pairwise_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
@@ -182,66 +152,10 @@ def pairwise_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
   return -jnp.sum(weights * log_p) / jnp.maximum(jnp.sum(weights), config.eps)
 
 
-def _group_logsumexp(values: Array, comparable: Array) -> Array:
-  """``log(sum_j exp(values_j))`` over the items ``j`` comparable with each item ``i``."""
-  masked = jnp.where(comparable, values[None, :], -jnp.inf)
-  peak = jax.lax.stop_gradient(jnp.max(masked, axis=1, keepdims=True))
-  peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-  total = jnp.sum(jnp.where(comparable, jnp.exp(masked - peak), 0.0), axis=1)
-  return jnp.log(jnp.maximum(total, 1e-30)) + peak[:, 0]
-
-
-def listwise_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
-                      config: LossConfig) -> Array:
-  """Listwise softmax cross-entropy (ListNet, top-1 form) against ``softmax(log(y) / T)``.
-
-  Not in TLP. Within each group (task when ``group_by_task``) the model's scores define a
-  softmax over the group's programs and the target puts mass ``y_i^(1/T) / sum_j y_j^(1/T)`` on
-  each, i.e. in proportion to its speed; the loss is the cross-entropy, averaged over groups
-  with at least two valid items. Mass concentrates on the fastest programs, which is what top-1
-  rewards, and a program ``r`` times slower than the best gets ``r^(-1/T)`` of the best's mass.
-  """
-  preds = preds.astype(jnp.float32)
-  log_y = _log_scores(labels, valid)
-  comparable = _comparable(groups, valid)
-  target_logits = log_y / config.temperature
-  log_q = target_logits - _group_logsumexp(target_logits, comparable)
-  q = jax.lax.stop_gradient(jnp.where(valid, jnp.exp(log_q), 0.0))
-  log_p = preds - _group_logsumexp(preds, comparable)
-  group_size = jnp.sum(comparable, axis=1)
-  in_list = valid & (group_size >= 2)
-  # Each item's row sums its group's target mass once per item; 1/group_size counts each group
-  # once.
-  num_groups = jnp.sum(jnp.where(in_list, 1.0 / jnp.maximum(group_size, 1), 0.0))
-  return -jnp.sum(jnp.where(in_list, q * log_p, 0.0)) / jnp.maximum(num_groups, 1.0)
-
-
-def centered_mse_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
-                          config: LossConfig) -> Array:
-  """MSE on ``log(y)`` up to a free per-group offset.
-
-  Not in TLP. ``log(y) = log(min_cost) - log(cost)`` carries a per-task constant the model
-  cannot know for an unseen task; subtracting each group's mean residual removes it, so only
-  within-group log-latency ratios are regressed (``mse_log`` with ``group_by_task`` off is the
-  uncentred version).
-  """
-  del config
-  preds = preds.astype(jnp.float32)
-  comparable = _comparable(groups, valid)
-  resid = jnp.where(valid, preds - _log_scores(labels, valid), 0.0)
-  group_size = jnp.sum(comparable, axis=1)
-  group_mean = (comparable.astype(jnp.float32) @ resid) / jnp.maximum(group_size, 1)
-  err = jnp.where(valid, resid - group_mean, 0.0)
-  return jnp.sum(err * err) / jnp.maximum(jnp.sum(valid), 1)
-
-
 LOSSES: dict[str, HeadLoss] = {
     "lambdarank": lambdarank_head,
     "mse": mse_head,
-    "mse_log": mse_log_head,
     "pairwise_log": pairwise_log_head,
-    "listwise_log": listwise_log_head,
-    "centered_mse_log": centered_mse_log_head,
 }
 
 
@@ -262,11 +176,6 @@ def multi_head_loss(config: LossConfig, preds: Array, labels: Array, mask: Array
   if preds.ndim != 2 or preds.shape != labels.shape or preds.shape != mask.shape:
     raise ValueError(f"preds {preds.shape}, labels {labels.shape} and mask {mask.shape} must "
                      "all be (batch, heads)")
-  if config.aux_name is not None:
-    primary = dataclasses.replace(config, aux_name=None, aux_weight=0.0)
-    aux = dataclasses.replace(primary, name=config.aux_name, group_by_task=config.aux_group_by_task)
-    return (multi_head_loss(primary, preds, labels, mask, task_index)
-            + config.aux_weight * multi_head_loss(aux, preds, labels, mask, task_index))
   if config.group_by_task:
     if task_index is None:
       raise ValueError("group_by_task=True needs task_index")
@@ -277,12 +186,3 @@ def multi_head_loss(config: LossConfig, preds: Array, labels: Array, mask: Array
   per_head = jax.vmap(lambda p, y, m: head_fn(p, y, m, groups, config),
                       in_axes=(1, 1, 1))(preds, labels, mask.astype(bool))
   return jnp.sum(per_head)
-
-
-def make_loss_fn(config: LossConfig) -> Callable[..., Array]:
-  """``fn(preds, labels, mask, task_index=None) -> scalar`` bound to ``config``."""
-
-  def loss_fn(preds, labels, mask, task_index=None):
-    return multi_head_loss(config, preds, labels, mask, task_index)
-
-  return loss_fn

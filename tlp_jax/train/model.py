@@ -14,9 +14,9 @@ Structure follows the original ``AttentionModule`` of TLP's ``tlp_train.py`` exa
 The original also builds an ``l0`` layer that ``forward`` never calls; it is left out here since
 it cannot change any output.
 
-MTL-TLP: the decoder is ``nn.vmap``-ed over ``num_heads`` stacked parameter sets (one per
-hardware), so the model returns ``(batch, num_heads)``; the single-hardware model is the same code
-with ``num_heads=1``.
+MTL-TLP: the decoder is ``nn.vmap``-ed over ``num_hardware_heads`` stacked parameter sets (one
+per hardware), so the model returns ``(batch, num_hardware_heads)``; the single-hardware model is
+the same code with ``num_hardware_heads=1``.
 
 Ensembles (``ensemble_size`` > 1, not in the original): the whole network is ``nn.vmap``-ed over
 ``ensemble_size`` independently initialised parameter sets (params under ``members/``, leading
@@ -28,8 +28,8 @@ Initialisation mirrors PyTorch's defaults (``nn.Linear``: kernel and bias unifor
 +-1/sqrt(fan_in); ``nn.MultiheadAttention``: Xavier-uniform over the packed (3E, E) in-projection,
 zero biases), so that training dynamics match the original recipe.
 
-Improvements over the original (all off by default; see ``TLPConfig``): ``padding_mask``,
-``input_norm`` and ``pool``. Each is independent of the others.
+Improvements over the original (off by default; see ``TLPConfig``): ``input_norm`` and
+``ensemble_size``.
 """
 
 from __future__ import annotations
@@ -42,11 +42,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+from tlp_jax.core import predictor
 
-# Attention logits of masked keys. Finite (not -inf) so that a program whose steps are all
-# padding gets a uniform softmax instead of NaNs.
-_MASKED_LOGIT = -1e9
+Array = jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,30 +69,6 @@ INPUT_NORMS: dict[str, Callable[[Array], Array]] = {
 }
 
 
-def _pool_sum(y: Array, weights: Array) -> Array:
-  """Sum per-step outputs ``y (B, L)`` with per-step ``weights (B, L)`` (1 = counted)."""
-  return jnp.sum(y * weights, axis=-1)
-
-
-def _pool_mean_valid(y: Array, valid: Array) -> Array:
-  """Mean of per-step outputs over valid (non-padding) steps; 0 for an all-padding program."""
-  count = jnp.maximum(jnp.sum(valid, axis=-1), 1.0)
-  return jnp.sum(y * valid, axis=-1) / count
-
-
-@dataclasses.dataclass(frozen=True)
-class _PoolSpec:
-  fn: Callable[[Array, Array], Array]
-  # Whether the pool always restricts itself to valid steps (independently of padding_mask).
-  uses_valid: bool
-
-
-POOLS: dict[str, _PoolSpec] = {
-    "sum": _PoolSpec(_pool_sum, uses_valid=False),
-    "mean_valid": _PoolSpec(_pool_mean_valid, uses_valid=True),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class TLPConfig:
   """Hyper-parameters of the TLP attention model. Defaults reproduce the original TLP model.
@@ -107,13 +81,9 @@ class TLPConfig:
     attention_heads: heads of the self attention (TLP ``attention_head``).
     res_blocks: number of residual blocks ``relu(Linear(x)) + x`` (TLP ``res_block_cnt``).
     decoder_dims: widths of the decoder Linear layers (TLP ``out_dim``); must end in 1.
-    num_heads: number of hardware decoder heads (1 = TLP, >1 = MTL-TLP).
+    num_hardware_heads: number of hardware decoder heads (1 = TLP, >1 = MTL-TLP).
     dtype: compute dtype name ("float32", "bfloat16", ...); parameters stay float32.
-    padding_mask: mask padded steps (all-zero feature rows) as attention keys and in the decoder
-      sum. Original: False.
     input_norm: key of ``INPUT_NORMS`` applied to the input features. Original: "none".
-    input_norm_columns: feature columns the norm applies to; ``None`` = every column.
-    pool: key of ``POOLS`` for reducing per-step decoder outputs. Original: "sum".
     ensemble_size: independently initialised copies of the whole network whose scores are
       averaged (1 = a single network, as the original).
   """
@@ -124,12 +94,9 @@ class TLPConfig:
   attention_heads: int = 8
   res_blocks: int = 2
   decoder_dims: tuple[int, ...] = (256, 128, 64, 1)
-  num_heads: int = 1
+  num_hardware_heads: int = 1
   dtype: str = "float32"
-  padding_mask: bool = False
   input_norm: str = "none"
-  input_norm_columns: tuple[int, ...] | None = None
-  pool: str = "sum"
   ensemble_size: int = 1
 
   def __post_init__(self):
@@ -137,9 +104,6 @@ class TLPConfig:
     # module attributes), so normalise sequences to tuples.
     for name in ("encoder_dims", "decoder_dims"):
       object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-    if self.input_norm_columns is not None:
-      object.__setattr__(self, "input_norm_columns",
-                         tuple(int(v) for v in self.input_norm_columns))
     if not self.encoder_dims or not self.decoder_dims:
       raise ValueError("encoder_dims and decoder_dims must be non-empty")
     if self.decoder_dims[-1] != 1:
@@ -147,18 +111,12 @@ class TLPConfig:
     if self.hidden_dim % self.attention_heads:
       raise ValueError(f"attention width {self.hidden_dim} is not divisible by "
                        f"attention_heads={self.attention_heads}")
-    if self.num_heads < 1:
-      raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+    if self.num_hardware_heads < 1:
+      raise ValueError(f"num_hardware_heads must be >= 1, got {self.num_hardware_heads}")
     if self.ensemble_size < 1:
       raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
     if self.input_norm not in INPUT_NORMS:
       raise ValueError(f"unknown input_norm {self.input_norm!r}; known: {sorted(INPUT_NORMS)}")
-    if self.pool not in POOLS:
-      raise ValueError(f"unknown pool {self.pool!r}; known: {sorted(POOLS)}")
-    if self.input_norm_columns is not None:
-      bad = [c for c in self.input_norm_columns if not 0 <= c < self.feature_dim]
-      if bad:
-        raise ValueError(f"input_norm_columns {bad} outside [0, {self.feature_dim})")
     jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
   @property
@@ -172,11 +130,16 @@ class TLPConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "TLPConfig":
-    """Inverse of ``to_dict``; unknown keys are an error."""
+    """Inverse of ``to_dict``; unknown keys are an error.
+
+    Also reads the model configs stored by earlier versions (``predictor.upgrade_model_config``:
+    ``num_heads``, and the removed options at the values that remain).
+    """
+    d = predictor.upgrade_model_config(d)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
-      raise ValueError(f"unknown TLPConfig fields: {sorted(unknown)}")
+      raise ValueError(f"unknown TLPConfig fields: {sorted(unknown)}; known: {sorted(names)}")
     return cls(**d)
 
 
@@ -214,8 +177,8 @@ class SelfAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, key_valid: Array | None = None) -> Array:
-    """x: (B, L, dim); key_valid: optional (B, L) bool, False keys get no attention."""
+  def __call__(self, x: Array) -> Array:
+    """x: (B, L, dim) -> (B, L, dim)."""
     head_dim = self.dim // self.heads
     # PyTorch packs q/k/v into one (3*dim, dim) matrix and Xavier-initialises it as a whole.
     in_bound = math.sqrt(6.0 / (self.dim + 3 * self.dim))
@@ -231,8 +194,6 @@ class SelfAttention(nn.Module):
     v = in_proj("value")(x).reshape(b, l, self.heads, head_dim)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
     logits = logits.astype(jnp.float32)
-    if key_valid is not None:
-      logits = jnp.where(key_valid[:, None, None, :], logits, _MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, self.dim)
     out_bound = 1.0 / math.sqrt(self.dim)
@@ -242,12 +203,12 @@ class SelfAttention(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Per-step MLP decoder reduced over steps: (B, L, D) -> (B,)."""
+  """Per-step MLP decoder summed over steps, padding steps included (as TLP): (B, L, D) -> (B,)."""
 
   config: TLPConfig
 
   @nn.compact
-  def __call__(self, h: Array, pool_weights: Array) -> Array:
+  def __call__(self, h: Array) -> Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     fan_in = cfg.hidden_dim
@@ -256,14 +217,14 @@ class Decoder(nn.Module):
       if i < len(cfg.decoder_dims) - 1:
         h = nn.relu(h)
       fan_in = width
-    y = h[..., 0].astype(jnp.float32)
-    return POOLS[cfg.pool].fn(y, pool_weights)
+    return jnp.sum(h[..., 0].astype(jnp.float32), axis=-1)
 
 
 class TLPModel(nn.Module):
-  """TLP attention regressor: ``(B, L, E)`` features -> ``(B, num_heads)`` scores.
+  """TLP attention regressor: ``(B, L, E)`` features -> ``(B, num_hardware_heads)`` scores.
 
-  ``per_member=True`` returns each ensemble member's scores, ``(B, ensemble_size, num_heads)``
+  ``per_member=True`` returns each ensemble member's scores,
+  ``(B, ensemble_size, num_hardware_heads)``
   (what training ranks, one loss per member); the default returns their mean.
   """
 
@@ -295,49 +256,26 @@ class TLPModel(nn.Module):
                        f"(seq_len, feature_dim)=({cfg.seq_len}, {cfg.feature_dim})")
     # As the original: crop to (step_size, fea_size).
     x = x[:, :cfg.seq_len, :cfg.feature_dim].astype(jnp.float32)
-    valid = valid_steps(x)
-
-    x = apply_input_norm(x, cfg)
-    h = x.astype(dtype)
+    h = INPUT_NORMS[cfg.input_norm](x).astype(dtype)
     fan_in = cfg.feature_dim
     for i, width in enumerate(cfg.encoder_dims):
       h = nn.relu(torch_linear(width, fan_in, dtype, name=f"encoder_{i}")(h))
       fan_in = width
 
-    key_valid = valid if cfg.padding_mask else None
-    h = SelfAttention(cfg.hidden_dim, cfg.attention_heads, dtype=dtype,
-                      name="attention")(h, key_valid) + h
+    h = SelfAttention(cfg.hidden_dim, cfg.attention_heads, dtype=dtype, name="attention")(h) + h
     for i in range(cfg.res_blocks):
       h = nn.relu(torch_linear(cfg.hidden_dim, cfg.hidden_dim, dtype,
                                name=f"res_block_{i}")(h)) + h
 
-    use_valid = cfg.padding_mask or POOLS[cfg.pool].uses_valid
-    pool_weights = valid.astype(jnp.float32) if use_valid else jnp.ones(valid.shape, jnp.float32)
     heads = nn.vmap(
         Decoder,
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=None,
         out_axes=-1,
-        axis_size=cfg.num_heads,
+        axis_size=cfg.num_hardware_heads,
     )
-    return heads(cfg, name="heads")(h, pool_weights)
-
-
-def valid_steps(x: Array) -> Array:
-  """(B, L) bool: True where a step's feature row is not all zero (i.e. not padding)."""
-  return jnp.any(x != 0, axis=-1)
-
-
-def apply_input_norm(x: Array, config: TLPConfig) -> Array:
-  """Apply ``config.input_norm`` to ``config.input_norm_columns`` (all columns if None)."""
-  fn = INPUT_NORMS[config.input_norm]
-  if fn is _identity:
-    return x
-  if config.input_norm_columns is None:
-    return fn(x)
-  cols = jnp.zeros((x.shape[-1],), bool).at[jnp.asarray(config.input_norm_columns)].set(True)
-  return jnp.where(cols, fn(x), x)
+    return heads(cfg, name="heads")(h)
 
 
 def init_params(config: TLPConfig, rng: Array) -> dict:

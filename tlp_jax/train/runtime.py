@@ -13,7 +13,7 @@ config. This module does not import JAX.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, MutableMapping
+from typing import Any, MutableMapping
 
 DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
 _FLAG_NAME = "--xla_gpu_deterministic_ops"
@@ -51,10 +51,11 @@ def enable_deterministic_gpu_ops(environ: MutableMapping[str, str] | None = None
   return True
 
 
-def apply_config(config: Mapping[str, Any]) -> None:
-  """Makes a training config's process-wide XLA settings (``deterministic_gpu_ops``).
+def apply_config(config: Any) -> None:
+  """Makes a training config's process-wide XLA settings (``config.deterministic_gpu_ops``).
 
-  Entry points call it before JAX starts a backend.
+  ``config``: the training ``ConfigDict`` or its ``tlp_jax.train.config.TrainConfig``. Entry
+  points call it before JAX starts a backend.
   """
-  if config.get("deterministic_gpu_ops", False):
+  if config.deterministic_gpu_ops:
     enable_deterministic_gpu_ops()

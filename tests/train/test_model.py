@@ -28,7 +28,7 @@ def _x(batch, cfg, seed=0, pad_from=None):
 
 @pytest.mark.parametrize("num_heads", [1, 3])
 def test_output_shape_default_dims(num_heads):
-  cfg = TLPConfig(num_heads=num_heads)
+  cfg = TLPConfig(num_hardware_heads=num_heads)
   params = init_params(cfg, jax.random.PRNGKey(0))
   out = jax.jit(TLPModel(cfg).apply)({"params": params}, _x(4, cfg))
   assert out.shape == (4, num_heads)
@@ -41,7 +41,7 @@ def test_output_shape_default_dims(num_heads):
 
 
 def test_vmap_heads_have_stacked_distinct_params():
-  cfg = TLPConfig(num_heads=3, **SMALL)
+  cfg = TLPConfig(num_hardware_heads=3, **SMALL)
   params = init_params(cfg, jax.random.PRNGKey(0))
   heads = params["heads"]
   assert heads["dense_0"]["kernel"].shape == (3, 16, 8)
@@ -62,17 +62,17 @@ def test_torch_style_init_bounds():
 
 
 def test_gradient_from_one_head_changes_only_that_head():
-  cfg = TLPConfig(num_heads=3, **SMALL)
+  cfg = TLPConfig(num_hardware_heads=3, **SMALL)
   model = TLPModel(cfg)
   params = init_params(cfg, jax.random.PRNGKey(0))
   x = _x(12, cfg, seed=1)
   rng = np.random.default_rng(0)
   labels = jnp.asarray(rng.uniform(size=(12, 3)), jnp.float32)
   mask = jnp.zeros((12, 3), bool).at[:, 1].set(True)
-  loss_fn = losses.make_loss_fn(losses.LossConfig())
+  loss = losses.LossConfig("lambdarank", group_by_task=False)
 
   def objective(p):
-    return loss_fn(model.apply({"params": p}, x), labels, mask)
+    return losses.multi_head_loss(loss, model.apply({"params": p}, x), labels, mask)
 
   tx = optax.sgd(0.1)
   grads = jax.jit(jax.grad(objective))(params)
@@ -114,7 +114,7 @@ def _reference_forward(params, x, cfg):
   for i in range(cfg.res_blocks):
     h = relu(h @ p[f"res_block_{i}"]["kernel"] + p[f"res_block_{i}"]["bias"]) + h
   res = []
-  for head in range(cfg.num_heads):
+  for head in range(cfg.num_hardware_heads):
     y = h
     n = len(cfg.decoder_dims)
     for i in range(n):
@@ -126,7 +126,7 @@ def _reference_forward(params, x, cfg):
 
 
 def test_matches_independent_reference_forward():
-  cfg = TLPConfig(num_heads=2, **SMALL)
+  cfg = TLPConfig(num_hardware_heads=2, **SMALL)
   params = init_params(cfg, jax.random.PRNGKey(3))
   x = _x(3, cfg, seed=2, pad_from=3)
   got = np.asarray(TLPModel(cfg).apply({"params": params}, x))
@@ -146,43 +146,29 @@ def test_crops_wider_inputs_and_rejects_narrower():
     model.apply({"params": params}, x[:, :, :-1])
 
 
-def test_padding_rows_count_in_original_but_not_with_options():
+def test_padding_rows_count_as_in_the_original():
   base = TLPConfig(**SMALL)
   params = init_params(base, jax.random.PRNGKey(0))
   x = _x(2, base, pad_from=3)
-  # In the original the number of padding rows matters: 3 real steps in seq_len 5 vs 6.
+  # The number of padding rows matters: 3 real steps in seq_len 5 vs 6.
   longer = dataclasses.replace(base, seq_len=6)
   x6 = jnp.concatenate([x, jnp.zeros((2, 1, base.feature_dim))], axis=1)
   orig5 = TLPModel(base).apply({"params": params}, x)
   orig6 = TLPModel(longer).apply({"params": params}, x6)
   assert not np.allclose(orig5, orig6)
-  # With padding_mask, padding rows are invisible to attention and to the decoder sum.
-  for opts in (dict(padding_mask=True),
-               dict(padding_mask=True, pool="mean_valid", input_norm="log1p")):
-    a = TLPModel(dataclasses.replace(base, **opts)).apply({"params": params}, x)
-    b = TLPModel(dataclasses.replace(longer, **opts)).apply({"params": params}, x6)
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_options_are_independent_and_change_outputs():
+def test_log1p_input_norm_changes_outputs_and_keeps_padding_zero():
   base = TLPConfig(**SMALL)
   params = init_params(base, jax.random.PRNGKey(0))
   x = _x(4, base, pad_from=2) * 50
   ref = np.asarray(TLPModel(base).apply({"params": params}, x))
-  for opts in (dict(padding_mask=True), dict(input_norm="log1p"), dict(pool="mean_valid"),
-               dict(input_norm="log1p", input_norm_columns=(0, 2))):
-    out = np.asarray(TLPModel(dataclasses.replace(base, **opts)).apply({"params": params}, x))
-    assert out.shape == ref.shape
-    assert not np.allclose(out, ref), opts
-
-
-def test_mean_valid_pool_is_sum_over_count_when_masked():
-  base = TLPConfig(padding_mask=True, **SMALL)
-  params = init_params(base, jax.random.PRNGKey(0))
-  x = _x(2, base, pad_from=2)
-  s = TLPModel(base).apply({"params": params}, x)
-  m = TLPModel(dataclasses.replace(base, pool="mean_valid")).apply({"params": params}, x)
-  np.testing.assert_allclose(np.asarray(m), np.asarray(s) / 2, rtol=1e-5)
+  out = np.asarray(TLPModel(dataclasses.replace(base, input_norm="log1p")).apply(
+      {"params": params}, x))
+  assert out.shape == ref.shape and not np.allclose(out, ref)
+  np.testing.assert_array_equal(model_lib.INPUT_NORMS["log1p"](jnp.zeros(3)), np.zeros(3))
+  np.testing.assert_allclose(model_lib.INPUT_NORMS["log1p"](jnp.asarray([-(np.e - 1), np.e - 1])),
+                             [-1.0, 1.0], rtol=1e-6)
 
 
 def test_bfloat16_compute_runs():
@@ -196,21 +182,30 @@ def test_bfloat16_compute_runs():
 def test_config_validation_and_roundtrip():
   with pytest.raises(ValueError, match="input_norm"):
     TLPConfig(input_norm="zscore")
-  with pytest.raises(ValueError, match="pool"):
-    TLPConfig(pool="max")
   with pytest.raises(ValueError, match="end in 1"):
     TLPConfig(decoder_dims=(8, 2))
   with pytest.raises(ValueError, match="divisible"):
     TLPConfig(attention_heads=7)
-  cfg = TLPConfig(num_heads=2, encoder_dims=[64, 128, 256, 256], input_norm_columns=[1, 2])
+  cfg = TLPConfig(num_hardware_heads=2, encoder_dims=[64, 128, 256, 256], input_norm="log1p")
   assert hash(cfg) == hash(TLPConfig.from_dict(cfg.to_dict()))
   assert TLPConfig.from_dict(cfg.to_dict()) == cfg
   with pytest.raises(ValueError, match="unknown"):
     TLPConfig.from_dict({"bogus": 1})
 
 
+def test_from_dict_reads_the_model_configs_of_earlier_versions():
+  old = dict(TLPConfig(num_hardware_heads=2).to_dict(), padding_mask=False, pool="sum",
+             input_norm_columns=None)
+  old["num_heads"] = old.pop("num_hardware_heads")
+  assert TLPConfig.from_dict(old) == TLPConfig(num_hardware_heads=2)
+  for removed, value in (("padding_mask", True), ("pool", "mean_valid"),
+                         ("input_norm_columns", [0, 2])):
+    with pytest.raises(ValueError, match=f"{removed}=.* was removed .*4fe3f70"):
+      TLPConfig.from_dict(dict(old, **{removed: value}))
+
+
 def test_ensemble_is_the_mean_of_independent_members():
-  single = TLPConfig(encoder_dims=(8, 16), attention_heads=2, decoder_dims=(8, 1), num_heads=2)
+  single = TLPConfig(encoder_dims=(8, 16), attention_heads=2, decoder_dims=(8, 1), num_hardware_heads=2)
   ens = dataclasses.replace(single, ensemble_size=3)
   params = init_params(ens, jax.random.PRNGKey(0))
   assert set(params) == {"members"}

@@ -1,5 +1,7 @@
-"""Tests for tlp_jax.train.losses: LambdaRank against hand arithmetic and a NumPy port of TLP's formula."""
+"""tlp_jax.train.losses: LambdaRank against hand arithmetic and a NumPy port of TLP's formula;
+MSE; this project's pairwise_log by hand."""
 
+import functools
 import math
 
 import jax
@@ -37,11 +39,15 @@ def _lambdarank_reference(preds, labels, k=None, eps=1e-10, sigma=1.0):
   return -np.sum(np.log2(probs)[pair_mask & at_k])
 
 
+def _loss(name="lambdarank", group_by_task=False, **kw):
+  return losses.LossConfig(name, group_by_task, **kw)
+
+
 def _one_head(preds, labels, mask=None, task_index=None, **cfg):
   preds = jnp.asarray(preds, jnp.float32)[:, None]
   labels = jnp.asarray(labels, jnp.float32)[:, None]
   mask = jnp.ones_like(preds, bool) if mask is None else jnp.asarray(mask)[:, None]
-  return float(losses.multi_head_loss(losses.LossConfig(**cfg), preds, labels, mask,
+  return float(losses.multi_head_loss(_loss(**cfg), preds, labels, mask,
                                       None if task_index is None else jnp.asarray(task_index)))
 
 
@@ -130,7 +136,7 @@ def test_heads_are_summed_with_their_own_masks():
   preds = rng.normal(size=(16, 3)).astype(np.float32)
   labels = rng.uniform(size=(16, 3)).astype(np.float32)
   mask = rng.uniform(size=(16, 3)) > 0.3
-  total = float(losses.multi_head_loss(losses.LossConfig(), preds, labels, mask))
+  total = float(losses.multi_head_loss(_loss(), preds, labels, mask))
   expected = sum(_lambdarank_reference(preds[mask[:, h], h], labels[mask[:, h], h])
                  for h in range(3))
   assert total == pytest.approx(expected, rel=1e-4)
@@ -143,7 +149,7 @@ def test_mse_matches_mean_squared_error():
 
 
 def test_loss_is_jittable_and_differentiable():
-  fn = jax.jit(losses.make_loss_fn(losses.LossConfig(group_by_task=True)))
+  fn = jax.jit(functools.partial(losses.multi_head_loss, _loss(group_by_task=True)))
   rng = np.random.default_rng(3)
   preds = jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)
   labels = jnp.asarray(rng.uniform(size=(8, 2)), jnp.float32)
@@ -158,4 +164,48 @@ def test_loss_is_jittable_and_differentiable():
 
 def test_unknown_loss_name():
   with pytest.raises(ValueError, match="unknown loss"):
-    losses.LossConfig(name="hinge")
+    _loss(name="hinge")
+  for removed in ("mse_log", "listwise_log", "centered_mse_log"):
+    with pytest.raises(ValueError, match="unknown loss"):
+      _loss(name=removed)
+
+
+# ---- pairwise_log (not in TLP) ----
+
+
+def _log_sigmoid(x):
+  return -math.log1p(math.exp(-x))
+
+
+def test_pairwise_log_matches_hand_computation():
+  preds, labels = [0.0, 1.0, 0.5], [1.0, 0.5, 0.1]
+  # Pairs (i better than j) and their weights log(y_i / y_j), worked out by hand.
+  pairs = [(0, 1, math.log(2.0)), (0, 2, math.log(10.0)), (1, 2, math.log(5.0))]
+  expected = -sum(w * _log_sigmoid(preds[i] - preds[j]) for i, j, w in pairs)
+  expected /= sum(w for _, _, w in pairs)
+  got = losses.pairwise_log_head(jnp.array(preds), jnp.array(labels), jnp.ones(3, bool),
+                                 jnp.zeros(3, jnp.int32), _loss("pairwise_log"))
+  assert float(got) == pytest.approx(expected, rel=1e-6)
+
+
+def test_pairwise_log_ignores_masked_labels_and_other_groups():
+  cfg = losses.LossConfig("pairwise_log", group_by_task=True)
+  preds = jnp.array([0.0, 1.0, 3.0, -2.0])
+  labels = jnp.array([1.0, 0.25, 1.0, jnp.nan])  # the NaN label is masked out
+  mask = jnp.array([[True], [True], [True], [False]])
+  task = jnp.array([0, 0, 1, 0])
+  got = losses.multi_head_loss(cfg, preds[:, None], labels[:, None], mask, task)
+  # Only the pair (0, 1) is comparable: same task, both present.
+  assert float(got) == pytest.approx(-_log_sigmoid(0.0 - 1.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lambdarank", "mse", "pairwise_log"])
+def test_losses_prefer_the_faster_program(name):
+  """A gradient step on the loss must move the faster program's score above the slower one's."""
+  cfg = losses.LossConfig(name, group_by_task=False)
+  labels = jnp.array([[0.01], [1.0]])
+  mask = jnp.ones((2, 1), bool)
+  preds = jnp.array([[1.0], [-1.0]])  # wrong order, and both off their targets
+  grad = jax.grad(lambda p: losses.multi_head_loss(cfg, p, labels, mask))(preds)
+  assert float(grad[0, 0]) > 0 > float(grad[1, 0])
+  assert np.all(np.isfinite(np.asarray(grad)))

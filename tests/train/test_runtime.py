@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+from configs import default
 from tlp_jax.train import runtime
 
 
@@ -28,9 +29,12 @@ def test_an_explicit_setting_is_respected():
 
 def test_apply_config_follows_the_config(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "")
-  runtime.apply_config({"deterministic_gpu_ops": False})
+  config = default.get_config()
+  config.deterministic_gpu_ops = False
+  runtime.apply_config(config)
   assert not runtime.deterministic_gpu_ops_enabled()
-  runtime.apply_config({"deterministic_gpu_ops": True})
+  config.deterministic_gpu_ops = True
+  runtime.apply_config(config)
   assert runtime.deterministic_gpu_ops_enabled()
 
 

@@ -2,7 +2,7 @@
 
 Same weights (copied with ``load_flax_params``), same inputs: the forward pass, the LambdaRank
 loss and its gradient, the parameter gradients and one full optimizer step of
-``train_lib.train_step`` (original recipe: Adam with coupled L2, clip 0.5) must agree. Skipped
+``step_lib.train_step`` (original recipe: Adam with coupled L2, clip 0.5) must agree. Skipped
 when torch is not installed (``pip install -e '.[bench]'``).
 """
 
@@ -16,14 +16,20 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch not installed (pip install -e '.[bench]')")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from tlp_jax.train import losses  # noqa: E402
-from tlp_jax.train import model as model_lib  # noqa: E402
-from tlp_jax.train import train_lib  # noqa: E402
+from configs import tlp_original
+from tlp_jax.train import config as config_lib
+from tlp_jax.train import data
+from tlp_jax.train import losses
+from tlp_jax.train import model as model_lib
+from tlp_jax.train import optimizer
+from tlp_jax.train import step as step_lib
 
-_REF_PATH = pathlib.Path(__file__).resolve().parent.parent / "bench" / "torch_tlp_reference.py"
+_REF_PATH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "torch_tlp_reference.py"
+# The original recipe: LambdaRank over the batch, Adam with coupled L2 at a constant rate.
+ORIGINAL = config_lib.from_config_dict(tlp_original.get_config())
 
 
 def _load_reference():
@@ -95,7 +101,7 @@ def test_lambdarank_value_and_grad_match(seed):
   n = 96
   preds = rng.normal(size=n).astype(np.float32) * 3
   labels = _labels(rng, n)
-  cfg = losses.LossConfig()
+  cfg = ORIGINAL.loss
 
   def jax_loss(p):
     return losses.multi_head_loss(cfg, p[:, None], jnp.asarray(labels)[:, None],
@@ -111,18 +117,16 @@ def test_lambdarank_value_and_grad_match(seed):
 
 
 def _pmap_step(cfg, tx):
-  return jax.pmap(functools.partial(train_lib.train_step, model=model_lib.TLPModel(cfg), tx=tx,
-                                    loss_config=losses.LossConfig()),
-                  axis_name=train_lib.AXIS, devices=jax.devices()[:1])
+  return jax.pmap(functools.partial(step_lib.train_step, model=model_lib.TLPModel(cfg), tx=tx,
+                                    loss_config=ORIGINAL.loss),
+                  axis_name=data.AXIS, devices=jax.devices()[:1])
 
 
 def test_train_step_matches_torch_step():
-  """Gradients and one optimizer step of train_lib (original recipe) equal the reference's."""
-  cfg = model_lib.TLPConfig()
-  optim = train_lib.OptimConfig(optimizer="adam", schedule="constant", learning_rate=7e-4,
-                                weight_decay=1e-6, grad_clip_norm=0.5)
-  tx, _ = train_lib.make_optimizer(optim, steps_per_epoch=1, total_steps=1)
-  state = train_lib.create_train_state(cfg, tx, seed=5)
+  """Gradients and one optimizer step of step.train_step (original recipe) equal the reference's."""
+  cfg = ORIGINAL.model
+  tx, _ = optimizer.make_optimizer(ORIGINAL.optim, steps_per_epoch=1, total_steps=1)
+  state = step_lib.create_train_state(cfg, tx, seed=5)
   rng = np.random.default_rng(7)
   b = 64
   x, y = _features(rng, b), _labels(rng, b)
@@ -134,7 +138,7 @@ def test_train_step_matches_torch_step():
   # Parameter gradients of the loss (before clipping).
   def loss_of(params):
     preds = model_lib.TLPModel(cfg).apply({"params": params}, x)
-    return losses.multi_head_loss(losses.LossConfig(), preds, y[:, None], np.ones((b, 1), bool))
+    return losses.multi_head_loss(ORIGINAL.loss, preds, y[:, None], np.ones((b, 1), bool))
 
   jgrads = jax.grad(loss_of)(state.params)
   tmodel.zero_grad()
@@ -146,7 +150,7 @@ def test_train_step_matches_torch_step():
               jgrads["heads"]["dense_3"]["kernel"][0]) < 1e-4
 
   # One full step each.
-  rstate = train_lib.replicate_to_devices(state, jax.devices()[:1])
+  rstate = data.replicate_to_devices(state, jax.devices()[:1])
   batch = (x[None], y[None, :, None], np.ones((1, b, 1), bool), np.zeros((1, b), np.int32))
   rstate, metrics = _pmap_step(cfg, tx)(rstate, *batch)
   tloss = trainer.step(torch.from_numpy(x), torch.from_numpy(y))

@@ -5,19 +5,26 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from configs import test as test_config
+from tlp_jax.train import data
 from tlp_jax.train import losses
+from tlp_jax.train import loop
 from tlp_jax.train import model as model_lib
-from tlp_jax.train import train_lib
+from tlp_jax.train import optimizer
+from tlp_jax.train import step as step_lib
 
 L, E, H = 6, 5, 2
 TINY = model_lib.TLPConfig(feature_dim=E, seq_len=L, encoder_dims=(8, 8, 16, 16),
-                           attention_heads=2, res_blocks=1, decoder_dims=(16, 8, 1), num_heads=H)
-LOSS = losses.LossConfig()
+                           attention_heads=2, res_blocks=1, decoder_dims=(16, 8, 1), num_hardware_heads=H)
+LOSS = losses.LossConfig("lambdarank", group_by_task=False)
+# Adam with coupled L2 at a constant rate (TLP's StepLR with rate 1.0), as configs/tlp_original.
+ADAM = optimizer.OptimConfig(optimizer="adam", schedule="step", learning_rate=3e-3,
+                             weight_decay=1e-6, grad_clip_norm=0.5, warmup_epochs=0.0,
+                             end_learning_rate=0.0, step_decay_every_epochs=1, step_decay_rate=1.0)
 
 
 def _batch(n, seed=0, tasks=4):
@@ -34,15 +41,15 @@ def _shard(arrays, devices):
 
 
 def _pmapped_step(tx, devices):
-  fn = functools.partial(train_lib.train_step, model=model_lib.TLPModel(TINY), tx=tx,
+  fn = functools.partial(step_lib.train_step, model=model_lib.TLPModel(TINY), tx=tx,
                          loss_config=LOSS)
-  return jax.pmap(fn, axis_name=train_lib.AXIS, devices=devices)
+  return jax.pmap(fn, axis_name=data.AXIS, devices=devices)
 
 
 def _global_loss(params, batch):
   x, s, m, t = batch
   preds = model_lib.TLPModel(TINY).apply({"params": params}, x)
-  return jnp.sum(train_lib.per_head_losses(LOSS, preds, s, m, t))
+  return jnp.sum(step_lib.per_head_losses(LOSS, preds, s, m, t))
 
 
 def _unreplicate(tree):
@@ -55,12 +62,11 @@ def test_eight_devices_available():
 
 def test_one_step_lowers_loss_and_keeps_replicas_identical():
   devices = jax.devices()
-  tx, _ = train_lib.make_optimizer(train_lib.OptimConfig(optimizer="adam", schedule="constant",
-                                                         learning_rate=3e-3), 1, 1)
-  state = train_lib.create_train_state(TINY, tx, seed=0)
+  tx, _ = optimizer.make_optimizer(ADAM, 1, 1)
+  state = step_lib.create_train_state(TINY, tx, seed=0)
   batch = _batch(64)
   before = float(_global_loss(state.params, batch))
-  rstate = train_lib.replicate_to_devices(state, devices)
+  rstate = data.replicate_to_devices(state, devices)
   rstate, metrics = _pmapped_step(tx, devices)(rstate, *_shard(batch, len(devices)))
   # The reported loss is the global-batch loss before the update, identical on every device.
   np.testing.assert_allclose(np.asarray(metrics["loss"]), before, rtol=1e-5)
@@ -78,10 +84,10 @@ def test_gradient_is_the_single_device_global_batch_gradient():
   # predictions, sliced prediction gradients, psum) can be compared with jax.grad on one device.
   devices = jax.devices()
   tx = optax.sgd(1.0)
-  state = train_lib.create_train_state(TINY, tx, seed=1)
+  state = step_lib.create_train_state(TINY, tx, seed=1)
   batch = _batch(64, seed=1)
   want = jax.grad(_global_loss)(state.params, batch)
-  rstate = train_lib.replicate_to_devices(state, devices)
+  rstate = data.replicate_to_devices(state, devices)
   rstate, _ = _pmapped_step(tx, devices)(rstate, *_shard(batch, len(devices)))
   got = jax.tree_util.tree_map(lambda new, old: np.asarray(old) - new,
                                _unreplicate(rstate.params), state.params)
@@ -97,11 +103,11 @@ def test_eight_and_one_device_steps_agree():
   # true gradients are exactly zero and their float rounding differs with the reduction order;
   # Adam normalises such noise to learning-rate-sized steps, SGD keeps it at rounding level.
   tx = optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.05, momentum=0.9))
-  state = train_lib.create_train_state(TINY, tx, seed=2)
+  state = step_lib.create_train_state(TINY, tx, seed=2)
   results = []
   for devices in (jax.devices(), jax.devices()[:1]):
     step = _pmapped_step(tx, devices)
-    rstate = train_lib.replicate_to_devices(state, devices)
+    rstate = data.replicate_to_devices(state, devices)
     for s in range(3):
       rstate, _ = step(rstate, *_shard(_batch(32, seed=10 + s), len(devices)))
     results.append(_unreplicate(rstate.params))
@@ -129,13 +135,7 @@ class _Dataset:
 
 
 def _config(batch):
-  config = ml_collections.ConfigDict(train_lib_test_config())
-  config.batch_size = batch
-  return config
-
-
-def train_lib_test_config():
-  from configs import test as test_config    # pylint: disable=g-import-not-at-top
+  """configs/test.py with TINY's model and ``batch``."""
   config = test_config.get_config()
   config.model.seq_len, config.model.feature_dim = L, E
   config.model.encoder_dims = TINY.encoder_dims
@@ -143,7 +143,8 @@ def train_lib_test_config():
   config.model.decoder_dims = TINY.decoder_dims
   config.num_epochs = 2
   config.checkpoint_every_steps = 0
-  return config.to_dict()
+  config.batch_size = batch
+  return config
 
 
 def test_full_runs_agree_across_device_counts_and_data_placement(tmp_path):
@@ -158,9 +159,9 @@ def test_full_runs_agree_across_device_counts_and_data_placement(tmp_path):
                                    ("one", jax.devices()[:1], "host")):
     config = _config(32)
     config.data_placement = placement
-    config.loss = "mse"
-    runs.append(train_lib.train_and_evaluate(config, str(tmp_path / name), dataset=ds,
-                                             devices=devices))
+    config.loss.name = "mse"
+    runs.append(loop.train_and_evaluate(config, str(tmp_path / name), dataset=ds,
+                                        devices=devices))
   assert int(runs[0].state.step) == int(runs[1].state.step) == 2 * 5
   for a, b in zip(*(jax.tree_util.tree_leaves(r.state.params) for r in runs)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
@@ -170,12 +171,12 @@ def test_full_runs_agree_across_device_counts_and_data_placement(tmp_path):
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="batch size 60 is not divisible by the number of devices 8"):
-    train_lib.BatchLayout.create(60, jax.devices())
+    data.BatchLayout.create(60, jax.devices())
   ds = _Dataset(_Split(*_batch(16)), _Split(*_batch(8)), _Split(*_batch(8)))
   with pytest.raises(ValueError, match="not divisible"):
-    train_lib.train_and_evaluate(_config(12), str(tmp_path / "w"), dataset=ds)
+    loop.train_and_evaluate(_config(12), str(tmp_path / "w"), dataset=ds)
   # The same batch is fine on devices that divide it.
-  assert train_lib.BatchLayout.create(12, jax.devices()[:4]).per_device == 3
+  assert data.BatchLayout.create(12, jax.devices()[:4]).per_device == 3
 
 
 def test_ensemble_members_train_as_independent_models():
@@ -184,29 +185,28 @@ def test_ensemble_members_train_as_independent_models():
   ens_cfg = dataclasses.replace(TINY, ensemble_size=3)
   # Coupled L2 ("adam") adds the decay after the clip, so a clip that scaled a member by another
   # member's norm would change its update (Adam alone is nearly scale-invariant).
-  opt = train_lib.OptimConfig(optimizer="adam", schedule="constant", learning_rate=3e-3,
-                              weight_decay=0.5, grad_clip_norm=0.05)
-  tx_ens, _ = train_lib.make_optimizer(opt, 1, 1, ensemble_size=3)
-  tx_one, _ = train_lib.make_optimizer(opt, 1, 1)
-  state = train_lib.create_train_state(ens_cfg, tx_ens, seed=0)
+  opt = dataclasses.replace(ADAM, weight_decay=0.5, grad_clip_norm=0.05)
+  tx_ens, _ = optimizer.make_optimizer(opt, 1, 1, ensemble_size=3)
+  tx_one, _ = optimizer.make_optimizer(opt, 1, 1)
+  state = step_lib.create_train_state(ens_cfg, tx_ens, seed=0)
   batch = _batch(64, seed=3)
-  fn = functools.partial(train_lib.train_step, model=model_lib.TLPModel(ens_cfg), tx=tx_ens,
+  fn = functools.partial(step_lib.train_step, model=model_lib.TLPModel(ens_cfg), tx=tx_ens,
                          loss_config=LOSS)
   devices = jax.devices()
-  step = jax.pmap(fn, axis_name=train_lib.AXIS, devices=devices)
-  rstate, metrics = step(train_lib.replicate_to_devices(state, devices),
+  step = jax.pmap(fn, axis_name=data.AXIS, devices=devices)
+  rstate, metrics = step(data.replicate_to_devices(state, devices),
                          *_shard(batch, len(devices)))
   ens_after = _unreplicate(rstate.params)["members"]
 
-  one_step = jax.pmap(functools.partial(train_lib.train_step, model=model_lib.TLPModel(TINY),
+  one_step = jax.pmap(functools.partial(step_lib.train_step, model=model_lib.TLPModel(TINY),
                                         tx=tx_one, loss_config=LOSS),
-                      axis_name=train_lib.AXIS, devices=devices[:1])
+                      axis_name=data.AXIS, devices=devices[:1])
   losses_alone = []
   for m in range(3):
     params = jax.tree_util.tree_map(lambda a, m=m: np.asarray(a[m]), state.params["members"])
-    alone = train_lib.TrainState(step=state.step, params=params, opt_state=tx_one.init(params),
+    alone = step_lib.TrainState(step=state.step, params=params, opt_state=tx_one.init(params),
                                  rng=state.rng)
-    alone, alone_metrics = one_step(train_lib.replicate_to_devices(alone, devices[:1]),
+    alone, alone_metrics = one_step(data.replicate_to_devices(alone, devices[:1]),
                                     *_shard(batch, 1))
     losses_alone.append(np.asarray(alone_metrics["loss_per_head"])[0])
     for got, want in zip(jax.tree_util.tree_leaves(ens_after),
@@ -215,20 +215,3 @@ def test_ensemble_members_train_as_independent_models():
   # Reported per-head losses are the members' mean (comparable with a single model's).
   np.testing.assert_allclose(np.asarray(metrics["loss_per_head"])[0],
                              np.mean(losses_alone, axis=0), rtol=1e-4)
-
-
-def test_clip_by_member_norm_clips_each_member_alone():
-  rng = np.random.default_rng(0)
-  grads = {"a": rng.normal(size=(3, 4, 5)).astype(np.float32),
-           "b": rng.normal(size=(3, 7)).astype(np.float32)}
-  grads["a"][1] *= 1e-3  # member 1 is under the limit and must stay unchanged
-  grads["b"][1] *= 1e-3
-  tx = train_lib.clip_by_member_norm(0.5)
-  got, _ = tx.update(grads, tx.init(grads))
-  single = optax.clip_by_global_norm(0.5)
-  for m in range(3):
-    member = {k: v[m] for k, v in grads.items()}
-    want, _ = single.update(member, single.init(member))
-    for k in grads:
-      np.testing.assert_allclose(np.asarray(got[k][m]), np.asarray(want[k]), rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(got["b"][1]), grads["b"][1])

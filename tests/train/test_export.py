@@ -22,7 +22,7 @@ from tlp_jax.train.model import TLPConfig, TLPModel
 # Jitted: eager op-by-op initialisation of the full-size model is slow on 2 cores.
 init_params = jax.jit(model_lib.init_params, static_argnums=0)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLE = os.path.join(REPO, "data", "sample", "tenset-mini", "measure_records", "epyc-9004")
 VOCAB_JSON = features.Vocabulary.original("llvm").to_json()
 SMALL = dict(encoder_dims=(16, 32), attention_heads=4, decoder_dims=(16, 8, 1))
@@ -30,7 +30,7 @@ SMALL = dict(encoder_dims=(16, 32), attention_heads=4, decoder_dims=(16, 8, 1))
 
 def _export(cfg, seed=0, hardware=None):
   params = init_params(cfg, jax.random.PRNGKey(seed))
-  hardware = hardware or [f"hw{i}" for i in range(cfg.num_heads)]
+  hardware = hardware or [f"hw{i}" for i in range(cfg.num_hardware_heads)]
   arrays = export.export_params(params, cfg, hardware=hardware, platform="llvm", crop=None,
                                 vocab_json=VOCAB_JSON, step=7)
   return params, arrays
@@ -67,16 +67,14 @@ def real_features():
   return features.Featurizer("llvm").featurize_many(steps)
 
 
-OPTIONS = [dict(), dict(padding_mask=True), dict(input_norm="log1p"), dict(pool="mean_valid"),
-           dict(input_norm="log1p", input_norm_columns=(11, 12, 13)),
-           dict(padding_mask=True, input_norm="log1p", pool="mean_valid")]
+OPTIONS = [dict(), dict(input_norm="log1p")]
 
 
 @pytest.mark.parametrize("num_heads", [1, 3])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
                          or "original")
 def test_parity_random_inputs(num_heads, opts):
-  cfg = TLPConfig(num_heads=num_heads, **SMALL, **opts)
+  cfg = TLPConfig(num_hardware_heads=num_heads, **SMALL, **opts)
   params, arrays = _export(cfg, seed=num_heads)
   pred = npred.Predictor.from_arrays(arrays)
   x = _random_features(200, cfg)
@@ -86,10 +84,9 @@ def test_parity_random_inputs(num_heads, opts):
   np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("opts", [dict(), dict(padding_mask=True, input_norm="log1p"),
-                                  dict(pool="mean_valid")])
+@pytest.mark.parametrize("opts", OPTIONS)
 def test_parity_real_inputs_original_dims(real_features, opts):
-  cfg = TLPConfig(num_heads=2, **opts)
+  cfg = TLPConfig(num_hardware_heads=2, **opts)
   params, arrays = _export(cfg, seed=3)
   pred = npred.Predictor.from_arrays(arrays)
   ref = _flax(cfg, params, real_features)
@@ -98,11 +95,11 @@ def test_parity_real_inputs_original_dims(real_features, opts):
   assert np.abs(ref).max() > 1e-2  # not a trivially-zero comparison
 
 
-@pytest.mark.parametrize("opts", [dict(), dict(padding_mask=True, input_norm="log1p")])
+@pytest.mark.parametrize("opts", OPTIONS)
 def test_ensemble_parity_and_format_version(tmp_path, opts):
-  cfg = TLPConfig(num_heads=2, ensemble_size=3, **SMALL, **opts)
+  cfg = TLPConfig(num_hardware_heads=2, ensemble_size=3, **SMALL, **opts)
   params, arrays = _export(cfg, seed=5)
-  assert int(arrays[npred.META_FORMAT_VERSION]) == npred.ENSEMBLE_FORMAT_VERSION
+  assert int(arrays[npred.META_FORMAT_VERSION]) == npred.FORMAT_VERSION
   assert arrays["params/members/encoder_0/kernel"].shape[0] == 3
   path = str(tmp_path / "ens.npz")
   np.savez(path, **arrays)
@@ -112,9 +109,6 @@ def test_ensemble_parity_and_format_version(tmp_path, opts):
   ref = _flax(cfg, params, x)
   np.testing.assert_allclose(pred.predict(x, hw="all", batch_size=32), ref, rtol=0, atol=1e-5)
   np.testing.assert_allclose(pred.predict(x, hw="hw1"), ref[:, 1], rtol=0, atol=1e-5)
-  # A single model still exports at the lowest version that reads it.
-  _, single = _export(dataclasses.replace(cfg, ensemble_size=1))
-  assert int(single[npred.META_FORMAT_VERSION]) == npred.TLP_FORMAT_VERSION
   # An ensemble claiming an older format, or missing its member axis, is refused.
   old = dict(arrays)
   old[npred.META_FORMAT_VERSION] = np.array(npred.LOOP_FORMAT_VERSION, np.int64)
@@ -126,8 +120,39 @@ def test_ensemble_parity_and_format_version(tmp_path, opts):
     npred.Predictor.from_arrays(flat)
 
 
+def _as_format_1(arrays, **removed_options):
+  """``arrays`` as a format-1 export wrote them (before commit 4fe3f70's options were removed)."""
+  cfg = json.loads(str(arrays[npred.META_MODEL_CONFIG]))
+  cfg["num_heads"] = cfg.pop("num_hardware_heads")
+  cfg.update({"padding_mask": False, "pool": "sum", "input_norm_columns": None}, **removed_options)
+  old = dict(arrays)
+  old[npred.META_MODEL_CONFIG] = np.array(json.dumps(cfg, sort_keys=True))
+  old[npred.META_FORMAT_VERSION] = np.array(1, np.int64)
+  return old
+
+
+def test_exports_of_earlier_formats_predict_the_same():
+  cfg = TLPConfig(num_hardware_heads=2, input_norm="log1p", **SMALL)
+  _, arrays = _export(cfg)
+  x = _random_features(40, cfg)
+  want = npred.Predictor.from_arrays(arrays).predict(x, hw="all")
+  old = npred.Predictor.from_arrays(_as_format_1(arrays))
+  assert old.format_version == 1
+  np.testing.assert_array_equal(old.predict(x, hw="all"), want)
+  assert TLPConfig.from_dict(old.config) == cfg
+
+
+@pytest.mark.parametrize("removed", [dict(padding_mask=True), dict(pool="mean_valid"),
+                                     dict(input_norm_columns=[0, 1])])
+def test_an_export_using_a_removed_option_is_refused(removed):
+  _, arrays = _export(TLPConfig(**SMALL))
+  name = next(iter(removed))
+  with pytest.raises(npred.PredictorError, match=f"{name}=.* was removed .*4fe3f70"):
+    npred.Predictor.from_arrays(_as_format_1(arrays, **removed))
+
+
 def test_head_selection():
-  cfg = TLPConfig(num_heads=3, **SMALL)
+  cfg = TLPConfig(num_hardware_heads=3, **SMALL)
   params, arrays = _export(cfg, hardware=["epyc", "xeon", "gpu"])
   pred = npred.Predictor.from_arrays(arrays)
   x = _random_features(20, cfg)
@@ -151,7 +176,7 @@ def test_batch_size_does_not_change_results():
 
 
 def test_round_trip_npz(tmp_path):
-  cfg = TLPConfig(num_heads=2, padding_mask=True, **SMALL)
+  cfg = TLPConfig(num_hardware_heads=2, **SMALL)
   params = init_params(cfg, jax.random.PRNGKey(0))
   path = str(tmp_path / "sub" / "model.npz")
   arrays = export.save_npz(path, params, cfg, hardware=["a", "b"], platform="llvm",
@@ -172,8 +197,7 @@ def test_round_trip_npz(tmp_path):
   assert pred.platform == "llvm"
   assert pred.crop == (25, 22)
   assert pred.step == 1234
-  # TLP-only exports keep format 1, so older predictors still read them.
-  assert pred.format_version == npred.TLP_FORMAT_VERSION
+  assert pred.format_version == npred.FORMAT_VERSION
   assert pred.vocab_json == VOCAB_JSON
   assert pred.vocab_version == str(features.VOCAB_VERSION)
   assert TLPConfig.from_dict(pred.config) == cfg
@@ -182,7 +206,7 @@ def test_round_trip_npz(tmp_path):
 
 
 def test_export_validates_inputs():
-  cfg = TLPConfig(num_heads=2, **SMALL)
+  cfg = TLPConfig(num_hardware_heads=2, **SMALL)
   params = init_params(cfg, jax.random.PRNGKey(0))
   kw = dict(platform="llvm", crop=None, vocab_json=VOCAB_JSON, step=0)
   with pytest.raises(ValueError, match="2 heads"):
@@ -197,7 +221,7 @@ def test_export_validates_inputs():
 
 
 def test_predict_steps_matches_features_path():
-  cfg = TLPConfig(num_heads=2)
+  cfg = TLPConfig(num_hardware_heads=2)
   params, arrays = _export(cfg, seed=5)
   pred = npred.Predictor.from_arrays(arrays)
   steps = _sample_steps(max_files=2)
@@ -270,7 +294,7 @@ def _run_python(code, cwd, env_extra=None):
 
 
 def test_predictor_imports_no_jax(tmp_path):
-  cfg = TLPConfig(num_heads=2, **SMALL)
+  cfg = TLPConfig(num_hardware_heads=2, **SMALL)
   params, arrays = _export(cfg)
   path = tmp_path / "m.npz"
   np.savez(path, **arrays)
@@ -315,9 +339,8 @@ def test_predictor_file_works_copied_alone(tmp_path):
   assert res.returncode == 0, res.stderr
 
 
-def test_export_workdir_uses_train_lib_restore(tmp_path, monkeypatch):
-  from tlp_jax.train import train_lib  # pylint: disable=import-outside-toplevel
-  cfg = TLPConfig(num_heads=2, **SMALL)
+def test_export_workdir_exports_what_restore_for_export_reads(tmp_path, monkeypatch):
+  cfg = TLPConfig(num_hardware_heads=2, **SMALL)
   params = jax.tree_util.tree_map(np.asarray, init_params(cfg, jax.random.PRNGKey(1)))
   meta = {"hardware": ["epyc-9004", "xeon-emr-16c"], "platform": "llvm", "crop": [25, 22],
           "vocab_json": VOCAB_JSON, "step": 42, "epoch": 3}
@@ -327,7 +350,7 @@ def test_export_workdir_uses_train_lib_restore(tmp_path, monkeypatch):
     calls.append((workdir, which))
     return params, cfg, meta
 
-  monkeypatch.setattr(train_lib, "restore_for_export", fake_restore)
+  monkeypatch.setattr(export, "restore_for_export", fake_restore)
   out = str(tmp_path / "model.npz")
   export.export_workdir("/some/workdir", out, which="latest")
   assert calls == [("/some/workdir", "latest")]
@@ -344,3 +367,26 @@ def test_export_cli_reports_a_bad_workdir(tmp_path):
   assert res.returncode != 0
   assert "not a training workdir" in res.stderr
   assert not os.path.exists(tmp_path / "m.npz")
+
+
+def test_restore_for_export(trained, sample_arrays):
+  workdir, result = trained
+  params, model_config, meta = export.restore_for_export(workdir, "latest")
+  assert model_config == result.model_config
+  assert meta["hardware"] == ["epyc-9004"]
+  dataset = sample_arrays("epyc-9004")
+  assert (meta["platform"], tuple(meta["crop"]), meta["vocab_json"]) == (
+      dataset.platform, tuple(dataset.crop), dataset.vocab_json)
+  assert meta["step"] == int(result.state.step)
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(result.state.params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  best_params, _, best_meta = export.restore_for_export(workdir, "best")
+  assert best_meta["validation"]["val_loss/epyc-9004"] <= result.validation["val_loss/epyc-9004"]
+  predict = export.make_predict_fn(model_config, batch_size=100)
+  x = dataset.test.features[:250]
+  out = predict(best_params, x)
+  assert out.shape == (250, 1) and np.isfinite(out).all()
+  direct = model_lib.TLPModel(model_config).apply({"params": best_params}, x[:7])
+  np.testing.assert_allclose(out[:7], np.asarray(direct), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="which must be"):
+    export.restore_for_export(workdir, "final")

@@ -1,0 +1,107 @@
+"""tlp_jax.train.config: the ConfigDict -> TrainConfig mapping of every config in configs/."""
+
+import importlib
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from configs import default
+from tlp_jax.train import config as config_lib
+from tlp_jax.train import model as model_lib
+
+CONFIGS = ("default", "demo", "gpu", "loopnest", "mtl", "test", "tlp_original")
+
+
+def _config(name):
+  return importlib.import_module(f"configs.{name}").get_config()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_build(name):
+  cfg = config_lib.from_config_dict(_config(name))
+  assert cfg.model.num_hardware_heads == 1  # set from the dataset by data.model_config_for
+  assert cfg.batch_size % 8 == 0
+
+
+def test_every_field_of_default_is_mapped_and_nested_like_the_config_dict():
+  config = default.get_config()
+  cfg = config_lib.from_config_dict(config)
+  mapped = cfg.to_dict()
+  want = config.to_dict()
+  # Everything the config holds reaches the typed config with its value (tuples as tuples).
+  del mapped["model"]["num_hardware_heads"]
+  for k in ("sigma", "eps", "k"):
+    del mapped["loss"][k]
+  assert mapped == want
+  assert (cfg.loss.name, cfg.loss.group_by_task, cfg.batch_order) == ("pairwise_log", True,
+                                                                      "by_task")
+  assert (cfg.optim.optimizer, cfg.optim.schedule) == ("adamw", "warmup_cosine")
+  assert cfg.deterministic_gpu_ops is True
+
+
+def test_tlp_original_is_the_original_recipe():
+  cfg = config_lib.from_config_dict(_config("tlp_original"))
+  assert cfg.model == model_lib.TLPConfig()
+  optim = cfg.optim
+  assert (optim.optimizer, optim.schedule) == ("adam", "step")
+  assert (optim.learning_rate, optim.weight_decay, optim.grad_clip_norm) == (7e-4, 1e-6, 0.5)
+  assert (optim.step_decay_every_epochs, optim.step_decay_rate) == (50 // 3, 1.0)
+  assert (cfg.batch_size, cfg.num_epochs, cfg.batch_order) == (1024, 50, "random")
+  assert (cfg.loss.name, cfg.loss.group_by_task, cfg.loss.k) == ("lambdarank", False, None)
+  assert (cfg.loop_tokens, cfg.matmul_precision) == ("off", "highest")
+  gpu = config_lib.from_config_dict(_config("gpu")).model
+  assert (gpu.seq_len, gpu.feature_dim) == (40, 20)
+
+
+@pytest.mark.parametrize("section, field", [("", "learning_rate"), ("optim", "learnig_rate"),
+                                            ("model", "padding_mask"), ("loss", "temperature")])
+def test_a_misspelled_or_removed_field_is_an_error_naming_it(section, field):
+  config = default.get_config()
+  with config.unlocked():
+    (config[section] if section else config)[field] = 1.0
+  where = f"config.{section}" if section else "config"
+  with pytest.raises(ValueError, match=rf"unknown field\(s\) \['{where}.{field}'\].*known fields"):
+    config_lib.from_config_dict(config)
+
+
+def test_a_missing_field_is_an_error():
+  config = default.get_config().to_dict()
+  del config["optim"]["warmup_epochs"]
+  with pytest.raises(ValueError, match=r"missing field\(s\) \['config.optim.warmup_epochs'\]"):
+    config_lib.from_config_dict(config)
+
+
+@pytest.mark.parametrize("field, value", [("matmul_precision", "fp8"), ("batch_order", "by_net"),
+                                          ("loop_tokens", "maybe"), ("data_placement", "disk"),
+                                          ("eval_every_epochs", 0)])
+def test_bad_values_are_errors_naming_the_field(field, value):
+  config = default.get_config()
+  config[field] = value
+  with pytest.raises(ValueError, match=f"config.{field}"):
+    config_lib.from_config_dict(config)
+
+
+@pytest.mark.parametrize("section, field, value, match", [
+    ("optim", "optimizer", "sgdx", "unknown optimizer 'sgdx'"),
+    ("optim", "schedule", "constant", "unknown schedule"),
+    ("loss", "name", "listwise_log", "unknown loss"),
+    ("model", "pool", "sum", "unknown field"),
+])
+def test_removed_and_unknown_options_are_errors(section, field, value, match):
+  config = default.get_config()
+  with config.unlocked():
+    config[section][field] = value
+  with pytest.raises(ValueError, match=match):
+    config_lib.from_config_dict(config)
+
+
+def test_command_line_overrides_reach_the_typed_config(monkeypatch):
+  argv = ["prog", f"--config={default.__file__}", "--config.model.ensemble_size=1",
+          "--config.optim.learning_rate=0.001", "--config.loss.name=mse"]
+  monkeypatch.setattr("sys.argv", argv)  # config_flags reads the overrides from sys.argv
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True)
+  fv(argv)
+  cfg = config_lib.from_config_dict(fv.config)
+  assert (cfg.model.ensemble_size, cfg.optim.learning_rate, cfg.loss.name) == (1, 1e-3, "mse")

@@ -1,0 +1,220 @@
+"""tlp_jax.train.loop: end-to-end runs of configs/test.py on the sample, resume, multi-host."""
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from tlp_jax.core import predictor as npred
+from tlp_jax.train import checkpoints
+from tlp_jax.train import config as config_lib
+from tlp_jax.train import data
+from tlp_jax.train import export
+from tlp_jax.train import loop
+from tlp_jax.train import model as model_lib
+from tlp_jax.train import step as step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_end_to_end_test_config(trained, sample_arrays, new_test_config):
+  workdir, result = trained
+  dataset = sample_arrays("epyc-9004")
+  steps_per_epoch = math.ceil(len(dataset.train) / 64)
+  assert int(result.state.step) == 3 * steps_per_epoch
+  for name in (checkpoints.MODEL_CONFIG_FILE, checkpoints.DATASET_META_FILE,
+               checkpoints.TRAIN_CONFIG_FILE):
+    assert os.path.exists(os.path.join(workdir, name))
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  latest = os.path.join(workdir, "checkpoints", "latest")
+  assert str(3 * steps_per_epoch) in os.listdir(latest)
+  assert os.listdir(os.path.join(workdir, "checkpoints", "best"))
+
+  val = result.validation
+  assert val["epoch"] == 3
+  assert 0 < val["val_top1/epyc-9004"] <= val["val_top5/epyc-9004"] <= 1
+  # Trained beats untrained on the held-out validation loss.
+  devices = jax.devices()[:1]
+  layout = data.BatchLayout.create(128, devices)
+  split = data.select_heads(dataset.validation, [0])
+  p_eval = jax.pmap(lambda p, *b: step_lib.eval_step(
+      p, *b, model=model_lib.TLPModel(result.model_config),
+      loss_config=config_lib.from_config_dict(new_test_config()).loss),
+                    axis_name=data.AXIS, devices=devices)
+  init = step_lib.create_train_state(result.model_config, optax.sgd(0.0), seed=0).params
+  before = loop.validate(p_eval, data.replicate_to_devices(init, devices), split,
+                         layout, result.hardware, (1,))
+  after = loop.validate(p_eval, data.replicate_to_devices(result.state.params, devices),
+                        split, layout, result.hardware, (1,))
+  np.testing.assert_allclose(after["val_loss"], val["val_loss"], rtol=1e-4)
+  assert after["val_loss"] < before["val_loss"]
+
+
+def test_eval_every_epochs_changes_only_when_it_validates(new_test_config, trained, sample_arrays,
+                                                         built_sample_dataset, tmp_path):
+  """Validating every 2nd epoch (and the last) trains the same parameters, with fewer saves."""
+  _, full = trained
+  config = new_test_config()
+  with config.unlocked():
+    config.eval_every_epochs = 2
+    config.checkpoint_every_steps = 0
+  result = loop.train_and_evaluate(config, str(tmp_path), dataset=sample_arrays("epyc-9004"))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, result.state.params, full.state.params)
+  steps_per_epoch = math.ceil(len(sample_arrays("epyc-9004").train) / 64)
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints" / "latest"))
+  assert saved == [2 * steps_per_epoch, 3 * steps_per_epoch]
+  assert result.validation["epoch"] == 3
+
+
+@pytest.mark.parametrize("field, value", [("eval_every_epochs", 0), ("batch_order", "by_net")])
+def test_a_bad_config_fails_before_any_work(new_test_config, tmp_path, field, value):
+  config = new_test_config()
+  config[field] = value
+  with pytest.raises(ValueError, match=field):
+    loop.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
+def test_rerun_of_a_finished_run_resumes_and_does_nothing(new_test_config, trained):
+  workdir, result = trained
+  again = loop.train_and_evaluate(new_test_config(), workdir)
+  assert int(again.state.step) == int(result.state.step)
+  for a, b in zip(jax.tree_util.tree_leaves(again.state.params),
+                  jax.tree_util.tree_leaves(result.state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigkill_mid_epoch_then_rerun_ends_like_an_unbroken_run(trained, built_sample_dataset,
+                                                                tmp_path):
+  unbroken_workdir, unbroken = trained
+  workdir = str(tmp_path / "killed")
+  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
+         os.path.join(REPO, "configs", "test.py"), "--workdir", workdir,
+         f"--config.data_dir={built_sample_dataset}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  # checkpoint_every_steps=10 in configs/test.py; step 10 is inside the first epoch.
+  marker = os.path.join(workdir, "checkpoints", "latest", "10")
+  final_step = str(int(unbroken.state.step))
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  try:
+    deadline = time.time() + 240
+    while not os.path.isdir(marker):
+      assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+      assert time.time() < deadline, "no checkpoint for step 10 in time"
+      time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    proc.stderr.close()
+  assert proc.returncode == -signal.SIGKILL
+  latest = os.path.join(workdir, "checkpoints", "latest")
+  assert final_step not in os.listdir(latest), "the run finished before it was killed"
+
+  done = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, timeout=300)
+  assert done.returncode == 0, done.stderr.decode()[-3000:]
+  assert b"resumed from" in done.stderr
+  for which in ("latest", "best"):
+    resumed, _, resumed_meta = export.restore_for_export(workdir, which)
+    want, _, want_meta = export.restore_for_export(unbroken_workdir, which)
+    assert resumed_meta["step"] == want_meta["step"]
+    for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_two_processes_train_like_one(new_test_config, built_sample_dataset, tmp_path):
+  overrides = {"num_epochs": 1, "loss.name": "mse", "data_placement": "host",
+               "checkpoint_every_steps": 0}
+  config = new_test_config()
+  config.num_epochs, config.loss.name, config.data_placement = 1, "mse", "host"
+  config.checkpoint_every_steps = 0
+  single = loop.train_and_evaluate(config, str(tmp_path / "single"))
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir = str(tmp_path / "multi")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  procs = []
+  for i in range(2):
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
+           os.path.join(REPO, "configs", "test.py"), "--workdir", workdir,
+           f"--config.data_dir={built_sample_dataset}",
+           "--config.distributed.enabled=True",
+           f"--config.distributed.coordinator_address=localhost:{port}",
+           "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
+    cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE))
+  errors = []
+  try:
+    for p in procs:
+      _, err = p.communicate(timeout=300)
+      errors.append(err.decode()[-3000:])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert [p.returncode for p in procs] == [0, 0], errors
+  params, _, meta = export.restore_for_export(workdir, "latest")
+  assert meta["step"] == int(single.state.step)
+  # Same global batches and the same global-batch loss; only the order of the cross-device sums
+  # differs, so the parameters agree to float precision -- except the attention key bias, whose
+  # true gradient is exactly zero (softmax ignores a per-query constant): Adam turns its
+  # rounding-noise gradient into small steps that depend on the summation order.
+  want = dict(jax.tree_util.tree_flatten_with_path(single.state.params)[0])
+  for path, got in jax.tree_util.tree_flatten_with_path(params)[0]:
+    ref = np.asarray(want[path])
+    if jax.tree_util.keystr(path) == "['attention']['key']['bias']":
+      assert np.abs(got - ref).max() < 1e-3
+    else:
+      np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6, err_msg=str(path))
+  np.testing.assert_allclose(meta["validation"]["val_loss"], single.validation["val_loss"],
+                             rtol=1e-3)
+
+
+def test_ensemble_trains_exports_and_predicts_like_flax(new_test_config, built_sample_dataset, sample_arrays,
+                                                        tmp_path):
+  """An ensemble config runs the whole path: train, checkpoint, export, NumPy."""
+  config = new_test_config()
+  with config.unlocked():
+    config.model.ensemble_size = 2
+    config.num_epochs = 2
+  workdir = str(tmp_path / "ens")
+  result = loop.train_and_evaluate(config, workdir, dataset=sample_arrays("epyc-9004"))
+  assert result.model_config.ensemble_size == 2
+  assert np.isfinite(result.validation["val_loss"])
+  arrays = export.export_workdir(workdir, str(tmp_path / "ens.npz"), "latest")
+  assert int(arrays[npred.META_FORMAT_VERSION]) == npred.FORMAT_VERSION
+  x = sample_arrays("epyc-9004").test.features[:300]
+  params, model_config, _ = export.restore_for_export(workdir, "latest")
+  members = export.make_predict_fn(model_config, per_member=True)(params, x)
+  assert members.shape == (300, 2, 1)
+  assert np.abs(members[:, 0] - members[:, 1]).max() > 1e-3  # two different models
+  got = npred.Predictor.load(str(tmp_path / "ens.npz")).predict(x)
+  np.testing.assert_allclose(got, members.mean(axis=1)[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_precision_is_in_force_while_training(monkeypatch, tmp_path, new_test_config):
+  seen = []
+  monkeypatch.setattr(loop, "_train_and_evaluate",
+                      lambda *a: seen.append(jax.config.jax_default_matmul_precision))
+  config = new_test_config()
+  config.matmul_precision = "highest"
+  loop.train_and_evaluate(config, str(tmp_path))
+  assert seen == ["highest"]
+  assert jax.config.jax_default_matmul_precision != "highest"  # restored afterwards

@@ -1,0 +1,163 @@
+"""The one mapping from a training ``ConfigDict`` (``configs/*.py``) to typed, frozen configs.
+
+Every config derives from ``configs/default.get_config()``, so every field is present: the
+mapping reads each one, with no defaults of its own, and an unknown (e.g. misspelled) or missing
+field is a ``ValueError`` that names it and the known ones. Sections map one-to-one:
+
+* ``config.model`` -> ``model.TLPConfig`` (``num_hardware_heads`` and the input size are set from
+  the dataset by ``data.model_config_for``);
+* ``config.loss`` -> ``losses.LossConfig``;
+* ``config.optim`` -> ``optimizer.OptimConfig``;
+* ``config.few_shot`` -> ``FewShotConfig``, ``config.distributed`` -> ``DistributedConfig``;
+* every other top-level field -> a field of ``TrainConfig`` of the same name.
+
+The values are validated here, so a bad run fails before it loads data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping
+
+import ml_collections
+
+from tlp_jax.train import losses
+from tlp_jax.train import model as model_lib
+from tlp_jax.train import optimizer
+
+# config.loop_tokens: whether the model reads the loop-nest store tokens of a dataset of the
+# "loop" feature version. "auto": when the dataset has them; "required": refuse a dataset
+# without them; "off": read TLP's step tokens only (the original's input, also on a loop dataset).
+LOOP_TOKEN_MODES = ("auto", "required", "off")
+BATCH_ORDERS = ("random", "by_task")
+DATA_PLACEMENTS = ("auto", "device", "host")
+# Values of jax.default_matmul_precision for config.matmul_precision.
+MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotConfig:
+  """``config.few_shot``: keep only some of the target head's training labels (``data``)."""
+
+  num_labels: int
+  fraction: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """``config.distributed``: ``jax.distributed.initialize`` arguments (``train.py``)."""
+
+  enabled: bool
+  coordinator_address: str
+  num_processes: int
+  process_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """A training run's configuration (``configs/default.py`` documents every field)."""
+
+  data_dir: str
+  dataset: str
+  hardware: tuple[str, ...]
+  few_shot: FewShotConfig
+  model: model_lib.TLPConfig
+  loop_tokens: str
+  loss: losses.LossConfig
+  batch_order: str
+  optim: optimizer.OptimConfig
+  matmul_precision: str
+  deterministic_gpu_ops: bool
+  batch_size: int
+  eval_batch_size: int
+  num_epochs: int
+  seed: int
+  data_placement: str
+  device_data_max_bytes: int
+  log_every_steps: int
+  eval_every_epochs: int
+  checkpoint_every_steps: int
+  checkpoints_to_keep: int
+  eval_top_k: tuple[int, ...]
+  distributed: DistributedConfig
+
+  def __post_init__(self):
+    _check_choice("loop_tokens", self.loop_tokens, LOOP_TOKEN_MODES)
+    _check_choice("batch_order", self.batch_order, BATCH_ORDERS)
+    _check_choice("data_placement", self.data_placement, DATA_PLACEMENTS)
+    _check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
+    for name in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
+                 "eval_every_epochs"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"config.{name} must be >= 1, got {getattr(self, name)}")
+
+  def to_dict(self) -> dict[str, Any]:
+    """Plain-Python dict of every field (JSON-serialisable), nested like the ConfigDict."""
+    return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"config.{name} must be one of {choices}, got {value!r}")
+
+
+# Fields of a section that are not in the ConfigDict: set by the trainer from the dataset
+# (num_hardware_heads) or constants of the loss (LambdaRank's sigma, eps, k).
+_NOT_IN_CONFIG = {
+    model_lib.TLPConfig: ("num_hardware_heads",),
+    losses.LossConfig: ("sigma", "eps", "k"),
+}
+
+
+def _config_fields(cls: type) -> dict[str, Any]:
+  """``{name: type}`` of the fields of ``cls`` that the ConfigDict holds."""
+  hints = typing.get_type_hints(cls)
+  skip = _NOT_IN_CONFIG.get(cls, ())
+  return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in skip}
+
+
+def _build(cls: type, section: Mapping[str, Any], path: str) -> Any:
+  """``cls`` from a ConfigDict section; nested dataclass fields from nested sections."""
+  fields = _config_fields(cls)
+  given = set(section.keys())
+  unknown = sorted(given - set(fields))
+  missing = sorted(set(fields) - given)
+  if unknown or missing:
+    where = f"config.{path}" if path else "config"
+    problems = []
+    if unknown:
+      problems.append(f"unknown field(s) {[f'{where}.{k}' for k in unknown]}")
+    if missing:
+      problems.append(f"missing field(s) {[f'{where}.{k}' for k in missing]}")
+    raise ValueError(f"{' and '.join(problems)}; the known fields of {where} are "
+                     f"{sorted(fields)} (configs/default.py)")
+  values = {}
+  for name, hint in fields.items():
+    value = section[name]
+    if dataclasses.is_dataclass(hint):
+      value = _build(hint, value, f"{path}.{name}" if path else name)
+    elif _is_tuple(hint) and value is not None:
+      value = tuple(value)
+    values[name] = value
+  return cls(**values)
+
+
+def _is_tuple(hint: Any) -> bool:
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    return any(_is_tuple(a) for a in typing.get_args(hint))
+  return hint is tuple or origin is tuple
+
+
+def from_config_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> TrainConfig:
+  """The typed ``TrainConfig`` of a training ConfigDict (derived from ``configs/default.py``).
+
+  Raises:
+    ValueError: an unknown, misspelled or missing field (named with the known ones), or an
+      invalid value.
+  """
+  if isinstance(config, ml_collections.ConfigDict):
+    config = config.to_dict()
+  return _build(TrainConfig, config, "")

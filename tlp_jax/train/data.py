@@ -1,0 +1,284 @@
+"""What the trainer feeds the model: head selection, few-shot masks, epoch order, batch layout.
+
+* The dataset (``data_pipelines.loader.DatasetArrays``) holds one label column per hardware; the
+  configured heads are selected, target first (``head_columns``, ``select_heads``), and for
+  MTL-TLP transfer all but N of the target head's training labels are masked (``few_shot_mask``).
+* Every epoch visits a fresh permutation of the training set (NumPy, from ``(seed, epoch)``),
+  padded to whole batches with masked rows (``epoch_order``).
+* The global batch is split ``(devices, per_device, ...)`` over every device of every host
+  (``BatchLayout``); batches are gathered on the host (``host_batch``) or, from arrays copied
+  once to every device (``replicate_to_devices``), on the device (``step.train_step_resident``).
+* The model's input size and export metadata follow from the dataset (``model_config_for``,
+  ``dataset_meta``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from tlp_jax.core import predictor
+from tlp_jax.train import model as model_lib
+
+# The pmap axis over which the global batch is split.
+AXIS = "batch"
+
+# Independent random streams derived from the seed (numpy SeedSequence entropy tags).
+_STREAM_SHUFFLE = 1
+_STREAM_FEW_SHOT = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads and labels
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadArrays:
+  """One split's arrays with the configured heads only (column 0 = target hardware)."""
+
+  features: np.ndarray  # (N, L, E) float32
+  scores: np.ndarray  # (N, H) float32
+  mask: np.ndarray  # (N, H) bool
+  task_index: np.ndarray  # (N,) int32
+
+  @property
+  def size(self) -> int:
+    return int(self.features.shape[0])
+
+  @property
+  def nbytes(self) -> int:
+    return sum(a.nbytes for a in (self.features, self.scores, self.mask, self.task_index))
+
+
+def head_columns(dataset_hardware: Sequence[str], wanted: Sequence[str]) -> list[int]:
+  """Column of each wanted hardware in the dataset's ``(N, H)`` arrays; all when none wanted."""
+  dataset_hardware = [str(h) for h in dataset_hardware]
+  if not wanted:
+    return list(range(len(dataset_hardware)))
+  missing = [h for h in wanted if h not in dataset_hardware]
+  if missing:
+    raise ValueError(f"config.hardware {list(wanted)}: {missing} not in the dataset's hardware "
+                     f"{dataset_hardware}")
+  if len(set(wanted)) != len(wanted):
+    raise ValueError(f"config.hardware has duplicates: {list(wanted)}")
+  return [dataset_hardware.index(h) for h in wanted]
+
+
+def select_heads(split: Any, columns: Sequence[int]) -> HeadArrays:
+  """Keeps the given head columns of a ``loader.SplitArrays``; drops rows with no label."""
+  cols = np.asarray(columns, dtype=np.int64)
+  mask = np.asarray(split.mask, dtype=bool)[:, cols]
+  keep = mask.any(axis=1)
+  rows = None if keep.all() else np.flatnonzero(keep)
+
+  def take(a):
+    a = np.asarray(a)
+    return a if rows is None else a[rows]
+
+  return HeadArrays(features=np.ascontiguousarray(take(split.features), dtype=np.float32),
+                    scores=np.ascontiguousarray(take(np.asarray(split.scores)[:, cols]),
+                                                dtype=np.float32),
+                    mask=np.ascontiguousarray(take(mask)),
+                    task_index=np.ascontiguousarray(take(split.task_index), dtype=np.int32))
+
+
+def few_shot_mask(mask: np.ndarray, num_labels: int, fraction: float, seed: int) -> np.ndarray:
+  """Masks all but ``num_labels`` (or ``fraction``) of the target head's (column 0) labels.
+
+  The kept labels are a uniformly random subset of the present ones, fixed by ``seed``.
+  ``num_labels < 0`` and ``fraction >= 1`` keep everything; with both set the smaller count wins.
+  """
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"few_shot.fraction must be in [0, 1], got {fraction}")
+  present = np.flatnonzero(mask[:, 0])
+  keep = present.size
+  if num_labels >= 0:
+    keep = min(keep, int(num_labels))
+  if fraction < 1.0:
+    keep = min(keep, int(math.floor(fraction * present.size)))
+  if keep == present.size:
+    return mask
+  rng = np.random.default_rng([seed, _STREAM_FEW_SHOT])
+  kept = rng.permutation(present)[:keep]
+  out = mask.copy()
+  out[:, 0] = False
+  out[kept, 0] = True
+  logging.info("few-shot: kept %d of %d target-head training labels", keep, present.size)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's input and the export metadata, from the dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def loop_feature_shape(dataset: Any) -> tuple[int, int]:
+  """``(stores, width)`` of the dataset's loop-nest tokens; ``(0, 0)`` for TLP features only."""
+  meta = getattr(dataset, "metadata", None) or {}
+  return int(meta.get("loop_stores", 0)), int(meta.get("loop_dim", 0))
+
+
+def reads_loop_tokens(loop_tokens: str, dataset: Any) -> bool:
+  """Whether a model with ``config.loop_tokens`` reads ``dataset``'s loop-nest store tokens."""
+  loop_stores, _ = loop_feature_shape(dataset)
+  if loop_tokens == "required" and not loop_stores:
+    raise ValueError(
+        f"config.loop_tokens='required' but dataset {getattr(dataset, 'config_name', '')!r} has no "
+        "loop-nest features; build it with `python -m data_pipelines.build ... --loop_stores "
+        "10` (needs TVM: pip install -e '.[tvm]')")
+  return bool(loop_stores) and loop_tokens != "off"
+
+
+def model_config_for(model: model_lib.TLPConfig, loop_tokens: str, dataset: Any,
+                     num_hardware_heads: int) -> model_lib.TLPConfig:
+  """The ``TLPConfig`` trained on ``dataset``: ``config.model`` with its heads and input size.
+
+  ``model.seq_len`` / ``feature_dim`` are the step-token crop (TLP's ``step_size`` /
+  ``fea_size``). When the model reads a "loop" dataset's store tokens (``reads_loop_tokens``),
+  its input grows by them: they sit after the dataset's step crop, so the model's step crop must
+  equal the dataset's.
+  """
+  seq_len, feature_dim = model.seq_len, model.feature_dim
+  if reads_loop_tokens(loop_tokens, dataset):
+    loop_shape = loop_feature_shape(dataset)
+    step_crop = predictor.step_crop_of(dataset.crop, loop_shape)
+    if (seq_len, feature_dim) != step_crop:
+      raise ValueError(
+          f"the dataset's loop-nest tokens follow its {step_crop} step features, but the model's "
+          f"step crop is ({seq_len}, {feature_dim}); set model.seq_len={step_crop[0]}, "
+          f"model.feature_dim={step_crop[1]}, or loop_tokens='off'")
+    seq_len, feature_dim = predictor.input_shape(step_crop, loop_shape)
+  return dataclasses.replace(model, seq_len=seq_len, feature_dim=feature_dim,
+                             num_hardware_heads=num_hardware_heads)
+
+
+def dataset_meta(dataset: Any, hardware: Sequence[str], loop_tokens: bool) -> dict[str, Any]:
+  """What the exporter needs about the model's input: head hardware, platform, crop, vocabulary.
+
+  ``loop_tokens=False``: the model reads only the step tokens of a "loop" dataset, so its
+  export is a TLP model (the step crop, no loop fields).
+  """
+  crop = dataset.crop
+  loop_stores, loop_dim = loop_feature_shape(dataset)
+  if loop_stores and not loop_tokens:
+    crop = predictor.step_crop_of(crop, (loop_stores, loop_dim))
+    loop_stores = loop_dim = 0
+  meta = {"hardware": list(hardware), "platform": str(dataset.platform),
+          "crop": [int(c) for c in crop] if crop is not None else None,
+          "vocab_json": dataset.vocab_json}
+  if loop_stores:
+    meta.update(loop_stores=loop_stores, loop_dim=loop_dim)
+  return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Epoch order and batch layout
+# ---------------------------------------------------------------------------------------------
+
+
+def epoch_order(seed: int, epoch: int, n: int, steps_per_epoch: int,
+                global_batch: int, task_index: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Row order of one epoch padded to whole batches: ``(order, valid)``, both ``(S * B,)``.
+
+  With ``task_index`` (``batch_order="by_task"``) the epoch visits whole tasks in a random
+  order, each task's programs shuffled, so a batch holds all programs of a few tasks and a
+  within-task ranking loss sees every pair of them; without it (TLP) rows are shuffled freely.
+  Padding rows point at row 0 and are invalid (their labels are masked in the step).
+  """
+  rng = np.random.default_rng([seed, _STREAM_SHUFFLE, epoch])
+  perm = rng.permutation(n).astype(np.int32)
+  if task_index is not None:
+    task_index = np.asarray(task_index)
+    task_position = rng.permutation(int(task_index.max()) + 1)[task_index[perm]]
+    perm = perm[np.argsort(task_position, kind="stable")]
+  total = steps_per_epoch * global_batch
+  order = np.zeros(total, np.int32)
+  order[:n] = perm
+  valid = np.arange(total) < n
+  return order, valid
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """How a global batch maps onto processes and devices."""
+
+  global_batch: int
+  num_devices: int  # over all processes
+  local_devices: int
+  process_index: int
+
+  @property
+  def per_device(self) -> int:
+    return self.global_batch // self.num_devices
+
+  @property
+  def per_process(self) -> int:
+    return self.per_device * self.local_devices
+
+  @classmethod
+  def create(cls, global_batch: int, devices: Sequence[Any] | None = None) -> "BatchLayout":
+    """Layout for ``devices`` (default: all local devices, over ``jax.process_count()`` hosts)."""
+    local = list(devices) if devices is not None else jax.local_devices()
+    num_devices = len(local) * jax.process_count()
+    if global_batch <= 0 or global_batch % num_devices:
+      raise ValueError(f"batch size {global_batch} is not divisible by the number of devices "
+                       f"{num_devices} ({jax.process_count()} process(es) x {len(local)} local "
+                       "devices); choose a multiple of the device count")
+    return cls(global_batch, num_devices, len(local), jax.process_index())
+
+  def local_slice(self, step_in_epoch: int) -> slice:
+    """This process's rows of a step's global batch, as a slice of the epoch order."""
+    start = step_in_epoch * self.global_batch + self.process_index * self.per_process
+    return slice(start, start + self.per_process)
+
+
+def host_batch(split: HeadArrays, rows: np.ndarray, valid: np.ndarray,
+               layout: BatchLayout) -> tuple[np.ndarray, ...]:
+  """Gathers ``rows`` on the host as ``(local_devices, per_device, ...)`` arrays."""
+  shape = (layout.local_devices, layout.per_device)
+  mask = split.mask[rows] & valid[:, None]
+  return (split.features[rows].reshape(shape + split.features.shape[1:]),
+          split.scores[rows].reshape(shape + split.scores.shape[1:]),
+          mask.reshape(shape + mask.shape[1:]),
+          split.task_index[rows].reshape(shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Device placement
+# ---------------------------------------------------------------------------------------------
+
+
+def first_replica(tree: Any) -> Any:
+  """NumPy copy of this process's first device's slice of pmapped (replicated) outputs.
+
+  Reads only a local shard: indexing the global array (``x[0]``) would run a computation over
+  all processes' devices, which in a multi-host run only process 0 can answer alone and which
+  desynchronises the processes' collective programs.
+  """
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+
+
+def replicate_to_devices(tree: Any, devices: Sequence[Any]) -> Any:
+  """Copies every array of ``tree`` to each device, as pmap's ``(devices, ...)`` inputs.
+
+  Unlike ``flax.jax_utils.replicate`` no ``(devices, ...)`` host copy is made, so a large
+  training set needs only its own size in host memory.
+  """
+  # The same sharding (mesh axis named like pmap's axis) as pmap's outputs, so a step compiled
+  # for these inputs is reused when the state it returns is fed back.
+  mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+  def put(x):
+    x = np.asarray(x)
+    shards = [jax.device_put(x[None], d) for d in devices]
+    return jax.make_array_from_single_device_arrays((len(devices),) + x.shape, sharding, shards)
+
+  return jax.tree_util.tree_map(put, tree)

@@ -1,0 +1,123 @@
+"""The training state and the steps, free functions run under ``pmap`` (applied in ``loop``).
+
+The loss is a function of the *global* batch (a ranking loss couples all items), so the steps
+all-gather the per-device predictions and compute the loss on the whole batch: LambdaRank ranks
+the same list as the original single-process code, whatever the device count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from tlp_jax.train import losses
+from tlp_jax.train import model as model_lib
+from tlp_jax.train.data import AXIS
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (the data order follows from ``step``)."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data of the run's PRNG key
+
+
+def create_train_state(model_config: model_lib.TLPConfig, tx: optax.GradientTransformation,
+                       seed: int) -> TrainState:
+  """Initial state: PyTorch-style initialised parameters from ``seed``, fresh optimizer state."""
+  # Legacy uint32 keys: plain arrays that checkpoint like any other.
+  rng = jax.random.PRNGKey(seed)
+  init_rng, rng = jax.random.split(rng)
+  params = model_lib.init_params(model_config, init_rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=rng)
+
+
+def per_head_losses(loss_config: losses.LossConfig, preds: jax.Array, scores: jax.Array,
+                    mask: jax.Array, task_index: jax.Array) -> jax.Array:
+  """``(H,)`` loss of each head on a batch (their sum is the training loss)."""
+  return jnp.stack([
+      losses.multi_head_loss(loss_config, preds[:, h:h + 1], scores[:, h:h + 1],
+                             mask[:, h:h + 1], task_index) for h in range(preds.shape[1])])
+
+
+def _gather(x: jax.Array) -> jax.Array:
+  return jax.lax.all_gather(x, AXIS, tiled=True)
+
+
+def train_step(state: TrainState, features: jax.Array, scores: jax.Array, mask: jax.Array,
+               task_index: jax.Array, *, model: model_lib.TLPModel,
+               tx: optax.GradientTransformation,
+               loss_config: losses.LossConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on this device's shard of the global batch (inside ``pmap``).
+
+  Predictions are all-gathered, the loss and its gradient w.r.t. all predictions are computed
+  identically on every device, each device back-propagates its own slice of that gradient
+  through the model, and the parameter gradients are summed over devices. This is exactly the
+  single-device gradient of the global-batch loss, for any number of devices.
+  """
+  def forward(params):
+    # (B, members, H) flattened to (B, members * H): every (member, head) column is ranked on
+    # its own, so each ensemble member trains on its own loss (one column per head if not an
+    # ensemble).
+    preds = model.apply({"params": params}, features, per_member=True)
+    return preds.reshape(preds.shape[0], -1)
+
+  preds, model_vjp = jax.vjp(forward, state.params)
+  all_scores, all_mask, all_tasks = _gather(scores), _gather(mask), _gather(task_index)
+  members = preds.shape[1] // scores.shape[1]
+  all_scores, all_mask = jnp.tile(all_scores, (1, members)), jnp.tile(all_mask, (1, members))
+
+  def total_loss(all_preds):
+    per_column = per_head_losses(loss_config, all_preds, all_scores, all_mask, all_tasks)
+    # Summed over members (each member's gradient is its own loss's); reported per head as the
+    # members' mean, comparable to a single model's.
+    per_head = jnp.mean(per_column.reshape(members, -1), axis=0)
+    return jnp.sum(per_column), per_head
+
+  (loss, per_head), pred_grads = jax.value_and_grad(total_loss, has_aux=True)(_gather(preds))
+  loss = jnp.sum(per_head)
+  n = preds.shape[0]
+  local_grads = jax.lax.dynamic_slice_in_dim(pred_grads, jax.lax.axis_index(AXIS) * n, n)
+  (grads,) = model_vjp(local_grads.astype(preds.dtype))
+  grads = jax.lax.psum(grads, AXIS)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, {"loss": loss, "loss_per_head": per_head,
+                     "grad_norm": optax.tree.norm(grads),
+                     "labels": jnp.sum(_gather(mask), axis=0)}
+
+
+def train_step_resident(state: TrainState, data: tuple[jax.Array, ...], order: jax.Array,
+                        valid: jax.Array, *, steps_per_epoch: int, global_batch: int,
+                        **step_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
+  """``train_step`` on a batch gathered on device from the resident training arrays.
+
+  ``data = (features, scores, mask, task_index)`` of the whole training set and the epoch's
+  padded ``order``/``valid`` live on every device; the step's rows follow from ``state.step``.
+  """
+  features, scores, mask, task_index = data
+  n = global_batch // jax.lax.psum(1, AXIS)
+  start = (state.step % steps_per_epoch) * global_batch + jax.lax.axis_index(AXIS) * n
+  rows = jax.lax.dynamic_slice_in_dim(order, start, n)
+  ok = jax.lax.dynamic_slice_in_dim(valid, start, n)
+  return train_step(state, features[rows], scores[rows], mask[rows] & ok[:, None],
+                    task_index[rows], **step_kwargs)
+
+
+def eval_step(params: Any, features: jax.Array, scores: jax.Array, mask: jax.Array,
+              task_index: jax.Array, *, model: model_lib.TLPModel,
+              loss_config: losses.LossConfig) -> tuple[jax.Array, jax.Array]:
+  """Predictions of the global batch ``(B, H)`` and its per-head losses ``(H,)`` (in ``pmap``)."""
+  preds = _gather(model.apply({"params": params}, features))
+  per_head = per_head_losses(loss_config, preds, _gather(scores), _gather(mask),
+                             _gather(task_index))
+  return preds, per_head
