@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -28,11 +27,12 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from bench import common
 from tlp_jax.core import features
 from tlp_jax.core import predictor as npred
-from bench import common
+from tlp_jax.core import records
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _machine_info() -> dict:
@@ -56,10 +56,11 @@ def _sgemm_gflops(repeats: int = 20) -> float:
 
 
 def _export_random_model(num_heads: int, vocab_json: str) -> npred.Predictor:
+  """A randomly initialised model of TLP's dimensions with ``num_heads`` hardware heads."""
   # JAX is only needed to build the parameters; keep it out of the timed process state.
   code = (
       "import sys, jax; from tlp_jax.train import model, export;"
-      f"cfg = model.TLPConfig(num_heads={num_heads});"
+      f"cfg = model.TLPConfig(num_hardware_heads={num_heads});"
       "p = model.init_params(cfg, jax.random.PRNGKey(0));"
       f"export.save_npz(sys.argv[1], p, cfg, hardware=[f'hw{{i}}' for i in range({num_heads})],"
       "platform='llvm', crop=None, vocab_json=sys.stdin.read(), step=0)")
@@ -75,8 +76,7 @@ def _export_random_model(num_heads: int, vocab_json: str) -> npred.Predictor:
 def _load_steps(records_dir: str) -> list[list]:
   tasks = []
   for path in sorted(glob.glob(os.path.join(records_dir, "*.json"))):
-    with open(path) as f:
-      tasks.append([json.loads(line)["i"][1][1] for line in f if line.strip()])
+    tasks.append([r.steps for r in records.iter_records(path)])
   if not tasks:
     raise SystemExit(f"no record files in {records_dir}")
   return tasks
