@@ -44,17 +44,26 @@ def _platform_of_folder(files: list[str]) -> str:
     return features_lib.platform_of_target(records_lib.first_record(files[0]).target)
 
 
-def run_fast(groups: dict[str, list[str]], fast: bool = True) -> int:
+def read_all(groups: dict[str, list[str]], fast: bool = True
+             ) -> tuple[int, records_lib.ReadStats]:
     """Reads every file with one featurizer per platform, shared by its hardware folders (as
-    the dataset builder does); returns the number of records kept."""
+    the dataset builder does); returns the number of records kept and the read statistics."""
     kept = 0
+    stats = records_lib.ReadStats()
     featurizers: dict[str, features_lib.Featurizer] = {}
     for files in groups.values():
         plat = _platform_of_folder(files)
         featurizer = featurizers.setdefault(plat, features_lib.Featurizer(plat))
         for path in files:
-            kept += len(records_lib.read_task_file(path, featurizer=featurizer, fast=fast))
-    return kept
+            task = records_lib.read_task_file(path, featurizer=featurizer, fast=fast)
+            kept += len(task)
+            stats += task.stats
+    return kept, stats
+
+
+def run_fast(groups: dict[str, list[str]], fast: bool = True) -> int:
+    """``read_all``'s number of records kept (what the timed methods return)."""
+    return read_all(groups, fast)[0]
 
 
 def run_original(groups: dict[str, list[str]]) -> int:
@@ -103,13 +112,7 @@ def main(argv):
             num_bytes += len(data)
             num_lines += data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
 
-    read_stats = records_lib.ReadStats()
-    featurizers: dict[str, features_lib.Featurizer] = {}
-    for files in groups.values():
-        plat = _platform_of_folder(files)
-        featurizer = featurizers.setdefault(plat, features_lib.Featurizer(plat))
-        for path in files:
-            read_stats += records_lib.read_task_file(path, featurizer=featurizer).stats
+    _, read_stats = read_all(groups)
     read_stats.examples = read_stats.examples[:5]
 
     load_at_start = os.getloadavg()[0]

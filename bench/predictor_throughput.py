@@ -82,16 +82,6 @@ def _load_steps(records_dir: str) -> list[list]:
   return tasks
 
 
-def _time(fn, repeats: int) -> float:
-  fn()  # warm-up
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t)
-  return best
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--records", default="/work/shared/tenset-mini/measure_records/epyc-9004")
@@ -120,15 +110,15 @@ def main() -> None:
     return n / seconds
 
   i = iter(range(10**9))
-  results["predict_mixed"] = per_s(_time(
+  results["predict_mixed"] = per_s(common.best_time(
       lambda: predictor.predict(feats[mixed_idx[next(i) % args.repeats]]), args.repeats))
-  results["predict_one_task"] = per_s(_time(lambda: predictor.predict(task_feats),
+  results["predict_one_task"] = per_s(common.best_time(lambda: predictor.predict(task_feats),
                                             args.repeats))
   all_feats = feats[: (len(feats) // b) * b]
   results["predict_all_records_default_chunks"] = per_s(
-      _time(lambda: predictor.predict(all_feats), 2), len(all_feats))
+      common.best_time(lambda: predictor.predict(all_feats), 2), len(all_feats))
   if args.heads > 1:
-    results["predict_mixed_all_heads"] = per_s(_time(
+    results["predict_mixed_all_heads"] = per_s(common.best_time(
         lambda: predictor.predict(feats[mixed_idx[0]], hw="all"), args.repeats))
 
   batch_steps = [all_steps[j] for j in mixed_idx[0]]
@@ -137,11 +127,11 @@ def main() -> None:
     predictor._featurizer = None
     predictor.featurize_steps(batch_steps)
 
-  results["featurize_cold"] = per_s(_time(cold, args.repeats))
+  results["featurize_cold"] = per_s(common.best_time(cold, args.repeats))
   predictor.featurize_steps(batch_steps)
-  results["featurize_warm"] = per_s(_time(lambda: predictor.featurize_steps(batch_steps),
+  results["featurize_warm"] = per_s(common.best_time(lambda: predictor.featurize_steps(batch_steps),
                                           args.repeats))
-  results["predict_steps_warm"] = per_s(_time(lambda: predictor.predict_steps(batch_steps),
+  results["predict_steps_warm"] = per_s(common.best_time(lambda: predictor.predict_steps(batch_steps),
                                               args.repeats))
 
   valid = np.any(feats != 0, axis=-1)

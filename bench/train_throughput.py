@@ -36,7 +36,6 @@ import functools
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -627,10 +626,6 @@ def device_info() -> dict[str, Any]:
   return info
 
 
-def slug(name: str) -> str:
-  return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
-
-
 def format_table(data: dict[str, Any]) -> str:
   """Text table of the throughput variants, with % of the measured ceilings."""
   ceil = data.get("ceilings", {})
@@ -695,7 +690,7 @@ def main(argv):
 
   budget = Budget(_BUDGET.value)
   info = device_info()
-  path = os.path.join(_OUT_DIR.value, slug(info["device_kind"]) + (
+  path = os.path.join(_OUT_DIR.value, common.slug(info["device_kind"], "device") + (
       "-smoke" if smoke else "") + (f"-{_TAG.value}" if _TAG.value else "") + ".json")
   report = Report(path, {"device": info, "config": {
       "batches": batches, "precisions": precisions, "synthetic_rows": rows,

@@ -115,12 +115,10 @@ def main() -> None:
           model.predict(task, states)
           times.append(time.perf_counter() - t0)
         row[f"{name}_s"] = min(times)
-      times = []
-      for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        loop_features.store_features_from_states(task, states, loopnest.LOOP_STORES)
-        times.append(time.perf_counter() - t0)
-      row["store_features_only_s"] = min(times)
+      row["store_features_only_s"] = common.best_time(
+          lambda task=task, states=states: loop_features.store_features_from_states(
+              task, states, loopnest.LOOP_STORES),
+          args.repeats, warmup=False)
       rows.append(row)
       timed = ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in row.items() if k.endswith("_s"))
       print(f"{wk[:60]}: {len(states)} states: {timed}")
