@@ -220,7 +220,7 @@ def load_flax_params(model: TLPTorchModel, params: Mapping[str, Any]) -> None:
 
 
 def model_config_from_tlp(tlp_config: Any) -> TorchModelConfig:
-  """The reference dimensions of a ``tlp_jax.train.model.TLPConfig`` (original-model options only)."""
+  """The reference dimensions of a ``tlp_jax.train.model.TLPConfig`` (the original model only)."""
   if (tlp_config.input_norm != "none" or tlp_config.num_hardware_heads != 1
       or tlp_config.ensemble_size != 1):
     raise ValueError("the reference implements the original model only (one head, one "

@@ -250,7 +250,8 @@ def main(argv):
       with open(path, encoding="utf-8") as f:
         result = json.load(f)
     if proc.returncode != 0:
-      result["status"] = f"crashed (exit code {proc.returncode}) after {len(result['curve'])} rounds"
+      result["status"] = (f"crashed (exit code {proc.returncode}) after "
+                          f"{len(result['curve'])} rounds")
       result["wall_s"] = round(time.time() - t0, 1)
       logging.warning("%s: %s", name, result["status"])
     results[name] = result
