@@ -112,8 +112,8 @@ def main() -> None:
   i = iter(range(10**9))
   results["predict_mixed"] = per_s(common.best_time(
       lambda: predictor.predict(feats[mixed_idx[next(i) % args.repeats]]), args.repeats))
-  results["predict_one_task"] = per_s(common.best_time(lambda: predictor.predict(task_feats),
-                                            args.repeats))
+  results["predict_one_task"] = per_s(common.best_time(
+      lambda: predictor.predict(task_feats), args.repeats))
   all_feats = feats[: (len(feats) // b) * b]
   results["predict_all_records_default_chunks"] = per_s(
       common.best_time(lambda: predictor.predict(all_feats), 2), len(all_feats))
@@ -129,10 +129,10 @@ def main() -> None:
 
   results["featurize_cold"] = per_s(common.best_time(cold, args.repeats))
   predictor.featurize_steps(batch_steps)
-  results["featurize_warm"] = per_s(common.best_time(lambda: predictor.featurize_steps(batch_steps),
-                                          args.repeats))
-  results["predict_steps_warm"] = per_s(common.best_time(lambda: predictor.predict_steps(batch_steps),
-                                              args.repeats))
+  results["featurize_warm"] = per_s(common.best_time(
+      lambda: predictor.featurize_steps(batch_steps), args.repeats))
+  results["predict_steps_warm"] = per_s(common.best_time(
+      lambda: predictor.predict_steps(batch_steps), args.repeats))
 
   valid = np.any(feats != 0, axis=-1)
   # Measured after the predictor timings so both see similar machine load.
