@@ -11,8 +11,9 @@ import datetime
 import json
 import os
 import platform
+import re
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -54,6 +55,24 @@ def timed(into: dict[str, float], key: str) -> Iterator[None]:
     yield
   finally:
     into[key] = time.perf_counter() - t0
+
+
+def best_time(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> float:
+  """Fewest wall-clock seconds of ``fn()`` over ``repeats`` calls (after one untimed call when
+  ``warmup``): the least disturbed run on a shared machine."""
+  if warmup:
+    fn()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def slug(name: str, empty: str = "unknown") -> str:
+  """``name`` for a file name: lower case, runs of other characters as one ``-``."""
+  return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or empty
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -26,12 +26,16 @@ import time
 from absl import app
 from absl import flags
 import numpy as np
+import tensorflow_datasets as tfds
+
+from bench import common
+from data_pipelines import loader
+from data_pipelines import schema
+from data_pipelines import tenset_tfds
+from tlp_jax.core import records
+from tlp_jax.core import tenset
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from data_pipelines import tenset_tfds
-from data_pipelines import loader
-from bench import common
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", "/work/shared/tenset-mini", "TenSet root.")
 _OUT = flags.DEFINE_string("out", os.path.join(_REPO, "bench", "results", "dataset_build.json"),
@@ -43,7 +47,6 @@ _PER_TASK = flags.DEFINE_integer("records_per_task", 4000, "Scale run: records p
 
 
 def _machine() -> dict:
-  import tensorflow_datasets as tfds
   return common.machine_info(tensorflow_datasets=tfds.__version__)
 
 
@@ -53,16 +56,16 @@ def _timed_loads(data_dir: str, config: str) -> dict:
   t = time.perf_counter()
   arrays = loader.load_arrays(data_dir, config)
   first = time.perf_counter() - t
-  n = sum(len(arrays.split(s)) for s in loader.SPLITS)
+  n = sum(len(arrays.split(s)) for s in schema.SPLITS)
   t = time.perf_counter()
   arrays = loader.load_arrays(data_dir, config)
   cached_open = time.perf_counter() - t
   # Copy every cached array into memory: what a trainer pays to hold all data in RAM.
   t = time.perf_counter()
   checksum = 0.0
-  for s in loader.SPLITS:
+  for s in schema.SPLITS:
     sp = arrays.split(s)
-    for name in loader.FIELDS:
+    for name in schema.FIELDS:
       a = np.array(getattr(sp, name), copy=True)
       checksum += float(a.reshape(-1)[:1000].astype(np.float64).sum())
       del a
@@ -77,18 +80,20 @@ def _timed_loads(data_dir: str, config: str) -> dict:
 def _replicate(src_dir: str, dst_dir: str, hardware: str, target_records: int,
                per_task: int) -> dict:
   """Copies ``hardware``'s task files under fresh workload keys up to target_records."""
-  shutil.copytree(os.path.join(src_dir, "network_info"), os.path.join(dst_dir, "network_info"),
+  shutil.copytree(os.path.join(src_dir, tenset.NETWORK_INFO_DIR),
+                  os.path.join(dst_dir, tenset.NETWORK_INFO_DIR),
                   ignore=shutil.ignore_patterns("*.pkl"))
-  out_dir = os.path.join(dst_dir, "measure_records", hardware)
+  out_dir = tenset.measure_records_dir(dst_dir, hardware)
   os.makedirs(out_dir)
-  src = os.path.join(src_dir, "measure_records", hardware)
   originals = []
-  for name in sorted(os.listdir(src)):
-    with open(os.path.join(src, name), "rb") as f:
+  for path in tenset.task_files(src_dir, hardware):
+    first = records.first_record(path)
+    if first is None:
+      continue
+    with open(path, "rb") as f:
       lines = [l if l.endswith(b"\n") else l + b"\n" for l in f if l.strip()]
-    if lines:
-      task_hash = json.loads(json.loads(lines[0])["i"][0][0])[0]
-      originals.append((name, task_hash, lines))
+    task_hash = json.loads(first.workload_key)[0]
+    originals.append((os.path.basename(path), task_hash, lines))
   written = files = 0
   copy = 0
   while written < target_records:
@@ -132,7 +137,7 @@ def main(argv) -> None:
     shutil.rmtree(data_dir)
 
     if _SCALE.value > 0:
-      hw = tenset_tfds.hardware_folders(_TENSET_DIR.value)[0]
+      hw = tenset.hardware_folders(_TENSET_DIR.value)[0]
       rep_dir = os.path.join(work, "replicated")
       t = time.perf_counter()
       rep = _replicate(_TENSET_DIR.value, rep_dir, hw, _SCALE.value, _PER_TASK.value)

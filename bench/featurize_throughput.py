@@ -18,7 +18,6 @@ Prints a table and writes ``bench/results/featurize_throughput.json``.
 from __future__ import annotations
 
 import datetime
-import glob
 import json
 import os
 import statistics
@@ -28,10 +27,10 @@ from absl import app
 from absl import flags
 import numpy as np
 
-
-from tlp_jax.core import records as records_lib
-from tlp_jax.core import features as features_lib
 from bench import common
+from tlp_jax.core import features as features_lib
+from tlp_jax.core import records as records_lib
+from tlp_jax.core import tenset
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", "/work/shared/tenset-mini",
                                   "TenSet-layout root holding measure_records/.")
@@ -42,21 +41,29 @@ _OUT = flags.DEFINE_string(
 
 
 def _platform_of_folder(files: list[str]) -> str:
-    with open(files[0], "rb") as f:
-        return features_lib.platform_of_target(json.loads(f.readline())["i"][0][1])
+    return features_lib.platform_of_target(records_lib.first_record(files[0]).target)
 
 
-def run_fast(groups: dict[str, list[str]], fast: bool = True) -> int:
+def read_all(groups: dict[str, list[str]], fast: bool = True
+             ) -> tuple[int, records_lib.ReadStats]:
     """Reads every file with one featurizer per platform, shared by its hardware folders (as
-    the dataset builder does); returns the number of records kept."""
+    the dataset builder does); returns the number of records kept and the read statistics."""
     kept = 0
+    stats = records_lib.ReadStats()
     featurizers: dict[str, features_lib.Featurizer] = {}
     for files in groups.values():
         plat = _platform_of_folder(files)
         featurizer = featurizers.setdefault(plat, features_lib.Featurizer(plat))
         for path in files:
-            kept += len(records_lib.read_task_file(path, featurizer=featurizer, fast=fast))
-    return kept
+            task = records_lib.read_task_file(path, featurizer=featurizer, fast=fast)
+            kept += len(task)
+            stats += task.stats
+    return kept, stats
+
+
+def run_fast(groups: dict[str, list[str]], fast: bool = True) -> int:
+    """``read_all``'s number of records kept (what the timed methods return)."""
+    return read_all(groups, fast)[0]
 
 
 def run_original(groups: dict[str, list[str]]) -> int:
@@ -92,9 +99,8 @@ def _time(fn, groups, repeats: int) -> dict:
 
 def main(argv):
     del argv
-    root = os.path.join(_TENSET_DIR.value, "measure_records")
-    groups = {hw: sorted(glob.glob(os.path.join(root, hw, "*.json")))
-              for hw in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, hw))}
+    groups = {hw: tenset.task_files(_TENSET_DIR.value, hw)
+              for hw in tenset.hardware_folders(_TENSET_DIR.value)}
     groups = {hw: files for hw, files in groups.items() if files}
     num_files = sum(len(f) for f in groups.values())
     num_lines = 0
@@ -106,13 +112,7 @@ def main(argv):
             num_bytes += len(data)
             num_lines += data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
 
-    read_stats = records_lib.ReadStats()
-    featurizers: dict[str, features_lib.Featurizer] = {}
-    for files in groups.values():
-        plat = _platform_of_folder(files)
-        featurizer = featurizers.setdefault(plat, features_lib.Featurizer(plat))
-        for path in files:
-            read_stats += records_lib.read_task_file(path, featurizer=featurizer).stats
+    _, read_stats = read_all(groups)
     read_stats.examples = read_stats.examples[:5]
 
     load_at_start = os.getloadavg()[0]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from absl import flags
 from absl import logging
 
 from bench import common
+from tlp_jax.core import tenset
 
 _BENCH = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_BENCH)
@@ -51,7 +51,7 @@ STAGES = {  # name -> (module, its JSON, extra arguments builder)
                                "--scale_records", str(_SCALE.value)]),
     "predictor": ("bench.predictor_throughput", "predictor_throughput.json",
                   lambda: ["--records",
-                           os.path.join(_TENSET_DIR.value, "measure_records", "epyc-9004")]),
+                           tenset.measure_records_dir(_TENSET_DIR.value, "epyc-9004")]),
 }
 
 
@@ -128,7 +128,7 @@ def main(argv):
   cpu = common.cpu_model()
   ncpu = os.cpu_count() or 0
   out = _OUT.value or os.path.join(
-      _RESULTS, f"host-{re.sub(r'[^a-z0-9]+', '-', cpu.lower()).strip('-')}-{ncpu}core.json")
+      _RESULTS, f"host-{common.slug(cpu)}-{ncpu}core.json")
   summary = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "machine": common.machine_info(loadavg_1m_start=load_start,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -28,11 +27,12 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from bench import common
 from tlp_jax.core import features
 from tlp_jax.core import predictor as npred
-from bench import common
+from tlp_jax.core import records
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _machine_info() -> dict:
@@ -56,10 +56,11 @@ def _sgemm_gflops(repeats: int = 20) -> float:
 
 
 def _export_random_model(num_heads: int, vocab_json: str) -> npred.Predictor:
+  """A randomly initialised model of TLP's dimensions with ``num_heads`` hardware heads."""
   # JAX is only needed to build the parameters; keep it out of the timed process state.
   code = (
       "import sys, jax; from tlp_jax.train import model, export;"
-      f"cfg = model.TLPConfig(num_heads={num_heads});"
+      f"cfg = model.TLPConfig(num_hardware_heads={num_heads});"
       "p = model.init_params(cfg, jax.random.PRNGKey(0));"
       f"export.save_npz(sys.argv[1], p, cfg, hardware=[f'hw{{i}}' for i in range({num_heads})],"
       "platform='llvm', crop=None, vocab_json=sys.stdin.read(), step=0)")
@@ -75,21 +76,10 @@ def _export_random_model(num_heads: int, vocab_json: str) -> npred.Predictor:
 def _load_steps(records_dir: str) -> list[list]:
   tasks = []
   for path in sorted(glob.glob(os.path.join(records_dir, "*.json"))):
-    with open(path) as f:
-      tasks.append([json.loads(line)["i"][1][1] for line in f if line.strip()])
+    tasks.append([r.steps for r in records.iter_records(path)])
   if not tasks:
     raise SystemExit(f"no record files in {records_dir}")
   return tasks
-
-
-def _time(fn, repeats: int) -> float:
-  fn()  # warm-up
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t)
-  return best
 
 
 def main() -> None:
@@ -120,15 +110,15 @@ def main() -> None:
     return n / seconds
 
   i = iter(range(10**9))
-  results["predict_mixed"] = per_s(_time(
+  results["predict_mixed"] = per_s(common.best_time(
       lambda: predictor.predict(feats[mixed_idx[next(i) % args.repeats]]), args.repeats))
-  results["predict_one_task"] = per_s(_time(lambda: predictor.predict(task_feats),
-                                            args.repeats))
+  results["predict_one_task"] = per_s(common.best_time(
+      lambda: predictor.predict(task_feats), args.repeats))
   all_feats = feats[: (len(feats) // b) * b]
   results["predict_all_records_default_chunks"] = per_s(
-      _time(lambda: predictor.predict(all_feats), 2), len(all_feats))
+      common.best_time(lambda: predictor.predict(all_feats), 2), len(all_feats))
   if args.heads > 1:
-    results["predict_mixed_all_heads"] = per_s(_time(
+    results["predict_mixed_all_heads"] = per_s(common.best_time(
         lambda: predictor.predict(feats[mixed_idx[0]], hw="all"), args.repeats))
 
   batch_steps = [all_steps[j] for j in mixed_idx[0]]
@@ -137,12 +127,12 @@ def main() -> None:
     predictor._featurizer = None
     predictor.featurize_steps(batch_steps)
 
-  results["featurize_cold"] = per_s(_time(cold, args.repeats))
+  results["featurize_cold"] = per_s(common.best_time(cold, args.repeats))
   predictor.featurize_steps(batch_steps)
-  results["featurize_warm"] = per_s(_time(lambda: predictor.featurize_steps(batch_steps),
-                                          args.repeats))
-  results["predict_steps_warm"] = per_s(_time(lambda: predictor.predict_steps(batch_steps),
-                                              args.repeats))
+  results["featurize_warm"] = per_s(common.best_time(
+      lambda: predictor.featurize_steps(batch_steps), args.repeats))
+  results["predict_steps_warm"] = per_s(common.best_time(
+      lambda: predictor.predict_steps(batch_steps), args.repeats))
 
   valid = np.any(feats != 0, axis=-1)
   # Measured after the predictor timings so both see similar machine load.

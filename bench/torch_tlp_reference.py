@@ -22,9 +22,9 @@ A reimplementation (not a copy) of what TLP's ``tlp_train.py`` runs per step:
   coupled L2), ``clip_grad_norm_(0.5)``, optionally ``loss.item()`` every step as the original's
   loop does; eager, or with the model and loss under ``torch.compile``.
 
-``load_flax_params`` copies the parameters of a ``tlp_jax.train.model.TLPModel`` (``num_heads=1``) into
-a ``TLPTorchModel`` so both frameworks can start from identical weights (tests and loss-curve
-comparisons).
+``load_flax_params`` copies the parameters of a ``tlp_jax.train.model.TLPModel``
+(``num_hardware_heads=1``, ``ensemble_size=1``) into a ``TLPTorchModel`` so both frameworks can
+start from identical weights (tests and loss-curve comparisons).
 
 torch is only needed by this module (``pip install -e '.[bench]'``); nothing else in the project
 imports it.
@@ -181,7 +181,7 @@ def _as_tensor(a: Any) -> torch.Tensor:
 
 
 def load_flax_params(model: TLPTorchModel, params: Mapping[str, Any]) -> None:
-  """Copies ``tlp_jax.train.model.TLPModel`` parameters (``num_heads=1``) into ``model`` in place.
+  """Copies ``tlp_jax.train.model.TLPModel`` parameters (one head, one network) into ``model``.
 
   Flax ``Dense`` kernels are ``(in, out)``, ``torch.nn.Linear`` weights ``(out, in)``; the q/k/v
   projections go into ``MultiheadAttention``'s packed ``in_proj`` in that order; the decoder is
@@ -220,10 +220,11 @@ def load_flax_params(model: TLPTorchModel, params: Mapping[str, Any]) -> None:
 
 
 def model_config_from_tlp(tlp_config: Any) -> TorchModelConfig:
-  """The reference dimensions of a ``tlp_jax.train.model.TLPConfig`` (original-model options only)."""
-  if tlp_config.input_norm != "none" or tlp_config.num_hardware_heads != 1:
-    raise ValueError("the reference implements the original model only (one head, no "
-                     "input_norm)")
+  """The reference dimensions of a ``tlp_jax.train.model.TLPConfig`` (the original model only)."""
+  if (tlp_config.input_norm != "none" or tlp_config.num_hardware_heads != 1
+      or tlp_config.ensemble_size != 1):
+    raise ValueError("the reference implements the original model only (one head, one "
+                     "network, no input_norm)")
   return TorchModelConfig(feature_dim=tlp_config.feature_dim, seq_len=tlp_config.seq_len,
                           encoder_dims=tuple(tlp_config.encoder_dims),
                           attention_heads=tlp_config.attention_heads,

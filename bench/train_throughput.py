@@ -1,10 +1,10 @@
-r"""Training-step throughput on one GPU: train_lib's step (JAX) vs the PyTorch TLP reference.
+r"""Training-step throughput on one GPU: the trainer's step (JAX) vs the PyTorch TLP reference.
 
 Measures samples/s of the whole training step -- forward, LambdaRank over the batch, backward,
 clip + Adam update -- for
 
-* JAX: ``train_lib.train_step_resident`` under ``pmap``, built exactly as
-  ``train_lib.train_and_evaluate`` builds it (same partial, axis name, donation), fed from
+* JAX: ``tlp_jax.train.step.train_step_resident`` under ``pmap``, built exactly as
+  ``tlp_jax.train.loop.train_and_evaluate`` builds it (same partial, axis name, donation), fed from
   device-resident arrays with the epoch order drawn on the device; host loop and metric fetch
   every 50 steps as the trainer does. ``jax_scan16`` runs 16 of the same steps per dispatch
   (``lax.scan`` inside the ``pmap``), a proposed trainer change;
@@ -36,7 +36,6 @@ import functools
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -57,12 +56,14 @@ import optax  # noqa: E402
 
 from bench import common  # noqa: E402
 from data_pipelines import loader  # noqa: E402
-from tlp_jax.train import losses  # noqa: E402
-from tlp_jax.train import model as model_lib  # noqa: E402
+from configs import tlp_original  # noqa: E402
 # The trainer's step API, used as the trainer's loop uses it: this benchmark times that step.
-# At the merge of the trainer split these names move to tlp_jax.train.{step,optimizer,data}
-# (TrainState/steps, OptimConfig/make_optimizer, Split/BatchLayout/epoch_order).
-from tlp_jax.train import train_lib  # noqa: E402
+from tlp_jax.train import config as config_lib  # noqa: E402
+from tlp_jax.train import data as train_data  # noqa: E402
+from tlp_jax.train import loop  # noqa: E402
+from tlp_jax.train import model as model_lib  # noqa: E402
+from tlp_jax.train import optimizer  # noqa: E402
+from tlp_jax.train import step as step_lib  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,25 +130,26 @@ def prepare_arrays(data_dir: str, dataset: str, out: str) -> None:
 
 
 def load_split(arrays_dir: str, split: str):
-  """``train_lib.Split`` of the saved arrays (every hardware column)."""
+  """``tlp_jax.train.data.HeadArrays`` of the saved arrays (every hardware column)."""
   a = {f: np.load(os.path.join(arrays_dir, f"{split}_{f}.npy"), allow_pickle=False)
        for f in SPLIT_FIELDS}
   for f in SPLIT_FIELDS[1:]:
     if a[f].shape[0] != a["features"].shape[0]:
       raise ValueError(f"{arrays_dir}/{split}_{f}.npy: {a[f].shape[0]} rows, features have "
                        f"{a['features'].shape[0]}")
-  return train_lib.Split(features=a["features"].astype(np.float32),
-                         scores=a["scores"].astype(np.float32), mask=a["mask"].astype(bool),
-                         task_index=a["task_index"].astype(np.int32))
+  return train_data.HeadArrays(features=a["features"].astype(np.float32),
+                               scores=a["scores"].astype(np.float32),
+                               mask=a["mask"].astype(bool),
+                               task_index=a["task_index"].astype(np.int32))
 
 
 def smoke_split(rows: int, seed: int):
   """Random stand-in arrays of the real shapes (for --smoke without --arrays_dir)."""
   rng = np.random.default_rng(seed)
-  return train_lib.Split(features=rng.normal(size=(rows, 25, 22)).astype(np.float32),
-                         scores=rng.random((rows, 1)).astype(np.float32),
-                         mask=np.ones((rows, 1), bool),
-                         task_index=rng.integers(0, 50, rows).astype(np.int32))
+  return train_data.HeadArrays(features=rng.normal(size=(rows, 25, 22)).astype(np.float32),
+                               scores=rng.random((rows, 1)).astype(np.float32),
+                               mask=np.ones((rows, 1), bool),
+                               task_index=rng.integers(0, 50, rows).astype(np.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def train_flops_per_sample(cfg) -> dict[str, float]:
   dense += [d * d] * cfg.res_blocks
   fan_in = d
   for w in cfg.decoder_dims:
-    dense.append(fan_in * w * cfg.num_heads)
+    dense.append(fan_in * w * cfg.num_hardware_heads)
     fan_in = w
   fwd_dense = 2.0 * length * sum(dense)
   fwd_attn = 2.0 * 2 * length * length * d
@@ -193,7 +195,7 @@ def param_count(cfg) -> int:
   n += 4 * (d * d + d) + cfg.res_blocks * (d * d + d)
   fan_in = d
   for w in cfg.decoder_dims:
-    n += cfg.num_heads * (fan_in * w + w)
+    n += cfg.num_hardware_heads * (fan_in * w + w)
     fan_in = w
   return n
 
@@ -306,7 +308,7 @@ def measure_ceilings(matmul_n: int, copy_mb: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# JAX: train_lib's step
+# JAX: the trainer's step
 # ---------------------------------------------------------------------------------------------
 
 PRECISION_JAX = {  # name -> (model dtype, jax default_matmul_precision)
@@ -316,11 +318,10 @@ PRECISION_JAX = {  # name -> (model dtype, jax default_matmul_precision)
 }
 
 
-def original_optim():
-  """TLP's optimizer (``configs/tlp_original.py``): Adam, coupled L2 1e-6, lr 7e-4, clip 0.5."""
-  return train_lib.OptimConfig(optimizer="adam", schedule="step", learning_rate=7e-4,
-                               weight_decay=1e-6, grad_clip_norm=0.5, warmup_epochs=0.0,
-                               step_decay_every_epochs=16, step_decay_rate=1.0)
+def original() -> config_lib.TrainConfig:
+  """``configs/tlp_original.py``: its optimizer (Adam, coupled L2 1e-6, lr 7e-4, clip 0.5,
+  constant rate) and loss (LambdaRank over the whole batch) are the ones timed here."""
+  return config_lib.from_config_dict(tlp_original.get_config())
 
 
 @dataclasses.dataclass
@@ -335,14 +336,14 @@ class JaxData:
 def make_jax_data(split, rows: int, seed: int) -> JaxData:
   """``rows`` rows drawn on the device, with replacement, from the real ``split``."""
   devices = jax.local_devices()[:1]
-  real = train_lib.replicate_to_devices(
+  real = train_data.replicate_to_devices(
       (split.features, split.scores, split.mask, split.task_index), devices)
 
   def draw(data, key):
     idx = jax.random.randint(key, (rows,), 0, data[0].shape[0])
     return tuple(x[idx] for x in data)
 
-  keys = train_lib.replicate_to_devices(np.asarray(jax.random.PRNGKey(seed)), devices)
+  keys = train_data.replicate_to_devices(np.asarray(jax.random.PRNGKey(seed)), devices)
   resident = jax.pmap(draw, devices=devices)(real, keys)
   jax.block_until_ready(resident)
   return JaxData(resident=resident, rows=rows, heads=int(split.scores.shape[1]))
@@ -350,19 +351,20 @@ def make_jax_data(split, rows: int, seed: int) -> JaxData:
 
 def run_jax(data: JaxData, batch: int, precision: str, min_time: float, repeats: int,
             seed: int, scan_k: int = 0, group_by_task: bool = False) -> dict[str, Any]:
-  """samples/s of ``train_lib.train_step_resident`` (``scan_k`` > 0: that many per dispatch)."""
+  """samples/s of ``step.train_step_resident`` (``scan_k`` > 0: that many per dispatch)."""
 
   dtype, matmul_precision = PRECISION_JAX[precision]
   devices = jax.local_devices()[:1]
-  cfg = model_lib.TLPConfig(dtype=dtype, num_heads=data.heads)
-  loss_config = losses.LossConfig(group_by_task=group_by_task)
+  cfg = model_lib.TLPConfig(dtype=dtype, num_hardware_heads=data.heads)
+  recipe = original()
+  loss_config = dataclasses.replace(recipe.loss, group_by_task=group_by_task)
   steps_per_epoch = data.rows // batch
   if steps_per_epoch < 1 or (scan_k and steps_per_epoch % scan_k):
     raise ValueError(f"{data.rows} rows give {steps_per_epoch} steps of {batch} per epoch; "
                      f"need >= 1 and a multiple of scan_k={scan_k}")
-  tx, _ = train_lib.make_optimizer(original_optim(), steps_per_epoch, steps_per_epoch * 1000)
+  tx, _ = optimizer.make_optimizer(recipe.optim, steps_per_epoch, steps_per_epoch * 1000)
   # Exactly train_and_evaluate's construction of the resident-data step.
-  step = functools.partial(train_lib.train_step_resident, steps_per_epoch=steps_per_epoch,
+  step = functools.partial(step_lib.train_step_resident, steps_per_epoch=steps_per_epoch,
                            global_batch=batch, model=model_lib.TLPModel(cfg), tx=tx,
                            loss_config=loss_config)
   if scan_k:
@@ -382,16 +384,16 @@ def run_jax(data: JaxData, batch: int, precision: str, min_time: float, repeats:
 
   out: dict[str, Any] = {}
   with jax.default_matmul_precision(matmul_precision):
-    p_train = jax.pmap(fn, axis_name=train_lib.AXIS, devices=devices, donate_argnums=(0,))
+    p_train = jax.pmap(fn, axis_name=train_data.AXIS, devices=devices, donate_argnums=(0,))
     p_order = jax.pmap(draw_order, devices=devices)
-    state = train_lib.create_train_state(cfg, tx, seed)
-    rstate = train_lib.replicate_to_devices(state, devices)
+    state = step_lib.create_train_state(cfg, tx, seed)
+    rstate = train_data.replicate_to_devices(state, devices)
     key = jax.random.PRNGKey(seed + 1)
     order_keys = iter(jax.random.split(key, 100000))
     cur = {"state": rstate, "step": 0, "order": None, "pending": []}
 
     def new_order():
-      k = train_lib.replicate_to_devices(np.asarray(next(order_keys)), devices)
+      k = train_data.replicate_to_devices(np.asarray(next(order_keys)), devices)
       cur["order"] = p_order(k)
 
     new_order()
@@ -440,40 +442,41 @@ def run_jax(data: JaxData, batch: int, precision: str, min_time: float, repeats:
 
 def jax_curve(train, val, batch: int, steps: int, precision: str, seed: int,
               hardware: tuple[str, ...]) -> dict[str, Any]:
-  """Per-step training loss of train_lib's step on ``train`` in the trainer's data order."""
+  """Per-step training loss of the trainer's step on ``train`` in the trainer's data order."""
 
   dtype, matmul_precision = PRECISION_JAX[precision]
   devices = jax.local_devices()[:1]
-  layout = train_lib.BatchLayout.create(batch, devices)
-  cfg = model_lib.TLPConfig(dtype=dtype, num_heads=train.scores.shape[1])
-  loss_config = losses.LossConfig()
+  layout = train_data.BatchLayout.create(batch, devices)
+  cfg = model_lib.TLPConfig(dtype=dtype, num_hardware_heads=train.scores.shape[1])
+  recipe = original()
+  loss_config = recipe.loss
   spe = -(-train.size // batch)
-  tx, _ = train_lib.make_optimizer(original_optim(), spe, spe * 1000)
+  tx, _ = optimizer.make_optimizer(recipe.optim, spe, spe * 1000)
   model = model_lib.TLPModel(cfg)
   with jax.default_matmul_precision(matmul_precision):
-    p_train = jax.pmap(functools.partial(train_lib.train_step_resident, steps_per_epoch=spe,
+    p_train = jax.pmap(functools.partial(step_lib.train_step_resident, steps_per_epoch=spe,
                                          global_batch=batch, model=model, tx=tx,
                                          loss_config=loss_config),
-                       axis_name=train_lib.AXIS, devices=devices, donate_argnums=(0,))
-    p_eval = jax.pmap(functools.partial(train_lib.eval_step, model=model,
+                       axis_name=train_data.AXIS, devices=devices, donate_argnums=(0,))
+    p_eval = jax.pmap(functools.partial(step_lib.eval_step, model=model,
                                         loss_config=loss_config),
-                      axis_name=train_lib.AXIS, devices=devices)
-    resident = train_lib.replicate_to_devices(
+                      axis_name=train_data.AXIS, devices=devices)
+    resident = train_data.replicate_to_devices(
         (train.features, train.scores, train.mask, train.task_index), devices)
-    rstate = train_lib.replicate_to_devices(train_lib.create_train_state(cfg, tx, seed), devices)
+    rstate = train_data.replicate_to_devices(step_lib.create_train_state(cfg, tx, seed), devices)
     got = []
     t0 = time.perf_counter()
     for s in range(steps):
       epoch, in_epoch = divmod(s, spe)
       if in_epoch == 0:
-        order, valid = train_lib.epoch_order(seed, epoch, train.size, spe, batch)
-        d_order, d_valid = train_lib.replicate_to_devices((order, valid), devices)
+        order, valid = train_data.epoch_order(seed, epoch, train.size, spe, batch)
+        d_order, d_valid = train_data.replicate_to_devices((order, valid), devices)
       rstate, m = p_train(rstate, resident, d_order, d_valid)
       got.append(m["loss"])
     losses_host = [float(v[0]) for v in jax.device_get(got)]
     wall = time.perf_counter() - t0
     params = jax.tree_util.tree_map(lambda x: x[0], rstate.params)
-    validation = train_lib.evaluate(p_eval, rstate.params, val, layout, hardware, (1, 5))
+    validation = loop.validate(p_eval, rstate.params, val, layout, hardware, (1, 5))
   return {"loss": losses_host, "wall_s": wall, "validation": validation,
           "final_params": jax.device_get(params)}
 
@@ -484,7 +487,7 @@ def epoch_batches(train, batch: int, steps: int, seed: int):
   for s in range(steps):
     epoch, in_epoch = divmod(s, spe)
     if in_epoch == 0:
-      order, valid = train_lib.epoch_order(seed, epoch, train.size, spe, batch)
+      order, valid = train_data.epoch_order(seed, epoch, train.size, spe, batch)
     sl = slice(in_epoch * batch, (in_epoch + 1) * batch)
     yield order[sl][valid[sl]]
 
@@ -522,7 +525,7 @@ def torch_precision(precision: str):
 
 
 def torch_model_from_jax(ref, seed: int):
-  """Reference model with the same initial weights as ``train_lib.create_train_state(seed)``."""
+  """Reference model with the same initial weights as ``step.create_train_state(seed)``."""
   cfg = model_lib.TLPConfig()
   init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
   params = jax.device_get(model_lib.init_params(cfg, init_rng))
@@ -623,10 +626,6 @@ def device_info() -> dict[str, Any]:
   return info
 
 
-def slug(name: str) -> str:
-  return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
-
-
 def format_table(data: dict[str, Any]) -> str:
   """Text table of the throughput variants, with % of the measured ceilings."""
   ceil = data.get("ceilings", {})
@@ -691,7 +690,7 @@ def main(argv):
 
   budget = Budget(_BUDGET.value)
   info = device_info()
-  path = os.path.join(_OUT_DIR.value, slug(info["device_kind"]) + (
+  path = os.path.join(_OUT_DIR.value, common.slug(info["device_kind"], "device") + (
       "-smoke" if smoke else "") + (f"-{_TAG.value}" if _TAG.value else "") + ".json")
   report = Report(path, {"device": info, "config": {
       "batches": batches, "precisions": precisions, "synthetic_rows": rows,

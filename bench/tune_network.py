@@ -32,6 +32,9 @@ from bench import common
 from tlp_jax.core import predictor as npred
 from tlp_jax.tvm import collect
 from tlp_jax.tvm import cost_model as tvm_cost_model
+from tlp_jax.tvm import tvm_import
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Exported TLP model (.npz) for TLPCostModel.")
@@ -49,8 +52,7 @@ flags.DEFINE_enum("score_transform", "softplus", sorted(tvm_cost_model.SCORE_TRA
 flags.DEFINE_list("models", ["xgb", "tlp"], "Cost models to run, in order.")
 flags.DEFINE_string("single_model", None, "Internal: run only this cost model, in this process.")
 flags.DEFINE_string("work_dir", None, "Records and per-model results (default: a temp dir).")
-flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                            "results"), "Where JSON/PNG go.")
+flags.DEFINE_string("out_dir", os.path.join(REPO, "bench", "results"), "Where JSON/PNG go.")
 
 
 def _timed_xgb(num_warmup_sample: int, seed: int):
@@ -202,7 +204,7 @@ def plot(results: dict, path: str, title: str) -> None:
 
 def main(argv):
   del argv
-  tvm_cost_model.require_tvm()
+  tvm_import.require_tvm()
   spec = collect.NetworkSpec.parse(FLAGS.network)
   target = FLAGS.target or collect.default_target()
   t0 = time.time()
@@ -233,18 +235,23 @@ def main(argv):
   # the crashed one keeps the rounds it finished.
   results = {}
   for name in FLAGS.models:
-    args = [sys.executable, os.path.abspath(__file__), f"--single_model={name}",
+    args = [sys.executable, "-m", "bench.tune_network", f"--single_model={name}",
             f"--work_dir={work}"] + [a for a in sys.argv[1:] if not a.startswith(
                 ("--single_model", "--work_dir", "--models"))]
     t0 = time.time()
-    proc = subprocess.run(args, check=False)
+    # The child imports ``bench`` from this checkout whatever the current folder (relative
+    # paths in the flags stay relative to it).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run(args, check=False, env=env)
     path = os.path.join(work, f"{name}.result.json")
     result = {"cost_model": name, "status": "no result", "curve": [], "per_round": []}
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         result = json.load(f)
     if proc.returncode != 0:
-      result["status"] = f"crashed (exit code {proc.returncode}) after {len(result['curve'])} rounds"
+      result["status"] = (f"crashed (exit code {proc.returncode}) after "
+                          f"{len(result['curve'])} rounds")
       result["wall_s"] = round(time.time() - t0, 1)
       logging.warning("%s: %s", name, result["status"])
     results[name] = result

@@ -37,9 +37,15 @@ from configs import default  # noqa: E402
 from configs import loopnest  # noqa: E402
 from tlp_jax.core import features  # noqa: E402
 from tlp_jax.core import network_info  # noqa: E402
+from tlp_jax.core import predictor  # noqa: E402
+from tlp_jax.core import tenset  # noqa: E402
+from tlp_jax.train import config as config_lib  # noqa: E402
 from tlp_jax.train import export  # noqa: E402
 from tlp_jax.train import model as model_lib  # noqa: E402
-from tlp_jax.train import train_lib  # noqa: E402
+from tlp_jax.tvm import cost_model  # noqa: E402
+from tlp_jax.tvm import loop_features  # noqa: E402
+from tlp_jax.tvm import search_tasks  # noqa: E402
+from tlp_jax.tvm import tvm_import  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,12 +53,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _export(tmp: str, config_module: str, loop_stores: int, loop_dim: int,
             ensemble_size: int) -> str:
   config = importlib.import_module(f"configs.{config_module}").get_config()
-  # At the merge of the trainer split: its config mapping (tlp_jax.train.config).
-  cfg = train_lib.model_config_from(config, num_heads=1)
-  # Sized as train_lib sizes it for a dataset with these loop-nest tokens.
-  cfg = dataclasses.replace(cfg, seq_len=cfg.seq_len + loop_stores,
-                            feature_dim=cfg.feature_dim + loop_dim, ensemble_size=ensemble_size)
-  crop = (cfg.seq_len, cfg.feature_dim)
+  cfg = config_lib.from_config_dict(config).model
+  # The model input of a dataset with these loop-nest tokens, as the trainer sizes it.
+  crop = predictor.input_shape((cfg.seq_len, cfg.feature_dim), (loop_stores, loop_dim))
+  cfg = dataclasses.replace(cfg, seq_len=crop[0], feature_dim=crop[1], num_hardware_heads=1,
+                            ensemble_size=ensemble_size)
   params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0),
                                         np.zeros((1,) + crop, np.float32))["params"]
   path = os.path.join(tmp, f"{config_module}_ens{ensemble_size}.npz")
@@ -73,13 +78,11 @@ def main() -> None:
   args = parser.parse_args()
 
   # TVM only past the flags, so --help works without it.
+  tvm_import.require_tvm()
   from tvm import auto_scheduler
-  from tlp_jax.tvm import loop_features
-  from tlp_jax.tvm import cost_model as tvm_cost_model
-  from tlp_jax.tvm import xgb_baseline
 
-  tasks = {t.workload_key: t for t in xgb_baseline.load_search_tasks(
-      os.path.join(args.tenset_dir, loop_features.ALL_TASKS_FILE))}
+  tasks = {t.workload_key: t for t in search_tasks.load_search_tasks(
+      tenset.all_tasks_path(args.tenset_dir))}
   nets = network_info.load_network_infos(args.tenset_dir)
   held = network_info.select_holdout(nets, network_info.default_holdout(nets))
   chosen = []
@@ -107,17 +110,15 @@ def main() -> None:
       for name, path in models.items():
         times = []
         for _ in range(args.repeats):
-          model = tvm_cost_model.TLPCostModel.from_npz(path)  # fresh cache each time
+          model = cost_model.TLPCostModel.from_npz(path)  # fresh cache each time
           t0 = time.perf_counter()
           model.predict(task, states)
           times.append(time.perf_counter() - t0)
         row[f"{name}_s"] = min(times)
-      times = []
-      for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        loop_features.store_features_from_states(task, states, loopnest.LOOP_STORES)
-        times.append(time.perf_counter() - t0)
-      row["store_features_only_s"] = min(times)
+      row["store_features_only_s"] = common.best_time(
+          lambda task=task, states=states: loop_features.store_features_from_states(
+              task, states, loopnest.LOOP_STORES),
+          args.repeats, warmup=False)
       rows.append(row)
       timed = ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in row.items() if k.endswith("_s"))
       print(f"{wk[:60]}: {len(states)} states: {timed}")

@@ -1,17 +1,11 @@
 """Tests of bench/accuracy_sweep.py's data handling (training itself is the trainer's tests)."""
 
 import math
-import pathlib
 
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-if (REPO / "tlp_jax" / "train" / "train_lib.py").exists():
-  pytest.skip("needs the split trainer (tlp_jax.train.loop), not merged in this tree",
-              allow_module_level=True)
-
-from bench import accuracy_sweep  # noqa: E402
+from bench import accuracy_sweep
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -17,10 +17,6 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p.stem for p in (REPO / "bench").glob("*.py")
                  if "if __name__ == \"__main__\":" in p.read_text())
 OPTIONAL = ("torch", "tvm")
-# The scripts call the split trainer (tlp_jax.train.loop, .export, .data). On a tree that still
-# has the monolithic train_lib those modules are missing: nothing to check until they exist.
-PRE_SPLIT = (REPO / "tlp_jax" / "train" / "train_lib.py").exists()
-MISSING_TRAINER = tuple(f"cannot import name '{m}' from 'tlp_jax.train'" for m in ("loop", "data"))
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +40,6 @@ def test_script_imports_and_prints_help(helps, script):
   for dep in OPTIONAL:
     if f"No module named '{dep}'" in out:
       pytest.skip(f"{dep} not installed")
-  if PRE_SPLIT and any(m in out for m in MISSING_TRAINER):
-    pytest.skip("needs the split trainer (tlp_jax.train.loop), not merged in this tree")
   assert "Traceback" not in out, out[-3000:]
   # argparse exits 0 after --help; absl prints the flags and exits 1.
   assert rc == 0 or (rc == 1 and "Try --helpful" in out), out[-3000:]
