@@ -26,6 +26,7 @@ is cached on the skeleton object.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Sequence
 
 from tlp_jax.core import skeleton as sk
@@ -554,15 +555,27 @@ class _Replayer:
     s.attach = None
 
   def _replace_reads(self, old: _Op, new: _Op, only=None):
+    """te's ReplaceDataFlow: readers of ``old`` read ``new``; every op whose inputs changed is
+    itself replaced, so the change cascades to its readers (stages are in topological order).
+    ``only`` restricts the first substitution to these stages (cache_read's readers)."""
+    repl = {old: new}
     for s in self.stages:
-      if only is not None and s not in only:
-        continue
       op = s.op
-      if op.is_ph or not any(p is old for p, _ in op.reads):
+      if op.is_ph or op is new:
         continue
-      s.op = _derive(self.cache, ("repl", op, old, new), lambda op=op: _Op(
-          op.name, op.axes, tuple((new if p is old else p, i) for p, i in op.reads), op.output,
-          op.const_matrix, op.shape))
+      hit = False
+      for p, _ in op.reads:
+        if p in repl and (p is not old or only is None or s in only):
+          hit = True
+          break
+      if not hit:
+        continue
+      reads = tuple(((repl[p] if (p in repl and (p is not old or only is None or s in only))
+                      else p), i) for p, i in op.reads)
+      nop = _derive(self.cache, ("repl", op) + tuple(p for p, _ in reads), lambda op=op, r=reads:
+                    _Op(op.name, op.axes, r, op.output, op.const_matrix, op.shape))
+      repl[op] = nop
+      s.op = nop
 
   def chr(self, n, st):
     _, sid, scope, readers = st
@@ -770,21 +783,56 @@ class _Sym:
     return lo, hi
 
   def floordiv(self, f, c):
+    """floordiv(f, c) for c > 0, canonicalised like TVM's simplifier: multiples of ``c`` are
+    pulled out, and with g = gcd(coefficients, c) a remainder below ``g`` is dropped
+    (floordiv(4x + 3, 16) == floordiv(x, 4)), so equal quotients share one atom."""
     if isinstance(f, int):
       return f // c
-    if all(k % c == 0 for _, k in f[2]):
-      return _mk(f[1] // c, tuple((a, k // c) for a, k in f[2]))
-    lo, hi = self.lohi(f)
-    return ("S", 0, ((self.atom(("fd", f, c), lo // c, hi // c), 1),))
+    out_terms = []
+    rest = []
+    for a, k in f[2]:
+      if k % c == 0:
+        out_terms.append((a, k // c))
+      else:
+        rest.append((a, k))
+    q, b = divmod(f[1], c)
+    if not rest:
+      return _mk(q, tuple(out_terms))
+    g = c
+    for _, k in rest:
+      g = math.gcd(g, k)
+    if g > 1:
+      rest = [(a, k // g) for a, k in rest]
+      b //= g
+      c //= g
+    base = ("S", b, tuple(rest))
+    lo, hi = self.lohi(base)
+    atom = self.atom(("fd", base, c), lo // c, hi // c)
+    return _add(_mk(q, tuple(out_terms)), ("S", 0, ((atom, 1),)))
 
   def floormod(self, f, c):
+    """floormod(f, c) of a point, canonicalised like :meth:`floordiv`:
+    floormod(g*x + b, g*c') == g*floormod(x + b // g, c') + b % g. It stays an atom (not
+    f - c*floordiv(f, c)) because relaxing it must give [0, c - 1], as TVM's interval rule."""
     if isinstance(f, int):
       return f % c
-    if all(k % c == 0 for _, k in f[2]):
-      return f[1] % c
-    lo, hi = self.lohi(f)
+    rest = [(a, k) for a, k in f[2] if k % c]
+    b = f[1] % c
+    if not rest:
+      return b
+    g = c
+    for _, k in rest:
+      g = math.gcd(g, k)
+    r = 0
+    if g > 1:
+      rest = [(a, k // g) for a, k in rest]
+      b, r = divmod(b, g)
+      c //= g
+    base = ("S", b, tuple(rest))
+    lo, hi = self.lohi(base)
     blo, bhi = (lo % c, hi % c) if lo // c == hi // c else (0, c - 1)
-    return ("S", 0, ((self.atom(("fm", f, c), blo, bhi), 1),))
+    atom = self.atom(("fm", base, c), blo, bhi)
+    return ("S", r, ((atom, g),))
 
   def minmax(self, a, b, is_min):
     d = _sub(a, b)
