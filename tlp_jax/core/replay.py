@@ -124,7 +124,7 @@ class LoopNest:
 class _Op:
   """A te operation as bound inference sees it: axes and reads. Shared, never mutated."""
   __slots__ = ("name", "axes", "n_sp", "reads", "output", "const_matrix", "shape", "is_ph",
-               "key")
+               "key", "iter_tmpl", "var_tmpl")
 
   def __init__(self, name, axes, reads, output, const_matrix, shape, is_ph=False):
     self.name = name
@@ -136,6 +136,9 @@ class _Op:
     self.shape = shape
     self.is_ph = is_ph
     self.key = None
+    # Templates of a fresh stage's state iterators and te vars (copied per replay).
+    self.iter_tmpl = tuple((_clean(a[0]), a[1], 0, a[2]) for a in axes)
+    self.var_tmpl = tuple((a[0], a[1]) for a in axes)
 
 
 # Index expressions: ("A", ((pos, coef), ...), const) affine, ("T", tree), or None (opaque);
@@ -288,12 +291,12 @@ class _Stage:
   def __init__(self, op: _Op):
     self.op = op
     # iters: [state name, kind, annotation, state extent]; leaf[i] = te var of iters[i]
-    self.iters = [[_clean(a[0]), a[1], 0, a[2]] for a in op.axes]
+    self.iters = [list(t) for t in op.iter_tmpl]
     self.compute_at = ROOT
     self.unroll = 0
     self.offset = 0
     self.pragmas: list = []
-    self.vars = [[a[0], a[1]] for a in op.axes]     # te vars: [name, kind]
+    self.vars = [list(t) for t in op.var_tmpl]     # te vars: [name, kind]
     self.rels: list = []                            # split / fuse / singleton relations
     self.leaf = list(range(len(op.axes)))
     self.attach = None                              # te attach: (_Stage, var) or None
@@ -324,6 +327,8 @@ class _Replayer:
 
   # ---- attach-map helpers (AttachMap in loop_state.cc)
   def _update_iters(self, sid, mapping):
+    if not self.attach:
+      return
     for s, (t, i) in list(self.attach.items()):
       if t == sid and i in mapping:
         self.attach[s] = (t, mapping[i])
