@@ -60,6 +60,15 @@ L_NAME, L_EXTENT, L_KIND, L_ANN, L_SYMBOLIC = range(5)
 #         storage_offset, pragmas, loops)
 S_NAME, S_OP_TYPE, S_COMPUTE_AT, S_ATTACH_STAGE, S_ATTACH_ITER, S_UNROLL, S_OFFSET, S_PRAGMAS, \
     S_LOOPS = range(9)
+# Access info per stage (``LoopNest.access[i]``), what loop tokens need beyond the nest:
+#   (is_output, is_cache, is_rfactor, loops, out_c, read_c)
+#   loops: per loop (root axis of the stage's op or -1, coefficient of the loop variable in
+#     that axis: the product of the extents of the split parts inside it; a fused loop is
+#     followed through its inner part, the one that moves when the fused loop steps by one);
+#   out_c / read_c: per root axis, the element stride of a unit step of the axis in the
+#     stage's output buffer / the max over its read buffers (after inlining), row-major on
+#     the full tensor shapes; 0 for reduce axes of the output and where an index is not affine.
+A_OUTPUT, A_CACHE, A_RFACTOR, A_LOOPS, A_OUT_C, A_READ_C = range(6)
 
 
 class LoopNest:
@@ -72,12 +81,16 @@ class LoopNest:
   ``(name, extent, kind, annotation, symbolic)`` (``L_*`` indices; kind 0 spatial, 1 reduce,
   2 mixed, 3 special; annotation indexes :data:`ANNOTATIONS`).
   """
-  __slots__ = ("stages", "concrete", "attach_order")
+  __slots__ = ("stages", "concrete", "attach_order", "access")
 
-  def __init__(self, stages: tuple, concrete: bool = True, attach_order: tuple = ()):
+  def __init__(self, stages: tuple, concrete: bool = True, attach_order: tuple = (),
+               access: tuple = ()):
     self.stages = stages
     self.concrete = concrete
     self.attach_order = attach_order  # attached stages in TVM's attach-map order
+    # Per stage (None for placeholders, inlined stages and stages without bounds):
+    # (is_output, is_cache, is_rfactor, loops, out_c, read_c), see :data:`A_LOOPS` ...
+    self.access = access
 
   def __repr__(self) -> str:
     return f"LoopNest({len(self.stages)} stages)"
@@ -124,7 +137,7 @@ class LoopNest:
 class _Op:
   """A te operation as bound inference sees it: axes and reads. Shared, never mutated."""
   __slots__ = ("name", "axes", "n_sp", "reads", "output", "const_matrix", "shape", "is_ph",
-               "key", "iter_tmpl", "var_tmpl")
+               "key", "iter_tmpl", "var_tmpl", "is_rf")
 
   def __init__(self, name, axes, reads, output, const_matrix, shape, is_ph=False):
     self.name = name
@@ -139,6 +152,7 @@ class _Op:
     # Templates of a fresh stage's state iterators and te vars (copied per replay).
     self.iter_tmpl = tuple((_clean(a[0]), a[1], 0, a[2]) for a in axes)
     self.var_tmpl = tuple((a[0], a[1]) for a in axes)
+    self.is_rf = False
 
 
 # Index expressions: ("A", ((pos, coef), ...), const) affine, ("T", tree), or None (opaque);
@@ -253,7 +267,7 @@ def _ident(positions):
 
 class _TaskCache:
   """Per-skeleton precomputation, kept on the skeleton object."""
-  __slots__ = ("ops", "composed", "derived")
+  __slots__ = ("ops", "composed", "derived", "strides")
 
   def __init__(self, skel: sk.Skeleton):
     ops: list = []
@@ -272,6 +286,7 @@ class _TaskCache:
     self.ops = tuple(ops)
     self.composed: dict = {}   # (op ids, inlined flags) -> effective reads per stage
     self.derived: dict = {}    # memoized ops made by CHW / CHR (keyed by inputs)
+    self.strides: dict = {}    # (op id, effective reads id) -> (out_c, read_c)
 
 
 def _cache(skel: sk.Skeleton) -> _TaskCache:
@@ -701,6 +716,7 @@ class _Replayer:
     reads = tuple((p, tuple(_subst(e, m) for e in idx)) for p, idx in x.reads)
     rop = _Op(x.name + ".rf", tuple(axes), reads, False, x.const_matrix,
               tuple(a[2] for a in axes if a[1] == 0))
+    rop.is_rf = True
     repl_axes = [(f"ax{i}", 0, e) for i, e in enumerate(x.shape)]
     repl_axes.append((s.vars[axis][0] + ".v", 1, dom[axis]))
     ridx = [("A", ((j, 1),), 0) for j in range(n_sp)]
@@ -1281,20 +1297,95 @@ def replay(skeleton: sk.Skeleton, steps: Sequence, infer_bounds: bool = True) ->
   if infer_bounds and rp.concrete:
     _infer_bounds(cache, stages)
   out = []
+  access = []
+  eff = None
   for i, s in enumerate(stages):
     if s.op.is_ph:
       out.append((s.op.name, PLACEHOLDER_STAGE, ROOT, -1, -1, 0, 0, (), ()))
+      access.append(None)
       continue
     rng = s.rng
     if rng is None or s.compute_at == INLINED:
       loops = tuple((it[0], it[3], it[1], it[2], False) for it in s.iters)
+      access.append(None)
     else:
       loops = tuple((it[0], rng[v][1], it[1], it[2], rng[v][2])
                     for it, v in zip(s.iters, s.leaf))
+      if eff is None:
+        eff = _effective_reads(cache, stages)
+      access.append(_stage_access(cache, s, eff[i]))
     at = rp.attach.get(i, (-1, -1))
     out.append((s.op.name, COMPUTE_STAGE, s.compute_at, at[0], at[1], s.unroll, s.offset,
                 tuple(s.pragmas), loops))
-  return LoopNest(tuple(out), rp.concrete, tuple(rp.attach))
+  return LoopNest(tuple(out), rp.concrete, tuple(rp.attach), tuple(access))
+
+
+def _row_major(shape):
+  st = [1] * len(shape)
+  for d in range(len(shape) - 2, -1, -1):
+    st[d] = st[d + 1] * shape[d + 1]
+  return st
+
+
+def _op_strides(cache: _TaskCache, op: _Op, reads):
+  """(out_c, read_c) of ``op`` with effective ``reads`` (see :data:`A_OUT_C`), memoized."""
+  key = (id(op), id(reads))
+  hit = cache.strides.get(key)
+  if hit is not None:
+    return hit
+  n = len(op.axes)
+  ost = _row_major(op.shape)
+  out_c = tuple(ost[r] if r < op.n_sp and r < len(ost) else 0 for r in range(n))
+  read_c = [0] * n
+  for p, idx in reads:
+    pst = _row_major(p.shape)
+    c = [0] * n
+    bad = set()
+    for d, e in enumerate(idx):
+      if e is None:
+        bad = set(range(n))
+        break
+      if e[0] == "A":
+        for r, k in e[1]:
+          c[r] += pst[d] * k
+      else:
+        bad.update(_positions(e))
+    for r in range(n):
+      if r not in bad:
+        read_c[r] = max(read_c[r], abs(c[r]))
+  res = (out_c, tuple(read_c))
+  cache.strides[key] = res
+  cache.strides[(key, "keep")] = (op, reads)   # keeps the ids unique
+  return res
+
+
+def _stage_access(cache: _TaskCache, s: _Stage, reads):
+  """Access info of a bound stage (:data:`A_OUTPUT` ... :data:`A_READ_C`)."""
+  n_root = len(s.op.axes)
+  made: dict = {}
+  for r in s.rels:
+    if r[0] == "S":
+      made[r[2]] = (r[1], r[3])     # outer: step of one moves the parent by inner's extent
+      made[r[3]] = (r[1], None)
+    elif r[0] == "F":
+      made[r[3]] = (r[2], None)     # fused: follow the inner (fastest-moving) part
+    else:
+      made[r[1]] = None             # singleton: no root axis
+  rng = s.rng
+  loops = []
+  for v in s.leaf:
+    coef = 1
+    while v >= n_root:
+      m = made.get(v)
+      if m is None:
+        v = -1
+        break
+      if m[1] is not None:
+        coef = coef * rng[m[1]][1]
+      v = m[0]
+    loops.append((v, coef))
+  out_c, read_c = _op_strides(cache, s.op, reads)
+  return (s.op.output, bool(s.scope), s.op.is_rf, tuple(loops), out_c, read_c)
 
 
 def replay_record_line(skeletons, line) -> LoopNest:
