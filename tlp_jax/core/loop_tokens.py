@@ -168,22 +168,35 @@ def fill(plan: Plan, ext, coef, unroll, max_tokens: int) -> np.ndarray:
   """Tokens of a batch of programs sharing ``plan``: ``ext``/``coef``/``unroll`` are (B, L)
   ints; returns (B, max_tokens, WIDTH) float16."""
   ext = np.asarray(ext, np.int64)
+  b = ext.shape[0]
+
+  def rep(x):
+    return np.broadcast_to(x, (b,) + x.shape)
+  return fill_arrays(rep(plan.static), rep(plan.anc), rep(plan.inner), rep(plan.always),
+                     rep(plan.out_c), rep(plan.read_c), ext, coef, unroll, max_tokens)
+
+
+def fill_arrays(static, anc, inner, always, out_c, read_c, ext, coef, unroll,
+                max_tokens: int) -> np.ndarray:
+  """:func:`fill` with a plan per program, stacked: (B, L, WIDTH), (B, L, L) twice, then (B, L)
+  arrays. Padding loops (extent 1, not ``always``, no relations) make no token."""
+  ext = np.asarray(ext, np.int64)
   b, n = ext.shape
   out = np.zeros((b, max_tokens, WIDTH), DTYPE)
   if n == 0:
     return out
   coef = np.asarray(coef, np.int64)
   unroll = np.asarray(unroll, np.int64)
-  keep = (ext != 1) | plan.always[None]
-  tok = np.broadcast_to(plan.static, (b, n, WIDTH)).copy()
-  tok[:, :, C_DEPTH] = (keep[:, None, :] & plan.anc[None]).sum(-1)
+  keep = (ext != 1) | always
+  tok = np.array(static, np.float64)
+  tok[:, :, C_DEPTH] = (keep[:, None, :] & anc).sum(-1)
   tok[:, :, C_LOG_EXT] = _log2(ext)
   tok[:, :, C_LOG_UNROLL] = _log2(1 + unroll)
   ext3 = ext[:, None, :]
-  tok[:, :, C_LOG_OUTER] = _log2(np.where(plan.anc[None], ext3, 1).prod(-1))
-  tok[:, :, C_LOG_INNER] = _log2(np.where(plan.inner[None], ext3, 1).prod(-1))
-  tok[:, :, C_OUT_STRIDE] = _log2(1 + plan.out_c[None] * coef)
-  tok[:, :, C_READ_STRIDE] = _log2(1 + plan.read_c[None] * coef)
+  tok[:, :, C_LOG_OUTER] = _log2(np.where(anc, ext3, 1).prod(-1))
+  tok[:, :, C_LOG_INNER] = _log2(np.where(inner, ext3, 1).prod(-1))
+  tok[:, :, C_OUT_STRIDE] = _log2(1 + out_c * coef)
+  tok[:, :, C_READ_STRIDE] = _log2(1 + read_c * coef)
   # Printed loops first, in order (stable sort), then crop.
   order = np.argsort(~keep, axis=1, kind="stable")[:, :max_tokens]
   rows = np.take_along_axis(tok, order[:, :, None], axis=1)
@@ -221,4 +234,4 @@ def n_printed_loops(nest: rp.LoopNest) -> int:
 
 
 __all__ = ["LAYOUT_VERSION", "COLUMNS", "WIDTH", "DEFAULT_MAX_TOKENS", "Plan", "print_order",
-           "plan_and_values", "fill", "loop_tokens", "loop_tokens_many", "n_printed_loops"]
+           "plan_and_values", "fill", "fill_arrays", "loop_tokens", "loop_tokens_many", "n_printed_loops"]

@@ -438,7 +438,9 @@ class _Replayer:
       pos = text.find("$")
       if pos < 0:
         raise ReplayError(f"step {n} (PR): max step value not found in {text!r}")
-      s.unroll = _atoi(text[pos + 1:])
+      # A traced pragma (tlp_jax.core.replay_cache) carries its value as a traced int.
+      v = getattr(text, "value", None)
+      s.unroll = _atoi(text[pos + 1:]) if v is None else v
     else:
       # TVM's state refuses other pragmas; they are kept here for the record.
       s.pragmas.append((iid, text))
@@ -511,7 +513,8 @@ class _Replayer:
 
   def sp(self, n, st):
     _, sid, iid, _extent, lengths, i2o = st
-    self._split(sid, iid, [None if l is None else int(l) for l in lengths], bool(i2o))
+    self._split(sid, iid, [l if l is None or isinstance(l, int) else int(l) for l in lengths],
+                bool(i2o))
 
   def _src_split(self, n, src):
     if not 0 <= src < n or self.steps[src][0] != "SP":
@@ -821,7 +824,7 @@ class _Sym:
       return _mk(q, tuple(out_terms))
     g = c
     for _, k in rest:
-      g = math.gcd(g, k)
+      g = _gcd(g, k)
     if g > 1:
       rest = [(a, k // g) for a, k in rest]
       b //= g
@@ -843,7 +846,7 @@ class _Sym:
       return b
     g = c
     for _, k in rest:
-      g = math.gcd(g, k)
+      g = _gcd(g, k)
     r = 0
     if g > 1:
       rest = [(a, k // g) for a, k in rest]
@@ -870,9 +873,24 @@ class _Sym:
     return ("S", 0, ((self.atom(("min" if is_min else "max", a, b), *bnd), 1),))
 
 
+def _gcd(a, b):
+  # math.gcd would strip a traced int (replay_cache) of its trace; traced ints define .gcd.
+  if type(a) is int and type(b) is int:  # pylint: disable=unidiomatic-typecheck
+    return math.gcd(a, b)
+  return a.gcd(b) if type(a) is not int else b.gcd(a)  # pylint: disable=unidiomatic-typecheck
+
+
+# The _Sym class bound inference uses; tracing (replay_cache) swaps in one whose atom lookup
+# compares keys with == (recorded) instead of hashing them.
+_SYM_CLASS = [None]
+
+
 def _mk(const, terms):
   terms = tuple(t for t in terms if t[1])
   return const if not terms else ("S", const, terms)
+
+
+_SYM_CLASS[0] = _Sym
 
 
 def _add(a, b):
@@ -1111,7 +1129,7 @@ def _effective_reads(cache: _TaskCache, stages: list):
 def _infer_bounds(cache: _TaskCache, stages: list):
   """te::InferBound over the replayed schedule; fills each stage's ``rng``."""
   reads = _effective_reads(cache, stages)
-  sym = _Sym()
+  sym = _SYM_CLASS[0]()
   consumers: dict = {}
   for ci, rd in enumerate(reads):
     if rd is None:
