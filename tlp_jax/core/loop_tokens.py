@@ -71,18 +71,18 @@ class Plan:
   """The value-independent part of a nest's tokens: loops in print order and their relations.
 
   ``L`` loops (trivial ones included; which are printed depends on the extents). Per program
-  the values are the loop extents, the loop coefficients (see ``replay.A_LOOPS``) and the
-  stages' auto_unroll_max_step, each an ``(L,)`` int vector in plan order.
+  the values are the loop extents, the loop coefficients (see ``replay.A_LOOPS``), the
+  stages' auto_unroll_max_step and the loops' unit strides in the output / read buffers (these
+  depend on split lengths where a stage's tensor shape does, e.g. rfactor), each an ``(L,)``
+  int vector in plan order.
   """
-  __slots__ = ("static", "anc", "inner", "always", "out_c", "read_c", "n")
+  __slots__ = ("static", "anc", "inner", "always", "n")
 
-  def __init__(self, static, anc, inner, always, out_c, read_c):
+  def __init__(self, static, anc, inner, always):
     self.static = static    # (L, WIDTH) float64: columns that depend on structure only
     self.anc = anc          # (L, L) bool: anc[l, a] loop a encloses loop l
     self.inner = inner      # (L, L) bool: inner[l, a] loop a is inside l in l's stage
     self.always = always    # (L,) bool: printed whatever the extent (annotated / symbolic)
-    self.out_c = out_c      # (L,) int64: output-buffer stride per unit of the coefficient
-    self.read_c = read_c    # (L,) int64: max read-buffer stride per unit of the coefficient
     self.n = len(always)
 
 
@@ -113,7 +113,8 @@ def print_order(nest: rp.LoopNest):
 
 
 def plan_and_values(nest: rp.LoopNest):
-  """(:class:`Plan`, extents, coefficients, unroll) of a replayed nest (values as (L,) ints)."""
+  """(:class:`Plan`, extents, coefficients, unroll, out_c, read_c) of a replayed nest (values
+  as (L,) int64 vectors; out_c / read_c: output / max read stride per unit coefficient)."""
   order = print_order(nest)
   n = len(order)
   pos = {(i, j): p for p, (i, j, _, _) in enumerate(order)}
@@ -157,26 +158,26 @@ def plan_and_values(nest: rp.LoopNest):
     ext[p] = 1 if lp[rp.L_EXTENT] is None else lp[rp.L_EXTENT]
     coef[p] = cf
     unroll[p] = st[rp.S_UNROLL]
-  return Plan(static, anc, inner, always, out_c, read_c), ext, coef, unroll
+  return Plan(static, anc, inner, always), ext, coef, unroll, out_c, read_c
 
 
 def _log2(x):
   return np.log2(x.astype(np.float64))
 
 
-def fill(plan: Plan, ext, coef, unroll, max_tokens: int) -> np.ndarray:
-  """Tokens of a batch of programs sharing ``plan``: ``ext``/``coef``/``unroll`` are (B, L)
-  ints; returns (B, max_tokens, WIDTH) float16."""
+def fill(plan: Plan, ext, coef, unroll, out_c, read_c, max_tokens: int) -> np.ndarray:
+  """Tokens of a batch of programs sharing ``plan``: the values are (B, L) ints (see
+  :func:`plan_and_values`); returns (B, max_tokens, WIDTH) float16."""
   ext = np.asarray(ext, np.int64)
   b = ext.shape[0]
 
   def rep(x):
     return np.broadcast_to(x, (b,) + x.shape)
   return fill_arrays(rep(plan.static), rep(plan.anc), rep(plan.inner), rep(plan.always),
-                     rep(plan.out_c), rep(plan.read_c), ext, coef, unroll, max_tokens)
+                     ext, coef, unroll, out_c, read_c, max_tokens)
 
 
-def fill_arrays(static, anc, inner, always, out_c, read_c, ext, coef, unroll,
+def fill_arrays(static, anc, inner, always, ext, coef, unroll, out_c, read_c,
                 max_tokens: int) -> np.ndarray:
   """:func:`fill` with a plan per program, stacked: (B, L, WIDTH), (B, L, L) twice, then (B, L)
   arrays. Padding loops (extent 1, not ``always``, no relations) make no token."""
@@ -187,6 +188,8 @@ def fill_arrays(static, anc, inner, always, out_c, read_c, ext, coef, unroll,
     return out
   coef = np.asarray(coef, np.int64)
   unroll = np.asarray(unroll, np.int64)
+  out_c = np.asarray(out_c, np.int64)
+  read_c = np.asarray(read_c, np.int64)
   keep = (ext != 1) | always
   tok = np.array(static, np.float64)
   tok[:, :, C_DEPTH] = (keep[:, None, :] & anc).sum(-1)
@@ -214,8 +217,8 @@ def loop_tokens(nest: rp.LoopNest, skeleton=None, max_tokens: int = DEFAULT_MAX_
   are already on the nest, ``nest.access``).
   """
   del skeleton
-  plan, ext, coef, unroll = plan_and_values(nest)
-  return fill(plan, ext[None], coef[None], unroll[None], max_tokens)[0]
+  plan, *vals = plan_and_values(nest)
+  return fill(plan, *(v[None] for v in vals), max_tokens)[0]
 
 
 def loop_tokens_many(nests: Sequence[rp.LoopNest], skeleton=None,
@@ -229,9 +232,10 @@ def loop_tokens_many(nests: Sequence[rp.LoopNest], skeleton=None,
 
 def n_printed_loops(nest: rp.LoopNest) -> int:
   """Number of tokens before cropping (printed loops of the nest)."""
-  plan, ext, _, _ = plan_and_values(nest)
+  plan, ext = plan_and_values(nest)[:2]
   return int(((ext != 1) | plan.always).sum())
 
 
 __all__ = ["LAYOUT_VERSION", "COLUMNS", "WIDTH", "DEFAULT_MAX_TOKENS", "Plan", "print_order",
-           "plan_and_values", "fill", "fill_arrays", "loop_tokens", "loop_tokens_many", "n_printed_loops"]
+           "plan_and_values", "fill", "fill_arrays", "loop_tokens", "loop_tokens_many",
+           "n_printed_loops"]

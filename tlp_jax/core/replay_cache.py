@@ -11,8 +11,11 @@ a value derived from the inputs is recorded into a straight-line program, every 
 truth test) as a guard on its outcome. The program is compiled to a Python function; later
 programs of the template evaluate it on their own values, and fall back to the full replay
 when a guard fails (a template keeps up to :data:`MAX_VARIANTS` traces, one per guard outcome
-seen). Anything the tracer cannot follow (a traced value hashed, used as an index, converted)
-raises :class:`TraceError` and the template is marked full-replay only. The token structure
+seen). Anything the tracer cannot follow (a traced value hashed, converted by int()/float(),
+true-divided) raises :class:`TraceError` and the template is marked full-replay only. Not
+detectable: CPython indexes lists and ranges by an int subclass's value without asking it, so
+the replay must never index by a split-derived value (it does not; the sample check is the
+net). The token structure
 (:class:`loop_tokens.Plan`) is cached with the trace; tokens of a batch are filled by one NumPy
 pass over plans padded to the batch's longest.
 
@@ -232,15 +235,20 @@ class _Variant:
 
 
 def _raw_values(nest: rp.LoopNest):
-  """Extents, coefficients and unroll of every plan slot, as the replay's own objects."""
-  ext, coef, unroll = [], [], []
+  """Values of every plan slot (as :func:`loop_tokens.plan_and_values`), as the replay's own
+  objects (traced ints in a traced replay)."""
+  ext, coef, unroll, out_c, read_c = [], [], [], [], []
   for i, j, _, _ in lt.print_order(nest):
     st = nest.stages[i]
+    acc = nest.access[i]
     e = st[rp.S_LOOPS][j][rp.L_EXTENT]
     ext.append(1 if e is None else e)
-    coef.append(nest.access[i][rp.A_LOOPS][j][1])
+    axis, cf = acc[rp.A_LOOPS][j]
+    coef.append(cf)
     unroll.append(st[rp.S_UNROLL])
-  return ext, coef, unroll
+    out_c.append(acc[rp.A_OUT_C][axis] if axis >= 0 else 0)
+    read_c.append(acc[rp.A_READ_C][axis] if axis >= 0 else 0)
+  return ext, coef, unroll, out_c, read_c
 
 
 _PY_OPS = {"+": "{} + {}", "-": "{} - {}", "*": "{} * {}", "//": "{} // {}", "%": "{} % {}",
@@ -303,8 +311,8 @@ def _trace_template(skeleton, steps, n_vals, vals):
     nest = rp.replay(skeleton, _traced_steps(steps, inputs))
     if not nest.concrete:
       raise TraceError("non-concrete split lengths")
-    ext, coef, unroll = _raw_values(nest)
-    outputs = [_ref(x) for x in ext + coef + unroll]
+    raw = _raw_values(nest)
+    outputs = [_ref(x) for v in raw for x in v]
     plan = _plan_of(nest)
   finally:
     _ACTIVE[0] = None
@@ -324,7 +332,8 @@ def _plan_of(nest):
                       nest.concrete, nest.attach_order,
                       tuple(None if a is None else a[:rp.A_LOOPS]
                             + (tuple((ax, _val(c)) for ax, c in a[rp.A_LOOPS]),)
-                            + a[rp.A_LOOPS + 1:] for a in nest.access))
+                            + (tuple(_val(c) for c in a[rp.A_OUT_C]),
+                               tuple(_val(c) for c in a[rp.A_READ_C])) for a in nest.access))
   return lt.plan_and_values(plain)[0]
 
 
@@ -337,7 +346,8 @@ class TemplateCache:
     self.stats = {"hits": 0, "full": 0, "traced": 0, "guard_fail": 0, "untraceable": 0}
 
   def values(self, skeleton, steps):
-    """(plan, ext, coef, unroll) of one program; the fast path when its template is traced."""
+    """(plan, ext, coef, unroll, out_c, read_c) of one program; the fast path when its template
+    is traced."""
     sig, vals = signature(steps)
     ent = self.entries.get(sig)
     if ent is None:
@@ -347,8 +357,7 @@ class TemplateCache:
         got = var.fn(vals)
         if got is not None:
           self.stats["hits"] += 1
-          n = var.plan.n
-          return var.plan, got[:n], got[n:2 * n], got[2 * n:]
+          return _split_values(var.plan, got)
       if ent[1]:
         self.stats["guard_fail"] += 1
       ent[0] += 1
@@ -364,16 +373,21 @@ class TemplateCache:
           if got is not None:
             ent[1].append(var)
             self.stats["traced"] += 1
-            n = var.plan.n
-            return var.plan, got[:n], got[n:2 * n], got[2 * n:]
+            return _split_values(var.plan, got)
           self.entries[sig] = _UNTRACEABLE   # the trace rejects its own program: a bug guard
     self.stats["full"] += 1
     return lt.plan_and_values(rp.replay(skeleton, steps))
 
 
+def _split_values(plan, got):
+  n = plan.n
+  return (plan,) + tuple(got[k * n:(k + 1) * n] for k in range(5))
+
+
 def fill_padded(items, max_tokens: int) -> np.ndarray:
   """Tokens of programs with different plans in one NumPy pass: ``items`` are
-  (plan, ext, coef, unroll); plans are padded with never-printed loops of extent 1."""
+  (plan, ext, coef, unroll, out_c, read_c); plans are padded with never-printed loops of
+  extent 1."""
   b = len(items)
   n = max((it[0].n for it in items), default=0)
   static = np.zeros((b, n, lt.WIDTH))
@@ -385,18 +399,18 @@ def fill_padded(items, max_tokens: int) -> np.ndarray:
   ext = np.ones((b, n), np.int64)
   coef = np.ones((b, n), np.int64)
   unroll = np.zeros((b, n), np.int64)
-  for k, (p, e, c, u) in enumerate(items):
+  for k, (p, e, c, u, oc, rc_) in enumerate(items):
     m = p.n
     static[k, :m] = p.static
     anc[k, :m, :m] = p.anc
     inner[k, :m, :m] = p.inner
     always[k, :m] = p.always
-    out_c[k, :m] = p.out_c
-    read_c[k, :m] = p.read_c
+    out_c[k, :m] = oc
+    read_c[k, :m] = rc_
     ext[k, :m] = e
     coef[k, :m] = c
     unroll[k, :m] = u
-  return lt.fill_arrays(static, anc, inner, always, out_c, read_c, ext, coef, unroll,
+  return lt.fill_arrays(static, anc, inner, always, ext, coef, unroll, out_c, read_c,
                         max_tokens)
 
 
