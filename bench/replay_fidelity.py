@@ -37,9 +37,9 @@ _LOOP_LINE = re.compile(r"^(\s*)(\S+) (\S+) \((.*)\)$")
 
 def load_tasks_and_skeletons(tenset_dir: str):
   """TVM SearchTasks (registered) and their skeletons, keyed by workload key."""
-  from tlp_jax import xgb_baseline  # pylint: disable=import-outside-toplevel
+  from tlp_jax.tvm import search_tasks  # pylint: disable=import-outside-toplevel
   from tlp_jax.tvm import skeleton_extract  # pylint: disable=import-outside-toplevel
-  tasks = xgb_baseline.load_search_tasks(os.path.join(tenset_dir, "network_info",
+  tasks = search_tasks.load_search_tasks(os.path.join(tenset_dir, "network_info",
                                                       "all_tasks.pkl"))
   by_key = {}
   for t in tasks:

@@ -30,7 +30,13 @@ one index entry per producer dimension, each one of:
 
 A *collection* file maps workload keys to skeletons::
 
-  {"format": "tlp-jax-loopnest-skeletons", "version": 1, "skeletons": {KEY: SKELETON, ...}}
+  {"format": "tlp-jax-loopnest-skeletons", "version": 1, "skeletons": {KEY: SKELETON, ...},
+   "failed": {KEY: "why TVM's DAG could not be described", ...}}
+
+(``failed`` is optional: tasks the extractor could not describe, listed so that a build can
+count their records as skipped instead of reporting the skeleton missing.) A TenSet dir keeps
+its collection at ``network_info/skeletons.json`` (:func:`tenset_skeletons_path`), written once
+with TVM by ``python -m tlp_jax.tvm.skeleton_extract --tenset_dir DIR``.
 
 NumPy/stdlib only: never imports TVM or JAX.
 """
@@ -42,9 +48,14 @@ import os
 import tempfile
 from typing import Any, Mapping
 
+from tlp_jax.core import tenset
+
 FORMAT = "tlp-jax-loopnest-skeleton"
 COLLECTION_FORMAT = "tlp-jax-loopnest-skeletons"
 VERSION = 1
+# Where a TenSet dir keeps its skeletons (next to its network info).
+TENSET_SKELETONS_FILE = os.path.join(tenset.NETWORK_INFO_DIR, "skeletons.json")
+EXTRACT_COMMAND = "python -m tlp_jax.tvm.skeleton_extract --tenset_dir"
 
 PLACEHOLDER = "placeholder"
 COMPUTE = "compute"
@@ -241,19 +252,30 @@ def _stage_from_dict(s, n_stages: int, where: str) -> StageSkeleton:
                        s["const_matrix"], s["num_outputs"])
 
 
-def save_collection(path: str, skeletons: Mapping[str, Skeleton]) -> None:
-  """Writes ``{workload_key: skeleton}`` to ``path`` atomically (temp file + ``os.replace``)."""
+def tenset_skeletons_path(tenset_dir: str) -> str:
+  """``TENSET/network_info/skeletons.json``: the default place of a TenSet dir's skeletons."""
+  return os.path.join(tenset_dir, TENSET_SKELETONS_FILE)
+
+
+def save_collection(path: str, skeletons: Mapping[str, Skeleton],
+                    failed: Mapping[str, str] | None = None) -> None:
+  """Writes ``{workload_key: skeleton}`` (and the optional ``failed`` map ``{workload_key:
+  reason}``) to ``path`` atomically (temp file + ``os.replace``)."""
   for k, s in skeletons.items():
     if k != s.workload_key:
       raise SkeletonError(f"{path}: key {k!r} holds the skeleton of {s.workload_key!r}")
   doc = {"format": COLLECTION_FORMAT, "version": VERSION,
          "skeletons": {k: skeletons[k].to_dict() for k in sorted(skeletons)}}
+  if failed:
+    doc["failed"] = {k: str(failed[k]) for k in sorted(failed)}
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".skeletons.", suffix=".tmp", dir=d)
   try:
     with os.fdopen(fd, "w") as f:
       json.dump(doc, f, separators=(",", ":"))
+    # mkstemp makes the file private; a skeleton file is shared data (kept with datasets).
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -263,6 +285,19 @@ def save_collection(path: str, skeletons: Mapping[str, Skeleton]) -> None:
 
 def load_collection(path: str) -> dict[str, Skeleton]:
   """Reads a :func:`save_collection` file; every skeleton is validated."""
+  return _validate_collection(path, _read_collection(path))
+
+
+def load_failed(path: str) -> dict[str, str]:
+  """The ``failed`` map of a collection file (``{}`` when it has none)."""
+  doc = _read_collection(path)
+  failed = doc.get("failed", {})
+  if not isinstance(failed, dict) or not all(isinstance(v, str) for v in failed.values()):
+    raise SkeletonError(f"{path}: failed must map workload keys to reasons")
+  return dict(failed)
+
+
+def _read_collection(path: str) -> dict:
   try:
     with open(path) as f:
       doc = json.load(f)
@@ -270,7 +305,13 @@ def load_collection(path: str) -> dict[str, Skeleton]:
     raise SkeletonError(f"{path}: cannot read ({e})") from e
   except ValueError as e:
     raise SkeletonError(f"{path}: not valid JSON ({e})") from e
-  if not isinstance(doc, dict) or doc.get("format") != COLLECTION_FORMAT:
+  if not isinstance(doc, dict):
+    raise SkeletonError(f"{path}: not a {COLLECTION_FORMAT!r} file")
+  return doc
+
+
+def _validate_collection(path: str, doc: dict) -> dict[str, Skeleton]:
+  if doc.get("format") != COLLECTION_FORMAT:
     raise SkeletonError(f"{path}: not a {COLLECTION_FORMAT!r} file")
   if doc.get("version") != VERSION:
     raise SkeletonError(f"{path}: version {doc.get('version')!r} is not supported "
@@ -305,6 +346,7 @@ def collection_size_stats(skeletons: Mapping[str, Skeleton]) -> dict:
           "total_bytes": sum(sizes)}
 
 
-__all__ = ["FORMAT", "COLLECTION_FORMAT", "VERSION", "Read", "StageSkeleton", "Skeleton",
-           "SkeletonError", "save_collection", "load_collection", "affine_index",
-           "collection_size_stats"]
+__all__ = ["FORMAT", "COLLECTION_FORMAT", "VERSION", "TENSET_SKELETONS_FILE",
+           "EXTRACT_COMMAND", "Read", "StageSkeleton", "Skeleton", "SkeletonError",
+           "tenset_skeletons_path", "save_collection", "load_collection", "load_failed",
+           "affine_index", "collection_size_stats"]

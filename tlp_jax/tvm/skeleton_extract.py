@@ -1,4 +1,13 @@
-"""Extracts a task's loop-nest skeleton (:mod:`tlp_jax.core.skeleton`) with TVM, once per task.
+r"""Extracts a task's loop-nest skeleton (:mod:`tlp_jax.core.skeleton`) with TVM, once per task.
+
+CLI: the skeletons of every task of a TenSet dir, once, so the dataset build, training, export
+and the NumPy predictor never need TVM::
+
+  python -m tlp_jax.tvm.skeleton_extract --tenset_dir DIR [--out PATH]
+
+reads ``DIR/network_info/all_tasks.pkl`` (restricted unpickler, :mod:`tlp_jax.tvm.search_tasks`)
+and writes ``DIR/network_info/skeletons.json`` (or ``--out``) atomically. A task TVM cannot
+describe is listed in the file's ``failed`` map with the reason (never silently dropped).
 
 Walks the ComputeDAG's ops in order; for every compute op, every ProducerLoad of its body (found
 with ``tvm.tir.stmt_functor.post_order_visit``) becomes a read whose indices are written as
@@ -9,15 +18,23 @@ constants, min/max), or as opaque. Nothing here runs per program.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Mapping
+import os
+import time
+from typing import Iterable, Mapping, Sequence
+
+from absl import app
+from absl import flags
 
 from tlp_jax.core import skeleton as sk
+from tlp_jax.core import tenset
+from tlp_jax.tvm import search_tasks
 
 log = logging.getLogger(__name__)
 
 
 def _tvm():
-  import tvm  # pylint: disable=import-outside-toplevel
+  # TVM is imported lazily so that importing this module (e.g. for its CLI flags) never needs it.
+  import tvm
   return tvm
 
 
@@ -149,3 +166,67 @@ def skeletons_from_tasks(tasks: Iterable) -> dict[str, sk.Skeleton]:
       out[t.workload_key] = skeleton_from_task(t)
   log.info("extracted %d skeletons", len(out))
   return out
+
+
+def skeletons_from_tasks_with_failures(tasks: Iterable
+                                       ) -> tuple[dict[str, sk.Skeleton], dict[str, str]]:
+  """Like :func:`skeletons_from_tasks`, but a task that cannot be described (an op kind the
+  skeleton format lacks, a non-constant shape) is recorded as ``{workload_key: reason}``."""
+  tvm = _tvm()
+  out, failed = {}, {}
+  for t in tasks:
+    key = str(t.workload_key)
+    if key in out or key in failed:
+      continue
+    try:
+      out[key] = skeleton_from_task(t)
+    except (ValueError, KeyError, tvm.TVMError) as e:
+      failed[key] = f"{type(e).__name__}: {e}".splitlines()[0]
+      log.warning("no skeleton for %s: %s", key, failed[key])
+  return out, failed
+
+
+def extract_tenset(tenset_dir: str, out: str | None = None) -> tuple[str, dict, dict]:
+  """Extracts the skeleton of every task of ``TENSET/network_info/all_tasks.pkl`` and writes
+  them (atomically) to ``out`` (default :func:`skeleton.tenset_skeletons_path`).
+
+  Returns:
+    (path written, {workload_key: skeleton}, {workload_key: failure reason}).
+
+  Raises:
+    FileNotFoundError: no ``all_tasks.pkl``.
+    ImportError: TVM is not installed.
+  """
+  pkl = tenset.all_tasks_path(tenset_dir)
+  if not os.path.isfile(pkl):
+    raise FileNotFoundError(f"{pkl}: not found; skeletons are extracted from TenSet's "
+                            f"{tenset.ALL_TASKS_FILE}")
+  tasks = search_tasks.load_search_tasks(pkl)
+  skels, failed = skeletons_from_tasks_with_failures(tasks)
+  path = out or sk.tenset_skeletons_path(tenset_dir)
+  sk.save_collection(path, skels, failed=failed)
+  return path, skels, failed
+
+
+def main(argv: Sequence[str]) -> None:
+  """Writes the skeletons of a TenSet dir (see the module docstring)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  start = time.perf_counter()
+  try:
+    path, skels, failed = extract_tenset(flags.FLAGS.tenset_dir, flags.FLAGS.out or None)
+  except (FileNotFoundError, ImportError) as e:
+    raise SystemExit(f"error: {e}") from e
+  stats = sk.collection_size_stats(skels)
+  print(f"wrote {path}: {len(skels)} skeletons ({stats.get('total_bytes', 0)} bytes of JSON), "
+        f"{len(failed)} tasks failed, in {time.perf_counter() - start:.1f} s")
+  for key, reason in sorted(failed.items()):
+    print(f"  failed {key}: {reason}")
+
+
+if __name__ == "__main__":
+  # Flags only when run as a script: library users (the tuner's cost model) import this module.
+  flags.DEFINE_string("tenset_dir", None, "TenSet root directory (reads "
+                      "network_info/all_tasks.pkl).", required=True)
+  flags.DEFINE_string("out", "", "Output JSON (default: TENSET_DIR/network_info/skeletons.json).")
+  app.run(main)
