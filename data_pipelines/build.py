@@ -2,11 +2,19 @@ r"""Builds the TenSet TFDS dataset: one config per hardware plus the multi-hardw
 
   python -m data_pipelines.build --tenset_dir /work/shared/tenset-mini --data_dir ~/tlp_data \
       [--hardware epyc-9004,xeon-emr-16c] [--holdout resnet_50@224,bert_base@128] \
-      [--seed 0] [--crop 25,22] [--loop_stores 10]
+      [--seed 0] [--crop 25,22] [--loop_tokens auto|on|off] [--skeletons PATH] \
+      [--validation by_record|by_task] [--workers N] [--loop_stores 10]
+
+Feature versions: TLP's step features always; loop tokens (``--loop_tokens``, default ``auto``:
+when the skeleton file exists) made without TVM from the per-task skeletons in ``--skeletons``
+(default ``TENSET_DIR/network_info/skeletons.json``, written once with TVM by
+``python -m tlp_jax.tvm.skeleton_extract --tenset_dir TENSET_DIR``); store features (TVM, old;
+``--loop_stores N``, needs TVM).
 
 Existing configs of the same name in ``--data_dir`` are rebuilt. Prints one summary per config
-(records read/kept/skipped by reason, tasks, examples per split and hardware). Read them back
-with ``data_pipelines.loader.load_arrays(data_dir, config_name)``.
+(records read/kept/skipped by reason, loop tokens made/skipped by reason, tasks, examples per
+split and hardware) and the build rate. Read them back with
+``data_pipelines.loader.load_arrays(data_dir, config_name)``.
 """
 from __future__ import annotations
 
@@ -17,8 +25,11 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from data_pipelines import loop_token_source
+from data_pipelines import schema
 from data_pipelines import tenset_tfds
 from tlp_jax.core import network_info
+from tlp_jax.core import skeleton
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", None, "TenSet-layout root directory.",
                                   required=True)
@@ -29,17 +40,35 @@ _HOLDOUT = flags.DEFINE_list(
     "holdout", [], "Hold-out networks NAME[@SIZE] (batch 1). Default: TenSet's five if all "
     "exist in the dataset, else tenset-mini's resnet_50@224,bert_base@128,mobilenet@240.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the 90/10 train/validation split.")
+_VALIDATION = flags.DEFINE_enum(
+    "validation", "by_record", list(schema.VALIDATION_MODES),
+    "by_record: a seeded 10% of the training records (TLP). by_task: a seeded 10% of the "
+    "training tasks, whole (TenSet's task-disjoint split; validation then measures unseen "
+    "tasks, as test does).")
+_LOOP_TOKENS = flags.DEFINE_enum(
+    "loop_tokens", "auto", list(loop_token_source.MODES),
+    "Loop tokens (the field loop_tokens, (T, W) float16 per example), replayed without TVM from "
+    "the per-task skeletons of --skeletons. auto: when the skeleton file exists; on: required "
+    "(a missing file or task is an error naming the extraction command); off: none.")
+_SKELETONS = flags.DEFINE_string(
+    "skeletons", None, "Skeleton collection JSON (default TENSET_DIR/network_info/"
+    "skeletons.json; write it once with python -m tlp_jax.tvm.skeleton_extract "
+    "--tenset_dir TENSET_DIR).")
+_WORKERS = flags.DEFINE_integer(
+    "workers", 1, "Processes replaying task files for the loop tokens (results do not depend "
+    "on it).", lower_bound=1)
 _CROP = flags.DEFINE_list("crop", [], "Feature crop LENGTH,WIDTH (default: platform's, "
                           "llvm 25,22 and cuda 40,20 as TLP).")
 _LOOP_STORES = flags.DEFINE_integer(
-    "loop_stores", 0, "0: TLP's step features only. N > 0: the 'loop' feature version, each "
-    "program's first N loop-nest store vectors (Ansor's per-store features, computed with TVM "
-    "from network_info/all_tasks.pkl) appended as extra tokens; needs pip install -e '.[tvm]'.")
+    "loop_stores", 0, "Store features (TVM, old). 0: none. N > 0: each program's first N "
+    "loop-nest store vectors (Ansor's per-store features, computed with TVM from "
+    "network_info/all_tasks.pkl) appended to the step features as extra tokens; needs "
+    "pip install -e '.[tvm]'.")
 _MULTI = flags.DEFINE_bool("multi", True, "Also build the multi-hardware join config.")
 
 
 def tvm_store_features(tenset_dir: str) -> tenset_tfds.StoreFeatures:
-  """TVM's loop-nest store vectors of records, for the "loop" feature version (--loop_stores).
+  """TVM's loop-nest store vectors of records: store features (TVM, old; --loop_stores).
 
   Registers every workload of ``network_info/all_tasks.pkl`` so TVM can replay the records.
 
@@ -64,22 +93,38 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError(f"--crop must be two positive ints LENGTH,WIDTH, got {_CROP.value}")
     crop = (int(_CROP.value[0]), int(_CROP.value[1]))
   start = time.perf_counter()
+  token_source = None
   try:
+    skeletons = loop_token_source.resolve_skeletons(_LOOP_TOKENS.value, _TENSET_DIR.value,
+                                                    _SKELETONS.value)
+    if skeletons is not None:
+      token_source = loop_token_source.LoopTokenSource(skeletons, _TENSET_DIR.value,
+                                                       workers=_WORKERS.value)
     configs = tenset_tfds.make_configs(_TENSET_DIR.value, hardware=_HARDWARE.value,
                                        holdout=_HOLDOUT.value, seed=_SEED.value, crop=crop,
-                                       multi=_MULTI.value, loop_stores=_LOOP_STORES.value)
+                                       multi=_MULTI.value, loop_stores=_LOOP_STORES.value,
+                                       loop_tokens=token_source is not None,
+                                       validation=_VALIDATION.value)
     store_features = (tvm_store_features(_TENSET_DIR.value) if _LOOP_STORES.value > 0
                       else None)
     metas = tenset_tfds.build(_TENSET_DIR.value, _DATA_DIR.value, configs,
-                              store_features=store_features)
+                              store_features=store_features, token_source=token_source)
   except (FileNotFoundError, ImportError, network_info.NetworkInfoError,
-          tenset_tfds.DatasetBuildError) as e:
+          skeleton.SkeletonError, tenset_tfds.DatasetBuildError) as e:
     sys.exit(f"error: {e}")
+  finally:
+    if token_source is not None:
+      token_source.close()
   elapsed = time.perf_counter() - start
   for meta in metas:
     print(tenset_tfds.format_summary(meta))
+  # Records read = valid + failed + malformed lines of every hardware built (each read once).
+  lines = {hw: st.get("lines", 0) for m in metas for hw, st in m["read_stats"].items()}
+  n_lines = sum(lines.values())
   print(f"built {len(metas)} configs ({', '.join(m['config'] for m in metas)}) into "
-        f"{_DATA_DIR.value} in {elapsed:.1f} s")
+        f"{_DATA_DIR.value} in {elapsed:.1f} s ({n_lines / max(elapsed, 1e-9):.0f} records/s, "
+        f"loop tokens {'on' if token_source is not None else 'off'}, "
+        f"workers {_WORKERS.value})")
 
 
 if __name__ == "__main__":

@@ -42,12 +42,15 @@ class SplitArrays:
     mask: ``(N, H)`` bool, the program has a valid measurement on that hardware.
     task_index: ``(N,)`` int32 row of :attr:`DatasetArrays.tasks`.
     min_cost: ``(N, H)`` float32 the task's best cost (s) per hardware (0 where none).
+    loop_tokens: ``(N, T, W)`` float16 loop tokens (layout:
+      :attr:`DatasetArrays.loop_token_layout`), or None for a build without them.
   """
   features: np.ndarray
   scores: np.ndarray
   mask: np.ndarray
   task_index: np.ndarray
   min_cost: np.ndarray
+  loop_tokens: np.ndarray | None = None
 
   def __len__(self) -> int:
     return int(self.task_index.shape[0])
@@ -86,7 +89,13 @@ class HoldoutNetwork:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetArrays:
-  """A whole config: three splits plus everything stored with the dataset."""
+  """A whole config: three splits plus everything stored with the dataset.
+
+  ``loop_token_layout`` is the metadata entry of the loop tokens (``layout_version``,
+  ``max_tokens`` = T, ``width`` = W, ``columns``, ``dtype``, ``skeletons_file``) or None;
+  ``skeletons_path`` the dataset's ``skeletons.json`` (the skeletons of its tasks, for export)
+  or None; ``validation_mode`` how validation was split (``by_record`` / ``by_task``).
+  """
   config_name: str
   train: SplitArrays
   validation: SplitArrays
@@ -102,6 +111,14 @@ class DatasetArrays:
   seed: int
   metadata: Mapping[str, Any]
   fingerprint: str
+  loop_token_layout: Mapping[str, Any] | None = None
+  skeletons_path: str | None = None
+  validation_mode: str = "by_record"
+
+  @property
+  def loop_token_shape(self) -> tuple[int, int] | None:
+    """``(T, W)`` of the loop tokens, or None."""
+    return schema.loop_token_shape(self.metadata)
 
   def split(self, name: str) -> SplitArrays:
     """``train``, ``validation`` or ``test``."""
@@ -111,8 +128,10 @@ class DatasetArrays:
 
   def summary(self) -> str:
     """A few lines: sizes per split and hardware, tasks, hold-out networks."""
+    tokens = f", loop tokens {self.loop_token_shape}" if self.loop_token_layout else ""
     lines = [f"{self.config_name}: hardware {', '.join(self.hardware)}, {self.platform}, "
-             f"features {self.crop}, {len(self.tasks)} tasks, seed {self.seed}"]
+             f"features {self.crop}{tokens}, {len(self.tasks)} tasks, seed {self.seed}, "
+             f"validation {self.validation_mode}"]
     for name in schema.SPLITS:
       s = self.split(name)
       per_hw = ", ".join(f"{hw} {int(s.mask[:, h].sum())}" for h, hw in enumerate(self.hardware))
@@ -150,9 +169,11 @@ def find_dataset_dir(data_dir: str, config_name: str, version: str | None = None
 
 
 def dataset_fingerprint(ds_dir: str) -> str:
-  """Hash of the dataset's info/metadata files and of its record files' names, sizes, mtimes."""
+  """Hash of the dataset's info/metadata/skeleton files and of its record files' names, sizes,
+  mtimes."""
   h = hashlib.sha256()
-  for name in (schema.DATASET_INFO_FILE, "features.json", schema.METADATA_FILE):
+  for name in (schema.DATASET_INFO_FILE, "features.json", schema.METADATA_FILE,
+               schema.SKELETONS_FILE):
     path = os.path.join(ds_dir, name)
     if os.path.exists(path):
       with open(path, "rb") as f:
@@ -181,17 +202,24 @@ def _decode_records(records, out: dict[str, np.ndarray], start: int, num_hw: int
   # TFDS is imported only to (re)make the cache: cached loads need neither it nor protobuf.
   from tensorflow_datasets.proto import tf_example_pb2
   parse = tf_example_pb2.Example.FromString
-  feats, scores, mask, task, min_cost = [], [], [], [], []
+  arr = schema.ARRAY_NAMES
+  tok_name = schema.OPTIONAL_ARRAY_NAMES[schema.LOOP_TOKENS]
+  with_tokens = tok_name in out
+  feats, scores, mask, task, min_cost, tokens = [], [], [], [], [], []
   for rec in records:
     fm = parse(rec).features.feature
     feats.append(fm[schema.FEATURES].bytes_list.value[0])
+    if with_tokens:
+      tokens.append(fm[schema.LOOP_TOKENS].bytes_list.value[0])
     scores.extend(fm[schema.SCORE].float_list.value)
     mask.extend(fm[schema.MASK].int64_list.value)
     task.extend(fm[schema.TASK_INDEX].int64_list.value)
     min_cost.extend(fm[schema.MIN_COST].float_list.value)
   n = len(feats)
   end = start + n
-  arr = schema.ARRAY_NAMES
+  if with_tokens:
+    out[tok_name][start:end] = np.frombuffer(b"".join(tokens), schema.LOOP_TOKENS_DTYPE).reshape(
+        (n,) + out[tok_name].shape[1:])
   out[arr[schema.FEATURES]][start:end] = np.frombuffer(b"".join(feats), np.float32).reshape(
       (n,) + out[arr[schema.FEATURES]].shape[1:])
   out[arr[schema.SCORE]][start:end] = np.asarray(scores, np.float32).reshape(n, num_hw)
@@ -200,13 +228,22 @@ def _decode_records(records, out: dict[str, np.ndarray], start: int, num_hw: int
   out[arr[schema.MIN_COST]][start:end] = np.asarray(min_cost, np.float32).reshape(n, num_hw)
 
 
+def _array_names(token_shape) -> tuple[str, ...]:
+  """Loader array names of a dataset (``loop_tokens`` only when it has them)."""
+  names = tuple(schema.ARRAY_NAMES.values())
+  if token_shape is not None:
+    names += (schema.OPTIONAL_ARRAY_NAMES[schema.LOOP_TOKENS],)
+  return names
+
+
 def _read_split(ds_dir: str, split: str, num_examples: int, crop, num_hw: int,
-                out_dir: str | None) -> dict[str, np.ndarray]:
+                out_dir: str | None, token_shape=None) -> dict[str, np.ndarray]:
   """Reads one split's array_record shards into arrays (``.npy`` memmaps when out_dir)."""
   from array_record.python import array_record_module  # only to (re)make the cache, as TFDS
-  specs = schema.example_specs(crop, num_hw)
-  shapes = {name: ((num_examples,) + specs[field][0], specs[field][1])
-            for field, name in schema.ARRAY_NAMES.items()}
+  specs = schema.example_specs(crop, num_hw, token_shape)
+  names = dict(schema.ARRAY_NAMES, **schema.OPTIONAL_ARRAY_NAMES)
+  shapes = {names[field]: ((num_examples,) + shape, dtype)
+            for field, (shape, dtype) in specs.items()}
   out = {}
   for name, (shape, dtype) in shapes.items():
     if out_dir is None:
@@ -239,7 +276,8 @@ def _read_split(ds_dir: str, split: str, num_examples: int, crop, num_hw: int,
   return out
 
 
-def _load_cache(cache: str, fingerprint: str, mmap: bool) -> dict[str, dict] | None:
+def _load_cache(cache: str, fingerprint: str, mmap: bool, names: tuple[str, ...]
+                ) -> dict[str, dict] | None:
   try:
     with open(os.path.join(cache, "fingerprint.json"), "rb") as f:
       stamp = json.load(f)
@@ -251,14 +289,14 @@ def _load_cache(cache: str, fingerprint: str, mmap: bool) -> dict[str, dict] | N
   try:
     return {split: {name: np.load(os.path.join(cache, f"{split}.{name}.npy"),
                                   mmap_mode="r" if mmap else None, allow_pickle=False)
-                    for name in schema.FIELDS} for split in schema.SPLITS}
+                    for name in names} for split in schema.SPLITS}
   except (OSError, ValueError) as e:
     logging.warning("%s: unreadable array cache (%s); rebuilding", cache, e)
     return None
 
 
 def _build_arrays(ds_dir: str, fingerprint: str, crop, num_hw: int, use_cache: bool,
-                  mmap: bool) -> dict[str, dict]:
+                  mmap: bool, token_shape=None) -> dict[str, dict]:
   lengths = _split_lengths(ds_dir)
   cache = os.path.join(ds_dir, CACHE_DIR)
   tmp = f"{cache}.tmp-{os.getpid()}"
@@ -271,7 +309,8 @@ def _build_arrays(ds_dir: str, fingerprint: str, crop, num_hw: int, use_cache: b
                       ds_dir, e)
       use_cache = False
   arrays = {split: _read_split(ds_dir, split, lengths.get(split, 0), crop, num_hw,
-                               tmp if use_cache else None) for split in schema.SPLITS}
+                               tmp if use_cache else None, token_shape)
+            for split in schema.SPLITS}
   if not use_cache:
     return arrays
   with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
@@ -279,7 +318,7 @@ def _build_arrays(ds_dir: str, fingerprint: str, crop, num_hw: int, use_cache: b
   del arrays  # close the write memmaps before the folder moves
   shutil.rmtree(cache, ignore_errors=True)
   os.replace(tmp, cache)
-  loaded = _load_cache(cache, fingerprint, mmap)
+  loaded = _load_cache(cache, fingerprint, mmap, _array_names(token_shape))
   if loaded is None:
     raise RuntimeError(f"{cache}: cache just written cannot be read back")
   return loaded
@@ -308,9 +347,19 @@ def load_arrays(data_dir: str, config_name: str, version: str | None = None,
   fingerprint = dataset_fingerprint(ds_dir)
   hardware = tuple(meta["hardware"])
   crop = tuple(int(c) for c in meta["crop"])
-  arrays = _load_cache(os.path.join(ds_dir, CACHE_DIR), fingerprint, mmap) if use_cache else None
+  token_shape = schema.loop_token_shape(meta)
+  arrays = (_load_cache(os.path.join(ds_dir, CACHE_DIR), fingerprint, mmap,
+                        _array_names(token_shape)) if use_cache else None)
   if arrays is None:
-    arrays = _build_arrays(ds_dir, fingerprint, crop, len(hardware), use_cache, mmap)
+    arrays = _build_arrays(ds_dir, fingerprint, crop, len(hardware), use_cache, mmap,
+                           token_shape)
+  skeletons_path = None
+  if token_shape is not None:
+    skeletons_path = os.path.join(ds_dir, meta[schema.LOOP_TOKENS_META].get(
+        "skeletons_file", schema.SKELETONS_FILE))
+    if not os.path.isfile(skeletons_path):
+      raise ValueError(f"{ds_dir}: a loop-token dataset without its {schema.SKELETONS_FILE} "
+                       "(incomplete copy?); rebuild the dataset")
   t = meta["tasks"]
   nan = float("nan")
   tasks = TaskTable(
@@ -330,4 +379,6 @@ def load_arrays(data_dir: str, config_name: str, version: str | None = None,
       hardware=hardware, tasks=tasks, networks=networks, vocab_json=meta["vocab_json"],
       platform=meta["platform"], crop=crop, read_stats=meta["read_stats"],
       holdout=tuple(meta["holdout"]), seed=int(meta["seed"]), metadata=meta,
-      fingerprint=fingerprint)
+      fingerprint=fingerprint, loop_token_layout=meta.get(schema.LOOP_TOKENS_META) or None,
+      skeletons_path=skeletons_path,
+      validation_mode=meta.get(schema.VALIDATION_META, "by_record"))

@@ -4,9 +4,12 @@ Keeps TenSet's exact layout and copies files byte for byte:
 
 * ``network_info/*.json`` for every network (not ``*.task.pkl``);
 * ``network_info/all_tasks.pkl`` cut down to the sampled tasks, when the source has one and TVM
-  is installed (the "loop" feature version replays records with it). Read with
+  is installed (store features (TVM, old) and the TVM tests replay records with it). Read with
   ``tlp_jax.tvm.search_tasks``'s restricted unpickler, written back as the same pickled list of
   ``SearchTask``;
+* ``network_info/skeletons.json`` cut down to the sampled tasks, when a skeleton collection is
+  found (``--skeletons``, default the source's ``network_info/skeletons.json``; no TVM needed):
+  the loop tokens of the sample are built from it;
 * ``measure_records/HW/*.json`` of every task of the hold-out networks, on every hardware that
   measured it (so evaluation covers all hold-out networks);
 * plus training tasks, round-robin over the non-hold-out networks (each network's tasks in
@@ -33,6 +36,7 @@ from absl import logging
 
 from tlp_jax.core import network_info as network_info_lib
 from tlp_jax.core import records
+from tlp_jax.core import skeleton as skeleton_lib
 from tlp_jax.core import tenset
 
 
@@ -98,8 +102,13 @@ def plan_sample(tenset_dir: str, holdout: Sequence[str] | None = None,
 
 
 def make_sample(tenset_dir: str, out_dir: str, holdout: Sequence[str] | None = None,
-                budget_bytes: int = 3_700_000) -> dict[str, list[str]]:
-  """Writes the sample into ``out_dir`` (replacing it) and returns the plan."""
+                budget_bytes: int = 3_700_000, skeletons: str | None = None
+                ) -> dict[str, list[str]]:
+  """Writes the sample into ``out_dir`` (replacing it) and returns the plan.
+
+  ``skeletons``: skeleton collection of the source's tasks (default: the source's
+  ``network_info/skeletons.json`` if it exists); its sampled tasks go to the sample.
+  """
   plan = plan_sample(tenset_dir, holdout, budget_bytes)
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
@@ -112,13 +121,24 @@ def make_sample(tenset_dir: str, out_dir: str, holdout: Sequence[str] | None = N
     for name in names:
       shutil.copyfile(os.path.join(tenset.measure_records_dir(tenset_dir, hw), name),
                       os.path.join(tenset.measure_records_dir(out_dir, hw), name))
+  keys = set()
+  for hw, names in plan.items():
+    for name in names:
+      keys.add(record_file_workload_key(
+          os.path.join(tenset.measure_records_dir(out_dir, hw), name)))
+  keys.discard(None)
+  skeletons = skeletons or skeleton_lib.tenset_skeletons_path(tenset_dir)
+  if os.path.isfile(skeletons):
+    have = skeleton_lib.load_collection(skeletons)
+    missing = sorted(keys - set(have))
+    if missing:
+      raise ValueError(f"{skeletons}: no skeleton for {len(missing)} sampled workloads, e.g. "
+                       f"{missing[0]}")
+    skeleton_lib.save_collection(skeleton_lib.tenset_skeletons_path(out_dir),
+                                 {k: have[k] for k in keys})
+    logging.info("sample: %d skeletons in %s", len(keys), skeleton_lib.TENSET_SKELETONS_FILE)
   src_tasks = tenset.all_tasks_path(tenset_dir)
   if os.path.isfile(src_tasks):
-    keys = set()
-    for hw, names in plan.items():
-      for name in names:
-        keys.add(record_file_workload_key(
-            os.path.join(tenset.measure_records_dir(out_dir, hw), name)))
     try:
       n = write_task_subset(src_tasks, keys, tenset.all_tasks_path(out_dir))
       logging.info("sample: %d tasks in %s", n, tenset.ALL_TASKS_FILE)
@@ -150,7 +170,8 @@ def write_task_subset(src: str, workload_keys: set[str], dst: str) -> int:
 def main(argv: Sequence[str]) -> None:
   del argv
   fv = flags.FLAGS
-  plan = make_sample(fv.tenset_dir, fv.out_dir, fv.holdout or None, fv.budget_bytes)
+  plan = make_sample(fv.tenset_dir, fv.out_dir, fv.holdout or None, fv.budget_bytes,
+                     fv.skeletons or None)
   for hw, names in plan.items():
     print(f"{hw}: {len(names)} task files")
 
@@ -160,4 +181,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("out_dir", "data/sample/tenset-mini", "Where to write the sample.")
   flags.DEFINE_list("holdout", [], "Hold-out specs NAME[@SIZE]; default by dataset.")
   flags.DEFINE_integer("budget_bytes", 3_700_000, "Byte budget for the copied files.")
+  flags.DEFINE_string("skeletons", "", "Skeleton collection of the source (default: "
+                      "TENSET_DIR/network_info/skeletons.json if it exists).")
   app.run(main)

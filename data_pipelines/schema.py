@@ -11,8 +11,14 @@ One example (``H`` = hardware of the config, ``(L, E)`` = the feature shape)::
     mask       (H,)   bool      program has a valid measurement on that hardware
     min_cost   (H,)   float32   the task's best cost (s) on that hardware (0 if none there)
     task_index ()     int32     row of the task table in the dataset metadata
+    loop_tokens (T, W) float16  loop tokens (tlp_jax.core.loop_tokens), only in a build with
+                                them (metadata key :data:`LOOP_TOKENS_META` is not None)
 
-The loader returns a split as arrays named :data:`ARRAY_NAMES` (``score`` -> ``scores``).
+The loader returns a split as arrays named :data:`ARRAY_NAMES` (``score`` -> ``scores``), plus
+``loop_tokens`` (None in a build without them).
+
+Stored next to the shards of a loop-token build: :data:`SKELETONS_FILE`, the skeletons of the
+dataset's tasks (``tlp_jax.core.skeleton`` collection format), so export can embed them.
 """
 from __future__ import annotations
 
@@ -36,12 +42,29 @@ MASK = "mask"
 MIN_COST = "min_cost"
 TASK_INDEX = "task_index"
 EXAMPLE_FIELDS = (FEATURES, SCORE, MASK, MIN_COST, TASK_INDEX)
+# Optional example field: present exactly when the metadata's LOOP_TOKENS_META is not None.
+LOOP_TOKENS = "loop_tokens"
+LOOP_TOKENS_DTYPE = np.float16
+OPTIONAL_FIELDS = (LOOP_TOKENS,)
+
+# Metadata keys of the loop-token version (see tenset_tfds.build_metadata):
+#   "loop_tokens": None, or {"layout_version", "max_tokens", "width", "columns", "dtype",
+#                  "skeletons_file"};
+#   "loop_token_stats": {hardware: {"records", "tokenized", "skipped": {reason: n},
+#                        "cropped", "examples"}};
+#   "validation": "by_record" | "by_task".
+LOOP_TOKENS_META = "loop_tokens"
+LOOP_TOKEN_STATS_META = "loop_token_stats"
+VALIDATION_META = "validation"
+SKELETONS_FILE = "skeletons.json"
+VALIDATION_MODES = ("by_record", "by_task")
 
 # Loader array name of each example field (the attributes of loader.SplitArrays); the order is
 # the loader's, and the names are those of its .npy cache files.
 ARRAY_NAMES = {FEATURES: "features", SCORE: "scores", MASK: "mask", TASK_INDEX: "task_index",
                MIN_COST: "min_cost"}
-FIELDS = tuple(ARRAY_NAMES.values())
+OPTIONAL_ARRAY_NAMES = {LOOP_TOKENS: "loop_tokens"}
+FIELDS = tuple(ARRAY_NAMES.values()) + tuple(OPTIONAL_ARRAY_NAMES.values())
 
 
 def example_shape(crop: Sequence[int], loop_stores: int, loop_dim: int) -> tuple[int, int]:
@@ -52,15 +75,28 @@ def example_shape(crop: Sequence[int], loop_stores: int, loop_dim: int) -> tuple
   return length, width
 
 
-def example_specs(feature_shape: Sequence[int], num_hardware: int
+def example_specs(feature_shape: Sequence[int], num_hardware: int,
+                  loop_token_shape: Sequence[int] | None = None
                   ) -> dict[str, tuple[tuple[int, ...], type]]:
-  """``{field: (shape, dtype)}`` of one example, in :data:`EXAMPLE_FIELDS` order."""
+  """``{field: (shape, dtype)}`` of one example, in :data:`EXAMPLE_FIELDS` order, then
+  ``loop_tokens`` ``(T, W)`` float16 when ``loop_token_shape`` is given."""
   per_hw = (int(num_hardware),)
-  return {FEATURES: (tuple(int(d) for d in feature_shape), np.float32),
-          SCORE: (per_hw, np.float32),
-          MASK: (per_hw, np.bool_),
-          MIN_COST: (per_hw, np.float32),
-          TASK_INDEX: ((), np.int32)}
+  specs = {FEATURES: (tuple(int(d) for d in feature_shape), np.float32),
+           SCORE: (per_hw, np.float32),
+           MASK: (per_hw, np.bool_),
+           MIN_COST: (per_hw, np.float32),
+           TASK_INDEX: ((), np.int32)}
+  if loop_token_shape is not None:
+    specs[LOOP_TOKENS] = (tuple(int(d) for d in loop_token_shape), LOOP_TOKENS_DTYPE)
+  return specs
+
+
+def loop_token_shape(meta) -> tuple[int, int] | None:
+  """``(T, W)`` of a dataset's loop tokens from its metadata dict (None: a build without)."""
+  lt = meta.get(LOOP_TOKENS_META)
+  if not lt:
+    return None
+  return int(lt["max_tokens"]), int(lt["width"])
 
 
 def config_dir(data_dir: str, config_name: str) -> str:

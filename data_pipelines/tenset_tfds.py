@@ -4,13 +4,21 @@ A ``tfds.core.ShardBasedBuilder`` (see :class:`Tenset` for why not ``GeneratorBa
 
 One :class:`TensetConfig` per hardware folder of ``measure_records/`` plus a multi-hardware
 config that joins the same program across hardware by ``(workload_key, program_key)``. Every
-config has the same example structure, :mod:`data_pipelines.schema` (with ``loop_stores``
-N > 0 the features are ``(L + N, E + D)``: loop-nest store vectors appended as tokens, given by
-the caller as :class:`StoreFeatures`; this module never imports TVM).
+config has the same example structure, :mod:`data_pipelines.schema`. Feature versions:
+
+* loop tokens (``loop_tokens=True``, the default of ``python -m data_pipelines.build`` when the
+  skeletons exist): a separate ``loop_tokens`` field, ``(T, W)`` float16 per example, replayed
+  without TVM from stored per-task skeletons (:mod:`data_pipelines.loop_token_source`); the
+  layout goes to the metadata and the skeletons of the dataset's tasks to ``skeletons.json``
+  next to the shards. Records whose replay fails are skipped and counted by reason.
+* store features (TVM, old; ``loop_stores`` N > 0): the features are ``(L + N, E + D)``,
+  loop-nest store vectors appended as tokens, given by the caller as :class:`StoreFeatures`
+  (this module never imports TVM).
 
 Splits (TLP's protocol): ``test`` = every record of a task occurring in a hold-out network;
-the rest 90/10 ``train``/``validation`` by record (by joined program in the multi config), with
-a seed. Single-hardware configs keep duplicate programs, as TLP does; the multi config keeps the
+the rest 90/10 ``train``/``validation`` with a seed, by record (by joined program in the multi
+config; ``validation="by_record"``) or by whole task (``"by_task"``, TenSet's task-disjoint
+split). Single-hardware configs keep duplicate programs, as TLP does; the multi config keeps the
 first occurrence per hardware (counted in ``join_stats``).
 
 Stored with the dataset (``metadata.json`` next to the TFDS files, ``builder.info.metadata``):
@@ -24,6 +32,8 @@ hardware without holding features in memory.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -38,10 +48,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from data_pipelines import loop_token_source
 from data_pipelines import schema
 from tlp_jax.core import features as features_lib
+from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.core import network_info as network_info_lib
 from tlp_jax.core import records as records_lib
+from tlp_jax.core import skeleton as skeleton_lib
 from tlp_jax.core import tenset
 
 # ~0.5 GB of llvm features per array_record shard.
@@ -74,9 +87,12 @@ class TensetConfig(tfds.core.BuilderConfig):
     holdout: hold-out specs ``NAME[@SIZE]``; empty = :func:`network_info.default_holdout`.
     seed: seed of the train/validation split.
     train_fraction: share of non-hold-out examples in ``train``.
-    loop_stores: 0 = TLP's step features only. N > 0 = the "loop" feature version: each
-      program's first N loop-nest store vectors (:class:`StoreFeatures`, which the build
-      must be given) appended as extra tokens, so examples are ``(L + N, E + D)``.
+    loop_stores: store features (TVM, old). 0 = none. N > 0: each program's first N
+      loop-nest store vectors (:class:`StoreFeatures`, which the build must be given)
+      appended as extra tokens, so features are ``(L + N, E + D)``.
+    loop_tokens: add the ``loop_tokens`` field (the build must be given a
+      :class:`loop_token_source.LoopTokenSource`).
+    validation: ``by_record`` (TLP) or ``by_task`` (whole tasks, TenSet's task-disjoint split).
   """
   hardware: tuple[str, ...] = ()
   platform: str = "llvm"
@@ -85,6 +101,8 @@ class TensetConfig(tfds.core.BuilderConfig):
   seed: int = 0
   train_fraction: float = network_info_lib.TRAIN_FRACTION
   loop_stores: int = 0
+  loop_tokens: bool = False
+  validation: str = "by_record"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +144,8 @@ class StagedHardware:
   stats: Any                  # records.ReadStats
   layout: int                 # featurizer one-hot width the features were made with
   loop_stats: Any = None      # loop_features.LoopFeatureStats when loop features were added
+  loop_tokens: np.ndarray | None = None   # (N, T, W) float16 read-only memmap, if made
+  loop_token_stats: Any = None            # loop_token_source.LoopTokenStats, if made
 
   @property
   def num_records(self) -> int:
@@ -153,8 +173,10 @@ class RecordStaging:
 
   def __init__(self, tenset_dir: str, work_dir: str,
                crop: tuple[int, int] | None = None, loop_stores: int = 0,
-               store_features: StoreFeatures | None = None):
+               store_features: StoreFeatures | None = None,
+               token_source: loop_token_source.LoopTokenSource | None = None):
     self.tenset_dir = tenset_dir
+    self.token_source = token_source
     self.work_dir = work_dir
     self.crop = tuple(crop) if crop else None
     self.loop_stores = int(loop_stores)
@@ -201,25 +223,32 @@ class RecordStaging:
     except (RuntimeError, ValueError) as e:
       raise DatasetBuildError(str(e)) from e
 
+  @property
+  def loop_tokens(self) -> bool:
+    """Whether staged records get loop tokens."""
+    return self.token_source is not None
+
   def _stage(self, hardware: str) -> StagedHardware:
     platform = detect_platform(self.tenset_dir, hardware)
     featurizer = self.featurizer(platform)
-    loop_stats = None
     paths = tenset.task_files(self.tenset_dir, hardware)
+    src = self.token_source
+    if src is not None:
+      src.check_task_files(paths)  # a missing skeleton fails now, not hours into the build
     os.makedirs(self.work_dir, exist_ok=True)
-    # A fresh file per read: a re-read must not truncate a file an older memmap still maps.
-    feat_path = tempfile.mkstemp(prefix=f"{hardware}.", suffix=".f32", dir=self.work_dir)
-    os.close(feat_path[0])
-    feat_path = feat_path[1]
-    scores, keys, rec_task = [], [], []
-    task_keys, task_min, task_files = [], [], []
-    stats = None
-    shape = None
+    # Fresh files per read: a re-read must not truncate a file an older memmap still maps.
+    feat_path = self._new_file(hardware, ".f32")
+    tok_path = self._new_file(hardware, ".f16") if src is not None else None
+    acc = _StageAccumulator(self.loop_stores, src is not None)
     layouts = set()
-    with open(feat_path, "wb") as feat_out:
+    # Task files read here (the featurizer's vocabulary grows in this process only) while the
+    # loop tokens of up to ``src.in_flight`` earlier files are computed by the workers.
+    pending: collections.deque = collections.deque()
+    with open(feat_path, "wb") as feat_out, \
+        (open(tok_path, "wb") if tok_path else contextlib.nullcontext()) as tok_out:
       for path in tqdm.tqdm(paths, desc=f"reading {hardware}", unit=" files", mininterval=2):
         tf = records_lib.read_task_file(path, hardware=hardware, featurizer=featurizer)
-        stats = tf.stats if stats is None else stats + tf.stats
+        acc.stats = tf.stats if acc.stats is None else acc.stats + tf.stats
         sc = np.asarray(tf.scores, dtype=np.float32)
         # Only measured programs get a label (records.py's contract); skip any others defensively.
         valid = np.isfinite(sc) & (sc > 0)
@@ -229,35 +258,94 @@ class RecordStaging:
           raise DatasetBuildError(f"{path}: target platform {tf.platform} differs from "
                                   f"{platform} of the rest of {hardware}")
         layouts.add(tf.layout)
-        feats = np.ascontiguousarray(np.asarray(tf.features, dtype=np.float32)[valid])
-        if self.loop_stores:
-          stores, st = self._store_features(path, tf.line_numbers[valid])
-          loop_stats = st if loop_stats is None else loop_stats + st
-          feats = features_lib.append_loop_features(feats, stores)
-        if shape is None:
-          shape = feats.shape[1:]
-        elif feats.shape[1:] != shape:
-          raise DatasetBuildError(f"{path}: feature shape {feats.shape[1:]} != {shape}")
-        feat_out.write(feats.tobytes())
-        scores.append(sc[valid])
-        keys.append(np.asarray(tf.program_keys, dtype=np.uint64)[valid])
-        rec_task.append(np.full(int(valid.sum()), len(task_keys), np.int32))
-        task_keys.append(tf.workload_key)
-        task_min.append(float(tf.min_cost))
-        task_files.append(os.path.basename(path))
-    if not task_keys:
+        job = None
+        if src is not None:
+          lines = tf.line_numbers[valid]
+          job = src.submit(tf.workload_key, records_lib.lines_at(path, lines),
+                           os.path.basename(path), lines)
+        pending.append((path, tf, sc, valid, job))
+        while len(pending) > (src.in_flight if src is not None else 0):
+          self._finish_file(acc, feat_out, tok_out, *pending.popleft())
+      while pending:
+        self._finish_file(acc, feat_out, tok_out, *pending.popleft())
+    if not acc.task_keys:
       raise DatasetBuildError(f"{hardware}: no valid measurement in {len(paths)} task files")
-    n = int(sum(s.size for s in scores))
-    features = np.memmap(feat_path, dtype=np.float32, mode="r", shape=(n,) + tuple(shape))
-    logging.info("%s: %d valid records in %d tasks (%d files)", hardware, n, len(task_keys),
+    n = int(sum(s.size for s in acc.scores))
+    features = np.memmap(feat_path, dtype=np.float32, mode="r", shape=(n,) + tuple(acc.shape))
+    loop_tokens = None
+    if src is not None:
+      loop_tokens = np.memmap(tok_path, dtype=schema.LOOP_TOKENS_DTYPE, mode="r",
+                              shape=(n, src.max_tokens, loop_tokens_lib.WIDTH))
+      st = acc.token_stats
+      logging.info("%s loop tokens: %d of %d records, skipped %s, %d cropped to %d tokens",
+                   hardware, st.tokenized, st.records, st.skipped or "none", st.cropped,
+                   src.max_tokens)
+    logging.info("%s: %d valid records in %d tasks (%d files)", hardware, n, len(acc.task_keys),
                  len(paths))
     return StagedHardware(
         hardware=hardware, platform=platform, features=features,
-        scores=np.concatenate(scores), program_keys=np.concatenate(keys),
-        record_task=np.concatenate(rec_task), task_keys=task_keys,
-        task_min_cost=np.asarray(task_min, np.float64), task_files=task_files, stats=stats,
+        scores=np.concatenate(acc.scores), program_keys=np.concatenate(acc.keys),
+        record_task=np.concatenate(acc.rec_task), task_keys=acc.task_keys,
+        task_min_cost=np.asarray(acc.task_min, np.float64), task_files=acc.task_files,
+        stats=acc.stats,
         # A kind first seen mid-way leaves earlier files in an older layout: -1 = stale.
-        layout=layouts.pop() if len(layouts) == 1 else -1, loop_stats=loop_stats)
+        layout=layouts.pop() if len(layouts) == 1 else -1, loop_stats=acc.loop_stats,
+        loop_tokens=loop_tokens, loop_token_stats=acc.token_stats)
+
+  def _new_file(self, hardware: str, suffix: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f"{hardware}.", suffix=suffix, dir=self.work_dir)
+    os.close(fd)
+    return path
+
+  def _finish_file(self, acc: "_StageAccumulator", feat_out, tok_out, path: str, tf,
+                   sc: np.ndarray, valid: np.ndarray, job) -> None:
+    """Writes one task file's kept records (valid and, with loop tokens, replayed)."""
+    feats = np.asarray(tf.features, dtype=np.float32)[valid]
+    keep = np.ones(feats.shape[0], bool)
+    if job is not None:
+      got = job.get()
+      acc.token_stats += got.stats
+      keep = got.ok
+      tok_out.write(got.tokens.tobytes())
+    if not keep.any():
+      return  # every record of the task failed to replay (counted in the token stats)
+    feats = np.ascontiguousarray(feats[keep])
+    if self.loop_stores:
+      stores, st = self._store_features(path, tf.line_numbers[valid][keep])
+      acc.loop_stats = st if acc.loop_stats is None else acc.loop_stats + st
+      feats = features_lib.append_loop_features(feats, stores)
+    if acc.shape is None:
+      acc.shape = feats.shape[1:]
+    elif feats.shape[1:] != acc.shape:
+      raise DatasetBuildError(f"{path}: feature shape {feats.shape[1:]} != {acc.shape}")
+    feat_out.write(feats.tobytes())
+    acc.scores.append(sc[valid][keep])
+    acc.keys.append(np.asarray(tf.program_keys, dtype=np.uint64)[valid][keep])
+    acc.rec_task.append(np.full(int(keep.sum()), len(acc.task_keys), np.int32))
+    acc.task_keys.append(tf.workload_key)
+    acc.task_min.append(float(tf.min_cost))
+    acc.task_files.append(os.path.basename(path))
+
+
+@dataclasses.dataclass
+class _StageAccumulator:
+  """What :meth:`RecordStaging._stage` collects per task file, in file order."""
+  loop_stores: int
+  loop_tokens: bool
+  stats: Any = None
+  loop_stats: Any = None
+  token_stats: Any = None
+  shape: tuple | None = None
+  scores: list = dataclasses.field(default_factory=list)
+  keys: list = dataclasses.field(default_factory=list)
+  rec_task: list = dataclasses.field(default_factory=list)
+  task_keys: list = dataclasses.field(default_factory=list)
+  task_min: list = dataclasses.field(default_factory=list)
+  task_files: list = dataclasses.field(default_factory=list)
+
+  def __post_init__(self):
+    if self.loop_tokens:
+      self.token_stats = loop_token_source.LoopTokenStats()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +365,16 @@ class ExamplePlan:
 
 
 def plan_examples(staged: Sequence[StagedHardware], holdout_keys: frozenset[str], seed: int,
-                  train_fraction: float = network_info_lib.TRAIN_FRACTION) -> ExamplePlan:
-  """Joins the staged hardware into examples and splits them (TLP hold-out + 90/10)."""
+                  train_fraction: float = network_info_lib.TRAIN_FRACTION,
+                  validation: str = "by_record") -> ExamplePlan:
+  """Joins the staged hardware into examples and splits them (TLP hold-out + 90/10).
+
+  ``validation``: ``by_record`` (TLP: a seeded 10% of the non-hold-out examples) or
+  ``by_task`` (a seeded 10% of the non-hold-out tasks, with all their examples).
+  """
+  if validation not in schema.VALIDATION_MODES:
+    raise DatasetBuildError(f"validation must be one of {schema.VALIDATION_MODES}, got "
+                            f"{validation!r}")
   num_hw = len(staged)
   task_keys = sorted(set().union(*(s.task_keys for s in staged)))
   key_to_task = {k: i for i, k in enumerate(task_keys)}
@@ -321,7 +417,12 @@ def plan_examples(staged: Sequence[StagedHardware], holdout_keys: frozenset[str]
   example_is_test = is_test_task[task_index] if task_index.size else np.zeros(0, bool)
   test = np.flatnonzero(example_is_test)
   rest = np.flatnonzero(~example_is_test)
-  train_pos, val_pos = network_info_lib.train_validation_split(rest.size, seed, train_fraction)
+  if validation == "by_task":
+    train_pos, val_pos = network_info_lib.train_validation_split_by_task(
+        task_index[rest], seed, train_fraction)
+  else:
+    train_pos, val_pos = network_info_lib.train_validation_split(rest.size, seed,
+                                                                 train_fraction)
   splits = {"train": rest[train_pos], "validation": rest[val_pos], "test": test}
   # The hold-out guarantee everything downstream relies on; checked, not assumed.
   for name in ("train", "validation"):
@@ -355,11 +456,13 @@ def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[Sta
                    networks: Sequence[network_info_lib.NetworkInfo],
                    holdout: Sequence[str], holdout_nets: Sequence[network_info_lib.NetworkInfo],
                    vocab_json: str, crop: Sequence[int], tenset_dir: str,
-                   tlp_crop: Sequence[int] | None = None) -> dict:
+                   tlp_crop: Sequence[int] | None = None,
+                   loop_token_layout: Mapping[str, Any] | None = None) -> dict:
   """The JSON metadata stored with a config (see module docstring).
 
   ``crop`` is the examples' feature shape; ``tlp_crop`` the TLP step part of it (the same
-  unless the config adds loop-nest tokens).
+  unless the config adds store features). ``loop_token_layout``: the layout of the loop tokens
+  (``LoopTokenSource.layout()``) or None.
   """
   tlp_crop = crop if tlp_crop is None else tlp_crop
   flop_ct = {}
@@ -390,8 +493,13 @@ def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[Sta
       "loop_stores": int(config.loop_stores),
       "loop_dim": int(crop[1]) - int(tlp_crop[1]) if config.loop_stores else 0,
       "loop_stats": {s.hardware: s.loop_stats.to_dict() for s in staged if s.loop_stats},
+      # The loop-token version: None, or the layout of the ``loop_tokens`` field.
+      schema.LOOP_TOKENS_META: loop_token_layout,
+      schema.LOOP_TOKEN_STATS_META: {s.hardware: s.loop_token_stats.to_dict() for s in staged
+                                     if s.loop_token_stats is not None},
       "seed": int(config.seed),
       "train_fraction": float(config.train_fraction),
+      schema.VALIDATION_META: config.validation,
       "holdout": list(holdout),
       "tenset_dir": os.path.abspath(tenset_dir),
       "tasks": {
@@ -410,10 +518,15 @@ def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[Sta
 
 def format_summary(meta: Mapping[str, Any]) -> str:
   """Human-readable summary of one config's metadata (the build CLI prints it)."""
-  loop = (f", {meta['loop_stores']} loop-nest store tokens of {meta['loop_dim']}"
+  loop = (f", {meta['loop_stores']} store-feature tokens of {meta['loop_dim']} (TVM, old)"
           if meta.get("loop_stores") else "")
+  tok = meta.get(schema.LOOP_TOKENS_META)
+  if tok:
+    loop += (f", loop tokens ({tok['max_tokens']}, {tok['width']}) {tok['dtype']} "
+             f"v{tok['layout_version']}")
   lines = [f"config {meta['config']}: hardware {', '.join(meta['hardware'])} "
-           f"({meta['platform']}, crop {tuple(meta['crop'])}{loop}, seed {meta['seed']})",
+           f"({meta['platform']}, crop {tuple(meta['crop'])}{loop}, seed {meta['seed']}, "
+           f"validation {meta.get(schema.VALIDATION_META, 'by_record')})",
            f"  hold-out: {', '.join(meta['holdout'])}",
            f"  tasks: {len(meta['tasks']['workload_keys'])}; examples: " +
            ", ".join(f"{k} {v}" for k, v in meta["examples"].items())]
@@ -423,7 +536,15 @@ def format_summary(meta: Mapping[str, Any]) -> str:
     lines.append(f"  {hw}: {int(records[:, h].sum())} examples measured, "
                  f"{int((records[:, h] > 0).sum())} tasks; read: " + _stats_line(st))
     if hw in meta.get("loop_stats", {}):
-      lines.append(f"  {hw} loop features: " + _stats_line(meta["loop_stats"][hw]))
+      lines.append(f"  {hw} store features: " + _stats_line(meta["loop_stats"][hw]))
+    if hw in (meta.get(schema.LOOP_TOKEN_STATS_META) or {}):
+      st = meta[schema.LOOP_TOKEN_STATS_META][hw]
+      skipped = ", ".join(f"{k} {v}" for k, v in st["skipped"].items()) or "none"
+      lines.append(f"  {hw} loop tokens: {st['tokenized']} of {st['records']} records; "
+                   f"skipped: {skipped}; cropped to {tok['max_tokens'] if tok else '?'} "
+                   f"tokens: {st['cropped']}")
+      for ex in st["examples"][:3]:
+        lines.append(f"    e.g. {ex}")
   if len(meta["hardware"]) > 1:
     lines.append("  join: " + ", ".join(f"{k} {v}" for k, v in meta["join_stats"].items()))
   for net in meta["networks"]:
@@ -459,13 +580,16 @@ class Tenset(tfds.core.ShardBasedBuilder):
 
   def __init__(self, *, tenset_dir: str, staging: RecordStaging | None = None,
                shard_size: int = SHARD_SIZE, store_features: StoreFeatures | None = None,
-               **kwargs):
+               token_source: loop_token_source.LoopTokenSource | None = None, **kwargs):
     """Args: tenset_dir: TenSet root; staging: shared reader (one is made if None);
     shard_size: examples per array_record shard; store_features: the loop-nest vectors of a
-    config with ``loop_stores`` > 0 (the staging's when it is given)."""
+    config with ``loop_stores`` > 0; token_source: the skeletons of a config with
+    ``loop_tokens`` (both: the staging's when it is given)."""
     self._tenset_dir = tenset_dir
     self._staging = staging
     self._store_features = staging.store_features if staging is not None else store_features
+    self._token_source = staging.token_source if staging is not None else token_source
+    self._task_keys: list[str] = []
     self._own_staging_dir = None
     self._shard_size = int(shard_size)
     super().__init__(**kwargs)
@@ -477,11 +601,16 @@ class Tenset(tfds.core.ShardBasedBuilder):
     if cfg.loop_stores and not loop_dim:
       raise DatasetBuildError(f"{cfg.name}: loop_stores={cfg.loop_stores} but no store features "
                               "were given")
+    token_shape = None
+    if cfg.loop_tokens:
+      if self._token_source is None:
+        raise DatasetBuildError(f"{cfg.name}: loop_tokens=True but no skeletons were given")
+      token_shape = (self._token_source.max_tokens, loop_tokens_lib.WIDTH)
     specs = schema.example_specs(schema.example_shape(crop, cfg.loop_stores, loop_dim),
-                                 len(cfg.hardware))
+                                 len(cfg.hardware), token_shape)
     fields = {}
     for name, (shape, dtype) in specs.items():
-      if name == schema.FEATURES:
+      if name in (schema.FEATURES, schema.LOOP_TOKENS):
         # Raw bytes decode with one np.frombuffer (the array loader's fast path).
         fields[name] = tfds.features.Tensor(shape=shape, dtype=dtype,
                                             encoding=tfds.features.Encoding.BYTES)
@@ -501,6 +630,10 @@ class Tenset(tfds.core.ShardBasedBuilder):
   def _download_and_prepare(self, dl_manager, download_config=None):
     try:
       super()._download_and_prepare(dl_manager, download_config)
+      if self.builder_config.loop_tokens:
+        # Inside TFDS's incomplete dir: appears with the dataset, atomically.
+        skeleton_lib.save_collection(os.path.join(self.data_dir, schema.SKELETONS_FILE),
+                                     self._token_source.subset(self._task_keys))
     finally:
       if self._own_staging_dir:
         shutil.rmtree(self._own_staging_dir, ignore_errors=True)
@@ -519,22 +652,29 @@ class Tenset(tfds.core.ShardBasedBuilder):
       self._own_staging_dir = tempfile.mkdtemp(prefix="tenset_staging_")
       self._staging = RecordStaging(self._tenset_dir, self._own_staging_dir, crop=cfg.crop,
                                     loop_stores=cfg.loop_stores,
-                                    store_features=self._store_features)
+                                    store_features=self._store_features,
+                                    token_source=(self._token_source if cfg.loop_tokens
+                                                  else None))
     staging = self._staging
     if staging.loop_stores != cfg.loop_stores:
       raise DatasetBuildError(f"{cfg.name}: config asks for loop_stores={cfg.loop_stores}, the "
                               f"shared staging has {staging.loop_stores}")
+    if staging.loop_tokens != cfg.loop_tokens:
+      raise DatasetBuildError(f"{cfg.name}: config asks for loop_tokens={cfg.loop_tokens}, the "
+                              f"shared staging has {staging.loop_tokens}")
     staged = staging.get_all(cfg.hardware)
     for s in staged:
       if s.platform != cfg.platform:
         raise DatasetBuildError(f"{s.hardware} is {s.platform}, config {cfg.name} is "
                                 f"{cfg.platform}")
     crop = staged[0].features.shape[1:]
-    plan = plan_examples(staged, held_keys, cfg.seed, cfg.train_fraction)
+    plan = plan_examples(staged, held_keys, cfg.seed, cfg.train_fraction, cfg.validation)
+    self._task_keys = list(plan.task_keys)
     self.info.metadata.update(build_metadata(
         cfg, plan, staged, networks, [str(h) for h in network_info_lib.parse_holdout(holdout)],
         holdout_nets, staging.featurizer(cfg.platform).vocab.to_json(), crop, self._tenset_dir,
-        tlp_crop=staging.featurizer(cfg.platform).crop))
+        tlp_crop=staging.featurizer(cfg.platform).crop,
+        loop_token_layout=staging.token_source.layout() if cfg.loop_tokens else None))
     logging.info("%s: %s examples", cfg.name, self.info.metadata["examples"])
     empty = [name for name in schema.SPLITS if not plan.splits[name].size]
     if len(empty) == len(schema.SPLITS):
@@ -562,15 +702,20 @@ class Tenset(tfds.core.ShardBasedBuilder):
       t = int(plan.task_index[i])
       mask = row >= 0
       score = np.zeros(num_hw, np.float32)
-      feats = None
+      feats = tokens = None
       for h in range(num_hw):
         if mask[h]:
           score[h] = staged[h].scores[row[h]]
           if feats is None:
             # The same program (same step list) featurizes identically on every hardware.
             feats = np.asarray(staged[h].features[row[h]])
-      yield int(i), {schema.FEATURES: feats, schema.SCORE: score, schema.MASK: mask,
-                     schema.MIN_COST: min_cost[t], schema.TASK_INDEX: t}
+            if staged[h].loop_tokens is not None:
+              tokens = np.asarray(staged[h].loop_tokens[row[h]])
+      ex = {schema.FEATURES: feats, schema.SCORE: score, schema.MASK: mask,
+            schema.MIN_COST: min_cost[t], schema.TASK_INDEX: t}
+      if tokens is not None:
+        ex[schema.LOOP_TOKENS] = tokens
+      yield int(i), ex
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,8 +731,12 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
                  holdout: Sequence[str] = (), seed: int = 0,
                  crop: tuple[int, int] | None = None,
                  train_fraction: float = network_info_lib.TRAIN_FRACTION,
-                 multi: bool = True, loop_stores: int = 0) -> list[TensetConfig]:
+                 multi: bool = True, loop_stores: int = 0, loop_tokens: bool = False,
+                 validation: str = "by_record") -> list[TensetConfig]:
   """One config per hardware (default: every folder) plus the multi-hardware join config.
+
+  ``loop_tokens`` / ``validation``: see :class:`TensetConfig` (a loop-token build must be
+  given a ``token_source``, see :func:`build`).
 
   The multi config is made when there are at least two hardware of the same platform; with
   mixed platforms there is one per platform (named ``all-<platform>``).
@@ -606,8 +755,12 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
   holdout = tuple(str(h) for h in network_info_lib.parse_holdout(holdout))
   if loop_stores < 0:
     raise DatasetBuildError(f"loop_stores must be >= 0, got {loop_stores}")
+  if validation not in schema.VALIDATION_MODES:
+    raise DatasetBuildError(f"validation must be one of {schema.VALIDATION_MODES}, got "
+                            f"{validation!r}")
   common = dict(holdout=holdout, seed=seed, crop=tuple(crop) if crop else None,
-                train_fraction=train_fraction, loop_stores=int(loop_stores))
+                train_fraction=train_fraction, loop_stores=int(loop_stores),
+                loop_tokens=bool(loop_tokens), validation=validation)
   configs = [TensetConfig(name=hw, version=schema.VERSION, hardware=(hw,), platform=platforms[hw],
                           description=f"{hw} measure records", **common) for hw in hardware]
   if multi:
@@ -628,13 +781,14 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
 
 
 def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig],
-          shard_size: int = SHARD_SIZE, store_features: StoreFeatures | None = None
-          ) -> list[dict]:
+          shard_size: int = SHARD_SIZE, store_features: StoreFeatures | None = None,
+          token_source: loop_token_source.LoopTokenSource | None = None) -> list[dict]:
   """Builds (overwriting) every config into ``data_dir``; returns their metadata dicts.
 
   Hardware shared by several configs is read once (a temporary staging dir inside
   ``data_dir`` holds the featurized records during the build and is removed after).
-  ``store_features`` is required when the configs have ``loop_stores`` > 0.
+  ``store_features`` is required when the configs have ``loop_stores`` > 0, ``token_source``
+  when they have ``loop_tokens`` (the caller owns it: close it after).
   """
   os.makedirs(data_dir, exist_ok=True)
   crops = {c.crop for c in configs}
@@ -643,10 +797,19 @@ def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig],
   loops = {c.loop_stores for c in configs}
   if len(loops) > 1:
     raise DatasetBuildError(f"configs of one build must share loop_stores, got {loops}")
+  tokens = {c.loop_tokens for c in configs}
+  if len(tokens) > 1:
+    raise DatasetBuildError(f"configs of one build must share loop_tokens, got {tokens}")
+  with_tokens = next(iter(tokens), False)
+  if with_tokens and token_source is None:
+    raise DatasetBuildError(
+        "loop_tokens=True needs the per-task skeletons (a LoopTokenSource); extract them once "
+        f"with TVM: {loop_token_source.extract_hint(tenset_dir)}")
   work = tempfile.mkdtemp(prefix="staging_", dir=data_dir)
   try:
     staging = RecordStaging(tenset_dir, work, crop=next(iter(crops)),
-                            loop_stores=next(iter(loops)), store_features=store_features)
+                            loop_stores=next(iter(loops)), store_features=store_features,
+                            token_source=token_source if with_tokens else None)
     metas = []
     for cfg in configs:
       builder = Tenset(tenset_dir=tenset_dir, staging=staging, config=cfg, data_dir=data_dir,

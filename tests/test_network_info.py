@@ -108,3 +108,19 @@ def test_json_file_name_round_trip(tmp_path):
   assert (back.name, back.batch_size, back.input_size, back.target) == ("bert_base", 1, 128,
                                                                         "cuda")
   assert back.tasks == net.tasks
+
+
+def test_split_by_task_keeps_tasks_whole():
+  record_task = np.repeat(np.arange(20) * 3, np.arange(1, 21))  # 20 tasks, ids not 0..19
+  train, val = ni.train_validation_split_by_task(record_task, seed=0)
+  assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(record_task.size))
+  assert not set(record_task[train]) & set(record_task[val])
+  assert len(set(record_task[val])) == 2  # 10% of 20 tasks
+  # Seeded: same seed same split, another seed another one.
+  assert np.array_equal(val, ni.train_validation_split_by_task(record_task, seed=0)[1])
+  assert not np.array_equal(val, ni.train_validation_split_by_task(record_task, seed=1)[1])
+
+
+def test_skeleton_file_is_not_a_network(sample_tenset_dir):
+  assert os.path.isfile(os.path.join(sample_tenset_dir, "network_info", "skeletons.json"))
+  assert all(not n.path.endswith("skeletons.json") for n in ni.load_network_infos(sample_tenset_dir))

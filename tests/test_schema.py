@@ -25,6 +25,12 @@ def test_example_specs_and_shape():
   assert specs[schema.FEATURES] == ((25, 22), np.float32)
   assert specs[schema.MASK] == ((2,), np.bool_)
   assert specs[schema.TASK_INDEX] == ((), np.int32)
+  with_tokens = schema.example_specs((25, 22), 2, (40, 21))
+  assert tuple(with_tokens) == schema.EXAMPLE_FIELDS + (schema.LOOP_TOKENS,)
+  assert with_tokens[schema.LOOP_TOKENS] == ((40, 21), np.float16)
+  assert schema.loop_token_shape({schema.LOOP_TOKENS_META: None}) is None
+  assert schema.loop_token_shape({schema.LOOP_TOKENS_META: {"max_tokens": 40, "width": 21}}) == (
+      40, 21)
   assert schema.example_shape((25, 22), 0, 164) == (25, 22)
   assert schema.example_shape((25, 22), 10, 164) == (35, 186)
 

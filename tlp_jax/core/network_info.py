@@ -1,7 +1,7 @@
 """Network info in TenSet's layout, and TLP's hold-out split.
 
-A TenSet directory has one file per network configuration under ``network_info/``. This project
-reads the JSON form ``(NAME,[(BATCH,SIZE)]).json``::
+A TenSet directory has one file per network configuration under ``network_info/`` (beside
+``skeletons.json``, the task skeletons, which is no network). This project reads the JSON form ``(NAME,[(BATCH,SIZE)]).json``::
 
     {"network": "resnet_50", "batch_size": 1, "input_size": 224,
      "tasks": [{"workload_key": "...", "weight": 3, "flop_ct": 1.0e8, "desc": "..."}, ...]}
@@ -16,7 +16,9 @@ converts them once (only do this for a TenSet copy you trust), after which every
 
 Hold-out (TLP's protocol): every workload key that occurs in a hold-out network goes to the test
 split only; the remaining records are split 90/10 train/validation by record with a seed
-(:func:`train_validation_split`). Specs are ``NAME[@SIZE]`` at batch 1 (no size: every input
+(:func:`train_validation_split`), or, task-disjoint, by whole task (TenSet's ``by_task`` split,
+:func:`train_validation_split_by_task`: validation then measures tasks never trained on, as test
+does). Specs are ``NAME[@SIZE]`` at batch 1 (no size: every input
 size). Default (:func:`default_holdout`): TLP's TenSet list (resnet_50@224, mobilenet_v2@224,
 resnext_50@224, bert_base@128, bert_tiny@128) when all five exist in the directory, else
 tenset-mini's (resnet_50@224, bert_base@128, mobilenet@240) when all three exist, else an error
@@ -34,6 +36,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from tlp_jax.core import skeleton
 from tlp_jax.core import tenset
 
 # Default hold-out networks (TLP's choice for TenSet; the three hold-out networks of tenset-mini,
@@ -173,7 +176,9 @@ def load_network_infos(tenset_dir: str) -> list[NetworkInfo]:
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder}: no network_info folder (is {tenset_dir} a TenSet dir?)")
   names = sorted(os.listdir(folder))
-  jsons = [n for n in names if n.endswith(".json")]
+  # The task skeletons live in the same folder (tlp_jax.core.skeleton); they are no network.
+  not_networks = {os.path.basename(skeleton.TENSET_SKELETONS_FILE)}
+  jsons = [n for n in names if n.endswith(".json") and n not in not_networks]
   if not jsons:
     pkls = [n for n in names if n.endswith(".task.pkl")]
     if pkls:
@@ -277,6 +282,22 @@ def train_validation_split(num_records: int, seed: int,
   perm = np.random.default_rng(seed).permutation(num_records)
   n_train = int(num_records * train_fraction)
   return np.sort(perm[:n_train]), np.sort(perm[n_train:])
+
+
+def train_validation_split_by_task(record_task: np.ndarray, seed: int,
+                                   train_fraction: float = TRAIN_FRACTION
+                                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Splits records by whole task into sorted (train, validation) record position arrays.
+
+  The distinct values of ``record_task`` (sorted) are split with :func:`train_validation_split`
+  (seeded permutation, the first ``int(n_tasks * train_fraction)`` tasks train); every record
+  goes where its task went, so no task is in both.
+  """
+  record_task = np.asarray(record_task)
+  tasks = np.unique(record_task)
+  _, val_tasks = train_validation_split(tasks.size, seed, train_fraction)
+  is_val = np.isin(record_task, tasks[val_tasks])
+  return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 def json_file_name(net: NetworkInfo) -> str:

@@ -1,0 +1,287 @@
+"""Loop tokens of measure records from stored per-task skeletons: the build's side (no TVM).
+
+The loop-token feature version (issue 15) needs, per record, its program's final loop nest. The
+nest is replayed in pure Python from the record's steps over its task's skeleton
+(:mod:`tlp_jax.core.replay`) and turned into ``(T, W)`` float16 tokens
+(:mod:`tlp_jax.core.loop_tokens`). Skeletons come from a collection file extracted once with
+TVM (``python -m tlp_jax.tvm.skeleton_extract --tenset_dir DIR``), by default
+``DIR/network_info/skeletons.json``.
+
+Per task file the records are replayed one by one (a record whose replay fails is skipped and
+counted by reason, :class:`LoopTokenStats`) and their tokens are filled by one NumPy pass per
+chunk (``replay_cache.fill_padded``: bit-identical to ``loop_tokens.loop_tokens`` per record, and
+faster). The traced-template cache of :mod:`tlp_jax.core.replay_cache` is not used: a build
+sees most templates about twice, and tracing costs more than it saves in one pass (measured on
+the sample: 1,140 records/s plain vs 440/s with the cache).
+
+Replay is the slow part of a build (~1k records/s per core), so :class:`LoopTokenSource` can
+shard it by task file over ``workers`` processes; the results do not depend on the number of
+workers (each file is computed by the same function, and results are taken in file order).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import multiprocessing
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from data_pipelines import schema
+from tlp_jax.core import features as features_lib
+from tlp_jax.core import loop_tokens as lt
+from tlp_jax.core import records as records_lib
+from tlp_jax.core import replay as rp
+from tlp_jax.core import replay_cache
+from tlp_jax.core import skeleton as sk
+
+log = logging.getLogger(__name__)
+
+# --loop_tokens: auto = when the skeleton file exists, on = required, off = never.
+MODES = ("auto", "on", "off")
+# Skip reasons (LoopTokenStats.skipped).
+NO_SKELETON = "no_skeleton"            # the extractor listed the task as failed
+REPLAY_ERROR = "replay_error"          # tlp_jax.core.replay.ReplayError (a step not applicable)
+BAD_RECORD = "bad_record"              # the line has no step list where the replay reads it
+# Any other exception of the replay / tokens is counted as "unexpected_<ExceptionName>".
+MAX_EXAMPLES = 20
+# Records per NumPy fill: the fill holds (chunk, L, L) arrays, L = loops of the longest nest.
+_FILL_CHUNK = 512
+
+
+class MissingSkeletonError(FileNotFoundError):
+  """No skeleton file, or no skeleton for a task (the message names the extraction command)."""
+
+
+def extract_hint(tenset_dir: str, path: str | None = None) -> str:
+  """The command that writes the skeletons of a TenSet dir (needs the ``tvm`` extra)."""
+  out = "" if path is None or path == sk.tenset_skeletons_path(tenset_dir) else f" --out {path}"
+  return f"{sk.EXTRACT_COMMAND} {tenset_dir}{out}"
+
+
+def resolve_skeletons(mode: str, tenset_dir: str, path: str | None = None) -> str | None:
+  """The skeleton file a build uses for ``--loop_tokens mode``, or None (no loop tokens).
+
+  Args:
+    mode: ``auto`` (the file if it exists), ``on`` (the file, required) or ``off``.
+    tenset_dir: TenSet root (default place of the file).
+    path: ``--skeletons`` (default ``TENSET/network_info/skeletons.json``).
+
+  Raises:
+    MissingSkeletonError: ``on`` and the file does not exist.
+    ValueError: unknown mode.
+  """
+  if mode not in MODES:
+    raise ValueError(f"loop_tokens must be one of {MODES}, got {mode!r}")
+  path = path or sk.tenset_skeletons_path(tenset_dir)
+  if mode == "off":
+    return None
+  if os.path.isfile(path):
+    return path
+  if mode == "auto":
+    log.info("%s: no skeleton file, building without loop tokens", path)
+    return None
+  raise MissingSkeletonError(
+      f"{path}: no skeleton file; loop tokens need each task's skeleton, extracted once with "
+      f"TVM: {extract_hint(tenset_dir, path)}")
+
+
+@dataclasses.dataclass
+class LoopTokenStats:
+  """What happened to the records given to the loop tokens; merge with ``+``.
+
+  ``records == tokenized + sum(skipped.values())`` always holds.
+  """
+  records: int = 0
+  tokenized: int = 0
+  skipped: dict = dataclasses.field(default_factory=dict)
+  cropped: int = 0        # tokenized records with more printed loops than T (outermost kept)
+  examples: list = dataclasses.field(default_factory=list)  # "file:line: reason: message"
+
+  def skip(self, reason: str, where: str, message: str) -> None:
+    """Counts one skipped record (and keeps the first :data:`MAX_EXAMPLES` as examples)."""
+    self.skipped[reason] = self.skipped.get(reason, 0) + 1
+    if len(self.examples) < MAX_EXAMPLES:
+      self.examples.append(f"{where}: {reason}: {message}".splitlines()[0][:300])
+
+  def __add__(self, other: "LoopTokenStats") -> "LoopTokenStats":
+    skipped = collections.Counter(self.skipped)
+    skipped.update(other.skipped)
+    return LoopTokenStats(self.records + other.records, self.tokenized + other.tokenized,
+                          dict(sorted(skipped.items())), self.cropped + other.cropped,
+                          (self.examples + other.examples)[:MAX_EXAMPLES])
+
+  def __radd__(self, other: Any) -> "LoopTokenStats":
+    if other == 0 or other is None:
+      return self
+    return NotImplemented
+
+  def to_dict(self) -> dict:
+    """Plain JSON dict (stored in the dataset metadata per hardware)."""
+    return {"records": self.records, "tokenized": self.tokenized,
+            "skipped": dict(sorted(self.skipped.items())), "cropped": self.cropped,
+            "examples": list(self.examples)}
+
+
+@dataclasses.dataclass
+class FileTokens:
+  """Loop tokens of some records of one task file."""
+  ok: np.ndarray        # (n,) bool: the record got tokens
+  tokens: np.ndarray    # (ok.sum(), T, W) float16, in record order
+  stats: LoopTokenStats
+
+
+def _reason(e: Exception) -> str:
+  if isinstance(e, rp.ReplayError):
+    return REPLAY_ERROR
+  return f"unexpected_{type(e).__name__}"
+
+
+def tokens_of_lines(skeleton: sk.Skeleton | None, lines: Sequence[bytes], max_tokens: int,
+                    where: str, line_numbers: Sequence[int],
+                    no_skeleton_reason: str = "") -> FileTokens:
+  """Loop tokens of one task's record lines (replay + tokens, failures counted, not raised).
+
+  ``skeleton`` None: every record is skipped as :data:`NO_SKELETON` with the reason given.
+  """
+  n = len(lines)
+  stats = LoopTokenStats(records=n)
+  ok = np.zeros(n, bool)
+  items = []
+  for k, (line, lineno) in enumerate(zip(lines, line_numbers)):
+    at = f"{where}:{int(lineno)}"
+    if skeleton is None:
+      stats.skip(NO_SKELETON, at, no_skeleton_reason)
+      continue
+    try:
+      steps = features_lib.json_loads(line)["i"][1][1]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+      stats.skip(BAD_RECORD, at, f"{type(e).__name__}: {e}")
+      continue
+    try:
+      item = lt.plan_and_values(rp.replay(skeleton, steps))
+    except Exception as e:  # pylint: disable=broad-except
+      # Any failure of one record (a replay bug included) must skip that record, counted by
+      # reason with an example, never abort a build of millions of records.
+      stats.skip(_reason(e), at, f"{type(e).__name__}: {e}")
+      continue
+    ok[k] = True
+    plan, ext = item[0], item[1]
+    stats.cropped += int(((ext != 1) | plan.always).sum()) > max_tokens
+    items.append(item)
+  stats.tokenized = len(items)
+  tokens = np.zeros((len(items), max_tokens, lt.WIDTH), lt.DTYPE)
+  for s in range(0, len(items), _FILL_CHUNK):
+    tokens[s:s + _FILL_CHUNK] = replay_cache.fill_padded(items[s:s + _FILL_CHUNK], max_tokens)
+  return FileTokens(ok, tokens, stats)
+
+
+class _Done:
+  """A result computed in this process, with the ``get()`` of an ``AsyncResult``."""
+
+  def __init__(self, value):
+    self._value = value
+
+  def get(self):
+    return self._value
+
+
+# Per worker process: the skeleton collection (loaded once by the pool initializer).
+_WORKER: dict = {}
+
+
+def _init_worker(path: str) -> None:
+  _WORKER["skeletons"] = sk.load_collection(path)
+
+
+def _work(key: str, lines, max_tokens: int, where: str, line_numbers) -> FileTokens:
+  return tokens_of_lines(_WORKER["skeletons"][key], lines, max_tokens, where, line_numbers)
+
+
+class LoopTokenSource:
+  """The skeletons of a build and the (optionally parallel) replay of its task files.
+
+  Attributes:
+    path: the skeleton collection file.
+    tenset_dir: the TenSet root (for error messages).
+    max_tokens: ``T``; tokens are ``(T, WIDTH)`` float16.
+    workers: processes that replay task files (1 = in this process).
+  """
+
+  def __init__(self, path: str, tenset_dir: str, max_tokens: int = lt.DEFAULT_MAX_TOKENS,
+               workers: int = 1):
+    if workers < 1:
+      raise ValueError(f"workers must be >= 1, got {workers}")
+    if max_tokens < 1:
+      raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    self.path = path
+    self.tenset_dir = tenset_dir
+    self.max_tokens = int(max_tokens)
+    self.workers = int(workers)
+    self.skeletons = sk.load_collection(path)
+    self.failed = sk.load_failed(path)
+    self._pool = None
+
+  def layout(self) -> dict:
+    """The dataset metadata entry :data:`schema.LOOP_TOKENS_META` of tokens made here."""
+    return {"layout_version": lt.LAYOUT_VERSION, "max_tokens": self.max_tokens,
+            "width": lt.WIDTH, "columns": list(lt.COLUMNS),
+            "dtype": np.dtype(schema.LOOP_TOKENS_DTYPE).name,
+            "skeletons_file": schema.SKELETONS_FILE}
+
+  def check(self, workload_key: str, where: str) -> None:
+    """Raises :class:`MissingSkeletonError` when the collection does not know the task."""
+    if workload_key not in self.skeletons and workload_key not in self.failed:
+      raise MissingSkeletonError(
+          f"{self.path}: no skeleton for workload {workload_key} (task file {where}); "
+          f"extract the skeletons of this TenSet dir again: "
+          f"{extract_hint(self.tenset_dir, self.path)}")
+
+  def check_task_files(self, paths: Sequence[str]) -> None:
+    """Checks every task file's workload key up front (reads one line per file)."""
+    for path in paths:
+      first = records_lib.first_record(path)
+      if first is not None:
+        self.check(first.workload_key, os.path.basename(path))
+
+  def subset(self, workload_keys: Sequence[str]) -> dict[str, sk.Skeleton]:
+    """``{key: skeleton}`` of the given tasks that have one."""
+    return {k: self.skeletons[k] for k in workload_keys if k in self.skeletons}
+
+  def submit(self, workload_key: str, lines: Sequence[bytes], where: str,
+             line_numbers: Sequence[int]):
+    """Starts the tokens of one task file's lines; ``.get()`` of the result is a
+    :class:`FileTokens`. Raises :class:`MissingSkeletonError` for an unknown task."""
+    self.check(workload_key, where)
+    if workload_key not in self.skeletons:
+      return _Done(tokens_of_lines(None, lines, self.max_tokens, where, line_numbers,
+                                   self.failed[workload_key]))
+    if self.workers == 1:
+      return _Done(tokens_of_lines(self.skeletons[workload_key], lines, self.max_tokens, where,
+                                   line_numbers))
+    if self._pool is None:
+      # spawn, not fork: the parent may run threads (TFDS, JAX in tests) that fork would copy
+      # mid-operation.
+      ctx = multiprocessing.get_context("spawn")
+      self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.path,))
+    return self._pool.apply_async(_work, (workload_key, list(lines), self.max_tokens, where,
+                                          list(map(int, line_numbers))))
+
+  @property
+  def in_flight(self) -> int:
+    """How many task files may be pending at once (the caller's look-ahead)."""
+    return 0 if self.workers == 1 else 2 * self.workers
+
+  def close(self) -> None:
+    """Stops the worker processes (if any)."""
+    if self._pool is not None:
+      self._pool.close()
+      self._pool.join()
+      self._pool = None
+
+
+__all__ = ["MODES", "NO_SKELETON", "REPLAY_ERROR", "BAD_RECORD", "MissingSkeletonError",
+           "LoopTokenStats", "FileTokens", "LoopTokenSource", "tokens_of_lines",
+           "resolve_skeletons", "extract_hint"]

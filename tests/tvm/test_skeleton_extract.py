@@ -1,0 +1,47 @@
+"""Skeleton extraction CLI (needs TVM): the committed sample skeletons are what it writes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tlp_jax.core import skeleton as sk
+
+pytest.importorskip("tvm")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_cli_writes_the_committed_sample_skeletons(tmp_path, sample_tenset_dir):
+  out = str(tmp_path / "sk.json")
+  proc = subprocess.run(
+      [sys.executable, "-m", "tlp_jax.tvm.skeleton_extract", "--tenset_dir", sample_tenset_dir,
+       "--out", out], cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=REPO, TOPHUB_LOCATION="NONE"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "106 skeletons" in proc.stdout and "0 tasks failed" in proc.stdout
+  got = sk.load_collection(out)
+  committed = sk.tenset_skeletons_path(sample_tenset_dir)
+  assert got == sk.load_collection(committed)
+  # Byte-identical: the committed file is reproducible from all_tasks.pkl.
+  with open(out, "rb") as a, open(committed, "rb") as b:
+    assert a.read() == b.read()
+  assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_cli_missing_all_tasks(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "tlp_jax.tvm.skeleton_extract", "--tenset_dir", str(tmp_path)],
+      cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+  assert proc.returncode != 0
+  assert "all_tasks.pkl: not found" in proc.stderr
+
+
+def test_failed_tasks_are_listed(tmp_path):
+  path = str(tmp_path / "sk.json")
+  sk.save_collection(path, {}, failed={"k": "ValueError: scan op"})
+  assert sk.load_collection(path) == {}
+  assert sk.load_failed(path) == {"k": "ValueError: scan op"}
+  with open(path) as f:
+    assert json.load(f)["failed"] == {"k": "ValueError: scan op"}
