@@ -1,0 +1,88 @@
+"""Loop tokens (tlp_jax.core.loop_tokens) on a hand-worked nest; no TVM needed."""
+import math
+
+import numpy as np
+import pytest
+
+from tlp_jax.core import loop_tokens as lt
+from tlp_jax.core import replay as rp
+from tlp_jax.core import skeleton as sk
+
+from tests.core.test_replay import _DENSE
+
+# The nest of test_replay.test_replay_split_compute_at_bounds:
+#   parallel D.i.0 (4) / D.i.1 (2) / [C at D.i.1: C.i (1) / C.j (4) / C.k.0 (6) / C.k.1 (3)]
+#   / D.j (4); C has auto_unroll_max_step 16. C.i (extent 1, not annotated) is not a token.
+_STEPS = [["SP", 3, 0, 8, [2], 1], ["CA", 2, 3, 1], ["AN", 3, 0, 3],
+          ["PR", 2, 0, "auto_unroll_max_step$16"], ["SP", 2, 2, 16, [3], 1]]
+
+
+def _l(x):
+  return math.log2(x)
+
+
+# Per token: stage, output, attached, depth, reduce, log2 extent, parallel, log2(1+unroll),
+# log2 outer, log2 inner, log2(1+out stride), log2(1+read stride).
+_EXPECTED = [
+    # D.i.0: coefficient 2 (D.i.1's extent) times row stride 4 of D[8, 4] and of C[8, 4].
+    (0, 1, 0, 0, 0, 2, 1, 0, 0, 3, _l(9), _l(9)),
+    (0, 1, 0, 1, 0, 1, 0, 0, 2, 2, _l(5), _l(5)),                      # D.i.1
+    # C.j: enclosed by D.i.0, D.i.1 (C.i is dropped); reads B[4, 16] with stride 16 in j.
+    (1, 0, 1, 2, 0, 2, 0, _l(17), 3, _l(18), 1, _l(17)),
+    (1, 0, 1, 3, 1, _l(6), 0, _l(17), 5, _l(3), 0, 2),                  # C.k.0: coef 3
+    (1, 0, 1, 4, 1, _l(3), 0, _l(17), _l(192), 0, 0, 1),                # C.k.1
+    (0, 1, 0, 2, 0, 2, 0, 0, 3, 0, 1, 1),                               # D.j
+]
+_COLS = (lt.C_STAGE, lt.C_OUTPUT, lt.C_ATTACHED, lt.C_DEPTH, lt.C_REDUCE, lt.C_LOG_EXT,
+         lt.C_PARALLEL, lt.C_LOG_UNROLL, lt.C_LOG_OUTER, lt.C_LOG_INNER, lt.C_OUT_STRIDE,
+         lt.C_READ_STRIDE)
+
+
+def _nest():
+  return rp.replay(sk.Skeleton.from_dict(_DENSE), _STEPS)
+
+
+def test_layout_constants():
+  assert lt.WIDTH == len(lt.COLUMNS) <= 22
+  assert len(set(lt.COLUMNS)) == lt.WIDTH
+  assert lt.LAYOUT_VERSION == 1
+
+
+def test_hand_worked_tokens():
+  tok = lt.loop_tokens(_nest(), max_tokens=8)
+  assert tok.shape == (8, lt.WIDTH) and tok.dtype == np.float16
+  assert not tok[6:].any()                       # padding
+  assert (tok[:6, lt.C_IS_LOOP] == 1).all()
+  want = np.array(_EXPECTED, np.float64).astype(np.float16)
+  np.testing.assert_array_equal(tok[:6][:, list(_COLS)], want)
+  assert not tok[:6, [lt.C_CACHE, lt.C_RFACTOR, lt.C_SYMBOLIC, lt.C_VECTORIZE]].any()
+
+
+def test_crop_keeps_outermost_and_values_are_float16_exact():
+  tok = lt.loop_tokens(_nest(), max_tokens=3)
+  np.testing.assert_array_equal(tok, lt.loop_tokens(_nest(), max_tokens=8)[:3])
+  # Storage as float16 loses nothing: the values were rounded when the token was made.
+  assert (tok.astype(np.float32).astype(np.float16) == tok).all()
+
+
+def test_annotated_trivial_loop_is_kept():
+  steps = _STEPS + [["AN", 2, 0, 1]]             # unroll C.i (extent 1)
+  tok = lt.loop_tokens(rp.replay(sk.Skeleton.from_dict(_DENSE), steps), max_tokens=8)
+  assert (tok[:, lt.C_IS_LOOP] == 1).sum() == 7
+  assert tok[2, lt.C_UNROLL] == 1 and tok[2, lt.C_LOG_EXT] == 0
+  assert tok[3, lt.C_DEPTH] == 3                 # C.j now has C.i above it
+
+
+def test_deterministic_and_batch_equals_single():
+  nests = [_nest(), rp.replay(sk.Skeleton.from_dict(_DENSE), _STEPS[:3]), _nest()]
+  many = lt.loop_tokens_many(nests, max_tokens=8)
+  assert many.shape == (3, 8, lt.WIDTH)
+  for k, n in enumerate(nests):
+    np.testing.assert_array_equal(many[k], lt.loop_tokens(n, max_tokens=8))
+  np.testing.assert_array_equal(many[0], many[2])
+
+
+def test_unbound_nest_is_an_error():
+  nest = rp.replay(sk.Skeleton.from_dict(_DENSE), _STEPS, infer_bounds=False)
+  with pytest.raises(ValueError, match="no bounds"):
+    lt.loop_tokens(nest)

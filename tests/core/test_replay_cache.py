@@ -1,0 +1,72 @@
+"""Traced-template replay (tlp_jax.core.replay_cache) is bit-identical to replay + loop_tokens."""
+import collections
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tlp_jax.core import loop_tokens as lt
+from tlp_jax.core import replay as rp
+from tlp_jax.core import replay_cache as rc
+from tlp_jax.core import skeleton as sk
+
+from tests.core.test_loop_tokens import _STEPS
+from tests.core.test_replay import _DENSE
+
+
+def test_template_hit_guard_fallback_and_identity():
+  s = sk.Skeleton.from_dict(_DENSE)
+  cache = rc.TemplateCache()
+  progs = [_STEPS,
+           [["SP", 3, 0, 8, [4], 1]] + _STEPS[1:],            # same template, new lengths
+           _STEPS[:3] + [["PR", 2, 0, "auto_unroll_max_step$64"]] + _STEPS[4:],
+           _STEPS[:4] + [["SP", 2, 2, 16, [32], 1]],           # factor > extent: other branch
+           _STEPS]
+  got = rc.featurize_many(s, progs, cache, max_tokens=8)
+  for st, row in zip(progs, got):
+    np.testing.assert_array_equal(row, lt.loop_tokens(rp.replay(s, st), max_tokens=8))
+  assert cache.stats["traced"] >= 1 and cache.stats["hits"] >= 2
+  assert rc.signature(progs[0])[0] == rc.signature(progs[1])[0]
+
+
+def test_traced_int_refuses_untraceable_use():
+  tr = rc._Trace(1)  # pylint: disable=protected-access
+  rc._ACTIVE[0] = tr  # pylint: disable=protected-access
+  try:
+    t = rc.TInt(3)
+    t.nid = 0
+    with pytest.raises(rc.TraceError):
+      hash(t)
+    with pytest.raises(rc.TraceError):
+      float(t)
+    assert (t * 2 + 1) < 8 and tr.guards[-1][-1] is True
+  finally:
+    rc._ACTIVE[0] = None  # pylint: disable=protected-access
+
+
+def test_every_sample_record_both_paths(sample_tenset_dir):
+  pytest.importorskip("tvm")
+  from tests.core.test_replay import _fidelity  # pylint: disable=import-outside-toplevel
+  _, skels = _fidelity().load_tasks_and_skeletons(sample_tenset_dir)
+  by = collections.defaultdict(list)
+  for f in sorted(glob.glob(os.path.join(sample_tenset_dir, "measure_records", "*", "*.json"))):
+    with open(f) as fh:
+      for ln in fh:
+        rec = json.loads(ln)
+        by[rec["i"][0][0]].append(rec["i"][1][1])
+  n = bad = 0
+  stats = collections.Counter()
+  for key, lists in by.items():
+    skel = sk.Skeleton.from_json(skels[key].to_json())
+    cache = rc.TemplateCache()
+    # Two passes: the first traces, the second runs on the traces.
+    for _ in range(2):
+      fast = rc.featurize_many(skel, lists, cache)
+      for st, row in zip(lists, fast):
+        n += 1
+        bad += not np.array_equal(row, lt.loop_tokens(rp.replay(skel, st)))
+    stats.update(cache.stats)
+  assert n > 8000 and stats["hits"] > n // 2
+  assert bad == 0, f"{bad}/{n} differ"
