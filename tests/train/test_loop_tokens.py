@@ -97,6 +97,7 @@ def test_model_input_and_export_meta_follow_the_tokens(token_dataset, sample_arr
       "loop_tokens": {"layout_version": 2, "max_tokens": T, "width": W}}})
   with pytest.raises(ValueError, match="layout version 2"):
     data.model_config_for(model, "auto", other, 1)
+  assert data.model_config_for(model, "off", other, 1).seq_len == 25
   split = data.select_heads(token_dataset.train, [0], loop_tokens=True)
   assert split.loop_tokens.dtype == np.float16 and len(split.arrays) == 5
   layout = data.BatchLayout.create(8, jax.devices()[:2])

@@ -171,6 +171,8 @@ def loop_token_shape(dataset: Any) -> tuple[int, int]:
 def reads_loop_tokens(loop_tokens: str, dataset: Any) -> bool:
   """Whether a model with ``config.loop_tokens`` reads ``dataset``'s loop-nest tokens (the
   replayed loop tokens, or a TVM store-version dataset's store tokens)."""
+  if loop_tokens == "off":  # the tokens' layout does not matter to a model that ignores them
+    return False
   has = bool(loop_token_shape(dataset)[0] or loop_feature_shape(dataset)[0])
   if loop_tokens == "required" and not has:
     raise ValueError(
@@ -178,7 +180,7 @@ def reads_loop_tokens(loop_tokens: str, dataset: Any) -> bool:
         "loop-nest features; build it with loop tokens (`python -m data_pipelines.build`, from "
         "the tasks' skeletons) or, the older TVM store version, with `--loop_stores 10` (needs "
         "TVM: pip install -e '.[tvm]')")
-  return has and loop_tokens != "off"
+  return has
 
 
 def model_config_for(model: model_lib.TLPConfig, loop_tokens: str, dataset: Any,
