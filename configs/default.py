@@ -59,10 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
   # docs/ACCURACY.md): higher top-5 in every setting measured and a smaller seed spread, for 2x
   # the GPU training time and 5x the predictor's work. 1 = TLP's single network (tlp_original).
   config.model.ensemble_size = 5
-  # On a dataset of the "loop" feature version (data_pipelines.build --loop_stores N) the model
-  # also reads its loop-nest store tokens: model.seq_len / feature_dim are the step crop and the
-  # input grows by the stores (train.data.model_config_for). "auto" = when the dataset has them,
-  # "required" = refuse a dataset without them, "off" = step tokens only, as the original.
+  # On a dataset with loop-nest tokens the model also reads them: the replayed loop tokens of a
+  # default build (data_pipelines.build, (T, W) float16 per program, stored apart and assembled
+  # per batch, tlp_jax.core.loop_tokens.model_input), or the store tokens of the older TVM store
+  # version (--loop_stores N). model.seq_len / feature_dim are the step crop and the input grows
+  # by the tokens (train.data.model_config_for). "auto" = when the dataset has them, "required" =
+  # refuse a dataset without them, "off" = step tokens only, as the original.
   config.loop_tokens = "auto"
 
   # Loss: tlp_jax.train.losses.LossConfig.

@@ -1,20 +1,28 @@
 """Tests of the TLP cost model for TVM's auto-scheduler (tlp_jax/tvm/cost_model.py)."""
+import glob
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
 import jax
 import numpy as np
+import orjson
 import pytest
 
 from tlp_jax.core import features
+from tlp_jax.core import loop_tokens as lt
 from tlp_jax.core import predictor as npred
+from tlp_jax.core import replay as rp
+from tlp_jax.core import skeleton as sk
 from tlp_jax.train import export
 from tlp_jax.train import model as model_lib
 from tlp_jax.tvm import cost_model as tvm_cost_model
 from tlp_jax.tvm import loop_features
+from tlp_jax.tvm import search_tasks
+from tlp_jax.tvm import skeleton_extract
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None
 needs_tvm = pytest.mark.skipif(not HAS_TVM, reason="TVM not installed (pip install -e '.[tvm]')")
@@ -97,7 +105,8 @@ def test_steps_equal_the_record_files_steps(matmul_task, tmp_path):
 @needs_tvm
 def test_predict_scores_each_state_with_the_predictor(matmul_task):
   fake = FakePredictor()
-  model = tvm_cost_model.TLPCostModel(fake, tvm_cost_model.CostModelConfig(hardware="hw_b"))
+  model = tvm_cost_model.TLPCostModel(
+      fake, tvm_cost_model.CostModelConfig(hardware="hw_b", score_transform="identity"))
   states = _states(matmul_task)
   steps = tvm_cost_model.states_to_steps(matmul_task, states)
   scores = model.predict(matmul_task, states)
@@ -116,10 +125,10 @@ def test_predict_scores_each_state_with_the_predictor(matmul_task):
 @needs_tvm
 def test_softplus_transform_is_positive_and_order_preserving(matmul_task):
   states = _states(matmul_task)
-  raw = tvm_cost_model.TLPCostModel(FakePredictor()).predict(matmul_task, states)
-  soft = tvm_cost_model.TLPCostModel(
-      FakePredictor(), tvm_cost_model.CostModelConfig(score_transform="softplus")).predict(
+  raw = tvm_cost_model.TLPCostModel(
+      FakePredictor(), tvm_cost_model.CostModelConfig(score_transform="identity")).predict(
           matmul_task, states)
+  soft = tvm_cost_model.TLPCostModel(FakePredictor()).predict(matmul_task, states)  # default
   assert np.all(soft > 0)
   assert np.array_equal(np.argsort(raw, kind="stable"), np.argsort(soft, kind="stable"))
   assert np.any(raw < 0)
@@ -178,10 +187,29 @@ def test_with_the_real_numpy_predictor(matmul_task, tmp_path):
                   vocab_json=vocab.to_json(), step=0)
   pred = npred.Predictor.load(path)
   states = _states(matmul_task)
-  scores = tvm_cost_model.TLPCostModel(pred).predict(matmul_task, states)
+  identity = tvm_cost_model.CostModelConfig(score_transform="identity")
+  scores = tvm_cost_model.TLPCostModel(pred, identity).predict(matmul_task, states)
   expected = pred.predict_steps(tvm_cost_model.states_to_steps(matmul_task, states))
   np.testing.assert_allclose(scores, np.asarray(expected, np.float32), rtol=1e-6)
   assert np.all(np.isfinite(scores)) and np.unique(scores).size > 1
+  # The README's one-liner: a path works, and loads the same model.
+  by_path = tvm_cost_model.TLPCostModel(path, identity)
+  np.testing.assert_array_equal(by_path.predict(matmul_task, states), scores)
+
+
+@needs_tvm
+def test_a_bad_model_file_fails_at_construction(tmp_path):
+  with pytest.raises(FileNotFoundError):
+    tvm_cost_model.TLPCostModel(str(tmp_path / "missing.npz"))
+  bad = tmp_path / "bad.npz"
+  bad.write_bytes(b"not a zip")
+  with pytest.raises(npred.PredictorError, match="not a readable .npz"):
+    tvm_cost_model.TLPCostModel(bad)  # a PathLike too
+  np.savez(tmp_path / "other.npz", x=np.zeros(2))
+  with pytest.raises(npred.PredictorError, match="not a tlp-jax model export"):
+    tvm_cost_model.TLPCostModel(str(tmp_path / "other.npz"))
+  with pytest.raises(TypeError, match="model path or a Predictor"):
+    tvm_cost_model.TLPCostModel(42)
 
 
 @needs_tvm
@@ -200,9 +228,143 @@ def test_loop_model_scores_states_with_their_store_vectors(matmul_task, tmp_path
                   loop_stores=stores, loop_dim=dim)
   pred = npred.Predictor.load(path)
   states = _states(matmul_task)
-  scores = tvm_cost_model.TLPCostModel(pred).predict(matmul_task, states)
+  scores = tvm_cost_model.TLPCostModel(
+      pred, tvm_cost_model.CostModelConfig(score_transform="identity")).predict(matmul_task,
+                                                                                states)
   vectors, _ = loop_features.store_features_from_states(matmul_task, states, stores)
   expected = pred.predict_steps(tvm_cost_model.states_to_steps(matmul_task, states),
                                 store_features=vectors)
   np.testing.assert_allclose(scores, np.asarray(expected, np.float32), rtol=1e-6)
   assert vectors.any() and np.unique(scores).size > 1
+
+
+@pytest.fixture(scope="module")
+def sample_conv_task(sample_tenset_dir):
+  """A real task of the embedded sample (a strided 3x3 conv, NHWC) as a TVM SearchTask."""
+  if not HAS_TVM:
+    pytest.skip("TVM not installed (pip install -e '.[tvm]')")
+  tasks = search_tasks.load_search_tasks(os.path.join(sample_tenset_dir, "network_info",
+                                                      "all_tasks.pkl"))
+  record_file = os.path.join(
+      sample_tenset_dir, "measure_records", "epyc-9004",
+      "([07f9fcad27bdd3233f86fe35a5185d33,[1,56,56,64],[3,3,64,128],[1,1,1,128],[1,28,28,128]],"
+      "llvm).json")
+  with open(record_file) as f:
+    key = json.loads(f.readline())["i"][0][0]
+  for t in tasks:
+    if t.workload_key == key:
+      return t
+  pytest.fail(f"no task of {record_file} in the sample's all_tasks.pkl")
+
+
+def _token_export(tmp_path, skeletons):
+  """A tiny export of a loop-token model (format 5) embedding ``skeletons``."""
+  crop = npred.input_shape((25, 22), (lt.DEFAULT_MAX_TOKENS, lt.WIDTH))
+  cfg = model_lib.TLPConfig(feature_dim=crop[1], seq_len=crop[0], encoder_dims=(16, 16),
+                            attention_heads=2, res_blocks=1, decoder_dims=(16, 1),
+                            input_norm="log1p")
+  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0),
+                                        np.zeros((1,) + crop, np.float32))["params"]
+  sk_path = str(tmp_path / "skeletons.json")
+  sk.save_collection(sk_path, skeletons)
+  with open(sk_path) as f:
+    skeletons_json = f.read()
+  path = str(tmp_path / "tokens.npz")
+  export.save_npz(path, params, cfg, hardware=["hw"], platform="llvm", crop=crop,
+                  vocab_json=features.Vocabulary.original("llvm").to_json(), step=0,
+                  loop_tokens={"layout_version": lt.LAYOUT_VERSION,
+                               "max_tokens": lt.DEFAULT_MAX_TOKENS, "width": lt.WIDTH},
+                  skeletons_json=skeletons_json)
+  return path
+
+
+@needs_tvm
+def test_loop_token_model_scores_states_with_no_tvm_call_per_state(sample_conv_task, tmp_path,
+                                                                   monkeypatch):
+  """Skeleton extracted once per task; per state only the step serialisation touches TVM."""
+  from tvm import auto_scheduler
+  task = sample_conv_task
+  skel = skeleton_extract.skeleton_from_task(task)
+  path = _token_export(tmp_path, {task.workload_key: skel})
+  pred = npred.Predictor.load(path)
+  states = _states(task, n=16, seed=4)
+  steps = tvm_cost_model.states_to_steps(task, states)
+
+  calls = []
+
+  def forbidden(name):
+    def f(*args, **kwargs):
+      calls.append(name)
+      raise AssertionError(f"{name} called per state")
+    return f
+
+  monkeypatch.setattr(auto_scheduler.ComputeDAG, "infer_bound_from_state",
+                      forbidden("infer_bound_from_state"))
+  monkeypatch.setattr(auto_scheduler.feature, "get_per_store_features_from_states",
+                      forbidden("get_per_store_features_from_states"))
+  monkeypatch.setattr(loop_features, "store_features_from_states",
+                      forbidden("store_features_from_states"))
+  extracted = []
+  real_extract = skeleton_extract.skeleton_from_task
+  monkeypatch.setattr(skeleton_extract, "skeleton_from_task",
+                      lambda t: extracted.append(t.workload_key) or real_extract(t))
+
+  model = tvm_cost_model.TLPCostModel(
+      path, tvm_cost_model.CostModelConfig(score_transform="identity", cache_size=0))
+  first = model.predict(task, states[:8])
+  second = model.predict(task, states)
+  assert calls == [] and extracted == [task.workload_key]
+  assert model.timing_summary()["states_failed"] == 0
+  # The same scores as the NumPy predictor on the same steps, with the embedded skeleton.
+  want = pred.predict_steps(steps, workload_key=task.workload_key)
+  np.testing.assert_array_equal(second, want)
+  np.testing.assert_array_equal(first, want[:8])
+  assert np.unique(want).size > 1
+  # The tokens are read: other tokens, other scores.
+  tokens = pred.loop_tokens_of(steps, workload_key=task.workload_key)
+  assert tokens.any()
+  assert not np.allclose(want, pred.predict(pred.featurize_steps(steps), loop_tokens=tokens * 0))
+  # Softplus (the default) of the same scores.
+  soft = tvm_cost_model.TLPCostModel(path).predict(task, states)
+  np.testing.assert_allclose(soft, np.logaddexp(0.0, want.astype(np.float64)), rtol=1e-6)
+
+
+@needs_tvm
+def test_a_state_whose_replay_fails_gets_the_lowest_score(sample_conv_task, tmp_path,
+                                                          monkeypatch):
+  task = sample_conv_task
+  path = _token_export(tmp_path, {task.workload_key: skeleton_extract.skeleton_from_task(task)})
+  model = tvm_cost_model.TLPCostModel(path)
+  states = _states(task, n=6, seed=5)
+  steps = tvm_cost_model.states_to_steps(task, states)
+  good = model.predict(task, states)
+  bad_key = orjson.dumps(steps[2])
+  real = model.predictor.loop_tokens_of
+
+  def flaky(steps_list, **kwargs):
+    if any(orjson.dumps(s) == bad_key for s in steps_list):
+      raise rp.ReplayError("unsupported step")
+    return real(steps_list, **kwargs)
+
+  model2 = tvm_cost_model.TLPCostModel(path)
+  monkeypatch.setattr(model2.predictor, "loop_tokens_of", flaky)
+  got = model2.predict(task, states)
+  ok = np.arange(len(states)) != 2
+  np.testing.assert_array_equal(got[ok], good[ok])
+  assert got[2] == got[ok].min()
+  assert model2.timing_summary()["states_failed"] == 1
+
+
+@needs_tvm
+def test_ansor_search_with_a_loop_token_model(sample_conv_task, tmp_path):
+  from tvm import auto_scheduler
+  task = sample_conv_task
+  path = _token_export(tmp_path, {task.workload_key: skeleton_extract.skeleton_from_task(task)})
+  model = tvm_cost_model.TLPCostModel(path)
+  policy = auto_scheduler.SketchPolicy(
+      task, program_cost_model=model,
+      params={"evolutionary_search_population": 32, "evolutionary_search_num_iters": 2},
+      seed=3, verbose=0)
+  best = policy.evolutionary_search(policy.sample_initial_population(), 4)
+  assert len(best) == 4 and sum(c.num_states for c in model.calls) >= 32
+  assert model.timing_summary()["states_failed"] == 0

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -17,6 +18,8 @@ import pytest
 
 from data_pipelines import loader
 from data_pipelines import schema
+from tlp_jax.core import features
+from tlp_jax.core import loop_tokens as lt
 from tlp_jax.core import metrics
 from tlp_jax.core import predictor as npred
 from tlp_jax.evaluation import run
@@ -27,6 +30,8 @@ from tlp_jax.train import export
 from tlp_jax.train import loop
 from tlp_jax.train.model import TLPConfig
 from tlp_jax.train.model import init_params
+
+from . import toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOLDOUT_FILES = ("(resnet_50,[(1,224)]).json", "(bert_base,[(1,128)]).json",
@@ -192,3 +197,39 @@ def test_load_predictor_wants_exactly_one_existing_source(two_head_model, tmp_pa
   predictor, info = run.load_predictor(two_head_model)
   assert info == {"model_file": two_head_model, "heads": ["epyc-9004", "xeon-emr-16c"],
                   "step": 0, "vocab_version": predictor.vocab_version}
+
+
+def test_a_loop_token_model_is_evaluated_on_assembled_batches(tmp_path):
+  """predictor_fn of a model of loop tokens takes (steps, tokens); the dataset must match."""
+  step_crop, layout = (2, 3), {"layout_version": 1, "max_tokens": 4, "width": lt.WIDTH}
+  crop = npred.input_shape(step_crop, (4, lt.WIDTH))
+  cfg = TLPConfig(encoder_dims=(8, 8), attention_heads=2, decoder_dims=(8, 1),
+                  seq_len=crop[0], feature_dim=crop[1], num_hardware_heads=2)
+  path = str(tmp_path / "tok.npz")
+  export.save_npz(path, init_params(cfg, jax.random.PRNGKey(0)), cfg, hardware=["a", "b"],
+                  platform="llvm", crop=crop,
+                  vocab_json=features.Vocabulary.original("llvm").to_json(), step=0,
+                  loop_tokens=layout)
+  pred = npred.Predictor.load(path)
+  arrays = toy.toy_arrays()
+  tokens = np.random.default_rng(0).uniform(0, 4, (9, 4, lt.WIDTH)).astype(np.float16)
+  arrays.test = types.SimpleNamespace(**vars(arrays.test), loop_tokens=tokens)
+  arrays.platform, arrays.crop, arrays.vocab_json = "llvm", step_crop, pred.vocab_json
+  arrays.metadata = {"loop_tokens": layout}
+  predict = run.predictor_fn(pred, "b", arrays)
+  data = eval_data(arrays, "b")
+  report = topk.topk_report(data, predict, model_name="tok", batch_size=3, loop_tokens=True)
+  got = topk.predict_in_batches(predict, data.split_features, data.rows, 3,
+                                loop_tokens=data.split_loop_tokens)
+  want = pred.predict(data.features, hw="b", loop_tokens=data.loop_tokens, batch_size=3)
+  np.testing.assert_array_equal(got, want)
+  assert report["num_programs"] == 8
+  arrays.metadata = {}
+  with pytest.raises(EvalError, match="reads loop tokens; dataset"):
+    run.predictor_fn(pred, "b", arrays)
+  arrays.metadata = {"loop_tokens": {**layout, "max_tokens": 3}}
+  with pytest.raises(EvalError, match="the dataset has 3 of layout 1"):
+    run.predictor_fn(pred, "b", arrays)
+  arrays.crop = (25, 22)
+  with pytest.raises(EvalError, match=r"cropped to \(2, 3\)"):
+    run.predictor_fn(pred, "b", arrays)

@@ -82,3 +82,33 @@ def test_random_row_is_the_metrics_expectation():
   r = metrics.random_top_k_scores(data.latency, data.task_index, data.networks, (1, 5))
   report = topk.topk_report(data, toy.read_feature0, ks=(1, 5))
   assert report["rows"][topk.RANDOM_ROW]["pooled"]["top-5"] == pytest.approx(r.pooled[1])
+
+
+def _with_tokens(arrays):
+  """The toy arrays with loop tokens whose row 0, column 1 carries the prediction instead."""
+  test = arrays.test
+  tokens = np.zeros((9, 4, 21), np.float16)
+  tokens[:, 0, 1] = test.features[::-1, 0, 0]  # another ranking than features
+  arrays.test = type(test)(**{**vars(test), "loop_tokens": tokens})
+  return arrays
+
+
+def test_loop_tokens_are_passed_aligned_with_the_rows_of_the_valid_programs():
+  data = eval_data(_with_tokens(toy.toy_arrays()), "b", "test")  # program 4 is invalid on b
+  assert data.loop_tokens.shape == (8, 4, 21)
+  seen = []
+
+  def predict(x, tokens):
+    seen.append((x.shape, tokens.shape))
+    return tokens[:, 0, 1].astype(np.float32)
+
+  report = topk.topk_report(data, predict, model_name="tok", batch_size=3, loop_tokens=True)
+  assert seen[0] == ((3, 2, 3), (3, 4, 21)) and len(seen) == 3
+  pred = data.loop_tokens[:, 0, 1].astype(np.float64)
+  want = metrics.top_k_scores(pred, data.latency, data.task_index, data.networks,
+                              metrics.DEFAULT_KS, len(data.task_keys)).to_dict()
+  assert {k: v for k, v in report["rows"]["tok"].items() if k != "task_mean"} == want
+  # Without loop_tokens=True the predict function gets the features alone.
+  assert topk.topk_report(data, toy.read_feature0, model_name="f")["rows"]["f"]
+  with pytest.raises(EvalError, match="reads loop tokens but the test split has none"):
+    topk.topk_report(eval_data(toy.toy_arrays(), "a"), predict, loop_tokens=True)

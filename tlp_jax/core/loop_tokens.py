@@ -230,6 +230,29 @@ def loop_tokens_many(nests: Sequence[rp.LoopNest], skeleton=None,
   return out
 
 
+def model_input(steps: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+  """The model's input of step features and loop tokens: ``(N, L + T, E + W)`` float32.
+
+  The two token kinds use disjoint columns, as the TVM store version did
+  (``features.append_loop_features``): rows ``[:L]`` columns ``[:E]`` are the ``(N, L, E)``
+  steps, rows ``[L:]`` columns ``[E:]`` the ``(N, T, W)`` tokens (float16 -> float32 is exact),
+  zero elsewhere. The model's first Linear thus embeds each kind with its own weights, and
+  padding rows of either kind stay all-zero. Datasets store the two compact arrays; this block
+  is only ever made per batch (``tlp_jax.train.step.model_input`` is the same on device).
+  """
+  steps = np.asarray(steps)
+  tokens = np.asarray(tokens)
+  if steps.ndim != 3 or tokens.ndim != 3 or steps.shape[0] != tokens.shape[0]:
+    raise ValueError(f"expected (N, L, E) steps and (N, T, W) tokens with the same N, got "
+                     f"{steps.shape} and {tokens.shape}")
+  n, length, width = steps.shape
+  _, num_tokens, token_width = tokens.shape
+  out = np.zeros((n, length + num_tokens, width + token_width), np.float32)
+  out[:, :length, :width] = steps
+  out[:, length:, width:] = tokens
+  return out
+
+
 def n_printed_loops(nest: rp.LoopNest) -> int:
   """Number of tokens before cropping (printed loops of the nest)."""
   plan, ext = plan_and_values(nest)[:2]
@@ -238,4 +261,4 @@ def n_printed_loops(nest: rp.LoopNest) -> int:
 
 __all__ = ["LAYOUT_VERSION", "COLUMNS", "WIDTH", "DEFAULT_MAX_TOKENS", "Plan", "print_order",
            "plan_and_values", "fill", "fill_arrays", "loop_tokens", "loop_tokens_many",
-           "n_printed_loops"]
+           "model_input", "n_printed_loops"]

@@ -2,12 +2,18 @@
 
 Imports only NumPy and the standard library, so it runs inside a tuner process without JAX. The
 file can be copied on its own next to the ``.npz``; only ``predict_steps`` (which featurizes raw
-schedule steps) needs ``tlp_jax.core.features`` and says so when it is missing.
+schedule steps) needs ``tlp_jax.core.features`` (and, for a model of loop tokens, the replay:
+``tlp_jax.core.skeleton`` / ``replay`` / ``replay_cache`` / ``loop_tokens``), and says so when
+they are missing.
 
     predictor = Predictor.load("model.npz")
     scores = predictor.predict(features)               # (B,) from the first head
     scores = predictor.predict(features, hw="all")     # (B, H)
     scores = predictor.predict_steps(list_of_steps, hw="epyc-9004")
+    # A model of loop tokens (format 5): steps of a task whose skeleton the export embeds,
+    scores = predictor.predict_steps(list_of_steps, workload_key=key)
+    # or precomputed (N, L, E) step features and (N, T, W) loop tokens.
+    scores = predictor.predict(steps, loop_tokens=tokens)
 
 Computation (exact, up to float rounding order). The model has no positional encoding, so
 its output depends only on the *multiset* of step rows of a program:
@@ -35,20 +41,26 @@ import numpy as np
 
 try:  # Optional: only predict_steps featurizes; the rest works with this file alone.
   from tlp_jax.core import features as _features
+  from tlp_jax.core import loop_tokens as _loop_tokens
+  from tlp_jax.core import replay_cache as _replay_cache
+  from tlp_jax.core import skeleton as _skeleton
 except ImportError:  # pragma: no cover - exercised by copying the file out of the package
-  _features = None
+  _features = _loop_tokens = _replay_cache = _skeleton = None
 
 # ---- export format (single source of truth; tlp_jax.train.export writes it) --------------------------
 FORMAT_NAME = "tlp-jax-model"
 # Versions: 1 = a TLP model; 2 = a model of the "loop" feature version (meta/loop_stores,
 # meta/loop_dim); 3 = an ensemble (parameters under params/members/ with a leading member axis;
 # scores are the members' mean); 4 = today's model config keys (``num_hardware_heads``; the
-# options removed after commit 4fe3f70 are gone, see ``upgrade_model_config``). Versions 1-3
-# exported the lowest version that could describe the model; every export is now version 4,
-# which older predictors refuse by version. This predictor reads all four.
-FORMAT_VERSION = 4
+# options removed after commit 4fe3f70 are gone, see ``upgrade_model_config``); 5 = models of
+# replayed loop tokens (meta/loop_tokens_version, meta/loop_tokens_max, meta/loop_tokens_width and
+# the tasks' skeletons, meta/skeletons_json). Versions 1-3 exported the lowest version that could
+# describe the model; every export is now the current version, which older predictors refuse by
+# version. This predictor reads all five.
+FORMAT_VERSION = 5
 LOOP_FORMAT_VERSION = 2
 ENSEMBLE_FORMAT_VERSION = 3
+LOOP_TOKENS_FORMAT_VERSION = 5
 MEMBERS_PREFIX = "members/"
 PARAMS_PREFIX = "params/"
 META_FORMAT = "meta/format"
@@ -62,6 +74,14 @@ META_VOCAB_VERSION = "meta/vocab_version"
 META_STEP = "meta/step"
 META_LOOP_STORES = "meta/loop_stores"
 META_LOOP_DIM = "meta/loop_dim"
+# Replayed loop tokens (format 5): the model input is (L + T, E + W), the (L, E) step features
+# and the (T, W) tokens of layout version meta/loop_tokens_version in disjoint columns
+# (tlp_jax.core.loop_tokens.model_input); meta/skeletons_json is the skeleton collection
+# (tlp_jax.core.skeleton, "tlp-jax-loopnest-skeletons") of the training tasks, possibly empty.
+META_LOOP_TOKENS_VERSION = "meta/loop_tokens_version"
+META_LOOP_TOKENS_MAX = "meta/loop_tokens_max"
+META_LOOP_TOKENS_WIDTH = "meta/loop_tokens_width"
+META_SKELETONS_JSON = "meta/skeletons_json"
 REQUIRED_META = (META_FORMAT, META_FORMAT_VERSION, META_MODEL_CONFIG, META_HARDWARE,
                  META_PLATFORM, META_CROP, META_VOCAB_JSON, META_VOCAB_VERSION, META_STEP)
 
@@ -106,8 +126,9 @@ def upgrade_model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def input_shape(step_crop: Sequence[int], loop_shape: Sequence[int]) -> tuple[int, int]:
-  """``(L + S, E + D)``: the model input of ``(L, E)`` step features and ``S`` loop-nest store
-  tokens of width ``D`` (``features.append_loop_features``; ``(0, 0)`` = TLP features only)."""
+  """``(L + S, E + D)``: the model input of ``(L, E)`` step features and ``S`` loop-nest
+  tokens of width ``D`` (replayed loop tokens, ``loop_tokens.model_input``, or the TVM store
+  version's store vectors, ``features.append_loop_features``; ``(0, 0)`` = TLP features only)."""
   return (int(step_crop[0]) + int(loop_shape[0]), int(step_crop[1]) + int(loop_shape[1]))
 
 
@@ -170,6 +191,28 @@ class Predictor:
       raise PredictorError(f"{source}: loop features ({self.loop_stores} stores of "
                            f"{self.loop_dim}) do not fit in the crop {self.crop} or need "
                            f"format_version >= 2 (got {version})")
+    # Replayed loop tokens (0 = none): (max_tokens, token_width) of layout loop_tokens_version.
+    self.loop_tokens_version: int = int(
+        np.asarray(arrays.get(META_LOOP_TOKENS_VERSION, 0)).reshape(()))
+    self.max_tokens: int = int(np.asarray(arrays.get(META_LOOP_TOKENS_MAX, 0)).reshape(()))
+    self.token_width: int = int(np.asarray(arrays.get(META_LOOP_TOKENS_WIDTH, 0)).reshape(()))
+    if self.loop_tokens_version or self.max_tokens:
+      if (version < LOOP_TOKENS_FORMAT_VERSION or self.loop_stores
+          or not 0 < self.max_tokens < self.crop[0] or not 0 < self.token_width < self.crop[1]):
+        raise PredictorError(
+            f"{source}: loop tokens ({self.max_tokens} of {self.token_width}, layout "
+            f"{self.loop_tokens_version}) do not fit in the crop {self.crop}, come with store "
+            f"features, or need format_version >= {LOOP_TOKENS_FORMAT_VERSION} (got {version})")
+      if _loop_tokens is not None and (self.loop_tokens_version != _loop_tokens.LAYOUT_VERSION
+                                       or self.token_width != _loop_tokens.WIDTH):
+        raise PredictorError(
+            f"{source}: loop tokens of layout version {self.loop_tokens_version} "
+            f"({self.token_width} columns); this code makes version "
+            f"{_loop_tokens.LAYOUT_VERSION} ({_loop_tokens.WIDTH} columns)")
+    self.skeletons_json: str | None = (_as_str(arrays[META_SKELETONS_JSON])
+                                       if META_SKELETONS_JSON in arrays else None)
+    self.skeletons: dict[str, Any] = self._parse_skeletons()
+    self._template_caches: dict[str, tuple[Any, Any]] = {}
     self._featurizer = None
     self._load_weights(arrays, cfg)
 
@@ -192,6 +235,28 @@ class Predictor:
   def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "Predictor":
     """Builds a predictor from an in-memory export dict."""
     return cls(arrays)
+
+  def _parse_skeletons(self) -> dict[str, Any]:
+    """``{workload key: Skeleton}`` of the embedded collection ({} without one), validated here
+    so a bad file fails at load, not in the middle of tuning."""
+    if not self.skeletons_json:
+      return {}
+    if _skeleton is None:  # pragma: no cover - copied out of the package
+      return {}
+    where = f"{self.source}: {META_SKELETONS_JSON}"
+    try:
+      doc = json.loads(self.skeletons_json)
+    except json.JSONDecodeError as e:
+      raise PredictorError(f"{where} is not JSON: {e}") from None
+    if (not isinstance(doc, dict) or doc.get("format") != _skeleton.COLLECTION_FORMAT
+        or doc.get("version") != _skeleton.VERSION or not isinstance(doc.get("skeletons"), dict)):
+      raise PredictorError(f"{where}: not a {_skeleton.COLLECTION_FORMAT!r} document of version "
+                           f"{_skeleton.VERSION}")
+    try:
+      return {k: _skeleton.Skeleton.from_dict(v, f"{where}[{k!r}]")
+              for k, v in doc["skeletons"].items()}
+    except _skeleton.SkeletonError as e:
+      raise PredictorError(str(e)) from None
 
   def _param(self, arrays, name, shape):
     """Parameter ``name`` of every member: ``(members, *shape)``."""
@@ -257,16 +322,25 @@ class Predictor:
       raise PredictorError(f"unknown hardware head {hw!r}; this model has: "
                            f"{', '.join(self.hardware)}") from None
 
+  @property
+  def reads_loop_tokens(self) -> bool:
+    """Whether the model reads replayed loop tokens (format 5) next to the step features."""
+    return self.max_tokens > 0
+
   def predict(self, features: np.ndarray, hw: str | None = None,
-              batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+              batch_size: int = DEFAULT_BATCH_SIZE,
+              loop_tokens: np.ndarray | None = None) -> np.ndarray:
     """Scores of programs (higher = faster), as the Flax model computes them.
 
     Args:
       features: ``(B, L, E)`` TLP features; L/E larger than the model's are cropped as the
-        model does.
+        model does. For a model of loop tokens, the step features only (``step_crop``).
       hw: None = first head -> ``(B,)``; a hardware name -> that head ``(B,)``;
         ``"all"`` -> ``(B, H)``.
       batch_size: programs per internal chunk (bounds memory).
+      loop_tokens: ``(B, T, W)`` loop tokens of the same programs (``T >= max_tokens`` is cropped,
+        as the tokens are outermost first); required by, and only by, a model of loop tokens.
+        The model input is assembled per chunk (``loop_tokens.model_input``).
 
     Returns:
       float32 scores.
@@ -274,19 +348,46 @@ class Predictor:
     heads = (np.arange(self.num_heads) if hw == ALL_HEADS
              else np.array([self.head_index(hw)]))
     x = np.asarray(features)
-    if x.ndim != 3 or x.shape[1] < self.seq_len or x.shape[2] < self.feature_dim:
-      raise PredictorError(f"features must be (batch, >={self.seq_len} steps, "
-                           f">={self.feature_dim} values), got shape {x.shape}")
-    x = x[:, :self.seq_len, :self.feature_dim]
+    length, width = self.step_crop if self.reads_loop_tokens else (self.seq_len,
+                                                                    self.feature_dim)
+    if x.ndim != 3 or x.shape[1] < length or x.shape[2] < width:
+      raise PredictorError(f"features must be (batch, >={length} steps, >={width} values), got "
+                           f"shape {x.shape}")
+    x = x[:, :length, :width]
+    tokens = self._check_tokens(loop_tokens, x.shape[0])
     out = np.empty((x.shape[0], len(heads)), np.float32)
     for start in range(0, x.shape[0], batch_size):
       chunk = np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32)
+      if tokens is not None:
+        chunk = _loop_tokens.model_input(chunk, tokens[start:start + batch_size])
       out[start:start + len(chunk)] = self._forward(chunk, heads)
     return out if hw == ALL_HEADS else out[:, 0]
+
+  def _check_tokens(self, loop_tokens: np.ndarray | None, n: int) -> np.ndarray | None:
+    """The ``(n, max_tokens, token_width)`` tokens ``predict`` reads, or None (no token model)."""
+    if not self.reads_loop_tokens:
+      if loop_tokens is not None:
+        raise PredictorError("this model reads no loop tokens; got loop_tokens")
+      return None
+    if loop_tokens is None:
+      raise PredictorError(
+          f"this model also reads {self.max_tokens} loop tokens of {self.token_width} values per "
+          "program: pass loop_tokens (see loop_tokens_of), or use predict_steps")
+    if _loop_tokens is None:  # pragma: no cover - copied out of the package
+      raise PredictorError("a model of loop tokens needs tlp_jax.core.loop_tokens (install "
+                           "tlp_jax)")
+    tokens = np.asarray(loop_tokens)
+    if (tokens.ndim != 3 or tokens.shape[0] != n or tokens.shape[1] < self.max_tokens
+        or tokens.shape[2] != self.token_width):
+      raise PredictorError(f"loop_tokens must be ({n}, >={self.max_tokens}, {self.token_width}), "
+                           f"got shape {tokens.shape}")
+    return tokens[:, :self.max_tokens]
 
   @property
   def step_crop(self) -> tuple[int, int]:
     """``(L, E)`` of the TLP step features (``crop`` less the loop-nest tokens, if any)."""
+    if self.reads_loop_tokens:
+      return step_crop_of(self.crop, (self.max_tokens, self.token_width))
     return step_crop_of(self.crop, (self.loop_stores, self.loop_dim))
 
   def featurize_steps(self, steps_list: Sequence[Sequence[Any]],
@@ -300,7 +401,8 @@ class Predictor:
         ``tlp_jax.tvm.loop_features`` (records or states); ``tvm_cost_model`` passes them.
 
     Returns:
-      ``(N, *crop)`` float32.
+      ``(N, *crop)`` float32; for a model of loop tokens the ``(N, *step_crop)`` step features
+      (its tokens come from :meth:`loop_tokens_of`).
     """
     steps = self._get_featurizer().featurize_many(list(steps_list))
     if not self.loop_stores:
@@ -318,17 +420,71 @@ class Predictor:
                            f"{self.loop_dim}), got {stores.shape}")
     return _features.append_loop_features(steps, stores)
 
+  def skeleton_for(self, workload_key: str | None = None, skeleton: Any = None) -> Any:
+    """The skeleton that replays programs of a task: ``skeleton`` when given (a
+    ``tlp_jax.core.skeleton.Skeleton``, its dict or JSON text), else the embedded one of
+    ``workload_key``."""
+    if _skeleton is None:
+      raise PredictorError("featurizing loop tokens needs tlp_jax.core.skeleton / replay / "
+                           "replay_cache / loop_tokens (install tlp_jax)")
+    if skeleton is not None:
+      try:
+        if isinstance(skeleton, str):
+          return _skeleton.Skeleton.from_json(skeleton)
+        if not isinstance(skeleton, _skeleton.Skeleton):
+          return _skeleton.Skeleton.from_dict(skeleton)
+      except _skeleton.SkeletonError as e:
+        raise PredictorError(f"bad skeleton: {e}") from None
+      return skeleton
+    if workload_key is None:
+      raise PredictorError("a model of loop tokens replays each program over its task's "
+                           "skeleton: pass workload_key= (a task whose skeleton the model "
+                           "embeds) or skeleton= (tlp_jax.tvm.skeleton_extract, with TVM)")
+    found = self.skeletons.get(workload_key)
+    if found is None:
+      raise PredictorError(
+          f"{self.source}: no embedded skeleton for workload key {workload_key!r} (the model "
+          f"embeds {len(self.skeletons)}); extract it with TVM "
+          "(tlp_jax.tvm.skeleton_extract.skeleton_from_task) and pass skeleton=")
+    return found
+
+  def loop_tokens_of(self, steps_list: Sequence[Sequence[Any]], workload_key: str | None = None,
+                     skeleton: Any = None) -> np.ndarray:
+    """``(N, max_tokens, token_width)`` float16 loop tokens of one task's programs.
+
+    Each step list is replayed over the task's skeleton (:meth:`skeleton_for`); a per-task
+    template cache (``replay_cache``) makes the programs of a recurring template cheap, with
+    the same tokens as a full replay.
+    """
+    if not self.reads_loop_tokens:
+      raise PredictorError("this model reads no loop tokens")
+    skel = self.skeleton_for(workload_key, skeleton)
+    held = self._template_caches.get(skel.workload_key)
+    if held is None or (held[0] is not skel and held[0] != skel):
+      held = self._template_caches[skel.workload_key] = (skel, _replay_cache.TemplateCache())
+    return _replay_cache.featurize_many(held[0], list(steps_list), held[1], self.max_tokens)
+
   def predict_steps(self, steps_list: Sequence[Sequence[Any]], hw: str | None = None,
                     batch_size: int = DEFAULT_BATCH_SIZE,
-                    store_features: np.ndarray | None = None) -> np.ndarray:
+                    store_features: np.ndarray | None = None,
+                    workload_key: str | None = None, skeleton: Any = None) -> np.ndarray:
     """Featurizes raw schedule step lists (as in measure records) and predicts them.
 
     ``store_features``: see :meth:`featurize_steps` (models of the "loop" version only).
+    ``workload_key`` / ``skeleton``: the programs' task, for a model of loop tokens (the steps
+    are replayed over its skeleton, :meth:`loop_tokens_of`; no TVM needed); all the programs of
+    one call belong to that task.
     """
     if len(steps_list) == 0:
       return np.zeros((0, self.num_heads) if hw == ALL_HEADS else (0,), np.float32)
+    tokens = None
+    if self.reads_loop_tokens:
+      tokens = self.loop_tokens_of(steps_list, workload_key, skeleton)
+    elif workload_key is not None or skeleton is not None:
+      raise PredictorError("this model reads no loop tokens; workload_key / skeleton are for "
+                           "models of loop tokens")
     return self.predict(self.featurize_steps(steps_list, store_features), hw=hw,
-                        batch_size=batch_size)
+                        batch_size=batch_size, loop_tokens=tokens)
 
   # ---- internals -------------------------------------------------------------------------------
 

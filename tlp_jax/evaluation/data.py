@@ -29,6 +29,8 @@ class EvalData:
     split: split name.
     split_features: ``(M, L, E)`` float32 features of *all* programs of the split (possibly a
       memory map); ``split_features[rows]`` are the valid ones (see :attr:`features`).
+    split_loop_tokens: ``(M, T, W)`` float16 loop tokens of all programs of the split, for a
+      dataset of loop tokens (None otherwise); aligned with ``split_features``.
     score: ``(N,)`` true normalised score (``min_cost / cost``) on ``hardware``.
     latency: ``(N,)`` true latency (seconds), from the score as TLP does.
     task_index: ``(N,)`` task of each program (index into ``task_keys``).
@@ -48,12 +50,20 @@ class EvalData:
   task_keys: tuple[str, ...]
   networks: tuple[metrics.NetworkTasks, ...]
   num_split_programs: int
+  split_loop_tokens: np.ndarray | None = None
 
   @property
   def features(self) -> np.ndarray:
     """``(N, L, E)`` features of the valid programs (a copy: the evaluation gathers them
     batch by batch instead)."""
     return np.asarray(self.split_features[self.rows])
+
+  @property
+  def loop_tokens(self) -> np.ndarray | None:
+    """``(N, T, W)`` loop tokens of the valid programs (a copy), or None."""
+    if self.split_loop_tokens is None:
+      return None
+    return np.asarray(self.split_loop_tokens[self.rows])
 
 
 def hardware_index(hardware: Sequence[str], hw: str, what: str = "the dataset") -> int:
@@ -93,4 +103,5 @@ def eval_data(arrays, hw: str, split: str = "test") -> EvalData:
   return EvalData(hardware=hw, split=split, split_features=s.features, score=score,
                   latency=latency, task_index=task_index, rows=rows,
                   task_keys=tuple(arrays.tasks.workload_keys),
-                  networks=_network_tasks(arrays), num_split_programs=int(valid.size))
+                  networks=_network_tasks(arrays), num_split_programs=int(valid.size),
+                  split_loop_tokens=getattr(s, "loop_tokens", None))

@@ -77,28 +77,49 @@ def load_predictor(model_path: str | None = None, workdir: str | None = None,
 
 
 def predictor_fn(predictor: npred.Predictor, hw: str,
-                 arrays=None) -> Callable[[np.ndarray], np.ndarray]:
-  """``features -> scores`` of the predictor's head ``hw``.
+                 arrays=None) -> Callable[..., np.ndarray]:
+  """``features -> scores`` of the predictor's head ``hw``; for a model of loop tokens
+  ``(features, loop_tokens) -> scores`` (its input is assembled per batch by the predictor).
 
   Raises:
     EvalError: the model has no head ``hw``, or (given the dataset ``arrays``) was trained on
-      features of another platform or crop.
+      features of another platform or crop, or reads loop tokens the dataset lacks.
   """
   head = hardware_index(predictor.hardware, hw, what=f"the model's heads ({predictor.source})")
+  tokens = predictor.reads_loop_tokens
   if arrays is not None:
     if predictor.platform != arrays.platform:
       raise EvalError(f"the model was trained on {predictor.platform} features, the dataset "
                       f"has {arrays.platform} features")
-    if tuple(predictor.crop) != tuple(arrays.crop):
-      raise EvalError(f"the model expects features cropped to {tuple(predictor.crop)}, the "
+    crop = predictor.step_crop if tokens else tuple(predictor.crop)
+    if tuple(crop) != tuple(arrays.crop):
+      raise EvalError(f"the model expects features cropped to {tuple(crop)}, the "
                       f"dataset has {tuple(arrays.crop)}")
+    if tokens:
+      _check_loop_tokens(predictor, arrays)
     if predictor.vocab_json != arrays.vocab_json:
       # Same platform and crop but another vocabulary (e.g. a dataset built with more records):
       # token ids of entries both know agree, new ones are unseen by the model.
       logging.warning("the model's feature vocabulary (version %s) differs from the dataset's; "
                       "steps unknown to the model get ids it never saw", predictor.vocab_version)
   name = predictor.hardware[head]
+  if tokens:
+    return lambda x, loop_tokens: predictor.predict(x, hw=name, loop_tokens=loop_tokens)
   return lambda x: predictor.predict(x, hw=name)
+
+
+def _check_loop_tokens(predictor: npred.Predictor, arrays) -> None:
+  """The dataset has loop tokens of the model's layout, at least as many per program."""
+  layout = (getattr(arrays, "metadata", None) or {}).get("loop_tokens")
+  if not layout:
+    raise EvalError(f"the model reads loop tokens; dataset "
+                    f"{getattr(arrays, 'config_name', '?')!r} has none (build it with them)")
+  have = (int(layout["layout_version"]), int(layout["max_tokens"]), int(layout["width"]))
+  if (have[0], have[2]) != (predictor.loop_tokens_version, predictor.token_width) or (
+      have[1] < predictor.max_tokens):
+    raise EvalError(f"the model reads {predictor.max_tokens} loop tokens of layout "
+                    f"{predictor.loop_tokens_version} ({predictor.token_width} columns); the "
+                    f"dataset has {have[1]} of layout {have[0]} ({have[2]} columns)")
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -166,4 +187,4 @@ def evaluate_model(*, hw: str, data_dir: str, dataset: str | None = None,
   info.update({"dataset": config, "dataset_fingerprint": arrays.fingerprint})
   return topk.topk_report(data, predict, model_name=name, ks=ks,
                           extra_predictions=extra_predictions, batch_size=batch_size,
-                          model_info=info)
+                          model_info=info, loop_tokens=predictor.reads_loop_tokens)

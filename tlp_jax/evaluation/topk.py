@@ -24,20 +24,23 @@ ORACLE_ROW = "oracle"
 SCATTER_POINTS = 5000
 
 
-def predict_in_batches(predict: Callable[[np.ndarray], np.ndarray], features: np.ndarray,
+def predict_in_batches(predict: Callable[..., np.ndarray], features: np.ndarray,
                        rows: np.ndarray | None = None, batch_size: int = 4096,
-                       desc: str = "predict") -> np.ndarray:
-  """``predict(features[rows])`` in batches, as float64.
+                       desc: str = "predict",
+                       loop_tokens: np.ndarray | None = None) -> np.ndarray:
+  """``predict(features[rows])`` (or ``predict(features[rows], loop_tokens[rows])``) in
+  batches, as float64.
 
-  Only one batch of features is gathered at a time, so a memory-mapped split of TenSet size is
-  never copied whole into memory.
+  Only one batch of features (and tokens) is gathered at a time, so a memory-mapped split of
+  TenSet size is never copied whole into memory, nor the model's padded input block made for it.
 
   Args:
-    predict: ``(B, L, E) -> (B,)``.
+    predict: ``(B, L, E) -> (B,)``, or ``((B, L, E), (B, T, W)) -> (B,)`` with ``loop_tokens``.
     features: ``(M, L, E)`` features.
     rows: indices into ``features`` to predict (default: all, in order).
     batch_size: programs per call of ``predict``.
     desc: progress-bar label.
+    loop_tokens: ``(M, T, W)`` loop tokens aligned with ``features``, passed to ``predict``.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -47,8 +50,11 @@ def predict_in_batches(predict: Callable[[np.ndarray], np.ndarray], features: np
   out = np.empty(n, dtype=np.float64)
   for start in tqdm.trange(0, n, batch_size, desc=desc, unit="batch", disable=n <= batch_size):
     stop = min(start + batch_size, n)
-    pred = np.asarray(predict(np.asarray(features[rows[start:stop]])),
-                      dtype=np.float64).reshape(-1)
+    batch = rows[start:stop]
+    args = (np.asarray(features[batch]),)
+    if loop_tokens is not None:
+      args += (np.asarray(loop_tokens[batch]),)
+    pred = np.asarray(predict(*args), dtype=np.float64).reshape(-1)
     if pred.shape[0] != stop - start:
       raise ValueError(f"predictor returned {pred.shape[0]} values for {stop - start} programs")
     out[start:stop] = pred
@@ -123,10 +129,11 @@ def costliest_tasks(pred: np.ndarray, data: EvalData, limit: int = 10) -> list[d
   return out
 
 
-def topk_report(data: EvalData, predict: Callable[[np.ndarray], np.ndarray], *,
+def topk_report(data: EvalData, predict: Callable[..., np.ndarray], *,
                 model_name: str = "model", ks: Sequence[int] = metrics.DEFAULT_KS,
                 extra_predictions: Mapping[str, np.ndarray] | None = None,
-                batch_size: int = 4096, model_info: Mapping[str, Any] | None = None) -> dict:
+                batch_size: int = 4096, model_info: Mapping[str, Any] | None = None,
+                loop_tokens: bool = False) -> dict:
   """Top-k report of a model on one split/hardware, with random, oracle and extra rows.
 
   Args:
@@ -140,6 +147,8 @@ def topk_report(data: EvalData, predict: Callable[[np.ndarray], np.ndarray], *,
       valid ones are used), e.g. a baseline cost model.
     batch_size: prediction batch size.
     model_info: JSON-able description of the model (path, heads, ...) stored in the report.
+    loop_tokens: ``predict`` also takes the programs' loop tokens (``(B, T, W)``, from
+      ``data.split_loop_tokens``), for a model of loop tokens.
 
   Returns:
     A JSON-able report dict: ``hardware``, ``split``, ``ks``, counts, ``networks`` (name,
@@ -154,8 +163,12 @@ def topk_report(data: EvalData, predict: Callable[[np.ndarray], np.ndarray], *,
   ks = tuple(int(k) for k in ks)
   num_tasks = len(data.task_keys)
   args = (data.latency, data.task_index, data.networks, ks, num_tasks)
+  if loop_tokens and data.split_loop_tokens is None:
+    raise EvalError(f"{model_name} reads loop tokens but the {data.split} split has none "
+                    "(build the dataset with loop tokens)")
   pred = predict_in_batches(predict, data.split_features, data.rows, batch_size,
-                            desc=f"predict {model_name}")
+                            desc=f"predict {model_name}",
+                            loop_tokens=data.split_loop_tokens if loop_tokens else None)
   if not np.all(np.isfinite(pred)):
     logging.warning("%d non-finite predictions (ranked last)", int((~np.isfinite(pred)).sum()))
   rows = {model_name: _row(metrics.top_k_scores(pred, *args), data, pred)}

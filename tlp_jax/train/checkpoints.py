@@ -6,13 +6,16 @@ with the lowest target-head validation loss. Each checkpoint carries JSON metada
 identity, the data order state (epoch, step in epoch) and the validation metrics, so a restarted
 run resumes exactly where it was and refuses a checkpoint of another run.
 ``workdir/model_config.json`` and ``dataset_meta.json`` describe the model for export; a second
-run in the same workdir must match them.
+run in the same workdir must match them. A model of loop tokens also keeps a copy of the
+dataset's skeletons (``skeletons.json``), which its export embeds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -25,6 +28,7 @@ from tlp_jax.train.step import TrainState
 MODEL_CONFIG_FILE = "model_config.json"
 DATASET_META_FILE = "dataset_meta.json"
 TRAIN_CONFIG_FILE = "train_config.json"
+SKELETONS_FILE = "skeletons.json"
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 BEST = "best"
@@ -150,6 +154,30 @@ def check_or_write_json(path: str, obj: Any, what: str, write: bool) -> None:
   if write:
     write_json(path, obj)
 
+
+def copy_skeletons(skeletons_path: str | None, workdir: str) -> None:
+  """Copies the dataset's skeleton collection into ``workdir`` (atomically), for the export.
+
+  Without one (``None``: a dataset passed in memory) the export embeds no skeletons and its
+  predictor needs a skeleton per call to featurize raw steps; a warning says so.
+  """
+  if not skeletons_path:
+    logging.warning("the dataset has loop tokens but no skeletons file: the exported model will "
+                    "not embed skeletons (Predictor.predict_steps then needs skeleton=...)")
+    return
+  dest = os.path.join(workdir, SKELETONS_FILE)
+  tmp = dest + ".tmp"
+  shutil.copyfile(skeletons_path, tmp)
+  os.replace(tmp, dest)
+
+
+def read_skeletons_json(workdir: str) -> str | None:
+  """The workdir's copy of the dataset's skeletons (JSON text), or None when it has none."""
+  path = os.path.join(workdir, SKELETONS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return f.read()
 
 
 def open_for_reading(workdir: str, which: str) -> ocp.CheckpointManager:

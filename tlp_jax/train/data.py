@@ -9,7 +9,9 @@
   (``BatchLayout``); batches are gathered on the host (``host_batch``) or, from arrays copied
   once to every device (``replicate_to_devices``), on the device (``step.train_step_resident``).
 * The model's input size and export metadata follow from the dataset (``model_config_for``,
-  ``dataset_meta``).
+  ``dataset_meta``). A dataset's replayed loop tokens are kept apart from the step features
+  (float16, also on device) and the model's input is assembled per batch
+  (``loop_tokens.model_input`` on the host, ``step.model_input`` on device).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.core import predictor
 from tlp_jax.train import model as model_lib
 
@@ -46,14 +49,23 @@ class HeadArrays:
   scores: np.ndarray  # (N, H) float32
   mask: np.ndarray  # (N, H) bool
   task_index: np.ndarray  # (N,) int32
+  # (N, T, W) float16 replayed loop tokens when the model reads them (the model's input is then
+  # assembled per batch, ``loop_tokens.model_input``); None otherwise.
+  loop_tokens: np.ndarray | None = None
 
   @property
   def size(self) -> int:
     return int(self.features.shape[0])
 
   @property
+  def arrays(self) -> tuple[np.ndarray, ...]:
+    """What a step reads: ``(features, [loop_tokens,] scores, mask, task_index)``."""
+    tokens = () if self.loop_tokens is None else (self.loop_tokens,)
+    return (self.features,) + tokens + (self.scores, self.mask, self.task_index)
+
+  @property
   def nbytes(self) -> int:
-    return sum(a.nbytes for a in (self.features, self.scores, self.mask, self.task_index))
+    return sum(a.nbytes for a in self.arrays)
 
 
 def head_columns(dataset_hardware: Sequence[str], wanted: Sequence[str]) -> list[int]:
@@ -70,8 +82,11 @@ def head_columns(dataset_hardware: Sequence[str], wanted: Sequence[str]) -> list
   return [dataset_hardware.index(h) for h in wanted]
 
 
-def select_heads(split: Any, columns: Sequence[int]) -> HeadArrays:
-  """Keeps the given head columns of a ``loader.SplitArrays``; drops rows with no label."""
+def select_heads(split: Any, columns: Sequence[int], loop_tokens: bool = False) -> HeadArrays:
+  """Keeps the given head columns of a ``loader.SplitArrays``; drops rows with no label.
+
+  ``loop_tokens``: keep the split's ``loop_tokens`` (float16) too.
+  """
   cols = np.asarray(columns, dtype=np.int64)
   mask = np.asarray(split.mask, dtype=bool)[:, cols]
   keep = mask.any(axis=1)
@@ -81,11 +96,18 @@ def select_heads(split: Any, columns: Sequence[int]) -> HeadArrays:
     a = np.asarray(a)
     return a if rows is None else a[rows]
 
+  tokens = None
+  if loop_tokens:
+    tokens = getattr(split, "loop_tokens", None)
+    if tokens is None:
+      raise ValueError("the dataset's metadata describes loop tokens but the split has none")
+    tokens = np.ascontiguousarray(take(tokens), dtype=loop_tokens_lib.DTYPE)
   return HeadArrays(features=np.ascontiguousarray(take(split.features), dtype=np.float32),
                     scores=np.ascontiguousarray(take(np.asarray(split.scores)[:, cols]),
                                                 dtype=np.float32),
                     mask=np.ascontiguousarray(take(mask)),
-                    task_index=np.ascontiguousarray(take(split.task_index), dtype=np.int32))
+                    task_index=np.ascontiguousarray(take(split.task_index), dtype=np.int32),
+                    loop_tokens=tokens)
 
 
 def few_shot_mask(mask: np.ndarray, num_labels: int, fraction: float, seed: int) -> np.ndarray:
@@ -119,20 +141,46 @@ def few_shot_mask(mask: np.ndarray, num_labels: int, fraction: float, seed: int)
 
 
 def loop_feature_shape(dataset: Any) -> tuple[int, int]:
-  """``(stores, width)`` of the dataset's loop-nest tokens; ``(0, 0)`` for TLP features only."""
+  """``(stores, width)`` of a TVM store-version dataset's loop-nest store tokens, which its
+  build appended to every example's features (``metadata["loop_stores"]``); ``(0, 0)`` for
+  any other dataset."""
   meta = getattr(dataset, "metadata", None) or {}
   return int(meta.get("loop_stores", 0)), int(meta.get("loop_dim", 0))
 
 
+def loop_token_shape(dataset: Any) -> tuple[int, int]:
+  """``(T, W)`` of the dataset's replayed loop tokens (``metadata["loop_tokens"]``), stored
+  apart from the step features (``SplitArrays.loop_tokens``); ``(0, 0)`` when it has none.
+
+  Raises:
+    ValueError: the tokens' layout is not the one this code reads (``loop_tokens.LAYOUT_VERSION``).
+  """
+  meta = getattr(dataset, "metadata", None) or {}
+  tokens = meta.get("loop_tokens")
+  if not tokens:
+    return 0, 0
+  version, width = int(tokens["layout_version"]), int(tokens["width"])
+  if version != loop_tokens_lib.LAYOUT_VERSION or width != loop_tokens_lib.WIDTH:
+    raise ValueError(f"dataset {getattr(dataset, 'config_name', '')!r} has loop tokens of layout "
+                     f"version {version} ({width} columns); this code reads version "
+                     f"{loop_tokens_lib.LAYOUT_VERSION} ({loop_tokens_lib.WIDTH} columns): "
+                     "rebuild the dataset")
+  return int(tokens["max_tokens"]), width
+
+
 def reads_loop_tokens(loop_tokens: str, dataset: Any) -> bool:
-  """Whether a model with ``config.loop_tokens`` reads ``dataset``'s loop-nest store tokens."""
-  loop_stores, _ = loop_feature_shape(dataset)
-  if loop_tokens == "required" and not loop_stores:
+  """Whether a model with ``config.loop_tokens`` reads ``dataset``'s loop-nest tokens (the
+  replayed loop tokens, or a TVM store-version dataset's store tokens)."""
+  if loop_tokens == "off":  # the tokens' layout does not matter to a model that ignores them
+    return False
+  has = bool(loop_token_shape(dataset)[0] or loop_feature_shape(dataset)[0])
+  if loop_tokens == "required" and not has:
     raise ValueError(
         f"config.loop_tokens='required' but dataset {getattr(dataset, 'config_name', '')!r} has no "
-        "loop-nest features; build it with `python -m data_pipelines.build ... --loop_stores "
-        "10` (needs TVM: pip install -e '.[tvm]')")
-  return bool(loop_stores) and loop_tokens != "off"
+        "loop-nest features; build it with loop tokens (`python -m data_pipelines.build`, from "
+        "the tasks' skeletons) or, the older TVM store version, with `--loop_stores 10` (needs "
+        "TVM: pip install -e '.[tvm]')")
+  return has
 
 
 def model_config_for(model: model_lib.TLPConfig, loop_tokens: str, dataset: Any,
@@ -140,14 +188,18 @@ def model_config_for(model: model_lib.TLPConfig, loop_tokens: str, dataset: Any,
   """The ``TLPConfig`` trained on ``dataset``: ``config.model`` with its heads and input size.
 
   ``model.seq_len`` / ``feature_dim`` are the step-token crop (TLP's ``step_size`` /
-  ``fea_size``). When the model reads a "loop" dataset's store tokens (``reads_loop_tokens``),
-  its input grows by them: they sit after the dataset's step crop, so the model's step crop must
-  equal the dataset's.
+  ``fea_size``). When the model reads the dataset's loop-nest tokens (``reads_loop_tokens``),
+  its input grows by them (``predictor.input_shape``): they sit after the dataset's step crop
+  (appended by the store version's build, assembled per batch for loop tokens), so the model's
+  step crop must equal the dataset's.
   """
   seq_len, feature_dim = model.seq_len, model.feature_dim
   if reads_loop_tokens(loop_tokens, dataset):
     loop_shape = loop_feature_shape(dataset)
-    step_crop = predictor.step_crop_of(dataset.crop, loop_shape)
+    if loop_shape[0]:
+      step_crop = predictor.step_crop_of(dataset.crop, loop_shape)
+    else:
+      loop_shape, step_crop = loop_token_shape(dataset), tuple(dataset.crop)
     if (seq_len, feature_dim) != step_crop:
       raise ValueError(
           f"the dataset's loop-nest tokens follow its {step_crop} step features, but the model's "
@@ -159,21 +211,32 @@ def model_config_for(model: model_lib.TLPConfig, loop_tokens: str, dataset: Any,
 
 
 def dataset_meta(dataset: Any, hardware: Sequence[str], loop_tokens: bool) -> dict[str, Any]:
-  """What the exporter needs about the model's input: head hardware, platform, crop, vocabulary.
+  """What the exporter needs about the model's input: head hardware, platform, crop, vocabulary,
+  and the loop-nest tokens it reads.
 
-  ``loop_tokens=False``: the model reads only the step tokens of a "loop" dataset, so its
-  export is a TLP model (the step crop, no loop fields).
+  ``crop`` is the model's input: for loop tokens the step crop grown by ``(T, W)``, and
+  ``loop_tokens`` = ``{"layout_version", "max_tokens", "width"}``; for the store version
+  ``loop_stores`` / ``loop_dim``. ``loop_tokens=False``: the model reads only the step tokens of
+  such a dataset, so its export is a TLP model (the step crop, no loop fields).
   """
   crop = dataset.crop
   loop_stores, loop_dim = loop_feature_shape(dataset)
   if loop_stores and not loop_tokens:
     crop = predictor.step_crop_of(crop, (loop_stores, loop_dim))
     loop_stores = loop_dim = 0
+  stores_version = bool(loop_feature_shape(dataset)[0])
+  num_tokens, width = (loop_token_shape(dataset) if loop_tokens and not stores_version
+                       else (0, 0))
+  if num_tokens:
+    crop = predictor.input_shape(crop, (num_tokens, width))
   meta = {"hardware": list(hardware), "platform": str(dataset.platform),
           "crop": [int(c) for c in crop] if crop is not None else None,
           "vocab_json": dataset.vocab_json}
   if loop_stores:
     meta.update(loop_stores=loop_stores, loop_dim=loop_dim)
+  if num_tokens:
+    meta["loop_tokens"] = {"layout_version": loop_tokens_lib.LAYOUT_VERSION,
+                           "max_tokens": num_tokens, "width": width}
   return meta
 
 
@@ -241,10 +304,14 @@ class BatchLayout:
 
 def host_batch(split: HeadArrays, rows: np.ndarray, valid: np.ndarray,
                layout: BatchLayout) -> tuple[np.ndarray, ...]:
-  """Gathers ``rows`` on the host as ``(local_devices, per_device, ...)`` arrays."""
+  """Gathers ``rows`` on the host as ``(local_devices, per_device, ...)`` arrays: the model's
+  input (assembled from steps and loop tokens when the split has them), scores, mask, tasks."""
   shape = (layout.local_devices, layout.per_device)
   mask = split.mask[rows] & valid[:, None]
-  return (split.features[rows].reshape(shape + split.features.shape[1:]),
+  x = split.features[rows]
+  if split.loop_tokens is not None:
+    x = loop_tokens_lib.model_input(x, split.loop_tokens[rows])
+  return (x.reshape(shape + x.shape[1:]),
           split.scores[rows].reshape(shape + split.scores.shape[1:]),
           mask.reshape(shape + mask.shape[1:]),
           split.task_index[rows].reshape(shape))

@@ -11,7 +11,11 @@ Format (``tlp_jax.core.predictor`` defines the key names and ``FORMAT_VERSION``)
   ``meta/platform``, ``meta/crop`` (``(2,)`` int: steps, width), ``meta/vocab_json``,
   ``meta/vocab_version``, ``meta/step`` (source checkpoint step); for models trained on the
   "loop" feature version also ``meta/loop_stores`` and ``meta/loop_dim`` (int: the last
-  ``loop_stores`` tokens and ``loop_dim`` columns of ``crop`` are loop-nest store vectors).
+  ``loop_stores`` tokens and ``loop_dim`` columns of ``crop`` are loop-nest store vectors);
+  for models of replayed loop tokens (format 5) ``meta/loop_tokens_version``,
+  ``meta/loop_tokens_max`` and ``meta/loop_tokens_width`` (int: ``crop`` is the step crop grown
+  by ``(max, width)``, ``loop_tokens.model_input``) and ``meta/skeletons_json`` (the training
+  tasks' skeleton collection, so the predictor featurizes their programs without TVM).
 
 Strings are NumPy unicode arrays, so ``np.load(path, allow_pickle=False)`` reads everything.
 
@@ -67,7 +71,8 @@ def _vocab_version(vocab_json: str) -> str:
 def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, *,
                   hardware: Sequence[str], platform: str, crop: Sequence[int] | None,
                   vocab_json: str, step: int, loop_stores: int = 0,
-                  loop_dim: int = 0) -> dict[str, np.ndarray]:
+                  loop_dim: int = 0, loop_tokens: Mapping[str, int] | None = None,
+                  skeletons_json: str | None = None) -> dict[str, np.ndarray]:
   """Flat export dict of a trained model (what ``save_npz`` writes).
 
   Args:
@@ -80,6 +85,10 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
     step: training step of the source checkpoint.
     loop_stores, loop_dim: loop-nest store tokens appended to the step features (the "loop"
       feature version, ``features.append_loop_features``); 0 = TLP features only.
+    loop_tokens: ``{"layout_version", "max_tokens", "width"}`` of the replayed loop tokens the
+      model reads (``crop`` then includes them); None = none.
+    skeletons_json: the skeleton collection (``tlp_jax.core.skeleton``) embedded with a model
+      of loop tokens; None = none (its predictor then needs a skeleton per call).
 
   Returns:
     ``{key: np.ndarray}``, loadable by ``predictor.Predictor``.
@@ -110,6 +119,14 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
   if loop_stores:
     out[npred.META_LOOP_STORES] = np.array(int(loop_stores), np.int64)
     out[npred.META_LOOP_DIM] = np.array(int(loop_dim), np.int64)
+  if loop_tokens:
+    out[npred.META_LOOP_TOKENS_VERSION] = np.array(int(loop_tokens["layout_version"]), np.int64)
+    out[npred.META_LOOP_TOKENS_MAX] = np.array(int(loop_tokens["max_tokens"]), np.int64)
+    out[npred.META_LOOP_TOKENS_WIDTH] = np.array(int(loop_tokens["width"]), np.int64)
+    if skeletons_json is not None:
+      out[npred.META_SKELETONS_JSON] = np.array(str(skeletons_json))
+  elif skeletons_json is not None:
+    raise ValueError("skeletons_json is for models of loop tokens (give loop_tokens)")
   # Validates shapes against the config (raises PredictorError on mismatch).
   npred.Predictor(out, source="<export>")
   return out
@@ -134,10 +151,12 @@ def save_npz(path: str, params: Mapping[str, Any], model_config: model_lib.TLPCo
 
 
 def meta_kwargs(meta: Mapping[str, Any]) -> dict[str, Any]:
-  """``export_params`` keyword arguments from a training run's dataset meta plus ``step``."""
+  """``export_params`` keyword arguments from a training run's dataset meta plus ``step`` (and
+  ``skeletons_json`` for a model of loop tokens, see ``restore_for_export``)."""
   return dict(hardware=meta["hardware"], platform=meta["platform"], crop=meta.get("crop"),
               vocab_json=meta["vocab_json"], step=int(meta["step"]),
-              loop_stores=int(meta.get("loop_stores", 0)), loop_dim=int(meta.get("loop_dim", 0)))
+              loop_stores=int(meta.get("loop_stores", 0)), loop_dim=int(meta.get("loop_dim", 0)),
+              loop_tokens=meta.get("loop_tokens"), skeletons_json=meta.get("skeletons_json"))
 
 
 def restore_for_export(workdir: str, which: str = "best"
@@ -150,8 +169,9 @@ def restore_for_export(workdir: str, which: str = "best"
 
   Returns:
     ``params`` as nested dicts of NumPy arrays; the model config; ``meta`` = the dataset
-    metadata (``hardware``, ``platform``, ``crop``, ``vocab_json``) plus ``step``, ``epoch`` and
-    the validation metrics of the restored checkpoint.
+    metadata (``hardware``, ``platform``, ``crop``, ``vocab_json``, loop-token layout) plus
+    ``step``, ``epoch`` and the validation metrics of the restored checkpoint, and for a model
+    of loop tokens ``skeletons_json`` (the workdir's copy of the dataset's skeletons, if any).
 
   Raises:
     FileNotFoundError: ``workdir`` is not a training workdir.
@@ -174,6 +194,10 @@ def restore_for_export(workdir: str, which: str = "best"
     manager.close()
   params = jax.tree_util.tree_map(np.asarray, tree["params"])
   meta.update({k: ckpt_meta[k] for k in ("step", "epoch", "validation") if k in ckpt_meta})
+  if meta.get("loop_tokens"):
+    skeletons_json = checkpoints.read_skeletons_json(workdir)
+    if skeletons_json is not None:
+      meta["skeletons_json"] = skeletons_json
   return params, model_config, meta
 
 

@@ -128,15 +128,18 @@ def _train_and_evaluate(config: config_lib.TrainConfig, workdir: str, dataset: A
     dataset = loader.load_arrays(config.data_dir, config.dataset)
   columns = data.head_columns(list(dataset.hardware), list(config.hardware))
   hardware = tuple(str(dataset.hardware[c]) for c in columns)
-  train = data.select_heads(dataset.train, columns)
-  val = data.select_heads(dataset.validation, columns)
+  loop_tokens = data.reads_loop_tokens(config.loop_tokens, dataset)
+  model_config = data.model_config_for(config.model, config.loop_tokens, dataset,
+                                       num_hardware_heads=len(hardware))
+  # Replayed loop tokens are read from their own array (the store version's are in features).
+  separate_tokens = loop_tokens and bool(data.loop_token_shape(dataset)[0]) and not (
+      data.loop_feature_shape(dataset)[0])
+  train = data.select_heads(dataset.train, columns, separate_tokens)
+  val = data.select_heads(dataset.validation, columns, separate_tokens)
   if train.size == 0:
     raise ValueError(f"no training records with labels for hardware {list(hardware)}")
   train = dataclasses.replace(train, mask=data.few_shot_mask(
       train.mask, config.few_shot.num_labels, config.few_shot.fraction, config.seed))
-  loop_tokens = data.reads_loop_tokens(config.loop_tokens, dataset)
-  model_config = data.model_config_for(config.model, config.loop_tokens, dataset,
-                                       num_hardware_heads=len(hardware))
 
   steps_per_epoch = -(-train.size // layout.global_batch)
   num_epochs = config.num_epochs
@@ -154,6 +157,8 @@ def _train_and_evaluate(config: config_lib.TrainConfig, workdir: str, dataset: A
   if is_chief:
     checkpoints.write_json(os.path.join(workdir, checkpoints.TRAIN_CONFIG_FILE),
                            config.to_dict())
+    if separate_tokens:
+      checkpoints.copy_skeletons(getattr(dataset, "skeletons_path", None), workdir)
   run_identity = {"num_train": train.size, "global_batch": layout.global_batch,
                   "steps_per_epoch": steps_per_epoch, "seed": config.seed}
 
@@ -186,8 +191,7 @@ def _train_and_evaluate(config: config_lib.TrainConfig, workdir: str, dataset: A
                                          steps_per_epoch=steps_per_epoch,
                                          global_batch=layout.global_batch, **step_kwargs),
                        axis_name=data.AXIS, devices=pmap_devices, donate_argnums=(0,))
-    resident = data.replicate_to_devices(
-        (train.features, train.scores, train.mask, train.task_index), devices)
+    resident = data.replicate_to_devices(train.arrays, devices)
   else:
     p_train = jax.pmap(functools.partial(step_lib.train_step, **step_kwargs),
                        axis_name=data.AXIS, devices=pmap_devices, donate_argnums=(0,))

@@ -96,21 +96,37 @@ def train_step(state: TrainState, features: jax.Array, scores: jax.Array, mask: 
                      "labels": jnp.sum(_gather(mask), axis=0)}
 
 
+def model_input(steps: jax.Array, tokens: jax.Array) -> jax.Array:
+  """``tlp_jax.core.loop_tokens.model_input`` on device: ``(N, L, E)`` steps and ``(N, T, W)``
+  float16 loop tokens -> the ``(N, L + T, E + W)`` float32 disjoint-column block (bit-identical
+  to the NumPy one: float16 -> float32 is exact and the rest is zeros)."""
+  n, length, width = steps.shape
+  _, num_tokens, token_width = tokens.shape
+  out = jnp.zeros((n, length + num_tokens, width + token_width), jnp.float32)
+  out = out.at[:, :length, :width].set(steps.astype(jnp.float32))
+  return out.at[:, length:, width:].set(tokens.astype(jnp.float32))
+
+
 def train_step_resident(state: TrainState, data: tuple[jax.Array, ...], order: jax.Array,
                         valid: jax.Array, *, steps_per_epoch: int, global_batch: int,
                         **step_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
   """``train_step`` on a batch gathered on device from the resident training arrays.
 
-  ``data = (features, scores, mask, task_index)`` of the whole training set and the epoch's
-  padded ``order``/``valid`` live on every device; the step's rows follow from ``state.step``.
+  ``data = (features, [loop_tokens,] scores, mask, task_index)`` of the whole training set
+  (``HeadArrays.arrays``) and the epoch's padded ``order``/``valid`` live on every device; the
+  step's rows follow from ``state.step``. With loop tokens (float16 on device) the batch's
+  model input is assembled here, so the padded block never exists for the whole set.
   """
-  features, scores, mask, task_index = data
+  features, *tokens, scores, mask, task_index = data
   n = global_batch // jax.lax.psum(1, AXIS)
   start = (state.step % steps_per_epoch) * global_batch + jax.lax.axis_index(AXIS) * n
   rows = jax.lax.dynamic_slice_in_dim(order, start, n)
   ok = jax.lax.dynamic_slice_in_dim(valid, start, n)
-  return train_step(state, features[rows], scores[rows], mask[rows] & ok[:, None],
-                    task_index[rows], **step_kwargs)
+  x = features[rows]
+  if tokens:
+    x = model_input(x, tokens[0][rows])
+  return train_step(state, x, scores[rows], mask[rows] & ok[:, None], task_index[rows],
+                    **step_kwargs)
 
 
 def eval_step(params: Any, features: jax.Array, scores: jax.Array, mask: jax.Array,

@@ -10,10 +10,18 @@ the training data share one serialisation, there is no second feature path that 
 TVM is optional for the project: this module imports without it; constructing the cost model (or
 calling the helpers below) without TVM raises an ``ImportError`` naming the extra to install.
 
-A model of the "loop" feature version (``configs/loopnest.py``) also reads each state's
-loop-nest store vectors; they are computed here with TVM's own feature extractor
-(``tlp_jax.tvm.loop_features.store_features_from_states``), the function the dataset build
-uses on records.
+A model of replayed loop tokens (export format 5, the default feature version) also reads each
+state's loop tokens. They are made without TVM per state: the task's skeleton is extracted once
+(``tlp_jax.tvm.skeleton_extract``, cached by workload key), then every state's step list is
+replayed over it in NumPy/Python (``Predictor.loop_tokens_of``, with ``replay_cache``'s per-task
+templates), so no native code runs per state and nothing per state can abort the tuner. A state
+whose replay fails (never seen on the sample or tenset-mini) gets the lowest score of its batch
+and a warning, instead of an exception inside TVM's callback.
+
+A model of the older TVM store version (``configs/loopnest.py`` on a ``--loop_stores`` build)
+reads each state's loop-nest store vectors, computed with TVM's own feature extractor
+(``tlp_jax.tvm.loop_features.store_features_from_states``) per state; that native extractor can
+abort the process (issue 15), which the loop-token version avoids.
 
 ``update`` is a no-op, as in the original TLP integration (its ``TLPModel.update`` does nothing):
 the model is trained offline on TenSet-style records and is not refit during tuning.
@@ -23,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,6 +41,7 @@ import orjson
 from tlp_jax.core import features
 from tlp_jax.core import predictor as npred
 from tlp_jax.tvm import loop_features
+from tlp_jax.tvm import skeleton_extract
 from tlp_jax.tvm import tvm_import
 
 
@@ -83,7 +93,8 @@ def _softplus(raw: np.ndarray) -> np.ndarray:
   return np.logaddexp(0.0, raw)
 
 
-# Original TLP returns the raw network output ("identity").
+# Original TLP returns the raw network output ("identity"); the default is "softplus" (see
+# _softplus: identity can make Ansor's roulette weights all zero or NaN).
 SCORE_TRANSFORMS: Mapping[str, Callable[[np.ndarray], np.ndarray]] = {
     "identity": _identity,
     "softplus": _softplus,
@@ -96,14 +107,15 @@ class CostModelConfig:
 
   Attributes:
     hardware: predictor head to use (a hardware name of the exported model); None = first head.
-    score_transform: key of ``SCORE_TRANSFORMS``; "identity" is the original TLP behaviour.
+    score_transform: key of ``SCORE_TRANSFORMS``; "softplus" (default) keeps Ansor's roulette
+      weights positive; "identity" is the original TLP behaviour.
     batch_size: states featurised and predicted per chunk (bounds peak memory).
     cache_size: predictions memoised by serialised steps (Ansor re-scores the same states across
       evolution iterations); 0 disables the cache. Predictions are deterministic, so caching
       never changes a score.
   """
   hardware: str | None = None
-  score_transform: str = "identity"
+  score_transform: str = "softplus"
   batch_size: int = 4096
   cache_size: int = 200_000
 
@@ -116,6 +128,7 @@ class PredictCall:
   num_cached: int
   serialize_s: float
   predict_s: float
+  num_failed: int = 0  # states whose loop-token replay failed (scored lowest)
 
   @property
   def total_s(self) -> float:
@@ -126,13 +139,23 @@ class TLPCostModel(_python_based_model()):
   """Ansor ``PythonBasedModel`` scoring states with an exported TLP model (higher = faster).
 
   Args:
-    predictor: a ``tlp_jax.core.predictor.Predictor`` (anything with ``platform`` and
+    predictor: an exported model's path (``.npz``, loaded here so a bad file fails before
+      tuning starts) or a ``tlp_jax.core.predictor.Predictor`` (anything with ``platform`` and
       ``predict_steps(list_of_step_lists, hw=None) -> (N,)``).
     config: ``CostModelConfig``.
+
+  Raises:
+    ImportError: TVM is not installed.
+    FileNotFoundError, tlp_jax.core.predictor.PredictorError: the model file is missing or bad.
+    ValueError: a bad config, or a model this TVM cannot feed.
   """
 
   def __init__(self, predictor, config: CostModelConfig = CostModelConfig()):
     tvm_import.require_tvm()
+    if isinstance(predictor, (str, os.PathLike)):
+      predictor = npred.Predictor.load(predictor)
+    if not callable(getattr(predictor, "predict_steps", None)):
+      raise TypeError(f"expected a model path or a Predictor, got {type(predictor).__name__}")
     if config.score_transform not in SCORE_TRANSFORMS:
       raise ValueError(f"unknown score_transform {config.score_transform!r}; "
                        f"choose one of {sorted(SCORE_TRANSFORMS)}")
@@ -146,11 +169,13 @@ class TLPCostModel(_python_based_model()):
       if int(predictor.loop_dim) != loop_features.feature_dim():
         raise ValueError(f"the model was trained on loop-nest vectors of {predictor.loop_dim} "
                          f"values; this TVM computes {loop_features.feature_dim()}")
+    self._loop_tokens = bool(getattr(predictor, "reads_loop_tokens", False))
     super().__init__()
     self.predictor = predictor
     self.config = config
     self._transform = SCORE_TRANSFORMS[config.score_transform]
     self._cache: dict[bytes, float] = {}
+    self._skeletons: dict[str, Any] = {}  # workload key -> skeleton, extracted once per task
     self.calls: list[PredictCall] = []
 
   @classmethod
@@ -161,6 +186,48 @@ class TLPCostModel(_python_based_model()):
   def update(self, inputs, results):
     """No-op, as in the original TLP integration: the model is trained offline."""
     del inputs, results
+
+  def skeleton(self, task):
+    """The task's skeleton, extracted with TVM on the first call for its workload key (the only
+    TVM work per task besides serialising states). If extraction fails, the model's embedded
+    skeleton of the key is used; without one the error names the task."""
+    key = task.workload_key
+    skel = self._skeletons.get(key)
+    if skel is None:
+      try:
+        skel = skeleton_extract.skeleton_from_task(task)
+      except Exception as e:  # any failure: fall back to the embedded one
+        skel = getattr(self.predictor, "skeletons", {}).get(key)
+        if skel is None:
+          raise ValueError(f"cannot extract the loop-nest skeleton of task {key} "
+                           f"({type(e).__name__}: {e}) and the model embeds none for it") from e
+        logging.warning("skeleton extraction failed for %s (%s); using the model's embedded "
+                        "skeleton", key, e)
+      self._skeletons[key] = skel
+    return skel
+
+  def _loop_tokens_of(self, task, steps: list) -> tuple[np.ndarray, list[int]]:
+    """Loop tokens of one task's step lists and the indices whose replay failed (zero tokens).
+
+    A batch is replayed at once; if that fails, program by program, so one program the replay
+    cannot follow costs only its own score.
+    """
+    skel = self.skeleton(task)
+    try:
+      return self.predictor.loop_tokens_of(steps, skeleton=skel), []
+    except Exception:  # isolate the failing program(s) below
+      pass
+    tokens = np.zeros((len(steps), self.predictor.max_tokens, self.predictor.token_width),
+                      np.float16)
+    failed = []
+    for i, st in enumerate(steps):
+      try:
+        tokens[i] = self.predictor.loop_tokens_of([st], skeleton=skel)[0]
+      except Exception as e:  # never raise into the tuner
+        failed.append(i)
+        logging.warning("loop-token replay failed for a state of %s (%s: %s); it gets the "
+                        "batch's lowest score", task.workload_key, type(e).__name__, e)
+    return tokens, failed
 
   def _check_platform(self, task) -> None:
     task_platform = features.platform_of_target(str(task.target))
@@ -181,16 +248,28 @@ class TLPCostModel(_python_based_model()):
     for i, k in enumerate(keys):
       if k in self._cache:
         scores[i] = self._cache[k]
+    num_failed = 0
     for start in range(0, len(todo), self.config.batch_size):
       chunk = todo[start:start + self.config.batch_size]
       steps = [orjson.loads(keys[i])[1][1] for i in chunk]
-      extra = {}
-      if self._loop_stores:
-        extra["store_features"], _ = loop_features.store_features_from_states(
-            task, [states[i] for i in chunk], self._loop_stores)
-      raw = np.asarray(self.predictor.predict_steps(steps, hw=self.config.hardware, **extra),
-                       dtype=np.float64).reshape(len(chunk))
-      scores[chunk] = self._transform(raw).astype(np.float32)
+      failed: list[int] = []
+      if self._loop_tokens:
+        tokens, failed = self._loop_tokens_of(task, steps)
+        raw = self.predictor.predict(self.predictor.featurize_steps(steps),
+                                     hw=self.config.hardware, loop_tokens=tokens)
+      else:
+        extra = {}
+        if self._loop_stores:
+          extra["store_features"], _ = loop_features.store_features_from_states(
+              task, [states[i] for i in chunk], self._loop_stores)
+        raw = self.predictor.predict_steps(steps, hw=self.config.hardware, **extra)
+      out = self._transform(np.asarray(raw, dtype=np.float64).reshape(len(chunk)))
+      if failed:
+        ok = np.ones(len(chunk), bool)
+        ok[failed] = False
+        out[~ok] = out[ok].min() if ok.any() else 0.0
+        num_failed += len(failed)
+      scores[chunk] = out.astype(np.float32)
     if self.config.cache_size > 0:
       if len(self._cache) + len(todo) > self.config.cache_size:
         self._cache.clear()  # Cheap bound on memory; a miss only costs a re-prediction.
@@ -198,7 +277,7 @@ class TLPCostModel(_python_based_model()):
         self._cache[keys[i]] = float(scores[i])
     t2 = time.perf_counter()
     self.calls.append(PredictCall(task.workload_key, len(keys), len(keys) - len(todo),
-                                  t1 - t0, t2 - t1))
+                                  t1 - t0, t2 - t1, num_failed))
     logging.debug("TLPCostModel.predict: %d states (%d cached) in %.3f s", len(keys),
                   len(keys) - len(todo), t2 - t0)
     return scores
@@ -210,6 +289,7 @@ class TLPCostModel(_python_based_model()):
         "predict_calls": n,
         "states_scored": int(sum(c.num_states for c in self.calls)),
         "states_cached": int(sum(c.num_cached for c in self.calls)),
+        "states_failed": int(sum(c.num_failed for c in self.calls)),
         "serialize_s": float(sum(c.serialize_s for c in self.calls)),
         "predict_s": float(sum(c.predict_s for c in self.calls)),
         "mean_call_s": float(sum(c.total_s for c in self.calls) / n) if n else 0.0,
