@@ -21,8 +21,9 @@ rerun reproduces a row; ``--nondeterministic_gpu`` leaves XLA's autotuning free.
 Usage (GPU recommended; a few seconds per run on an H100 for tenset-mini):
   python -m bench.accuracy_sweep --data_dir DIR --experiments tlp_original,default \
       --seeds 0,1,2,3,4 --out bench/results/accuracy_sweep.json
-The ``steps`` experiment needs a dataset built with loop-nest tokens
-(``python -m data_pipelines.build ... --loop_stores 10``); the others run on either build.
+The ``steps`` experiment (step tokens only) differs from ``default`` only on a dataset built
+with loop tokens (``python -m data_pipelines.build ... --loop_tokens on``) or TVM store features
+(``--loop_stores 10``).
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ import numpy as np
 
 from bench import common
 from data_pipelines import loader
+from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.core import metrics
 from tlp_jax.evaluation import topk
 from tlp_jax.evaluation.data import EvalData
 from tlp_jax.evaluation.data import eval_data
+from tlp_jax.train import config as config_lib
 from tlp_jax.train import data as train_data
 from tlp_jax.train import export
 from tlp_jax.train import loop
@@ -160,17 +163,23 @@ def _aggregate(per_seed: list[dict]) -> dict:
   return out
 
 
-def _scores(params, predict, head: int, data: EvalData) -> tuple[dict, np.ndarray]:
-  """The model's report row on ``data`` and its predictions (float64, valid programs)."""
+def _scores(params, predict, head: int, data: EvalData,
+            tokens: bool) -> tuple[dict, np.ndarray]:
+  """The model's report row on ``data`` and its predictions (float64, valid programs).
+
+  ``tokens``: the model reads the dataset's loop tokens, assembled with the steps per batch.
+  """
   batches = []
 
-  def fn(x):
+  def fn(x, t=None):
     # topk_report predicts the valid programs once, in order: keep the batches.
+    x = x if t is None else loop_tokens_lib.model_input(x, t)
     p = np.asarray(predict(params, x)[:, head], np.float64)
     batches.append(p)
     return p
 
-  row = topk.topk_report(data, fn, model_name="model", ks=KS)["rows"]["model"]
+  row = topk.topk_report(data, fn, model_name="model", ks=KS,
+                         loop_tokens=tokens)["rows"]["model"]
   return row, np.concatenate(batches)
 
 
@@ -182,14 +191,17 @@ def run_seed(config, arrays, target: str, splits: dict[str, EvalData], also_best
       result = loop.train_and_evaluate(config, workdir, dataset=arrays)
     head = list(result.hardware).index(target)
     predict = export.make_predict_fn(result.model_config, 4096)
+    typed = config_lib.from_config_dict(config)
+    tokens = (train_data.reads_loop_tokens(typed.loop_tokens, arrays)
+              and train_data.loop_token_shape(arrays)[0] > 0)
     out = {"train_wall_s": wall["train"], "model_config": result.model_config.to_dict()}
     for name, data in splits.items():
-      out[name], pred = _scores(result.state.params, predict, head, data)
+      out[name], pred = _scores(result.state.params, predict, head, data, tokens)
       if name == "test":
         out["test_pred"] = pred
     if also_best:
       params, _, meta = export.restore_for_export(workdir, "best")
-      out["best"] = {name: _scores(params, predict, head, data)[0]
+      out["best"] = {name: _scores(params, predict, head, data, tokens)[0]
                      for name, data in splits.items()}
       out["best"]["epoch"] = meta.get("epoch")
   return out
