@@ -192,15 +192,17 @@ def raw_values(nest: rp.LoopNest, order, nb: int, nd: int, ndo: int) -> list:
   return [ext, coef, unroll, out_c, read_c, read_d, read_size, out_size]
 
 
-def shape_values(plan: Plan, vals) -> tuple:
-  """Flat value vectors (:func:`raw_values`, plain ints) -> (L,) / (L, NB, ND) / (L, NDo) int64
-  arrays."""
-  n = plan.n
-  out = [np.asarray(v, np.int64) for v in vals]
-  out[5] = out[5].reshape(n, plan.nb, plan.nd)
-  out[6] = out[6].reshape(n, plan.nb, plan.nd)
-  out[7] = out[7].reshape(n, plan.ndo)
-  return tuple(out)
+def shape_values(plan: Plan, flat) -> tuple:
+  """The :func:`raw_values` lists concatenated (plain ints) -> the value arrays: (L,) int64 for
+  the first five, (L, NB, ND) for read_d / read_size, (L, NDo) for out_size (views of one
+  array: a single conversion per program)."""
+  n, nb, nd = plan.n, plan.nb, plan.nd
+  flat = np.asarray(flat, np.int64)
+  q = n * nb * nd
+  k = 5 * n
+  return (flat[:n], flat[n:2 * n], flat[2 * n:3 * n], flat[3 * n:4 * n], flat[4 * n:k],
+          flat[k:k + q].reshape(n, nb, nd), flat[k + q:k + 2 * q].reshape(n, nb, nd),
+          flat[k + 2 * q:].reshape(n, plan.ndo))
 
 
 def plan_of(nest: rp.LoopNest, order=None) -> Plan:
@@ -254,7 +256,8 @@ def plan_and_values(nest: rp.LoopNest):
   out_size (see :func:`raw_values`)."""
   order = print_order(nest)
   plan = plan_of(nest, order)
-  return (plan,) + shape_values(plan, raw_values(nest, order, plan.nb, plan.nd, plan.ndo))
+  vals = raw_values(nest, order, plan.nb, plan.nd, plan.ndo)
+  return (plan,) + shape_values(plan, [x for v in vals for x in v])
 
 
 def _log2(x):

@@ -360,14 +360,7 @@ class TemplateCache:
 
 
 def _split_values(plan, got):
-  n = plan.n
-  sizes = (n,) * 5 + (n * plan.nb * plan.nd,) * 2 + (n * plan.ndo,)
-  vals = []
-  k = 0
-  for m in sizes:
-    vals.append(got[k:k + m])
-    k += m
-  return (plan,) + lt.shape_values(plan, vals)
+  return (plan,) + lt.shape_values(plan, got)
 
 
 def fill_padded(items, max_tokens: int) -> np.ndarray:
