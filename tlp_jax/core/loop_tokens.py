@@ -99,10 +99,11 @@ class Plan:
   strides in the output / read buffers and the footprint inputs (these depend on split lengths
   where a stage's tensor shape does, e.g. rfactor).
   """
-  __slots__ = ("static", "anc", "inner", "always", "out_axis", "read_bytes", "n_reads", "n",
-               "nb", "nd", "ndo")
+  __slots__ = ("static", "anc", "inner", "always", "out_axis", "read_bytes", "n_reads",
+               "d_idx", "s_idx", "o_idx", "n", "nb", "nd", "ndo")
 
-  def __init__(self, static, anc, inner, always, out_axis, read_bytes, n_reads, nd):
+  def __init__(self, static, anc, inner, always, out_axis, read_bytes, n_reads, d_idx, s_idx,
+               o_idx):
     self.static = static    # (L, WIDTH) float64: columns that depend on structure only
     self.anc = anc          # (L, L) bool: anc[l, a] loop a encloses loop l
     self.inner = inner      # (L, L) bool: inner[l, a] loop a is inside l in l's stage
@@ -110,9 +111,12 @@ class Plan:
     self.out_axis = out_axis      # (L, NDo) float64: 1 where the loop's root axis indexes dim
     self.read_bytes = read_bytes  # (L, NB) float64: element bytes per read buffer, 0 padding
     self.n_reads = n_reads        # (L,) float64: read accesses of the loop's stage
+    # Indices into the value table (see :func:`raw_values`, :func:`shape_values`):
+    self.d_idx = d_idx      # (L, NB, ND): |d index / d root axis| of the loop's axis
+    self.s_idx = s_idx      # (L, NB, ND): the read dimension's size
+    self.o_idx = o_idx      # (L, NDo): the output dimension's size
     self.n = len(always)
-    self.nb = read_bytes.shape[1]   # read buffers (padded), NB
-    self.nd = nd                     # dimensions of a read buffer (padded), ND
+    self.nb, self.nd = d_idx.shape[1:]   # read buffers, dimensions of a read buffer (padded)
     self.ndo = out_axis.shape[1]
 
 
@@ -150,25 +154,23 @@ def _access(nest, i):
   return acc
 
 
-def dims(nest: rp.LoopNest, order) -> tuple:
-  """(NB, ND, NDo): most read buffers of a printed stage, most dimensions of a read buffer and
-  of an output buffer; structural (the same for every program of a template)."""
-  nb = nd = ndo = 0
-  for i in {o[0] for o in order}:
-    acc = _access(nest, i)
-    nb = max(nb, len(acc[rp.A_READS]))
-    nd = max([nd] + [len(shape) for shape, _ in acc[rp.A_READS]])
-    ndo = max(ndo, len(acc[rp.A_OUT_SHAPE]))
-  return nb, nd, ndo
+def _table_stages(order) -> list:
+  """Printed stages in order of first loop: the order of their segments in the value table."""
+  seen: dict = {}
+  for i, _, _, _ in order:
+    seen.setdefault(i, None)
+  return list(seen)
 
 
-def raw_values(nest: rp.LoopNest, order, nb: int, nd: int, ndo: int) -> list:
-  """The :data:`N_VALUES` value vectors of a nest as flat lists of the replay's own ints (traced
-  ints in a traced replay, see ``replay_cache``): ext, coef, unroll, out_c, read_c (one per
-  loop), read_d (|d index / d root axis| per loop, read buffer, dimension: ``L * NB * ND``),
-  read_size (the dimension sizes, 1 for padding: ``L * NB * ND``), out_size (``L * NDo``)."""
-  ext, coef, unroll, out_c, read_c, read_d, read_size, out_size = ([] for _ in range(N_VALUES))
-  zero_nd, one_nd = [0] * nd, [1] * nd
+def raw_values(nest: rp.LoopNest, order) -> list:
+  """A nest's values as flat lists of the replay's own ints (traced ints in a traced replay,
+  see ``replay_cache``): ext, coef, unroll, out_c, read_c (one per loop in ``order``), and the
+  footprint table: per printed stage (:func:`_table_stages` order), per read buffer and
+  dimension the row |d index / d root axis r| over its root axes r (``replay.A_READS``), then
+  per read buffer the dimension sizes, then the output's dimension sizes. :class:`Plan` holds
+  the indices that spread the table over loops (it is per stage, not per loop, to keep traced
+  programs short)."""
+  ext, coef, unroll, out_c, read_c, table = [], [], [], [], [], []
   for i, j, _, _ in order:
     st = nest.stages[i]
     acc = nest.access[i]
@@ -179,30 +181,31 @@ def raw_values(nest: rp.LoopNest, order, nb: int, nd: int, ndo: int) -> list:
     unroll.append(st[rp.S_UNROLL])
     out_c.append(acc[rp.A_OUT_C][axis] if axis >= 0 else 0)
     read_c.append(acc[rp.A_READ_C][axis] if axis >= 0 else 0)
-    reads = acc[rp.A_READS]
-    for shape, rows in reads:
-      pad = nd - len(shape)
-      read_d.extend([row[axis] if axis >= 0 else 0 for row in rows] + zero_nd[:pad])
-      read_size.extend(list(shape) + one_nd[:pad])
-    for _ in range(nb - len(reads)):
-      read_d.extend(zero_nd)
-      read_size.extend(one_nd)
-    shape = acc[rp.A_OUT_SHAPE]
-    out_size.extend(list(shape) + [1] * (ndo - len(shape)))
-  return [ext, coef, unroll, out_c, read_c, read_d, read_size, out_size]
+  for i in _table_stages(order):
+    acc = nest.access[i]
+    for _, rows in acc[rp.A_READS]:
+      for row in rows:
+        table.extend(row)
+    for shape, _ in acc[rp.A_READS]:
+      table.extend(shape)
+    table.extend(acc[rp.A_OUT_SHAPE])
+  return [ext, coef, unroll, out_c, read_c, table]
 
 
 def shape_values(plan: Plan, flat) -> tuple:
-  """The :func:`raw_values` lists concatenated (plain ints) -> the value arrays: (L,) int64 for
-  the first five, (L, NB, ND) for read_d / read_size, (L, NDo) for out_size (views of one
-  array: a single conversion per program)."""
-  n, nb, nd = plan.n, plan.nb, plan.nd
+  """The :func:`raw_values` lists concatenated (plain ints) -> the :data:`N_VALUES` value arrays
+  (a single conversion per program): ext, coef, unroll, out_c, read_c (L,) int64; read_d and
+  read_size (L, NB, ND): per loop, read buffer and dimension |d index / d loop's root axis| and
+  the dimension's size (0 and 1 for padding); out_size (L, NDo) (1 for padding)."""
+  n = plan.n
   flat = np.asarray(flat, np.int64)
-  q = n * nb * nd
   k = 5 * n
+  table = np.concatenate([flat[k:], _SENTINELS])
   return (flat[:n], flat[n:2 * n], flat[2 * n:3 * n], flat[3 * n:4 * n], flat[4 * n:k],
-          flat[k:k + q].reshape(n, nb, nd), flat[k + q:k + 2 * q].reshape(n, nb, nd),
-          flat[k + 2 * q:].reshape(n, plan.ndo))
+          table[plan.d_idx], table[plan.s_idx], table[plan.o_idx])
+
+
+_SENTINELS = np.array([0, 1], np.int64)   # the table's padding entries: ZERO, ONE
 
 
 def plan_of(nest: rp.LoopNest, order=None) -> Plan:
@@ -210,7 +213,23 @@ def plan_of(nest: rp.LoopNest, order=None) -> Plan:
   if order is None:
     order = print_order(nest)
   n = len(order)
-  nb, nd, ndo = dims(nest, order)
+  nb = nd = ndo = 0
+  base = {}          # stage -> (rows base, sizes base, out base, n_root, dims per read)
+  t = 0
+  for i in _table_stages(order):
+    acc = _access(nest, i)
+    reads = acc[rp.A_READS]
+    n_root = len(acc[rp.A_OUT_C])
+    ds = [len(shape) for shape, _ in reads]
+    nb, nd, ndo = max(nb, len(reads)), max([nd] + ds), max(ndo, len(acc[rp.A_OUT_SHAPE]))
+    rows_base = t
+    t += sum(ds) * n_root
+    base[i] = (rows_base, t, t + sum(ds), n_root, ds)
+    t += sum(ds) + len(acc[rp.A_OUT_SHAPE])
+  zero, one = t, t + 1
+  d_idx = np.full((n, nb, nd), zero, np.intp)
+  s_idx = np.full((n, nb, nd), one, np.intp)
+  o_idx = np.full((n, ndo), one, np.intp)
   pos = {(i, j): p for p, (i, j, _, _) in enumerate(order)}
   static = np.zeros((n, WIDTH))
   anc = np.zeros((n, n), bool)
@@ -246,7 +265,14 @@ def plan_of(nest: rp.LoopNest, order=None) -> Plan:
     n_read = len(acc[rp.A_READS])
     read_bytes[p, :n_read] = ELEMENT_BYTES
     n_reads[p] = n_read
-  return Plan(static, anc, inner, always, out_axis, read_bytes, n_reads, nd)
+    rows_base, sizes_base, out_base, n_root, ds = base[i]
+    for r, nd_r in enumerate(ds):
+      before = sum(ds[:r])
+      s_idx[p, r, :nd_r] = sizes_base + before + np.arange(nd_r)
+      if axis >= 0:
+        d_idx[p, r, :nd_r] = rows_base + (before + np.arange(nd_r)) * n_root + axis
+    o_idx[p, :len(acc[rp.A_OUT_SHAPE])] = out_base + np.arange(len(acc[rp.A_OUT_SHAPE]))
+  return Plan(static, anc, inner, always, out_axis, read_bytes, n_reads, d_idx, s_idx, o_idx)
 
 
 def plan_and_values(nest: rp.LoopNest):
@@ -256,7 +282,7 @@ def plan_and_values(nest: rp.LoopNest):
   out_size (see :func:`raw_values`)."""
   order = print_order(nest)
   plan = plan_of(nest, order)
-  vals = raw_values(nest, order, plan.nb, plan.nd, plan.ndo)
+  vals = raw_values(nest, order)
   return (plan,) + shape_values(plan, [x for v in vals for x in v])
 
 
@@ -381,6 +407,6 @@ def n_printed_loops(nest: rp.LoopNest) -> int:
 
 
 __all__ = ["LAYOUT_VERSION", "COLUMNS", "WIDTH", "DEFAULT_MAX_TOKENS", "ELEMENT_BYTES",
-           "N_VALUES", "Plan", "print_order", "dims", "raw_values", "shape_values", "plan_of",
+           "N_VALUES", "Plan", "print_order", "raw_values", "shape_values", "plan_of",
            "plan_and_values", "fill", "fill_arrays", "loop_tokens", "loop_tokens_many",
            "model_input", "n_printed_loops"]

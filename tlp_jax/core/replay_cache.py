@@ -237,8 +237,7 @@ class _Variant:
 def _raw_values(nest: rp.LoopNest):
   """Values of every plan slot (:func:`loop_tokens.raw_values`), as the replay's own objects
   (traced ints in a traced replay)."""
-  order = lt.print_order(nest)
-  return lt.raw_values(nest, order, *lt.dims(nest, order))
+  return lt.raw_values(nest, lt.print_order(nest))
 
 
 _PY_OPS = {"+": "{} + {}", "-": "{} - {}", "*": "{} * {}", "//": "{} // {}", "%": "{} % {}",
