@@ -213,23 +213,40 @@ def plan_of(nest: rp.LoopNest, order=None) -> Plan:
   if order is None:
     order = print_order(nest)
   n = len(order)
-  nb = nd = ndo = 0
-  base = {}          # stage -> (rows base, sizes base, out base, n_root, dims per read)
+  # Per printed stage, its segment of the value table (see raw_values) as index templates.
+  segs = []
   t = 0
   for i in _table_stages(order):
     acc = _access(nest, i)
-    reads = acc[rp.A_READS]
     n_root = len(acc[rp.A_OUT_C])
-    ds = [len(shape) for shape, _ in reads]
-    nb, nd, ndo = max(nb, len(reads)), max([nd] + ds), max(ndo, len(acc[rp.A_OUT_SHAPE]))
-    rows_base = t
-    t += sum(ds) * n_root
-    base[i] = (rows_base, t, t + sum(ds), n_root, ds)
-    t += sum(ds) + len(acc[rp.A_OUT_SHAPE])
+    ds = [len(shape) for shape, _ in acc[rp.A_READS]]
+    n_out = len(acc[rp.A_OUT_SHAPE])
+    segs.append((i, t, n_root, ds, n_out))
+    t += sum(ds) * (n_root + 1) + n_out
   zero, one = t, t + 1
-  d_idx = np.full((n, nb, nd), zero, np.intp)
-  s_idx = np.full((n, nb, nd), one, np.intp)
-  o_idx = np.full((n, ndo), one, np.intp)
+  nb = max([len(g[3]) for g in segs], default=0)
+  nd = max([d for g in segs for d in g[3]], default=0)
+  ndo = max([g[4] for g in segs], default=0)
+  seg_of = {}
+  d_tmpl = np.full((len(segs), nb, nd), -1, np.intp)   # row start of each read dimension
+  s_tmpl = np.full((len(segs), nb, nd), one, np.intp)
+  o_tmpl = np.full((len(segs), ndo), one, np.intp)
+  for g, (i, base, n_root, ds, n_out) in enumerate(segs):
+    seg_of[i] = g
+    sizes = base + sum(ds) * n_root
+    before = 0
+    for r, nd_r in enumerate(ds):
+      d_tmpl[g, r, :nd_r] = base + (before + np.arange(nd_r)) * n_root
+      s_tmpl[g, r, :nd_r] = sizes + before + np.arange(nd_r)
+      before += nd_r
+    o_tmpl[g, :n_out] = sizes + before + np.arange(n_out)
+  loop_seg = np.array([seg_of[i] for i, _, _, _ in order], np.intp)
+  loop_axis = np.array([nest.access[i][rp.A_LOOPS][j][0] for i, j, _, _ in order], np.intp)
+  d_idx = d_tmpl[loop_seg]
+  d_idx = np.where((d_idx >= 0) & (loop_axis >= 0)[:, None, None],
+                   d_idx + loop_axis[:, None, None], zero)
+  s_idx = s_tmpl[loop_seg]
+  o_idx = o_tmpl[loop_seg]
   pos = {(i, j): p for p, (i, j, _, _) in enumerate(order)}
   static = np.zeros((n, WIDTH))
   anc = np.zeros((n, n), bool)
@@ -265,13 +282,6 @@ def plan_of(nest: rp.LoopNest, order=None) -> Plan:
     n_read = len(acc[rp.A_READS])
     read_bytes[p, :n_read] = ELEMENT_BYTES
     n_reads[p] = n_read
-    rows_base, sizes_base, out_base, n_root, ds = base[i]
-    for r, nd_r in enumerate(ds):
-      before = sum(ds[:r])
-      s_idx[p, r, :nd_r] = sizes_base + before + np.arange(nd_r)
-      if axis >= 0:
-        d_idx[p, r, :nd_r] = rows_base + (before + np.arange(nd_r)) * n_root + axis
-    o_idx[p, :len(acc[rp.A_OUT_SHAPE])] = out_base + np.arange(len(acc[rp.A_OUT_SHAPE]))
   return Plan(static, anc, inner, always, out_axis, read_bytes, n_reads, d_idx, s_idx, o_idx)
 
 
