@@ -252,9 +252,12 @@ def plan_of(nest: rp.LoopNest, order=None) -> Plan:
   anc = np.zeros((n, n), bool)
   inner = np.zeros((n, n), bool)
   always = np.zeros(n, bool)
-  out_axis = np.zeros((n, ndo))
-  read_bytes = np.zeros((n, nb))
-  n_reads = np.zeros(n)
+  # The output is indexed by the spatial root axes in order: loop axis a moves dimension a.
+  seg_n_out = np.array([g[4] for g in segs], np.intp)[loop_seg]
+  out_axis = ((np.arange(ndo) == loop_axis[:, None])
+              & (loop_axis < seg_n_out)[:, None]).astype(np.float64)
+  n_reads = np.array([len(g[3]) for g in segs], np.float64)[loop_seg]
+  read_bytes = np.where(np.arange(nb) < n_reads[:, None], float(ELEMENT_BYTES), 0.0)
   for p, (i, j, k, enc) in enumerate(order):
     st = nest.stages[i]
     acc = _access(nest, i)
@@ -276,12 +279,6 @@ def plan_of(nest: rp.LoopNest, order=None) -> Plan:
       anc[p, pos[e]] = True
     for jj in range(j + 1, len(st[rp.S_LOOPS])):
       inner[p, pos[(i, jj)]] = True
-    axis = acc[rp.A_LOOPS][j][0]
-    if 0 <= axis < len(acc[rp.A_OUT_SHAPE]):
-      out_axis[p, axis] = 1
-    n_read = len(acc[rp.A_READS])
-    read_bytes[p, :n_read] = ELEMENT_BYTES
-    n_reads[p] = n_read
   return Plan(static, anc, inner, always, out_axis, read_bytes, n_reads, d_idx, s_idx, o_idx)
 
 
