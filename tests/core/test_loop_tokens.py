@@ -38,14 +38,32 @@ _COLS = (lt.C_STAGE, lt.C_OUTPUT, lt.C_ATTACHED, lt.C_DEPTH, lt.C_REDUCE, lt.C_L
          lt.C_READ_STRIDE)
 
 
+# Footprints per token (C[i, j] = sum_k A[i, k] * B[j, k], D[i, j] = C[i, j]; float32):
+# log2(1 + read bytes), log2(1 + write bytes), log2(1 + reuse), over the loop and its stage's
+# loops inside it.
+_FOOTPRINT = [
+    # D.i.0 (coef 2, 4) + D.i.1 (2) + D.j (4): C rows 1 + 2*3 + 1*1 = 8, cols 4: 32 elements.
+    (_l(129), _l(129), 1),
+    (_l(33), _l(33), 1),                                  # D.i.1: 2 x 4
+    # C.j + C.k.0 (coef 3, 6) + C.k.1 (3): k spans 1 + 3*5 + 2 = 18, capped at 16; A 1 x 16,
+    # B 4 x 16: 80 elements read 4*6*3 times each by 2 reads; C 1 x 4 written.
+    (_l(321), _l(17), _l(1 + 144 / 80)),
+    (_l(129), _l(5), _l(1 + 36 / 32)),                    # C.k.0: A, B 1 x 16; C one element
+    (_l(25), _l(5), 1),                                   # C.k.1: A, B 1 x 3
+    (_l(17), _l(17), 1),                                  # D.j: C 1 x 4
+]
+_FOOT_COLS = (lt.C_READ_BYTES, lt.C_WRITE_BYTES, lt.C_REUSE)
+
+
 def _nest():
   return rp.replay(sk.Skeleton.from_dict(_DENSE), _STEPS)
 
 
 def test_layout_constants():
-  assert lt.WIDTH == len(lt.COLUMNS) <= 22
+  assert lt.WIDTH == len(lt.COLUMNS) == 24
   assert len(set(lt.COLUMNS)) == lt.WIDTH
-  assert lt.LAYOUT_VERSION == 1
+  assert lt.LAYOUT_VERSION == 2
+  assert lt.COLUMNS[lt.C_READ_BYTES:] == ("log2_read_bytes", "log2_write_bytes", "log2_reuse")
 
 
 def test_hand_worked_tokens():
@@ -56,6 +74,29 @@ def test_hand_worked_tokens():
   want = np.array(_EXPECTED, np.float64).astype(np.float16)
   np.testing.assert_array_equal(tok[:6][:, list(_COLS)], want)
   assert not tok[:6, [lt.C_CACHE, lt.C_RFACTOR, lt.C_SYMBOLIC, lt.C_VECTORIZE]].any()
+
+
+def test_hand_worked_footprints():
+  tok = lt.loop_tokens(_nest(), max_tokens=8)
+  want = np.array(_FOOTPRINT, np.float64).astype(np.float16)
+  np.testing.assert_array_equal(tok[:6][:, list(_FOOT_COLS)], want)
+
+
+def test_non_affine_index_counts_the_whole_dimension():
+  # C[i] = A[i // 2] + B[i]: the floordiv index counts A's full size (4), B's is affine.
+  d = {"format": sk.FORMAT, "version": sk.VERSION, "workload_key": "na",
+       "stages": [
+           {"name": "A", "type": "placeholder", "shape": [4]},
+           {"name": "B", "type": "placeholder", "shape": [8]},
+           {"name": "C", "type": "compute", "shape": [8], "iters": [["i", "s", 8]],
+            "reads": [[0, [{"e": ["//", ["v", 0], 2]}]], [1, [[1, 0]]]],
+            "output": True, "const_matrix": False, "num_outputs": 1}]}
+  skel = sk.Skeleton.from_dict(d)
+  tok = lt.loop_tokens(rp.replay(skel, [["SP", 2, 0, 8, [4], 1]]), max_tokens=4)
+  # C.i.0 (2, coef 4) + C.i.1 (4): A whole (4), B 8; C.i.1 alone: A whole, B 4.
+  want = np.array([(_l(1 + 4 * 12), _l(33), _l(1 + 16 / 12)),
+                   (_l(1 + 4 * 8), _l(17), _l(1 + 8 / 8))]).astype(np.float16)
+  np.testing.assert_array_equal(tok[:2][:, list(_FOOT_COLS)], want)
 
 
 def test_crop_keeps_outermost_and_values_are_float16_exact():

@@ -92,9 +92,9 @@ def test_metadata_skeletons_and_bytes_per_example(token_dataset):
     arrays = loader.load_arrays(token_dataset, config)
     meta = arrays.metadata
     assert meta[schema.LOOP_TOKENS_META] == {
-        "layout_version": lt.LAYOUT_VERSION, "max_tokens": 40, "width": 21,
+        "layout_version": lt.LAYOUT_VERSION, "max_tokens": 40, "width": lt.WIDTH,
         "columns": list(lt.COLUMNS), "dtype": "float16", "skeletons_file": "skeletons.json"}
-    assert arrays.loop_token_shape == (40, 21)
+    assert arrays.loop_token_shape == (40, lt.WIDTH)
     assert meta[schema.VALIDATION_META] == "by_record" and arrays.validation_mode == "by_record"
     for hw in arrays.hardware:
       st = meta[schema.LOOP_TOKEN_STATS_META][hw]

@@ -154,7 +154,7 @@ def test_export_embeds_layout_and_skeletons_and_predicts_like_flax(token_runs, t
   assert np.unique(got).size > 100
   with pytest.raises(npred.PredictorError, match="pass loop_tokens"):
     pred.predict(steps)
-  with pytest.raises(npred.PredictorError, match=r"loop_tokens must be \(300, >=40, 21\)"):
+  with pytest.raises(npred.PredictorError, match=rf"loop_tokens must be \(300, >=40, {lt.WIDTH}\)"):
     pred.predict(steps, loop_tokens=tokens[:, :, :20])
   # Longer token sequences are cropped (tokens are outermost first).
   longer = np.concatenate([tokens, np.ones((300, 3, W), np.float16)], axis=1)

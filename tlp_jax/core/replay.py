@@ -67,8 +67,13 @@ S_NAME, S_OP_TYPE, S_COMPUTE_AT, S_ATTACH_STAGE, S_ATTACH_ITER, S_UNROLL, S_OFFS
 #     followed through its inner part, the one that moves when the fused loop steps by one);
 #   out_c / read_c: per root axis, the element stride of a unit step of the axis in the
 #     stage's output buffer / the max over its read buffers (after inlining), row-major on
-#     the full tensor shapes; 0 for reduce axes of the output and where an index is not affine.
-A_OUTPUT, A_CACHE, A_RFACTOR, A_LOOPS, A_OUT_C, A_READ_C = range(6)
+#     the full tensor shapes; 0 for reduce axes of the output and where an index is not affine;
+#   reads: per effective read buffer (after inlining) ``(shape, rows)``, ``rows[d][r]`` the
+#     magnitude |d index_d / d root axis r| of the access's index in dimension d: the affine
+#     coefficient, or the dimension's size where the index is not affine in axis r (a non-affine
+#     index: every axis it reads; an opaque one: every axis), which makes footprints conservative;
+#   out_shape: the shape of the stage's output buffer (indexed by its spatial root axes).
+A_OUTPUT, A_CACHE, A_RFACTOR, A_LOOPS, A_OUT_C, A_READ_C, A_READS, A_OUT_SHAPE = range(8)
 
 
 class LoopNest:
@@ -89,7 +94,8 @@ class LoopNest:
     self.concrete = concrete
     self.attach_order = attach_order  # attached stages in TVM's attach-map order
     # Per stage (None for placeholders, inlined stages and stages without bounds):
-    # (is_output, is_cache, is_rfactor, loops, out_c, read_c), see :data:`A_LOOPS` ...
+    # (is_output, is_cache, is_rfactor, loops, out_c, read_c, reads, out_shape), see
+    # :data:`A_LOOPS` ...
     self.access = access
 
   def __repr__(self) -> str:
@@ -1346,7 +1352,8 @@ def _row_major(shape):
 
 
 def _op_strides(cache: _TaskCache, op: _Op, reads):
-  """(out_c, read_c) of ``op`` with effective ``reads`` (see :data:`A_OUT_C`), memoized."""
+  """(out_c, read_c, footprint reads) of ``op`` with effective ``reads`` (see :data:`A_OUT_C`,
+  :data:`A_READS`), memoized."""
   key = (id(op), id(reads))
   hit = cache.strides.get(key)
   if hit is not None:
@@ -1355,30 +1362,40 @@ def _op_strides(cache: _TaskCache, op: _Op, reads):
   ost = _row_major(op.shape)
   out_c = tuple(ost[r] if r < op.n_sp and r < len(ost) else 0 for r in range(n))
   read_c = [0] * n
+  foot = []
   for p, idx in reads:
     pst = _row_major(p.shape)
     c = [0] * n
     bad = set()
+    rows = []
     for d, e in enumerate(idx):
+      size = p.shape[d]
       if e is None:
         bad = set(range(n))
-        break
+        rows.append((size,) * n)
+        continue
       if e[0] == "A":
+        row = [0] * n
         for r, k in e[1]:
           c[r] += pst[d] * k
+          row[r] += k
+        rows.append(tuple(abs(x) for x in row))
       else:
-        bad.update(_positions(e))
+        pos = _positions(e)
+        bad.update(pos)
+        rows.append(tuple(size if r in pos else 0 for r in range(n)))
+    foot.append((p.shape, tuple(rows)))
     for r in range(n):
       if r not in bad:
         read_c[r] = max(read_c[r], abs(c[r]))
-  res = (out_c, tuple(read_c))
+  res = (out_c, tuple(read_c), tuple(foot))
   cache.strides[key] = res
   cache.strides[(key, "keep")] = (op, reads)   # keeps the ids unique
   return res
 
 
 def _stage_access(cache: _TaskCache, s: _Stage, reads):
-  """Access info of a bound stage (:data:`A_OUTPUT` ... :data:`A_READ_C`)."""
+  """Access info of a bound stage (:data:`A_OUTPUT` ... :data:`A_OUT_SHAPE`)."""
   n_root = len(s.op.axes)
   made: dict = {}
   for r in s.rels:
@@ -1402,8 +1419,9 @@ def _stage_access(cache: _TaskCache, s: _Stage, reads):
         coef = coef * rng[m[1]][1]
       v = m[0]
     loops.append((v, coef))
-  out_c, read_c = _op_strides(cache, s.op, reads)
-  return (s.op.output, bool(s.scope), s.op.is_rf, tuple(loops), out_c, read_c)
+  out_c, read_c, foot = _op_strides(cache, s.op, reads)
+  return (s.op.output, bool(s.scope), s.op.is_rf, tuple(loops), out_c, read_c, foot,
+          s.op.shape)
 
 
 def replay_record_line(skeletons, line) -> LoopNest:

@@ -235,20 +235,9 @@ class _Variant:
 
 
 def _raw_values(nest: rp.LoopNest):
-  """Values of every plan slot (as :func:`loop_tokens.plan_and_values`), as the replay's own
-  objects (traced ints in a traced replay)."""
-  ext, coef, unroll, out_c, read_c = [], [], [], [], []
-  for i, j, _, _ in lt.print_order(nest):
-    st = nest.stages[i]
-    acc = nest.access[i]
-    e = st[rp.S_LOOPS][j][rp.L_EXTENT]
-    ext.append(1 if e is None else e)
-    axis, cf = acc[rp.A_LOOPS][j]
-    coef.append(cf)
-    unroll.append(st[rp.S_UNROLL])
-    out_c.append(acc[rp.A_OUT_C][axis] if axis >= 0 else 0)
-    read_c.append(acc[rp.A_READ_C][axis] if axis >= 0 else 0)
-  return ext, coef, unroll, out_c, read_c
+  """Values of every plan slot (:func:`loop_tokens.raw_values`), as the replay's own objects
+  (traced ints in a traced replay)."""
+  return lt.raw_values(nest, lt.print_order(nest))
 
 
 _PY_OPS = {"+": "{} + {}", "-": "{} - {}", "*": "{} * {}", "//": "{} // {}", "%": "{} % {}",
@@ -322,19 +311,9 @@ def _trace_template(skeleton, steps, n_vals, vals):
 
 
 def _plan_of(nest):
-  # plan_and_values converts values with np.int64 (which a traced int refuses); the plan's
-  # structure never reads them, so build it on a copy with the values made plain.
-  plain = rp.LoopNest(tuple(st[:rp.S_UNROLL] + (_val(st[rp.S_UNROLL]),) + st[rp.S_UNROLL + 1:
-                                                                              rp.S_LOOPS]
-                            + (tuple(lp[:rp.L_EXTENT] + (_val(lp[rp.L_EXTENT]),)
-                                     + lp[rp.L_EXTENT + 1:] for lp in st[rp.S_LOOPS]),)
-                            for st in nest.stages),
-                      nest.concrete, nest.attach_order,
-                      tuple(None if a is None else a[:rp.A_LOOPS]
-                            + (tuple((ax, _val(c)) for ax, c in a[rp.A_LOOPS]),)
-                            + (tuple(_val(c) for c in a[rp.A_OUT_C]),
-                               tuple(_val(c) for c in a[rp.A_READ_C])) for a in nest.access))
-  return lt.plan_and_values(plain)[0]
+  # The plan's structure reads no traced value (loop_tokens.plan_of looks at extents only to
+  # tell None, and at lengths of the access tuples), so it is built on the traced nest itself.
+  return lt.plan_of(nest)
 
 
 class TemplateCache:
@@ -346,8 +325,8 @@ class TemplateCache:
     self.stats = {"hits": 0, "full": 0, "traced": 0, "guard_fail": 0, "untraceable": 0}
 
   def values(self, skeleton, steps):
-    """(plan, ext, coef, unroll, out_c, read_c) of one program; the fast path when its template
-    is traced."""
+    """(plan, *values) of one program (as :func:`loop_tokens.plan_and_values`); the fast path
+    when its template is traced."""
     sig, vals = signature(steps)
     ent = self.entries.get(sig)
     if ent is None:
@@ -380,37 +359,52 @@ class TemplateCache:
 
 
 def _split_values(plan, got):
-  n = plan.n
-  return (plan,) + tuple(got[k * n:(k + 1) * n] for k in range(5))
+  return (plan,) + lt.shape_values(plan, got)
 
 
 def fill_padded(items, max_tokens: int) -> np.ndarray:
-  """Tokens of programs with different plans in one NumPy pass: ``items`` are
-  (plan, ext, coef, unroll, out_c, read_c); plans are padded with never-printed loops of
-  extent 1."""
+  """Tokens of programs with different plans in one NumPy pass: ``items`` are (plan, *values)
+  (:func:`loop_tokens.plan_and_values`); plans are padded with never-printed loops of extent 1,
+  read buffers of 0 bytes and dimensions of size 1 (none of which changes a token)."""
   b = len(items)
   n = max((it[0].n for it in items), default=0)
+  nb = max((it[0].nb for it in items), default=0)
+  nd = max((it[0].nd for it in items), default=0)
+  ndo = max((it[0].ndo for it in items), default=0)
   static = np.zeros((b, n, lt.WIDTH))
   anc = np.zeros((b, n, n), bool)
   inner = np.zeros((b, n, n), bool)
   always = np.zeros((b, n), bool)
-  out_c = np.zeros((b, n), np.int64)
-  read_c = np.zeros((b, n), np.int64)
+  out_axis = np.zeros((b, n, ndo))
+  read_bytes = np.zeros((b, n, nb))
+  n_reads = np.zeros((b, n))
   ext = np.ones((b, n), np.int64)
   coef = np.ones((b, n), np.int64)
   unroll = np.zeros((b, n), np.int64)
-  for k, (p, e, c, u, oc, rc_) in enumerate(items):
+  out_c = np.zeros((b, n), np.int64)
+  read_c = np.zeros((b, n), np.int64)
+  read_d = np.zeros((b, n, nb, nd), np.int64)
+  read_size = np.ones((b, n, nb, nd), np.int64)
+  out_size = np.ones((b, n, ndo), np.int64)
+  for k, (p, e, c, u, oc, rc_, rd, rs, os_) in enumerate(items):
     m = p.n
     static[k, :m] = p.static
     anc[k, :m, :m] = p.anc
     inner[k, :m, :m] = p.inner
     always[k, :m] = p.always
-    out_c[k, :m] = oc
-    read_c[k, :m] = rc_
+    out_axis[k, :m, :p.ndo] = p.out_axis
+    read_bytes[k, :m, :p.nb] = p.read_bytes
+    n_reads[k, :m] = p.n_reads
     ext[k, :m] = e
     coef[k, :m] = c
     unroll[k, :m] = u
-  return lt.fill_arrays(static, anc, inner, always, ext, coef, unroll, out_c, read_c,
+    out_c[k, :m] = oc
+    read_c[k, :m] = rc_
+    read_d[k, :m, :p.nb, :p.nd] = rd
+    read_size[k, :m, :p.nb, :p.nd] = rs
+    out_size[k, :m, :p.ndo] = os_
+  return lt.fill_arrays((static, anc, inner, always, out_axis, read_bytes, n_reads),
+                        (ext, coef, unroll, out_c, read_c, read_d, read_size, out_size),
                         max_tokens)
 
 
