@@ -111,7 +111,7 @@ def test_ensemble_parity_and_format_version(tmp_path, opts):
   np.testing.assert_allclose(pred.predict(x, hw="hw1"), ref[:, 1], rtol=0, atol=1e-5)
   # An ensemble claiming an older format, or missing its member axis, is refused.
   old = dict(arrays)
-  old[npred.META_FORMAT_VERSION] = np.array(npred.LOOP_FORMAT_VERSION, np.int64)
+  old[npred.META_FORMAT_VERSION] = np.array(1, np.int64)
   with pytest.raises(npred.PredictorError, match="ensemble_size 3 needs format_version"):
     npred.Predictor.from_arrays(old)
   flat = dict(arrays)
