@@ -151,6 +151,20 @@ def test_an_export_using_a_removed_option_is_refused(removed):
     npred.Predictor.from_arrays(_as_format_1(arrays, **removed))
 
 
+def test_an_export_of_the_removed_store_version_is_refused():
+  """The TVM store version's exports (format 2, or its meta keys in any later format) describe
+  an input this predictor cannot build: refused, naming the commits that still serve them."""
+  _, arrays = _export(TLPConfig(**SMALL))
+  format_2 = dict(arrays, **{npred.META_FORMAT_VERSION: np.array(2, np.int64)})
+  with pytest.raises(npred.PredictorError,
+                     match=r"TVM store feature version \(format_version 2.*commit 4fe3f70"):
+    npred.Predictor.from_arrays(format_2)
+  # Meta keys this predictor does not know (as the store version's) are refused by name.
+  extra = dict(arrays, **{"meta/extra_tokens": np.array(10, np.int64)})
+  with pytest.raises(npred.PredictorError, match=r"\['meta/extra_tokens'\].*5c84946"):
+    npred.Predictor.from_arrays(extra)
+
+
 def test_head_selection():
   cfg = TLPConfig(num_hardware_heads=3, **SMALL)
   params, arrays = _export(cfg, hardware=["epyc", "xeon", "gpu"])
