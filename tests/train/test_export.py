@@ -15,6 +15,7 @@ import pytest
 
 from tlp_jax.train import export
 from tlp_jax.core import features
+from tlp_jax.core import loop_tokens
 from tlp_jax.core import predictor as npred
 from tlp_jax.train import model as model_lib
 from tlp_jax.train.model import TLPConfig, TLPModel
@@ -389,15 +390,19 @@ def test_restore_for_export(trained, sample_arrays):
   assert model_config == result.model_config
   assert meta["hardware"] == ["epyc-9004"]
   dataset = sample_arrays("epyc-9004")
+  # configs/test.py reads the sample's loop tokens (the default build has them).
+  layout = dataset.loop_token_layout
+  tokens = (layout["max_tokens"], layout["width"])
   assert (meta["platform"], tuple(meta["crop"]), meta["vocab_json"]) == (
-      dataset.platform, tuple(dataset.crop), dataset.vocab_json)
+      dataset.platform, npred.input_shape(dataset.crop, tokens), dataset.vocab_json)
+  assert meta["loop_tokens"]["max_tokens"] == tokens[0] and meta["skeletons_json"]
   assert meta["step"] == int(result.state.step)
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(result.state.params)):
     np.testing.assert_array_equal(a, np.asarray(b))
   best_params, _, best_meta = export.restore_for_export(workdir, "best")
   assert best_meta["validation"]["val_loss/epyc-9004"] <= result.validation["val_loss/epyc-9004"]
   predict = export.make_predict_fn(model_config, batch_size=100)
-  x = dataset.test.features[:250]
+  x = loop_tokens.model_input(dataset.test.features[:250], dataset.test.loop_tokens[:250])
   out = predict(best_params, x)
   assert out.shape == (250, 1) and np.isfinite(out).all()
   direct = model_lib.TLPModel(model_config).apply({"params": best_params}, x[:7])
