@@ -50,8 +50,8 @@ except ImportError:  # pragma: no cover - exercised by copying the file out of t
 # ---- export format (single source of truth; tlp_jax.train.export writes it) --------------------------
 FORMAT_NAME = "tlp-jax-model"
 # Versions: 1 = a TLP model; 2 = a model of the TVM store feature version (removed: refused, see
-# STORE_FORMAT_VERSION); 3 = an ensemble (parameters under params/members/ with a leading member axis;
-# scores are the members' mean); 4 = today's model config keys (``num_hardware_heads``; the
+# STORE_FORMAT_VERSION); 3 = an ensemble (parameters under params/members/ with a leading member
+# axis; scores are the members' mean); 4 = today's model config keys (``num_hardware_heads``; the
 # options removed after commit 4fe3f70 are gone, see ``upgrade_model_config``); 5 = models of
 # replayed loop tokens (meta/loop_tokens_version, meta/loop_tokens_max, meta/loop_tokens_width and
 # the tasks' skeletons, meta/skeletons_json). Versions 1-3 exported the lowest version that could

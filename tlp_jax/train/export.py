@@ -9,8 +9,8 @@ Format (``tlp_jax.core.predictor`` defines the key names and ``FORMAT_VERSION``)
 * ``meta/format`` (``"tlp-jax-model"``), ``meta/format_version`` (int), ``meta/model_config``
   (``TLPConfig`` as JSON), ``meta/hardware`` (``(H,)`` head names, in head order),
   ``meta/platform``, ``meta/crop`` (``(2,)`` int: steps, width), ``meta/vocab_json``,
-  ``meta/vocab_version``, ``meta/step`` (source checkpoint step); for models of replayed loop tokens (format 5) ``meta/loop_tokens_version``,
-  ``meta/loop_tokens_max`` and ``meta/loop_tokens_width`` (int: ``crop`` is the step crop grown
+  ``meta/vocab_version``, ``meta/step`` (source checkpoint step); for models of replayed loop
+  tokens (format 5) ``meta/loop_tokens_version``, ``meta/loop_tokens_max`` and ``meta/loop_tokens_width`` (int: ``crop`` is the step crop grown
   by ``(max, width)``, ``loop_tokens.model_input``) and ``meta/skeletons_json`` (the training
   tasks' skeleton collection, so the predictor featurizes their programs without TVM).
 
