@@ -10,8 +10,9 @@ Format (``tlp_jax.core.predictor`` defines the key names and ``FORMAT_VERSION``)
   (``TLPConfig`` as JSON), ``meta/hardware`` (``(H,)`` head names, in head order),
   ``meta/platform``, ``meta/crop`` (``(2,)`` int: steps, width), ``meta/vocab_json``,
   ``meta/vocab_version``, ``meta/step`` (source checkpoint step); for models of replayed loop
-  tokens (format 5) ``meta/loop_tokens_version``, ``meta/loop_tokens_max`` and ``meta/loop_tokens_width`` (int: ``crop`` is the step crop grown
-  by ``(max, width)``, ``loop_tokens.model_input``) and ``meta/skeletons_json`` (the training
+  tokens (format 5) ``meta/loop_tokens_version``, ``meta/loop_tokens_max`` and
+  ``meta/loop_tokens_width`` (int: ``crop`` is the step crop grown by ``(max, width)``,
+  ``loop_tokens.model_input``) and ``meta/skeletons_json`` (the training
   tasks' skeleton collection, so the predictor featurizes their programs without TVM).
 
 Strings are NumPy unicode arrays, so ``np.load(path, allow_pickle=False)`` reads everything.
