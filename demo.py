@@ -2,7 +2,8 @@
 
   python demo.py [--workdir demo_out] [--tenset_dir data/sample/tenset-mini] [--hw epyc-9004]
 
-Builds the TFDS dataset from the TenSet-layout sample, trains the default recipe shortened
+Builds the TFDS dataset from the TenSet-layout sample (with loop tokens, replayed from the
+sample's committed ``network_info/skeletons.json``), trains the default recipe shortened
 (``configs/demo.py``), evaluates top-k on the held-out networks, exports the weights to a ``.npz``
 and ranks a few raw programs of a held-out task with the pure-NumPy predictor. Rerunning resumes
 training from the workdir's checkpoints.
@@ -92,7 +93,10 @@ def main(argv):
   dataset = eval_data.eval_data(loader.load_arrays(data_dir, _HW.value), _HW.value, "test")
   task_key = dataset.task_keys[int(dataset.task_index[0])]
   steps, costs = _held_out_programs(_TENSET_DIR.value, _HW.value, task_key, limit=8)
-  scores = predictor.predict_steps(steps, hw=_HW.value)
+  # A model of loop tokens replays each program over its task's skeleton, which the export
+  # embeds (the dataset's tasks): name the task. A steps-only model needs no task.
+  task = {"workload_key": task_key} if predictor.reads_loop_tokens else {}
+  scores = predictor.predict_steps(steps, hw=_HW.value, **task)
   best = min(costs)
   print(f"      task {task_key[:70]}")
   print("      predicted rank | predicted score | measured cost / best")

@@ -22,8 +22,8 @@ Usage (GPU recommended; a few seconds per run on an H100 for tenset-mini):
   python -m bench.accuracy_sweep --data_dir DIR --experiments tlp_original,default \
       --seeds 0,1,2,3,4 --out bench/results/accuracy_sweep.json
 The ``steps`` experiment (step tokens only) differs from ``default`` only on a dataset built
-with loop tokens (``python -m data_pipelines.build ... --loop_tokens on``) or TVM store features
-(``--loop_stores 10``).
+with loop tokens (the default build when the TenSet dir has its skeletons;
+``python -m data_pipelines.build ... --loop_tokens on`` requires them).
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ EXPERIMENTS = {
     # The shipped default and the original TLP recipe.
     "default": ("default", {}, EPYC),
     "tlp_original": ("tlp_original", {}, EPYC),
-    # The default as one network instead of an ensemble (what rounds 1-3 of ACCURACY.md ran).
-    "default_single": ("default", {"model.ensemble_size": 1}, EPYC),
+    # The default as an ensemble of five networks (the default before issue 15's validation).
+    "default_ens5": ("default", {"model.ensemble_size": 5}, EPYC),
     # MTL-TLP: all of xeon's labels plus all of epyc's, xeon the target.
     "mtl": ("mtl", {}, XEON),
     # TLP's step tokens only on a loop-nest build (the model reads the step crop, as TLP).

@@ -223,8 +223,8 @@ def main(argv=None):
   os.environ.setdefault("TOPHUB_LOCATION", "NONE")
   res = run(args.tenset_dir, args.hardware, args.limit_per_file)
   try:
-    from bench import machine_info  # pylint: disable=import-outside-toplevel
-    res["machine"] = machine_info.machine_info()
+    from bench import common
+    res["machine"] = common.machine_info()
   except Exception:  # pylint: disable=broad-except
     res["machine"] = None
   print(json.dumps({k: res[k] for k in ("per_hardware", "structure_mismatch_patterns",

@@ -5,8 +5,10 @@ Same records, same process, one core (TVM_NUM_THREADS=1): programs/s of
 loop tokens (full path, and the traced-template path of :mod:`tlp_jax.core.replay_cache`:
 cold cache, first pass, steady state; template counts per task), a tuner-like case (batches of
 500 states per task whose split lengths / unroll values are resampled the way Ansor samples
-them, on the task's own step structures), and of
-``tlp_jax.loop_features.store_features_from_lines`` (TVM lowers every program).
+them, on the task's own step structures), and of TVM's own per-store feature extraction on the
+first ``--tvm_records`` records (record line -> ``MeasureInput`` -> rebuilt state ->
+``tvm.auto_scheduler.feature.get_per_store_features_from_states`` per task: TVM lowers every
+program), measured in the same run.
 
   TVM_NUM_THREADS=1 python bench/replay_throughput.py --tenset_dir data/sample/tenset-mini \
       --out bench/results/replay_throughput.json
@@ -49,14 +51,13 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default="")
   args = ap.parse_args(argv)
-  from bench import machine_info  # pylint: disable=import-outside-toplevel
-  from bench import replay_fidelity  # pylint: disable=import-outside-toplevel
-  from tlp_jax import loop_features  # pylint: disable=import-outside-toplevel
+  from bench import common
+  from bench import replay_fidelity
 
   t0 = time.perf_counter()
+  # Also registers the workloads, so TVM can rebuild the records' states below.
   _, skels = replay_fidelity.load_tasks_and_skeletons(args.tenset_dir)
   extract_s = time.perf_counter() - t0
-  loop_features.register_tenset_tasks(args.tenset_dir)
   lines = []
   for f in sorted(glob.glob(os.path.join(args.tenset_dir, "measure_records", "*", "*.json"))):
     with open(f, "rb") as fh:
@@ -94,8 +95,7 @@ def main(argv=None):
   tuner = tuner_bench(parsed, skels, args.tuner_tasks, args.tuner_batch)
   line_rate, _ = _best_rate(run_lines, len(lines), args.repeats)
   tvm_lines = lines[:args.tvm_records]
-  tvm_rate, _ = _best_rate(lambda: loop_features.store_features_from_lines(tvm_lines, 16),
-                           len(tvm_lines), 1)
+  tvm_rate, _ = _best_rate(lambda: tvm_per_store(tvm_lines), len(tvm_lines), 1)
   res = {
       "tenset_dir": args.tenset_dir, "records": len(lines),
       "replay_programs_per_s": replay_rate,
@@ -106,15 +106,31 @@ def main(argv=None):
       "token_layout": {"version": lt.LAYOUT_VERSION, "width": lt.WIDTH,
                        "max_tokens": lt.DEFAULT_MAX_TOKENS,
                        "bytes_per_example_float16": lt.DEFAULT_MAX_TOKENS * lt.WIDTH * 2},
-      "tvm_store_features_programs_per_s": tvm_rate, "tvm_records": len(tvm_lines),
+      "tvm_per_store_programs_per_s": tvm_rate, "tvm_records": len(tvm_lines),
       "speedup_vs_tvm": replay_rate / tvm_rate,
       "skeleton_extraction_s": extract_s, "skeletons": sk.collection_size_stats(skels),
       "goal_programs_per_s": 20000,
-      "machine": machine_info.machine_info(single_core=True),
+      "machine": common.machine_info(single_core=True),
   }
   print(json.dumps(res, indent=1))
   if args.out:
-    machine_info.write_json(args.out, res)
+    common.write_json(args.out, res)
+
+
+def tvm_per_store(lines):
+  """TVM's per-store features of record lines, as Ansor's XGBModel computes them: each line
+  loaded into a ``MeasureInput``, its state rebuilt from the steps, then
+  ``get_per_store_features_from_states`` once per task (the workloads must be registered)."""
+  from tvm.auto_scheduler import feature
+  from tvm.auto_scheduler import measure_record
+  from tvm.auto_scheduler.measure import recover_measure_input
+  by_task: dict = {}
+  for ln in lines:
+    inp, _ = measure_record.load_record_from_string(ln.decode())
+    inp = recover_measure_input(inp, rebuild_state=True)
+    by_task.setdefault(inp.task.workload_key, (inp.task, []))[1].append(inp.state)
+  return [feature.get_per_store_features_from_states(states, task)
+          for task, states in by_task.values()]
 
 
 def _by_task(parsed):

@@ -1,17 +1,23 @@
-"""What one ``TLPCostModel.predict`` costs inside Ansor, for each feature version (needs TVM).
+"""What one ``TLPCostModel.predict`` costs inside Ansor with the default model, next to Ansor's
+own ``XGBModel.predict`` on the same states (needs TVM).
 
-For a few hold-out tasks of the sample (their compute DAGs come from its
-``network_info/all_tasks.pkl``), Ansor's ``SketchPolicy`` samples a population of states, and
-each model scores the whole population once with a fresh prediction cache, timed:
+For tasks of the sample (their compute DAGs come from its ``network_info/all_tasks.pkl``; by
+default the heaviest task of each hold-out network), Ansor's ``SketchPolicy`` samples a population
+of states and each model scores the whole population:
 
-* ``tlp``: a model of TLP's step features (25 x 22), one network;
-* ``loop``: a model of the "loop" version (35 x 186, ``configs/loopnest.py``), one network,
-  which also extracts every state's loop-nest vectors with TVM;
-* ``tlp_ensN`` / ``loop_ensN``: the same with ``configs/default.py``'s ensemble of N networks;
-* ``store_features_only``: that extraction alone (``loop_features.store_features_from_states``),
-  which is also what Ansor's XGBModel computes before every prediction.
+* ``tlp``: ``configs/default.py``'s model (its ensemble size) of replayed loop tokens, exported as
+  the trainer exports it (``train.data.model_config_for`` / ``dataset_meta`` on a dataset of loop
+  tokens, the sample's skeletons embedded). Its first call per task extracts the task's skeleton
+  with TVM and traces the replay templates cold; it is timed apart (``first_s``) from the
+  steady-state calls that follow (``steady_s``, best of ``--repeats``, prediction cache off so
+  every call scores every state);
+* ``tlp_steps``: the same recipe on TLP's step features only (``loop_tokens="off"``), for
+  reference;
+* ``xgb``: Ansor's ``XGBModel`` trained on the sample's training records of ``--hardware``
+  (``tlp_jax.tvm.xgb_baseline``'s protocol), whose ``predict`` runs TVM's per-store feature
+  extraction and XGBoost on every call (its first call is timed apart too).
 
-The models are randomly initialised at the default dimensions (timing does not depend on the
+The TLP models are randomly initialised at the default dimensions (timing does not depend on the
 weights' values). Prints a table and writes ``bench/results/tuner_predict_cost.json`` with
 machine info.
 
@@ -20,11 +26,10 @@ machine info.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib
 import os
 import tempfile
 import time
+import types
 
 os.environ.setdefault("TOPHUB_LOCATION", "NONE")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -34,44 +39,64 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from configs import default  # noqa: E402
-from configs import loopnest  # noqa: E402
 from tlp_jax.core import features  # noqa: E402
+from tlp_jax.core import loop_tokens  # noqa: E402
 from tlp_jax.core import network_info  # noqa: E402
-from tlp_jax.core import predictor  # noqa: E402
+from tlp_jax.core import skeleton  # noqa: E402
 from tlp_jax.core import tenset  # noqa: E402
 from tlp_jax.train import config as config_lib  # noqa: E402
+from tlp_jax.train import data  # noqa: E402
 from tlp_jax.train import export  # noqa: E402
 from tlp_jax.train import model as model_lib  # noqa: E402
 from tlp_jax.tvm import cost_model  # noqa: E402
-from tlp_jax.tvm import loop_features  # noqa: E402
 from tlp_jax.tvm import search_tasks  # noqa: E402
 from tlp_jax.tvm import tvm_import  # noqa: E402
+from tlp_jax.tvm import xgb_baseline  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _export(tmp: str, config_module: str, loop_stores: int, loop_dim: int,
-            ensemble_size: int) -> str:
-  config = importlib.import_module(f"configs.{config_module}").get_config()
-  cfg = config_lib.from_config_dict(config).model
-  # The model input of a dataset with these loop-nest tokens, as the trainer sizes it.
-  crop = predictor.input_shape((cfg.seq_len, cfg.feature_dim), (loop_stores, loop_dim))
-  cfg = dataclasses.replace(cfg, seq_len=crop[0], feature_dim=crop[1], num_hardware_heads=1,
-                            ensemble_size=ensemble_size)
-  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0),
-                                        np.zeros((1,) + crop, np.float32))["params"]
-  path = os.path.join(tmp, f"{config_module}_ens{ensemble_size}.npz")
-  export.save_npz(path, params, cfg, hardware=["hw"], platform="llvm", crop=crop,
-                  vocab_json=features.Vocabulary.original("llvm").to_json(), step=0,
-                  loop_stores=loop_stores, loop_dim=loop_dim)
-  return path
+def export_default_model(out: str, skeletons_path: str, loop_tokens_mode: str) -> str:
+  """``configs/default.py``'s model exported as the trainer exports it from a dataset of loop
+  tokens with these skeletons (``loop_tokens_mode``: the config's ``loop_tokens``)."""
+  config = default.get_config()
+  config.loop_tokens = loop_tokens_mode
+  typed = config_lib.from_config_dict(config)
+  step_crop = (typed.model.seq_len, typed.model.feature_dim)
+  # What the loader returns for a default build of TLP's crop with loop tokens.
+  dataset = types.SimpleNamespace(
+      crop=step_crop, platform="llvm", config_name="bench",
+      vocab_json=features.Vocabulary.original("llvm").to_json(),
+      metadata={"loop_tokens": {"layout_version": loop_tokens.LAYOUT_VERSION,
+                                "max_tokens": loop_tokens.DEFAULT_MAX_TOKENS,
+                                "width": loop_tokens.WIDTH}})
+  reads = data.reads_loop_tokens(typed.loop_tokens, dataset)
+  cfg = data.model_config_for(typed.model, typed.loop_tokens, dataset, num_hardware_heads=1)
+  params = model_lib.TLPModel(cfg).init(
+      jax.random.PRNGKey(0), np.zeros((1, cfg.seq_len, cfg.feature_dim), np.float32))["params"]
+  meta = dict(data.dataset_meta(dataset, ["hw"], reads), step=0)
+  if reads:
+    with open(skeletons_path, encoding="utf-8") as f:
+      meta["skeletons_json"] = f.read()
+  export.save_npz(out, params, cfg, **export.meta_kwargs(meta))
+  return out
+
+
+def _time_model(model, task, states, repeats: int) -> tuple[float, float]:
+  """``(first call s, best steady-state call s)`` of ``model.predict(task, states)``."""
+  t0 = time.perf_counter()
+  model.predict(task, states)
+  first = time.perf_counter() - t0
+  steady = common.best_time(lambda: model.predict(task, states), repeats, warmup=False)
+  return first, steady
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tenset_dir", default=os.path.join(REPO, "data", "sample", "tenset-mini"))
+  parser.add_argument("--hardware", default="epyc-9004", help="XGBModel's training records.")
   parser.add_argument("--states", type=int, default=512)
-  parser.add_argument("--tasks", type=int, default=3)
+  parser.add_argument("--tasks", type=int, default=3, help="0 = every task of all_tasks.pkl.")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=os.path.join(REPO, "bench", "results",
                                                     "tuner_predict_cost.json"))
@@ -80,26 +105,36 @@ def main() -> None:
   # TVM only past the flags, so --help works without it.
   tvm_import.require_tvm()
   from tvm import auto_scheduler
+  from tvm.auto_scheduler.cost_model import XGBModel
 
   tasks = {t.workload_key: t for t in search_tasks.load_search_tasks(
       tenset.all_tasks_path(args.tenset_dir))}
-  nets = network_info.load_network_infos(args.tenset_dir)
-  held = network_info.select_holdout(nets, network_info.default_holdout(nets))
-  chosen = []
-  for net in held:  # heaviest tasks of each hold-out network first, round-robin
-    for t in sorted(net.tasks, key=lambda t: -np.nan_to_num(t.flop_ct) * t.weight):
-      if t.workload_key in tasks and t.workload_key not in chosen:
-        chosen.append(t.workload_key)
-        break
-  chosen = chosen[:args.tasks]
+  if args.tasks > 0:
+    nets = network_info.load_network_infos(args.tenset_dir)
+    held = network_info.select_holdout(nets, network_info.default_holdout(nets))
+    chosen = []
+    for net in held:  # heaviest task of each hold-out network, round-robin
+      for t in sorted(net.tasks, key=lambda t: -np.nan_to_num(t.flop_ct) * t.weight):
+        if t.workload_key in tasks and t.workload_key not in chosen:
+          chosen.append(t.workload_key)
+          break
+    chosen = chosen[:args.tasks]
+  else:
+    chosen = sorted(tasks)
 
+  prep = xgb_baseline.prepare_hardware(args.tenset_dir, args.hardware, progress=False)
+  xgb = XGBModel(seed=43, verbose_eval=0)
+  t0 = time.perf_counter()
+  xgb.update(prep.train_inputs, prep.train_results)
+  xgb_fit_s = time.perf_counter() - t0
+
+  ensemble = int(default.get_config().model.ensemble_size)
   with tempfile.TemporaryDirectory() as tmp:
-    members = int(default.get_config().model.ensemble_size)
-    models = {}
-    for size, suffix in ((1, ""), (members, f"_ens{members}")):
-      models["tlp" + suffix] = _export(tmp, "default", 0, 0, size)
-      models["loop" + suffix] = _export(tmp, "loopnest", loopnest.LOOP_STORES, loopnest.LOOP_DIM,
-                                        size)
+    skeletons_path = skeleton.tenset_skeletons_path(args.tenset_dir)
+    paths = {"tlp": export_default_model(os.path.join(tmp, "tlp.npz"), skeletons_path,
+                                         "required"),
+             "tlp_steps": export_default_model(os.path.join(tmp, "steps.npz"), skeletons_path,
+                                               "off")}
     rows = []
     for wk in chosen:
       task = tasks[wk]
@@ -107,28 +142,28 @@ def main() -> None:
           task, params={"evolutionary_search_population": args.states}, seed=0, verbose=0)
       states = list(policy.sample_initial_population())[:args.states]
       row = {"workload_key": wk, "states": len(states)}
-      for name, path in models.items():
-        times = []
-        for _ in range(args.repeats):
-          model = cost_model.TLPCostModel.from_npz(path)  # fresh cache each time
-          t0 = time.perf_counter()
-          model.predict(task, states)
-          times.append(time.perf_counter() - t0)
-        row[f"{name}_s"] = min(times)
-      row["store_features_only_s"] = common.best_time(
-          lambda task=task, states=states: loop_features.store_features_from_states(
-              task, states, loopnest.LOOP_STORES),
-          args.repeats, warmup=False)
+      for name, path in paths.items():
+        model = cost_model.TLPCostModel(path, cost_model.CostModelConfig(cache_size=0))
+        row[f"{name}_first_s"], row[f"{name}_steady_s"] = _time_model(model, task, states,
+                                                                      args.repeats)
+        row[f"{name}_failed"] = model.timing_summary()["states_failed"]
+      row["xgb_first_s"], row["xgb_steady_s"] = _time_model(xgb, task, states, args.repeats)
       rows.append(row)
       timed = ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in row.items() if k.endswith("_s"))
       print(f"{wk[:60]}: {len(states)} states: {timed}")
 
-  total = {k: float(sum(r[k] for r in rows)) for k in rows[0] if k.endswith("_s")}
   n = int(sum(r["states"] for r in rows))
-  summary = {f"{k[:-2]}_states_per_s": n / v for k, v in total.items() if v > 0}
-  print(f"states/s over {n} states: " + ", ".join(f"{k} {v:,.0f}" for k, v in summary.items()))
-  common.write_json(args.out, {"machine": common.machine_info(), "args": vars(args),
-                               "rows": rows, "summary": summary})
+  summary = {}
+  for key in rows[0]:
+    if key.endswith("_s"):
+      total = float(sum(r[key] for r in rows))
+      summary[f"{key[:-2]}_states_per_s"] = n / total if total > 0 else None
+  print(f"states/s over {n} states of {len(rows)} tasks (ensemble {ensemble}): " +
+        ", ".join(f"{k} {v:,.0f}" for k, v in summary.items() if v))
+  common.write_json(args.out, {
+      "machine": common.machine_info(), "args": vars(args), "ensemble_size": ensemble,
+      "xgb_train_records": len(prep.train_inputs), "xgb_fit_s": xgb_fit_s,
+      "rows": rows, "summary": summary})
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ TLP's recipe (``tlp_train.py``) for the model, batch, epochs, learning rate, wei
 gradient clip, with the changes that won on the hold-out networks (docs/ACCURACY.md): ranking
 within each task (``pairwise_log`` loss, ``group_by_task``, batches of whole tasks), log-scaled
 numeric fields, AdamW with linear warm-up and cosine decay instead of the original's
-coupled-L2 Adam at a constant rate, an ensemble of five networks, and the loop-nest tokens of a
-dataset built with them. ``configs/tlp_original.py`` keeps the original exactly.
+coupled-L2 Adam at a constant rate, and the replayed loop tokens of a dataset built with them
+(the default build whenever the TenSet dir has its skeletons). ``configs/tlp_original.py`` keeps
+the original exactly.
 
 Run: ``python train.py --config configs/default.py --workdir /tmp/tlp``; any field can be
 overridden on the command line, e.g. ``--config.batch_size=512`` or
@@ -55,16 +56,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = get_model_config()
   # This project's default (issue 5, docs/ACCURACY.md): log-scaled numeric fields.
   config.model.input_norm = "log1p"
-  # Five independently initialised networks trained together, scores averaged (issue 5 round 4,
-  # docs/ACCURACY.md): higher top-5 in every setting measured and a smaller seed spread, for 2x
-  # the GPU training time and 5x the predictor's work. 1 = TLP's single network (tlp_original).
-  config.model.ensemble_size = 5
-  # On a dataset with loop-nest tokens the model also reads them: the replayed loop tokens of a
+  # One network (issue 15, task-disjoint validation, epyc-9004, 5 seeds, H200,
+  # bench/results/accuracy_features_h200_*.json): on loop tokens one network scores top-1/top-5
+  # 0.685 +- 0.012 / 0.871 +- 0.020 against five's 0.658 +- 0.015 / 0.874 +- 0.007, and serves
+  # 5x cheaper. Larger values train independently initialised copies and average their scores.
+  config.model.ensemble_size = 1
+  # On a dataset with loop tokens the model also reads them: the replayed loop tokens of a
   # default build (data_pipelines.build, (T, W) float16 per program, stored apart and assembled
-  # per batch, tlp_jax.core.loop_tokens.model_input), or the store tokens of the older TVM store
-  # version (--loop_stores N). model.seq_len / feature_dim are the step crop and the input grows
-  # by the tokens (train.data.model_config_for). "auto" = when the dataset has them, "required" =
-  # refuse a dataset without them, "off" = step tokens only, as the original.
+  # per batch, tlp_jax.core.loop_tokens.model_input). model.seq_len / feature_dim are the step
+  # crop and the input grows by the tokens (train.data.model_config_for). "auto" = when the
+  # dataset has them, "required" = refuse a dataset without them (configs/loopnest.py), "off" =
+  # step tokens only, as the original (configs/tlp_original.py).
   config.loop_tokens = "auto"
 
   # Loss: tlp_jax.train.losses.LossConfig.

@@ -1,31 +1,24 @@
-"""The default recipe on loop-nest tokens, refusing a dataset without them.
+"""The default recipe, refusing a dataset without loop tokens.
 
-``configs/default.py`` already reads the loop-nest tokens of a dataset that has them
+``configs/default.py`` already reads the replayed loop tokens of a dataset that has them
 (``loop_tokens="auto"``); this config makes them a requirement, so a run pointed at a TLP-only
-build fails at once instead of training the weaker step-only model. Either kind counts: the
-replayed loop tokens of a default build (no TVM: ``python -m data_pipelines.build`` with the
-tasks' skeletons; each program is then 25 step tokens of 22 values plus 40 loop tokens of 21,
-assembled per batch as one ``(65, 43)`` input), or the older TVM store version, which needs TVM
-(docs/ACCURACY.md says why)::
+build fails at once, naming the command that extracts the tasks' skeletons, instead of training
+the weaker step-only model. Each program is then 25 step tokens of 22 values plus the loop tokens
+(``tlp_jax.core.loop_tokens``), assembled per batch into one input whose two token kinds use
+disjoint columns; ``tlp_jax.train.data.model_config_for`` sizes the model's input from the
+dataset. No TVM is needed once the skeletons exist::
 
-  pip install -e '.[tvm]'
-  python -m data_pipelines.build --tenset_dir TENSET --data_dir ~/tlp_data_loop --loop_stores 10
-  python train.py --config configs/loopnest.py --config.data_dir ~/tlp_data_loop --workdir /tmp/l
-
-With the store version each program is 25 step tokens (22 values, TLP's llvm crop) plus 10 store
-tokens (164 values), as one ``(35, 186)`` input whose two token kinds use disjoint columns
-(``features.append_loop_features``). The model is TLP's; ``tlp_jax.train.data.model_config_for``
-sizes its input from the dataset.
+  pip install -e '.[tvm]'   # once per TenSet dir, for the skeletons only
+  python -m tlp_jax.tvm.skeleton_extract --tenset_dir TENSET
+  python -m data_pipelines.build --tenset_dir TENSET --data_dir ~/tlp_data --loop_tokens on
+  python train.py --config configs/loopnest.py --config.data_dir ~/tlp_data --workdir /tmp/l
 """
 
 from configs import default
 
-LOOP_STORES = 10  # the build's --loop_stores used in this project's runs
-LOOP_DIM = 164    # Ansor's per-store feature width in TVM 0.19
-
 
 def get_config():
-  """Returns the default configuration, requiring TLP + loop-nest features."""
+  """Returns the default configuration, requiring the dataset's loop tokens."""
   config = default.get_config()
   config.loop_tokens = "required"
   return config

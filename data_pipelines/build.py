@@ -3,13 +3,12 @@ r"""Builds the TenSet TFDS dataset: one config per hardware plus the multi-hardw
   python -m data_pipelines.build --tenset_dir /work/shared/tenset-mini --data_dir ~/tlp_data \
       [--hardware epyc-9004,xeon-emr-16c] [--holdout resnet_50@224,bert_base@128] \
       [--seed 0] [--crop 25,22] [--loop_tokens auto|on|off] [--skeletons PATH] \
-      [--validation by_record|by_task] [--workers N] [--loop_stores 10]
+      [--validation by_record|by_task] [--workers N]
 
-Feature versions: TLP's step features always; loop tokens (``--loop_tokens``, default ``auto``:
+Features: TLP's step features always, and loop tokens (``--loop_tokens``, default ``auto``:
 when the skeleton file exists) made without TVM from the per-task skeletons in ``--skeletons``
 (default ``TENSET_DIR/network_info/skeletons.json``, written once with TVM by
-``python -m tlp_jax.tvm.skeleton_extract --tenset_dir TENSET_DIR``); store features (TVM, old;
-``--loop_stores N``, needs TVM).
+``python -m tlp_jax.tvm.skeleton_extract --tenset_dir TENSET_DIR``).
 
 Existing configs of the same name in ``--data_dir`` are rebuilt. Prints one summary per config
 (records read/kept/skipped by reason, loop tokens made/skipped by reason, tasks, examples per
@@ -59,29 +58,7 @@ _WORKERS = flags.DEFINE_integer(
     "on it).", lower_bound=1)
 _CROP = flags.DEFINE_list("crop", [], "Feature crop LENGTH,WIDTH (default: platform's, "
                           "llvm 25,22 and cuda 40,20 as TLP).")
-_LOOP_STORES = flags.DEFINE_integer(
-    "loop_stores", 0, "Store features (TVM, old). 0: none. N > 0: each program's first N "
-    "loop-nest store vectors (Ansor's per-store features, computed with TVM from "
-    "network_info/all_tasks.pkl) appended to the step features as extra tokens; needs "
-    "pip install -e '.[tvm]'.")
 _MULTI = flags.DEFINE_bool("multi", True, "Also build the multi-hardware join config.")
-
-
-def tvm_store_features(tenset_dir: str) -> tenset_tfds.StoreFeatures:
-  """TVM's loop-nest store vectors of records: store features (TVM, old; --loop_stores).
-
-  Registers every workload of ``network_info/all_tasks.pkl`` so TVM can replay the records.
-
-  Raises:
-    ImportError: TVM is not installed.
-    FileNotFoundError: the TenSet dir has no ``all_tasks.pkl``.
-  """
-  # TVM is an optional extra that only the "loop" feature version needs.
-  from tlp_jax.tvm import loop_features
-  from tlp_jax.tvm import search_tasks
-  search_tasks.register_tenset_tasks(tenset_dir)
-  return tenset_tfds.StoreFeatures(dim=loop_features.feature_dim(),
-                                   of_lines=loop_features.store_features_from_lines)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -93,28 +70,16 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError(f"--crop must be two positive ints LENGTH,WIDTH, got {_CROP.value}")
     crop = (int(_CROP.value[0]), int(_CROP.value[1]))
   start = time.perf_counter()
-  token_source = None
   try:
-    skeletons = loop_token_source.resolve_skeletons(_LOOP_TOKENS.value, _TENSET_DIR.value,
-                                                    _SKELETONS.value)
-    if skeletons is not None:
-      token_source = loop_token_source.LoopTokenSource(skeletons, _TENSET_DIR.value,
-                                                       workers=_WORKERS.value)
     configs = tenset_tfds.make_configs(_TENSET_DIR.value, hardware=_HARDWARE.value,
                                        holdout=_HOLDOUT.value, seed=_SEED.value, crop=crop,
-                                       multi=_MULTI.value, loop_stores=_LOOP_STORES.value,
-                                       loop_tokens=token_source is not None,
-                                       validation=_VALIDATION.value)
-    store_features = (tvm_store_features(_TENSET_DIR.value) if _LOOP_STORES.value > 0
-                      else None)
+                                       multi=_MULTI.value, loop_tokens=_LOOP_TOKENS.value,
+                                       skeletons=_SKELETONS.value, validation=_VALIDATION.value)
     metas = tenset_tfds.build(_TENSET_DIR.value, _DATA_DIR.value, configs,
-                              store_features=store_features, token_source=token_source)
-  except (FileNotFoundError, ImportError, network_info.NetworkInfoError,
-          skeleton.SkeletonError, tenset_tfds.DatasetBuildError) as e:
+                              workers=_WORKERS.value)
+  except (FileNotFoundError, network_info.NetworkInfoError, skeleton.SkeletonError,
+          tenset_tfds.DatasetBuildError) as e:
     sys.exit(f"error: {e}")
-  finally:
-    if token_source is not None:
-      token_source.close()
   elapsed = time.perf_counter() - start
   for meta in metas:
     print(tenset_tfds.format_summary(meta))
@@ -123,7 +88,7 @@ def main(argv: Sequence[str]) -> None:
   n_lines = sum(lines.values())
   print(f"built {len(metas)} configs ({', '.join(m['config'] for m in metas)}) into "
         f"{_DATA_DIR.value} in {elapsed:.1f} s ({n_lines / max(elapsed, 1e-9):.0f} records/s, "
-        f"loop tokens {'on' if token_source is not None else 'off'}, "
+        f"loop tokens {'on' if configs and configs[0].loop_tokens else 'off'}, "
         f"workers {_WORKERS.value})")
 
 

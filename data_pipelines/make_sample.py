@@ -4,7 +4,8 @@ Keeps TenSet's exact layout and copies files byte for byte:
 
 * ``network_info/*.json`` for every network (not ``*.task.pkl``);
 * ``network_info/all_tasks.pkl`` cut down to the sampled tasks, when the source has one and TVM
-  is installed (store features (TVM, old) and the TVM tests replay records with it). Read with
+  is installed (the TVM tests, the skeleton extractor and the XGBoost baseline replay records
+  with it). Read with
   ``tlp_jax.tvm.search_tasks``'s restricted unpickler, written back as the same pickled list of
   ``SearchTask``;
 * ``network_info/skeletons.json`` cut down to the sampled tasks, when a skeleton collection is

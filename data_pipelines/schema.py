@@ -6,7 +6,7 @@ and ``features.json``, our ``metadata.json`` (format :data:`METADATA_FORMAT`, wr
 
 One example (``H`` = hardware of the config, ``(L, E)`` = the feature shape)::
 
-    features   (L, E) float32   TLP primitive features (+ loop-nest tokens, see example_shape)
+    features   (L, E) float32   TLP primitive features (the step tokens)
     score      (H,)   float32   min_cost / cost per hardware (0 where not measured)
     mask       (H,)   bool      program has a valid measurement on that hardware
     min_cost   (H,)   float32   the task's best cost (s) on that hardware (0 if none there)
@@ -65,14 +65,6 @@ ARRAY_NAMES = {FEATURES: "features", SCORE: "scores", MASK: "mask", TASK_INDEX: 
                MIN_COST: "min_cost"}
 OPTIONAL_ARRAY_NAMES = {LOOP_TOKENS: "loop_tokens"}
 FIELDS = tuple(ARRAY_NAMES.values()) + tuple(OPTIONAL_ARRAY_NAMES.values())
-
-
-def example_shape(crop: Sequence[int], loop_stores: int, loop_dim: int) -> tuple[int, int]:
-  """Shape of one example's features: the TLP crop, plus the loop-nest tokens if any."""
-  length, width = (int(c) for c in crop)
-  if loop_stores:
-    return length + int(loop_stores), width + int(loop_dim)
-  return length, width
 
 
 def example_specs(feature_shape: Sequence[int], num_hardware: int,

@@ -6,14 +6,13 @@ One :class:`TensetConfig` per hardware folder of ``measure_records/`` plus a mul
 config that joins the same program across hardware by ``(workload_key, program_key)``. Every
 config has the same example structure, :mod:`data_pipelines.schema`. Feature versions:
 
-* loop tokens (``loop_tokens=True``, the default of ``python -m data_pipelines.build`` when the
-  skeletons exist): a separate ``loop_tokens`` field, ``(T, W)`` float16 per example, replayed
-  without TVM from stored per-task skeletons (:mod:`data_pipelines.loop_token_source`); the
-  layout goes to the metadata and the skeletons of the dataset's tasks to ``skeletons.json``
-  next to the shards. Records whose replay fails are skipped and counted by reason.
-* store features (TVM, old; ``loop_stores`` N > 0): the features are ``(L + N, E + D)``,
-  loop-nest store vectors appended as tokens, given by the caller as :class:`StoreFeatures`
-  (this module never imports TVM).
+* TLP's step features ``(L, E)``, always;
+* loop tokens (the default whenever the TenSet dir has its skeletons,
+  ``network_info/skeletons.json``: :func:`make_configs`'s ``loop_tokens="auto"``): a separate
+  ``loop_tokens`` field, ``(T, W)`` float16 per example, replayed without TVM from the stored
+  per-task skeletons (:mod:`data_pipelines.loop_token_source`); the layout goes to the metadata
+  and the skeletons of the dataset's tasks to ``skeletons.json`` next to the shards. Records
+  whose replay fails are skipped and counted by reason.
 
 Splits (TLP's protocol): ``test`` = every record of a task occurring in a hold-out network;
 the rest 90/10 ``train``/``validation`` with a seed, by record (by joined program in the multi
@@ -41,7 +40,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
 import numpy as np
@@ -87,11 +86,8 @@ class TensetConfig(tfds.core.BuilderConfig):
     holdout: hold-out specs ``NAME[@SIZE]``; empty = :func:`network_info.default_holdout`.
     seed: seed of the train/validation split.
     train_fraction: share of non-hold-out examples in ``train``.
-    loop_stores: store features (TVM, old). 0 = none. N > 0: each program's first N
-      loop-nest store vectors (:class:`StoreFeatures`, which the build must be given)
-      appended as extra tokens, so features are ``(L + N, E + D)``.
-    loop_tokens: add the ``loop_tokens`` field (the build must be given a
-      :class:`loop_token_source.LoopTokenSource`).
+    loop_tokens: add the ``loop_tokens`` field, replayed from the skeletons of ``skeletons``.
+    skeletons: the skeleton collection file of a config with ``loop_tokens`` (None without).
     validation: ``by_record`` (TLP) or ``by_task`` (whole tasks, TenSet's task-disjoint split).
   """
   hardware: tuple[str, ...] = ()
@@ -100,26 +96,9 @@ class TensetConfig(tfds.core.BuilderConfig):
   holdout: tuple[str, ...] = ()
   seed: int = 0
   train_fraction: float = network_info_lib.TRAIN_FRACTION
-  loop_stores: int = 0
   loop_tokens: bool = False
+  skeletons: str | None = None
   validation: str = "by_record"
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreFeatures:
-  """Where the "loop" feature version gets its loop-nest store vectors.
-
-  The caller that has TVM passes them (``data_pipelines.build`` when ``--loop_stores`` > 0,
-  from :mod:`tlp_jax.tvm.loop_features`), so the builder never imports TVM.
-
-  Attributes:
-    dim: values per store vector (``D``).
-    of_lines: ``(raw record lines, max_stores, where) -> ((n, max_stores, dim) float32,
-      stats)`` where the stats add with ``+`` and have ``to_dict()``; raises ``RuntimeError``
-      or ``ValueError`` when the records cannot be featurized (reported as a build error).
-  """
-  dim: int
-  of_lines: Callable[[Sequence[bytes], int, str], tuple[np.ndarray, Any]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +122,6 @@ class StagedHardware:
   task_files: list[str]
   stats: Any                  # records.ReadStats
   layout: int                 # featurizer one-hot width the features were made with
-  loop_stats: Any = None      # loop_features.LoopFeatureStats when loop features were added
   loop_tokens: np.ndarray | None = None   # (N, T, W) float16 read-only memmap, if made
   loop_token_stats: Any = None            # loop_token_source.LoopTokenStats, if made
 
@@ -172,20 +150,12 @@ class RecordStaging:
   """
 
   def __init__(self, tenset_dir: str, work_dir: str,
-               crop: tuple[int, int] | None = None, loop_stores: int = 0,
-               store_features: StoreFeatures | None = None,
+               crop: tuple[int, int] | None = None,
                token_source: loop_token_source.LoopTokenSource | None = None):
     self.tenset_dir = tenset_dir
     self.token_source = token_source
     self.work_dir = work_dir
     self.crop = tuple(crop) if crop else None
-    self.loop_stores = int(loop_stores)
-    if self.loop_stores and store_features is None:
-      raise DatasetBuildError(
-          f"loop_stores={self.loop_stores} needs the loop-nest store vectors, which TVM "
-          "computes: build with python -m data_pipelines.build --loop_stores N (needs "
-          "pip install -e '.[tvm]')")
-    self.store_features = store_features
     self._featurizers: dict[str, Any] = {}
     self._staged: dict[str, StagedHardware] = {}
 
@@ -215,14 +185,6 @@ class RecordStaging:
         del self._staged[hw]
     raise DatasetBuildError(f"feature layout of {list(hardware)} did not settle")
 
-  def _store_features(self, path: str, line_numbers: np.ndarray):
-    """Loop-nest features of the given lines of one record file."""
-    try:
-      return self.store_features.of_lines(records_lib.lines_at(path, line_numbers),
-                                          self.loop_stores, path)
-    except (RuntimeError, ValueError) as e:
-      raise DatasetBuildError(str(e)) from e
-
   @property
   def loop_tokens(self) -> bool:
     """Whether staged records get loop tokens."""
@@ -239,7 +201,7 @@ class RecordStaging:
     # Fresh files per read: a re-read must not truncate a file an older memmap still maps.
     feat_path = self._new_file(hardware, ".f32")
     tok_path = self._new_file(hardware, ".f16") if src is not None else None
-    acc = _StageAccumulator(self.loop_stores, src is not None)
+    acc = _StageAccumulator(src is not None)
     layouts = set()
     # Task files read here (the featurizer's vocabulary grows in this process only) while the
     # loop tokens of up to ``src.in_flight`` earlier files are computed by the workers.
@@ -289,7 +251,7 @@ class RecordStaging:
         task_min_cost=np.asarray(acc.task_min, np.float64), task_files=acc.task_files,
         stats=acc.stats,
         # A kind first seen mid-way leaves earlier files in an older layout: -1 = stale.
-        layout=layouts.pop() if len(layouts) == 1 else -1, loop_stats=acc.loop_stats,
+        layout=layouts.pop() if len(layouts) == 1 else -1,
         loop_tokens=loop_tokens, loop_token_stats=acc.token_stats)
 
   def _new_file(self, hardware: str, suffix: str) -> str:
@@ -310,10 +272,6 @@ class RecordStaging:
     if not keep.any():
       return  # every record of the task failed to replay (counted in the token stats)
     feats = np.ascontiguousarray(feats[keep])
-    if self.loop_stores:
-      stores, st = self._store_features(path, tf.line_numbers[valid][keep])
-      acc.loop_stats = st if acc.loop_stats is None else acc.loop_stats + st
-      feats = features_lib.append_loop_features(feats, stores)
     if acc.shape is None:
       acc.shape = feats.shape[1:]
     elif feats.shape[1:] != acc.shape:
@@ -330,10 +288,8 @@ class RecordStaging:
 @dataclasses.dataclass
 class _StageAccumulator:
   """What :meth:`RecordStaging._stage` collects per task file, in file order."""
-  loop_stores: int
   loop_tokens: bool
   stats: Any = None
-  loop_stats: Any = None
   token_stats: Any = None
   shape: tuple | None = None
   scores: list = dataclasses.field(default_factory=list)
@@ -456,15 +412,12 @@ def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[Sta
                    networks: Sequence[network_info_lib.NetworkInfo],
                    holdout: Sequence[str], holdout_nets: Sequence[network_info_lib.NetworkInfo],
                    vocab_json: str, crop: Sequence[int], tenset_dir: str,
-                   tlp_crop: Sequence[int] | None = None,
                    loop_token_layout: Mapping[str, Any] | None = None) -> dict:
   """The JSON metadata stored with a config (see module docstring).
 
-  ``crop`` is the examples' feature shape; ``tlp_crop`` the TLP step part of it (the same
-  unless the config adds store features). ``loop_token_layout``: the layout of the loop tokens
-  (``LoopTokenSource.layout()``) or None.
+  ``crop`` is the examples' step-feature shape. ``loop_token_layout``: the layout of the loop
+  tokens (``LoopTokenSource.layout()``) or None.
   """
-  tlp_crop = crop if tlp_crop is None else tlp_crop
   flop_ct = {}
   for net in networks:
     for t in net.tasks:
@@ -488,11 +441,6 @@ def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[Sta
       "hardware": list(config.hardware),
       "platform": config.platform,
       "crop": [int(c) for c in crop],
-      # The "loop" feature version (0 = TLP's steps only): the last ``loop_stores`` tokens and
-      # the last ``loop_dim`` columns are loop-nest store vectors (tlp_jax/loop_features).
-      "loop_stores": int(config.loop_stores),
-      "loop_dim": int(crop[1]) - int(tlp_crop[1]) if config.loop_stores else 0,
-      "loop_stats": {s.hardware: s.loop_stats.to_dict() for s in staged if s.loop_stats},
       # The loop-token version: None, or the layout of the ``loop_tokens`` field.
       schema.LOOP_TOKENS_META: loop_token_layout,
       schema.LOOP_TOKEN_STATS_META: {s.hardware: s.loop_token_stats.to_dict() for s in staged
@@ -518,12 +466,11 @@ def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[Sta
 
 def format_summary(meta: Mapping[str, Any]) -> str:
   """Human-readable summary of one config's metadata (the build CLI prints it)."""
-  loop = (f", {meta['loop_stores']} store-feature tokens of {meta['loop_dim']} (TVM, old)"
-          if meta.get("loop_stores") else "")
+  loop = ""
   tok = meta.get(schema.LOOP_TOKENS_META)
   if tok:
-    loop += (f", loop tokens ({tok['max_tokens']}, {tok['width']}) {tok['dtype']} "
-             f"v{tok['layout_version']}")
+    loop = (f", loop tokens ({tok['max_tokens']}, {tok['width']}) {tok['dtype']} "
+            f"v{tok['layout_version']}")
   lines = [f"config {meta['config']}: hardware {', '.join(meta['hardware'])} "
            f"({meta['platform']}, crop {tuple(meta['crop'])}{loop}, seed {meta['seed']}, "
            f"validation {meta.get(schema.VALIDATION_META, 'by_record')})",
@@ -535,8 +482,6 @@ def format_summary(meta: Mapping[str, Any]) -> str:
     st = meta["read_stats"].get(hw, {})
     lines.append(f"  {hw}: {int(records[:, h].sum())} examples measured, "
                  f"{int((records[:, h] > 0).sum())} tasks; read: " + _stats_line(st))
-    if hw in meta.get("loop_stats", {}):
-      lines.append(f"  {hw} store features: " + _stats_line(meta["loop_stats"][hw]))
     if hw in (meta.get(schema.LOOP_TOKEN_STATS_META) or {}):
       st = meta[schema.LOOP_TOKEN_STATS_META][hw]
       skipped = ", ".join(f"{k} {v}" for k, v in st["skipped"].items()) or "none"
@@ -579,15 +524,13 @@ class Tenset(tfds.core.ShardBasedBuilder):
   VERSION = tfds.core.Version(schema.VERSION)
 
   def __init__(self, *, tenset_dir: str, staging: RecordStaging | None = None,
-               shard_size: int = SHARD_SIZE, store_features: StoreFeatures | None = None,
+               shard_size: int = SHARD_SIZE,
                token_source: loop_token_source.LoopTokenSource | None = None, **kwargs):
     """Args: tenset_dir: TenSet root; staging: shared reader (one is made if None);
-    shard_size: examples per array_record shard; store_features: the loop-nest vectors of a
-    config with ``loop_stores`` > 0; token_source: the skeletons of a config with
-    ``loop_tokens`` (both: the staging's when it is given)."""
+    shard_size: examples per array_record shard; token_source: the skeletons of a config with
+    ``loop_tokens`` (the staging's when it is given)."""
     self._tenset_dir = tenset_dir
     self._staging = staging
-    self._store_features = staging.store_features if staging is not None else store_features
     self._token_source = staging.token_source if staging is not None else token_source
     self._task_keys: list[str] = []
     self._own_staging_dir = None
@@ -597,17 +540,12 @@ class Tenset(tfds.core.ShardBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     crop = tuple(cfg.crop) if cfg.crop else tuple(features_lib.DEFAULT_CROP[cfg.platform])
-    loop_dim = self._store_features.dim if self._store_features is not None else 0
-    if cfg.loop_stores and not loop_dim:
-      raise DatasetBuildError(f"{cfg.name}: loop_stores={cfg.loop_stores} but no store features "
-                              "were given")
     token_shape = None
     if cfg.loop_tokens:
       if self._token_source is None:
         raise DatasetBuildError(f"{cfg.name}: loop_tokens=True but no skeletons were given")
       token_shape = (self._token_source.max_tokens, loop_tokens_lib.WIDTH)
-    specs = schema.example_specs(schema.example_shape(crop, cfg.loop_stores, loop_dim),
-                                 len(cfg.hardware), token_shape)
+    specs = schema.example_specs(crop, len(cfg.hardware), token_shape)
     fields = {}
     for name, (shape, dtype) in specs.items():
       if name in (schema.FEATURES, schema.LOOP_TOKENS):
@@ -651,14 +589,9 @@ class Tenset(tfds.core.ShardBasedBuilder):
     if self._staging is None:
       self._own_staging_dir = tempfile.mkdtemp(prefix="tenset_staging_")
       self._staging = RecordStaging(self._tenset_dir, self._own_staging_dir, crop=cfg.crop,
-                                    loop_stores=cfg.loop_stores,
-                                    store_features=self._store_features,
                                     token_source=(self._token_source if cfg.loop_tokens
                                                   else None))
     staging = self._staging
-    if staging.loop_stores != cfg.loop_stores:
-      raise DatasetBuildError(f"{cfg.name}: config asks for loop_stores={cfg.loop_stores}, the "
-                              f"shared staging has {staging.loop_stores}")
     if staging.loop_tokens != cfg.loop_tokens:
       raise DatasetBuildError(f"{cfg.name}: config asks for loop_tokens={cfg.loop_tokens}, the "
                               f"shared staging has {staging.loop_tokens}")
@@ -673,7 +606,6 @@ class Tenset(tfds.core.ShardBasedBuilder):
     self.info.metadata.update(build_metadata(
         cfg, plan, staged, networks, [str(h) for h in network_info_lib.parse_holdout(holdout)],
         holdout_nets, staging.featurizer(cfg.platform).vocab.to_json(), crop, self._tenset_dir,
-        tlp_crop=staging.featurizer(cfg.platform).crop,
         loop_token_layout=staging.token_source.layout() if cfg.loop_tokens else None))
     logging.info("%s: %s examples", cfg.name, self.info.metadata["examples"])
     empty = [name for name in schema.SPLITS if not plan.splits[name].size]
@@ -731,12 +663,16 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
                  holdout: Sequence[str] = (), seed: int = 0,
                  crop: tuple[int, int] | None = None,
                  train_fraction: float = network_info_lib.TRAIN_FRACTION,
-                 multi: bool = True, loop_stores: int = 0, loop_tokens: bool = False,
+                 multi: bool = True, loop_tokens: str | bool = "auto",
+                 skeletons: str | None = None,
                  validation: str = "by_record") -> list[TensetConfig]:
   """One config per hardware (default: every folder) plus the multi-hardware join config.
 
-  ``loop_tokens`` / ``validation``: see :class:`TensetConfig` (a loop-token build must be
-  given a ``token_source``, see :func:`build`).
+  ``loop_tokens``: ``auto`` (the default: loop tokens when the skeleton file exists), ``on``
+  (required: a missing file is a :class:`loop_token_source.MissingSkeletonError` naming the
+  extraction command) or ``off`` (TLP's step features only); ``True`` / ``False`` mean
+  ``on`` / ``off``. ``skeletons``: the skeleton collection file (default
+  ``TENSET_DIR/network_info/skeletons.json``). ``validation``: see :class:`TensetConfig`.
 
   The multi config is made when there are at least two hardware of the same platform; with
   mixed platforms there is one per platform (named ``all-<platform>``).
@@ -753,14 +689,15 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
   holdout = tuple(holdout) or network_info_lib.default_holdout(networks)
   network_info_lib.select_holdout(networks, holdout)
   holdout = tuple(str(h) for h in network_info_lib.parse_holdout(holdout))
-  if loop_stores < 0:
-    raise DatasetBuildError(f"loop_stores must be >= 0, got {loop_stores}")
+  if isinstance(loop_tokens, bool):
+    loop_tokens = "on" if loop_tokens else "off"
+  skeletons = loop_token_source.resolve_skeletons(loop_tokens, tenset_dir, skeletons)
   if validation not in schema.VALIDATION_MODES:
     raise DatasetBuildError(f"validation must be one of {schema.VALIDATION_MODES}, got "
                             f"{validation!r}")
   common = dict(holdout=holdout, seed=seed, crop=tuple(crop) if crop else None,
-                train_fraction=train_fraction, loop_stores=int(loop_stores),
-                loop_tokens=bool(loop_tokens), validation=validation)
+                train_fraction=train_fraction, loop_tokens=skeletons is not None,
+                skeletons=skeletons, validation=validation)
   configs = [TensetConfig(name=hw, version=schema.VERSION, hardware=(hw,), platform=platforms[hw],
                           description=f"{hw} measure records", **common) for hw in hardware]
   if multi:
@@ -781,34 +718,38 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
 
 
 def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig],
-          shard_size: int = SHARD_SIZE, store_features: StoreFeatures | None = None,
-          token_source: loop_token_source.LoopTokenSource | None = None) -> list[dict]:
+          shard_size: int = SHARD_SIZE,
+          token_source: loop_token_source.LoopTokenSource | None = None,
+          workers: int = 1) -> list[dict]:
   """Builds (overwriting) every config into ``data_dir``; returns their metadata dicts.
 
   Hardware shared by several configs is read once (a temporary staging dir inside
-  ``data_dir`` holds the featurized records during the build and is removed after).
-  ``store_features`` is required when the configs have ``loop_stores`` > 0, ``token_source``
-  when they have ``loop_tokens`` (the caller owns it: close it after).
+  ``data_dir`` holds the featurized records during the build and is removed after). Configs
+  with ``loop_tokens`` replay their records over the skeletons of ``token_source`` when given
+  (the caller owns it: close it after), else of the configs' ``skeletons`` file, replayed by
+  ``workers`` processes.
   """
   os.makedirs(data_dir, exist_ok=True)
   crops = {c.crop for c in configs}
   if len(crops) > 1:
     raise DatasetBuildError(f"configs of one build must share the crop, got {crops}")
-  loops = {c.loop_stores for c in configs}
-  if len(loops) > 1:
-    raise DatasetBuildError(f"configs of one build must share loop_stores, got {loops}")
   tokens = {c.loop_tokens for c in configs}
   if len(tokens) > 1:
     raise DatasetBuildError(f"configs of one build must share loop_tokens, got {tokens}")
   with_tokens = next(iter(tokens), False)
+  own_source = None
   if with_tokens and token_source is None:
-    raise DatasetBuildError(
-        "loop_tokens=True needs the per-task skeletons (a LoopTokenSource); extract them once "
-        f"with TVM: {loop_token_source.extract_hint(tenset_dir)}")
+    paths = {c.skeletons for c in configs}
+    if len(paths) != 1 or None in paths:
+      raise DatasetBuildError(
+          "loop_tokens=True needs the per-task skeletons (one skeletons file for all configs, "
+          f"or a LoopTokenSource); extract them once with TVM: "
+          f"{loop_token_source.extract_hint(tenset_dir)}")
+    token_source = own_source = loop_token_source.LoopTokenSource(
+        next(iter(paths)), tenset_dir, workers=workers)
   work = tempfile.mkdtemp(prefix="staging_", dir=data_dir)
   try:
     staging = RecordStaging(tenset_dir, work, crop=next(iter(crops)),
-                            loop_stores=next(iter(loops)), store_features=store_features,
                             token_source=token_source if with_tokens else None)
     metas = []
     for cfg in configs:
@@ -823,3 +764,5 @@ def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig],
     return metas
   finally:
     shutil.rmtree(work, ignore_errors=True)
+    if own_source is not None:
+      own_source.close()

@@ -44,8 +44,6 @@ MAY_IMPORT = {
 EXCEPTIONS = {
     # The baseline reports its ranking next to TLP's through the evaluator.
     ("tlp_jax.tvm.xgb_baseline", "tlp_jax.evaluation"): {"lazy_only": False},
-    # --loop_stores > 0: TVM's loop-nest vectors for the builder.
-    ("data_pipelines.build", "tlp_jax.tvm"): {"lazy_only": True},
     # The sample's all_tasks.pkl subset, when TVM is installed.
     ("data_pipelines.make_sample", "tlp_jax.tvm"): {"lazy_only": True},
 }
@@ -228,12 +226,12 @@ def test_checker_finds_each_kind_of_violation():
       "tlp_jax.core.features": [Import("jax.numpy", line=3)],
       "tlp_jax.core.records": [Import("data_pipelines.loader", lazy=True, line=4)],
       "data_pipelines.loader": [Import("tlp_jax.train.model", line=5), Import("flax", line=6)],
-      "data_pipelines.tenset_tfds": [Import("tlp_jax.tvm.loop_features", lazy=True, line=7)],
-      "data_pipelines.build": [Import("tlp_jax.tvm.loop_features", line=8)],
+      "data_pipelines.tenset_tfds": [Import("tlp_jax.tvm.search_tasks", lazy=True, line=7)],
+      "data_pipelines.make_sample": [Import("tlp_jax.tvm.search_tasks", line=8)],
       "tlp_jax.train.model": [Import("tlp_jax.evaluation.eval_lib", line=9)],
       "tlp_jax.tvm.collect": [Import("tlp_jax.evaluation.eval_lib", line=10)],
       "tlp_jax.evaluation.eval_lib": [],
-      "tlp_jax.tvm.loop_features": [],
+      "tlp_jax.tvm.search_tasks": [],
   }
   found = _check(graph)
   for expected in (
@@ -243,9 +241,10 @@ def test_checker_finds_each_kind_of_violation():
       "data_pipelines.loader:5 imports tlp_jax.train.model: data_pipelines may not import "
       "tlp_jax.train",
       "data_pipelines.loader:6 imports flax: data_pipelines never imports flax",
-      "data_pipelines.tenset_tfds:7 imports tlp_jax.tvm.loop_features: data_pipelines may not "
+      "data_pipelines.tenset_tfds:7 imports tlp_jax.tvm.search_tasks: data_pipelines may not "
       "import tlp_jax.tvm",
-      "data_pipelines.build:8 imports tlp_jax.tvm.loop_features: allowed only inside a function",
+      "data_pipelines.make_sample:8 imports tlp_jax.tvm.search_tasks: allowed only inside a "
+      "function",
       "tlp_jax.train.model:9 imports tlp_jax.evaluation.eval_lib: tlp_jax.train may not import "
       "tlp_jax.evaluation",
       "tlp_jax.tvm.collect:10 imports tlp_jax.evaluation.eval_lib: tlp_jax.tvm may not import "
@@ -256,13 +255,13 @@ def test_checker_finds_each_kind_of_violation():
 
 def test_checker_follows_the_serving_side_through_other_modules():
   graph = {
-      "tlp_jax.tvm.cost_model": [Import("tlp_jax.tvm.loop_features")],
-      "tlp_jax.tvm.loop_features": [Import("tlp_jax.tvm.xgb_baseline", lazy=True)],
+      "tlp_jax.tvm.cost_model": [Import("tlp_jax.tvm.skeleton_extract")],
+      "tlp_jax.tvm.skeleton_extract": [Import("tlp_jax.tvm.xgb_baseline", lazy=True)],
       "tlp_jax.tvm.xgb_baseline": [Import("tlp_jax.evaluation.eval_lib")],
       "tlp_jax.evaluation.eval_lib": [Import("optax", lazy=True)],
   }
   found = _check(graph)
-  chain = "tlp_jax.tvm.cost_model -> tlp_jax.tvm.loop_features -> tlp_jax.tvm.xgb_baseline"
+  chain = "tlp_jax.tvm.cost_model -> tlp_jax.tvm.skeleton_extract -> tlp_jax.tvm.xgb_baseline"
   assert f"serving side tlp_jax.tvm.cost_model reaches tlp_jax.tvm.xgb_baseline: {chain}" in found
   assert "reaches tlp_jax.evaluation" in found and "reaches optax" in found
 
@@ -271,12 +270,12 @@ def test_checker_accepts_the_allowed_shapes():
   graph = {
       "tlp_jax.core.records": [Import("numpy"), Import("tlp_jax.core.features")],
       "tlp_jax.core.features": [],
-      "data_pipelines.build": [Import("tlp_jax.tvm.loop_features", lazy=True),
-                               Import("tensorflow_datasets")],
+      "data_pipelines.make_sample": [Import("tlp_jax.tvm.search_tasks", lazy=True),
+                                     Import("tensorflow_datasets")],
       "tlp_jax.tvm.xgb_baseline": [Import("tlp_jax.evaluation.eval_lib"),
                                    Import("data_pipelines.loader")],
       "tlp_jax.evaluation.eval_lib": [Import("tlp_jax.train.export", lazy=True)],
-      "tlp_jax.tvm.loop_features": [Import("tvm")],
+      "tlp_jax.tvm.search_tasks": [Import("tvm")],
       "tlp_jax.tvm.cost_model": [Import("tlp_jax.core.predictor"), Import("tvm")],
       "tlp_jax.core.predictor": [Import("tlp_jax.core.features")],
   }

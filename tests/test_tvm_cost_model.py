@@ -20,7 +20,6 @@ from tlp_jax.core import skeleton as sk
 from tlp_jax.train import export
 from tlp_jax.train import model as model_lib
 from tlp_jax.tvm import cost_model as tvm_cost_model
-from tlp_jax.tvm import loop_features
 from tlp_jax.tvm import search_tasks
 from tlp_jax.tvm import skeleton_extract
 
@@ -213,29 +212,19 @@ def test_a_bad_model_file_fails_at_construction(tmp_path):
 
 
 @needs_tvm
-def test_loop_model_scores_states_with_their_store_vectors(matmul_task, tmp_path):
-  """A model of the "loop" feature version gets each state's loop-nest vectors from TVM."""
-  stores, dim = 3, loop_features.feature_dim()
-  crop = (25 + stores, 22 + dim)
-  cfg = model_lib.TLPConfig(feature_dim=crop[1], seq_len=crop[0], encoder_dims=(16, 16),
-                            attention_heads=2, res_blocks=1, decoder_dims=(16, 1),
-                            input_norm="log1p")
+def test_a_model_of_the_removed_store_version_is_refused(tmp_path):
+  """Exports of the TVM store feature version (format 2, or its own meta keys) fail at
+  construction, naming the commit that still serves them."""
+  cfg = model_lib.TLPConfig(feature_dim=22, seq_len=25, encoder_dims=(8, 8), attention_heads=2,
+                            res_blocks=1, decoder_dims=(8, 1), input_norm="log1p")
   params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0),
-                                        np.zeros((1,) + crop, np.float32))["params"]
-  path = str(tmp_path / "loop.npz")
-  export.save_npz(path, params, cfg, hardware=["hw"], platform="llvm", crop=crop,
-                  vocab_json=features.Vocabulary.original("llvm").to_json(), step=0,
-                  loop_stores=stores, loop_dim=dim)
-  pred = npred.Predictor.load(path)
-  states = _states(matmul_task)
-  scores = tvm_cost_model.TLPCostModel(
-      pred, tvm_cost_model.CostModelConfig(score_transform="identity")).predict(matmul_task,
-                                                                                states)
-  vectors, _ = loop_features.store_features_from_states(matmul_task, states, stores)
-  expected = pred.predict_steps(tvm_cost_model.states_to_steps(matmul_task, states),
-                                store_features=vectors)
-  np.testing.assert_allclose(scores, np.asarray(expected, np.float32), rtol=1e-6)
-  assert vectors.any() and np.unique(scores).size > 1
+                                        np.zeros((1, 25, 22), np.float32))["params"]
+  arrays = export.export_params(params, cfg, hardware=["hw"], platform="llvm", crop=None,
+                                vocab_json=features.Vocabulary.original("llvm").to_json(), step=0)
+  old = dict(arrays, **{npred.META_FORMAT_VERSION: np.array(2, np.int64)})
+  np.savez(tmp_path / "store.npz", **old)
+  with pytest.raises(npred.PredictorError, match="TVM store feature version.*4fe3f70"):
+    tvm_cost_model.TLPCostModel(str(tmp_path / "store.npz"))
 
 
 @pytest.fixture(scope="module")
@@ -302,8 +291,6 @@ def test_loop_token_model_scores_states_with_no_tvm_call_per_state(sample_conv_t
                       forbidden("infer_bound_from_state"))
   monkeypatch.setattr(auto_scheduler.feature, "get_per_store_features_from_states",
                       forbidden("get_per_store_features_from_states"))
-  monkeypatch.setattr(loop_features, "store_features_from_states",
-                      forbidden("store_features_from_states"))
   extracted = []
   real_extract = skeleton_extract.skeleton_from_task
   monkeypatch.setattr(skeleton_extract, "skeleton_from_task",

@@ -47,6 +47,24 @@ def token_dataset(tmp_path_factory, sample_tenset_dir):
   return data_dir
 
 
+@pytest.fixture(scope="module")
+def steps_only_xeon(tmp_path_factory, sample_tenset_dir):
+  """The sample's xeon config built with ``loop_tokens="off"`` (TLP's step features only)."""
+  data_dir = str(tmp_path_factory.mktemp("steps_only"))
+  cfgs = tenset_tfds.make_configs(sample_tenset_dir, hardware=[XEON], multi=False,
+                                  loop_tokens="off")
+  assert not any(c.loop_tokens for c in cfgs)
+  tenset_tfds.build(sample_tenset_dir, data_dir, cfgs)
+  return loader.load_arrays(data_dir, XEON)
+
+
+def test_the_library_default_builds_loop_tokens(sample_arrays):
+  """make_configs / build default to loop_tokens="auto": the sample has its skeletons."""
+  arrays = sample_arrays(XEON)
+  assert arrays.loop_token_layout["max_tokens"] == lt.DEFAULT_MAX_TOKENS
+  assert arrays.train.loop_tokens is not None and os.path.isfile(arrays.skeletons_path)
+
+
 def _valid_lines_by_task(tenset_dir, hw):
   """workload key -> raw lines of the measured records of one hardware (independent parse)."""
   out = collections.defaultdict(list)
@@ -60,7 +78,7 @@ def _valid_lines_by_task(tenset_dir, hw):
   return out
 
 
-def test_tokens_equal_replay_per_record(token_dataset, sample_tenset_dir, sample_arrays):
+def test_tokens_equal_replay_per_record(token_dataset, sample_tenset_dir, steps_only_xeon):
   arrays = loader.load_arrays(token_dataset, XEON)
   skels = sk.load_collection(sk.tenset_skeletons_path(sample_tenset_dir))
   keys = arrays.tasks.workload_keys
@@ -79,7 +97,7 @@ def test_tokens_equal_replay_per_record(token_dataset, sample_tenset_dir, sample
       want[key][lt.loop_tokens(nest).tobytes()] += 1
   assert got == want
   # The TLP step features and labels are those of a build without loop tokens.
-  ref = sample_arrays(XEON)
+  ref = steps_only_xeon
   for split in schema.SPLITS:
     np.testing.assert_array_equal(arrays.split(split).features, ref.split(split).features)
     np.testing.assert_array_equal(arrays.split(split).scores, ref.split(split).scores)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import mtl
+from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.train import data
 from tlp_jax.train import model as model_lib
 
@@ -79,27 +80,34 @@ def test_mtl_heads_target_first_and_few_shot_on_the_joined_dataset(sample_arrays
   assert kept[:, 0].sum() == 50 and (kept[:, 1] == split.mask[:, 1]).all()
 
 
-def _loop_dataset(crop=(35, 186), loop_stores=10, loop_dim=164):
-  meta = {"loop_stores": loop_stores, "loop_dim": loop_dim} if loop_stores else {}
-  return types.SimpleNamespace(crop=crop, metadata=meta, platform="llvm", vocab_json="{}",
+def _loop_dataset(max_tokens=16):
+  meta = {"tenset_dir": "/data/tenset"}
+  if max_tokens:
+    meta["loop_tokens"] = {"layout_version": loop_tokens_lib.LAYOUT_VERSION,
+                           "max_tokens": max_tokens, "width": loop_tokens_lib.WIDTH}
+  return types.SimpleNamespace(crop=(25, 22), metadata=meta, platform="llvm", vocab_json="{}",
                                config_name="epyc-9004")
 
 
 def test_model_input_grows_by_the_loop_tokens_it_reads():
   model = model_lib.TLPConfig()  # the step crop: 25 x 22
   loop = _loop_dataset()
+  width = loop_tokens_lib.WIDTH
   cfg = data.model_config_for(model, "auto", loop, num_hardware_heads=2)
-  assert (cfg.seq_len, cfg.feature_dim, cfg.num_hardware_heads) == (35, 186, 2)
+  assert (cfg.seq_len, cfg.feature_dim, cfg.num_hardware_heads) == (25 + 16, 22 + width, 2)
   assert data.dataset_meta(loop, ["a", "b"], loop_tokens=True) == {
-      "hardware": ["a", "b"], "platform": "llvm", "crop": [35, 186], "vocab_json": "{}",
-      "loop_stores": 10, "loop_dim": 164}
+      "hardware": ["a", "b"], "platform": "llvm", "crop": [25 + 16, 22 + width],
+      "vocab_json": "{}", "loop_tokens": {"layout_version": loop_tokens_lib.LAYOUT_VERSION,
+                                          "max_tokens": 16, "width": width}}
   # "off": the step tokens only, exported as a TLP model of the step crop.
   off = data.model_config_for(model, "off", loop, num_hardware_heads=1)
   assert (off.seq_len, off.feature_dim) == (25, 22)
   assert data.dataset_meta(loop, ["a"], loop_tokens=False)["crop"] == [25, 22]
-  tlp = _loop_dataset(crop=(25, 22), loop_stores=0)
+  tlp = _loop_dataset(max_tokens=0)
   assert data.model_config_for(model, "auto", tlp, 1) == model
-  with pytest.raises(ValueError, match="loop_tokens='required'.*'epyc-9004'"):
+  # "required" on a dataset without tokens names the command that makes them.
+  with pytest.raises(ValueError, match="loop_tokens='required'.*'epyc-9004'.*"
+                     "python -m tlp_jax.tvm.skeleton_extract --tenset_dir /data/tenset"):
     data.reads_loop_tokens("required", tlp)
   with pytest.raises(ValueError, match=r"model.seq_len=25, model.feature_dim=22"):
     data.model_config_for(model_lib.TLPConfig(seq_len=40, feature_dim=20), "auto", loop, 1)

@@ -15,6 +15,7 @@ import pytest
 
 from tlp_jax.train import export
 from tlp_jax.core import features
+from tlp_jax.core import loop_tokens
 from tlp_jax.core import predictor as npred
 from tlp_jax.train import model as model_lib
 from tlp_jax.train.model import TLPConfig, TLPModel
@@ -111,7 +112,7 @@ def test_ensemble_parity_and_format_version(tmp_path, opts):
   np.testing.assert_allclose(pred.predict(x, hw="hw1"), ref[:, 1], rtol=0, atol=1e-5)
   # An ensemble claiming an older format, or missing its member axis, is refused.
   old = dict(arrays)
-  old[npred.META_FORMAT_VERSION] = np.array(npred.LOOP_FORMAT_VERSION, np.int64)
+  old[npred.META_FORMAT_VERSION] = np.array(1, np.int64)
   with pytest.raises(npred.PredictorError, match="ensemble_size 3 needs format_version"):
     npred.Predictor.from_arrays(old)
   flat = dict(arrays)
@@ -149,6 +150,20 @@ def test_an_export_using_a_removed_option_is_refused(removed):
   name = next(iter(removed))
   with pytest.raises(npred.PredictorError, match=f"{name}=.* was removed .*4fe3f70"):
     npred.Predictor.from_arrays(_as_format_1(arrays, **removed))
+
+
+def test_an_export_of_the_removed_store_version_is_refused():
+  """The TVM store version's exports (format 2, or its meta keys in any later format) describe
+  an input this predictor cannot build: refused, naming the commits that still serve them."""
+  _, arrays = _export(TLPConfig(**SMALL))
+  format_2 = dict(arrays, **{npred.META_FORMAT_VERSION: np.array(2, np.int64)})
+  with pytest.raises(npred.PredictorError,
+                     match=r"TVM store feature version \(format_version 2.*commit 4fe3f70"):
+    npred.Predictor.from_arrays(format_2)
+  # Meta keys this predictor does not know (as the store version's) are refused by name.
+  extra = dict(arrays, **{"meta/extra_tokens": np.array(10, np.int64)})
+  with pytest.raises(npred.PredictorError, match=r"\['meta/extra_tokens'\].*5c84946"):
+    npred.Predictor.from_arrays(extra)
 
 
 def test_head_selection():
@@ -375,15 +390,19 @@ def test_restore_for_export(trained, sample_arrays):
   assert model_config == result.model_config
   assert meta["hardware"] == ["epyc-9004"]
   dataset = sample_arrays("epyc-9004")
+  # configs/test.py reads the sample's loop tokens (the default build has them).
+  layout = dataset.loop_token_layout
+  tokens = (layout["max_tokens"], layout["width"])
   assert (meta["platform"], tuple(meta["crop"]), meta["vocab_json"]) == (
-      dataset.platform, tuple(dataset.crop), dataset.vocab_json)
+      dataset.platform, npred.input_shape(dataset.crop, tokens), dataset.vocab_json)
+  assert meta["loop_tokens"]["max_tokens"] == tokens[0] and meta["skeletons_json"]
   assert meta["step"] == int(result.state.step)
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(result.state.params)):
     np.testing.assert_array_equal(a, np.asarray(b))
   best_params, _, best_meta = export.restore_for_export(workdir, "best")
   assert best_meta["validation"]["val_loss/epyc-9004"] <= result.validation["val_loss/epyc-9004"]
   predict = export.make_predict_fn(model_config, batch_size=100)
-  x = dataset.test.features[:250]
+  x = loop_tokens.model_input(dataset.test.features[:250], dataset.test.loop_tokens[:250])
   out = predict(best_params, x)
   assert out.shape == (250, 1) and np.isfinite(out).all()
   direct = model_lib.TLPModel(model_config).apply({"params": best_params}, x[:7])

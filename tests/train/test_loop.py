@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from tlp_jax.core import loop_tokens
 from tlp_jax.core import predictor as npred
 from tlp_jax.train import checkpoints
 from tlp_jax.train import config as config_lib
@@ -44,7 +45,7 @@ def test_end_to_end_test_config(trained, sample_arrays, new_test_config):
   # Trained beats untrained on the held-out validation loss.
   devices = jax.devices()[:1]
   layout = data.BatchLayout.create(128, devices)
-  split = data.select_heads(dataset.validation, [0])
+  split = data.select_heads(dataset.validation, [0], loop_tokens=True)  # configs/test.py reads them
   p_eval = jax.pmap(lambda p, *b: step_lib.eval_step(
       p, *b, model=model_lib.TLPModel(result.model_config),
       loss_config=config_lib.from_config_dict(new_test_config()).loss),
@@ -200,12 +201,14 @@ def test_ensemble_trains_exports_and_predicts_like_flax(new_test_config, built_s
   assert np.isfinite(result.validation["val_loss"])
   arrays = export.export_workdir(workdir, str(tmp_path / "ens.npz"), "latest")
   assert int(arrays[npred.META_FORMAT_VERSION]) == npred.FORMAT_VERSION
-  x = sample_arrays("epyc-9004").test.features[:300]
+  test = sample_arrays("epyc-9004").test  # configs/test.py reads the sample's loop tokens
+  steps, tokens = test.features[:300], test.loop_tokens[:300]
   params, model_config, _ = export.restore_for_export(workdir, "latest")
-  members = export.make_predict_fn(model_config, per_member=True)(params, x)
+  members = export.make_predict_fn(model_config, per_member=True)(
+      params, loop_tokens.model_input(steps, tokens))
   assert members.shape == (300, 2, 1)
   assert np.abs(members[:, 0] - members[:, 1]).max() > 1e-3  # two different models
-  got = npred.Predictor.load(str(tmp_path / "ens.npz")).predict(x)
+  got = npred.Predictor.load(str(tmp_path / "ens.npz")).predict(steps, loop_tokens=tokens)
   np.testing.assert_allclose(got, members.mean(axis=1)[:, 0], rtol=1e-4, atol=1e-4)
 
 

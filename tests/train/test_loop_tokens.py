@@ -16,7 +16,6 @@ import numpy as np
 import optax
 import pytest
 
-from tlp_jax.core import features
 from tlp_jax.core import loop_tokens as lt
 from tlp_jax.core import predictor as npred
 from tlp_jax.core import replay as rp
@@ -47,7 +46,8 @@ def _tokens(n, seed):
 
 def _with_tokens(split, seed):
   fields = {f.name: getattr(split, f.name) for f in dataclasses.fields(split)}
-  return types.SimpleNamespace(**fields, loop_tokens=_tokens(len(split), seed))
+  fields["loop_tokens"] = _tokens(len(split), seed)
+  return types.SimpleNamespace(**fields)
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +75,13 @@ def test_numpy_and_device_assembly_agree_bit_for_bit():
   device = np.asarray(jax.jit(step_lib.model_input)(jnp.asarray(steps), jnp.asarray(tokens)))
   assert host.shape == device.shape == (7, 25 + T, 22 + W) and host.dtype == device.dtype
   assert np.array_equal(host.view(np.uint32), device.view(np.uint32))
-  # The block is the store version's disjoint-column layout.
-  np.testing.assert_array_equal(host, features.append_loop_features(steps, tokens))
+  # Disjoint columns: steps in rows [:L] columns [:E], tokens in rows [L:] columns [E:].
+  np.testing.assert_array_equal(host[:, :25, :22], steps)
+  np.testing.assert_array_equal(host[:, 25:, 22:], tokens.astype(np.float32))
   assert not host[:, 25:, :22].any() and not host[:, :25, 22:].any()
 
 
-def test_model_input_and_export_meta_follow_the_tokens(token_dataset, sample_arrays):
+def test_model_input_and_export_meta_follow_the_tokens(token_dataset):
   model = model_lib.TLPConfig()
   cfg = data.model_config_for(model, "auto", token_dataset, 1)
   assert (cfg.seq_len, cfg.feature_dim) == npred.input_shape((25, 22), (T, W))
@@ -91,8 +92,9 @@ def test_model_input_and_export_meta_follow_the_tokens(token_dataset, sample_arr
   assert data.model_config_for(model, "off", token_dataset, 1) == dataclasses.replace(
       model, num_hardware_heads=1)
   assert "loop_tokens" not in data.dataset_meta(token_dataset, ["epyc-9004"], False)
-  with pytest.raises(ValueError, match="has no loop-nest features"):
-    data.reads_loop_tokens("required", sample_arrays("epyc-9004"))
+  tlp = types.SimpleNamespace(metadata={}, config_name="epyc-9004")
+  with pytest.raises(ValueError, match="has no loop tokens.*skeleton_extract --tenset_dir"):
+    data.reads_loop_tokens("required", tlp)
   other = types.SimpleNamespace(**{**vars(token_dataset), "metadata": {
       "loop_tokens": {"layout_version": 2, "max_tokens": T, "width": W}}})
   with pytest.raises(ValueError, match="layout version 2"):

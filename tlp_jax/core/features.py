@@ -852,25 +852,3 @@ def original_tlp_features(steps: Sequence[Any], platform: str = "llvm",
     step_vecs.extend([0] * crop_width for _ in range(full_len - len(step_vecs)))
     return step_vecs[:crop_len]
 
-
-def append_loop_features(step_features: np.ndarray, store_features: np.ndarray) -> np.ndarray:
-    """Appends loop-nest store vectors to TLP step features as extra tokens (the "loop" version).
-
-    ``(n, L, E)`` steps and ``(n, S, D)`` stores become ``(n, L + S, E + D)``: step tokens keep
-    their ``E`` columns and are zero in the last ``D``; store tokens are zero in the first ``E``
-    and carry the store vector in the last ``D``. The model's first Linear therefore embeds the
-    two token kinds with separate weights, and everything after it (attention, decoder, sum) is
-    TLP's, unchanged. Zero store rows (programs with fewer than ``S`` stores) are padding like
-    TLP's zero step rows.
-    """
-    steps = np.asarray(step_features, dtype=np.float32)
-    stores = np.asarray(store_features, dtype=np.float32)
-    if steps.ndim != 3 or stores.ndim != 3 or steps.shape[0] != stores.shape[0]:
-        raise ValueError(f"expected (n, L, E) and (n, S, D) with the same n, got {steps.shape} "
-                         f"and {stores.shape}")
-    n, length, width = steps.shape
-    _, num_stores, dim = stores.shape
-    out = np.zeros((n, length + num_stores, width + dim), np.float32)
-    out[:, :length, :width] = steps
-    out[:, length:, width:] = stores
-    return out

@@ -49,16 +49,20 @@ except ImportError:  # pragma: no cover - exercised by copying the file out of t
 
 # ---- export format (single source of truth; tlp_jax.train.export writes it) --------------------------
 FORMAT_NAME = "tlp-jax-model"
-# Versions: 1 = a TLP model; 2 = a model of the "loop" feature version (meta/loop_stores,
-# meta/loop_dim); 3 = an ensemble (parameters under params/members/ with a leading member axis;
-# scores are the members' mean); 4 = today's model config keys (``num_hardware_heads``; the
+# Versions: 1 = a TLP model; 2 = a model of the TVM store feature version (removed: refused, see
+# STORE_FORMAT_VERSION); 3 = an ensemble (parameters under params/members/ with a leading member
+# axis; scores are the members' mean); 4 = today's model config keys (``num_hardware_heads``; the
 # options removed after commit 4fe3f70 are gone, see ``upgrade_model_config``); 5 = models of
 # replayed loop tokens (meta/loop_tokens_version, meta/loop_tokens_max, meta/loop_tokens_width and
 # the tasks' skeletons, meta/skeletons_json). Versions 1-3 exported the lowest version that could
 # describe the model; every export is now the current version, which older predictors refuse by
-# version. This predictor reads all five.
+# version. This predictor reads all five except the store models.
 FORMAT_VERSION = 5
-LOOP_FORMAT_VERSION = 2
+# The TVM per-store feature version (its own meta keys, any format version from 2 on) lost to
+# the replayed loop tokens on validation and was removed; its models are refused with the
+# commits that still serve them.
+STORE_FORMAT_VERSION = 2
+STORE_MODEL_COMMITS = "4fe3f70 (format_version <= 3) or 5c84946 (any format_version)"
 ENSEMBLE_FORMAT_VERSION = 3
 LOOP_TOKENS_FORMAT_VERSION = 5
 MEMBERS_PREFIX = "members/"
@@ -72,8 +76,6 @@ META_CROP = "meta/crop"
 META_VOCAB_JSON = "meta/vocab_json"
 META_VOCAB_VERSION = "meta/vocab_version"
 META_STEP = "meta/step"
-META_LOOP_STORES = "meta/loop_stores"
-META_LOOP_DIM = "meta/loop_dim"
 # Replayed loop tokens (format 5): the model input is (L + T, E + W), the (L, E) step features
 # and the (T, W) tokens of layout version meta/loop_tokens_version in disjoint columns
 # (tlp_jax.core.loop_tokens.model_input); meta/skeletons_json is the skeleton collection
@@ -84,6 +86,9 @@ META_LOOP_TOKENS_WIDTH = "meta/loop_tokens_width"
 META_SKELETONS_JSON = "meta/skeletons_json"
 REQUIRED_META = (META_FORMAT, META_FORMAT_VERSION, META_MODEL_CONFIG, META_HARDWARE,
                  META_PLATFORM, META_CROP, META_VOCAB_JSON, META_VOCAB_VERSION, META_STEP)
+# Every meta key this predictor understands; any other describes an input it cannot build.
+KNOWN_META = frozenset(REQUIRED_META + (META_LOOP_TOKENS_VERSION, META_LOOP_TOKENS_MAX,
+                                        META_LOOP_TOKENS_WIDTH, META_SKELETONS_JSON))
 
 ALL_HEADS = "all"
 # Programs per internal chunk: ~10k packed rows, whose activations stay in the L3 cache.
@@ -126,9 +131,8 @@ def upgrade_model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def input_shape(step_crop: Sequence[int], loop_shape: Sequence[int]) -> tuple[int, int]:
-  """``(L + S, E + D)``: the model input of ``(L, E)`` step features and ``S`` loop-nest
-  tokens of width ``D`` (replayed loop tokens, ``loop_tokens.model_input``, or the TVM store
-  version's store vectors, ``features.append_loop_features``; ``(0, 0)`` = TLP features only)."""
+  """``(L + T, E + W)``: the model input of ``(L, E)`` step features and ``T`` replayed loop
+  tokens of width ``W`` (``loop_tokens.model_input``; ``(0, 0)`` = TLP features only)."""
   return (int(step_crop[0]) + int(loop_shape[0]), int(step_crop[1]) + int(loop_shape[1]))
 
 
@@ -168,6 +172,12 @@ class Predictor:
     if version > FORMAT_VERSION:
       raise PredictorError(f"{source}: format_version {version} is newer than this predictor "
                            f"supports ({FORMAT_VERSION}); update tlp_jax")
+    unknown = sorted(k for k in arrays if k.startswith("meta/") and k not in KNOWN_META)
+    if version == STORE_FORMAT_VERSION or unknown:
+      raise PredictorError(
+          f"{source}: a model of the TVM store feature version (format_version {version}, meta "
+          f"keys {unknown}), which was removed from tlp_jax (docs/ACCURACY.md); serve it with "
+          f"tlp_jax at commit {STORE_MODEL_COMMITS}, or retrain on loop tokens")
     missing = [k for k in REQUIRED_META if k not in arrays]
     if missing:
       raise PredictorError(f"{source}: export lacks {missing}")
@@ -183,26 +193,18 @@ class Predictor:
     self.vocab_json: str = _as_str(arrays[META_VOCAB_JSON])
     self.vocab_version: str = _as_str(arrays[META_VOCAB_VERSION])
     self.step: int = int(np.asarray(arrays[META_STEP]).reshape(()))
-    # Loop-nest store tokens after the step tokens (0 = TLP features only).
-    self.loop_stores: int = int(np.asarray(arrays.get(META_LOOP_STORES, 0)).reshape(()))
-    self.loop_dim: int = int(np.asarray(arrays.get(META_LOOP_DIM, 0)).reshape(()))
-    if self.loop_stores and (version < 2 or not 0 < self.loop_stores < self.crop[0]
-                             or not 0 < self.loop_dim < self.crop[1]):
-      raise PredictorError(f"{source}: loop features ({self.loop_stores} stores of "
-                           f"{self.loop_dim}) do not fit in the crop {self.crop} or need "
-                           f"format_version >= 2 (got {version})")
     # Replayed loop tokens (0 = none): (max_tokens, token_width) of layout loop_tokens_version.
     self.loop_tokens_version: int = int(
         np.asarray(arrays.get(META_LOOP_TOKENS_VERSION, 0)).reshape(()))
     self.max_tokens: int = int(np.asarray(arrays.get(META_LOOP_TOKENS_MAX, 0)).reshape(()))
     self.token_width: int = int(np.asarray(arrays.get(META_LOOP_TOKENS_WIDTH, 0)).reshape(()))
     if self.loop_tokens_version or self.max_tokens:
-      if (version < LOOP_TOKENS_FORMAT_VERSION or self.loop_stores
+      if (version < LOOP_TOKENS_FORMAT_VERSION
           or not 0 < self.max_tokens < self.crop[0] or not 0 < self.token_width < self.crop[1]):
         raise PredictorError(
             f"{source}: loop tokens ({self.max_tokens} of {self.token_width}, layout "
-            f"{self.loop_tokens_version}) do not fit in the crop {self.crop}, come with store "
-            f"features, or need format_version >= {LOOP_TOKENS_FORMAT_VERSION} (got {version})")
+            f"{self.loop_tokens_version}) do not fit in the crop {self.crop} or need "
+            f"format_version >= {LOOP_TOKENS_FORMAT_VERSION} (got {version})")
       if _loop_tokens is not None and (self.loop_tokens_version != _loop_tokens.LAYOUT_VERSION
                                        or self.token_width != _loop_tokens.WIDTH):
         raise PredictorError(
@@ -388,37 +390,14 @@ class Predictor:
     """``(L, E)`` of the TLP step features (``crop`` less the loop-nest tokens, if any)."""
     if self.reads_loop_tokens:
       return step_crop_of(self.crop, (self.max_tokens, self.token_width))
-    return step_crop_of(self.crop, (self.loop_stores, self.loop_dim))
+    return self.crop
 
-  def featurize_steps(self, steps_list: Sequence[Sequence[Any]],
-                      store_features: np.ndarray | None = None) -> np.ndarray:
-    """Model inputs of raw record step lists, with the export's frozen vocabulary.
-
-    Args:
-      steps_list: step lists as in measure records (``["i"][1][1]``).
-      store_features: ``(N, loop_stores, loop_dim)`` loop-nest vectors of the same programs;
-        required by (and only by) a model of the "loop" feature version. They come from TVM:
-        ``tlp_jax.tvm.loop_features`` (records or states); ``tvm_cost_model`` passes them.
-
-    Returns:
-      ``(N, *crop)`` float32; for a model of loop tokens the ``(N, *step_crop)`` step features
-      (its tokens come from :meth:`loop_tokens_of`).
-    """
-    steps = self._get_featurizer().featurize_many(list(steps_list))
-    if not self.loop_stores:
-      if store_features is not None:
-        raise PredictorError("this model takes TLP step features only; got store features")
-      return steps
-    if store_features is None:
-      raise PredictorError(
-          f"this model also reads {self.loop_stores} loop-nest store vectors per program "
-          "(the 'loop' feature version); compute them with TVM "
-          "(tlp_jax.tvm.loop_features) and pass store_features, or use tvm_cost_model")
-    stores = np.asarray(store_features, np.float32)
-    if stores.shape != (len(steps_list), self.loop_stores, self.loop_dim):
-      raise PredictorError(f"store_features must be ({len(steps_list)}, {self.loop_stores}, "
-                           f"{self.loop_dim}), got {stores.shape}")
-    return _features.append_loop_features(steps, stores)
+  def featurize_steps(self, steps_list: Sequence[Sequence[Any]]) -> np.ndarray:
+    """``(N, *step_crop)`` float32 TLP step features of raw record step lists, with the
+    export's frozen vocabulary (``steps_list``: as in measure records, ``["i"][1][1]``). For a
+    model of loop tokens these are the step part of its input; the tokens come from
+    :meth:`loop_tokens_of`."""
+    return self._get_featurizer().featurize_many(list(steps_list))
 
   def skeleton_for(self, workload_key: str | None = None, skeleton: Any = None) -> Any:
     """The skeleton that replays programs of a task: ``skeleton`` when given (a
@@ -466,11 +445,9 @@ class Predictor:
 
   def predict_steps(self, steps_list: Sequence[Sequence[Any]], hw: str | None = None,
                     batch_size: int = DEFAULT_BATCH_SIZE,
-                    store_features: np.ndarray | None = None,
                     workload_key: str | None = None, skeleton: Any = None) -> np.ndarray:
     """Featurizes raw schedule step lists (as in measure records) and predicts them.
 
-    ``store_features``: see :meth:`featurize_steps` (models of the "loop" version only).
     ``workload_key`` / ``skeleton``: the programs' task, for a model of loop tokens (the steps
     are replayed over its skeleton, :meth:`loop_tokens_of`; no TVM needed); all the programs of
     one call belong to that task.
@@ -483,7 +460,7 @@ class Predictor:
     elif workload_key is not None or skeleton is not None:
       raise PredictorError("this model reads no loop tokens; workload_key / skeleton are for "
                            "models of loop tokens")
-    return self.predict(self.featurize_steps(steps_list, store_features), hw=hw,
+    return self.predict(self.featurize_steps(steps_list), hw=hw,
                         batch_size=batch_size, loop_tokens=tokens)
 
   # ---- internals -------------------------------------------------------------------------------

@@ -27,10 +27,10 @@ from tlp_jax.train import losses
 from tlp_jax.train import model as model_lib
 from tlp_jax.train import optimizer
 
-# config.loop_tokens: whether the model reads a dataset's loop-nest tokens (the replayed loop
-# tokens of a default build, or the store tokens of the TVM store version). "auto": when the
-# dataset has them; "required": refuse a dataset without them; "off": read TLP's step tokens only
-# (the original's input, also on a dataset with tokens).
+# config.loop_tokens: whether the model reads a dataset's replayed loop tokens (a default build
+# has them when the TenSet dir has its skeletons). "auto": when the dataset has them;
+# "required": refuse a dataset without them; "off": read TLP's step tokens only (the original's
+# input, also on a dataset with tokens).
 LOOP_TOKEN_MODES = ("auto", "required", "off")
 BATCH_ORDERS = ("random", "by_task")
 DATA_PLACEMENTS = ("auto", "device", "host")

@@ -26,6 +26,7 @@ import numpy as np
 
 from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.core import predictor
+from tlp_jax.core import skeleton
 from tlp_jax.train import model as model_lib
 
 # The pmap axis over which the global batch is split.
@@ -140,14 +141,6 @@ def few_shot_mask(mask: np.ndarray, num_labels: int, fraction: float, seed: int)
 # ---------------------------------------------------------------------------------------------
 
 
-def loop_feature_shape(dataset: Any) -> tuple[int, int]:
-  """``(stores, width)`` of a TVM store-version dataset's loop-nest store tokens, which its
-  build appended to every example's features (``metadata["loop_stores"]``); ``(0, 0)`` for
-  any other dataset."""
-  meta = getattr(dataset, "metadata", None) or {}
-  return int(meta.get("loop_stores", 0)), int(meta.get("loop_dim", 0))
-
-
 def loop_token_shape(dataset: Any) -> tuple[int, int]:
   """``(T, W)`` of the dataset's replayed loop tokens (``metadata["loop_tokens"]``), stored
   apart from the step features (``SplitArrays.loop_tokens``); ``(0, 0)`` when it has none.
@@ -169,17 +162,23 @@ def loop_token_shape(dataset: Any) -> tuple[int, int]:
 
 
 def reads_loop_tokens(loop_tokens: str, dataset: Any) -> bool:
-  """Whether a model with ``config.loop_tokens`` reads ``dataset``'s loop-nest tokens (the
-  replayed loop tokens, or a TVM store-version dataset's store tokens)."""
+  """Whether a model with ``config.loop_tokens`` reads ``dataset``'s replayed loop tokens.
+
+  Raises:
+    ValueError: ``loop_tokens='required'`` and the dataset has none (the message names the
+      skeleton extraction command), or its tokens are of another layout.
+  """
   if loop_tokens == "off":  # the tokens' layout does not matter to a model that ignores them
     return False
-  has = bool(loop_token_shape(dataset)[0] or loop_feature_shape(dataset)[0])
+  has = bool(loop_token_shape(dataset)[0])
   if loop_tokens == "required" and not has:
+    meta = getattr(dataset, "metadata", None) or {}
+    tenset_dir = meta.get("tenset_dir") or "TENSET_DIR"
     raise ValueError(
-        f"config.loop_tokens='required' but dataset {getattr(dataset, 'config_name', '')!r} has no "
-        "loop-nest features; build it with loop tokens (`python -m data_pipelines.build`, from "
-        "the tasks' skeletons) or, the older TVM store version, with `--loop_stores 10` (needs "
-        "TVM: pip install -e '.[tvm]')")
+        f"config.loop_tokens='required' but dataset {getattr(dataset, 'config_name', '')!r} has "
+        "no loop tokens; they are replayed from each task's skeleton, extracted once with TVM "
+        f"(pip install -e '.[tvm]'): {skeleton.EXTRACT_COMMAND} {tenset_dir}, then rebuild "
+        f"the dataset: python -m data_pipelines.build --tenset_dir {tenset_dir} ...")
   return has
 
 
@@ -188,21 +187,16 @@ def model_config_for(model: model_lib.TLPConfig, loop_tokens: str, dataset: Any,
   """The ``TLPConfig`` trained on ``dataset``: ``config.model`` with its heads and input size.
 
   ``model.seq_len`` / ``feature_dim`` are the step-token crop (TLP's ``step_size`` /
-  ``fea_size``). When the model reads the dataset's loop-nest tokens (``reads_loop_tokens``),
-  its input grows by them (``predictor.input_shape``): they sit after the dataset's step crop
-  (appended by the store version's build, assembled per batch for loop tokens), so the model's
-  step crop must equal the dataset's.
+  ``fea_size``). When the model reads the dataset's loop tokens (``reads_loop_tokens``), its
+  input grows by them (``predictor.input_shape``): they are assembled per batch after the
+  dataset's step crop, so the model's step crop must equal the dataset's.
   """
   seq_len, feature_dim = model.seq_len, model.feature_dim
   if reads_loop_tokens(loop_tokens, dataset):
-    loop_shape = loop_feature_shape(dataset)
-    if loop_shape[0]:
-      step_crop = predictor.step_crop_of(dataset.crop, loop_shape)
-    else:
-      loop_shape, step_crop = loop_token_shape(dataset), tuple(dataset.crop)
+    loop_shape, step_crop = loop_token_shape(dataset), tuple(dataset.crop)
     if (seq_len, feature_dim) != step_crop:
       raise ValueError(
-          f"the dataset's loop-nest tokens follow its {step_crop} step features, but the model's "
+          f"the dataset's loop tokens follow its {step_crop} step features, but the model's "
           f"step crop is ({seq_len}, {feature_dim}); set model.seq_len={step_crop[0]}, "
           f"model.feature_dim={step_crop[1]}, or loop_tokens='off'")
     seq_len, feature_dim = predictor.input_shape(step_crop, loop_shape)
@@ -212,28 +206,19 @@ def model_config_for(model: model_lib.TLPConfig, loop_tokens: str, dataset: Any,
 
 def dataset_meta(dataset: Any, hardware: Sequence[str], loop_tokens: bool) -> dict[str, Any]:
   """What the exporter needs about the model's input: head hardware, platform, crop, vocabulary,
-  and the loop-nest tokens it reads.
+  and the loop tokens it reads.
 
   ``crop`` is the model's input: for loop tokens the step crop grown by ``(T, W)``, and
-  ``loop_tokens`` = ``{"layout_version", "max_tokens", "width"}``; for the store version
-  ``loop_stores`` / ``loop_dim``. ``loop_tokens=False``: the model reads only the step tokens of
-  such a dataset, so its export is a TLP model (the step crop, no loop fields).
+  ``loop_tokens`` = ``{"layout_version", "max_tokens", "width"}``. ``loop_tokens=False``: the
+  model reads only the step tokens, so its export is a TLP model (the step crop, no loop fields).
   """
   crop = dataset.crop
-  loop_stores, loop_dim = loop_feature_shape(dataset)
-  if loop_stores and not loop_tokens:
-    crop = predictor.step_crop_of(crop, (loop_stores, loop_dim))
-    loop_stores = loop_dim = 0
-  stores_version = bool(loop_feature_shape(dataset)[0])
-  num_tokens, width = (loop_token_shape(dataset) if loop_tokens and not stores_version
-                       else (0, 0))
+  num_tokens, width = loop_token_shape(dataset) if loop_tokens else (0, 0)
   if num_tokens:
     crop = predictor.input_shape(crop, (num_tokens, width))
   meta = {"hardware": list(hardware), "platform": str(dataset.platform),
           "crop": [int(c) for c in crop] if crop is not None else None,
           "vocab_json": dataset.vocab_json}
-  if loop_stores:
-    meta.update(loop_stores=loop_stores, loop_dim=loop_dim)
   if num_tokens:
     meta["loop_tokens"] = {"layout_version": loop_tokens_lib.LAYOUT_VERSION,
                            "max_tokens": num_tokens, "width": width}

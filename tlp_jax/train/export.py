@@ -9,12 +9,10 @@ Format (``tlp_jax.core.predictor`` defines the key names and ``FORMAT_VERSION``)
 * ``meta/format`` (``"tlp-jax-model"``), ``meta/format_version`` (int), ``meta/model_config``
   (``TLPConfig`` as JSON), ``meta/hardware`` (``(H,)`` head names, in head order),
   ``meta/platform``, ``meta/crop`` (``(2,)`` int: steps, width), ``meta/vocab_json``,
-  ``meta/vocab_version``, ``meta/step`` (source checkpoint step); for models trained on the
-  "loop" feature version also ``meta/loop_stores`` and ``meta/loop_dim`` (int: the last
-  ``loop_stores`` tokens and ``loop_dim`` columns of ``crop`` are loop-nest store vectors);
-  for models of replayed loop tokens (format 5) ``meta/loop_tokens_version``,
-  ``meta/loop_tokens_max`` and ``meta/loop_tokens_width`` (int: ``crop`` is the step crop grown
-  by ``(max, width)``, ``loop_tokens.model_input``) and ``meta/skeletons_json`` (the training
+  ``meta/vocab_version``, ``meta/step`` (source checkpoint step); for models of replayed loop
+  tokens (format 5) ``meta/loop_tokens_version``, ``meta/loop_tokens_max`` and
+  ``meta/loop_tokens_width`` (int: ``crop`` is the step crop grown by ``(max, width)``,
+  ``loop_tokens.model_input``) and ``meta/skeletons_json`` (the training
   tasks' skeleton collection, so the predictor featurizes their programs without TVM).
 
 Strings are NumPy unicode arrays, so ``np.load(path, allow_pickle=False)`` reads everything.
@@ -70,8 +68,7 @@ def _vocab_version(vocab_json: str) -> str:
 
 def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, *,
                   hardware: Sequence[str], platform: str, crop: Sequence[int] | None,
-                  vocab_json: str, step: int, loop_stores: int = 0,
-                  loop_dim: int = 0, loop_tokens: Mapping[str, int] | None = None,
+                  vocab_json: str, step: int, loop_tokens: Mapping[str, int] | None = None,
                   skeletons_json: str | None = None) -> dict[str, np.ndarray]:
   """Flat export dict of a trained model (what ``save_npz`` writes).
 
@@ -83,8 +80,6 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
     crop: featurizer crop ``(steps, width)``; None = the model's ``(seq_len, feature_dim)``.
     vocab_json: the featurizer vocabulary (``Vocabulary.to_json()``).
     step: training step of the source checkpoint.
-    loop_stores, loop_dim: loop-nest store tokens appended to the step features (the "loop"
-      feature version, ``features.append_loop_features``); 0 = TLP features only.
     loop_tokens: ``{"layout_version", "max_tokens", "width"}`` of the replayed loop tokens the
       model reads (``crop`` then includes them); None = none.
     skeletons_json: the skeleton collection (``tlp_jax.core.skeleton``) embedded with a model
@@ -116,9 +111,6 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
       npred.META_VOCAB_VERSION: np.array(_vocab_version(vocab_json)),
       npred.META_STEP: np.array(int(step), np.int64),
   })
-  if loop_stores:
-    out[npred.META_LOOP_STORES] = np.array(int(loop_stores), np.int64)
-    out[npred.META_LOOP_DIM] = np.array(int(loop_dim), np.int64)
   if loop_tokens:
     out[npred.META_LOOP_TOKENS_VERSION] = np.array(int(loop_tokens["layout_version"]), np.int64)
     out[npred.META_LOOP_TOKENS_MAX] = np.array(int(loop_tokens["max_tokens"]), np.int64)
@@ -155,7 +147,6 @@ def meta_kwargs(meta: Mapping[str, Any]) -> dict[str, Any]:
   ``skeletons_json`` for a model of loop tokens, see ``restore_for_export``)."""
   return dict(hardware=meta["hardware"], platform=meta["platform"], crop=meta.get("crop"),
               vocab_json=meta["vocab_json"], step=int(meta["step"]),
-              loop_stores=int(meta.get("loop_stores", 0)), loop_dim=int(meta.get("loop_dim", 0)),
               loop_tokens=meta.get("loop_tokens"), skeletons_json=meta.get("skeletons_json"))
 
 

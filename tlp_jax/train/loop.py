@@ -131,11 +131,9 @@ def _train_and_evaluate(config: config_lib.TrainConfig, workdir: str, dataset: A
   loop_tokens = data.reads_loop_tokens(config.loop_tokens, dataset)
   model_config = data.model_config_for(config.model, config.loop_tokens, dataset,
                                        num_hardware_heads=len(hardware))
-  # Replayed loop tokens are read from their own array (the store version's are in features).
-  separate_tokens = loop_tokens and bool(data.loop_token_shape(dataset)[0]) and not (
-      data.loop_feature_shape(dataset)[0])
-  train = data.select_heads(dataset.train, columns, separate_tokens)
-  val = data.select_heads(dataset.validation, columns, separate_tokens)
+  # Loop tokens are kept in their own (float16) array and assembled per batch.
+  train = data.select_heads(dataset.train, columns, loop_tokens)
+  val = data.select_heads(dataset.validation, columns, loop_tokens)
   if train.size == 0:
     raise ValueError(f"no training records with labels for hardware {list(hardware)}")
   train = dataclasses.replace(train, mask=data.few_shot_mask(
@@ -157,7 +155,7 @@ def _train_and_evaluate(config: config_lib.TrainConfig, workdir: str, dataset: A
   if is_chief:
     checkpoints.write_json(os.path.join(workdir, checkpoints.TRAIN_CONFIG_FILE),
                            config.to_dict())
-    if separate_tokens:
+    if loop_tokens:
       checkpoints.copy_skeletons(getattr(dataset, "skeletons_path", None), workdir)
   run_identity = {"num_train": train.size, "global_batch": layout.global_batch,
                   "steps_per_epoch": steps_per_epoch, "seed": config.seed}

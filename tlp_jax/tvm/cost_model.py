@@ -18,11 +18,6 @@ templates), so no native code runs per state and nothing per state can abort the
 whose replay fails (never seen on the sample or tenset-mini) gets the lowest score of its batch
 and a warning, instead of an exception inside TVM's callback.
 
-A model of the older TVM store version (``configs/loopnest.py`` on a ``--loop_stores`` build)
-reads each state's loop-nest store vectors, computed with TVM's own feature extractor
-(``tlp_jax.tvm.loop_features.store_features_from_states``) per state; that native extractor can
-abort the process (issue 15), which the loop-token version avoids.
-
 ``update`` is a no-op, as in the original TLP integration (its ``TLPModel.update`` does nothing):
 the model is trained offline on TenSet-style records and is not refit during tuning.
 """
@@ -40,7 +35,6 @@ import orjson
 
 from tlp_jax.core import features
 from tlp_jax.core import predictor as npred
-from tlp_jax.tvm import loop_features
 from tlp_jax.tvm import skeleton_extract
 from tlp_jax.tvm import tvm_import
 
@@ -147,7 +141,7 @@ class TLPCostModel(_python_based_model()):
   Raises:
     ImportError: TVM is not installed.
     FileNotFoundError, tlp_jax.core.predictor.PredictorError: the model file is missing or bad.
-    ValueError: a bad config, or a model this TVM cannot feed.
+    ValueError: a bad config.
   """
 
   def __init__(self, predictor, config: CostModelConfig = CostModelConfig()):
@@ -164,11 +158,6 @@ class TLPCostModel(_python_based_model()):
         config.hardware not in list(hardware)):
       raise ValueError(f"the exported model has no head for hardware {config.hardware!r}; "
                        f"it has {list(hardware)}")
-    self._loop_stores = int(getattr(predictor, "loop_stores", 0))
-    if self._loop_stores:
-      if int(predictor.loop_dim) != loop_features.feature_dim():
-        raise ValueError(f"the model was trained on loop-nest vectors of {predictor.loop_dim} "
-                         f"values; this TVM computes {loop_features.feature_dim()}")
     self._loop_tokens = bool(getattr(predictor, "reads_loop_tokens", False))
     super().__init__()
     self.predictor = predictor
@@ -258,11 +247,7 @@ class TLPCostModel(_python_based_model()):
         raw = self.predictor.predict(self.predictor.featurize_steps(steps),
                                      hw=self.config.hardware, loop_tokens=tokens)
       else:
-        extra = {}
-        if self._loop_stores:
-          extra["store_features"], _ = loop_features.store_features_from_states(
-              task, [states[i] for i in chunk], self._loop_stores)
-        raw = self.predictor.predict_steps(steps, hw=self.config.hardware, **extra)
+        raw = self.predictor.predict_steps(steps, hw=self.config.hardware)
       out = self._transform(np.asarray(raw, dtype=np.float64).reshape(len(chunk)))
       if failed:
         ok = np.ones(len(chunk), bool)
