@@ -387,8 +387,7 @@ def loop_tokens_many(nests: Sequence[rp.LoopNest], skeleton=None,
 def model_input(steps: np.ndarray, tokens: np.ndarray) -> np.ndarray:
   """The model's input of step features and loop tokens: ``(N, L + T, E + W)`` float32.
 
-  The two token kinds use disjoint columns, as the TVM store version did
-  (``features.append_loop_features``): rows ``[:L]`` columns ``[:E]`` are the ``(N, L, E)``
+  The two token kinds use disjoint columns (as the deleted TVM store version did): rows ``[:L]`` columns ``[:E]`` are the ``(N, L, E)``
   steps, rows ``[L:]`` columns ``[E:]`` the ``(N, T, W)`` tokens (float16 -> float32 is exact),
   zero elsewhere. The model's first Linear thus embeds each kind with its own weights, and
   padding rows of either kind stay all-zero. Datasets store the two compact arrays; this block
