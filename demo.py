@@ -8,24 +8,22 @@ sample's committed ``network_info/skeletons.json``), trains the default recipe s
 and ranks a few raw programs of a held-out task with the pure-NumPy predictor. Rerunning resumes
 training from the workdir's checkpoints.
 """
+
 import logging as py_logging
 import os
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from data_pipelines import loader
-from data_pipelines import tenset_tfds
+from data_pipelines import loader, tenset_tfds
 from tlp_jax.core import predictor as npred
-from tlp_jax.core import records
-from tlp_jax.core import tenset
+from tlp_jax.core import records, tenset
 from tlp_jax.train import runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Output folder.")
-_TENSET_DIR = flags.DEFINE_string("tenset_dir", "data/sample/tenset-mini",
-                                  "TenSet-layout records (default: the embedded sample).")
+_TENSET_DIR = flags.DEFINE_string(
+  "tenset_dir", "data/sample/tenset-mini", "TenSet-layout records (default: the embedded sample)."
+)
 _HW = flags.DEFINE_string("hw", "epyc-9004", "Hardware to train and evaluate on.")
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config.")
 
@@ -59,8 +57,7 @@ def main(argv):
   from tlp_jax.evaluation import data as eval_data
   from tlp_jax.evaluation import report as eval_report
   from tlp_jax.evaluation import run as eval_run
-  from tlp_jax.train import export
-  from tlp_jax.train import loop
+  from tlp_jax.train import export, loop
 
   workdir = os.path.abspath(_WORKDIR.value)
   data_dir = os.path.join(workdir, "data")

@@ -8,27 +8,36 @@ the exact random-ranking expectation and the oracle, and writes JSON, Markdown a
 See docs/EVAL.md.
 """
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from tlp_jax.evaluation import report as report_lib
 from tlp_jax.evaluation import run
 from tlp_jax.evaluation.data import EvalError
 
-_HW = flags.DEFINE_string("hw", None, "Hardware to evaluate on (a hardware of the dataset; for "
-                          "an MTL model also the head to use).", required=True)
+_HW = flags.DEFINE_string(
+  "hw",
+  None,
+  "Hardware to evaluate on (a hardware of the dataset; for an MTL model also the head to use).",
+  required=True,
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Built dataset directory.", required=True)
-_DATASET = flags.DEFINE_string("dataset", None, "Dataset config name (default: the config named "
-                               "--hw, else the first built config that has --hw).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its --checkpoint is exported "
-                               "in memory).")
+_DATASET = flags.DEFINE_string(
+  "dataset",
+  None,
+  "Dataset config name (default: the config named "
+  "--hw, else the first built config that has --hw).",
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Training workdir (its --checkpoint is exported in memory)."
+)
 _MODEL = flags.DEFINE_string("model", None, "Exported model .npz.")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                                "Checkpoint of --workdir to evaluate.")
+_CHECKPOINT = flags.DEFINE_enum(
+  "checkpoint", "best", ["best", "latest"], "Checkpoint of --workdir to evaluate."
+)
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to evaluate.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/eval, or the model "
-                           "file's folder).")
+_OUT = flags.DEFINE_string(
+  "out", None, "Output folder (default: WORKDIR/eval, or the model file's folder)."
+)
 _BATCH = flags.DEFINE_integer("batch_size", 4096, "Prediction batch size.")
 _KS = flags.DEFINE_list("ks", ["1", "5", "10", "20"], "k values of top-k.")
 
@@ -40,10 +49,16 @@ def main(argv):
     raise app.UsageError("give exactly one of --workdir and --model")
   try:
     report = run.evaluate_model(
-        hw=_HW.value, data_dir=_DATA_DIR.value, dataset=_DATASET.value,
-        workdir=_WORKDIR.value, model_path=_MODEL.value, which=_CHECKPOINT.value,
-        split=_SPLIT.value,
-        ks=[int(k) for k in _KS.value], batch_size=_BATCH.value)
+      hw=_HW.value,
+      data_dir=_DATA_DIR.value,
+      dataset=_DATASET.value,
+      workdir=_WORKDIR.value,
+      model_path=_MODEL.value,
+      which=_CHECKPOINT.value,
+      split=_SPLIT.value,
+      ks=[int(k) for k in _KS.value],
+      batch_size=_BATCH.value,
+    )
   except EvalError as e:
     # A user error (unknown hardware, missing head, ...): the message says it all.
     raise SystemExit(f"eval.py: error: {e}") from None

@@ -7,21 +7,17 @@ Re-running the same command resumes from the workdir's latest checkpoint. See do
 
 import logging as py_logging
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tlp_jax.train import config as config_lib
-from tlp_jax.train import loop
-from tlp_jax.train import runtime
+from tlp_jax.train import loop, runtime
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and metadata.")
-config_flags.DEFINE_config_file("config", None, "Training configuration file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,8 +49,12 @@ def main(argv):
   runtime.apply_config(config)
   if config.distributed.enabled:
     jax.distributed.initialize(**_distributed_args(config.distributed))
-  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  logging.info(
+    "JAX process %d/%d, local devices: %s",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
   loop.train_and_evaluate(config, FLAGS.workdir)
 
 

@@ -45,13 +45,10 @@ from data_pipelines import loader
 from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.core import metrics
 from tlp_jax.evaluation import topk
-from tlp_jax.evaluation.data import EvalData
-from tlp_jax.evaluation.data import eval_data
+from tlp_jax.evaluation.data import EvalData, eval_data
 from tlp_jax.train import config as config_lib
 from tlp_jax.train import data as train_data
-from tlp_jax.train import export
-from tlp_jax.train import loop
-from tlp_jax.train import runtime
+from tlp_jax.train import export, loop, runtime
 
 KS = (1, 5)
 XEON, EPYC = "xeon-emr-16c", "epyc-9004"
@@ -59,18 +56,18 @@ _XEON_FEW_SHOT = {"hardware": (XEON,), "dataset": "all", "few_shot.fraction": 0.
 
 # name -> (config module, dotted overrides, target hardware).
 EXPERIMENTS = {
-    # The shipped default and the original TLP recipe.
-    "default": ("default", {}, EPYC),
-    "tlp_original": ("tlp_original", {}, EPYC),
-    # The default as an ensemble of five networks (the default before issue 15's validation).
-    "default_ens5": ("default", {"model.ensemble_size": 5}, EPYC),
-    # MTL-TLP: all of xeon's labels plus all of epyc's, xeon the target.
-    "mtl": ("mtl", {}, XEON),
-    # TLP's step tokens only on a loop-nest build (the model reads the step crop, as TLP).
-    "steps": ("default", {"loop_tokens": "off"}, EPYC),
-    # Few-shot transfer (MTL-TLP): 10% of xeon's training labels alone vs with all of epyc's.
-    "xeon10%_alone": ("default", _XEON_FEW_SHOT, XEON),
-    "xeon10%+epyc_mtl": ("mtl", {**_XEON_FEW_SHOT, "hardware": (XEON, EPYC)}, XEON),
+  # The shipped default and the original TLP recipe.
+  "default": ("default", {}, EPYC),
+  "tlp_original": ("tlp_original", {}, EPYC),
+  # The default as an ensemble of five networks (the default before issue 15's validation).
+  "default_ens5": ("default", {"model.ensemble_size": 5}, EPYC),
+  # MTL-TLP: all of xeon's labels plus all of epyc's, xeon the target.
+  "mtl": ("mtl", {}, XEON),
+  # TLP's step tokens only on a loop-nest build (the model reads the step crop, as TLP).
+  "steps": ("default", {"loop_tokens": "off"}, EPYC),
+  # Few-shot transfer (MTL-TLP): 10% of xeon's training labels alone vs with all of epyc's.
+  "xeon10%_alone": ("default", _XEON_FEW_SHOT, XEON),
+  "xeon10%+epyc_mtl": ("mtl", {**_XEON_FEW_SHOT, "hardware": (XEON, EPYC)}, XEON),
 }
 
 
@@ -120,11 +117,15 @@ def labelled_rows_only(arrays, config):
   target = list(arrays.hardware).index(config.hardware[0])
   labelled = np.flatnonzero(np.asarray(arrays.train.mask)[:, target])
   kept = train_data.few_shot_mask(
-      np.asarray(arrays.train.mask)[labelled][:, [target]], int(config.few_shot.num_labels),
-      float(config.few_shot.fraction), int(config.seed))
+    np.asarray(arrays.train.mask)[labelled][:, [target]],
+    int(config.few_shot.num_labels),
+    float(config.few_shot.fraction),
+    int(config.seed),
+  )
   rows = labelled[kept[:, 0]]
-  train = type(arrays.train)(**{f.name: getattr(arrays.train, f.name)[rows]
-                                for f in dataclasses.fields(arrays.train)})
+  train = type(arrays.train)(
+    **{f.name: getattr(arrays.train, f.name)[rows] for f in dataclasses.fields(arrays.train)}
+  )
   train_mask = np.zeros_like(np.asarray(arrays.train.mask)[rows])
   train_mask[:, target] = True
   config.few_shot.fraction = 1.0
@@ -151,20 +152,24 @@ def _summary(values: list) -> dict:
 def _aggregate(per_seed: list[dict]) -> dict:
   """Mean +- std over seeds of the test pooled (TLP) / mean (TenSet) / per-network top-k and
   the validation all-task top-k."""
-  out = {f"{agg}/top-{k}": _summary([s["test"][agg][f"top-{k}"] for s in per_seed])
-         for agg in ("pooled", "mean") for k in KS}
+  out = {
+    f"{agg}/top-{k}": _summary([s["test"][agg][f"top-{k}"] for s in per_seed])
+    for agg in ("pooled", "mean")
+    for k in KS
+  }
   for net in per_seed[0]["test"]["per_network"]:
     for k in KS:
-      out[f"{net}/top-{k}"] = _summary([s["test"]["per_network"][net][f"top-{k}"]
-                                        for s in per_seed])
+      out[f"{net}/top-{k}"] = _summary(
+        [s["test"]["per_network"][net][f"top-{k}"] for s in per_seed]
+      )
   for k in KS:
-    out[f"validation/top-{k}"] = _summary([s["validation"]["task_mean"][f"top-{k}"]
-                                           for s in per_seed])
+    out[f"validation/top-{k}"] = _summary(
+      [s["validation"]["task_mean"][f"top-{k}"] for s in per_seed]
+    )
   return out
 
 
-def _scores(params, predict, head: int, data: EvalData,
-            tokens: bool) -> tuple[dict, np.ndarray]:
+def _scores(params, predict, head: int, data: EvalData, tokens: bool) -> tuple[dict, np.ndarray]:
   """The model's report row on ``data`` and its predictions (float64, valid programs).
 
   ``tokens``: the model reads the dataset's loop tokens, assembled with the steps per batch.
@@ -178,8 +183,7 @@ def _scores(params, predict, head: int, data: EvalData,
     batches.append(p)
     return p
 
-  row = topk.topk_report(data, fn, model_name="model", ks=KS,
-                         loop_tokens=tokens)["rows"]["model"]
+  row = topk.topk_report(data, fn, model_name="model", ks=KS, loop_tokens=tokens)["rows"]["model"]
   return row, np.concatenate(batches)
 
 
@@ -192,8 +196,10 @@ def run_seed(config, arrays, target: str, splits: dict[str, EvalData], also_best
     head = list(result.hardware).index(target)
     predict = export.make_predict_fn(result.model_config, 4096)
     typed = config_lib.from_config_dict(config)
-    tokens = (train_data.reads_loop_tokens(typed.loop_tokens, arrays)
-              and train_data.loop_token_shape(arrays)[0] > 0)
+    tokens = (
+      train_data.reads_loop_tokens(typed.loop_tokens, arrays)
+      and train_data.loop_token_shape(arrays)[0] > 0
+    )
     out = {"train_wall_s": wall["train"], "model_config": result.model_config.to_dict()}
     for name, data in splits.items():
       out[name], pred = _scores(result.state.params, predict, head, data, tokens)
@@ -201,14 +207,21 @@ def run_seed(config, arrays, target: str, splits: dict[str, EvalData], also_best
         out["test_pred"] = pred
     if also_best:
       params, _, meta = export.restore_for_export(workdir, "best")
-      out["best"] = {name: _scores(params, predict, head, data, tokens)[0]
-                     for name, data in splits.items()}
+      out["best"] = {
+        name: _scores(params, predict, head, data, tokens)[0] for name, data in splits.items()
+      }
       out["best"]["epoch"] = meta.get("epoch")
   return out
 
 
-def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dict,
-                   save_preds_dir: str | None = None, also_best: bool = False) -> dict:
+def run_experiment(
+  name: str,
+  data_dir: str,
+  seeds: list[int],
+  arrays_cache: dict,
+  save_preds_dir: str | None = None,
+  also_best: bool = False,
+) -> dict:
   """Trains ``name`` once per seed; returns per-seed and aggregate top-k."""
   module, overrides, target = EXPERIMENTS[name]
   per_seed = []
@@ -221,26 +234,39 @@ def run_experiment(name: str, data_dir: str, seeds: list[int], arrays_cache: dic
     if few_shot_alone(config):
       arrays, config = labelled_rows_only(arrays, config)
     per_seed.append(run_seed(config, arrays, target, splits, also_best))
-    logging.info("%s seed %d: test pooled %s, validation %s (%.1f s)", name, seed,
-                 per_seed[-1]["test"]["pooled"], per_seed[-1]["validation"]["task_mean"],
-                 per_seed[-1]["train_wall_s"])
+    logging.info(
+      "%s seed %d: test pooled %s, validation %s (%.1f s)",
+      name,
+      seed,
+      per_seed[-1]["test"]["pooled"],
+      per_seed[-1]["validation"]["task_mean"],
+      per_seed[-1]["train_wall_s"],
+    )
   test = splits["test"]
   preds = [s.pop("test_pred") for s in per_seed]
   if save_preds_dir:
     os.makedirs(save_preds_dir, exist_ok=True)
-    np.savez(os.path.join(save_preds_dir, re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".npz"),
-             preds=np.stack(preds), latency=test.latency, task_index=test.task_index,
-             rows=test.rows)
+    np.savez(
+      os.path.join(save_preds_dir, re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".npz"),
+      preds=np.stack(preds),
+      latency=test.latency,
+      task_index=test.task_index,
+      rows=test.rows,
+    )
   args = (test.latency, test.task_index, test.networks, KS, len(test.task_keys))
   ensemble = np.mean([_zscore_per_task(p, test.task_index) for p in preds], axis=0)
-  out = {"config_module": f"configs/{module}.py", "overrides": dict(overrides),
-         "model_config": per_seed[0].pop("model_config"), "target": target, "seeds": seeds,
-         "aggregate": _aggregate(per_seed),
-         "ensemble": metrics.top_k_scores(ensemble, *args).to_dict(),
-         "random": metrics.random_top_k_scores(*args).to_dict(),
-         "per_seed": [{k: v for k, v in s.items() if k in ("validation", "test")}
-                      for s in per_seed],
-         "train_wall_s": [s["train_wall_s"] for s in per_seed]}
+  out = {
+    "config_module": f"configs/{module}.py",
+    "overrides": dict(overrides),
+    "model_config": per_seed[0].pop("model_config"),
+    "target": target,
+    "seeds": seeds,
+    "aggregate": _aggregate(per_seed),
+    "ensemble": metrics.top_k_scores(ensemble, *args).to_dict(),
+    "random": metrics.random_top_k_scores(*args).to_dict(),
+    "per_seed": [{k: v for k, v in s.items() if k in ("validation", "test")} for s in per_seed],
+    "train_wall_s": [s["train_wall_s"] for s in per_seed],
+  }
   if also_best:
     out["per_seed_best"] = [s["best"] for s in per_seed]
     out["aggregate_best"] = _aggregate(out["per_seed_best"])
@@ -256,31 +282,65 @@ def format_table(results: dict) -> str:
   rows = []
   for name, r in results.items():
     a, e = r["aggregate"], r["ensemble"]["pooled"]
-    rows.append([name, r["target"], ms(a, "validation/top-1"), ms(a, "pooled/top-1"),
-                 ms(a, "pooled/top-5"), ms(a, "mean/top-1"), ms(a, "mean/top-5"),
-                 f"{e['top-1']:.3f} / {e['top-5']:.3f}"])
+    rows.append(
+      [
+        name,
+        r["target"],
+        ms(a, "validation/top-1"),
+        ms(a, "pooled/top-1"),
+        ms(a, "pooled/top-5"),
+        ms(a, "mean/top-1"),
+        ms(a, "mean/top-5"),
+        f"{e['top-1']:.3f} / {e['top-5']:.3f}",
+      ]
+    )
   return common.markdown_table(
-      ["experiment", "target", "validation top-1", "pooled top-1", "pooled top-5",
-       "mean top-1", "mean top-5", "ensemble pooled top-1/top-5"], rows)
+    [
+      "experiment",
+      "target",
+      "validation top-1",
+      "pooled top-1",
+      "pooled top-5",
+      "mean top-1",
+      "mean top-5",
+      "ensemble pooled top-1/top-5",
+    ],
+    rows,
+  )
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data_dir", required=True)
-  parser.add_argument("--experiments", default="tlp_original,default",
-                      help="comma-separated, of: " + ", ".join(EXPERIMENTS).replace("%", "%%"))
+  parser.add_argument(
+    "--experiments",
+    default="tlp_original,default",
+    help="comma-separated, of: " + ", ".join(EXPERIMENTS).replace("%", "%%"),
+  )
   parser.add_argument("--seeds", default="0,1,2,3,4")
   parser.add_argument("--out", required=True)
-  parser.add_argument("--save_preds", default=None,
-                      help="folder for per-experiment test predictions (.npz, one row a seed)")
-  parser.add_argument("--also_best", action="store_true",
-                      help="validate every epoch and also score the best-validation checkpoint "
-                      "(eval.py's default), reported as aggregate_best")
-  parser.add_argument("--set", action="append", default=[],
-                      help="extra override for every experiment, KEY=PYTHON_LITERAL "
-                      "(smoke runs: --set num_epochs=2)")
-  parser.add_argument("--nondeterministic_gpu", action="store_true",
-                      help="leave XLA's GPU autotuning free (runs then differ between processes)")
+  parser.add_argument(
+    "--save_preds",
+    default=None,
+    help="folder for per-experiment test predictions (.npz, one row a seed)",
+  )
+  parser.add_argument(
+    "--also_best",
+    action="store_true",
+    help="validate every epoch and also score the best-validation checkpoint "
+    "(eval.py's default), reported as aggregate_best",
+  )
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    help="extra override for every experiment, KEY=PYTHON_LITERAL (smoke runs: --set num_epochs=2)",
+  )
+  parser.add_argument(
+    "--nondeterministic_gpu",
+    action="store_true",
+    help="leave XLA's GPU autotuning free (runs then differ between processes)",
+  )
   args = parser.parse_args()
   if not args.nondeterministic_gpu:
     runtime.enable_deterministic_gpu_ops()  # before JAX starts a backend
@@ -305,10 +365,10 @@ def main() -> None:
   for name in names:
     if name in results and results[name]["seeds"] == seeds:
       continue
-    results[name] = run_experiment(name, args.data_dir, seeds, arrays_cache, args.save_preds,
-                                   args.also_best)
-    common.write_json(args.out, {**common.device_info(), "experiments": results},
-                      announce=False)
+    results[name] = run_experiment(
+      name, args.data_dir, seeds, arrays_cache, args.save_preds, args.also_best
+    )
+    common.write_json(args.out, {**common.device_info(), "experiments": results}, announce=False)
     print(format_table({name: results[name]}).splitlines()[-1], flush=True)
   print(format_table(results))
   print(f"wrote {args.out}")

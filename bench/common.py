@@ -13,7 +13,8 @@ import os
 import platform
 import re
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,19 +33,30 @@ def cpu_model() -> str:
 
 def machine_info(**extra) -> dict:
   """Platform, CPU, core count, load average now, Python and NumPy versions, plus ``extra``."""
-  return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-          "load_average": os.getloadavg(), "python": platform.python_version(),
-          "numpy": np.__version__, **extra}
+  return {
+    "platform": platform.platform(),
+    "cpu": cpu_model(),
+    "cpu_count": os.cpu_count(),
+    "load_average": os.getloadavg(),
+    "python": platform.python_version(),
+    "numpy": np.__version__,
+    **extra,
+  }
 
 
 def device_info() -> dict[str, Any]:
   """The JAX accelerator a run used: device kind, count, backend, versions, date and host."""
   import jax  # only the JAX benchmarks need it; the host ones stay NumPy-only
+
   devices = jax.devices()
-  return {"device": devices[0].device_kind, "num_devices": len(devices),
-          "backend": jax.default_backend(), "jax": jax.__version__,
-          "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
-          "host": machine_info(node=platform.node())}
+  return {
+    "device": devices[0].device_kind,
+    "num_devices": len(devices),
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+    "host": machine_info(node=platform.node()),
+  }
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ r"""Dataset build and array-loader throughput.
    per hardware; use ``--scale_records 8600000`` where disk allows (~8 GB input JSON, ~2x20 GB
    staging + dataset, ~20 GB array cache).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -23,26 +24,24 @@ import shutil
 import tempfile
 import time
 
-from absl import app
-from absl import flags
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import app, flags
 
 from bench import common
-from data_pipelines import loader
-from data_pipelines import schema
-from data_pipelines import tenset_tfds
-from tlp_jax.core import records
-from tlp_jax.core import tenset
+from data_pipelines import loader, schema, tenset_tfds
+from tlp_jax.core import records, tenset
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _TENSET_DIR = flags.DEFINE_string("tenset_dir", "/work/shared/tenset-mini", "TenSet root.")
-_OUT = flags.DEFINE_string("out", os.path.join(_REPO, "bench", "results", "dataset_build.json"),
-                           "Result JSON.")
+_OUT = flags.DEFINE_string(
+  "out", os.path.join(_REPO, "bench", "results", "dataset_build.json"), "Result JSON."
+)
 _WORK = flags.DEFINE_string("work_dir", None, "Scratch dir (default: a temp dir, removed).")
-_SCALE = flags.DEFINE_integer("scale_records", 1_000_000,
-                              "Replicated records for the scale run (0 = skip).")
+_SCALE = flags.DEFINE_integer(
+  "scale_records", 1_000_000, "Replicated records for the scale run (0 = skip)."
+)
 _PER_TASK = flags.DEFINE_integer("records_per_task", 4000, "Scale run: records per task file.")
 
 
@@ -70,19 +69,28 @@ def _timed_loads(data_dir: str, config: str) -> dict:
       checksum += float(a.reshape(-1)[:1000].astype(np.float64).sum())
       del a
   cached_read = time.perf_counter() - t
-  return {"config": config, "examples": n, "first_load_s": first,
-          "first_load_examples_per_s": n / first,
-          "cached_open_s": cached_open, "cached_open_examples_per_s": n / cached_open,
-          "cached_full_read_s": cached_read, "cached_full_read_examples_per_s": n / cached_read,
-          "checksum": checksum}
+  return {
+    "config": config,
+    "examples": n,
+    "first_load_s": first,
+    "first_load_examples_per_s": n / first,
+    "cached_open_s": cached_open,
+    "cached_open_examples_per_s": n / cached_open,
+    "cached_full_read_s": cached_read,
+    "cached_full_read_examples_per_s": n / cached_read,
+    "checksum": checksum,
+  }
 
 
-def _replicate(src_dir: str, dst_dir: str, hardware: str, target_records: int,
-               per_task: int) -> dict:
+def _replicate(
+  src_dir: str, dst_dir: str, hardware: str, target_records: int, per_task: int
+) -> dict:
   """Copies ``hardware``'s task files under fresh workload keys up to target_records."""
-  shutil.copytree(os.path.join(src_dir, tenset.NETWORK_INFO_DIR),
-                  os.path.join(dst_dir, tenset.NETWORK_INFO_DIR),
-                  ignore=shutil.ignore_patterns("*.pkl"))
+  shutil.copytree(
+    os.path.join(src_dir, tenset.NETWORK_INFO_DIR),
+    os.path.join(dst_dir, tenset.NETWORK_INFO_DIR),
+    ignore=shutil.ignore_patterns("*.pkl"),
+  )
   out_dir = tenset.measure_records_dir(dst_dir, hardware)
   os.makedirs(out_dir)
   originals = []
@@ -91,7 +99,7 @@ def _replicate(src_dir: str, dst_dir: str, hardware: str, target_records: int,
     if first is None:
       continue
     with open(path, "rb") as f:
-      lines = [l if l.endswith(b"\n") else l + b"\n" for l in f if l.strip()]
+      lines = [ln if ln.endswith(b"\n") else ln + b"\n" for ln in f if ln.strip()]
     task_hash = json.loads(first.workload_key)[0]
     originals.append((os.path.basename(path), task_hash, lines))
   written = files = 0
@@ -116,8 +124,11 @@ def _replicate(src_dir: str, dst_dir: str, hardware: str, target_records: int,
 def main(argv) -> None:
   del argv
   work = _WORK.value or tempfile.mkdtemp(prefix="bench_dataset_")
-  results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "machine": _machine(), "tenset_dir": _TENSET_DIR.value}
+  results = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "machine": _machine(),
+    "tenset_dir": _TENSET_DIR.value,
+  }
   try:
     data_dir = os.path.join(work, "data")
     configs = tenset_tfds.make_configs(_TENSET_DIR.value)
@@ -125,15 +136,19 @@ def main(argv) -> None:
     metas = tenset_tfds.build(_TENSET_DIR.value, data_dir, configs)
     build_s = time.perf_counter() - t
     results["tenset_mini_build"] = {
-        "seconds": build_s, "configs": [m["config"] for m in metas],
-        "examples": {m["config"]: m["examples"] for m in metas},
-        "records_read": {hw: s["lines"] for m in metas for hw, s in m["read_stats"].items()}}
+      "seconds": build_s,
+      "configs": [m["config"] for m in metas],
+      "examples": {m["config"]: m["examples"] for m in metas},
+      "records_read": {hw: s["lines"] for m in metas for hw, s in m["read_stats"].items()},
+    }
     print(f"build of {len(metas)} configs: {build_s:.2f} s")
     results["tenset_mini_load"] = [_timed_loads(data_dir, m["config"]) for m in metas]
     for r in results["tenset_mini_load"]:
-      print(f"load {r['config']}: first {r['first_load_examples_per_s']:.0f} ex/s, cached open "
-            f"{r['cached_open_examples_per_s']:.0f} ex/s, cached full read "
-            f"{r['cached_full_read_examples_per_s']:.0f} ex/s")
+      print(
+        f"load {r['config']}: first {r['first_load_examples_per_s']:.0f} ex/s, cached open "
+        f"{r['cached_open_examples_per_s']:.0f} ex/s, cached full read "
+        f"{r['cached_full_read_examples_per_s']:.0f} ex/s"
+      )
     shutil.rmtree(data_dir)
 
     if _SCALE.value > 0:
@@ -143,11 +158,12 @@ def main(argv) -> None:
       rep = _replicate(_TENSET_DIR.value, rep_dir, hw, _SCALE.value, _PER_TASK.value)
       rep["replicate_s"] = time.perf_counter() - t
       rep["hardware"] = hw
-      rep["note"] = ("REPLICATED records (real lines of tenset-mini under fresh workload keys, "
-                     "repeated within a task), not real measurements; for throughput only")
+      rep["note"] = (
+        "REPLICATED records (real lines of tenset-mini under fresh workload keys, "
+        "repeated within a task), not real measurements; for throughput only"
+      )
       rep_data = os.path.join(work, "replicated_data")
-      cfg = tenset_tfds.make_configs(rep_dir, hardware=[hw], multi=False,
-                                     holdout=["resnet_50@224"])
+      cfg = tenset_tfds.make_configs(rep_dir, hardware=[hw], multi=False, holdout=["resnet_50@224"])
       t = time.perf_counter()
       tenset_tfds.build(rep_dir, rep_data, cfg)
       rep["build_s"] = time.perf_counter() - t
@@ -155,10 +171,12 @@ def main(argv) -> None:
       shutil.rmtree(rep_dir)
       rep["load"] = _timed_loads(rep_data, hw)
       results["scale_run"] = rep
-      print(f"scale run ({rep['records']} replicated records): build {rep['build_s']:.1f} s "
-            f"({rep['build_records_per_s']:.0f} rec/s); first load "
-            f"{rep['load']['first_load_examples_per_s']:.0f} ex/s; cached full read "
-            f"{rep['load']['cached_full_read_examples_per_s']:.0f} ex/s")
+      print(
+        f"scale run ({rep['records']} replicated records): build {rep['build_s']:.1f} s "
+        f"({rep['build_records_per_s']:.0f} rec/s); first load "
+        f"{rep['load']['first_load_examples_per_s']:.0f} ex/s; cached full read "
+        f"{rep['load']['cached_full_read_examples_per_s']:.0f} ex/s"
+      )
   finally:
     if not _WORK.value:
       shutil.rmtree(work, ignore_errors=True)

@@ -12,20 +12,17 @@ top-k rows and the machine in one JSON.
 
 from __future__ import annotations
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from bench import common
 from data_pipelines import loader
 from tlp_jax.evaluation import report as report_lib
 from tlp_jax.evaluation import run as eval_run
-from tlp_jax.train import loop
-from tlp_jax.train import runtime
+from tlp_jax.train import loop, runtime
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training configuration file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Training workdir (must be new or from the same run).")
 flags.DEFINE_string("out", None, "Results JSON.")
 flags.DEFINE_list("ks", ["1", "5", "10", "20"], "k values of top-k.")
@@ -49,19 +46,35 @@ def main(argv):
     for which in ("best", "latest"):
       key = f"{hw}/{which}"
       with common.timed(wall["eval"], key):
-        report = eval_run.evaluate_model(hw=hw, data_dir=config.data_dir,
-                                         dataset=config.dataset, workdir=FLAGS.workdir,
-                                         which=which, ks=ks)
-      evals[key] = {"rows": report["rows"], "model": report["model"],
-                    "num_programs": report["num_programs"], "networks": report["networks"]}
+        report = eval_run.evaluate_model(
+          hw=hw,
+          data_dir=config.data_dir,
+          dataset=config.dataset,
+          workdir=FLAGS.workdir,
+          which=which,
+          ks=ks,
+        )
+      evals[key] = {
+        "rows": report["rows"],
+        "model": report["model"],
+        "num_programs": report["num_programs"],
+        "networks": report["networks"],
+      }
       print(f"== {hw} ({which} checkpoint)\n{report_lib.format_report(report)}", flush=True)
 
-  common.write_json(FLAGS.out, {
+  common.write_json(
+    FLAGS.out,
+    {
       "what": "full training run (train_and_evaluate) + eval on the hold-out networks",
-      **common.device_info(), "config": config.to_dict(),
+      **common.device_info(),
+      "config": config.to_dict(),
       "num_train_records": int(dataset.train.features.shape[0]),
-      "hardware": list(result.hardware), "wall_s": wall,
-      "final_validation": result.validation, "eval": evals})
+      "hardware": list(result.hardware),
+      "wall_s": wall,
+      "final_validation": result.validation,
+      "eval": evals,
+    },
+  )
 
 
 if __name__ == "__main__":

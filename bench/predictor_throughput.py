@@ -28,9 +28,8 @@ import time
 import numpy as np
 
 from bench import common
-from tlp_jax.core import features
+from tlp_jax.core import features, records
 from tlp_jax.core import predictor as npred
-from tlp_jax.core import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,14 +58,21 @@ def _export_random_model(num_heads: int, vocab_json: str) -> npred.Predictor:
   """A randomly initialised model of TLP's dimensions with ``num_heads`` hardware heads."""
   # JAX is only needed to build the parameters; keep it out of the timed process state.
   code = (
-      "import sys, jax; from tlp_jax.train import model, export;"
-      f"cfg = model.TLPConfig(num_hardware_heads={num_heads});"
-      "p = model.init_params(cfg, jax.random.PRNGKey(0));"
-      f"export.save_npz(sys.argv[1], p, cfg, hardware=[f'hw{{i}}' for i in range({num_heads})],"
-      "platform='llvm', crop=None, vocab_json=sys.stdin.read(), step=0)")
+    "import sys, jax; from tlp_jax.train import model, export;"
+    f"cfg = model.TLPConfig(num_hardware_heads={num_heads});"
+    "p = model.init_params(cfg, jax.random.PRNGKey(0));"
+    f"export.save_npz(sys.argv[1], p, cfg, hardware=[f'hw{{i}}' for i in range({num_heads})],"
+    "platform='llvm', crop=None, vocab_json=sys.stdin.read(), step=0)"
+  )
   path = os.path.join("/tmp", f"tlp_bench_model_{os.getpid()}.npz")
-  subprocess.run([sys.executable, "-c", code, path], input=vocab_json, text=True, check=True,
-                 cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  subprocess.run(
+    [sys.executable, "-c", code, path],
+    input=vocab_json,
+    text=True,
+    check=True,
+    cwd=REPO,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   try:
     return npred.Predictor.load(path)
   finally:
@@ -88,8 +94,9 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=512)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--heads", type=int, default=1)
-  parser.add_argument("--out", default=os.path.join(REPO, "bench", "results",
-                                                    "predictor_throughput.json"))
+  parser.add_argument(
+    "--out", default=os.path.join(REPO, "bench", "results", "predictor_throughput.json")
+  )
   args = parser.parse_args()
   load_start = os.getloadavg()[0]
 
@@ -110,16 +117,22 @@ def main() -> None:
     return n / seconds
 
   i = iter(range(10**9))
-  results["predict_mixed"] = per_s(common.best_time(
-      lambda: predictor.predict(feats[mixed_idx[next(i) % args.repeats]]), args.repeats))
-  results["predict_one_task"] = per_s(common.best_time(
-      lambda: predictor.predict(task_feats), args.repeats))
+  results["predict_mixed"] = per_s(
+    common.best_time(
+      lambda: predictor.predict(feats[mixed_idx[next(i) % args.repeats]]), args.repeats
+    )
+  )
+  results["predict_one_task"] = per_s(
+    common.best_time(lambda: predictor.predict(task_feats), args.repeats)
+  )
   all_feats = feats[: (len(feats) // b) * b]
   results["predict_all_records_default_chunks"] = per_s(
-      common.best_time(lambda: predictor.predict(all_feats), 2), len(all_feats))
+    common.best_time(lambda: predictor.predict(all_feats), 2), len(all_feats)
+  )
   if args.heads > 1:
-    results["predict_mixed_all_heads"] = per_s(common.best_time(
-        lambda: predictor.predict(feats[mixed_idx[0]], hw="all"), args.repeats))
+    results["predict_mixed_all_heads"] = per_s(
+      common.best_time(lambda: predictor.predict(feats[mixed_idx[0]], hw="all"), args.repeats)
+    )
 
   batch_steps = [all_steps[j] for j in mixed_idx[0]]
 
@@ -129,10 +142,12 @@ def main() -> None:
 
   results["featurize_cold"] = per_s(common.best_time(cold, args.repeats))
   predictor.featurize_steps(batch_steps)
-  results["featurize_warm"] = per_s(common.best_time(
-      lambda: predictor.featurize_steps(batch_steps), args.repeats))
-  results["predict_steps_warm"] = per_s(common.best_time(
-      lambda: predictor.predict_steps(batch_steps), args.repeats))
+  results["featurize_warm"] = per_s(
+    common.best_time(lambda: predictor.featurize_steps(batch_steps), args.repeats)
+  )
+  results["predict_steps_warm"] = per_s(
+    common.best_time(lambda: predictor.predict_steps(batch_steps), args.repeats)
+  )
 
   valid = np.any(feats != 0, axis=-1)
   # Measured after the predictor timings so both see similar machine load.
@@ -142,21 +157,33 @@ def main() -> None:
   machine["loadavg_1m_start"] = load_start
   machine["loadavg_1m_end"] = os.getloadavg()[0]
   report = {
-      "machine": machine,
-      "sgemm_gflops_measured": gflops,
-      "model": {"heads": args.heads, "config": predictor.config,
-                "dense_mflop_per_program": flops_per_program / 1e6,
-                "dense_bound_programs_per_s": gflops * 1e9 / flops_per_program},
-      "data": {"records_dir": args.records, "programs": len(all_steps),
-               "mean_real_steps": float(valid.sum(1).mean())},
-      "batch": b, "repeats": args.repeats, "timing": "best of repeats",
-      "note": ("the 2 cores are shared with other jobs; compare programs/s with the "
-               "sgemm rate measured in the same run (dense_bound_programs_per_s)"),
-      "programs_per_s": results,
+    "machine": machine,
+    "sgemm_gflops_measured": gflops,
+    "model": {
+      "heads": args.heads,
+      "config": predictor.config,
+      "dense_mflop_per_program": flops_per_program / 1e6,
+      "dense_bound_programs_per_s": gflops * 1e9 / flops_per_program,
+    },
+    "data": {
+      "records_dir": args.records,
+      "programs": len(all_steps),
+      "mean_real_steps": float(valid.sum(1).mean()),
+    },
+    "batch": b,
+    "repeats": args.repeats,
+    "timing": "best of repeats",
+    "note": (
+      "the 2 cores are shared with other jobs; compare programs/s with the "
+      "sgemm rate measured in the same run (dense_bound_programs_per_s)"
+    ),
+    "programs_per_s": results,
   }
   common.write_json(args.out, report, announce=False)
-  print(f"sgemm {gflops:.0f} GFLOP/s; dense model {flops_per_program / 1e6:.1f} MFLOP/program "
-        f"-> dense bound {report['model']['dense_bound_programs_per_s']:.0f} programs/s")
+  print(
+    f"sgemm {gflops:.0f} GFLOP/s; dense model {flops_per_program / 1e6:.1f} MFLOP/program "
+    f"-> dense bound {report['model']['dense_bound_programs_per_s']:.0f} programs/s"
+  )
   for k, v in results.items():
     print(f"{k:34s} {v:12.0f} programs/s")
   print(f"wrote {args.out}")

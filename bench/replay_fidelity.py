@@ -16,6 +16,7 @@ the causes can be read off the JSON.
   python bench/replay_fidelity.py --tenset_dir /work/shared/tenset-mini \
       --out bench/results/replay_fidelity.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,12 @@ _LOOP_LINE = re.compile(r"^(\s*)(\S+) (\S+) \((.*)\)$")
 
 def load_tasks_and_skeletons(tenset_dir: str):
   """TVM SearchTasks (registered) and their skeletons, keyed by workload key."""
-  from tlp_jax.tvm import search_tasks  # pylint: disable=import-outside-toplevel
-  from tlp_jax.tvm import skeleton_extract  # pylint: disable=import-outside-toplevel
-  tasks = search_tasks.load_search_tasks(os.path.join(tenset_dir, "network_info",
-                                                      "all_tasks.pkl"))
+  from tlp_jax.tvm import (
+    search_tasks,  # pylint: disable=import-outside-toplevel
+    skeleton_extract,  # pylint: disable=import-outside-toplevel
+  )
+
+  tasks = search_tasks.load_search_tasks(os.path.join(tenset_dir, "network_info", "all_tasks.pkl"))
   by_key = {}
   for t in tasks:
     by_key.setdefault(t.workload_key, t)
@@ -52,6 +55,7 @@ def tvm_nest(task, line: str):
   printed state. Loops: (name, extent or None, kind, annotation, is_int)."""
   import tvm  # pylint: disable=import-outside-toplevel
   from tvm.auto_scheduler import measure_record  # pylint: disable=import-outside-toplevel
+
   inp, _ = measure_record.load_record_from_string(line)
   state = task.compute_dag.infer_bound_from_state(inp.state)
   stages = []
@@ -90,7 +94,7 @@ def compare(nest: rp.LoopNest, tvm_stages, tvm_text: str):
   n_loops = n_exact = 0
   if len(nest.stages) != len(tvm_stages):
     return [("stage_count", "", "")], 0, 0, []
-  for i, (a, b) in enumerate(zip(nest.stages, tvm_stages)):
+  for a, b in zip(nest.stages, tvm_stages):
     name, op_type, cat, loops = b
     if a[rp.S_NAME] != name:
       problems.append(("stage_name", name, f"{a[rp.S_NAME]} vs {name}"))
@@ -118,10 +122,20 @@ def compare(nest: rp.LoopNest, tvm_stages, tvm_text: str):
   if not problems:
     # Attachments are checked on TVM's printout, which hides extent-1 loops: print the replayed
     # nest with TVM's extents so that an extent mismatch is not counted twice.
-    with_tvm_ext = rp.LoopNest(tuple(
-        a[:rp.S_LOOPS] + (tuple(x[:rp.L_EXTENT] + ((y[1] if y[4] else -1),) + x[rp.L_KIND:-1]
-                                + (False,) for x, y in zip(a[rp.S_LOOPS], b[3])),)
-        for a, b in zip(nest.stages, tvm_stages)), nest.concrete, nest.attach_order)
+    with_tvm_ext = rp.LoopNest(
+      tuple(
+        a[: rp.S_LOOPS]
+        + (
+          tuple(
+            x[: rp.L_EXTENT] + ((y[1] if y[4] else -1),) + x[rp.L_KIND : -1] + (False,)
+            for x, y in zip(a[rp.S_LOOPS], b[3])
+          ),
+        )
+        for a, b in zip(nest.stages, tvm_stages)
+      ),
+      nest.concrete,
+      nest.attach_order,
+    )
     if normalize_print(with_tvm_ext.to_text(True)) != normalize_print(tvm_text):
       problems.append(("attach_or_print", "", ""))
   return problems, n_loops, n_exact, ext_problems
@@ -182,34 +196,48 @@ def run(tenset_dir: str, hardware=None, limit_per_file: int = 0, max_examples: i
         for kind, stage, _ in problems[:1]:
           struct_patterns[f"{kind} [{_stage_kind(stage)}] steps: {sig}"] += 1
         if len(examples) < max_examples:
-          examples.append({"file": os.path.relpath(f, tenset_dir), "steps": steps,
-                           "problems": problems[:3]})
+          examples.append(
+            {"file": os.path.relpath(f, tenset_dir), "steps": steps, "problems": problems[:3]}
+          )
       if not ext_problems:
         c["extents_ok"] += 1
       else:
         name = ext_problems[0][0]
         ext_patterns[f"[{_stage_kind(name)}] steps: {sig}"] += 1
         if len(examples) < max_examples:
-          examples.append({"file": os.path.relpath(f, tenset_dir), "steps": steps,
-                           "extent_problems": [list(map(str, p)) for p in ext_problems[:4]]})
+          examples.append(
+            {
+              "file": os.path.relpath(f, tenset_dir),
+              "steps": steps,
+              "extent_problems": [list(map(str, p)) for p in ext_problems[:4]],
+            }
+          )
       if not problems and not ext_problems:
         c["identical"] += 1
   summary = {}
   for hw, c in sorted(per_hw.items()):
     n = max(c["compared"], 1)
     summary[hw] = {
-        "programs": c["programs"], "compared": c["compared"],
-        "replay_errors": c["replay_errors"], "tvm_errors": c["tvm_errors"],
-        "structure_identical_pct": 100.0 * c["structure_ok"] / n,
-        "extents_all_exact_pct": 100.0 * c["extents_ok"] / n,
-        "loops": c["loops"],
-        "loops_exact_pct": 100.0 * c["loops_exact"] / max(c["loops"], 1),
-        "fully_identical_pct": 100.0 * c["identical"] / n}
-  return {"tenset_dir": tenset_dir, "files": len(files), "per_hardware": summary,
-          "structure_mismatch_patterns": dict(struct_patterns.most_common(30)),
-          "extent_mismatch_patterns": dict(ext_patterns.most_common(30)),
-          "examples": examples,
-          "skeletons": sk.collection_size_stats(skels), "seconds": time.time() - t0}
+      "programs": c["programs"],
+      "compared": c["compared"],
+      "replay_errors": c["replay_errors"],
+      "tvm_errors": c["tvm_errors"],
+      "structure_identical_pct": 100.0 * c["structure_ok"] / n,
+      "extents_all_exact_pct": 100.0 * c["extents_ok"] / n,
+      "loops": c["loops"],
+      "loops_exact_pct": 100.0 * c["loops_exact"] / max(c["loops"], 1),
+      "fully_identical_pct": 100.0 * c["identical"] / n,
+    }
+  return {
+    "tenset_dir": tenset_dir,
+    "files": len(files),
+    "per_hardware": summary,
+    "structure_mismatch_patterns": dict(struct_patterns.most_common(30)),
+    "extent_mismatch_patterns": dict(ext_patterns.most_common(30)),
+    "examples": examples,
+    "skeletons": sk.collection_size_stats(skels),
+    "seconds": time.time() - t0,
+  }
 
 
 def main(argv=None):
@@ -224,12 +252,25 @@ def main(argv=None):
   res = run(args.tenset_dir, args.hardware, args.limit_per_file)
   try:
     from bench import common
+
     res["machine"] = common.machine_info()
   except Exception:  # pylint: disable=broad-except
     res["machine"] = None
-  print(json.dumps({k: res[k] for k in ("per_hardware", "structure_mismatch_patterns",
-                                        "extent_mismatch_patterns", "skeletons", "seconds")},
-                   indent=1))
+  print(
+    json.dumps(
+      {
+        k: res[k]
+        for k in (
+          "per_hardware",
+          "structure_mismatch_patterns",
+          "extent_mismatch_patterns",
+          "skeletons",
+          "seconds",
+        )
+      },
+      indent=1,
+    )
+  )
   if args.out:
     doc = {}
     if os.path.exists(args.out):

@@ -13,6 +13,7 @@ program), measured in the same run.
   TVM_NUM_THREADS=1 python bench/replay_throughput.py --tenset_dir data/sample/tenset-mini \
       --out bench/results/replay_throughput.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,7 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default="")
   args = ap.parse_args(argv)
-  from bench import common
-  from bench import replay_fidelity
+  from bench import common, replay_fidelity
 
   t0 = time.perf_counter()
   # Also registers the workloads, so TVM can rebuild the records' states below.
@@ -65,7 +65,7 @@ def main(argv=None):
   # Interleave tasks (every k-th line) so a prefix is not one task.
   if args.max_records:
     step = max(1, len(lines) // args.max_records)
-    lines = lines[::step][:args.max_records]
+    lines = lines[::step][: args.max_records]
   parsed = []
   for ln in lines:
     rec = json.loads(ln)
@@ -90,27 +90,35 @@ def main(argv=None):
   def run_full_tokens():
     for s, st in parsed:
       lt.loop_tokens(rp.replay(s, st))
+
   full_tok_rate, _ = _best_rate(run_full_tokens, len(parsed), 1)
   tmpl = template_bench(parsed, skels)
   tuner = tuner_bench(parsed, skels, args.tuner_tasks, args.tuner_batch)
   line_rate, _ = _best_rate(run_lines, len(lines), args.repeats)
-  tvm_lines = lines[:args.tvm_records]
+  tvm_lines = lines[: args.tvm_records]
   tvm_rate, _ = _best_rate(lambda: tvm_per_store(tvm_lines), len(tvm_lines), 1)
   res = {
-      "tenset_dir": args.tenset_dir, "records": len(lines),
-      "replay_programs_per_s": replay_rate,
-      "replay_from_json_line_programs_per_s": line_rate,
-      "replay_first_pass_programs_per_s": cold_rate,
-      "replay_plus_tokens_full_programs_per_s": full_tok_rate,
-      "templates": tmpl, "tuner_like": tuner,
-      "token_layout": {"version": lt.LAYOUT_VERSION, "width": lt.WIDTH,
-                       "max_tokens": lt.DEFAULT_MAX_TOKENS,
-                       "bytes_per_example_float16": lt.DEFAULT_MAX_TOKENS * lt.WIDTH * 2},
-      "tvm_per_store_programs_per_s": tvm_rate, "tvm_records": len(tvm_lines),
-      "speedup_vs_tvm": replay_rate / tvm_rate,
-      "skeleton_extraction_s": extract_s, "skeletons": sk.collection_size_stats(skels),
-      "goal_programs_per_s": 20000,
-      "machine": common.machine_info(single_core=True),
+    "tenset_dir": args.tenset_dir,
+    "records": len(lines),
+    "replay_programs_per_s": replay_rate,
+    "replay_from_json_line_programs_per_s": line_rate,
+    "replay_first_pass_programs_per_s": cold_rate,
+    "replay_plus_tokens_full_programs_per_s": full_tok_rate,
+    "templates": tmpl,
+    "tuner_like": tuner,
+    "token_layout": {
+      "version": lt.LAYOUT_VERSION,
+      "width": lt.WIDTH,
+      "max_tokens": lt.DEFAULT_MAX_TOKENS,
+      "bytes_per_example_float16": lt.DEFAULT_MAX_TOKENS * lt.WIDTH * 2,
+    },
+    "tvm_per_store_programs_per_s": tvm_rate,
+    "tvm_records": len(tvm_lines),
+    "speedup_vs_tvm": replay_rate / tvm_rate,
+    "skeleton_extraction_s": extract_s,
+    "skeletons": sk.collection_size_stats(skels),
+    "goal_programs_per_s": 20000,
+    "machine": common.machine_info(single_core=True),
   }
   print(json.dumps(res, indent=1))
   if args.out:
@@ -121,16 +129,17 @@ def tvm_per_store(lines):
   """TVM's per-store features of record lines, as Ansor's XGBModel computes them: each line
   loaded into a ``MeasureInput``, its state rebuilt from the steps, then
   ``get_per_store_features_from_states`` once per task (the workloads must be registered)."""
-  from tvm.auto_scheduler import feature
-  from tvm.auto_scheduler import measure_record
+  from tvm.auto_scheduler import feature, measure_record
   from tvm.auto_scheduler.measure import recover_measure_input
+
   by_task: dict = {}
   for ln in lines:
     inp, _ = measure_record.load_record_from_string(ln.decode())
     inp = recover_measure_input(inp, rebuild_state=True)
     by_task.setdefault(inp.task.workload_key, (inp.task, []))[1].append(inp.state)
-  return [feature.get_per_store_features_from_states(states, task)
-          for task, states in by_task.values()]
+  return [
+    feature.get_per_store_features_from_states(states, task) for task, states in by_task.values()
+  ]
 
 
 def _by_task(parsed):
@@ -146,7 +155,7 @@ def _templated_pass(by, skels, caches, trace_after=1):
   for key, lists in by.items():
     c = caches.setdefault(key, rc.TemplateCache(trace_after))
     for i in range(0, len(lists), 512):
-      rc.featurize_many(skels[key], lists[i:i + 512], c)
+      rc.featurize_many(skels[key], lists[i : i + 512], c)
     n += len(lists)
   return n / (time.perf_counter() - t)
 
@@ -159,21 +168,24 @@ def template_bench(parsed, skels):
     fresh = {k: sk.Skeleton.from_json(skels[k].to_json()) for k in by}
     caches: dict = {}
     out[f"trace_after_{after}"] = {
-        "first_pass_cold_programs_per_s": _templated_pass(by, fresh, caches, after),
-        "second_pass_programs_per_s": _templated_pass(by, fresh, caches, after),
-        "steady_state_programs_per_s": _templated_pass(by, fresh, caches, after)}
+      "first_pass_cold_programs_per_s": _templated_pass(by, fresh, caches, after),
+      "second_pass_programs_per_s": _templated_pass(by, fresh, caches, after),
+      "steady_state_programs_per_s": _templated_pass(by, fresh, caches, after),
+    }
     if after == 1:
       stats: dict = {}
       for c in caches.values():
         for k, v in c.stats.items():
           stats[k] = stats.get(k, 0) + v
       per_task = sorted(len(c.entries) for c in caches.values())
-      variants = [len(e[1]) for c in caches.values() for e in c.entries.values()
-                  if e != rc._UNTRACEABLE]  # pylint: disable=protected-access
+      variants = [
+        len(e[1]) for c in caches.values() for e in c.entries.values() if e != rc._UNTRACEABLE
+      ]  # pylint: disable=protected-access
       out["stats_three_passes"] = stats
       out["templates_total"] = sum(per_task)
-      out["templates_per_task"] = {q: per_task[int(q / 100 * (len(per_task) - 1))]
-                                   for q in (0, 25, 50, 75, 90, 100)}
+      out["templates_per_task"] = {
+        q: per_task[int(q / 100 * (len(per_task) - 1))] for q in (0, 25, 50, 75, 90, 100)
+      }
       out["records_per_template"] = len(parsed) / max(1, sum(per_task))
       out["variants_per_template_mean"] = sum(variants) / max(1, len(variants))
       out["variants_per_template_max"] = max(variants, default=0)
@@ -196,6 +208,7 @@ def tuner_bench(parsed, skels, n_tasks, batch):
   split lengths and auto_unroll values; rates of the first and of the second batch (cache
   warm from the first), checked bit-identical to the full path on a slice."""
   import random  # pylint: disable=import-outside-toplevel
+
   rng = random.Random(0)
   by = _by_task(parsed)
   keys = sorted(by)[:n_tasks]
@@ -207,7 +220,7 @@ def tuner_bench(parsed, skels, n_tasks, batch):
       for _ in range(batch):
         st = [list(x) for x in by[key][rng.randrange(len(by[key]))]]
         for x in st:
-          if x[0] == "SP" and all(l is not None for l in x[4]) and x[3]:
+          if x[0] == "SP" and all(n is not None for n in x[4]) and x[3]:
             x[4] = _factorizations(int(x[3]), len(x[4]), rng)
           elif x[0] == "PR" and x[3].startswith("auto_unroll_max_step$"):
             x[3] = "auto_unroll_max_step$" + str(rng.choice((0, 16, 64, 512)))
@@ -231,10 +244,16 @@ def tuner_bench(parsed, skels, n_tasks, batch):
       n += 1
       bad += not (row == lt.loop_tokens(rp.replay(fresh[k], st))).all()
   full_rate = n / (time.perf_counter() - t)
-  return {"tasks": len(keys), "batch": batch, "first_batch_cold_programs_per_s": rates[0],
-          "second_batch_programs_per_s": rates[1], "checked": n, "mismatches": bad,
-          "full_path_plus_check_programs_per_s": full_rate,
-          "templates_per_task_mean": sum(len(c.entries) for c in caches.values()) / len(keys)}
+  return {
+    "tasks": len(keys),
+    "batch": batch,
+    "first_batch_cold_programs_per_s": rates[0],
+    "second_batch_programs_per_s": rates[1],
+    "checked": n,
+    "mismatches": bad,
+    "full_path_plus_check_programs_per_s": full_rate,
+    "templates_per_task_mean": sum(len(c.entries) for c in caches.values()) / len(keys),
+  }
 
 
 if __name__ == "__main__":

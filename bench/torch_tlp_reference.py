@@ -33,7 +33,8 @@ imports it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,12 +74,13 @@ class TLPTorchModel(nn.Module):
     self.encoder = _mlp(config.encoder_dims, config.feature_dim, relu_last=True)
     self.attention = nn.MultiheadAttention(hidden, config.attention_heads)
     self.res_blocks = nn.ModuleList(
-        nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU()) for _ in range(config.res_blocks))
+      nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU()) for _ in range(config.res_blocks)
+    )
     self.decoder = _mlp(config.decoder_dims, hidden, relu_last=False)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     cfg = self.config
-    h = self.encoder(x[:, :cfg.seq_len, :cfg.feature_dim])
+    h = self.encoder(x[:, : cfg.seq_len, : cfg.feature_dim])
     h = h.transpose(0, 1)  # nn.MultiheadAttention is sequence-first by default
     attended, _ = self.attention(h, h, h, need_weights=cfg.need_weights)
     h = attended + h
@@ -87,9 +89,14 @@ class TLPTorchModel(nn.Module):
     return self.decoder(h).sum(0).squeeze(-1)
 
 
-def lambdarank_loss(preds: torch.Tensor, labels: torch.Tensor, k: int | None = None,
-                    eps: float = 1e-10, sigma: float = 1.0,
-                    boolean_index: bool = True) -> torch.Tensor:
+def lambdarank_loss(
+  preds: torch.Tensor,
+  labels: torch.Tensor,
+  k: int | None = None,
+  eps: float = 1e-10,
+  sigma: float = 1.0,
+  boolean_index: bool = True,
+) -> torch.Tensor:
   """TLP's LambdaRank loss of one ranked list ``preds (N,)`` against ``labels (N,)``."""
   y_pred = preds[None, :]
   y_true = labels[None, :]
@@ -111,8 +118,9 @@ def lambdarank_loss(preds: torch.Tensor, labels: torch.Tensor, k: int | None = N
   discounts = torch.log2(1.0 + positions)[None, :]
   max_dcg = ((torch.pow(2.0, ideal_sorted) - 1.0) / discounts)[:, :k].sum(-1).clamp(min=eps)
   gains = (torch.pow(2.0, true_in_pred_order) - 1.0) / max_dcg[:, None]
-  weights = (torch.abs(discounts[:, :, None].reciprocal() - discounts[:, None, :].reciprocal())
-             * torch.abs(gains[:, :, None] - gains[:, None, :]))
+  weights = torch.abs(
+    discounts[:, :, None].reciprocal() - discounts[:, None, :].reciprocal()
+  ) * torch.abs(gains[:, :, None] - gains[:, None, :])
 
   score_diffs = (pred_sorted[:, :, None] - pred_sorted[:, None, :]).clamp(min=-1e8, max=1e8)
   score_diffs = torch.where(torch.isnan(score_diffs), torch.zeros_like(score_diffs), score_diffs)
@@ -150,13 +158,17 @@ class TorchTrainer:
   def __init__(self, model: TLPTorchModel, config: TorchTrainConfig):
     self.model = model
     self.config = config
-    self.optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
-                                      weight_decay=config.weight_decay)
+    self.optimizer = torch.optim.Adam(
+      model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     boolean_index = config.boolean_index and not config.compile
 
     def forward_loss(x, y):
-      with torch.autocast(device_type=x.device.type, dtype=config.amp_dtype or torch.float32,
-                          enabled=config.amp_dtype is not None):
+      with torch.autocast(
+        device_type=x.device.type,
+        dtype=config.amp_dtype or torch.float32,
+        enabled=config.amp_dtype is not None,
+      ):
         preds = model(x)
       return lambdarank_loss(preds.float(), y, boolean_index=boolean_index)
 
@@ -193,8 +205,9 @@ def load_flax_params(model: TLPTorchModel, params: Mapping[str, Any]) -> None:
     if head is not None:
       kernel, bias = kernel[head], bias[head]
     if linear.weight.shape != (kernel.shape[1], kernel.shape[0]):
-      raise ValueError(f"shape mismatch: torch {tuple(linear.weight.shape)} vs flax kernel "
-                       f"{kernel.shape}")
+      raise ValueError(
+        f"shape mismatch: torch {tuple(linear.weight.shape)} vs flax kernel {kernel.shape}"
+      )
     with torch.no_grad():
       linear.weight.copy_(_as_tensor(kernel.T))
       linear.bias.copy_(_as_tensor(bias))
@@ -204,10 +217,16 @@ def load_flax_params(model: TLPTorchModel, params: Mapping[str, Any]) -> None:
     set_linear(linear, params[f"encoder_{i}"])
   att = params["attention"]
   with torch.no_grad():
-    model.attention.in_proj_weight.copy_(_as_tensor(np.concatenate(
-        [np.asarray(att[n]["kernel"]).T for n in ("query", "key", "value")], axis=0)))
-    model.attention.in_proj_bias.copy_(_as_tensor(np.concatenate(
-        [np.asarray(att[n]["bias"]) for n in ("query", "key", "value")], axis=0)))
+    model.attention.in_proj_weight.copy_(
+      _as_tensor(
+        np.concatenate([np.asarray(att[n]["kernel"]).T for n in ("query", "key", "value")], axis=0)
+      )
+    )
+    model.attention.in_proj_bias.copy_(
+      _as_tensor(
+        np.concatenate([np.asarray(att[n]["bias"]) for n in ("query", "key", "value")], axis=0)
+      )
+    )
   set_linear(model.attention.out_proj, att["out"])
   for i, block in enumerate(model.res_blocks):
     set_linear(block[0], params[f"res_block_{i}"])
@@ -221,12 +240,19 @@ def load_flax_params(model: TLPTorchModel, params: Mapping[str, Any]) -> None:
 
 def model_config_from_tlp(tlp_config: Any) -> TorchModelConfig:
   """The reference dimensions of a ``tlp_jax.train.model.TLPConfig`` (the original model only)."""
-  if (tlp_config.input_norm != "none" or tlp_config.num_hardware_heads != 1
-      or tlp_config.ensemble_size != 1):
-    raise ValueError("the reference implements the original model only (one head, one "
-                     "network, no input_norm)")
-  return TorchModelConfig(feature_dim=tlp_config.feature_dim, seq_len=tlp_config.seq_len,
-                          encoder_dims=tuple(tlp_config.encoder_dims),
-                          attention_heads=tlp_config.attention_heads,
-                          res_blocks=tlp_config.res_blocks,
-                          decoder_dims=tuple(tlp_config.decoder_dims))
+  if (
+    tlp_config.input_norm != "none"
+    or tlp_config.num_hardware_heads != 1
+    or tlp_config.ensemble_size != 1
+  ):
+    raise ValueError(
+      "the reference implements the original model only (one head, one network, no input_norm)"
+    )
+  return TorchModelConfig(
+    feature_dim=tlp_config.feature_dim,
+    seq_len=tlp_config.seq_len,
+    encoder_dims=tuple(tlp_config.encoder_dims),
+    attention_heads=tlp_config.attention_heads,
+    res_blocks=tlp_config.res_blocks,
+    decoder_dims=tuple(tlp_config.decoder_dims),
+  )

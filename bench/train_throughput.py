@@ -40,64 +40,90 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # JAX and PyTorch share the GPU in this process: JAX must not grab 75% of it up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from absl import app  # noqa: E402  (the environment above must be set before JAX)
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from absl import (
+  app,  # noqa: E402  (the environment above must be set before JAX)
+  flags,  # noqa: E402
+  logging,  # noqa: E402
+)
 
 from bench import common  # noqa: E402
-from data_pipelines import loader  # noqa: E402
 from configs import tlp_original  # noqa: E402
+from data_pipelines import loader  # noqa: E402
+
 # The trainer's step API, used as the trainer's loop uses it: this benchmark times that step.
 from tlp_jax.train import config as config_lib  # noqa: E402
 from tlp_jax.train import data as train_data  # noqa: E402
-from tlp_jax.train import loop  # noqa: E402
+from tlp_jax.train import (
+  loop,  # noqa: E402
+  optimizer,  # noqa: E402
+)
 from tlp_jax.train import model as model_lib  # noqa: E402
-from tlp_jax.train import optimizer  # noqa: E402
 from tlp_jax.train import step as step_lib  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_PREPARE = flags.DEFINE_string("prepare_arrays", None,
-                               "Write the train/validation arrays of --data_dir/--dataset as "
-                               ".npy into this folder and exit.")
+_PREPARE = flags.DEFINE_string(
+  "prepare_arrays",
+  None,
+  "Write the train/validation arrays of --data_dir/--dataset as .npy into this folder and exit.",
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Built dataset dir (for --prepare_arrays).")
 _DATASET = flags.DEFINE_string("dataset", "epyc-9004", "Dataset config (one hardware).")
 _ARRAYS = flags.DEFINE_string("arrays_dir", None, "Folder written by --prepare_arrays.")
-_OUT_DIR = flags.DEFINE_string("out_dir", os.path.join(_REPO, "bench", "results"),
-                               "Where <device>.json goes.")
+_OUT_DIR = flags.DEFINE_string(
+  "out_dir", os.path.join(_REPO, "bench", "results"), "Where <device>.json goes."
+)
 _BATCHES = flags.DEFINE_list("batches", ["1024", "4096", "16384"], "Global batch sizes.")
 _PRECISIONS = flags.DEFINE_list("precisions", ["bf16", "tf32", "float32"], "Precisions.")
 _SECTIONS = flags.DEFINE_list(
-    "sections", ["ceilings", "jax", "torch_eager", "curves", "jax_big", "scan", "torch_big",
-                 "torch_compile", "extras"], "Sections, run in this order.")
-_TORCH_COMPILE = flags.DEFINE_list("torch_compile_runs", ["tf32:1024", "bf16:1024",
-                                                          "bf16:16384"],
-                                   "precision:batch pairs for torch.compile.")
-_TORCH_EAGER = flags.DEFINE_list("torch_eager_runs", [],
-                                  "precision:batch pairs of the torch_extra section (eager, "
-                                  "original loop).")
-_CURVE_PRECISIONS = flags.DEFINE_list("curve_precisions", None,
-                                      "Precisions of the JAX loss curves (default --precisions).")
-_CURVE_SEEDS = flags.DEFINE_list("curve_seed_offsets", ["0"],
-                                 "Seed offsets of the JAX curves (>0: a seed-noise reference).")
+  "sections",
+  [
+    "ceilings",
+    "jax",
+    "torch_eager",
+    "curves",
+    "jax_big",
+    "scan",
+    "torch_big",
+    "torch_compile",
+    "extras",
+  ],
+  "Sections, run in this order.",
+)
+_TORCH_COMPILE = flags.DEFINE_list(
+  "torch_compile_runs",
+  ["tf32:1024", "bf16:1024", "bf16:16384"],
+  "precision:batch pairs for torch.compile.",
+)
+_TORCH_EAGER = flags.DEFINE_list(
+  "torch_eager_runs", [], "precision:batch pairs of the torch_extra section (eager, original loop)."
+)
+_CURVE_PRECISIONS = flags.DEFINE_list(
+  "curve_precisions", None, "Precisions of the JAX loss curves (default --precisions)."
+)
+_CURVE_SEEDS = flags.DEFINE_list(
+  "curve_seed_offsets", ["0"], "Seed offsets of the JAX curves (>0: a seed-noise reference)."
+)
 _TORCH_CURVE = flags.DEFINE_bool("torch_curve", True, "Also the PyTorch reference curve.")
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the JSON file name (several runs per device).")
 _ROWS = flags.DEFINE_integer("synthetic_rows", 1 << 18, "Rows of the throughput arrays.")
 _MIN_TIME = flags.DEFINE_float("min_time_s", 1.0, "Timed seconds per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats per variant (median kept).")
 _CURVE_STEPS = flags.DEFINE_integer("curve_steps", 300, "Steps of each loss curve.")
-_BUDGET = flags.DEFINE_float("time_budget_s", 420.0,
-                             "Skip (and record as skipped) variants that would end later.")
+_BUDGET = flags.DEFINE_float(
+  "time_budget_s", 420.0, "Skip (and record as skipped) variants that would end later."
+)
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 8192, "Size of the ceiling matmuls.")
 _COPY_MB = flags.DEFINE_integer("copy_mb", 1024, "Size of the ceiling copy (MiB).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the init, data draw and order.")
@@ -122,34 +148,55 @@ def prepare_arrays(data_dir: str, dataset: str, out: str) -> None:
     for field in SPLIT_FIELDS:
       np.save(os.path.join(out, f"{split}_{field}.npy"), np.asarray(getattr(arrays, field)))
   with open(os.path.join(out, "meta.json"), "w") as f:
-    json.dump({"data_dir": data_dir, "dataset": dataset,
-               "hardware": [str(h) for h in ds.hardware],
-               "train": len(ds.train), "validation": len(ds.validation)}, f, indent=1)
-  logging.info("wrote %s: train %d, validation %d rows, hardware %s", out, len(ds.train),
-               len(ds.validation), list(ds.hardware))
+    json.dump(
+      {
+        "data_dir": data_dir,
+        "dataset": dataset,
+        "hardware": [str(h) for h in ds.hardware],
+        "train": len(ds.train),
+        "validation": len(ds.validation),
+      },
+      f,
+      indent=1,
+    )
+  logging.info(
+    "wrote %s: train %d, validation %d rows, hardware %s",
+    out,
+    len(ds.train),
+    len(ds.validation),
+    list(ds.hardware),
+  )
 
 
 def load_split(arrays_dir: str, split: str):
   """``tlp_jax.train.data.HeadArrays`` of the saved arrays (every hardware column)."""
-  a = {f: np.load(os.path.join(arrays_dir, f"{split}_{f}.npy"), allow_pickle=False)
-       for f in SPLIT_FIELDS}
+  a = {
+    f: np.load(os.path.join(arrays_dir, f"{split}_{f}.npy"), allow_pickle=False)
+    for f in SPLIT_FIELDS
+  }
   for f in SPLIT_FIELDS[1:]:
     if a[f].shape[0] != a["features"].shape[0]:
-      raise ValueError(f"{arrays_dir}/{split}_{f}.npy: {a[f].shape[0]} rows, features have "
-                       f"{a['features'].shape[0]}")
-  return train_data.HeadArrays(features=a["features"].astype(np.float32),
-                               scores=a["scores"].astype(np.float32),
-                               mask=a["mask"].astype(bool),
-                               task_index=a["task_index"].astype(np.int32))
+      raise ValueError(
+        f"{arrays_dir}/{split}_{f}.npy: {a[f].shape[0]} rows, features have "
+        f"{a['features'].shape[0]}"
+      )
+  return train_data.HeadArrays(
+    features=a["features"].astype(np.float32),
+    scores=a["scores"].astype(np.float32),
+    mask=a["mask"].astype(bool),
+    task_index=a["task_index"].astype(np.int32),
+  )
 
 
 def smoke_split(rows: int, seed: int):
   """Random stand-in arrays of the real shapes (for --smoke without --arrays_dir)."""
   rng = np.random.default_rng(seed)
-  return train_data.HeadArrays(features=rng.normal(size=(rows, 25, 22)).astype(np.float32),
-                               scores=rng.random((rows, 1)).astype(np.float32),
-                               mask=np.ones((rows, 1), bool),
-                               task_index=rng.integers(0, 50, rows).astype(np.int32))
+  return train_data.HeadArrays(
+    features=rng.normal(size=(rows, 25, 22)).astype(np.float32),
+    scores=rng.random((rows, 1)).astype(np.float32),
+    mask=np.ones((rows, 1), bool),
+    task_index=rng.integers(0, 50, rows).astype(np.int32),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +300,12 @@ def time_loop(run: Callable[[int], None], min_time: float, repeats: int) -> dict
     t0 = time.perf_counter()
     run(n)
     times.append((time.perf_counter() - t0) / n)
-  return {"step_s": statistics.median(times), "step_s_all": times, "steps_per_repeat": n,
-          "warmup_s": first}
+  return {
+    "step_s": statistics.median(times),
+    "step_s_all": times,
+    "steps_per_repeat": n,
+    "warmup_s": first,
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,13 +332,15 @@ def measure_ceilings(matmul_n: int, copy_mb: int) -> dict[str, Any]:
   n = matmul_n
   a32 = jax.random.normal(ka, (n, n), jnp.float32)
   b32 = jax.random.normal(kb, (n, n), jnp.float32)
-  for name, dtype, prec in (("bf16", jnp.bfloat16, "default"),
-                            ("tf32", jnp.float32, "tensorfloat32"),
-                            ("float32", jnp.float32, "highest")):
+  for name, dtype, prec in (
+    ("bf16", jnp.bfloat16, "default"),
+    ("tf32", jnp.float32, "tensorfloat32"),
+    ("float32", jnp.float32, "highest"),
+  ):
     a, b = a32.astype(dtype), b32.astype(dtype)
     f = jax.jit(functools.partial(jnp.matmul, precision=prec))
     t = bench(f, a, b)
-    out[f"matmul_{name}_tflops"] = 2.0 * n ** 3 / t / 1e12
+    out[f"matmul_{name}_tflops"] = 2.0 * n**3 / t / 1e12
   # What a plain float32 matmul gives under the default precision (TF32 or not): its error
   # against HIGHEST, next to TF32's.
   m = min(n, 2048)
@@ -296,7 +349,8 @@ def measure_ceilings(matmul_n: int, copy_mb: int) -> dict[str, Any]:
   for name, prec in (("default", None), ("tf32", "tensorfloat32")):
     got = jnp.matmul(x, y, precision=prec)
     out[f"f32_matmul_{name}_precision_rel_err"] = float(
-        jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact))
+      jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)
+    )
   elems = copy_mb * (1 << 20) // 4
   src = jax.random.normal(key, (elems,), jnp.float32)
   copy = jax.jit(lambda v: v * 1.0001)
@@ -312,9 +366,9 @@ def measure_ceilings(matmul_n: int, copy_mb: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 PRECISION_JAX = {  # name -> (model dtype, jax default_matmul_precision)
-    "float32": ("float32", "highest"),
-    "tf32": ("float32", "tensorfloat32"),
-    "bf16": ("bfloat16", "default"),
+  "float32": ("float32", "highest"),
+  "tf32": ("float32", "tensorfloat32"),
+  "bf16": ("bfloat16", "default"),
 }
 
 
@@ -337,7 +391,8 @@ def make_jax_data(split, rows: int, seed: int) -> JaxData:
   """``rows`` rows drawn on the device, with replacement, from the real ``split``."""
   devices = jax.local_devices()[:1]
   real = train_data.replicate_to_devices(
-      (split.features, split.scores, split.mask, split.task_index), devices)
+    (split.features, split.scores, split.mask, split.task_index), devices
+  )
 
   def draw(data, key):
     idx = jax.random.randint(key, (rows,), 0, data[0].shape[0])
@@ -349,8 +404,16 @@ def make_jax_data(split, rows: int, seed: int) -> JaxData:
   return JaxData(resident=resident, rows=rows, heads=int(split.scores.shape[1]))
 
 
-def run_jax(data: JaxData, batch: int, precision: str, min_time: float, repeats: int,
-            seed: int, scan_k: int = 0, group_by_task: bool = False) -> dict[str, Any]:
+def run_jax(
+  data: JaxData,
+  batch: int,
+  precision: str,
+  min_time: float,
+  repeats: int,
+  seed: int,
+  scan_k: int = 0,
+  group_by_task: bool = False,
+) -> dict[str, Any]:
   """samples/s of ``step.train_step_resident`` (``scan_k`` > 0: that many per dispatch)."""
 
   dtype, matmul_precision = PRECISION_JAX[precision]
@@ -360,20 +423,30 @@ def run_jax(data: JaxData, batch: int, precision: str, min_time: float, repeats:
   loss_config = dataclasses.replace(recipe.loss, group_by_task=group_by_task)
   steps_per_epoch = data.rows // batch
   if steps_per_epoch < 1 or (scan_k and steps_per_epoch % scan_k):
-    raise ValueError(f"{data.rows} rows give {steps_per_epoch} steps of {batch} per epoch; "
-                     f"need >= 1 and a multiple of scan_k={scan_k}")
+    raise ValueError(
+      f"{data.rows} rows give {steps_per_epoch} steps of {batch} per epoch; "
+      f"need >= 1 and a multiple of scan_k={scan_k}"
+    )
   tx, _ = optimizer.make_optimizer(recipe.optim, steps_per_epoch, steps_per_epoch * 1000)
   # Exactly train_and_evaluate's construction of the resident-data step.
-  step = functools.partial(step_lib.train_step_resident, steps_per_epoch=steps_per_epoch,
-                           global_batch=batch, model=model_lib.TLPModel(cfg), tx=tx,
-                           loss_config=loss_config)
+  step = functools.partial(
+    step_lib.train_step_resident,
+    steps_per_epoch=steps_per_epoch,
+    global_batch=batch,
+    model=model_lib.TLPModel(cfg),
+    tx=tx,
+    loss_config=loss_config,
+  )
   if scan_k:
+
     def multi(state, resident, order, valid):
       def body(s, _):
         s, m = step(s, resident, order, valid)
         return s, m["loss"]
+
       state, losses_k = jax.lax.scan(body, state, None, length=scan_k)
       return state, {"loss": losses_k[-1]}
+
     fn, per_call = multi, scan_k
   else:
     fn, per_call = step, 1
@@ -440,8 +513,9 @@ def run_jax(data: JaxData, batch: int, precision: str, min_time: float, repeats:
 # ---------------------------------------------------------------------------------------------
 
 
-def jax_curve(train, val, batch: int, steps: int, precision: str, seed: int,
-              hardware: tuple[str, ...]) -> dict[str, Any]:
+def jax_curve(
+  train, val, batch: int, steps: int, precision: str, seed: int, hardware: tuple[str, ...]
+) -> dict[str, Any]:
   """Per-step training loss of the trainer's step on ``train`` in the trainer's data order."""
 
   dtype, matmul_precision = PRECISION_JAX[precision]
@@ -454,15 +528,27 @@ def jax_curve(train, val, batch: int, steps: int, precision: str, seed: int,
   tx, _ = optimizer.make_optimizer(recipe.optim, spe, spe * 1000)
   model = model_lib.TLPModel(cfg)
   with jax.default_matmul_precision(matmul_precision):
-    p_train = jax.pmap(functools.partial(step_lib.train_step_resident, steps_per_epoch=spe,
-                                         global_batch=batch, model=model, tx=tx,
-                                         loss_config=loss_config),
-                       axis_name=train_data.AXIS, devices=devices, donate_argnums=(0,))
-    p_eval = jax.pmap(functools.partial(step_lib.eval_step, model=model,
-                                        loss_config=loss_config),
-                      axis_name=train_data.AXIS, devices=devices)
+    p_train = jax.pmap(
+      functools.partial(
+        step_lib.train_step_resident,
+        steps_per_epoch=spe,
+        global_batch=batch,
+        model=model,
+        tx=tx,
+        loss_config=loss_config,
+      ),
+      axis_name=train_data.AXIS,
+      devices=devices,
+      donate_argnums=(0,),
+    )
+    p_eval = jax.pmap(
+      functools.partial(step_lib.eval_step, model=model, loss_config=loss_config),
+      axis_name=train_data.AXIS,
+      devices=devices,
+    )
     resident = train_data.replicate_to_devices(
-        (train.features, train.scores, train.mask, train.task_index), devices)
+      (train.features, train.scores, train.mask, train.task_index), devices
+    )
     rstate = train_data.replicate_to_devices(step_lib.create_train_state(cfg, tx, seed), devices)
     got = []
     t0 = time.perf_counter()
@@ -477,8 +563,12 @@ def jax_curve(train, val, batch: int, steps: int, precision: str, seed: int,
     wall = time.perf_counter() - t0
     params = jax.tree_util.tree_map(lambda x: x[0], rstate.params)
     validation = loop.validate(p_eval, rstate.params, val, layout, hardware, (1, 5))
-  return {"loss": losses_host, "wall_s": wall, "validation": validation,
-          "final_params": jax.device_get(params)}
+  return {
+    "loss": losses_host,
+    "wall_s": wall,
+    "validation": validation,
+    "final_params": jax.device_get(params),
+  }
 
 
 def epoch_batches(train, batch: int, steps: int, seed: int):
@@ -499,9 +589,13 @@ def curve_summary(loss: list[float], ref: list[float], window: int = 10) -> dict
   wa = a[:n].reshape(-1, window).mean(1)
   wb = b[:n].reshape(-1, window).mean(1)
   rel = np.abs(wa - wb) / np.maximum(np.abs(wb), 1e-12)
-  return {"first_step_rel_diff": float(abs(a[0] - b[0]) / max(abs(b[0]), 1e-12)),
-          "max_window_rel_diff": float(rel.max()), "mean_window_rel_diff": float(rel.mean()),
-          "last50_mean": float(a[-50:].mean()), "ref_last50_mean": float(b[-50:].mean())}
+  return {
+    "first_step_rel_diff": float(abs(a[0] - b[0]) / max(abs(b[0]), 1e-12)),
+    "max_window_rel_diff": float(rel.max()),
+    "mean_window_rel_diff": float(rel.mean()),
+    "last50_mean": float(a[-50:].mean()),
+    "ref_last50_mean": float(b[-50:].mean()),
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,12 +606,14 @@ def curve_summary(loss: list[float], ref: list[float], window: int = 10) -> dict
 def load_reference():
   """``bench.torch_tlp_reference``, imported only here: PyTorch is an optional dependency."""
   from bench import torch_tlp_reference
+
   return torch_tlp_reference
 
 
 def torch_precision(precision: str):
   """Sets PyTorch's TF32 switches for ``precision``; returns the autocast dtype (or None)."""
   import torch
+
   tf32 = precision == "tf32"
   torch.backends.cuda.matmul.allow_tf32 = tf32
   torch.backends.cudnn.allow_tf32 = tf32
@@ -534,10 +630,21 @@ def torch_model_from_jax(ref, seed: int):
   return model
 
 
-def run_torch(ref, split, batch: int, precision: str, rows: int, min_time: float,
-              repeats: int, seed: int, compile_: bool, faithful: bool) -> dict[str, Any]:
+def run_torch(
+  ref,
+  split,
+  batch: int,
+  precision: str,
+  rows: int,
+  min_time: float,
+  repeats: int,
+  seed: int,
+  compile_: bool,
+  faithful: bool,
+) -> dict[str, Any]:
   """samples/s of the reference step on device-resident data (drawn like the JAX data)."""
   import torch
+
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   amp = torch_precision(precision)
   gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -545,8 +652,12 @@ def run_torch(ref, split, batch: int, precision: str, rows: int, min_time: float
   feats = torch.from_numpy(split.features)[idx].to(dev)
   labels = torch.from_numpy(split.scores[:, 0])[idx].to(dev)
   model = torch_model_from_jax(ref, seed).to(dev)
-  trainer = ref.TorchTrainer(model, ref.TorchTrainConfig(
-      amp_dtype=amp, compile=compile_, sync_loss_every_step=faithful, boolean_index=faithful))
+  trainer = ref.TorchTrainer(
+    model,
+    ref.TorchTrainConfig(
+      amp_dtype=amp, compile=compile_, sync_loss_every_step=faithful, boolean_index=faithful
+    ),
+  )
   steps_per_epoch = rows // batch
   cur = {"step": 0, "perm": None, "pending": []}
 
@@ -555,7 +666,7 @@ def run_torch(ref, split, batch: int, precision: str, rows: int, min_time: float
       in_epoch = cur["step"] % steps_per_epoch
       if in_epoch == 0:
         cur["perm"] = torch.randperm(rows, device=dev)
-      sel = cur["perm"][in_epoch * batch:(in_epoch + 1) * batch]
+      sel = cur["perm"][in_epoch * batch : (in_epoch + 1) * batch]
       loss = trainer.step(feats[sel], labels[sel])
       cur["step"] += 1
       if not faithful:
@@ -573,7 +684,7 @@ def run_torch(ref, split, batch: int, precision: str, rows: int, min_time: float
   out = time_loop(run, min_time, repeats)
   out["samples_per_s"] = batch / out["step_s"]
   if dev.type == "cuda":
-    out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del trainer, model, feats, labels, cur
     torch.cuda.empty_cache()  # give the memory back for the JAX variants that follow
   return out
@@ -582,6 +693,7 @@ def run_torch(ref, split, batch: int, precision: str, rows: int, min_time: float
 def torch_curve(ref, train, batch: int, steps: int, seed: int) -> dict[str, Any]:
   """Per-step loss of the reference (float32) from JAX's initial weights, trainer's batches."""
   import torch
+
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch_precision("float32")
   feats = torch.from_numpy(train.features).to(dev)
@@ -605,11 +717,17 @@ def device_info() -> dict[str, Any]:
   """``common.device_info`` plus the device string, library versions, PyTorch and the driver."""
   d = jax.devices()[0]
   info: dict[str, Any] = {
-      **common.device_info(), "jax_device": str(d), "device_kind": d.device_kind,
-      "platform": d.platform, "jaxlib": getattr(jax.lib, "__version__", None) or
-      __import__("jaxlib").__version__, "flax": flax.__version__, "optax": optax.__version__}
+    **common.device_info(),
+    "jax_device": str(d),
+    "device_kind": d.device_kind,
+    "platform": d.platform,
+    "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+  }
   try:
     import torch
+
     info["torch"] = torch.__version__
     info["torch_cuda"] = torch.version.cuda
     if torch.cuda.is_available():
@@ -617,9 +735,17 @@ def device_info() -> dict[str, Any]:
   except ImportError:
     info["torch"] = None
   try:
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
-                          "clocks.max.sm", "--format=csv,noheader"],
-                         capture_output=True, text=True, timeout=20, check=False)
+    smi = subprocess.run(
+      [
+        "nvidia-smi",
+        "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+        "--format=csv,noheader",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=20,
+      check=False,
+    )
     info["nvidia_smi"] = smi.stdout.strip()
   except (OSError, subprocess.SubprocessError):
     pass
@@ -629,24 +755,30 @@ def device_info() -> dict[str, Any]:
 def format_table(data: dict[str, Any]) -> str:
   """Text table of the throughput variants, with % of the measured ceilings."""
   ceil = data.get("ceilings", {})
-  lines = [f"{'variant':<28} {'prec':<8} {'batch':>6} {'samples/s':>12} {'step ms':>9} "
-           f"{'TFLOP/s':>8} {'%mm':>6} {'%bf16':>6} {'GB/s':>7} {'%bw':>5}"]
+  lines = [
+    f"{'variant':<28} {'prec':<8} {'batch':>6} {'samples/s':>12} {'step ms':>9} "
+    f"{'TFLOP/s':>8} {'%mm':>6} {'%bf16':>6} {'GB/s':>7} {'%bw':>5}"
+  ]
   for v in data.get("variants", []):
     if v.get("kind") != "throughput":
       continue
     if "skipped" in v or "error" in v:
-      lines.append(f"{v['name']:<28} {v['precision']:<8} {v['batch']:>6} "
-                   f"{v.get('skipped') or 'ERROR ' + v.get('error', '')[:60]}")
+      lines.append(
+        f"{v['name']:<28} {v['precision']:<8} {v['batch']:>6} "
+        f"{v.get('skipped') or 'ERROR ' + v.get('error', '')[:60]}"
+      )
       continue
     tflops = v.get("achieved_tflops", float("nan"))
     mm = ceil.get(f"matmul_{v['precision']}_tflops", float("nan"))
     bf = ceil.get("matmul_bf16_tflops", float("nan"))
     gbps = v.get("achieved_gbps", float("nan"))
     bw = ceil.get("copy_gbps", float("nan"))
-    lines.append(f"{v['name']:<28} {v['precision']:<8} {v['batch']:>6} "
-                 f"{v['samples_per_s']:>12,.0f} {v['step_s'] * 1e3:>9.3f} {tflops:>8.1f} "
-                 f"{100 * tflops / mm:>5.1f}% {100 * tflops / bf:>5.1f}% {gbps:>7.0f} "
-                 f"{100 * gbps / bw:>4.0f}%")
+    lines.append(
+      f"{v['name']:<28} {v['precision']:<8} {v['batch']:>6} "
+      f"{v['samples_per_s']:>12,.0f} {v['step_s'] * 1e3:>9.3f} {tflops:>8.1f} "
+      f"{100 * tflops / mm:>5.1f}% {100 * tflops / bf:>5.1f}% {gbps:>7.0f} "
+      f"{100 * gbps / bw:>4.0f}%"
+    )
   return "\n".join(lines)
 
 
@@ -690,13 +822,33 @@ def main(argv):
 
   budget = Budget(_BUDGET.value)
   info = device_info()
-  path = os.path.join(_OUT_DIR.value, common.slug(info["device_kind"], "device") + (
-      "-smoke" if smoke else "") + (f"-{_TAG.value}" if _TAG.value else "") + ".json")
-  report = Report(path, {"device": info, "config": {
-      "batches": batches, "precisions": precisions, "synthetic_rows": rows,
-      "min_time_s": min_time, "repeats": repeats, "log_every": LOG_EVERY, "scan_k": SCAN_K,
-      "train_rows": train.size, "validation_rows": val.size, "hardware": hardware,
-      "seed": _SEED.value, "argv": sys.argv[1:]}})
+  path = os.path.join(
+    _OUT_DIR.value,
+    common.slug(info["device_kind"], "device")
+    + ("-smoke" if smoke else "")
+    + (f"-{_TAG.value}" if _TAG.value else "")
+    + ".json",
+  )
+  report = Report(
+    path,
+    {
+      "device": info,
+      "config": {
+        "batches": batches,
+        "precisions": precisions,
+        "synthetic_rows": rows,
+        "min_time_s": min_time,
+        "repeats": repeats,
+        "log_every": LOG_EVERY,
+        "scan_k": SCAN_K,
+        "train_rows": train.size,
+        "validation_rows": val.size,
+        "hardware": hardware,
+        "seed": _SEED.value,
+        "argv": sys.argv[1:],
+      },
+    },
+  )
   logging.info("device %s; writing %s", info["device_kind"], path)
   sections = list(_SECTIONS.value)
   seed = _SEED.value
@@ -706,18 +858,28 @@ def main(argv):
     logging.info("ceilings: %s", report.data["ceilings"])
   ceil = report.data.get("ceilings", {})
   flops = train_flops_per_sample(model_lib.TLPConfig())
-  report.set("counts", {
-      "flops_per_sample": flops, "params": param_count(model_lib.TLPConfig()),
+  report.set(
+    "counts",
+    {
+      "flops_per_sample": flops,
+      "params": param_count(model_lib.TLPConfig()),
       "loss_pairs_per_step": {str(b): b * b for b in batches},
       "note": "matmul FLOPs only; LambdaRank evaluates all B^2 pairs of the batch per head "
-              "(group_by_task masks pairs but does not reduce that work)"})
+      "(group_by_task masks pairs but does not reduce that work)",
+    },
+  )
 
   data_cache: dict[int, JaxData] = {}
 
   def jax_data(heads: int = 1) -> JaxData:
     if heads not in data_cache:  # drawn once, shared by every JAX variant
-      split = train if heads == 1 else dataclasses.replace(
-          train, scores=np.repeat(train.scores, heads, 1), mask=np.repeat(train.mask, heads, 1))
+      split = (
+        train
+        if heads == 1
+        else dataclasses.replace(
+          train, scores=np.repeat(train.scores, heads, 1), mask=np.repeat(train.mask, heads, 1)
+        )
+      )
       data_cache[heads] = make_jax_data(split, rows, seed)
     return data_cache[heads]
 
@@ -729,8 +891,9 @@ def main(argv):
       if mm:
         entry["pct_of_matmul_ceiling_same_precision"] = 100 * entry["achieved_tflops"] / mm
       if ceil.get("matmul_bf16_tflops"):
-        entry["pct_of_bf16_matmul_ceiling"] = (100 * entry["achieved_tflops"]
-                                               / ceil["matmul_bf16_tflops"])
+        entry["pct_of_bf16_matmul_ceiling"] = (
+          100 * entry["achieved_tflops"] / ceil["matmul_bf16_tflops"]
+        )
       # XLA counts a scan's body once, so bytes per step are only known for one-step calls.
       if "xla_bytes_per_call" in entry and entry.get("steps_per_call", 1) == 1:
         per_step = entry["xla_bytes_per_call"]
@@ -741,10 +904,15 @@ def main(argv):
     report.add(entry)
     logging.info("%s", {k: v for k, v in entry.items() if not isinstance(v, (list, dict))})
 
-  def attempt(name: str, precision: str, batch: int, estimate_s: float,
-              fn: Callable[[], dict[str, Any]], **extra) -> None:
-    entry = {"kind": "throughput", "name": name, "precision": precision, "batch": batch,
-             **extra}
+  def attempt(
+    name: str,
+    precision: str,
+    batch: int,
+    estimate_s: float,
+    fn: Callable[[], dict[str, Any]],
+    **extra,
+  ) -> None:
+    entry = {"kind": "throughput", "name": name, "precision": precision, "batch": batch, **extra}
     if not budget.allows(estimate_s):
       entry["skipped"] = f"time budget ({budget.left():.0f} s left, needs ~{estimate_s:.0f})"
       report.add(entry)
@@ -770,18 +938,30 @@ def main(argv):
   def jax_runs(bs, precs, name="jax", data=None, **kw):
     for b in bs:
       for p in precs:
-        attempt(name, p, b, est_jax, functools.partial(
-            run_jax, data or jax_data(), b, p, min_time, repeats, seed, **kw),
-            steps_per_call=kw.get("scan_k") or 1, **{k: v for k, v in kw.items()
-                                                      if k != "scan_k"})
+        attempt(
+          name,
+          p,
+          b,
+          est_jax,
+          functools.partial(run_jax, data or jax_data(), b, p, min_time, repeats, seed, **kw),
+          steps_per_call=kw.get("scan_k") or 1,
+          **{k: v for k, v in kw.items() if k != "scan_k"},
+        )
 
   def torch_runs(bs, precs, name, compile_=False, faithful=True, estimate=None):
     if ref is None:
       return
     for b in bs:
       for p in precs:
-        attempt(name, p, b, estimate or est_torch, functools.partial(
-            run_torch, ref, train, b, p, rows, min_time, repeats, seed, compile_, faithful))
+        attempt(
+          name,
+          p,
+          b,
+          estimate or est_torch,
+          functools.partial(
+            run_torch, ref, train, b, p, rows, min_time, repeats, seed, compile_, faithful
+          ),
+        )
 
   small, big = batches[:1], batches[1:]
   for section in sections:
@@ -792,9 +972,20 @@ def main(argv):
       torch_runs(small, precisions, "torch_eager_original")
       torch_runs(small, precisions, "torch_eager_nosync", faithful=False)
     elif section == "curves":
-      run_curves(report, budget, train, val, hardware, ref if _TORCH_CURVE.value else None,
-                 batches[0], curve_steps, list(_CURVE_PRECISIONS.value or precisions),
-                 [int(o) for o in _CURVE_SEEDS.value], seed, smoke)
+      run_curves(
+        report,
+        budget,
+        train,
+        val,
+        hardware,
+        ref if _TORCH_CURVE.value else None,
+        batches[0],
+        curve_steps,
+        list(_CURVE_PRECISIONS.value or precisions),
+        [int(o) for o in _CURVE_SEEDS.value],
+        seed,
+        smoke,
+      )
     elif section == "torch_extra":
       for spec in _TORCH_EAGER.value:
         p, b = spec.split(":")
@@ -809,13 +1000,20 @@ def main(argv):
       for spec in _TORCH_COMPILE.value:
         p, b = spec.split(":")
         b = int(b) if not smoke else batches[0]
-        torch_runs([b], [p], "torch_compile", compile_=True, faithful=False,
-                   estimate=90.0 if not smoke else 1.0)
+        torch_runs(
+          [b],
+          [p],
+          "torch_compile",
+          compile_=True,
+          faithful=False,
+          estimate=90.0 if not smoke else 1.0,
+        )
     elif section == "extras":
       jax_runs(batches[-1:], precisions[:1], name="jax_group_by_task", group_by_task=True)
       # MTL-TLP shape: two hardware heads (labels duplicated; the work is what matters).
-      jax_runs([batches[0], batches[-1]], precisions[:1], name="jax_mtl2_heads",
-               data=jax_data(heads=2))
+      jax_runs(
+        [batches[0], batches[-1]], precisions[:1], name="jax_mtl2_heads", data=jax_data(heads=2)
+      )
     elif section != "ceilings":
       raise app.UsageError(f"unknown section {section!r}")
 
@@ -828,16 +1026,28 @@ def main(argv):
   print(f"wrote {path}")
 
 
-def run_curves(report: Report, budget: Budget, train, val, hardware, ref, batch: int,
-               steps: int, precisions: list[str], seed_offsets: list[int], seed: int,
-               smoke: bool) -> None:
+def run_curves(
+  report: Report,
+  budget: Budget,
+  train,
+  val,
+  hardware,
+  ref,
+  batch: int,
+  steps: int,
+  precisions: list[str],
+  seed_offsets: list[int],
+  seed: int,
+  smoke: bool,
+) -> None:
   """Loss curves on the real arrays: JAX per precision (and seed) and the PyTorch reference.
 
   ``jax_float32`` (seed offset 0) is the reference the others are compared with; a float32
   curve with another seed shows how far two equally good runs drift apart.
   """
-  curves: dict[str, Any] = dict(report.data.get("curves") or {},
-                                batch=batch, steps=steps, optimizer="tlp_original")
+  curves: dict[str, Any] = dict(
+    report.data.get("curves") or {}, batch=batch, steps=steps, optimizer="tlp_original"
+  )
   base = curves.get("jax_float32", {}).get("loss")
   runs = [(p, 0) for p in sorted(precisions, key=lambda p: p != "float32") if 0 in seed_offsets]
   runs += [("float32", o) for o in seed_offsets if o]
@@ -873,9 +1083,11 @@ def run_curves(report: Report, budget: Budget, train, val, hardware, ref, batch:
 
 def format_curves(curves: dict[str, Any]) -> str:
   """Text summary of the loss curves."""
-  lines = [f"loss curves: batch {curves['batch']}, {curves['steps']} steps (real train arrays)",
-           f"{'curve':<16} {'loss[0]':>10} {'last50':>10} {'max win rel':>12} "
-           f"{'val_loss':>10} {'val top1':>9} {'val top5':>9}"]
+  lines = [
+    f"loss curves: batch {curves['batch']}, {curves['steps']} steps (real train arrays)",
+    f"{'curve':<16} {'loss[0]':>10} {'last50':>10} {'max win rel':>12} "
+    f"{'val_loss':>10} {'val top1':>9} {'val top5':>9}",
+  ]
   for name, c in curves.items():
     if not isinstance(c, dict):
       continue
@@ -886,9 +1098,11 @@ def format_curves(curves: dict[str, Any]) -> str:
     v = c.get("validation", {})
     top1 = next((x for k, x in v.items() if k.startswith("val_top1/")), float("nan"))
     top5 = next((x for k, x in v.items() if k.startswith("val_top5/")), float("nan"))
-    lines.append(f"{name:<16} {c['loss'][0]:>10.4f} {np.mean(c['loss'][-50:]):>10.4f} "
-                 f"{vs.get('max_window_rel_diff', float('nan')):>12.4f} "
-                 f"{v.get('val_loss', float('nan')):>10.4f} {top1:>9.4f} {top5:>9.4f}")
+    lines.append(
+      f"{name:<16} {c['loss'][0]:>10.4f} {np.mean(c['loss'][-50:]):>10.4f} "
+      f"{vs.get('max_window_rel_diff', float('nan')):>12.4f} "
+      f"{v.get('val_loss', float('nan')):>10.4f} {top1:>9.4f} {top5:>9.4f}"
+    )
   return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ machine info.
 
     python -m bench.tuner_predict_cost [--states 512] [--tasks 3] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,19 +40,25 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from configs import default  # noqa: E402
-from tlp_jax.core import features  # noqa: E402
-from tlp_jax.core import loop_tokens  # noqa: E402
-from tlp_jax.core import network_info  # noqa: E402
-from tlp_jax.core import skeleton  # noqa: E402
-from tlp_jax.core import tenset  # noqa: E402
+from tlp_jax.core import (
+  features,  # noqa: E402
+  loop_tokens,  # noqa: E402
+  network_info,  # noqa: E402
+  skeleton,  # noqa: E402
+  tenset,  # noqa: E402
+)
 from tlp_jax.train import config as config_lib  # noqa: E402
-from tlp_jax.train import data  # noqa: E402
-from tlp_jax.train import export  # noqa: E402
+from tlp_jax.train import (
+  data,  # noqa: E402
+  export,  # noqa: E402
+)
 from tlp_jax.train import model as model_lib  # noqa: E402
-from tlp_jax.tvm import cost_model  # noqa: E402
-from tlp_jax.tvm import search_tasks  # noqa: E402
-from tlp_jax.tvm import tvm_import  # noqa: E402
-from tlp_jax.tvm import xgb_baseline  # noqa: E402
+from tlp_jax.tvm import (
+  cost_model,  # noqa: E402
+  search_tasks,  # noqa: E402
+  tvm_import,  # noqa: E402
+  xgb_baseline,  # noqa: E402
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,15 +72,23 @@ def export_default_model(out: str, skeletons_path: str, loop_tokens_mode: str) -
   step_crop = (typed.model.seq_len, typed.model.feature_dim)
   # What the loader returns for a default build of TLP's crop with loop tokens.
   dataset = types.SimpleNamespace(
-      crop=step_crop, platform="llvm", config_name="bench",
-      vocab_json=features.Vocabulary.original("llvm").to_json(),
-      metadata={"loop_tokens": {"layout_version": loop_tokens.LAYOUT_VERSION,
-                                "max_tokens": loop_tokens.DEFAULT_MAX_TOKENS,
-                                "width": loop_tokens.WIDTH}})
+    crop=step_crop,
+    platform="llvm",
+    config_name="bench",
+    vocab_json=features.Vocabulary.original("llvm").to_json(),
+    metadata={
+      "loop_tokens": {
+        "layout_version": loop_tokens.LAYOUT_VERSION,
+        "max_tokens": loop_tokens.DEFAULT_MAX_TOKENS,
+        "width": loop_tokens.WIDTH,
+      }
+    },
+  )
   reads = data.reads_loop_tokens(typed.loop_tokens, dataset)
   cfg = data.model_config_for(typed.model, typed.loop_tokens, dataset, num_hardware_heads=1)
   params = model_lib.TLPModel(cfg).init(
-      jax.random.PRNGKey(0), np.zeros((1, cfg.seq_len, cfg.feature_dim), np.float32))["params"]
+    jax.random.PRNGKey(0), np.zeros((1, cfg.seq_len, cfg.feature_dim), np.float32)
+  )["params"]
   meta = dict(data.dataset_meta(dataset, ["hw"], reads), step=0)
   if reads:
     with open(skeletons_path, encoding="utf-8") as f:
@@ -98,8 +113,9 @@ def main() -> None:
   parser.add_argument("--states", type=int, default=512)
   parser.add_argument("--tasks", type=int, default=3, help="0 = every task of all_tasks.pkl.")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--out", default=os.path.join(REPO, "bench", "results",
-                                                    "tuner_predict_cost.json"))
+  parser.add_argument(
+    "--out", default=os.path.join(REPO, "bench", "results", "tuner_predict_cost.json")
+  )
   args = parser.parse_args()
 
   # TVM only past the flags, so --help works without it.
@@ -107,8 +123,10 @@ def main() -> None:
   from tvm import auto_scheduler
   from tvm.auto_scheduler.cost_model import XGBModel
 
-  tasks = {t.workload_key: t for t in search_tasks.load_search_tasks(
-      tenset.all_tasks_path(args.tenset_dir))}
+  tasks = {
+    t.workload_key: t
+    for t in search_tasks.load_search_tasks(tenset.all_tasks_path(args.tenset_dir))
+  }
   if args.tasks > 0:
     nets = network_info.load_network_infos(args.tenset_dir)
     held = network_info.select_holdout(nets, network_info.default_holdout(nets))
@@ -118,7 +136,7 @@ def main() -> None:
         if t.workload_key in tasks and t.workload_key not in chosen:
           chosen.append(t.workload_key)
           break
-    chosen = chosen[:args.tasks]
+    chosen = chosen[: args.tasks]
   else:
     chosen = sorted(tasks)
 
@@ -131,21 +149,23 @@ def main() -> None:
   ensemble = int(default.get_config().model.ensemble_size)
   with tempfile.TemporaryDirectory() as tmp:
     skeletons_path = skeleton.tenset_skeletons_path(args.tenset_dir)
-    paths = {"tlp": export_default_model(os.path.join(tmp, "tlp.npz"), skeletons_path,
-                                         "required"),
-             "tlp_steps": export_default_model(os.path.join(tmp, "steps.npz"), skeletons_path,
-                                               "off")}
+    paths = {
+      "tlp": export_default_model(os.path.join(tmp, "tlp.npz"), skeletons_path, "required"),
+      "tlp_steps": export_default_model(os.path.join(tmp, "steps.npz"), skeletons_path, "off"),
+    }
     rows = []
     for wk in chosen:
       task = tasks[wk]
       policy = auto_scheduler.SketchPolicy(
-          task, params={"evolutionary_search_population": args.states}, seed=0, verbose=0)
-      states = list(policy.sample_initial_population())[:args.states]
+        task, params={"evolutionary_search_population": args.states}, seed=0, verbose=0
+      )
+      states = list(policy.sample_initial_population())[: args.states]
       row = {"workload_key": wk, "states": len(states)}
       for name, path in paths.items():
         model = cost_model.TLPCostModel(path, cost_model.CostModelConfig(cache_size=0))
-        row[f"{name}_first_s"], row[f"{name}_steady_s"] = _time_model(model, task, states,
-                                                                      args.repeats)
+        row[f"{name}_first_s"], row[f"{name}_steady_s"] = _time_model(
+          model, task, states, args.repeats
+        )
         row[f"{name}_failed"] = model.timing_summary()["states_failed"]
       row["xgb_first_s"], row["xgb_steady_s"] = _time_model(xgb, task, states, args.repeats)
       rows.append(row)
@@ -158,12 +178,22 @@ def main() -> None:
     if key.endswith("_s"):
       total = float(sum(r[key] for r in rows))
       summary[f"{key[:-2]}_states_per_s"] = n / total if total > 0 else None
-  print(f"states/s over {n} states of {len(rows)} tasks (ensemble {ensemble}): " +
-        ", ".join(f"{k} {v:,.0f}" for k, v in summary.items() if v))
-  common.write_json(args.out, {
-      "machine": common.machine_info(), "args": vars(args), "ensemble_size": ensemble,
-      "xgb_train_records": len(prep.train_inputs), "xgb_fit_s": xgb_fit_s,
-      "rows": rows, "summary": summary})
+  print(
+    f"states/s over {n} states of {len(rows)} tasks (ensemble {ensemble}): "
+    + ", ".join(f"{k} {v:,.0f}" for k, v in summary.items() if v)
+  )
+  common.write_json(
+    args.out,
+    {
+      "machine": common.machine_info(),
+      "args": vars(args),
+      "ensemble_size": ensemble,
+      "xgb_train_records": len(prep.train_inputs),
+      "xgb_fit_s": xgb_fit_s,
+      "rows": rows,
+      "summary": summary,
+    },
+  )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tiny, seconds-fast config for tests and smoke runs on CPU (set ``data_dir`` to a built dataset)."""
+"""Tiny, seconds-fast config for tests and smoke runs on CPU (``data_dir``: a built dataset)."""
 
 from configs import default
 

@@ -15,49 +15,62 @@ Existing configs of the same name in ``--data_dir`` are rebuilt. Prints one summ
 split and hardware) and the build rate. Read them back with
 ``data_pipelines.loader.load_arrays(data_dir, config_name)``.
 """
+
 from __future__ import annotations
 
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from data_pipelines import loop_token_source
-from data_pipelines import schema
-from data_pipelines import tenset_tfds
-from tlp_jax.core import network_info
-from tlp_jax.core import skeleton
+from data_pipelines import loop_token_source, schema, tenset_tfds
+from tlp_jax.core import network_info, skeleton
 
-_TENSET_DIR = flags.DEFINE_string("tenset_dir", None, "TenSet-layout root directory.",
-                                  required=True)
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where to write the TFDS dataset.",
-                                required=True)
+_TENSET_DIR = flags.DEFINE_string(
+  "tenset_dir", None, "TenSet-layout root directory.", required=True
+)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where to write the TFDS dataset.", required=True)
 _HARDWARE = flags.DEFINE_list("hardware", [], "Hardware folders to build (default: all).")
 _HOLDOUT = flags.DEFINE_list(
-    "holdout", [], "Hold-out networks NAME[@SIZE] (batch 1). Default: TenSet's five if all "
-    "exist in the dataset, else tenset-mini's resnet_50@224,bert_base@128,mobilenet@240.")
+  "holdout",
+  [],
+  "Hold-out networks NAME[@SIZE] (batch 1). Default: TenSet's five if all "
+  "exist in the dataset, else tenset-mini's resnet_50@224,bert_base@128,mobilenet@240.",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the 90/10 train/validation split.")
 _VALIDATION = flags.DEFINE_enum(
-    "validation", "by_record", list(schema.VALIDATION_MODES),
-    "by_record: a seeded 10% of the training records (TLP). by_task: a seeded 10% of the "
-    "training tasks, whole (TenSet's task-disjoint split; validation then measures unseen "
-    "tasks, as test does).")
+  "validation",
+  "by_record",
+  list(schema.VALIDATION_MODES),
+  "by_record: a seeded 10% of the training records (TLP). by_task: a seeded 10% of the "
+  "training tasks, whole (TenSet's task-disjoint split; validation then measures unseen "
+  "tasks, as test does).",
+)
 _LOOP_TOKENS = flags.DEFINE_enum(
-    "loop_tokens", "auto", list(loop_token_source.MODES),
-    "Loop tokens (the field loop_tokens, (T, W) float16 per example), replayed without TVM from "
-    "the per-task skeletons of --skeletons. auto: when the skeleton file exists; on: required "
-    "(a missing file or task is an error naming the extraction command); off: none.")
+  "loop_tokens",
+  "auto",
+  list(loop_token_source.MODES),
+  "Loop tokens (the field loop_tokens, (T, W) float16 per example), replayed without TVM from "
+  "the per-task skeletons of --skeletons. auto: when the skeleton file exists; on: required "
+  "(a missing file or task is an error naming the extraction command); off: none.",
+)
 _SKELETONS = flags.DEFINE_string(
-    "skeletons", None, "Skeleton collection JSON (default TENSET_DIR/network_info/"
-    "skeletons.json; write it once with python -m tlp_jax.tvm.skeleton_extract "
-    "--tenset_dir TENSET_DIR).")
+  "skeletons",
+  None,
+  "Skeleton collection JSON (default TENSET_DIR/network_info/"
+  "skeletons.json; write it once with python -m tlp_jax.tvm.skeleton_extract "
+  "--tenset_dir TENSET_DIR).",
+)
 _WORKERS = flags.DEFINE_integer(
-    "workers", 1, "Processes replaying task files for the loop tokens (results do not depend "
-    "on it).", lower_bound=1)
-_CROP = flags.DEFINE_list("crop", [], "Feature crop LENGTH,WIDTH (default: platform's, "
-                          "llvm 25,22 and cuda 40,20 as TLP).")
+  "workers",
+  1,
+  "Processes replaying task files for the loop tokens (results do not depend on it).",
+  lower_bound=1,
+)
+_CROP = flags.DEFINE_list(
+  "crop", [], "Feature crop LENGTH,WIDTH (default: platform's, llvm 25,22 and cuda 40,20 as TLP)."
+)
 _MULTI = flags.DEFINE_bool("multi", True, "Also build the multi-hardware join config.")
 
 
@@ -71,14 +84,24 @@ def main(argv: Sequence[str]) -> None:
     crop = (int(_CROP.value[0]), int(_CROP.value[1]))
   start = time.perf_counter()
   try:
-    configs = tenset_tfds.make_configs(_TENSET_DIR.value, hardware=_HARDWARE.value,
-                                       holdout=_HOLDOUT.value, seed=_SEED.value, crop=crop,
-                                       multi=_MULTI.value, loop_tokens=_LOOP_TOKENS.value,
-                                       skeletons=_SKELETONS.value, validation=_VALIDATION.value)
-    metas = tenset_tfds.build(_TENSET_DIR.value, _DATA_DIR.value, configs,
-                              workers=_WORKERS.value)
-  except (FileNotFoundError, network_info.NetworkInfoError, skeleton.SkeletonError,
-          tenset_tfds.DatasetBuildError) as e:
+    configs = tenset_tfds.make_configs(
+      _TENSET_DIR.value,
+      hardware=_HARDWARE.value,
+      holdout=_HOLDOUT.value,
+      seed=_SEED.value,
+      crop=crop,
+      multi=_MULTI.value,
+      loop_tokens=_LOOP_TOKENS.value,
+      skeletons=_SKELETONS.value,
+      validation=_VALIDATION.value,
+    )
+    metas = tenset_tfds.build(_TENSET_DIR.value, _DATA_DIR.value, configs, workers=_WORKERS.value)
+  except (
+    FileNotFoundError,
+    network_info.NetworkInfoError,
+    skeleton.SkeletonError,
+    tenset_tfds.DatasetBuildError,
+  ) as e:
     sys.exit(f"error: {e}")
   elapsed = time.perf_counter() - start
   for meta in metas:
@@ -86,10 +109,12 @@ def main(argv: Sequence[str]) -> None:
   # Records read = valid + failed + malformed lines of every hardware built (each read once).
   lines = {hw: st.get("lines", 0) for m in metas for hw, st in m["read_stats"].items()}
   n_lines = sum(lines.values())
-  print(f"built {len(metas)} configs ({', '.join(m['config'] for m in metas)}) into "
-        f"{_DATA_DIR.value} in {elapsed:.1f} s ({n_lines / max(elapsed, 1e-9):.0f} records/s, "
-        f"loop tokens {'on' if configs and configs[0].loop_tokens else 'off'}, "
-        f"workers {_WORKERS.value})")
+  print(
+    f"built {len(metas)} configs ({', '.join(m['config'] for m in metas)}) into "
+    f"{_DATA_DIR.value} in {elapsed:.1f} s ({n_lines / max(elapsed, 1e-9):.0f} records/s, "
+    f"loop tokens {'on' if configs and configs[0].loop_tokens else 'off'}, "
+    f"workers {_WORKERS.value})"
+  )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ cache carries a fingerprint of the dataset files; a rebuilt dataset invalidates 
 
 No JAX, and TFDS is imported only when the cache has to be (re)made.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,8 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import tqdm
@@ -45,6 +47,7 @@ class SplitArrays:
     loop_tokens: ``(N, T, W)`` float16 loop tokens (layout:
       :attr:`DatasetArrays.loop_token_layout`), or None for a build without them.
   """
+
   features: np.ndarray
   scores: np.ndarray
   mask: np.ndarray
@@ -66,6 +69,7 @@ class TaskTable:
     flop_ct: ``(T,)`` float64 FLOPs from network info (NaN for tasks in no network).
     num_records: ``(T, H)`` examples measured per task and hardware.
   """
+
   workload_keys: tuple[str, ...]
   min_cost: np.ndarray
   flop_ct: np.ndarray
@@ -78,6 +82,7 @@ class TaskTable:
 @dataclasses.dataclass(frozen=True)
 class HoldoutNetwork:
   """A hold-out network: its tasks that have records, and their occurrences (weights)."""
+
   name: str
   batch_size: int
   input_size: int
@@ -96,6 +101,7 @@ class DatasetArrays:
   ``skeletons_path`` the dataset's ``skeletons.json`` (the skeletons of its tasks, for export)
   or None; ``validation_mode`` how validation was split (``by_record`` / ``by_task``).
   """
+
   config_name: str
   train: SplitArrays
   validation: SplitArrays
@@ -129,18 +135,22 @@ class DatasetArrays:
   def summary(self) -> str:
     """A few lines: sizes per split and hardware, tasks, hold-out networks."""
     tokens = f", loop tokens {self.loop_token_shape}" if self.loop_token_layout else ""
-    lines = [f"{self.config_name}: hardware {', '.join(self.hardware)}, {self.platform}, "
-             f"features {self.crop}{tokens}, {len(self.tasks)} tasks, seed {self.seed}, "
-             f"validation {self.validation_mode}"]
+    lines = [
+      f"{self.config_name}: hardware {', '.join(self.hardware)}, {self.platform}, "
+      f"features {self.crop}{tokens}, {len(self.tasks)} tasks, seed {self.seed}, "
+      f"validation {self.validation_mode}"
+    ]
     for name in schema.SPLITS:
       s = self.split(name)
       per_hw = ", ".join(f"{hw} {int(s.mask[:, h].sum())}" for h, hw in enumerate(self.hardware))
       n_tasks = np.unique(np.asarray(s.task_index)).size
       lines.append(f"  {name}: {len(s)} examples, {n_tasks} tasks (measured: {per_hw})")
     for net in self.networks:
-      lines.append(f"  hold-out {net.label}: {net.task_indices.size} tasks, "
-                   f"{int(net.weights.sum())} occurrences, "
-                   f"{len(net.missing_workload_keys)} tasks without records")
+      lines.append(
+        f"  hold-out {net.label}: {net.task_indices.size} tasks, "
+        f"{int(net.weights.sum())} occurrences, "
+        f"{len(net.missing_workload_keys)} tasks without records"
+      )
     return "\n".join(lines)
 
 
@@ -154,11 +164,15 @@ def find_dataset_dir(data_dir: str, config_name: str, version: str | None = None
     root = os.path.dirname(config_dir)
     have = sorted(os.listdir(root)) if os.path.isdir(root) else []
     raise DatasetNotFoundError(
-        f"{config_dir}: no such dataset config; built configs in {root}: {have or 'none'} "
-        "(build with python -m data_pipelines.build)")
+      f"{config_dir}: no such dataset config; built configs in {root}: {have or 'none'} "
+      "(build with python -m data_pipelines.build)"
+    )
   if version is None:
-    versions = [v for v in os.listdir(config_dir)
-                if os.path.isfile(os.path.join(config_dir, v, schema.DATASET_INFO_FILE))]
+    versions = [
+      v
+      for v in os.listdir(config_dir)
+      if os.path.isfile(os.path.join(config_dir, v, schema.DATASET_INFO_FILE))
+    ]
     if not versions:
       raise DatasetNotFoundError(f"{config_dir}: no complete version folder")
     version = max(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
@@ -172,8 +186,12 @@ def dataset_fingerprint(ds_dir: str) -> str:
   """Hash of the dataset's info/metadata/skeleton files and of its record files' names, sizes,
   mtimes."""
   h = hashlib.sha256()
-  for name in (schema.DATASET_INFO_FILE, "features.json", schema.METADATA_FILE,
-               schema.SKELETONS_FILE):
+  for name in (
+    schema.DATASET_INFO_FILE,
+    "features.json",
+    schema.METADATA_FILE,
+    schema.SKELETONS_FILE,
+  ):
     path = os.path.join(ds_dir, name)
     if os.path.exists(path):
       with open(path, "rb") as f:
@@ -201,6 +219,7 @@ def _decode_records(records, out: dict[str, np.ndarray], start: int, num_hw: int
   """
   # TFDS is imported only to (re)make the cache: cached loads need neither it nor protobuf.
   from tensorflow_datasets.proto import tf_example_pb2
+
   parse = tf_example_pb2.Example.FromString
   arr = schema.ARRAY_NAMES
   tok_name = schema.OPTIONAL_ARRAY_NAMES[schema.LOOP_TOKENS]
@@ -219,9 +238,11 @@ def _decode_records(records, out: dict[str, np.ndarray], start: int, num_hw: int
   end = start + n
   if with_tokens:
     out[tok_name][start:end] = np.frombuffer(b"".join(tokens), schema.LOOP_TOKENS_DTYPE).reshape(
-        (n,) + out[tok_name].shape[1:])
+      (n,) + out[tok_name].shape[1:]
+    )
   out[arr[schema.FEATURES]][start:end] = np.frombuffer(b"".join(feats), np.float32).reshape(
-      (n,) + out[arr[schema.FEATURES]].shape[1:])
+    (n,) + out[arr[schema.FEATURES]].shape[1:]
+  )
   out[arr[schema.SCORE]][start:end] = np.asarray(scores, np.float32).reshape(n, num_hw)
   out[arr[schema.MASK]][start:end] = np.asarray(mask, np.int64).reshape(n, num_hw) != 0
   out[arr[schema.TASK_INDEX]][start:end] = np.asarray(task, np.int64)
@@ -236,24 +257,39 @@ def _array_names(token_shape) -> tuple[str, ...]:
   return names
 
 
-def _read_split(ds_dir: str, split: str, num_examples: int, crop, num_hw: int,
-                out_dir: str | None, token_shape=None) -> dict[str, np.ndarray]:
+def _read_split(
+  ds_dir: str,
+  split: str,
+  num_examples: int,
+  crop,
+  num_hw: int,
+  out_dir: str | None,
+  token_shape=None,
+) -> dict[str, np.ndarray]:
   """Reads one split's array_record shards into arrays (``.npy`` memmaps when out_dir)."""
   from array_record.python import array_record_module  # only to (re)make the cache, as TFDS
+
   specs = schema.example_specs(crop, num_hw, token_shape)
   names = dict(schema.ARRAY_NAMES, **schema.OPTIONAL_ARRAY_NAMES)
-  shapes = {names[field]: ((num_examples,) + shape, dtype)
-            for field, (shape, dtype) in specs.items()}
+  shapes = {
+    names[field]: ((num_examples,) + shape, dtype) for field, (shape, dtype) in specs.items()
+  }
   out = {}
   for name, (shape, dtype) in shapes.items():
     if out_dir is None:
       out[name] = np.empty(shape, dtype)
     else:
-      out[name] = np.lib.format.open_memmap(os.path.join(out_dir, f"{split}.{name}.npy"),
-                                            mode="w+", dtype=dtype, shape=shape)
+      out[name] = np.lib.format.open_memmap(
+        os.path.join(out_dir, f"{split}.{name}.npy"), mode="w+", dtype=dtype, shape=shape
+      )
   pos = 0
-  with tqdm.tqdm(total=num_examples, desc=f"decoding {split}", unit=" ex", mininterval=2,
-                 disable=num_examples < 200_000) as bar:
+  with tqdm.tqdm(
+    total=num_examples,
+    desc=f"decoding {split}",
+    unit=" ex",
+    mininterval=2,
+    disable=num_examples < 200_000,
+  ) as bar:
     for path in schema.shard_files(ds_dir, split):
       reader = array_record_module.ArrayRecordReader(path)
       try:
@@ -268,16 +304,18 @@ def _read_split(ds_dir: str, split: str, num_examples: int, crop, num_hw: int,
       finally:
         reader.close()
   if pos != num_examples:
-    raise ValueError(f"{ds_dir}: split {split} has {pos} records, dataset_info.json says "
-                     f"{num_examples}")
+    raise ValueError(
+      f"{ds_dir}: split {split} has {pos} records, dataset_info.json says {num_examples}"
+    )
   for arr in out.values():
     if isinstance(arr, np.memmap):
       arr.flush()
   return out
 
 
-def _load_cache(cache: str, fingerprint: str, mmap: bool, names: tuple[str, ...]
-                ) -> dict[str, dict] | None:
+def _load_cache(
+  cache: str, fingerprint: str, mmap: bool, names: tuple[str, ...]
+) -> dict[str, dict] | None:
   try:
     with open(os.path.join(cache, "fingerprint.json"), "rb") as f:
       stamp = json.load(f)
@@ -287,16 +325,25 @@ def _load_cache(cache: str, fingerprint: str, mmap: bool, names: tuple[str, ...]
     logging.info("%s: stale array cache (dataset changed); rebuilding", cache)
     return None
   try:
-    return {split: {name: np.load(os.path.join(cache, f"{split}.{name}.npy"),
-                                  mmap_mode="r" if mmap else None, allow_pickle=False)
-                    for name in names} for split in schema.SPLITS}
+    return {
+      split: {
+        name: np.load(
+          os.path.join(cache, f"{split}.{name}.npy"),
+          mmap_mode="r" if mmap else None,
+          allow_pickle=False,
+        )
+        for name in names
+      }
+      for split in schema.SPLITS
+    }
   except (OSError, ValueError) as e:
     logging.warning("%s: unreadable array cache (%s); rebuilding", cache, e)
     return None
 
 
-def _build_arrays(ds_dir: str, fingerprint: str, crop, num_hw: int, use_cache: bool,
-                  mmap: bool, token_shape=None) -> dict[str, dict]:
+def _build_arrays(
+  ds_dir: str, fingerprint: str, crop, num_hw: int, use_cache: bool, mmap: bool, token_shape=None
+) -> dict[str, dict]:
   lengths = _split_lengths(ds_dir)
   cache = os.path.join(ds_dir, CACHE_DIR)
   tmp = f"{cache}.tmp-{os.getpid()}"
@@ -305,12 +352,14 @@ def _build_arrays(ds_dir: str, fingerprint: str, crop, num_hw: int, use_cache: b
       shutil.rmtree(tmp, ignore_errors=True)
       os.makedirs(tmp)
     except OSError as e:
-      logging.warning("cannot write an array cache next to %s (%s); loading into memory",
-                      ds_dir, e)
+      logging.warning("cannot write an array cache next to %s (%s); loading into memory", ds_dir, e)
       use_cache = False
-  arrays = {split: _read_split(ds_dir, split, lengths.get(split, 0), crop, num_hw,
-                               tmp if use_cache else None, token_shape)
-            for split in schema.SPLITS}
+  arrays = {
+    split: _read_split(
+      ds_dir, split, lengths.get(split, 0), crop, num_hw, tmp if use_cache else None, token_shape
+    )
+    for split in schema.SPLITS
+  }
   if not use_cache:
     return arrays
   with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
@@ -324,8 +373,13 @@ def _build_arrays(ds_dir: str, fingerprint: str, crop, num_hw: int, use_cache: b
   return loaded
 
 
-def load_arrays(data_dir: str, config_name: str, version: str | None = None,
-                use_cache: bool = True, mmap: bool = True) -> DatasetArrays:
+def load_arrays(
+  data_dir: str,
+  config_name: str,
+  version: str | None = None,
+  use_cache: bool = True,
+  mmap: bool = True,
+) -> DatasetArrays:
   """Loads a built config as contiguous arrays (decoding once, then from the ``.npy`` cache).
 
   Args:
@@ -342,43 +396,68 @@ def load_arrays(data_dir: str, config_name: str, version: str | None = None,
   with open(os.path.join(ds_dir, schema.METADATA_FILE), "rb") as f:
     meta = json.load(f)
   if meta.get("format") != schema.METADATA_FORMAT:
-    raise ValueError(f"{ds_dir}: metadata format {meta.get('format')!r}, this loader reads "
-                     f"{schema.METADATA_FORMAT}; rebuild the dataset")
+    raise ValueError(
+      f"{ds_dir}: metadata format {meta.get('format')!r}, this loader reads "
+      f"{schema.METADATA_FORMAT}; rebuild the dataset"
+    )
   fingerprint = dataset_fingerprint(ds_dir)
   hardware = tuple(meta["hardware"])
   crop = tuple(int(c) for c in meta["crop"])
   token_shape = schema.loop_token_shape(meta)
-  arrays = (_load_cache(os.path.join(ds_dir, CACHE_DIR), fingerprint, mmap,
-                        _array_names(token_shape)) if use_cache else None)
+  arrays = (
+    _load_cache(os.path.join(ds_dir, CACHE_DIR), fingerprint, mmap, _array_names(token_shape))
+    if use_cache
+    else None
+  )
   if arrays is None:
-    arrays = _build_arrays(ds_dir, fingerprint, crop, len(hardware), use_cache, mmap,
-                           token_shape)
+    arrays = _build_arrays(ds_dir, fingerprint, crop, len(hardware), use_cache, mmap, token_shape)
   skeletons_path = None
   if token_shape is not None:
-    skeletons_path = os.path.join(ds_dir, meta[schema.LOOP_TOKENS_META].get(
-        "skeletons_file", schema.SKELETONS_FILE))
+    skeletons_path = os.path.join(
+      ds_dir, meta[schema.LOOP_TOKENS_META].get("skeletons_file", schema.SKELETONS_FILE)
+    )
     if not os.path.isfile(skeletons_path):
-      raise ValueError(f"{ds_dir}: a loop-token dataset without its {schema.SKELETONS_FILE} "
-                       "(incomplete copy?); rebuild the dataset")
+      raise ValueError(
+        f"{ds_dir}: a loop-token dataset without its {schema.SKELETONS_FILE} "
+        "(incomplete copy?); rebuild the dataset"
+      )
   t = meta["tasks"]
   nan = float("nan")
   tasks = TaskTable(
-      workload_keys=tuple(t["workload_keys"]),
-      min_cost=np.array([[nan if v is None else v for v in row] for row in t["min_cost"]],
-                        np.float64).reshape(-1, len(hardware)),
-      flop_ct=np.array([nan if v is None else v for v in t["flop_ct"]], np.float64),
-      num_records=np.asarray(t["num_records"], np.int64).reshape(-1, len(hardware)))
-  networks = tuple(HoldoutNetwork(
-      name=n["name"], batch_size=int(n["batch_size"]), input_size=int(n["input_size"]),
-      label=n["label"], task_indices=np.asarray(n["task_indices"], np.int64),
+    workload_keys=tuple(t["workload_keys"]),
+    min_cost=np.array(
+      [[nan if v is None else v for v in row] for row in t["min_cost"]], np.float64
+    ).reshape(-1, len(hardware)),
+    flop_ct=np.array([nan if v is None else v for v in t["flop_ct"]], np.float64),
+    num_records=np.asarray(t["num_records"], np.int64).reshape(-1, len(hardware)),
+  )
+  networks = tuple(
+    HoldoutNetwork(
+      name=n["name"],
+      batch_size=int(n["batch_size"]),
+      input_size=int(n["input_size"]),
+      label=n["label"],
+      task_indices=np.asarray(n["task_indices"], np.int64),
       weights=np.asarray(n["weights"], np.float64),
-      missing_workload_keys=tuple(n["missing_workload_keys"])) for n in meta["networks"])
+      missing_workload_keys=tuple(n["missing_workload_keys"]),
+    )
+    for n in meta["networks"]
+  )
   return DatasetArrays(
-      config_name=config_name,
-      **{split: SplitArrays(**arrays[split]) for split in schema.SPLITS},
-      hardware=hardware, tasks=tasks, networks=networks, vocab_json=meta["vocab_json"],
-      platform=meta["platform"], crop=crop, read_stats=meta["read_stats"],
-      holdout=tuple(meta["holdout"]), seed=int(meta["seed"]), metadata=meta,
-      fingerprint=fingerprint, loop_token_layout=meta.get(schema.LOOP_TOKENS_META) or None,
-      skeletons_path=skeletons_path,
-      validation_mode=meta.get(schema.VALIDATION_META, "by_record"))
+    config_name=config_name,
+    **{split: SplitArrays(**arrays[split]) for split in schema.SPLITS},
+    hardware=hardware,
+    tasks=tasks,
+    networks=networks,
+    vocab_json=meta["vocab_json"],
+    platform=meta["platform"],
+    crop=crop,
+    read_stats=meta["read_stats"],
+    holdout=tuple(meta["holdout"]),
+    seed=int(meta["seed"]),
+    metadata=meta,
+    fingerprint=fingerprint,
+    loop_token_layout=meta.get(schema.LOOP_TOKENS_META) or None,
+    skeletons_path=skeletons_path,
+    validation_mode=meta.get(schema.VALIDATION_META, "by_record"),
+  )

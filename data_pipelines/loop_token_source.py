@@ -18,6 +18,7 @@ Replay is the slow part of a build (~1k records/s per core), so :class:`LoopToke
 shard it by task file over ``workers`` processes; the results do not depend on the number of
 workers (each file is computed by the same function, and results are taken in file order).
 """
+
 from __future__ import annotations
 
 import collections
@@ -25,7 +26,8 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,9 +44,9 @@ log = logging.getLogger(__name__)
 # --loop_tokens: auto = when the skeleton file exists, on = required, off = never.
 MODES = ("auto", "on", "off")
 # Skip reasons (LoopTokenStats.skipped).
-NO_SKELETON = "no_skeleton"            # the extractor listed the task as failed
-REPLAY_ERROR = "replay_error"          # tlp_jax.core.replay.ReplayError (a step not applicable)
-BAD_RECORD = "bad_record"              # the line has no step list where the replay reads it
+NO_SKELETON = "no_skeleton"  # the extractor listed the task as failed
+REPLAY_ERROR = "replay_error"  # tlp_jax.core.replay.ReplayError (a step not applicable)
+BAD_RECORD = "bad_record"  # the line has no step list where the replay reads it
 # Any other exception of the replay / tokens is counted as "unexpected_<ExceptionName>".
 MAX_EXAMPLES = 20
 # Records per NumPy fill: the fill holds (chunk, L, L) arrays, L = loops of the longest nest.
@@ -84,8 +86,9 @@ def resolve_skeletons(mode: str, tenset_dir: str, path: str | None = None) -> st
     log.info("%s: no skeleton file, building without loop tokens", path)
     return None
   raise MissingSkeletonError(
-      f"{path}: no skeleton file; loop tokens need each task's skeleton, extracted once with "
-      f"TVM: {extract_hint(tenset_dir, path)}")
+    f"{path}: no skeleton file; loop tokens need each task's skeleton, extracted once with "
+    f"TVM: {extract_hint(tenset_dir, path)}"
+  )
 
 
 @dataclasses.dataclass
@@ -94,10 +97,11 @@ class LoopTokenStats:
 
   ``records == tokenized + sum(skipped.values())`` always holds.
   """
+
   records: int = 0
   tokenized: int = 0
   skipped: dict = dataclasses.field(default_factory=dict)
-  cropped: int = 0        # tokenized records with more printed loops than T (outermost kept)
+  cropped: int = 0  # tokenized records with more printed loops than T (outermost kept)
   examples: list = dataclasses.field(default_factory=list)  # "file:line: reason: message"
 
   def skip(self, reason: str, where: str, message: str) -> None:
@@ -106,30 +110,39 @@ class LoopTokenStats:
     if len(self.examples) < MAX_EXAMPLES:
       self.examples.append(f"{where}: {reason}: {message}".splitlines()[0][:300])
 
-  def __add__(self, other: "LoopTokenStats") -> "LoopTokenStats":
+  def __add__(self, other: LoopTokenStats) -> LoopTokenStats:
     skipped = collections.Counter(self.skipped)
     skipped.update(other.skipped)
-    return LoopTokenStats(self.records + other.records, self.tokenized + other.tokenized,
-                          dict(sorted(skipped.items())), self.cropped + other.cropped,
-                          (self.examples + other.examples)[:MAX_EXAMPLES])
+    return LoopTokenStats(
+      self.records + other.records,
+      self.tokenized + other.tokenized,
+      dict(sorted(skipped.items())),
+      self.cropped + other.cropped,
+      (self.examples + other.examples)[:MAX_EXAMPLES],
+    )
 
-  def __radd__(self, other: Any) -> "LoopTokenStats":
+  def __radd__(self, other: Any) -> LoopTokenStats:
     if other == 0 or other is None:
       return self
     return NotImplemented
 
   def to_dict(self) -> dict:
     """Plain JSON dict (stored in the dataset metadata per hardware)."""
-    return {"records": self.records, "tokenized": self.tokenized,
-            "skipped": dict(sorted(self.skipped.items())), "cropped": self.cropped,
-            "examples": list(self.examples)}
+    return {
+      "records": self.records,
+      "tokenized": self.tokenized,
+      "skipped": dict(sorted(self.skipped.items())),
+      "cropped": self.cropped,
+      "examples": list(self.examples),
+    }
 
 
 @dataclasses.dataclass
 class FileTokens:
   """Loop tokens of some records of one task file."""
-  ok: np.ndarray        # (n,) bool: the record got tokens
-  tokens: np.ndarray    # (ok.sum(), T, W) float16, in record order
+
+  ok: np.ndarray  # (n,) bool: the record got tokens
+  tokens: np.ndarray  # (ok.sum(), T, W) float16, in record order
   stats: LoopTokenStats
 
 
@@ -139,9 +152,14 @@ def _reason(e: Exception) -> str:
   return f"unexpected_{type(e).__name__}"
 
 
-def tokens_of_lines(skeleton: sk.Skeleton | None, lines: Sequence[bytes], max_tokens: int,
-                    where: str, line_numbers: Sequence[int],
-                    no_skeleton_reason: str = "") -> FileTokens:
+def tokens_of_lines(
+  skeleton: sk.Skeleton | None,
+  lines: Sequence[bytes],
+  max_tokens: int,
+  where: str,
+  line_numbers: Sequence[int],
+  no_skeleton_reason: str = "",
+) -> FileTokens:
   """Loop tokens of one task's record lines (replay + tokens, failures counted, not raised).
 
   ``skeleton`` None: every record is skipped as :data:`NO_SKELETON` with the reason given.
@@ -174,7 +192,7 @@ def tokens_of_lines(skeleton: sk.Skeleton | None, lines: Sequence[bytes], max_to
   stats.tokenized = len(items)
   tokens = np.zeros((len(items), max_tokens, lt.WIDTH), lt.DTYPE)
   for s in range(0, len(items), _FILL_CHUNK):
-    tokens[s:s + _FILL_CHUNK] = replay_cache.fill_padded(items[s:s + _FILL_CHUNK], max_tokens)
+    tokens[s : s + _FILL_CHUNK] = replay_cache.fill_padded(items[s : s + _FILL_CHUNK], max_tokens)
   return FileTokens(ok, tokens, stats)
 
 
@@ -210,8 +228,9 @@ class LoopTokenSource:
     workers: processes that replay task files (1 = in this process).
   """
 
-  def __init__(self, path: str, tenset_dir: str, max_tokens: int = lt.DEFAULT_MAX_TOKENS,
-               workers: int = 1):
+  def __init__(
+    self, path: str, tenset_dir: str, max_tokens: int = lt.DEFAULT_MAX_TOKENS, workers: int = 1
+  ):
     if workers < 1:
       raise ValueError(f"workers must be >= 1, got {workers}")
     if max_tokens < 1:
@@ -226,18 +245,23 @@ class LoopTokenSource:
 
   def layout(self) -> dict:
     """The dataset metadata entry :data:`schema.LOOP_TOKENS_META` of tokens made here."""
-    return {"layout_version": lt.LAYOUT_VERSION, "max_tokens": self.max_tokens,
-            "width": lt.WIDTH, "columns": list(lt.COLUMNS),
-            "dtype": np.dtype(schema.LOOP_TOKENS_DTYPE).name,
-            "skeletons_file": schema.SKELETONS_FILE}
+    return {
+      "layout_version": lt.LAYOUT_VERSION,
+      "max_tokens": self.max_tokens,
+      "width": lt.WIDTH,
+      "columns": list(lt.COLUMNS),
+      "dtype": np.dtype(schema.LOOP_TOKENS_DTYPE).name,
+      "skeletons_file": schema.SKELETONS_FILE,
+    }
 
   def check(self, workload_key: str, where: str) -> None:
     """Raises :class:`MissingSkeletonError` when the collection does not know the task."""
     if workload_key not in self.skeletons and workload_key not in self.failed:
       raise MissingSkeletonError(
-          f"{self.path}: no skeleton for workload {workload_key} (task file {where}); "
-          f"extract the skeletons of this TenSet dir again: "
-          f"{extract_hint(self.tenset_dir, self.path)}")
+        f"{self.path}: no skeleton for workload {workload_key} (task file {where}); "
+        f"extract the skeletons of this TenSet dir again: "
+        f"{extract_hint(self.tenset_dir, self.path)}"
+      )
 
   def check_task_files(self, paths: Sequence[str]) -> None:
     """Checks every task file's workload key up front (reads one line per file)."""
@@ -250,24 +274,30 @@ class LoopTokenSource:
     """``{key: skeleton}`` of the given tasks that have one."""
     return {k: self.skeletons[k] for k in workload_keys if k in self.skeletons}
 
-  def submit(self, workload_key: str, lines: Sequence[bytes], where: str,
-             line_numbers: Sequence[int]):
+  def submit(
+    self, workload_key: str, lines: Sequence[bytes], where: str, line_numbers: Sequence[int]
+  ):
     """Starts the tokens of one task file's lines; ``.get()`` of the result is a
     :class:`FileTokens`. Raises :class:`MissingSkeletonError` for an unknown task."""
     self.check(workload_key, where)
     if workload_key not in self.skeletons:
-      return _Done(tokens_of_lines(None, lines, self.max_tokens, where, line_numbers,
-                                   self.failed[workload_key]))
+      return _Done(
+        tokens_of_lines(
+          None, lines, self.max_tokens, where, line_numbers, self.failed[workload_key]
+        )
+      )
     if self.workers == 1:
-      return _Done(tokens_of_lines(self.skeletons[workload_key], lines, self.max_tokens, where,
-                                   line_numbers))
+      return _Done(
+        tokens_of_lines(self.skeletons[workload_key], lines, self.max_tokens, where, line_numbers)
+      )
     if self._pool is None:
       # spawn, not fork: the parent may run threads (TFDS, JAX in tests) that fork would copy
       # mid-operation.
       ctx = multiprocessing.get_context("spawn")
       self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.path,))
-    return self._pool.apply_async(_work, (workload_key, list(lines), self.max_tokens, where,
-                                          list(map(int, line_numbers))))
+    return self._pool.apply_async(
+      _work, (workload_key, list(lines), self.max_tokens, where, list(map(int, line_numbers)))
+    )
 
   @property
   def in_flight(self) -> int:
@@ -282,6 +312,16 @@ class LoopTokenSource:
       self._pool = None
 
 
-__all__ = ["MODES", "NO_SKELETON", "REPLAY_ERROR", "BAD_RECORD", "MissingSkeletonError",
-           "LoopTokenStats", "FileTokens", "LoopTokenSource", "tokens_of_lines",
-           "resolve_skeletons", "extract_hint"]
+__all__ = [
+  "MODES",
+  "NO_SKELETON",
+  "REPLAY_ERROR",
+  "BAD_RECORD",
+  "MissingSkeletonError",
+  "LoopTokenStats",
+  "FileTokens",
+  "LoopTokenSource",
+  "tokens_of_lines",
+  "resolve_skeletons",
+  "extract_hint",
+]

@@ -22,6 +22,7 @@ Usage::
   python -m data_pipelines.make_sample --tenset_dir /work/shared/tenset-mini \
       --out_dir data/sample/tenset-mini
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,16 +30,13 @@ import itertools
 import os
 import pickle
 import shutil
-from typing import Sequence
+from collections.abc import Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from tlp_jax.core import network_info as network_info_lib
-from tlp_jax.core import records
+from tlp_jax.core import records, tenset
 from tlp_jax.core import skeleton as skeleton_lib
-from tlp_jax.core import tenset
 
 
 def record_file_workload_key(path: str) -> str | None:
@@ -51,8 +49,9 @@ def _sha1(text: str) -> str:
   return hashlib.sha1(text.encode()).hexdigest()
 
 
-def plan_sample(tenset_dir: str, holdout: Sequence[str] | None = None,
-                budget_bytes: int = 3_700_000) -> dict[str, list[str]]:
+def plan_sample(
+  tenset_dir: str, holdout: Sequence[str] | None = None, budget_bytes: int = 3_700_000
+) -> dict[str, list[str]]:
   """Chooses the record files to copy: ``{hardware: [file names]}`` (deterministic)."""
   nets = network_info_lib.load_network_infos(tenset_dir)
   holdout = holdout or network_info_lib.default_holdout(nets)
@@ -83,8 +82,11 @@ def plan_sample(tenset_dir: str, holdout: Sequence[str] | None = None,
   for net in nets:
     if net in held:
       continue
-    keys = [t.workload_key for t in net.tasks if t.workload_key in files
-            and t.workload_key not in held_keys]
+    keys = [
+      t.workload_key
+      for t in net.tasks
+      if t.workload_key in files and t.workload_key not in held_keys
+    ]
     keys.sort(key=lambda wk: (-len(files[wk]), _sha1(wk)))
     queues.append(keys)
   taken = set(chosen)
@@ -97,14 +99,22 @@ def plan_sample(tenset_dir: str, holdout: Sequence[str] | None = None,
     chosen.append(wk)
     used += size(wk)
   plan = {hw: sorted(files[wk][hw] for wk in chosen if hw in files[wk]) for hw in hardware}
-  logging.info("sample: %d tasks (%d hold-out), %d bytes", len(chosen),
-               sum(wk in held_keys for wk in chosen), used)
+  logging.info(
+    "sample: %d tasks (%d hold-out), %d bytes",
+    len(chosen),
+    sum(wk in held_keys for wk in chosen),
+    used,
+  )
   return plan
 
 
-def make_sample(tenset_dir: str, out_dir: str, holdout: Sequence[str] | None = None,
-                budget_bytes: int = 3_700_000, skeletons: str | None = None
-                ) -> dict[str, list[str]]:
+def make_sample(
+  tenset_dir: str,
+  out_dir: str,
+  holdout: Sequence[str] | None = None,
+  budget_bytes: int = 3_700_000,
+  skeletons: str | None = None,
+) -> dict[str, list[str]]:
   """Writes the sample into ``out_dir`` (replacing it) and returns the plan.
 
   ``skeletons``: skeleton collection of the source's tasks (default: the source's
@@ -115,28 +125,34 @@ def make_sample(tenset_dir: str, out_dir: str, holdout: Sequence[str] | None = N
     shutil.rmtree(out_dir)
   os.makedirs(os.path.join(out_dir, tenset.NETWORK_INFO_DIR))
   for net in network_info_lib.load_network_infos(tenset_dir):
-    shutil.copyfile(net.path, os.path.join(out_dir, tenset.NETWORK_INFO_DIR,
-                                           os.path.basename(net.path)))
+    shutil.copyfile(
+      net.path, os.path.join(out_dir, tenset.NETWORK_INFO_DIR, os.path.basename(net.path))
+    )
   for hw, names in plan.items():
     os.makedirs(tenset.measure_records_dir(out_dir, hw))
     for name in names:
-      shutil.copyfile(os.path.join(tenset.measure_records_dir(tenset_dir, hw), name),
-                      os.path.join(tenset.measure_records_dir(out_dir, hw), name))
+      shutil.copyfile(
+        os.path.join(tenset.measure_records_dir(tenset_dir, hw), name),
+        os.path.join(tenset.measure_records_dir(out_dir, hw), name),
+      )
   keys = set()
   for hw, names in plan.items():
     for name in names:
-      keys.add(record_file_workload_key(
-          os.path.join(tenset.measure_records_dir(out_dir, hw), name)))
+      keys.add(
+        record_file_workload_key(os.path.join(tenset.measure_records_dir(out_dir, hw), name))
+      )
   keys.discard(None)
   skeletons = skeletons or skeleton_lib.tenset_skeletons_path(tenset_dir)
   if os.path.isfile(skeletons):
     have = skeleton_lib.load_collection(skeletons)
     missing = sorted(keys - set(have))
     if missing:
-      raise ValueError(f"{skeletons}: no skeleton for {len(missing)} sampled workloads, e.g. "
-                       f"{missing[0]}")
-    skeleton_lib.save_collection(skeleton_lib.tenset_skeletons_path(out_dir),
-                                 {k: have[k] for k in keys})
+      raise ValueError(
+        f"{skeletons}: no skeleton for {len(missing)} sampled workloads, e.g. {missing[0]}"
+      )
+    skeleton_lib.save_collection(
+      skeleton_lib.tenset_skeletons_path(out_dir), {k: have[k] for k in keys}
+    )
     logging.info("sample: %d skeletons in %s", len(keys), skeleton_lib.TENSET_SKELETONS_FILE)
   src_tasks = tenset.all_tasks_path(tenset_dir)
   if os.path.isfile(src_tasks):
@@ -144,8 +160,9 @@ def make_sample(tenset_dir: str, out_dir: str, holdout: Sequence[str] | None = N
       n = write_task_subset(src_tasks, keys, tenset.all_tasks_path(out_dir))
       logging.info("sample: %d tasks in %s", n, tenset.ALL_TASKS_FILE)
     except ImportError:
-      logging.warning("TVM not installed: the sample gets no %s (loop features need it)",
-                      tenset.ALL_TASKS_FILE)
+      logging.warning(
+        "TVM not installed: the sample gets no %s (loop features need it)", tenset.ALL_TASKS_FILE
+      )
   return plan
 
 
@@ -157,11 +174,13 @@ def write_task_subset(src: str, workload_keys: set[str], dst: str) -> int:
   """
   # Needs TVM (an optional extra); the rest of the sample does not.
   from tlp_jax.tvm import search_tasks
+
   tasks = [t for t in search_tasks.load_search_tasks(src) if t.workload_key in workload_keys]
   missing = workload_keys - {t.workload_key for t in tasks}
   if missing:
-    raise ValueError(f"{src}: no task for {len(missing)} sampled workloads, e.g. "
-                     f"{sorted(missing)[0]}")
+    raise ValueError(
+      f"{src}: no task for {len(missing)} sampled workloads, e.g. {sorted(missing)[0]}"
+    )
   tasks.sort(key=lambda t: t.workload_key)
   with open(dst, "wb") as f:
     pickle.dump(tasks, f)
@@ -171,8 +190,9 @@ def write_task_subset(src: str, workload_keys: set[str], dst: str) -> int:
 def main(argv: Sequence[str]) -> None:
   del argv
   fv = flags.FLAGS
-  plan = make_sample(fv.tenset_dir, fv.out_dir, fv.holdout or None, fv.budget_bytes,
-                     fv.skeletons or None)
+  plan = make_sample(
+    fv.tenset_dir, fv.out_dir, fv.holdout or None, fv.budget_bytes, fv.skeletons or None
+  )
   for hw, names in plan.items():
     print(f"{hw}: {len(names)} task files")
 
@@ -182,6 +202,10 @@ if __name__ == "__main__":
   flags.DEFINE_string("out_dir", "data/sample/tenset-mini", "Where to write the sample.")
   flags.DEFINE_list("holdout", [], "Hold-out specs NAME[@SIZE]; default by dataset.")
   flags.DEFINE_integer("budget_bytes", 3_700_000, "Byte budget for the copied files.")
-  flags.DEFINE_string("skeletons", "", "Skeleton collection of the source (default: "
-                      "TENSET_DIR/network_info/skeletons.json if it exists).")
+  flags.DEFINE_string(
+    "skeletons",
+    "",
+    "Skeleton collection of the source (default: "
+    "TENSET_DIR/network_info/skeletons.json if it exists).",
+  )
   app.run(main)

@@ -20,11 +20,12 @@ The loader returns a split as arrays named :data:`ARRAY_NAMES` (``score`` -> ``s
 Stored next to the shards of a loop-token build: :data:`SKELETONS_FILE`, the skeletons of the
 dataset's tasks (``tlp_jax.core.skeleton`` collection format), so export can embed them.
 """
+
 from __future__ import annotations
 
 import glob
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -61,23 +62,30 @@ VALIDATION_MODES = ("by_record", "by_task")
 
 # Loader array name of each example field (the attributes of loader.SplitArrays); the order is
 # the loader's, and the names are those of its .npy cache files.
-ARRAY_NAMES = {FEATURES: "features", SCORE: "scores", MASK: "mask", TASK_INDEX: "task_index",
-               MIN_COST: "min_cost"}
+ARRAY_NAMES = {
+  FEATURES: "features",
+  SCORE: "scores",
+  MASK: "mask",
+  TASK_INDEX: "task_index",
+  MIN_COST: "min_cost",
+}
 OPTIONAL_ARRAY_NAMES = {LOOP_TOKENS: "loop_tokens"}
 FIELDS = tuple(ARRAY_NAMES.values()) + tuple(OPTIONAL_ARRAY_NAMES.values())
 
 
-def example_specs(feature_shape: Sequence[int], num_hardware: int,
-                  loop_token_shape: Sequence[int] | None = None
-                  ) -> dict[str, tuple[tuple[int, ...], type]]:
+def example_specs(
+  feature_shape: Sequence[int], num_hardware: int, loop_token_shape: Sequence[int] | None = None
+) -> dict[str, tuple[tuple[int, ...], type]]:
   """``{field: (shape, dtype)}`` of one example, in :data:`EXAMPLE_FIELDS` order, then
   ``loop_tokens`` ``(T, W)`` float16 when ``loop_token_shape`` is given."""
   per_hw = (int(num_hardware),)
-  specs = {FEATURES: (tuple(int(d) for d in feature_shape), np.float32),
-           SCORE: (per_hw, np.float32),
-           MASK: (per_hw, np.bool_),
-           MIN_COST: (per_hw, np.float32),
-           TASK_INDEX: ((), np.int32)}
+  specs = {
+    FEATURES: (tuple(int(d) for d in feature_shape), np.float32),
+    SCORE: (per_hw, np.float32),
+    MASK: (per_hw, np.bool_),
+    MIN_COST: (per_hw, np.float32),
+    TASK_INDEX: ((), np.int32),
+  }
   if loop_token_shape is not None:
     specs[LOOP_TOKENS] = (tuple(int(d) for d in loop_token_shape), LOOP_TOKENS_DTYPE)
   return specs

@@ -29,6 +29,7 @@ Each hardware is read and featurized once per build (:class:`RecordStaging`, fla
 disk, shared by all configs of the build), so a build scales to TenSet's ~8.6M records per
 hardware without holding features in memory.
 """
+
 from __future__ import annotations
 
 import collections
@@ -40,15 +41,15 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
-from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
+from absl import logging
 
-from data_pipelines import loop_token_source
-from data_pipelines import schema
+from data_pipelines import loop_token_source, schema
 from tlp_jax.core import features as features_lib
 from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.core import network_info as network_info_lib
@@ -90,6 +91,7 @@ class TensetConfig(tfds.core.BuilderConfig):
     skeletons: the skeleton collection file of a config with ``loop_tokens`` (None without).
     validation: ``by_record`` (TLP) or ``by_task`` (whole tasks, TenSet's task-disjoint split).
   """
+
   hardware: tuple[str, ...] = ()
   platform: str = "llvm"
   crop: tuple[int, int] | None = None
@@ -111,19 +113,20 @@ class StagedHardware:
 
   ``features`` is a read-only memmap; the others are in memory (a few bytes per record).
   """
+
   hardware: str
   platform: str
-  features: np.ndarray        # (N, L, E) float32
-  scores: np.ndarray          # (N,) float32
-  program_keys: np.ndarray    # (N,) uint64
-  record_task: np.ndarray     # (N,) int32, index into task_keys
-  task_keys: list[str]        # workload keys of the task files with valid records
-  task_min_cost: np.ndarray   # (T,) float64 seconds
+  features: np.ndarray  # (N, L, E) float32
+  scores: np.ndarray  # (N,) float32
+  program_keys: np.ndarray  # (N,) uint64
+  record_task: np.ndarray  # (N,) int32, index into task_keys
+  task_keys: list[str]  # workload keys of the task files with valid records
+  task_min_cost: np.ndarray  # (T,) float64 seconds
   task_files: list[str]
-  stats: Any                  # records.ReadStats
-  layout: int                 # featurizer one-hot width the features were made with
-  loop_tokens: np.ndarray | None = None   # (N, T, W) float16 read-only memmap, if made
-  loop_token_stats: Any = None            # loop_token_source.LoopTokenStats, if made
+  stats: Any  # records.ReadStats
+  layout: int  # featurizer one-hot width the features were made with
+  loop_tokens: np.ndarray | None = None  # (N, T, W) float16 read-only memmap, if made
+  loop_token_stats: Any = None  # loop_token_source.LoopTokenStats, if made
 
   @property
   def num_records(self) -> int:
@@ -136,8 +139,9 @@ def detect_platform(tenset_dir: str, hardware: str) -> str:
     first = records_lib.first_record(path)
     if first is not None:
       return features_lib.platform_of_target(first.target)
-  raise DatasetBuildError(f"{hardware}: no parsable record in "
-                          f"{tenset.measure_records_dir(tenset_dir, hardware)}")
+  raise DatasetBuildError(
+    f"{hardware}: no parsable record in {tenset.measure_records_dir(tenset_dir, hardware)}"
+  )
 
 
 class RecordStaging:
@@ -149,9 +153,13 @@ class RecordStaging:
   features of one config always share one layout, matching the vocabulary stored with it.
   """
 
-  def __init__(self, tenset_dir: str, work_dir: str,
-               crop: tuple[int, int] | None = None,
-               token_source: loop_token_source.LoopTokenSource | None = None):
+  def __init__(
+    self,
+    tenset_dir: str,
+    work_dir: str,
+    crop: tuple[int, int] | None = None,
+    token_source: loop_token_source.LoopTokenSource | None = None,
+  ):
     self.tenset_dir = tenset_dir
     self.token_source = token_source
     self.work_dir = work_dir
@@ -163,7 +171,8 @@ class RecordStaging:
     """The shared featurizer (and vocabulary, ``.vocab``) of a platform."""
     if platform not in self._featurizers:
       self._featurizers[platform] = features_lib.Featurizer(
-          platform, crop=self.crop, vocab=features_lib.Vocabulary.original(platform))
+        platform, crop=self.crop, vocab=features_lib.Vocabulary.original(platform)
+      )
     return self._featurizers[platform]
 
   def get(self, hardware: str) -> StagedHardware:
@@ -176,8 +185,7 @@ class RecordStaging:
     """Staged records of several hardware, all in the current feature layout."""
     for _ in range(3):
       staged = [self.get(hw) for hw in hardware]
-      stale = [s.hardware for s in staged
-               if s.layout != self.featurizer(s.platform).layout]
+      stale = [s.hardware for s in staged if s.layout != self.featurizer(s.platform).layout]
       if not stale:
         return staged
       logging.warning("vocabulary grew a step kind after %s was read; re-reading it", stale)
@@ -206,8 +214,10 @@ class RecordStaging:
     # Task files read here (the featurizer's vocabulary grows in this process only) while the
     # loop tokens of up to ``src.in_flight`` earlier files are computed by the workers.
     pending: collections.deque = collections.deque()
-    with open(feat_path, "wb") as feat_out, \
-        (open(tok_path, "wb") if tok_path else contextlib.nullcontext()) as tok_out:
+    with (
+      open(feat_path, "wb") as feat_out,
+      open(tok_path, "wb") if tok_path else contextlib.nullcontext() as tok_out,
+    ):
       for path in tqdm.tqdm(paths, desc=f"reading {hardware}", unit=" files", mininterval=2):
         tf = records_lib.read_task_file(path, hardware=hardware, featurizer=featurizer)
         acc.stats = tf.stats if acc.stats is None else acc.stats + tf.stats
@@ -217,14 +227,17 @@ class RecordStaging:
         if not valid.any():
           continue
         if tf.platform != platform:
-          raise DatasetBuildError(f"{path}: target platform {tf.platform} differs from "
-                                  f"{platform} of the rest of {hardware}")
+          raise DatasetBuildError(
+            f"{path}: target platform {tf.platform} differs from "
+            f"{platform} of the rest of {hardware}"
+          )
         layouts.add(tf.layout)
         job = None
         if src is not None:
           lines = tf.line_numbers[valid]
-          job = src.submit(tf.workload_key, records_lib.lines_at(path, lines),
-                           os.path.basename(path), lines)
+          job = src.submit(
+            tf.workload_key, records_lib.lines_at(path, lines), os.path.basename(path), lines
+          )
         pending.append((path, tf, sc, valid, job))
         while len(pending) > (src.in_flight if src is not None else 0):
           self._finish_file(acc, feat_out, tok_out, *pending.popleft())
@@ -236,31 +249,58 @@ class RecordStaging:
     features = np.memmap(feat_path, dtype=np.float32, mode="r", shape=(n,) + tuple(acc.shape))
     loop_tokens = None
     if src is not None:
-      loop_tokens = np.memmap(tok_path, dtype=schema.LOOP_TOKENS_DTYPE, mode="r",
-                              shape=(n, src.max_tokens, loop_tokens_lib.WIDTH))
+      loop_tokens = np.memmap(
+        tok_path,
+        dtype=schema.LOOP_TOKENS_DTYPE,
+        mode="r",
+        shape=(n, src.max_tokens, loop_tokens_lib.WIDTH),
+      )
       st = acc.token_stats
-      logging.info("%s loop tokens: %d of %d records, skipped %s, %d cropped to %d tokens",
-                   hardware, st.tokenized, st.records, st.skipped or "none", st.cropped,
-                   src.max_tokens)
-    logging.info("%s: %d valid records in %d tasks (%d files)", hardware, n, len(acc.task_keys),
-                 len(paths))
+      logging.info(
+        "%s loop tokens: %d of %d records, skipped %s, %d cropped to %d tokens",
+        hardware,
+        st.tokenized,
+        st.records,
+        st.skipped or "none",
+        st.cropped,
+        src.max_tokens,
+      )
+    logging.info(
+      "%s: %d valid records in %d tasks (%d files)", hardware, n, len(acc.task_keys), len(paths)
+    )
     return StagedHardware(
-        hardware=hardware, platform=platform, features=features,
-        scores=np.concatenate(acc.scores), program_keys=np.concatenate(acc.keys),
-        record_task=np.concatenate(acc.rec_task), task_keys=acc.task_keys,
-        task_min_cost=np.asarray(acc.task_min, np.float64), task_files=acc.task_files,
-        stats=acc.stats,
-        # A kind first seen mid-way leaves earlier files in an older layout: -1 = stale.
-        layout=layouts.pop() if len(layouts) == 1 else -1,
-        loop_tokens=loop_tokens, loop_token_stats=acc.token_stats)
+      hardware=hardware,
+      platform=platform,
+      features=features,
+      scores=np.concatenate(acc.scores),
+      program_keys=np.concatenate(acc.keys),
+      record_task=np.concatenate(acc.rec_task),
+      task_keys=acc.task_keys,
+      task_min_cost=np.asarray(acc.task_min, np.float64),
+      task_files=acc.task_files,
+      stats=acc.stats,
+      # A kind first seen mid-way leaves earlier files in an older layout: -1 = stale.
+      layout=layouts.pop() if len(layouts) == 1 else -1,
+      loop_tokens=loop_tokens,
+      loop_token_stats=acc.token_stats,
+    )
 
   def _new_file(self, hardware: str, suffix: str) -> str:
     fd, path = tempfile.mkstemp(prefix=f"{hardware}.", suffix=suffix, dir=self.work_dir)
     os.close(fd)
     return path
 
-  def _finish_file(self, acc: "_StageAccumulator", feat_out, tok_out, path: str, tf,
-                   sc: np.ndarray, valid: np.ndarray, job) -> None:
+  def _finish_file(
+    self,
+    acc: _StageAccumulator,
+    feat_out,
+    tok_out,
+    path: str,
+    tf,
+    sc: np.ndarray,
+    valid: np.ndarray,
+    job,
+  ) -> None:
     """Writes one task file's kept records (valid and, with loop tokens, replayed)."""
     feats = np.asarray(tf.features, dtype=np.float32)[valid]
     keep = np.ones(feats.shape[0], bool)
@@ -288,6 +328,7 @@ class RecordStaging:
 @dataclasses.dataclass
 class _StageAccumulator:
   """What :meth:`RecordStaging._stage` collects per task file, in file order."""
+
   loop_tokens: bool
   stats: Any = None
   token_stats: Any = None
@@ -311,26 +352,32 @@ class _StageAccumulator:
 @dataclasses.dataclass
 class ExamplePlan:
   """Which staged records make up each example, and the split of every example."""
-  task_keys: list[str]            # (T,) sorted workload keys
-  task_min_cost: np.ndarray       # (T, H) seconds, NaN where the task has no record on h
-  task_records: np.ndarray        # (T, H) records kept per task and hardware
-  rows: np.ndarray                # (M, H) int64 row into staged[h], -1 = not measured
-  task_index: np.ndarray          # (M,) int32
-  splits: dict[str, np.ndarray]   # split -> sorted example indices
+
+  task_keys: list[str]  # (T,) sorted workload keys
+  task_min_cost: np.ndarray  # (T, H) seconds, NaN where the task has no record on h
+  task_records: np.ndarray  # (T, H) records kept per task and hardware
+  rows: np.ndarray  # (M, H) int64 row into staged[h], -1 = not measured
+  task_index: np.ndarray  # (M,) int32
+  splits: dict[str, np.ndarray]  # split -> sorted example indices
   join_stats: dict[str, int]
 
 
-def plan_examples(staged: Sequence[StagedHardware], holdout_keys: frozenset[str], seed: int,
-                  train_fraction: float = network_info_lib.TRAIN_FRACTION,
-                  validation: str = "by_record") -> ExamplePlan:
+def plan_examples(
+  staged: Sequence[StagedHardware],
+  holdout_keys: frozenset[str],
+  seed: int,
+  train_fraction: float = network_info_lib.TRAIN_FRACTION,
+  validation: str = "by_record",
+) -> ExamplePlan:
   """Joins the staged hardware into examples and splits them (TLP hold-out + 90/10).
 
   ``validation``: ``by_record`` (TLP: a seeded 10% of the non-hold-out examples) or
   ``by_task`` (a seeded 10% of the non-hold-out tasks, with all their examples).
   """
   if validation not in schema.VALIDATION_MODES:
-    raise DatasetBuildError(f"validation must be one of {schema.VALIDATION_MODES}, got "
-                            f"{validation!r}")
+    raise DatasetBuildError(
+      f"validation must be one of {schema.VALIDATION_MODES}, got {validation!r}"
+    )
   num_hw = len(staged)
   task_keys = sorted(set().union(*(s.task_keys for s in staged)))
   key_to_task = {k: i for i, k in enumerate(task_keys)}
@@ -375,22 +422,29 @@ def plan_examples(staged: Sequence[StagedHardware], holdout_keys: frozenset[str]
   rest = np.flatnonzero(~example_is_test)
   if validation == "by_task":
     train_pos, val_pos = network_info_lib.train_validation_split_by_task(
-        task_index[rest], seed, train_fraction)
+      task_index[rest], seed, train_fraction
+    )
   else:
-    train_pos, val_pos = network_info_lib.train_validation_split(rest.size, seed,
-                                                                 train_fraction)
+    train_pos, val_pos = network_info_lib.train_validation_split(rest.size, seed, train_fraction)
   splits = {"train": rest[train_pos], "validation": rest[val_pos], "test": test}
   # The hold-out guarantee everything downstream relies on; checked, not assumed.
   for name in ("train", "validation"):
     leaked = np.unique(task_index[splits[name]][is_test_task[task_index[splits[name]]]])
     if leaked.size:
-      raise DatasetBuildError(f"hold-out tasks leaked into {name}: "
-                              f"{[task_keys[i] for i in leaked[:5]]}")
+      raise DatasetBuildError(
+        f"hold-out tasks leaked into {name}: {[task_keys[i] for i in leaked[:5]]}"
+      )
   if set(np.unique(task_index[test]).tolist()) != set(np.flatnonzero(is_test_task).tolist()):
     raise DatasetBuildError("some hold-out task with records is missing from test")
-  return ExamplePlan(task_keys=task_keys, task_min_cost=task_min, task_records=task_records,
-                     rows=rows, task_index=task_index.astype(np.int32), splits=splits,
-                     join_stats=join_stats)
+  return ExamplePlan(
+    task_keys=task_keys,
+    task_min_cost=task_min,
+    task_records=task_records,
+    rows=rows,
+    task_index=task_index.astype(np.int32),
+    splits=splits,
+    join_stats=join_stats,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,11 +462,18 @@ def stats_to_json(stats) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(stats), default=str))
 
 
-def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[StagedHardware],
-                   networks: Sequence[network_info_lib.NetworkInfo],
-                   holdout: Sequence[str], holdout_nets: Sequence[network_info_lib.NetworkInfo],
-                   vocab_json: str, crop: Sequence[int], tenset_dir: str,
-                   loop_token_layout: Mapping[str, Any] | None = None) -> dict:
+def build_metadata(
+  config: TensetConfig,
+  plan: ExamplePlan,
+  staged: Sequence[StagedHardware],
+  networks: Sequence[network_info_lib.NetworkInfo],
+  holdout: Sequence[str],
+  holdout_nets: Sequence[network_info_lib.NetworkInfo],
+  vocab_json: str,
+  crop: Sequence[int],
+  tenset_dir: str,
+  loop_token_layout: Mapping[str, Any] | None = None,
+) -> dict:
   """The JSON metadata stored with a config (see module docstring).
 
   ``crop`` is the examples' step-feature shape. ``loop_token_layout``: the layout of the loop
@@ -427,40 +488,46 @@ def build_metadata(config: TensetConfig, plan: ExamplePlan, staged: Sequence[Sta
   nets_json = []
   for net in holdout_nets:
     present = [t for t in net.tasks if t.workload_key in key_to_task]
-    nets_json.append({
-        "name": net.name, "batch_size": net.batch_size, "input_size": net.input_size,
+    nets_json.append(
+      {
+        "name": net.name,
+        "batch_size": net.batch_size,
+        "input_size": net.input_size,
         "label": net.label,
         "task_indices": [key_to_task[t.workload_key] for t in present],
         "weights": [t.weight for t in present],
-        "missing_workload_keys": [t.workload_key for t in net.tasks
-                                  if t.workload_key not in key_to_task],
-    })
+        "missing_workload_keys": [
+          t.workload_key for t in net.tasks if t.workload_key not in key_to_task
+        ],
+      }
+    )
   return {
-      "format": schema.METADATA_FORMAT,
-      "config": config.name,
-      "hardware": list(config.hardware),
-      "platform": config.platform,
-      "crop": [int(c) for c in crop],
-      # The loop-token version: None, or the layout of the ``loop_tokens`` field.
-      schema.LOOP_TOKENS_META: loop_token_layout,
-      schema.LOOP_TOKEN_STATS_META: {s.hardware: s.loop_token_stats.to_dict() for s in staged
-                                     if s.loop_token_stats is not None},
-      "seed": int(config.seed),
-      "train_fraction": float(config.train_fraction),
-      schema.VALIDATION_META: config.validation,
-      "holdout": list(holdout),
-      "tenset_dir": os.path.abspath(tenset_dir),
-      "tasks": {
-          "workload_keys": plan.task_keys,
-          "min_cost": [[_json_float(v) for v in row] for row in plan.task_min_cost],
-          "flop_ct": [_json_float(flop_ct.get(k, float("nan"))) for k in plan.task_keys],
-          "num_records": plan.task_records.tolist(),
-      },
-      "networks": nets_json,
-      "examples": {name: int(idx.size) for name, idx in plan.splits.items()},
-      "vocab_json": vocab_json,
-      "read_stats": {s.hardware: stats_to_json(s.stats) for s in staged},
-      "join_stats": plan.join_stats,
+    "format": schema.METADATA_FORMAT,
+    "config": config.name,
+    "hardware": list(config.hardware),
+    "platform": config.platform,
+    "crop": [int(c) for c in crop],
+    # The loop-token version: None, or the layout of the ``loop_tokens`` field.
+    schema.LOOP_TOKENS_META: loop_token_layout,
+    schema.LOOP_TOKEN_STATS_META: {
+      s.hardware: s.loop_token_stats.to_dict() for s in staged if s.loop_token_stats is not None
+    },
+    "seed": int(config.seed),
+    "train_fraction": float(config.train_fraction),
+    schema.VALIDATION_META: config.validation,
+    "holdout": list(holdout),
+    "tenset_dir": os.path.abspath(tenset_dir),
+    "tasks": {
+      "workload_keys": plan.task_keys,
+      "min_cost": [[_json_float(v) for v in row] for row in plan.task_min_cost],
+      "flop_ct": [_json_float(flop_ct.get(k, float("nan"))) for k in plan.task_keys],
+      "num_records": plan.task_records.tolist(),
+    },
+    "networks": nets_json,
+    "examples": {name: int(idx.size) for name, idx in plan.splits.items()},
+    "vocab_json": vocab_json,
+    "read_stats": {s.hardware: stats_to_json(s.stats) for s in staged},
+    "join_stats": plan.join_stats,
   }
 
 
@@ -469,32 +536,41 @@ def format_summary(meta: Mapping[str, Any]) -> str:
   loop = ""
   tok = meta.get(schema.LOOP_TOKENS_META)
   if tok:
-    loop = (f", loop tokens ({tok['max_tokens']}, {tok['width']}) {tok['dtype']} "
-            f"v{tok['layout_version']}")
-  lines = [f"config {meta['config']}: hardware {', '.join(meta['hardware'])} "
-           f"({meta['platform']}, crop {tuple(meta['crop'])}{loop}, seed {meta['seed']}, "
-           f"validation {meta.get(schema.VALIDATION_META, 'by_record')})",
-           f"  hold-out: {', '.join(meta['holdout'])}",
-           f"  tasks: {len(meta['tasks']['workload_keys'])}; examples: " +
-           ", ".join(f"{k} {v}" for k, v in meta["examples"].items())]
+    loop = (
+      f", loop tokens ({tok['max_tokens']}, {tok['width']}) {tok['dtype']} v{tok['layout_version']}"
+    )
+  lines = [
+    f"config {meta['config']}: hardware {', '.join(meta['hardware'])} "
+    f"({meta['platform']}, crop {tuple(meta['crop'])}{loop}, seed {meta['seed']}, "
+    f"validation {meta.get(schema.VALIDATION_META, 'by_record')})",
+    f"  hold-out: {', '.join(meta['holdout'])}",
+    f"  tasks: {len(meta['tasks']['workload_keys'])}; examples: "
+    + ", ".join(f"{k} {v}" for k, v in meta["examples"].items()),
+  ]
   records = np.asarray(meta["tasks"]["num_records"]).reshape(-1, len(meta["hardware"]))
   for h, hw in enumerate(meta["hardware"]):
     st = meta["read_stats"].get(hw, {})
-    lines.append(f"  {hw}: {int(records[:, h].sum())} examples measured, "
-                 f"{int((records[:, h] > 0).sum())} tasks; read: " + _stats_line(st))
+    lines.append(
+      f"  {hw}: {int(records[:, h].sum())} examples measured, "
+      f"{int((records[:, h] > 0).sum())} tasks; read: " + _stats_line(st)
+    )
     if hw in (meta.get(schema.LOOP_TOKEN_STATS_META) or {}):
       st = meta[schema.LOOP_TOKEN_STATS_META][hw]
       skipped = ", ".join(f"{k} {v}" for k, v in st["skipped"].items()) or "none"
-      lines.append(f"  {hw} loop tokens: {st['tokenized']} of {st['records']} records; "
-                   f"skipped: {skipped}; cropped to {tok['max_tokens'] if tok else '?'} "
-                   f"tokens: {st['cropped']}")
+      lines.append(
+        f"  {hw} loop tokens: {st['tokenized']} of {st['records']} records; "
+        f"skipped: {skipped}; cropped to {tok['max_tokens'] if tok else '?'} "
+        f"tokens: {st['cropped']}"
+      )
       for ex in st["examples"][:3]:
         lines.append(f"    e.g. {ex}")
   if len(meta["hardware"]) > 1:
     lines.append("  join: " + ", ".join(f"{k} {v}" for k, v in meta["join_stats"].items()))
   for net in meta["networks"]:
-    lines.append(f"  hold-out {net['label']}: {len(net['task_indices'])} tasks with records, "
-                 f"{len(net['missing_workload_keys'])} without")
+    lines.append(
+      f"  hold-out {net['label']}: {len(net['task_indices'])} tasks with records, "
+      f"{len(net['missing_workload_keys'])} without"
+    )
   return "\n".join(lines)
 
 
@@ -523,9 +599,15 @@ class Tenset(tfds.core.ShardBasedBuilder):
 
   VERSION = tfds.core.Version(schema.VERSION)
 
-  def __init__(self, *, tenset_dir: str, staging: RecordStaging | None = None,
-               shard_size: int = SHARD_SIZE,
-               token_source: loop_token_source.LoopTokenSource | None = None, **kwargs):
+  def __init__(
+    self,
+    *,
+    tenset_dir: str,
+    staging: RecordStaging | None = None,
+    shard_size: int = SHARD_SIZE,
+    token_source: loop_token_source.LoopTokenSource | None = None,
+    **kwargs,
+  ):
     """Args: tenset_dir: TenSet root; staging: shared reader (one is made if None);
     shard_size: examples per array_record shard; token_source: the skeletons of a config with
     ``loop_tokens`` (the staging's when it is given)."""
@@ -550,19 +632,20 @@ class Tenset(tfds.core.ShardBasedBuilder):
     for name, (shape, dtype) in specs.items():
       if name in (schema.FEATURES, schema.LOOP_TOKENS):
         # Raw bytes decode with one np.frombuffer (the array loader's fast path).
-        fields[name] = tfds.features.Tensor(shape=shape, dtype=dtype,
-                                            encoding=tfds.features.Encoding.BYTES)
+        fields[name] = tfds.features.Tensor(
+          shape=shape, dtype=dtype, encoding=tfds.features.Encoding.BYTES
+        )
       elif not shape:
         fields[name] = tfds.features.Scalar(dtype=dtype)
       else:
         fields[name] = tfds.features.Tensor(shape=shape, dtype=dtype)
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="TenSet measure records with TLP primitive features.",
-        features=tfds.features.FeaturesDict(fields),
-        homepage="https://github.com/zhaiyi000/tlp",
-        citation=_CITATION,
-        metadata=tfds.core.MetadataDict(),
+      builder=self,
+      description="TenSet measure records with TLP primitive features.",
+      features=tfds.features.FeaturesDict(fields),
+      homepage="https://github.com/zhaiyi000/tlp",
+      citation=_CITATION,
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _download_and_prepare(self, dl_manager, download_config=None):
@@ -570,8 +653,10 @@ class Tenset(tfds.core.ShardBasedBuilder):
       super()._download_and_prepare(dl_manager, download_config)
       if self.builder_config.loop_tokens:
         # Inside TFDS's incomplete dir: appears with the dataset, atomically.
-        skeleton_lib.save_collection(os.path.join(self.data_dir, schema.SKELETONS_FILE),
-                                     self._token_source.subset(self._task_keys))
+        skeleton_lib.save_collection(
+          os.path.join(self.data_dir, schema.SKELETONS_FILE),
+          self._token_source.subset(self._task_keys),
+        )
     finally:
       if self._own_staging_dir:
         shutil.rmtree(self._own_staging_dir, ignore_errors=True)
@@ -588,25 +673,41 @@ class Tenset(tfds.core.ShardBasedBuilder):
     held_keys = network_info_lib.holdout_workload_keys(holdout_nets)
     if self._staging is None:
       self._own_staging_dir = tempfile.mkdtemp(prefix="tenset_staging_")
-      self._staging = RecordStaging(self._tenset_dir, self._own_staging_dir, crop=cfg.crop,
-                                    token_source=(self._token_source if cfg.loop_tokens
-                                                  else None))
+      self._staging = RecordStaging(
+        self._tenset_dir,
+        self._own_staging_dir,
+        crop=cfg.crop,
+        token_source=(self._token_source if cfg.loop_tokens else None),
+      )
     staging = self._staging
     if staging.loop_tokens != cfg.loop_tokens:
-      raise DatasetBuildError(f"{cfg.name}: config asks for loop_tokens={cfg.loop_tokens}, the "
-                              f"shared staging has {staging.loop_tokens}")
+      raise DatasetBuildError(
+        f"{cfg.name}: config asks for loop_tokens={cfg.loop_tokens}, the "
+        f"shared staging has {staging.loop_tokens}"
+      )
     staged = staging.get_all(cfg.hardware)
     for s in staged:
       if s.platform != cfg.platform:
-        raise DatasetBuildError(f"{s.hardware} is {s.platform}, config {cfg.name} is "
-                                f"{cfg.platform}")
+        raise DatasetBuildError(
+          f"{s.hardware} is {s.platform}, config {cfg.name} is {cfg.platform}"
+        )
     crop = staged[0].features.shape[1:]
     plan = plan_examples(staged, held_keys, cfg.seed, cfg.train_fraction, cfg.validation)
     self._task_keys = list(plan.task_keys)
-    self.info.metadata.update(build_metadata(
-        cfg, plan, staged, networks, [str(h) for h in network_info_lib.parse_holdout(holdout)],
-        holdout_nets, staging.featurizer(cfg.platform).vocab.to_json(), crop, self._tenset_dir,
-        loop_token_layout=staging.token_source.layout() if cfg.loop_tokens else None))
+    self.info.metadata.update(
+      build_metadata(
+        cfg,
+        plan,
+        staged,
+        networks,
+        [str(h) for h in network_info_lib.parse_holdout(holdout)],
+        holdout_nets,
+        staging.featurizer(cfg.platform).vocab.to_json(),
+        crop,
+        self._tenset_dir,
+        loop_token_layout=staging.token_source.layout() if cfg.loop_tokens else None,
+      )
+    )
     logging.info("%s: %s examples", cfg.name, self.info.metadata["examples"])
     empty = [name for name in schema.SPLITS if not plan.splits[name].size]
     if len(empty) == len(schema.SPLITS):
@@ -618,18 +719,26 @@ class Tenset(tfds.core.ShardBasedBuilder):
     for name in schema.SPLITS:
       idx = plan.splits[name]
       if idx.size:
-        out[name] = [functools.partial(self._generate_examples, plan, staged, chunk, name)
-                     for chunk in np.array_split(idx, -(-idx.size // self._shard_size))]
+        out[name] = [
+          functools.partial(self._generate_examples, plan, staged, chunk, name)
+          for chunk in np.array_split(idx, -(-idx.size // self._shard_size))
+        ]
     return out
 
-  def _generate_examples(self, plan: ExamplePlan, staged: Sequence[StagedHardware],
-                         indices: np.ndarray, split: str
-                         ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+  def _generate_examples(
+    self, plan: ExamplePlan, staged: Sequence[StagedHardware], indices: np.ndarray, split: str
+  ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Yields ``(example index, example)`` for one shard, in index order."""
     num_hw = len(staged)
     min_cost = np.nan_to_num(plan.task_min_cost, nan=0.0).astype(np.float32)
-    for i in tqdm.tqdm(indices, desc=f"writing {self.builder_config.name} {split}", unit=" ex",
-                       mininterval=2, disable=indices.size < 100_000, leave=False):
+    for i in tqdm.tqdm(
+      indices,
+      desc=f"writing {self.builder_config.name} {split}",
+      unit=" ex",
+      mininterval=2,
+      disable=indices.size < 100_000,
+      leave=False,
+    ):
       row = plan.rows[i]
       t = int(plan.task_index[i])
       mask = row >= 0
@@ -643,8 +752,13 @@ class Tenset(tfds.core.ShardBasedBuilder):
             feats = np.asarray(staged[h].features[row[h]])
             if staged[h].loop_tokens is not None:
               tokens = np.asarray(staged[h].loop_tokens[row[h]])
-      ex = {schema.FEATURES: feats, schema.SCORE: score, schema.MASK: mask,
-            schema.MIN_COST: min_cost[t], schema.TASK_INDEX: t}
+      ex = {
+        schema.FEATURES: feats,
+        schema.SCORE: score,
+        schema.MASK: mask,
+        schema.MIN_COST: min_cost[t],
+        schema.TASK_INDEX: t,
+      }
       if tokens is not None:
         ex[schema.LOOP_TOKENS] = tokens
       yield int(i), ex
@@ -659,13 +773,18 @@ def multi_config_name(hardware: Sequence[str], all_hardware: Sequence[str]) -> s
   return "all" if sorted(hardware) == sorted(all_hardware) else "+".join(hardware)
 
 
-def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
-                 holdout: Sequence[str] = (), seed: int = 0,
-                 crop: tuple[int, int] | None = None,
-                 train_fraction: float = network_info_lib.TRAIN_FRACTION,
-                 multi: bool = True, loop_tokens: str | bool = "auto",
-                 skeletons: str | None = None,
-                 validation: str = "by_record") -> list[TensetConfig]:
+def make_configs(
+  tenset_dir: str,
+  hardware: Sequence[str] | None = None,
+  holdout: Sequence[str] = (),
+  seed: int = 0,
+  crop: tuple[int, int] | None = None,
+  train_fraction: float = network_info_lib.TRAIN_FRACTION,
+  multi: bool = True,
+  loop_tokens: str | bool = "auto",
+  skeletons: str | None = None,
+  validation: str = "by_record",
+) -> list[TensetConfig]:
   """One config per hardware (default: every folder) plus the multi-hardware join config.
 
   ``loop_tokens``: ``auto`` (the default: loop tokens when the skeleton file exists), ``on``
@@ -693,13 +812,29 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
     loop_tokens = "on" if loop_tokens else "off"
   skeletons = loop_token_source.resolve_skeletons(loop_tokens, tenset_dir, skeletons)
   if validation not in schema.VALIDATION_MODES:
-    raise DatasetBuildError(f"validation must be one of {schema.VALIDATION_MODES}, got "
-                            f"{validation!r}")
-  common = dict(holdout=holdout, seed=seed, crop=tuple(crop) if crop else None,
-                train_fraction=train_fraction, loop_tokens=skeletons is not None,
-                skeletons=skeletons, validation=validation)
-  configs = [TensetConfig(name=hw, version=schema.VERSION, hardware=(hw,), platform=platforms[hw],
-                          description=f"{hw} measure records", **common) for hw in hardware]
+    raise DatasetBuildError(
+      f"validation must be one of {schema.VALIDATION_MODES}, got {validation!r}"
+    )
+  common = dict(
+    holdout=holdout,
+    seed=seed,
+    crop=tuple(crop) if crop else None,
+    train_fraction=train_fraction,
+    loop_tokens=skeletons is not None,
+    skeletons=skeletons,
+    validation=validation,
+  )
+  configs = [
+    TensetConfig(
+      name=hw,
+      version=schema.VERSION,
+      hardware=(hw,),
+      platform=platforms[hw],
+      description=f"{hw} measure records",
+      **common,
+    )
+    for hw in hardware
+  ]
   if multi:
     groups: dict[str, list[str]] = {}
     for hw in hardware:
@@ -710,17 +845,27 @@ def make_configs(tenset_dir: str, hardware: Sequence[str] | None = None,
       name = multi_config_name(hws, all_hw)
       if len(groups) > 1 and name == "all":
         name = f"all-{platform}"
-      configs.append(TensetConfig(name=name, version=schema.VERSION, hardware=tuple(hws),
-                                  platform=platform,
-                                  description=f"programs joined across {', '.join(hws)}",
-                                  **common))
+      configs.append(
+        TensetConfig(
+          name=name,
+          version=schema.VERSION,
+          hardware=tuple(hws),
+          platform=platform,
+          description=f"programs joined across {', '.join(hws)}",
+          **common,
+        )
+      )
   return configs
 
 
-def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig],
-          shard_size: int = SHARD_SIZE,
-          token_source: loop_token_source.LoopTokenSource | None = None,
-          workers: int = 1) -> list[dict]:
+def build(
+  tenset_dir: str,
+  data_dir: str,
+  configs: Sequence[TensetConfig],
+  shard_size: int = SHARD_SIZE,
+  token_source: loop_token_source.LoopTokenSource | None = None,
+  workers: int = 1,
+) -> list[dict]:
   """Builds (overwriting) every config into ``data_dir``; returns their metadata dicts.
 
   Hardware shared by several configs is read once (a temporary staging dir inside
@@ -742,24 +887,35 @@ def build(tenset_dir: str, data_dir: str, configs: Sequence[TensetConfig],
     paths = {c.skeletons for c in configs}
     if len(paths) != 1 or None in paths:
       raise DatasetBuildError(
-          "loop_tokens=True needs the per-task skeletons (one skeletons file for all configs, "
-          f"or a LoopTokenSource); extract them once with TVM: "
-          f"{loop_token_source.extract_hint(tenset_dir)}")
+        "loop_tokens=True needs the per-task skeletons (one skeletons file for all configs, "
+        f"or a LoopTokenSource); extract them once with TVM: "
+        f"{loop_token_source.extract_hint(tenset_dir)}"
+      )
     token_source = own_source = loop_token_source.LoopTokenSource(
-        next(iter(paths)), tenset_dir, workers=workers)
+      next(iter(paths)), tenset_dir, workers=workers
+    )
   work = tempfile.mkdtemp(prefix="staging_", dir=data_dir)
   try:
-    staging = RecordStaging(tenset_dir, work, crop=next(iter(crops)),
-                            token_source=token_source if with_tokens else None)
+    staging = RecordStaging(
+      tenset_dir, work, crop=next(iter(crops)), token_source=token_source if with_tokens else None
+    )
     metas = []
     for cfg in configs:
-      builder = Tenset(tenset_dir=tenset_dir, staging=staging, config=cfg, data_dir=data_dir,
-                       file_format="array_record", shard_size=shard_size)
+      builder = Tenset(
+        tenset_dir=tenset_dir,
+        staging=staging,
+        config=cfg,
+        data_dir=data_dir,
+        file_format="array_record",
+        shard_size=shard_size,
+      )
       builder.download_and_prepare(
-          download_dir=os.path.join(work, "downloads"),
-          download_config=tfds.download.DownloadConfig(
-              download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS,
-              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+        download_dir=os.path.join(work, "downloads"),
+        download_config=tfds.download.DownloadConfig(
+          download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS,
+          compute_stats=tfds.download.ComputeStatsMode.SKIP,
+        ),
+      )
       metas.append(dict(builder.info.metadata))
     return metas
   finally:

@@ -4,6 +4,7 @@ XLA_FLAGS must be set before JAX initialises its backends, so it is set here, at
 the test session: every test sees 8 CPU devices (the pmap tests need them; single-device tests
 pick ``jax.devices()[:1]``).
 """
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -14,8 +15,10 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from data_pipelines import loader  # noqa: E402
-from data_pipelines import tenset_tfds  # noqa: E402
+from data_pipelines import (
+  loader,  # noqa: E402
+  tenset_tfds,  # noqa: E402
+)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SAMPLE_TENSET_DIR = REPO_ROOT / "data" / "sample" / "tenset-mini"
@@ -42,7 +45,7 @@ def built_sample_dataset(tmp_path_factory, sample_tenset_dir) -> str:
 def sample_arrays(built_sample_dataset):
   """``sample_arrays(config_name) -> DatasetArrays`` of the built sample (cached per config)."""
 
-  @functools.lru_cache(maxsize=None)
+  @functools.cache
   def load(config_name: str = "epyc-9004"):
     return loader.load_arrays(built_sample_dataset, config_name)
 

@@ -14,19 +14,31 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SCRIPTS = sorted(p.stem for p in (REPO / "bench").glob("*.py")
-                 if "if __name__ == \"__main__\":" in p.read_text())
+SCRIPTS = sorted(
+  p.stem for p in (REPO / "bench").glob("*.py") if 'if __name__ == "__main__":' in p.read_text()
+)
 OPTIONAL = ("torch", "tvm")
 
 
 @pytest.fixture(scope="module")
 def helps():
   """``{script: (returncode, stdout + stderr)}`` of ``--help``, run concurrently."""
-  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             JAX_PLATFORMS="cpu")
-  procs = {s: subprocess.Popen([sys.executable, "-m", f"bench.{s}", "--help"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for s in SCRIPTS}
+  env = dict(
+    os.environ,
+    PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    JAX_PLATFORMS="cpu",
+  )
+  procs = {
+    s: subprocess.Popen(
+      [sys.executable, "-m", f"bench.{s}", "--help"],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for s in SCRIPTS
+  }
   return {s: (p.wait(timeout=300), p.stdout.read()) for s, p in procs.items()}
 
 

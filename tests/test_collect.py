@@ -2,6 +2,7 @@
 
 The pure helpers run everywhere; the end-to-end collection needs TVM and is skipped without it.
 """
+
 import importlib.util
 import json
 import os
@@ -9,18 +10,27 @@ import os
 import numpy as np
 import pytest
 
-from tlp_jax.core import network_info
-from tlp_jax.core import records
-from tlp_jax.core import tenset
-from tlp_jax.tvm import collect
-from tlp_jax.tvm import search_tasks
+from tlp_jax.core import network_info, records, tenset
+from tlp_jax.tvm import collect, search_tasks
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None
 needs_tvm = pytest.mark.skipif(not HAS_TVM, reason="TVM not installed (pip install -e '.[tvm]')")
 
-@pytest.mark.parametrize("flops,repeat", [
-    (2416443392.0, 4), (3e9, 4), (2416443391.0, 6), (834928640.0, 6), (834928639.0, 8),
-    (2097153.0, 8), (2097152.0, 10), (0.0, 10), (-1.0, 10)])
+
+@pytest.mark.parametrize(
+  "flops,repeat",
+  [
+    (2416443392.0, 4),
+    (3e9, 4),
+    (2416443391.0, 6),
+    (834928640.0, 6),
+    (834928639.0, 8),
+    (2097153.0, 8),
+    (2097152.0, 10),
+    (0.0, 10),
+    (-1.0, 10),
+  ],
+)
 def test_repeat_for_flops_follows_tenset(flops, repeat):
   assert collect.repeat_for_flops(flops) == repeat
 
@@ -46,8 +56,9 @@ def test_default_hardware_name_is_folder_safe():
 
 
 def test_measure_target_replaces_model():
-  cfg = collect.CollectConfig(out_dir="x", networks=(), hardware="hw1",
-                              target="llvm -mcpu=znver4 -model=unknown")
+  cfg = collect.CollectConfig(
+    out_dir="x", networks=(), hardware="hw1", target="llvm -mcpu=znver4 -model=unknown"
+  )
   assert collect.measure_target(cfg) == "llvm -mcpu=znver4 -model=hw1"
 
 
@@ -55,16 +66,23 @@ def test_measure_target_replaces_model():
 def test_collect_tiny_task_end_to_end_and_resume(tmp_path):
   """One tiny task (mlp's softmax), 2 programs: network info, records, then resume."""
   out = str(tmp_path / "tenset")
-  cfg = collect.CollectConfig(out_dir=out, networks=(collect.NetworkSpec.parse("mlp:1:28"),),
-                              hardware="testhw", target="llvm", programs_per_task=2,
-                              start_idx=1, end_idx=2, seed=3, build_n_parallel=1)
+  cfg = collect.CollectConfig(
+    out_dir=out,
+    networks=(collect.NetworkSpec.parse("mlp:1:28"),),
+    hardware="testhw",
+    target="llvm",
+    programs_per_task=2,
+    start_idx=1,
+    end_idx=2,
+    seed=3,
+    build_n_parallel=1,
+  )
   summary = collect.collect(cfg, progress=False)
   assert summary["tasks"] == 1 and summary["dumped_tasks"] == 1
   assert summary["measured_tasks"] == 1 and summary["measured_programs"] == 2
 
   # Network info: our TenSet layout, readable by the dataset's reader.
-  net = network_info.read_network_info(
-      os.path.join(out, "network_info", "(mlp,[(1,28)]).json"))
+  net = network_info.read_network_info(os.path.join(out, "network_info", "(mlp,[(1,28)]).json"))
   assert net.name == "mlp" and net.batch_size == 1 and net.input_size == 28
   assert len(net.tasks) >= 3 and all(t.weight >= 1 for t in net.tasks)
 

@@ -1,4 +1,5 @@
 """TFDS build + array loader on the embedded sample: splits, join, metadata, cache."""
+
 import collections
 import glob
 import os
@@ -12,9 +13,7 @@ import orjson
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipelines import loader
-from data_pipelines import schema
-from data_pipelines import tenset_tfds
+from data_pipelines import loader, schema, tenset_tfds
 from tlp_jax.core import network_info as ni
 from tlp_jax.core import records
 
@@ -47,15 +46,22 @@ def test_holdout_split_disjoint_and_complete(sample_arrays, sample_tenset_dir, c
   test_keys = set(keys[np.unique(arrays.test.task_index)])
   assert test_keys <= held
   # Every hold-out task with a valid record on some hardware of the config is in test.
-  with_records = {r["i"][0][0] for hw in arrays.hardware
-                  for r in _raw_records(sample_tenset_dir, hw) if r["r"][1] == 0}
+  with_records = {
+    r["i"][0][0]
+    for hw in arrays.hardware
+    for r in _raw_records(sample_tenset_dir, hw)
+    if r["r"][1] == 0
+  }
   assert test_keys == held & with_records
   # 90/10 by record among the non-hold-out examples.
   n_train, n_val = len(arrays.train), len(arrays.validation)
   assert n_train == int((n_train + n_val) * 0.9)
   # Hold-out networks point at test tasks and carry the network-info weights.
-  assert [n.label for n in arrays.networks] == ["bert_base (1,128)", "mobilenet (1,240)",
-                                                "resnet_50 (1,224)"]
+  assert [n.label for n in arrays.networks] == [
+    "bert_base (1,128)",
+    "mobilenet (1,240)",
+    "resnet_50 (1,224)",
+  ]
   for net in arrays.networks:
     assert set(keys[net.task_indices]) <= test_keys
     assert np.all(net.weights >= 1)
@@ -90,7 +96,7 @@ def test_multi_hardware_join(sample_arrays, sample_tenset_dir):
   # Independent join from the record files: program key -> score per hardware.
   expected = collections.Counter()
   per_hw = {}
-  for h, hw in enumerate(HW):
+  for hw in HW:
     per_hw[hw] = {}
     for path in sorted(glob.glob(os.path.join(sample_tenset_dir, "measure_records", hw, "*"))):
       tf = records.read_task_file(path, hardware=hw)
@@ -107,8 +113,15 @@ def test_multi_hardware_join(sample_arrays, sample_tenset_dir):
   for split in schema.SPLITS:
     s = multi.split(split)
     for i in range(len(s)):
-      got[(keys[s.task_index[i]], s.scores[i, 0], s.scores[i, 1], bool(s.mask[i, 0]),
-           bool(s.mask[i, 1]))] += 1
+      got[
+        (
+          keys[s.task_index[i]],
+          s.scores[i, 0],
+          s.scores[i, 1],
+          bool(s.mask[i, 0]),
+          bool(s.mask[i, 1]),
+        )
+      ] += 1
   assert got == expected
   assert both > 500  # the sample's training tasks were chosen to be on both hardware
   assert multi.metadata["join_stats"]["programs_on_2_hardware"] == both
@@ -121,8 +134,7 @@ def test_multi_hardware_join(sample_arrays, sample_tenset_dir):
   # min_cost per example is the task's min cost on each hardware where the task has records.
   t = multi.test
   rows = t.mask.all(axis=1)
-  np.testing.assert_allclose(t.min_cost[rows], multi.tasks.min_cost[t.task_index[rows]],
-                             rtol=1e-6)
+  np.testing.assert_allclose(t.min_cost[rows], multi.tasks.min_cost[t.task_index[rows]], rtol=1e-6)
 
 
 def test_read_stats_in_metadata(sample_arrays, sample_tenset_dir):
@@ -176,8 +188,7 @@ def test_cache_hit_and_invalidation(tmp_path, sample_tenset_dir, sample_arrays, 
     cached = loader.load_arrays(data_dir, "xeon-emr-16c")
   np.testing.assert_array_equal(cached.validation.scores, first.validation.scores)
   # Rebuild with another seed: the cache is stale and must be rebuilt.
-  cfgs = tenset_tfds.make_configs(sample_tenset_dir, hardware=["xeon-emr-16c"], multi=False,
-                                  seed=7)
+  cfgs = tenset_tfds.make_configs(sample_tenset_dir, hardware=["xeon-emr-16c"], multi=False, seed=7)
   tenset_tfds.build(sample_tenset_dir, data_dir, cfgs)
   second = loader.load_arrays(data_dir, "xeon-emr-16c")
   assert second.seed == 7 and second.fingerprint != first.fingerprint
@@ -185,11 +196,11 @@ def test_cache_hit_and_invalidation(tmp_path, sample_tenset_dir, sample_arrays, 
   for split in schema.SPLITS:
     np.testing.assert_array_equal(second.split(split).features, fresh.split(split).features)
     np.testing.assert_array_equal(second.split(split).task_index, fresh.split(split).task_index)
-  assert not np.array_equal(np.sort(second.validation.scores[:, 0]),
-                            np.sort(first.validation.scores[:, 0]))
+  assert not np.array_equal(
+    np.sort(second.validation.scores[:, 0]), np.sort(first.validation.scores[:, 0])
+  )
   # A corrupted cache file is detected and rebuilt, not trusted.
-  cache = os.path.join(loader.find_dataset_dir(data_dir, "xeon-emr-16c"),
-                       loader.CACHE_DIR)
+  cache = os.path.join(loader.find_dataset_dir(data_dir, "xeon-emr-16c"), loader.CACHE_DIR)
   with open(os.path.join(cache, "test.scores.npy"), "wb") as f:
     f.write(b"garbage")
   again = loader.load_arrays(data_dir, "xeon-emr-16c")
@@ -208,10 +219,18 @@ def test_missing_config_lists_built(built_sample_dataset):
 def _staged(hw, task_keys, record_task, program_keys, scores):
   n = len(scores)
   return tenset_tfds.StagedHardware(
-      hardware=hw, platform="llvm", features=np.zeros((n, 2, 3), np.float32),
-      scores=np.asarray(scores, np.float32), program_keys=np.asarray(program_keys, np.uint64),
-      record_task=np.asarray(record_task, np.int32), task_keys=list(task_keys),
-      task_min_cost=np.ones(len(task_keys)), task_files=[], stats=None, layout=11)
+    hardware=hw,
+    platform="llvm",
+    features=np.zeros((n, 2, 3), np.float32),
+    scores=np.asarray(scores, np.float32),
+    program_keys=np.asarray(program_keys, np.uint64),
+    record_task=np.asarray(record_task, np.int32),
+    task_keys=list(task_keys),
+    task_min_cost=np.ones(len(task_keys)),
+    task_files=[],
+    stats=None,
+    layout=11,
+  )
 
 
 def test_plan_join_duplicates_and_holdout():
@@ -222,8 +241,11 @@ def test_plan_join_duplicates_and_holdout():
   multi = tenset_tfds.plan_examples([a, b], frozenset({"t3"}), seed=0)
   assert multi.task_keys == ["t1", "t2", "t3"]
   assert multi.join_stats["duplicate_programs_dropped"] == 2
-  assert multi.join_stats == {"duplicate_programs_dropped": 2, "programs_on_1_hardware": 3,
-                              "programs_on_2_hardware": 1}
+  assert multi.join_stats == {
+    "duplicate_programs_dropped": 2,
+    "programs_on_1_hardware": 3,
+    "programs_on_2_hardware": 1,
+  }
   # (t2, 7) is on both; its rows point at a[3] and b[0]; first duplicate kept.
   joined = {(multi.task_keys[t], tuple(r)) for t, r in zip(multi.task_index, multi.rows)}
   assert joined == {("t1", (0, -1)), ("t1", (2, -1)), ("t2", (3, 0)), ("t3", (-1, 1))}
@@ -258,9 +280,14 @@ _NO_TF_SCRIPT = textwrap.dedent("""
 def test_cli_build_and_read_without_tensorflow(tmp_path, sample_tenset_dir, sample_arrays):
   data_dir = str(tmp_path / "data")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-c", _NO_TF_SCRIPT, sample_tenset_dir, data_dir],
-                        cwd=repo, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, PYTHONPATH=repo))
+  proc = subprocess.run(
+    [sys.executable, "-c", _NO_TF_SCRIPT, sample_tenset_dir, data_dir],
+    cwd=repo,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, PYTHONPATH=repo),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "NO_TF_OK" in proc.stdout
   assert "config all: hardware epyc-9004, xeon-emr-16c" in proc.stdout

@@ -14,6 +14,7 @@ its imports are checked against the dependency rule (docs/DESIGN.md)::
 * The serving side (``tlp_jax.core.predictor``, ``tlp_jax.tvm.cost_model``) never reaches the
   trainer, the evaluation, the XGBoost baseline or the dataset build, directly or not.
 """
+
 from __future__ import annotations
 
 import ast
@@ -29,42 +30,56 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 ROOTS = ("tlp_jax", "data_pipelines")
 
 # Most specific first: a module belongs to the first package it is in.
-PACKAGES = ("tlp_jax.core", "tlp_jax.train", "tlp_jax.evaluation", "tlp_jax.tvm",
-            "data_pipelines", "tlp_jax")
+PACKAGES = (
+  "tlp_jax.core",
+  "tlp_jax.train",
+  "tlp_jax.evaluation",
+  "tlp_jax.tvm",
+  "data_pipelines",
+  "tlp_jax",
+)
 MAY_IMPORT = {
-    "tlp_jax": set(),
-    "tlp_jax.core": {"tlp_jax.core"},
-    "data_pipelines": {"tlp_jax.core", "data_pipelines"},
-    "tlp_jax.train": {"tlp_jax.core", "data_pipelines", "tlp_jax.train"},
-    "tlp_jax.evaluation": {"tlp_jax.core", "data_pipelines", "tlp_jax.train",
-                           "tlp_jax.evaluation"},
-    "tlp_jax.tvm": {"tlp_jax.core", "data_pipelines", "tlp_jax.tvm"},
+  "tlp_jax": set(),
+  "tlp_jax.core": {"tlp_jax.core"},
+  "data_pipelines": {"tlp_jax.core", "data_pipelines"},
+  "tlp_jax.train": {"tlp_jax.core", "data_pipelines", "tlp_jax.train"},
+  "tlp_jax.evaluation": {"tlp_jax.core", "data_pipelines", "tlp_jax.train", "tlp_jax.evaluation"},
+  "tlp_jax.tvm": {"tlp_jax.core", "data_pipelines", "tlp_jax.tvm"},
 }
 # (importing module, imported package) allowed beyond MAY_IMPORT; lazy_only: inside a function.
 EXCEPTIONS = {
-    # The baseline reports its ranking next to TLP's through the evaluator.
-    ("tlp_jax.tvm.xgb_baseline", "tlp_jax.evaluation"): {"lazy_only": False},
-    # The sample's all_tasks.pkl subset, when TVM is installed.
-    ("data_pipelines.make_sample", "tlp_jax.tvm"): {"lazy_only": True},
+  # The baseline reports its ranking next to TLP's through the evaluator.
+  ("tlp_jax.tvm.xgb_baseline", "tlp_jax.evaluation"): {"lazy_only": False},
+  # The sample's all_tasks.pkl subset, when TVM is installed.
+  ("data_pipelines.make_sample", "tlp_jax.tvm"): {"lazy_only": True},
 }
 JAX = frozenset({"jax", "jaxlib", "flax", "optax", "orbax"})
 TF = frozenset({"tensorflow", "tensorflow_datasets"})
 BANNED_THIRD_PARTY = {
-    "tlp_jax.core": JAX | TF | {"tvm"},
-    "data_pipelines": JAX | {"tensorflow"},  # TFDS builds and reads without TensorFlow
+  "tlp_jax.core": JAX | TF | {"tvm"},
+  "data_pipelines": JAX | {"tensorflow"},  # TFDS builds and reads without TensorFlow
 }
 SERVING = ("tlp_jax.core.predictor", "tlp_jax.tvm.cost_model")
-SERVING_NEVER_REACHES = ("tlp_jax.train", "tlp_jax.evaluation", "tlp_jax.tvm.xgb_baseline",
-                         "data_pipelines")
+SERVING_NEVER_REACHES = (
+  "tlp_jax.train",
+  "tlp_jax.evaluation",
+  "tlp_jax.tvm.xgb_baseline",
+  "data_pipelines",
+)
 SERVING_BANNED_THIRD_PARTY = JAX | TF
-RUNTIME_CORE_MODULES = ("tlp_jax.core.predictor", "tlp_jax.core.features",
-                        "tlp_jax.core.records", "tlp_jax.core.metrics",
-                        "tlp_jax.core.network_info")
+RUNTIME_CORE_MODULES = (
+  "tlp_jax.core.predictor",
+  "tlp_jax.core.features",
+  "tlp_jax.core.records",
+  "tlp_jax.core.metrics",
+  "tlp_jax.core.network_info",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Import:
   """One import statement's target (absolute dotted name) and where it is."""
+
   target: str
   lazy: bool = False  # inside a function or the ``if __name__ == "__main__":`` block
   line: int = 0
@@ -74,12 +89,17 @@ class Import:
 
 
 def _is_main_guard(node: ast.AST) -> bool:
-  return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-          and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+  return (
+    isinstance(node, ast.If)
+    and isinstance(node.test, ast.Compare)
+    and isinstance(node.test.left, ast.Name)
+    and node.test.left.id == "__name__"
+  )
 
 
-def imports_of(source: str, module: str, is_package: bool,
-               known: frozenset[str] = frozenset()) -> list[Import]:
+def imports_of(
+  source: str, module: str, is_package: bool, known: frozenset[str] = frozenset()
+) -> list[Import]:
   """The imports of a module's source; ``from X import Y`` is ``X.Y`` when that is a module of
   ``known``, else ``X``. Relative imports are made absolute."""
   out = []
@@ -92,7 +112,7 @@ def imports_of(source: str, module: str, is_package: bool,
       base = node.module or ""
       if node.level:
         parts = package.split(".")
-        parts = parts[:len(parts) - (node.level - 1)]
+        parts = parts[: len(parts) - (node.level - 1)]
         base = ".".join(parts + ([base] if base else []))
       for a in node.names:
         sub = f"{base}.{a.name}"
@@ -114,8 +134,10 @@ def project_graph(repo: pathlib.Path = REPO, roots=ROOTS) -> dict[str, list[Impo
       parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
       files[".".join(parts)] = path
   known = frozenset(files)
-  return {m: imports_of(p.read_text(encoding="utf-8"), m, p.name == "__init__.py", known)
-          for m, p in files.items()}
+  return {
+    m: imports_of(p.read_text(encoding="utf-8"), m, p.name == "__init__.py", known)
+    for m, p in files.items()
+  }
 
 
 def package_of(module: str) -> str | None:
@@ -190,8 +212,12 @@ def violations(graph: dict[str, list[Import]]) -> list[str]:
 
 def test_the_repository_follows_the_dependency_rule():
   graph = project_graph()
-  assert {"tlp_jax.core.records", "tlp_jax.tvm.cost_model", "data_pipelines.tenset_tfds",
-          "tlp_jax.train.model"} <= set(graph)
+  assert {
+    "tlp_jax.core.records",
+    "tlp_jax.tvm.cost_model",
+    "data_pipelines.tenset_tfds",
+    "tlp_jax.train.model",
+  } <= set(graph)
   assert violations(graph) == []
 
 
@@ -209,8 +235,9 @@ def test_importing_the_core_leaves_jax_tvm_and_tensorflow_out():
       banned = {sorted(JAX | TF | {"tvm"})!r}
       print(sorted(m for m in sys.modules if m.split(".")[0] in banned))
   """)
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                        timeout=120, check=True)
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+  )
   assert proc.stdout.strip() == "[]", proc.stdout
 
 
@@ -223,42 +250,42 @@ def _check(graph):
 
 def test_checker_finds_each_kind_of_violation():
   graph = {
-      "tlp_jax.core.features": [Import("jax.numpy", line=3)],
-      "tlp_jax.core.records": [Import("data_pipelines.loader", lazy=True, line=4)],
-      "data_pipelines.loader": [Import("tlp_jax.train.model", line=5), Import("flax", line=6)],
-      "data_pipelines.tenset_tfds": [Import("tlp_jax.tvm.search_tasks", lazy=True, line=7)],
-      "data_pipelines.make_sample": [Import("tlp_jax.tvm.search_tasks", line=8)],
-      "tlp_jax.train.model": [Import("tlp_jax.evaluation.eval_lib", line=9)],
-      "tlp_jax.tvm.collect": [Import("tlp_jax.evaluation.eval_lib", line=10)],
-      "tlp_jax.evaluation.eval_lib": [],
-      "tlp_jax.tvm.search_tasks": [],
+    "tlp_jax.core.features": [Import("jax.numpy", line=3)],
+    "tlp_jax.core.records": [Import("data_pipelines.loader", lazy=True, line=4)],
+    "data_pipelines.loader": [Import("tlp_jax.train.model", line=5), Import("flax", line=6)],
+    "data_pipelines.tenset_tfds": [Import("tlp_jax.tvm.search_tasks", lazy=True, line=7)],
+    "data_pipelines.make_sample": [Import("tlp_jax.tvm.search_tasks", line=8)],
+    "tlp_jax.train.model": [Import("tlp_jax.evaluation.eval_lib", line=9)],
+    "tlp_jax.tvm.collect": [Import("tlp_jax.evaluation.eval_lib", line=10)],
+    "tlp_jax.evaluation.eval_lib": [],
+    "tlp_jax.tvm.search_tasks": [],
   }
   found = _check(graph)
   for expected in (
-      "tlp_jax.core.features:3 imports jax.numpy: tlp_jax.core never imports jax",
-      "tlp_jax.core.records:4 imports data_pipelines.loader: tlp_jax.core may not import "
-      "data_pipelines",
-      "data_pipelines.loader:5 imports tlp_jax.train.model: data_pipelines may not import "
-      "tlp_jax.train",
-      "data_pipelines.loader:6 imports flax: data_pipelines never imports flax",
-      "data_pipelines.tenset_tfds:7 imports tlp_jax.tvm.search_tasks: data_pipelines may not "
-      "import tlp_jax.tvm",
-      "data_pipelines.make_sample:8 imports tlp_jax.tvm.search_tasks: allowed only inside a "
-      "function",
-      "tlp_jax.train.model:9 imports tlp_jax.evaluation.eval_lib: tlp_jax.train may not import "
-      "tlp_jax.evaluation",
-      "tlp_jax.tvm.collect:10 imports tlp_jax.evaluation.eval_lib: tlp_jax.tvm may not import "
-      "tlp_jax.evaluation"):
+    "tlp_jax.core.features:3 imports jax.numpy: tlp_jax.core never imports jax",
+    "tlp_jax.core.records:4 imports data_pipelines.loader: tlp_jax.core may not import "
+    "data_pipelines",
+    "data_pipelines.loader:5 imports tlp_jax.train.model: data_pipelines may not import "
+    "tlp_jax.train",
+    "data_pipelines.loader:6 imports flax: data_pipelines never imports flax",
+    "data_pipelines.tenset_tfds:7 imports tlp_jax.tvm.search_tasks: data_pipelines may not "
+    "import tlp_jax.tvm",
+    "data_pipelines.make_sample:8 imports tlp_jax.tvm.search_tasks: allowed only inside a function",
+    "tlp_jax.train.model:9 imports tlp_jax.evaluation.eval_lib: tlp_jax.train may not import "
+    "tlp_jax.evaluation",
+    "tlp_jax.tvm.collect:10 imports tlp_jax.evaluation.eval_lib: tlp_jax.tvm may not import "
+    "tlp_jax.evaluation",
+  ):
     assert expected in found, expected
   assert len(violations(graph)) == 8
 
 
 def test_checker_follows_the_serving_side_through_other_modules():
   graph = {
-      "tlp_jax.tvm.cost_model": [Import("tlp_jax.tvm.skeleton_extract")],
-      "tlp_jax.tvm.skeleton_extract": [Import("tlp_jax.tvm.xgb_baseline", lazy=True)],
-      "tlp_jax.tvm.xgb_baseline": [Import("tlp_jax.evaluation.eval_lib")],
-      "tlp_jax.evaluation.eval_lib": [Import("optax", lazy=True)],
+    "tlp_jax.tvm.cost_model": [Import("tlp_jax.tvm.skeleton_extract")],
+    "tlp_jax.tvm.skeleton_extract": [Import("tlp_jax.tvm.xgb_baseline", lazy=True)],
+    "tlp_jax.tvm.xgb_baseline": [Import("tlp_jax.evaluation.eval_lib")],
+    "tlp_jax.evaluation.eval_lib": [Import("optax", lazy=True)],
   }
   found = _check(graph)
   chain = "tlp_jax.tvm.cost_model -> tlp_jax.tvm.skeleton_extract -> tlp_jax.tvm.xgb_baseline"
@@ -268,35 +295,58 @@ def test_checker_follows_the_serving_side_through_other_modules():
 
 def test_checker_accepts_the_allowed_shapes():
   graph = {
-      "tlp_jax.core.records": [Import("numpy"), Import("tlp_jax.core.features")],
-      "tlp_jax.core.features": [],
-      "data_pipelines.make_sample": [Import("tlp_jax.tvm.search_tasks", lazy=True),
-                                     Import("tensorflow_datasets")],
-      "tlp_jax.tvm.xgb_baseline": [Import("tlp_jax.evaluation.eval_lib"),
-                                   Import("data_pipelines.loader")],
-      "tlp_jax.evaluation.eval_lib": [Import("tlp_jax.train.export", lazy=True)],
-      "tlp_jax.tvm.search_tasks": [Import("tvm")],
-      "tlp_jax.tvm.cost_model": [Import("tlp_jax.core.predictor"), Import("tvm")],
-      "tlp_jax.core.predictor": [Import("tlp_jax.core.features")],
+    "tlp_jax.core.records": [Import("numpy"), Import("tlp_jax.core.features")],
+    "tlp_jax.core.features": [],
+    "data_pipelines.make_sample": [
+      Import("tlp_jax.tvm.search_tasks", lazy=True),
+      Import("tensorflow_datasets"),
+    ],
+    "tlp_jax.tvm.xgb_baseline": [
+      Import("tlp_jax.evaluation.eval_lib"),
+      Import("data_pipelines.loader"),
+    ],
+    "tlp_jax.evaluation.eval_lib": [Import("tlp_jax.train.export", lazy=True)],
+    "tlp_jax.tvm.search_tasks": [Import("tvm")],
+    "tlp_jax.tvm.cost_model": [Import("tlp_jax.core.predictor"), Import("tvm")],
+    "tlp_jax.core.predictor": [Import("tlp_jax.core.features")],
   }
   assert violations(graph) == []
 
 
-@pytest.mark.parametrize("source,module,is_package,want", [
+@pytest.mark.parametrize(
+  "source,module,is_package,want",
+  [
     ("import jax.numpy as jnp\n", "tlp_jax.core.x", False, [Import("jax.numpy", False, 1)]),
-    ("from . import features\n", "tlp_jax.core.x", False,
-     [Import("tlp_jax.core.features", False, 1)]),
+    (
+      "from . import features\n",
+      "tlp_jax.core.x",
+      False,
+      [Import("tlp_jax.core.features", False, 1)],
+    ),
     ("from .. import train\n", "tlp_jax.core.x", False, [Import("tlp_jax.train", False, 1)]),
     ("from .core import records\n", "tlp_jax", True, [Import("tlp_jax.core.records", False, 1)]),
     ("from tlp_jax.core import NAME\n", "m", False, [Import("tlp_jax.core", False, 1)]),
     ("def f():\n  import tvm\n", "m", False, [Import("tvm", True, 2)]),
-    ("class C:\n  def f(self):\n    from tvm import auto_scheduler\n", "m", False,
-     [Import("tvm", True, 3)]),
-    ("if __name__ == '__main__':\n  import absl.app\nelse:\n  import os\n", "m", False,
-     [Import("absl.app", True, 2), Import("os", False, 4)]),
-    ("try:\n  import orjson\nexcept ImportError:\n  pass\n", "m", False,
-     [Import("orjson", False, 2)]),
-])
+    (
+      "class C:\n  def f(self):\n    from tvm import auto_scheduler\n",
+      "m",
+      False,
+      [Import("tvm", True, 3)],
+    ),
+    (
+      "if __name__ == '__main__':\n  import absl.app\nelse:\n  import os\n",
+      "m",
+      False,
+      [Import("absl.app", True, 2), Import("os", False, 4)],
+    ),
+    (
+      "try:\n  import orjson\nexcept ImportError:\n  pass\n",
+      "m",
+      False,
+      [Import("orjson", False, 2)],
+    ),
+  ],
+)
 def test_imports_of(source, module, is_package, want):
   known = frozenset({"tlp_jax.core.features", "tlp_jax.core.records", "tlp_jax.train"})
   assert imports_of(source, module, is_package, known) == want

@@ -15,11 +15,11 @@ from tlp_jax.core import metrics
 #   task 2: latency [5, 10, 20, 8], pred [0.3, 0.1, 0.9, 0.2] -> ranked 20, 5, 8, 10
 # The programs are interleaved on purpose (grouping must not rely on contiguity).
 _TASK = np.array([0, 1, 2, 0, 2, 1, 0, 2, 2])
-_LAT = np.array([1., 3., 5., 2., 10., 6., 4., 20., 8.])
+_LAT = np.array([1.0, 3.0, 5.0, 2.0, 10.0, 6.0, 4.0, 20.0, 8.0])
 _PRED = np.array([0.1, 0.2, 0.3, 0.9, 0.1, 0.8, 0.5, 0.9, 0.2])
 _NETS = [
-    metrics.NetworkTasks("A", np.array([0, 1]), np.array([2, 1])),
-    metrics.NetworkTasks("B", np.array([1, 2]), np.array([3, 1])),
+  metrics.NetworkTasks("A", np.array([0, 1]), np.array([2, 1])),
+  metrics.NetworkTasks("B", np.array([1, 2]), np.array([3, 1])),
 ]
 
 
@@ -45,8 +45,10 @@ def test_per_task_best_latency_and_k_larger_than_task():
 
 
 def test_tasks_without_programs_are_skipped_and_counted():
-  nets = [metrics.NetworkTasks("C", np.array([0, 3]), np.array([2, 7])),
-          metrics.NetworkTasks("empty", np.array([3]), np.array([1]))]
+  nets = [
+    metrics.NetworkTasks("C", np.array([0, 3]), np.array([2, 7])),
+    metrics.NetworkTasks("empty", np.array([3]), np.array([1])),
+  ]
   r = metrics.top_k_scores(_PRED, _LAT, _TASK, nets, ks=(1,), num_tasks=4)
   assert r.tasks_skipped.tolist() == [1, 1] and r.tasks_used.tolist() == [1, 0]
   np.testing.assert_allclose(r.per_network[0], [1 / 2])
@@ -65,18 +67,19 @@ def test_bad_network_task_index_raises():
 
 
 def test_latency_from_score_matches_original_floor():
-  np.testing.assert_allclose(metrics.latency_from_score([1.0, 0.5, 0.0], 2.0),
-                             [2.0, 4.0, 2.0 / 1e-5])
+  np.testing.assert_allclose(
+    metrics.latency_from_score([1.0, 0.5, 0.0], 2.0), [2.0, 4.0, 2.0 / 1e-5]
+  )
 
 
 def test_ties_break_by_program_index_then_nan_last():
   task = np.array([0, 0, 0, 0])
-  lat = np.array([4., 1., 2., 3.])
+  lat = np.array([4.0, 1.0, 2.0, 3.0])
   # All predictions tied: ranking is the program order, so top-1 is program 0.
   best = metrics.best_latency_in_top_k(np.zeros(4), lat, task, ks=(1, 2))
-  np.testing.assert_allclose(best, [[4., 1.]])
+  np.testing.assert_allclose(best, [[4.0, 1.0]])
   # Tie between programs 2 and 3 at the top (with -0.0 == 0.0): program 2 wins.
-  pred = np.array([-1., np.nan, 0.0, -0.0])
+  pred = np.array([-1.0, np.nan, 0.0, -0.0])
   order, rank, _ = metrics.rank_within_tasks(pred, task)
   assert order.tolist() == [2, 3, 0, 1] and rank.tolist() == [0, 1, 2, 3]
   # Deterministic under a float32 input too.
@@ -88,8 +91,10 @@ def test_oracle_is_one():
   rng = np.random.default_rng(0)
   task = rng.integers(0, 20, size=500)
   lat = rng.choice([1e-3, 2e-3, 5e-3], size=500) * rng.integers(1, 4, size=500)  # many ties
-  nets = [metrics.NetworkTasks("n%d" % i, rng.choice(20, 5, replace=False),
-                               rng.integers(1, 5, 5)) for i in range(3)]
+  nets = [
+    metrics.NetworkTasks(f"n{i}", rng.choice(20, 5, replace=False), rng.integers(1, 5, 5))
+    for i in range(3)
+  ]
   r = metrics.oracle_top_k_scores(lat, task, nets)
   np.testing.assert_array_equal(r.per_network, np.ones((3, 4)))
   np.testing.assert_array_equal(r.pooled, np.ones(4))
@@ -100,8 +105,15 @@ def _brute_force_random_best(lat, k):
   return np.mean([min(lat[list(p[:k])]) for p in perms])
 
 
-@pytest.mark.parametrize("lat", [[1., 2., 4.], [3., 1., 1., 7., 2.], [5., 5., 5., 1.],
-                                 [2., 9., 4., 8., 6., 1.]])
+@pytest.mark.parametrize(
+  "lat",
+  [
+    [1.0, 2.0, 4.0],
+    [3.0, 1.0, 1.0, 7.0, 2.0],
+    [5.0, 5.0, 5.0, 1.0],
+    [2.0, 9.0, 4.0, 8.0, 6.0, 1.0],
+  ],
+)
 def test_random_expectation_matches_enumeration_of_all_orderings(lat):
   lat = np.array(lat)
   ks = tuple(range(1, len(lat) + 2))
@@ -111,20 +123,24 @@ def test_random_expectation_matches_enumeration_of_all_orderings(lat):
 
 
 def test_random_expectation_hand_values():
-  got = metrics.expected_random_best_latency(np.array([1., 2., 4.]), np.zeros(3, int),
-                                             ks=(1, 2, 3))
-  np.testing.assert_allclose(got, [[7 / 3, 4 / 3, 1.]])
+  got = metrics.expected_random_best_latency(
+    np.array([1.0, 2.0, 4.0]), np.zeros(3, int), ks=(1, 2, 3)
+  )
+  np.testing.assert_allclose(got, [[7 / 3, 4 / 3, 1.0]])
 
 
 def test_random_network_score_is_ratio_to_expected_latency():
   # Two tasks, enumerate all joint orderings: the denominator is the expected weighted latency.
-  lat = np.array([1., 2., 4., 3., 6.])
+  lat = np.array([1.0, 2.0, 4.0, 3.0, 6.0])
   task = np.array([0, 0, 0, 1, 1])
   net = [metrics.NetworkTasks("A", [0, 1], [2, 1])]
   r = metrics.random_top_k_scores(lat, task, net, ks=(1, 2))
   for j, k in enumerate((1, 2)):
-    dens = [2 * min(lat[list(p[:k])]) + 1 * min(lat[3 + np.array(q[:k])])
-            for p in itertools.permutations(range(3)) for q in itertools.permutations(range(2))]
+    dens = [
+      2 * min(lat[list(p[:k])]) + 1 * min(lat[3 + np.array(q[:k])])
+      for p in itertools.permutations(range(3))
+      for q in itertools.permutations(range(2))
+    ]
     np.testing.assert_allclose(r.per_network[0, j], (2 * 1 + 3) / np.mean(dens), rtol=1e-12)
 
 
@@ -159,8 +175,11 @@ def _naive_best(pred, lat, task, ks, num_tasks):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 4), st.integers(1, 9)),
-                min_size=1, max_size=40))
+@given(
+  st.lists(
+    st.tuples(st.integers(0, 5), st.integers(0, 4), st.integers(1, 9)), min_size=1, max_size=40
+  )
+)
 def test_vectorised_ranking_matches_naive(rows):
   task = np.array([r[0] for r in rows])
   pred = np.array([r[1] for r in rows], dtype=np.float64)  # small range: many ties
@@ -182,8 +201,9 @@ def test_quick_top_k_hand_values_and_heads():
   # program 6 (pred 0.5, score 0.25).
   mask = np.ones((9, 2), bool)
   mask[3, 1] = False
-  q2 = metrics.quick_top_k(np.stack([_PRED, _PRED], 1), np.stack([score, score], 1), _TASK,
-                           k=1, mask=mask)
+  q2 = metrics.quick_top_k(
+    np.stack([_PRED, _PRED], 1), np.stack([score, score], 1), _TASK, k=1, mask=mask
+  )
   np.testing.assert_allclose(q2, [(0.5 + 0.5 + 0.25) / 3, (0.25 + 0.5 + 0.25) / 3])
 
 

@@ -1,4 +1,5 @@
 """Network info parsing, hold-out specs/defaults and the 90/10 split."""
+
 import json
 import os
 
@@ -17,9 +18,15 @@ def _write(folder, name, content):
 
 
 def _net(name, batch, size, keys):
-  return {"network": name, "batch_size": batch, "input_size": size,
-          "tasks": [{"workload_key": k, "weight": i + 1, "flop_ct": 10.0 * (i + 1), "desc": k}
-                    for i, k in enumerate(keys)]}
+  return {
+    "network": name,
+    "batch_size": batch,
+    "input_size": size,
+    "tasks": [
+      {"workload_key": k, "weight": i + 1, "flop_ct": 10.0 * (i + 1), "desc": k}
+      for i, k in enumerate(keys)
+    ],
+  }
 
 
 def test_sample_network_info(sample_tenset_dir):
@@ -33,15 +40,17 @@ def test_sample_network_info(sample_tenset_dir):
   assert sorted(t.flop_ct for t in r50.tasks)[:2] == [-1.0, 4000.0]
   assert ni.default_holdout(nets) == ni.TENSET_MINI_HOLDOUT
   held = ni.select_holdout(nets, ni.default_holdout(nets))
-  assert [n.label for n in held] == ["bert_base (1,128)", "mobilenet (1,240)",
-                                     "resnet_50 (1,224)"]
+  assert [n.label for n in held] == ["bert_base (1,128)", "mobilenet (1,240)", "resnet_50 (1,224)"]
   assert len(ni.holdout_workload_keys(held)) == 59
 
 
 def test_parse_errors_name_file_and_reason(tmp_path):
   folder = str(tmp_path / "network_info")
-  bad_weight = _write(folder, "(a,[(1,8)]).json", _net("a", 1, 8, ["k"]) | {
-      "tasks": [{"workload_key": "k", "weight": 0, "flop_ct": 1.0}]})
+  bad_weight = _write(
+    folder,
+    "(a,[(1,8)]).json",
+    _net("a", 1, 8, ["k"]) | {"tasks": [{"workload_key": "k", "weight": 0, "flop_ct": 1.0}]},
+  )
   with pytest.raises(ni.NetworkInfoError, match=r"\(a,\[\(1,8\)\]\)\.json: tasks\[0\]\.weight"):
     ni.read_network_info(bad_weight)
   broken = _write(folder, "(b,[(1,8)]).json", '{"network": "b",\n "tasks": [}')
@@ -57,22 +66,33 @@ def test_parse_errors_name_file_and_reason(tmp_path):
 
 def test_pickles_only_gives_instructions(tmp_path):
   _write(str(tmp_path / "network_info"), "((resnet_50,[(1,3,224,224)]),llvm).task.pkl", "x")
-  with pytest.raises(ni.NetworkInfoError,
-                     match="tlp_jax.tvm.search_tasks convert --tenset_dir .* --allow_pickle"):
+  with pytest.raises(
+    ni.NetworkInfoError, match="tlp_jax.tvm.search_tasks convert --tenset_dir .* --allow_pickle"
+  ):
     ni.load_network_infos(str(tmp_path))
 
 
 def test_holdout_specs_and_defaults(tmp_path):
   folder = str(tmp_path / "network_info")
-  for name, batch, size in [("resnet_50", 1, 224), ("resnet_50", 4, 224), ("mobilenet", 1, 224),
-                            ("mobilenet", 1, 240), ("bert_base", 1, 128)]:
-    _write(folder, f"({name},[({batch},{size})]).json",
-           _net(name, batch, size, [f"{name}-{batch}-{size}-{i}" for i in range(2)]))
+  for name, batch, size in [
+    ("resnet_50", 1, 224),
+    ("resnet_50", 4, 224),
+    ("mobilenet", 1, 224),
+    ("mobilenet", 1, 240),
+    ("bert_base", 1, 128),
+  ]:
+    _write(
+      folder,
+      f"({name},[({batch},{size})]).json",
+      _net(name, batch, size, [f"{name}-{batch}-{size}-{i}" for i in range(2)]),
+    )
   nets = ni.load_network_infos(str(tmp_path))
   assert ni.default_holdout(nets) == ni.TENSET_MINI_HOLDOUT
   # No size: every input size, batch 1 only.
   assert [n.label for n in ni.select_holdout(nets, "mobilenet")] == [
-      "mobilenet (1,224)", "mobilenet (1,240)"]
+    "mobilenet (1,224)",
+    "mobilenet (1,240)",
+  ]
   assert [n.label for n in ni.select_holdout(nets, ["resnet_50"])] == ["resnet_50 (1,224)"]
   with pytest.raises(ni.NetworkInfoError, match=r"vgg@224 .*Available: bert_base@128"):
     ni.select_holdout(nets, "vgg@224")
@@ -105,8 +125,7 @@ def test_json_file_name_round_trip(tmp_path):
   path = _write(str(tmp_path / "network_info"), ni.json_file_name(net), net.to_json_dict())
   assert os.path.basename(path) == "((bert_base,[(1,128)]),cuda).json"
   back = ni.read_network_info(path)
-  assert (back.name, back.batch_size, back.input_size, back.target) == ("bert_base", 1, 128,
-                                                                        "cuda")
+  assert (back.name, back.batch_size, back.input_size, back.target) == ("bert_base", 1, 128, "cuda")
   assert back.tasks == net.tasks
 
 
@@ -123,4 +142,6 @@ def test_split_by_task_keeps_tasks_whole():
 
 def test_skeleton_file_is_not_a_network(sample_tenset_dir):
   assert os.path.isfile(os.path.join(sample_tenset_dir, "network_info", "skeletons.json"))
-  assert all(not n.path.endswith("skeletons.json") for n in ni.load_network_infos(sample_tenset_dir))
+  assert all(
+    not n.path.endswith("skeletons.json") for n in ni.load_network_infos(sample_tenset_dir)
+  )

@@ -1,4 +1,5 @@
 """The README's newcomer commands must stay true: CI runs exactly the README's test command."""
+
 import pathlib
 import re
 
@@ -15,7 +16,8 @@ def test_ci_runs_the_readme_test_command():
   marker = ci_lines.index("# README-TEST-COMMAND")
   ci_command = ci_lines[marker + 1].strip()
   assert ci_command in readme_blocks, (
-      f".ci/run runs {ci_command!r}, which is not one of the README's commands {readme_blocks}")
+    f".ci/run runs {ci_command!r}, which is not one of the README's commands {readme_blocks}"
+  )
   assert "pytest" in ci_command
 
 

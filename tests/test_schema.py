@@ -1,4 +1,5 @@
 """Tests of the dataset schema shared by the builder and the loader (data_pipelines/schema.py)."""
+
 import dataclasses
 import json
 import os
@@ -7,9 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipelines import loader
-from data_pipelines import schema
-from data_pipelines import tenset_tfds
+from data_pipelines import loader, schema, tenset_tfds
 
 
 def test_builder_and_loader_agree_with_the_schema():
@@ -30,7 +29,9 @@ def test_example_specs_and_shape():
   assert with_tokens[schema.LOOP_TOKENS] == ((40, 21), np.float16)
   assert schema.loop_token_shape({schema.LOOP_TOKENS_META: None}) is None
   assert schema.loop_token_shape({schema.LOOP_TOKENS_META: {"max_tokens": 40, "width": 21}}) == (
-      40, 21)
+    40,
+    21,
+  )
 
 
 def test_built_dataset_has_the_schema(built_sample_dataset, sample_arrays):

@@ -1,12 +1,12 @@
 """Tests of TenSet's SearchTask pickles (tlp_jax/tvm/search_tasks.py)."""
+
 import importlib.util
 import os
 import pickle
 
 import pytest
 
-from tlp_jax.core import network_info
-from tlp_jax.core import tenset
+from tlp_jax.core import network_info, tenset
 from tlp_jax.tvm import search_tasks
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None

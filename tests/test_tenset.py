@@ -1,16 +1,17 @@
 """Tests of the TenSet layout (tlp_jax/core/tenset.py)."""
+
 import os
 
 import pytest
 
-from tlp_jax.core import records
-from tlp_jax.core import tenset
+from tlp_jax.core import records, tenset
 
 
 def test_record_filename_is_tensets_clean_name():
   wk = '["01a9e95783ea35e27c2cf5bba3555a81", [1, 128, 8, 8, 16], [1, 128, 1, 1, 16]]'
   assert tenset.record_filename(wk) == (
-      "([01a9e95783ea35e27c2cf5bba3555a81,[1,128,8,8,16],[1,128,1,1,16]],llvm).json")
+    "([01a9e95783ea35e27c2cf5bba3555a81,[1,128,8,8,16],[1,128,1,1,16]],llvm).json"
+  )
   assert tenset.record_filename(wk, "cuda").endswith(",cuda).json")
 
 
@@ -28,8 +29,7 @@ def test_hardware_folders_and_task_files(sample_tenset_dir, tmp_path):
   for name in ("b.json", "a.json", ".tmp-c.json", "notes.txt"):
     (folder / name).write_text("")
   # Sorted, records only: no hidden temporaries of an interrupted collection.
-  assert tenset.task_files(str(tmp_path), "hw") == [str(folder / "a.json"),
-                                                    str(folder / "b.json")]
+  assert tenset.task_files(str(tmp_path), "hw") == [str(folder / "a.json"), str(folder / "b.json")]
   with pytest.raises(tenset.TensetLayoutError, match="available: hw"):
     tenset.task_files(str(tmp_path), "nope")
 

@@ -1,5 +1,5 @@
 """Tests of the TLP cost model for TVM's auto-scheduler (tlp_jax/tvm/cost_model.py)."""
-import glob
+
 import importlib.util
 import json
 import os
@@ -20,8 +20,7 @@ from tlp_jax.core import skeleton as sk
 from tlp_jax.train import export
 from tlp_jax.train import model as model_lib
 from tlp_jax.tvm import cost_model as tvm_cost_model
-from tlp_jax.tvm import search_tasks
-from tlp_jax.tvm import skeleton_extract
+from tlp_jax.tvm import search_tasks, skeleton_extract
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None
 needs_tvm = pytest.mark.skipif(not HAS_TVM, reason="TVM not installed (pip install -e '.[tvm]')")
@@ -45,6 +44,7 @@ def test_module_imports_without_tvm_and_names_the_extra():
 
 class FakePredictor:
   """Records what it is asked; scores a program by a fixed function of its steps."""
+
   platform = "llvm"
   hardware = ("hw_a", "hw_b")
 
@@ -71,18 +71,20 @@ def matmul_task():
     a = te.placeholder((n, n), name="A")
     b = te.placeholder((n, n), name="B")
     k = te.reduce_axis((0, n), name="k")
-    return [a, b, te.compute((n, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=[k]),
-                             name="C")]
+    return [a, b, te.compute((n, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=[k]), name="C")]
 
   del matmul
-  return auto_scheduler.SearchTask(func="tlp_test_matmul", args=(32,),
-                                   target=tvm.target.Target("llvm"))
+  return auto_scheduler.SearchTask(
+    func="tlp_test_matmul", args=(32,), target=tvm.target.Target("llvm")
+  )
 
 
 def _states(task, n=8, seed=1):
   from tvm import auto_scheduler
-  policy = auto_scheduler.SketchPolicy(task, params={"evolutionary_search_population": 16},
-                                       seed=seed, verbose=0)
+
+  policy = auto_scheduler.SketchPolicy(
+    task, params={"evolutionary_search_population": 16}, seed=seed, verbose=0
+  )
   return list(policy.sample_initial_population())[:n]
 
 
@@ -90,11 +92,14 @@ def _states(task, n=8, seed=1):
 def test_steps_equal_the_record_files_steps(matmul_task, tmp_path):
   """The cost model sees exactly the step lists a measure record stores at ["i"][1][1]."""
   from tvm import auto_scheduler
+
   states = _states(matmul_task)
   path = str(tmp_path / "records.json")
   auto_scheduler.save_records(
-      path, [auto_scheduler.MeasureInput(matmul_task, s) for s in states],
-      [auto_scheduler.MeasureResult([1e-3], 0, "", 0, 0) for _ in states])
+    path,
+    [auto_scheduler.MeasureInput(matmul_task, s) for s in states],
+    [auto_scheduler.MeasureResult([1e-3], 0, "", 0, 0) for _ in states],
+  )
   with open(path, encoding="utf-8") as f:
     from_file = [json.loads(line)["i"][1][1] for line in f]
   assert tvm_cost_model.states_to_steps(matmul_task, states) == from_file
@@ -105,7 +110,8 @@ def test_steps_equal_the_record_files_steps(matmul_task, tmp_path):
 def test_predict_scores_each_state_with_the_predictor(matmul_task):
   fake = FakePredictor()
   model = tvm_cost_model.TLPCostModel(
-      fake, tvm_cost_model.CostModelConfig(hardware="hw_b", score_transform="identity"))
+    fake, tvm_cost_model.CostModelConfig(hardware="hw_b", score_transform="identity")
+  )
   states = _states(matmul_task)
   steps = tvm_cost_model.states_to_steps(matmul_task, states)
   scores = model.predict(matmul_task, states)
@@ -125,8 +131,8 @@ def test_predict_scores_each_state_with_the_predictor(matmul_task):
 def test_softplus_transform_is_positive_and_order_preserving(matmul_task):
   states = _states(matmul_task)
   raw = tvm_cost_model.TLPCostModel(
-      FakePredictor(), tvm_cost_model.CostModelConfig(score_transform="identity")).predict(
-          matmul_task, states)
+    FakePredictor(), tvm_cost_model.CostModelConfig(score_transform="identity")
+  ).predict(matmul_task, states)
   soft = tvm_cost_model.TLPCostModel(FakePredictor()).predict(matmul_task, states)  # default
   assert np.all(soft > 0)
   assert np.array_equal(np.argsort(raw, kind="stable"), np.argsort(soft, kind="stable"))
@@ -136,8 +142,9 @@ def test_softplus_transform_is_positive_and_order_preserving(matmul_task):
 @needs_tvm
 def test_config_errors():
   with pytest.raises(ValueError, match="score_transform"):
-    tvm_cost_model.TLPCostModel(FakePredictor(),
-                                tvm_cost_model.CostModelConfig(score_transform="exp"))
+    tvm_cost_model.TLPCostModel(
+      FakePredictor(), tvm_cost_model.CostModelConfig(score_transform="exp")
+    )
   with pytest.raises(ValueError, match="no head"):
     tvm_cost_model.TLPCostModel(FakePredictor(), tvm_cost_model.CostModelConfig(hardware="x"))
 
@@ -154,13 +161,18 @@ def test_platform_mismatch_is_an_error(matmul_task):
 def test_ansor_search_calls_the_model_through_the_ffi(matmul_task):
   """Ansor's C++ evolutionary search scores populations via our predict()."""
   from tvm import auto_scheduler
+
   fake = FakePredictor()
   model = tvm_cost_model.TLPCostModel(
-      fake, tvm_cost_model.CostModelConfig(score_transform="softplus"))
+    fake, tvm_cost_model.CostModelConfig(score_transform="softplus")
+  )
   policy = auto_scheduler.SketchPolicy(
-      matmul_task, program_cost_model=model,
-      params={"evolutionary_search_population": 32, "evolutionary_search_num_iters": 2},
-      seed=3, verbose=0)
+    matmul_task,
+    program_cost_model=model,
+    params={"evolutionary_search_population": 32, "evolutionary_search_num_iters": 2},
+    seed=3,
+    verbose=0,
+  )
   init = policy.sample_initial_population()
   best = policy.evolutionary_search(init, 4)
   assert len(best) == 4
@@ -177,13 +189,28 @@ def test_with_the_real_numpy_predictor(matmul_task, tmp_path):
   vocab = features.Vocabulary.original("llvm")
   crop = (25, 22)
   # Small widths: the cost model does not depend on them, and init stays cheap.
-  cfg = model_lib.TLPConfig(feature_dim=crop[1], seq_len=crop[0], encoder_dims=(16, 16),
-                            attention_heads=2, res_blocks=1, decoder_dims=(16, 1))
-  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0),
-                                        np.zeros((1,) + crop, np.float32))["params"]
+  cfg = model_lib.TLPConfig(
+    feature_dim=crop[1],
+    seq_len=crop[0],
+    encoder_dims=(16, 16),
+    attention_heads=2,
+    res_blocks=1,
+    decoder_dims=(16, 1),
+  )
+  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0), np.zeros((1,) + crop, np.float32))[
+    "params"
+  ]
   path = str(tmp_path / "model.npz")
-  export.save_npz(path, params, cfg, hardware=["hw"], platform="llvm", crop=crop,
-                  vocab_json=vocab.to_json(), step=0)
+  export.save_npz(
+    path,
+    params,
+    cfg,
+    hardware=["hw"],
+    platform="llvm",
+    crop=crop,
+    vocab_json=vocab.to_json(),
+    step=0,
+  )
   pred = npred.Predictor.load(path)
   states = _states(matmul_task)
   identity = tvm_cost_model.CostModelConfig(score_transform="identity")
@@ -215,12 +242,27 @@ def test_a_bad_model_file_fails_at_construction(tmp_path):
 def test_a_model_of_the_removed_store_version_is_refused(tmp_path):
   """Exports of the TVM store feature version (format 2, or its own meta keys) fail at
   construction, naming the commit that still serves them."""
-  cfg = model_lib.TLPConfig(feature_dim=22, seq_len=25, encoder_dims=(8, 8), attention_heads=2,
-                            res_blocks=1, decoder_dims=(8, 1), input_norm="log1p")
-  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0),
-                                        np.zeros((1, 25, 22), np.float32))["params"]
-  arrays = export.export_params(params, cfg, hardware=["hw"], platform="llvm", crop=None,
-                                vocab_json=features.Vocabulary.original("llvm").to_json(), step=0)
+  cfg = model_lib.TLPConfig(
+    feature_dim=22,
+    seq_len=25,
+    encoder_dims=(8, 8),
+    attention_heads=2,
+    res_blocks=1,
+    decoder_dims=(8, 1),
+    input_norm="log1p",
+  )
+  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0), np.zeros((1, 25, 22), np.float32))[
+    "params"
+  ]
+  arrays = export.export_params(
+    params,
+    cfg,
+    hardware=["hw"],
+    platform="llvm",
+    crop=None,
+    vocab_json=features.Vocabulary.original("llvm").to_json(),
+    step=0,
+  )
   old = dict(arrays, **{npred.META_FORMAT_VERSION: np.array(2, np.int64)})
   np.savez(tmp_path / "store.npz", **old)
   with pytest.raises(npred.PredictorError, match="TVM store feature version.*4fe3f70"):
@@ -232,12 +274,16 @@ def sample_conv_task(sample_tenset_dir):
   """A real task of the embedded sample (a strided 3x3 conv, NHWC) as a TVM SearchTask."""
   if not HAS_TVM:
     pytest.skip("TVM not installed (pip install -e '.[tvm]')")
-  tasks = search_tasks.load_search_tasks(os.path.join(sample_tenset_dir, "network_info",
-                                                      "all_tasks.pkl"))
+  tasks = search_tasks.load_search_tasks(
+    os.path.join(sample_tenset_dir, "network_info", "all_tasks.pkl")
+  )
   record_file = os.path.join(
-      sample_tenset_dir, "measure_records", "epyc-9004",
-      "([07f9fcad27bdd3233f86fe35a5185d33,[1,56,56,64],[3,3,64,128],[1,1,1,128],[1,28,28,128]],"
-      "llvm).json")
+    sample_tenset_dir,
+    "measure_records",
+    "epyc-9004",
+    "([07f9fcad27bdd3233f86fe35a5185d33,[1,56,56,64],[3,3,64,128],[1,1,1,128],[1,28,28,128]],"
+    "llvm).json",
+  )
   with open(record_file) as f:
     key = json.loads(f.readline())["i"][0][0]
   for t in tasks:
@@ -249,29 +295,49 @@ def sample_conv_task(sample_tenset_dir):
 def _token_export(tmp_path, skeletons):
   """A tiny export of a loop-token model (format 5) embedding ``skeletons``."""
   crop = npred.input_shape((25, 22), (lt.DEFAULT_MAX_TOKENS, lt.WIDTH))
-  cfg = model_lib.TLPConfig(feature_dim=crop[1], seq_len=crop[0], encoder_dims=(16, 16),
-                            attention_heads=2, res_blocks=1, decoder_dims=(16, 1),
-                            input_norm="log1p")
-  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0),
-                                        np.zeros((1,) + crop, np.float32))["params"]
+  cfg = model_lib.TLPConfig(
+    feature_dim=crop[1],
+    seq_len=crop[0],
+    encoder_dims=(16, 16),
+    attention_heads=2,
+    res_blocks=1,
+    decoder_dims=(16, 1),
+    input_norm="log1p",
+  )
+  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0), np.zeros((1,) + crop, np.float32))[
+    "params"
+  ]
   sk_path = str(tmp_path / "skeletons.json")
   sk.save_collection(sk_path, skeletons)
   with open(sk_path) as f:
     skeletons_json = f.read()
   path = str(tmp_path / "tokens.npz")
-  export.save_npz(path, params, cfg, hardware=["hw"], platform="llvm", crop=crop,
-                  vocab_json=features.Vocabulary.original("llvm").to_json(), step=0,
-                  loop_tokens={"layout_version": lt.LAYOUT_VERSION,
-                               "max_tokens": lt.DEFAULT_MAX_TOKENS, "width": lt.WIDTH},
-                  skeletons_json=skeletons_json)
+  export.save_npz(
+    path,
+    params,
+    cfg,
+    hardware=["hw"],
+    platform="llvm",
+    crop=crop,
+    vocab_json=features.Vocabulary.original("llvm").to_json(),
+    step=0,
+    loop_tokens={
+      "layout_version": lt.LAYOUT_VERSION,
+      "max_tokens": lt.DEFAULT_MAX_TOKENS,
+      "width": lt.WIDTH,
+    },
+    skeletons_json=skeletons_json,
+  )
   return path
 
 
 @needs_tvm
-def test_loop_token_model_scores_states_with_no_tvm_call_per_state(sample_conv_task, tmp_path,
-                                                                   monkeypatch):
+def test_loop_token_model_scores_states_with_no_tvm_call_per_state(
+  sample_conv_task, tmp_path, monkeypatch
+):
   """Skeleton extracted once per task; per state only the step serialisation touches TVM."""
   from tvm import auto_scheduler
+
   task = sample_conv_task
   skel = skeleton_extract.skeleton_from_task(task)
   path = _token_export(tmp_path, {task.workload_key: skel})
@@ -285,19 +351,28 @@ def test_loop_token_model_scores_states_with_no_tvm_call_per_state(sample_conv_t
     def f(*args, **kwargs):
       calls.append(name)
       raise AssertionError(f"{name} called per state")
+
     return f
 
-  monkeypatch.setattr(auto_scheduler.ComputeDAG, "infer_bound_from_state",
-                      forbidden("infer_bound_from_state"))
-  monkeypatch.setattr(auto_scheduler.feature, "get_per_store_features_from_states",
-                      forbidden("get_per_store_features_from_states"))
+  monkeypatch.setattr(
+    auto_scheduler.ComputeDAG, "infer_bound_from_state", forbidden("infer_bound_from_state")
+  )
+  monkeypatch.setattr(
+    auto_scheduler.feature,
+    "get_per_store_features_from_states",
+    forbidden("get_per_store_features_from_states"),
+  )
   extracted = []
   real_extract = skeleton_extract.skeleton_from_task
-  monkeypatch.setattr(skeleton_extract, "skeleton_from_task",
-                      lambda t: extracted.append(t.workload_key) or real_extract(t))
+  monkeypatch.setattr(
+    skeleton_extract,
+    "skeleton_from_task",
+    lambda t: extracted.append(t.workload_key) or real_extract(t),
+  )
 
   model = tvm_cost_model.TLPCostModel(
-      path, tvm_cost_model.CostModelConfig(score_transform="identity", cache_size=0))
+    path, tvm_cost_model.CostModelConfig(score_transform="identity", cache_size=0)
+  )
   first = model.predict(task, states[:8])
   second = model.predict(task, states)
   assert calls == [] and extracted == [task.workload_key]
@@ -317,8 +392,7 @@ def test_loop_token_model_scores_states_with_no_tvm_call_per_state(sample_conv_t
 
 
 @needs_tvm
-def test_a_state_whose_replay_fails_gets_the_lowest_score(sample_conv_task, tmp_path,
-                                                          monkeypatch):
+def test_a_state_whose_replay_fails_gets_the_lowest_score(sample_conv_task, tmp_path, monkeypatch):
   task = sample_conv_task
   path = _token_export(tmp_path, {task.workload_key: skeleton_extract.skeleton_from_task(task)})
   model = tvm_cost_model.TLPCostModel(path)
@@ -345,13 +419,17 @@ def test_a_state_whose_replay_fails_gets_the_lowest_score(sample_conv_task, tmp_
 @needs_tvm
 def test_ansor_search_with_a_loop_token_model(sample_conv_task, tmp_path):
   from tvm import auto_scheduler
+
   task = sample_conv_task
   path = _token_export(tmp_path, {task.workload_key: skeleton_extract.skeleton_from_task(task)})
   model = tvm_cost_model.TLPCostModel(path)
   policy = auto_scheduler.SketchPolicy(
-      task, program_cost_model=model,
-      params={"evolutionary_search_population": 32, "evolutionary_search_num_iters": 2},
-      seed=3, verbose=0)
+    task,
+    program_cost_model=model,
+    params={"evolutionary_search_population": 32, "evolutionary_search_num_iters": 2},
+    seed=3,
+    verbose=0,
+  )
   best = policy.evolutionary_search(policy.sample_initial_population(), 4)
   assert len(best) == 4 and sum(c.num_states for c in model.calls) >= 32
   assert model.timing_summary()["states_failed"] == 0

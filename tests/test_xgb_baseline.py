@@ -1,4 +1,5 @@
 """Tests of the Ansor-XGBoost baseline (tlp_jax/tvm/xgb_baseline.py)."""
+
 import importlib.util
 import os
 import types
@@ -7,40 +8,53 @@ import numpy as np
 import pytest
 
 from tlp_jax.core import network_info
-from tlp_jax.tvm import collect
-from tlp_jax.tvm import xgb_baseline
+from tlp_jax.tvm import collect, xgb_baseline
 
-HAS_TVM = (importlib.util.find_spec("tvm") is not None
-           and importlib.util.find_spec("xgboost") is not None)
-needs_tvm = pytest.mark.skipif(not HAS_TVM,
-                               reason="TVM/xgboost not installed (pip install -e '.[tvm]')")
+HAS_TVM = (
+  importlib.util.find_spec("tvm") is not None and importlib.util.find_spec("xgboost") is not None
+)
+needs_tvm = pytest.mark.skipif(
+  not HAS_TVM, reason="TVM/xgboost not installed (pip install -e '.[tvm]')"
+)
 
 
 def test_align_predictions_by_program_key():
-  saved = {"workload_keys": np.array(["a", "a", "b"]),
-           "program_keys": np.array([1, 2, 1], dtype=np.uint64),
-           "pred": np.array([0.5, 0.7, 0.9])}
-  out = xgb_baseline.align_predictions(saved, ["b", "a", "a", "c"],
-                                       np.array([1, 2, 1, 1], dtype=np.uint64))
+  saved = {
+    "workload_keys": np.array(["a", "a", "b"]),
+    "program_keys": np.array([1, 2, 1], dtype=np.uint64),
+    "pred": np.array([0.5, 0.7, 0.9]),
+  }
+  out = xgb_baseline.align_predictions(
+    saved, ["b", "a", "a", "c"], np.array([1, 2, 1, 1], dtype=np.uint64)
+  )
   np.testing.assert_array_equal(out[:3], [0.9, 0.7, 0.5])
   assert np.isnan(out[3])
 
 
 def _fake_arrays(scores, task_index, mask, keys):
-  split = types.SimpleNamespace(scores=np.asarray(scores, np.float32)[:, None],
-                                task_index=np.asarray(task_index, np.int32),
-                                mask=np.asarray(mask, bool)[:, None])
-  return types.SimpleNamespace(hardware=("hw",), test=split,
-                               tasks=types.SimpleNamespace(workload_keys=tuple(keys)))
+  split = types.SimpleNamespace(
+    scores=np.asarray(scores, np.float32)[:, None],
+    task_index=np.asarray(task_index, np.int32),
+    mask=np.asarray(mask, bool)[:, None],
+  )
+  return types.SimpleNamespace(
+    hardware=("hw",), test=split, tasks=types.SimpleNamespace(workload_keys=tuple(keys))
+  )
 
 
 def test_align_to_split_matches_by_score_within_task():
   # Task "a": latencies 1, 2, 4 -> scores 1, .5, .25; task "b": 3, 3 (a tie) -> 1, 1.
-  saved = {"workload_keys": np.array(["a", "a", "a", "b", "b"]),
-           "latency": np.array([2.0, 1.0, 4.0, 3.0, 3.0]),
-           "pred": np.array([20.0, 10.0, 40.0, 30.0, 31.0])}
-  arrays = _fake_arrays(scores=[0.25, 1.0, 0.0, 1.0, 0.5, 1.0], task_index=[0, 1, 0, 0, 0, 1],
-                        mask=[1, 1, 0, 1, 1, 1], keys=["a", "b"])
+  saved = {
+    "workload_keys": np.array(["a", "a", "a", "b", "b"]),
+    "latency": np.array([2.0, 1.0, 4.0, 3.0, 3.0]),
+    "pred": np.array([20.0, 10.0, 40.0, 30.0, 31.0]),
+  }
+  arrays = _fake_arrays(
+    scores=[0.25, 1.0, 0.0, 1.0, 0.5, 1.0],
+    task_index=[0, 1, 0, 0, 0, 1],
+    mask=[1, 1, 0, 1, 1, 1],
+    keys=["a", "b"],
+  )
   out = xgb_baseline.align_to_split(saved, arrays, "hw")
   assert np.isnan(out[2])  # not valid on this hardware
   np.testing.assert_array_equal(out[[0, 3, 4]], [40.0, 10.0, 20.0])
@@ -48,8 +62,11 @@ def test_align_to_split_matches_by_score_within_task():
 
 
 def test_align_to_split_rejects_other_records():
-  saved = {"workload_keys": np.array(["a", "a"]), "latency": np.array([1.0, 3.0]),
-           "pred": np.array([1.0, 2.0])}
+  saved = {
+    "workload_keys": np.array(["a", "a"]),
+    "latency": np.array([1.0, 3.0]),
+    "pred": np.array([1.0, 2.0]),
+  }
   arrays = _fake_arrays(scores=[1.0, 0.5], task_index=[0, 0], mask=[1, 1], keys=["a"])
   with pytest.raises(ValueError, match="not the same records"):
     xgb_baseline.align_to_split(saved, arrays, "hw")
@@ -60,15 +77,24 @@ def test_xgb_baseline_end_to_end_on_freshly_collected_records(tmp_path):
   """Collect a tiny TenSet dir (two mlp sizes), hold one out, train XGBModel, score top-k."""
   out = str(tmp_path / "tenset")
   specs = (collect.NetworkSpec.parse("mlp:1:28"), collect.NetworkSpec.parse("mlp:1:20"))
-  cfg = collect.CollectConfig(out_dir=out, networks=specs, hardware="testhw", target="llvm",
-                              programs_per_task=3, seed=5, build_n_parallel=2)
+  cfg = collect.CollectConfig(
+    out_dir=out,
+    networks=specs,
+    hardware="testhw",
+    target="llvm",
+    programs_per_task=3,
+    seed=5,
+    build_n_parallel=2,
+  )
   summary = collect.collect(cfg, progress=False)
   assert summary["measured_programs"] > 0
 
-  config = xgb_baseline.XGBBaselineConfig(holdout=("mlp@20",), num_warmup_sample=0,
-                                          train_on_failed=True, ks=(1, 2, 20))
-  report = xgb_baseline.run(out, ["testhw"], config, out_dir=str(tmp_path), repeats=1,
-                            progress=False)
+  config = xgb_baseline.XGBBaselineConfig(
+    holdout=("mlp@20",), num_warmup_sample=0, train_on_failed=True, ks=(1, 2, 20)
+  )
+  report = xgb_baseline.run(
+    out, ["testhw"], config, out_dir=str(tmp_path), repeats=1, progress=False
+  )
   entry = report["testhw"]
   info = entry["info"]
   assert info["train_records"] > 0 and info["test_programs"] > 0
@@ -82,5 +108,6 @@ def test_xgb_baseline_end_to_end_on_freshly_collected_records(tmp_path):
     assert np.all(np.isfinite(z["latency"])) and np.all(z["latency"] > 0)
     # Every hold-out prediction belongs to a workload of the held-out network.
     held = network_info.read_network_info(
-        os.path.join(out, "network_info", "(mlp,[(1,20)]).json")).workload_keys
+      os.path.join(out, "network_info", "(mlp,[(1,20)]).json")
+    ).workload_keys
     assert set(z["workload_keys"].tolist()) <= held

@@ -3,6 +3,7 @@
 The TVM comparison runs on a sample of the embedded tenset-mini records (every task, a few
 records each, both hardware); the skeleton/replay unit tests need no TVM.
 """
+
 import glob
 import json
 import os
@@ -14,18 +15,34 @@ from tlp_jax.core import replay as rp
 from tlp_jax.core import skeleton as sk
 
 _DENSE = {
-    "format": sk.FORMAT, "version": sk.VERSION, "workload_key": "dense",
-    "stages": [
-        {"name": "A", "type": "placeholder", "shape": [8, 16]},
-        {"name": "B", "type": "placeholder", "shape": [4, 16]},
-        {"name": "C", "type": "compute", "shape": [8, 4],
-         "iters": [["i", "s", 8], ["j", "s", 4], ["k", "r", 16]],
-         "reads": [[0, [[1, 0, 0, 0], [0, 0, 1, 0]]], [1, [[0, 1, 0, 0], [0, 0, 1, 0]]]],
-         "output": False, "const_matrix": False, "num_outputs": 1},
-        {"name": "D", "type": "compute", "shape": [8, 4],
-         "iters": [["i", "s", 8], ["j", "s", 4]],
-         "reads": [[2, [[1, 0, 0], [0, 1, 0]]]],
-         "output": True, "const_matrix": False, "num_outputs": 1}]}
+  "format": sk.FORMAT,
+  "version": sk.VERSION,
+  "workload_key": "dense",
+  "stages": [
+    {"name": "A", "type": "placeholder", "shape": [8, 16]},
+    {"name": "B", "type": "placeholder", "shape": [4, 16]},
+    {
+      "name": "C",
+      "type": "compute",
+      "shape": [8, 4],
+      "iters": [["i", "s", 8], ["j", "s", 4], ["k", "r", 16]],
+      "reads": [[0, [[1, 0, 0, 0], [0, 0, 1, 0]]], [1, [[0, 1, 0, 0], [0, 0, 1, 0]]]],
+      "output": False,
+      "const_matrix": False,
+      "num_outputs": 1,
+    },
+    {
+      "name": "D",
+      "type": "compute",
+      "shape": [8, 4],
+      "iters": [["i", "s", 8], ["j", "s", 4]],
+      "reads": [[2, [[1, 0, 0], [0, 1, 0]]]],
+      "output": True,
+      "const_matrix": False,
+      "num_outputs": 1,
+    },
+  ],
+}
 
 
 def test_skeleton_roundtrip_and_atomic_collection(tmp_path):
@@ -37,12 +54,15 @@ def test_skeleton_roundtrip_and_atomic_collection(tmp_path):
   assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("mutate, match", [
+@pytest.mark.parametrize(
+  "mutate, match",
+  [
     (lambda d: d.update(version=99), "version 99"),
     (lambda d: d["stages"][2]["reads"][0].__setitem__(0, 7), "producer stage index"),
     (lambda d: d["stages"][2]["iters"][2].__setitem__(1, "x"), "iters\\[2\\]"),
     (lambda d: d["stages"][3]["reads"][0][1].pop(), "has 1 indices"),
-])
+  ],
+)
 def test_skeleton_validation_names_the_field(mutate, match):
   d = json.loads(json.dumps(_DENSE))
   mutate(d)
@@ -52,17 +72,24 @@ def test_skeleton_validation_names_the_field(mutate, match):
 
 def test_replay_split_compute_at_bounds():
   s = sk.Skeleton.from_dict(_DENSE)
-  steps = [["SP", 3, 0, 8, [2], 1], ["CA", 2, 3, 1], ["AN", 3, 0, 3],
-           ["PR", 2, 0, "auto_unroll_max_step$16"], ["SP", 2, 2, 16, [3], 1]]
+  steps = [
+    ["SP", 3, 0, 8, [2], 1],
+    ["CA", 2, 3, 1],
+    ["AN", 3, 0, 3],
+    ["PR", 2, 0, "auto_unroll_max_step$16"],
+    ["SP", 2, 2, 16, [3], 1],
+  ]
   nest = rp.replay(s, steps)
   c, d = nest.stages[2], nest.stages[3]
   assert (c[rp.S_COMPUTE_AT], c[rp.S_ATTACH_STAGE], c[rp.S_ATTACH_ITER]) == (rp.ITER, 3, 1)
   # One iteration of D's i.1 needs one row of C and all 4 columns; k split by 3 -> 6 x 3.
-  assert [(lp[0], lp[1]) for lp in c[rp.S_LOOPS]] == [("i", 1), ("j", 4), ("k.0", 6),
-                                                       ("k.1", 3)]
+  assert [(lp[0], lp[1]) for lp in c[rp.S_LOOPS]] == [("i", 1), ("j", 4), ("k.0", 6), ("k.1", 3)]
   assert c[rp.S_UNROLL] == 16
-  assert [(lp[0], lp[1], lp[3]) for lp in d[rp.S_LOOPS]] == [("i.0", 4, 3), ("i.1", 2, 0),
-                                                             ("j", 4, 0)]
+  assert [(lp[0], lp[1], lp[3]) for lp in d[rp.S_LOOPS]] == [
+    ("i.0", 4, 3),
+    ("i.1", 2, 0),
+    ("j", 4, 0),
+  ]
 
 
 def test_replay_errors_name_step():
@@ -79,6 +106,7 @@ def _fidelity():
   if root not in sys.path:
     sys.path.insert(0, root)
   from bench import replay_fidelity  # pylint: disable=import-outside-toplevel
+
   return replay_fidelity
 
 
@@ -125,8 +153,7 @@ def test_compare_detects_a_wrong_extent(sample_tenset_dir):
   i = next(i for i, s in enumerate(nest.stages) if s[rp.S_LOOPS] and s[rp.S_COMPUTE_AT] != 1)
   st = nest.stages[i]
   lp = st[rp.S_LOOPS][-1]
-  broken = st[:rp.S_LOOPS] + (st[rp.S_LOOPS][:-1] + ((lp[0], lp[1] + 1) + lp[2:],),)
-  nest2 = rp.LoopNest(nest.stages[:i] + (broken,) + nest.stages[i + 1:], True,
-                      nest.attach_order)
+  broken = st[: rp.S_LOOPS] + (st[rp.S_LOOPS][:-1] + ((lp[0], lp[1] + 1) + lp[2:],),)
+  nest2 = rp.LoopNest(nest.stages[:i] + (broken,) + nest.stages[i + 1 :], True, nest.attach_order)
   assert rf.compare(nest, tvm_stages, text)[3] == []
   assert rf.compare(nest2, tvm_stages, text)[3]

@@ -1,4 +1,5 @@
 """Traced-template replay (tlp_jax.core.replay_cache) is bit-identical to replay + loop_tokens."""
+
 import collections
 import glob
 import json
@@ -7,23 +8,24 @@ import os
 import numpy as np
 import pytest
 
+from tests.core.test_loop_tokens import _STEPS
+from tests.core.test_replay import _DENSE
 from tlp_jax.core import loop_tokens as lt
 from tlp_jax.core import replay as rp
 from tlp_jax.core import replay_cache as rc
 from tlp_jax.core import skeleton as sk
 
-from tests.core.test_loop_tokens import _STEPS
-from tests.core.test_replay import _DENSE
-
 
 def test_template_hit_guard_fallback_and_identity():
   s = sk.Skeleton.from_dict(_DENSE)
   cache = rc.TemplateCache()
-  progs = [_STEPS,
-           [["SP", 3, 0, 8, [4], 1]] + _STEPS[1:],            # same template, new lengths
-           _STEPS[:3] + [["PR", 2, 0, "auto_unroll_max_step$64"]] + _STEPS[4:],
-           _STEPS[:4] + [["SP", 2, 2, 16, [32], 1]],           # factor > extent: other branch
-           _STEPS]
+  progs = [
+    _STEPS,
+    [["SP", 3, 0, 8, [4], 1]] + _STEPS[1:],  # same template, new lengths
+    _STEPS[:3] + [["PR", 2, 0, "auto_unroll_max_step$64"]] + _STEPS[4:],
+    _STEPS[:4] + [["SP", 2, 2, 16, [32], 1]],  # factor > extent: other branch
+    _STEPS,
+  ]
   got = rc.featurize_many(s, progs, cache, max_tokens=8)
   for st, row in zip(progs, got):
     np.testing.assert_array_equal(row, lt.loop_tokens(rp.replay(s, st), max_tokens=8))
@@ -49,6 +51,7 @@ def test_traced_int_refuses_untraceable_use():
 def test_every_sample_record_both_paths(sample_tenset_dir):
   pytest.importorskip("tvm")
   from tests.core.test_replay import _fidelity  # pylint: disable=import-outside-toplevel
+
   _, skels = _fidelity().load_tasks_and_skeletons(sample_tenset_dir)
   by = collections.defaultdict(list)
   for f in sorted(glob.glob(os.path.join(sample_tenset_dir, "measure_records", "*", "*.json"))):

@@ -2,6 +2,7 @@
 
 No TVM: the skeletons are the committed ``network_info/skeletons.json`` of the sample.
 """
+
 import collections
 import glob
 import json
@@ -14,10 +15,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipelines import loader
+from data_pipelines import loader, schema, tenset_tfds
 from data_pipelines import loop_token_source as lts
-from data_pipelines import schema
-from data_pipelines import tenset_tfds
 from tlp_jax.core import features as features_lib
 from tlp_jax.core import loop_tokens as lt
 from tlp_jax.core import replay as rp
@@ -27,13 +26,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 XEON = "xeon-emr-16c"
 
 
-def _build(tenset_dir, data_dir, hardware=None, multi=True, workers=1, skeletons=None,
-           validation="by_record"):
-  source = lts.LoopTokenSource(skeletons or sk.tenset_skeletons_path(tenset_dir), tenset_dir,
-                               workers=workers)
+def _build(
+  tenset_dir, data_dir, hardware=None, multi=True, workers=1, skeletons=None, validation="by_record"
+):
+  source = lts.LoopTokenSource(
+    skeletons or sk.tenset_skeletons_path(tenset_dir), tenset_dir, workers=workers
+  )
   try:
-    cfgs = tenset_tfds.make_configs(tenset_dir, hardware=hardware, multi=multi,
-                                    loop_tokens=True, validation=validation)
+    cfgs = tenset_tfds.make_configs(
+      tenset_dir, hardware=hardware, multi=multi, loop_tokens=True, validation=validation
+    )
     return tenset_tfds.build(tenset_dir, data_dir, cfgs, token_source=source)
   finally:
     source.close()
@@ -51,8 +53,9 @@ def token_dataset(tmp_path_factory, sample_tenset_dir):
 def steps_only_xeon(tmp_path_factory, sample_tenset_dir):
   """The sample's xeon config built with ``loop_tokens="off"`` (TLP's step features only)."""
   data_dir = str(tmp_path_factory.mktemp("steps_only"))
-  cfgs = tenset_tfds.make_configs(sample_tenset_dir, hardware=[XEON], multi=False,
-                                  loop_tokens="off")
+  cfgs = tenset_tfds.make_configs(
+    sample_tenset_dir, hardware=[XEON], multi=False, loop_tokens="off"
+  )
   assert not any(c.loop_tokens for c in cfgs)
   tenset_tfds.build(sample_tenset_dir, data_dir, cfgs)
   return loader.load_arrays(data_dir, XEON)
@@ -110,8 +113,13 @@ def test_metadata_skeletons_and_bytes_per_example(token_dataset):
     arrays = loader.load_arrays(token_dataset, config)
     meta = arrays.metadata
     assert meta[schema.LOOP_TOKENS_META] == {
-        "layout_version": lt.LAYOUT_VERSION, "max_tokens": 40, "width": lt.WIDTH,
-        "columns": list(lt.COLUMNS), "dtype": "float16", "skeletons_file": "skeletons.json"}
+      "layout_version": lt.LAYOUT_VERSION,
+      "max_tokens": 40,
+      "width": lt.WIDTH,
+      "columns": list(lt.COLUMNS),
+      "dtype": "float16",
+      "skeletons_file": "skeletons.json",
+    }
     assert arrays.loop_token_shape == (40, lt.WIDTH)
     assert meta[schema.VALIDATION_META] == "by_record" and arrays.validation_mode == "by_record"
     for hw in arrays.hardware:
@@ -119,11 +127,13 @@ def test_metadata_skeletons_and_bytes_per_example(token_dataset):
       assert st["records"] == st["tokenized"] == arrays.read_stats[hw]["kept"]
       assert st["skipped"] == {}
     # The dataset carries the skeletons of exactly its tasks.
-    assert arrays.skeletons_path == os.path.join(loader.find_dataset_dir(token_dataset, config),
-                                                 "skeletons.json")
+    assert arrays.skeletons_path == os.path.join(
+      loader.find_dataset_dir(token_dataset, config), "skeletons.json"
+    )
     assert sorted(sk.load_collection(arrays.skeletons_path)) == sorted(arrays.tasks.workload_keys)
   # Compact: every stored example (steps + loop tokens + labels) is at most 5 KB.
   from array_record.python import array_record_module
+
   ds_dir = loader.find_dataset_dir(token_dataset, "all")
   sizes = []
   for split in schema.SPLITS:
@@ -136,8 +146,9 @@ def test_metadata_skeletons_and_bytes_per_example(token_dataset):
   arrays = loader.load_arrays(token_dataset, "all")
   src = tfds.builder_from_directory(ds_dir).as_data_source()
   ex = src["test"].__getitems__(list(range(20)))
-  np.testing.assert_array_equal(np.stack([e["loop_tokens"] for e in ex]),
-                                arrays.test.loop_tokens[:20])
+  np.testing.assert_array_equal(
+    np.stack([e["loop_tokens"] for e in ex]), arrays.test.loop_tokens[:20]
+  )
   assert ex[0]["loop_tokens"].dtype == np.float16
 
 
@@ -147,16 +158,21 @@ def test_two_workers_identical(tmp_path, sample_tenset_dir, token_dataset):
   one, two = loader.load_arrays(token_dataset, XEON), loader.load_arrays(data_dir, XEON)
   for split in schema.SPLITS:
     for name in schema.FIELDS:
-      np.testing.assert_array_equal(getattr(one.split(split), name),
-                                    getattr(two.split(split), name))
+      np.testing.assert_array_equal(
+        getattr(one.split(split), name), getattr(two.split(split), name)
+      )
   assert one.metadata[schema.LOOP_TOKEN_STATS_META] == two.metadata[schema.LOOP_TOKEN_STATS_META]
 
 
 def _copy_sample(sample_tenset_dir, dst, hw=XEON):
-  shutil.copytree(os.path.join(sample_tenset_dir, "network_info"), os.path.join(dst, "network_info"),
-                  ignore=shutil.ignore_patterns("*.pkl"))
-  shutil.copytree(os.path.join(sample_tenset_dir, "measure_records", hw),
-                  os.path.join(dst, "measure_records", hw))
+  shutil.copytree(
+    os.path.join(sample_tenset_dir, "network_info"),
+    os.path.join(dst, "network_info"),
+    ignore=shutil.ignore_patterns("*.pkl"),
+  )
+  shutil.copytree(
+    os.path.join(sample_tenset_dir, "measure_records", hw), os.path.join(dst, "measure_records", hw)
+  )
   return sorted(glob.glob(os.path.join(dst, "measure_records", hw, "*.json")))
 
 
@@ -178,7 +194,7 @@ def test_replay_failures_are_skipped_and_counted(tmp_path, sample_tenset_dir):
     with open(path, "wb") as f:
       f.writelines(lines)
     broken.append(f"{os.path.basename(path)}:{k + 1}")
-  meta, = _build(tdir, str(tmp_path / "data"), multi=False)
+  (meta,) = _build(tdir, str(tmp_path / "data"), multi=False)
   st = meta[schema.LOOP_TOKEN_STATS_META][XEON]
   kept = meta["read_stats"][XEON]["kept"]
   assert st["skipped"] == {lts.REPLAY_ERROR: 2}
@@ -190,12 +206,26 @@ def test_replay_failures_are_skipped_and_counted(tmp_path, sample_tenset_dir):
 
 
 def test_tokens_of_lines_reasons():
-  skel = sk.Skeleton.from_dict({
-      "format": sk.FORMAT, "version": sk.VERSION, "workload_key": "k",
-      "stages": [{"name": "A", "type": "placeholder", "shape": [8]},
-                 {"name": "B", "type": "compute", "shape": [8], "iters": [["i", "s", 8]],
-                  "reads": [[0, [[1, 0]]]], "output": True, "const_matrix": False,
-                  "num_outputs": 1}]})
+  skel = sk.Skeleton.from_dict(
+    {
+      "format": sk.FORMAT,
+      "version": sk.VERSION,
+      "workload_key": "k",
+      "stages": [
+        {"name": "A", "type": "placeholder", "shape": [8]},
+        {
+          "name": "B",
+          "type": "compute",
+          "shape": [8],
+          "iters": [["i", "s", 8]],
+          "reads": [[0, [[1, 0]]]],
+          "output": True,
+          "const_matrix": False,
+          "num_outputs": 1,
+        },
+      ],
+    }
+  )
   good = b'{"i": [["k", "llvm"], [[], [["SP", 1, 0, 8, [4], 1]]]], "r": [[1.0], 0, 0, 0]}'
   bad_step = b'{"i": [["k", "llvm"], [[], [["SP", 7, 0, 8, [4], 1]]]], "r": [[1.0], 0, 0, 0]}'
   no_steps = b'{"i": [["k", "llvm"]], "r": [[1.0], 0, 0, 0]}'
@@ -204,7 +234,7 @@ def test_tokens_of_lines_reasons():
   assert got.tokens.shape == (2, 40, lt.WIDTH) and got.tokens.dtype == np.float16
   want = lt.loop_tokens(rp.replay(skel, features_lib.json_loads(good)["i"][1][1]))
   np.testing.assert_array_equal(got.tokens[0], want)
-  assert got.tokens[0, :2, lt.C_IS_LOOP].tolist() == [1, 1]   # the split made two loops
+  assert got.tokens[0, :2, lt.C_IS_LOOP].tolist() == [1, 1]  # the split made two loops
   assert got.stats.skipped == {lts.REPLAY_ERROR: 1, lts.BAD_RECORD: 1}
   assert got.stats.to_dict()["examples"][0].startswith("f:2: replay_error: ReplayError")
   none = lts.tokens_of_lines(None, [good], 40, "f", [5], "ValueError: scan")
@@ -221,22 +251,42 @@ def test_missing_skeletons_are_clear_errors(tmp_path, sample_tenset_dir):
   assert lts.resolve_skeletons("auto", tdir, str(tmp_path / "none.json")) is None
   assert lts.resolve_skeletons("off", tdir) is None
   assert lts.resolve_skeletons("auto", tdir) == path
-  with pytest.raises(lts.MissingSkeletonError,
-                     match=r"python -m tlp_jax\.tvm\.skeleton_extract --tenset_dir .* --out"):
+  with pytest.raises(
+    lts.MissingSkeletonError,
+    match=r"python -m tlp_jax\.tvm\.skeleton_extract --tenset_dir .* --out",
+  ):
     lts.resolve_skeletons("on", tdir, str(tmp_path / "none.json"))
   # A task missing from the file: an error before anything is built.
   skels = sk.load_collection(path)
   key = json.loads(open(files[0], "rb").readline())["i"][0][0]
   del skels[key]
   sk.save_collection(path, skels)
-  with pytest.raises(lts.MissingSkeletonError, match=r"no skeleton for workload .*skeleton_extract"):
+  with pytest.raises(
+    lts.MissingSkeletonError, match=r"no skeleton for workload .*skeleton_extract"
+  ):
     _build(tdir, str(tmp_path / "data"), multi=False)
   assert not os.path.exists(schema.dataset_dir(str(tmp_path / "data"), XEON))
   # The CLI says it in one line.
   proc = subprocess.run(
-      [sys.executable, "-m", "data_pipelines.build", "--tenset_dir", tdir, "--data_dir",
-       str(tmp_path / "cli"), "--loop_tokens", "on", "--skeletons", str(tmp_path / "no.json")],
-      cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    [
+      sys.executable,
+      "-m",
+      "data_pipelines.build",
+      "--tenset_dir",
+      tdir,
+      "--data_dir",
+      str(tmp_path / "cli"),
+      "--loop_tokens",
+      "on",
+      "--skeletons",
+      str(tmp_path / "no.json"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, PYTHONPATH=REPO),
+  )
   assert proc.returncode == 1
   err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
   assert len(err) == 1 and "no skeleton file" in err[0]

@@ -20,7 +20,9 @@ def test_invalid_programs_of_the_hardware_are_dropped():
 
 def test_latency_of_hardware_a_is_the_measured_one():
   data = eval_data_lib.eval_data(toy.toy_arrays(), "a")
-  np.testing.assert_allclose(data.latency, [1., 3., 5., 2., 10., 6., 4., 20., 8.], rtol=1e-6)
+  np.testing.assert_allclose(
+    data.latency, [1.0, 3.0, 5.0, 2.0, 10.0, 6.0, 4.0, 20.0, 8.0], rtol=1e-6
+  )
 
 
 def test_unknown_hardware_lists_available():

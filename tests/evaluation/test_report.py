@@ -14,14 +14,16 @@ from . import toy
 
 @pytest.fixture
 def toy_report():
-  return topk.topk_report(eval_data(toy.toy_arrays(), "a"), toy.read_feature0, model_name="toy",
-                          ks=(1, 2), batch_size=4)
+  return topk.topk_report(
+    eval_data(toy.toy_arrays(), "a"), toy.read_feature0, model_name="toy", ks=(1, 2), batch_size=4
+  )
 
 
 def test_markdown_has_every_row_and_the_costliest_tasks(toy_report):
   text = report_lib.format_report(toy_report)
-  assert text.startswith("hardware a, split test: 9 programs with a valid measurement (of 9), "
-                         "3 tasks\n")
+  assert text.startswith(
+    "hardware a, split test: 9 programs with a valid measurement (of 9), 3 tasks\n"
+  )
   assert "| ranking | network | top-1 | top-2 | tasks used/skipped |" in text
   assert "| toy | A | 0.500 | 0.714 | 2/0 |" in text
   assert "| toy | **pooled (TLP)** | 0.396 | 0.905 | |" in text
@@ -35,8 +37,9 @@ def test_markdown_has_every_row_and_the_costliest_tasks(toy_report):
 
 def test_write_report_writes_json_markdown_and_png(toy_report, tmp_path):
   paths = report_lib.write_report(toy_report, str(tmp_path / "out"))
-  assert paths == {ext: str(tmp_path / "out" / f"eval_a_test.{ext}") for ext in ("json", "md",
-                                                                                 "png")}
+  assert paths == {
+    ext: str(tmp_path / "out" / f"eval_a_test.{ext}") for ext in ("json", "md", "png")
+  }
   with open(paths["json"]) as f:
     back = json.load(f)
   assert back == json.loads(json.dumps(toy_report))

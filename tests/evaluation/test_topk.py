@@ -5,8 +5,7 @@ import pytest
 
 from tlp_jax.core import metrics
 from tlp_jax.evaluation import topk
-from tlp_jax.evaluation.data import EvalError
-from tlp_jax.evaluation.data import eval_data
+from tlp_jax.evaluation.data import EvalError, eval_data
 
 from . import toy
 
@@ -14,8 +13,14 @@ from . import toy
 def test_rows_match_hand_values_with_random_oracle_and_extra_rows():
   data = eval_data(toy.toy_arrays(), "a", "test")
   extra = np.arange(9, dtype=np.float64)  # ranks later programs first
-  report = topk.topk_report(data, toy.read_feature0, model_name="toy", ks=(1, 2),
-                            extra_predictions={"xgb": extra}, batch_size=4)
+  report = topk.topk_report(
+    data,
+    toy.read_feature0,
+    model_name="toy",
+    ks=(1, 2),
+    extra_predictions={"xgb": extra},
+    batch_size=4,
+  )
   rows = report["rows"]
   assert list(rows) == ["toy", "xgb", topk.RANDOM_ROW, topk.ORACLE_ROW]
   # Hand values (tests/test_metrics.py): A 5/10, 5/7; B 14/38, 1; pooled 19/48, 19/21.
@@ -105,8 +110,9 @@ def test_loop_tokens_are_passed_aligned_with_the_rows_of_the_valid_programs():
   report = topk.topk_report(data, predict, model_name="tok", batch_size=3, loop_tokens=True)
   assert seen[0] == ((3, 2, 3), (3, 4, 21)) and len(seen) == 3
   pred = data.loop_tokens[:, 0, 1].astype(np.float64)
-  want = metrics.top_k_scores(pred, data.latency, data.task_index, data.networks,
-                              metrics.DEFAULT_KS, len(data.task_keys)).to_dict()
+  want = metrics.top_k_scores(
+    pred, data.latency, data.task_index, data.networks, metrics.DEFAULT_KS, len(data.task_keys)
+  ).to_dict()
   assert {k: v for k, v in report["rows"]["tok"].items() if k != "task_mean"} == want
   # Without loop_tokens=True the predict function gets the features alone.
   assert topk.topk_report(data, toy.read_feature0, model_name="f")["rows"]["f"]

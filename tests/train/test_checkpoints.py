@@ -5,9 +5,7 @@ import shutil
 
 import pytest
 
-from tlp_jax.train import checkpoints
-from tlp_jax.train import export
-from tlp_jax.train import loop
+from tlp_jax.train import checkpoints, export, loop
 
 
 def _copy_run(trained, tmp_path):
@@ -16,8 +14,9 @@ def _copy_run(trained, tmp_path):
   return workdir
 
 
-def test_corrupted_checkpoint_is_a_clear_error(new_test_config, trained, sample_arrays, built_sample_dataset,
-                                               tmp_path):
+def test_corrupted_checkpoint_is_a_clear_error(
+  new_test_config, trained, sample_arrays, built_sample_dataset, tmp_path
+):
   workdir = _copy_run(trained, tmp_path)
   latest = os.path.join(workdir, "checkpoints", "latest")
   step_dir = os.path.join(latest, max(os.listdir(latest), key=int))
@@ -32,20 +31,21 @@ def test_corrupted_checkpoint_is_a_clear_error(new_test_config, trained, sample_
     export.restore_for_export(workdir, "latest")
 
 
-def test_incomplete_checkpoint_dir_is_not_a_fresh_start(new_test_config, trained, sample_arrays,
-                                                        built_sample_dataset, tmp_path):
+def test_incomplete_checkpoint_dir_is_not_a_fresh_start(
+  new_test_config, trained, sample_arrays, built_sample_dataset, tmp_path
+):
   workdir = _copy_run(trained, tmp_path)
   latest = os.path.join(workdir, "checkpoints", "latest")
   for step in os.listdir(latest):
     shutil.rmtree(os.path.join(latest, step))
   os.makedirs(os.path.join(latest, "20.orbax-checkpoint-tmp-1700000000"))
   with pytest.raises(checkpoints.CheckpointError, match=f"{latest} has entries .* no complete"):
-    loop.train_and_evaluate(new_test_config(), workdir,
-                                 dataset=sample_arrays("epyc-9004"))
+    loop.train_and_evaluate(new_test_config(), workdir, dataset=sample_arrays("epyc-9004"))
 
 
-def test_workdir_of_another_run_is_refused(new_test_config, trained, sample_arrays, built_sample_dataset,
-                                           tmp_path):
+def test_workdir_of_another_run_is_refused(
+  new_test_config, trained, sample_arrays, built_sample_dataset, tmp_path
+):
   workdir = _copy_run(trained, tmp_path)
   config = new_test_config()
   config.model.res_blocks = 2

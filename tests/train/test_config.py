@@ -2,9 +2,9 @@
 
 import importlib
 
+import pytest
 from absl import flags
 from ml_collections import config_flags
-import pytest
 
 from configs import default
 from tlp_jax.train import config as config_lib
@@ -34,8 +34,11 @@ def test_every_field_of_default_is_mapped_and_nested_like_the_config_dict():
   for k in ("sigma", "eps", "k"):
     del mapped["loss"][k]
   assert mapped == want
-  assert (cfg.loss.name, cfg.loss.group_by_task, cfg.batch_order) == ("pairwise_log", True,
-                                                                      "by_task")
+  assert (cfg.loss.name, cfg.loss.group_by_task, cfg.batch_order) == (
+    "pairwise_log",
+    True,
+    "by_task",
+  )
   assert (cfg.optim.optimizer, cfg.optim.schedule) == ("adamw", "warmup_cosine")
   assert cfg.deterministic_gpu_ops is True
 
@@ -54,8 +57,15 @@ def test_tlp_original_is_the_original_recipe():
   assert (gpu.seq_len, gpu.feature_dim) == (40, 20)
 
 
-@pytest.mark.parametrize("section, field", [("", "learning_rate"), ("optim", "learnig_rate"),
-                                            ("model", "padding_mask"), ("loss", "temperature")])
+@pytest.mark.parametrize(
+  "section, field",
+  [
+    ("", "learning_rate"),
+    ("optim", "learnig_rate"),
+    ("model", "padding_mask"),
+    ("loss", "temperature"),
+  ],
+)
 def test_a_misspelled_or_removed_field_is_an_error_naming_it(section, field):
   config = default.get_config()
   with config.unlocked():
@@ -72,9 +82,16 @@ def test_a_missing_field_is_an_error():
     config_lib.from_config_dict(config)
 
 
-@pytest.mark.parametrize("field, value", [("matmul_precision", "fp8"), ("batch_order", "by_net"),
-                                          ("loop_tokens", "maybe"), ("data_placement", "disk"),
-                                          ("eval_every_epochs", 0)])
+@pytest.mark.parametrize(
+  "field, value",
+  [
+    ("matmul_precision", "fp8"),
+    ("batch_order", "by_net"),
+    ("loop_tokens", "maybe"),
+    ("data_placement", "disk"),
+    ("eval_every_epochs", 0),
+  ],
+)
 def test_bad_values_are_errors_naming_the_field(field, value):
   config = default.get_config()
   config[field] = value
@@ -82,12 +99,15 @@ def test_bad_values_are_errors_naming_the_field(field, value):
     config_lib.from_config_dict(config)
 
 
-@pytest.mark.parametrize("section, field, value, match", [
+@pytest.mark.parametrize(
+  "section, field, value, match",
+  [
     ("optim", "optimizer", "sgdx", "unknown optimizer 'sgdx'"),
     ("optim", "schedule", "constant", "unknown schedule"),
     ("loss", "name", "listwise_log", "unknown loss"),
     ("model", "pool", "sum", "unknown field"),
-])
+  ],
+)
 def test_removed_and_unknown_options_are_errors(section, field, value, match):
   config = default.get_config()
   with config.unlocked():
@@ -97,8 +117,13 @@ def test_removed_and_unknown_options_are_errors(section, field, value, match):
 
 
 def test_command_line_overrides_reach_the_typed_config(monkeypatch):
-  argv = ["prog", f"--config={default.__file__}", "--config.model.ensemble_size=1",
-          "--config.optim.learning_rate=0.001", "--config.loss.name=mse"]
+  argv = [
+    "prog",
+    f"--config={default.__file__}",
+    "--config.model.ensemble_size=1",
+    "--config.optim.learning_rate=0.001",
+    "--config.loss.name=mse",
+  ]
   monkeypatch.setattr("sys.argv", argv)  # config_flags reads the overrides from sys.argv
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True)

@@ -25,8 +25,9 @@ def test_epoch_order_is_a_padded_seeded_permutation():
 
 def test_by_task_order_keeps_tasks_contiguous_and_covers_every_row_once():
   task_index = np.random.default_rng(0).integers(0, 7, size=50)
-  order, valid = data.epoch_order(3, 1, 50, steps_per_epoch=4, global_batch=16,
-                                       task_index=task_index)
+  order, valid = data.epoch_order(
+    3, 1, 50, steps_per_epoch=4, global_batch=16, task_index=task_index
+  )
   rows = order[valid]
   assert sorted(rows.tolist()) == list(range(50))
   tasks = task_index[rows]
@@ -73,8 +74,9 @@ def test_mtl_heads_target_first_and_few_shot_on_the_joined_dataset(sample_arrays
   columns = data.head_columns(dataset.hardware, config.hardware)
   assert [dataset.hardware[c] for c in columns] == ["xeon-emr-16c", "epyc-9004"]
   split = data.select_heads(dataset.train, columns)
-  np.testing.assert_array_equal(split.mask[:, 0], dataset.train.mask[:, columns[0]][
-      dataset.train.mask[:, columns].any(axis=1)])
+  np.testing.assert_array_equal(
+    split.mask[:, 0], dataset.train.mask[:, columns[0]][dataset.train.mask[:, columns].any(axis=1)]
+  )
   assert split.mask.any(axis=1).all()  # rows without any selected label are dropped
   kept = data.few_shot_mask(split.mask, num_labels=50, fraction=1.0, seed=0)
   assert kept[:, 0].sum() == 50 and (kept[:, 1] == split.mask[:, 1]).all()
@@ -83,10 +85,14 @@ def test_mtl_heads_target_first_and_few_shot_on_the_joined_dataset(sample_arrays
 def _loop_dataset(max_tokens=16):
   meta = {"tenset_dir": "/data/tenset"}
   if max_tokens:
-    meta["loop_tokens"] = {"layout_version": loop_tokens_lib.LAYOUT_VERSION,
-                           "max_tokens": max_tokens, "width": loop_tokens_lib.WIDTH}
-  return types.SimpleNamespace(crop=(25, 22), metadata=meta, platform="llvm", vocab_json="{}",
-                               config_name="epyc-9004")
+    meta["loop_tokens"] = {
+      "layout_version": loop_tokens_lib.LAYOUT_VERSION,
+      "max_tokens": max_tokens,
+      "width": loop_tokens_lib.WIDTH,
+    }
+  return types.SimpleNamespace(
+    crop=(25, 22), metadata=meta, platform="llvm", vocab_json="{}", config_name="epyc-9004"
+  )
 
 
 def test_model_input_grows_by_the_loop_tokens_it_reads():
@@ -96,9 +102,16 @@ def test_model_input_grows_by_the_loop_tokens_it_reads():
   cfg = data.model_config_for(model, "auto", loop, num_hardware_heads=2)
   assert (cfg.seq_len, cfg.feature_dim, cfg.num_hardware_heads) == (25 + 16, 22 + width, 2)
   assert data.dataset_meta(loop, ["a", "b"], loop_tokens=True) == {
-      "hardware": ["a", "b"], "platform": "llvm", "crop": [25 + 16, 22 + width],
-      "vocab_json": "{}", "loop_tokens": {"layout_version": loop_tokens_lib.LAYOUT_VERSION,
-                                          "max_tokens": 16, "width": width}}
+    "hardware": ["a", "b"],
+    "platform": "llvm",
+    "crop": [25 + 16, 22 + width],
+    "vocab_json": "{}",
+    "loop_tokens": {
+      "layout_version": loop_tokens_lib.LAYOUT_VERSION,
+      "max_tokens": 16,
+      "width": width,
+    },
+  }
   # "off": the step tokens only, exported as a TLP model of the step crop.
   off = data.model_config_for(model, "off", loop, num_hardware_heads=1)
   assert (off.seq_len, off.feature_dim) == (25, 22)
@@ -106,8 +119,11 @@ def test_model_input_grows_by_the_loop_tokens_it_reads():
   tlp = _loop_dataset(max_tokens=0)
   assert data.model_config_for(model, "auto", tlp, 1) == model
   # "required" on a dataset without tokens names the command that makes them.
-  with pytest.raises(ValueError, match="loop_tokens='required'.*'epyc-9004'.*"
-                     "python -m tlp_jax.tvm.skeleton_extract --tenset_dir /data/tenset"):
+  with pytest.raises(
+    ValueError,
+    match="loop_tokens='required'.*'epyc-9004'.*"
+    "python -m tlp_jax.tvm.skeleton_extract --tenset_dir /data/tenset",
+  ):
     data.reads_loop_tokens("required", tlp)
   with pytest.raises(ValueError, match=r"model.seq_len=25, model.feature_dim=22"):
     data.model_config_for(model_lib.TLPConfig(seq_len=40, feature_dim=20), "auto", loop, 1)
@@ -115,9 +131,11 @@ def test_model_input_grows_by_the_loop_tokens_it_reads():
 
 def test_select_heads_drops_rows_without_a_selected_label():
   split = types.SimpleNamespace(
-      features=np.arange(4 * 2 * 3, dtype=np.float64).reshape(4, 2, 3),
-      scores=np.array([[1, 2], [3, 4], [5, 6], [7, 8]], np.float64),
-      mask=np.array([[1, 0], [0, 0], [0, 1], [1, 1]], bool), task_index=np.arange(4))
+    features=np.arange(4 * 2 * 3, dtype=np.float64).reshape(4, 2, 3),
+    scores=np.array([[1, 2], [3, 4], [5, 6], [7, 8]], np.float64),
+    mask=np.array([[1, 0], [0, 0], [0, 1], [1, 1]], bool),
+    task_index=np.arange(4),
+  )
   got = data.select_heads(split, [1, 0])
   np.testing.assert_array_equal(got.task_index, [0, 2, 3])
   np.testing.assert_array_equal(got.scores, [[2, 1], [6, 5], [8, 7]])

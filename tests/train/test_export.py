@@ -13,10 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from tlp_jax.train import export
-from tlp_jax.core import features
-from tlp_jax.core import loop_tokens
+from tlp_jax.core import features, loop_tokens
 from tlp_jax.core import predictor as npred
+from tlp_jax.train import export
 from tlp_jax.train import model as model_lib
 from tlp_jax.train.model import TLPConfig, TLPModel
 
@@ -32,8 +31,9 @@ SMALL = dict(encoder_dims=(16, 32), attention_heads=4, decoder_dims=(16, 8, 1))
 def _export(cfg, seed=0, hardware=None):
   params = init_params(cfg, jax.random.PRNGKey(seed))
   hardware = hardware or [f"hw{i}" for i in range(cfg.num_hardware_heads)]
-  arrays = export.export_params(params, cfg, hardware=hardware, platform="llvm", crop=None,
-                                vocab_json=VOCAB_JSON, step=7)
+  arrays = export.export_params(
+    params, cfg, hardware=hardware, platform="llvm", crop=None, vocab_json=VOCAB_JSON, step=7
+  )
   return params, arrays
 
 
@@ -47,9 +47,9 @@ def _random_features(n, cfg, seed=0, scale=5.0):
   x = (rng.normal(size=(n, cfg.seq_len, cfg.feature_dim)) * scale).astype(np.float32)
   lengths = rng.integers(0, cfg.seq_len + 1, size=n)
   x[np.arange(cfg.seq_len)[None, :] >= lengths[:, None]] = 0.0
-  x[::7, 1] = 0.0              # a zero row between real rows
-  x[::5, 2] = x[::5, 0]        # a repeated row inside a program
-  x[1::3, 3] = x[0, 0]         # the same row in many programs
+  x[::7, 1] = 0.0  # a zero row between real rows
+  x[::5, 2] = x[::5, 0]  # a repeated row inside a program
+  x[1::3, 3] = x[0, 0]  # the same row in many programs
   return x
 
 
@@ -72,8 +72,9 @@ OPTIONS = [dict(), dict(input_norm="log1p")]
 
 
 @pytest.mark.parametrize("num_heads", [1, 3])
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
-                         or "original")
+@pytest.mark.parametrize(
+  "opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "original"
+)
 def test_parity_random_inputs(num_heads, opts):
   cfg = TLPConfig(num_hardware_heads=num_heads, **SMALL, **opts)
   params, arrays = _export(cfg, seed=num_heads)
@@ -143,8 +144,9 @@ def test_exports_of_earlier_formats_predict_the_same():
   assert TLPConfig.from_dict(old.config) == cfg
 
 
-@pytest.mark.parametrize("removed", [dict(padding_mask=True), dict(pool="mean_valid"),
-                                     dict(input_norm_columns=[0, 1])])
+@pytest.mark.parametrize(
+  "removed", [dict(padding_mask=True), dict(pool="mean_valid"), dict(input_norm_columns=[0, 1])]
+)
 def test_an_export_using_a_removed_option_is_refused(removed):
   _, arrays = _export(TLPConfig(**SMALL))
   name = next(iter(removed))
@@ -157,8 +159,9 @@ def test_an_export_of_the_removed_store_version_is_refused():
   an input this predictor cannot build: refused, naming the commits that still serve them."""
   _, arrays = _export(TLPConfig(**SMALL))
   format_2 = dict(arrays, **{npred.META_FORMAT_VERSION: np.array(2, np.int64)})
-  with pytest.raises(npred.PredictorError,
-                     match=r"TVM store feature version \(format_version 2.*commit 4fe3f70"):
+  with pytest.raises(
+    npred.PredictorError, match=r"TVM store feature version \(format_version 2.*commit 4fe3f70"
+  ):
     npred.Predictor.from_arrays(format_2)
   # Meta keys this predictor does not know (as the store version's) are refused by name.
   extra = dict(arrays, **{"meta/extra_tokens": np.array(10, np.int64)})
@@ -186,16 +189,25 @@ def test_batch_size_does_not_change_results():
   _, arrays = _export(cfg)
   pred = npred.Predictor.from_arrays(arrays)
   x = _random_features(101, cfg)
-  np.testing.assert_allclose(pred.predict(x, batch_size=7), pred.predict(x, batch_size=1000),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    pred.predict(x, batch_size=7), pred.predict(x, batch_size=1000), atol=1e-6
+  )
 
 
 def test_round_trip_npz(tmp_path):
   cfg = TLPConfig(num_hardware_heads=2, **SMALL)
   params = init_params(cfg, jax.random.PRNGKey(0))
   path = str(tmp_path / "sub" / "model.npz")
-  arrays = export.save_npz(path, params, cfg, hardware=["a", "b"], platform="llvm",
-                           crop=(25, 22), vocab_json=VOCAB_JSON, step=1234)
+  arrays = export.save_npz(
+    path,
+    params,
+    cfg,
+    hardware=["a", "b"],
+    platform="llvm",
+    crop=(25, 22),
+    vocab_json=VOCAB_JSON,
+    step=1234,
+  )
   with np.load(path, allow_pickle=False) as npz:
     loaded = {k: npz[k] for k in npz.files}
   assert set(loaded) == set(arrays)
@@ -204,8 +216,9 @@ def test_round_trip_npz(tmp_path):
   # Every parameter leaf is exported under its tree path.
   leaves = jax.tree_util.tree_leaves_with_path(params)
   assert len([k for k in loaded if k.startswith("params/")]) == len(leaves)
-  np.testing.assert_array_equal(loaded["params/heads/dense_0/kernel"],
-                                np.asarray(params["heads"]["dense_0"]["kernel"]))
+  np.testing.assert_array_equal(
+    loaded["params/heads/dense_0/kernel"], np.asarray(params["heads"]["dense_0"]["kernel"])
+  )
   assert loaded["params/heads/dense_0/kernel"].shape == (2, 32, 16)
   pred = npred.Predictor.load(path)
   assert pred.hardware == ("a", "b")
@@ -304,8 +317,14 @@ def test_newer_format_version_and_missing_param(tmp_path):
 def _run_python(code, cwd, env_extra=None):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(code)],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_predictor_imports_no_jax(tmp_path):
@@ -320,11 +339,11 @@ def test_predictor_imports_no_jax(tmp_path):
       import numpy as np
       from tlp_jax.core import predictor as npred
       p = npred.Predictor.load({str(path)!r})
-      y = p.predict(np.load({str(tmp_path / 'x.npy')!r}), hw="all")
+      y = p.predict(np.load({str(tmp_path / "x.npy")!r}), hw="all")
       p.predict_steps([[["CA", 2, 1, 3], ["FU", 1, [0, 1]]]])
       heavy = [m for m in ("jax", "flax", "tensorflow", "optax", "orbax") if m in sys.modules]
       assert not heavy, heavy
-      np.save({str(tmp_path / 'y.npy')!r}, y)
+      np.save({str(tmp_path / "y.npy")!r}, y)
   """
   res = _run_python(code, cwd=REPO, env_extra={"PYTHONPATH": REPO})
   assert res.returncode == 0, res.stderr
@@ -357,8 +376,14 @@ def test_predictor_file_works_copied_alone(tmp_path):
 def test_export_workdir_exports_what_restore_for_export_reads(tmp_path, monkeypatch):
   cfg = TLPConfig(num_hardware_heads=2, **SMALL)
   params = jax.tree_util.tree_map(np.asarray, init_params(cfg, jax.random.PRNGKey(1)))
-  meta = {"hardware": ["epyc-9004", "xeon-emr-16c"], "platform": "llvm", "crop": [25, 22],
-          "vocab_json": VOCAB_JSON, "step": 42, "epoch": 3}
+  meta = {
+    "hardware": ["epyc-9004", "xeon-emr-16c"],
+    "platform": "llvm",
+    "crop": [25, 22],
+    "vocab_json": VOCAB_JSON,
+    "step": 42,
+    "epoch": 3,
+  }
   calls = []
 
   def fake_restore(workdir, which):
@@ -376,9 +401,22 @@ def test_export_workdir_exports_what_restore_for_export_reads(tmp_path, monkeypa
 
 
 def test_export_cli_reports_a_bad_workdir(tmp_path):
-  res = subprocess.run([sys.executable, "-m", "tlp_jax.train.export", "--workdir", str(tmp_path),
-                        "--out", str(tmp_path / "m.npz")], cwd=REPO, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  res = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "tlp_jax.train.export",
+      "--workdir",
+      str(tmp_path),
+      "--out",
+      str(tmp_path / "m.npz"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert res.returncode != 0
   assert "not a training workdir" in res.stderr
   assert not os.path.exists(tmp_path / "m.npz")
@@ -394,10 +432,15 @@ def test_restore_for_export(trained, sample_arrays):
   layout = dataset.loop_token_layout
   tokens = (layout["max_tokens"], layout["width"])
   assert (meta["platform"], tuple(meta["crop"]), meta["vocab_json"]) == (
-      dataset.platform, npred.input_shape(dataset.crop, tokens), dataset.vocab_json)
+    dataset.platform,
+    npred.input_shape(dataset.crop, tokens),
+    dataset.vocab_json,
+  )
   assert meta["loop_tokens"]["max_tokens"] == tokens[0] and meta["skeletons_json"]
   assert meta["step"] == int(result.state.step)
-  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(result.state.params)):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(result.state.params)
+  ):
     np.testing.assert_array_equal(a, np.asarray(b))
   best_params, _, best_meta = export.restore_for_export(workdir, "best")
   assert best_meta["validation"]["val_loss/epyc-9004"] <= result.validation["val_loss/epyc-9004"]

@@ -15,11 +15,8 @@ import pytest
 
 from tlp_jax.core import loop_tokens
 from tlp_jax.core import predictor as npred
-from tlp_jax.train import checkpoints
+from tlp_jax.train import checkpoints, data, export, loop
 from tlp_jax.train import config as config_lib
-from tlp_jax.train import data
-from tlp_jax.train import export
-from tlp_jax.train import loop
 from tlp_jax.train import model as model_lib
 from tlp_jax.train import step as step_lib
 
@@ -31,8 +28,11 @@ def test_end_to_end_test_config(trained, sample_arrays, new_test_config):
   dataset = sample_arrays("epyc-9004")
   steps_per_epoch = math.ceil(len(dataset.train) / 64)
   assert int(result.state.step) == 3 * steps_per_epoch
-  for name in (checkpoints.MODEL_CONFIG_FILE, checkpoints.DATASET_META_FILE,
-               checkpoints.TRAIN_CONFIG_FILE):
+  for name in (
+    checkpoints.MODEL_CONFIG_FILE,
+    checkpoints.DATASET_META_FILE,
+    checkpoints.TRAIN_CONFIG_FILE,
+  ):
     assert os.path.exists(os.path.join(workdir, name))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   latest = os.path.join(workdir, "checkpoints", "latest")
@@ -46,21 +46,35 @@ def test_end_to_end_test_config(trained, sample_arrays, new_test_config):
   devices = jax.devices()[:1]
   layout = data.BatchLayout.create(128, devices)
   split = data.select_heads(dataset.validation, [0], loop_tokens=True)  # configs/test.py reads them
-  p_eval = jax.pmap(lambda p, *b: step_lib.eval_step(
-      p, *b, model=model_lib.TLPModel(result.model_config),
-      loss_config=config_lib.from_config_dict(new_test_config()).loss),
-                    axis_name=data.AXIS, devices=devices)
+  p_eval = jax.pmap(
+    lambda p, *b: step_lib.eval_step(
+      p,
+      *b,
+      model=model_lib.TLPModel(result.model_config),
+      loss_config=config_lib.from_config_dict(new_test_config()).loss,
+    ),
+    axis_name=data.AXIS,
+    devices=devices,
+  )
   init = step_lib.create_train_state(result.model_config, optax.sgd(0.0), seed=0).params
-  before = loop.validate(p_eval, data.replicate_to_devices(init, devices), split,
-                         layout, result.hardware, (1,))
-  after = loop.validate(p_eval, data.replicate_to_devices(result.state.params, devices),
-                        split, layout, result.hardware, (1,))
+  before = loop.validate(
+    p_eval, data.replicate_to_devices(init, devices), split, layout, result.hardware, (1,)
+  )
+  after = loop.validate(
+    p_eval,
+    data.replicate_to_devices(result.state.params, devices),
+    split,
+    layout,
+    result.hardware,
+    (1,),
+  )
   np.testing.assert_allclose(after["val_loss"], val["val_loss"], rtol=1e-4)
   assert after["val_loss"] < before["val_loss"]
 
 
-def test_eval_every_epochs_changes_only_when_it_validates(new_test_config, trained, sample_arrays,
-                                                         built_sample_dataset, tmp_path):
+def test_eval_every_epochs_changes_only_when_it_validates(
+  new_test_config, trained, sample_arrays, built_sample_dataset, tmp_path
+):
   """Validating every 2nd epoch (and the last) trains the same parameters, with fewer saves."""
   _, full = trained
   config = new_test_config()
@@ -88,25 +102,31 @@ def test_rerun_of_a_finished_run_resumes_and_does_nothing(new_test_config, train
   workdir, result = trained
   again = loop.train_and_evaluate(new_test_config(), workdir)
   assert int(again.state.step) == int(result.state.step)
-  for a, b in zip(jax.tree_util.tree_leaves(again.state.params),
-                  jax.tree_util.tree_leaves(result.state.params)):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(again.state.params), jax.tree_util.tree_leaves(result.state.params)
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sigkill_mid_epoch_then_rerun_ends_like_an_unbroken_run(trained, built_sample_dataset,
-                                                                tmp_path):
+def test_sigkill_mid_epoch_then_rerun_ends_like_an_unbroken_run(
+  trained, built_sample_dataset, tmp_path
+):
   unbroken_workdir, unbroken = trained
   workdir = str(tmp_path / "killed")
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
-         os.path.join(REPO, "configs", "test.py"), "--workdir", workdir,
-         f"--config.data_dir={built_sample_dataset}"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "train.py"),
+    "--config",
+    os.path.join(REPO, "configs", "test.py"),
+    "--workdir",
+    workdir,
+    f"--config.data_dir={built_sample_dataset}",
+  ]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   # checkpoint_every_steps=10 in configs/test.py; step 10 is inside the first epoch.
   marker = os.path.join(workdir, "checkpoints", "latest", "10")
   final_step = str(int(unbroken.state.step))
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   try:
     deadline = time.time() + 240
     while not os.path.isdir(marker):
@@ -123,8 +143,9 @@ def test_sigkill_mid_epoch_then_rerun_ends_like_an_unbroken_run(trained, built_s
   latest = os.path.join(workdir, "checkpoints", "latest")
   assert final_step not in os.listdir(latest), "the run finished before it was killed"
 
-  done = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.PIPE, timeout=300)
+  done = subprocess.run(
+    cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300
+  )
   assert done.returncode == 0, done.stderr.decode()[-3000:]
   assert b"resumed from" in done.stderr
   for which in ("latest", "best"):
@@ -136,8 +157,12 @@ def test_sigkill_mid_epoch_then_rerun_ends_like_an_unbroken_run(trained, built_s
 
 
 def test_two_processes_train_like_one(new_test_config, built_sample_dataset, tmp_path):
-  overrides = {"num_epochs": 1, "loss.name": "mse", "data_placement": "host",
-               "checkpoint_every_steps": 0}
+  overrides = {
+    "num_epochs": 1,
+    "loss.name": "mse",
+    "data_placement": "host",
+    "checkpoint_every_steps": 0,
+  }
   config = new_test_config()
   config.num_epochs, config.loss.name, config.data_placement = 1, "mse", "host"
   config.checkpoint_every_steps = 0
@@ -147,19 +172,31 @@ def test_two_processes_train_like_one(new_test_config, built_sample_dataset, tmp
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   workdir = str(tmp_path / "multi")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    JAX_PLATFORMS="cpu",
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+  )
   procs = []
   for i in range(2):
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
-           os.path.join(REPO, "configs", "test.py"), "--workdir", workdir,
-           f"--config.data_dir={built_sample_dataset}",
-           "--config.distributed.enabled=True",
-           f"--config.distributed.coordinator_address=localhost:{port}",
-           "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
+    cmd = [
+      sys.executable,
+      os.path.join(REPO, "train.py"),
+      "--config",
+      os.path.join(REPO, "configs", "test.py"),
+      "--workdir",
+      workdir,
+      f"--config.data_dir={built_sample_dataset}",
+      "--config.distributed.enabled=True",
+      f"--config.distributed.coordinator_address=localhost:{port}",
+      "--config.distributed.num_processes=2",
+      f"--config.distributed.process_id={i}",
+    ]
     cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
-    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE))
+    procs.append(
+      subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    )
   errors = []
   try:
     for p in procs:
@@ -184,12 +221,14 @@ def test_two_processes_train_like_one(new_test_config, built_sample_dataset, tmp
       assert np.abs(got - ref).max() < 1e-3
     else:
       np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6, err_msg=str(path))
-  np.testing.assert_allclose(meta["validation"]["val_loss"], single.validation["val_loss"],
-                             rtol=1e-3)
+  np.testing.assert_allclose(
+    meta["validation"]["val_loss"], single.validation["val_loss"], rtol=1e-3
+  )
 
 
-def test_ensemble_trains_exports_and_predicts_like_flax(new_test_config, built_sample_dataset, sample_arrays,
-                                                        tmp_path):
+def test_ensemble_trains_exports_and_predicts_like_flax(
+  new_test_config, built_sample_dataset, sample_arrays, tmp_path
+):
   """An ensemble config runs the whole path: train, checkpoint, export, NumPy."""
   config = new_test_config()
   with config.unlocked():
@@ -205,7 +244,8 @@ def test_ensemble_trains_exports_and_predicts_like_flax(new_test_config, built_s
   steps, tokens = test.features[:300], test.loop_tokens[:300]
   params, model_config, _ = export.restore_for_export(workdir, "latest")
   members = export.make_predict_fn(model_config, per_member=True)(
-      params, loop_tokens.model_input(steps, tokens))
+    params, loop_tokens.model_input(steps, tokens)
+  )
   assert members.shape == (300, 2, 1)
   assert np.abs(members[:, 0] - members[:, 1]).max() > 1e-3  # two different models
   got = npred.Predictor.load(str(tmp_path / "ens.npz")).predict(steps, loop_tokens=tokens)
@@ -214,8 +254,9 @@ def test_ensemble_trains_exports_and_predicts_like_flax(new_test_config, built_s
 
 def test_matmul_precision_is_in_force_while_training(monkeypatch, tmp_path, new_test_config):
   seen = []
-  monkeypatch.setattr(loop, "_train_and_evaluate",
-                      lambda *a: seen.append(jax.config.jax_default_matmul_precision))
+  monkeypatch.setattr(
+    loop, "_train_and_evaluate", lambda *a: seen.append(jax.config.jax_default_matmul_precision)
+  )
   config = new_test_config()
   config.matmul_precision = "highest"
   loop.train_and_evaluate(config, str(tmp_path))

@@ -16,19 +16,15 @@ import numpy as np
 import optax
 import pytest
 
+from tests.core.test_loop_tokens import _STEPS
+from tests.core.test_replay import _DENSE
 from tlp_jax.core import loop_tokens as lt
 from tlp_jax.core import predictor as npred
 from tlp_jax.core import replay as rp
 from tlp_jax.core import skeleton as sk
-from tlp_jax.train import checkpoints
-from tlp_jax.train import data
-from tlp_jax.train import export
-from tlp_jax.train import loop
+from tlp_jax.train import checkpoints, data, export, loop
 from tlp_jax.train import model as model_lib
 from tlp_jax.train import step as step_lib
-
-from tests.core.test_loop_tokens import _STEPS
-from tests.core.test_replay import _DENSE
 
 T = lt.DEFAULT_MAX_TOKENS
 W = lt.WIDTH
@@ -57,10 +53,16 @@ def token_dataset(sample_arrays, tmp_path_factory):
   path = str(tmp_path_factory.mktemp("skeletons") / "skeletons.json")
   sk.save_collection(path, {"dense": sk.Skeleton.from_dict(_DENSE)})
   fields = {f.name: getattr(tlp, f.name) for f in dataclasses.fields(tlp)}
-  fields.update(train=_with_tokens(tlp.train, 1), validation=_with_tokens(tlp.validation, 2),
-                test=_with_tokens(tlp.test, 3), skeletons_path=path,
-                metadata={**tlp.metadata, "loop_tokens": {"layout_version": lt.LAYOUT_VERSION,
-                                                          "max_tokens": T, "width": W}})
+  fields.update(
+    train=_with_tokens(tlp.train, 1),
+    validation=_with_tokens(tlp.validation, 2),
+    test=_with_tokens(tlp.test, 3),
+    skeletons_path=path,
+    metadata={
+      **tlp.metadata,
+      "loop_tokens": {"layout_version": lt.LAYOUT_VERSION, "max_tokens": T, "width": W},
+    },
+  )
   return types.SimpleNamespace(**fields)
 
 
@@ -90,13 +92,18 @@ def test_model_input_and_export_meta_follow_the_tokens(token_dataset):
   assert meta["loop_tokens"] == {"layout_version": 1, "max_tokens": T, "width": W}
   # "off": a TLP model of the step crop; a TLP build under "required" is refused.
   assert data.model_config_for(model, "off", token_dataset, 1) == dataclasses.replace(
-      model, num_hardware_heads=1)
+    model, num_hardware_heads=1
+  )
   assert "loop_tokens" not in data.dataset_meta(token_dataset, ["epyc-9004"], False)
   tlp = types.SimpleNamespace(metadata={}, config_name="epyc-9004")
   with pytest.raises(ValueError, match="has no loop tokens.*skeleton_extract --tenset_dir"):
     data.reads_loop_tokens("required", tlp)
-  other = types.SimpleNamespace(**{**vars(token_dataset), "metadata": {
-      "loop_tokens": {"layout_version": 2, "max_tokens": T, "width": W}}})
+  other = types.SimpleNamespace(
+    **{
+      **vars(token_dataset),
+      "metadata": {"loop_tokens": {"layout_version": 2, "max_tokens": T, "width": W}},
+    }
+  )
   with pytest.raises(ValueError, match="layout version 2"):
     data.model_config_for(model, "auto", other, 1)
   assert data.model_config_for(model, "off", other, 1).seq_len == 25
@@ -105,8 +112,9 @@ def test_model_input_and_export_meta_follow_the_tokens(token_dataset):
   layout = data.BatchLayout.create(8, jax.devices()[:2])
   x = data.host_batch(split, np.arange(8), np.ones(8, bool), layout)[0]
   assert x.shape == (2, 4, 25 + T, 22 + W)
-  np.testing.assert_array_equal(x.reshape(8, 25 + T, 22 + W),
-                                lt.model_input(split.features[:8], split.loop_tokens[:8]))
+  np.testing.assert_array_equal(
+    x.reshape(8, 25 + T, 22 + W), lt.model_input(split.features[:8], split.loop_tokens[:8])
+  )
 
 
 @pytest.fixture(scope="module")
@@ -130,20 +138,28 @@ def test_training_reads_the_tokens_on_device_and_on_host_alike(token_runs):
   np.testing.assert_allclose(dev.validation["val_loss"], host.validation["val_loss"], rtol=1e-5)
   # The token embedding is trained: its input rows [25:] use the kernel's rows [22:].
   kernel = np.asarray(dev.state.params["encoder_0"]["kernel"])
-  init = np.asarray(step_lib.create_train_state(
-      dev.model_config, optax.sgd(0.0), 0).params["encoder_0"]["kernel"])
+  init = np.asarray(
+    step_lib.create_train_state(dev.model_config, optax.sgd(0.0), 0).params["encoder_0"]["kernel"]
+  )
   assert not np.allclose(kernel[22:], init[22:])
 
 
-def test_export_embeds_layout_and_skeletons_and_predicts_like_flax(token_runs, token_dataset,
-                                                                   tmp_path):
+def test_export_embeds_layout_and_skeletons_and_predicts_like_flax(
+  token_runs, token_dataset, tmp_path
+):
   workdir, result = token_runs["device"]
   assert os.path.exists(os.path.join(workdir, checkpoints.SKELETONS_FILE))
   path = str(tmp_path / "tokens.npz")
   arrays = export.export_workdir(workdir, path, "latest")
   assert int(arrays[npred.META_FORMAT_VERSION]) == npred.FORMAT_VERSION == 5
-  assert [int(arrays[k]) for k in (npred.META_LOOP_TOKENS_VERSION, npred.META_LOOP_TOKENS_MAX,
-                                   npred.META_LOOP_TOKENS_WIDTH)] == [1, T, W]
+  assert [
+    int(arrays[k])
+    for k in (
+      npred.META_LOOP_TOKENS_VERSION,
+      npred.META_LOOP_TOKENS_MAX,
+      npred.META_LOOP_TOKENS_WIDTH,
+    )
+  ] == [1, T, W]
   pred = npred.Predictor.load(path)
   assert pred.reads_loop_tokens and pred.step_crop == (25, 22) and pred.crop == (25 + T, 22 + W)
   assert set(pred.skeletons) == {"dense"}
@@ -151,7 +167,8 @@ def test_export_embeds_layout_and_skeletons_and_predicts_like_flax(token_runs, t
   steps, tokens = np.asarray(test.features[:300]), test.loop_tokens[:300]
   got = pred.predict(steps, loop_tokens=tokens, batch_size=128)
   flax = export.make_predict_fn(result.model_config, batch_size=128)(
-      result.state.params, lt.model_input(steps, tokens))[:, 0]
+    result.state.params, lt.model_input(steps, tokens)
+  )[:, 0]
   np.testing.assert_allclose(got, flax, rtol=1e-4, atol=1e-5)
   assert np.unique(got).size > 100
   with pytest.raises(npred.PredictorError, match="pass loop_tokens"):
@@ -164,13 +181,13 @@ def test_export_embeds_layout_and_skeletons_and_predicts_like_flax(token_runs, t
 
   # Raw steps of a task the export embeds: replayed over its skeleton, no TVM.
   progs = [_STEPS, [["SP", 3, 0, 8, [4], 1]] + _STEPS[1:], _STEPS]
-  want_tokens = np.stack([lt.loop_tokens(rp.replay(sk.Skeleton.from_dict(_DENSE), s))
-                          for s in progs])
+  want_tokens = np.stack(
+    [lt.loop_tokens(rp.replay(sk.Skeleton.from_dict(_DENSE), s)) for s in progs]
+  )
   np.testing.assert_array_equal(pred.loop_tokens_of(progs, workload_key="dense"), want_tokens)
   want = pred.predict(pred.featurize_steps(progs), loop_tokens=want_tokens)
   np.testing.assert_array_equal(pred.predict_steps(progs, workload_key="dense"), want)
-  np.testing.assert_array_equal(
-      pred.predict_steps(progs, skeleton=json.dumps(_DENSE)), want)
+  np.testing.assert_array_equal(pred.predict_steps(progs, skeleton=json.dumps(_DENSE)), want)
   with pytest.raises(npred.PredictorError, match="pass workload_key="):
     pred.predict_steps(progs)
   with pytest.raises(npred.PredictorError, match="no embedded skeleton for workload key 'x'"):

@@ -29,8 +29,8 @@ def _lambdarank_reference(preds, labels, k=None, eps=1e-10, sigma=1.0):
   true_by_pred = np.maximum(true_by_pred, 0)
   y_true_sorted = np.maximum(y_true_sorted, 0)
   d = np.log2(1.0 + np.arange(1, n + 1))[None, :]
-  max_dcg = np.maximum(np.sum(((2.0 ** y_true_sorted - 1) / d)[:, :kk], axis=-1), eps)
-  g = (2.0 ** true_by_pred - 1) / max_dcg[:, None]
+  max_dcg = np.maximum(np.sum(((2.0**y_true_sorted - 1) / d)[:, :kk], axis=-1), eps)
+  g = (2.0**true_by_pred - 1) / max_dcg[:, None]
   w = np.abs(1 / d[:, :, None] - 1 / d[:, None, :]) * np.abs(g[:, :, None] - g[:, None, :])
   diffs = np.clip(y_pred_sorted[:, :, None] - y_pred_sorted[:, None, :], -1e8, 1e8)
   diffs[np.isnan(diffs)] = 0
@@ -47,8 +47,11 @@ def _one_head(preds, labels, mask=None, task_index=None, **cfg):
   preds = jnp.asarray(preds, jnp.float32)[:, None]
   labels = jnp.asarray(labels, jnp.float32)[:, None]
   mask = jnp.ones_like(preds, bool) if mask is None else jnp.asarray(mask)[:, None]
-  return float(losses.multi_head_loss(_loss(**cfg), preds, labels, mask,
-                                      None if task_index is None else jnp.asarray(task_index)))
+  return float(
+    losses.multi_head_loss(
+      _loss(**cfg), preds, labels, mask, None if task_index is None else jnp.asarray(task_index)
+    )
+  )
 
 
 def test_lambdarank_hand_computed_four_items():
@@ -118,8 +121,9 @@ def test_group_ranking_is_sum_of_per_group_losses():
   preds = rng.normal(size=30)
   labels = rng.uniform(size=30)
   groups = rng.integers(0, 4, size=30)
-  expected = sum(_lambdarank_reference(preds[groups == t], labels[groups == t])
-                 for t in np.unique(groups))
+  expected = sum(
+    _lambdarank_reference(preds[groups == t], labels[groups == t]) for t in np.unique(groups)
+  )
   got = _one_head(preds, labels, task_index=groups, group_by_task=True)
   assert got == pytest.approx(expected, rel=1e-4)
   # Default ranks across the whole batch: a different number.
@@ -137,8 +141,9 @@ def test_heads_are_summed_with_their_own_masks():
   labels = rng.uniform(size=(16, 3)).astype(np.float32)
   mask = rng.uniform(size=(16, 3)) > 0.3
   total = float(losses.multi_head_loss(_loss(), preds, labels, mask))
-  expected = sum(_lambdarank_reference(preds[mask[:, h], h], labels[mask[:, h], h])
-                 for h in range(3))
+  expected = sum(
+    _lambdarank_reference(preds[mask[:, h], h], labels[mask[:, h], h]) for h in range(3)
+  )
   assert total == pytest.approx(expected, rel=1e-4)
 
 
@@ -183,8 +188,13 @@ def test_pairwise_log_matches_hand_computation():
   pairs = [(0, 1, math.log(2.0)), (0, 2, math.log(10.0)), (1, 2, math.log(5.0))]
   expected = -sum(w * _log_sigmoid(preds[i] - preds[j]) for i, j, w in pairs)
   expected /= sum(w for _, _, w in pairs)
-  got = losses.pairwise_log_head(jnp.array(preds), jnp.array(labels), jnp.ones(3, bool),
-                                 jnp.zeros(3, jnp.int32), _loss("pairwise_log"))
+  got = losses.pairwise_log_head(
+    jnp.array(preds),
+    jnp.array(labels),
+    jnp.ones(3, bool),
+    jnp.zeros(3, jnp.int32),
+    _loss("pairwise_log"),
+  )
   assert float(got) == pytest.approx(expected, rel=1e-6)
 
 

@@ -15,8 +15,7 @@ from tlp_jax.train.model import TLPConfig, TLPModel
 # Jitted: eager op-by-op initialisation of the full-size model is slow on 2 cores.
 init_params = jax.jit(model_lib.init_params, static_argnums=0)
 
-SMALL = dict(feature_dim=6, seq_len=5, encoder_dims=(8, 16), attention_heads=2,
-             decoder_dims=(8, 1))
+SMALL = dict(feature_dim=6, seq_len=5, encoder_dims=(8, 16), attention_heads=2, decoder_dims=(8, 1))
 
 
 def _x(batch, cfg, seed=0, pad_from=None):
@@ -83,7 +82,9 @@ def test_gradient_from_one_head_changes_only_that_head():
       old_p, new_p = np.asarray(params["heads"][name][leaf]), np.asarray(new["heads"][name][leaf])
       np.testing.assert_array_equal(old_p[0], new_p[0])
       np.testing.assert_array_equal(old_p[2], new_p[2])
-  assert not np.allclose(params["heads"]["dense_0"]["kernel"][1], new["heads"]["dense_0"]["kernel"][1])
+  assert not np.allclose(
+    params["heads"]["dense_0"]["kernel"][1], new["heads"]["dense_0"]["kernel"][1]
+  )
   # The shared trunk learns from head 1 too.
   assert not np.allclose(params["encoder_0"]["kernel"], new["encoder_0"]["kernel"])
 
@@ -91,7 +92,10 @@ def test_gradient_from_one_head_changes_only_that_head():
 def _reference_forward(params, x, cfg):
   """Independent NumPy forward of the original TLP model (no options)."""
   p = jax.tree_util.tree_map(np.asarray, params)
-  relu = lambda a: np.maximum(a, 0)
+
+  def relu(a):
+    return np.maximum(a, 0)
+
   h = np.asarray(x, np.float64)
   for i in range(len(cfg.encoder_dims)):
     h = relu(h @ p[f"encoder_{i}"]["kernel"] + p[f"encoder_{i}"]["bias"])
@@ -140,8 +144,9 @@ def test_crops_wider_inputs_and_rejects_narrower():
   wide = jnp.concatenate([x, jnp.ones((2, cfg.seq_len, 3))], axis=-1)
   wide = jnp.concatenate([wide, jnp.ones((2, 2, cfg.feature_dim + 3))], axis=1)
   model = TLPModel(cfg)
-  np.testing.assert_array_equal(model.apply({"params": params}, wide),
-                                model.apply({"params": params}, x))
+  np.testing.assert_array_equal(
+    model.apply({"params": params}, wide), model.apply({"params": params}, x)
+  )
   with pytest.raises(ValueError, match="smaller"):
     model.apply({"params": params}, x[:, :, :-1])
 
@@ -163,12 +168,14 @@ def test_log1p_input_norm_changes_outputs_and_keeps_padding_zero():
   params = init_params(base, jax.random.PRNGKey(0))
   x = _x(4, base, pad_from=2) * 50
   ref = np.asarray(TLPModel(base).apply({"params": params}, x))
-  out = np.asarray(TLPModel(dataclasses.replace(base, input_norm="log1p")).apply(
-      {"params": params}, x))
+  out = np.asarray(
+    TLPModel(dataclasses.replace(base, input_norm="log1p")).apply({"params": params}, x)
+  )
   assert out.shape == ref.shape and not np.allclose(out, ref)
   np.testing.assert_array_equal(model_lib.INPUT_NORMS["log1p"](jnp.zeros(3)), np.zeros(3))
-  np.testing.assert_allclose(model_lib.INPUT_NORMS["log1p"](jnp.asarray([-(np.e - 1), np.e - 1])),
-                             [-1.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    model_lib.INPUT_NORMS["log1p"](jnp.asarray([-(np.e - 1), np.e - 1])), [-1.0, 1.0], rtol=1e-6
+  )
 
 
 def test_bfloat16_compute_runs():
@@ -194,18 +201,27 @@ def test_config_validation_and_roundtrip():
 
 
 def test_from_dict_reads_the_model_configs_of_earlier_versions():
-  old = dict(TLPConfig(num_hardware_heads=2).to_dict(), padding_mask=False, pool="sum",
-             input_norm_columns=None)
+  old = dict(
+    TLPConfig(num_hardware_heads=2).to_dict(),
+    padding_mask=False,
+    pool="sum",
+    input_norm_columns=None,
+  )
   old["num_heads"] = old.pop("num_hardware_heads")
   assert TLPConfig.from_dict(old) == TLPConfig(num_hardware_heads=2)
-  for removed, value in (("padding_mask", True), ("pool", "mean_valid"),
-                         ("input_norm_columns", [0, 2])):
+  for removed, value in (
+    ("padding_mask", True),
+    ("pool", "mean_valid"),
+    ("input_norm_columns", [0, 2]),
+  ):
     with pytest.raises(ValueError, match=f"{removed}=.* was removed .*4fe3f70"):
       TLPConfig.from_dict(dict(old, **{removed: value}))
 
 
 def test_ensemble_is_the_mean_of_independent_members():
-  single = TLPConfig(encoder_dims=(8, 16), attention_heads=2, decoder_dims=(8, 1), num_hardware_heads=2)
+  single = TLPConfig(
+    encoder_dims=(8, 16), attention_heads=2, decoder_dims=(8, 1), num_hardware_heads=2
+  )
   ens = dataclasses.replace(single, ensemble_size=3)
   params = init_params(ens, jax.random.PRNGKey(0))
   assert set(params) == {"members"}
@@ -214,16 +230,20 @@ def test_ensemble_is_the_mean_of_independent_members():
   assert members.shape == (5, 3, 2)
   for m in range(3):
     p_m = jax.tree_util.tree_map(lambda a, m=m: a[m], params["members"])
-    np.testing.assert_allclose(members[:, m], TLPModel(single).apply({"params": p_m}, x),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      members[:, m], TLPModel(single).apply({"params": p_m}, x), rtol=1e-5, atol=1e-5
+    )
   # Members are initialised independently, so they disagree.
   assert np.abs(members[:, 0] - members[:, 1]).max() > 1e-3
-  np.testing.assert_allclose(TLPModel(ens).apply({"params": params}, x), members.mean(axis=1),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    TLPModel(ens).apply({"params": params}, x), members.mean(axis=1), rtol=1e-6, atol=1e-6
+  )
   # A single model's tree and outputs are unchanged by the ensemble code path.
   p1 = init_params(single, jax.random.PRNGKey(0))
   assert "members" not in p1
-  np.testing.assert_array_equal(TLPModel(single).apply({"params": p1}, x, per_member=True)[:, 0],
-                                TLPModel(single).apply({"params": p1}, x))
+  np.testing.assert_array_equal(
+    TLPModel(single).apply({"params": p1}, x, per_member=True)[:, 0],
+    TLPModel(single).apply({"params": p1}, x),
+  )
   with pytest.raises(ValueError, match="ensemble_size"):
     TLPConfig(ensemble_size=0)

@@ -18,8 +18,13 @@ def _optim(**overrides):
 
 
 def test_step_schedule_is_torch_steplr_stepped_per_epoch():
-  cfg = _optim(optimizer="adam", schedule="step", learning_rate=0.1,
-               step_decay_every_epochs=2, step_decay_rate=0.5)
+  cfg = _optim(
+    optimizer="adam",
+    schedule="step",
+    learning_rate=0.1,
+    step_decay_every_epochs=2,
+    step_decay_rate=0.5,
+  )
   _, schedule = optimizer.make_optimizer(cfg, steps_per_epoch=3, total_steps=30)
   for step in range(30):
     epoch = step // 3
@@ -42,12 +47,20 @@ def test_adam_is_pytorch_adam_with_coupled_l2_after_clipping():
   # PyTorch: clip_grad_norm_(0.5); Adam.step with weight_decay: g += wd * p; moments; bias
   # correction; p -= lr * m_hat / (sqrt(v_hat) + eps). Written out by hand here.
   lr, wd, clip, eps = 0.01, 0.1, 0.5, 1e-8
-  cfg = _optim(optimizer="adam", schedule="step", step_decay_rate=1.0, learning_rate=lr,
-               weight_decay=wd, grad_clip_norm=clip)
+  cfg = _optim(
+    optimizer="adam",
+    schedule="step",
+    step_decay_rate=1.0,
+    learning_rate=lr,
+    weight_decay=wd,
+    grad_clip_norm=clip,
+  )
   tx, _ = optimizer.make_optimizer(cfg, 1, 1)
   params = {"w": np.array([1.0, -2.0, 0.5], np.float32), "b": np.array([0.3], np.float32)}
-  grads_seq = [{"w": np.array([3.0, 0.0, -1.0], np.float32), "b": np.array([0.2], np.float32)},
-               {"w": np.array([0.1, 0.2, 0.1], np.float32), "b": np.array([-0.1], np.float32)}]
+  grads_seq = [
+    {"w": np.array([3.0, 0.0, -1.0], np.float32), "b": np.array([0.2], np.float32)},
+    {"w": np.array([0.1, 0.2, 0.1], np.float32), "b": np.array([-0.1], np.float32)},
+  ]
   state = tx.init(params)
   p_jax = params
   p_ref = {k: v.astype(np.float64) for k, v in params.items()}
@@ -62,7 +75,7 @@ def test_adam_is_pytorch_adam_with_coupled_l2_after_clipping():
       g = grads[k] * scale + wd * p_ref[k]
       m[k] = 0.9 * m[k] + 0.1 * g
       v[k] = 0.999 * v[k] + 0.001 * g * g
-      m_hat, v_hat = m[k] / (1 - 0.9 ** t), v[k] / (1 - 0.999 ** t)
+      m_hat, v_hat = m[k] / (1 - 0.9**t), v[k] / (1 - 0.999**t)
       p_ref[k] = p_ref[k] - lr * m_hat / (np.sqrt(v_hat) + eps)
   for k in p_ref:
     np.testing.assert_allclose(np.asarray(p_jax[k]), p_ref[k], rtol=1e-5, atol=1e-7)
@@ -77,8 +90,10 @@ def test_unknown_optimizer_or_schedule_is_an_error():
 
 def test_clip_by_member_norm_clips_each_member_alone():
   rng = np.random.default_rng(0)
-  grads = {"a": rng.normal(size=(3, 4, 5)).astype(np.float32),
-           "b": rng.normal(size=(3, 7)).astype(np.float32)}
+  grads = {
+    "a": rng.normal(size=(3, 4, 5)).astype(np.float32),
+    "b": rng.normal(size=(3, 7)).astype(np.float32),
+  }
   grads["a"][1] *= 1e-3  # member 1 is under the limit and must stay unchanged
   grads["b"][1] *= 1e-3
   tx = optimizer.clip_by_member_norm(0.5)

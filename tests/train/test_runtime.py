@@ -1,4 +1,5 @@
 """tlp_jax.train.runtime: the XLA flag that makes GPU runs reproducible across processes."""
+
 import subprocess
 import sys
 
@@ -10,8 +11,9 @@ def test_enable_adds_the_flag_once_and_keeps_other_flags():
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   assert not runtime.deterministic_gpu_ops_enabled(env)
   assert runtime.enable_deterministic_gpu_ops(env)
-  assert env["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
-                              "--xla_gpu_deterministic_ops=true")
+  assert env["XLA_FLAGS"] == (
+    "--xla_force_host_platform_device_count=8 --xla_gpu_deterministic_ops=true"
+  )
   assert runtime.deterministic_gpu_ops_enabled(env)
   assert not runtime.enable_deterministic_gpu_ops(env)  # already there: unchanged
   assert env["XLA_FLAGS"].count("deterministic") == 1
@@ -39,8 +41,10 @@ def test_apply_config_follows_the_config(monkeypatch):
 
 
 def test_flag_is_accepted_by_jax_on_this_backend_and_runtime_imports_no_jax():
-  code = ("import sys; from tlp_jax.train import runtime; assert 'jax' not in sys.modules; "
-          "runtime.enable_deterministic_gpu_ops(); import jax.numpy as jnp; "
-          "print(float(jnp.arange(4.0).sum()))")
+  code = (
+    "import sys; from tlp_jax.train import runtime; assert 'jax' not in sys.modules; "
+    "runtime.enable_deterministic_gpu_ops(); import jax.numpy as jnp; "
+    "print(float(jnp.arange(4.0).sum()))"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "6.0"

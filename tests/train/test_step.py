@@ -10,21 +10,33 @@ import optax
 import pytest
 
 from configs import test as test_config
-from tlp_jax.train import data
-from tlp_jax.train import losses
-from tlp_jax.train import loop
+from tlp_jax.train import data, loop, losses, optimizer
 from tlp_jax.train import model as model_lib
-from tlp_jax.train import optimizer
 from tlp_jax.train import step as step_lib
 
 L, E, H = 6, 5, 2
-TINY = model_lib.TLPConfig(feature_dim=E, seq_len=L, encoder_dims=(8, 8, 16, 16),
-                           attention_heads=2, res_blocks=1, decoder_dims=(16, 8, 1), num_hardware_heads=H)
+TINY = model_lib.TLPConfig(
+  feature_dim=E,
+  seq_len=L,
+  encoder_dims=(8, 8, 16, 16),
+  attention_heads=2,
+  res_blocks=1,
+  decoder_dims=(16, 8, 1),
+  num_hardware_heads=H,
+)
 LOSS = losses.LossConfig("lambdarank", group_by_task=False)
 # Adam with coupled L2 at a constant rate (TLP's StepLR with rate 1.0), as configs/tlp_original.
-ADAM = optimizer.OptimConfig(optimizer="adam", schedule="step", learning_rate=3e-3,
-                             weight_decay=1e-6, grad_clip_norm=0.5, warmup_epochs=0.0,
-                             end_learning_rate=0.0, step_decay_every_epochs=1, step_decay_rate=1.0)
+ADAM = optimizer.OptimConfig(
+  optimizer="adam",
+  schedule="step",
+  learning_rate=3e-3,
+  weight_decay=1e-6,
+  grad_clip_norm=0.5,
+  warmup_epochs=0.0,
+  end_learning_rate=0.0,
+  step_decay_every_epochs=1,
+  step_decay_rate=1.0,
+)
 
 
 def _batch(n, seed=0, tasks=4):
@@ -41,8 +53,9 @@ def _shard(arrays, devices):
 
 
 def _pmapped_step(tx, devices):
-  fn = functools.partial(step_lib.train_step, model=model_lib.TLPModel(TINY), tx=tx,
-                         loss_config=LOSS)
+  fn = functools.partial(
+    step_lib.train_step, model=model_lib.TLPModel(TINY), tx=tx, loss_config=LOSS
+  )
   return jax.pmap(fn, axis_name=data.AXIS, devices=devices)
 
 
@@ -89,8 +102,9 @@ def test_gradient_is_the_single_device_global_batch_gradient():
   want = jax.grad(_global_loss)(state.params, batch)
   rstate = data.replicate_to_devices(state, devices)
   rstate, _ = _pmapped_step(tx, devices)(rstate, *_shard(batch, len(devices)))
-  got = jax.tree_util.tree_map(lambda new, old: np.asarray(old) - new,
-                               _unreplicate(rstate.params), state.params)
+  got = jax.tree_util.tree_map(
+    lambda new, old: np.asarray(old) - new, _unreplicate(rstate.params), state.params
+  )
   # atol: the parameter difference (old - new) of float32 params resolves gradients to ~1e-7.
   for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(g, np.asarray(w), rtol=1e-4, atol=5e-6)
@@ -152,16 +166,18 @@ def test_full_runs_agree_across_device_counts_and_data_placement(tmp_path):
   # same global batches (padded last batch included), so the same parameters. MSE, because with
   # LambdaRank the output bias has an exactly-zero gradient that Adam turns from rounding noise
   # into learning-rate-sized, reduction-order-dependent steps (see the test above).
-  ds = _Dataset(_Split(*_batch(150, seed=3)), _Split(*_batch(40, seed=4)),
-                _Split(*_batch(8, seed=5)))
+  ds = _Dataset(
+    _Split(*_batch(150, seed=3)), _Split(*_batch(40, seed=4)), _Split(*_batch(8, seed=5))
+  )
   runs = []
-  for name, devices, placement in (("eight", jax.devices(), "device"),
-                                   ("one", jax.devices()[:1], "host")):
+  for name, devices, placement in (
+    ("eight", jax.devices(), "device"),
+    ("one", jax.devices()[:1], "host"),
+  ):
     config = _config(32)
     config.data_placement = placement
     config.loss.name = "mse"
-    runs.append(loop.train_and_evaluate(config, str(tmp_path / name), dataset=ds,
-                                        devices=devices))
+    runs.append(loop.train_and_evaluate(config, str(tmp_path / name), dataset=ds, devices=devices))
   assert int(runs[0].state.step) == int(runs[1].state.step) == 2 * 5
   for a, b in zip(*(jax.tree_util.tree_leaves(r.state.params) for r in runs)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
@@ -190,28 +206,36 @@ def test_ensemble_members_train_as_independent_models():
   tx_one, _ = optimizer.make_optimizer(opt, 1, 1)
   state = step_lib.create_train_state(ens_cfg, tx_ens, seed=0)
   batch = _batch(64, seed=3)
-  fn = functools.partial(step_lib.train_step, model=model_lib.TLPModel(ens_cfg), tx=tx_ens,
-                         loss_config=LOSS)
+  fn = functools.partial(
+    step_lib.train_step, model=model_lib.TLPModel(ens_cfg), tx=tx_ens, loss_config=LOSS
+  )
   devices = jax.devices()
   step = jax.pmap(fn, axis_name=data.AXIS, devices=devices)
-  rstate, metrics = step(data.replicate_to_devices(state, devices),
-                         *_shard(batch, len(devices)))
+  rstate, metrics = step(data.replicate_to_devices(state, devices), *_shard(batch, len(devices)))
   ens_after = _unreplicate(rstate.params)["members"]
 
-  one_step = jax.pmap(functools.partial(step_lib.train_step, model=model_lib.TLPModel(TINY),
-                                        tx=tx_one, loss_config=LOSS),
-                      axis_name=data.AXIS, devices=devices[:1])
+  one_step = jax.pmap(
+    functools.partial(
+      step_lib.train_step, model=model_lib.TLPModel(TINY), tx=tx_one, loss_config=LOSS
+    ),
+    axis_name=data.AXIS,
+    devices=devices[:1],
+  )
   losses_alone = []
   for m in range(3):
     params = jax.tree_util.tree_map(lambda a, m=m: np.asarray(a[m]), state.params["members"])
-    alone = step_lib.TrainState(step=state.step, params=params, opt_state=tx_one.init(params),
-                                 rng=state.rng)
-    alone, alone_metrics = one_step(data.replicate_to_devices(alone, devices[:1]),
-                                    *_shard(batch, 1))
+    alone = step_lib.TrainState(
+      step=state.step, params=params, opt_state=tx_one.init(params), rng=state.rng
+    )
+    alone, alone_metrics = one_step(
+      data.replicate_to_devices(alone, devices[:1]), *_shard(batch, 1)
+    )
     losses_alone.append(np.asarray(alone_metrics["loss_per_head"])[0])
-    for got, want in zip(jax.tree_util.tree_leaves(ens_after),
-                         jax.tree_util.tree_leaves(_unreplicate(alone.params))):
+    for got, want in zip(
+      jax.tree_util.tree_leaves(ens_after), jax.tree_util.tree_leaves(_unreplicate(alone.params))
+    ):
       np.testing.assert_allclose(got[m], want, rtol=1e-3, atol=1e-5)
   # Reported per-head losses are the members' mean (comparable with a single model's).
-  np.testing.assert_allclose(np.asarray(metrics["loss_per_head"])[0],
-                             np.mean(losses_alone, axis=0), rtol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(metrics["loss_per_head"])[0], np.mean(losses_alone, axis=0), rtol=1e-4
+  )

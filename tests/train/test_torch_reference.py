@@ -21,10 +21,8 @@ import jax.numpy as jnp
 
 from configs import tlp_original
 from tlp_jax.train import config as config_lib
-from tlp_jax.train import data
-from tlp_jax.train import losses
+from tlp_jax.train import data, losses, optimizer
 from tlp_jax.train import model as model_lib
-from tlp_jax.train import optimizer
 from tlp_jax.train import step as step_lib
 
 _REF_PATH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "torch_tlp_reference.py"
@@ -85,8 +83,10 @@ def test_forward_matches_flax(flax_and_torch):
 def test_load_rejects_wrong_shapes(flax_and_torch):
   _, params, _ = flax_and_torch
   narrow = jax.tree_util.tree_map(np.asarray, params)
-  narrow["encoder_0"] = {"kernel": np.zeros((22, 32), np.float32),
-                         "bias": np.zeros((32,), np.float32)}
+  narrow["encoder_0"] = {
+    "kernel": np.zeros((22, 32), np.float32),
+    "bias": np.zeros((32,), np.float32),
+  }
   with pytest.raises(ValueError, match="shape mismatch"):
     ref.load_flax_params(ref.TLPTorchModel(), narrow)
   two_heads = jax.tree_util.tree_map(np.asarray, params)
@@ -104,8 +104,9 @@ def test_lambdarank_value_and_grad_match(seed):
   cfg = ORIGINAL.loss
 
   def jax_loss(p):
-    return losses.multi_head_loss(cfg, p[:, None], jnp.asarray(labels)[:, None],
-                                  jnp.ones((n, 1), bool))
+    return losses.multi_head_loss(
+      cfg, p[:, None], jnp.asarray(labels)[:, None], jnp.ones((n, 1), bool)
+    )
 
   want, want_grad = jax.value_and_grad(jax_loss)(jnp.asarray(preds))
   for boolean_index in (True, False):
@@ -117,9 +118,13 @@ def test_lambdarank_value_and_grad_match(seed):
 
 
 def _pmap_step(cfg, tx):
-  return jax.pmap(functools.partial(step_lib.train_step, model=model_lib.TLPModel(cfg), tx=tx,
-                                    loss_config=ORIGINAL.loss),
-                  axis_name=data.AXIS, devices=jax.devices()[:1])
+  return jax.pmap(
+    functools.partial(
+      step_lib.train_step, model=model_lib.TLPModel(cfg), tx=tx, loss_config=ORIGINAL.loss
+    ),
+    axis_name=data.AXIS,
+    devices=jax.devices()[:1],
+  )
 
 
 def test_train_step_matches_torch_step():
@@ -144,10 +149,15 @@ def test_train_step_matches_torch_step():
   tmodel.zero_grad()
   ref.lambdarank_loss(tmodel(torch.from_numpy(x)), torch.from_numpy(y)).backward()
   assert _rel(tmodel.encoder[0].weight.grad.numpy().T, jgrads["encoder_0"]["kernel"]) < 1e-4
-  assert _rel(tmodel.attention.in_proj_weight.grad.numpy()[:256].T,
-              jgrads["attention"]["query"]["kernel"]) < 1e-4
-  assert _rel(tmodel.decoder[-1].weight.grad.numpy().T,
-              jgrads["heads"]["dense_3"]["kernel"][0]) < 1e-4
+  assert (
+    _rel(
+      tmodel.attention.in_proj_weight.grad.numpy()[:256].T, jgrads["attention"]["query"]["kernel"]
+    )
+    < 1e-4
+  )
+  assert (
+    _rel(tmodel.decoder[-1].weight.grad.numpy().T, jgrads["heads"]["dense_3"]["kernel"][0]) < 1e-4
+  )
 
   # One full step each.
   rstate = data.replicate_to_devices(state, jax.devices()[:1])
@@ -156,14 +166,15 @@ def test_train_step_matches_torch_step():
   tloss = trainer.step(torch.from_numpy(x), torch.from_numpy(y))
   assert abs(tloss.item() - float(metrics["loss"][0])) <= 1e-5 * abs(tloss.item())
   new_params = jax.device_get(jax.tree_util.tree_map(lambda a: a[0], rstate.params))
-  moved = np.abs(new_params["res_block_0"]["kernel"] - np.asarray(state.params["res_block_0"]
-                                                                   ["kernel"]))
+  moved = np.abs(
+    new_params["res_block_0"]["kernel"] - np.asarray(state.params["res_block_0"]["kernel"])
+  )
   assert moved.max() > 1e-4  # the step did change the parameters
   # Adam's first step is ~lr * sign(g): compare the updated weights to a small fraction of lr.
-  for name, linear in (("res_block_0", tmodel.res_blocks[0][0]),
-                       ("encoder_1", tmodel.encoder[2])):
+  for name, linear in (("res_block_0", tmodel.res_blocks[0][0]), ("encoder_1", tmodel.encoder[2])):
     diff = np.abs(linear.weight.detach().numpy().T - new_params[name]["kernel"])
     assert np.quantile(diff, 0.999) < 7e-4 * 1e-2, name
-  diff = np.abs(tmodel.attention.out_proj.weight.detach().numpy().T
-                - new_params["attention"]["out"]["kernel"])
+  diff = np.abs(
+    tmodel.attention.out_proj.weight.detach().numpy().T - new_params["attention"]["out"]["kernel"]
+  )
   assert np.quantile(diff, 0.999) < 7e-4 * 1e-2

@@ -1,4 +1,5 @@
 """Skeleton extraction CLI (needs TVM): the committed sample skeletons are what it writes."""
+
 import json
 import os
 import subprocess
@@ -16,9 +17,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_cli_writes_the_committed_sample_skeletons(tmp_path, sample_tenset_dir):
   out = str(tmp_path / "sk.json")
   proc = subprocess.run(
-      [sys.executable, "-m", "tlp_jax.tvm.skeleton_extract", "--tenset_dir", sample_tenset_dir,
-       "--out", out], cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, PYTHONPATH=REPO, TOPHUB_LOCATION="NONE"))
+    [
+      sys.executable,
+      "-m",
+      "tlp_jax.tvm.skeleton_extract",
+      "--tenset_dir",
+      sample_tenset_dir,
+      "--out",
+      out,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, PYTHONPATH=REPO, TOPHUB_LOCATION="NONE"),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "106 skeletons" in proc.stdout and "0 tasks failed" in proc.stdout
   got = sk.load_collection(out)
@@ -32,8 +45,13 @@ def test_cli_writes_the_committed_sample_skeletons(tmp_path, sample_tenset_dir):
 
 def test_cli_missing_all_tasks(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "tlp_jax.tvm.skeleton_extract", "--tenset_dir", str(tmp_path)],
-      cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+    [sys.executable, "-m", "tlp_jax.tvm.skeleton_extract", "--tenset_dir", str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, PYTHONPATH=REPO),
+  )
   assert proc.returncode != 0
   assert "all_tasks.pkl: not found" in proc.stderr
 

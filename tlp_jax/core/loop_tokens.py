@@ -57,10 +57,11 @@ over the shared tenset-mini records (both hardware), see ``bench/replay_throughp
 NumPy only (no TVM / JAX). Tokens of many nests are filled per batch with NumPy
 (:func:`fill`), the scalar API is the same code with a batch of one, so both are bit-identical.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -69,24 +70,77 @@ from tlp_jax.core import replay as rp
 log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 2
-COLUMNS = ("is_loop", "stage", "stage_output", "stage_cache", "stage_rfactor", "stage_attached",
-           "depth", "reduce", "log2_extent", "ann_parallel", "ann_vectorize", "ann_unroll",
-           "ann_vthread", "ann_block", "ann_thread", "log2_unroll", "log2_outer", "log2_inner",
-           "log2_out_stride", "log2_read_stride", "symbolic_extent", "log2_read_bytes",
-           "log2_write_bytes", "log2_reuse")
+COLUMNS = (
+  "is_loop",
+  "stage",
+  "stage_output",
+  "stage_cache",
+  "stage_rfactor",
+  "stage_attached",
+  "depth",
+  "reduce",
+  "log2_extent",
+  "ann_parallel",
+  "ann_vectorize",
+  "ann_unroll",
+  "ann_vthread",
+  "ann_block",
+  "ann_thread",
+  "log2_unroll",
+  "log2_outer",
+  "log2_inner",
+  "log2_out_stride",
+  "log2_read_stride",
+  "symbolic_extent",
+  "log2_read_bytes",
+  "log2_write_bytes",
+  "log2_reuse",
+)
 WIDTH = len(COLUMNS)
-DEFAULT_MAX_TOKENS = 40   # p99 of printed loops on tenset-mini is 39 (0.56% cropped)
+DEFAULT_MAX_TOKENS = 40  # p99 of printed loops on tenset-mini is 39 (0.56% cropped)
 DTYPE = np.float16
-(C_IS_LOOP, C_STAGE, C_OUTPUT, C_CACHE, C_RFACTOR, C_ATTACHED, C_DEPTH, C_REDUCE, C_LOG_EXT,
- C_PARALLEL, C_VECTORIZE, C_UNROLL, C_VTHREAD, C_BLOCK, C_THREAD, C_LOG_UNROLL, C_LOG_OUTER,
- C_LOG_INNER, C_OUT_STRIDE, C_READ_STRIDE, C_SYMBOLIC, C_READ_BYTES, C_WRITE_BYTES,
- C_REUSE) = range(WIDTH)
-ELEMENT_BYTES = 4         # skeletons carry no dtypes; TenSet's tasks are all float32
-N_VALUES = 8              # value vectors per program: see :func:`plan_and_values`
+(
+  C_IS_LOOP,
+  C_STAGE,
+  C_OUTPUT,
+  C_CACHE,
+  C_RFACTOR,
+  C_ATTACHED,
+  C_DEPTH,
+  C_REDUCE,
+  C_LOG_EXT,
+  C_PARALLEL,
+  C_VECTORIZE,
+  C_UNROLL,
+  C_VTHREAD,
+  C_BLOCK,
+  C_THREAD,
+  C_LOG_UNROLL,
+  C_LOG_OUTER,
+  C_LOG_INNER,
+  C_OUT_STRIDE,
+  C_READ_STRIDE,
+  C_SYMBOLIC,
+  C_READ_BYTES,
+  C_WRITE_BYTES,
+  C_REUSE,
+) = range(WIDTH)
+ELEMENT_BYTES = 4  # skeletons carry no dtypes; TenSet's tasks are all float32
+N_VALUES = 8  # value vectors per program: see :func:`plan_and_values`
 
 # Annotation index (replay.ANNOTATIONS) -> one-hot column.
-_ANN_COL = {1: C_UNROLL, 2: C_VECTORIZE, 3: C_PARALLEL, 4: C_VTHREAD, 5: C_BLOCK, 6: C_THREAD,
-            7: C_BLOCK, 8: C_THREAD, 9: C_BLOCK, 10: C_THREAD}
+_ANN_COL = {
+  1: C_UNROLL,
+  2: C_VECTORIZE,
+  3: C_PARALLEL,
+  4: C_VTHREAD,
+  5: C_BLOCK,
+  6: C_THREAD,
+  7: C_BLOCK,
+  8: C_THREAD,
+  9: C_BLOCK,
+  10: C_THREAD,
+}
 _KIND_VALUE = {rp.SPATIAL: 0.0, rp.REDUCE: 1.0, rp.MIXED: 0.5, rp.SPECIAL: 0.0}
 
 
@@ -99,24 +153,40 @@ class Plan:
   strides in the output / read buffers and the footprint inputs (these depend on split lengths
   where a stage's tensor shape does, e.g. rfactor).
   """
-  __slots__ = ("static", "anc", "inner", "always", "out_axis", "read_bytes", "n_reads",
-               "d_idx", "s_idx", "o_idx", "n", "nb", "nd", "ndo")
 
-  def __init__(self, static, anc, inner, always, out_axis, read_bytes, n_reads, d_idx, s_idx,
-               o_idx):
-    self.static = static    # (L, WIDTH) float64: columns that depend on structure only
-    self.anc = anc          # (L, L) bool: anc[l, a] loop a encloses loop l
-    self.inner = inner      # (L, L) bool: inner[l, a] loop a is inside l in l's stage
-    self.always = always    # (L,) bool: printed whatever the extent (annotated / symbolic)
-    self.out_axis = out_axis      # (L, NDo) float64: 1 where the loop's root axis indexes dim
+  __slots__ = (
+    "static",
+    "anc",
+    "inner",
+    "always",
+    "out_axis",
+    "read_bytes",
+    "n_reads",
+    "d_idx",
+    "s_idx",
+    "o_idx",
+    "n",
+    "nb",
+    "nd",
+    "ndo",
+  )
+
+  def __init__(
+    self, static, anc, inner, always, out_axis, read_bytes, n_reads, d_idx, s_idx, o_idx
+  ):
+    self.static = static  # (L, WIDTH) float64: columns that depend on structure only
+    self.anc = anc  # (L, L) bool: anc[l, a] loop a encloses loop l
+    self.inner = inner  # (L, L) bool: inner[l, a] loop a is inside l in l's stage
+    self.always = always  # (L,) bool: printed whatever the extent (annotated / symbolic)
+    self.out_axis = out_axis  # (L, NDo) float64: 1 where the loop's root axis indexes dim
     self.read_bytes = read_bytes  # (L, NB) float64: element bytes per read buffer, 0 padding
-    self.n_reads = n_reads        # (L,) float64: read accesses of the loop's stage
+    self.n_reads = n_reads  # (L,) float64: read accesses of the loop's stage
     # Indices into the value table (see :func:`raw_values`, :func:`shape_values`):
-    self.d_idx = d_idx      # (L, NB, ND): |d index / d root axis| of the loop's axis
-    self.s_idx = s_idx      # (L, NB, ND): the read dimension's size
-    self.o_idx = o_idx      # (L, NDo): the output dimension's size
+    self.d_idx = d_idx  # (L, NB, ND): |d index / d root axis| of the loop's axis
+    self.s_idx = s_idx  # (L, NB, ND): the read dimension's size
+    self.o_idx = o_idx  # (L, NDo): the output dimension's size
     self.n = len(always)
-    self.nb, self.nd = d_idx.shape[1:]   # read buffers, dimensions of a read buffer (padded)
+    self.nb, self.nd = d_idx.shape[1:]  # read buffers, dimensions of a read buffer (padded)
     self.ndo = out_axis.shape[1]
 
 
@@ -149,8 +219,10 @@ def print_order(nest: rp.LoopNest):
 def _access(nest, i):
   acc = nest.access[i] if nest.access else None
   if acc is None:
-    raise ValueError(f"stage {nest.stages[i][rp.S_NAME]} has no bounds (replay with "
-                     "infer_bounds and concrete split lengths)")
+    raise ValueError(
+      f"stage {nest.stages[i][rp.S_NAME]} has no bounds (replay with "
+      "infer_bounds and concrete split lengths)"
+    )
   return acc
 
 
@@ -201,11 +273,19 @@ def shape_values(plan: Plan, flat) -> tuple:
   flat = np.asarray(flat, np.int64)
   k = 5 * n
   table = np.concatenate([flat[k:], _SENTINELS])
-  return (flat[:n], flat[n:2 * n], flat[2 * n:3 * n], flat[3 * n:4 * n], flat[4 * n:k],
-          table[plan.d_idx], table[plan.s_idx], table[plan.o_idx])
+  return (
+    flat[:n],
+    flat[n : 2 * n],
+    flat[2 * n : 3 * n],
+    flat[3 * n : 4 * n],
+    flat[4 * n : k],
+    table[plan.d_idx],
+    table[plan.s_idx],
+    table[plan.o_idx],
+  )
 
 
-_SENTINELS = np.array([0, 1], np.int64)   # the table's padding entries: ZERO, ONE
+_SENTINELS = np.array([0, 1], np.int64)  # the table's padding entries: ZERO, ONE
 
 
 def plan_of(nest: rp.LoopNest, order=None) -> Plan:
@@ -228,7 +308,7 @@ def plan_of(nest: rp.LoopNest, order=None) -> Plan:
   nd = max([d for g in segs for d in g[3]], default=0)
   ndo = max([g[4] for g in segs], default=0)
   seg_of = {}
-  d_tmpl = np.full((len(segs), nb, nd), -1, np.intp)   # row start of each read dimension
+  d_tmpl = np.full((len(segs), nb, nd), -1, np.intp)  # row start of each read dimension
   s_tmpl = np.full((len(segs), nb, nd), one, np.intp)
   o_tmpl = np.full((len(segs), ndo), one, np.intp)
   for g, (i, base, n_root, ds, n_out) in enumerate(segs):
@@ -243,8 +323,9 @@ def plan_of(nest: rp.LoopNest, order=None) -> Plan:
   loop_seg = np.array([seg_of[i] for i, _, _, _ in order], np.intp)
   loop_axis = np.array([nest.access[i][rp.A_LOOPS][j][0] for i, j, _, _ in order], np.intp)
   d_idx = d_tmpl[loop_seg]
-  d_idx = np.where((d_idx >= 0) & (loop_axis >= 0)[:, None, None],
-                   d_idx + loop_axis[:, None, None], zero)
+  d_idx = np.where(
+    (d_idx >= 0) & (loop_axis >= 0)[:, None, None], d_idx + loop_axis[:, None, None], zero
+  )
   s_idx = s_tmpl[loop_seg]
   o_idx = o_tmpl[loop_seg]
   pos = {(i, j): p for p, (i, j, _, _) in enumerate(order)}
@@ -254,8 +335,9 @@ def plan_of(nest: rp.LoopNest, order=None) -> Plan:
   always = np.zeros(n, bool)
   # The output is indexed by the spatial root axes in order: loop axis a moves dimension a.
   seg_n_out = np.array([g[4] for g in segs], np.intp)[loop_seg]
-  out_axis = ((np.arange(ndo) == loop_axis[:, None])
-              & (loop_axis < seg_n_out)[:, None]).astype(np.float64)
+  out_axis = ((np.arange(ndo) == loop_axis[:, None]) & (loop_axis < seg_n_out)[:, None]).astype(
+    np.float64
+  )
   n_reads = np.array([len(g[3]) for g in segs], np.float64)[loop_seg]
   read_bytes = np.where(np.arange(nb) < n_reads[:, None], float(ELEMENT_BYTES), 0.0)
   for p, (i, j, k, enc) in enumerate(order):
@@ -310,8 +392,19 @@ def fill(plan: Plan, *values, max_tokens: int) -> np.ndarray:
 
   def rep(x):
     return np.broadcast_to(x, (b,) + x.shape)
-  struct = tuple(rep(x) for x in (plan.static, plan.anc, plan.inner, plan.always, plan.out_axis,
-                                  plan.read_bytes, plan.n_reads))
+
+  struct = tuple(
+    rep(x)
+    for x in (
+      plan.static,
+      plan.anc,
+      plan.inner,
+      plan.always,
+      plan.out_axis,
+      plan.read_bytes,
+      plan.n_reads,
+    )
+  )
   return fill_arrays(struct, values, max_tokens)
 
 
@@ -322,7 +415,8 @@ def fill_arrays(struct, values, max_tokens: int) -> np.ndarray:
   token; padding read buffers have read_bytes 0, padding dimensions size 1 and derivative 0."""
   static, anc, inner, always, out_axis, read_bytes, n_reads = struct
   ext, coef, unroll, out_c, read_c, read_d, read_size, out_size = (
-      np.asarray(v, np.int64) for v in values)
+    np.asarray(v, np.int64) for v in values
+  )
   b, n = ext.shape
   out = np.zeros((b, max_tokens, WIDTH), DTYPE)
   if n == 0:
@@ -345,12 +439,13 @@ def fill_arrays(struct, values, max_tokens: int) -> np.ndarray:
   step = (coef * (ext - 1))[:, :, None]
   nb, nd = read_d.shape[2:]
   span = _bmm(body, (read_d.reshape(b, n, nb * nd) * step)).reshape(b, n, nb, nd)
-  read_elems = np.minimum(read_size, 1 + span).prod(-1)                  # (B, L, NB)
+  read_elems = np.minimum(read_size, 1 + span).prod(-1)  # (B, L, NB)
   tok[:, :, C_READ_BYTES] = np.log2(1 + (read_elems * read_bytes).sum(-1))
   touched = (read_elems * (read_bytes > 0)).sum(-1)
   accesses = (inner_prod * ext).astype(np.float64) * n_reads
-  tok[:, :, C_REUSE] = np.log2(1 + np.divide(accesses, touched, out=np.zeros_like(accesses),
-                                             where=touched > 0))
+  tok[:, :, C_REUSE] = np.log2(
+    1 + np.divide(accesses, touched, out=np.zeros_like(accesses), where=touched > 0)
+  )
   out_span = _bmm(body, out_axis * step)
   write_elems = np.minimum(out_size, 1 + out_span).prod(-1)
   tok[:, :, C_WRITE_BYTES] = np.log2(1 + write_elems * ELEMENT_BYTES)
@@ -363,8 +458,9 @@ def fill_arrays(struct, values, max_tokens: int) -> np.ndarray:
   return out
 
 
-def loop_tokens(nest: rp.LoopNest, skeleton=None, max_tokens: int = DEFAULT_MAX_TOKENS
-                ) -> np.ndarray:
+def loop_tokens(
+  nest: rp.LoopNest, skeleton=None, max_tokens: int = DEFAULT_MAX_TOKENS
+) -> np.ndarray:
   """(max_tokens, WIDTH) float16 tokens of a replayed nest; zero rows pad.
 
   ``skeleton`` is accepted for symmetry with the replay (the access patterns the tokens need
@@ -375,8 +471,9 @@ def loop_tokens(nest: rp.LoopNest, skeleton=None, max_tokens: int = DEFAULT_MAX_
   return fill(plan, *(v[None] for v in vals), max_tokens=max_tokens)[0]
 
 
-def loop_tokens_many(nests: Sequence[rp.LoopNest], skeleton=None,
-                     max_tokens: int = DEFAULT_MAX_TOKENS) -> np.ndarray:
+def loop_tokens_many(
+  nests: Sequence[rp.LoopNest], skeleton=None, max_tokens: int = DEFAULT_MAX_TOKENS
+) -> np.ndarray:
   """(len(nests), max_tokens, WIDTH) float16: :func:`loop_tokens` of each nest."""
   out = np.zeros((len(nests), max_tokens, WIDTH), DTYPE)
   for k, nest in enumerate(nests):
@@ -387,17 +484,20 @@ def loop_tokens_many(nests: Sequence[rp.LoopNest], skeleton=None,
 def model_input(steps: np.ndarray, tokens: np.ndarray) -> np.ndarray:
   """The model's input of step features and loop tokens: ``(N, L + T, E + W)`` float32.
 
-  The two token kinds use disjoint columns (as the deleted TVM store version did): rows ``[:L]`` columns ``[:E]`` are the ``(N, L, E)``
-  steps, rows ``[L:]`` columns ``[E:]`` the ``(N, T, W)`` tokens (float16 -> float32 is exact),
-  zero elsewhere. The model's first Linear thus embeds each kind with its own weights, and
-  padding rows of either kind stay all-zero. Datasets store the two compact arrays; this block
-  is only ever made per batch (``tlp_jax.train.step.model_input`` is the same on device).
+  The two token kinds use disjoint columns (as the deleted TVM store version did): rows ``[:L]``
+  columns ``[:E]`` are the ``(N, L, E)`` steps, rows ``[L:]`` columns ``[E:]`` the ``(N, T, W)``
+  tokens (float16 -> float32 is exact), zero elsewhere. The model's first Linear thus embeds each
+  kind with its own weights, and padding rows of either kind stay all-zero. Datasets store the two
+  compact arrays; this block is only ever made per batch (``tlp_jax.train.step.model_input`` is
+  the same on device).
   """
   steps = np.asarray(steps)
   tokens = np.asarray(tokens)
   if steps.ndim != 3 or tokens.ndim != 3 or steps.shape[0] != tokens.shape[0]:
-    raise ValueError(f"expected (N, L, E) steps and (N, T, W) tokens with the same N, got "
-                     f"{steps.shape} and {tokens.shape}")
+    raise ValueError(
+      f"expected (N, L, E) steps and (N, T, W) tokens with the same N, got "
+      f"{steps.shape} and {tokens.shape}"
+    )
   n, length, width = steps.shape
   _, num_tokens, token_width = tokens.shape
   out = np.zeros((n, length + num_tokens, width + token_width), np.float32)
@@ -412,7 +512,23 @@ def n_printed_loops(nest: rp.LoopNest) -> int:
   return int(((ext != 1) | plan.always).sum())
 
 
-__all__ = ["LAYOUT_VERSION", "COLUMNS", "WIDTH", "DEFAULT_MAX_TOKENS", "ELEMENT_BYTES",
-           "N_VALUES", "Plan", "print_order", "raw_values", "shape_values", "plan_of",
-           "plan_and_values", "fill", "fill_arrays", "loop_tokens", "loop_tokens_many",
-           "model_input", "n_printed_loops"]
+__all__ = [
+  "LAYOUT_VERSION",
+  "COLUMNS",
+  "WIDTH",
+  "DEFAULT_MAX_TOKENS",
+  "ELEMENT_BYTES",
+  "N_VALUES",
+  "Plan",
+  "print_order",
+  "raw_values",
+  "shape_values",
+  "plan_of",
+  "plan_and_values",
+  "fill",
+  "fill_arrays",
+  "loop_tokens",
+  "loop_tokens_many",
+  "model_input",
+  "n_printed_loops",
+]

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -81,8 +81,7 @@ class NetworkTasks:
     ti = np.asarray(self.task_indices).reshape(-1).astype(np.int64)
     w = np.asarray(self.weights, dtype=np.float64).reshape(-1)
     if ti.shape != w.shape:
-      raise ValueError(
-          f"network {self.name!r}: {ti.size} task indices but {w.size} weights")
+      raise ValueError(f"network {self.name!r}: {ti.size} task indices but {w.size} weights")
     if np.any(w < 0) or not np.all(np.isfinite(w)):
       raise ValueError(f"network {self.name!r}: weights must be finite and >= 0")
     object.__setattr__(self, "task_indices", ti)
@@ -123,15 +122,16 @@ class TopKScores:
       return {f"top-{k}": json_float(v) for k, v in zip(self.ks, values)}
 
     return {
-        "per_network": {
-            name: {
-                **row(self.per_network[i]),
-                "tasks_used": int(self.tasks_used[i]),
-                "tasks_skipped": int(self.tasks_skipped[i]),
-            } for i, name in enumerate(self.networks)
-        },
-        "mean": row(self.mean),
-        "pooled": row(self.pooled),
+      "per_network": {
+        name: {
+          **row(self.per_network[i]),
+          "tasks_used": int(self.tasks_used[i]),
+          "tasks_skipped": int(self.tasks_skipped[i]),
+        }
+        for i, name in enumerate(self.networks)
+      },
+      "mean": row(self.mean),
+      "pooled": row(self.pooled),
     }
 
 
@@ -211,8 +211,9 @@ def rank_within_tasks(pred: np.ndarray, task_index: np.ndarray):
   return order, rank, starts
 
 
-def best_latency_in_top_k(pred, latency, task_index, ks: Sequence[int] = DEFAULT_KS,
-                          num_tasks: int | None = None) -> np.ndarray:
+def best_latency_in_top_k(
+  pred, latency, task_index, ks: Sequence[int] = DEFAULT_KS, num_tasks: int | None = None
+) -> np.ndarray:
   """Per task, the fastest true latency among the ``k`` best-ranked programs.
 
   Args:
@@ -260,8 +261,9 @@ def _log_factorials(n_max: int) -> np.ndarray:
   return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n_max + 1, dtype=np.float64)))])
 
 
-def expected_random_best_latency(latency, task_index, ks: Sequence[int] = DEFAULT_KS,
-                                 num_tasks: int | None = None) -> np.ndarray:
+def expected_random_best_latency(
+  latency, task_index, ks: Sequence[int] = DEFAULT_KS, num_tasks: int | None = None
+) -> np.ndarray:
   """Per task, the exact ``E[best_k]`` when the programs are ranked in a uniformly random order.
 
   With the task's ``n`` latencies sorted ascending ``x_(1) <= ... <= x_(n)`` and
@@ -308,9 +310,12 @@ def expected_random_best_latency(latency, task_index, ks: Sequence[int] = DEFAUL
   return out
 
 
-def network_top_k(best_k: np.ndarray, min_latency: np.ndarray,
-                  networks: Sequence[NetworkTasks], ks: Sequence[int] = DEFAULT_KS
-                  ) -> TopKScores:
+def network_top_k(
+  best_k: np.ndarray,
+  min_latency: np.ndarray,
+  networks: Sequence[NetworkTasks],
+  ks: Sequence[int] = DEFAULT_KS,
+) -> TopKScores:
   """Combines per-task latencies into per-network top-k and the two aggregates.
 
   Args:
@@ -326,8 +331,9 @@ def network_top_k(best_k: np.ndarray, min_latency: np.ndarray,
   best_k = np.asarray(best_k, dtype=np.float64)
   min_latency = np.asarray(min_latency, dtype=np.float64)
   if best_k.ndim != 2 or best_k.shape != (min_latency.shape[0], len(ks)):
-    raise ValueError(f"best_k shape {best_k.shape} does not match "
-                     f"({min_latency.shape[0]}, {len(ks)})")
+    raise ValueError(
+      f"best_k shape {best_k.shape} does not match ({min_latency.shape[0]}, {len(ks)})"
+    )
   num_tasks = min_latency.shape[0]
   num_net = len(networks)
   best_sum = np.zeros(num_net)
@@ -337,8 +343,9 @@ def network_top_k(best_k: np.ndarray, min_latency: np.ndarray,
   for i, net in enumerate(networks):
     ti = net.task_indices
     if ti.size and (ti.min() < 0 or ti.max() >= num_tasks):
-      raise ValueError(f"network {net.name!r} refers to task {ti.max()} but only "
-                       f"{num_tasks} tasks exist")
+      raise ValueError(
+        f"network {net.name!r} refers to task {ti.max()} but only {num_tasks} tasks exist"
+      )
     ok = np.isfinite(min_latency[ti]) & np.all(np.isfinite(best_k[ti]), axis=1)
     used[i] = int(ok.sum())
     skipped[i] = int(ti.size - used[i]) + int(net.num_missing)
@@ -346,48 +353,74 @@ def network_top_k(best_k: np.ndarray, min_latency: np.ndarray,
     best_sum[i] = float(np.sum(w * min_latency[ti[ok]]))
     topk_sum[i] = np.sum(w[:, None] * best_k[ti[ok]], axis=0)
     if skipped[i]:
-      logging.debug("network %s: %d of %d tasks have no valid program; skipped",
-                   net.name, skipped[i], ti.size + net.num_missing)
+      logging.debug(
+        "network %s: %d of %d tasks have no valid program; skipped",
+        net.name,
+        skipped[i],
+        ti.size + net.num_missing,
+      )
   with np.errstate(invalid="ignore", divide="ignore"):
     per_network = np.where(topk_sum > 0, best_sum[:, None] / topk_sum, np.nan)
     finite = np.isfinite(per_network)
     counts = finite.sum(axis=0)
-    mean = np.where(counts > 0, np.where(finite, per_network, 0.0).sum(axis=0) / counts,
-                    np.nan)
+    mean = np.where(counts > 0, np.where(finite, per_network, 0.0).sum(axis=0) / counts, np.nan)
     total_topk = topk_sum.sum(axis=0)
     pooled = np.where(total_topk > 0, best_sum.sum() / total_topk, np.nan)
-  return TopKScores(ks=ks, networks=tuple(n.name for n in networks), per_network=per_network,
-                    mean=mean, pooled=pooled, best_latency=best_sum, topk_latency=topk_sum,
-                    tasks_used=used, tasks_skipped=skipped)
+  return TopKScores(
+    ks=ks,
+    networks=tuple(n.name for n in networks),
+    per_network=per_network,
+    mean=mean,
+    pooled=pooled,
+    best_latency=best_sum,
+    topk_latency=topk_sum,
+    tasks_used=used,
+    tasks_skipped=skipped,
+  )
 
 
-def top_k_scores(pred, latency, task_index, networks: Sequence[NetworkTasks],
-                 ks: Sequence[int] = DEFAULT_KS, num_tasks: int | None = None) -> TopKScores:
+def top_k_scores(
+  pred,
+  latency,
+  task_index,
+  networks: Sequence[NetworkTasks],
+  ks: Sequence[int] = DEFAULT_KS,
+  num_tasks: int | None = None,
+) -> TopKScores:
   """TLP/TenSet top-k of a model's ranking (see the module docstring)."""
   best = best_latency_in_top_k(pred, latency, task_index, ks, num_tasks)
   mins = min_latency_per_task(latency, task_index, best.shape[0])
   return network_top_k(best, mins, networks, ks)
 
 
-def random_top_k_scores(latency, task_index, networks: Sequence[NetworkTasks],
-                        ks: Sequence[int] = DEFAULT_KS, num_tasks: int | None = None
-                        ) -> TopKScores:
+def random_top_k_scores(
+  latency,
+  task_index,
+  networks: Sequence[NetworkTasks],
+  ks: Sequence[int] = DEFAULT_KS,
+  num_tasks: int | None = None,
+) -> TopKScores:
   """Top-k of a uniformly random ranking, with the exact per-task ``E[best_k]``."""
   expected = expected_random_best_latency(latency, task_index, ks, num_tasks)
   mins = min_latency_per_task(latency, task_index, expected.shape[0])
   return network_top_k(expected, mins, networks, ks)
 
 
-def oracle_top_k_scores(latency, task_index, networks: Sequence[NetworkTasks],
-                        ks: Sequence[int] = DEFAULT_KS, num_tasks: int | None = None
-                        ) -> TopKScores:
+def oracle_top_k_scores(
+  latency,
+  task_index,
+  networks: Sequence[NetworkTasks],
+  ks: Sequence[int] = DEFAULT_KS,
+  num_tasks: int | None = None,
+) -> TopKScores:
   """Top-k of the ranking by true latency (1.0 by construction, computed as a check)."""
   latency = np.asarray(latency, dtype=np.float64)
   return top_k_scores(-latency, latency, task_index, networks, ks, num_tasks)
 
 
-def quick_top_ks(pred, score, task_index, ks: Sequence[int] = DEFAULT_KS,
-                 mask=None) -> dict[int, np.ndarray]:
+def quick_top_ks(
+  pred, score, task_index, ks: Sequence[int] = DEFAULT_KS, mask=None
+) -> dict[int, np.ndarray]:
   """Cheap validation top-k: mean over tasks of the best true score among the top-k predicted.
 
   Unweighted (no networks), for monitoring training. The best true score in the top k is
@@ -417,8 +450,12 @@ def quick_top_ks(pred, score, task_index, ks: Sequence[int] = DEFAULT_KS,
     raise ValueError(f"mask shape {mask.shape} != score shape {score.shape}")
   task_index = _as_1d("task_index", task_index, pred.shape[0], dtype=np.int64)
   if pred.ndim == 1:
-    return {k: v[0] for k, v in _quick_top_ks_heads(
-        pred[:, None], score[:, None], mask[:, None], task_index, ks).items()}
+    return {
+      k: v[0]
+      for k, v in _quick_top_ks_heads(
+        pred[:, None], score[:, None], mask[:, None], task_index, ks
+      ).items()
+    }
   if pred.ndim != 2:
     raise ValueError(f"pred must be 1-D or 2-D, got shape {pred.shape}")
   return _quick_top_ks_heads(pred, score, mask, task_index, ks)

@@ -1,7 +1,8 @@
 """Network info in TenSet's layout, and TLP's hold-out split.
 
 A TenSet directory has one file per network configuration under ``network_info/`` (beside
-``skeletons.json``, the task skeletons, which is no network). This project reads the JSON form ``(NAME,[(BATCH,SIZE)]).json``::
+``skeletons.json``, the task skeletons, which is no network). This project reads the JSON form
+``(NAME,[(BATCH,SIZE)]).json``::
 
     {"network": "resnet_50", "batch_size": 1, "input_size": 224,
      "tasks": [{"workload_key": "...", "weight": 3, "flop_ct": 1.0e8, "desc": "..."}, ...]}
@@ -24,25 +25,29 @@ resnext_50@224, bert_base@128, bert_tiny@128) when all five exist in the directo
 tenset-mini's (resnet_50@224, bert_base@128, mobilenet@240) when all three exist, else an error
 asking for an explicit list.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
-from absl import app
-from absl import flags
 import numpy as np
+from absl import app, flags
 
-from tlp_jax.core import skeleton
-from tlp_jax.core import tenset
+from tlp_jax.core import skeleton, tenset
 
 # Default hold-out networks (TLP's choice for TenSet; the three hold-out networks of tenset-mini,
 # see its README). :func:`default_holdout` picks the first list whose networks all exist.
-TENSET_HOLDOUT = ("resnet_50@224", "mobilenet_v2@224", "resnext_50@224", "bert_base@128",
-                  "bert_tiny@128")
+TENSET_HOLDOUT = (
+  "resnet_50@224",
+  "mobilenet_v2@224",
+  "resnext_50@224",
+  "bert_base@128",
+  "bert_tiny@128",
+)
 TENSET_MINI_HOLDOUT = ("resnet_50@224", "bert_base@128", "mobilenet@240")
 DEFAULT_HOLDOUTS = (TENSET_HOLDOUT, TENSET_MINI_HOLDOUT)
 
@@ -50,7 +55,8 @@ DEFAULT_HOLDOUTS = (TENSET_HOLDOUT, TENSET_MINI_HOLDOUT)
 TRAIN_FRACTION = 0.9
 
 _JSON_NAME = re.compile(
-    r"^\(?\((?P<name>[^,()\[\]]+),\[\((?P<shape>[0-9, ]+)\)\]\)(?:,(?P<target>[^()]+)\))?\.json$")
+  r"^\(?\((?P<name>[^,()\[\]]+),\[\((?P<shape>[0-9, ]+)\)\]\)(?:,(?P<target>[^()]+)\))?\.json$"
+)
 
 
 class NetworkInfoError(ValueError):
@@ -60,6 +66,7 @@ class NetworkInfoError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class NetworkTask:
   """One task (workload) of a network and how often it occurs there."""
+
   workload_key: str
   weight: int
   flop_ct: float
@@ -69,6 +76,7 @@ class NetworkTask:
 @dataclasses.dataclass(frozen=True)
 class NetworkInfo:
   """One network configuration (name, batch size, input size) and its tasks."""
+
   name: str
   batch_size: int
   input_size: int
@@ -158,10 +166,19 @@ def read_network_info(path: str) -> NetworkInfo:
   if m:
     shape = [int(s) for s in m.group("shape").split(",")]
     if m.group("name") != name or shape[0] != ints["batch_size"] or shape[-1] != ints["input_size"]:
-      raise _fail(path, f"file name disagrees with content ({name}, batch {ints['batch_size']}, "
-                  f"input size {ints['input_size']})")
-  return NetworkInfo(name=name, batch_size=ints["batch_size"], input_size=ints["input_size"],
-                     tasks=parsed, target=target, path=path)
+      raise _fail(
+        path,
+        f"file name disagrees with content ({name}, batch {ints['batch_size']}, "
+        f"input size {ints['input_size']})",
+      )
+  return NetworkInfo(
+    name=name,
+    batch_size=ints["batch_size"],
+    input_size=ints["input_size"],
+    tasks=parsed,
+    target=target,
+    path=path,
+  )
 
 
 def load_network_infos(tenset_dir: str) -> list[NetworkInfo]:
@@ -183,10 +200,11 @@ def load_network_infos(tenset_dir: str) -> list[NetworkInfo]:
     pkls = [n for n in names if n.endswith(".task.pkl")]
     if pkls:
       raise NetworkInfoError(
-          f"{folder} has {len(pkls)} TenSet *.task.pkl files but no JSON network info. Pickles "
-          "are code execution and need TVM, so they are not read implicitly. If you trust this "
-          "TenSet copy, convert them once (needs `pip install -e '.[tvm]'`): python -m "
-          f"tlp_jax.tvm.search_tasks convert --tenset_dir {tenset_dir} --allow_pickle")
+        f"{folder} has {len(pkls)} TenSet *.task.pkl files but no JSON network info. Pickles "
+        "are code execution and need TVM, so they are not read implicitly. If you trust this "
+        "TenSet copy, convert them once (needs `pip install -e '.[tvm]'`): python -m "
+        f"tlp_jax.tvm.search_tasks convert --tenset_dir {tenset_dir} --allow_pickle"
+      )
     raise NetworkInfoError(f"{folder}: no network info (*.json) files")
   infos = [read_network_info(os.path.join(folder, n)) for n in jsons]
   infos.sort(key=lambda n: (n.name, n.batch_size, n.input_size, n.target))
@@ -196,11 +214,12 @@ def load_network_infos(tenset_dir: str) -> list[NetworkInfo]:
 @dataclasses.dataclass(frozen=True)
 class HoldoutSpec:
   """``NAME[@SIZE]`` at batch 1; no size = every input size of that network at batch 1."""
+
   name: str
   input_size: int | None = None
 
   @classmethod
-  def parse(cls, spec: str) -> "HoldoutSpec":
+  def parse(cls, spec: str) -> HoldoutSpec:
     spec = spec.strip()
     name, sep, size = spec.partition("@")
     if not name or (sep and not size.isdigit()):
@@ -208,8 +227,11 @@ class HoldoutSpec:
     return cls(name=name, input_size=int(size) if sep else None)
 
   def matches(self, net: NetworkInfo) -> bool:
-    return (net.name == self.name and net.batch_size == 1 and
-            (self.input_size is None or net.input_size == self.input_size))
+    return (
+      net.name == self.name
+      and net.batch_size == 1
+      and (self.input_size is None or net.input_size == self.input_size)
+    )
 
   def __str__(self) -> str:
     return self.name if self.input_size is None else f"{self.name}@{self.input_size}"
@@ -233,9 +255,10 @@ def default_holdout(networks: Iterable[NetworkInfo]) -> tuple[str, ...]:
     if all(any(s.matches(n) for n in networks) for s in parse_holdout(candidate)):
       return candidate
   raise NetworkInfoError(
-      "no default hold-out fits this dataset (neither TenSet's "
-      f"{','.join(TENSET_HOLDOUT)} nor tenset-mini's {','.join(TENSET_MINI_HOLDOUT)} are all "
-      f"present); pass one explicitly. Available: {available_networks(networks)}")
+    "no default hold-out fits this dataset (neither TenSet's "
+    f"{','.join(TENSET_HOLDOUT)} nor tenset-mini's {','.join(TENSET_MINI_HOLDOUT)} are all "
+    f"present); pass one explicitly. Available: {available_networks(networks)}"
+  )
 
 
 def available_networks(networks: Iterable[NetworkInfo]) -> str:
@@ -243,8 +266,9 @@ def available_networks(networks: Iterable[NetworkInfo]) -> str:
   return ", ".join(f"{n.name}@{n.input_size} (batch {n.batch_size})" for n in networks)
 
 
-def select_holdout(networks: Sequence[NetworkInfo],
-                   specs: str | Sequence[str] | Sequence[HoldoutSpec]) -> list[NetworkInfo]:
+def select_holdout(
+  networks: Sequence[NetworkInfo], specs: str | Sequence[str] | Sequence[HoldoutSpec]
+) -> list[NetworkInfo]:
   """The networks named by hold-out specs, in ``networks`` order.
 
   Raises:
@@ -256,8 +280,9 @@ def select_holdout(networks: Sequence[NetworkInfo],
   for spec in specs:
     hits = [n for n in networks if spec.matches(n)]
     if not hits:
-      raise NetworkInfoError(f"hold-out network {spec} (batch 1) not found. Available: "
-                             f"{available_networks(networks)}")
+      raise NetworkInfoError(
+        f"hold-out network {spec} (batch 1) not found. Available: {available_networks(networks)}"
+      )
     chosen.extend(h for h in hits if h not in chosen)
   return [n for n in networks if n in chosen]
 
@@ -270,8 +295,9 @@ def holdout_workload_keys(holdout: Iterable[NetworkInfo]) -> frozenset[str]:
   return frozenset(keys)
 
 
-def train_validation_split(num_records: int, seed: int,
-                           train_fraction: float = TRAIN_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+def train_validation_split(
+  num_records: int, seed: int, train_fraction: float = TRAIN_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
   """Splits record indices ``0..num_records-1`` into sorted (train, validation) index arrays.
 
   As TLP: shuffle the records with the seed, the first ``int(n * train_fraction)`` train.
@@ -284,9 +310,9 @@ def train_validation_split(num_records: int, seed: int,
   return np.sort(perm[:n_train]), np.sort(perm[n_train:])
 
 
-def train_validation_split_by_task(record_task: np.ndarray, seed: int,
-                                   train_fraction: float = TRAIN_FRACTION
-                                   ) -> tuple[np.ndarray, np.ndarray]:
+def train_validation_split_by_task(
+  record_task: np.ndarray, seed: int, train_fraction: float = TRAIN_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
   """Splits records by whole task into sorted (train, validation) record position arrays.
 
   The distinct values of ``record_task`` (sorted) are split with :func:`train_validation_split`

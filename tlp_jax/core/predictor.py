@@ -35,7 +35,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +48,7 @@ try:  # Optional: only predict_steps featurizes; the rest works with this file a
 except ImportError:  # pragma: no cover - exercised by copying the file out of the package
   _features = _loop_tokens = _replay_cache = _skeleton = None
 
-# ---- export format (single source of truth; tlp_jax.train.export writes it) --------------------------
+# ---- export format (single source of truth; tlp_jax.train.export writes it) ----------------
 FORMAT_NAME = "tlp-jax-model"
 # Versions: 1 = a TLP model; 2 = a model of the TVM store feature version (removed: refused, see
 # STORE_FORMAT_VERSION); 3 = an ensemble (parameters under params/members/ with a leading member
@@ -84,11 +85,22 @@ META_LOOP_TOKENS_VERSION = "meta/loop_tokens_version"
 META_LOOP_TOKENS_MAX = "meta/loop_tokens_max"
 META_LOOP_TOKENS_WIDTH = "meta/loop_tokens_width"
 META_SKELETONS_JSON = "meta/skeletons_json"
-REQUIRED_META = (META_FORMAT, META_FORMAT_VERSION, META_MODEL_CONFIG, META_HARDWARE,
-                 META_PLATFORM, META_CROP, META_VOCAB_JSON, META_VOCAB_VERSION, META_STEP)
+REQUIRED_META = (
+  META_FORMAT,
+  META_FORMAT_VERSION,
+  META_MODEL_CONFIG,
+  META_HARDWARE,
+  META_PLATFORM,
+  META_CROP,
+  META_VOCAB_JSON,
+  META_VOCAB_VERSION,
+  META_STEP,
+)
 # Every meta key this predictor understands; any other describes an input it cannot build.
-KNOWN_META = frozenset(REQUIRED_META + (META_LOOP_TOKENS_VERSION, META_LOOP_TOKENS_MAX,
-                                        META_LOOP_TOKENS_WIDTH, META_SKELETONS_JSON))
+KNOWN_META = frozenset(
+  REQUIRED_META
+  + (META_LOOP_TOKENS_VERSION, META_LOOP_TOKENS_MAX, META_LOOP_TOKENS_WIDTH, META_SKELETONS_JSON)
+)
 
 ALL_HEADS = "all"
 # Programs per internal chunk: ~10k packed rows, whose activations stay in the L3 cache.
@@ -119,9 +131,11 @@ def upgrade_model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
   for key, value in cfg.items():
     if key in _REMOVED_MODEL_OPTIONS:
       if value != _REMOVED_MODEL_OPTIONS[key]:
-        raise ValueError(f"model option {key}={value!r} was removed (last in commit 4fe3f70, "
-                         "docs/ACCURACY.md); this version computes only "
-                         f"{key}={_REMOVED_MODEL_OPTIONS[key]!r}")
+        raise ValueError(
+          f"model option {key}={value!r} was removed (last in commit 4fe3f70, "
+          "docs/ACCURACY.md); this version computes only "
+          f"{key}={_REMOVED_MODEL_OPTIONS[key]!r}"
+        )
       continue
     out[_RENAMED_MODEL_KEYS.get(key, key)] = value
   return out
@@ -149,8 +163,8 @@ def _signed_log1p(x: np.ndarray) -> np.ndarray:
 
 
 INPUT_NORMS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
-    "none": None,
-    "log1p": _signed_log1p,
+  "none": None,
+  "log1p": _signed_log1p,
 }
 
 
@@ -166,18 +180,22 @@ class Predictor:
     self.source = source
     missing = [k for k in (META_FORMAT, META_FORMAT_VERSION) if k not in arrays]
     if missing or _as_str(arrays[META_FORMAT]) != FORMAT_NAME:
-      raise PredictorError(f"{source}: not a tlp-jax model export (no {META_FORMAT} = "
-                           f"{FORMAT_NAME!r})")
+      raise PredictorError(
+        f"{source}: not a tlp-jax model export (no {META_FORMAT} = {FORMAT_NAME!r})"
+      )
     version = int(np.asarray(arrays[META_FORMAT_VERSION]).reshape(()))
     if version > FORMAT_VERSION:
-      raise PredictorError(f"{source}: format_version {version} is newer than this predictor "
-                           f"supports ({FORMAT_VERSION}); update tlp_jax")
+      raise PredictorError(
+        f"{source}: format_version {version} is newer than this predictor "
+        f"supports ({FORMAT_VERSION}); update tlp_jax"
+      )
     unknown = sorted(k for k in arrays if k.startswith("meta/") and k not in KNOWN_META)
     if version == STORE_FORMAT_VERSION or unknown:
       raise PredictorError(
-          f"{source}: a model of the TVM store feature version (format_version {version}, meta "
-          f"keys {unknown}), which was removed from tlp_jax (docs/ACCURACY.md); serve it with "
-          f"tlp_jax at commit {STORE_MODEL_COMMITS}, or retrain on loop tokens")
+        f"{source}: a model of the TVM store feature version (format_version {version}, meta "
+        f"keys {unknown}), which was removed from tlp_jax (docs/ACCURACY.md); serve it with "
+        f"tlp_jax at commit {STORE_MODEL_COMMITS}, or retrain on loop tokens"
+      )
     missing = [k for k in REQUIRED_META if k not in arrays]
     if missing:
       raise PredictorError(f"{source}: export lacks {missing}")
@@ -195,24 +213,33 @@ class Predictor:
     self.step: int = int(np.asarray(arrays[META_STEP]).reshape(()))
     # Replayed loop tokens (0 = none): (max_tokens, token_width) of layout loop_tokens_version.
     self.loop_tokens_version: int = int(
-        np.asarray(arrays.get(META_LOOP_TOKENS_VERSION, 0)).reshape(()))
+      np.asarray(arrays.get(META_LOOP_TOKENS_VERSION, 0)).reshape(())
+    )
     self.max_tokens: int = int(np.asarray(arrays.get(META_LOOP_TOKENS_MAX, 0)).reshape(()))
     self.token_width: int = int(np.asarray(arrays.get(META_LOOP_TOKENS_WIDTH, 0)).reshape(()))
     if self.loop_tokens_version or self.max_tokens:
-      if (version < LOOP_TOKENS_FORMAT_VERSION
-          or not 0 < self.max_tokens < self.crop[0] or not 0 < self.token_width < self.crop[1]):
+      if (
+        version < LOOP_TOKENS_FORMAT_VERSION
+        or not 0 < self.max_tokens < self.crop[0]
+        or not 0 < self.token_width < self.crop[1]
+      ):
         raise PredictorError(
-            f"{source}: loop tokens ({self.max_tokens} of {self.token_width}, layout "
-            f"{self.loop_tokens_version}) do not fit in the crop {self.crop} or need "
-            f"format_version >= {LOOP_TOKENS_FORMAT_VERSION} (got {version})")
-      if _loop_tokens is not None and (self.loop_tokens_version != _loop_tokens.LAYOUT_VERSION
-                                       or self.token_width != _loop_tokens.WIDTH):
+          f"{source}: loop tokens ({self.max_tokens} of {self.token_width}, layout "
+          f"{self.loop_tokens_version}) do not fit in the crop {self.crop} or need "
+          f"format_version >= {LOOP_TOKENS_FORMAT_VERSION} (got {version})"
+        )
+      if _loop_tokens is not None and (
+        self.loop_tokens_version != _loop_tokens.LAYOUT_VERSION
+        or self.token_width != _loop_tokens.WIDTH
+      ):
         raise PredictorError(
-            f"{source}: loop tokens of layout version {self.loop_tokens_version} "
-            f"({self.token_width} columns); this code makes version "
-            f"{_loop_tokens.LAYOUT_VERSION} ({_loop_tokens.WIDTH} columns)")
-    self.skeletons_json: str | None = (_as_str(arrays[META_SKELETONS_JSON])
-                                       if META_SKELETONS_JSON in arrays else None)
+          f"{source}: loop tokens of layout version {self.loop_tokens_version} "
+          f"({self.token_width} columns); this code makes version "
+          f"{_loop_tokens.LAYOUT_VERSION} ({_loop_tokens.WIDTH} columns)"
+        )
+    self.skeletons_json: str | None = (
+      _as_str(arrays[META_SKELETONS_JSON]) if META_SKELETONS_JSON in arrays else None
+    )
     self.skeletons: dict[str, Any] = self._parse_skeletons()
     self._template_caches: dict[str, tuple[Any, Any]] = {}
     self._featurizer = None
@@ -221,7 +248,7 @@ class Predictor:
   # ---- construction ---------------------------------------------------------------------------
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> "Predictor":
+  def load(cls, path: str | os.PathLike) -> Predictor:
     """Loads an exported ``.npz`` (never unpickles)."""
     path = os.fspath(path)
     try:
@@ -234,7 +261,7 @@ class Predictor:
     return cls(arrays, source=path)
 
   @classmethod
-  def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "Predictor":
+  def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Predictor:
     """Builds a predictor from an in-memory export dict."""
     return cls(arrays)
 
@@ -250,13 +277,19 @@ class Predictor:
       doc = json.loads(self.skeletons_json)
     except json.JSONDecodeError as e:
       raise PredictorError(f"{where} is not JSON: {e}") from None
-    if (not isinstance(doc, dict) or doc.get("format") != _skeleton.COLLECTION_FORMAT
-        or doc.get("version") != _skeleton.VERSION or not isinstance(doc.get("skeletons"), dict)):
-      raise PredictorError(f"{where}: not a {_skeleton.COLLECTION_FORMAT!r} document of version "
-                           f"{_skeleton.VERSION}")
+    if (
+      not isinstance(doc, dict)
+      or doc.get("format") != _skeleton.COLLECTION_FORMAT
+      or doc.get("version") != _skeleton.VERSION
+      or not isinstance(doc.get("skeletons"), dict)
+    ):
+      raise PredictorError(
+        f"{where}: not a {_skeleton.COLLECTION_FORMAT!r} document of version {_skeleton.VERSION}"
+      )
     try:
-      return {k: _skeleton.Skeleton.from_dict(v, f"{where}[{k!r}]")
-              for k, v in doc["skeletons"].items()}
+      return {
+        k: _skeleton.Skeleton.from_dict(v, f"{where}[{k!r}]") for k, v in doc["skeletons"].items()
+      }
     except _skeleton.SkeletonError as e:
       raise PredictorError(str(e)) from None
 
@@ -271,8 +304,10 @@ class Predictor:
       a = a[None]
     want = (self.ensemble_size,) + tuple(shape)
     if a.shape != want:
-      raise PredictorError(f"{self.source}: parameter {key} has shape {a.shape}, the model "
-                           f"config implies {want if self.ensemble_size > 1 else tuple(shape)}")
+      raise PredictorError(
+        f"{self.source}: parameter {key} has shape {a.shape}, the model "
+        f"config implies {want if self.ensemble_size > 1 else tuple(shape)}"
+      )
     return a
 
   def _load_weights(self, arrays, cfg):
@@ -290,23 +325,40 @@ class Predictor:
     except (KeyError, TypeError, ValueError) as e:
       raise PredictorError(f"{self.source}: bad {META_MODEL_CONFIG}: {e}") from None
     if norm not in INPUT_NORMS:
-      raise PredictorError(f"{self.source}: input_norm {norm!r} unknown to this predictor "
-                           f"(known: {sorted(INPUT_NORMS)})")
-    if self.ensemble_size < 1 or (self.ensemble_size > 1
-                                  and self.format_version < ENSEMBLE_FORMAT_VERSION):
-      raise PredictorError(f"{self.source}: ensemble_size {self.ensemble_size} needs "
-                           f"format_version >= {ENSEMBLE_FORMAT_VERSION} "
-                           f"(got {self.format_version})")
+      raise PredictorError(
+        f"{self.source}: input_norm {norm!r} unknown to this predictor "
+        f"(known: {sorted(INPUT_NORMS)})"
+      )
+    if self.ensemble_size < 1 or (
+      self.ensemble_size > 1 and self.format_version < ENSEMBLE_FORMAT_VERSION
+    ):
+      raise PredictorError(
+        f"{self.source}: ensemble_size {self.ensemble_size} needs "
+        f"format_version >= {ENSEMBLE_FORMAT_VERSION} "
+        f"(got {self.format_version})"
+      )
     if len(self.hardware) != num_heads:
-      raise PredictorError(f"{self.source}: {num_heads} heads but {len(self.hardware)} hardware "
-                           f"names {list(self.hardware)}")
+      raise PredictorError(
+        f"{self.source}: {num_heads} heads but {len(self.hardware)} hardware "
+        f"names {list(self.hardware)}"
+      )
     self._norm = INPUT_NORMS[norm]
 
     self.hidden_dim = enc_dims[-1]
-    self._members = [_MemberWeights.build(self._param, arrays, m, self.feature_dim, enc_dims,
-                                          dec_dims, res_blocks, num_heads,
-                                          self.attention_heads)
-                     for m in range(self.ensemble_size)]
+    self._members = [
+      _MemberWeights.build(
+        self._param,
+        arrays,
+        m,
+        self.feature_dim,
+        enc_dims,
+        dec_dims,
+        res_blocks,
+        num_heads,
+        self.attention_heads,
+      )
+      for m in range(self.ensemble_size)
+    ]
 
   # ---- public API ------------------------------------------------------------------------------
 
@@ -321,17 +373,22 @@ class Predictor:
     try:
       return self.hardware.index(hw)
     except ValueError:
-      raise PredictorError(f"unknown hardware head {hw!r}; this model has: "
-                           f"{', '.join(self.hardware)}") from None
+      raise PredictorError(
+        f"unknown hardware head {hw!r}; this model has: {', '.join(self.hardware)}"
+      ) from None
 
   @property
   def reads_loop_tokens(self) -> bool:
     """Whether the model reads replayed loop tokens (format 5) next to the step features."""
     return self.max_tokens > 0
 
-  def predict(self, features: np.ndarray, hw: str | None = None,
-              batch_size: int = DEFAULT_BATCH_SIZE,
-              loop_tokens: np.ndarray | None = None) -> np.ndarray:
+  def predict(
+    self,
+    features: np.ndarray,
+    hw: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    loop_tokens: np.ndarray | None = None,
+  ) -> np.ndarray:
     """Scores of programs (higher = faster), as the Flax model computes them.
 
     Args:
@@ -347,22 +404,21 @@ class Predictor:
     Returns:
       float32 scores.
     """
-    heads = (np.arange(self.num_heads) if hw == ALL_HEADS
-             else np.array([self.head_index(hw)]))
+    heads = np.arange(self.num_heads) if hw == ALL_HEADS else np.array([self.head_index(hw)])
     x = np.asarray(features)
-    length, width = self.step_crop if self.reads_loop_tokens else (self.seq_len,
-                                                                    self.feature_dim)
+    length, width = self.step_crop if self.reads_loop_tokens else (self.seq_len, self.feature_dim)
     if x.ndim != 3 or x.shape[1] < length or x.shape[2] < width:
-      raise PredictorError(f"features must be (batch, >={length} steps, >={width} values), got "
-                           f"shape {x.shape}")
+      raise PredictorError(
+        f"features must be (batch, >={length} steps, >={width} values), got shape {x.shape}"
+      )
     x = x[:, :length, :width]
     tokens = self._check_tokens(loop_tokens, x.shape[0])
     out = np.empty((x.shape[0], len(heads)), np.float32)
     for start in range(0, x.shape[0], batch_size):
-      chunk = np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32)
+      chunk = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
       if tokens is not None:
-        chunk = _loop_tokens.model_input(chunk, tokens[start:start + batch_size])
-      out[start:start + len(chunk)] = self._forward(chunk, heads)
+        chunk = _loop_tokens.model_input(chunk, tokens[start : start + batch_size])
+      out[start : start + len(chunk)] = self._forward(chunk, heads)
     return out if hw == ALL_HEADS else out[:, 0]
 
   def _check_tokens(self, loop_tokens: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -373,17 +429,25 @@ class Predictor:
       return None
     if loop_tokens is None:
       raise PredictorError(
-          f"this model also reads {self.max_tokens} loop tokens of {self.token_width} values per "
-          "program: pass loop_tokens (see loop_tokens_of), or use predict_steps")
+        f"this model also reads {self.max_tokens} loop tokens of {self.token_width} values per "
+        "program: pass loop_tokens (see loop_tokens_of), or use predict_steps"
+      )
     if _loop_tokens is None:  # pragma: no cover - copied out of the package
-      raise PredictorError("a model of loop tokens needs tlp_jax.core.loop_tokens (install "
-                           "tlp_jax)")
+      raise PredictorError(
+        "a model of loop tokens needs tlp_jax.core.loop_tokens (install tlp_jax)"
+      )
     tokens = np.asarray(loop_tokens)
-    if (tokens.ndim != 3 or tokens.shape[0] != n or tokens.shape[1] < self.max_tokens
-        or tokens.shape[2] != self.token_width):
-      raise PredictorError(f"loop_tokens must be ({n}, >={self.max_tokens}, {self.token_width}), "
-                           f"got shape {tokens.shape}")
-    return tokens[:, :self.max_tokens]
+    if (
+      tokens.ndim != 3
+      or tokens.shape[0] != n
+      or tokens.shape[1] < self.max_tokens
+      or tokens.shape[2] != self.token_width
+    ):
+      raise PredictorError(
+        f"loop_tokens must be ({n}, >={self.max_tokens}, {self.token_width}), "
+        f"got shape {tokens.shape}"
+      )
+    return tokens[:, : self.max_tokens]
 
   @property
   def step_crop(self) -> tuple[int, int]:
@@ -404,8 +468,10 @@ class Predictor:
     ``tlp_jax.core.skeleton.Skeleton``, its dict or JSON text), else the embedded one of
     ``workload_key``."""
     if _skeleton is None:
-      raise PredictorError("featurizing loop tokens needs tlp_jax.core.skeleton / replay / "
-                           "replay_cache / loop_tokens (install tlp_jax)")
+      raise PredictorError(
+        "featurizing loop tokens needs tlp_jax.core.skeleton / replay / "
+        "replay_cache / loop_tokens (install tlp_jax)"
+      )
     if skeleton is not None:
       try:
         if isinstance(skeleton, str):
@@ -416,19 +482,23 @@ class Predictor:
         raise PredictorError(f"bad skeleton: {e}") from None
       return skeleton
     if workload_key is None:
-      raise PredictorError("a model of loop tokens replays each program over its task's "
-                           "skeleton: pass workload_key= (a task whose skeleton the model "
-                           "embeds) or skeleton= (tlp_jax.tvm.skeleton_extract, with TVM)")
+      raise PredictorError(
+        "a model of loop tokens replays each program over its task's "
+        "skeleton: pass workload_key= (a task whose skeleton the model "
+        "embeds) or skeleton= (tlp_jax.tvm.skeleton_extract, with TVM)"
+      )
     found = self.skeletons.get(workload_key)
     if found is None:
       raise PredictorError(
-          f"{self.source}: no embedded skeleton for workload key {workload_key!r} (the model "
-          f"embeds {len(self.skeletons)}); extract it with TVM "
-          "(tlp_jax.tvm.skeleton_extract.skeleton_from_task) and pass skeleton=")
+        f"{self.source}: no embedded skeleton for workload key {workload_key!r} (the model "
+        f"embeds {len(self.skeletons)}); extract it with TVM "
+        "(tlp_jax.tvm.skeleton_extract.skeleton_from_task) and pass skeleton="
+      )
     return found
 
-  def loop_tokens_of(self, steps_list: Sequence[Sequence[Any]], workload_key: str | None = None,
-                     skeleton: Any = None) -> np.ndarray:
+  def loop_tokens_of(
+    self, steps_list: Sequence[Sequence[Any]], workload_key: str | None = None, skeleton: Any = None
+  ) -> np.ndarray:
     """``(N, max_tokens, token_width)`` float16 loop tokens of one task's programs.
 
     Each step list is replayed over the task's skeleton (:meth:`skeleton_for`); a per-task
@@ -443,9 +513,14 @@ class Predictor:
       held = self._template_caches[skel.workload_key] = (skel, _replay_cache.TemplateCache())
     return _replay_cache.featurize_many(held[0], list(steps_list), held[1], self.max_tokens)
 
-  def predict_steps(self, steps_list: Sequence[Sequence[Any]], hw: str | None = None,
-                    batch_size: int = DEFAULT_BATCH_SIZE,
-                    workload_key: str | None = None, skeleton: Any = None) -> np.ndarray:
+  def predict_steps(
+    self,
+    steps_list: Sequence[Sequence[Any]],
+    hw: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workload_key: str | None = None,
+    skeleton: Any = None,
+  ) -> np.ndarray:
     """Featurizes raw schedule step lists (as in measure records) and predicts them.
 
     ``workload_key`` / ``skeleton``: the programs' task, for a model of loop tokens (the steps
@@ -458,18 +533,22 @@ class Predictor:
     if self.reads_loop_tokens:
       tokens = self.loop_tokens_of(steps_list, workload_key, skeleton)
     elif workload_key is not None or skeleton is not None:
-      raise PredictorError("this model reads no loop tokens; workload_key / skeleton are for "
-                           "models of loop tokens")
-    return self.predict(self.featurize_steps(steps_list), hw=hw,
-                        batch_size=batch_size, loop_tokens=tokens)
+      raise PredictorError(
+        "this model reads no loop tokens; workload_key / skeleton are for models of loop tokens"
+      )
+    return self.predict(
+      self.featurize_steps(steps_list), hw=hw, batch_size=batch_size, loop_tokens=tokens
+    )
 
   # ---- internals -------------------------------------------------------------------------------
 
   def _get_featurizer(self):
     if self._featurizer is None:
       if _features is None:
-        raise PredictorError("predict_steps needs tlp_jax.core.features (install tlp_jax or put "
-                             "tlp_jax/core/features.py on the path); predict(features) works without")
+        raise PredictorError(
+          "predict_steps needs tlp_jax.core.features (install tlp_jax or put "
+          "tlp_jax/core/features.py on the path); predict(features) works without"
+        )
       # Frozen: steps unknown to the training vocabulary map to 0 (and are counted in the
       # featurizer's stats) instead of growing the table and shifting the feature layout.
       vocab = _features.Vocabulary.from_json(self.vocab_json, frozen=True)
@@ -507,8 +586,9 @@ class Predictor:
     # programs), and everything before the attention mixing is per row: run the input norm,
     # encoder and q/k/v projection once per distinct row. Byte-exact rows, so exact.
     void = np.dtype((np.void, rows_in.dtype.itemsize * width))
-    _, first, inverse = np.unique(np.ascontiguousarray(rows_in).view(void).ravel(),
-                                  return_index=True, return_inverse=True)
+    _, first, inverse = np.unique(
+      np.ascontiguousarray(rows_in).view(void).ravel(), return_index=True, return_inverse=True
+    )
     inverse = inverse.ravel()
     unique_rows = rows_in[first]
     y = None
@@ -520,12 +600,18 @@ class Predictor:
     r = 0
     for idx, m, _, weights in groups:
       rows = len(idx) * m
-      out[idx] = np.einsum("pmh,m->ph", y[r:r + rows].reshape(len(idx), m, -1), weights)
+      out[idx] = np.einsum("pmh,m->ph", y[r : r + rows].reshape(len(idx), m, -1), weights)
       r += rows
     return out
 
-  def _rows_forward(self, w: "_MemberWeights", unique_rows: np.ndarray, inverse: np.ndarray,
-                    groups: list, heads: np.ndarray) -> np.ndarray:
+  def _rows_forward(
+    self,
+    w: _MemberWeights,
+    unique_rows: np.ndarray,
+    inverse: np.ndarray,
+    groups: list,
+    heads: np.ndarray,
+  ) -> np.ndarray:
     """One member's per-row decoder outputs ``(R, len(heads))`` of the packed rows."""
     h_u = self._encode(w, unique_rows)
     qkv_u = h_u @ w.qkv_w
@@ -536,12 +622,12 @@ class Predictor:
     r = 0
     for idx, m, key_bias, _ in groups:
       rows = len(idx) * m
-      ctx[r:r + rows] = self._attend(qkv[r:r + rows], len(idx), m, key_bias)
+      ctx[r : r + rows] = self._attend(qkv[r : r + rows], len(idx), m, key_bias)
       r += rows
     h = self._trunk_rows_post(w, h, ctx)
     return self._decode(w, h, heads)
 
-  def _encode(self, w: "_MemberWeights", h: np.ndarray) -> np.ndarray:
+  def _encode(self, w: _MemberWeights, h: np.ndarray) -> np.ndarray:
     """Input norm + encoder over rows (R, E) -> (R, D)."""
     if self._norm is not None:
       h = self._norm(h).astype(np.float32, copy=False)
@@ -567,7 +653,7 @@ class Predictor:
     ctx = np.matmul(logits, v)  # (p, nh, m, dh)
     return ctx.transpose(0, 2, 1, 3).reshape(p * m, self.hidden_dim)
 
-  def _trunk_rows_post(self, w: "_MemberWeights", h: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+  def _trunk_rows_post(self, w: _MemberWeights, h: np.ndarray, ctx: np.ndarray) -> np.ndarray:
     """Attention out-projection + residual, then the residual blocks."""
     a = ctx @ w.out_w
     a += w.out_b
@@ -581,7 +667,7 @@ class Predictor:
       h = t
     return h
 
-  def _decode(self, w: "_MemberWeights", h: np.ndarray, heads: np.ndarray) -> np.ndarray:
+  def _decode(self, w: _MemberWeights, h: np.ndarray, heads: np.ndarray) -> np.ndarray:
     """Per-row decoder outputs of the selected heads: (R, D) -> (R, len(heads))."""
     num_all = self.num_heads
     d0 = w.decoder[0][0].shape[-1]
@@ -611,10 +697,20 @@ class _MemberWeights:
     self.dec0_b = b0.reshape(-1)
 
   @classmethod
-  def build(cls, param: Callable[..., np.ndarray], arrays: Mapping[str, np.ndarray],
-            member: int, feature_dim: int, enc_dims: Sequence[int], dec_dims: Sequence[int],
-            res_blocks: int, num_heads: int, attention_heads: int) -> "_MemberWeights":
+  def build(
+    cls,
+    param: Callable[..., np.ndarray],
+    arrays: Mapping[str, np.ndarray],
+    member: int,
+    feature_dim: int,
+    enc_dims: Sequence[int],
+    dec_dims: Sequence[int],
+    res_blocks: int,
+    num_heads: int,
+    attention_heads: int,
+  ) -> _MemberWeights:
     """Member ``member``'s weights; ``param(arrays, name, shape)`` reads all members'."""
+
     def get(name, shape):
       return np.ascontiguousarray(param(arrays, name, shape)[member])
 
@@ -624,20 +720,29 @@ class _MemberWeights:
       encoder.append((get(f"encoder_{i}/kernel", (fan_in, d)), get(f"encoder_{i}/bias", (d,))))
       fan_in = d
     dim = enc_dims[-1]
-    att = {n: (get(f"attention/{n}/kernel", (dim, dim)), get(f"attention/{n}/bias", (dim,)))
-           for n in ("query", "key", "value", "out")}
+    att = {
+      n: (get(f"attention/{n}/kernel", (dim, dim)), get(f"attention/{n}/bias", (dim,)))
+      for n in ("query", "key", "value", "out")
+    }
     # One fused in-projection matmul instead of three; the 1/sqrt(head_dim) scale is folded
     # into the query weights.
     scale = np.float32(1.0 / math.sqrt(dim // attention_heads))
-    qkv_w = np.ascontiguousarray(np.concatenate(
-        [att["query"][0] * scale, att["key"][0], att["value"][0]], axis=1))
+    qkv_w = np.ascontiguousarray(
+      np.concatenate([att["query"][0] * scale, att["key"][0], att["value"][0]], axis=1)
+    )
     qkv_b = np.concatenate([att["query"][1] * scale, att["key"][1], att["value"][1]])
-    res = [(get(f"res_block_{i}/kernel", (dim, dim)), get(f"res_block_{i}/bias", (dim,)))
-           for i in range(res_blocks)]
+    res = [
+      (get(f"res_block_{i}/kernel", (dim, dim)), get(f"res_block_{i}/bias", (dim,)))
+      for i in range(res_blocks)
+    ]
     decoder = []
     fan_in = dim
     for i, d in enumerate(dec_dims):
-      decoder.append((get(f"heads/dense_{i}/kernel", (num_heads, fan_in, d)),
-                      get(f"heads/dense_{i}/bias", (num_heads, d))))
+      decoder.append(
+        (
+          get(f"heads/dense_{i}/kernel", (num_heads, fan_in, d)),
+          get(f"heads/dense_{i}/bias", (num_heads, d)),
+        )
+      )
       fan_in = d
     return cls(encoder, qkv_w, qkv_b, att["out"][0], att["out"][1], res, decoder)

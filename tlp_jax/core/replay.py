@@ -23,11 +23,12 @@ and so does this module (``Loop`` extent flagged symbolic, value = its upper bou
 Pure Python, no TVM/JAX/NumPy in the hot path. Per-task work (initial ops, inline compositions)
 is cached on the skeleton object.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from tlp_jax.core import skeleton as sk
 
@@ -35,14 +36,40 @@ log = logging.getLogger(__name__)
 
 # Iterator kinds and annotations: TVM's IteratorKind / IteratorAnnotation enum values.
 SPATIAL, REDUCE, MIXED, SPECIAL = 0, 1, 2, 3
-ANNOTATIONS = ("none", "unroll", "vectorize", "parallel", "vthread", "blockIdx.x", "threadIdx.x",
-               "blockIdx.y", "threadIdx.y", "blockIdx.z", "threadIdx.z", "tensorize")
+ANNOTATIONS = (
+  "none",
+  "unroll",
+  "vectorize",
+  "parallel",
+  "vthread",
+  "blockIdx.x",
+  "threadIdx.x",
+  "blockIdx.y",
+  "threadIdx.y",
+  "blockIdx.z",
+  "threadIdx.z",
+  "tensorize",
+)
 # Compute locations: TVM's ComputeAtKind.
 ROOT, INLINED, ITER = 0, 1, 2
 PLACEHOLDER_STAGE, COMPUTE_STAGE = 0, 1
 
-STEP_KINDS = ("AN", "FU", "PR", "RE", "SP", "FSP", "FFSP", "SA", "CA", "CI", "CR", "CHR", "CHW",
-              "RF")
+STEP_KINDS = (
+  "AN",
+  "FU",
+  "PR",
+  "RE",
+  "SP",
+  "FSP",
+  "FFSP",
+  "SA",
+  "CA",
+  "CI",
+  "CR",
+  "CHR",
+  "CHW",
+  "RF",
+)
 
 
 class ReplayError(ValueError):
@@ -58,8 +85,17 @@ class ReplayError(ValueError):
 L_NAME, L_EXTENT, L_KIND, L_ANN, L_SYMBOLIC = range(5)
 # Stage: (name, op_type, compute_at, attach_stage, attach_iter, auto_unroll_max_step,
 #         storage_offset, pragmas, loops)
-S_NAME, S_OP_TYPE, S_COMPUTE_AT, S_ATTACH_STAGE, S_ATTACH_ITER, S_UNROLL, S_OFFSET, S_PRAGMAS, \
-    S_LOOPS = range(9)
+(
+  S_NAME,
+  S_OP_TYPE,
+  S_COMPUTE_AT,
+  S_ATTACH_STAGE,
+  S_ATTACH_ITER,
+  S_UNROLL,
+  S_OFFSET,
+  S_PRAGMAS,
+  S_LOOPS,
+) = range(9)
 # Access info per stage (``LoopNest.access[i]``), what loop tokens need beyond the nest:
 #   (is_output, is_cache, is_rfactor, loops, out_c, read_c)
 #   loops: per loop (root axis of the stage's op or -1, coefficient of the loop variable in
@@ -86,10 +122,12 @@ class LoopNest:
   ``(name, extent, kind, annotation, symbolic)`` (``L_*`` indices; kind 0 spatial, 1 reduce,
   2 mixed, 3 special; annotation indexes :data:`ANNOTATIONS`).
   """
+
   __slots__ = ("stages", "concrete", "attach_order", "access")
 
-  def __init__(self, stages: tuple, concrete: bool = True, attach_order: tuple = (),
-               access: tuple = ()):
+  def __init__(
+    self, stages: tuple, concrete: bool = True, attach_order: tuple = (), access: tuple = ()
+  ):
     self.stages = stages
     self.concrete = concrete
     self.attach_order = attach_order  # attached stages in TVM's attach-map order
@@ -126,7 +164,7 @@ class LoopNest:
         e = lp[L_EXTENT]
         if not (delete_trivial_loop and e == 1 and not lp[L_SYMBOLIC]):
           ext = "None" if e is None else (f"~{e}" if lp[L_SYMBOLIC] else str(e))
-          ann = ANNOTATIONS[lp[L_ANN]] if lp[L_ANN] else "for"   # TVM prints kNone as "for"
+          ann = ANNOTATIONS[lp[L_ANN]] if lp[L_ANN] else "for"  # TVM prints kNone as "for"
           out.append(" " * d + f"{ann} {lp[L_NAME]} ({ext})")
           d += 2
         for k in attached.get((i, j), ()):
@@ -142,14 +180,27 @@ class LoopNest:
 # --------------------------------------------------------------------------- ops
 class _Op:
   """A te operation as bound inference sees it: axes and reads. Shared, never mutated."""
-  __slots__ = ("name", "axes", "n_sp", "reads", "output", "const_matrix", "shape", "is_ph",
-               "key", "iter_tmpl", "var_tmpl", "is_rf")
+
+  __slots__ = (
+    "name",
+    "axes",
+    "n_sp",
+    "reads",
+    "output",
+    "const_matrix",
+    "shape",
+    "is_ph",
+    "key",
+    "iter_tmpl",
+    "var_tmpl",
+    "is_rf",
+  )
 
   def __init__(self, name, axes, reads, output, const_matrix, shape, is_ph=False):
     self.name = name
-    self.axes = axes          # ((te var name, 0 spatial | 1 reduce, extent), ...)
+    self.axes = axes  # ((te var name, 0 spatial | 1 reduce, extent), ...)
     self.n_sp = sum(1 for a in axes if a[1] == 0)
-    self.reads = reads        # ((producer _Op, (expr per dim, ...)), ...)
+    self.reads = reads  # ((producer _Op, (expr per dim, ...)), ...)
     self.output = output
     self.const_matrix = const_matrix
     self.shape = shape
@@ -246,8 +297,9 @@ def _subst(e, m):
     return ("A", tuple(sorted((q, c) for q, c in d.items() if c)), const)
   if any(m[p] is None for p in _positions(e)):
     return None
-  return _canon_tree(_subst_tree(_to_tree(e), {p: _to_tree(x) for p, x in m.items()
-                                               if x is not None}))
+  return _canon_tree(
+    _subst_tree(_to_tree(e), {p: _to_tree(x) for p, x in m.items() if x is not None})
+  )
 
 
 def _positions(e):
@@ -263,6 +315,7 @@ def _positions(e):
     else:
       walk(t[1])
       walk(t[2])
+
   walk(e[1])
   return out
 
@@ -273,6 +326,7 @@ def _ident(positions):
 
 class _TaskCache:
   """Per-skeleton precomputation, kept on the skeleton object."""
+
   __slots__ = ("ops", "composed", "derived", "strides")
 
   def __init__(self, skel: sk.Skeleton):
@@ -283,16 +337,15 @@ class _TaskCache:
         continue
       n = len(s.iters)
       axes = tuple((name, 0 if k == sk.SPATIAL else 1, e) for name, k, e in s.iters)
-      reads = tuple((r.producer, tuple(_affine_from_skel(x, n) for x in r.index))
-                    for r in s.reads)
+      reads = tuple((r.producer, tuple(_affine_from_skel(x, n) for x in r.index)) for r in s.reads)
       ops.append(_Op(s.name, axes, reads, s.output, s.const_matrix, s.shape))
     for op in ops:
       if not op.is_ph:
         op.reads = tuple((ops[p], idx) for p, idx in op.reads)
     self.ops = tuple(ops)
-    self.composed: dict = {}   # (op ids, inlined flags) -> effective reads per stage
-    self.derived: dict = {}    # memoized ops made by CHW / CHR (keyed by inputs)
-    self.strides: dict = {}    # (op id, effective reads id) -> (out_c, read_c)
+    self.composed: dict = {}  # (op ids, inlined flags) -> effective reads per stage
+    self.derived: dict = {}  # memoized ops made by CHW / CHR (keyed by inputs)
+    self.strides: dict = {}  # (op id, effective reads id) -> (out_c, read_c)
 
 
 def _cache(skel: sk.Skeleton) -> _TaskCache:
@@ -306,8 +359,22 @@ def _cache(skel: sk.Skeleton) -> _TaskCache:
 # --------------------------------------------------------------------------- replay state
 class _Stage:
   """One stage during replay: the auto-scheduler view (iters) and the te view (vars, rels)."""
-  __slots__ = ("op", "iters", "compute_at", "unroll", "offset", "pragmas", "vars", "rels",
-               "leaf", "attach", "scope", "bound", "rng")
+
+  __slots__ = (
+    "op",
+    "iters",
+    "compute_at",
+    "unroll",
+    "offset",
+    "pragmas",
+    "vars",
+    "rels",
+    "leaf",
+    "attach",
+    "scope",
+    "bound",
+    "rng",
+  )
 
   def __init__(self, op: _Op):
     self.op = op
@@ -317,19 +384,18 @@ class _Stage:
     self.unroll = 0
     self.offset = 0
     self.pragmas: list = []
-    self.vars = [list(t) for t in op.var_tmpl]     # te vars: [name, kind]
-    self.rels: list = []                            # split / fuse / singleton relations
+    self.vars = [list(t) for t in op.var_tmpl]  # te vars: [name, kind]
+    self.rels: list = []  # split / fuse / singleton relations
     self.leaf = list(range(len(op.axes)))
-    self.attach = None                              # te attach: (_Stage, var) or None
+    self.attach = None  # te attach: (_Stage, var) or None
     self.scope = ""
-    self.bound: dict = {}                           # var -> thread annotation
-    self.rng = None                                 # after inference: var -> (min, extent)
+    self.bound: dict = {}  # var -> thread annotation
+    self.rng = None  # after inference: var -> (min, extent)
 
 
 def _clean(name: str) -> str:
   # auto_scheduler's CleanName: how fresh stages name their iterators.
-  return (name.replace(".", "_").replace("@", "_").replace("outer", "o")
-          .replace("inner", "i"))
+  return name.replace(".", "_").replace("@", "_").replace("outer", "o").replace("inner", "i")
 
 
 def _ceil_div(a, b):
@@ -343,7 +409,7 @@ class _Replayer:
     self.cache = cache
     self.steps = steps
     self.stages = [_Stage(op) for op in cache.ops]
-    self.attach: dict = {}          # state attach map: stage idx -> (stage idx, iter idx)
+    self.attach: dict = {}  # state attach map: stage idx -> (stage idx, iter idx)
     self.concrete = True
 
   # ---- attach-map helpers (AttachMap in loop_state.cc)
@@ -372,15 +438,15 @@ class _Replayer:
         raise ReplayError(f"step {n}: not a step record: {step!r}") from e
       fn = _DISPATCH.get(kind)
       if fn is None:
-        raise ReplayError(f"step {n} ({kind!r}): unknown step kind; known: "
-                          f"{', '.join(STEP_KINDS)}")
+        raise ReplayError(f"step {n} ({kind!r}): unknown step kind; known: {', '.join(STEP_KINDS)}")
       try:
         fn(self, n, step)
       except ReplayError:
         raise
       except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-        raise ReplayError(f"step {n} ({kind}): cannot apply {step!r}: "
-                          f"{type(e).__name__}: {e}") from e
+        raise ReplayError(
+          f"step {n} ({kind}): cannot apply {step!r}: {type(e).__name__}: {e}"
+        ) from e
 
   def _stage(self, sid) -> _Stage:
     if not 0 <= sid < len(self.stages):
@@ -427,12 +493,16 @@ class _Replayer:
     for i in ids[1:]:
       outer, inner = var, s.leaf[i]
       v = len(s.vars)
-      s.vars.append([s.vars[outer][0] + "." + s.vars[inner][0] + ".fused",
-                     max(s.vars[outer][1], s.vars[inner][1])])
+      s.vars.append(
+        [
+          s.vars[outer][0] + "." + s.vars[inner][0] + ".fused",
+          max(s.vars[outer][1], s.vars[inner][1]),
+        ]
+      )
       s.rels.append(("F", outer, inner, v))
       var = v
-    s.iters[b:e + 1] = [new_it]
-    s.leaf[b:e + 1] = [var]
+    s.iters[b : e + 1] = [new_it]
+    s.leaf[b : e + 1] = [var]
     self._update_iters(sid, {i: (b if i <= e else i - e + b) for i in range(b + 1, old)})
 
   def pr(self, n, st):
@@ -446,7 +516,7 @@ class _Replayer:
         raise ReplayError(f"step {n} (PR): max step value not found in {text!r}")
       # A traced pragma (tlp_jax.core.replay_cache) carries its value as a traced int.
       v = getattr(text, "value", None)
-      s.unroll = _atoi(text[pos + 1:]) if v is None else v
+      s.unroll = _atoi(text[pos + 1 :]) if v is None else v
     else:
       # TVM's state refuses other pragmas; they are kept here for the record.
       s.pragmas.append((iid, text))
@@ -455,8 +525,7 @@ class _Replayer:
     _, sid, order = st
     s = self._stage(sid)
     if sorted(order) != list(range(len(s.iters))):
-      raise ReplayError(f"step {n} (RE): {order} is not a permutation of "
-                        f"{len(s.iters)} iterators")
+      raise ReplayError(f"step {n} (RE): {order} is not a permutation of {len(s.iters)} iterators")
     s.iters = [s.iters[i] for i in order]
     s.leaf = [s.leaf[i] for i in order]
 
@@ -469,18 +538,18 @@ class _Replayer:
     tosplit = ext
     for i in range(k):
       if inner_to_outer:
-        l = lengths[k - i - 1]
+        length = lengths[k - i - 1]
         nm = f"{name}.{k - i}"
       else:
-        l = lengths[i]
+        length = lengths[i]
         nm = f"{name}.{i}"
-      if l is not None and tosplit is not None:
-        outs.append([nm, kind, 0, l])
-        tosplit = _ceil_div(tosplit, l)
+      if length is not None and tosplit is not None:
+        outs.append([nm, kind, 0, length])
+        tosplit = _ceil_div(tosplit, length)
       else:
         outs.append([nm, kind, 0, None])
         tosplit = None
-        if l is None:
+        if length is None:
           self.concrete = False
     if inner_to_outer:
       outs.append([f"{name}.0", kind, 0, tosplit])
@@ -513,14 +582,15 @@ class _Replayer:
         inner = inn
       tvars.append(inner)
     old = len(s.iters)
-    s.iters[iid:iid + 1] = outs
-    s.leaf[iid:iid + 1] = tvars
+    s.iters[iid : iid + 1] = outs
+    s.leaf[iid : iid + 1] = tvars
     self._update_iters(sid, {i: i + k for i in range(iid, old)})
 
   def sp(self, n, st):
     _, sid, iid, _extent, lengths, i2o = st
-    self._split(sid, iid, [l if l is None or isinstance(l, int) else int(l) for l in lengths],
-                bool(i2o))
+    self._split(
+      sid, iid, [n if n is None or isinstance(n, int) else int(n) for n in lengths], bool(i2o)
+    )
 
   def _src_split(self, n, src):
     if not 0 <= src < n or self.steps[src][0] != "SP":
@@ -532,10 +602,10 @@ class _Replayer:
     src_len = self._src_split(n, src)
     if n_split > len(src_len) + 1:
       raise ReplayError(f"step {n} (FSP): n_split {n_split} > {len(src_len) + 1}")
-    lengths = list(src_len[:n_split - 1])
+    lengths = list(src_len[: n_split - 1])
     last = 1
-    for l in src_len[n_split - 1:]:
-      last = None if last is None or l is None else last * l
+    for n_len in src_len[n_split - 1 :]:
+      last = None if last is None or n_len is None else last * n_len
     lengths.append(last)
     self._split(sid, iid, lengths, True)
 
@@ -543,11 +613,11 @@ class _Replayer:
     _, sid, iid, srcs, level, factor_or_nparts = st
     f = 1
     for src in srcs:
-      l = self._src_split(n, src)[level]
-      if l is None:
+      length = self._src_split(n, src)[level]
+      if length is None:
         f = None
         break
-      f *= l
+      f *= length
     self._split(sid, iid, [f], bool(factor_or_nparts))
 
   def sa(self, n, st):
@@ -560,7 +630,7 @@ class _Replayer:
     for it in s.iters:
       it[3] = None
     s.compute_at = ITER
-    self.attach.pop(sid, None)   # re-attaching moves the stage to the end of the attach order
+    self.attach.pop(sid, None)  # re-attaching moves the stage to the end of the attach order
     self.attach[sid] = (tid, tiid)
     s.attach = (t, t.leaf[tiid])
 
@@ -599,10 +669,15 @@ class _Replayer:
           break
       if not hit:
         continue
-      reads = tuple(((repl[p] if (p in repl and (p is not old or only is None or s in only))
-                      else p), i) for p, i in op.reads)
-      nop = _derive(self.cache, ("repl", op) + tuple(p for p, _ in reads), lambda op=op, r=reads:
-                    _Op(op.name, op.axes, r, op.output, op.const_matrix, op.shape))
+      reads = tuple(
+        ((repl[p] if (p in repl and (p is not old or only is None or s in only)) else p), i)
+        for p, i in op.reads
+      )
+      nop = _derive(
+        self.cache,
+        ("repl", op) + tuple(p for p, _ in reads),
+        lambda op=op, r=reads: _Op(op.name, op.axes, r, op.output, op.const_matrix, op.shape),
+      )
       repl[op] = nop
       s.op = nop
 
@@ -616,9 +691,18 @@ class _Replayer:
       base += ".d"
     shape = x.shape
     reader_stages = [self._stage(r) for r in readers]
-    cop = _derive(self.cache, ("chr", x, scope, base), lambda: _Op(
-        f"{base}.{scope}", tuple((f"ax{i}", 0, e) for i, e in enumerate(shape)),
-        ((x, _ident(range(len(shape)))),), False, False, shape))
+    cop = _derive(
+      self.cache,
+      ("chr", x, scope, base),
+      lambda: _Op(
+        f"{base}.{scope}",
+        tuple((f"ax{i}", 0, e) for i, e in enumerate(shape)),
+        ((x, _ident(range(len(shape)))),),
+        False,
+        False,
+        shape,
+      ),
+    )
     self._replace_reads(x, cop, only=reader_stages)
     new = _Stage(cop)
     new.scope = scope
@@ -630,23 +714,27 @@ class _Replayer:
     s = self._stage(sid)
     x = s.op
     if s.rels:
-      raise ReplayError(f"step {n} (CHW): stage {sid} was transformed before cache_write; "
-                        "TVM's auto-scheduler assumes it was not")
+      raise ReplayError(
+        f"step {n} (CHW): stage {sid} was transformed before cache_write; "
+        "TVM's auto-scheduler assumes it was not"
+      )
     if x.is_ph:
       raise ReplayError(f"step {n} (CHW): stage {sid} is a placeholder")
 
     def make():
       axes = tuple((a[0] + ".c", a[1], a[2]) if a[1] == 0 else a for a in x.axes)
       cop = _Op(f"{x.name}.{scope}", axes, x.reads, False, x.const_matrix, x.shape)
-      nop = _Op(x.name, x.axes[:x.n_sp], ((cop, _ident(range(x.n_sp))),), x.output,
-                x.const_matrix, x.shape)
+      nop = _Op(
+        x.name, x.axes[: x.n_sp], ((cop, _ident(range(x.n_sp))),), x.output, x.const_matrix, x.shape
+      )
       return cop, nop
+
     cop, nop = _derive(self.cache, ("chw", x, scope), make)
     self._replace_reads(x, nop)
     cache_stage = _Stage(cop)
     cache_stage.scope = scope
     fresh = _Stage(nop)
-    fresh.attach = s.attach          # te keeps the stage object (and its attach spec)
+    fresh.attach = s.attach  # te keeps the stage object (and its attach spec)
     fresh.bound = {}
     self.stages[sid] = fresh
     self.stages.insert(sid, cache_stage)
@@ -723,15 +811,22 @@ class _Replayer:
     for v in range(n_sp, len(x.axes)):
       m[v] = ("A", ((red_map[v], 1),), 0) if v in red_map else _canon_tree(val[v])
     reads = tuple((p, tuple(_subst(e, m) for e in idx)) for p, idx in x.reads)
-    rop = _Op(x.name + ".rf", tuple(axes), reads, False, x.const_matrix,
-              tuple(a[2] for a in axes if a[1] == 0))
+    rop = _Op(
+      x.name + ".rf",
+      tuple(axes),
+      reads,
+      False,
+      x.const_matrix,
+      tuple(a[2] for a in axes if a[1] == 0),
+    )
     rop.is_rf = True
     repl_axes = [(f"ax{i}", 0, e) for i, e in enumerate(x.shape)]
     repl_axes.append((s.vars[axis][0] + ".v", 1, dom[axis]))
     ridx = [("A", ((j, 1),), 0) for j in range(n_sp)]
     ridx.insert(fpos, ("A", ((n_sp, 1),), 0))
-    nop = _Op(x.name + ".repl", tuple(repl_axes), ((rop, tuple(ridx)),), x.output,
-              x.const_matrix, x.shape)
+    nop = _Op(
+      x.name + ".repl", tuple(repl_axes), ((rop, tuple(ridx)),), x.output, x.const_matrix, x.shape
+    )
     self._replace_reads(x, nop)
     rf_stage = _Stage(rop)
     fresh = _Stage(nop)
@@ -763,14 +858,26 @@ def _derive(cache: _TaskCache, key, make):
   if v is None:
     v = make()
     cache.derived[k] = v
-    cache.derived[(k, "keep")] = key   # keeps the key's ops alive, so ids stay unique
+    cache.derived[(k, "keep")] = key  # keeps the key's ops alive, so ids stay unique
   return v
 
 
-_DISPATCH = {"AN": _Replayer.an, "FU": _Replayer.fu, "PR": _Replayer.pr, "RE": _Replayer.re,
-             "SP": _Replayer.sp, "FSP": _Replayer.fsp, "FFSP": _Replayer.ffsp,
-             "SA": _Replayer.sa, "CA": _Replayer.ca, "CI": _Replayer.ci, "CR": _Replayer.cr,
-             "CHR": _Replayer.chr, "CHW": _Replayer.chw, "RF": _Replayer.rf}
+_DISPATCH = {
+  "AN": _Replayer.an,
+  "FU": _Replayer.fu,
+  "PR": _Replayer.pr,
+  "RE": _Replayer.re,
+  "SP": _Replayer.sp,
+  "FSP": _Replayer.fsp,
+  "FFSP": _Replayer.ffsp,
+  "SA": _Replayer.sa,
+  "CA": _Replayer.ca,
+  "CI": _Replayer.ci,
+  "CR": _Replayer.cr,
+  "CHR": _Replayer.chr,
+  "CHW": _Replayer.chw,
+  "RF": _Replayer.rf,
+}
 
 
 # --------------------------------------------------------------------------- symbolic forms
@@ -782,9 +889,9 @@ class _Sym:
   __slots__ = ("atoms", "index", "bounds")
 
   def __init__(self):
-    self.atoms: list = []        # atom id -> key
-    self.index: dict = {}        # key -> atom id
-    self.bounds: list = []       # atom id -> (lo, hi)
+    self.atoms: list = []  # atom id -> key
+    self.index: dict = {}  # key -> atom id
+    self.bounds: list = []  # atom id -> (lo, hi)
 
   def atom(self, key, lo, hi):
     a = self.index.get(key)
@@ -924,7 +1031,7 @@ def _sub(a, b):
   return _add(a, _scale(b, -1))
 
 
-_INF = None   # an unbounded interval end (opaque index)
+_INF = None  # an unbounded interval end (opaque index)
 
 
 def _eval_interval(sym: _Sym, e, env):
@@ -971,8 +1078,7 @@ def _eval_tree(sym, t, env):
       if not point_b:
         a, b = b, a
       k = b[0]
-      return (_scale(a[0], k), _scale(a[1], k)) if k >= 0 else (_scale(a[1], k),
-                                                                 _scale(a[0], k))
+      return (_scale(a[0], k), _scale(a[1], k)) if k >= 0 else (_scale(a[1], k), _scale(a[0], k))
     return None
   if op in ("//", "%"):
     if not point_b or b[0] <= 0:
@@ -1024,8 +1130,9 @@ def _relax(sym: _Sym, f, relaxed, upper: bool):
         else:
           q0, q1 = sym.floordiv(lo, d), sym.floordiv(hi, d)
           dq = _sub(q1, q0)
-          if (isinstance(dq, int) and dq == 0) or (not isinstance(dq, int) and
-                                                   sym.lohi(dq) == (0, 0)):
+          if (isinstance(dq, int) and dq == 0) or (
+            not isinstance(dq, int) and sym.lohi(dq) == (0, 0)
+          ):
             v = _sub(hi if want_upper else lo, _scale(q0, d))
           else:
             v = d - 1 if want_upper else 0
@@ -1070,8 +1177,9 @@ def _attach_path(s: _Stage):
     t, var = cur.attach
     var = _legal_attach(t, var)
     if var is None or var not in t.leaf:
-      raise ReplayError(f"invalid schedule: attach point of {cur.op.name} is not a loop of "
-                        f"{t.op.name}")
+      raise ReplayError(
+        f"invalid schedule: attach point of {cur.op.name} is not a loop of {t.op.name}"
+      )
     k = t.leaf.index(var)
     for j in range(k, -1, -1):
       path.append((t, t.leaf[j]))
@@ -1258,12 +1366,14 @@ def _consumer_domain(sym: _Sym, c: _Stage, stage_attach, rank):
       _, parent, outer, inner, _f, _n = r
       o, i = up[outer], up[inner]
       pmin, pe, _ = rng[parent]
-      if (o == (0, rng[outer][1] - 1) and i == (0, rng[inner][1] - 1)):
+      if o == (0, rng[outer][1] - 1) and i == (0, rng[inner][1] - 1):
         up[parent] = (pmin, _add(pmin, pe - 1))
       else:
         f = rng[inner][1]
-        up[parent] = (_add(_add(_scale(o[0], f), i[0]), pmin),
-                      _add(_add(_scale(o[1], f), i[1]), pmin))
+        up[parent] = (
+          _add(_add(_scale(o[0], f), i[0]), pmin),
+          _add(_add(_scale(o[1], f), i[1]), pmin),
+        )
     elif kind == "F":
       _, outer, inner, fused = r
       fv = up[fused]
@@ -1281,9 +1391,12 @@ def _consumer_domain(sym: _Sym, c: _Stage, stage_attach, rank):
       else:
         up[outer] = (_add(omin, sym.floordiv(fv[0], ie)), _add(omin, sym.floordiv(fv[1], ie)))
         span = _sub(fv[1], fv[0])
-        if (isinstance(span, int) and ie % (span + 1) == 0
-            and isinstance(sym.floormod(fv[0], span + 1), int)
-            and sym.floormod(fv[0], span + 1) == 0):
+        if (
+          isinstance(span, int)
+          and ie % (span + 1) == 0
+          and isinstance(sym.floormod(fv[0], span + 1), int)
+          and sym.floormod(fv[0], span + 1) == 0
+        ):
           up[inner] = (_add(imin, sym.floormod(fv[0], ie)), _add(imin, sym.floormod(fv[1], ie)))
         else:
           up[inner] = (imin, _add(imin, ie - 1))
@@ -1333,14 +1446,24 @@ def replay(skeleton: sk.Skeleton, steps: Sequence, infer_bounds: bool = True) ->
       loops = tuple((it[0], it[3], it[1], it[2], False) for it in s.iters)
       access.append(None)
     else:
-      loops = tuple((it[0], rng[v][1], it[1], it[2], rng[v][2])
-                    for it, v in zip(s.iters, s.leaf))
+      loops = tuple((it[0], rng[v][1], it[1], it[2], rng[v][2]) for it, v in zip(s.iters, s.leaf))
       if eff is None:
         eff = _effective_reads(cache, stages)
       access.append(_stage_access(cache, s, eff[i]))
     at = rp.attach.get(i, (-1, -1))
-    out.append((s.op.name, COMPUTE_STAGE, s.compute_at, at[0], at[1], s.unroll, s.offset,
-                tuple(s.pragmas), loops))
+    out.append(
+      (
+        s.op.name,
+        COMPUTE_STAGE,
+        s.compute_at,
+        at[0],
+        at[1],
+        s.unroll,
+        s.offset,
+        tuple(s.pragmas),
+        loops,
+      )
+    )
   return LoopNest(tuple(out), rp.concrete, tuple(rp.attach), tuple(access))
 
 
@@ -1390,7 +1513,7 @@ def _op_strides(cache: _TaskCache, op: _Op, reads):
         read_c[r] = max(read_c[r], abs(c[r]))
   res = (out_c, tuple(read_c), tuple(foot))
   cache.strides[key] = res
-  cache.strides[(key, "keep")] = (op, reads)   # keeps the ids unique
+  cache.strides[(key, "keep")] = (op, reads)  # keeps the ids unique
   return res
 
 
@@ -1400,12 +1523,12 @@ def _stage_access(cache: _TaskCache, s: _Stage, reads):
   made: dict = {}
   for r in s.rels:
     if r[0] == "S":
-      made[r[2]] = (r[1], r[3])     # outer: step of one moves the parent by inner's extent
+      made[r[2]] = (r[1], r[3])  # outer: step of one moves the parent by inner's extent
       made[r[3]] = (r[1], None)
     elif r[0] == "F":
-      made[r[3]] = (r[2], None)     # fused: follow the inner (fastest-moving) part
+      made[r[3]] = (r[2], None)  # fused: follow the inner (fastest-moving) part
     else:
-      made[r[1]] = None             # singleton: no root axis
+      made[r[1]] = None  # singleton: no root axis
   rng = s.rng
   loops = []
   for v in s.leaf:
@@ -1420,13 +1543,13 @@ def _stage_access(cache: _TaskCache, s: _Stage, reads):
       v = m[0]
     loops.append((v, coef))
   out_c, read_c, foot = _op_strides(cache, s.op, reads)
-  return (s.op.output, bool(s.scope), s.op.is_rf, tuple(loops), out_c, read_c, foot,
-          s.op.shape)
+  return (s.op.output, bool(s.scope), s.op.is_rf, tuple(loops), out_c, read_c, foot, s.op.shape)
 
 
 def replay_record_line(skeletons, line) -> LoopNest:
   """Replays one measure-record JSON line (``{"i": [[workload_key, ...], [[], steps]], ...}``)."""
   import json  # pylint: disable=import-outside-toplevel
+
   rec = json.loads(line)
   key = rec["i"][0][0]
   if key not in skeletons:
@@ -1434,5 +1557,4 @@ def replay_record_line(skeletons, line) -> LoopNest:
   return replay(skeletons[key], rec["i"][1][1])
 
 
-__all__ = ["replay", "replay_record_line", "LoopNest", "ReplayError", "ANNOTATIONS",
-           "STEP_KINDS"]
+__all__ = ["replay", "replay_record_line", "LoopNest", "ReplayError", "ANNOTATIONS", "STEP_KINDS"]

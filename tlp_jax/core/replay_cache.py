@@ -22,11 +22,12 @@ pass over plans padded to the batch's longest.
 Results are bit-identical to ``loop_tokens(replay(...))`` (tests/core/test_replay_cache.py
 checks every record of the sample both ways). NumPy/stdlib only.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -81,7 +82,7 @@ def _guard(op, a, b, result):
   return result
 
 
-_V = int.__int__   # the plain value of a traced int (no __index__ / __int__ dispatch)
+_V = int.__int__  # the plain value of a traced int (no __index__ / __int__ dispatch)
 
 
 def _val(x):
@@ -99,6 +100,7 @@ class TInt(int):
       if op in ("//", "%") and (type(b) is TInt or _V(b) == 0):  # pylint: disable=unidiomatic-typecheck
         _guard("!=", b, 0, _V(b) != 0)
       return _new(fn(_val(a), _val(b)), op, a, b)
+
     return f
 
   __add__ = _bin("+", lambda a, b: a + b)
@@ -117,6 +119,7 @@ class TInt(int):
       if not isinstance(other, int):
         return NotImplemented
       return _guard(op, self, other, fn(_V(self), _val(other)))
+
     return f
 
   __lt__ = _cmp("<", lambda a, b: a < b)
@@ -168,6 +171,7 @@ class TInt(int):
 
 class _PText(str):
   """A pragma text that carries its auto_unroll_max_step value as a traced int."""
+
   value = None
 
 
@@ -194,13 +198,13 @@ def signature(steps: Sequence):
     k = s[0]
     if k == "SP":
       ls = s[4]
-      sig.append(("SP", s[1], s[2], tuple(l is None for l in ls), s[5]))
-      vals.extend(l for l in ls if l is not None)
+      sig.append(("SP", s[1], s[2], tuple(n is None for n in ls), s[5]))
+      vals.extend(n for n in ls if n is not None)
     elif k == "PR" and s[3].startswith("auto_unroll_max_step"):
       t = s[3]
       pos = t.find("$")
       sig.append(("PR", s[1], s[2], pos))
-      vals.append(rp._atoi(t[pos + 1:]) if pos >= 0 else 0)  # pylint: disable=protected-access
+      vals.append(rp._atoi(t[pos + 1 :]) if pos >= 0 else 0)  # pylint: disable=protected-access
     else:
       sig.append(tuple(tuple(x) if isinstance(x, list) else x for x in s))
   return tuple(sig), vals
@@ -212,7 +216,7 @@ def _traced_steps(steps, inputs):
   for s in steps:
     k = s[0]
     if k == "SP":
-      out.append([s[0], s[1], s[2], s[3], [None if l is None else next(it) for l in s[4]], s[5]])
+      out.append([s[0], s[1], s[2], s[3], [None if n is None else next(it) for n in s[4]], s[5]])
     elif k == "PR" and s[3].startswith("auto_unroll_max_step"):
       t = _PText(s[3])
       v = next(it)
@@ -225,6 +229,7 @@ def _traced_steps(steps, inputs):
 
 class _Variant:
   """One compiled trace: fn(values) -> (ext, coef, unroll) lists, or None if a guard fails."""
+
   __slots__ = ("fn", "plan", "n_nodes", "n_guards")
 
   def __init__(self, fn, plan, n_nodes, n_guards):
@@ -240,8 +245,16 @@ def _raw_values(nest: rp.LoopNest):
   return lt.raw_values(nest, lt.print_order(nest))
 
 
-_PY_OPS = {"+": "{} + {}", "-": "{} - {}", "*": "{} * {}", "//": "{} // {}", "%": "{} % {}",
-           "neg": "-{}", "abs": "abs({})", "gcd": "_gcd({}, {})"}
+_PY_OPS = {
+  "+": "{} + {}",
+  "-": "{} - {}",
+  "*": "{} * {}",
+  "//": "{} // {}",
+  "%": "{} % {}",
+  "neg": "-{}",
+  "abs": "abs({})",
+  "gcd": "_gcd({}, {})",
+}
 
 
 def _compile(trace: _Trace, outputs):
@@ -321,7 +334,7 @@ class TemplateCache:
 
   def __init__(self, trace_after: int = 1):
     self.trace_after = trace_after
-    self.entries: dict = {}     # signature -> [seen count, [variants]] or _UNTRACEABLE
+    self.entries: dict = {}  # signature -> [seen count, [variants]] or _UNTRACEABLE
     self.stats = {"hits": 0, "full": 0, "traced": 0, "guard_fail": 0, "untraceable": 0}
 
   def values(self, skeleton, steps):
@@ -353,7 +366,7 @@ class TemplateCache:
             ent[1].append(var)
             self.stats["traced"] += 1
             return _split_values(var.plan, got)
-          self.entries[sig] = _UNTRACEABLE   # the trace rejects its own program: a bug guard
+          self.entries[sig] = _UNTRACEABLE  # the trace rejects its own program: a bug guard
     self.stats["full"] += 1
     return lt.plan_and_values(rp.replay(skeleton, steps))
 
@@ -392,28 +405,37 @@ def fill_padded(items, max_tokens: int) -> np.ndarray:
     anc[k, :m, :m] = p.anc
     inner[k, :m, :m] = p.inner
     always[k, :m] = p.always
-    out_axis[k, :m, :p.ndo] = p.out_axis
-    read_bytes[k, :m, :p.nb] = p.read_bytes
+    out_axis[k, :m, : p.ndo] = p.out_axis
+    read_bytes[k, :m, : p.nb] = p.read_bytes
     n_reads[k, :m] = p.n_reads
     ext[k, :m] = e
     coef[k, :m] = c
     unroll[k, :m] = u
     out_c[k, :m] = oc
     read_c[k, :m] = rc_
-    read_d[k, :m, :p.nb, :p.nd] = rd
-    read_size[k, :m, :p.nb, :p.nd] = rs
-    out_size[k, :m, :p.ndo] = os_
-  return lt.fill_arrays((static, anc, inner, always, out_axis, read_bytes, n_reads),
-                        (ext, coef, unroll, out_c, read_c, read_d, read_size, out_size),
-                        max_tokens)
+    read_d[k, :m, : p.nb, : p.nd] = rd
+    read_size[k, :m, : p.nb, : p.nd] = rs
+    out_size[k, :m, : p.ndo] = os_
+  return lt.fill_arrays(
+    (static, anc, inner, always, out_axis, read_bytes, n_reads),
+    (ext, coef, unroll, out_c, read_c, read_d, read_size, out_size),
+    max_tokens,
+  )
 
 
-def featurize_many(skeleton, step_lists: Sequence, cache: TemplateCache,
-                   max_tokens: int = lt.DEFAULT_MAX_TOKENS) -> np.ndarray:
+def featurize_many(
+  skeleton, step_lists: Sequence, cache: TemplateCache, max_tokens: int = lt.DEFAULT_MAX_TOKENS
+) -> np.ndarray:
   """(len(step_lists), max_tokens, WIDTH) float16 loop tokens of one task's programs."""
   items = [cache.values(skeleton, st) for st in step_lists]
   return fill_padded(items, max_tokens)
 
 
-__all__ = ["TemplateCache", "TraceError", "signature", "featurize_many", "fill_padded",
-           "MAX_VARIANTS"]
+__all__ = [
+  "TemplateCache",
+  "TraceError",
+  "signature",
+  "featurize_many",
+  "fill_padded",
+  "MAX_VARIANTS",
+]

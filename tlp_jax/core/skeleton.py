@@ -40,13 +40,15 @@ with TVM by ``python -m tlp_jax.tvm.skeleton_extract --tenset_dir DIR``.
 
 NumPy/stdlib only: never imports TVM or JAX.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from tlp_jax.core import tenset
 
@@ -71,6 +73,7 @@ class SkeletonError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Read:
   """One tensor access of a compute stage: producer stage index and one index per dimension."""
+
   producer: int
   index: tuple  # per producer dim: tuple of ints (affine), ("e", tree) or None (opaque)
 
@@ -78,13 +81,14 @@ class Read:
 @dataclasses.dataclass(frozen=True)
 class StageSkeleton:
   """One stage of the initial ComputeDAG."""
+
   name: str
-  type: str                      # PLACEHOLDER or COMPUTE
-  shape: tuple                   # output shape
-  iters: tuple = ()              # ((name, "s"|"r", extent), ...) spatial then reduce
-  reads: tuple = ()              # (Read, ...)
-  output: bool = False           # read by no other stage (TVM then keeps its full domain)
-  const_matrix: bool = False     # TVM replaces it by a constant when it is inlined
+  type: str  # PLACEHOLDER or COMPUTE
+  shape: tuple  # output shape
+  iters: tuple = ()  # ((name, "s"|"r", extent), ...) spatial then reduce
+  reads: tuple = ()  # (Read, ...)
+  output: bool = False  # read by no other stage (TVM then keeps its full domain)
+  const_matrix: bool = False  # TVM replaces it by a constant when it is inlined
   num_outputs: int = 1
 
   @property
@@ -95,6 +99,7 @@ class StageSkeleton:
 @dataclasses.dataclass(frozen=True)
 class Skeleton:
   """A task's skeleton: its initial stages in ComputeDAG order."""
+
   workload_key: str
   stages: tuple
 
@@ -110,23 +115,24 @@ class Skeleton:
         d["const_matrix"] = s.const_matrix
         d["num_outputs"] = s.num_outputs
       out.append(d)
-    return {"format": FORMAT, "version": VERSION, "workload_key": self.workload_key,
-            "stages": out}
+    return {"format": FORMAT, "version": VERSION, "workload_key": self.workload_key, "stages": out}
 
   def to_json(self) -> str:
     """Compact JSON text of :meth:`to_dict`."""
     return json.dumps(self.to_dict(), separators=(",", ":"))
 
   @classmethod
-  def from_dict(cls, d: Mapping, where: str = "<skeleton>") -> "Skeleton":
+  def from_dict(cls, d: Mapping, where: str = "<skeleton>") -> Skeleton:
     """Validates and builds a skeleton; :class:`SkeletonError` names ``where`` and the field."""
     if not isinstance(d, Mapping):
       raise SkeletonError(f"{where}: expected a JSON object, got {type(d).__name__}")
     if d.get("format") != FORMAT:
       raise SkeletonError(f"{where}: format is {d.get('format')!r}, expected {FORMAT!r}")
     if d.get("version") != VERSION:
-      raise SkeletonError(f"{where}: version {d.get('version')!r} is not supported "
-                          f"(this code reads version {VERSION})")
+      raise SkeletonError(
+        f"{where}: version {d.get('version')!r} is not supported "
+        f"(this code reads version {VERSION})"
+      )
     key = d.get("workload_key")
     if not isinstance(key, str):
       raise SkeletonError(f"{where}: workload_key must be a string")
@@ -143,12 +149,13 @@ class Skeleton:
         p = stages[r.producer]
         if len(r.index) != len(p.shape):
           raise SkeletonError(
-              f"{where}: stages[{i}].reads[{j}] has {len(r.index)} indices but stage "
-              f"{r.producer} ({p.name}) has {len(p.shape)} dimensions")
+            f"{where}: stages[{i}].reads[{j}] has {len(r.index)} indices but stage "
+            f"{r.producer} ({p.name}) has {len(p.shape)} dimensions"
+          )
     return cls(key, tuple(stages))
 
   @classmethod
-  def from_json(cls, text: str, where: str = "<skeleton>") -> "Skeleton":
+  def from_json(cls, text: str, where: str = "<skeleton>") -> Skeleton:
     """Parses :meth:`to_json` output (strictly validated)."""
     try:
       d = json.loads(text)
@@ -198,8 +205,9 @@ def _stage_from_dict(s, n_stages: int, where: str) -> StageSkeleton:
   if not isinstance(name, str) or not name:
     raise SkeletonError(f"{where}: name must be a non-empty string")
   if typ not in (PLACEHOLDER, COMPUTE):
-    raise SkeletonError(f"{where} ({name}): type must be {PLACEHOLDER!r} or {COMPUTE!r}, "
-                        f"got {typ!r}")
+    raise SkeletonError(
+      f"{where} ({name}): type must be {PLACEHOLDER!r} or {COMPUTE!r}, got {typ!r}"
+    )
   if not isinstance(shape, list) or not all(_is_int(e) and e >= 0 for e in shape):
     raise SkeletonError(f"{where} ({name}): shape must be a list of non-negative ints")
   if typ == PLACEHOLDER:
@@ -209,8 +217,14 @@ def _stage_from_dict(s, n_stages: int, where: str) -> StageSkeleton:
     raise SkeletonError(f"{where} ({name}): iters must be a list")
   its = []
   for j, it in enumerate(iters):
-    if (not isinstance(it, list) or len(it) != 3 or not isinstance(it[0], str)
-        or it[1] not in (SPATIAL, REDUCE) or not _is_int(it[2]) or it[2] < 0):
+    if (
+      not isinstance(it, list)
+      or len(it) != 3
+      or not isinstance(it[0], str)
+      or it[1] not in (SPATIAL, REDUCE)
+      or not _is_int(it[2])
+      or it[2] < 0
+    ):
       raise SkeletonError(f"{where} ({name}): iters[{j}] must be [name, 's'|'r', extent>=0]")
     its.append((it[0], it[1], it[2]))
   kinds = [k for _, k, _ in its]
@@ -218,16 +232,22 @@ def _stage_from_dict(s, n_stages: int, where: str) -> StageSkeleton:
     raise SkeletonError(f"{where} ({name}): spatial iterators must come before reduce ones")
   n_sp = kinds.count(SPATIAL)
   if n_sp != len(shape) or [e for _, k, e in its if k == SPATIAL] != list(shape):
-    raise SkeletonError(f"{where} ({name}): spatial iterator extents {its[:n_sp]} do not match "
-                        f"shape {shape}")
+    raise SkeletonError(
+      f"{where} ({name}): spatial iterator extents {its[:n_sp]} do not match shape {shape}"
+    )
   reads = s.get("reads")
   if not isinstance(reads, list):
     raise SkeletonError(f"{where} ({name}): reads must be a list")
   rs = []
   for j, r in enumerate(reads):
     w = f"{where} ({name}): reads[{j}]"
-    if (not isinstance(r, list) or len(r) != 2 or not _is_int(r[0])
-        or not 0 <= r[0] < n_stages or not isinstance(r[1], list)):
+    if (
+      not isinstance(r, list)
+      or len(r) != 2
+      or not _is_int(r[0])
+      or not 0 <= r[0] < n_stages
+      or not isinstance(r[1], list)
+    ):
       raise SkeletonError(f"{w}: must be [producer stage index < {n_stages}, [index, ...]]")
     idx = []
     for x in r[1]:
@@ -240,16 +260,18 @@ def _stage_from_dict(s, n_stages: int, where: str) -> StageSkeleton:
       elif isinstance(x, list) and len(x) == len(its) + 1 and all(_is_int(c) for c in x):
         idx.append(tuple(x))
       else:
-        raise SkeletonError(f"{w}: index {x!r} is neither affine ({len(its) + 1} ints), "
-                            "{'e': tree} nor null")
+        raise SkeletonError(
+          f"{w}: index {x!r} is neither affine ({len(its) + 1} ints), {{'e': tree}} nor null"
+        )
     rs.append(Read(r[0], tuple(idx)))
   for field, typ_ in (("output", bool), ("const_matrix", bool), ("num_outputs", int)):
     if not isinstance(s.get(field), typ_):
       raise SkeletonError(f"{where} ({name}): {field} must be a {typ_.__name__}")
   if s["num_outputs"] < 1:
     raise SkeletonError(f"{where} ({name}): num_outputs must be >= 1")
-  return StageSkeleton(name, typ, tuple(shape), tuple(its), tuple(rs), s["output"],
-                       s["const_matrix"], s["num_outputs"])
+  return StageSkeleton(
+    name, typ, tuple(shape), tuple(its), tuple(rs), s["output"], s["const_matrix"], s["num_outputs"]
+  )
 
 
 def tenset_skeletons_path(tenset_dir: str) -> str:
@@ -257,15 +279,19 @@ def tenset_skeletons_path(tenset_dir: str) -> str:
   return os.path.join(tenset_dir, TENSET_SKELETONS_FILE)
 
 
-def save_collection(path: str, skeletons: Mapping[str, Skeleton],
-                    failed: Mapping[str, str] | None = None) -> None:
+def save_collection(
+  path: str, skeletons: Mapping[str, Skeleton], failed: Mapping[str, str] | None = None
+) -> None:
   """Writes ``{workload_key: skeleton}`` (and the optional ``failed`` map ``{workload_key:
   reason}``) to ``path`` atomically (temp file + ``os.replace``)."""
   for k, s in skeletons.items():
     if k != s.workload_key:
       raise SkeletonError(f"{path}: key {k!r} holds the skeleton of {s.workload_key!r}")
-  doc = {"format": COLLECTION_FORMAT, "version": VERSION,
-         "skeletons": {k: skeletons[k].to_dict() for k in sorted(skeletons)}}
+  doc = {
+    "format": COLLECTION_FORMAT,
+    "version": VERSION,
+    "skeletons": {k: skeletons[k].to_dict() for k in sorted(skeletons)},
+  }
   if failed:
     doc["failed"] = {k: str(failed[k]) for k in sorted(failed)}
   d = os.path.dirname(os.path.abspath(path))
@@ -314,8 +340,9 @@ def _validate_collection(path: str, doc: dict) -> dict[str, Skeleton]:
   if doc.get("format") != COLLECTION_FORMAT:
     raise SkeletonError(f"{path}: not a {COLLECTION_FORMAT!r} file")
   if doc.get("version") != VERSION:
-    raise SkeletonError(f"{path}: version {doc.get('version')!r} is not supported "
-                        f"(this code reads version {VERSION})")
+    raise SkeletonError(
+      f"{path}: version {doc.get('version')!r} is not supported (this code reads version {VERSION})"
+    )
   sk = doc.get("skeletons")
   if not isinstance(sk, dict):
     raise SkeletonError(f"{path}: skeletons must be an object")
@@ -342,11 +369,28 @@ def collection_size_stats(skeletons: Mapping[str, Skeleton]) -> dict:
   sizes = [len(s.to_json()) for s in skeletons.values()]
   if not sizes:
     return {"tasks": 0}
-  return {"tasks": len(sizes), "mean_bytes": sum(sizes) / len(sizes), "max_bytes": max(sizes),
-          "total_bytes": sum(sizes)}
+  return {
+    "tasks": len(sizes),
+    "mean_bytes": sum(sizes) / len(sizes),
+    "max_bytes": max(sizes),
+    "total_bytes": sum(sizes),
+  }
 
 
-__all__ = ["FORMAT", "COLLECTION_FORMAT", "VERSION", "TENSET_SKELETONS_FILE",
-           "EXTRACT_COMMAND", "Read", "StageSkeleton", "Skeleton", "SkeletonError",
-           "tenset_skeletons_path", "save_collection", "load_collection", "load_failed",
-           "affine_index", "collection_size_stats"]
+__all__ = [
+  "FORMAT",
+  "COLLECTION_FORMAT",
+  "VERSION",
+  "TENSET_SKELETONS_FILE",
+  "EXTRACT_COMMAND",
+  "Read",
+  "StageSkeleton",
+  "Skeleton",
+  "SkeletonError",
+  "tenset_skeletons_path",
+  "save_collection",
+  "load_collection",
+  "load_failed",
+  "affine_index",
+  "collection_size_stats",
+]

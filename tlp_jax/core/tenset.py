@@ -9,6 +9,7 @@ A TenSet(-layout) directory::
       <hardware>/            one measure-record file per task (tlp_jax.core.records)
         ([WORKLOAD_KEY,...],llvm).json
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,7 @@ def hardware_folders(tenset_dir: str) -> list[str]:
   """
   root = measure_records_dir(tenset_dir)
   if not os.path.isdir(root):
-    raise TensetLayoutError(
-        f"{root}: no measure_records folder (is {tenset_dir} a TenSet dir?)")
+    raise TensetLayoutError(f"{root}: no measure_records folder (is {tenset_dir} a TenSet dir?)")
   found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   if not found:
     raise TensetLayoutError(f"{root}: no hardware folders")
@@ -62,10 +62,14 @@ def task_files(tenset_dir: str, hardware: str) -> list[str]:
   """
   folder = measure_records_dir(tenset_dir, hardware)
   if not os.path.isdir(folder):
-    raise TensetLayoutError(f"{folder}: no such hardware folder; available: "
-                            f"{', '.join(hardware_folders(tenset_dir))}")
-  return [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-          if n.endswith(RECORD_SUFFIX) and not n.startswith(".")]
+    raise TensetLayoutError(
+      f"{folder}: no such hardware folder; available: {', '.join(hardware_folders(tenset_dir))}"
+    )
+  return [
+    os.path.join(folder, n)
+    for n in sorted(os.listdir(folder))
+    if n.endswith(RECORD_SUFFIX) and not n.startswith(".")
+  ]
 
 
 def clean_name(x) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -76,9 +76,14 @@ def hardware_index(hardware: Sequence[str], hw: str, what: str = "the dataset") 
 
 def _network_tasks(arrays) -> tuple[metrics.NetworkTasks, ...]:
   return tuple(
-      metrics.NetworkTasks(net.label, np.asarray(net.task_indices), np.asarray(net.weights),
-                           num_missing=len(getattr(net, "missing_workload_keys", ())))
-      for net in arrays.networks)
+    metrics.NetworkTasks(
+      net.label,
+      np.asarray(net.task_indices),
+      np.asarray(net.weights),
+      num_missing=len(getattr(net, "missing_workload_keys", ())),
+    )
+    for net in arrays.networks
+  )
 
 
 def eval_data(arrays, hw: str, split: str = "test") -> EvalData:
@@ -87,8 +92,9 @@ def eval_data(arrays, hw: str, split: str = "test") -> EvalData:
   Raises:
     EvalError: ``hw`` is not a hardware of the dataset, or ``split`` does not exist.
   """
-  h = hardware_index(arrays.hardware, hw,
-                     what=f"dataset config {getattr(arrays, 'config_name', '?')!r}")
+  h = hardware_index(
+    arrays.hardware, hw, what=f"dataset config {getattr(arrays, 'config_name', '?')!r}"
+  )
   if split not in schema.SPLITS:
     raise EvalError(f"unknown split {split!r}; choose train, validation or test")
   s = getattr(arrays, split)
@@ -98,10 +104,19 @@ def eval_data(arrays, hw: str, split: str = "test") -> EvalData:
   score = np.asarray(s.scores[rows, h], dtype=np.float64)
   min_cost = np.asarray(arrays.tasks.min_cost, dtype=np.float64)[:, h]
   latency = metrics.latency_from_score(score, min_cost[task_index])
-  logging.info("%s split on %s: %d of %d programs have a valid measurement", split, hw,
-               rows.size, valid.size)
-  return EvalData(hardware=hw, split=split, split_features=s.features, score=score,
-                  latency=latency, task_index=task_index, rows=rows,
-                  task_keys=tuple(arrays.tasks.workload_keys),
-                  networks=_network_tasks(arrays), num_split_programs=int(valid.size),
-                  split_loop_tokens=getattr(s, "loop_tokens", None))
+  logging.info(
+    "%s split on %s: %d of %d programs have a valid measurement", split, hw, rows.size, valid.size
+  )
+  return EvalData(
+    hardware=hw,
+    split=split,
+    split_features=s.features,
+    score=score,
+    latency=latency,
+    task_index=task_index,
+    rows=rows,
+    task_keys=tuple(arrays.tasks.workload_keys),
+    networks=_network_tasks(arrays),
+    num_split_programs=int(valid.size),
+    split_loop_tokens=getattr(s, "loop_tokens", None),
+  )

@@ -8,7 +8,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -22,36 +23,46 @@ def format_report(report: Mapping[str, Any]) -> str:
   ks = report["ks"]
   head = [f"top-{k}" for k in ks]
   out = io.StringIO()
-  out.write(f"hardware {report['hardware']}, split {report['split']}: "
-            f"{report['num_programs']} programs with a valid measurement "
-            f"(of {report['num_split_programs']}), "
-            f"{report['num_tasks_with_programs']} tasks\n\n")
+  out.write(
+    f"hardware {report['hardware']}, split {report['split']}: "
+    f"{report['num_programs']} programs with a valid measurement "
+    f"(of {report['num_split_programs']}), "
+    f"{report['num_tasks_with_programs']} tasks\n\n"
+  )
   out.write("| ranking | network | " + " | ".join(head) + " | tasks used/skipped |\n")
   out.write("|---|---|" + "---|" * len(head) + "---|\n")
   for name, row in report["rows"].items():
     for net, vals in row["per_network"].items():
       cells = " | ".join(_fmt(vals[h]) for h in head)
       out.write(f"| {name} | {net} | {cells} | {vals['tasks_used']}/{vals['tasks_skipped']} |\n")
-    for agg, label in (("mean", "mean (TenSet)"), ("pooled", "pooled (TLP)"),
-                       ("task_mean", "all tasks, unweighted")):
+    for agg, label in (
+      ("mean", "mean (TenSet)"),
+      ("pooled", "pooled (TLP)"),
+      ("task_mean", "all tasks, unweighted"),
+    ):
       if agg in row:
         cells = " | ".join(_fmt(row[agg][h]) for h in head)
         out.write(f"| {name} | **{label}** | {cells} | |\n")
   costly = report.get("costliest_tasks")
   if costly:
-    out.write(f"\nTasks costing {report['model']['name']} the most pooled top-1 (its pick vs the "
-              "task's best):\n\n| task | networks | weight | share of best latency | pick / best "
-              "| share of the loss | pooled top-1 if fixed |\n|---|---|---|---|---|---|---|\n")
+    out.write(
+      f"\nTasks costing {report['model']['name']} the most pooled top-1 (its pick vs the "
+      "task's best):\n\n| task | networks | weight | share of best latency | pick / best "
+      "| share of the loss | pooled top-1 if fixed |\n|---|---|---|---|---|---|---|\n"
+    )
     for t in costly:
-      out.write(f"| {t['task']} {t['workload_key'][:60]} | {', '.join(t['networks'])} | "
-                f"{t['weight']:g} | {t['best_latency_share']:.3f} | {t['pick_ratio']:.2f}x | "
-                f"{t['excess_share']:.3f} | {t['pooled_top1_if_fixed']:.3f} |\n")
+      out.write(
+        f"| {t['task']} {t['workload_key'][:60]} | {', '.join(t['networks'])} | "
+        f"{t['weight']:g} | {t['best_latency_share']:.3f} | {t['pick_ratio']:.2f}x | "
+        f"{t['excess_share']:.3f} | {t['pooled_top1_if_fixed']:.3f} |\n"
+      )
   return out.getvalue()
 
 
 def plot_report(report: Mapping[str, Any], path: str) -> None:
   """PNG: per-network grouped bars for each k, and predicted vs measured score of the model."""
   import matplotlib  # optional heavy dependency, only for the plot
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -77,7 +88,7 @@ def plot_report(report: Mapping[str, Any], path: str) -> None:
     ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"{key} ({report['hardware']}, {report['split']})", fontsize=9)
-  for ax in axes[len(ks) + 1:]:
+  for ax in axes[len(ks) + 1 :]:
     ax.axis("off")
   axes[len(ks) + 1].legend(handles, list(rows), loc="center", fontsize=9)
   sc = report["scatter"]
@@ -85,8 +96,9 @@ def plot_report(report: Mapping[str, Any], path: str) -> None:
   ax.scatter(sc["pred"], sc["score"], s=3, alpha=0.4)
   ax.set_xlabel("predicted score")
   ax.set_ylabel("measured score (min_cost / cost)")
-  ax.set_title(f"{report['model']['name']}: {len(sc['pred'])} of {sc['total']} programs",
-               fontsize=9)
+  ax.set_title(
+    f"{report['model']['name']}: {len(sc['pred'])} of {sc['total']} programs", fontsize=9
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

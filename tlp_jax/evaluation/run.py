@@ -11,20 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from data_pipelines import loader
-from data_pipelines import schema
+from data_pipelines import loader, schema
 from tlp_jax.core import metrics
 from tlp_jax.core import predictor as npred
 from tlp_jax.evaluation import topk
-from tlp_jax.evaluation.data import EvalError
-from tlp_jax.evaluation.data import eval_data
-from tlp_jax.evaluation.data import hardware_index
-from tlp_jax.train import export as train_export
+from tlp_jax.evaluation.data import EvalError, eval_data, hardware_index
 from tlp_jax.train import checkpoints
+from tlp_jax.train import export as train_export
 
 WORKDIR_ROW = "TLP (workdir)"
 
@@ -43,8 +41,9 @@ def _export_workdir_in_memory(workdir: str, which: str) -> dict[str, np.ndarray]
   return train_export.export_params(params, model_config, **train_export.meta_kwargs(meta))
 
 
-def load_predictor(model_path: str | None = None, workdir: str | None = None,
-                   which: str = "best") -> tuple[npred.Predictor, dict[str, Any]]:
+def load_predictor(
+  model_path: str | None = None, workdir: str | None = None, which: str = "best"
+) -> tuple[npred.Predictor, dict[str, Any]]:
   """The NumPy predictor of an exported ``.npz`` or of a training workdir, and a description.
 
   Args:
@@ -71,13 +70,17 @@ def load_predictor(model_path: str | None = None, workdir: str | None = None,
   else:
     predictor = npred.Predictor.from_arrays(_export_workdir_in_memory(workdir, which))
     info = {"workdir": os.path.abspath(workdir), "checkpoint": which}
-  info.update({"heads": list(predictor.hardware), "step": int(predictor.step),
-               "vocab_version": predictor.vocab_version})
+  info.update(
+    {
+      "heads": list(predictor.hardware),
+      "step": int(predictor.step),
+      "vocab_version": predictor.vocab_version,
+    }
+  )
   return predictor, info
 
 
-def predictor_fn(predictor: npred.Predictor, hw: str,
-                 arrays=None) -> Callable[..., np.ndarray]:
+def predictor_fn(predictor: npred.Predictor, hw: str, arrays=None) -> Callable[..., np.ndarray]:
   """``features -> scores`` of the predictor's head ``hw``; for a model of loop tokens
   ``(features, loop_tokens) -> scores`` (its input is assembled per batch by the predictor).
 
@@ -89,19 +92,25 @@ def predictor_fn(predictor: npred.Predictor, hw: str,
   tokens = predictor.reads_loop_tokens
   if arrays is not None:
     if predictor.platform != arrays.platform:
-      raise EvalError(f"the model was trained on {predictor.platform} features, the dataset "
-                      f"has {arrays.platform} features")
+      raise EvalError(
+        f"the model was trained on {predictor.platform} features, the dataset "
+        f"has {arrays.platform} features"
+      )
     crop = predictor.step_crop if tokens else tuple(predictor.crop)
     if tuple(crop) != tuple(arrays.crop):
-      raise EvalError(f"the model expects features cropped to {tuple(crop)}, the "
-                      f"dataset has {tuple(arrays.crop)}")
+      raise EvalError(
+        f"the model expects features cropped to {tuple(crop)}, the dataset has {tuple(arrays.crop)}"
+      )
     if tokens:
       _check_loop_tokens(predictor, arrays)
     if predictor.vocab_json != arrays.vocab_json:
       # Same platform and crop but another vocabulary (e.g. a dataset built with more records):
       # token ids of entries both know agree, new ones are unseen by the model.
-      logging.warning("the model's feature vocabulary (version %s) differs from the dataset's; "
-                      "steps unknown to the model get ids it never saw", predictor.vocab_version)
+      logging.warning(
+        "the model's feature vocabulary (version %s) differs from the dataset's; "
+        "steps unknown to the model get ids it never saw",
+        predictor.vocab_version,
+      )
   name = predictor.hardware[head]
   if tokens:
     return lambda x, loop_tokens: predictor.predict(x, hw=name, loop_tokens=loop_tokens)
@@ -112,14 +121,19 @@ def _check_loop_tokens(predictor: npred.Predictor, arrays) -> None:
   """The dataset has loop tokens of the model's layout, at least as many per program."""
   layout = (getattr(arrays, "metadata", None) or {}).get("loop_tokens")
   if not layout:
-    raise EvalError(f"the model reads loop tokens; dataset "
-                    f"{getattr(arrays, 'config_name', '?')!r} has none (build it with them)")
+    raise EvalError(
+      f"the model reads loop tokens; dataset "
+      f"{getattr(arrays, 'config_name', '?')!r} has none (build it with them)"
+    )
   have = (int(layout["layout_version"]), int(layout["max_tokens"]), int(layout["width"]))
   if (have[0], have[2]) != (predictor.loop_tokens_version, predictor.token_width) or (
-      have[1] < predictor.max_tokens):
-    raise EvalError(f"the model reads {predictor.max_tokens} loop tokens of layout "
-                    f"{predictor.loop_tokens_version} ({predictor.token_width} columns); the "
-                    f"dataset has {have[1]} of layout {have[0]} ({have[2]} columns)")
+    have[1] < predictor.max_tokens
+  ):
+    raise EvalError(
+      f"the model reads {predictor.max_tokens} loop tokens of layout "
+      f"{predictor.loop_tokens_version} ({predictor.token_width} columns); the "
+      f"dataset has {have[1]} of layout {have[0]} ({have[2]} columns)"
+    )
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -155,18 +169,28 @@ def resolve_config(data_dir: str, hw: str, dataset: str | None = None) -> str:
     if hw in hardware:
       return name
   have = sorted({h for hardware in configs.values() for h in hardware})
-  raise EvalError(f"hardware {hw!r} is not in the datasets built in {data_dir}; available: "
-                  f"{', '.join(have) or 'none (build one with python -m data_pipelines.build)'}")
+  raise EvalError(
+    f"hardware {hw!r} is not in the datasets built in {data_dir}; available: "
+    f"{', '.join(have) or 'none (build one with python -m data_pipelines.build)'}"
+  )
 
 
 # ---- the whole evaluation ------------------------------------------------------------------
 
 
-def evaluate_model(*, hw: str, data_dir: str, dataset: str | None = None,
-                   workdir: str | None = None, model_path: str | None = None,
-                   which: str = "best", split: str = "test",
-                   ks: Sequence[int] = metrics.DEFAULT_KS, batch_size: int = 4096,
-                   extra_predictions: Mapping[str, np.ndarray] | None = None) -> dict:
+def evaluate_model(
+  *,
+  hw: str,
+  data_dir: str,
+  dataset: str | None = None,
+  workdir: str | None = None,
+  model_path: str | None = None,
+  which: str = "best",
+  split: str = "test",
+  ks: Sequence[int] = metrics.DEFAULT_KS,
+  batch_size: int = 4096,
+  extra_predictions: Mapping[str, np.ndarray] | None = None,
+) -> dict:
   """Loads the data and the model (``model_path`` or ``workdir``), returns the top-k report.
 
   The model row is named after the model file, or :data:`WORKDIR_ROW` for a workdir; see
@@ -185,6 +209,13 @@ def evaluate_model(*, hw: str, data_dir: str, dataset: str | None = None,
   predict = predictor_fn(predictor, hw, arrays)
   name = os.path.splitext(os.path.basename(model_path))[0] if model_path else WORKDIR_ROW
   info.update({"dataset": config, "dataset_fingerprint": arrays.fingerprint})
-  return topk.topk_report(data, predict, model_name=name, ks=ks,
-                          extra_predictions=extra_predictions, batch_size=batch_size,
-                          model_info=info, loop_tokens=predictor.reads_loop_tokens)
+  return topk.topk_report(
+    data,
+    predict,
+    model_name=name,
+    ks=ks,
+    extra_predictions=extra_predictions,
+    batch_size=batch_size,
+    model_info=info,
+    loop_tokens=predictor.reads_loop_tokens,
+  )

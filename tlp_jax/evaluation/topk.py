@@ -9,14 +9,14 @@ XGBoost model on Ansor features), so all rows share the same programs, tasks, ne
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tqdm
 
 from tlp_jax.core import metrics
-from tlp_jax.evaluation.data import EvalData
-from tlp_jax.evaluation.data import EvalError
+from tlp_jax.evaluation.data import EvalData, EvalError
 
 RANDOM_ROW = "random (exact expectation)"
 ORACLE_ROW = "oracle"
@@ -24,10 +24,14 @@ ORACLE_ROW = "oracle"
 SCATTER_POINTS = 5000
 
 
-def predict_in_batches(predict: Callable[..., np.ndarray], features: np.ndarray,
-                       rows: np.ndarray | None = None, batch_size: int = 4096,
-                       desc: str = "predict",
-                       loop_tokens: np.ndarray | None = None) -> np.ndarray:
+def predict_in_batches(
+  predict: Callable[..., np.ndarray],
+  features: np.ndarray,
+  rows: np.ndarray | None = None,
+  batch_size: int = 4096,
+  desc: str = "predict",
+  loop_tokens: np.ndarray | None = None,
+) -> np.ndarray:
   """``predict(features[rows])`` (or ``predict(features[rows], loop_tokens[rows])``) in
   batches, as float64.
 
@@ -117,23 +121,33 @@ def costliest_tasks(pred: np.ndarray, data: EvalData, limit: int = 10) -> list[d
   for t in np.argsort(-excess, kind="stable")[:limit]:
     if excess[t] <= 0:
       break
-    out.append({
-        "task": int(t), "workload_key": str(data.task_keys[t]), "networks": names[t],
+    out.append(
+      {
+        "task": int(t),
+        "workload_key": str(data.task_keys[t]),
+        "networks": names[t],
         "weight": float(weight[t]),
         "num_programs": int(np.count_nonzero(data.task_index == t)),
         "best_latency_share": float(weight[t] * best[t] / best_sum),
         "pick_ratio": float(pick[t] / best[t]),
         "excess_share": float(excess[t] / total_excess),
         "pooled_top1_if_fixed": float(best_sum / (pick_sum - excess[t])),
-    })
+      }
+    )
   return out
 
 
-def topk_report(data: EvalData, predict: Callable[..., np.ndarray], *,
-                model_name: str = "model", ks: Sequence[int] = metrics.DEFAULT_KS,
-                extra_predictions: Mapping[str, np.ndarray] | None = None,
-                batch_size: int = 4096, model_info: Mapping[str, Any] | None = None,
-                loop_tokens: bool = False) -> dict:
+def topk_report(
+  data: EvalData,
+  predict: Callable[..., np.ndarray],
+  *,
+  model_name: str = "model",
+  ks: Sequence[int] = metrics.DEFAULT_KS,
+  extra_predictions: Mapping[str, np.ndarray] | None = None,
+  batch_size: int = 4096,
+  model_info: Mapping[str, Any] | None = None,
+  loop_tokens: bool = False,
+) -> dict:
   """Top-k report of a model on one split/hardware, with random, oracle and extra rows.
 
   Args:
@@ -164,19 +178,28 @@ def topk_report(data: EvalData, predict: Callable[..., np.ndarray], *,
   num_tasks = len(data.task_keys)
   args = (data.latency, data.task_index, data.networks, ks, num_tasks)
   if loop_tokens and data.split_loop_tokens is None:
-    raise EvalError(f"{model_name} reads loop tokens but the {data.split} split has none "
-                    "(build the dataset with loop tokens)")
-  pred = predict_in_batches(predict, data.split_features, data.rows, batch_size,
-                            desc=f"predict {model_name}",
-                            loop_tokens=data.split_loop_tokens if loop_tokens else None)
+    raise EvalError(
+      f"{model_name} reads loop tokens but the {data.split} split has none "
+      "(build the dataset with loop tokens)"
+    )
+  pred = predict_in_batches(
+    predict,
+    data.split_features,
+    data.rows,
+    batch_size,
+    desc=f"predict {model_name}",
+    loop_tokens=data.split_loop_tokens if loop_tokens else None,
+  )
   if not np.all(np.isfinite(pred)):
     logging.warning("%d non-finite predictions (ranked last)", int((~np.isfinite(pred)).sum()))
   rows = {model_name: _row(metrics.top_k_scores(pred, *args), data, pred)}
   for name, extra in (extra_predictions or {}).items():
     extra = np.asarray(extra, dtype=np.float64).reshape(-1)
     if extra.shape[0] != data.num_split_programs:
-      raise EvalError(f"extra predictions {name!r} have {extra.shape[0]} entries; the "
-                      f"{data.split} split has {data.num_split_programs} programs")
+      raise EvalError(
+        f"extra predictions {name!r} have {extra.shape[0]} entries; the "
+        f"{data.split} split has {data.num_split_programs} programs"
+      )
     if name in rows or name in (RANDOM_ROW, ORACLE_ROW):
       raise EvalError(f"extra predictions name {name!r} clashes with another row")
     p = extra[data.rows]
@@ -186,16 +209,18 @@ def topk_report(data: EvalData, predict: Callable[..., np.ndarray], *,
   present = np.zeros(num_tasks, bool)
   present[data.task_index] = True
   return {
-      "hardware": data.hardware,
-      "split": data.split,
-      "ks": list(ks),
-      "model": {"name": model_name, **dict(model_info or {})},
-      "num_programs": int(data.task_index.size),
-      "num_split_programs": data.num_split_programs,
-      "num_tasks_with_programs": int(present.sum()),
-      "networks": [{"name": n.name, "tasks": int(n.task_indices.size),
-                    "occurrences": float(n.weights.sum())} for n in data.networks],
-      "rows": rows,
-      "costliest_tasks": costliest_tasks(pred, data),
-      "scatter": _scatter(pred, data.score),
+    "hardware": data.hardware,
+    "split": data.split,
+    "ks": list(ks),
+    "model": {"name": model_name, **dict(model_info or {})},
+    "num_programs": int(data.task_index.size),
+    "num_split_programs": data.num_split_programs,
+    "num_tasks_with_programs": int(present.sum()),
+    "networks": [
+      {"name": n.name, "tasks": int(n.task_indices.size), "occurrences": float(n.weights.sum())}
+      for n in data.networks
+    ],
+    "rows": rows,
+    "costliest_tasks": costliest_tasks(pred, data),
+    "scatter": _scatter(pred, data.score),
   }

@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,30 +40,42 @@ class CheckpointError(RuntimeError):
 
 
 def _state_to_tree(state: TrainState) -> dict[str, Any]:
-  return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-          "rng": state.rng}
+  return {
+    "step": state.step,
+    "params": state.params,
+    "opt_state": state.opt_state,
+    "rng": state.rng,
+  }
 
 
-def checkpoint_managers(workdir: str, keep: int) -> tuple[ocp.CheckpointManager,
-                                                          ocp.CheckpointManager]:
+def checkpoint_managers(
+  workdir: str, keep: int
+) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
   """``(latest, best)`` Orbax managers under ``workdir/checkpoints``."""
   root = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   latest = ocp.CheckpointManager(
-      os.path.join(root, LATEST),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True))
+    os.path.join(root, LATEST),
+    options=ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True),
+  )
   best = ocp.CheckpointManager(
-      os.path.join(root, BEST), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    os.path.join(root, BEST), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+  )
   return latest, best
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState,
-                    meta: Mapping[str, Any]) -> None:
+def save_checkpoint(
+  manager: ocp.CheckpointManager, state: TrainState, meta: Mapping[str, Any]
+) -> None:
   """Saves an (unreplicated) state and its JSON metadata at ``state.step``."""
   step = int(jax.device_get(state.step))
   if step in manager.all_steps():
     return
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_state_to_tree(state)), meta=ocp.args.JsonSave(dict(meta))))
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(_state_to_tree(state)), meta=ocp.args.JsonSave(dict(meta))
+    ),
+  )
 
 
 def step_entries(directory: str) -> list[str]:
@@ -72,8 +85,9 @@ def step_entries(directory: str) -> list[str]:
   return [e for e in os.listdir(directory) if not e.startswith(".") and e != "_CHECKPOINT_METADATA"]
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState | None,
-                       step: int | None = None) -> tuple[Any, dict[str, Any]]:
+def restore_checkpoint(
+  manager: ocp.CheckpointManager, template: TrainState | None, step: int | None = None
+) -> tuple[Any, dict[str, Any]]:
   """Restores ``(state, meta)`` of ``step`` (default: latest); ``template`` gives the structure.
 
   With ``template=None`` the raw tree (nested dicts of NumPy arrays) is returned.
@@ -89,9 +103,10 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState | No
     entries = step_entries(directory)
     if entries:
       raise CheckpointError(
-          f"checkpoint directory {directory} has entries {sorted(entries)[:5]} but no complete "
-          "checkpoint; refusing to start over existing work (move the directory away to start "
-          "fresh)")
+        f"checkpoint directory {directory} has entries {sorted(entries)[:5]} but no complete "
+        "checkpoint; refusing to start over existing work (move the directory away to start "
+        "fresh)"
+      )
     raise CheckpointError(f"no checkpoint in {directory}")
   path = os.path.join(directory, str(step))
   try:
@@ -99,29 +114,39 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState | No
       state_args = ocp.args.StandardRestore()
     else:
       target = jax.tree_util.tree_map(
-          lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), _state_to_tree(template))
+        lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), _state_to_tree(template)
+      )
       state_args = ocp.args.StandardRestore(target)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=state_args, meta=ocp.args.JsonRestore()))
+    restored = manager.restore(
+      step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
+    )
     tree, meta = restored["state"], restored["meta"]
   except Exception as e:  # Orbax raises many types; all mean the same thing here.
     raise CheckpointError(f"cannot restore checkpoint {path}: {type(e).__name__}: {e}") from e
   if template is None:
     return tree, dict(meta)
   _check_same_structure(template, tree, path)
-  state = TrainState(step=jnp.asarray(tree["step"], jnp.int32), params=tree["params"],
-                     opt_state=tree["opt_state"], rng=jnp.asarray(tree["rng"]))
+  state = TrainState(
+    step=jnp.asarray(tree["step"], jnp.int32),
+    params=tree["params"],
+    opt_state=tree["opt_state"],
+    rng=jnp.asarray(tree["rng"]),
+  )
   return state, dict(meta)
 
 
 def _check_same_structure(template: TrainState, tree: Mapping[str, Any], path: str) -> None:
-  want = jax.tree_util.tree_map(lambda x: (np.shape(x), np.asarray(x).dtype.name),
-                                _state_to_tree(template))
+  want = jax.tree_util.tree_map(
+    lambda x: (np.shape(x), np.asarray(x).dtype.name), _state_to_tree(template)
+  )
   got = jax.tree_util.tree_map(lambda x: (np.shape(x), np.asarray(x).dtype.name), dict(tree))
   if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or (
-      jax.tree_util.tree_leaves(want) != jax.tree_util.tree_leaves(got)):
-    raise CheckpointError(f"checkpoint {path} does not match this run's model/optimizer "
-                          "(different parameter shapes or optimizer state)")
+    jax.tree_util.tree_leaves(want) != jax.tree_util.tree_leaves(got)
+  ):
+    raise CheckpointError(
+      f"checkpoint {path} does not match this run's model/optimizer "
+      "(different parameter shapes or optimizer state)"
+    )
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -148,8 +173,10 @@ def check_or_write_json(path: str, obj: Any, what: str, write: bool) -> None:
     old = read_json(path)
     if old != obj:
       diff = sorted(k for k in set(old) | set(obj) if old.get(k) != obj.get(k))
-      raise CheckpointError(f"{path}: this workdir holds a run with a different {what} "
-                            f"(differs in {diff}); use another workdir to start a new run")
+      raise CheckpointError(
+        f"{path}: this workdir holds a run with a different {what} "
+        f"(differs in {diff}); use another workdir to start a new run"
+      )
     return
   if write:
     write_json(path, obj)
@@ -162,8 +189,10 @@ def copy_skeletons(skeletons_path: str | None, workdir: str) -> None:
   predictor needs a skeleton per call to featurize raw steps; a warning says so.
   """
   if not skeletons_path:
-    logging.warning("the dataset has loop tokens but no skeletons file: the exported model will "
-                    "not embed skeletons (Predictor.predict_steps then needs skeleton=...)")
+    logging.warning(
+      "the dataset has loop tokens but no skeletons file: the exported model will "
+      "not embed skeletons (Predictor.predict_steps then needs skeleton=...)"
+    )
     return
   dest = os.path.join(workdir, SKELETONS_FILE)
   tmp = dest + ".tmp"

@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
-from tlp_jax.train import losses
+from tlp_jax.train import losses, optimizer
 from tlp_jax.train import model as model_lib
-from tlp_jax.train import optimizer
 
 # config.loop_tokens: whether the model reads a dataset's replayed loop tokens (a default build
 # has them when the TenSet dir has its skeletons). "auto": when the dataset has them;
@@ -89,8 +89,13 @@ class TrainConfig:
     _check_choice("batch_order", self.batch_order, BATCH_ORDERS)
     _check_choice("data_placement", self.data_placement, DATA_PLACEMENTS)
     _check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
-    for name in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
-                 "eval_every_epochs"):
+    for name in (
+      "batch_size",
+      "eval_batch_size",
+      "num_epochs",
+      "log_every_steps",
+      "eval_every_epochs",
+    ):
       if getattr(self, name) < 1:
         raise ValueError(f"config.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -107,8 +112,8 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 # Fields of a section that are not in the ConfigDict: set by the trainer from the dataset
 # (num_hardware_heads) or constants of the loss (LambdaRank's sigma, eps, k).
 _NOT_IN_CONFIG = {
-    model_lib.TLPConfig: ("num_hardware_heads",),
-    losses.LossConfig: ("sigma", "eps", "k"),
+  model_lib.TLPConfig: ("num_hardware_heads",),
+  losses.LossConfig: ("sigma", "eps", "k"),
 }
 
 
@@ -132,8 +137,10 @@ def _build(cls: type, section: Mapping[str, Any], path: str) -> Any:
       problems.append(f"unknown field(s) {[f'{where}.{k}' for k in unknown]}")
     if missing:
       problems.append(f"missing field(s) {[f'{where}.{k}' for k in missing]}")
-    raise ValueError(f"{' and '.join(problems)}; the known fields of {where} are "
-                     f"{sorted(fields)} (configs/default.py)")
+    raise ValueError(
+      f"{' and '.join(problems)}; the known fields of {where} are "
+      f"{sorted(fields)} (configs/default.py)"
+    )
   values = {}
   for name, hint in fields.items():
     value = section[name]

@@ -19,14 +19,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
 from tlp_jax.core import loop_tokens as loop_tokens_lib
-from tlp_jax.core import predictor
-from tlp_jax.core import skeleton
+from tlp_jax.core import predictor, skeleton
 from tlp_jax.train import model as model_lib
 
 # The pmap axis over which the global batch is split.
@@ -76,8 +76,9 @@ def head_columns(dataset_hardware: Sequence[str], wanted: Sequence[str]) -> list
     return list(range(len(dataset_hardware)))
   missing = [h for h in wanted if h not in dataset_hardware]
   if missing:
-    raise ValueError(f"config.hardware {list(wanted)}: {missing} not in the dataset's hardware "
-                     f"{dataset_hardware}")
+    raise ValueError(
+      f"config.hardware {list(wanted)}: {missing} not in the dataset's hardware {dataset_hardware}"
+    )
   if len(set(wanted)) != len(wanted):
     raise ValueError(f"config.hardware has duplicates: {list(wanted)}")
   return [dataset_hardware.index(h) for h in wanted]
@@ -103,12 +104,13 @@ def select_heads(split: Any, columns: Sequence[int], loop_tokens: bool = False) 
     if tokens is None:
       raise ValueError("the dataset's metadata describes loop tokens but the split has none")
     tokens = np.ascontiguousarray(take(tokens), dtype=loop_tokens_lib.DTYPE)
-  return HeadArrays(features=np.ascontiguousarray(take(split.features), dtype=np.float32),
-                    scores=np.ascontiguousarray(take(np.asarray(split.scores)[:, cols]),
-                                                dtype=np.float32),
-                    mask=np.ascontiguousarray(take(mask)),
-                    task_index=np.ascontiguousarray(take(split.task_index), dtype=np.int32),
-                    loop_tokens=tokens)
+  return HeadArrays(
+    features=np.ascontiguousarray(take(split.features), dtype=np.float32),
+    scores=np.ascontiguousarray(take(np.asarray(split.scores)[:, cols]), dtype=np.float32),
+    mask=np.ascontiguousarray(take(mask)),
+    task_index=np.ascontiguousarray(take(split.task_index), dtype=np.int32),
+    loop_tokens=tokens,
+  )
 
 
 def few_shot_mask(mask: np.ndarray, num_labels: int, fraction: float, seed: int) -> np.ndarray:
@@ -154,10 +156,12 @@ def loop_token_shape(dataset: Any) -> tuple[int, int]:
     return 0, 0
   version, width = int(tokens["layout_version"]), int(tokens["width"])
   if version != loop_tokens_lib.LAYOUT_VERSION or width != loop_tokens_lib.WIDTH:
-    raise ValueError(f"dataset {getattr(dataset, 'config_name', '')!r} has loop tokens of layout "
-                     f"version {version} ({width} columns); this code reads version "
-                     f"{loop_tokens_lib.LAYOUT_VERSION} ({loop_tokens_lib.WIDTH} columns): "
-                     "rebuild the dataset")
+    raise ValueError(
+      f"dataset {getattr(dataset, 'config_name', '')!r} has loop tokens of layout "
+      f"version {version} ({width} columns); this code reads version "
+      f"{loop_tokens_lib.LAYOUT_VERSION} ({loop_tokens_lib.WIDTH} columns): "
+      "rebuild the dataset"
+    )
   return int(tokens["max_tokens"]), width
 
 
@@ -175,15 +179,17 @@ def reads_loop_tokens(loop_tokens: str, dataset: Any) -> bool:
     meta = getattr(dataset, "metadata", None) or {}
     tenset_dir = meta.get("tenset_dir") or "TENSET_DIR"
     raise ValueError(
-        f"config.loop_tokens='required' but dataset {getattr(dataset, 'config_name', '')!r} has "
-        "no loop tokens; they are replayed from each task's skeleton, extracted once with TVM "
-        f"(pip install -e '.[tvm]'): {skeleton.EXTRACT_COMMAND} {tenset_dir}, then rebuild "
-        f"the dataset: python -m data_pipelines.build --tenset_dir {tenset_dir} ...")
+      f"config.loop_tokens='required' but dataset {getattr(dataset, 'config_name', '')!r} has "
+      "no loop tokens; they are replayed from each task's skeleton, extracted once with TVM "
+      f"(pip install -e '.[tvm]'): {skeleton.EXTRACT_COMMAND} {tenset_dir}, then rebuild "
+      f"the dataset: python -m data_pipelines.build --tenset_dir {tenset_dir} ..."
+    )
   return has
 
 
-def model_config_for(model: model_lib.TLPConfig, loop_tokens: str, dataset: Any,
-                     num_hardware_heads: int) -> model_lib.TLPConfig:
+def model_config_for(
+  model: model_lib.TLPConfig, loop_tokens: str, dataset: Any, num_hardware_heads: int
+) -> model_lib.TLPConfig:
   """The ``TLPConfig`` trained on ``dataset``: ``config.model`` with its heads and input size.
 
   ``model.seq_len`` / ``feature_dim`` are the step-token crop (TLP's ``step_size`` /
@@ -196,12 +202,14 @@ def model_config_for(model: model_lib.TLPConfig, loop_tokens: str, dataset: Any,
     loop_shape, step_crop = loop_token_shape(dataset), tuple(dataset.crop)
     if (seq_len, feature_dim) != step_crop:
       raise ValueError(
-          f"the dataset's loop tokens follow its {step_crop} step features, but the model's "
-          f"step crop is ({seq_len}, {feature_dim}); set model.seq_len={step_crop[0]}, "
-          f"model.feature_dim={step_crop[1]}, or loop_tokens='off'")
+        f"the dataset's loop tokens follow its {step_crop} step features, but the model's "
+        f"step crop is ({seq_len}, {feature_dim}); set model.seq_len={step_crop[0]}, "
+        f"model.feature_dim={step_crop[1]}, or loop_tokens='off'"
+      )
     seq_len, feature_dim = predictor.input_shape(step_crop, loop_shape)
-  return dataclasses.replace(model, seq_len=seq_len, feature_dim=feature_dim,
-                             num_hardware_heads=num_hardware_heads)
+  return dataclasses.replace(
+    model, seq_len=seq_len, feature_dim=feature_dim, num_hardware_heads=num_hardware_heads
+  )
 
 
 def dataset_meta(dataset: Any, hardware: Sequence[str], loop_tokens: bool) -> dict[str, Any]:
@@ -216,12 +224,18 @@ def dataset_meta(dataset: Any, hardware: Sequence[str], loop_tokens: bool) -> di
   num_tokens, width = loop_token_shape(dataset) if loop_tokens else (0, 0)
   if num_tokens:
     crop = predictor.input_shape(crop, (num_tokens, width))
-  meta = {"hardware": list(hardware), "platform": str(dataset.platform),
-          "crop": [int(c) for c in crop] if crop is not None else None,
-          "vocab_json": dataset.vocab_json}
+  meta = {
+    "hardware": list(hardware),
+    "platform": str(dataset.platform),
+    "crop": [int(c) for c in crop] if crop is not None else None,
+    "vocab_json": dataset.vocab_json,
+  }
   if num_tokens:
-    meta["loop_tokens"] = {"layout_version": loop_tokens_lib.LAYOUT_VERSION,
-                           "max_tokens": num_tokens, "width": width}
+    meta["loop_tokens"] = {
+      "layout_version": loop_tokens_lib.LAYOUT_VERSION,
+      "max_tokens": num_tokens,
+      "width": width,
+    }
   return meta
 
 
@@ -230,9 +244,14 @@ def dataset_meta(dataset: Any, hardware: Sequence[str], loop_tokens: bool) -> di
 # ---------------------------------------------------------------------------------------------
 
 
-def epoch_order(seed: int, epoch: int, n: int, steps_per_epoch: int,
-                global_batch: int, task_index: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def epoch_order(
+  seed: int,
+  epoch: int,
+  n: int,
+  steps_per_epoch: int,
+  global_batch: int,
+  task_index: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Row order of one epoch padded to whole batches: ``(order, valid)``, both ``(S * B,)``.
 
   With ``task_index`` (``batch_order="by_task"``) the epoch visits whole tasks in a random
@@ -271,14 +290,16 @@ class BatchLayout:
     return self.per_device * self.local_devices
 
   @classmethod
-  def create(cls, global_batch: int, devices: Sequence[Any] | None = None) -> "BatchLayout":
+  def create(cls, global_batch: int, devices: Sequence[Any] | None = None) -> BatchLayout:
     """Layout for ``devices`` (default: all local devices, over ``jax.process_count()`` hosts)."""
     local = list(devices) if devices is not None else jax.local_devices()
     num_devices = len(local) * jax.process_count()
     if global_batch <= 0 or global_batch % num_devices:
-      raise ValueError(f"batch size {global_batch} is not divisible by the number of devices "
-                       f"{num_devices} ({jax.process_count()} process(es) x {len(local)} local "
-                       "devices); choose a multiple of the device count")
+      raise ValueError(
+        f"batch size {global_batch} is not divisible by the number of devices "
+        f"{num_devices} ({jax.process_count()} process(es) x {len(local)} local "
+        "devices); choose a multiple of the device count"
+      )
     return cls(global_batch, num_devices, len(local), jax.process_index())
 
   def local_slice(self, step_in_epoch: int) -> slice:
@@ -287,8 +308,9 @@ class BatchLayout:
     return slice(start, start + self.per_process)
 
 
-def host_batch(split: HeadArrays, rows: np.ndarray, valid: np.ndarray,
-               layout: BatchLayout) -> tuple[np.ndarray, ...]:
+def host_batch(
+  split: HeadArrays, rows: np.ndarray, valid: np.ndarray, layout: BatchLayout
+) -> tuple[np.ndarray, ...]:
   """Gathers ``rows`` on the host as ``(local_devices, per_device, ...)`` arrays: the model's
   input (assembled from steps and loop tokens when the split has them), scores, mask, tasks."""
   shape = (layout.local_devices, layout.per_device)
@@ -296,10 +318,12 @@ def host_batch(split: HeadArrays, rows: np.ndarray, valid: np.ndarray,
   x = split.features[rows]
   if split.loop_tokens is not None:
     x = loop_tokens_lib.model_input(x, split.loop_tokens[rows])
-  return (x.reshape(shape + x.shape[1:]),
-          split.scores[rows].reshape(shape + split.scores.shape[1:]),
-          mask.reshape(shape + mask.shape[1:]),
-          split.task_index[rows].reshape(shape))
+  return (
+    x.reshape(shape + x.shape[1:]),
+    split.scores[rows].reshape(shape + split.scores.shape[1:]),
+    mask.reshape(shape + mask.shape[1:]),
+    split.task_index[rows].reshape(shape),
+  )
 
 
 # ---------------------------------------------------------------------------------------------

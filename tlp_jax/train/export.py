@@ -27,13 +27,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
 import numpy as np
+from absl import app, flags, logging
 
 from tlp_jax.core import features
 from tlp_jax.core import predictor as npred
@@ -41,8 +40,9 @@ from tlp_jax.train import checkpoints
 from tlp_jax.train import model as model_lib
 
 
-def flatten_params(params: Mapping[str, Any], prefix: str = npred.PARAMS_PREFIX
-                   ) -> dict[str, np.ndarray]:
+def flatten_params(
+  params: Mapping[str, Any], prefix: str = npred.PARAMS_PREFIX
+) -> dict[str, np.ndarray]:
   """``{"params/a/b/kernel": float32 array}`` from a nested parameter dict."""
   flat: dict[str, np.ndarray] = {}
 
@@ -66,10 +66,18 @@ def _vocab_version(vocab_json: str) -> str:
   return str(json.loads(vocab_json)["version"])
 
 
-def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, *,
-                  hardware: Sequence[str], platform: str, crop: Sequence[int] | None,
-                  vocab_json: str, step: int, loop_tokens: Mapping[str, int] | None = None,
-                  skeletons_json: str | None = None) -> dict[str, np.ndarray]:
+def export_params(
+  params: Mapping[str, Any],
+  model_config: model_lib.TLPConfig,
+  *,
+  hardware: Sequence[str],
+  platform: str,
+  crop: Sequence[int] | None,
+  vocab_json: str,
+  step: int,
+  loop_tokens: Mapping[str, int] | None = None,
+  skeletons_json: str | None = None,
+) -> dict[str, np.ndarray]:
   """Flat export dict of a trained model (what ``save_npz`` writes).
 
   Args:
@@ -90,8 +98,10 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
   """
   hardware = [str(h) for h in hardware]
   if len(hardware) != model_config.num_hardware_heads:
-    raise ValueError(f"{len(hardware)} hardware names {hardware} for a model with "
-                     f"{model_config.num_hardware_heads} heads")
+    raise ValueError(
+      f"{len(hardware)} hardware names {hardware} for a model with "
+      f"{model_config.num_hardware_heads} heads"
+    )
   if len(set(hardware)) != len(hardware):
     raise ValueError(f"duplicate hardware names: {hardware}")
   if crop is None:
@@ -100,7 +110,8 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
   if len(crop) != 2:
     raise ValueError(f"crop must be (steps, width), got {crop}")
   out = flatten_params(params)
-  out.update({
+  out.update(
+    {
       npred.META_FORMAT: np.array(npred.FORMAT_NAME),
       npred.META_FORMAT_VERSION: np.array(npred.FORMAT_VERSION, np.int64),
       npred.META_MODEL_CONFIG: np.array(json.dumps(model_config.to_dict(), sort_keys=True)),
@@ -110,7 +121,8 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
       npred.META_VOCAB_JSON: np.array(str(vocab_json)),
       npred.META_VOCAB_VERSION: np.array(_vocab_version(vocab_json)),
       npred.META_STEP: np.array(int(step), np.int64),
-  })
+    }
+  )
   if loop_tokens:
     out[npred.META_LOOP_TOKENS_VERSION] = np.array(int(loop_tokens["layout_version"]), np.int64)
     out[npred.META_LOOP_TOKENS_MAX] = np.array(int(loop_tokens["max_tokens"]), np.int64)
@@ -124,8 +136,9 @@ def export_params(params: Mapping[str, Any], model_config: model_lib.TLPConfig, 
   return out
 
 
-def save_npz(path: str, params: Mapping[str, Any], model_config: model_lib.TLPConfig,
-             **meta: Any) -> dict[str, np.ndarray]:
+def save_npz(
+  path: str, params: Mapping[str, Any], model_config: model_lib.TLPConfig, **meta: Any
+) -> dict[str, np.ndarray]:
   """Exports (see ``export_params``) and writes ``path`` atomically; returns the arrays."""
   arrays = export_params(params, model_config, **meta)
   directory = os.path.dirname(os.path.abspath(path))
@@ -145,13 +158,20 @@ def save_npz(path: str, params: Mapping[str, Any], model_config: model_lib.TLPCo
 def meta_kwargs(meta: Mapping[str, Any]) -> dict[str, Any]:
   """``export_params`` keyword arguments from a training run's dataset meta plus ``step`` (and
   ``skeletons_json`` for a model of loop tokens, see ``restore_for_export``)."""
-  return dict(hardware=meta["hardware"], platform=meta["platform"], crop=meta.get("crop"),
-              vocab_json=meta["vocab_json"], step=int(meta["step"]),
-              loop_tokens=meta.get("loop_tokens"), skeletons_json=meta.get("skeletons_json"))
+  return dict(
+    hardware=meta["hardware"],
+    platform=meta["platform"],
+    crop=meta.get("crop"),
+    vocab_json=meta["vocab_json"],
+    step=int(meta["step"]),
+    loop_tokens=meta.get("loop_tokens"),
+    skeletons_json=meta.get("skeletons_json"),
+  )
 
 
-def restore_for_export(workdir: str, which: str = "best"
-                       ) -> tuple[Any, model_lib.TLPConfig, dict[str, Any]]:
+def restore_for_export(
+  workdir: str, which: str = "best"
+) -> tuple[Any, model_lib.TLPConfig, dict[str, Any]]:
   """``(params, TLPConfig, meta)`` of a training run, for export and evaluation.
 
   Args:
@@ -169,8 +189,7 @@ def restore_for_export(workdir: str, which: str = "best"
     checkpoints.CheckpointError: no readable ``which`` checkpoint.
   """
   if which not in (checkpoints.BEST, checkpoints.LATEST):
-    raise ValueError(f"which must be {checkpoints.BEST!r} or {checkpoints.LATEST!r}, "
-                     f"got {which!r}")
+    raise ValueError(f"which must be {checkpoints.BEST!r} or {checkpoints.LATEST!r}, got {which!r}")
   model_path = os.path.join(workdir, checkpoints.MODEL_CONFIG_FILE)
   meta_path = os.path.join(workdir, checkpoints.DATASET_META_FILE)
   for p in (model_path, meta_path):
@@ -198,8 +217,9 @@ def export_workdir(workdir: str, out: str, which: str = "best") -> dict[str, np.
   return save_npz(out, params, model_config, **meta_kwargs(meta))
 
 
-def make_predict_fn(model_config: model_lib.TLPConfig, batch_size: int = 4096,
-                    per_member: bool = False) -> Callable[[Any, np.ndarray], np.ndarray]:
+def make_predict_fn(
+  model_config: model_lib.TLPConfig, batch_size: int = 4096, per_member: bool = False
+) -> Callable[[Any, np.ndarray], np.ndarray]:
   """``predict(params, features (N, L, E)) -> scores (N, H)`` on one device, in fixed batches.
 
   ``per_member``: each ensemble member's scores, ``(N, ensemble_size, H)``, instead of their
@@ -214,16 +234,17 @@ def make_predict_fn(model_config: model_lib.TLPConfig, batch_size: int = 4096,
   def predict(params, features: np.ndarray) -> np.ndarray:
     features = np.asarray(features, np.float32)
     n = features.shape[0]
-    shape = (((model_config.ensemble_size,) if per_member else ())
-             + (model_config.num_hardware_heads,))
+    shape = ((model_config.ensemble_size,) if per_member else ()) + (
+      model_config.num_hardware_heads,
+    )
     out = np.zeros((n,) + shape, np.float32)
     bs = max(1, min(batch_size, n))
     for start in range(0, n, bs):
-      chunk = features[start:start + bs]
+      chunk = features[start : start + bs]
       m = chunk.shape[0]
       if m < bs:
         chunk = np.concatenate([chunk, np.zeros((bs - m,) + chunk.shape[1:], np.float32)])
-      out[start:start + m] = np.asarray(apply(params, chunk))[:m]
+      out[start : start + m] = np.asarray(apply(params, chunk))[:m]
     return out
 
   return predict
@@ -243,8 +264,13 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   fl = flags.FLAGS
   arrays = export_workdir(fl.workdir, fl.out, fl.which)
-  logging.info("wrote %s: %d arrays, heads %s, step %d", fl.out, len(arrays),
-               [str(h) for h in arrays[npred.META_HARDWARE]], int(arrays[npred.META_STEP]))
+  logging.info(
+    "wrote %s: %d arrays, heads %s, step %d",
+    fl.out,
+    len(arrays),
+    [str(h) for h in arrays[npred.META_HARDWARE]],
+    int(arrays[npred.META_STEP]),
+  )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -32,12 +33,9 @@ import tqdm
 
 from data_pipelines import loader
 from tlp_jax.core import metrics
-from tlp_jax.train import checkpoints
+from tlp_jax.train import checkpoints, data, optimizer, runtime
 from tlp_jax.train import config as config_lib
-from tlp_jax.train import data
 from tlp_jax.train import model as model_lib
-from tlp_jax.train import optimizer
-from tlp_jax.train import runtime
 from tlp_jax.train import step as step_lib
 from tlp_jax.train import writer as writer_lib
 
@@ -52,15 +50,20 @@ class TrainResult:
   hardware: tuple[str, ...]
 
 
-def validate(p_eval_step: Callable, params: Any, split: data.HeadArrays,
-             layout: data.BatchLayout, hardware: Sequence[str],
-             ks: Sequence[int]) -> dict[str, float]:
+def validate(
+  p_eval_step: Callable,
+  params: Any,
+  split: data.HeadArrays,
+  layout: data.BatchLayout,
+  hardware: Sequence[str],
+  ks: Sequence[int],
+) -> dict[str, float]:
   """Validation: per-head loss summed over sequential batches (as TLP), and quick top-k."""
   if split.size == 0:
     return {}
   steps = -(-split.size // layout.global_batch)
   order = np.zeros(steps * layout.global_batch, np.int32)
-  order[:split.size] = np.arange(split.size, dtype=np.int32)
+  order[: split.size] = np.arange(split.size, dtype=np.int32)
   valid = np.arange(order.size) < split.size
   loss_sum = np.zeros(len(hardware), np.float64)
   preds = np.zeros((steps * layout.global_batch, len(hardware)), np.float32)
@@ -68,9 +71,9 @@ def validate(p_eval_step: Callable, params: Any, split: data.HeadArrays,
     sl = layout.local_slice(s)
     batch = data.host_batch(split, order[sl], valid[sl], layout)
     p, per_head = data.first_replica(p_eval_step(params, *batch))
-    preds[s * layout.global_batch:(s + 1) * layout.global_batch] = p
+    preds[s * layout.global_batch : (s + 1) * layout.global_batch] = p
     loss_sum += per_head.astype(np.float64)
-  preds = preds[:split.size]
+  preds = preds[: split.size]
   out = {"val_loss": float(loss_sum.sum())}
   for h, name in enumerate(hardware):
     out[f"val_loss/{name}"] = float(loss_sum[h])
@@ -81,9 +84,13 @@ def validate(p_eval_step: Callable, params: Any, split: data.HeadArrays,
   return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict | config_lib.TrainConfig, workdir: str,
-                       *, dataset: Any | None = None,
-                       devices: Sequence[Any] | None = None) -> TrainResult:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict | config_lib.TrainConfig,
+  workdir: str,
+  *,
+  dataset: Any | None = None,
+  devices: Sequence[Any] | None = None,
+) -> TrainResult:
   """Trains (or resumes training), validating every ``config.eval_every_epochs`` epochs and
   after the last; checkpoints into ``workdir``.
 
@@ -100,20 +107,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict | config_lib.TrainConfi
   """
   if not isinstance(config, config_lib.TrainConfig):
     config = config_lib.from_config_dict(config)
-  if (config.deterministic_gpu_ops and jax.default_backend() == "gpu"
-      and not runtime.deterministic_gpu_ops_enabled()):
-    logging.warning("config.deterministic_gpu_ops is set but XLA_FLAGS lacks %s, and JAX has "
-                    "started: this run is not reproducible across processes. Call "
-                    "tlp_jax.train.runtime.enable_deterministic_gpu_ops() before JAX starts "
-                    "(train.py does).", runtime.DETERMINISTIC_GPU_FLAG)
+  if (
+    config.deterministic_gpu_ops
+    and jax.default_backend() == "gpu"
+    and not runtime.deterministic_gpu_ops_enabled()
+  ):
+    logging.warning(
+      "config.deterministic_gpu_ops is set but XLA_FLAGS lacks %s, and JAX has "
+      "started: this run is not reproducible across processes. Call "
+      "tlp_jax.train.runtime.enable_deterministic_gpu_ops() before JAX starts "
+      "(train.py does).",
+      runtime.DETERMINISTIC_GPU_FLAG,
+    )
   # Steps are traced inside this context, so it sets the precision of every float32 matmul of
   # the model and loss ("default" is TF32 on Ampere/Hopper GPUs; "highest" is true float32).
   with jax.default_matmul_precision(config.matmul_precision):
     return _train_and_evaluate(config, workdir, dataset, devices)
 
 
-def _train_and_evaluate(config: config_lib.TrainConfig, workdir: str, dataset: Any | None,
-                        devices: Sequence[Any] | None) -> TrainResult:
+def _train_and_evaluate(
+  config: config_lib.TrainConfig, workdir: str, dataset: Any | None, devices: Sequence[Any] | None
+) -> TrainResult:
   """``train_and_evaluate`` under the configured matmul precision."""
   # pmap wants the *global* device list in multi-process runs (its default); an explicit
   # subset is for single-process use (tests, 1-device runs).
@@ -129,54 +143,75 @@ def _train_and_evaluate(config: config_lib.TrainConfig, workdir: str, dataset: A
   columns = data.head_columns(list(dataset.hardware), list(config.hardware))
   hardware = tuple(str(dataset.hardware[c]) for c in columns)
   loop_tokens = data.reads_loop_tokens(config.loop_tokens, dataset)
-  model_config = data.model_config_for(config.model, config.loop_tokens, dataset,
-                                       num_hardware_heads=len(hardware))
+  model_config = data.model_config_for(
+    config.model, config.loop_tokens, dataset, num_hardware_heads=len(hardware)
+  )
   # Loop tokens are kept in their own (float16) array and assembled per batch.
   train = data.select_heads(dataset.train, columns, loop_tokens)
   val = data.select_heads(dataset.validation, columns, loop_tokens)
   if train.size == 0:
     raise ValueError(f"no training records with labels for hardware {list(hardware)}")
-  train = dataclasses.replace(train, mask=data.few_shot_mask(
-      train.mask, config.few_shot.num_labels, config.few_shot.fraction, config.seed))
+  train = dataclasses.replace(
+    train,
+    mask=data.few_shot_mask(
+      train.mask, config.few_shot.num_labels, config.few_shot.fraction, config.seed
+    ),
+  )
 
   steps_per_epoch = -(-train.size // layout.global_batch)
   num_epochs = config.num_epochs
   total_steps = steps_per_epoch * num_epochs
-  tx, schedule = optimizer.make_optimizer(config.optim, steps_per_epoch, total_steps,
-                                          model_config.ensemble_size)
+  tx, schedule = optimizer.make_optimizer(
+    config.optim, steps_per_epoch, total_steps, model_config.ensemble_size
+  )
 
   # A workdir belongs to one run: refuse to mix runs (a different model or data would make
   # the checkpoints meaningless).
-  checkpoints.check_or_write_json(os.path.join(workdir, checkpoints.MODEL_CONFIG_FILE),
-                                  model_config.to_dict(), "model config", write=is_chief)
-  checkpoints.check_or_write_json(os.path.join(workdir, checkpoints.DATASET_META_FILE),
-                                  data.dataset_meta(dataset, hardware, loop_tokens), "dataset",
-                                  write=is_chief)
+  checkpoints.check_or_write_json(
+    os.path.join(workdir, checkpoints.MODEL_CONFIG_FILE),
+    model_config.to_dict(),
+    "model config",
+    write=is_chief,
+  )
+  checkpoints.check_or_write_json(
+    os.path.join(workdir, checkpoints.DATASET_META_FILE),
+    data.dataset_meta(dataset, hardware, loop_tokens),
+    "dataset",
+    write=is_chief,
+  )
   if is_chief:
-    checkpoints.write_json(os.path.join(workdir, checkpoints.TRAIN_CONFIG_FILE),
-                           config.to_dict())
+    checkpoints.write_json(os.path.join(workdir, checkpoints.TRAIN_CONFIG_FILE), config.to_dict())
     if loop_tokens:
       checkpoints.copy_skeletons(getattr(dataset, "skeletons_path", None), workdir)
-  run_identity = {"num_train": train.size, "global_batch": layout.global_batch,
-                  "steps_per_epoch": steps_per_epoch, "seed": config.seed}
+  run_identity = {
+    "num_train": train.size,
+    "global_batch": layout.global_batch,
+    "steps_per_epoch": steps_per_epoch,
+    "seed": config.seed,
+  }
 
   state = step_lib.create_train_state(model_config, tx, config.seed)
   latest_mgr, best_mgr = checkpoints.checkpoint_managers(workdir, config.checkpoints_to_keep)
   best_val = math.inf
   validation: dict[str, Any] = {}
-  if (latest_mgr.latest_step() is not None
-      or checkpoints.step_entries(str(latest_mgr.directory))):
+  if latest_mgr.latest_step() is not None or checkpoints.step_entries(str(latest_mgr.directory)):
     state, meta = checkpoints.restore_checkpoint(latest_mgr, state)
     mismatch = {k: (meta.get(k), v) for k, v in run_identity.items() if meta.get(k) != v}
     if mismatch:
       raise checkpoints.CheckpointError(
-          f"checkpoint {latest_mgr.directory}/{int(state.step)} comes from an incompatible run "
-          f"(checkpoint vs now: {mismatch}); use another workdir")
+        f"checkpoint {latest_mgr.directory}/{int(state.step)} comes from an incompatible run "
+        f"(checkpoint vs now: {mismatch}); use another workdir"
+      )
     validation = dict(meta.get("validation") or {})
     best_val = meta.get("best_val_loss")
     best_val = math.inf if best_val is None else float(best_val)
-    logging.info("resumed from %s at step %d (epoch %d, step %d in epoch)",
-                 latest_mgr.directory, int(state.step), meta["epoch"], meta["step_in_epoch"])
+    logging.info(
+      "resumed from %s at step %d (epoch %d, step %d in epoch)",
+      latest_mgr.directory,
+      int(state.step),
+      meta["epoch"],
+      meta["step_in_epoch"],
+    )
   start_step = int(state.step)
 
   model = model_lib.TLPModel(model_config)
@@ -185,20 +220,43 @@ def _train_and_evaluate(config: config_lib.TrainConfig, workdir: str, dataset: A
   if placement == "auto":
     placement = "device" if train.nbytes <= config.device_data_max_bytes else "host"
   if placement == "device":
-    p_train = jax.pmap(functools.partial(step_lib.train_step_resident,
-                                         steps_per_epoch=steps_per_epoch,
-                                         global_batch=layout.global_batch, **step_kwargs),
-                       axis_name=data.AXIS, devices=pmap_devices, donate_argnums=(0,))
+    p_train = jax.pmap(
+      functools.partial(
+        step_lib.train_step_resident,
+        steps_per_epoch=steps_per_epoch,
+        global_batch=layout.global_batch,
+        **step_kwargs,
+      ),
+      axis_name=data.AXIS,
+      devices=pmap_devices,
+      donate_argnums=(0,),
+    )
     resident = data.replicate_to_devices(train.arrays, devices)
   else:
-    p_train = jax.pmap(functools.partial(step_lib.train_step, **step_kwargs),
-                       axis_name=data.AXIS, devices=pmap_devices, donate_argnums=(0,))
-  p_eval = jax.pmap(functools.partial(step_lib.eval_step, model=model, loss_config=config.loss),
-                    axis_name=data.AXIS, devices=pmap_devices)
-  logging.info("training %d records (%s), %d validation, heads %s, %d steps/epoch x %d epochs, "
-               "batch %d on %d device(s), data on %s", train.size, model_config, val.size,
-               hardware, steps_per_epoch, num_epochs, layout.global_batch, layout.num_devices,
-               placement)
+    p_train = jax.pmap(
+      functools.partial(step_lib.train_step, **step_kwargs),
+      axis_name=data.AXIS,
+      devices=pmap_devices,
+      donate_argnums=(0,),
+    )
+  p_eval = jax.pmap(
+    functools.partial(step_lib.eval_step, model=model, loss_config=config.loss),
+    axis_name=data.AXIS,
+    devices=pmap_devices,
+  )
+  logging.info(
+    "training %d records (%s), %d validation, heads %s, %d steps/epoch x %d epochs, "
+    "batch %d on %d device(s), data on %s",
+    train.size,
+    model_config,
+    val.size,
+    hardware,
+    steps_per_epoch,
+    num_epochs,
+    layout.global_batch,
+    layout.num_devices,
+    placement,
+  )
 
   writer = writer_lib.MetricWriter(workdir, enabled=is_chief)
   if start_step == 0:
@@ -207,8 +265,13 @@ def _train_and_evaluate(config: config_lib.TrainConfig, workdir: str, dataset: A
 
   def meta_for(step: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     epoch, in_epoch = divmod(step, steps_per_epoch)
-    m = dict(run_identity, step=step, epoch=epoch, step_in_epoch=in_epoch,
-             best_val_loss=best_val if math.isfinite(best_val) else None)
+    m = dict(
+      run_identity,
+      step=step,
+      epoch=epoch,
+      step_in_epoch=in_epoch,
+      best_val_loss=best_val if math.isfinite(best_val) else None,
+    )
     m.update(extra or {})
     return m
 
@@ -216,16 +279,23 @@ def _train_and_evaluate(config: config_lib.TrainConfig, workdir: str, dataset: A
     return data.first_replica(rstate)
 
   order_by_task = train.task_index if config.batch_order == "by_task" else None
-  bar = tqdm.tqdm(total=total_steps * layout.global_batch, initial=start_step * layout.global_batch,
-                  unit="sample", unit_scale=True, dynamic_ncols=True, disable=not is_chief,
-                  desc="train")
+  bar = tqdm.tqdm(
+    total=total_steps * layout.global_batch,
+    initial=start_step * layout.global_batch,
+    unit="sample",
+    unit_scale=True,
+    dynamic_ncols=True,
+    disable=not is_chief,
+    desc="train",
+  )
   pending: list[dict[str, jax.Array]] = []
   last_log_time, last_log_step = time.time(), start_step
   step = start_step
   try:
     for epoch in range(start_step // steps_per_epoch, num_epochs):
-      order, valid = data.epoch_order(config.seed, epoch, train.size, steps_per_epoch,
-                                      layout.global_batch, order_by_task)
+      order, valid = data.epoch_order(
+        config.seed, epoch, train.size, steps_per_epoch, layout.global_batch, order_by_task
+      )
       if placement == "device":
         d_order, d_valid = data.replicate_to_devices((order, valid), devices)
       for in_epoch in range(step - epoch * steps_per_epoch, steps_per_epoch):
@@ -240,11 +310,14 @@ def _train_and_evaluate(config: config_lib.TrainConfig, workdir: str, dataset: A
         if step % config.log_every_steps == 0 or in_epoch == steps_per_epoch - 1:
           got = [data.first_replica(p) for p in pending]
           now = time.time()
-          scalars = {"train_loss": float(np.mean([g["loss"] for g in got])),
-                     "grad_norm": float(np.mean([g["grad_norm"] for g in got])),
-                     "learning_rate": float(schedule(step - 1)),
-                     "samples_per_sec": (step - last_log_step) * layout.global_batch
-                                        / max(now - last_log_time, 1e-9)}
+          scalars = {
+            "train_loss": float(np.mean([g["loss"] for g in got])),
+            "grad_norm": float(np.mean([g["grad_norm"] for g in got])),
+            "learning_rate": float(schedule(step - 1)),
+            "samples_per_sec": (step - last_log_step)
+            * layout.global_batch
+            / max(now - last_log_time, 1e-9),
+          }
           for h, name in enumerate(hardware):
             scalars[f"train_loss/{name}"] = float(np.mean([g["loss_per_head"][h] for g in got]))
           if not np.isfinite(scalars["train_loss"]):
@@ -280,5 +353,6 @@ def _train_and_evaluate(config: config_lib.TrainConfig, workdir: str, dataset: A
     latest_mgr.close()
     best_mgr.close()
     writer.close()
-  return TrainResult(state=host_state(), validation=validation, model_config=model_config,
-                     hardware=hardware)
+  return TrainResult(
+    state=host_state(), validation=validation, model_config=model_config, hardware=hardware
+  )

@@ -58,10 +58,9 @@ class LossConfig:
 
 
 class HeadLoss(Protocol):
-
-  def __call__(self, preds: Array, labels: Array, valid: Array, groups: Array,
-               config: LossConfig) -> Array:
-    ...
+  def __call__(
+    self, preds: Array, labels: Array, valid: Array, groups: Array, config: LossConfig
+  ) -> Array: ...
 
 
 def _comparable(groups: Array, valid: Array) -> Array:
@@ -78,12 +77,14 @@ def _ranks(values: Array, comparable: Array) -> Array:
   n = values.shape[0]
   idx = jnp.arange(n)
   ahead = (values[None, :] > values[:, None]) | (
-      (values[None, :] == values[:, None]) & (idx[None, :] < idx[:, None]))
+    (values[None, :] == values[:, None]) & (idx[None, :] < idx[:, None])
+  )
   return jnp.sum(ahead & comparable, axis=1)
 
 
-def lambdarank_head(preds: Array, labels: Array, valid: Array, groups: Array,
-                    config: LossConfig) -> Array:
+def lambdarank_head(
+  preds: Array, labels: Array, valid: Array, groups: Array, config: LossConfig
+) -> Array:
   """TLP's LambdaRank loss for one head. preds, labels, valid, groups: (N,). Returns a scalar."""
   preds = preds.astype(jnp.float32)
   labels = jnp.where(valid, labels.astype(jnp.float32), 0.0)  # absent labels may be NaN
@@ -120,8 +121,7 @@ def lambdarank_head(preds: Array, labels: Array, valid: Array, groups: Array,
   return -jnp.sum(jnp.where(pairs, pair_loss, 0.0))
 
 
-def mse_head(preds: Array, labels: Array, valid: Array, groups: Array,
-             config: LossConfig) -> Array:
+def mse_head(preds: Array, labels: Array, valid: Array, groups: Array, config: LossConfig) -> Array:
   """Mean squared error over the head's present labels (``torch.nn.MSELoss`` when all present)."""
   del groups, config
   err = jnp.where(valid, preds.astype(jnp.float32) - labels.astype(jnp.float32), 0.0)
@@ -130,12 +130,14 @@ def mse_head(preds: Array, labels: Array, valid: Array, groups: Array,
 
 def _log_scores(labels: Array, valid: Array) -> Array:
   # Scores below the floor TLP's eval uses to turn scores back into latencies count as equal.
-  return jnp.where(valid, jnp.log(jnp.maximum(labels.astype(jnp.float32), metrics.SCORE_FLOOR)),
-                   0.0)
+  return jnp.where(
+    valid, jnp.log(jnp.maximum(labels.astype(jnp.float32), metrics.SCORE_FLOOR)), 0.0
+  )
 
 
-def pairwise_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
-                      config: LossConfig) -> Array:
+def pairwise_log_head(
+  preds: Array, labels: Array, valid: Array, groups: Array, config: LossConfig
+) -> Array:
   """Pairwise logistic (RankNet) loss with each pair weighted by ``log(y_i / y_j)``.
 
   Not in TLP. Over the pairs of comparable items (same group when ``group_by_task``) with
@@ -153,14 +155,15 @@ def pairwise_log_head(preds: Array, labels: Array, valid: Array, groups: Array,
 
 
 LOSSES: dict[str, HeadLoss] = {
-    "lambdarank": lambdarank_head,
-    "mse": mse_head,
-    "pairwise_log": pairwise_log_head,
+  "lambdarank": lambdarank_head,
+  "mse": mse_head,
+  "pairwise_log": pairwise_log_head,
 }
 
 
-def multi_head_loss(config: LossConfig, preds: Array, labels: Array, mask: Array,
-                    task_index: Array | None = None) -> Array:
+def multi_head_loss(
+  config: LossConfig, preds: Array, labels: Array, mask: Array, task_index: Array | None = None
+) -> Array:
   """Sum over heads of ``config``'s loss on each head's present labels.
 
   Args:
@@ -174,8 +177,9 @@ def multi_head_loss(config: LossConfig, preds: Array, labels: Array, mask: Array
     Scalar float32 loss.
   """
   if preds.ndim != 2 or preds.shape != labels.shape or preds.shape != mask.shape:
-    raise ValueError(f"preds {preds.shape}, labels {labels.shape} and mask {mask.shape} must "
-                     "all be (batch, heads)")
+    raise ValueError(
+      f"preds {preds.shape}, labels {labels.shape} and mask {mask.shape} must all be (batch, heads)"
+    )
   if config.group_by_task:
     if task_index is None:
       raise ValueError("group_by_task=True needs task_index")
@@ -183,6 +187,7 @@ def multi_head_loss(config: LossConfig, preds: Array, labels: Array, mask: Array
   else:
     groups = jnp.zeros((preds.shape[0],), jnp.int32)
   head_fn = LOSSES[config.name]
-  per_head = jax.vmap(lambda p, y, m: head_fn(p, y, m, groups, config),
-                      in_axes=(1, 1, 1))(preds, labels, mask.astype(bool))
+  per_head = jax.vmap(lambda p, y, m: head_fn(p, y, m, groups, config), in_axes=(1, 1, 1))(
+    preds, labels, mask.astype(bool)
+  )
   return jnp.sum(per_head)

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -64,8 +65,8 @@ def _signed_log1p(x: Array) -> Array:
 
 # name -> elementwise transform applied to the selected feature columns before the encoder.
 INPUT_NORMS: dict[str, Callable[[Array], Array]] = {
-    "none": _identity,
-    "log1p": _signed_log1p,
+  "none": _identity,
+  "log1p": _signed_log1p,
 }
 
 
@@ -109,8 +110,10 @@ class TLPConfig:
     if self.decoder_dims[-1] != 1:
       raise ValueError(f"decoder_dims must end in 1, got {self.decoder_dims}")
     if self.hidden_dim % self.attention_heads:
-      raise ValueError(f"attention width {self.hidden_dim} is not divisible by "
-                       f"attention_heads={self.attention_heads}")
+      raise ValueError(
+        f"attention width {self.hidden_dim} is not divisible by "
+        f"attention_heads={self.attention_heads}"
+      )
     if self.num_hardware_heads < 1:
       raise ValueError(f"num_hardware_heads must be >= 1, got {self.num_hardware_heads}")
     if self.ensemble_size < 1:
@@ -129,7 +132,7 @@ class TLPConfig:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "TLPConfig":
+  def from_dict(cls, d: dict[str, Any]) -> TLPConfig:
     """Inverse of ``to_dict``; unknown keys are an error.
 
     Also reads the model configs stored by earlier versions (``predictor.upgrade_model_config``:
@@ -151,14 +154,24 @@ class TLPConfig:
 def _uniform(limit: float):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -limit, limit)
+
   return init
 
 
 def torch_linear(features: int, fan_in: int, dtype, name: str | None = None) -> nn.Dense:
-  """``nn.Dense`` initialised like ``torch.nn.Linear`` (kaiming-uniform a=sqrt(5) == U(+-1/sqrt(fan_in)))."""
+  """``nn.Dense`` initialised like ``torch.nn.Linear``.
+
+  Kaiming-uniform with a=sqrt(5), i.e. U(+-1/sqrt(fan_in)), for the kernel and the bias.
+  """
   bound = 1.0 / math.sqrt(fan_in)
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=_uniform(bound), bias_init=_uniform(bound), name=name)
+  return nn.Dense(
+    features,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=_uniform(bound),
+    bias_init=_uniform(bound),
+    name=name,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,22 +197,32 @@ class SelfAttention(nn.Module):
     in_bound = math.sqrt(6.0 / (self.dim + 3 * self.dim))
 
     def in_proj(name):
-      return nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=_uniform(in_bound), bias_init=nn.initializers.zeros,
-                      name=name)
+      return nn.Dense(
+        self.dim,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_uniform(in_bound),
+        bias_init=nn.initializers.zeros,
+        name=name,
+      )
 
-    b, l, _ = x.shape
-    q = in_proj("query")(x).reshape(b, l, self.heads, head_dim)
-    k = in_proj("key")(x).reshape(b, l, self.heads, head_dim)
-    v = in_proj("value")(x).reshape(b, l, self.heads, head_dim)
+    b, steps, _ = x.shape
+    q = in_proj("query")(x).reshape(b, steps, self.heads, head_dim)
+    k = in_proj("key")(x).reshape(b, steps, self.heads, head_dim)
+    v = in_proj("value")(x).reshape(b, steps, self.heads, head_dim)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, self.dim)
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, steps, self.dim)
     out_bound = 1.0 / math.sqrt(self.dim)
-    return nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=_uniform(out_bound), bias_init=nn.initializers.zeros,
-                    name="out")(ctx)
+    return nn.Dense(
+      self.dim,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_uniform(out_bound),
+      bias_init=nn.initializers.zeros,
+      name="out",
+    )(ctx)
 
 
 class Decoder(nn.Module):
@@ -235,12 +258,12 @@ class TLPModel(nn.Module):
     cfg = self.config
     if cfg.ensemble_size > 1:
       members = nn.vmap(
-          TLPModel,
-          variable_axes={"params": 0},
-          split_rngs={"params": True},
-          in_axes=None,
-          out_axes=1,
-          axis_size=cfg.ensemble_size,
+        TLPModel,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=None,
+        out_axes=1,
+        axis_size=cfg.ensemble_size,
       )(dataclasses.replace(cfg, ensemble_size=1), name="members")(x)
       return members if per_member else jnp.mean(members, axis=1)
     scores = self._network(x)
@@ -252,10 +275,12 @@ class TLPModel(nn.Module):
     if x.ndim != 3:
       raise ValueError(f"expected features (batch, steps, width), got shape {x.shape}")
     if x.shape[1] < cfg.seq_len or x.shape[2] < cfg.feature_dim:
-      raise ValueError(f"features {x.shape[1:]} are smaller than the model's "
-                       f"(seq_len, feature_dim)=({cfg.seq_len}, {cfg.feature_dim})")
+      raise ValueError(
+        f"features {x.shape[1:]} are smaller than the model's "
+        f"(seq_len, feature_dim)=({cfg.seq_len}, {cfg.feature_dim})"
+      )
     # As the original: crop to (step_size, fea_size).
-    x = x[:, :cfg.seq_len, :cfg.feature_dim].astype(jnp.float32)
+    x = x[:, : cfg.seq_len, : cfg.feature_dim].astype(jnp.float32)
     h = INPUT_NORMS[cfg.input_norm](x).astype(dtype)
     fan_in = cfg.feature_dim
     for i, width in enumerate(cfg.encoder_dims):
@@ -264,16 +289,15 @@ class TLPModel(nn.Module):
 
     h = SelfAttention(cfg.hidden_dim, cfg.attention_heads, dtype=dtype, name="attention")(h) + h
     for i in range(cfg.res_blocks):
-      h = nn.relu(torch_linear(cfg.hidden_dim, cfg.hidden_dim, dtype,
-                               name=f"res_block_{i}")(h)) + h
+      h = nn.relu(torch_linear(cfg.hidden_dim, cfg.hidden_dim, dtype, name=f"res_block_{i}")(h)) + h
 
     heads = nn.vmap(
-        Decoder,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=None,
-        out_axes=-1,
-        axis_size=cfg.num_hardware_heads,
+      Decoder,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=None,
+      out_axes=-1,
+      axis_size=cfg.num_hardware_heads,
     )
     return heads(cfg, name="heads")(h)
 

@@ -8,7 +8,7 @@ constant); this project's default is AdamW with linear warm-up and cosine decay
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,22 +56,28 @@ def _warmup_cosine_schedule(cfg: OptimConfig, steps_per_epoch: int, total_steps:
   warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
   warmup = min(warmup, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=cfg.end_learning_rate)
+    init_value=0.0,
+    peak_value=cfg.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=cfg.end_learning_rate,
+  )
 
 
 def _step_schedule(cfg: OptimConfig, steps_per_epoch: int, total_steps: int):
   del total_steps
   # StepLR is stepped after each epoch, so epoch e trains at lr * gamma ** (e // step_size).
   return optax.exponential_decay(
-      init_value=cfg.learning_rate,
-      transition_steps=cfg.step_decay_every_epochs * steps_per_epoch,
-      decay_rate=cfg.step_decay_rate, staircase=True)
+    init_value=cfg.learning_rate,
+    transition_steps=cfg.step_decay_every_epochs * steps_per_epoch,
+    decay_rate=cfg.step_decay_rate,
+    staircase=True,
+  )
 
 
 SCHEDULES: dict[str, Callable[[OptimConfig, int, int], optax.Schedule]] = {
-    "warmup_cosine": _warmup_cosine_schedule,
-    "step": _step_schedule,
+  "warmup_cosine": _warmup_cosine_schedule,
+  "step": _step_schedule,
 }
 
 
@@ -82,6 +88,7 @@ def clip_by_member_norm(max_norm: float) -> optax.GradientTransformation:
   over all members would scale every member by the largest one's norm and couple their
   training; clipping each member's slice keeps them as independent as separately trained runs.
   """
+
   def update_fn(updates, state, params=None):
     del params
     leaves = jax.tree_util.tree_leaves(updates)
@@ -89,7 +96,8 @@ def clip_by_member_norm(max_norm: float) -> optax.GradientTransformation:
     norm = jnp.sqrt(sq)
     scale = jnp.where(norm < max_norm, 1.0, max_norm / jnp.maximum(norm, 1e-30))
     clipped = jax.tree_util.tree_map(
-        lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), updates)
+      lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), updates
+    )
     return clipped, state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
@@ -103,31 +111,41 @@ def _clip(cfg: OptimConfig, ensemble_size: int) -> list[optax.GradientTransforma
   return [optax.clip_by_global_norm(cfg.grad_clip_norm)]
 
 
-def _adam_l2(cfg: OptimConfig, schedule: optax.Schedule,
-             clip: Sequence[optax.GradientTransformation]) -> optax.GradientTransformation:
+def _adam_l2(
+  cfg: OptimConfig, schedule: optax.Schedule, clip: Sequence[optax.GradientTransformation]
+) -> optax.GradientTransformation:
   # PyTorch Adam(weight_decay): grad += wd * param after clipping, before the moments.
-  return optax.chain(*clip, optax.add_decayed_weights(cfg.weight_decay),
-                     optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-                     optax.scale_by_learning_rate(schedule))
+  return optax.chain(
+    *clip,
+    optax.add_decayed_weights(cfg.weight_decay),
+    optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+    optax.scale_by_learning_rate(schedule),
+  )
 
 
-def _adamw(cfg: OptimConfig, schedule: optax.Schedule,
-           clip: Sequence[optax.GradientTransformation]) -> optax.GradientTransformation:
-  return optax.chain(*clip, optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
-                                        weight_decay=cfg.weight_decay))
+def _adamw(
+  cfg: OptimConfig, schedule: optax.Schedule, clip: Sequence[optax.GradientTransformation]
+) -> optax.GradientTransformation:
+  return optax.chain(
+    *clip, optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+  )
 
 
-OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule,
-                                Sequence[optax.GradientTransformation]],
-                               optax.GradientTransformation]] = {
-    "adam": _adam_l2,
-    "adamw": _adamw,
+OPTIMIZERS: dict[
+  str,
+  Callable[
+    [OptimConfig, optax.Schedule, Sequence[optax.GradientTransformation]],
+    optax.GradientTransformation,
+  ],
+] = {
+  "adam": _adam_l2,
+  "adamw": _adamw,
 }
 
 
-def make_optimizer(cfg: OptimConfig, steps_per_epoch: int, total_steps: int,
-                   ensemble_size: int = 1
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  cfg: OptimConfig, steps_per_epoch: int, total_steps: int, ensemble_size: int = 1
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the Optax optimizer and its learning-rate schedule (a function of the step).
 
   ``ensemble_size`` > 1: the parameters are an ensemble's (leading member axis on every leaf);

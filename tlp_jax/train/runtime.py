@@ -13,7 +13,8 @@ config. This module does not import JAX.
 from __future__ import annotations
 
 import os
-from typing import Any, MutableMapping
+from collections.abc import MutableMapping
+from typing import Any
 
 DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
 _FLAG_NAME = "--xla_gpu_deterministic_ops"

@@ -29,33 +29,52 @@ class TrainState:
   rng: jax.Array  # raw uint32 key data of the run's PRNG key
 
 
-def create_train_state(model_config: model_lib.TLPConfig, tx: optax.GradientTransformation,
-                       seed: int) -> TrainState:
+def create_train_state(
+  model_config: model_lib.TLPConfig, tx: optax.GradientTransformation, seed: int
+) -> TrainState:
   """Initial state: PyTorch-style initialised parameters from ``seed``, fresh optimizer state."""
   # Legacy uint32 keys: plain arrays that checkpoint like any other.
   rng = jax.random.PRNGKey(seed)
   init_rng, rng = jax.random.split(rng)
   params = model_lib.init_params(model_config, init_rng)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=rng)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng
+  )
 
 
-def per_head_losses(loss_config: losses.LossConfig, preds: jax.Array, scores: jax.Array,
-                    mask: jax.Array, task_index: jax.Array) -> jax.Array:
+def per_head_losses(
+  loss_config: losses.LossConfig,
+  preds: jax.Array,
+  scores: jax.Array,
+  mask: jax.Array,
+  task_index: jax.Array,
+) -> jax.Array:
   """``(H,)`` loss of each head on a batch (their sum is the training loss)."""
-  return jnp.stack([
-      losses.multi_head_loss(loss_config, preds[:, h:h + 1], scores[:, h:h + 1],
-                             mask[:, h:h + 1], task_index) for h in range(preds.shape[1])])
+  return jnp.stack(
+    [
+      losses.multi_head_loss(
+        loss_config, preds[:, h : h + 1], scores[:, h : h + 1], mask[:, h : h + 1], task_index
+      )
+      for h in range(preds.shape[1])
+    ]
+  )
 
 
 def _gather(x: jax.Array) -> jax.Array:
   return jax.lax.all_gather(x, AXIS, tiled=True)
 
 
-def train_step(state: TrainState, features: jax.Array, scores: jax.Array, mask: jax.Array,
-               task_index: jax.Array, *, model: model_lib.TLPModel,
-               tx: optax.GradientTransformation,
-               loss_config: losses.LossConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  features: jax.Array,
+  scores: jax.Array,
+  mask: jax.Array,
+  task_index: jax.Array,
+  *,
+  model: model_lib.TLPModel,
+  tx: optax.GradientTransformation,
+  loss_config: losses.LossConfig,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's shard of the global batch (inside ``pmap``).
 
   Predictions are all-gathered, the loss and its gradient w.r.t. all predictions are computed
@@ -63,6 +82,7 @@ def train_step(state: TrainState, features: jax.Array, scores: jax.Array, mask: 
   through the model, and the parameter gradients are summed over devices. This is exactly the
   single-device gradient of the global-batch loss, for any number of devices.
   """
+
   def forward(params):
     # (B, members, H) flattened to (B, members * H): every (member, head) column is ranked on
     # its own, so each ensemble member trains on its own loss (one column per head if not an
@@ -91,9 +111,12 @@ def train_step(state: TrainState, features: jax.Array, scores: jax.Array, mask: 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {"loss": loss, "loss_per_head": per_head,
-                     "grad_norm": optax.tree.norm(grads),
-                     "labels": jnp.sum(_gather(mask), axis=0)}
+  return new_state, {
+    "loss": loss,
+    "loss_per_head": per_head,
+    "grad_norm": optax.tree.norm(grads),
+    "labels": jnp.sum(_gather(mask), axis=0),
+  }
 
 
 def model_input(steps: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -107,9 +130,16 @@ def model_input(steps: jax.Array, tokens: jax.Array) -> jax.Array:
   return out.at[:, length:, width:].set(tokens.astype(jnp.float32))
 
 
-def train_step_resident(state: TrainState, data: tuple[jax.Array, ...], order: jax.Array,
-                        valid: jax.Array, *, steps_per_epoch: int, global_batch: int,
-                        **step_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step_resident(
+  state: TrainState,
+  data: tuple[jax.Array, ...],
+  order: jax.Array,
+  valid: jax.Array,
+  *,
+  steps_per_epoch: int,
+  global_batch: int,
+  **step_kwargs,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """``train_step`` on a batch gathered on device from the resident training arrays.
 
   ``data = (features, [loop_tokens,] scores, mask, task_index)`` of the whole training set
@@ -125,15 +155,24 @@ def train_step_resident(state: TrainState, data: tuple[jax.Array, ...], order: j
   x = features[rows]
   if tokens:
     x = model_input(x, tokens[0][rows])
-  return train_step(state, x, scores[rows], mask[rows] & ok[:, None], task_index[rows],
-                    **step_kwargs)
+  return train_step(
+    state, x, scores[rows], mask[rows] & ok[:, None], task_index[rows], **step_kwargs
+  )
 
 
-def eval_step(params: Any, features: jax.Array, scores: jax.Array, mask: jax.Array,
-              task_index: jax.Array, *, model: model_lib.TLPModel,
-              loss_config: losses.LossConfig) -> tuple[jax.Array, jax.Array]:
+def eval_step(
+  params: Any,
+  features: jax.Array,
+  scores: jax.Array,
+  mask: jax.Array,
+  task_index: jax.Array,
+  *,
+  model: model_lib.TLPModel,
+  loss_config: losses.LossConfig,
+) -> tuple[jax.Array, jax.Array]:
   """Predictions of the global batch ``(B, H)`` and its per-head losses ``(H,)`` (in ``pmap``)."""
   preds = _gather(model.apply({"params": params}, features))
-  per_head = per_head_losses(loss_config, preds, _gather(scores), _gather(mask),
-                             _gather(task_index))
+  per_head = per_head_losses(
+    loss_config, preds, _gather(scores), _gather(mask), _gather(task_index)
+  )
   return preds, per_head

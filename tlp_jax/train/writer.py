@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class MetricWriter:
@@ -19,6 +20,7 @@ class MetricWriter:
     self._writer = None
     if enabled:
       import tensorboardX  # optional heavy dependency, only for the process that writes
+
       self._writer = tensorboardX.SummaryWriter(logdir=logdir, flush_secs=30)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:

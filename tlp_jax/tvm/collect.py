@@ -11,8 +11,8 @@ Stages (each resumable; a finished task is never redone, an interrupted one is r
    *written* for compatibility with TenSet's own scripts; this module never reads it.
 2. **dump** -- TenSet's ``dump_programs``: per task, a ``SketchPolicy`` with a random cost model
    (``evolutionary_search_num_iters=1``, population ``min(N, 2560)``, at least 16) samples an
-   initial population, evolves it, keeps distinct states (by ``str(state)``) until ``N`` are found or 10
-   rounds in a row bring nothing new (then re-samples), shuffles them, and writes
+   initial population, evolves it, keeps distinct states (by ``str(state)``) until ``N`` are found
+   or 10 rounds in a row bring nothing new (then re-samples), shuffles them, and writes
    ``to_measure_programs/([WORKLOAD_KEY,...],llvm).json`` with placeholder results.
 3. **measure** -- TenSet's ``measure_programs``: ``LocalBuilder`` (timeout 15 s) and
    ``LocalRunner`` (timeout 5 s, number=1, CPU cache flush on, repeat by task FLOPs: >=2.42
@@ -30,6 +30,7 @@ Usage::
       [--networks resnet_18:1:224,mobilenet:1:224] [--hardware NAME] [--programs_per_task 48] \
       [--stages tasks,dump,measure] [--start_idx I] [--end_idx J] [--seed 0]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,15 +44,13 @@ import re
 import tempfile
 import time
 import zlib
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from absl import app
-from absl import flags
 import numpy as np
+from absl import app, flags
 from tqdm import tqdm
 
-from tlp_jax.core import network_info
-from tlp_jax.core import tenset
+from tlp_jax.core import network_info, tenset
 from tlp_jax.tvm import tvm_import
 
 # Constants of TenSet's measure_programs.py (FLOP thresholds for the number of repeats).
@@ -71,77 +70,101 @@ _MIN_POPULATION = 16
 def _resnet(num_layers):
   def build(batch, size):
     from tvm.relay import testing
-    return testing.resnet.get_workload(num_layers=num_layers, batch_size=batch,
-                                       image_shape=(size, size, 3), layout="NHWC")
+
+    return testing.resnet.get_workload(
+      num_layers=num_layers, batch_size=batch, image_shape=(size, size, 3), layout="NHWC"
+    )
+
   return build
 
 
 def _mobilenet(batch, size):
   from tvm.relay import testing
-  return testing.mobilenet.get_workload(batch_size=batch, image_shape=(size, size, 3),
-                                        layout="NHWC")
+
+  return testing.mobilenet.get_workload(
+    batch_size=batch, image_shape=(size, size, 3), layout="NHWC"
+  )
 
 
 def _squeezenet(batch, size):
   from tvm.relay import testing
-  return testing.squeezenet.get_workload(batch_size=batch, version="1.1",
-                                         image_shape=(3, size, size))
+
+  return testing.squeezenet.get_workload(
+    batch_size=batch, version="1.1", image_shape=(3, size, size)
+  )
 
 
 def _inception_v3(batch, size):
   from tvm.relay import testing
+
   return testing.inception_v3.get_workload(batch_size=batch, image_shape=(3, size, size))
 
 
 def _densenet_121(batch, size):
   from tvm.relay import testing
-  return testing.densenet.get_workload(densenet_size=121, batch_size=batch,
-                                       image_shape=(3, size, size))
+
+  return testing.densenet.get_workload(
+    densenet_size=121, batch_size=batch, image_shape=(3, size, size)
+  )
 
 
 def _dcgan(batch, size):
   from tvm.relay import testing
+
   return testing.dcgan.get_workload(batch_size=batch, oshape=(3, size, size))
 
 
 def _vgg_11(batch, size):
   from tvm.relay import testing
+
   return testing.vgg.get_workload(batch_size=batch, num_layers=11, image_shape=(3, size, size))
 
 
 def _mlp(batch, size):
   # A tiny two-dense-layer network: used by the tests; `size` is the square image side.
   from tvm.relay import testing
+
   return testing.mlp.get_workload(batch_size=batch, image_shape=(1, size, size))
 
 
 NETWORKS: Mapping[str, Callable] = {
-    "resnet_18": _resnet(18),
-    "resnet_50": _resnet(50),
-    "mobilenet": _mobilenet,
-    "squeezenet_v1.1": _squeezenet,
-    "inception_v3": _inception_v3,
-    "densenet_121": _densenet_121,
-    "dcgan": _dcgan,
-    "vgg_11": _vgg_11,
-    "mlp": _mlp,
+  "resnet_18": _resnet(18),
+  "resnet_50": _resnet(50),
+  "mobilenet": _mobilenet,
+  "squeezenet_v1.1": _squeezenet,
+  "inception_v3": _inception_v3,
+  "densenet_121": _densenet_121,
+  "dcgan": _dcgan,
+  "vgg_11": _vgg_11,
+  "mlp": _mlp,
 }
 
 # The relay.testing networks of tenset-mini (its BERT-like encoders are plain Relay, not here).
-DEFAULT_NETWORKS = ("resnet_18:1:224", "resnet_18:4:256", "mobilenet:1:224", "mobilenet:4:256",
-                    "mobilenet:1:240", "squeezenet_v1.1:1:224", "inception_v3:1:299",
-                    "densenet_121:1:224", "dcgan:1:64", "vgg_11:1:224", "resnet_50:1:224")
+DEFAULT_NETWORKS = (
+  "resnet_18:1:224",
+  "resnet_18:4:256",
+  "mobilenet:1:224",
+  "mobilenet:4:256",
+  "mobilenet:1:240",
+  "squeezenet_v1.1:1:224",
+  "inception_v3:1:299",
+  "densenet_121:1:224",
+  "dcgan:1:64",
+  "vgg_11:1:224",
+  "resnet_50:1:224",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class NetworkSpec:
   """One network configuration: ``NAME:BATCH:SIZE``."""
+
   name: str
   batch_size: int
   input_size: int
 
   @classmethod
-  def parse(cls, text: str) -> "NetworkSpec":
+  def parse(cls, text: str) -> NetworkSpec:
     parts = text.strip().split(":")
     if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
       raise ValueError(f"network spec {text!r} is not NAME:BATCH:SIZE (e.g. resnet_18:1:224)")
@@ -169,6 +192,7 @@ class CollectConfig:
     build_timeout, run_timeout: LocalBuilder / LocalRunner timeouts in seconds.
     build_n_parallel: LocalBuilder processes (None: all CPUs).
   """
+
   out_dir: str
   networks: tuple[NetworkSpec, ...]
   hardware: str
@@ -206,6 +230,7 @@ def default_target() -> str:
   """``llvm -mcpu=<host cpu>`` as LLVM detects it (what Ansor tunes for on this machine)."""
   tvm_import.require_tvm()
   from tvm.target import codegen
+
   return f"llvm -mcpu={codegen.llvm_get_system_cpu()}"
 
 
@@ -225,8 +250,9 @@ def task_seed(seed: int, workload_key: str) -> int:
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
   """Calls ``write(tmp_path)`` then renames the file to ``path`` (all-or-nothing)."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-",
-                             suffix=os.path.basename(path)[-40:])
+  fd, tmp = tempfile.mkstemp(
+    dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path)[-40:]
+  )
   os.close(fd)
   try:
     write(tmp)
@@ -240,6 +266,7 @@ def _write_text(path: str, text: str) -> None:
   def write(tmp):
     with open(tmp, "w", encoding="utf-8") as f:
       f.write(text)
+
   _atomic_write(path, write)
 
 
@@ -251,6 +278,7 @@ def extract_network_tasks(spec: NetworkSpec, target: str, num_cores: int | None)
   """Builds ``spec`` and extracts its tasks; returns ``(tasks, weights)`` (registers them)."""
   tvm = tvm_import.require_tvm()
   from tvm import auto_scheduler
+
   mod, params = NETWORKS[spec.name](spec.batch_size, spec.input_size)
   tgt = tvm.target.Target(target)
   hw = auto_scheduler.HardwareParams(num_cores=num_cores or os.cpu_count(), target=tgt)
@@ -261,10 +289,19 @@ def extract_network_tasks(spec: NetworkSpec, target: str, num_cores: int | None)
 def network_info_of(spec: NetworkSpec, tasks, weights) -> network_info.NetworkInfo:
   """The network's info in the layout ``tlp_jax.core.network_info`` reads."""
   return network_info.NetworkInfo(
-      name=spec.name, batch_size=spec.batch_size, input_size=spec.input_size,
-      tasks=tuple(network_info.NetworkTask(workload_key=t.workload_key, weight=int(w),
-                                           flop_ct=float(t.compute_dag.flop_ct), desc=t.desc)
-                  for t, w in zip(tasks, weights)))
+    name=spec.name,
+    batch_size=spec.batch_size,
+    input_size=spec.input_size,
+    tasks=tuple(
+      network_info.NetworkTask(
+        workload_key=t.workload_key,
+        weight=int(w),
+        flop_ct=float(t.compute_dag.flop_ct),
+        desc=t.desc,
+      )
+      for t, w in zip(tasks, weights)
+    ),
+  )
 
 
 def stage_tasks(config: CollectConfig, progress: bool = True) -> list:
@@ -286,14 +323,16 @@ def stage_tasks(config: CollectConfig, progress: bool = True) -> list:
       if key not in seen:
         seen.add(key)
         unique.append(t)
+
   # All tasks of the requested networks, whatever slice this run processes (rewritten every run,
   # atomically, so it always matches the network info).
   def write(tmp):
     with open(tmp, "wb") as f:
       pickle.dump(unique, f)
+
   _atomic_write(tenset.all_tasks_path(config.out_dir), write)
   logging.info("%d unique tasks from %d networks", len(unique), len(config.networks))
-  return unique[config.start_idx:config.end_idx]
+  return unique[config.start_idx : config.end_idx]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,19 +376,24 @@ def _unless_all_invalid(fn):
 def sample_programs(task, size: int, seed: int, max_retry_iter: int = 10) -> list:
   """TenSet's dump_programs sampling: up to ``size`` distinct states, shuffled (seeded)."""
   from tvm import auto_scheduler
+
   policy = auto_scheduler.SketchPolicy(
-      task, program_cost_model=_seeded_random_model(seed),
-      params={"evolutionary_search_num_iters": 1,
-              "evolutionary_search_population": min(max(size, _MIN_POPULATION), 2560)},
-      seed=seed, verbose=0)
+    task,
+    program_cost_model=_seeded_random_model(seed),
+    params={
+      "evolutionary_search_num_iters": 1,
+      "evolutionary_search_population": min(max(size, _MIN_POPULATION), 2560),
+    },
+    seed=seed,
+    verbose=0,
+  )
   states = _unless_all_invalid(policy.sample_initial_population)
   kept, seen = [], set()
   retry = 0
   while len(kept) < size and retry < max_retry_iter:
     before = len(kept)
     if states:
-      states = _unless_all_invalid(
-          lambda s=states: policy.evolutionary_search(s, len(s)))
+      states = _unless_all_invalid(lambda s=states: policy.evolutionary_search(s, len(s)))
       for s in states or ():
         key = str(s)
         if key not in seen:
@@ -370,6 +414,7 @@ def sample_programs(task, size: int, seed: int, max_retry_iter: int = 10) -> lis
 def dump_task(task, path: str, size: int, seed: int) -> int:
   """Writes ``size`` sampled programs of ``task`` to ``path`` (placeholder results)."""
   from tvm import auto_scheduler
+
   states = sample_programs(task, size, seed)
   inputs = [auto_scheduler.MeasureInput(task, s) for s in states]
   results = [auto_scheduler.MeasureResult([0.0], 0, "", 0, time.time()) for _ in states]
@@ -386,8 +431,9 @@ def stage_dump(config: CollectConfig, tasks: Sequence, progress: bool = True) ->
     if os.path.exists(path):
       skipped += 1
       continue
-    programs += dump_task(task, path, config.programs_per_task,
-                          task_seed(config.seed, task.workload_key))
+    programs += dump_task(
+      task, path, config.programs_per_task, task_seed(config.seed, task.workload_key)
+    )
     done += 1
   return {"dumped_tasks": done, "already_dumped": skipped, "dumped_programs": programs}
 
@@ -406,26 +452,34 @@ def measure_task(task, to_measure_path: str, out_path: str, config: CollectConfi
   """Builds and runs every program of ``to_measure_path``; writes ``out_path`` atomically."""
   tvm = tvm_import.require_tvm()
   from tvm import auto_scheduler
+
   inputs = list(auto_scheduler.RecordReader(to_measure_path).read_lines()[0])
   target = tvm.target.Target(measure_target(config))
   mtask = auto_scheduler.SearchTask(
-      workload_key=task.workload_key, target=target,
-      hardware_params=task.hardware_params,
-      layout_rewrite_option=task.layout_rewrite_option)
+    workload_key=task.workload_key,
+    target=target,
+    hardware_params=task.hardware_params,
+    layout_rewrite_option=task.layout_rewrite_option,
+  )
   builder = auto_scheduler.LocalBuilder(
-      timeout=config.build_timeout, n_parallel=config.build_n_parallel or os.cpu_count())
+    timeout=config.build_timeout, n_parallel=config.build_n_parallel or os.cpu_count()
+  )
   runner = auto_scheduler.LocalRunner(
-      timeout=config.run_timeout, number=1, repeat=repeat_for_flops(task.compute_dag.flop_ct),
-      enable_cpu_cache_flush=True)
+    timeout=config.run_timeout,
+    number=1,
+    repeat=repeat_for_flops(task.compute_dag.flop_ct),
+    enable_cpu_cache_flush=True,
+  )
   all_inputs, all_results = [], []
   for start in range(0, len(inputs), config.measure_batch_size):
-    batch = [auto_scheduler.MeasureInput(mtask, inp.state)
-             for inp in inputs[start:start + config.measure_batch_size]]
+    batch = [
+      auto_scheduler.MeasureInput(mtask, inp.state)
+      for inp in inputs[start : start + config.measure_batch_size]
+    ]
     build_results = builder.build(batch, verbose=0)
     all_inputs.extend(batch)
     all_results.extend(runner.run(batch, build_results, verbose=0))
-  _atomic_write(out_path,
-                lambda tmp: auto_scheduler.save_records(tmp, all_inputs, all_results))
+  _atomic_write(out_path, lambda tmp: auto_scheduler.save_records(tmp, all_inputs, all_results))
   errors = sum(int(r.error_no) != 0 for r in all_results)
   return {"programs": len(all_results), "errors": errors}
 
@@ -434,8 +488,13 @@ def stage_measure(config: CollectConfig, tasks: Sequence, progress: bool = True)
   """Measures every dumped task that has no measure-record file yet."""
   src = os.path.join(config.out_dir, tenset.TO_MEASURE_DIR)
   dst = tenset.measure_records_dir(config.out_dir, config.hardware)
-  summary = {"measured_tasks": 0, "already_measured": 0, "not_dumped": 0,
-             "measured_programs": 0, "errors": 0}
+  summary = {
+    "measured_tasks": 0,
+    "already_measured": 0,
+    "not_dumped": 0,
+    "measured_programs": 0,
+    "errors": 0,
+  }
   bar = tqdm(tasks, desc=f"measure on {config.hardware}", disable=not progress)
   for task in bar:
     name = tenset.record_filename(task.workload_key, str(task.target.kind))
@@ -466,8 +525,11 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
   t0 = time.time()
   # Tasks are always extracted: it registers the workloads the other stages need.
   tasks = stage_tasks(config, progress)
-  summary = {"tasks": len(tasks), "hardware": config.hardware,
-             "measure_target": measure_target(config)}
+  summary = {
+    "tasks": len(tasks),
+    "hardware": config.hardware,
+    "measure_target": measure_target(config),
+  }
   if "dump" in config.stages:
     summary.update(stage_dump(config, tasks, progress))
   if "measure" in config.stages:
@@ -482,10 +544,17 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
 
 def _define_flags():
   flags.DEFINE_string("out_dir", None, "TenSet-layout output root.", required=True)
-  flags.DEFINE_list("networks", list(DEFAULT_NETWORKS), "NAME:BATCH:SIZE network specs; "
-                    f"names: {', '.join(sorted(NETWORKS))}.")
-  flags.DEFINE_string("hardware", None, "Hardware name (measure_records sub-folder, target "
-                      "-model). Default: derived from the CPU model.")
+  flags.DEFINE_list(
+    "networks",
+    list(DEFAULT_NETWORKS),
+    f"NAME:BATCH:SIZE network specs; names: {', '.join(sorted(NETWORKS))}.",
+  )
+  flags.DEFINE_string(
+    "hardware",
+    None,
+    "Hardware name (measure_records sub-folder, target "
+    "-model). Default: derived from the CPU model.",
+  )
   flags.DEFINE_string("target", None, "LLVM target. Default: llvm -mcpu=<host cpu>.")
   flags.DEFINE_integer("num_cores", None, "HardwareParams.num_cores (default: all CPUs).")
   flags.DEFINE_integer("programs_per_task", 48, "Programs sampled per task (TenSet: 4000).")
@@ -501,17 +570,18 @@ def main(argv: Iterable[str]) -> None:
   del argv
   f = flags.FLAGS
   config = CollectConfig(
-      out_dir=f.out_dir,
-      networks=tuple(NetworkSpec.parse(s) for s in f.networks),
-      hardware=f.hardware or default_hardware_name(),
-      target=f.target or default_target(),
-      num_cores=f.num_cores,
-      programs_per_task=f.programs_per_task,
-      stages=tuple(f.stages),
-      start_idx=f.start_idx,
-      end_idx=f.end_idx,
-      seed=f.seed,
-      measure_batch_size=f.measure_batch_size)
+    out_dir=f.out_dir,
+    networks=tuple(NetworkSpec.parse(s) for s in f.networks),
+    hardware=f.hardware or default_hardware_name(),
+    target=f.target or default_target(),
+    num_cores=f.num_cores,
+    programs_per_task=f.programs_per_task,
+    stages=tuple(f.stages),
+    start_idx=f.start_idx,
+    end_idx=f.end_idx,
+    seed=f.seed,
+    measure_batch_size=f.measure_batch_size,
+  )
   summary = collect(config)
   print(json.dumps(summary, indent=1))
 

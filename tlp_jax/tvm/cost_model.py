@@ -21,6 +21,7 @@ and a warning, instead of an exception inside TVM's callback.
 ``update`` is a no-op, as in the original TLP integration (its ``TLPModel.update`` does nothing):
 the model is trained offline on TenSet-style records and is not refit during tuning.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,15 +29,15 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
 
 from tlp_jax.core import features
 from tlp_jax.core import predictor as npred
-from tlp_jax.tvm import skeleton_extract
-from tlp_jax.tvm import tvm_import
+from tlp_jax.tvm import skeleton_extract, tvm_import
 
 
 def _python_based_model() -> type:
@@ -47,6 +48,7 @@ def _python_based_model() -> type:
   except ImportError:
     return object
   from tvm.auto_scheduler.cost_model.cost_model import PythonBasedModel
+
   return PythonBasedModel
 
 
@@ -55,6 +57,7 @@ def _measure_api() -> tuple[Callable, Callable]:
   """TVM's ``MeasureInput`` and its record serialiser, imported once (the tuner's hot path)."""
   tvm_import.require_tvm()
   from tvm.auto_scheduler import measure
+
   # TVM's record writer has no public per-input entry point; this FFI function is the one
   # save_records calls.
   return measure.MeasureInput, measure._ffi_api.SerializeMeasureInput
@@ -90,8 +93,8 @@ def _softplus(raw: np.ndarray) -> np.ndarray:
 # Original TLP returns the raw network output ("identity"); the default is "softplus" (see
 # _softplus: identity can make Ansor's roulette weights all zero or NaN).
 SCORE_TRANSFORMS: Mapping[str, Callable[[np.ndarray], np.ndarray]] = {
-    "identity": _identity,
-    "softplus": _softplus,
+  "identity": _identity,
+  "softplus": _softplus,
 }
 
 
@@ -108,6 +111,7 @@ class CostModelConfig:
       evolution iterations); 0 disables the cache. Predictions are deterministic, so caching
       never changes a score.
   """
+
   hardware: str | None = None
   score_transform: str = "softplus"
   batch_size: int = 4096
@@ -117,6 +121,7 @@ class CostModelConfig:
 @dataclasses.dataclass
 class PredictCall:
   """Timing of one ``predict`` call (one Ansor search-round step)."""
+
   workload_key: str
   num_states: int
   num_cached: int
@@ -151,13 +156,19 @@ class TLPCostModel(_python_based_model()):
     if not callable(getattr(predictor, "predict_steps", None)):
       raise TypeError(f"expected a model path or a Predictor, got {type(predictor).__name__}")
     if config.score_transform not in SCORE_TRANSFORMS:
-      raise ValueError(f"unknown score_transform {config.score_transform!r}; "
-                       f"choose one of {sorted(SCORE_TRANSFORMS)}")
+      raise ValueError(
+        f"unknown score_transform {config.score_transform!r}; "
+        f"choose one of {sorted(SCORE_TRANSFORMS)}"
+      )
     hardware = getattr(predictor, "hardware", None)
-    if config.hardware is not None and hardware is not None and (
-        config.hardware not in list(hardware)):
-      raise ValueError(f"the exported model has no head for hardware {config.hardware!r}; "
-                       f"it has {list(hardware)}")
+    if (
+      config.hardware is not None
+      and hardware is not None
+      and (config.hardware not in list(hardware))
+    ):
+      raise ValueError(
+        f"the exported model has no head for hardware {config.hardware!r}; it has {list(hardware)}"
+      )
     self._loop_tokens = bool(getattr(predictor, "reads_loop_tokens", False))
     super().__init__()
     self.predictor = predictor
@@ -168,7 +179,7 @@ class TLPCostModel(_python_based_model()):
     self.calls: list[PredictCall] = []
 
   @classmethod
-  def from_npz(cls, path: str, config: CostModelConfig = CostModelConfig()) -> "TLPCostModel":
+  def from_npz(cls, path: str, config: CostModelConfig = CostModelConfig()) -> TLPCostModel:
     """Loads an exported ``.npz`` model with ``npred.Predictor.load``."""
     return cls(npred.Predictor.load(path), config)
 
@@ -188,10 +199,13 @@ class TLPCostModel(_python_based_model()):
       except Exception as e:  # any failure: fall back to the embedded one
         skel = getattr(self.predictor, "skeletons", {}).get(key)
         if skel is None:
-          raise ValueError(f"cannot extract the loop-nest skeleton of task {key} "
-                           f"({type(e).__name__}: {e}) and the model embeds none for it") from e
-        logging.warning("skeleton extraction failed for %s (%s); using the model's embedded "
-                        "skeleton", key, e)
+          raise ValueError(
+            f"cannot extract the loop-nest skeleton of task {key} "
+            f"({type(e).__name__}: {e}) and the model embeds none for it"
+          ) from e
+        logging.warning(
+          "skeleton extraction failed for %s (%s); using the model's embedded skeleton", key, e
+        )
       self._skeletons[key] = skel
     return skel
 
@@ -206,24 +220,31 @@ class TLPCostModel(_python_based_model()):
       return self.predictor.loop_tokens_of(steps, skeleton=skel), []
     except Exception:  # isolate the failing program(s) below
       pass
-    tokens = np.zeros((len(steps), self.predictor.max_tokens, self.predictor.token_width),
-                      np.float16)
+    tokens = np.zeros(
+      (len(steps), self.predictor.max_tokens, self.predictor.token_width), np.float16
+    )
     failed = []
     for i, st in enumerate(steps):
       try:
         tokens[i] = self.predictor.loop_tokens_of([st], skeleton=skel)[0]
       except Exception as e:  # never raise into the tuner
         failed.append(i)
-        logging.warning("loop-token replay failed for a state of %s (%s: %s); it gets the "
-                        "batch's lowest score", task.workload_key, type(e).__name__, e)
+        logging.warning(
+          "loop-token replay failed for a state of %s (%s: %s); it gets the batch's lowest score",
+          task.workload_key,
+          type(e).__name__,
+          e,
+        )
     return tokens, failed
 
   def _check_platform(self, task) -> None:
     task_platform = features.platform_of_target(str(task.target))
     model_platform = getattr(self.predictor, "platform", task_platform)
     if str(model_platform) != task_platform:
-      raise ValueError(f"the exported model is for platform {model_platform!r} but the task "
-                       f"targets {task.target} ({task_platform!r})")
+      raise ValueError(
+        f"the exported model is for platform {model_platform!r} but the task "
+        f"targets {task.target} ({task_platform!r})"
+      )
 
   def predict(self, task, states):
     """Scores ``states`` of ``task``: float32 array, higher = predicted faster."""
@@ -239,13 +260,14 @@ class TLPCostModel(_python_based_model()):
         scores[i] = self._cache[k]
     num_failed = 0
     for start in range(0, len(todo), self.config.batch_size):
-      chunk = todo[start:start + self.config.batch_size]
+      chunk = todo[start : start + self.config.batch_size]
       steps = [orjson.loads(keys[i])[1][1] for i in chunk]
       failed: list[int] = []
       if self._loop_tokens:
         tokens, failed = self._loop_tokens_of(task, steps)
-        raw = self.predictor.predict(self.predictor.featurize_steps(steps),
-                                     hw=self.config.hardware, loop_tokens=tokens)
+        raw = self.predictor.predict(
+          self.predictor.featurize_steps(steps), hw=self.config.hardware, loop_tokens=tokens
+        )
       else:
         raw = self.predictor.predict_steps(steps, hw=self.config.hardware)
       out = self._transform(np.asarray(raw, dtype=np.float64).reshape(len(chunk)))
@@ -261,21 +283,26 @@ class TLPCostModel(_python_based_model()):
       for i in todo:
         self._cache[keys[i]] = float(scores[i])
     t2 = time.perf_counter()
-    self.calls.append(PredictCall(task.workload_key, len(keys), len(keys) - len(todo),
-                                  t1 - t0, t2 - t1, num_failed))
-    logging.debug("TLPCostModel.predict: %d states (%d cached) in %.3f s", len(keys),
-                  len(keys) - len(todo), t2 - t0)
+    self.calls.append(
+      PredictCall(task.workload_key, len(keys), len(keys) - len(todo), t1 - t0, t2 - t1, num_failed)
+    )
+    logging.debug(
+      "TLPCostModel.predict: %d states (%d cached) in %.3f s",
+      len(keys),
+      len(keys) - len(todo),
+      t2 - t0,
+    )
     return scores
 
   def timing_summary(self) -> dict:
     """Totals over all ``predict`` calls so far (for benchmarks)."""
     n = len(self.calls)
     return {
-        "predict_calls": n,
-        "states_scored": int(sum(c.num_states for c in self.calls)),
-        "states_cached": int(sum(c.num_cached for c in self.calls)),
-        "states_failed": int(sum(c.num_failed for c in self.calls)),
-        "serialize_s": float(sum(c.serialize_s for c in self.calls)),
-        "predict_s": float(sum(c.predict_s for c in self.calls)),
-        "mean_call_s": float(sum(c.total_s for c in self.calls) / n) if n else 0.0,
+      "predict_calls": n,
+      "states_scored": int(sum(c.num_states for c in self.calls)),
+      "states_cached": int(sum(c.num_cached for c in self.calls)),
+      "states_failed": int(sum(c.num_failed for c in self.calls)),
+      "serialize_s": float(sum(c.serialize_s for c in self.calls)),
+      "predict_s": float(sum(c.predict_s for c in self.calls)),
+      "mean_call_s": float(sum(c.total_s for c in self.calls) / n) if n else 0.0,
     }

@@ -13,6 +13,7 @@ These files are the user's own TenSet download, so they are trusted, but they ar
 with an unpickler that constructs only the handful of TVM classes a ``SearchTask`` pickle
 contains (:data:`_ALLOWED_PICKLE_GLOBALS`), so a tampered file cannot run arbitrary code.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,17 +22,16 @@ import math
 import os
 import pickle
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from tlp_jax.core import network_info
-from tlp_jax.core import tenset
+from tlp_jax.core import network_info, tenset
 from tlp_jax.tvm import tvm_import
 
 # (module, name) pairs a pickled list of auto-scheduler SearchTasks needs, and nothing else.
-_ALLOWED_PICKLE_GLOBALS = frozenset({
+_ALLOWED_PICKLE_GLOBALS = frozenset(
+  {
     ("tvm.runtime.object", "Object"),
     ("tvm.runtime.object", "_new_object"),
     ("tvm.runtime.container", "String"),
@@ -40,10 +40,12 @@ _ALLOWED_PICKLE_GLOBALS = frozenset({
     ("tvm.auto_scheduler.search_task", "SearchTask"),
     ("tvm.auto_scheduler.search_task", "HardwareParams"),
     ("tvm.auto_scheduler.compute_dag", "ComputeDAG"),
-})
+  }
+)
 
 _PKL_NAME = re.compile(
-    r"^\(\((?P<name>[^,()\[\]]+),\[\((?P<shape>[0-9, ]+)\)\]\),(?P<target>.+)\)\.task\.pkl$")
+  r"^\(\((?P<name>[^,()\[\]]+),\[\((?P<shape>[0-9, ]+)\)\]\),(?P<target>.+)\)\.task\.pkl$"
+)
 
 
 class _SearchTaskUnpickler(pickle.Unpickler):
@@ -52,7 +54,8 @@ class _SearchTaskUnpickler(pickle.Unpickler):
   def find_class(self, module, name):
     if (module, name) not in _ALLOWED_PICKLE_GLOBALS:
       raise pickle.UnpicklingError(
-          f"refusing to load {module}.{name}: not part of a TVM SearchTask pickle")
+        f"refusing to load {module}.{name}: not part of a TVM SearchTask pickle"
+      )
     return super().find_class(module, name)
 
 
@@ -64,6 +67,7 @@ def _unpickle(path: str):
 
 def _check_search_tasks(path: str, tasks) -> None:
   from tvm import auto_scheduler
+
   for t in tasks:
     if not isinstance(t, auto_scheduler.SearchTask):
       raise ValueError(f"{path}: expected SearchTask entries, got {type(t).__name__}")
@@ -76,10 +80,12 @@ def load_search_tasks(path: str) -> list:
     raise ValueError(f"{path}: expected a pickled list of SearchTask, got {type(tasks).__name__}")
   _check_search_tasks(path, tasks)
   from tvm import auto_scheduler
+
   for t in tasks:
     # Unpickling registers the DAG only for unseen keys; re-register so the file always wins.
-    auto_scheduler.workload_registry.register_workload_tensors(t.workload_key,
-                                                               t.compute_dag.tensors)
+    auto_scheduler.workload_registry.register_workload_tensors(
+      t.workload_key, t.compute_dag.tensors
+    )
   return tasks
 
 
@@ -92,9 +98,10 @@ def register_tenset_tasks(tenset_dir: str) -> int:
   path = tenset.all_tasks_path(tenset_dir)
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"{path}: not found. Replaying records with TVM (loop-nest features, the XGBoost "
-        f"baseline) needs the compute DAG of every workload; TenSet ships them in "
-        f"{tenset.ALL_TASKS_FILE}")
+      f"{path}: not found. Replaying records with TVM (loop-nest features, the XGBoost "
+      f"baseline) needs the compute DAG of every workload; TenSet ships them in "
+      f"{tenset.ALL_TASKS_FILE}"
+    )
   return len(load_search_tasks(path))
 
 
@@ -102,17 +109,18 @@ def network_info_from_pickle(path: str) -> network_info.NetworkInfo:
   """Reads one TenSet ``*.task.pkl`` (a pickled ``(tasks, weights)`` pair) as network info."""
   m = _PKL_NAME.match(os.path.basename(path))
   if not m:
-    raise network_info.NetworkInfoError(
-        f"{path}: name is not ((NAME,[(SHAPE)]),TARGET).task.pkl")
+    raise network_info.NetworkInfoError(f"{path}: name is not ((NAME,[(SHAPE)]),TARGET).task.pkl")
   loaded = _unpickle(path)
   try:
     search_tasks, weights = loaded
   except (TypeError, ValueError):
     raise network_info.NetworkInfoError(
-        f"{path}: expected a pickled (tasks, weights) pair") from None
+      f"{path}: expected a pickled (tasks, weights) pair"
+    ) from None
   if len(search_tasks) != len(weights):
     raise network_info.NetworkInfoError(
-        f"{path}: {len(search_tasks)} tasks but {len(weights)} weights")
+      f"{path}: {len(search_tasks)} tasks but {len(weights)} weights"
+    )
   _check_search_tasks(path, search_tasks)
   shape = [int(s) for s in m.group("shape").split(",")]
   merged: dict[str, network_info.NetworkTask] = {}
@@ -122,16 +130,24 @@ def network_info_from_pickle(path: str) -> network_info.NetworkInfo:
     prev = merged.get(wk)
     # A network can list one workload under two descs; its occurrences add up.
     merged[wk] = network_info.NetworkTask(
-        wk, int(weight) + (prev.weight if prev else 0),
-        flop_ct if math.isfinite(flop_ct) else float("nan"),
-        prev.desc if prev else str(getattr(task, "desc", "")))
+      wk,
+      int(weight) + (prev.weight if prev else 0),
+      flop_ct if math.isfinite(flop_ct) else float("nan"),
+      prev.desc if prev else str(getattr(task, "desc", "")),
+    )
   return network_info.NetworkInfo(
-      name=m.group("name"), batch_size=shape[0], input_size=shape[-1],
-      tasks=tuple(merged.values()), target=m.group("target").split()[0], path=path)
+    name=m.group("name"),
+    batch_size=shape[0],
+    input_size=shape[-1],
+    tasks=tuple(merged.values()),
+    target=m.group("target").split()[0],
+    path=path,
+  )
 
 
-def convert_pickles(tenset_dir: str, allow_pickle: bool = False,
-                    overwrite: bool = False) -> list[str]:
+def convert_pickles(
+  tenset_dir: str, allow_pickle: bool = False, overwrite: bool = False
+) -> list[str]:
   """Converts every ``network_info/*.task.pkl`` of a TenSet dir to the JSON form, once.
 
   Args:
@@ -144,7 +160,8 @@ def convert_pickles(tenset_dir: str, allow_pickle: bool = False,
   """
   if not allow_pickle:
     raise network_info.NetworkInfoError(
-        "refusing to unpickle TenSet network info without allow_pickle=True (--allow_pickle)")
+      "refusing to unpickle TenSet network info without allow_pickle=True (--allow_pickle)"
+    )
   folder = os.path.join(tenset_dir, tenset.NETWORK_INFO_DIR)
   pkls = sorted(n for n in os.listdir(folder) if n.endswith(".task.pkl"))
   if not pkls:
@@ -165,8 +182,10 @@ def convert_pickles(tenset_dir: str, allow_pickle: bool = False,
 def main(argv: Sequence[str]) -> None:
   """``convert``: TenSet's pickled network info to the JSON form."""
   if len(argv) != 2 or argv[1] != "convert":
-    raise app.UsageError("usage: python -m tlp_jax.tvm.search_tasks convert "
-                         "--tenset_dir DIR --allow_pickle [--overwrite]")
+    raise app.UsageError(
+      "usage: python -m tlp_jax.tvm.search_tasks convert "
+      "--tenset_dir DIR --allow_pickle [--overwrite]"
+    )
   fv = flags.FLAGS
   for path in convert_pickles(fv.tenset_dir, fv.allow_pickle, fv.overwrite):
     print(f"wrote {path}")
@@ -174,7 +193,10 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   flags.DEFINE_string("tenset_dir", None, "TenSet root directory.", required=True)
-  flags.DEFINE_bool("allow_pickle", False,
-                    "Allow reading TenSet *.task.pkl (restricted to TVM's SearchTask classes).")
+  flags.DEFINE_bool(
+    "allow_pickle",
+    False,
+    "Allow reading TenSet *.task.pkl (restricted to TVM's SearchTask classes).",
+  )
   flags.DEFINE_bool("overwrite", False, "Replace existing JSON files.")
   app.run(main)

