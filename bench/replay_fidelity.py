@@ -12,8 +12,8 @@ against TVM's ``task.compute_dag.infer_bound_from_state(state)``:
 Mismatches are grouped into patterns (which field, which stage kind, which step kinds) so
 the causes can be read off the JSON.
 
-  python bench/replay_fidelity.py --tenset_dir data/sample/tenset-mini
-  python bench/replay_fidelity.py --tenset_dir /work/shared/tenset-mini \
+  python -m bench.replay_fidelity --tenset_dir data/sample/tenset-mini
+  python -m bench.replay_fidelity --tenset_dir /work/shared/tenset-mini \
       --out bench/results/replay_fidelity.json
 """
 

@@ -10,7 +10,7 @@ first ``--tvm_records`` records (record line -> ``MeasureInput`` -> rebuilt stat
 ``tvm.auto_scheduler.feature.get_per_store_features_from_states`` per task: TVM lowers every
 program), measured in the same run.
 
-  TVM_NUM_THREADS=1 python bench/replay_throughput.py --tenset_dir data/sample/tenset-mini \
+  TVM_NUM_THREADS=1 python -m bench.replay_throughput --tenset_dir data/sample/tenset-mini \
       --out bench/results/replay_throughput.json
 """
 
