@@ -34,7 +34,8 @@ def sample_tenset_dir() -> str:
 def built_sample_dataset(tmp_path_factory, sample_tenset_dir) -> str:
   """data_dir of the sample built once per session: configs epyc-9004, xeon-emr-16c, all.
 
-  Shared by every test file: do not modify it (copy it first, see test_dataset.py).
+  Shared by every test file: do not modify it (copy it first, as
+  tests/data_pipelines/test_tenset_tfds.py does).
   """
   data_dir = str(tmp_path_factory.mktemp("tenset_data"))
   tenset_tfds.build(sample_tenset_dir, data_dir, tenset_tfds.make_configs(sample_tenset_dir))

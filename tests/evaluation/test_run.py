@@ -269,7 +269,10 @@ def test_load_predictor_wants_exactly_one_existing_source(two_head_model, tmp_pa
 
 def test_a_loop_token_model_is_evaluated_on_assembled_batches(tmp_path):
   """predictor_fn of a model of loop tokens takes (steps, tokens); the dataset must match."""
-  step_crop, layout = (2, 3), {"layout_version": 1, "max_tokens": 4, "width": lt.WIDTH}
+  step_crop, layout = (
+    (2, 3),
+    {"layout_version": lt.LAYOUT_VERSION, "max_tokens": 4, "width": lt.WIDTH},
+  )
   crop = npred.input_shape(step_crop, (4, lt.WIDTH))
   cfg = TLPConfig(
     encoder_dims=(8, 8),
@@ -310,7 +313,7 @@ def test_a_loop_token_model_is_evaluated_on_assembled_batches(tmp_path):
   with pytest.raises(EvalError, match="reads loop tokens; dataset"):
     run.predictor_fn(pred, "b", arrays)
   arrays.metadata = {"loop_tokens": {**layout, "max_tokens": 3}}
-  with pytest.raises(EvalError, match="the dataset has 3 of layout 1"):
+  with pytest.raises(EvalError, match=f"the dataset has 3 of layout {lt.LAYOUT_VERSION}"):
     run.predictor_fn(pred, "b", arrays)
   arrays.crop = (25, 22)
   with pytest.raises(EvalError, match=r"cropped to \(2, 3\)"):

@@ -23,7 +23,7 @@ def test_rows_match_hand_values_with_random_oracle_and_extra_rows():
   )
   rows = report["rows"]
   assert list(rows) == ["toy", "xgb", topk.RANDOM_ROW, topk.ORACLE_ROW]
-  # Hand values (tests/test_metrics.py): A 5/10, 5/7; B 14/38, 1; pooled 19/48, 19/21.
+  # Hand values (tests/core/test_metrics.py): A 5/10, 5/7; B 14/38, 1; pooled 19/48, 19/21.
   assert rows["toy"]["per_network"]["A"]["top-1"] == pytest.approx(0.5)
   assert rows["toy"]["per_network"]["B"]["top-2"] == pytest.approx(1.0)
   assert rows["toy"]["pooled"]["top-1"] == pytest.approx(19 / 48)

@@ -1,4 +1,4 @@
-"""Hand-made dataset arrays for the evaluation tests (the programs of tests/test_metrics.py)."""
+"""Hand-made dataset arrays for the evaluation tests (tests/core/test_metrics.py's programs)."""
 
 import types
 

@@ -89,7 +89,7 @@ def test_model_input_and_export_meta_follow_the_tokens(token_dataset):
   assert (cfg.seq_len, cfg.feature_dim) == npred.input_shape((25, 22), (T, W))
   meta = data.dataset_meta(token_dataset, ["epyc-9004"], True)
   assert meta["crop"] == [25 + T, 22 + W]
-  assert meta["loop_tokens"] == {"layout_version": 1, "max_tokens": T, "width": W}
+  assert meta["loop_tokens"] == {"layout_version": lt.LAYOUT_VERSION, "max_tokens": T, "width": W}
   # "off": a TLP model of the step crop; a TLP build under "required" is refused.
   assert data.model_config_for(model, "off", token_dataset, 1) == dataclasses.replace(
     model, num_hardware_heads=1
@@ -101,10 +101,12 @@ def test_model_input_and_export_meta_follow_the_tokens(token_dataset):
   other = types.SimpleNamespace(
     **{
       **vars(token_dataset),
-      "metadata": {"loop_tokens": {"layout_version": 2, "max_tokens": T, "width": W}},
+      "metadata": {
+        "loop_tokens": {"layout_version": lt.LAYOUT_VERSION + 1, "max_tokens": T, "width": W}
+      },
     }
   )
-  with pytest.raises(ValueError, match="layout version 2"):
+  with pytest.raises(ValueError, match=f"layout version {lt.LAYOUT_VERSION + 1}"):
     data.model_config_for(model, "auto", other, 1)
   assert data.model_config_for(model, "off", other, 1).seq_len == 25
   split = data.select_heads(token_dataset.train, [0], loop_tokens=True)
@@ -159,7 +161,7 @@ def test_export_embeds_layout_and_skeletons_and_predicts_like_flax(
       npred.META_LOOP_TOKENS_MAX,
       npred.META_LOOP_TOKENS_WIDTH,
     )
-  ] == [1, T, W]
+  ] == [lt.LAYOUT_VERSION, T, W]
   pred = npred.Predictor.load(path)
   assert pred.reads_loop_tokens and pred.step_crop == (25, 22) and pred.crop == (25 + T, 22 + W)
   assert set(pred.skeletons) == {"dense"}
@@ -206,6 +208,6 @@ def test_bad_embedded_skeletons_fail_at_load(token_runs, tmp_path):
   with pytest.raises(npred.PredictorError, match="need format_version >= 5"):
     npred.Predictor.from_arrays(old)
   other = dict(arrays)
-  other[npred.META_LOOP_TOKENS_VERSION] = np.array(2, np.int64)
-  with pytest.raises(npred.PredictorError, match="layout version 2"):
+  other[npred.META_LOOP_TOKENS_VERSION] = np.array(lt.LAYOUT_VERSION + 1, np.int64)
+  with pytest.raises(npred.PredictorError, match=f"layout version {lt.LAYOUT_VERSION + 1}"):
     npred.Predictor.from_arrays(other)

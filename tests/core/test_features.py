@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from tlp_jax.core import features as F
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "records")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "records")
 
 
 def _real_steps():
@@ -288,9 +289,7 @@ def test_import_needs_no_jax():
     "import sys; import tlp_jax.core.features; "
     "assert 'jax' not in sys.modules and 'flax' not in sys.modules, sorted(sys.modules)"
   )
-  subprocess.run(
-    [sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__))
-  )
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 # ---- cached paths equal the reference path ------------------------------------------------

@@ -279,7 +279,7 @@ _NO_TF_SCRIPT = textwrap.dedent("""
 
 def test_cli_build_and_read_without_tensorflow(tmp_path, sample_tenset_dir, sample_arrays):
   data_dir = str(tmp_path / "data")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   proc = subprocess.run(
     [sys.executable, "-c", _NO_TF_SCRIPT, sample_tenset_dir, data_dir],
     cwd=repo,

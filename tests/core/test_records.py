@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from tlp_jax.core import features as F
 from tlp_jax.core import records as R
 
-HERE = os.path.dirname(__file__)
-FIXTURES = os.path.join(HERE, "fixtures", "records")
-SAMPLE = os.path.join(os.path.dirname(HERE), "data", "sample", "tenset-mini", "measure_records")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "records")
+SAMPLE = os.path.join(REPO, "data", "sample", "tenset-mini", "measure_records")
 B5DE9 = '["b5de9ba85ef9f559d4479d25db4a9ecf", [4, 8, 8, 512], [4, 1, 1, 512]]'
 
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(
   p.stem for p in (REPO / "bench").glob("*.py") if 'if __name__ == "__main__":' in p.read_text()
 )
