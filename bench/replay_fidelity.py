@@ -25,13 +25,10 @@ import glob
 import json
 import os
 import re
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tlp_jax.core import replay as rp  # noqa: E402
-from tlp_jax.core import skeleton as sk  # noqa: E402
+from tlp_jax.core import replay as rp
+from tlp_jax.core import skeleton as sk
 
 _LOOP_LINE = re.compile(r"^(\s*)(\S+) (\S+) \((.*)\)$")
 

@@ -20,12 +20,10 @@ import argparse
 import glob
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("TVM_NUM_THREADS", "1")
 os.environ.setdefault("TOPHUB_LOCATION", "NONE")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tlp_jax.core import loop_tokens as lt  # noqa: E402
 from tlp_jax.core import replay as rp  # noqa: E402

@@ -7,7 +7,6 @@ records each, both hardware); the skeleton/replay unit tests need no TVM.
 import glob
 import json
 import os
-import sys
 
 import pytest
 
@@ -101,11 +100,9 @@ def test_replay_errors_name_step():
 
 
 def _fidelity():
-  # bench/ is not a package on the test path; the repo root is put there for it.
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  from bench import replay_fidelity  # pylint: disable=import-outside-toplevel
+  # bench is a package of the checkout (python -m pytest runs from its root); the fidelity
+  # checker imports TVM, so it is imported only by the tests that need it.
+  from bench import replay_fidelity
 
   return replay_fidelity
 
