@@ -160,6 +160,10 @@ def tune(name, tasks, weights, cost_model, log_file, partial_path=None):
       "trials": int(scheduler.ct),
       "final_estimated_latency_ms": float(scheduler.cur_score) * 1e3,
       "best_latency_ms_per_task": [float(c) * 1e3 for c in scheduler.best_costs],
+      # Tasks none of whose trials measured (Ansor keeps 1e10 s for them, so the estimated
+      # network latency above is 1e13 ms until every task has one valid measurement).
+      "tasks_without_valid_measurement": [t.desc for t, c in zip(tasks, scheduler.best_costs)
+                                           if c >= 1e9],
       "predict_total_s": float(sum(c[2] for c in calls)),
       "predict_calls": len(calls),
       "predict_states": int(sum(c[1] for c in calls)),
