@@ -10,8 +10,11 @@ first ``--tvm_records`` records (record line -> ``MeasureInput`` -> rebuilt stat
 ``tvm.auto_scheduler.feature.get_per_store_features_from_states`` per task: TVM lowers every
 program), measured in the same run.
 
-  TVM_NUM_THREADS=1 python -m bench.replay_throughput --tenset_dir data/sample/tenset-mini \
+  taskset -c 0 python -m bench.replay_throughput --tenset_dir ../shared/tenset-mini \
       --out bench/results/replay_throughput.json
+
+(TVM_NUM_THREADS=1 is set here; ``taskset`` pins the whole process to one core.) The machine's
+load average at the start and the end is recorded with the numbers.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default="")
   args = ap.parse_args(argv)
+  load_at_start = os.getloadavg()
   from bench import common, replay_fidelity
 
   t0 = time.perf_counter()
@@ -116,7 +120,7 @@ def main(argv=None):
     "skeleton_extraction_s": extract_s,
     "skeletons": sk.collection_size_stats(skels),
     "goal_programs_per_s": 20000,
-    "machine": common.machine_info(single_core=True),
+    "machine": common.machine_info(single_core=True, load_average_start=load_at_start),
   }
   print(json.dumps(res, indent=1))
   if args.out:

@@ -7,13 +7,14 @@ is the ``program_cost_model`` of the SketchPolicies. Records, per cost model:
   latency) after every search round vs trials and wall time;
 * tuning wall time; time spent in ``predict`` (and, for XGB, ``update`` = retraining) per round.
 
-Writes ``bench/results/tune_<network>.json`` and ``.png``.
+Writes ``bench/results/tune_<network>.json`` and ``.png`` (``--out_name`` renames them).
 
 Usage::
 
   TOPHUB_LOCATION=NONE python -m bench.tune_network --model /tmp/tlp.npz \
       [--network resnet_18:1:224] [--num_tasks 6] [--trials 192] [--per_round 8] \
-      [--population 512] [--seed 0] [--score_transform softplus] [--models xgb,tlp]
+      [--population 512] [--seed 0] [--score_transform softplus] [--models xgb,tlp] \
+      [--out_name tune_resnet_18_all_tasks]
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ flags.DEFINE_list("models", ["xgb", "tlp"], "Cost models to run, in order.")
 flags.DEFINE_string("single_model", None, "Internal: run only this cost model, in this process.")
 flags.DEFINE_string("work_dir", None, "Records and per-model results (default: a temp dir).")
 flags.DEFINE_string("out_dir", os.path.join(REPO, "bench", "results"), "Where JSON/PNG go.")
+flags.DEFINE_string("out_name", None, "Base name of the JSON/PNG (default: tune_<network>).")
 
 
 def _timed_xgb(num_warmup_sample: int, seed: int):
@@ -183,6 +185,11 @@ def tune(name, tasks, weights, cost_model, log_file, partial_path=None):
     "trials": int(scheduler.ct),
     "final_estimated_latency_ms": float(scheduler.cur_score) * 1e3,
     "best_latency_ms_per_task": [float(c) * 1e3 for c in scheduler.best_costs],
+    # Tasks none of whose trials measured (Ansor keeps 1e10 s for them, so the estimated
+    # network latency above is 1e13 ms until every task has one valid measurement).
+    "tasks_without_valid_measurement": [
+      t.desc for t, c in zip(tasks, scheduler.best_costs) if c >= 1e9
+    ],
     "predict_total_s": float(sum(c[2] for c in calls)),
     "predict_calls": len(calls),
     "predict_states": int(sum(c[1] for c in calls)),
@@ -239,6 +246,7 @@ def plot(results: dict, path: str, title: str) -> None:
 def main(argv):
   del argv
   tvm_import.require_tvm()
+  load_at_start = os.getloadavg()
   spec = collect.NetworkSpec.parse(FLAGS.network)
   target = FLAGS.target or collect.default_target()
   t0 = time.time()
@@ -309,7 +317,8 @@ def main(argv):
   report = {
     "network": FLAGS.network,
     "target": target,
-    "machine": common.machine_info(),  # load average at the end of the run
+    # load average at the end of the run; the one at its start beside it
+    "machine": common.machine_info(load_average_start=load_at_start),
     "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     "tasks": [
       {
@@ -335,11 +344,10 @@ def main(argv):
     "results": results,
   }
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  path = os.path.join(FLAGS.out_dir, f"tune_{net}.json")
+  base = os.path.join(FLAGS.out_dir, FLAGS.out_name or f"tune_{net}")
+  path = base + ".json"
   common.write_json(path, report)
-  plot(
-    results, os.path.join(FLAGS.out_dir, f"tune_{net}.png"), f"{FLAGS.network}, {len(tasks)} tasks"
-  )
+  plot(results, base + ".png", f"{FLAGS.network}, {len(tasks)} tasks")
   for name, r in results.items():
     if r.get("status") != "done":
       last = r["curve"][-1] if r["curve"] else {}

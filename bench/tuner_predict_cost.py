@@ -18,8 +18,10 @@ of states and each model scores the whole population:
   extraction and XGBoost on every call (its first call is timed apart too).
 
 The TLP models are randomly initialised at the default dimensions (timing does not depend on the
-weights' values). Prints a table and writes ``bench/results/tuner_predict_cost.json`` with
-machine info.
+weights' values). One steady-state call of ``tlp`` on the first task is also run under cProfile
+(``profile_tlp_steady_call``: seconds in serialisation, replay, loop tokens, step features and
+the network). Prints a table and writes ``bench/results/tuner_predict_cost.json`` with machine
+info (load average at the start and the end).
 
     python -m bench.tuner_predict_cost [--states 512] [--tasks 3] [--repeats 3]
 """
@@ -27,7 +29,9 @@ machine info.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import tempfile
 import time
 import types
@@ -106,6 +110,47 @@ def _time_model(model, task, states, repeats: int) -> tuple[float, float]:
   return first, steady
 
 
+# Where a TLPCostModel.predict call spends its time: (file, function) of the profile -> bucket.
+_PROFILE_BUCKETS = {
+  ("cost_model.py", "predict"): "total",
+  ("cost_model.py", "state_steps_json"): "serialize (TVM record writer)",
+  ("replay_cache.py", "values"): "replay (templates / full replay)",
+  ("replay_cache.py", "fill_padded"): "loop tokens (NumPy fill)",
+  ("predictor.py", "featurize_steps"): "step features",
+  ("predictor.py", "predict"): "network (NumPy forward)",
+}
+
+
+def profile_split(model, task, states, top: int = 15) -> dict:
+  """cProfile of one steady-state ``model.predict(task, states)``: cumulative seconds per bucket
+  of ``_PROFILE_BUCKETS`` (under the profiler, so slower than unprofiled) and the top functions
+  by own time."""
+  prof = cProfile.Profile()
+  prof.runcall(model.predict, task, states)
+  stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+  buckets = {}
+  for (path, _, name), (_, _, _, cum, _) in stats.items():
+    bucket = _PROFILE_BUCKETS.get((os.path.basename(path), name))
+    if bucket:
+      buckets[bucket] = buckets.get(bucket, 0.0) + cum
+  # orjson.loads of the serialised inputs: a C function, keyed by its repr.
+  buckets["orjson.loads"] = sum(v[3] for k, v in stats.items() if "orjson.loads" in k[2])
+  own = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+  return {
+    "states": len(states),
+    "buckets_s": buckets,
+    "top_own_time": [
+      {
+        "function": f"{os.path.basename(k[0])}:{k[1]}({k[2]})",
+        "calls": v[1],
+        "own_s": v[2],
+        "cum_s": v[3],
+      }
+      for k, v in own
+    ],
+  }
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tenset_dir", default=os.path.join(REPO, "data", "sample", "tenset-mini"))
@@ -117,6 +162,7 @@ def main() -> None:
     "--out", default=os.path.join(REPO, "bench", "results", "tuner_predict_cost.json")
   )
   args = parser.parse_args()
+  load_at_start = os.getloadavg()
 
   # TVM only past the flags, so --help works without it.
   tvm_import.require_tvm()
@@ -154,6 +200,7 @@ def main() -> None:
       "tlp_steps": export_default_model(os.path.join(tmp, "steps.npz"), skeletons_path, "off"),
     }
     rows = []
+    profile = None  # one steady-state call of the default model, first task
     for wk in chosen:
       task = tasks[wk]
       policy = auto_scheduler.SketchPolicy(
@@ -167,6 +214,8 @@ def main() -> None:
           model, task, states, args.repeats
         )
         row[f"{name}_failed"] = model.timing_summary()["states_failed"]
+        if name == "tlp" and profile is None:
+          profile = dict(profile_split(model, task, states), workload_key=wk)
       row["xgb_first_s"], row["xgb_steady_s"] = _time_model(xgb, task, states, args.repeats)
       rows.append(row)
       timed = ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in row.items() if k.endswith("_s"))
@@ -185,15 +234,21 @@ def main() -> None:
   common.write_json(
     args.out,
     {
-      "machine": common.machine_info(),
+      "machine": common.machine_info(load_average_start=load_at_start),
       "args": vars(args),
       "ensemble_size": ensemble,
       "xgb_train_records": len(prep.train_inputs),
       "xgb_fit_s": xgb_fit_s,
       "rows": rows,
       "summary": summary,
+      "profile_tlp_steady_call": profile,
     },
   )
+  if profile:
+    print(
+      f"cProfile of one steady-state tlp call ({profile['states']} states): "
+      + ", ".join(f"{k} {v:.3f} s" for k, v in profile["buckets_s"].items())
+    )
 
 
 if __name__ == "__main__":
