@@ -417,6 +417,35 @@ def test_a_state_whose_replay_fails_gets_the_lowest_score(sample_conv_task, tmp_
 
 
 @needs_tvm
+def test_a_task_without_any_skeleton_is_scored_on_steps_and_never_raises(
+  sample_conv_task, tmp_path, monkeypatch, caplog
+):
+  """TVM's extraction fails and the model embeds no skeleton of the task: no exception reaches
+  the tuner; the states are scored with empty loop tokens, and a warning says so once."""
+  task = sample_conv_task
+  path = _token_export(tmp_path, {})  # embeds no skeleton at all
+
+  def broken(t):
+    raise RuntimeError("extraction failed")
+
+  monkeypatch.setattr(skeleton_extract, "skeleton_from_task", broken)
+  model = tvm_cost_model.TLPCostModel(
+    path, tvm_cost_model.CostModelConfig(score_transform="identity", cache_size=0)
+  )
+  states = _states(task, n=6, seed=6)
+  with caplog.at_level("WARNING"):
+    got = model.predict(task, states)
+    model.predict(task, states)
+  steps = tvm_cost_model.states_to_steps(task, states)
+  pred = model.predictor
+  tokens = np.zeros((len(steps), pred.max_tokens, pred.token_width), np.float16)
+  want = pred.predict(pred.featurize_steps(steps), loop_tokens=tokens)
+  np.testing.assert_array_equal(got, np.asarray(want, np.float32))
+  assert model.tasks_without_skeleton == {task.workload_key}
+  assert sum("scored without loop tokens" in r.getMessage() for r in caplog.records) == 1
+
+
+@needs_tvm
 def test_ansor_search_with_a_loop_token_model(sample_conv_task, tmp_path):
   from tvm import auto_scheduler
 

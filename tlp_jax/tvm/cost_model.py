@@ -176,6 +176,8 @@ class TLPCostModel(_python_based_model()):
     self._transform = SCORE_TRANSFORMS[config.score_transform]
     self._cache: dict[bytes, float] = {}
     self._skeletons: dict[str, Any] = {}  # workload key -> skeleton, extracted once per task
+    # Tasks scored without loop tokens because no skeleton could be had (warned once each).
+    self.tasks_without_skeleton: set[str] = set()
     self.calls: list[PredictCall] = []
 
   @classmethod
@@ -213,9 +215,18 @@ class TLPCostModel(_python_based_model()):
     """Loop tokens of one task's step lists and the indices whose replay failed (zero tokens).
 
     A batch is replayed at once; if that fails, program by program, so one program the replay
-    cannot follow costs only its own score.
+    cannot follow costs only its own score. A task whose skeleton cannot be had at all (TVM's
+    extraction failed and the model embeds none) is scored on its step tokens alone, with empty
+    loop tokens, and a warning: a tuning run must never die in this callback.
     """
-    skel = self.skeleton(task)
+    try:
+      skel = self.skeleton(task)
+    except ValueError as e:
+      if task.workload_key not in self.tasks_without_skeleton:
+        self.tasks_without_skeleton.add(task.workload_key)
+        logging.warning("%s; its states are scored without loop tokens", e)
+      shape = (len(steps), self.predictor.max_tokens, self.predictor.token_width)
+      return np.zeros(shape, np.float16), []
     try:
       return self.predictor.loop_tokens_of(steps, skeleton=skel), []
     except Exception:  # isolate the failing program(s) below
