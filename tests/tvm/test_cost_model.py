@@ -414,6 +414,10 @@ def test_a_state_whose_replay_fails_gets_the_lowest_score(sample_conv_task, tmp_
   np.testing.assert_array_equal(got[ok], good[ok])
   assert got[2] == got[ok].min()
   assert model2.timing_summary()["states_failed"] == 1
+  # That score depends on its batch, so it is not cached: alone, the state is replayed again.
+  again = model2.predict(task, states[2:3])
+  assert model2.timing_summary()["states_failed"] == 2 and model2.calls[-1].num_cached == 0
+  assert again.shape == (1,)
 
 
 @needs_tvm
@@ -435,7 +439,12 @@ def test_a_task_without_any_skeleton_is_scored_on_steps_and_never_raises(
   states = _states(task, n=6, seed=6)
   with caplog.at_level("WARNING"):
     got = model.predict(task, states)
+    calls = []
+    monkeypatch.setattr(
+      skeleton_extract, "skeleton_from_task", lambda t: calls.append(t) or broken(t)
+    )
     model.predict(task, states)
+  assert calls == []  # the failed extraction is not retried on every call
   steps = tvm_cost_model.states_to_steps(task, states)
   pred = model.predictor
   tokens = np.zeros((len(steps), pred.max_tokens, pred.token_width), np.float16)

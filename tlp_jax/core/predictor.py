@@ -35,6 +35,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -256,7 +258,8 @@ class Predictor:
         arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
       raise
-    except (ValueError, OSError, EOFError) as e:  # not a zip / corrupt / object arrays
+    # Not a zip, a truncated or corrupt one, a damaged member, object arrays.
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
       raise PredictorError(f"{path}: not a readable .npz model export ({e})") from None
     return cls(arrays, source=path)
 

@@ -219,13 +219,15 @@ class TLPCostModel(_python_based_model()):
     extraction failed and the model embeds none) is scored on its step tokens alone, with empty
     loop tokens, and a warning: a tuning run must never die in this callback.
     """
+    shape = (len(steps), self.predictor.max_tokens, self.predictor.token_width)
+    if task.workload_key in self.tasks_without_skeleton:
+      return np.zeros(shape, np.float16), []  # extraction failed before: do not retry it
     try:
       skel = self.skeleton(task)
     except ValueError as e:
       if task.workload_key not in self.tasks_without_skeleton:
         self.tasks_without_skeleton.add(task.workload_key)
         logging.warning("%s; its states are scored without loop tokens", e)
-      shape = (len(steps), self.predictor.max_tokens, self.predictor.token_width)
       return np.zeros(shape, np.float16), []
     try:
       return self.predictor.loop_tokens_of(steps, skeleton=skel), []
@@ -270,6 +272,8 @@ class TLPCostModel(_python_based_model()):
       if k in self._cache:
         scores[i] = self._cache[k]
     num_failed = 0
+    # A failed state's score is its batch's lowest: it depends on the batch, so it is not cached.
+    uncacheable: set[int] = set()
     for start in range(0, len(todo), self.config.batch_size):
       chunk = todo[start : start + self.config.batch_size]
       steps = [orjson.loads(keys[i])[1][1] for i in chunk]
@@ -287,12 +291,14 @@ class TLPCostModel(_python_based_model()):
         ok[failed] = False
         out[~ok] = out[ok].min() if ok.any() else 0.0
         num_failed += len(failed)
+        uncacheable.update(chunk[j] for j in failed)
       scores[chunk] = out.astype(np.float32)
     if self.config.cache_size > 0:
       if len(self._cache) + len(todo) > self.config.cache_size:
         self._cache.clear()  # Cheap bound on memory; a miss only costs a re-prediction.
       for i in todo:
-        self._cache[keys[i]] = float(scores[i])
+        if i not in uncacheable:
+          self._cache[keys[i]] = float(scores[i])
     t2 = time.perf_counter()
     self.calls.append(
       PredictCall(task.workload_key, len(keys), len(keys) - len(todo), t1 - t0, t2 - t1, num_failed)
