@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from data_pipelines import schema
 from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.core import predictor, skeleton
 from tlp_jax.train import model as model_lib
@@ -151,10 +152,10 @@ def loop_token_shape(dataset: Any) -> tuple[int, int]:
     ValueError: the tokens' layout is not the one this code reads (``loop_tokens.LAYOUT_VERSION``).
   """
   meta = getattr(dataset, "metadata", None) or {}
-  tokens = meta.get("loop_tokens")
-  if not tokens:
+  shape = schema.loop_token_shape(meta)
+  if shape is None:
     return 0, 0
-  version, width = int(tokens["layout_version"]), int(tokens["width"])
+  version, width = int(meta[schema.LOOP_TOKENS_META]["layout_version"]), shape[1]
   if version != loop_tokens_lib.LAYOUT_VERSION or width != loop_tokens_lib.WIDTH:
     raise ValueError(
       f"dataset {getattr(dataset, 'config_name', '')!r} has loop tokens of layout "
@@ -162,7 +163,7 @@ def loop_token_shape(dataset: Any) -> tuple[int, int]:
       f"{loop_tokens_lib.LAYOUT_VERSION} ({loop_tokens_lib.WIDTH} columns): "
       "rebuild the dataset"
     )
-  return int(tokens["max_tokens"]), width
+  return shape
 
 
 def reads_loop_tokens(loop_tokens: str, dataset: Any) -> bool:
