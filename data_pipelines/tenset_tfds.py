@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging as std_logging
 import math
 import os
 import shutil
@@ -49,7 +50,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from absl import logging
 
-from data_pipelines import loop_token_source, schema
+from data_pipelines import build_dir, loop_token_source, schema
 from tlp_jax.core import features as features_lib
 from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.core import network_info as network_info_lib
@@ -244,7 +245,10 @@ class RecordStaging:
       while pending:
         self._finish_file(acc, feat_out, tok_out, *pending.popleft())
     if not acc.task_keys:
-      raise DatasetBuildError(f"{hardware}: no valid measurement in {len(paths)} task files")
+      read = _stats_line(stats_to_json(acc.stats)) if acc.stats is not None else "no files"
+      raise DatasetBuildError(
+        f"{hardware}: no valid measurement in {len(paths)} task files (read: {read})"
+      )
     n = int(sum(s.size for s in acc.scores))
     features = np.memmap(feat_path, dtype=np.float32, mode="r", shape=(n,) + tuple(acc.shape))
     loop_tokens = None
@@ -588,6 +592,35 @@ def _stats_line(st: Mapping[str, Any]) -> str:
 # The TFDS builder.
 
 
+class _DropTfdsChatter(std_logging.Filter):
+  """Drops TFDS's own log lines below ERROR (they name the staging paths and repeat the config
+  repr); this module logs what a build did."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.ERROR or (
+      f"{os.sep}tensorflow_datasets{os.sep}" not in (record.pathname or "")
+    )
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Silences TFDS's informational logging for the duration of a build."""
+  flt = _DropTfdsChatter()
+  loggers = [logging.get_absl_logger(), std_logging.getLogger()]
+  handlers = [h for lg in loggers for h in lg.handlers]
+  for lg in loggers:
+    lg.addFilter(flt)
+  for h in handlers:
+    h.addFilter(flt)  # records propagated from child loggers skip the loggers' filters
+  try:
+    yield
+  finally:
+    for lg in loggers:
+      lg.removeFilter(flt)
+    for h in handlers:
+      h.removeFilter(flt)
+
+
 class Tenset(tfds.core.ShardBasedBuilder):
   """TenSet measure records as TLP examples (see the module docstring).
 
@@ -647,6 +680,14 @@ class Tenset(tfds.core.ShardBasedBuilder):
       citation=_CITATION,
       metadata=tfds.core.MetadataDict(),
     )
+
+  def _log_download_bytes(self) -> None:
+    # TFDS prints "Downloading and preparing dataset ..." to stdout; nothing is downloaded here.
+    logging.info("%s: writing %s", self.builder_config.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    # TFDS prints "Dataset ... downloaded and prepared to <staging path>" to stdout.
+    logging.info("%s: written", self.builder_config.name)
 
   def _download_and_prepare(self, dl_manager, download_config=None):
     try:
@@ -866,10 +907,13 @@ def build(
   token_source: loop_token_source.LoopTokenSource | None = None,
   workers: int = 1,
 ) -> list[dict]:
-  """Builds (overwriting) every config into ``data_dir``; returns their metadata dicts.
+  """Builds (replacing) every config into ``data_dir``, all or nothing; returns their metadata.
 
-  Hardware shared by several configs is read once (a temporary staging dir inside
-  ``data_dir`` holds the featurized records during the build and is removed after). Configs
+  The configs are built into a staging folder inside ``data_dir`` and swapped in together only
+  when all of them are complete (:mod:`data_pipelines.build_dir`): a failed or killed build
+  leaves the datasets already in ``data_dir`` untouched, and the next build deletes (or, when
+  it was complete, finishes) what a killed one left. Hardware shared by several configs is
+  read once (the featurized records are kept in the staging folder during the build). Configs
   with ``loop_tokens`` replay their records over the skeletons of ``token_source`` when given
   (the caller owns it: close it after), else of the configs' ``skeletons`` file, replayed by
   ``workers`` processes.
@@ -894,31 +938,34 @@ def build(
     token_source = own_source = loop_token_source.LoopTokenSource(
       next(iter(paths)), tenset_dir, workers=workers
     )
-  work = tempfile.mkdtemp(prefix="staging_", dir=data_dir)
   try:
-    staging = RecordStaging(
-      tenset_dir, work, crop=next(iter(crops)), token_source=token_source if with_tokens else None
-    )
-    metas = []
-    for cfg in configs:
-      builder = Tenset(
-        tenset_dir=tenset_dir,
-        staging=staging,
-        config=cfg,
-        data_dir=data_dir,
-        file_format="array_record",
-        shard_size=shard_size,
+    with build_dir.StagedBuild(data_dir) as staged_build, _quiet_tfds():
+      staging = RecordStaging(
+        tenset_dir,
+        staged_build.work_dir,
+        crop=next(iter(crops)),
+        token_source=token_source if with_tokens else None,
       )
-      builder.download_and_prepare(
-        download_dir=os.path.join(work, "downloads"),
-        download_config=tfds.download.DownloadConfig(
-          download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS,
-          compute_stats=tfds.download.ComputeStatsMode.SKIP,
-        ),
-      )
-      metas.append(dict(builder.info.metadata))
+      metas = []
+      for cfg in configs:
+        builder = Tenset(
+          tenset_dir=tenset_dir,
+          staging=staging,
+          config=cfg,
+          data_dir=staged_build.out_dir,
+          file_format="array_record",
+          shard_size=shard_size,
+        )
+        builder.download_and_prepare(
+          download_dir=os.path.join(staged_build.work_dir, "downloads"),
+          download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS,
+            compute_stats=tfds.download.ComputeStatsMode.SKIP,
+          ),
+        )
+        metas.append(dict(builder.info.metadata))
+      staged_build.commit([cfg.name for cfg in configs])
     return metas
   finally:
-    shutil.rmtree(work, ignore_errors=True)
     if own_source is not None:
       own_source.close()
