@@ -222,11 +222,12 @@ class RecordStaging:
       for path in tqdm.tqdm(paths, desc=f"reading {hardware}", unit=" files", mininterval=2):
         tf = records_lib.read_task_file(path, hardware=hardware, featurizer=featurizer)
         acc.stats = tf.stats if acc.stats is None else acc.stats + tf.stats
-        sc = np.asarray(tf.scores, dtype=np.float32)
-        # Only measured programs get a label (records.py's contract); skip any others defensively.
-        valid = np.isfinite(sc) & (sc > 0)
-        if not valid.any():
+        if not len(tf):
           continue
+        costs = np.asarray(tf.costs, dtype=np.float64)
+        if not (np.isfinite(costs) & (costs > 0)).all():
+          # records.py keeps valid measurements only; anything else is a bug, not data to drop.
+          raise DatasetBuildError(f"{path}: the reader kept a record without a valid cost")
         if tf.platform != platform:
           raise DatasetBuildError(
             f"{path}: target platform {tf.platform} differs from "
@@ -235,11 +236,11 @@ class RecordStaging:
         layouts.add(tf.layout)
         job = None
         if src is not None:
-          lines = tf.line_numbers[valid]
+          lines = tf.line_numbers
           job = src.submit(
             tf.workload_key, records_lib.lines_at(path, lines), os.path.basename(path), lines
           )
-        pending.append((path, tf, sc, valid, job))
+        pending.append((path, tf, job))
         while len(pending) > (src.in_flight if src is not None else 0):
           self._finish_file(acc, feat_out, tok_out, *pending.popleft())
       while pending:
@@ -249,7 +250,20 @@ class RecordStaging:
       raise DatasetBuildError(
         f"{hardware}: no valid measurement in {len(paths)} task files (read: {read})"
       )
-    n = int(sum(s.size for s in acc.scores))
+    scores, task_min, record_task, keys, keep = _label(acc, hardware)
+    if not keep.all():
+      feat_path = self._compact(hardware, feat_path, ".f32", keep, acc.shape, np.float32)
+      if src is not None:
+        tok_shape = (src.max_tokens, loop_tokens_lib.WIDTH)
+        tok_path = self._compact(hardware, tok_path, ".f16", keep, tok_shape, np.float16)
+    n = int(scores.size)
+    no_tokens = sum(acc.token_stats.skipped.values()) if src is not None else 0
+    if acc.stats.kept != n + no_tokens:
+      # Every record read is staged, or counted under a reason: checked, not assumed.
+      raise DatasetBuildError(
+        f"{hardware}: {acc.stats.kept} records kept but {n} staged and {no_tokens} skipped "
+        "without loop tokens"
+      )
     features = np.memmap(feat_path, dtype=np.float32, mode="r", shape=(n,) + tuple(acc.shape))
     loop_tokens = None
     if src is not None:
@@ -276,11 +290,11 @@ class RecordStaging:
       hardware=hardware,
       platform=platform,
       features=features,
-      scores=np.concatenate(acc.scores),
-      program_keys=np.concatenate(acc.keys),
-      record_task=np.concatenate(acc.rec_task),
+      scores=scores,
+      program_keys=keys,
+      record_task=record_task,
       task_keys=acc.task_keys,
-      task_min_cost=np.asarray(acc.task_min, np.float64),
+      task_min_cost=task_min,
       task_files=acc.task_files,
       stats=acc.stats,
       # A kind first seen mid-way leaves earlier files in an older layout: -1 = stale.
@@ -294,6 +308,18 @@ class RecordStaging:
     os.close(fd)
     return path
 
+  def _compact(self, hardware: str, path: str, suffix: str, keep, row_shape, dtype) -> str:
+    """A new staged file with only the rows of ``path`` where ``keep``; deletes ``path``."""
+    rows = np.memmap(path, dtype=dtype, mode="r", shape=(keep.size,) + tuple(row_shape))
+    out_path = self._new_file(hardware, suffix)
+    with open(out_path, "wb") as out:
+      for start in range(0, keep.size, 65536):
+        sel = keep[start : start + 65536]
+        out.write(np.ascontiguousarray(rows[start : start + sel.size][sel]).tobytes())
+    del rows
+    os.remove(path)
+    return out_path
+
   def _finish_file(
     self,
     acc: _StageAccumulator,
@@ -301,12 +327,10 @@ class RecordStaging:
     tok_out,
     path: str,
     tf,
-    sc: np.ndarray,
-    valid: np.ndarray,
     job,
   ) -> None:
     """Writes one task file's kept records (valid and, with loop tokens, replayed)."""
-    feats = np.asarray(tf.features, dtype=np.float32)[valid]
+    feats = np.asarray(tf.features, dtype=np.float32)
     keep = np.ones(feats.shape[0], bool)
     if job is not None:
       got = job.get()
@@ -321,11 +345,16 @@ class RecordStaging:
     elif feats.shape[1:] != acc.shape:
       raise DatasetBuildError(f"{path}: feature shape {feats.shape[1:]} != {acc.shape}")
     feat_out.write(feats.tobytes())
-    acc.scores.append(sc[valid][keep])
-    acc.keys.append(np.asarray(tf.program_keys, dtype=np.uint64)[valid][keep])
-    acc.rec_task.append(np.full(int(keep.sum()), len(acc.task_keys), np.int32))
-    acc.task_keys.append(tf.workload_key)
-    acc.task_min.append(float(tf.min_cost))
+    # Labels are per task (workload key), not per file: a task split over several files is
+    # normalised once, by its best cost over all of them (:func:`_label`).
+    task = acc.task_index.setdefault(tf.workload_key, len(acc.task_keys))
+    if task == len(acc.task_keys):
+      acc.task_keys.append(tf.workload_key)
+      acc.task_num_files.append(0)
+    acc.task_num_files[task] += 1
+    acc.costs.append(np.asarray(tf.costs, dtype=np.float64)[keep])
+    acc.keys.append(np.asarray(tf.program_keys, dtype=np.uint64)[keep])
+    acc.rec_task.append(np.full(int(keep.sum()), task, np.int32))
     acc.task_files.append(os.path.basename(path))
 
 
@@ -337,16 +366,57 @@ class _StageAccumulator:
   stats: Any = None
   token_stats: Any = None
   shape: tuple | None = None
-  scores: list = dataclasses.field(default_factory=list)
+  costs: list = dataclasses.field(default_factory=list)  # per file: (n,) float64 seconds
   keys: list = dataclasses.field(default_factory=list)
   rec_task: list = dataclasses.field(default_factory=list)
-  task_keys: list = dataclasses.field(default_factory=list)
-  task_min: list = dataclasses.field(default_factory=list)
+  task_keys: list = dataclasses.field(default_factory=list)  # unique, in first-file order
+  task_index: dict = dataclasses.field(default_factory=dict)  # workload key -> task
+  task_num_files: list = dataclasses.field(default_factory=list)
   task_files: list = dataclasses.field(default_factory=list)
 
   def __post_init__(self):
     if self.loop_tokens:
       self.token_stats = loop_token_source.LoopTokenStats()
+
+
+def _label(acc: _StageAccumulator, hardware: str):
+  """TLP's labels of one hardware's staged records, per task over all of its files.
+
+  ``score = min_cost(task) / cost`` in float32. A score that underflows float32 to 0 (costs of
+  one task spanning more than float32's range; records.py already refuses costs outside it) is
+  dropped and counted in the read stats as ``score_underflow``, never dropped silently.
+
+  Returns:
+    (scores, task_min_cost, record_task, program_keys, keep) of the records kept; ``keep``
+    marks them among the staged rows.
+  """
+  costs = np.concatenate(acc.costs)
+  record_task = np.concatenate(acc.rec_task)
+  keys = np.concatenate(acc.keys)
+  task_min = np.full(len(acc.task_keys), np.inf)
+  np.minimum.at(task_min, record_task, costs)
+  # The same float64 division (then float32 rounding) as records.read_task_file's per-file one.
+  scores = (task_min[record_task] / costs).astype(np.float32)
+  keep = scores > 0
+  split = [k for k, n in zip(acc.task_keys, acc.task_num_files) if n > 1]
+  if split:
+    logging.warning(
+      "%s: %d tasks are split over several files; each is labelled over all of its files, e.g. %s",
+      hardware,
+      len(split),
+      split[0],
+    )
+  dropped = int((~keep).sum())
+  if dropped:
+    acc.stats.failed[records_lib.SCORE_UNDERFLOW] += dropped
+    acc.stats.kept -= dropped
+    logging.warning(
+      "%s: %d records skipped as %s (score below float32's range)",
+      hardware,
+      dropped,
+      records_lib.SCORE_UNDERFLOW,
+    )
+  return scores[keep], task_min, record_task[keep], keys[keep], keep
 
 
 # ---------------------------------------------------------------------------------------------
