@@ -46,6 +46,14 @@ LOCK_FILE = ".build.lock"
 TFDS_INCOMPLETE_PREFIX = "incomplete."
 
 
+def umask_mode() -> int:
+  """The mode ``open()`` gives a new file under the current umask (``0o666 & ~umask``);
+  files made with ``mkstemp`` (0600) get it too."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
 class BuildDirError(RuntimeError):
   """The data dir cannot be built into (another build holds it; the message says which)."""
 

@@ -305,7 +305,10 @@ class RecordStaging:
 
   def _new_file(self, hardware: str, suffix: str) -> str:
     fd, path = tempfile.mkstemp(prefix=f"{hardware}.", suffix=suffix, dir=self.work_dir)
-    os.close(fd)
+    try:
+      os.fchmod(fd, build_dir.umask_mode())  # as open() would: not mkstemp's 0600
+    finally:
+      os.close(fd)
     return path
 
   def _compact(self, hardware: str, path: str, suffix: str, keep, row_shape, dtype) -> str:

@@ -200,3 +200,19 @@ def test_sigkilled_build_leaves_old_data_and_next_build_cleans(
     k for k in before if "/xeon-emr-16c/" not in k
   }
   assert all(after[k] == before[k] for k in after if "/xeon-emr-16c/" not in k)
+
+
+def test_built_files_follow_the_umask(tmp_path, sample_tenset_dir):
+  data_dir = str(tmp_path / "data")
+  cfgs = tenset_tfds.make_configs(
+    sample_tenset_dir, hardware=["xeon-emr-16c"], multi=False, loop_tokens="off"
+  )
+  old = os.umask(0o002)
+  try:
+    tenset_tfds.build(sample_tenset_dir, data_dir, cfgs)
+  finally:
+    os.umask(old)
+  ds = schema.dataset_dir(data_dir, "xeon-emr-16c")
+  modes = {n: os.stat(os.path.join(ds, n)).st_mode & 0o777 for n in os.listdir(ds)}
+  assert modes and set(modes.values()) == {0o664}, modes
+  assert os.stat(ds).st_mode & 0o777 == 0o775
