@@ -63,8 +63,10 @@ def build_lock(data_dir: str) -> Iterator[None]:
   """Holds the exclusive build lock of ``data_dir`` (created if needed).
 
   Raises:
-    BuildDirError: another process is building into ``data_dir``.
+    BuildDirError: another process is building into ``data_dir``, or it is no directory.
   """
+  if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
+    raise BuildDirError(f"{data_dir}: exists and is not a directory (data_dir must be a folder)")
   os.makedirs(data_dir, exist_ok=True)
   path = os.path.join(data_dir, LOCK_FILE)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)

@@ -991,7 +991,6 @@ def build(
   (the caller owns it: close it after), else of the configs' ``skeletons`` file, replayed by
   ``workers`` processes.
   """
-  os.makedirs(data_dir, exist_ok=True)
   crops = {c.crop for c in configs}
   if len(crops) > 1:
     raise DatasetBuildError(f"configs of one build must share the crop, got {crops}")
