@@ -163,26 +163,58 @@ def test_second_build_in_the_same_data_dir_is_refused(tmp_path):
 
 _KILL_SCRIPT = textwrap.dedent("""
   import os, signal, sys
-  from data_pipelines import tenset_tfds
-  tenset_dir, data_dir = sys.argv[1:3]
-  real = tenset_tfds.Tenset._generate_examples
-  def die(self, *args, **kwargs):
-    # Half-way through writing the first split of xeon-emr-16c: staging, TFDS incomplete
-    # folders and staged features all exist.
+  from data_pipelines import build_dir, tenset_tfds
+  tenset_dir, data_dir, point = sys.argv[1:4]
+
+  def die():
     os.kill(os.getpid(), signal.SIGKILL)
-    yield from real(self, *args, **kwargs)
-  tenset_tfds.Tenset._generate_examples = die
-  cfgs = tenset_tfds.make_configs(tenset_dir, hardware=["xeon-emr-16c"], multi=False, seed=5)
+
+  if point == "reading":  # half-way through reading epyc-9004's task files
+    real_read = tenset_tfds.records_lib.read_task_file
+    calls = []
+    def read(*args, **kwargs):
+      calls.append(1)
+      if len(calls) == 50:
+        die()
+      return real_read(*args, **kwargs)
+    tenset_tfds.records_lib.read_task_file = read
+  elif point == "writing":  # writing the first shard: TFDS incomplete folders exist
+    def gen(self, *args, **kwargs):
+      die()
+      yield
+    tenset_tfds.Tenset._generate_examples = gen
+  elif point == "between_configs":  # epyc-9004 complete in staging, xeon-emr-16c not begun
+    real_prepare = tenset_tfds.Tenset._download_and_prepare
+    def prepare(self, *args, **kwargs):
+      if self.builder_config.name == "xeon-emr-16c":
+        die()
+      return real_prepare(self, *args, **kwargs)
+    tenset_tfds.Tenset._download_and_prepare = prepare
+  elif point == "swapping":  # COMPLETE written, epyc-9004 swapped in, xeon-emr-16c not yet
+    real_swap = build_dir._swap_in
+    def swap(staging, data_dir, names):
+      real_swap(staging, data_dir, names[:1])
+      die()
+    build_dir._swap_in = swap
+  cfgs = tenset_tfds.make_configs(
+    tenset_dir, hardware=["epyc-9004", "xeon-emr-16c"], multi=False, seed=5, loop_tokens="off"
+  )
   tenset_tfds.build(tenset_dir, data_dir, cfgs)
 """)
 
 
+def _seed(data_dir, config):
+  with open(os.path.join(schema.dataset_dir(data_dir, config), schema.METADATA_FILE)) as f:
+    return json.load(f)["seed"]
+
+
+@pytest.mark.parametrize("point", ["reading", "writing", "between_configs", "swapping"])
 def test_sigkilled_build_leaves_old_data_and_next_build_cleans(
-  tmp_path, sample_tenset_dir, built_copy
+  tmp_path, sample_tenset_dir, built_copy, point
 ):
   before = _snapshot(built_copy)
   proc = subprocess.run(
-    [sys.executable, "-c", _KILL_SCRIPT, sample_tenset_dir, built_copy],
+    [sys.executable, "-c", _KILL_SCRIPT, sample_tenset_dir, built_copy, point],
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -190,16 +222,25 @@ def test_sigkilled_build_leaves_old_data_and_next_build_cleans(
     env=dict(os.environ, PYTHONPATH=REPO),
   )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  assert _snapshot(built_copy) == before
   assert _leftovers(built_copy)  # the killed build left its staging folder behind
-  cfgs = tenset_tfds.make_configs(sample_tenset_dir, hardware=["xeon-emr-16c"], multi=False)
-  tenset_tfds.build(sample_tenset_dir, built_copy, cfgs)
+  if point != "swapping":
+    assert _snapshot(built_copy) == before  # the datasets in place are untouched
+    with build_dir.StagedBuild(built_copy):  # what the next build does first
+      pass
+    assert not _leftovers(built_copy)
+    assert _snapshot(built_copy) == before
+    return
+  # Killed half-way through the swap of a complete build: the next build finishes it, so the
+  # two configs of the killed build end up together (and "all", which it did not build, stays).
+  assert _seed(built_copy, "epyc-9004") == 5 and _seed(built_copy, "xeon-emr-16c") == 0
+  with build_dir.StagedBuild(built_copy):
+    pass
   assert not _leftovers(built_copy)
+  assert _seed(built_copy, "epyc-9004") == 5 and _seed(built_copy, "xeon-emr-16c") == 5
   after = _snapshot(built_copy)
-  assert {k for k in after if "/xeon-emr-16c/" not in k} == {
-    k for k in before if "/xeon-emr-16c/" not in k
+  assert {k: v for k, v in after.items() if "/all/" in k} == {
+    k: v for k, v in before.items() if "/all/" in k
   }
-  assert all(after[k] == before[k] for k in after if "/xeon-emr-16c/" not in k)
 
 
 def test_built_files_follow_the_umask(tmp_path, sample_tenset_dir):
