@@ -639,6 +639,14 @@ def format_summary(meta: Mapping[str, Any]) -> str:
         f"skipped: {skipped}; cropped to {tok['max_tokens'] if tok else '?'} "
         f"tokens: {st['cropped']}"
       )
+      n_skipped = sum(st["skipped"].values())
+      if n_skipped:
+        # The records read and kept that are not in the dataset: say so, with the sum.
+        kept = meta["read_stats"].get(hw, {}).get("kept", 0)
+        lines.append(
+          f"  {hw}: kept {kept} = {kept - n_skipped} written + {n_skipped} skipped without "
+          "loop tokens"
+        )
       for ex in st["examples"][:3]:
         lines.append(f"    e.g. {ex}")
   if len(meta["hardware"]) > 1:

@@ -2,6 +2,7 @@
 
 import collections
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -364,3 +365,16 @@ def test_labels_per_task_across_files_and_every_drop_counted(tmp_path, sample_te
   n_best = sum(np.mean(r["r"][0]) == true_min for r in valid)
   assert int((scores[task == t] == 1.0).sum()) == n_best
   assert int((task == t).sum()) == len(valid)
+
+
+def test_summary_accounts_for_records_without_loop_tokens(built_sample_dataset):
+  path = os.path.join(schema.dataset_dir(built_sample_dataset, "xeon-emr-16c"), "metadata.json")
+  with open(path) as f:
+    meta = json.load(f)
+  assert "written +" not in tenset_tfds.format_summary(meta)  # nothing skipped: kept = written
+  kept = meta["read_stats"]["xeon-emr-16c"]["kept"]
+  meta[schema.LOOP_TOKEN_STATS_META]["xeon-emr-16c"]["skipped"] = {"replay_error": 3}
+  summary = tenset_tfds.format_summary(meta)
+  assert f"xeon-emr-16c: kept {kept} = {kept - 3} written + 3 skipped without loop tokens" in (
+    summary
+  )
