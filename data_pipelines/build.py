@@ -10,7 +10,11 @@ when the skeleton file exists) made without TVM from the per-task skeletons in `
 (default ``TENSET_DIR/network_info/skeletons.json``, written once with TVM by
 ``python -m tlp_jax.tvm.skeleton_extract --tenset_dir TENSET_DIR``).
 
-Existing configs of the same name in ``--data_dir`` are rebuilt. Prints one summary per config
+Existing configs of the same name in ``--data_dir`` are rebuilt, all or nothing: the configs
+are built into ``DATA_DIR/staging_*`` and swapped in together only when all of them are complete,
+so a failed or killed build leaves the previous datasets as they were (the next build removes
+what a killed one left; :mod:`data_pipelines.build_dir`). User errors (a missing TenSet dir, bad
+flag values) print one line and exit 1. Prints one summary per config
 (records read/kept/skipped by reason, loop tokens made/skipped by reason, tasks, examples per
 split and hardware) and the build rate. Read them back with
 ``data_pipelines.loader.load_arrays(data_dir, config_name)``.
@@ -24,7 +28,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from data_pipelines import loop_token_source, schema, tenset_tfds
+from data_pipelines import build_dir, loop_token_source, schema, tenset_tfds
 from tlp_jax.core import network_info, skeleton
 
 _TENSET_DIR = flags.DEFINE_string(
@@ -74,13 +78,24 @@ _CROP = flags.DEFINE_list(
 _MULTI = flags.DEFINE_bool("multi", True, "Also build the multi-hardware join config.")
 
 
+_HELP = "python -m data_pipelines.build --helpshort lists the flags"
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with a flag error as one line (absl prints two, plus FATAL)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e} ({_HELP})")
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sys.exit(f"error: unexpected arguments {argv[1:]} ({_HELP})")
   crop = None
   if _CROP.value:
     if len(_CROP.value) != 2 or not all(c.isdigit() and int(c) > 0 for c in _CROP.value):
-      raise app.UsageError(f"--crop must be two positive ints LENGTH,WIDTH, got {_CROP.value}")
+      sys.exit(f"error: --crop must be two positive ints LENGTH,WIDTH, got {_CROP.value}")
     crop = (int(_CROP.value[0]), int(_CROP.value[1]))
   start = time.perf_counter()
   try:
@@ -97,7 +112,8 @@ def main(argv: Sequence[str]) -> None:
     )
     metas = tenset_tfds.build(_TENSET_DIR.value, _DATA_DIR.value, configs, workers=_WORKERS.value)
   except (
-    FileNotFoundError,
+    OSError,  # FileNotFoundError of a missing TenSet dir, an unwritable data_dir, ...
+    build_dir.BuildDirError,
     network_info.NetworkInfoError,
     skeleton.SkeletonError,
     tenset_tfds.DatasetBuildError,
@@ -118,4 +134,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging as std_logging
 import math
 import os
 import shutil
@@ -49,7 +50,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from absl import logging
 
-from data_pipelines import loop_token_source, schema
+from data_pipelines import build_dir, loop_token_source, schema
 from tlp_jax.core import features as features_lib
 from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.core import network_info as network_info_lib
@@ -221,11 +222,12 @@ class RecordStaging:
       for path in tqdm.tqdm(paths, desc=f"reading {hardware}", unit=" files", mininterval=2):
         tf = records_lib.read_task_file(path, hardware=hardware, featurizer=featurizer)
         acc.stats = tf.stats if acc.stats is None else acc.stats + tf.stats
-        sc = np.asarray(tf.scores, dtype=np.float32)
-        # Only measured programs get a label (records.py's contract); skip any others defensively.
-        valid = np.isfinite(sc) & (sc > 0)
-        if not valid.any():
+        if not len(tf):
           continue
+        costs = np.asarray(tf.costs, dtype=np.float64)
+        if not (np.isfinite(costs) & (costs > 0)).all():
+          # records.py keeps valid measurements only; anything else is a bug, not data to drop.
+          raise DatasetBuildError(f"{path}: the reader kept a record without a valid cost")
         if tf.platform != platform:
           raise DatasetBuildError(
             f"{path}: target platform {tf.platform} differs from "
@@ -234,18 +236,34 @@ class RecordStaging:
         layouts.add(tf.layout)
         job = None
         if src is not None:
-          lines = tf.line_numbers[valid]
+          lines = tf.line_numbers
           job = src.submit(
             tf.workload_key, records_lib.lines_at(path, lines), os.path.basename(path), lines
           )
-        pending.append((path, tf, sc, valid, job))
+        pending.append((path, tf, job))
         while len(pending) > (src.in_flight if src is not None else 0):
           self._finish_file(acc, feat_out, tok_out, *pending.popleft())
       while pending:
         self._finish_file(acc, feat_out, tok_out, *pending.popleft())
     if not acc.task_keys:
-      raise DatasetBuildError(f"{hardware}: no valid measurement in {len(paths)} task files")
-    n = int(sum(s.size for s in acc.scores))
+      read = _stats_line(stats_to_json(acc.stats)) if acc.stats is not None else "no files"
+      raise DatasetBuildError(
+        f"{hardware}: no valid measurement in {len(paths)} task files (read: {read})"
+      )
+    scores, task_min, record_task, keys, keep = _label(acc, hardware)
+    if not keep.all():
+      feat_path = self._compact(hardware, feat_path, ".f32", keep, acc.shape, np.float32)
+      if src is not None:
+        tok_shape = (src.max_tokens, loop_tokens_lib.WIDTH)
+        tok_path = self._compact(hardware, tok_path, ".f16", keep, tok_shape, np.float16)
+    n = int(scores.size)
+    no_tokens = sum(acc.token_stats.skipped.values()) if src is not None else 0
+    if acc.stats.kept != n + no_tokens:
+      # Every record read is staged, or counted under a reason: checked, not assumed.
+      raise DatasetBuildError(
+        f"{hardware}: {acc.stats.kept} records kept but {n} staged and {no_tokens} skipped "
+        "without loop tokens"
+      )
     features = np.memmap(feat_path, dtype=np.float32, mode="r", shape=(n,) + tuple(acc.shape))
     loop_tokens = None
     if src is not None:
@@ -272,11 +290,11 @@ class RecordStaging:
       hardware=hardware,
       platform=platform,
       features=features,
-      scores=np.concatenate(acc.scores),
-      program_keys=np.concatenate(acc.keys),
-      record_task=np.concatenate(acc.rec_task),
+      scores=scores,
+      program_keys=keys,
+      record_task=record_task,
       task_keys=acc.task_keys,
-      task_min_cost=np.asarray(acc.task_min, np.float64),
+      task_min_cost=task_min,
       task_files=acc.task_files,
       stats=acc.stats,
       # A kind first seen mid-way leaves earlier files in an older layout: -1 = stale.
@@ -287,8 +305,23 @@ class RecordStaging:
 
   def _new_file(self, hardware: str, suffix: str) -> str:
     fd, path = tempfile.mkstemp(prefix=f"{hardware}.", suffix=suffix, dir=self.work_dir)
-    os.close(fd)
+    try:
+      os.fchmod(fd, build_dir.umask_mode())  # as open() would: not mkstemp's 0600
+    finally:
+      os.close(fd)
     return path
+
+  def _compact(self, hardware: str, path: str, suffix: str, keep, row_shape, dtype) -> str:
+    """A new staged file with only the rows of ``path`` where ``keep``; deletes ``path``."""
+    rows = np.memmap(path, dtype=dtype, mode="r", shape=(keep.size,) + tuple(row_shape))
+    out_path = self._new_file(hardware, suffix)
+    with open(out_path, "wb") as out:
+      for start in range(0, keep.size, 65536):
+        sel = keep[start : start + 65536]
+        out.write(np.ascontiguousarray(rows[start : start + sel.size][sel]).tobytes())
+    del rows
+    os.remove(path)
+    return out_path
 
   def _finish_file(
     self,
@@ -297,12 +330,10 @@ class RecordStaging:
     tok_out,
     path: str,
     tf,
-    sc: np.ndarray,
-    valid: np.ndarray,
     job,
   ) -> None:
     """Writes one task file's kept records (valid and, with loop tokens, replayed)."""
-    feats = np.asarray(tf.features, dtype=np.float32)[valid]
+    feats = np.asarray(tf.features, dtype=np.float32)
     keep = np.ones(feats.shape[0], bool)
     if job is not None:
       got = job.get()
@@ -317,11 +348,16 @@ class RecordStaging:
     elif feats.shape[1:] != acc.shape:
       raise DatasetBuildError(f"{path}: feature shape {feats.shape[1:]} != {acc.shape}")
     feat_out.write(feats.tobytes())
-    acc.scores.append(sc[valid][keep])
-    acc.keys.append(np.asarray(tf.program_keys, dtype=np.uint64)[valid][keep])
-    acc.rec_task.append(np.full(int(keep.sum()), len(acc.task_keys), np.int32))
-    acc.task_keys.append(tf.workload_key)
-    acc.task_min.append(float(tf.min_cost))
+    # Labels are per task (workload key), not per file: a task split over several files is
+    # normalised once, by its best cost over all of them (:func:`_label`).
+    task = acc.task_index.setdefault(tf.workload_key, len(acc.task_keys))
+    if task == len(acc.task_keys):
+      acc.task_keys.append(tf.workload_key)
+      acc.task_num_files.append(0)
+    acc.task_num_files[task] += 1
+    acc.costs.append(np.asarray(tf.costs, dtype=np.float64)[keep])
+    acc.keys.append(np.asarray(tf.program_keys, dtype=np.uint64)[keep])
+    acc.rec_task.append(np.full(int(keep.sum()), task, np.int32))
     acc.task_files.append(os.path.basename(path))
 
 
@@ -333,16 +369,57 @@ class _StageAccumulator:
   stats: Any = None
   token_stats: Any = None
   shape: tuple | None = None
-  scores: list = dataclasses.field(default_factory=list)
+  costs: list = dataclasses.field(default_factory=list)  # per file: (n,) float64 seconds
   keys: list = dataclasses.field(default_factory=list)
   rec_task: list = dataclasses.field(default_factory=list)
-  task_keys: list = dataclasses.field(default_factory=list)
-  task_min: list = dataclasses.field(default_factory=list)
+  task_keys: list = dataclasses.field(default_factory=list)  # unique, in first-file order
+  task_index: dict = dataclasses.field(default_factory=dict)  # workload key -> task
+  task_num_files: list = dataclasses.field(default_factory=list)
   task_files: list = dataclasses.field(default_factory=list)
 
   def __post_init__(self):
     if self.loop_tokens:
       self.token_stats = loop_token_source.LoopTokenStats()
+
+
+def _label(acc: _StageAccumulator, hardware: str):
+  """TLP's labels of one hardware's staged records, per task over all of its files.
+
+  ``score = min_cost(task) / cost`` in float32. A score that underflows float32 to 0 (costs of
+  one task spanning more than float32's range; records.py already refuses costs outside it) is
+  dropped and counted in the read stats as ``score_underflow``, never dropped silently.
+
+  Returns:
+    (scores, task_min_cost, record_task, program_keys, keep) of the records kept; ``keep``
+    marks them among the staged rows.
+  """
+  costs = np.concatenate(acc.costs)
+  record_task = np.concatenate(acc.rec_task)
+  keys = np.concatenate(acc.keys)
+  task_min = np.full(len(acc.task_keys), np.inf)
+  np.minimum.at(task_min, record_task, costs)
+  # The same float64 division (then float32 rounding) as records.read_task_file's per-file one.
+  scores = (task_min[record_task] / costs).astype(np.float32)
+  keep = scores > 0
+  split = [k for k, n in zip(acc.task_keys, acc.task_num_files) if n > 1]
+  if split:
+    logging.warning(
+      "%s: %d tasks are split over several files; each is labelled over all of its files, e.g. %s",
+      hardware,
+      len(split),
+      split[0],
+    )
+  dropped = int((~keep).sum())
+  if dropped:
+    acc.stats.failed[records_lib.SCORE_UNDERFLOW] += dropped
+    acc.stats.kept -= dropped
+    logging.warning(
+      "%s: %d records skipped as %s (score below float32's range)",
+      hardware,
+      dropped,
+      records_lib.SCORE_UNDERFLOW,
+    )
+  return scores[keep], task_min, record_task[keep], keys[keep], keep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,6 +639,14 @@ def format_summary(meta: Mapping[str, Any]) -> str:
         f"skipped: {skipped}; cropped to {tok['max_tokens'] if tok else '?'} "
         f"tokens: {st['cropped']}"
       )
+      n_skipped = sum(st["skipped"].values())
+      if n_skipped:
+        # The records read and kept that are not in the dataset: say so, with the sum.
+        kept = meta["read_stats"].get(hw, {}).get("kept", 0)
+        lines.append(
+          f"  {hw}: kept {kept} = {kept - n_skipped} written + {n_skipped} skipped without "
+          "loop tokens"
+        )
       for ex in st["examples"][:3]:
         lines.append(f"    e.g. {ex}")
   if len(meta["hardware"]) > 1:
@@ -586,6 +671,35 @@ def _stats_line(st: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The TFDS builder.
+
+
+class _DropTfdsChatter(std_logging.Filter):
+  """Drops TFDS's own log lines below ERROR (they name the staging paths and repeat the config
+  repr); this module logs what a build did."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.ERROR or (
+      f"{os.sep}tensorflow_datasets{os.sep}" not in (record.pathname or "")
+    )
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Silences TFDS's informational logging for the duration of a build."""
+  flt = _DropTfdsChatter()
+  loggers = [logging.get_absl_logger(), std_logging.getLogger()]
+  handlers = [h for lg in loggers for h in lg.handlers]
+  for lg in loggers:
+    lg.addFilter(flt)
+  for h in handlers:
+    h.addFilter(flt)  # records propagated from child loggers skip the loggers' filters
+  try:
+    yield
+  finally:
+    for lg in loggers:
+      lg.removeFilter(flt)
+    for h in handlers:
+      h.removeFilter(flt)
 
 
 class Tenset(tfds.core.ShardBasedBuilder):
@@ -647,6 +761,14 @@ class Tenset(tfds.core.ShardBasedBuilder):
       citation=_CITATION,
       metadata=tfds.core.MetadataDict(),
     )
+
+  def _log_download_bytes(self) -> None:
+    # TFDS prints "Downloading and preparing dataset ..." to stdout; nothing is downloaded here.
+    logging.info("%s: writing %s", self.builder_config.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    # TFDS prints "Dataset ... downloaded and prepared to <staging path>" to stdout.
+    logging.info("%s: written", self.builder_config.name)
 
   def _download_and_prepare(self, dl_manager, download_config=None):
     try:
@@ -866,15 +988,17 @@ def build(
   token_source: loop_token_source.LoopTokenSource | None = None,
   workers: int = 1,
 ) -> list[dict]:
-  """Builds (overwriting) every config into ``data_dir``; returns their metadata dicts.
+  """Builds (replacing) every config into ``data_dir``, all or nothing; returns their metadata.
 
-  Hardware shared by several configs is read once (a temporary staging dir inside
-  ``data_dir`` holds the featurized records during the build and is removed after). Configs
+  The configs are built into a staging folder inside ``data_dir`` and swapped in together only
+  when all of them are complete (:mod:`data_pipelines.build_dir`): a failed or killed build
+  leaves the datasets already in ``data_dir`` untouched, and the next build deletes (or, when
+  it was complete, finishes) what a killed one left. Hardware shared by several configs is
+  read once (the featurized records are kept in the staging folder during the build). Configs
   with ``loop_tokens`` replay their records over the skeletons of ``token_source`` when given
   (the caller owns it: close it after), else of the configs' ``skeletons`` file, replayed by
   ``workers`` processes.
   """
-  os.makedirs(data_dir, exist_ok=True)
   crops = {c.crop for c in configs}
   if len(crops) > 1:
     raise DatasetBuildError(f"configs of one build must share the crop, got {crops}")
@@ -894,31 +1018,34 @@ def build(
     token_source = own_source = loop_token_source.LoopTokenSource(
       next(iter(paths)), tenset_dir, workers=workers
     )
-  work = tempfile.mkdtemp(prefix="staging_", dir=data_dir)
   try:
-    staging = RecordStaging(
-      tenset_dir, work, crop=next(iter(crops)), token_source=token_source if with_tokens else None
-    )
-    metas = []
-    for cfg in configs:
-      builder = Tenset(
-        tenset_dir=tenset_dir,
-        staging=staging,
-        config=cfg,
-        data_dir=data_dir,
-        file_format="array_record",
-        shard_size=shard_size,
+    with build_dir.StagedBuild(data_dir) as staged_build, _quiet_tfds():
+      staging = RecordStaging(
+        tenset_dir,
+        staged_build.work_dir,
+        crop=next(iter(crops)),
+        token_source=token_source if with_tokens else None,
       )
-      builder.download_and_prepare(
-        download_dir=os.path.join(work, "downloads"),
-        download_config=tfds.download.DownloadConfig(
-          download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS,
-          compute_stats=tfds.download.ComputeStatsMode.SKIP,
-        ),
-      )
-      metas.append(dict(builder.info.metadata))
+      metas = []
+      for cfg in configs:
+        builder = Tenset(
+          tenset_dir=tenset_dir,
+          staging=staging,
+          config=cfg,
+          data_dir=staged_build.out_dir,
+          file_format="array_record",
+          shard_size=shard_size,
+        )
+        builder.download_and_prepare(
+          download_dir=os.path.join(staged_build.work_dir, "downloads"),
+          download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS,
+            compute_stats=tfds.download.ComputeStatsMode.SKIP,
+          ),
+        )
+        metas.append(dict(builder.info.metadata))
+      staged_build.commit([cfg.name for cfg in configs])
     return metas
   finally:
-    shutil.rmtree(work, ignore_errors=True)
     if own_source is not None:
       own_source.close()

@@ -64,6 +64,47 @@ def test_parse_errors_name_file_and_reason(tmp_path):
     ni.read_network_info(dup)
 
 
+def _bad_files(folder):
+  """(path, expected message) of files that must each give one NetworkInfoError."""
+  os.makedirs(folder, exist_ok=True)
+  non_utf8 = os.path.join(folder, "(u,[(1,8)]).json")
+  with open(non_utf8, "wb") as f:
+    f.write(b'{"network": "u\xff\xfe", "batch_size": 1}')
+  deep = _write(folder, "(n,[(1,8)]).json", "[" * 100_000 + "]" * 100_000)
+  a_dir = os.path.join(folder, "(dir,[(1,8)]).json")
+  os.makedirs(a_dir)
+  empty = _write(folder, "(e,[(1,8)]).json", _net("e", 1, 8, []))
+  return [
+    (non_utf8, r"\(u,\[\(1,8\)\]\)\.json: not UTF-8 text \(byte 14"),
+    (deep, r"\(n,\[\(1,8\)\]\)\.json: JSON nested too deeply"),
+    (a_dir, r"\(dir,\[\(1,8\)\]\)\.json: is a directory"),
+    (empty, r"\(e,\[\(1,8\)\]\)\.json: 'tasks' is empty"),
+  ]
+
+
+def test_unreadable_files_and_empty_networks_are_one_line_errors(tmp_path):
+  for path, message in _bad_files(str(tmp_path / "network_info")):
+    with pytest.raises(ni.NetworkInfoError, match=message) as e:
+      ni.read_network_info(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_bad_file_fails_the_whole_folder(tmp_path, sample_tenset_dir, case):
+  # Each case alone in an otherwise good folder: load_network_infos (what the build reads)
+  # must refuse it, never skip it (an emptied hold-out network would move its tasks to train).
+  src = os.path.join(sample_tenset_dir, "network_info")
+  folder = tmp_path / "network_info"
+  folder.mkdir()
+  for name in os.listdir(src):
+    if name.endswith(".json"):
+      os.symlink(os.path.join(src, name), folder / name)
+  path, message = _bad_files(str(tmp_path / "bad"))[case]
+  os.rename(path, folder / os.path.basename(path))
+  with pytest.raises(ni.NetworkInfoError, match=message):
+    ni.load_network_infos(str(tmp_path))
+
+
 def test_pickles_only_gives_instructions(tmp_path):
   _write(str(tmp_path / "network_info"), "((resnet_50,[(1,3,224,224)]),llvm).task.pkl", "x")
   with pytest.raises(

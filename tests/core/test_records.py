@@ -138,7 +138,9 @@ def test_read_stats_merge_and_serialise():
 
 
 def test_hardware_name(tmp_path):
-  assert R.read_task_file(_fixture("labels_task.json"), hardware="x").hardware == "epyc-9004"
+  assert R.read_task_file(_fixture("labels_task.json"), hardware="epyc-9004").hardware == (
+    "epyc-9004"
+  )
   path = tmp_path / "folder-hw" / "task.json"
   path.parent.mkdir()
   with open(_fixture("labels_task.json")) as f:
@@ -395,3 +397,56 @@ def test_lines_at(tmp_path):
     R.lines_at(str(path), [4])
   with pytest.raises(IndexError, match="line 0 beyond"):
     R.lines_at(str(path), [0])
+
+
+def _with_costs(tmp_path, costs_by_line):
+  """labels_task.json with the costs of some (1-based) lines replaced."""
+  with open(_fixture("labels_task.json")) as f:
+    recs = [json.loads(line) for line in f]
+  for lineno, costs in costs_by_line.items():
+    recs[lineno - 1]["r"][0] = costs
+  path = tmp_path / "costs.json"
+  path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+  return str(path)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("cost", [1e-320, 5e-324, 1e-39, 1e39, 1e300])
+def test_cost_outside_float32_is_a_counted_failure_not_a_label(tmp_path, fast, cost):
+  # A 1e-320 s minimum made every other score of the task underflow to 0 in the dataset's
+  # float32 (the build then dropped those records silently).
+  path = _with_costs(tmp_path, {2: [cost]})
+  tf = R.read_task_file(path, fast=fast)
+  assert tf.stats.failed == {"error_code": 1, "cost_out_of_range": 1}
+  assert tf.stats.kept == 3 and len(tf) == 3
+  _invariant(tf.stats)
+  np.testing.assert_array_equal(tf.line_numbers, [1, 3, 5])
+  np.testing.assert_allclose(tf.scores, [5e-6 / 3e-5, 0.25, 1.0], rtol=1e-12)
+  assert (tf.scores.astype(np.float32) > 0).all()
+  assert [r.failure for r in R.iter_records(path)][1] == "cost_out_of_range"
+
+
+def test_costs_at_the_edges_of_float32_are_kept(tmp_path):
+  tiny, big = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+  tf = R.read_task_file(_with_costs(tmp_path, {2: [tiny], 3: [big]}))
+  assert tf.stats.kept == 4 and not tf.stats.failed.get("cost_out_of_range")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_records_of_another_hardware_are_counted_not_labelled(tmp_path, fast):
+  # The folder says xeon-emr-16c, the target says epyc-9004: not this hardware's timings.
+  path = tmp_path / "xeon-emr-16c" / "t.json"
+  path.parent.mkdir()
+  with open(_fixture("labels_task.json")) as f:
+    path.write_text(f.read())
+  tf = R.read_task_file(str(path), hardware="xeon-emr-16c", fast=fast)
+  assert len(tf) == 0 and tf.stats.malformed == {"other_hardware": 5}
+  assert tf.stats.kept == 0 and not tf.stats.failed
+  _invariant(tf.stats)
+  assert tf.stats.examples[0] == (str(path), 1, "other_hardware")
+  # Read as the hardware its target names, or with no hardware given, it is labelled.
+  assert len(R.read_task_file(str(path), hardware="epyc-9004", fast=fast)) == 4
+  assert len(R.read_task_file(str(path), fast=fast)) == 4
+  # A target without -model= cannot name another hardware.
+  path.write_text(path.read_text().replace(" -model=epyc-9004", ""))
+  assert len(R.read_task_file(str(path), hardware="xeon-emr-16c", fast=fast)) == 4

@@ -2,6 +2,7 @@
 
 import collections
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -299,3 +300,81 @@ def test_cli_build_and_read_without_tensorflow(tmp_path, sample_tenset_dir, samp
     np.testing.assert_array_equal(cli.split(split).features, ref.split(split).features)
     np.testing.assert_array_equal(cli.split(split).scores, ref.split(split).scores)
   shutil.rmtree(data_dir)
+
+
+def _rewrite(path, recs):
+  with open(path, "w") as f:
+    f.write("".join(orjson.dumps(r).decode() + "\n" for r in recs))
+
+
+def test_labels_per_task_across_files_and_every_drop_counted(tmp_path, sample_tenset_dir):
+  """One task split over two files is labelled once; a 1e-320 cost, a score below float32 and
+  a file measured on other hardware are each counted; kept == examples written."""
+  src = str(tmp_path / "tenset")
+  shutil.copytree(sample_tenset_dir, src)
+  folder = os.path.join(src, "measure_records", "xeon-emr-16c")
+  files = sorted(glob.glob(os.path.join(folder, "*.json")))
+  loaded = {p: [orjson.loads(line) for line in open(p, "rb")] for p in files}
+  ok = [p for p in files if sum(r["r"][1] == 0 for r in loaded[p]) >= 10]
+  split_file, tiny_file, spread_file, other_file = ok[:4]
+  # 1. Split a task: the half without its best program goes to a second file.
+  recs = loaded[split_file]
+  valid = [r for r in recs if r["r"][1] == 0]
+  best = min(valid, key=lambda r: np.mean(r["r"][0]))
+  first = [r for r in recs if r is not best][: len(recs) // 2]
+  _rewrite(split_file, [r for r in recs if not any(r is x for x in first)])
+  _rewrite(split_file[: -len(".json")] + "_more.json", first)
+  true_min = float(np.mean(best["r"][0]))
+  split_key = recs[0]["i"][0][0]
+  # 2. A 1e-320 s cost: refused (cost_out_of_range); the task's other records keep labels.
+  recs = loaded[tiny_file]
+  [r for r in recs if r["r"][1] == 0][0]["r"][0] = [1e-320]
+  _rewrite(tiny_file, recs)
+  # 3. Costs 1e-30 and 1e30 s in one task (both float32): 1e-60 underflows float32.
+  recs = loaded[spread_file]
+  v = [r for r in recs if r["r"][1] == 0]
+  v[0]["r"][0], v[1]["r"][0] = [1e-30], [1e30]
+  _rewrite(spread_file, recs)
+  # 4. A file whose target names another hardware.
+  with open(other_file) as f:
+    text = f.read()
+  n_other = len(text.splitlines())
+  with open(other_file, "w") as f:
+    f.write(text.replace("-model=xeon-emr-16c", "-model=epyc-9004"))
+
+  data_dir = str(tmp_path / "data")
+  cfgs = tenset_tfds.make_configs(src, hardware=["xeon-emr-16c"], multi=False, loop_tokens="off")
+  (meta,) = tenset_tfds.build(src, data_dir, cfgs)
+  st = meta["read_stats"]["xeon-emr-16c"]
+  assert st["failed"]["cost_out_of_range"] == 1
+  assert st["failed"]["score_underflow"] == 1
+  assert st["malformed"] == {"other_hardware": n_other}
+  assert st["lines"] == st["kept"] + sum(st["failed"].values()) + sum(st["malformed"].values())
+  arrays = loader.load_arrays(data_dir, "xeon-emr-16c", use_cache=False)
+  written = sum(len(arrays.split(s).scores) for s in schema.SPLITS)
+  assert st["kept"] == written == sum(meta["examples"].values())
+  assert f"kept {written};" in tenset_tfds.format_summary(meta)
+  keys = meta["tasks"]["workload_keys"]
+  assert len(keys) == len(set(keys))
+  t = keys.index(split_key)
+  assert meta["tasks"]["min_cost"][t] == [true_min]
+  scores = np.concatenate([arrays.split(s).scores[:, 0] for s in schema.SPLITS])
+  task = np.concatenate([arrays.split(s).task_index for s in schema.SPLITS])
+  assert (scores > 0).all() and (scores <= 1).all()
+  # Exactly the best program of the split task scores 1 (per file, each half had a 1.0).
+  n_best = sum(np.mean(r["r"][0]) == true_min for r in valid)
+  assert int((scores[task == t] == 1.0).sum()) == n_best
+  assert int((task == t).sum()) == len(valid)
+
+
+def test_summary_accounts_for_records_without_loop_tokens(built_sample_dataset):
+  path = os.path.join(schema.dataset_dir(built_sample_dataset, "xeon-emr-16c"), "metadata.json")
+  with open(path) as f:
+    meta = json.load(f)
+  assert "written +" not in tenset_tfds.format_summary(meta)  # nothing skipped: kept = written
+  kept = meta["read_stats"]["xeon-emr-16c"]["kept"]
+  meta[schema.LOOP_TOKEN_STATS_META]["xeon-emr-16c"]["skipped"] = {"replay_error": 3}
+  summary = tenset_tfds.format_summary(meta)
+  assert f"xeon-emr-16c: kept {kept} = {kept - 3} written + 3 skipped without loop tokens" in (
+    summary
+  )

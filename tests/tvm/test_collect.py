@@ -143,3 +143,16 @@ def test_sampling_is_deterministic_given_seed():
   a = [str(s) for s in collect.sample_programs(task, 6, seed=11)]
   b = [str(s) for s in collect.sample_programs(task, 6, seed=11)]
   assert a == b and len(set(a)) == len(a) == 6
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_follow_the_umask(tmp_path, umask):
+  # mkstemp creates 0600 files: collected records must be as readable as any file written
+  # with open() under the user's umask.
+  old = os.umask(umask)
+  try:
+    path = str(tmp_path / "measure_records" / "hw" / "task.json")
+    collect._write_text(path, "{}\n")
+  finally:
+    os.umask(old)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask

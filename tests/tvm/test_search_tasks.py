@@ -3,6 +3,8 @@
 import importlib.util
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -22,7 +24,9 @@ class _Evil:
 def test_restricted_unpickler_refuses_foreign_globals(tmp_path):
   path = tmp_path / "all_tasks.pkl"
   path.write_bytes(pickle.dumps([_Evil()]))
-  with pytest.raises(pickle.UnpicklingError, match="refusing to load posix.system"):
+  with pytest.raises(
+    search_tasks.SearchTaskFileError, match=r"all_tasks.pkl: .*refusing to load posix.system"
+  ):
     search_tasks.load_search_tasks(str(path))
 
 
@@ -59,3 +63,83 @@ def test_convert_a_network_pickle(tmp_path, sample_tenset_dir):
   # The repeated workload's occurrences add up.
   assert [t.weight for t in net.tasks] == [5, 1, 1]
   assert [t.workload_key for t in net.tasks] == [t.workload_key for t in tasks]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _bad_pickles(folder, sample_tenset_dir):
+  """{case: bytes or None (a directory)} of files no SearchTask reader may accept."""
+  with open(tenset.all_tasks_path(sample_tenset_dir), "rb") as f:
+    real = f.read()
+  return {
+    "garbage": b"garbage, not a pickle",
+    "truncated": real[: len(real) // 2],
+    "empty": b"",
+    "evil": pickle.dumps([_Evil()]),
+    "directory": None,
+  }
+
+
+def _place(path, content):
+  if content is None:
+    os.makedirs(path)
+  else:
+    with open(path, "wb") as f:
+      f.write(content)
+
+
+@needs_tvm
+@pytest.mark.parametrize("case", ["garbage", "truncated", "empty", "evil", "directory"])
+def test_bad_pickles_are_one_error_naming_the_file(tmp_path, sample_tenset_dir, case):
+  content = _bad_pickles(tmp_path, sample_tenset_dir)[case]
+  path = str(tmp_path / "all_tasks.pkl")
+  _place(path, content)
+  with pytest.raises(search_tasks.SearchTaskFileError, match=r"all_tasks\.pkl: ") as e:
+    search_tasks.load_search_tasks(path)
+  assert "\n" not in str(e.value)
+  net = str(tmp_path / "((toy,[(1,3,32,32)]),llvm).task.pkl")
+  _place(net, content)
+  with pytest.raises(search_tasks.SearchTaskFileError, match=r"llvm\)\.task\.pkl: "):
+    search_tasks.network_info_from_pickle(net)
+
+
+@needs_tvm
+def test_not_a_list_and_empty_network_pickles(tmp_path):
+  path = tmp_path / "all_tasks.pkl"
+  path.write_bytes(pickle.dumps({"a": 1}))
+  with pytest.raises(search_tasks.SearchTaskFileError, match="expected a pickled list"):
+    search_tasks.load_search_tasks(str(path))
+  net = tmp_path / "((toy,[(1,3,32,32)]),llvm).task.pkl"
+  net.write_bytes(pickle.dumps(([], [])))
+  # An empty network would empty a hold-out network once converted: refused here.
+  with pytest.raises(network_info.NetworkInfoError, match="no tasks"):
+    search_tasks.network_info_from_pickle(str(net))
+
+
+@needs_tvm
+def test_cli_bad_network_pickle_is_one_line(tmp_path, sample_tenset_dir):
+  folder = tmp_path / "network_info"
+  folder.mkdir()
+  content = _bad_pickles(tmp_path, sample_tenset_dir)["truncated"]
+  _place(str(folder / "((toy,[(1,3,32,32)]),llvm).task.pkl"), content)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "tlp_jax.tvm.search_tasks",
+      "convert",
+      "--tenset_dir",
+      str(tmp_path),
+      "--allow_pickle",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, PYTHONPATH=REPO),
+  )
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+  assert "llvm).task.pkl: not a readable TVM SearchTask pickle" in lines[0]

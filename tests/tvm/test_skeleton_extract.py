@@ -56,6 +56,24 @@ def test_cli_missing_all_tasks(tmp_path):
   assert "all_tasks.pkl: not found" in proc.stderr
 
 
+@pytest.mark.parametrize("content", [b"not a pickle", b"\x80\x04\x95\x10\x00"])
+def test_cli_bad_all_tasks_is_one_line(tmp_path, content):
+  (tmp_path / "network_info").mkdir()
+  (tmp_path / "network_info" / "all_tasks.pkl").write_bytes(content)
+  proc = subprocess.run(
+    [sys.executable, "-m", "tlp_jax.tvm.skeleton_extract", "--tenset_dir", str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, PYTHONPATH=REPO),
+  )
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+  assert "all_tasks.pkl: not a readable TVM SearchTask pickle" in lines[0]
+
+
 def test_failed_tasks_are_listed(tmp_path):
   path = str(tmp_path / "sk.json")
   sk.save_collection(path, {}, failed={"k": "ValueError: scan op"})

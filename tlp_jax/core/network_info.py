@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -130,13 +131,26 @@ def read_network_info(path: str) -> NetworkInfo:
   """Reads and validates one ``network_info/*.json`` file.
 
   Raises:
-    NetworkInfoError: naming the file and what is wrong with it.
+    NetworkInfoError: naming the file and what is wrong with it (unreadable, a directory,
+      not UTF-8, invalid or too deeply nested JSON, a bad field, an empty task list).
   """
+  if os.path.isdir(path):
+    raise _fail(path, "is a directory, not a network-info file")
   try:
     with open(path, "rb") as f:
-      raw = json.loads(f.read())
+      data = f.read()
+  except OSError as e:
+    raise _fail(path, f"cannot read: {e.strerror or e}") from None
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise _fail(path, f"not UTF-8 text (byte {e.start}: {e.reason})") from None
+  try:
+    raw = json.loads(text)
   except json.JSONDecodeError as e:
     raise _fail(path, f"invalid JSON at line {e.lineno}: {e.msg}") from None
+  except RecursionError:
+    raise _fail(path, "JSON nested too deeply to be network info") from None
   if not isinstance(raw, dict):
     raise _fail(path, "top level is not a JSON object")
   name = raw.get("network")
@@ -151,6 +165,10 @@ def read_network_info(path: str) -> NetworkInfo:
   tasks = raw.get("tasks")
   if not isinstance(tasks, list):
     raise _fail(path, "'tasks' missing or not a list")
+  if not tasks:
+    # A network has at least one task; an empty list would silently take a hold-out network's
+    # tasks out of the test split (they would be trained on instead).
+    raise _fail(path, "'tasks' is empty: a network has at least one task")
   parsed = tuple(_parse_task(path, i, t) for i, t in enumerate(tasks))
   seen = set()
   for t in parsed:
@@ -336,7 +354,10 @@ def main(argv: Sequence[str]) -> None:
   """Lists the networks of a TenSet dir and its default hold-out."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  nets = load_network_infos(flags.FLAGS.tenset_dir)
+  try:
+    nets = load_network_infos(flags.FLAGS.tenset_dir)
+  except (FileNotFoundError, NetworkInfoError) as e:
+    sys.exit(f"error: {e}")
   for n in nets:
     print(f"{n.label}: {len(n.tasks)} tasks, {sum(t.weight for t in n.tasks)} occurrences")
   try:

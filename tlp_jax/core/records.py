@@ -69,6 +69,8 @@ BAD_RESULT = "bad_result"  # "r" is not [costs: list of numbers | null, error: i
 WORKLOAD_MISMATCH = "workload_mismatch"
 TARGET_MISMATCH = "target_mismatch"
 UNKNOWN_TARGET = "unknown_target"  # no featurizer given and the target's platform is unknown
+# The file's target names (``-model=``) another hardware than the one it is read as.
+OTHER_HARDWARE = "other_hardware"
 MALFORMED_REASONS = (
   BLANK_LINE,
   NOT_UTF8,
@@ -81,13 +83,30 @@ MALFORMED_REASONS = (
   WORKLOAD_MISMATCH,
   TARGET_MISMATCH,
   UNKNOWN_TARGET,
+  OTHER_HARDWARE,
 )
 # ... and why a well-formed record gets no label (failed measurement).
 ERROR_CODE = "error_code"
 NO_COSTS = "no_costs"
 NONFINITE_COST = "nonfinite_cost"
 NONPOSITIVE_COST = "nonpositive_cost"
-FAILED_REASONS = (ERROR_CODE, NO_COSTS, NONFINITE_COST, NONPOSITIVE_COST)
+# A cost float32 cannot hold as a normal number (e.g. 1e-320 s): the dataset stores costs and
+# scores as float32, and one such minimum would underflow every other score of its task to 0.
+COST_OUT_OF_RANGE = "cost_out_of_range"
+# Labelled across files (tenset_tfds): a score min_cost / cost below float32's range. Cannot
+# happen for costs in range unless they span over 45 orders of magnitude; counted, not hidden.
+SCORE_UNDERFLOW = "score_underflow"
+FAILED_REASONS = (
+  ERROR_CODE,
+  NO_COSTS,
+  NONFINITE_COST,
+  NONPOSITIVE_COST,
+  COST_OUT_OF_RANGE,
+  SCORE_UNDERFLOW,
+)
+# The costs a label may use: float32's normal range, seconds.
+MIN_COST = float(np.finfo(np.float32).tiny)
+MAX_COST = float(np.finfo(np.float32).max)
 
 _MODEL_RE = re.compile(r"(?:^|\s)-model=(\S+)")
 _STEPS_MARKER = b"], [[], ["
@@ -307,6 +326,8 @@ def _failure(costs: list | None, error_code: int) -> tuple[str | None, list[floa
     return NONFINITE_COST, []
   if not all(v > 0.0 for v in values):
     return NONPOSITIVE_COST, []
+  if not all(MIN_COST <= v <= MAX_COST for v in values):
+    return COST_OUT_OF_RANGE, []
   return None, values
 
 
@@ -354,6 +375,7 @@ class _FileReader:
     self.target: str | None = None
     self.platform: str | None = None
     self.unknown_platform = False
+    self.other_hardware: str | None = None
     self.start_layout = None if featurizer is None else featurizer.layout
     self.head: bytes | None = None
     self.feature_parts: list[bytes] = []
@@ -366,6 +388,19 @@ class _FileReader:
 
   def _first_record(self, line: bytes, rec: dict, key: str, target: str) -> None:
     self.key, self.target = key, target
+    model = hardware_of_target(target)
+    if self.hardware_arg is not None and model is not None and model != self.hardware_arg:
+      # Measured on another machine: labelling it as this hardware would be silently wrong.
+      self.other_hardware = model
+      logging.warning(
+        "%s: target %r names hardware %s, not %s; its records are skipped as %s",
+        self.path,
+        target,
+        model,
+        self.hardware_arg,
+        OTHER_HARDWARE,
+      )
+      return
     try:
       self.platform = features_lib.platform_of_target(target)
     except ValueError:
@@ -451,6 +486,8 @@ class _FileReader:
       return self._skip(lineno, WORKLOAD_MISMATCH)
     elif target != self.target:
       return self._skip(lineno, TARGET_MISMATCH)
+    if self.other_hardware is not None:
+      return self._skip(lineno, OTHER_HARDWARE)
     if self.unknown_platform:
       return self._skip(lineno, UNKNOWN_TARGET)
     reason, values = _failure(costs, error_code)
@@ -491,6 +528,7 @@ class _FileReader:
       self.line_numbers,
     )
     fast_lines = 0
+    min_cost, max_cost = MIN_COST, MAX_COST
     for lineno, line in enumerate(lines, 1):
       if head is None and self.key is None:
         self._establish(line)
@@ -504,9 +542,9 @@ class _FileReader:
             res = loads(line[k + seplen : -tlen])
           except ValueError:
             res = None
-          # orjson never yields inf/nan, and min() > 0.0 raises TypeError unless all
-          # costs are numbers, so this is a valid measurement (bools, which compare
-          # like ints, and exact 1.0 costs go to the full parse).
+          # orjson never yields inf/nan, and min() raises TypeError unless all costs
+          # are numbers, so this is a valid measurement (bools, which compare like
+          # ints, exact 1.0 costs and costs out of float32's range go to the full parse).
           try:
             ok = (
               type(res) is list
@@ -515,7 +553,8 @@ class _FileReader:
               and res[1] == 0
               and type(res[0]) is list
               and res[0]
-              and min(res[0]) > 0.0
+              and min(res[0]) >= min_cost
+              and max(res[0]) <= max_cost
               and True not in res[0]
             )
           except TypeError:
@@ -549,7 +588,10 @@ def read_task_file(
 
   Args:
     path: a ``measure_records/<hardware>/(...).json`` file.
-    hardware: name used when the target has no ``-model=``; default: the file's folder name.
+    hardware: the hardware the file is read as. When given, a file whose target names another
+      one (``-model=``) is not labelled: its records are counted as ``other_hardware``
+      (TenSet names each folder after its targets' ``-model=``). Also the name used when the
+      target has no ``-model=``; default: the file's folder name (and no such check).
     featurizer: shared featurizer (and vocabulary); default: a new one for the target's
       platform with the original tables.
     fast: use the text fast path (same output; False = full parse of every line).

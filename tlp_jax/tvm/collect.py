@@ -247,14 +247,28 @@ def task_seed(seed: int, workload_key: str) -> int:
   return (seed * 1_000_003 + zlib.crc32(workload_key.encode())) % (1 << 30) + 1
 
 
+def _umask_mode() -> int:
+  """The mode ``open()`` gives a new file under the current umask (0o666 & ~umask)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-  """Calls ``write(tmp_path)`` then renames the file to ``path`` (all-or-nothing)."""
+  """Calls ``write(tmp_path)`` then renames the file to ``path`` (all-or-nothing).
+
+  The file gets the mode a plain ``open()`` would give it (the umask's), not mkstemp's 0600:
+  collected records are data to share.
+  """
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fd, tmp = tempfile.mkstemp(
     dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path)[-40:]
   )
-  os.close(fd)
   try:
+    try:
+      os.fchmod(fd, _umask_mode())
+    finally:
+      os.close(fd)
     write(tmp)
     os.replace(tmp, path)
   finally:

@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import re
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags
@@ -48,6 +49,10 @@ _PKL_NAME = re.compile(
 )
 
 
+class SearchTaskFileError(ValueError):
+  """A file is not a readable TVM SearchTask pickle (the message names it and says why)."""
+
+
 class _SearchTaskUnpickler(pickle.Unpickler):
   """Constructs only the TVM classes of a SearchTask pickle; anything else is refused."""
 
@@ -60,9 +65,25 @@ class _SearchTaskUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: str):
+  """The object pickled in ``path`` (restricted unpickler).
+
+  Raises:
+    SearchTaskFileError: unreadable, truncated, corrupt, or refused by the restricted
+      unpickler; one line naming the file and the reason.
+  """
   tvm_import.require_tvm()  # registers the SearchTask / ComputeDAG pickle hooks
-  with open(path, "rb") as f:
-    return _SearchTaskUnpickler(io.BytesIO(f.read())).load()
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise SearchTaskFileError(f"{path}: cannot read: {e.strerror or e}") from None
+  try:
+    return _SearchTaskUnpickler(io.BytesIO(data)).load()
+  except Exception as e:  # noqa: BLE001  corrupt bytes can fail anywhere in unpickling/TVM
+    reason = (str(e).splitlines() or [""])[0][:300]
+    raise SearchTaskFileError(
+      f"{path}: not a readable TVM SearchTask pickle ({type(e).__name__}: {reason})"
+    ) from None
 
 
 def _check_search_tasks(path: str, tasks) -> None:
@@ -70,14 +91,20 @@ def _check_search_tasks(path: str, tasks) -> None:
 
   for t in tasks:
     if not isinstance(t, auto_scheduler.SearchTask):
-      raise ValueError(f"{path}: expected SearchTask entries, got {type(t).__name__}")
+      raise SearchTaskFileError(f"{path}: expected SearchTask entries, got {type(t).__name__}")
 
 
 def load_search_tasks(path: str) -> list:
-  """Loads a pickled list of ``SearchTask`` (``all_tasks.pkl``); registers every workload."""
+  """Loads a pickled list of ``SearchTask`` (``all_tasks.pkl``); registers every workload.
+
+  Raises:
+    SearchTaskFileError: the file is no readable pickled list of SearchTask (one line).
+  """
   tasks = _unpickle(path)
   if not isinstance(tasks, list):
-    raise ValueError(f"{path}: expected a pickled list of SearchTask, got {type(tasks).__name__}")
+    raise SearchTaskFileError(
+      f"{path}: expected a pickled list of SearchTask, got {type(tasks).__name__}"
+    )
   _check_search_tasks(path, tasks)
   from tvm import auto_scheduler
 
@@ -113,14 +140,15 @@ def network_info_from_pickle(path: str) -> network_info.NetworkInfo:
   loaded = _unpickle(path)
   try:
     search_tasks, weights = loaded
+    num_tasks, num_weights = len(search_tasks), len(weights)
   except (TypeError, ValueError):
     raise network_info.NetworkInfoError(
       f"{path}: expected a pickled (tasks, weights) pair"
     ) from None
-  if len(search_tasks) != len(weights):
-    raise network_info.NetworkInfoError(
-      f"{path}: {len(search_tasks)} tasks but {len(weights)} weights"
-    )
+  if not num_tasks:
+    raise network_info.NetworkInfoError(f"{path}: no tasks (a network has at least one)")
+  if num_tasks != num_weights:
+    raise network_info.NetworkInfoError(f"{path}: {num_tasks} tasks but {num_weights} weights")
   _check_search_tasks(path, search_tasks)
   shape = [int(s) for s in m.group("shape").split(",")]
   merged: dict[str, network_info.NetworkTask] = {}
@@ -187,7 +215,11 @@ def main(argv: Sequence[str]) -> None:
       "--tenset_dir DIR --allow_pickle [--overwrite]"
     )
   fv = flags.FLAGS
-  for path in convert_pickles(fv.tenset_dir, fv.allow_pickle, fv.overwrite):
+  try:
+    written = convert_pickles(fv.tenset_dir, fv.allow_pickle, fv.overwrite)
+  except (OSError, ImportError, SearchTaskFileError, network_info.NetworkInfoError) as e:
+    sys.exit(f"error: {e}")
+  for path in written:
     print(f"wrote {path}")
 
 

@@ -228,6 +228,7 @@ def extract_tenset(tenset_dir: str, out: str | None = None) -> tuple[str, dict, 
   Raises:
     FileNotFoundError: no ``all_tasks.pkl``.
     ImportError: TVM is not installed.
+    search_tasks.SearchTaskFileError: ``all_tasks.pkl`` is no readable SearchTask pickle.
   """
   pkl = tenset.all_tasks_path(tenset_dir)
   if not os.path.isfile(pkl):
@@ -248,8 +249,8 @@ def main(argv: Sequence[str]) -> None:
   start = time.perf_counter()
   try:
     path, skels, failed = extract_tenset(flags.FLAGS.tenset_dir, flags.FLAGS.out or None)
-  except (FileNotFoundError, ImportError) as e:
-    raise SystemExit(f"error: {e}") from e
+  except (OSError, ImportError, search_tasks.SearchTaskFileError) as e:
+    raise SystemExit(f"error: {e}") from None
   stats = sk.collection_size_stats(skels)
   print(
     f"wrote {path}: {len(skels)} skeletons ({stats.get('total_bytes', 0)} bytes of JSON), "
