@@ -20,7 +20,11 @@ of states and each model scores the whole population:
 The TLP models are randomly initialised at the default dimensions (timing does not depend on the
 weights' values). One steady-state call of ``tlp`` on the first task is also run under cProfile
 (``profile_tlp_steady_call``: seconds in serialisation, replay, loop tokens, step features and
-the network). Prints a table and writes ``bench/results/tuner_predict_cost.json`` with machine
+the network). On one more steady-state call per task the network is timed alone and its work
+counted from the inputs it ran (``tlp_network``: rows and MFLOP per state after the predictor's
+row dedup, ``Predictor.forward_cost``), next to this machine's float32 GEMM rate (``sgemm``) and
+the states/s that rate would allow (``states_per_s_bound_at_sgemm_rate``). Prints a table and
+writes ``bench/results/tuner_predict_cost.json`` with machine
 info (load average at the start and the end).
 
     python -m bench.tuner_predict_cost [--states 512] [--tasks 3] [--repeats 3]
@@ -151,6 +155,52 @@ def profile_split(model, task, states, top: int = 15) -> dict:
   }
 
 
+def _sgemm_gflops(threads_note: str, repeats: int = 10) -> dict:
+  """This machine's float32 GEMM rate on the network's shape ((8192, 256) x (256, 256)), best
+  of ``repeats``: the ceiling of any dense NumPy forward here."""
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((8192, 256), dtype=np.float32)
+  w = rng.standard_normal((256, 256), dtype=np.float32)
+  best = common.best_time(lambda: a @ w, repeats)
+  return {"gflops": 2 * 8192 * 256 * 256 / best / 1e9, "threads": threads_note}
+
+
+def network_cost(model, task, states) -> dict:
+  """One steady-state ``model.predict`` with the NumPy network timed and its work counted
+  (``Predictor.forward_cost`` of the inputs it ran, after the row dedup): rows and FLOPs per
+  state, the network's seconds and the GFLOP/s it ran at."""
+  pred = model.predictor
+  forward = pred._forward  # pylint: disable=protected-access
+  acc = {"network_s": 0.0, "programs": 0.0, "packed_rows": 0.0, "unique_rows": 0.0, "flops": 0.0}
+
+  def counted_forward(x, heads):
+    t = time.perf_counter()
+    out = forward(x, heads)
+    acc["network_s"] += time.perf_counter() - t
+    for k, v in pred.forward_cost(x, len(heads)).items():
+      if k in acc:
+        acc[k] += v
+    return out
+
+  pred._forward = counted_forward  # pylint: disable=protected-access
+  try:
+    t = time.perf_counter()
+    model.predict(task, states)
+    call_s = time.perf_counter() - t
+  finally:
+    del pred._forward  # the class method again
+  n = max(acc["programs"], 1.0)
+  return {
+    "states": len(states),
+    "call_s": call_s,
+    "network_s": acc["network_s"],
+    "packed_rows_per_state": acc["packed_rows"] / n,
+    "unique_rows_per_state": acc["unique_rows"] / n,
+    "mflop_per_state": acc["flops"] / n / 1e6,
+    "network_gflops": acc["flops"] / max(acc["network_s"], 1e-12) / 1e9,
+  }
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tenset_dir", default=os.path.join(REPO, "data", "sample", "tenset-mini"))
@@ -216,12 +266,32 @@ def main() -> None:
         row[f"{name}_failed"] = model.timing_summary()["states_failed"]
         if name == "tlp" and profile is None:
           profile = dict(profile_split(model, task, states), workload_key=wk)
+        if name == "tlp":
+          row["tlp_network"] = network_cost(model, task, states)
       row["xgb_first_s"], row["xgb_steady_s"] = _time_model(xgb, task, states, args.repeats)
       rows.append(row)
       timed = ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in row.items() if k.endswith("_s"))
       print(f"{wk[:60]}: {len(states)} states: {timed}")
 
   n = int(sum(r["states"] for r in rows))
+  nets = [r["tlp_network"] for r in rows]
+  flops = sum(c["mflop_per_state"] * c["states"] for c in nets) / n * 1e6
+  sgemm = _sgemm_gflops("numpy's BLAS, default threads (2 cores)")
+  network = {
+    "mflop_per_state": flops / 1e6,
+    "network_gflops": flops * n / sum(c["network_s"] for c in nets) / 1e9,
+    "network_states_per_s": n / sum(c["network_s"] for c in nets),
+    "sgemm": sgemm,
+    # The most states/s any float32 NumPy forward of this model reaches here: every FLOP at
+    # the measured GEMM rate (elementwise work, attention and featurization not counted).
+    "states_per_s_bound_at_sgemm_rate": sgemm["gflops"] * 1e9 / flops,
+  }
+  print(
+    f"network: {network['mflop_per_state']:.1f} MFLOP/state after dedup, "
+    f"{network['network_gflops']:.1f} GFLOP/s (sgemm {sgemm['gflops']:.1f}), "
+    f"{network['network_states_per_s']:,.0f} states/s for the network alone, bound "
+    f"{network['states_per_s_bound_at_sgemm_rate']:,.0f}"
+  )
   summary = {}
   for key in rows[0]:
     if key.endswith("_s"):
@@ -242,6 +312,7 @@ def main() -> None:
       "rows": rows,
       "summary": summary,
       "profile_tlp_steady_call": profile,
+      "tlp_network": network,
     },
   )
   if profile:

@@ -156,3 +156,29 @@ def test_unbound_nest_is_an_error():
   nest = rp.replay(sk.Skeleton.from_dict(_DENSE), _STEPS, infer_bounds=False)
   with pytest.raises(ValueError, match="no bounds"):
     lt.loop_tokens(nest)
+
+
+def test_plan_cached_per_structure_values_per_nest():
+  s = sk.Skeleton.from_dict(_DENSE)
+  a = rp.replay(s, _STEPS)
+  b = rp.replay(s, [["SP", 3, 0, 8, [4], 1]] + _STEPS[1:])  # same structure, other lengths
+  c = rp.replay(s, _STEPS[:2])  # no annotation, no split of C: another structure
+  assert lt.structure_key(a) == lt.structure_key(b) != lt.structure_key(c)
+  pa, pb, pc = lt.plan_and_values(a), lt.plan_and_values(b), lt.plan_and_values(c)
+  assert pa[0] is pb[0] and pc[0] is not pa[0]
+  assert not np.array_equal(pa[1], pb[1])  # the extents are the nest's own
+  for nest, item in ((a, pa), (b, pb), (c, pc)):
+    fresh = lt.plan_of(nest)  # uncached
+    for name in ("static", "anc", "inner", "always", "d_idx", "s_idx", "o_idx"):
+      np.testing.assert_array_equal(getattr(item[0], name), getattr(fresh, name))
+    want = lt.fill(fresh, *(v[None] for v in item[1:]), max_tokens=8)[0]
+    np.testing.assert_array_equal(lt.loop_tokens(nest, max_tokens=8), want)
+
+
+def test_plan_cache_is_bounded(monkeypatch):
+  monkeypatch.setattr(lt, "PLAN_CACHE_SIZE", 1)
+  monkeypatch.setattr(lt, "_PLAN_CACHE", {})
+  s = sk.Skeleton.from_dict(_DENSE)
+  for steps in (_STEPS, _STEPS[:2], _STEPS[:1]):
+    lt.plan_and_values(rp.replay(s, steps))
+    assert len(lt._PLAN_CACHE) == 1  # pylint: disable=protected-access

@@ -73,3 +73,17 @@ def test_every_sample_record_both_paths(sample_tenset_dir):
     stats.update(cache.stats)
   assert n > 8000 and stats["hits"] > n // 2
   assert bad == 0, f"{bad}/{n} differ"
+
+
+def test_fill_padded_buckets_keep_program_order(monkeypatch):
+  # Programs of different loop counts, in mixed order, over several buckets: each row is that
+  # program's own tokens.
+  monkeypatch.setattr(rc, "FILL_BUCKET", 2)
+  s = sk.Skeleton.from_dict(_DENSE)
+  progs = [_STEPS, _STEPS[:1], _STEPS[:2], [["SP", 3, 0, 8, [4], 1]] + _STEPS[1:], [], _STEPS[:4]]
+  nests = [rp.replay(s, st) for st in progs]
+  assert len({lt.plan_and_values(n)[0].n for n in nests}) > 1
+  got = rc.fill_padded([lt.plan_and_values(n) for n in nests], 8)
+  for nest, row in zip(nests, got):
+    np.testing.assert_array_equal(row, lt.loop_tokens(nest, max_tokens=8))
+  assert rc.fill_padded([], 8).shape == (0, 8, lt.WIDTH)

@@ -452,3 +452,22 @@ def test_restore_for_export(trained, sample_arrays):
   np.testing.assert_allclose(out[:7], np.asarray(direct), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="which must be"):
     export.restore_for_export(workdir, "final")
+
+
+def test_forward_cost_counts_the_deduplicated_rows():
+  cfg = TLPConfig(num_hardware_heads=1, **SMALL)
+  _, arrays = _export(cfg)
+  pred = npred.Predictor.from_arrays(arrays)
+  rng = np.random.default_rng(0)
+  a, b, c, d = rng.normal(size=(4, cfg.feature_dim)).astype(np.float32)
+  x = np.zeros((2, cfg.seq_len, cfg.feature_dim), np.float32)
+  x[0, :2] = a, b  # 2 real rows + 1 padding row
+  x[1, :3] = a, c, d  # 3 real rows + 1 padding row; `a` and the padding row are shared
+  cost = pred.forward_cost(x)
+  assert (cost["programs"], cost["packed_rows"], cost["unique_rows"]) == (2, 7, 5)
+  e0, e1 = cfg.encoder_dims
+  dec = (e1,) + tuple(cfg.decoder_dims)
+  pre = cfg.feature_dim * e0 + e0 * e1 + e1 * 3 * e1
+  post = e1 * e1 * (1 + cfg.res_blocks) + sum(p * q for p, q in zip(dec[:-1], dec[1:]))
+  mixing = 2 * 3 * 3 * e1 + 2 * 4 * 4 * e1
+  assert cost["macs"] == 5 * pre + 7 * post + mixing and cost["flops"] == 2 * cost["macs"]

@@ -364,15 +364,69 @@ def plan_of(nest: rp.LoopNest, order=None) -> Plan:
   return Plan(static, anc, inner, always, out_axis, read_bytes, n_reads, d_idx, s_idx, o_idx)
 
 
+def structure_key(nest: rp.LoopNest) -> tuple:
+  """Everything of a nest that :func:`print_order` and :func:`plan_of` read, and nothing else:
+  the attach order and, per stage, its op type, compute location, attach point, per loop (kind,
+  annotation, symbolic, extent unknown), and the shape of its access info (output / cache /
+  rfactor flags, each loop's root axis, the number of root axes, the rank of each read buffer
+  and of the output). Two nests with equal keys have the same print order and plan; the
+  values (extents, coefficients, strides, sizes, unroll) are not part of it."""
+  acc = nest.access
+  key = [nest.attach_order]
+  for i, s in enumerate(nest.stages):
+    a = acc[i] if acc else None
+    key.append(
+      (
+        s[rp.S_OP_TYPE],
+        s[rp.S_COMPUTE_AT],
+        s[rp.S_ATTACH_STAGE],
+        s[rp.S_ATTACH_ITER],
+        tuple(
+          [
+            (lp[rp.L_KIND], lp[rp.L_ANN], lp[rp.L_SYMBOLIC], lp[rp.L_EXTENT] is None)
+            for lp in s[rp.S_LOOPS]
+          ]
+        ),
+        None
+        if a is None
+        else (
+          a[rp.A_OUTPUT],
+          a[rp.A_CACHE],
+          a[rp.A_RFACTOR],
+          tuple([x[0] for x in a[rp.A_LOOPS]]),
+          len(a[rp.A_OUT_C]),
+          tuple([len(shape) for shape, _ in a[rp.A_READS]]),
+          len(a[rp.A_OUT_SHAPE]),
+        ),
+      )
+    )
+  return tuple(key)
+
+
+# structure_key -> (print order, plan): programs of a task share a few structures (the split
+# lengths and unroll values change only the values), and the plan is most of the tokens' cost.
+# Plans are never mutated. Bounded: cleared when full (a build walks the records task by task).
+PLAN_CACHE_SIZE = 4096
+_PLAN_CACHE: dict = {}
+
+
 def plan_and_values(nest: rp.LoopNest):
   """(:class:`Plan`, ext, coef, unroll, out_c, read_c, read_d, read_size, out_size) of a
   replayed nest: values as int64 arrays, (L,) for the first five (out_c / read_c: output / max
   read stride per unit coefficient), (L, NB, ND) for read_d / read_size, (L, NDo) for
-  out_size (see :func:`raw_values`)."""
-  order = print_order(nest)
-  plan = plan_of(nest, order)
-  vals = raw_values(nest, order)
-  return (plan,) + shape_values(plan, [x for v in vals for x in v])
+  out_size (see :func:`raw_values`). The plan is shared by nests of one
+  :func:`structure_key` (cached)."""
+  key = structure_key(nest)
+  hit = _PLAN_CACHE.get(key)
+  if hit is None:
+    order = print_order(nest)
+    hit = (order, plan_of(nest, order))
+    if len(_PLAN_CACHE) >= PLAN_CACHE_SIZE:
+      _PLAN_CACHE.clear()
+    _PLAN_CACHE[key] = hit
+  order, plan = hit
+  ext, coef, unroll, out_c, read_c, table = raw_values(nest, order)
+  return (plan,) + shape_values(plan, ext + coef + unroll + out_c + read_c + table)
 
 
 def _log2(x):
@@ -525,6 +579,8 @@ __all__ = [
   "shape_values",
   "plan_of",
   "plan_and_values",
+  "structure_key",
+  "PLAN_CACHE_SIZE",
   "fill",
   "fill_arrays",
   "loop_tokens",

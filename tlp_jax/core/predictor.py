@@ -560,7 +560,26 @@ class Predictor:
 
   def _forward(self, x: np.ndarray, heads: np.ndarray) -> np.ndarray:
     """(B, L, E) float32 -> (B, len(heads)); the row dedup is explained in the module doc."""
-    b, seq, width = x.shape
+    unique_rows, inverse, groups = self._pack(x)
+    y = None
+    for weights in self._members:  # an ensemble scores with the mean of its members
+      y_member = self._rows_forward(weights, unique_rows, inverse, groups, heads)
+      y = y_member if y is None else y + y_member
+    if len(self._members) > 1:
+      y /= np.float32(len(self._members))
+    out = np.zeros((x.shape[0], len(heads)), np.float32)
+    r = 0
+    for idx, m, _, weights in groups:
+      rows = len(idx) * m
+      out[idx] = np.einsum("pmh,m->ph", y[r : r + rows].reshape(len(idx), m, -1), weights)
+      r += rows
+    return out
+
+  def _pack(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
+    """The rows :meth:`_forward` computes: (distinct rows (U, E), packed row -> distinct row
+    (R,), groups of programs with the same number of rows: (program indices, rows per
+    program m, key log-counts (m,), sum weights (m,)))."""
+    _, seq, width = x.shape
     valid = np.any(x != 0, axis=-1)
     n_valid = valid.sum(axis=1)
     # Real rows first (stable), padding (all-zero) rows after: row n of a program with n real
@@ -568,7 +587,7 @@ class Predictor:
     order = np.argsort(~valid, axis=1, kind="stable")
     xs = np.take_along_axis(x, order[:, :, None], axis=1)
 
-    groups = []  # (program indices, rows per program m, key log-counts (m,), sum weights (m,))
+    groups = []
     packed = []
     for n in np.unique(n_valid):
       n = int(n)
@@ -583,7 +602,6 @@ class Predictor:
       groups.append((idx, m, key_bias, counts))
       packed.append(xs[idx, :m].reshape(-1, width))
 
-    out = np.zeros((b, len(heads)), np.float32)
     rows_in = np.concatenate(packed, axis=0)
     # Steps repeat heavily across programs (about 1 distinct row in 5 in a batch of TenSet
     # programs), and everything before the attention mixing is per row: run the input norm,
@@ -592,20 +610,34 @@ class Predictor:
     _, first, inverse = np.unique(
       np.ascontiguousarray(rows_in).view(void).ravel(), return_index=True, return_inverse=True
     )
-    inverse = inverse.ravel()
-    unique_rows = rows_in[first]
-    y = None
-    for weights in self._members:  # an ensemble scores with the mean of its members
-      y_member = self._rows_forward(weights, unique_rows, inverse, groups, heads)
-      y = y_member if y is None else y + y_member
-    if len(self._members) > 1:
-      y /= np.float32(len(self._members))
-    r = 0
-    for idx, m, _, weights in groups:
-      rows = len(idx) * m
-      out[idx] = np.einsum("pmh,m->ph", y[r : r + rows].reshape(len(idx), m, -1), weights)
-      r += rows
-    return out
+    return rows_in[first], inverse.ravel(), groups
+
+  def forward_cost(self, x: np.ndarray, num_heads: int = 1) -> dict[str, float]:
+    """What :meth:`predict` computes for the (B, L, E) model input ``x`` (for a model of loop
+    tokens: ``loop_tokens.model_input``), counted from the same row dedup and grouping:
+    programs, packed rows (real rows + one padding row per program), distinct rows, and the
+    multiply-adds of the matmuls (all ensemble members; elementwise work not counted): per
+    distinct row the encoder and q/k/v projection, per packed row the attention output
+    projection, residual blocks and the decoder of ``num_heads`` heads, per program the
+    attention mixing (2 m^2 D for m rows)."""
+    x = np.asarray(x, np.float32)
+    unique_rows, inverse, groups = self._pack(x)
+    w = self._members[0]
+    dims = [self.feature_dim] + [k.shape[1] for k, _ in w.encoder]
+    d = dims[-1]
+    pre = sum(a * b for a, b in zip(dims[:-1], dims[1:])) + d * w.qkv_w.shape[1]
+    dec = [d] + [k.shape[-1] for k, _ in w.decoder]
+    post = d * d * (1 + len(w.res)) + num_heads * sum(a * b for a, b in zip(dec[:-1], dec[1:]))
+    mixing = sum(len(idx) * 2 * m * m * d for idx, m, _, _ in groups)
+    members = len(self._members)
+    macs = members * (len(unique_rows) * pre + len(inverse) * post + mixing)
+    return {
+      "programs": float(x.shape[0]),
+      "packed_rows": float(len(inverse)),
+      "unique_rows": float(len(unique_rows)),
+      "macs": float(macs),
+      "flops": 2.0 * macs,
+    }
 
   def _rows_forward(
     self,

@@ -375,22 +375,57 @@ def _split_values(plan, got):
   return (plan,) + lt.shape_values(plan, got)
 
 
+# Programs per NumPy pass of fill_padded: the pass holds (B, L, L) arrays, L = the bucket's
+# longest nest (programs are bucketed by loop count, so L stays close to each program's own).
+FILL_BUCKET = 128
+
+
 def fill_padded(items, max_tokens: int) -> np.ndarray:
-  """Tokens of programs with different plans in one NumPy pass: ``items`` are (plan, *values)
-  (:func:`loop_tokens.plan_and_values`); plans are padded with never-printed loops of extent 1,
-  read buffers of 0 bytes and dimensions of size 1 (none of which changes a token)."""
+  """Tokens of programs with different plans: ``items`` are (plan, *values)
+  (:func:`loop_tokens.plan_and_values`). Programs are sorted by loop count and filled in
+  buckets of :data:`FILL_BUCKET` by one NumPy pass each; within a bucket plans are padded with
+  never-printed loops of extent 1, read buffers of 0 bytes and dimensions of size 1 (none of
+  which changes a token), so the result does not depend on the bucketing."""
   b = len(items)
-  n = max((it[0].n for it in items), default=0)
-  nb = max((it[0].nb for it in items), default=0)
-  nd = max((it[0].nd for it in items), default=0)
-  ndo = max((it[0].ndo for it in items), default=0)
-  static = np.zeros((b, n, lt.WIDTH))
-  anc = np.zeros((b, n, n), bool)
-  inner = np.zeros((b, n, n), bool)
-  always = np.zeros((b, n), bool)
-  out_axis = np.zeros((b, n, ndo))
-  read_bytes = np.zeros((b, n, nb))
-  n_reads = np.zeros((b, n))
+  out = np.zeros((b, max_tokens, lt.WIDTH), lt.DTYPE)
+  if not b:
+    return out
+  order = sorted(range(b), key=lambda k: items[k][0].n)
+  for s in range(0, b, FILL_BUCKET):
+    idx = order[s : s + FILL_BUCKET]
+    out[idx] = _fill_bucket([items[k] for k in idx], max_tokens)
+  return out
+
+
+def _fill_bucket(items, max_tokens: int) -> np.ndarray:
+  b = len(items)
+  n = max(it[0].n for it in items)
+  nb = max(it[0].nb for it in items)
+  nd = max(it[0].nd for it in items)
+  ndo = max(it[0].ndo for it in items)
+  # Structure: once per distinct plan of the bucket, gathered per program.
+  plan_ids: dict = {}
+  pid = np.empty(b, np.intp)
+  for k, it in enumerate(items):
+    pid[k] = plan_ids.setdefault(id(it[0]), len(plan_ids))
+  plans = {v: it[0] for it in items for v in (plan_ids[id(it[0])],)}
+  u = len(plan_ids)
+  static = np.zeros((u, n, lt.WIDTH))
+  anc = np.zeros((u, n, n), bool)
+  inner = np.zeros((u, n, n), bool)
+  always = np.zeros((u, n), bool)
+  out_axis = np.zeros((u, n, ndo))
+  read_bytes = np.zeros((u, n, nb))
+  n_reads = np.zeros((u, n))
+  for g, p in plans.items():
+    m = p.n
+    static[g, :m] = p.static
+    anc[g, :m, :m] = p.anc
+    inner[g, :m, :m] = p.inner
+    always[g, :m] = p.always
+    out_axis[g, :m, : p.ndo] = p.out_axis
+    read_bytes[g, :m, : p.nb] = p.read_bytes
+    n_reads[g, :m] = p.n_reads
   ext = np.ones((b, n), np.int64)
   coef = np.ones((b, n), np.int64)
   unroll = np.zeros((b, n), np.int64)
@@ -399,25 +434,18 @@ def fill_padded(items, max_tokens: int) -> np.ndarray:
   read_d = np.zeros((b, n, nb, nd), np.int64)
   read_size = np.ones((b, n, nb, nd), np.int64)
   out_size = np.ones((b, n, ndo), np.int64)
-  for k, (p, e, c, u, oc, rc_, rd, rs, os_) in enumerate(items):
+  for k, (p, e, c, un, oc, rc_, rd, rs, os_) in enumerate(items):
     m = p.n
-    static[k, :m] = p.static
-    anc[k, :m, :m] = p.anc
-    inner[k, :m, :m] = p.inner
-    always[k, :m] = p.always
-    out_axis[k, :m, : p.ndo] = p.out_axis
-    read_bytes[k, :m, : p.nb] = p.read_bytes
-    n_reads[k, :m] = p.n_reads
     ext[k, :m] = e
     coef[k, :m] = c
-    unroll[k, :m] = u
+    unroll[k, :m] = un
     out_c[k, :m] = oc
     read_c[k, :m] = rc_
     read_d[k, :m, : p.nb, : p.nd] = rd
     read_size[k, :m, : p.nb, : p.nd] = rs
     out_size[k, :m, : p.ndo] = os_
   return lt.fill_arrays(
-    (static, anc, inner, always, out_axis, read_bytes, n_reads),
+    (static[pid], anc[pid], inner[pid], always[pid], out_axis[pid], read_bytes[pid], n_reads[pid]),
     (ext, coef, unroll, out_c, read_c, read_d, read_size, out_size),
     max_tokens,
   )
