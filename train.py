@@ -7,6 +7,8 @@ Re-running the same command resumes from the workdir's latest checkpoint; a reru
 settings is refused, except the fields named in --allow_config_change. See docs/TRAINING.md.
 """
 
+import re
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -46,10 +48,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:
-    text = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ")
-    text = text.replace("\\'", "'").strip("'\" ")
-    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    _fail(f"unknown config field ({text}) among {given}; configs/default.py lists every field")
+    text = str(e.args[0] if e.args else e).replace("\\", "")
+    key = re.search(r"'([^']+)'", text)
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    flag = [a.split("=")[0] for a in argv[1:] if key and a.split("=")[0].endswith("." + key[1])]
+    _fail(
+      f"unknown config field {flag[0] if flag else (key[1] if key else text)}"
+      + (f" (did you mean {suggestion[1]}?)" if suggestion else "")
+      + "; configs/default.py lists every field"
+    )
 
 
 def _distributed_args(cfg) -> dict:

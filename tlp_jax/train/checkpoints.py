@@ -314,7 +314,8 @@ def reconcile_train_config(
   the same config (``config.RUNTIME_FIELDS`` may differ) and, for the fields named in
   ``allow_changes`` (all of ``config.OVERRIDABLE_FIELDS``), a changed value: the new config is
   then recorded and the change appended to ``train_config_history.json``, with a warning. The
-  file is never replaced silently. ``write=False`` (processes other than the first) only checks.
+  file is never replaced silently. ``write=False`` only checks (processes other than the first,
+  or a check before the run's other guards).
 
   Args:
     workdir: the run's workdir.
@@ -365,7 +366,7 @@ def reconcile_train_config(
     )
     write_json(history_path, history)
     write_json(path, config)
-  if changes:
+  if changes and write:
     logging.warning(
       "resuming %s with changed settings, as allowed: %s (recorded in %s)",
       workdir,

@@ -292,7 +292,7 @@ def _train_and_evaluate(
   # A workdir belongs to one run: refuse to mix runs (a different model or data would make
   # the checkpoints meaningless; different settings would resume into a hybrid). The training
   # config first: its message names every differing field with both values.
-  checkpoints.reconcile_train_config(workdir, config.to_dict(), allow_changes, write=is_chief)
+  checkpoints.reconcile_train_config(workdir, config.to_dict(), allow_changes, write=False)
   checkpoints.check_or_write_json(
     os.path.join(workdir, checkpoints.MODEL_CONFIG_FILE),
     model_config.to_dict(),
@@ -346,6 +346,9 @@ def _train_and_evaluate(
       meta["step_in_epoch"],
     )
   start_step = int(state.step)
+  # Recorded once every guard has passed (the checkpoint's run identity too), so a refused run
+  # leaves no trace.
+  checkpoints.reconcile_train_config(workdir, config.to_dict(), allow_changes, write=is_chief)
 
   model = model_lib.TLPModel(model_config)
   step_kwargs = dict(model=model, tx=tx, loss_config=config.loss)
