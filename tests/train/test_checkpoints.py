@@ -41,10 +41,13 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(
   latest = os.path.join(workdir, "checkpoints", "latest")
   newest, previous = _steps(latest)[-1], _steps(latest)[-2]
   _garble(os.path.join(latest, str(newest)))
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.INFO):
     result = loop.train_and_evaluate(new_test_config(), workdir, dataset=sample_arrays())
   assert "cannot restore checkpoint" in caplog.text
   assert f"resuming from step {previous}" in caplog.text
+  spe = math.ceil(len(sample_arrays().train) / 64)  # 1-based epoch in the log, as in the bar
+  epoch, done = divmod(previous, spe)
+  assert f"at step {previous} (epoch {epoch + 1}, after {done} of its {spe} steps)" in caplog.text
   # The unreadable one was moved aside (not deleted) and the run redid its steps: same end.
   moved = os.listdir(os.path.join(workdir, "checkpoints", "unreadable"))
   assert len(moved) == 1 and moved[0].startswith(f"latest-{newest}-")

@@ -339,11 +339,12 @@ def _train_and_evaluate(
     best_val = math.inf if best_val is None else float(best_val)
     best_validation = meta.get("best_validation")
     logging.info(
-      "resumed from %s at step %d (epoch %d, step %d in epoch)",
+      "resumed from %s at step %d (epoch %d, after %d of its %d steps)",
       latest_mgr.directory,
       int(state.step),
-      meta["epoch"],
+      meta["epoch"] + 1,  # 1-based, as the bar and the validation log count epochs
       meta["step_in_epoch"],
+      steps_per_epoch,
     )
   start_step = int(state.step)
   # Recorded once every guard has passed (the checkpoint's run identity too), so a refused run
