@@ -177,6 +177,14 @@ def test_reconcile_train_config(tmp_path):
     workdir, dict(base, num_epochs=6), ("num_epochs",), write=False
   ) == {"num_epochs": (3, 6)}
   assert checkpoints.read_json(str(tmp_path / checkpoints.TRAIN_CONFIG_FILE))["num_epochs"] == 3
+  # A field the recorded config lacks (a field added to the code since) is not the user's
+  # change: accepted, recorded.
+  assert checkpoints.reconcile_train_config(workdir, dict(base, init_from="")) == {
+    "init_from": (None, "")
+  }
+  history = json.load(open(tmp_path / checkpoints.TRAIN_CONFIG_HISTORY_FILE))
+  assert history[-1]["changes"] == {"init_from": [None, ""]}
+  assert checkpoints.read_json(str(tmp_path / checkpoints.TRAIN_CONFIG_FILE))["init_from"] == ""
 
 
 def _small_state():

@@ -312,7 +312,8 @@ def reconcile_train_config(
 
   A new workdir records ``config`` (``train_config.json``). A workdir that holds a run accepts
   the same config (``config.RUNTIME_FIELDS`` may differ) and, for the fields named in
-  ``allow_changes`` (all of ``config.OVERRIDABLE_FIELDS``), a changed value: the new config is
+  ``allow_changes`` (all of ``config.OVERRIDABLE_FIELDS``), a changed value; a field that only
+  one of the two configs has (another version of the code) is accepted too. The new config is
   then recorded and the change appended to ``train_config_history.json``, with a warning. The
   file is never replaced silently. ``write=False`` only checks (processes other than the first,
   or a check before the run's other guards).
@@ -347,7 +348,11 @@ def reconcile_train_config(
     return {}
   recorded = read_json(path)
   changes = config_lib.config_changes(recorded, config)
-  refused = {k: v for k, v in changes.items() if k not in set(allow_changes)}
+  # A field that only one side has comes from another version of the code (added since the run
+  # started, or removed), not from the user: accepted, with a warning, and recorded.
+  old_fields, new_fields = set(config_lib.flatten(recorded)), set(config_lib.flatten(config))
+  versioned = {k for k in changes if (k in old_fields) != (k in new_fields)}
+  refused = {k: v for k, v in changes.items() if k not in set(allow_changes) | versioned}
   if refused:
     listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
     hint = (
@@ -368,7 +373,8 @@ def reconcile_train_config(
     write_json(path, config)
   if changes and write:
     logging.warning(
-      "resuming %s with changed settings, as allowed: %s (recorded in %s)",
+      "resuming %s with changed settings (allowed, or fields of another code version): %s "
+      "(recorded in %s)",
       workdir,
       ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()),
       history_path,
