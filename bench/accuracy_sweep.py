@@ -78,8 +78,8 @@ def make_config(module: str, overrides: dict, data_dir: str, seed: int, also_bes
   """The experiment's ConfigDict for one seed."""
   config = importlib.import_module(f"configs.{module}").get_config()
   config.data_dir = data_dir
-  if "dataset" not in overrides:
-    config.dataset = config.hardware[0] if config.hardware else "all"
+  if "dataset" not in overrides and len(config.hardware) == 1:
+    config.dataset = config.hardware[0]
   with config.unlocked():
     for key, value in overrides.items():
       node = config

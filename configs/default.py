@@ -44,8 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
   # A built config of data_pipelines/tenset_tfds.py: a hardware name, or the joined
   # multi-hardware config ("all") for MTL-TLP.
   config.dataset = "epyc-9004"
-  # Heads, one per hardware, target first; empty = every hardware of the dataset, in its order.
-  config.hardware = ("epyc-9004",)
+  # Heads, one per hardware, target first. Empty (the default) = the dataset's hardware: its one
+  # hardware, or every hardware of a joined dataset in its order; so ``--config.dataset
+  # xeon-emr-16c`` alone trains a xeon-emr-16c model.
+  config.hardware = ()
   # Few-shot (MTL-TLP transfer): keep only this many / this fraction of the target head's
   # training labels (the rest are masked, chosen deterministically from the seed). -1 / 1.0 =
   # keep all. When both are set the smaller count wins.

@@ -11,7 +11,6 @@ from configs import default
 def get_config():
   """Returns the demo configuration (epyc-9004 head, 12 epochs of batch 256)."""
   config = default.get_config()
-  config.hardware = ("epyc-9004",)
   config.dataset = "epyc-9004"
   config.batch_size = 256
   config.eval_batch_size = 1024

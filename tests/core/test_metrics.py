@@ -217,3 +217,27 @@ def test_quick_top_k_matches_full_metric_per_task():
   want = (mins[:, None] / best).mean(axis=0)
   q = metrics.quick_top_ks(pred, mins[task] / lat, task, ks=(1, 5))
   np.testing.assert_allclose([q[1], q[5]], want, rtol=1e-12)
+
+
+def test_quick_top_k_is_normalised_within_the_given_programs():
+  """Scores normalised over a larger set (each task's best over all splits) are renormalised by
+  the task's best among the programs given: a perfect ranking scores 1.0 on any split."""
+  rng = np.random.default_rng(0)
+  task = rng.integers(0, 20, 500)
+  lat = rng.lognormal(size=500)
+  mins = metrics.min_latency_per_task(lat, task)
+  split = rng.random(500) < 0.3  # a validation split: most tasks miss their best program
+  score = (mins[task] / lat)[split]
+  in_split = metrics.min_latency_per_task(lat[split], task[split], 20)
+  assert np.sum(in_split > mins) >= 5  # most tasks' best program is not in the split
+  q = metrics.quick_top_ks(score, score, task[split], ks=(1, 5))
+  assert q[1] == pytest.approx(1.0) and q[5] == pytest.approx(1.0)
+  # The same ranking on scores of any per-task scale gives the same values.
+  scale = rng.uniform(0.1, 1.0, 20)[task[split]]
+  pred = rng.normal(size=score.shape)
+  a = metrics.quick_top_ks(pred, score, task[split], ks=(1, 5))
+  b = metrics.quick_top_ks(pred, score * scale, task[split], ks=(1, 5))
+  np.testing.assert_allclose([a[1], a[5]], [b[1], b[5]], rtol=1e-12)
+  # A task whose best score is 0 (no finite latency) is left out, not a NaN mean.
+  zero = np.where(task[split] == task[split][0], 0.0, score)
+  assert np.isfinite(metrics.quick_top_k(pred, zero, task[split], k=1))

@@ -130,3 +130,29 @@ def test_command_line_overrides_reach_the_typed_config(monkeypatch):
   fv(argv)
   cfg = config_lib.from_config_dict(fv.config)
   assert (cfg.model.ensemble_size, cfg.optim.learning_rate, cfg.loss.name) == (1, 1e-3, "mse")
+
+
+@pytest.mark.parametrize("dataset", ["epyc-9004", "xeon-emr-16c"])
+def test_heads_default_to_the_datasets_hardware(dataset):
+  """``--config.dataset xeon-emr-16c`` alone trains a xeon-emr-16c model."""
+  from tlp_jax.train import data
+
+  config = default.get_config()
+  config.dataset = dataset
+  cfg = config_lib.from_config_dict(config)
+  assert cfg.hardware == ()
+  assert data.head_columns([dataset], list(cfg.hardware)) == [0]
+  # A joined dataset: every hardware, in its order.
+  assert data.head_columns(["epyc-9004", "xeon-emr-16c"], list(cfg.hardware)) == [0, 1]
+
+
+def test_config_changes_name_dotted_fields_and_skip_runtime_ones():
+  old = config_lib.from_config_dict(default.get_config()).to_dict()
+  config = default.get_config()
+  config.optim.learning_rate = 0.5
+  config.data_dir = "/elsewhere"  # where the data is: a runtime field
+  config.eval_top_k = (1, 5)  # a tuple against the recorded JSON list: equal
+  new = config_lib.from_config_dict(config).to_dict()
+  assert config_lib.config_changes(old, new) == {"optim.learning_rate": (7e-4, 0.5)}
+  assert set(config_lib.OVERRIDABLE_FIELDS) <= set(config_lib.flatten(new))
+  assert set(config_lib.RUNTIME_FIELDS) <= set(config_lib.flatten(new))

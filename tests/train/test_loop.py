@@ -1,9 +1,13 @@
 """tlp_jax.train.loop: end-to-end runs of configs/test.py on the sample, resume, multi-host."""
 
+import glob
+import logging
 import math
 import os
+import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -77,16 +81,23 @@ def test_eval_every_epochs_changes_only_when_it_validates(
 ):
   """Validating every 2nd epoch (and the last) trains the same parameters, with fewer saves."""
   _, full = trained
+  steps_per_epoch = math.ceil(len(sample_arrays("epyc-9004").train) / 64)
   config = new_test_config()
   with config.unlocked():
     config.eval_every_epochs = 2
-    config.checkpoint_every_steps = 0
+    # A step checkpoint falls on every epoch's last step, validated (2, 3) or not (1): the
+    # non-validated one is saved too, as a step checkpoint.
+    config.checkpoint_every_steps = steps_per_epoch
+    config.checkpoints_to_keep = 5
   result = loop.train_and_evaluate(config, str(tmp_path), dataset=sample_arrays("epyc-9004"))
   jax.tree_util.tree_map(np.testing.assert_array_equal, result.state.params, full.state.params)
-  steps_per_epoch = math.ceil(len(sample_arrays("epyc-9004").train) / 64)
   saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints" / "latest"))
-  assert saved == [2 * steps_per_epoch, 3 * steps_per_epoch]
+  assert saved == [steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch]
   assert result.validation["epoch"] == 3
+  _, meta = checkpoints.restore_checkpoint(
+    checkpoints.open_for_reading(str(tmp_path), "latest"), None, step=steps_per_epoch
+  )
+  assert "validation" not in meta  # epoch 1 was not validated
 
 
 @pytest.mark.parametrize("field, value", [("eval_every_epochs", 0), ("batch_order", "by_net")])
@@ -262,3 +273,82 @@ def test_matmul_precision_is_in_force_while_training(monkeypatch, tmp_path, new_
   loop.train_and_evaluate(config, str(tmp_path))
   assert seen == ["highest"]
   assert jax.config.jax_default_matmul_precision != "highest"  # restored afterwards
+
+
+def test_loop_tokens_are_decided_once(monkeypatch, new_test_config, sample_arrays, tmp_path):
+  calls = []
+  real = data.reads_loop_tokens
+  monkeypatch.setattr(data, "reads_loop_tokens", lambda *a: calls.append(a) or real(*a))
+
+  class Stop(Exception):
+    pass
+
+  def stop(*args, **kwargs):
+    raise Stop
+
+  monkeypatch.setattr(checkpoints, "check_or_write_json", stop)  # right after the model config
+  with pytest.raises(Stop):
+    loop.train_and_evaluate(new_test_config(), str(tmp_path), dataset=sample_arrays())
+  assert len(calls) == 1
+
+
+def _events(workdir):
+  """The TensorBoard events of a workdir (TFRecord framing: length, crc, data, crc)."""
+  from tensorboardX.proto import event_pb2
+
+  (path,) = glob.glob(os.path.join(workdir, "events.out.tfevents*"))
+  with open(path, "rb") as f:
+    raw = f.read()
+  events, pos = [], 0
+  while pos < len(raw):
+    (n,) = struct.unpack("<Q", raw[pos : pos + 8])
+    event = event_pb2.Event()
+    event.ParseFromString(raw[pos + 12 : pos + 12 + n])
+    events.append(event)
+    pos += 12 + n + 4
+  return events
+
+
+def test_run_logs_above_the_bar_ends_with_a_summary_and_writes_tensorboard_hparams(
+  new_test_config, sample_arrays, tmp_path, capsys, caplog
+):
+  from tensorboardX.proto import plugin_hparams_pb2
+
+  config = new_test_config()
+  config.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  handler = logging.StreamHandler(sys.stderr)  # the captured stderr, where the bar draws too
+  handler.setFormatter(logging.Formatter("LOG:%(message)s"))
+  logging.getLogger().addHandler(handler)
+  try:
+    with caplog.at_level(logging.INFO):
+      result = loop.train_and_evaluate(config, workdir, dataset=sample_arrays())
+  finally:
+    logging.getLogger().removeHandler(handler)
+  err = capsys.readouterr().err
+  # Every log line starts a line of its own: the bar is cleared first, never written into.
+  segments = re.split(r"[\r\n]", err)
+  assert any(seg.startswith("LOG:[") for seg in segments)
+  assert all(seg.startswith("LOG:") for seg in segments if "LOG:" in seg)
+  # The bar's epoch is 1-based, as the log's.
+  assert "epoch=1" in err and "epoch=0" not in err
+  # The summary: best step and its metrics, the checkpoints, the next commands.
+  step = int(result.state.step)
+  assert result.best_step == step
+  assert f"Best checkpoint: step {step} (epoch 1)" in caplog.text
+  assert f"val_top1/epyc-9004={result.best_validation['val_top1/epyc-9004']:.4g}" in caplog.text
+  assert os.path.join(workdir, "checkpoints", "best") in caplog.text
+  assert f"python eval.py --workdir {workdir} --checkpoint best --hw epyc-9004" in caplog.text
+  assert f"python -m tlp_jax.train.export --workdir {workdir} --which best" in caplog.text
+
+  values = [v for e in _events(workdir) for v in e.summary.value]
+  scalars = {v.tag for v in values if v.HasField("simple_value")}
+  assert {"train/loss", "train/learning_rate", "val/loss", "val/top1/epyc-9004"} <= scalars
+  assert all(t.startswith(("train/", "val/")) for t in scalars), scalars
+  assert "hparams/text_summary" not in {v.tag for v in values}
+  (start,) = [v for v in values if v.tag == "_hparams_/session_start_info"]
+  hparams = plugin_hparams_pb2.HParamsPluginData.FromString(
+    start.metadata.plugin_data.content
+  ).session_start_info.hparams
+  assert hparams["optim.learning_rate"].number_value == pytest.approx(1e-3)
+  assert hparams["loss.name"].string_value == "pairwise_log"

@@ -1,5 +1,6 @@
 """tlp_jax.train.runtime: the XLA flag that makes GPU runs reproducible across processes."""
 
+import logging
 import subprocess
 import sys
 
@@ -48,3 +49,13 @@ def test_flag_is_accepted_by_jax_on_this_backend_and_runtime_imports_no_jax():
   )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "6.0"
+
+
+def test_backend_probe_info_is_silenced_warnings_kept(caplog):
+  logger = logging.getLogger("jax._src.xla_bridge")
+  runtime.quiet_backend_probe_logs()
+  runtime.quiet_backend_probe_logs()  # idempotent
+  with caplog.at_level(logging.INFO, logger="jax._src.xla_bridge"):
+    logger.info("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so")
+    logger.warning("An NVIDIA GPU may be present on this machine, but ...")
+  assert [r.levelno for r in caplog.records] == [logging.WARNING]

@@ -421,22 +421,28 @@ def oracle_top_k_scores(
 def quick_top_ks(
   pred, score, task_index, ks: Sequence[int] = DEFAULT_KS, mask=None
 ) -> dict[int, np.ndarray]:
-  """Cheap validation top-k: mean over tasks of the best true score among the top-k predicted.
+  """Cheap validation top-k: mean over tasks of the best true score among the top-k predicted,
+  relative to the task's best score among the given programs.
 
-  Unweighted (no networks), for monitoring training. The best true score in the top k is
-  ``min_latency / best_k`` of the task, i.e. the per-task term of the full metric (without the
-  1e-5 score floor).
+  Unweighted (no networks), for monitoring training. Each task's term is the best score in its
+  top k divided by its best score over the programs given (the valid ones of ``mask``), i.e.
+  ``min_latency / best_k`` with both latencies taken within these programs: the per-task term of
+  the full metric (without the 1e-5 score floor), whose oracle is 1.0. Scores normalised over a
+  larger set (TenSet labels use each task's best over all its programs, of every split) are
+  renormalised here, so a validation split's top-k is measured against what it holds. A task
+  whose best score is not positive is left out.
 
   Args:
     pred: ``(N,)`` or ``(N, H)`` predicted scores.
-    score: same shape, true normalised scores.
+    score: same shape, true scores (higher is better, proportional to 1 / latency within a
+      task; any per-task scale).
     task_index: ``(N,)`` task of each program.
     ks: the k values.
     mask: optional, same shape as ``score``; False entries (no valid measurement) are ignored.
 
   Returns:
     ``{k: value}``: a float64 scalar for 1-D inputs, an ``(H,)`` array for 2-D inputs (one per
-    head); NaN where no task has a valid program.
+    head); NaN where no task has a valid program with a positive score.
   """
   ks = _check_ks(ks)
   pred = np.asarray(pred)
@@ -470,9 +476,13 @@ def _quick_top_ks_heads(pred, score, mask, task_index, ks) -> dict[int, np.ndarr
       continue
     order, rank, starts = rank_within_tasks(pred[m, h], task_index[m])
     s = score[m, h].astype(np.float64)[order]
+    oracle = np.maximum.reduceat(s, starts)
+    ok = oracle > 0  # a task whose best score is 0 has no finite latency to compare with
+    if not ok.any():
+      continue
     for k in ks:
       best = np.maximum.reduceat(np.where(rank < k, s, -np.inf), starts)
-      out[k][h] = float(best.mean())
+      out[k][h] = float((best[ok] / oracle[ok]).mean())
   return out
 
 

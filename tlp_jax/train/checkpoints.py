@@ -6,17 +6,27 @@ with the lowest target-head validation loss. Each checkpoint carries JSON metada
 identity, the data order state (epoch, step in epoch) and the validation metrics, so a restarted
 run resumes exactly where it was and refuses a checkpoint of another run.
 ``workdir/model_config.json`` and ``dataset_meta.json`` describe the model for export; a second
-run in the same workdir must match them. A model of loop tokens also keeps a copy of the
-dataset's skeletons (``skeletons.json``), which its export embeds.
+run in the same workdir must match them, and so must its training config
+(``train_config.json``) except for the fields ``config.RUNTIME_FIELDS`` names, or those of
+``config.OVERRIDABLE_FIELDS`` changed on purpose, which ``train_config_history.json`` records. A
+model of loop tokens also keeps a copy of the dataset's skeletons (``skeletons.json``), which its
+export embeds.
+
+Re-running always resumes: saves a kill interrupted (Orbax's ``*.orbax-checkpoint-tmp*``
+folders) are removed, and a latest checkpoint that cannot be read is moved to
+``checkpoints/unreadable/`` and the run resumes from the newest readable one, with a warning.
+Orbax's per-save INFO and WARNING lines are silenced for every user of this module (errors stay).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -24,19 +34,47 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tlp_jax.train import config as config_lib
 from tlp_jax.train.step import TrainState
 
 MODEL_CONFIG_FILE = "model_config.json"
 DATASET_META_FILE = "dataset_meta.json"
 TRAIN_CONFIG_FILE = "train_config.json"
+TRAIN_CONFIG_HISTORY_FILE = "train_config_history.json"
 SKELETONS_FILE = "skeletons.json"
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 BEST = "best"
+UNREADABLE = "unreadable"  # checkpoints that failed to restore, moved out of the managers' way
+# Orbax writes a checkpoint into "<step>.orbax-checkpoint-tmp-<time>" and renames it when done.
+TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint in the workdir cannot be used (corrupted, or from an incompatible run)."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+  """Restoring a checkpoint failed in Orbax (truncated or corrupted files)."""
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops Orbax's INFO and WARNING records (it logs every thread of every save and restore,
+  and warns about things that are normal here, e.g. restoring without sharding); keeps errors."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or "/orbax/" not in record.pathname
+
+
+_QUIET_ORBAX = _QuietOrbax()
+
+
+def silence_orbax_logs() -> None:
+  """Silences Orbax's INFO/WARNING log lines (idempotent). Orbax logs through absl, i.e. the
+  ``absl`` Python logger; the filter sits on that logger, so it works with any handler."""
+  logger = logging.getLogger("absl")
+  if _QUIET_ORBAX not in logger.filters:
+    logger.addFilter(_QUIET_ORBAX)
 
 
 def _state_to_tree(state: TrainState) -> dict[str, Any]:
@@ -52,6 +90,7 @@ def checkpoint_managers(
   workdir: str, keep: int
 ) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
   """``(latest, best)`` Orbax managers under ``workdir/checkpoints``."""
+  silence_orbax_logs()
   root = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   latest = ocp.CheckpointManager(
     os.path.join(root, LATEST),
@@ -76,6 +115,88 @@ def save_checkpoint(
       state=ocp.args.StandardSave(_state_to_tree(state)), meta=ocp.args.JsonSave(dict(meta))
     ),
   )
+
+
+def remove_interrupted_saves(workdir: str) -> list[str]:
+  """Removes the temporary folders of saves that a kill interrupted; returns their paths.
+
+  Orbax writes each checkpoint into ``<step>.orbax-checkpoint-tmp-<time>`` and renames it to
+  ``<step>`` once complete, so such a folder is never a checkpoint and holds nothing to resume
+  from. Call it on one process only, before any manager of the workdir saves.
+  """
+  root = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  removed = []
+  for which in (LATEST, BEST):
+    directory = os.path.join(root, which)
+    if not os.path.isdir(directory):
+      continue
+    for entry in sorted(os.listdir(directory)):
+      if TMP_MARKER in entry:
+        path = os.path.join(directory, entry)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        removed.append(path)
+  for path in removed:
+    logging.warning("removed %s: a checkpoint save that was interrupted (never complete)", path)
+  return removed
+
+
+def restore_newest_readable(
+  manager: ocp.CheckpointManager, template: TrainState, workdir: str, move: bool = True
+) -> tuple[TrainState, dict[str, Any]]:
+  """Restores the newest checkpoint of ``manager`` that can be read.
+
+  A checkpoint Orbax cannot restore (truncated or corrupted files) is moved to
+  ``workdir/checkpoints/unreadable/`` (nothing is deleted, and the run can save that step
+  again) with a warning, and the next older one is tried. ``move=False`` (processes other than
+  the first, which moves them) only skips it. In a multi-process run every process then waits
+  for the others before the managers re-read their directory.
+
+  Raises:
+    CheckpointError: no checkpoint can be restored although the directory has entries (never a
+      silent fresh start), or one does not fit ``template`` (another model).
+  """
+  directory = str(manager.directory)
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return restore_checkpoint(manager, template)  # raises, naming the entries it found
+  failures = []
+  for step in steps:
+    try:
+      state, meta = restore_checkpoint(manager, template, step)
+    except UnreadableCheckpointError as e:
+      failures.append(str(e))
+      moved = _move_unreadable(workdir, directory, step) if move else "checkpoints/unreadable"
+      logging.warning("%s; moved it to %s and trying the previous checkpoint", e, moved)
+      continue
+    if failures:
+      _reload(manager)  # it still lists the moved steps
+      logging.warning(
+        "resuming from step %d of %s: the newer checkpoint(s) could not be read", step, directory
+      )
+    return state, meta
+  _reload(manager)
+  raise CheckpointError(
+    f"no checkpoint in {directory} can be restored ({'; '.join(failures)}); they were moved to "
+    f"{os.path.join(os.path.dirname(directory), UNREADABLE)}. Refusing to start over existing "
+    "work: use another workdir to start fresh"
+  )
+
+
+def _reload(manager: ocp.CheckpointManager) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("tlp_jax.checkpoints.moved_unreadable")
+  manager.reload()
+
+
+def _move_unreadable(workdir: str, directory: str, step: int) -> str:
+  dest_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, UNREADABLE)
+  os.makedirs(dest_dir, exist_ok=True)
+  stamp = time.strftime("%Y%m%dT%H%M%S")
+  dest = os.path.join(dest_dir, f"{os.path.basename(directory)}-{step}-{stamp}")
+  os.replace(os.path.join(directory, str(step)), dest)
+  return dest
 
 
 def step_entries(directory: str) -> list[str]:
@@ -122,7 +243,9 @@ def restore_checkpoint(
     )
     tree, meta = restored["state"], restored["meta"]
   except Exception as e:  # Orbax raises many types; all mean the same thing here.
-    raise CheckpointError(f"cannot restore checkpoint {path}: {type(e).__name__}: {e}") from e
+    raise UnreadableCheckpointError(
+      f"cannot restore checkpoint {path}: {type(e).__name__}: {e}"
+    ) from e
   if template is None:
     return tree, dict(meta)
   _check_same_structure(template, tree, path)
@@ -182,6 +305,83 @@ def check_or_write_json(path: str, obj: Any, what: str, write: bool) -> None:
     write_json(path, obj)
 
 
+def reconcile_train_config(
+  workdir: str, config: Mapping[str, Any], allow_changes: Sequence[str] = (), write: bool = True
+) -> dict[str, tuple[Any, Any]]:
+  """Checks a (re)run's training config against the one recorded in ``workdir``.
+
+  A new workdir records ``config`` (``train_config.json``). A workdir that holds a run accepts
+  the same config (``config.RUNTIME_FIELDS`` may differ) and, for the fields named in
+  ``allow_changes`` (all of ``config.OVERRIDABLE_FIELDS``), a changed value; a field that only
+  one of the two configs has (another version of the code) is accepted too. The new config is
+  then recorded and the change appended to ``train_config_history.json``, with a warning. The
+  file is never replaced silently. ``write=False`` only checks (processes other than the first,
+  or a check before the run's other guards).
+
+  Args:
+    workdir: the run's workdir.
+    config: ``TrainConfig.to_dict()``.
+    allow_changes: dotted field names the user explicitly allows to change.
+    write: whether this process writes the workdir's files.
+
+  Returns:
+    ``{field: (recorded, now)}`` of the allowed changes made (empty for a plain resume).
+
+  Raises:
+    CheckpointError: a field differs that is not allowed to (all of them named, with both
+      values), or ``allow_changes`` names a field that cannot be changed.
+  """
+  bad = sorted(set(allow_changes) - config_lib.OVERRIDABLE_FIELDS)
+  if bad:
+    raise CheckpointError(
+      f"these fields cannot be changed on a resumed run: {bad}; the ones that can are "
+      f"{sorted(config_lib.OVERRIDABLE_FIELDS)}"
+    )
+  config = json.loads(json.dumps(config, default=str))
+  path = os.path.join(workdir, TRAIN_CONFIG_FILE)
+  history_path = os.path.join(workdir, TRAIN_CONFIG_HISTORY_FILE)
+  now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  if not os.path.exists(path):
+    if write:
+      write_json(path, config)
+      write_json(history_path, [{"time": now, "event": "created"}])
+    return {}
+  recorded = read_json(path)
+  changes = config_lib.config_changes(recorded, config)
+  # A field that only one side has comes from another version of the code (added since the run
+  # started, or removed), not from the user: accepted, with a warning, and recorded.
+  old_fields, new_fields = set(config_lib.flatten(recorded)), set(config_lib.flatten(config))
+  versioned = {k for k in changes if (k in old_fields) != (k in new_fields)}
+  refused = {k: v for k, v in changes.items() if k not in set(allow_changes) | versioned}
+  if refused:
+    listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+    hint = (
+      f"; or, to change them on purpose, pass --allow_config_change={','.join(refused)}"
+      if set(refused) <= config_lib.OVERRIDABLE_FIELDS
+      else ""
+    )
+    raise CheckpointError(
+      f"{workdir} holds a run with other settings ({listed}) (recorded in {path}). Rerun "
+      f"with the recorded settings to resume it, or use another --workdir for a new run{hint}"
+    )
+  if changes and write:
+    history = read_json(history_path) if os.path.exists(history_path) else []
+    history.append(
+      {"time": now, "event": "changed", "changes": {k: list(v) for k, v in changes.items()}}
+    )
+    write_json(history_path, history)
+    write_json(path, config)
+  if changes and write:
+    logging.warning(
+      "resuming %s with changed settings (allowed, or fields of another code version): %s "
+      "(recorded in %s)",
+      workdir,
+      ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()),
+      history_path,
+    )
+  return changes
+
+
 def copy_skeletons(skeletons_path: str | None, workdir: str) -> None:
   """Copies the dataset's skeleton collection into ``workdir`` (atomically), for the export.
 
@@ -211,6 +411,7 @@ def read_skeletons_json(workdir: str) -> str | None:
 
 def open_for_reading(workdir: str, which: str) -> ocp.CheckpointManager:
   """A read-only manager of the workdir's ``which`` (``BEST`` or ``LATEST``) checkpoints."""
+  silence_orbax_logs()
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, which)
   if not os.path.isdir(directory):
     raise CheckpointError(f"no {which} checkpoints in {directory}")

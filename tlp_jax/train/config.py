@@ -37,6 +37,43 @@ DATA_PLACEMENTS = ("auto", "device", "host")
 # Values of jax.default_matmul_precision for config.matmul_precision.
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
+# Resuming a run (a rerun into a workdir that holds one) compares the config with the run's
+# recorded ``train_config.json``, field by field (dotted names). These fields do not change what
+# is trained, only where the data is read from, how it is placed, and how often the run logs or
+# which processes run it: they may differ on a rerun.
+RUNTIME_FIELDS = frozenset(
+  {
+    "data_dir",
+    "data_placement",
+    "device_data_max_bytes",
+    "log_every_steps",
+    "checkpoints_to_keep",
+    "distributed.enabled",
+    "distributed.coordinator_address",
+    "distributed.num_processes",
+    "distributed.process_id",
+  }
+)
+# These change a run in a way that keeps its checkpoints meaningful (e.g. more epochs), so a
+# rerun may change them, but only when asked explicitly (``train.py --allow_config_change``),
+# and the change is recorded in the workdir. Every other field (model, data, loss, optimizer,
+# seed, batch, ...) makes a different run: it needs a new workdir.
+OVERRIDABLE_FIELDS = frozenset(
+  {
+    "num_epochs",
+    "eval_every_epochs",
+    "checkpoint_every_steps",
+    "eval_top_k",
+    "matmul_precision",
+    "deterministic_gpu_ops",
+  }
+)
+
+
+class ConfigError(ValueError):
+  """A configuration the user can fix: an unknown or missing field, an invalid value, or a
+  value that does not fit the dataset (``train.py`` prints it as one line)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class FewShotConfig:
@@ -97,7 +134,7 @@ class TrainConfig:
       "eval_every_epochs",
     ):
       if getattr(self, name) < 1:
-        raise ValueError(f"config.{name} must be >= 1, got {getattr(self, name)}")
+        raise ConfigError(f"config.{name} must be >= 1, got {getattr(self, name)}")
 
   def to_dict(self) -> dict[str, Any]:
     """Plain-Python dict of every field (JSON-serialisable), nested like the ConfigDict."""
@@ -106,7 +143,7 @@ class TrainConfig:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
   if value not in choices:
-    raise ValueError(f"config.{name} must be one of {choices}, got {value!r}")
+    raise ConfigError(f"config.{name} must be one of {choices}, got {value!r}")
 
 
 # Fields of a section that are not in the ConfigDict: set by the trainer from the dataset
@@ -137,7 +174,7 @@ def _build(cls: type, section: Mapping[str, Any], path: str) -> Any:
       problems.append(f"unknown field(s) {[f'{where}.{k}' for k in unknown]}")
     if missing:
       problems.append(f"missing field(s) {[f'{where}.{k}' for k in missing]}")
-    raise ValueError(
+    raise ConfigError(
       f"{' and '.join(problems)}; the known fields of {where} are "
       f"{sorted(fields)} (configs/default.py)"
     )
@@ -163,9 +200,47 @@ def from_config_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> T
   """The typed ``TrainConfig`` of a training ConfigDict (derived from ``configs/default.py``).
 
   Raises:
-    ValueError: an unknown, misspelled or missing field (named with the known ones), or an
+    ConfigError: an unknown, misspelled or missing field (named with the known ones), or an
       invalid value.
   """
   if isinstance(config, ml_collections.ConfigDict):
     config = config.to_dict()
-  return _build(TrainConfig, config, "")
+  try:
+    return _build(TrainConfig, config, "")
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:  # a section's own check (model, loss, optim) of a value
+    raise ConfigError(str(e)) from e
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{dotted.name: value}`` of a nested config dict (``TrainConfig.to_dict()``)."""
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(flatten(v, name + "."))
+    else:
+      out[name] = v
+  return out
+
+
+def config_changes(
+  recorded: Mapping[str, Any], now: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+  """``{dotted field: (recorded, now)}`` of the fields that differ between two config dicts
+  (JSON-like: tuples and lists compare equal), ``RUNTIME_FIELDS`` excluded. A field present on
+  one side only (a config of an older version) differs too, with ``None`` on the other side."""
+  old, new = flatten(recorded), flatten(now)
+  changes = {}
+  for name in sorted(set(old) | set(new)):
+    if name in RUNTIME_FIELDS:
+      continue
+    a, b = old.get(name), new.get(name)
+    if _jsonish(a) != _jsonish(b):
+      changes[name] = (a, b)
+  return changes
+
+
+def _jsonish(v: Any) -> Any:
+  return list(map(_jsonish, v)) if isinstance(v, (list, tuple)) else v

@@ -189,7 +189,11 @@ def reads_loop_tokens(loop_tokens: str, dataset: Any) -> bool:
 
 
 def model_config_for(
-  model: model_lib.TLPConfig, loop_tokens: str, dataset: Any, num_hardware_heads: int
+  model: model_lib.TLPConfig,
+  loop_tokens: str,
+  dataset: Any,
+  num_hardware_heads: int,
+  reads_tokens: bool | None = None,
 ) -> model_lib.TLPConfig:
   """The ``TLPConfig`` trained on ``dataset``: ``config.model`` with its heads and input size.
 
@@ -199,7 +203,8 @@ def model_config_for(
   dataset's step crop, so the model's step crop must equal the dataset's.
   """
   seq_len, feature_dim = model.seq_len, model.feature_dim
-  if reads_loop_tokens(loop_tokens, dataset):
+  # ``reads_tokens``: the caller's ``reads_loop_tokens(loop_tokens, dataset)``, not decided twice.
+  if reads_loop_tokens(loop_tokens, dataset) if reads_tokens is None else reads_tokens:
     loop_shape, step_crop = loop_token_shape(dataset), tuple(dataset.crop)
     if (seq_len, feature_dim) != step_crop:
       raise ValueError(

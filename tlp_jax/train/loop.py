@@ -12,11 +12,17 @@
   ``tlp_jax.core.metrics``;
 * checkpoints (``checkpoints``): the latest every ``checkpoint_every_steps`` and at each
   validated epoch end, the best by target-head validation loss; a restarted run resumes exactly
-  where its checkpoint was taken and ends with the same parameters as an unbroken run.
+  where its checkpoint was taken and ends with the same parameters as an unbroken run. A rerun
+  must use the run's settings (``checkpoints.reconcile_train_config``); interrupted saves are
+  removed and an unreadable latest checkpoint falls back to the newest readable one;
+* the log: absl/logging lines are printed above the progress bar, never into it, and the run
+  ends with a summary (best step and its validation metrics, where the checkpoints are, the
+  commands that evaluate and export the model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -48,6 +54,8 @@ class TrainResult:
   validation: dict[str, float]
   model_config: model_lib.TLPConfig
   hardware: tuple[str, ...]
+  best_step: int | None = None  # the step of checkpoints/best (None: no validation data)
+  best_validation: dict[str, float] | None = None  # its validation metrics
 
 
 def validate(
@@ -84,12 +92,92 @@ def validate(
   return out
 
 
+def tensorboard_tags(validation: Mapping[str, float]) -> dict[str, float]:
+  """``validate``'s metrics under TensorBoard tags of the ``val/`` group: ``val_loss`` ->
+  ``val/loss``, ``val_top1/epyc-9004`` -> ``val/top1/epyc-9004``, ``epoch`` -> ``val/epoch``."""
+  return {"val/" + k.removeprefix("val_"): v for k, v in validation.items()}
+
+
+@contextlib.contextmanager
+def _logs_above_bar():
+  """Prints every log record of the root logger's handlers above the tqdm bars, not into them.
+
+  ``tqdm.contrib.logging.logging_redirect_tqdm`` only knows plain ``StreamHandler``s; absl's
+  handler (which ``train.py``'s log goes through) is not one: it hands each record to its own
+  stream handler. So each handler's ``handle`` runs inside ``tqdm.external_write_mode``, which
+  clears the bars, lets the record print on a line of its own and redraws them.
+  """
+  handlers = list(logging.getLogger().handlers)
+
+  def wrapped(handle):
+    def handle_above_bar(record):
+      with tqdm.tqdm.external_write_mode():
+        return handle(record)
+
+    return handle_above_bar
+
+  for h in handlers:
+    h.handle = wrapped(h.handle)
+  try:
+    yield
+  finally:
+    for h in handlers:
+      del h.handle  # back to the class's method
+
+
+def log_summary(result: TrainResult, workdir: str, config: config_lib.TrainConfig) -> None:
+  """Logs how a run ended: the best checkpoint and its validation metrics, where the
+  checkpoints are, and the commands that evaluate and export the model."""
+  root = os.path.join(os.path.abspath(workdir), checkpoints.CHECKPOINT_DIR)
+  metrics_text = lambda m: ", ".join(  # noqa: E731
+    f"{k}={v:.4g}" for k, v in (m or {}).items() if k != "epoch" and isinstance(v, float)
+  )
+  step = int(result.state.step)
+  if result.best_step is not None:
+    best = result.best_validation or {}
+    epoch = f" (epoch {best['epoch']})" if "epoch" in best else ""
+    logging.info(
+      "training done at step %d. Best checkpoint: step %d%s, %s: %s",
+      step,
+      result.best_step,
+      epoch,
+      os.path.join(root, checkpoints.BEST),
+      metrics_text(best) or "metrics in its checkpoint",
+    )
+    which = "best"
+  else:
+    logging.info("training done at step %d (no validation data, so no best checkpoint)", step)
+    which = "latest"
+  logging.info(
+    "latest checkpoint: %s; last validation: %s",
+    os.path.join(root, checkpoints.LATEST),
+    metrics_text(result.validation) or "none",
+  )
+  data_dir = config.data_dir or "DATA_DIR"
+  dataset = "" if config.dataset == result.hardware[0] else f" --dataset {config.dataset}"
+  logging.info(
+    "next: evaluate on the hold-out networks with\n"
+    "  python eval.py --workdir %s --checkpoint %s --hw %s --data_dir %s%s\n"
+    "and export the model for the NumPy predictor / TVM with\n"
+    "  python -m tlp_jax.train.export --workdir %s --which %s --out %s",
+    workdir,
+    which,
+    result.hardware[0],
+    data_dir,
+    dataset,
+    workdir,
+    which,
+    os.path.join(workdir, "model.npz"),
+  )
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict | config_lib.TrainConfig,
   workdir: str,
   *,
   dataset: Any | None = None,
   devices: Sequence[Any] | None = None,
+  allow_changes: Sequence[str] = (),
 ) -> TrainResult:
   """Trains (or resumes training), validating every ``config.eval_every_epochs`` epochs and
   after the last; checkpoints into ``workdir``.
@@ -101,9 +189,18 @@ def train_and_evaluate(
     dataset: a ``loader.DatasetArrays`` (or an object with the same fields); loaded
       from ``config.data_dir`` / ``config.dataset`` when None.
     devices: local devices to use (default: all).
+    allow_changes: fields of ``config.OVERRIDABLE_FIELDS`` that may differ from the run already
+      in ``workdir`` (e.g. ``num_epochs`` to extend it); the change is recorded there. Any other
+      difference is refused (``checkpoints.reconcile_train_config``).
 
   Returns:
     The final state and validation metrics.
+
+  Raises:
+    config.ConfigError: the config does not fit the data (no ``data_dir``, unknown hardware,
+      loop tokens required but absent, ...).
+    loader.DatasetNotFoundError: nothing built at ``config.data_dir`` for ``config.dataset``.
+    checkpoints.CheckpointError: the workdir holds another run, or no readable checkpoint.
   """
   if not isinstance(config, config_lib.TrainConfig):
     config = config_lib.from_config_dict(config)
@@ -122,11 +219,31 @@ def train_and_evaluate(
   # Steps are traced inside this context, so it sets the precision of every float32 matmul of
   # the model and loss ("default" is TF32 on Ampere/Hopper GPUs; "highest" is true float32).
   with jax.default_matmul_precision(config.matmul_precision):
-    return _train_and_evaluate(config, workdir, dataset, devices)
+    return _train_and_evaluate(config, workdir, dataset, devices, tuple(allow_changes))
+
+
+def load_dataset(config: config_lib.TrainConfig) -> Any:
+  """``loader.load_arrays(config.data_dir, config.dataset)``, with a clear error when
+  ``config.data_dir`` is empty or missing (the message says what to pass)."""
+  if not config.data_dir:
+    raise config_lib.ConfigError(
+      "config.data_dir is empty: pass --config.data_dir=DATA_DIR, the --data_dir that "
+      "python -m data_pipelines.build built the dataset into"
+    )
+  if not os.path.isdir(config.data_dir):
+    raise config_lib.ConfigError(
+      f"config.data_dir={config.data_dir!r} does not exist: pass the --data_dir that "
+      "python -m data_pipelines.build built the dataset into, or build it there first"
+    )
+  return loader.load_arrays(config.data_dir, config.dataset)
 
 
 def _train_and_evaluate(
-  config: config_lib.TrainConfig, workdir: str, dataset: Any | None, devices: Sequence[Any] | None
+  config: config_lib.TrainConfig,
+  workdir: str,
+  dataset: Any | None,
+  devices: Sequence[Any] | None,
+  allow_changes: tuple[str, ...] = (),
 ) -> TrainResult:
   """``train_and_evaluate`` under the configured matmul precision."""
   # pmap wants the *global* device list in multi-process runs (its default); an explicit
@@ -139,13 +256,20 @@ def _train_and_evaluate(
   os.makedirs(workdir, exist_ok=True)
 
   if dataset is None:
-    dataset = loader.load_arrays(config.data_dir, config.dataset)
-  columns = data.head_columns(list(dataset.hardware), list(config.hardware))
-  hardware = tuple(str(dataset.hardware[c]) for c in columns)
-  loop_tokens = data.reads_loop_tokens(config.loop_tokens, dataset)
-  model_config = data.model_config_for(
-    config.model, config.loop_tokens, dataset, num_hardware_heads=len(hardware)
-  )
+    dataset = load_dataset(config)
+  try:  # these check the config against the dataset: a mismatch is the user's to fix
+    columns = data.head_columns(list(dataset.hardware), list(config.hardware))
+    hardware = tuple(str(dataset.hardware[c]) for c in columns)
+    loop_tokens = data.reads_loop_tokens(config.loop_tokens, dataset)
+    model_config = data.model_config_for(
+      config.model,
+      config.loop_tokens,
+      dataset,
+      num_hardware_heads=len(hardware),
+      reads_tokens=loop_tokens,
+    )
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from e
   # Loop tokens are kept in their own (float16) array and assembled per batch.
   train = data.select_heads(dataset.train, columns, loop_tokens)
   val = data.select_heads(dataset.validation, columns, loop_tokens)
@@ -166,7 +290,9 @@ def _train_and_evaluate(
   )
 
   # A workdir belongs to one run: refuse to mix runs (a different model or data would make
-  # the checkpoints meaningless).
+  # the checkpoints meaningless; different settings would resume into a hybrid). The training
+  # config first: its message names every differing field with both values.
+  checkpoints.reconcile_train_config(workdir, config.to_dict(), allow_changes, write=False)
   checkpoints.check_or_write_json(
     os.path.join(workdir, checkpoints.MODEL_CONFIG_FILE),
     model_config.to_dict(),
@@ -179,10 +305,8 @@ def _train_and_evaluate(
     "dataset",
     write=is_chief,
   )
-  if is_chief:
-    checkpoints.write_json(os.path.join(workdir, checkpoints.TRAIN_CONFIG_FILE), config.to_dict())
-    if loop_tokens:
-      checkpoints.copy_skeletons(getattr(dataset, "skeletons_path", None), workdir)
+  if is_chief and loop_tokens:
+    checkpoints.copy_skeletons(getattr(dataset, "skeletons_path", None), workdir)
   run_identity = {
     "num_train": train.size,
     "global_batch": layout.global_batch,
@@ -191,11 +315,19 @@ def _train_and_evaluate(
   }
 
   state = step_lib.create_train_state(model_config, tx, config.seed)
+  if is_chief:
+    checkpoints.remove_interrupted_saves(workdir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("tlp_jax.loop.removed_interrupted_saves")
   latest_mgr, best_mgr = checkpoints.checkpoint_managers(workdir, config.checkpoints_to_keep)
   best_val = math.inf
+  best_step: int | None = best_mgr.latest_step()
+  best_validation: dict[str, Any] | None = None
   validation: dict[str, Any] = {}
   if latest_mgr.latest_step() is not None or checkpoints.step_entries(str(latest_mgr.directory)):
-    state, meta = checkpoints.restore_checkpoint(latest_mgr, state)
+    state, meta = checkpoints.restore_newest_readable(latest_mgr, state, workdir, move=is_chief)
     mismatch = {k: (meta.get(k), v) for k, v in run_identity.items() if meta.get(k) != v}
     if mismatch:
       raise checkpoints.CheckpointError(
@@ -205,14 +337,19 @@ def _train_and_evaluate(
     validation = dict(meta.get("validation") or {})
     best_val = meta.get("best_val_loss")
     best_val = math.inf if best_val is None else float(best_val)
+    best_validation = meta.get("best_validation")
     logging.info(
-      "resumed from %s at step %d (epoch %d, step %d in epoch)",
+      "resumed from %s at step %d (epoch %d, after %d of its %d steps)",
       latest_mgr.directory,
       int(state.step),
-      meta["epoch"],
+      meta["epoch"] + 1,  # 1-based, as the bar and the validation log count epochs
       meta["step_in_epoch"],
+      steps_per_epoch,
     )
   start_step = int(state.step)
+  # Recorded once every guard has passed (the checkpoint's run identity too), so a refused run
+  # leaves no trace.
+  checkpoints.reconcile_train_config(workdir, config.to_dict(), allow_changes, write=is_chief)
 
   model = model_lib.TLPModel(model_config)
   step_kwargs = dict(model=model, tx=tx, loss_config=config.loss)
@@ -260,7 +397,9 @@ def _train_and_evaluate(
 
   writer = writer_lib.MetricWriter(workdir, enabled=is_chief)
   if start_step == 0:
-    writer.write_hparams(config.to_dict())
+    val_tags = [f"val/loss/{h}" for h in hardware]
+    val_tags += [f"val/top{k}/{h}" for k in config.eval_top_k for h in hardware]
+    writer.write_hparams(config.to_dict(), val_tags)
   rstate = data.replicate_to_devices(state, devices)
 
   def meta_for(step: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -271,6 +410,7 @@ def _train_and_evaluate(
       epoch=epoch,
       step_in_epoch=in_epoch,
       best_val_loss=best_val if math.isfinite(best_val) else None,
+      best_validation=best_validation,
     )
     m.update(extra or {})
     return m
@@ -279,6 +419,7 @@ def _train_and_evaluate(
     return data.first_replica(rstate)
 
   order_by_task = train.task_index if config.batch_order == "by_task" else None
+  # The bar counts samples; its postfix names the 1-based epoch, as the log does.
   bar = tqdm.tqdm(
     total=total_steps * layout.global_batch,
     initial=start_step * layout.global_batch,
@@ -291,61 +432,68 @@ def _train_and_evaluate(
   pending: list[dict[str, jax.Array]] = []
   last_log_time, last_log_step = time.time(), start_step
   step = start_step
+  logs_above_bar = _logs_above_bar() if is_chief else contextlib.nullcontext()
   try:
-    for epoch in range(start_step // steps_per_epoch, num_epochs):
-      order, valid = data.epoch_order(
-        config.seed, epoch, train.size, steps_per_epoch, layout.global_batch, order_by_task
-      )
-      if placement == "device":
-        d_order, d_valid = data.replicate_to_devices((order, valid), devices)
-      for in_epoch in range(step - epoch * steps_per_epoch, steps_per_epoch):
+    with logs_above_bar:
+      for epoch in range(start_step // steps_per_epoch, num_epochs):
+        order, valid = data.epoch_order(
+          config.seed, epoch, train.size, steps_per_epoch, layout.global_batch, order_by_task
+        )
         if placement == "device":
-          rstate, m = p_train(rstate, resident, d_order, d_valid)
-        else:
-          sl = layout.local_slice(in_epoch)
-          rstate, m = p_train(rstate, *data.host_batch(train, order[sl], valid[sl], layout))
-        step += 1
-        pending.append(m)
-        bar.update(layout.global_batch)
-        if step % config.log_every_steps == 0 or in_epoch == steps_per_epoch - 1:
-          got = [data.first_replica(p) for p in pending]
-          now = time.time()
-          scalars = {
-            "train_loss": float(np.mean([g["loss"] for g in got])),
-            "grad_norm": float(np.mean([g["grad_norm"] for g in got])),
-            "learning_rate": float(schedule(step - 1)),
-            "samples_per_sec": (step - last_log_step)
-            * layout.global_batch
-            / max(now - last_log_time, 1e-9),
-          }
-          for h, name in enumerate(hardware):
-            scalars[f"train_loss/{name}"] = float(np.mean([g["loss_per_head"][h] for g in got]))
-          if not np.isfinite(scalars["train_loss"]):
-            raise FloatingPointError(f"non-finite training loss at step {step}")
-          writer.write_scalars(step, scalars)
-          bar.set_postfix(loss=f"{scalars['train_loss']:.4g}", epoch=epoch)
-          pending.clear()
-          last_log_time, last_log_step = now, step
-        every = config.checkpoint_every_steps
-        if every > 0 and step % every == 0 and in_epoch != steps_per_epoch - 1:
-          checkpoints.save_checkpoint(latest_mgr, host_state(), meta_for(step))
+          d_order, d_valid = data.replicate_to_devices((order, valid), devices)
+        # Small datasets run many short epochs; validating and checkpointing each one can cost
+        # more than the training steps (bench/README.md).
+        validates = (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == num_epochs
+        for in_epoch in range(step - epoch * steps_per_epoch, steps_per_epoch):
+          if placement == "device":
+            rstate, m = p_train(rstate, resident, d_order, d_valid)
+          else:
+            sl = layout.local_slice(in_epoch)
+            rstate, m = p_train(rstate, *data.host_batch(train, order[sl], valid[sl], layout))
+          step += 1
+          pending.append(m)
+          bar.update(layout.global_batch)
+          if step % config.log_every_steps == 0 or in_epoch == steps_per_epoch - 1:
+            got = [data.first_replica(p) for p in pending]
+            now = time.time()
+            scalars = {
+              "train/loss": float(np.mean([g["loss"] for g in got])),
+              "train/grad_norm": float(np.mean([g["grad_norm"] for g in got])),
+              "train/learning_rate": float(schedule(step - 1)),
+              "train/samples_per_sec": (step - last_log_step)
+              * layout.global_batch
+              / max(now - last_log_time, 1e-9),
+              "train/epoch": epoch + 1,
+            }
+            for h, name in enumerate(hardware):
+              scalars[f"train/loss/{name}"] = float(np.mean([g["loss_per_head"][h] for g in got]))
+            if not np.isfinite(scalars["train/loss"]):
+              raise FloatingPointError(f"non-finite training loss at step {step}")
+            writer.write_scalars(step, scalars)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{scalars['train/loss']:.4g}")
+            pending.clear()
+            last_log_time, last_log_step = now, step
+          every = config.checkpoint_every_steps
+          # A validated epoch's last step is saved below, with its validation metrics.
+          if (
+            every > 0 and step % every == 0 and not (in_epoch == steps_per_epoch - 1 and validates)
+          ):
+            checkpoints.save_checkpoint(latest_mgr, host_state(), meta_for(step))
 
-      # Small datasets run many short epochs; validating and checkpointing each one can cost
-      # more than the training steps (bench/README.md).
-      if (epoch + 1) % config.eval_every_epochs != 0 and epoch + 1 != num_epochs:
-        continue
-      validation = validate(p_eval, rstate.params, val, eval_layout, hardware, config.eval_top_k)
-      validation["epoch"] = epoch + 1
-      writer.write_scalars(step, validation)
-      hstate = host_state()
-      target_loss = validation.get(f"val_loss/{hardware[0]}", math.nan)
-      if val.size and math.isfinite(target_loss) and target_loss < best_val:
-        best_val = target_loss
-        checkpoints.save_checkpoint(best_mgr, hstate, meta_for(step, {"validation": validation}))
-        # Orbax's multi-host barriers are named by step: let this save finish before the
-        # latest manager saves the same step.
-        best_mgr.wait_until_finished()
-      checkpoints.save_checkpoint(latest_mgr, hstate, meta_for(step, {"validation": validation}))
+        if not validates:
+          continue
+        validation = validate(p_eval, rstate.params, val, eval_layout, hardware, config.eval_top_k)
+        validation["epoch"] = epoch + 1
+        writer.write_scalars(step, tensorboard_tags(validation))
+        hstate = host_state()
+        target_loss = validation.get(f"val_loss/{hardware[0]}", math.nan)
+        if val.size and math.isfinite(target_loss) and target_loss < best_val:
+          best_val, best_step, best_validation = target_loss, step, dict(validation)
+          checkpoints.save_checkpoint(best_mgr, hstate, meta_for(step, {"validation": validation}))
+          # Orbax's multi-host barriers are named by step: let this save finish before the
+          # latest manager saves the same step.
+          best_mgr.wait_until_finished()
+        checkpoints.save_checkpoint(latest_mgr, hstate, meta_for(step, {"validation": validation}))
   finally:
     bar.close()
     latest_mgr.wait_until_finished()
@@ -353,6 +501,14 @@ def _train_and_evaluate(
     latest_mgr.close()
     best_mgr.close()
     writer.close()
-  return TrainResult(
-    state=host_state(), validation=validation, model_config=model_config, hardware=hardware
+  result = TrainResult(
+    state=host_state(),
+    validation=validation,
+    model_config=model_config,
+    hardware=hardware,
+    best_step=best_step,
+    best_validation=best_validation,
   )
+  if is_chief:
+    log_summary(result, workdir, config)
+  return result

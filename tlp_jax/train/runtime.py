@@ -8,10 +8,15 @@ H100, the default config with seed 0 gave predictions up to 24.7 apart between t
 (bench/README.md). XLA reads ``XLA_FLAGS`` once, when JAX first starts a backend, so the flag
 has to be in the environment before that; ``train.py`` and the bench scripts set it from the
 config. This module does not import JAX.
+
+``quiet_backend_probe_logs`` drops the INFO line JAX logs at every start on a machine without
+a TPU ("Unable to initialize backend 'tpu': ... libtpu.so ..."): probing for a TPU is normal,
+not news.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import MutableMapping
 from typing import Any
@@ -60,3 +65,30 @@ def apply_config(config: Any) -> None:
   """
   if config.deterministic_gpu_ops:
     enable_deterministic_gpu_ops()
+
+
+# JAX logs its backend probing through this Python logger.
+_BACKEND_LOGGER = "jax._src.xla_bridge"
+
+
+class _NoBackendProbeInfo(logging.Filter):
+  """Drops JAX's INFO records about a backend (TPU, ...) it probed for and did not find."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (
+      record.levelno <= logging.INFO and str(record.msg).startswith("Unable to initialize backend")
+    )
+
+
+_NO_BACKEND_PROBE_INFO = _NoBackendProbeInfo()
+
+
+def quiet_backend_probe_logs() -> None:
+  """Silences JAX's INFO lines about backends it did not find at start-up (e.g. libtpu).
+
+  Idempotent; warnings and errors of the same logger are kept. Call it before JAX starts a
+  backend.
+  """
+  logger = logging.getLogger(_BACKEND_LOGGER)
+  if _NO_BACKEND_PROBE_INFO not in logger.filters:
+    logger.addFilter(_NO_BACKEND_PROBE_INFO)

@@ -1,0 +1,64 @@
+"""train.py: a user error (config field, data dir, dataset, a workdir of another run) is one
+line on stderr and a non-zero exit, never a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(*args, tmp_path):
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "train.py"),
+    "--config",
+    os.path.join(REPO, "configs", "test.py"),
+    "--workdir",
+    str(tmp_path / "wd"),
+    *args,
+  ]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _one_line_error(done):
+  assert done.returncode != 0
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  errors = [line for line in done.stderr.splitlines() if line.startswith("train.py: error:")]
+  assert len(errors) == 1, done.stderr[-3000:]
+  return errors[0]
+
+
+@pytest.mark.parametrize(
+  "args, want",
+  [
+    (
+      ["--config.optim.learnig_rate=1"],
+      "unknown config field --config.optim.learnig_rate (did you mean learning_rate?)",
+    ),
+    (["--config.batch_order=by_net"], "config.batch_order must be one of"),
+    ([], "config.data_dir is empty: pass --config.data_dir=DATA_DIR"),
+    (["--config.data_dir=/nonexistent/tlp"], "config.data_dir='/nonexistent/tlp' does not exist"),
+  ],
+)
+def test_config_errors_are_one_line(args, want, tmp_path):
+  assert want in _one_line_error(_train(*args, tmp_path=tmp_path))
+  assert not os.listdir(tmp_path) or not os.listdir(tmp_path / "wd")
+
+
+def test_unknown_dataset_and_hardware_are_one_line(built_sample_dataset, tmp_path):
+  line = _one_line_error(
+    _train(f"--config.data_dir={built_sample_dataset}", "--config.dataset=foo", tmp_path=tmp_path)
+  )
+  assert "tenset/foo: no such dataset config" in line and "epyc-9004" in line
+  line = _one_line_error(
+    _train(
+      f"--config.data_dir={built_sample_dataset}",
+      "--config.hardware=('foo',)",
+      tmp_path=tmp_path,
+    )
+  )
+  assert "config.hardware ['foo']" in line
