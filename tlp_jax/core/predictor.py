@@ -195,6 +195,9 @@ class _NpzMembers(Mapping):
         raise PredictorError(f"{self._path}: member {key!r} is not readable ({e})") from None
     return self._cache[key]
 
+  def __contains__(self, key: object) -> bool:
+    return key in self._infos  # Mapping's default would read the member
+
   def __iter__(self):
     return iter(self._infos)
 
