@@ -320,7 +320,7 @@ def _define_flags() -> None:
     "weights_dtype",
     "float32",
     list(WEIGHTS_DTYPES),
-    "Dtype the weights are stored in: float16 halves the file (scores within ~1e-3).",
+    "Dtype the weights are stored in: float16 halves their bytes (docs/EVAL.md).",
   )
   flags.mark_flags_as_required(["workdir", "out"])
 
