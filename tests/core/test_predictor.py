@@ -284,3 +284,11 @@ def test_predict_names_the_rows_of_non_finite_features():
   # A NaN in the cropped-away part of a row is not an input of the model.
   wide = np.concatenate([_features(), np.full((7, CONFIG["seq_len"], 2), np.nan, np.float32)], 2)
   np.testing.assert_array_equal(pred.predict(wide), pred.predict(_features()))
+
+
+def test_a_compressed_export_loads_the_same(tmp_path):
+  arrays = _arrays()
+  np.savez_compressed(tmp_path / "small.npz", **arrays)
+  got = npred.Predictor.load(tmp_path / "small.npz").predict(_features(), hw="all")
+  want = npred.Predictor.load(_save(tmp_path, arrays)).predict(_features(), hw="all")
+  np.testing.assert_array_equal(got, want)
