@@ -48,6 +48,9 @@ def main(argv):
   if (_WORKDIR.value is None) == (_MODEL.value is None):
     raise app.UsageError("give exactly one of --workdir and --model")
   try:
+    ks = run.parse_ks(_KS.value)
+    if _BATCH.value < 1:
+      raise EvalError(f"--batch_size must be >= 1, got {_BATCH.value}")
     report = run.evaluate_model(
       hw=_HW.value,
       data_dir=_DATA_DIR.value,
@@ -56,14 +59,15 @@ def main(argv):
       model_path=_MODEL.value,
       which=_CHECKPOINT.value,
       split=_SPLIT.value,
-      ks=[int(k) for k in _KS.value],
+      ks=ks,
       batch_size=_BATCH.value,
     )
-  except EvalError as e:
-    # A user error (unknown hardware, missing head, ...): the message says it all.
+    out_dir = report_lib.default_out_dir(_OUT.value, _WORKDIR.value, _MODEL.value)
+    paths = report_lib.write_report(report, out_dir)
+  except (EvalError, OSError) as e:
+    # A user error (unknown hardware, missing head, bad model file, non-finite predictions,
+    # unwritable --out, ...): the message says it all. The previous reports stay as they were.
     raise SystemExit(f"eval.py: error: {e}") from None
-  out_dir = report_lib.default_out_dir(_OUT.value, _WORKDIR.value, _MODEL.value)
-  paths = report_lib.write_report(report, out_dir)
   print(report_lib.format_report(report))
   logging.info("wrote %s", ", ".join(paths.values()))
 

@@ -318,3 +318,67 @@ def test_a_loop_token_model_is_evaluated_on_assembled_batches(tmp_path):
   arrays.crop = (25, 22)
   with pytest.raises(EvalError, match=r"cropped to \(2, 3\)"):
     run.predictor_fn(pred, "b", arrays)
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--ks", "a,b"], "eval.py: error: --ks must be positive integers like 1,5,10,20, got 'a,b'"),
+    (["--ks", "0"], "eval.py: error: --ks must be positive integers like 1,5,10,20, got '0'"),
+    (["--ks=-1,5"], "eval.py: error: --ks must be positive integers like 1,5,10,20, got '-1,5'"),
+    (["--batch_size", "0"], "eval.py: error: --batch_size must be >= 1, got 0"),
+  ],
+)
+def test_cli_bad_flags_are_one_line(built_sample_dataset, two_head_model, tmp_path, args, message):
+  res = _eval_cli(
+    "--hw", "epyc-9004", "--data_dir", built_sample_dataset, "--model", two_head_model,
+    "--out", str(tmp_path), *args,
+  )  # fmt: skip
+  assert res.returncode != 0
+  assert res.stderr.strip().splitlines()[-1] == message
+  assert "Traceback" not in res.stderr
+  assert os.listdir(tmp_path) == []
+
+
+def test_cli_a_broken_model_keeps_the_previous_report(
+  built_sample_dataset, two_head_model, tmp_path
+):
+  """A truncated model, then one predicting NaN: one line each, the good report stays whole."""
+  out = tmp_path / "out"
+  common = ["--hw", "epyc-9004", "--data_dir", built_sample_dataset, "--out", str(out)]
+  assert _eval_cli(*common, "--model", two_head_model).returncode == 0
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  assert len(before) == 3
+  truncated = tmp_path / "trunc.npz"
+  data = open(two_head_model, "rb").read()
+  truncated.write_bytes(data[: len(data) // 2])
+  arrays = dict(np.load(two_head_model, allow_pickle=False))
+  # Finite weights whose activations overflow float32: NaN/inf scores.
+  key = npred.PARAMS_PREFIX + "encoder_0/kernel"
+  arrays[key] = arrays[key] * np.float32(1e36)
+  overflow = tmp_path / "overflow.npz"
+  np.savez(overflow, **arrays)
+  for model, message in (
+    (truncated, f"eval.py: error: {truncated}: not a readable .npz model export"),
+    (overflow, f"eval.py: error: model 'overflow' ({overflow}) predicted 846 non-finite"),
+  ):
+    res = _eval_cli(*common, "--model", str(model))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(message)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_evaluate_model_checks_ks_and_batch_size(built_sample_dataset, two_head_model):
+  for kwargs, match in (
+    (dict(ks=[0, 5]), "ks must be positive"),
+    (dict(batch_size=-1), "batch_size"),
+  ):
+    with pytest.raises(EvalError, match=match):
+      run.evaluate_model(
+        hw="epyc-9004", data_dir=built_sample_dataset, model_path=two_head_model, **kwargs
+      )
+  assert run.parse_ks("1, 5,10") == [1, 5, 10]
+  assert run.parse_ks(["20"]) == [20]
+  for bad in ("", "1,x", "5,-2"):
+    with pytest.raises(EvalError, match="--ks must be positive integers"):
+      run.parse_ks(bad)

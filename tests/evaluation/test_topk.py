@@ -118,3 +118,20 @@ def test_loop_tokens_are_passed_aligned_with_the_rows_of_the_valid_programs():
   assert topk.topk_report(data, toy.read_feature0, model_name="f")["rows"]["f"]
   with pytest.raises(EvalError, match="reads loop tokens but the test split has none"):
     topk.topk_report(eval_data(toy.toy_arrays(), "a"), predict, loop_tokens=True)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_model_predicting_non_finite_scores_is_an_eval_error_naming_it(bad):
+  def broken(x):
+    out = toy.read_feature0(x).astype(np.float64)
+    out[1] = bad
+    return out
+
+  with pytest.raises(EvalError, match=r"model 'toy' \(/m/toy.npz\) predicted 1 non-finite"):
+    topk.topk_report(
+      eval_data(toy.toy_arrays(), "a"),
+      broken,
+      model_name="toy",
+      ks=(1,),
+      model_info={"model_file": "/m/toy.npz"},
+    )

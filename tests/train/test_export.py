@@ -418,7 +418,8 @@ def test_export_cli_reports_a_bad_workdir(tmp_path):
     env={**os.environ, "JAX_PLATFORMS": "cpu"},
   )
   assert res.returncode != 0
-  assert "not a training workdir" in res.stderr
+  assert res.stderr.strip().splitlines()[-1].startswith("export: error: ")
+  assert "not a training workdir" in res.stderr and "Traceback" not in res.stderr
   assert not os.path.exists(tmp_path / "m.npz")
 
 
@@ -471,3 +472,78 @@ def test_forward_cost_counts_the_deduplicated_rows():
   post = e1 * e1 * (1 + cfg.res_blocks) + sum(p * q for p, q in zip(dec[:-1], dec[1:]))
   mixing = 2 * 3 * 3 * e1 + 2 * 4 * 4 * e1
   assert cost["macs"] == 5 * pre + 7 * post + mixing and cost["flops"] == 2 * cost["macs"]
+
+
+def _save_small(path, weights_dtype="float32", seed=0, scale=None):
+  cfg = TLPConfig(num_hardware_heads=2, **SMALL)
+  params = init_params(cfg, jax.random.PRNGKey(seed))
+  if scale is not None:
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a) * scale, params)
+  meta = dict(hardware=["a", "b"], platform="llvm", crop=None, vocab_json=VOCAB_JSON, step=5)
+  return cfg, export.save_npz(str(path), params, cfg, weights_dtype=weights_dtype, **meta)
+
+
+def test_save_npz_respects_the_umask_and_leaves_no_staging_file(tmp_path):
+  old = os.umask(0o022)
+  try:
+    _save_small(tmp_path / "m.npz")
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / "m.npz").st_mode & 0o777 == 0o644
+  assert os.listdir(tmp_path) == ["m.npz"]
+
+
+def test_a_failed_save_keeps_the_previous_file(tmp_path):
+  path = tmp_path / "m.npz"
+  _save_small(path)
+  before = path.read_bytes()
+  with pytest.raises(ValueError, match="overflows float16"):
+    _save_small(path, weights_dtype="float16", seed=1, scale=1e6)
+  assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.npz"]
+
+
+def test_float16_weights_predict_like_float32(tmp_path):
+  cfg, a32 = _save_small(tmp_path / "f32.npz")
+  _, a16 = _save_small(tmp_path / "f16.npz", weights_dtype="float16")
+  weights = [k for k in a16 if k.startswith(npred.PARAMS_PREFIX)]
+  assert weights and all(a16[k].dtype == np.float16 for k in weights)
+  assert all(a16[k].dtype == a32[k].dtype for k in a16 if k not in weights)  # meta unchanged
+  size16, size32 = os.path.getsize(tmp_path / "f16.npz"), os.path.getsize(tmp_path / "f32.npz")
+  weight_bytes = sum(a32[k].nbytes for k in weights)
+  assert size32 - size16 == pytest.approx(weight_bytes / 2, rel=0.05)
+  p32 = npred.Predictor.load(tmp_path / "f32.npz")
+  p16 = npred.Predictor.load(tmp_path / "f16.npz")
+  assert p16.format_version == p32.format_version == npred.FORMAT_VERSION
+  x = _random_features(200, cfg)
+  want, got = p32.predict(x, hw="all"), p16.predict(x, hw="all")
+  assert got.dtype == np.float32 and np.abs(got - want).max() > 0
+  np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+  with pytest.raises(ValueError, match="weights_dtype must be one of"):
+    export.cast_weights(a32, "bfloat16")
+
+
+def _export_cli(*args):
+  return subprocess.run(
+    [sys.executable, "-m", "tlp_jax.train.export", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+
+
+def test_export_cli_float16_is_quiet(trained, tmp_path):
+  workdir, _ = trained
+  out16, out32 = tmp_path / "m16.npz", tmp_path / "m32.npz"
+  res = _export_cli("--workdir", workdir, "--out", str(out16), "--weights_dtype", "float16")
+  assert res.returncode == 0, res.stderr
+  # Orbax's ~30 INFO/WARNING lines of a restore are silenced: only the summary line remains.
+  lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+  assert not [ln for ln in lines if "orbax" in ln or "checkpoint" in ln.split("]")[0]], lines
+  assert len(lines) <= 3, lines
+  assert "float16 weights" in res.stderr
+  export.export_workdir(workdir, str(out32))
+  p16, p32 = npred.Predictor.load(out16), npred.Predictor.load(out32)
+  assert os.path.getsize(out16) < os.path.getsize(out32)
+  assert p16.step == p32.step

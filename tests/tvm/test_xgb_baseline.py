@@ -111,3 +111,51 @@ def test_xgb_baseline_end_to_end_on_freshly_collected_records(tmp_path):
       os.path.join(out, "network_info", "(mlp,[(1,20)]).json")
     ).workload_keys
     assert set(z["workload_keys"].tolist()) <= held
+
+
+def _predictions(pred):
+  return xgb_baseline.HardwarePredictions(
+    hardware="hw",
+    task_keys=("a", "b"),
+    task_index=np.array([0, 1, 1]),
+    program_keys=np.array([1, 2, 3], np.uint64),
+    line_numbers=np.array([1, 2, 3]),
+    latency=np.array([1.0, 2.0, 3.0]),
+    pred=np.asarray(pred, np.float64),
+    networks=(),
+    info={},
+  )
+
+
+def test_predictions_npz_is_replaced_atomically(tmp_path, monkeypatch):
+  path = str(tmp_path / "xgb_predictions_hw.npz")
+  _predictions([0.1, 0.2, 0.3]).save_npz(path)
+  before = open(path, "rb").read()
+  real_savez = np.savez
+
+  def disk_full(target, **arrays):  # writes part of the archive, then fails
+    if isinstance(target, str):
+      target = open(target, "wb")
+    target.write(b"PK\x03\x04 partial")
+    raise OSError("No space left on device")
+
+  monkeypatch.setattr(np, "savez", disk_full)
+  with pytest.raises(OSError, match="No space left"):
+    _predictions([0.4, 0.5, 0.6]).save_npz(path)
+  assert open(path, "rb").read() == before
+  assert os.listdir(tmp_path) == ["xgb_predictions_hw.npz"]
+  monkeypatch.setattr(np, "savez", real_savez)
+  _predictions([0.4, 0.5, 0.6]).save_npz(path)
+  with np.load(path, allow_pickle=False) as z:
+    np.testing.assert_array_equal(z["pred"], [0.4, 0.5, 0.6])
+    assert list(z["workload_keys"]) == ["a", "b", "b"]
+
+
+def test_summary_is_replaced_atomically(tmp_path):
+  path = str(tmp_path / "sub" / "summary.json")
+  xgb_baseline.write_summary(path, {"hardware": {"hw": {"top-1": 0.5}}})
+  before = open(path).read()
+  with pytest.raises(TypeError):
+    xgb_baseline.write_summary(path, {"hardware": {"hw": {"top-1": object()}}})
+  assert open(path).read() == before
+  assert os.listdir(tmp_path / "sub") == ["summary.json"]

@@ -113,6 +113,114 @@ class PredictorError(ValueError):
   """Bad model file or bad predictor input."""
 
 
+# Weight dtypes an export may store (``--weights_dtype``); the predictor computes in float32.
+WEIGHT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# Bytes one compressed byte of a deflated member can expand to: deflate's own limit is about
+# 1032, so a member claiming more is forged (a "zip bomb"), refused before it is read.
+_MAX_DEFLATE_RATIO = 1100
+
+
+class _NpzMembers(Mapping):
+  """The arrays of an open ``.npz`` archive, read lazily and never unpickled.
+
+  Every member's ``.npy`` header is parsed up front without reading its data, and each must
+  declare exactly the bytes the member holds, so a small file cannot make the predictor
+  allocate a huge array: the weights' declared shapes and dtypes are checked against the model
+  config (``Predictor._param``) before any weight is read.
+  """
+
+  def __init__(self, zf: zipfile.ZipFile, path: str, file_size: int):
+    self._zf, self._path = zf, path
+    self._infos: dict[str, zipfile.ZipInfo] = {}
+    self._headers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    self._cache: dict[str, np.ndarray] = {}
+    for info in zf.infolist():
+      if not info.filename.endswith(".npy") or info.filename[:-4] in self._infos:
+        raise PredictorError(f"{path}: member {info.filename!r} is not one .npy array")
+      key = info.filename[:-4]
+      stored = info.compress_type == zipfile.ZIP_STORED
+      if (
+        info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+        or info.compress_size > file_size
+        or (stored and info.file_size != info.compress_size)
+        or info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1)
+      ):
+        raise PredictorError(
+          f"{path}: member {key!r} claims {info.file_size} bytes from {info.compress_size} "
+          f"(compression {info.compress_type}) in a {file_size}-byte file: a damaged or forged "
+          "archive"
+        )
+      self._infos[key] = info
+      self._headers[key] = self._read_header(key, info)
+
+  def _read_header(self, key: str, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+      with self._zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+          shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+          shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+          raise ValueError(f"unsupported .npy version {version}")
+        header_bytes = f.tell()
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+      raise PredictorError(
+        f"{self._path}: member {key!r} has no readable .npy header ({e})"
+      ) from None
+    if dtype.hasobject:
+      raise PredictorError(
+        f"{self._path}: member {key!r} holds Python objects ({dtype}); model exports hold only "
+        "numbers and strings, and this predictor never unpickles"
+      )
+    declared = math.prod(shape) * dtype.itemsize
+    if header_bytes + declared != info.file_size:
+      raise PredictorError(
+        f"{self._path}: member {key!r} declares a {dtype} array of shape {shape} "
+        f"({declared} bytes) but holds {info.file_size - header_bytes} bytes"
+      )
+    return tuple(int(d) for d in shape), dtype
+
+  def header(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` of member ``key`` as its header declares them (no data read)."""
+    return self._headers[key]
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    if key not in self._cache:
+      info = self._infos[key]  # KeyError for a missing member, as a dict
+      try:
+        with self._zf.open(info) as f:
+          self._cache[key] = np.lib.format.read_array(f, allow_pickle=False)
+      except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise PredictorError(f"{self._path}: member {key!r} is not readable ({e})") from None
+    return self._cache[key]
+
+  def __contains__(self, key: object) -> bool:
+    return key in self._infos  # Mapping's default would read the member
+
+  def __iter__(self):
+    return iter(self._infos)
+
+  def __len__(self) -> int:
+    return len(self._infos)
+
+
+def _meta(arrays: Mapping[str, Any], key: str, source: str, kind: str, ndim: int = 0) -> np.ndarray:
+  """Meta array ``key`` checked to be a ``kind`` (``"str"`` / ``"int"``) array of ``ndim``."""
+  a = arrays[key]
+  if isinstance(arrays, _NpzMembers):
+    shape, dtype = arrays.header(key)  # checked before reading the data
+  else:
+    a = np.asarray(a)
+    shape, dtype = a.shape, a.dtype
+  if len(shape) != ndim or dtype.kind not in ("U" if kind == "str" else "iu"):
+    what = {"str": "a string", "int": "an integer"}[kind]
+    raise PredictorError(
+      f"{source}: {key} must be {what} {('scalar', 'vector')[ndim]}, got {dtype} of shape {shape}"
+    )
+  return np.asarray(arrays[key])
+
+
 # ---- model config keys of earlier format versions ------------------------------------------------
 
 # Keys renamed by format version 4: old name -> today's.
@@ -170,6 +278,16 @@ INPUT_NORMS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
 }
 
 
+def _check_finite_rows(x: np.ndarray, what: str) -> None:
+  """Raises naming the programs (rows of ``x``) that hold a NaN or an infinity: the model's
+  score of such a program would be NaN, silently ranked."""
+  if x.dtype.kind != "f" or np.isfinite(x).all():
+    return
+  bad = np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1))
+  shown = ", ".join(str(int(i)) for i in bad[:10]) + (", ..." if bad.size > 10 else "")
+  raise PredictorError(f"{what} of {bad.size} programs hold NaN or inf values (rows {shown})")
+
+
 def _as_str(a: np.ndarray) -> str:
   return str(np.asarray(a).reshape(()).item())
 
@@ -185,7 +303,9 @@ class Predictor:
       raise PredictorError(
         f"{source}: not a tlp-jax model export (no {META_FORMAT} = {FORMAT_NAME!r})"
       )
-    version = int(np.asarray(arrays[META_FORMAT_VERSION]).reshape(()))
+    version = int(_meta(arrays, META_FORMAT_VERSION, source, "int"))
+    if version < 1:
+      raise PredictorError(f"{source}: {META_FORMAT_VERSION} must be >= 1, got {version}")
     if version > FORMAT_VERSION:
       raise PredictorError(
         f"{source}: format_version {version} is newer than this predictor "
@@ -203,22 +323,30 @@ class Predictor:
       raise PredictorError(f"{source}: export lacks {missing}")
     self.format_version = version
     try:
-      cfg = json.loads(_as_str(arrays[META_MODEL_CONFIG]))
+      cfg = json.loads(_as_str(_meta(arrays, META_MODEL_CONFIG, source, "str")))
     except json.JSONDecodeError as e:
       raise PredictorError(f"{source}: {META_MODEL_CONFIG} is not JSON: {e}") from None
+    if not isinstance(cfg, dict):
+      raise PredictorError(f"{source}: {META_MODEL_CONFIG} is not a JSON object")
     self.config: dict[str, Any] = cfg
-    self.hardware: tuple[str, ...] = tuple(str(h) for h in np.asarray(arrays[META_HARDWARE]))
-    self.platform: str = _as_str(arrays[META_PLATFORM])
-    self.crop: tuple[int, int] = tuple(int(c) for c in np.asarray(arrays[META_CROP]))
-    self.vocab_json: str = _as_str(arrays[META_VOCAB_JSON])
-    self.vocab_version: str = _as_str(arrays[META_VOCAB_VERSION])
-    self.step: int = int(np.asarray(arrays[META_STEP]).reshape(()))
-    # Replayed loop tokens (0 = none): (max_tokens, token_width) of layout loop_tokens_version.
-    self.loop_tokens_version: int = int(
-      np.asarray(arrays.get(META_LOOP_TOKENS_VERSION, 0)).reshape(())
+    self.hardware: tuple[str, ...] = tuple(
+      str(h) for h in _meta(arrays, META_HARDWARE, source, "str", ndim=1)
     )
-    self.max_tokens: int = int(np.asarray(arrays.get(META_LOOP_TOKENS_MAX, 0)).reshape(()))
-    self.token_width: int = int(np.asarray(arrays.get(META_LOOP_TOKENS_WIDTH, 0)).reshape(()))
+    self.platform: str = _as_str(_meta(arrays, META_PLATFORM, source, "str"))
+    self.crop: tuple[int, int] = tuple(int(c) for c in _meta(arrays, META_CROP, source, "int", 1))
+    if len(self.crop) != 2 or min(self.crop) < 1:
+      raise PredictorError(f"{source}: {META_CROP} must be 2 positive sizes, got {self.crop}")
+    self.vocab_json: str = _as_str(_meta(arrays, META_VOCAB_JSON, source, "str"))
+    self.vocab_version: str = _as_str(_meta(arrays, META_VOCAB_VERSION, source, "str"))
+    self.step: int = int(_meta(arrays, META_STEP, source, "int"))
+    # Replayed loop tokens (0 = none): (max_tokens, token_width) of layout loop_tokens_version.
+    tokens = {
+      key: int(_meta(arrays, key, source, "int")) if key in arrays else 0
+      for key in (META_LOOP_TOKENS_VERSION, META_LOOP_TOKENS_MAX, META_LOOP_TOKENS_WIDTH)
+    }
+    self.loop_tokens_version: int = tokens[META_LOOP_TOKENS_VERSION]
+    self.max_tokens: int = tokens[META_LOOP_TOKENS_MAX]
+    self.token_width: int = tokens[META_LOOP_TOKENS_WIDTH]
     if self.loop_tokens_version or self.max_tokens:
       if (
         version < LOOP_TOKENS_FORMAT_VERSION
@@ -240,7 +368,9 @@ class Predictor:
           f"{_loop_tokens.LAYOUT_VERSION} ({_loop_tokens.WIDTH} columns)"
         )
     self.skeletons_json: str | None = (
-      _as_str(arrays[META_SKELETONS_JSON]) if META_SKELETONS_JSON in arrays else None
+      _as_str(_meta(arrays, META_SKELETONS_JSON, source, "str"))
+      if META_SKELETONS_JSON in arrays
+      else None
     )
     self.skeletons: dict[str, Any] = self._parse_skeletons()
     self._template_caches: dict[str, tuple[Any, Any]] = {}
@@ -251,17 +381,27 @@ class Predictor:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> Predictor:
-    """Loads an exported ``.npz`` (never unpickles)."""
+    """Loads an exported ``.npz`` (never unpickles).
+
+    Every array's ``.npy`` header is read and checked (declared size against the bytes held;
+    the weights' shapes and dtypes against the model config) before any data is read, so a
+    damaged or forged file is a :class:`PredictorError` naming it, never a huge allocation.
+    Weights stored as float16 are upcast to float32.
+
+    Raises:
+      FileNotFoundError: no file ``path``.
+      PredictorError: anything else wrong with the file.
+    """
     path = os.fspath(path)
     try:
-      with np.load(path, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+      zf = zipfile.ZipFile(path)
     except FileNotFoundError:
       raise
-    # Not a zip, a truncated or corrupt one, a damaged member, object arrays.
+    # Not a zip, a truncated or corrupt one.
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
       raise PredictorError(f"{path}: not a readable .npz model export ({e})") from None
-    return cls(arrays, source=path)
+    with zf:
+      return cls(_NpzMembers(zf, path, os.path.getsize(path)), source=path)
 
   @classmethod
   def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Predictor:
@@ -297,20 +437,37 @@ class Predictor:
       raise PredictorError(str(e)) from None
 
   def _param(self, arrays, name, shape):
-    """Parameter ``name`` of every member: ``(members, *shape)``."""
+    """Parameter ``name`` of every member: ``(members, *shape)`` float32.
+
+    Its stored shape and dtype (float32 or float16) are checked first, from the ``.npy``
+    header when ``arrays`` is a file, so a wrong one is never read or allocated.
+    """
     prefix = PARAMS_PREFIX + (MEMBERS_PREFIX if self.ensemble_size > 1 else "")
     key = prefix + name
     if key not in arrays:
       raise PredictorError(f"{self.source}: missing parameter {key}")
-    a = np.asarray(arrays[key], dtype=np.float32)
-    if self.ensemble_size == 1:
-      a = a[None]
-    want = (self.ensemble_size,) + tuple(shape)
-    if a.shape != want:
+    if key in self._params_read:  # read once for all the ensemble's members
+      return self._params_read[key]
+    if isinstance(arrays, _NpzMembers):
+      have, dtype = arrays.header(key)
+    else:
+      have, dtype = np.shape(arrays[key]), np.asarray(arrays[key]).dtype
+    want = ((self.ensemble_size,) if self.ensemble_size > 1 else ()) + tuple(shape)
+    if tuple(have) != want:
       raise PredictorError(
-        f"{self.source}: parameter {key} has shape {a.shape}, the model "
-        f"config implies {want if self.ensemble_size > 1 else tuple(shape)}"
+        f"{self.source}: parameter {key} has shape {tuple(have)}, the model config implies {want}"
       )
+    if dtype not in WEIGHT_DTYPES:
+      raise PredictorError(
+        f"{self.source}: parameter {key} is {dtype}; weights must be float32 or float16"
+      )
+    a = np.asarray(arrays[key], dtype=np.float32)
+    if not np.all(np.isfinite(a)):
+      raise PredictorError(
+        f"{self.source}: parameter {key} has {int((~np.isfinite(a)).sum())} non-finite values"
+      )
+    a = a if self.ensemble_size > 1 else a[None]
+    self._params_read[key] = a
     return a
 
   def _load_weights(self, arrays, cfg):
@@ -327,6 +484,26 @@ class Predictor:
       self.ensemble_size = int(cfg.get("ensemble_size", 1))
     except (KeyError, TypeError, ValueError) as e:
       raise PredictorError(f"{self.source}: bad {META_MODEL_CONFIG}: {e}") from None
+    sizes = {
+      "feature_dim": [self.feature_dim],
+      "seq_len": [self.seq_len],
+      "encoder_dims": enc_dims,
+      "decoder_dims": dec_dims,
+      "attention_heads": [self.attention_heads],
+      "num_hardware_heads": [num_heads],
+    }
+    for field, values in sizes.items():
+      if not values or min(values) < 1:
+        raise PredictorError(
+          f"{self.source}: bad {META_MODEL_CONFIG}: {field} must be positive, got "
+          f"{cfg.get(field)!r}"
+        )
+    if res_blocks < 0 or dec_dims[-1] != 1 or enc_dims[-1] % self.attention_heads:
+      raise PredictorError(
+        f"{self.source}: bad {META_MODEL_CONFIG}: needs res_blocks >= 0 (got {res_blocks}), "
+        f"decoder_dims ending in 1 (got {dec_dims}) and the hidden size {enc_dims[-1]} "
+        f"divisible by attention_heads {self.attention_heads}"
+      )
     if norm not in INPUT_NORMS:
       raise PredictorError(
         f"{self.source}: input_norm {norm!r} unknown to this predictor "
@@ -348,6 +525,7 @@ class Predictor:
     self._norm = INPUT_NORMS[norm]
 
     self.hidden_dim = enc_dims[-1]
+    self._params_read: dict[str, np.ndarray] = {}
     self._members = [
       _MemberWeights.build(
         self._param,
@@ -362,6 +540,13 @@ class Predictor:
       )
       for m in range(self.ensemble_size)
     ]
+    unused = sorted(k for k in arrays if k.startswith(PARAMS_PREFIX) and k not in self._params_read)
+    self._params_read = {}
+    if unused:
+      raise PredictorError(
+        f"{self.source}: {len(unused)} parameters the model config does not describe, e.g. "
+        f"{unused[:3]}"
+      )
 
   # ---- public API ------------------------------------------------------------------------------
 
@@ -406,8 +591,16 @@ class Predictor:
 
     Returns:
       float32 scores.
+
+    Raises:
+      PredictorError: bad shapes, an unknown head, ``batch_size < 1``, or a non-finite input
+        value (the message lists the programs, rows of ``features``, that hold one).
     """
     heads = np.arange(self.num_heads) if hw == ALL_HEADS else np.array([self.head_index(hw)])
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+      raise PredictorError(f"batch_size must be an integer, got {batch_size!r}")
+    if batch_size < 1:
+      raise PredictorError(f"batch_size must be >= 1, got {batch_size}")
     x = np.asarray(features)
     length, width = self.step_crop if self.reads_loop_tokens else (self.seq_len, self.feature_dim)
     if x.ndim != 3 or x.shape[1] < length or x.shape[2] < width:
@@ -415,7 +608,10 @@ class Predictor:
         f"features must be (batch, >={length} steps, >={width} values), got shape {x.shape}"
       )
     x = x[:, :length, :width]
+    _check_finite_rows(x, "features")
     tokens = self._check_tokens(loop_tokens, x.shape[0])
+    if tokens is not None:
+      _check_finite_rows(tokens, "loop_tokens")
     out = np.empty((x.shape[0], len(heads)), np.float32)
     for start in range(0, x.shape[0], batch_size):
       chunk = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)

@@ -178,6 +178,24 @@ def resolve_config(data_dir: str, hw: str, dataset: str | None = None) -> str:
 # ---- the whole evaluation ------------------------------------------------------------------
 
 
+def parse_ks(values: Sequence[str] | str) -> list[int]:
+  """The k values of top-k from their text (``"1,5,10"`` or ``["1", "5"]``).
+
+  Raises:
+    EvalError: not a non-empty list of positive integers.
+  """
+  items = values.split(",") if isinstance(values, str) else list(values)
+  try:
+    ks = [int(str(k).strip()) for k in items]
+  except ValueError:
+    ks = []
+  if not ks or min(ks) < 1:
+    raise EvalError(
+      f"--ks must be positive integers like 1,5,10,20, got {','.join(map(str, items))!r}"
+    )
+  return ks
+
+
 def evaluate_model(
   *,
   hw: str,
@@ -197,8 +215,13 @@ def evaluate_model(
   :func:`tlp_jax.evaluation.topk.topk_report` for the report and ``extra_predictions``.
 
   Raises:
-    EvalError: a user error (no such hardware, dataset, head or model).
+    EvalError: a user error (no such hardware, dataset, head or model; bad ``ks`` or
+      ``batch_size``; a model predicting non-finite scores).
   """
+  if not ks or min(int(k) for k in ks) < 1:
+    raise EvalError(f"ks must be positive integers, got {list(ks)}")
+  if batch_size < 1:
+    raise EvalError(f"batch_size must be >= 1, got {batch_size}")
   config = resolve_config(data_dir, hw, dataset)
   try:
     arrays = loader.load_arrays(data_dir, config)

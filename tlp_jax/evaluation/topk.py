@@ -8,7 +8,6 @@ XGBoost model on Ansor features), so all rows share the same programs, tasks, ne
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -63,6 +62,25 @@ def predict_in_batches(
       raise ValueError(f"predictor returned {pred.shape[0]} values for {stop - start} programs")
     out[start:stop] = pred
   return out
+
+
+def _check_finite(
+  pred: np.ndarray, data: EvalData, model_name: str, model_info: Mapping[str, Any] | None
+) -> None:
+  """Non-finite predictions mean a broken model (weights or overflow): no ranking of it is
+  meaningful, and a report of it would not be valid JSON. Raises :class:`EvalError`."""
+  bad = np.flatnonzero(~np.isfinite(pred))
+  if bad.size == 0:
+    return
+  info = model_info or {}
+  source = info.get("model_file") or info.get("workdir")
+  where = f" ({source})" if source else ""
+  raise EvalError(
+    f"model {model_name!r}{where} predicted {bad.size} non-finite scores (NaN/inf) for "
+    f"{pred.size} programs of the {data.split} split (split rows "
+    f"{', '.join(str(int(r)) for r in data.rows[bad[:5]])}{', ...' if bad.size > 5 else ''}); "
+    "its weights are broken or overflow: no report written"
+  )
 
 
 def _row(scores: metrics.TopKScores, data: EvalData, pred: np.ndarray | None = None) -> dict:
@@ -165,14 +183,16 @@ def topk_report(
       ``data.split_loop_tokens``), for a model of loop tokens.
 
   Returns:
-    A JSON-able report dict: ``hardware``, ``split``, ``ks``, counts, ``networks`` (name,
+    A JSON-able report dict: ``hardware``, ``split``, ``ks``, counts (``max_task_programs``:
+    the most programs of one task), ``networks`` (name,
     tasks, weights), ``rows`` (row name -> per-network / ``mean`` (TenSet) / ``pooled`` (TLP)
     top-k, plus ``task_mean``, the unweighted mean over all tasks of the split, for ranked
     rows), ``costliest_tasks`` (:func:`costliest_tasks` of the model) and ``scatter`` (a
     subsample of model predictions vs measured scores).
 
   Raises:
-    EvalError: extra predictions do not align with the split, or their name clashes.
+    EvalError: the model predicts a non-finite score, extra predictions do not align with the
+      split, or their name clashes.
   """
   ks = tuple(int(k) for k in ks)
   num_tasks = len(data.task_keys)
@@ -190,8 +210,7 @@ def topk_report(
     desc=f"predict {model_name}",
     loop_tokens=data.split_loop_tokens if loop_tokens else None,
   )
-  if not np.all(np.isfinite(pred)):
-    logging.warning("%d non-finite predictions (ranked last)", int((~np.isfinite(pred)).sum()))
+  _check_finite(pred, data, model_name, model_info)
   rows = {model_name: _row(metrics.top_k_scores(pred, *args), data, pred)}
   for name, extra in (extra_predictions or {}).items():
     extra = np.asarray(extra, dtype=np.float64).reshape(-1)
@@ -216,6 +235,8 @@ def topk_report(
     "num_programs": int(data.task_index.size),
     "num_split_programs": data.num_split_programs,
     "num_tasks_with_programs": int(present.sum()),
+    # At k >= this every ranking's top-k is 1.0 (the plot leaves such k out).
+    "max_task_programs": int(np.bincount(data.task_index, minlength=1).max()),
     "networks": [
       {"name": n.name, "tasks": int(n.task_indices.size), "occurrences": float(n.weights.sum())}
       for n in data.networks

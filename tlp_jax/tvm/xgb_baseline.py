@@ -33,13 +33,14 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
 from data_pipelines import loader
-from tlp_jax.core import metrics, network_info, records, tenset
+from tlp_jax.core import atomic_file, metrics, network_info, records, tenset
 from tlp_jax.evaluation import data as eval_data
 from tlp_jax.evaluation import run as eval_run
 from tlp_jax.evaluation import topk
@@ -159,10 +160,9 @@ class HardwarePredictions:
   info: dict
 
   def save_npz(self, path: str) -> None:
-    """Per-program predictions, loadable with ``np.load(allow_pickle=False)``."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    np.savez(
-      path,
+    """Per-program predictions, loadable with ``np.load(allow_pickle=False)``; written
+    atomically (a crash leaves the previous file, never a truncated one)."""
+    arrays = dict(
       hardware=np.asarray(self.hardware),
       task_keys=np.asarray(self.task_keys),
       task_index=self.task_index,
@@ -172,6 +172,7 @@ class HardwarePredictions:
       latency=self.latency,
       pred=self.pred,
     )
+    atomic_file.write_atomically(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
 def _holdout_networks(tenset_dir: str, holdout: Sequence[str] | None):
@@ -469,6 +470,13 @@ def _define_flags():
   flags.DEFINE_string("out", "bench/results/xgb_baseline.json", "Summary JSON.")
 
 
+def write_summary(path: str, summary: Mapping[str, Any]) -> None:
+  """Writes the summary JSON atomically: a crash or an error while writing leaves the previous
+  summary, never a truncated file."""
+  text = json.dumps(summary, indent=1)  # serialised first: a failure touches no file
+  atomic_file.write_atomically(path, lambda fh: fh.write(text))
+
+
 def _pooled(rows: Mapping, name: str) -> dict:
   r = rows[name]
   return {
@@ -526,9 +534,7 @@ def main(argv) -> None:
       out["tlp"] = None
       out["tlp_note"] = "no trained TLP model given for this hardware"
     summary["hardware"][hw] = out
-  os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
-  with open(f.out, "w", encoding="utf-8") as fh:
-    json.dump(summary, fh, indent=1)
+  write_summary(f.out, summary)
   for hw, out in summary["hardware"].items():
     o = out["xgb_over_runs"]
     line = (

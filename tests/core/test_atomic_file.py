@@ -1,0 +1,43 @@
+"""tlp_jax.core.atomic_file: whole files or the previous ones, with the umask's mode."""
+
+import os
+
+import pytest
+
+from tlp_jax.core import atomic_file
+
+
+def test_write_atomically_uses_the_umask_and_replaces_whole(tmp_path):
+  path = str(tmp_path / "a" / "out.txt")
+  old = os.umask(0o002)
+  try:
+    atomic_file.write_atomically(path, lambda f: f.write("one"))
+  finally:
+    os.umask(old)
+  assert open(path).read() == "one" and os.stat(path).st_mode & 0o777 == 0o664
+
+  def fails(f):
+    f.write("half of tw")
+    raise OSError("disk full")
+
+  with pytest.raises(OSError, match="disk full"):
+    atomic_file.write_atomically(path, fails)
+  assert open(path).read() == "one"
+  assert os.listdir(tmp_path / "a") == ["out.txt"]
+  atomic_file.write_atomically(path, lambda f: f.write(b"\x00two"), binary=True)
+  assert open(path, "rb").read() == b"\x00two"
+
+
+def test_replace_all_swaps_in_nothing_unless_every_file_is_written(tmp_path):
+  a, b = str(tmp_path / "a.json"), str(tmp_path / "b.md")
+  atomic_file.replace_all(
+    {a: (lambda f: f.write("A1"), False), b: (lambda f: f.write("B1"), False)}
+  )
+
+  def fails(f):
+    raise RuntimeError("render failed")
+
+  with pytest.raises(RuntimeError):
+    atomic_file.replace_all({a: (lambda f: f.write("A2"), False), b: (fails, False)})
+  assert (open(a).read(), open(b).read()) == ("A1", "B1")
+  assert sorted(os.listdir(tmp_path)) == ["a.json", "b.md"]
