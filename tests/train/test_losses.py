@@ -219,3 +219,72 @@ def test_losses_prefer_the_faster_program(name):
   grad = jax.grad(lambda p: losses.multi_head_loss(cfg, p, labels, mask))(preds)
   assert float(grad[0, 0]) > 0 > float(grad[1, 0])
   assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def _pairwise_log_dense(preds, labels, valid, groups, sigma=1.0, eps=1e-10):
+  """The dense form: every ordered pair of the batch, (B, B) arrays (the implementation before
+  the block-diagonal one)."""
+  preds = jnp.asarray(preds, jnp.float32)
+  log_y = jnp.where(valid, jnp.log(jnp.maximum(labels, losses.metrics.SCORE_FLOOR)), 0.0)
+  comparable = (groups[:, None] == groups[None, :]) & valid[:, None] & valid[None, :]
+  weights = jnp.where(comparable, jnp.maximum(log_y[:, None] - log_y[None, :], 0.0), 0.0)
+  log_p = jax.nn.log_sigmoid(sigma * (preds[:, None] - preds[None, :]))
+  return -jnp.sum(weights * log_p) / jnp.maximum(jnp.sum(weights), eps)
+
+
+def _task_batch(seed, n=96, tasks=9, shuffled=True):
+  rng = np.random.default_rng(seed)
+  groups = rng.integers(0, tasks, n)
+  if not shuffled:
+    groups = np.sort(groups)
+  labels = rng.random(n).astype(np.float32)
+  labels[rng.random(n) < 0.1] = labels[0]  # ties give zero-weight pairs
+  valid = rng.random(n) > 0.15
+  labels[~valid] = np.nan  # absent labels may hold anything
+  preds = rng.normal(size=n).astype(np.float32)
+  return jnp.asarray(preds), jnp.asarray(labels), jnp.asarray(valid), jnp.asarray(groups)
+
+
+@pytest.mark.parametrize("shuffled", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pairwise_log_block_diagonal_equals_dense_loss_and_gradient(seed, shuffled):
+  preds, labels, valid, groups = _task_batch(seed, shuffled=shuffled)
+  biggest = int(np.bincount(np.asarray(groups)[np.asarray(valid)]).max())
+  dense = functools.partial(_pairwise_log_dense, labels=labels, valid=valid, groups=groups)
+  want, want_grad = jax.value_and_grad(dense)(preds)
+  for size in (None, biggest, biggest + 5):
+    cfg = losses.LossConfig("pairwise_log", group_by_task=True, max_group_size=size)
+    got, grad = jax.value_and_grad(
+      lambda p, cfg=cfg: losses.pairwise_log_head(p, labels, valid, groups, cfg)
+    )(preds)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-4, atol=1e-7)
+
+
+def test_pairwise_log_one_list_equals_dense():
+  preds, labels, valid, _ = _task_batch(3)
+  zeros = jnp.zeros(preds.shape, jnp.int32)
+  want = _pairwise_log_dense(preds, labels, valid, zeros)
+  cfg = losses.LossConfig("pairwise_log", group_by_task=False)
+  got = losses.multi_head_loss(cfg, preds[:, None], labels[:, None], valid[:, None])
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_pairwise_log_window_is_a_static_bound_on_the_pairs():
+  # Two tasks of 3: with max_group_size=3 every pair within a task is at distance <= 2 after
+  # sorting, so the loss is the dense one; a window of 2 would miss the (first, last) pairs.
+  preds = jnp.array([0.3, -1.0, 2.0, 0.5, 0.1, -0.4])
+  labels = jnp.array([1.0, 0.5, 0.1, 0.2, 0.9, 0.4])
+  groups = jnp.array([1, 0, 1, 0, 1, 0])
+  valid = jnp.ones(6, bool)
+  want = float(_pairwise_log_dense(preds, labels, valid, groups))
+  exact = losses.LossConfig("pairwise_log", group_by_task=True, max_group_size=3)
+  short = losses.LossConfig("pairwise_log", group_by_task=True, max_group_size=2)
+  assert float(losses.pairwise_log_head(preds, labels, valid, groups, exact)) == pytest.approx(
+    want, rel=1e-6
+  )
+  assert float(losses.pairwise_log_head(preds, labels, valid, groups, short)) != pytest.approx(
+    want, rel=1e-3
+  )
+  with pytest.raises(ValueError, match="max_group_size"):
+    losses.LossConfig("pairwise_log", group_by_task=True, max_group_size=0)

@@ -76,7 +76,7 @@ class TrainConfig:
   num_epochs: int
   seed: int
   data_placement: str
-  device_data_max_bytes: int
+  device_data_max_bytes: int | str  # bytes, or "auto" (train.data.device_data_budget)
   log_every_steps: int
   eval_every_epochs: int
   checkpoint_every_steps: int
@@ -110,10 +110,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 # Fields of a section that are not in the ConfigDict: set by the trainer from the dataset
-# (num_hardware_heads) or constants of the loss (LambdaRank's sigma, eps, k).
+# (num_hardware_heads, the loss's max_group_size) or constants of the loss (LambdaRank's sigma,
+# eps, k).
 _NOT_IN_CONFIG = {
   model_lib.TLPConfig: ("num_hardware_heads",),
-  losses.LossConfig: ("sigma", "eps", "k"),
+  losses.LossConfig: ("sigma", "eps", "k", "max_group_size"),
 }
 
 

@@ -215,10 +215,15 @@ def _train_and_evaluate(
   start_step = int(state.step)
 
   model = model_lib.TLPModel(model_config)
-  step_kwargs = dict(model=model, tx=tx, loss_config=config.loss)
+  # The within-task loss evaluates only pairs a batch can hold (losses.LossConfig).
+  loss_config = dataclasses.replace(
+    config.loss, max_group_size=data.max_group_size(train.task_index, val.task_index)
+  )
+  step_kwargs = dict(model=model, tx=tx, loss_config=loss_config)
   placement = config.data_placement
   if placement == "auto":
-    placement = "device" if train.nbytes <= config.device_data_max_bytes else "host"
+    budget = data.device_data_budget(config.device_data_max_bytes, devices)
+    placement = "device" if train.nbytes <= budget else "host"
   if placement == "device":
     p_train = jax.pmap(
       functools.partial(
@@ -240,7 +245,7 @@ def _train_and_evaluate(
       donate_argnums=(0,),
     )
   p_eval = jax.pmap(
-    functools.partial(step_lib.eval_step, model=model, loss_config=config.loss),
+    functools.partial(step_lib.eval_step, model=model, loss_config=loss_config),
     axis_name=data.AXIS,
     devices=pmap_devices,
   )
