@@ -872,7 +872,7 @@ def run_recipe_variant(
     if v.loss == "dense"
     else dataclasses.replace(recipe.loss, max_group_size=biggest)
   )
-  steps_per_epoch = data.rows // v.batch
+  steps_per_epoch = -(-data.rows // v.batch)  # the trainer pads the last batch
   tx, _ = optimizer.make_optimizer(
     recipe.optim, steps_per_epoch, steps_per_epoch * recipe.num_epochs, v.ensemble
   )
