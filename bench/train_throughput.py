@@ -742,18 +742,47 @@ def torch_curve(ref, train, batch: int, steps: int, seed: int) -> dict[str, Any]
 # ---------------------------------------------------------------------------------------------
 
 
-def _pairwise_log_dense(preds, labels, valid, groups, config):
-  """``pairwise_log`` as it was before the block-diagonal form: every ordered pair of the batch
-  as ``(B, B)`` arrays (the "before" of that lever; the same loss, tests/train/test_losses.py)."""
+def max_group_size(task_index: np.ndarray) -> int:
+  """Most rows of one task (at least 1): no batch holds more, so it bounds the band."""
+  t = np.asarray(task_index)
+  return int(np.unique(t, return_counts=True)[1].max()) if t.size else 1
+
+
+def pairwise_log_band(preds, labels, valid, groups, config, window: int):
+  """``losses.pairwise_log_head`` evaluated block-diagonally (the measured lever; not adopted).
+
+  The batch is sorted by group (absent labels last), so each group's items are contiguous and
+  every comparable pair lies within ``window`` positions when no group has more than
+  ``window + 1`` items; each unordered pair ``(i, i + d)``, ``1 <= d <= window``, is evaluated
+  once, in the direction its labels order it: ``B * window`` pairs instead of ``B^2``. The same
+  loss up to float rounding (tests/bench/test_recipe_loss.py); slower on the H200 than the dense
+  form (bench/README.md: the sort and the ``(B, window)`` gathers cost more than the pairs saved).
+  """
+  n = preds.shape[0]
+  window = min(n - 1, window)
+  if window < 1:
+    return jnp.zeros((), jnp.float32)
   preds = preds.astype(jnp.float32)
   log_y = losses_lib._log_scores(labels, valid)
-  comparable = losses_lib._comparable(groups, valid)
-  weights = jnp.where(comparable, jnp.maximum(log_y[:, None] - log_y[None, :], 0.0), 0.0)
-  log_p = jax.nn.log_sigmoid(config.sigma * (preds[:, None] - preds[None, :]))
-  return -jnp.sum(weights * log_p) / jnp.maximum(jnp.sum(weights), config.eps)
+  # Sort key: the group, absent labels after every group (so they never split one).
+  key = jnp.where(valid, groups.astype(jnp.int32), jnp.iinfo(jnp.int32).max)
+  order = jnp.argsort(key, stable=True)
+  key, preds, log_y, valid = key[order], preds[order], log_y[order], valid[order]
+  j = jnp.arange(n)[:, None] + jnp.arange(1, window + 1)[None, :]  # (n, window) partners
+  inside = j < n
+  j = jnp.minimum(j, n - 1)
+  pair = inside & valid[:, None] & valid[j] & (key[:, None] == key[j])
+  gap = log_y[:, None] - log_y[j]  # > 0: i is faster, so the pair says s_i > s_j
+  margin = config.sigma * jnp.where(gap > 0, preds[:, None] - preds[j], preds[j] - preds[:, None])
+  weights = jnp.where(pair, jnp.abs(gap), 0.0)
+  return -jnp.sum(weights * jax.nn.log_sigmoid(margin)) / jnp.maximum(jnp.sum(weights), config.eps)
 
 
-losses_lib.LOSSES.setdefault("pairwise_log_dense", _pairwise_log_dense)
+def band_loss_config(loss: losses_lib.LossConfig, window: int) -> losses_lib.LossConfig:
+  """``loss`` computed by ``pairwise_log_band`` with ``window`` (registered in LOSSES)."""
+  name = f"pairwise_log_band{window}"
+  losses_lib.LOSSES.setdefault(name, functools.partial(pairwise_log_band, window=window))
+  return dataclasses.replace(loss, name=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -763,24 +792,28 @@ class RecipeVariant:
   batch: int = 1024
   dtype: str = "float32"  # "float32" = TF32 matmuls (config.matmul_precision "default")
   attention: str = "einsum"  # model.SelfAttention implementation ("cudnn": fused kernel)
-  loss: str = "band"  # "dense" (B^2 pairs), "band" (pairs within the data's largest task)
+  loss: str = "dense"  # "dense" (the library's, B^2 pairs) or "band" (pairwise_log_band)
   task_copies: int = 1  # synthetic task size = this x the real task's
   ensemble: int = 1
 
 
 RECIPE_VARIANTS = {
-  "landed": RecipeVariant(loss="dense"),
-  "landed_tenset_tasks": RecipeVariant(loss="dense", task_copies=80),
-  "band": RecipeVariant(),
-  "band_tenset_tasks": RecipeVariant(task_copies=80),
+  "landed": RecipeVariant(),
+  "landed_tenset_tasks": RecipeVariant(task_copies=80),
+  "band": RecipeVariant(loss="band"),
+  "band_tenset_tasks": RecipeVariant(loss="band", task_copies=80),
   "bf16": RecipeVariant(dtype="bfloat16"),
+  "bf16_band": RecipeVariant(dtype="bfloat16", loss="band"),
   "bf16_cudnn": RecipeVariant(dtype="bfloat16", attention="cudnn"),
-  "bf16_tenset_tasks": RecipeVariant(dtype="bfloat16", task_copies=80),
   "tf32_b4096": RecipeVariant(batch=4096),
   "bf16_b4096": RecipeVariant(dtype="bfloat16", batch=4096),
+  "bf16_band_b4096": RecipeVariant(dtype="bfloat16", batch=4096, loss="band"),
   "bf16_cudnn_b4096": RecipeVariant(dtype="bfloat16", attention="cudnn", batch=4096),
   "bf16_b16384": RecipeVariant(dtype="bfloat16", batch=16384),
-  "bf16_b4096_tenset_tasks": RecipeVariant(dtype="bfloat16", batch=4096, task_copies=80),
+  "bf16_band_b16384": RecipeVariant(dtype="bfloat16", batch=16384, loss="band"),
+  "bf16_band_b4096_tenset_tasks": RecipeVariant(
+    dtype="bfloat16", batch=4096, task_copies=80, loss="band"
+  ),
   "bf16_ens5": RecipeVariant(dtype="bfloat16", ensemble=5),
 }
 
@@ -850,7 +883,7 @@ class TiledData:
       r = np.arange(self.rows, dtype=np.int64)
       host = (real[r % n] + (int(real.max()) + 1) * ((r // n) // copies)).astype(np.int32)
       dev = train_data.replicate_to_devices(host, self.devices)
-      self._tasks[copies] = (dev, host, train_data.max_group_size(host))
+      self._tasks[copies] = (dev, host, max_group_size(host))
     return self._tasks[copies]
 
 
@@ -868,11 +901,7 @@ def run_recipe_variant(
     feature_dim=recipe.model.feature_dim + data.train.loop_tokens.shape[2],
     num_hardware_heads=1,
   )
-  loss = (
-    dataclasses.replace(recipe.loss, name="pairwise_log_dense")
-    if v.loss == "dense"
-    else dataclasses.replace(recipe.loss, max_group_size=biggest)
-  )
+  loss = recipe.loss if v.loss == "dense" else band_loss_config(recipe.loss, biggest - 1)
   steps_per_epoch = -(-data.rows // v.batch)  # the trainer pads the last batch
   tx, _ = optimizer.make_optimizer(
     recipe.optim, steps_per_epoch, steps_per_epoch * recipe.num_epochs, v.ensemble

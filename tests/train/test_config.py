@@ -31,7 +31,7 @@ def test_every_field_of_default_is_mapped_and_nested_like_the_config_dict():
   want = config.to_dict()
   # Everything the config holds reaches the typed config with its value (tuples as tuples).
   del mapped["model"]["num_hardware_heads"]
-  for k in ("sigma", "eps", "k", "max_group_size"):
+  for k in ("sigma", "eps", "k"):
     del mapped["loss"][k]
   assert mapped == want
   assert (cfg.loss.name, cfg.loss.group_by_task, cfg.batch_order) == (

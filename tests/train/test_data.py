@@ -143,11 +143,6 @@ def test_select_heads_drops_rows_without_a_selected_label():
   assert got.features.dtype == np.float32 and got.size == 3
 
 
-def test_max_group_size_is_the_largest_task_of_any_split():
-  assert data.max_group_size(np.array([0, 1, 1, 2]), np.array([5, 5, 5])) == 3
-  assert data.max_group_size(np.array([], np.int32)) == 1
-
-
 class _Device:
   def __init__(self, stats):
     self.stats = stats

@@ -110,11 +110,10 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 # Fields of a section that are not in the ConfigDict: set by the trainer from the dataset
-# (num_hardware_heads, the loss's max_group_size) or constants of the loss (LambdaRank's sigma,
-# eps, k).
+# (num_hardware_heads) or constants of the loss (LambdaRank's sigma, eps, k).
 _NOT_IN_CONFIG = {
   model_lib.TLPConfig: ("num_hardware_heads",),
-  losses.LossConfig: ("sigma", "eps", "k", "max_group_size"),
+  losses.LossConfig: ("sigma", "eps", "k"),
 }
 
 

@@ -328,20 +328,6 @@ def host_batch(
   )
 
 
-def max_group_size(*task_indices: np.ndarray) -> int:
-  """Most rows of one task in any of the given splits' ``task_index`` arrays (at least 1).
-
-  No batch holds more rows of one task, so it bounds the pairs a within-task ranking loss must
-  evaluate (``losses.LossConfig.max_group_size``).
-  """
-  most = 1
-  for t in task_indices:
-    t = np.asarray(t)
-    if t.size:
-      most = max(most, int(np.unique(t, return_counts=True)[1].max()))
-  return most
-
-
 # ---------------------------------------------------------------------------------------------
 # Device placement
 # ---------------------------------------------------------------------------------------------

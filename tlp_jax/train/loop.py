@@ -215,11 +215,7 @@ def _train_and_evaluate(
   start_step = int(state.step)
 
   model = model_lib.TLPModel(model_config)
-  # The within-task loss evaluates only pairs a batch can hold (losses.LossConfig).
-  loss_config = dataclasses.replace(
-    config.loss, max_group_size=data.max_group_size(train.task_index, val.task_index)
-  )
-  step_kwargs = dict(model=model, tx=tx, loss_config=loss_config)
+  step_kwargs = dict(model=model, tx=tx, loss_config=config.loss)
   placement = config.data_placement
   if placement == "auto":
     budget = data.device_data_budget(config.device_data_max_bytes, devices)
@@ -245,7 +241,7 @@ def _train_and_evaluate(
       donate_argnums=(0,),
     )
   p_eval = jax.pmap(
-    functools.partial(step_lib.eval_step, model=model, loss_config=loss_config),
+    functools.partial(step_lib.eval_step, model=model, loss_config=config.loss),
     axis_name=data.AXIS,
     devices=pmap_devices,
   )

@@ -42,9 +42,6 @@ class LossConfig:
     sigma: LambdaRank / pairwise_log sigmoid scale.
     eps: LambdaRank clamp floor (and pairwise_log's weight-sum floor).
     k: LambdaRank NDCG truncation (``None`` = whole list, as TLP trains).
-    max_group_size: most items of one task in any batch (set by the trainer from the data's
-      largest task, ``train.data.max_group_size``); ``pairwise_log`` then evaluates only pairs
-      within this distance of a task-sorted batch. ``None`` = the batch size (every pair).
   """
 
   name: str
@@ -52,15 +49,12 @@ class LossConfig:
   sigma: float = 1.0
   eps: float = 1e-10
   k: int | None = None
-  max_group_size: int | None = None
 
   def __post_init__(self):
     if self.name not in LOSSES:
       raise ValueError(f"unknown loss {self.name!r}; known: {sorted(LOSSES)}")
     if self.k is not None and self.k < 1:
       raise ValueError(f"k must be >= 1 or None, got {self.k}")
-    if self.max_group_size is not None and self.max_group_size < 1:
-      raise ValueError(f"max_group_size must be >= 1 or None, got {self.max_group_size}")
 
 
 class HeadLoss(Protocol):
@@ -151,32 +145,13 @@ def pairwise_log_head(
   ``w_ij = log(y_i) - log(y_j)``, i.e. how many times slower ``j`` is than ``i`` (in nats). A
   mis-ordered pair costs in proportion to the latency ratio it gets wrong, which is what the
   top-k ratio measures.
-
-  Block-diagonal evaluation: the batch is sorted by group (absent labels last), so each group's
-  items are contiguous and every comparable pair lies within ``max_group_size - 1`` positions;
-  each unordered pair ``(i, i + d)``, ``1 <= d < max_group_size``, is evaluated once, in the
-  direction its labels order it. That is ``B * (G - 1)`` pairs instead of the ``B^2`` ordered
-  pairs of the dense form (the same sum, up to float rounding): ~2x fewer when a task fills the
-  batch (TenSet: ~4,000 programs per task), ~B / (2 G) fewer with small tasks.
   """
-  n = preds.shape[0]
-  window = n - 1 if config.max_group_size is None else min(n - 1, config.max_group_size - 1)
-  if window < 1:
-    return jnp.zeros((), jnp.float32)
   preds = preds.astype(jnp.float32)
   log_y = _log_scores(labels, valid)
-  # Sort key: the group, absent labels after every group (so they never split one).
-  key = jnp.where(valid, groups.astype(jnp.int32), jnp.iinfo(jnp.int32).max)
-  order = jnp.argsort(key, stable=True)
-  key, preds, log_y, valid = key[order], preds[order], log_y[order], valid[order]
-  j = jnp.arange(n)[:, None] + jnp.arange(1, window + 1)[None, :]  # (n, window) partners
-  inside = j < n
-  j = jnp.minimum(j, n - 1)
-  pair = inside & valid[:, None] & valid[j] & (key[:, None] == key[j])
-  gap = log_y[:, None] - log_y[j]  # > 0: i is faster, so the pair says s_i > s_j
-  margin = config.sigma * jnp.where(gap > 0, preds[:, None] - preds[j], preds[j] - preds[:, None])
-  weights = jnp.where(pair, jnp.abs(gap), 0.0)
-  return -jnp.sum(weights * jax.nn.log_sigmoid(margin)) / jnp.maximum(jnp.sum(weights), config.eps)
+  comparable = _comparable(groups, valid)
+  weights = jnp.where(comparable, jnp.maximum(log_y[:, None] - log_y[None, :], 0.0), 0.0)
+  log_p = jax.nn.log_sigmoid(config.sigma * (preds[:, None] - preds[None, :]))
+  return -jnp.sum(weights * log_p) / jnp.maximum(jnp.sum(weights), config.eps)
 
 
 LOSSES: dict[str, HeadLoss] = {
