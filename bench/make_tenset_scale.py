@@ -65,35 +65,41 @@ TENSET_RECORDS_PER_PLATFORM = 8_600_000
 TENSET_TASKS = 2308
 TENSET_PLATFORMS = 7
 
-_SOURCE = flags.DEFINE_string("source", "/work/shared/tenset-mini", "Real TenSet-layout folder.")
-_OUT = flags.DEFINE_string("out_dir", None, "Where to write the synthetic TenSet folder.")
-_HW = flags.DEFINE_string(
-  "source_hardware", None, "Source hardware folder (default: the one with most records)."
-)
-_RECORDS = flags.DEFINE_integer(
-  "records", TENSET_RECORDS_PER_PLATFORM, "Records per platform (TenSet: ~8.6M).", lower_bound=1
-)
-_PLATFORMS = flags.DEFINE_integer(
-  "platforms", 1, f"Synthetic platforms (TenSet's CPU set: {TENSET_PLATFORMS}).", lower_bound=1
-)
-_TASKS = flags.DEFINE_integer(
-  "tasks",
-  TENSET_TASKS,
-  "Tasks per platform (TenSet: ~2,300); 0 = one copy of each source record per task copy.",
-  lower_bound=0,
-)
-_SKELETONS = flags.DEFINE_string(
-  "skeletons",
-  None,
-  "Source skeleton collection (default SOURCE/network_info/skeletons.json); 'none' = write no "
-  "skeletons.",
-)
-_JITTER = flags.DEFINE_float("jitter", 0.1, "Log-normal sigma of the per-record cost jitter.")
-_PLATFORM_JITTER = flags.DEFINE_float(
-  "platform_jitter", 0.2, "Log-normal sigma of the per-(platform, task) cost factor."
-)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the keys and the jitter.")
-_WORKERS = flags.DEFINE_integer("workers", 1, "Processes writing task files.", lower_bound=1)
+
+def _define_flags() -> None:
+  """The command line's flags, defined only when run as a script (other bench modules define
+  flags of the same names, and tests import several of them into one process)."""
+  global _SOURCE, _OUT, _HW, _RECORDS, _PLATFORMS, _TASKS, _SKELETONS, _JITTER
+  global _PLATFORM_JITTER, _SEED, _WORKERS
+  _SOURCE = flags.DEFINE_string("source", "/work/shared/tenset-mini", "Real TenSet-layout folder.")
+  _OUT = flags.DEFINE_string("out_dir", None, "Where to write the synthetic TenSet folder.")
+  _HW = flags.DEFINE_string(
+    "source_hardware", None, "Source hardware folder (default: the one with most records)."
+  )
+  _RECORDS = flags.DEFINE_integer(
+    "records", TENSET_RECORDS_PER_PLATFORM, "Records per platform (TenSet: ~8.6M).", lower_bound=1
+  )
+  _PLATFORMS = flags.DEFINE_integer(
+    "platforms", 1, f"Synthetic platforms (TenSet's CPU set: {TENSET_PLATFORMS}).", lower_bound=1
+  )
+  _TASKS = flags.DEFINE_integer(
+    "tasks",
+    TENSET_TASKS,
+    "Tasks per platform (TenSet: ~2,300); 0 = one copy of each source record per task copy.",
+    lower_bound=0,
+  )
+  _SKELETONS = flags.DEFINE_string(
+    "skeletons",
+    None,
+    "Source skeleton collection (default SOURCE/network_info/skeletons.json); 'none' = write no "
+    "skeletons.",
+  )
+  _JITTER = flags.DEFINE_float("jitter", 0.1, "Log-normal sigma of the per-record cost jitter.")
+  _PLATFORM_JITTER = flags.DEFINE_float(
+    "platform_jitter", 0.2, "Log-normal sigma of the per-(platform, task) cost factor."
+  )
+  _SEED = flags.DEFINE_integer("seed", 0, "Seed of the keys and the jitter.")
+  _WORKERS = flags.DEFINE_integer("workers", 1, "Processes writing task files.", lower_bound=1)
 
 
 class ScaleError(ValueError):
@@ -483,4 +489,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

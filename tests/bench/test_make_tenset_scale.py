@@ -156,3 +156,31 @@ def test_workers_write_the_same_bytes(tmp_path):
   scale.make_tenset_scale(_params(), a, workers=1)
   scale.make_tenset_scale(_params(), b, workers=2)
   assert _tree_bytes(a) == _tree_bytes(b)
+
+
+def test_command_line_writes_and_errors_in_one_line(tmp_path):
+  import subprocess
+  import sys
+
+  repo = os.path.join(os.path.dirname(__file__), "..", "..")
+  env = dict(os.environ, PYTHONPATH=os.path.abspath(repo))
+  base = [sys.executable, "-m", "bench.make_tenset_scale", "--source", os.path.abspath(SAMPLE)]
+  ok = subprocess.run(
+    base + ["--out_dir", str(tmp_path / "o"), "--records", "50", "--tasks", "3"],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=repo,
+  )
+  assert ok.returncode == 0, ok.stderr
+  assert "SYNTHETIC" in ok.stdout and "--holdout" in ok.stdout
+  bad = subprocess.run(
+    base + ["--out_dir", str(tmp_path / "b"), "--skeletons", str(tmp_path / "none.json")],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=repo,
+  )
+  assert bad.returncode != 0
+  assert bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+  assert len(bad.stderr.strip().splitlines()) == 1
