@@ -43,6 +43,66 @@ _SCALE = flags.DEFINE_integer(
   "scale_records", 1_000_000, "Replicated records for the scale run (0 = skip)."
 )
 _PER_TASK = flags.DEFINE_integer("records_per_task", 4000, "Scale run: records per task file.")
+_STORAGE_OF = flags.DEFINE_string(
+  "storage_of",
+  None,
+  "DATA_DIR:CONFIG of a built dataset: only report its bytes per example (on disk, in the "
+  "array cache, in the trainer's memory) and whether its step features are exact in float16.",
+)
+
+
+def storage_report(data_dir: str, config: str) -> dict:
+  """Bytes per example of a built config: TFDS files on disk, the array cache (what the loader
+  memory-maps) per field, the trainer's resident row (``HeadArrays``: float32 steps, float16
+  loop tokens, one head), and whether narrower step-feature codes would be exact."""
+  ds_dir = loader.find_dataset_dir(data_dir, config)
+  arrays = loader.load_arrays(data_dir, config)
+  n = {s: len(arrays.split(s)) for s in schema.SPLITS}
+  total = sum(n.values())
+  files = {}
+  for name in sorted(os.listdir(ds_dir)):
+    path = os.path.join(ds_dir, name)
+    if os.path.isfile(path):
+      files[name] = os.path.getsize(path)
+  records = sum(v for k, v in files.items() if ".array_record" in k)
+  cache_dir = os.path.join(ds_dir, loader.CACHE_DIR)
+  cache_fields: dict[str, int] = {}
+  for name in os.listdir(cache_dir):
+    if name.endswith(".npy"):
+      field = name.split(".")[1]
+      cache_fields[field] = cache_fields.get(field, 0) + os.path.getsize(
+        os.path.join(cache_dir, name)
+      )
+  train = arrays.split("train")
+  steps = np.asarray(train.features)
+  tokens = getattr(train, "loop_tokens", None)
+  row = steps[0].nbytes + 4 + 1 + 4 + (0 if tokens is None else np.asarray(tokens)[0].nbytes)
+  f16 = steps.astype(np.float16).astype(np.float32)
+  used_steps = (np.abs(steps).sum(-1) != 0).sum(1)
+  out = {
+    "config": config,
+    "examples": n,
+    "step_features": {"shape": list(steps.shape[1:]), "dtype": str(steps.dtype)},
+    "loop_tokens": None
+    if tokens is None
+    else {"shape": list(np.asarray(tokens).shape[1:]), "dtype": str(np.asarray(tokens).dtype)},
+    "disk_tfds_array_record_bytes_per_example": records / total,
+    "disk_other_files_bytes": {k: v for k, v in files.items() if ".array_record" not in k},
+    "array_cache_bytes_per_example": sum(cache_fields.values()) / total,
+    "array_cache_bytes_per_example_by_field": {k: v / total for k, v in cache_fields.items()},
+    "trainer_resident_bytes_per_row": row,
+    "goal_bytes_per_example": 5000,
+    "step_features_exact_in_float16": bool(np.array_equal(f16, steps)),
+    "step_features_all_integers": bool(np.array_equal(steps, np.round(steps))),
+    "step_features_max_abs": float(np.abs(steps).max()),
+    "step_features_nonzero_fraction": float((steps != 0).mean()),
+    "steps_used_mean": float(used_steps.mean()),
+    "trainer_resident_bytes_per_row_with_float16_steps": row - steps[0].nbytes // 2,
+  }
+  if tokens is not None:
+    t = np.asarray(tokens).astype(np.float32)
+    out["loop_tokens_used_mean"] = float(((np.abs(t).sum(-1)) != 0).sum(1).mean())
+  return out
 
 
 def _machine() -> dict:
@@ -123,6 +183,19 @@ def _replicate(
 
 def main(argv) -> None:
   del argv
+  if _STORAGE_OF.value:
+    data_dir, _, config = _STORAGE_OF.value.rpartition(":")
+    if not data_dir or not config:
+      raise app.UsageError("--storage_of must be DATA_DIR:CONFIG")
+    report = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "machine": _machine(),
+      "data_dir": data_dir,
+      "storage": storage_report(data_dir, config),
+    }
+    common.write_json(_OUT.value, report)
+    print(json.dumps(report["storage"], indent=1))
+    return
   work = _WORK.value or tempfile.mkdtemp(prefix="bench_dataset_")
   results = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -39,6 +39,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +59,7 @@ from absl import (
 )
 
 from bench import common  # noqa: E402
+from configs import default as default_config  # noqa: E402
 from configs import tlp_original  # noqa: E402
 from data_pipelines import loader  # noqa: E402
 
@@ -68,6 +70,7 @@ from tlp_jax.train import (
   loop,  # noqa: E402
   optimizer,  # noqa: E402
 )
+from tlp_jax.train import losses as losses_lib  # noqa: E402
 from tlp_jax.train import model as model_lib  # noqa: E402
 from tlp_jax.train import step as step_lib  # noqa: E402
 
@@ -128,6 +131,32 @@ _MATMUL_N = flags.DEFINE_integer("matmul_n", 8192, "Size of the ceiling matmuls.
 _COPY_MB = flags.DEFINE_integer("copy_mb", 1024, "Size of the ceiling copy (MiB).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the init, data draw and order.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes for a CPU check.")
+_RECIPE_DATA = flags.DEFINE_string(
+  "recipe_data_dir",
+  None,
+  "Built dataset (with loop tokens; its arrays_cache is enough) for the default_* sections.",
+)
+_RECIPE_ROWS = flags.DEFINE_integer(
+  "recipe_rows", 8_600_000, "Device-resident rows of the default_recipe section (tiled)."
+)
+_RECIPE_TASK_COPIES = flags.DEFINE_list(
+  "recipe_task_copies",
+  ["1", "80"],
+  "Tiled copies of a real task merged into one synthetic task: 1 = tenset-mini's task sizes "
+  "(~48 programs), 80 = TenSet's (~3,800).",
+)
+_RECIPE_VARIANTS = flags.DEFINE_list(
+  "recipe_variants",
+  None,
+  "Variants of the default_recipe section (names of RECIPE_VARIANTS; default all).",
+)
+_RECIPE_RUNS = flags.DEFINE_list(
+  "recipe_accuracy_runs",
+  ["tf32", "bf16", "tf32_b4096", "bf16_b4096"],
+  "Runs of the default_accuracy section (names of RECIPE_ACCURACY_RUNS).",
+)
+_RECIPE_SEEDS = flags.DEFINE_list("recipe_seeds", ["0", "1"], "Seeds of default_accuracy.")
+_RECIPE_EPOCHS = flags.DEFINE_integer("recipe_epochs", 50, "Epochs of default_accuracy runs.")
 
 LOG_EVERY = 50  # train_and_evaluate's default log_every_steps: a metric fetch (sync) that often
 SCAN_K = 16
@@ -709,6 +738,254 @@ def torch_curve(ref, train, batch: int, steps: int, seed: int) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
+# The default recipe (configs/default.py) at TenSet scale
+# ---------------------------------------------------------------------------------------------
+
+
+def max_group_size(task_index: np.ndarray) -> int:
+  """Most rows of one task (at least 1): no batch holds more, so it bounds the band."""
+  t = np.asarray(task_index)
+  return int(np.unique(t, return_counts=True)[1].max()) if t.size else 1
+
+
+def pairwise_log_band(preds, labels, valid, groups, config, window: int):
+  """``losses.pairwise_log_head`` evaluated block-diagonally (the measured lever; not adopted).
+
+  The batch is sorted by group (absent labels last), so each group's items are contiguous and
+  every comparable pair lies within ``window`` positions when no group has more than
+  ``window + 1`` items; each unordered pair ``(i, i + d)``, ``1 <= d <= window``, is evaluated
+  once, in the direction its labels order it: ``B * window`` pairs instead of ``B^2``. The same
+  loss up to float rounding (tests/bench/test_recipe_loss.py); slower on the H200 than the dense
+  form (bench/README.md: the sort and the ``(B, window)`` gathers cost more than the pairs saved).
+  """
+  n = preds.shape[0]
+  window = min(n - 1, window)
+  if window < 1:
+    return jnp.zeros((), jnp.float32)
+  preds = preds.astype(jnp.float32)
+  log_y = losses_lib._log_scores(labels, valid)
+  # Sort key: the group, absent labels after every group (so they never split one).
+  key = jnp.where(valid, groups.astype(jnp.int32), jnp.iinfo(jnp.int32).max)
+  order = jnp.argsort(key, stable=True)
+  key, preds, log_y, valid = key[order], preds[order], log_y[order], valid[order]
+  j = jnp.arange(n)[:, None] + jnp.arange(1, window + 1)[None, :]  # (n, window) partners
+  inside = j < n
+  j = jnp.minimum(j, n - 1)
+  pair = inside & valid[:, None] & valid[j] & (key[:, None] == key[j])
+  gap = log_y[:, None] - log_y[j]  # > 0: i is faster, so the pair says s_i > s_j
+  margin = config.sigma * jnp.where(gap > 0, preds[:, None] - preds[j], preds[j] - preds[:, None])
+  weights = jnp.where(pair, jnp.abs(gap), 0.0)
+  return -jnp.sum(weights * jax.nn.log_sigmoid(margin)) / jnp.maximum(jnp.sum(weights), config.eps)
+
+
+def band_loss_config(loss: losses_lib.LossConfig, window: int) -> losses_lib.LossConfig:
+  """``loss`` computed by ``pairwise_log_band`` with ``window`` (registered in LOSSES)."""
+  name = f"pairwise_log_band{window}"
+  losses_lib.LOSSES.setdefault(name, functools.partial(pairwise_log_band, window=window))
+  return dataclasses.replace(loss, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeVariant:
+  """One timed configuration of the default recipe's step."""
+
+  batch: int = 1024
+  dtype: str = "float32"  # "float32" = TF32 matmuls (config.matmul_precision "default")
+  attention: str = "einsum"  # model.SelfAttention implementation ("cudnn": fused kernel)
+  loss: str = "dense"  # "dense" (the library's, B^2 pairs) or "band" (pairwise_log_band)
+  task_copies: int = 1  # synthetic task size = this x the real task's
+  ensemble: int = 1
+
+
+RECIPE_VARIANTS = {
+  "landed": RecipeVariant(),
+  "landed_tenset_tasks": RecipeVariant(task_copies=80),
+  "band": RecipeVariant(loss="band"),
+  "band_tenset_tasks": RecipeVariant(loss="band", task_copies=80),
+  "bf16": RecipeVariant(dtype="bfloat16"),
+  "bf16_band": RecipeVariant(dtype="bfloat16", loss="band"),
+  "bf16_cudnn": RecipeVariant(dtype="bfloat16", attention="cudnn"),
+  "tf32_b4096": RecipeVariant(batch=4096),
+  "bf16_b4096": RecipeVariant(dtype="bfloat16", batch=4096),
+  "bf16_band_b4096": RecipeVariant(dtype="bfloat16", batch=4096, loss="band"),
+  "bf16_cudnn_b4096": RecipeVariant(dtype="bfloat16", attention="cudnn", batch=4096),
+  "bf16_b16384": RecipeVariant(dtype="bfloat16", batch=16384),
+  "bf16_band_b16384": RecipeVariant(dtype="bfloat16", batch=16384, loss="band"),
+  "bf16_band_b4096_tenset_tasks": RecipeVariant(
+    dtype="bfloat16", batch=4096, task_copies=80, loss="band"
+  ),
+  "bf16_ens5": RecipeVariant(dtype="bfloat16", ensemble=5),
+}
+
+RECIPE_ACCURACY_RUNS = {  # name -> overrides of configs/default.py
+  "tf32": {},
+  "bf16": {"model.dtype": "bfloat16"},
+  "tf32_b4096": {"batch_size": 4096},
+  "bf16_b4096": {"model.dtype": "bfloat16", "batch_size": 4096},
+  "bf16_b2048": {"model.dtype": "bfloat16", "batch_size": 2048},
+}
+
+
+def recipe_config(overrides: dict[str, Any]) -> config_lib.TrainConfig:
+  """``configs/default.py`` with dotted overrides, as the trainer maps it."""
+  cfg = default_config.get_config()
+  for key, value in overrides.items():
+    *path, last = key.split(".")
+    node = cfg
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config_lib.from_config_dict(cfg)
+
+
+def load_recipe_arrays(data_dir: str, dataset: str):
+  """(train, validation, dataset) of a built config with loop tokens, as the trainer selects."""
+  ds = loader.load_arrays(data_dir, dataset)
+  recipe = recipe_config({})
+  cols = train_data.head_columns(list(ds.hardware), list(recipe.hardware))
+  tokens = train_data.reads_loop_tokens(recipe.loop_tokens, ds)
+  if not tokens:
+    raise app.UsageError(f"{data_dir}/{dataset} has no loop tokens: the default recipe reads them")
+  return (
+    train_data.select_heads(ds.train, cols, tokens),
+    train_data.select_heads(ds.validation, cols, tokens),
+    ds,
+  )
+
+
+class TiledData:
+  """``rows`` training rows resident on one device, tiled from the real training rows.
+
+  Row ``r`` is real row ``r % N``; its task is the real task of copy ``r // N`` with
+  ``task_copies`` consecutive copies merged into one synthetic task (so tasks have
+  ``task_copies`` x the real tasks' programs, and a by-task batch looks like TenSet's)."""
+
+  def __init__(self, train, rows: int):
+    self.train, self.rows = train, rows
+    self.devices = jax.local_devices()[:1]
+    real = train_data.replicate_to_devices(train.arrays, self.devices)
+    n = train.size
+
+    def tile(data):
+      idx = jnp.arange(rows, dtype=jnp.int32) % n
+      return tuple(x[idx] for x in data)
+
+    self.resident = list(jax.pmap(tile, devices=self.devices)(real))
+    jax.block_until_ready(self.resident)
+    # Bytes per row: the resident arrays are (1 device, rows, ...).
+    self.nbytes = sum(int(np.prod(x.shape[2:])) * x.dtype.itemsize for x in self.resident)
+    self._tasks: dict[int, tuple] = {}
+
+  def tasks(self, copies: int):
+    """(device task_index, host task_index, largest task) for ``copies`` copies per task."""
+    if copies not in self._tasks:
+      n, real = self.train.size, self.train.task_index.astype(np.int64)
+      r = np.arange(self.rows, dtype=np.int64)
+      host = (real[r % n] + (int(real.max()) + 1) * ((r // n) // copies)).astype(np.int32)
+      dev = train_data.replicate_to_devices(host, self.devices)
+      self._tasks[copies] = (dev, host, max_group_size(host))
+    return self._tasks[copies]
+
+
+def run_recipe_variant(
+  data: TiledData, v: RecipeVariant, min_time: float, repeats: int, seed: int
+) -> dict[str, Any]:
+  """samples/s of the default recipe's resident step (``train_step_resident`` as the trainer
+  builds it, by-task epoch order) for one variant."""
+  task_dev, task_host, biggest = data.tasks(v.task_copies)
+  resident = tuple(data.resident[:-1]) + (task_dev,)
+  recipe = recipe_config({"model.dtype": v.dtype, "model.ensemble_size": v.ensemble})
+  model_cfg = dataclasses.replace(
+    recipe.model,
+    seq_len=recipe.model.seq_len + data.train.loop_tokens.shape[1],
+    feature_dim=recipe.model.feature_dim + data.train.loop_tokens.shape[2],
+    num_hardware_heads=1,
+  )
+  loss = recipe.loss if v.loss == "dense" else band_loss_config(recipe.loss, biggest - 1)
+  steps_per_epoch = -(-data.rows // v.batch)  # the trainer pads the last batch
+  tx, _ = optimizer.make_optimizer(
+    recipe.optim, steps_per_epoch, steps_per_epoch * recipe.num_epochs, v.ensemble
+  )
+  step = functools.partial(
+    step_lib.train_step_resident,
+    steps_per_epoch=steps_per_epoch,
+    global_batch=v.batch,
+    model=model_lib.TLPModel(model_cfg, attention_impl=v.attention),
+    tx=tx,
+    loss_config=loss,
+  )
+  t0 = time.perf_counter()
+  order, valid = train_data.epoch_order(seed, 0, data.rows, steps_per_epoch, v.batch, task_host)
+  out: dict[str, Any] = {"epoch_order_host_s": time.perf_counter() - t0}
+  order_dev = train_data.replicate_to_devices((order, valid), data.devices)
+  with jax.default_matmul_precision(recipe.matmul_precision):
+    p_train = jax.pmap(step, axis_name=train_data.AXIS, devices=data.devices, donate_argnums=(0,))
+    state = train_data.replicate_to_devices(
+      step_lib.create_train_state(model_cfg, tx, seed), data.devices
+    )
+    t0 = time.perf_counter()
+    compiled = p_train.lower(state, resident, *order_dev).compile()
+    out["compile_s"] = time.perf_counter() - t0
+    try:
+      ca = compiled.cost_analysis()
+      ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+      out["xla_flops_per_call"] = float(ca.get("flops", float("nan")))
+      out["xla_bytes_per_call"] = float(ca.get("bytes accessed", float("nan")))
+    except Exception as e:  # informative only
+      logging.warning("cost analysis unavailable: %s", e)
+    cur = {"state": state, "pending": []}
+
+    def run(n_calls: int) -> None:
+      for _ in range(n_calls):
+        cur["state"], m = compiled(cur["state"], resident, *order_dev)
+        cur["pending"].append(m["loss"])
+        if len(cur["pending"]) >= LOG_EVERY:  # the trainer's metric fetch
+          vals = np.asarray(jax.device_get(cur["pending"]))
+          cur["pending"] = []
+          if not np.all(np.isfinite(vals)):
+            raise FloatingPointError("non-finite loss")
+      jax.block_until_ready(cur["state"].step)
+
+    out.update(time_loop(run, min_time, repeats))
+  out.update(
+    dataclasses.asdict(v),
+    samples_per_s=v.batch / out["step_s"],
+    rows=data.rows,
+    resident_gib=data.nbytes * data.rows / 2**30,
+    max_group_size=biggest,
+    loss_pairs_per_step=v.batch * (v.batch if v.loss == "dense" else min(v.batch - 1, biggest - 1)),
+    flops_per_sample=train_flops_per_sample(model_cfg),
+  )
+  if "xla_bytes_per_call" in out:
+    out["achieved_gbps"] = out["xla_bytes_per_call"] / out["step_s"] / 1e9
+  return out
+
+
+def run_recipe_accuracy(ds, name: str, seed: int, epochs: int, workdir: str) -> dict[str, Any]:
+  """Trains the default recipe (with ``RECIPE_ACCURACY_RUNS[name]``) on the real data with the
+  trainer itself; validation loss and top-k at the end."""
+  overrides = dict(
+    RECIPE_ACCURACY_RUNS[name],
+    seed=seed,
+    num_epochs=epochs,
+    eval_every_epochs=epochs,
+    checkpoint_every_steps=0,
+    log_every_steps=10**6,
+  )
+  recipe = recipe_config(overrides)
+  t0 = time.perf_counter()
+  result = loop.train_and_evaluate(recipe, os.path.join(workdir, f"{name}_seed{seed}"), dataset=ds)
+  return {
+    "name": name,
+    "seed": seed,
+    "overrides": RECIPE_ACCURACY_RUNS[name],
+    "epochs": epochs,
+    "wall_s": time.perf_counter() - t0,
+    "validation": {k: float(v) for k, v in result.validation.items()},
+  }
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
@@ -813,10 +1090,20 @@ def main(argv):
     val = load_split(_ARRAYS.value, "validation")
     with open(os.path.join(_ARRAYS.value, "meta.json")) as f:
       hardware = tuple(json.load(f)["hardware"])
+  elif _RECIPE_DATA.value:
+    rtrain, rval, rds = load_recipe_arrays(_RECIPE_DATA.value, _DATASET.value)
+    # The PyTorch original reads TLP's step features only.
+    train = dataclasses.replace(rtrain, loop_tokens=None)
+    val = dataclasses.replace(rval, loop_tokens=None)
+    hardware = tuple(recipe_config({}).hardware)
   elif smoke:
     train, val, hardware = smoke_split(600, 0), smoke_split(200, 1), ("smoke",)
   else:
-    raise app.UsageError("give --arrays_dir (see --prepare_arrays) or --smoke")
+    raise app.UsageError("give --arrays_dir (see --prepare_arrays), --recipe_data_dir or --smoke")
+  if any(sec.startswith("default_") for sec in _SECTIONS.value) and (
+    _ARRAYS.value or not _RECIPE_DATA.value
+  ):
+    raise app.UsageError("the default_* sections need --recipe_data_dir (and no --arrays_dir)")
   if train.scores.shape[1] != 1:
     raise app.UsageError("use a one-hardware dataset config (the reference has one head)")
 
@@ -959,7 +1246,17 @@ def main(argv):
           b,
           estimate or est_torch,
           functools.partial(
-            run_torch, ref, train, b, p, rows, min_time, repeats, seed, compile_, faithful
+            run_torch,
+            ref,
+            train,
+            b,
+            p,
+            min(rows, 1 << 20),  # the PyTorch step does not depend on the resident rows
+            min_time,
+            repeats,
+            seed,
+            compile_,
+            faithful,
           ),
         )
 
@@ -1014,6 +1311,60 @@ def main(argv):
       jax_runs(
         [batches[0], batches[-1]], precisions[:1], name="jax_mtl2_heads", data=jax_data(heads=2)
       )
+    elif section == "default_recipe":
+      recipe_rows = 4096 if smoke else _RECIPE_ROWS.value
+      t0 = time.time()
+      free_before = train_data.device_data_budget("auto", jax.local_devices()[:1])
+      tiled = TiledData(rtrain, recipe_rows)
+      report.set(
+        "default_recipe_data",
+        {
+          "rows": recipe_rows,
+          "real_train_rows": rtrain.size,
+          "bytes_per_row": tiled.nbytes,
+          "resident_gib": tiled.nbytes * recipe_rows / 2**30,
+          "tile_s": time.time() - t0,
+          "device_data_budget_auto_gib_before_tiling": free_before / 2**30,
+          "device_data_budget_auto_gib_after_tiling": train_data.device_data_budget(
+            "auto", tiled.devices
+          )
+          / 2**30,
+        },
+      )
+      for name in _RECIPE_VARIANTS.value or list(RECIPE_VARIANTS):
+        v = RECIPE_VARIANTS[name]
+        if smoke:
+          v = dataclasses.replace(
+            v, batch=min(v.batch, 256) // 4, task_copies=min(v.task_copies, 2)
+          )
+        if str(v.task_copies) not in _RECIPE_TASK_COPIES.value and not smoke:
+          continue
+        attempt(
+          f"recipe_{name}",
+          "bf16" if v.dtype == "bfloat16" else "tf32",
+          v.batch,
+          est_jax,
+          functools.partial(run_recipe_variant, tiled, v, min_time, repeats, seed),
+          recipe_variant=name,
+        )
+      del tiled
+    elif section == "default_accuracy":
+      runs = []
+      workdir = tempfile.mkdtemp(prefix="recipe_runs_")  # checkpoints: not results
+      for name in _RECIPE_RUNS.value:
+        for sd in _RECIPE_SEEDS.value:
+          if not budget.allows(40.0 if not smoke else 0.5):
+            runs.append({"name": name, "seed": int(sd), "skipped": "time budget"})
+            continue
+          try:
+            runs.append(
+              run_recipe_accuracy(rds, name, int(sd), 1 if smoke else _RECIPE_EPOCHS.value, workdir)
+            )
+          except Exception as e:
+            logging.exception("accuracy run %s failed", name)
+            runs.append({"name": name, "seed": int(sd), "error": f"{type(e).__name__}: {e}"})
+          report.set("default_accuracy", runs)
+          logging.info("%s", runs[-1])
     elif section != "ceilings":
       raise app.UsageError(f"unknown section {section!r}")
 

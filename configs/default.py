@@ -109,9 +109,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Where the training arrays live: "device" (whole train set copied once to every local device,
   # batches gathered there by index), "host" (NumPy gather per step), or "auto" (device when the
-  # arrays fit in ``device_data_max_bytes``).
+  # arrays fit in ``device_data_max_bytes``: a byte count, or "auto" = half of the smallest local
+  # device's free memory as the device reports it, train.data.device_data_budget).
   config.data_placement = "auto"
-  config.device_data_max_bytes = 4 << 30
+  config.device_data_max_bytes = "auto"
 
   config.log_every_steps = 50
   # Validation (and the epoch-end checkpoint) every N epochs and after the last one.

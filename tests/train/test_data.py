@@ -141,3 +141,40 @@ def test_select_heads_drops_rows_without_a_selected_label():
   np.testing.assert_array_equal(got.scores, [[2, 1], [6, 5], [8, 7]])
   np.testing.assert_array_equal(got.mask, [[0, 1], [1, 0], [1, 1]])
   assert got.features.dtype == np.float32 and got.size == 3
+
+
+class _Device:
+  def __init__(self, stats):
+    self.stats = stats
+
+  def memory_stats(self):
+    return self.stats
+
+
+def test_device_data_budget_auto_uses_the_smallest_free_device_memory():
+  devs = [
+    _Device({"bytes_limit": 100 << 30, "bytes_in_use": 4 << 30}),
+    _Device({"bytes_limit": 80 << 30, "bytes_in_use": 0}),
+  ]
+  assert data.device_data_budget("auto", devs) == int(data.AUTO_DEVICE_DATA_FRACTION * (80 << 30))
+  # An explicit byte count is kept as it is.
+  assert data.device_data_budget(4 << 30, devs) == 4 << 30
+
+
+def test_device_data_budget_auto_without_device_stats_uses_host_memory(monkeypatch):
+  monkeypatch.setattr(data, "host_memory_bytes", lambda: 64 << 30)
+  assert data.device_data_budget("auto", [_Device(None)]) == int(
+    data.AUTO_DEVICE_DATA_FRACTION * (64 << 30)
+  )
+  monkeypatch.setattr(data, "host_memory_bytes", lambda: None)
+  with pytest.raises(ValueError, match="set a byte count"):
+    data.device_data_budget("auto", [_Device(None)])
+
+
+def test_device_data_budget_on_jax_devices_and_bad_values():
+  import jax
+
+  assert data.device_data_budget("auto", jax.local_devices()) > 0
+  for bad in ("4GiB", -1, 1.5, True):
+    with pytest.raises(ValueError, match="device_data_max_bytes"):
+      data.device_data_budget(bad, jax.local_devices())

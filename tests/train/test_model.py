@@ -247,3 +247,24 @@ def test_ensemble_is_the_mean_of_independent_members():
   )
   with pytest.raises(ValueError, match="ensemble_size"):
     TLPConfig(ensemble_size=0)
+
+
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_dot_product_attention_path_is_the_same_function(ensemble):
+  """``attention_impl`` other than "einsum" goes through jax.nn.dot_product_attention (its
+  "cudnn" kernel on a GPU); its XLA backend, runnable here, must give the reference's outputs and
+  gradients for the same parameters."""
+  cfg = TLPConfig(**SMALL, ensemble_size=ensemble)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  x = _x(4, cfg)
+
+  def loss(p, impl):
+    return jnp.sum(TLPModel(cfg, attention_impl=impl).apply({"params": p}, x) ** 2)
+
+  ref, ref_grad = jax.value_and_grad(loss)(params, "einsum")
+  got, got_grad = jax.value_and_grad(loss)(params, "xla")
+  np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(got_grad), jax.tree_util.tree_leaves(ref_grad)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="implementation"):
+    TLPModel(cfg, attention_impl="nope").apply({"params": params}, x)

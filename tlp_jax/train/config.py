@@ -113,7 +113,7 @@ class TrainConfig:
   num_epochs: int
   seed: int
   data_placement: str
-  device_data_max_bytes: int
+  device_data_max_bytes: int | str  # bytes, or "auto" (train.data.device_data_budget)
   log_every_steps: int
   eval_every_epochs: int
   checkpoint_every_steps: int

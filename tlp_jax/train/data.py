@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -335,6 +336,62 @@ def host_batch(
 # ---------------------------------------------------------------------------------------------
 # Device placement
 # ---------------------------------------------------------------------------------------------
+
+# ``device_data_max_bytes="auto"``: the resident training arrays may take this fraction of the
+# smallest local device's free memory (the rest is for the step's activations, parameters and
+# optimizer state: ~2 GB at batch 1024 with loop tokens, and it grows with the batch).
+AUTO_DEVICE_DATA_FRACTION = 0.5
+
+
+def device_free_bytes(device: Any) -> int | None:
+  """Free memory the device reports (``memory_stats()``: ``bytes_limit - bytes_in_use``), or
+  None when it reports none (e.g. JAX's CPU devices)."""
+  try:
+    stats = device.memory_stats()
+  except (AttributeError, NotImplementedError, RuntimeError):
+    return None
+  if not stats or "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def host_memory_bytes() -> int | None:
+  """Physical memory of this host (where "device" arrays of CPU devices live), or None."""
+  try:
+    return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def device_data_budget(max_bytes: int | str, devices: Sequence[Any]) -> int:
+  """Bytes of training arrays that ``data_placement="auto"`` puts on every device.
+
+  ``max_bytes``: an explicit byte count, or "auto": ``AUTO_DEVICE_DATA_FRACTION`` of the
+  smallest free memory among ``devices`` (each holds a full copy), from the device's own report;
+  devices that report none (CPU) use the host's physical memory.
+
+  Raises:
+    ValueError: ``max_bytes`` is neither "auto" nor a non-negative integer, or "auto" finds
+      no memory size at all.
+  """
+  if isinstance(max_bytes, str):
+    if max_bytes != "auto":
+      raise ValueError(f"device_data_max_bytes must be 'auto' or a byte count, got {max_bytes!r}")
+    free = [device_free_bytes(d) for d in devices]
+    if any(f is None for f in free):
+      host = host_memory_bytes()
+      if host is None:
+        raise ValueError(
+          "device_data_max_bytes='auto': the devices report no memory size and the host's "
+          "is unknown; set a byte count"
+        )
+      free = [host if f is None else f for f in free]
+    budget = int(AUTO_DEVICE_DATA_FRACTION * min(free))
+    logging.info("device data budget: %.2f GiB per device (auto)", budget / 2**30)
+    return budget
+  if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+    raise ValueError(f"device_data_max_bytes must be 'auto' or a byte count, got {max_bytes!r}")
+  return max_bytes
 
 
 def first_replica(tree: Any) -> Any:

@@ -355,7 +355,8 @@ def _train_and_evaluate(
   step_kwargs = dict(model=model, tx=tx, loss_config=config.loss)
   placement = config.data_placement
   if placement == "auto":
-    placement = "device" if train.nbytes <= config.device_data_max_bytes else "host"
+    budget = data.device_data_budget(config.device_data_max_bytes, devices)
+    placement = "device" if train.nbytes <= budget else "host"
   if placement == "device":
     p_train = jax.pmap(
       functools.partial(

@@ -188,6 +188,10 @@ class SelfAttention(nn.Module):
   dim: int
   heads: int
   dtype: Any = jnp.float32
+  # "einsum": the einsum/softmax below (the reference); otherwise the ``implementation`` of
+  # jax.nn.dot_product_attention ("cudnn": its fused kernel, GPU with bfloat16/float16 only;
+  # "xla"), the same function of q, k, v.
+  implementation: str = "einsum"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -210,10 +214,14 @@ class SelfAttention(nn.Module):
     q = in_proj("query")(x).reshape(b, steps, self.heads, head_dim)
     k = in_proj("key")(x).reshape(b, steps, self.heads, head_dim)
     v = in_proj("value")(x).reshape(b, steps, self.heads, head_dim)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-    logits = logits.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, steps, self.dim)
+    if self.implementation == "einsum":
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+      logits = logits.astype(jnp.float32)
+      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    else:
+      ctx = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    ctx = ctx.reshape(b, steps, self.dim)
     out_bound = 1.0 / math.sqrt(self.dim)
     return nn.Dense(
       self.dim,
@@ -252,6 +260,8 @@ class TLPModel(nn.Module):
   """
 
   config: TLPConfig
+  # SelfAttention.implementation (not a model hyper-parameter: the same function either way).
+  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, x: Array, per_member: bool = False) -> Array:
@@ -264,7 +274,7 @@ class TLPModel(nn.Module):
         in_axes=None,
         out_axes=1,
         axis_size=cfg.ensemble_size,
-      )(dataclasses.replace(cfg, ensemble_size=1), name="members")(x)
+      )(dataclasses.replace(cfg, ensemble_size=1), self.attention_impl, name="members")(x)
       return members if per_member else jnp.mean(members, axis=1)
     scores = self._network(x)
     return scores[:, None, :] if per_member else scores
@@ -287,7 +297,14 @@ class TLPModel(nn.Module):
       h = nn.relu(torch_linear(width, fan_in, dtype, name=f"encoder_{i}")(h))
       fan_in = width
 
-    h = SelfAttention(cfg.hidden_dim, cfg.attention_heads, dtype=dtype, name="attention")(h) + h
+    attention = SelfAttention(
+      cfg.hidden_dim,
+      cfg.attention_heads,
+      dtype=dtype,
+      implementation=self.attention_impl,
+      name="attention",
+    )
+    h = attention(h) + h
     for i in range(cfg.res_blocks):
       h = nn.relu(torch_linear(cfg.hidden_dim, cfg.hidden_dim, dtype, name=f"res_block_{i}")(h)) + h
 
