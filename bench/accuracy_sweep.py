@@ -101,8 +101,6 @@ def make_config(module: str, overrides: dict, data_dir: str, seed: int, also_bes
   """The experiment's ConfigDict for one seed."""
   config = importlib.import_module(f"configs.{module}").get_config()
   config.data_dir = data_dir
-  if "dataset" not in overrides:
-    config.dataset = config.hardware[0] if config.hardware else "all"
   with config.unlocked():
     for key, value in overrides.items():
       node = config
@@ -110,6 +108,13 @@ def make_config(module: str, overrides: dict, data_dir: str, seed: int, also_bes
       for p in path:
         node = node[p]
       node[leaf] = value
+  # One head reads its hardware's own config unless told otherwise; several heads (MTL) keep
+  # the module's joined dataset. Decided after the overrides, which may change the heads.
+  if "dataset" not in overrides:
+    if len(config.hardware) == 1:
+      config.dataset = config.hardware[0]
+    elif not config.hardware:
+      config.dataset = "all"
   config.seed = seed
   # The protocol scores the final parameters, which do not depend on when validation runs:
   # validate (and checkpoint) once, at the end, instead of after every short epoch -- unless

@@ -78,3 +78,18 @@ def test_finetune_arm_starts_each_seed_from_that_seed_of_its_source(
     assert not np.allclose(preds[0], preds[1])  # two seeds, two sources
   finally:
     sources.close()
+
+
+@pytest.mark.parametrize(
+  "name, dataset",
+  [
+    ("default", "epyc-9004"),
+    ("xeon", "xeon-emr-16c"),  # the heads come from an override
+    ("mtl", "all"),  # several heads: the module's joined dataset
+    ("xeon10%_alone", "all"),  # an explicit dataset wins
+  ],
+)
+def test_each_experiment_reads_the_dataset_of_its_heads(name, dataset):
+  module, overrides, _ = accuracy_sweep.EXPERIMENTS[name]
+  config = accuracy_sweep.make_config(module, overrides, "unused", 0, also_best=False)
+  assert config.dataset == dataset
