@@ -1,5 +1,6 @@
 """tlp_jax.train.init_from: fine-tuning from a workdir or an export (configs/test.py, sample)."""
 
+import dataclasses
 import os
 
 import jax
@@ -228,3 +229,28 @@ def test_heads_mode_needs_a_source(new_test_config):
   config.init_mode = "trunk"
   with pytest.raises(ValueError, match="init_mode"):
     config_lib.from_config_dict(config)
+
+
+def test_a_workdir_without_validation_starts_from_its_latest(
+  sample_arrays, new_test_config, tmp_path
+):
+  """An all-data run keeps no best checkpoint: its latest is the source."""
+  arrays = sample_arrays("epyc-9004")
+  empty = type(arrays.validation)(
+    **{
+      f.name: (
+        None
+        if getattr(arrays.validation, f.name) is None
+        else getattr(arrays.validation, f.name)[:0]
+      )
+      for f in dataclasses.fields(arrays.validation)
+    }
+  )
+  config = new_test_config()
+  config.num_epochs = 1
+  source = str(tmp_path / "all_data")
+  loop.train_and_evaluate(config, source, dataset=dataclasses.replace(arrays, validation=empty))
+  loaded = init_from.load_source(source)
+  assert loaded.checkpoint == "latest"
+  want, _ = _params(source, "latest")
+  _assert_tree_equal(loaded.params, want)
