@@ -18,6 +18,12 @@ Each run validates once, at the end (the final parameters do not depend on it), 
 default. GPU kernels are made deterministic before JAX starts (``tlp_jax.train.runtime``), so a
 rerun reproduces a row; ``--nondeterministic_gpu`` leaves XLA's autotuning free.
 
+Fine-tuning arms (``init_from`` = ``@EXPERIMENT``) start each seed from the final model of the
+same seed of another experiment (the source), trained first in a temporary workdir and kept for
+the sweep: e.g. ``xeon10%_finetune_all`` fine-tunes ``epyc_source`` (the default recipe on the
+joined ``all`` config's epyc-9004 labels, so its train/validation/test tasks are those of the
+xeon arms) on 10% of xeon-emr-16c's labels (docs/TRAINING.md, "Fine-tuning").
+
 Usage (GPU recommended; a few seconds per run on an H100 for tenset-mini):
   python -m bench.accuracy_sweep --data_dir DIR --experiments tlp_original,default \
       --seeds 0,1,2,3,4 --out bench/results/accuracy_sweep.json
@@ -36,6 +42,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 
 import numpy as np
@@ -53,6 +60,9 @@ from tlp_jax.train import export, loop, runtime
 KS = (1, 5)
 XEON, EPYC = "xeon-emr-16c", "epyc-9004"
 _XEON_FEW_SHOT = {"hardware": (XEON,), "dataset": "all", "few_shot.fraction": 0.1}
+# An override ``init_from="@NAME"``: start each seed from experiment NAME's model of that seed.
+SOURCE_PREFIX = "@"
+_FROM_EPYC = {**_XEON_FEW_SHOT, "init_from": SOURCE_PREFIX + "epyc_source"}
 
 # name -> (config module, dotted overrides, target hardware).
 EXPERIMENTS = {
@@ -68,6 +78,19 @@ EXPERIMENTS = {
   # Few-shot transfer (MTL-TLP): 10% of xeon's training labels alone vs with all of epyc's.
   "xeon10%_alone": ("default", _XEON_FEW_SHOT, XEON),
   "xeon10%+epyc_mtl": ("mtl", {**_XEON_FEW_SHOT, "hardware": (XEON, EPYC)}, XEON),
+  # xeon alone, all of its labels (the twin of the xeon starter model, docs/MODELS.md).
+  "xeon": ("default", {"hardware": (XEON,)}, XEON),
+  # Fine-tuning (tlp_jax/train/init_from.py) from the epyc-9004 model: the source is the default
+  # recipe on the joined config's epyc labels (same split as the xeon arms).
+  "epyc_source": ("default", {"dataset": "all", "hardware": (EPYC,)}, EPYC),
+  "xeon10%_finetune_all": ("default", {**_FROM_EPYC, "init_mode": "all"}, XEON),
+  "xeon10%_finetune_heads": ("default", {**_FROM_EPYC, "init_mode": "heads"}, XEON),
+  # The epyc model's own head on xeon (one step at learning rate 0: no training).
+  "xeon10%_epyc_zero_shot": (
+    "default",
+    {**_FROM_EPYC, "num_epochs": 1, "optim.learning_rate": 0.0},
+    XEON,
+  ),
 }
 
 
@@ -78,8 +101,6 @@ def make_config(module: str, overrides: dict, data_dir: str, seed: int, also_bes
   """The experiment's ConfigDict for one seed."""
   config = importlib.import_module(f"configs.{module}").get_config()
   config.data_dir = data_dir
-  if "dataset" not in overrides and len(config.hardware) == 1:
-    config.dataset = config.hardware[0]
   with config.unlocked():
     for key, value in overrides.items():
       node = config
@@ -87,6 +108,11 @@ def make_config(module: str, overrides: dict, data_dir: str, seed: int, also_bes
       for p in path:
         node = node[p]
       node[leaf] = value
+  # One head reads its hardware's own config unless told otherwise; several heads (MTL) keep
+  # the module's joined dataset, and no heads (= the dataset's hardware) keep the module's
+  # dataset. Decided after the overrides, which may change the heads.
+  if "dataset" not in overrides and len(config.hardware) == 1:
+    config.dataset = config.hardware[0]
   config.seed = seed
   # The protocol scores the final parameters, which do not depend on when validation runs:
   # validate (and checkpoint) once, at the end, instead of after every short epoch -- unless
@@ -187,6 +213,44 @@ def _scores(params, predict, head: int, data: EvalData, tokens: bool) -> tuple[d
   return row, np.concatenate(batches)
 
 
+class Sources:
+  """The fine-tuning sources of a sweep: experiment ``name``'s model of ``seed``, trained once
+  into a temporary workdir that lives as long as this object (``close``)."""
+
+  def __init__(self, data_dir: str, arrays_cache: dict):
+    self._root = tempfile.mkdtemp(prefix="sweep_sources_")
+    self._data_dir = data_dir
+    self._arrays_cache = arrays_cache
+    self._workdirs: dict[tuple[str, int], str] = {}
+    self.train_wall_s: dict[str, list[float]] = {}
+
+  def workdir(self, name: str, seed: int) -> str:
+    """The workdir of ``name``'s final model of ``seed`` (trained on first use)."""
+    key = (name, seed)
+    if key not in self._workdirs:
+      module, overrides, _ = EXPERIMENTS[name]
+      if str(overrides.get("init_from", "")).startswith(SOURCE_PREFIX):
+        raise SystemExit(f"source experiment {name} is itself a fine-tuning arm")
+      config = make_config(module, overrides, self._data_dir, seed, False)
+      arrays = _arrays(self._arrays_cache, self._data_dir, config.dataset)
+      workdir = os.path.join(self._root, f"{name}_{seed}")
+      wall: dict = {}
+      with common.timed(wall, "train"):
+        loop.train_and_evaluate(config, workdir, dataset=arrays)
+      self.train_wall_s.setdefault(name, []).append(wall["train"])
+      self._workdirs[key] = workdir
+    return self._workdirs[key]
+
+  def close(self) -> None:
+    shutil.rmtree(self._root, ignore_errors=True)
+
+
+def _arrays(arrays_cache: dict, data_dir: str, dataset: str):
+  if dataset not in arrays_cache:
+    arrays_cache[dataset] = loader.load_arrays(data_dir, dataset)
+  return arrays_cache[dataset]
+
+
 def run_seed(config, arrays, target: str, splits: dict[str, EvalData], also_best: bool) -> dict:
   """Trains one seed in a temporary workdir; its validation and test rows (and test preds)."""
   with tempfile.TemporaryDirectory() as workdir:
@@ -221,15 +285,21 @@ def run_experiment(
   arrays_cache: dict,
   save_preds_dir: str | None = None,
   also_best: bool = False,
+  sources: Sources | None = None,
 ) -> dict:
-  """Trains ``name`` once per seed; returns per-seed and aggregate top-k."""
+  """Trains ``name`` once per seed; returns per-seed and aggregate top-k.
+
+  ``sources``: where a fine-tuning arm (``init_from="@SOURCE"``) gets its source models.
+  """
   module, overrides, target = EXPERIMENTS[name]
+  source = str(overrides.get("init_from", ""))
+  source = source[len(SOURCE_PREFIX) :] if source.startswith(SOURCE_PREFIX) else None
   per_seed = []
   for seed in seeds:
     config = make_config(module, overrides, data_dir, seed, also_best)
-    if config.dataset not in arrays_cache:
-      arrays_cache[config.dataset] = loader.load_arrays(data_dir, config.dataset)
-    arrays = arrays_cache[config.dataset]
+    if source is not None:
+      config.init_from = sources.workdir(source, seed)
+    arrays = _arrays(arrays_cache, data_dir, config.dataset)
     splits = {s: eval_data(arrays, target, s) for s in ("validation", "test")}
     if few_shot_alone(config):
       arrays, config = labelled_rows_only(arrays, config)
@@ -258,6 +328,7 @@ def run_experiment(
   out = {
     "config_module": f"configs/{module}.py",
     "overrides": dict(overrides),
+    "source": source,
     "model_config": per_seed[0].pop("model_config"),
     "target": target,
     "seeds": seeds,
@@ -354,22 +425,28 @@ def main() -> None:
     raise SystemExit(f"unknown experiments {unknown}; known: {', '.join(EXPERIMENTS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
   extra = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-  for name in names:
-    module, overrides, target = EXPERIMENTS[name]
+  # Every experiment, sources of fine-tuning arms included, gets the extra overrides.
+  for name, (module, overrides, target) in list(EXPERIMENTS.items()):
     EXPERIMENTS[name] = (module, {**overrides, **extra}, target)
   results = {}
   if os.path.exists(args.out):  # resume: keep finished experiments
     with open(args.out) as f:
       results = json.load(f).get("experiments", {})
   arrays_cache: dict = {}
-  for name in names:
-    if name in results and results[name]["seeds"] == seeds:
-      continue
-    results[name] = run_experiment(
-      name, args.data_dir, seeds, arrays_cache, args.save_preds, args.also_best
-    )
-    common.write_json(args.out, {**common.device_info(), "experiments": results}, announce=False)
-    print(format_table({name: results[name]}).splitlines()[-1], flush=True)
+  sources = Sources(args.data_dir, arrays_cache)
+  try:
+    for name in names:
+      if name in results and results[name]["seeds"] == seeds:
+        continue
+      results[name] = run_experiment(
+        name, args.data_dir, seeds, arrays_cache, args.save_preds, args.also_best, sources
+      )
+      if results[name]["source"]:
+        results[name]["source_train_wall_s"] = sources.train_wall_s.get(results[name]["source"])
+      common.write_json(args.out, {**common.device_info(), "experiments": results}, announce=False)
+      print(format_table({name: results[name]}).splitlines()[-1], flush=True)
+  finally:
+    sources.close()
   print(format_table(results))
   print(f"wrote {args.out}")
 

@@ -54,6 +54,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.few_shot = ml_collections.ConfigDict()
   config.few_shot.num_labels = -1
   config.few_shot.fraction = 1.0
+  # Fine-tuning (tlp_jax/train/init_from.py): start from a trained model, a training workdir
+  # (its best checkpoint, else its latest) or an exported .npz; "" = random initialisation.
+  # Same config.model and feature layout as the source; a head for a hardware the source lacks
+  # starts as a copy of the source's first head. init_mode "all": every parameter trains;
+  # "heads": the trunk stays frozen at the source's values and only the heads train.
+  config.init_from = ""
+  config.init_mode = "all"
 
   config.model = get_model_config()
   # This project's default (issue 5, docs/ACCURACY.md): log-scaled numeric fields.

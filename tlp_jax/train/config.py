@@ -36,6 +36,8 @@ BATCH_ORDERS = ("random", "by_task")
 DATA_PLACEMENTS = ("auto", "device", "host")
 # Values of jax.default_matmul_precision for config.matmul_precision.
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+# config.init_mode (tlp_jax/train/init_from.py): what trains when starting from config.init_from.
+INIT_MODES = ("all", "heads")
 
 # Resuming a run (a rerun into a workdir that holds one) compares the config with the run's
 # recorded ``train_config.json``, field by field (dotted names). These fields do not change what
@@ -101,6 +103,8 @@ class TrainConfig:
   dataset: str
   hardware: tuple[str, ...]
   few_shot: FewShotConfig
+  init_from: str
+  init_mode: str
   model: model_lib.TLPConfig
   loop_tokens: str
   loss: losses.LossConfig
@@ -126,6 +130,9 @@ class TrainConfig:
     _check_choice("batch_order", self.batch_order, BATCH_ORDERS)
     _check_choice("data_placement", self.data_placement, DATA_PLACEMENTS)
     _check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
+    _check_choice("init_mode", self.init_mode, INIT_MODES)
+    if self.init_mode == "heads" and not self.init_from:
+      raise ValueError('config.init_mode="heads" trains only the heads: it needs config.init_from')
     for name in (
       "batch_size",
       "eval_batch_size",

@@ -39,7 +39,7 @@ import tqdm
 
 from data_pipelines import loader
 from tlp_jax.core import metrics
-from tlp_jax.train import checkpoints, data, optimizer, runtime
+from tlp_jax.train import checkpoints, data, init_from, optimizer, runtime
 from tlp_jax.train import config as config_lib
 from tlp_jax.train import model as model_lib
 from tlp_jax.train import step as step_lib
@@ -288,6 +288,14 @@ def _train_and_evaluate(
   tx, schedule = optimizer.make_optimizer(
     config.optim, steps_per_epoch, total_steps, model_config.ensemble_size
   )
+  tx = init_from.wrap_optimizer(tx, config.init_mode)
+  # A source to start from is checked before the workdir is touched (init_from.py).
+  source = None
+  if config.init_from:
+    source = init_from.load_source(config.init_from)
+    init_from.check_compatible(
+      source, model_config, data.dataset_meta(dataset, hardware, loop_tokens)
+    )
 
   # A workdir belongs to one run: refuse to mix runs (a different model or data would make
   # the checkpoints meaningless; different settings would resume into a hybrid). The training
@@ -346,6 +354,8 @@ def _train_and_evaluate(
       meta["step_in_epoch"],
       steps_per_epoch,
     )
+  elif source is not None:
+    state = init_from.initial_state(source, state, tx, model_config, hardware)
   start_step = int(state.step)
   # Recorded once every guard has passed (the checkpoint's run identity too), so a refused run
   # leaves no trace.
