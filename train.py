@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipelines import loader
-from tlp_jax.train import checkpoints, loop, runtime
+from tlp_jax.train import checkpoints, init_from, loop, runtime
 from tlp_jax.train import config as config_lib
 
 FLAGS = flags.FLAGS
@@ -32,7 +32,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors a user makes and fixes (a config field, the data dir, the workdir of another run):
 # one line, no traceback.
-_USER_ERRORS = (config_lib.ConfigError, loader.DatasetNotFoundError, checkpoints.CheckpointError)
+_USER_ERRORS = (
+  config_lib.ConfigError,
+  loader.DatasetNotFoundError,
+  checkpoints.CheckpointError,
+  init_from.InitFromError,
+)
 
 
 def _fail(message: str) -> None:

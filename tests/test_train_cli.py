@@ -42,6 +42,7 @@ def _one_line_error(done):
     (["--config.batch_order=by_net"], "config.batch_order must be one of"),
     ([], "config.data_dir is empty: pass --config.data_dir=DATA_DIR"),
     (["--config.data_dir=/nonexistent/tlp"], "config.data_dir='/nonexistent/tlp' does not exist"),
+    (["--config.init_mode=heads"], 'config.init_mode="heads" trains only the heads'),
   ],
 )
 def test_config_errors_are_one_line(args, want, tmp_path):
@@ -62,3 +63,16 @@ def test_unknown_dataset_and_hardware_are_one_line(built_sample_dataset, tmp_pat
     )
   )
   assert "config.hardware ['foo']" in line
+
+
+def test_a_bad_init_from_source_is_one_line(built_sample_dataset, tmp_path):
+  bad = tmp_path / "bad.npz"
+  bad.write_bytes(b"not a zip file")
+  line = _one_line_error(
+    _train(
+      f"--config.data_dir={built_sample_dataset}",
+      f"--config.init_from={bad}",
+      tmp_path=tmp_path,
+    )
+  )
+  assert "init_from" in line and "bad.npz" in line

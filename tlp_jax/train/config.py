@@ -132,7 +132,7 @@ class TrainConfig:
     _check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
     _check_choice("init_mode", self.init_mode, INIT_MODES)
     if self.init_mode == "heads" and not self.init_from:
-      raise ValueError('config.init_mode="heads" trains only the heads: it needs config.init_from')
+      raise ConfigError('config.init_mode="heads" trains only the heads: it needs config.init_from')
     for name in (
       "batch_size",
       "eval_batch_size",
