@@ -379,8 +379,10 @@ def test_loop_token_model_scores_states_with_no_tvm_call_per_state(
   assert model.timing_summary()["states_failed"] == 0
   # The same scores as the NumPy predictor on the same steps, with the embedded skeleton.
   want = pred.predict_steps(steps, workload_key=task.workload_key)
-  np.testing.assert_array_equal(second, want)
-  np.testing.assert_array_equal(first, want[:8])
+  # Equal up to float32 rounding: the predictor packs a batch's distinct rows into matrices whose
+  # size depends on the batch, and BLAS may sum in another order for another size.
+  np.testing.assert_allclose(second, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(first, want[:8], rtol=1e-5, atol=1e-6)
   assert np.unique(want).size > 1
   # The tokens are read: other tokens, other scores.
   tokens = pred.loop_tokens_of(steps, workload_key=task.workload_key)
@@ -411,7 +413,7 @@ def test_a_state_whose_replay_fails_gets_the_lowest_score(sample_conv_task, tmp_
   monkeypatch.setattr(model2.predictor, "loop_tokens_of", flaky)
   got = model2.predict(task, states)
   ok = np.arange(len(states)) != 2
-  np.testing.assert_array_equal(got[ok], good[ok])
+  np.testing.assert_allclose(got[ok], good[ok], rtol=1e-5, atol=1e-6)  # other batch: rounding
   assert got[2] == got[ok].min()
   assert model2.timing_summary()["states_failed"] == 1
   # That score depends on its batch, so it is not cached: alone, the state is replayed again.
