@@ -739,6 +739,51 @@ class Predictor:
       self.featurize_steps(steps_list), hw=hw, batch_size=batch_size, loop_tokens=tokens
     )
 
+  def embed(
+    self,
+    features: np.ndarray,
+    hw: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    loop_tokens: np.ndarray | None = None,
+  ) -> np.ndarray:
+    """``(B, members * d)`` float32 program embeddings: the inputs of head ``hw``'s last
+    (linear) decoder layer, summed over each program's rows, members side by side over the
+    member count. With ``w, c = last_layer(hw)``, ``embed(...) @ w + c == predict(...)`` up to
+    float rounding; online updates refit ``w`` on them (``tlp_jax.core.online``). Arguments
+    as :meth:`predict`."""
+    if hw == ALL_HEADS:
+      raise PredictorError("embed is per head: pass one hardware name or None")
+    head = np.array([self.head_index(hw)])
+    length, width = self.step_crop if self.reads_loop_tokens else (self.seq_len, self.feature_dim)
+    x = np.asarray(features)
+    if x.ndim != 3 or x.shape[1] < length or x.shape[2] < width:
+      raise PredictorError(
+        f"features must be (batch, >={length} steps, >={width} values), got shape {x.shape}"
+      )
+    x = x[:, :length, :width]
+    _check_finite_rows(x, "features")
+    tokens = self._check_tokens(loop_tokens, x.shape[0])
+    if tokens is not None:
+      _check_finite_rows(tokens, "loop_tokens")
+    parts = []
+    for start in range(0, x.shape[0], batch_size):
+      chunk = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
+      if tokens is not None:
+        chunk = _loop_tokens.model_input(chunk, tokens[start : start + batch_size])
+      parts.append(self._forward(chunk, head, embed=True))
+    dim = sum(m.decoder[-1][0].shape[1] for m in self._members)
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+  def last_layer(self, hw: str | None = None) -> tuple[np.ndarray, float]:
+    """``(w, c)`` of head ``hw``'s last decoder layer over :meth:`embed`'s columns: ``w`` the
+    members' kernels side by side (float64, ``(members * d,)``), ``c`` the score offset (the
+    bias counted once per input row, averaged over members)."""
+    head = self.head_index(hw)
+    rows = self.crop[0] if self.reads_loop_tokens else self.seq_len
+    w = np.concatenate([m.decoder[-1][0][head, :, 0] for m in self._members]).astype(np.float64)
+    c = float(np.mean([m.decoder[-1][1][head, 0] for m in self._members])) * rows
+    return w, c
+
   # ---- internals -------------------------------------------------------------------------------
 
   def _get_featurizer(self):
@@ -754,16 +799,18 @@ class Predictor:
       self._featurizer = _features.Featurizer(self.platform, crop=self.step_crop, vocab=vocab)
     return self._featurizer
 
-  def _forward(self, x: np.ndarray, heads: np.ndarray) -> np.ndarray:
-    """(B, L, E) float32 -> (B, len(heads)); the row dedup is explained in the module doc."""
+  def _forward(self, x: np.ndarray, heads: np.ndarray, embed: bool = False) -> np.ndarray:
+    """(B, L, E) float32 -> (B, len(heads)); the row dedup is explained in the module doc.
+    ``embed``: (B, members * d) inputs of the last decoder layer instead (see ``embed``)."""
     unique_rows, inverse, groups = self._pack(x)
-    y = None
-    for weights in self._members:  # an ensemble scores with the mean of its members
-      y_member = self._rows_forward(weights, unique_rows, inverse, groups, heads)
-      y = y_member if y is None else y + y_member
+    ys = [  # an ensemble scores with the mean of its members
+      self._rows_forward(weights, unique_rows, inverse, groups, heads, embed)
+      for weights in self._members
+    ]
+    y = np.concatenate(ys, axis=-1) if embed else sum(ys[1:], ys[0])
     if len(self._members) > 1:
       y /= np.float32(len(self._members))
-    out = np.zeros((x.shape[0], len(heads)), np.float32)
+    out = np.zeros((x.shape[0], y.shape[-1]), np.float32)
     r = 0
     for idx, m, _, weights in groups:
       rows = len(idx) * m
@@ -842,8 +889,10 @@ class Predictor:
     inverse: np.ndarray,
     groups: list,
     heads: np.ndarray,
+    embed: bool = False,
   ) -> np.ndarray:
-    """One member's per-row decoder outputs ``(R, len(heads))`` of the packed rows."""
+    """One member's per-row decoder outputs ``(R, len(heads))`` of the packed rows (``embed``:
+    the inputs of its last decoder layer, ``(R, d)``)."""
     h_u = self._encode(w, unique_rows)
     qkv_u = h_u @ w.qkv_w
     qkv_u += w.qkv_b
@@ -856,7 +905,7 @@ class Predictor:
       ctx[r : r + rows] = self._attend(qkv[r : r + rows], len(idx), m, key_bias)
       r += rows
     h = self._trunk_rows_post(w, h, ctx)
-    return self._decode(w, h, heads)
+    return self._decode(w, h, heads, embed)
 
   def _encode(self, w: _MemberWeights, h: np.ndarray) -> np.ndarray:
     """Input norm + encoder over rows (R, E) -> (R, D)."""
@@ -898,8 +947,19 @@ class Predictor:
       h = t
     return h
 
-  def _decode(self, w: _MemberWeights, h: np.ndarray, heads: np.ndarray) -> np.ndarray:
-    """Per-row decoder outputs of the selected heads: (R, D) -> (R, len(heads))."""
+  def _decode(
+    self, w: _MemberWeights, h: np.ndarray, heads: np.ndarray, embed: bool = False
+  ) -> np.ndarray:
+    """Per-row decoder outputs of the selected heads: (R, D) -> (R, len(heads)); ``embed``
+    (one head): the inputs of its last layer (R, d)."""
+    if embed:
+      layers = w.decoder[:-1]
+      y = h[None]
+      for i, (kernel, bias) in enumerate(layers):
+        if i:
+          np.maximum(y, 0, out=y)
+        y = np.matmul(y, kernel[heads]) + bias[heads][:, None, :]
+      return np.maximum(y[0], 0) if layers else y[0]
     num_all = self.num_heads
     d0 = w.decoder[0][0].shape[-1]
     if len(heads) == num_all:
