@@ -473,3 +473,154 @@ def test_ansor_search_with_a_loop_token_model(sample_conv_task, tmp_path):
   best = policy.evolutionary_search(policy.sample_initial_population(), 4)
   assert len(best) == 4 and sum(c.num_states for c in model.calls) >= 32
   assert model.timing_summary()["states_failed"] == 0
+
+
+def _tiny_step_model(tmp_path, seed=0):
+  """A small random step-token export (its own file), and its Predictor."""
+  cfg = model_lib.TLPConfig(
+    feature_dim=22,
+    seq_len=25,
+    encoder_dims=(16, 16),
+    attention_heads=2,
+    res_blocks=1,
+    decoder_dims=(16, 8, 1),
+    input_norm="log1p",
+  )
+  params = model_lib.TLPModel(cfg).init(
+    jax.random.PRNGKey(seed), np.zeros((1, 25, 22), np.float32)
+  )["params"]
+  path = str(tmp_path / f"step_model_{seed}.npz")
+  export.save_npz(
+    path,
+    params,
+    cfg,
+    hardware=["hw"],
+    platform="llvm",
+    crop=(25, 22),
+    vocab_json=features.Vocabulary.original("llvm").to_json(),
+    step=0,
+  )
+  return path
+
+
+def _kendall(a, b):
+  """Kendall's tau of two score vectors (no ties expected)."""
+  s = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])
+  n = len(a)
+  return s[np.triu_indices(n, 1)].sum() / (n * (n - 1) / 2)
+
+
+def _results(costs):
+  from tvm import auto_scheduler
+
+  return [
+    auto_scheduler.MeasureResult([float(c)], 0, "", 0, 0)
+    if np.isfinite(c)
+    else auto_scheduler.MeasureResult([1e10], 4, "run error", 0, 0)
+    for c in costs
+  ]
+
+
+@needs_tvm
+@pytest.mark.parametrize("tokens", [False, True])
+def test_online_update_learns_this_machines_ranking(
+  matmul_task, sample_conv_task, tmp_path, tokens
+):
+  """Before any update the online model scores as the frozen one; after updates on
+  measurements that rank the states against the model, its ranking follows the measurements;
+  failed measurements are counted, not used; the refit is deterministic."""
+  from tvm import auto_scheduler
+
+  if tokens:
+    task = sample_conv_task
+    path = _token_export(tmp_path, {task.workload_key: skeleton_extract.skeleton_from_task(task)})
+  else:
+    task, path = matmul_task, _tiny_step_model(tmp_path)
+  states = _states(task, n=24, seed=7)
+  frozen = tvm_cost_model.TLPCostModel(path, score_transform="identity")
+  cfg = tvm_cost_model.CostModelConfig(
+    score_transform="identity",
+    update="online",
+    online_config=tvm_cost_model.online.OnlineConfig(l2=0.01),
+  )
+  model = tvm_cost_model.TLPCostModel(path, cfg)
+  before = model.predict(task, states)
+  np.testing.assert_allclose(before, frozen.predict(task, states), rtol=1e-4, atol=1e-4)
+  # This machine disagrees with the model: the states it scores highest are the slowest.
+  costs = 1e-3 * 1.2 ** np.argsort(np.argsort(before, kind="stable"))
+  costs[3] = np.inf  # a failed run
+  inputs = [auto_scheduler.MeasureInput(task, s) for s in states]
+  model.update(inputs[:12], _results(costs[:12]))
+  model.update(inputs[12:], _results(costs[12:]))
+  model.update(inputs[:2], _results(costs[:2]))  # measured again: not added twice
+  after = model.predict(task, states)  # cached embeddings, re-scored with the new layer
+  ok = np.isfinite(costs)
+  assert _kendall(before[ok], -costs[ok]) < -0.8
+  assert _kendall(after[ok], -costs[ok]) > 0.5, _kendall(after[ok], -costs[ok])
+  assert [u.added for u in model.updates] == [11, 12, 0]
+  assert [u.failed for u in model.updates] == [1, 0, 0] and model.updates[-1].buffer == 23
+  assert model.timing_summary()["update_errors"] == 0
+  # Deterministic: the same measurements give the same scores; the frozen model never moved.
+  twin = tvm_cost_model.TLPCostModel(path, cfg)
+  twin.predict(task, states)
+  for lo, hi in ((0, 12), (12, 24), (0, 2)):
+    twin.update(inputs[lo:hi], _results(costs[lo:hi]))
+  np.testing.assert_array_equal(twin.predict(task, states), after)
+  # Another cache history only changes float rounding (BLAS over other batch shapes).
+  other = tvm_cost_model.TLPCostModel(path, cfg)
+  other.predict(task, states[:5])
+  for lo, hi in ((0, 12), (12, 24), (0, 2)):
+    other.update(inputs[lo:hi], _results(costs[lo:hi]))
+  np.testing.assert_allclose(other.predict(task, states), after, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(frozen.predict(task, states), frozen.predict(task, states))
+  frozen.update(inputs, _results(costs))  # update="none" (the default): nothing changes
+  np.testing.assert_allclose(frozen.predict(task, states), before, rtol=1e-4, atol=1e-4)
+
+
+@needs_tvm
+def test_an_online_update_that_fails_never_reaches_the_tuner(matmul_task, tmp_path, monkeypatch):
+  from tvm import auto_scheduler
+
+  model = tvm_cost_model.TLPCostModel(_tiny_step_model(tmp_path), update="online")
+  states = _states(matmul_task, n=6)
+  before = model.predict(matmul_task, states)
+
+  def broken(*args, **kwargs):
+    raise np.linalg.LinAlgError("singular")
+
+  monkeypatch.setattr(tvm_cost_model.online, "fit", broken)
+  inputs = [auto_scheduler.MeasureInput(matmul_task, s) for s in states]
+  model.update(inputs, _results(np.arange(1, 7) * 1e-3))
+  assert model.updates[-1].error == "LinAlgError: singular"
+  assert model.timing_summary()["update_errors"] == 1
+  np.testing.assert_array_equal(model.predict(matmul_task, states), before)
+
+
+@needs_tvm
+def test_update_mode_and_online_needs_a_real_predictor():
+  with pytest.raises(ValueError, match="unknown update 'always'"):
+    tvm_cost_model.TLPCostModel(FakePredictor(), update="always")
+  with pytest.raises(TypeError, match="update='online'"):
+    tvm_cost_model.TLPCostModel(FakePredictor(), update="online")
+  with pytest.raises(TypeError, match="unexpected keyword"):
+    tvm_cost_model.TLPCostModel(FakePredictor(), updates="online")
+
+
+@needs_tvm
+def test_pretrained_by_name_and_spec(matmul_task, tmp_path, monkeypatch):
+  """TLPCostModel.pretrained(NAME) and "pretrained:NAME" load the packaged model; an unknown
+  name fails at construction, listing the shipped ones."""
+  from tlp_jax.core import pretrained
+
+  folder = tmp_path / "pkg"
+  folder.mkdir()
+  os.replace(_tiny_step_model(tmp_path), folder / "tiny-cpu.npz")
+  monkeypatch.setattr(pretrained, "package_dir", lambda: folder)
+  states = _states(matmul_task, n=4)
+  want = tvm_cost_model.TLPCostModel(str(folder / "tiny-cpu.npz")).predict(matmul_task, states)
+  by_name = tvm_cost_model.TLPCostModel.pretrained("tiny-cpu")
+  np.testing.assert_array_equal(by_name.predict(matmul_task, states), want)
+  by_spec = tvm_cost_model.TLPCostModel("pretrained:tiny-cpu")
+  np.testing.assert_array_equal(by_spec.predict(matmul_task, states), want)
+  with pytest.raises(pretrained.PretrainedError, match="available: tiny-cpu"):
+    tvm_cost_model.TLPCostModel.pretrained("epyc-9004")

@@ -18,8 +18,11 @@ templates), so no native code runs per state and nothing per state can abort the
 whose replay fails (never seen on the sample or tenset-mini) gets the lowest score of its batch
 and a warning, instead of an exception inside TVM's callback.
 
-``update`` is a no-op, as in the original TLP integration (its ``TLPModel.update`` does nothing):
-the model is trained offline on TenSet-style records and is not refit during tuning.
+``update`` is a no-op by default (``update="none"``), as in the original TLP integration (its
+``TLPModel.update`` does nothing): the model is trained offline on TenSet-style records. With
+``update="online"`` every ``update(inputs, results)`` refits the last decoder layer on the
+measurements of this tuning run, ranked within each task (``tlp_jax.core.online``: NumPy,
+deterministic, bounded per round); it can never raise into the tuner.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from tlp_jax.core import features
+from tlp_jax.core import features, online, pretrained
 from tlp_jax.core import predictor as npred
 from tlp_jax.tvm import skeleton_extract, tvm_import
 
@@ -109,13 +112,36 @@ class CostModelConfig:
     batch_size: states featurised and predicted per chunk (bounds peak memory).
     cache_size: predictions memoised by serialised steps (Ansor re-scores the same states across
       evolution iterations); 0 disables the cache. Predictions are deterministic, so caching
-      never changes a score.
+      never changes a score (with online updates the cache holds embeddings, and scores are
+      recomputed from them with the current last layer).
+    update: a key of ``UPDATE_MODES``: "none" (the original: ``update`` does nothing) or
+      "online" (``update`` refits the last decoder layer on the run's measurements).
+    online_config: options of the online refit (``tlp_jax.core.online.OnlineConfig``).
   """
 
   hardware: str | None = None
   score_transform: str = "softplus"
   batch_size: int = 4096
   cache_size: int = 200_000
+  update: str = "none"
+  online_config: online.OnlineConfig = online.OnlineConfig()
+
+
+# "none": TLP's original (the model is frozen); "online": refit the last layer every update().
+UPDATE_MODES = ("none", "online")
+
+
+@dataclasses.dataclass
+class UpdateCall:
+  """One ``update`` call with ``update="online"``: what it added and what the refit used."""
+
+  measurements: int  # results given
+  added: int  # valid measurements added to the buffer
+  failed: int  # measurements with an error (left out, counted here)
+  buffer: int  # valid measurements of this run so far
+  pairs: int  # within-task pairs the refit used
+  seconds: float
+  error: str = ""  # an exception caught (the previous last layer is kept)
 
 
 @dataclasses.dataclass
@@ -139,26 +165,40 @@ class TLPCostModel(_python_based_model()):
 
   Args:
     predictor: an exported model's path (``.npz``, loaded here so a bad file fails before
-      tuning starts) or a ``tlp_jax.core.predictor.Predictor`` (anything with ``platform`` and
-      ``predict_steps(list_of_step_lists, hw=None) -> (N,)``).
+      tuning starts), ``"pretrained:NAME"`` (a starter model of the package,
+      ``tlp_jax.core.pretrained``), or a ``tlp_jax.core.predictor.Predictor`` (anything with
+      ``platform`` and ``predict_steps(list_of_step_lists, hw=None) -> (N,)``; online updates
+      need a real ``Predictor``).
     config: ``CostModelConfig``.
+    **overrides: fields of ``config`` to replace, e.g. ``TLPCostModel(path, update="online")``.
 
   Raises:
     ImportError: TVM is not installed.
-    FileNotFoundError, tlp_jax.core.predictor.PredictorError: the model file is missing or bad.
-    ValueError: a bad config.
+    FileNotFoundError, tlp_jax.core.predictor.PredictorError,
+    tlp_jax.core.pretrained.PretrainedError: the model file or name is missing or bad.
+    ValueError, TypeError: a bad config.
   """
 
-  def __init__(self, predictor, config: CostModelConfig = CostModelConfig()):
+  def __init__(self, predictor, config: CostModelConfig = CostModelConfig(), **overrides):
     tvm_import.require_tvm()
+    if overrides:
+      config = dataclasses.replace(config, **overrides)
     if isinstance(predictor, (str, os.PathLike)):
-      predictor = npred.Predictor.load(predictor)
+      predictor = pretrained.load_spec(predictor)
     if not callable(getattr(predictor, "predict_steps", None)):
       raise TypeError(f"expected a model path or a Predictor, got {type(predictor).__name__}")
     if config.score_transform not in SCORE_TRANSFORMS:
       raise ValueError(
         f"unknown score_transform {config.score_transform!r}; "
         f"choose one of {sorted(SCORE_TRANSFORMS)}"
+      )
+    if config.update not in UPDATE_MODES:
+      raise ValueError(f"unknown update {config.update!r}; choose one of {list(UPDATE_MODES)}")
+    self._online = config.update == "online"
+    if self._online and not isinstance(predictor, npred.Predictor):
+      raise TypeError(
+        "update='online' refits the last layer of a tlp_jax.core.predictor.Predictor, "
+        f"got {type(predictor).__name__}"
       )
     hardware = getattr(predictor, "hardware", None)
     if (
@@ -179,15 +219,96 @@ class TLPCostModel(_python_based_model()):
     # Tasks scored without loop tokens because no skeleton could be had (warned once each).
     self.tasks_without_skeleton: set[str] = set()
     self.calls: list[PredictCall] = []
+    self.updates: list[UpdateCall] = []
+    if self._online:
+      # score = phi . (w + dw) + c; dw is refit by update() on the measurements of this run.
+      self._w, self._c = predictor.last_layer(config.hardware)
+      self._dw = np.zeros_like(self._w)
+      self._buffer: dict[str, list] = {"phi": [], "group": [], "cost": []}
+      self._measured: set[bytes] = set()  # (task, steps) already in the buffer
 
   @classmethod
-  def from_npz(cls, path: str, config: CostModelConfig = CostModelConfig()) -> TLPCostModel:
+  def from_npz(
+    cls, path: str, config: CostModelConfig = CostModelConfig(), **overrides
+  ) -> TLPCostModel:
     """Loads an exported ``.npz`` model with ``npred.Predictor.load``."""
-    return cls(npred.Predictor.load(path), config)
+    return cls(npred.Predictor.load(path), config, **overrides)
+
+  @classmethod
+  def pretrained(
+    cls, name: str, config: CostModelConfig = CostModelConfig(), **overrides
+  ) -> TLPCostModel:
+    """A starter model shipped with the package (``tlp_jax.core.pretrained.available()``);
+    an unknown name raises ``PretrainedError`` listing them."""
+    return cls(pretrained.load(name), config, **overrides)
 
   def update(self, inputs, results):
-    """No-op, as in the original TLP integration: the model is trained offline."""
-    del inputs, results
+    """``update="none"``: nothing, as in the original TLP integration. ``"online"``: adds the
+    valid measurements to this run's buffer and refits the last layer on all of them, ranked
+    within each task (``tlp_jax.core.online.fit``). Never raises into the tuner: an error is
+    logged, counted in ``updates``, and the previous last layer kept."""
+    if not self._online:
+      return
+    t0 = time.perf_counter()
+    call = UpdateCall(len(inputs), 0, 0, 0, 0, 0.0)
+    try:
+      self._add_measurements(inputs, results, call)
+      buf = self._buffer
+      if call.added:
+        phi = np.concatenate(buf["phi"])
+        dw, stats = online.fit(
+          phi,
+          phi @ self._w,
+          np.concatenate(buf["group"]),
+          np.concatenate(buf["cost"]),
+          self.config.online_config,
+        )
+        self._dw = dw
+        call.pairs = stats.pairs
+      call.buffer = int(sum(len(g) for g in buf["group"]))
+    except Exception as e:  # never into TVM's callback
+      call.error = f"{type(e).__name__}: {e}"
+      logging.warning("online update failed (%s); the model keeps its last layer", call.error)
+    call.seconds = time.perf_counter() - t0
+    self.updates.append(call)
+
+  def _add_measurements(self, inputs, results, call: UpdateCall) -> None:
+    """Embeddings and mean costs of the valid, new measurements, appended per task."""
+    _, serialize = _measure_api()
+    by_task: dict[str, tuple[Any, list[bytes], list[float]]] = {}
+    for inp, res in zip(inputs, results):
+      costs = [float(c) for c in res.costs]
+      if int(res.error_no) != 0 or not costs or not np.isfinite(np.mean(costs)):
+        call.failed += 1
+        continue
+      key = serialize(inp).encode()
+      if key in self._measured:
+        continue
+      self._measured.add(key)
+      task = inp.task
+      entry = by_task.setdefault(task.workload_key, (task, [], []))
+      entry[1].append(key)
+      entry[2].append(float(np.mean(costs)))
+    for wkey, (task, keys, costs) in by_task.items():
+      phi, failed = self._embed(task, [orjson.loads(k)[1][1] for k in keys])
+      ok = np.ones(len(keys), bool)
+      ok[failed] = False
+      call.failed += int((~ok).sum())
+      self._buffer["phi"].append(phi[ok])
+      self._buffer["group"].append(np.full(int(ok.sum()), wkey, dtype=object))
+      self._buffer["cost"].append(np.asarray(costs)[ok])
+      call.added += int(ok.sum())
+
+  def _embed(self, task, steps: list) -> tuple[np.ndarray, list[int]]:
+    """``Predictor.embed`` of one task's step lists, and the indices whose replay failed."""
+    failed: list[int] = []
+    tokens = None
+    if self._loop_tokens:
+      tokens, failed = self._loop_tokens_of(task, steps)
+    phi = self.predictor.embed(
+      self.predictor.featurize_steps(steps), hw=self.config.hardware, loop_tokens=tokens
+    )
+    return phi, failed
 
   def skeleton(self, task):
     """The task's skeleton, extracted with TVM on the first call for its workload key (the only
@@ -268,9 +389,10 @@ class TLPCostModel(_python_based_model()):
     t1 = time.perf_counter()
     scores = np.empty(len(keys), dtype=np.float32)
     todo = [i for i, k in enumerate(keys) if k not in self._cache]
+    embeddings: dict[int, np.ndarray] = {}  # online: the embeddings computed in this call
     for i, k in enumerate(keys):
       if k in self._cache:
-        scores[i] = self._cache[k]
+        scores[i] = self._cached_score(self._cache[k])
     num_failed = 0
     # A failed state's score is its batch's lowest: it depends on the batch, so it is not cached.
     uncacheable: set[int] = set()
@@ -278,7 +400,12 @@ class TLPCostModel(_python_based_model()):
       chunk = todo[start : start + self.config.batch_size]
       steps = [orjson.loads(keys[i])[1][1] for i in chunk]
       failed: list[int] = []
-      if self._loop_tokens:
+      if self._online:
+        phi, failed = self._embed(task, steps)
+        for j, i in enumerate(chunk):
+          embeddings[i] = phi[j]
+        raw = phi.astype(np.float64) @ (self._w + self._dw) + self._c
+      elif self._loop_tokens:
         tokens, failed = self._loop_tokens_of(task, steps)
         raw = self.predictor.predict(
           self.predictor.featurize_steps(steps), hw=self.config.hardware, loop_tokens=tokens
@@ -298,7 +425,7 @@ class TLPCostModel(_python_based_model()):
         self._cache.clear()  # Cheap bound on memory; a miss only costs a re-prediction.
       for i in todo:
         if i not in uncacheable:
-          self._cache[keys[i]] = float(scores[i])
+          self._cache[keys[i]] = embeddings[i] if self._online else float(scores[i])
     t2 = time.perf_counter()
     self.calls.append(
       PredictCall(task.workload_key, len(keys), len(keys) - len(todo), t1 - t0, t2 - t1, num_failed)
@@ -311,6 +438,14 @@ class TLPCostModel(_python_based_model()):
     )
     return scores
 
+  def _cached_score(self, entry) -> float:
+    """A cached entry's score: the score itself, or (online) from its embedding and the current
+    last layer, so an update re-scores every cached state."""
+    if not self._online:
+      return entry
+    raw = float(entry.astype(np.float64) @ (self._w + self._dw) + self._c)
+    return float(self._transform(np.asarray([raw]))[0])
+
   def timing_summary(self) -> dict:
     """Totals over all ``predict`` calls so far (for benchmarks)."""
     n = len(self.calls)
@@ -322,4 +457,8 @@ class TLPCostModel(_python_based_model()):
       "serialize_s": float(sum(c.serialize_s for c in self.calls)),
       "predict_s": float(sum(c.predict_s for c in self.calls)),
       "mean_call_s": float(sum(c.total_s for c in self.calls) / n) if n else 0.0,
+      "update_calls": len(self.updates),
+      "update_s": float(sum(u.seconds for u in self.updates)),
+      "update_errors": int(sum(bool(u.error) for u in self.updates)),
+      "measurements_used": self.updates[-1].buffer if self.updates else 0,
     }
