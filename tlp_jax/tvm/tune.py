@@ -531,6 +531,8 @@ def config_from_flags(values) -> TuneConfig:
   )
 
 
+# TVM's Python loggers that print per operator or per task at INFO.
+NOISY_LOGGERS = ("te_compiler", "strategy", "auto_scheduler", "autotvm", "compile_engine")
 # What a user can get wrong before tuning: one line, no traceback.
 USER_ERRORS = (TuneError, npred.PredictorError, pretrained.PretrainedError, FileNotFoundError)
 
@@ -541,6 +543,8 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise TuneError(f"unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TOPHUB_LOCATION", "NONE")  # no network access for TopHub
+  for name in NOISY_LOGGERS:  # relay.build logs every operator strategy at INFO
+    logging.getLogger(name).setLevel(logging.WARNING)
   try:
     report = run(config_from_flags(flags.FLAGS))
   except USER_ERRORS as e:
