@@ -33,6 +33,7 @@ info (load average at the start and the end).
 from __future__ import annotations
 
 import argparse
+import ast
 import cProfile
 import os
 import pstats
@@ -71,11 +72,16 @@ from tlp_jax.tvm import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def export_default_model(out: str, skeletons_path: str, loop_tokens_mode: str) -> str:
+def export_default_model(
+  out: str, skeletons_path: str, loop_tokens_mode: str, model_overrides: dict | None = None
+) -> str:
   """``configs/default.py``'s model exported as the trainer exports it from a dataset of loop
-  tokens with these skeletons (``loop_tokens_mode``: the config's ``loop_tokens``)."""
+  tokens with these skeletons (``loop_tokens_mode``: the config's ``loop_tokens``;
+  ``model_overrides``: ``config.model`` fields to change, for a cheaper candidate network)."""
   config = default.get_config()
   config.loop_tokens = loop_tokens_mode
+  for key, value in (model_overrides or {}).items():
+    config.model[key] = value
   typed = config_lib.from_config_dict(config)
   step_crop = (typed.model.seq_len, typed.model.feature_dim)
   # What the loader returns for a default build of TLP's crop with loop tokens.
@@ -209,9 +215,17 @@ def main() -> None:
   parser.add_argument("--tasks", type=int, default=3, help="0 = every task of all_tasks.pkl.")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument(
+    "--model",
+    action="append",
+    default=[],
+    help="config.model field of the timed TLP models, KEY=PYTHON_LITERAL (a cheaper candidate "
+    "network, e.g. --model res_blocks=0 --model decoder_dims=(64,1)); default: configs/default.py",
+  )
+  parser.add_argument(
     "--out", default=os.path.join(REPO, "bench", "results", "tuner_predict_cost.json")
   )
   args = parser.parse_args()
+  model_overrides = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.model)}
   load_at_start = os.getloadavg()
 
   # TVM only past the flags, so --help works without it.
@@ -246,8 +260,12 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     skeletons_path = skeleton.tenset_skeletons_path(args.tenset_dir)
     paths = {
-      "tlp": export_default_model(os.path.join(tmp, "tlp.npz"), skeletons_path, "required"),
-      "tlp_steps": export_default_model(os.path.join(tmp, "steps.npz"), skeletons_path, "off"),
+      "tlp": export_default_model(
+        os.path.join(tmp, "tlp.npz"), skeletons_path, "required", model_overrides
+      ),
+      "tlp_steps": export_default_model(
+        os.path.join(tmp, "steps.npz"), skeletons_path, "off", model_overrides
+      ),
     }
     rows = []
     profile = None  # one steady-state call of the default model, first task
