@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from tlp_jax.evaluation import report as report_lib
 from tlp_jax.evaluation import run
 from tlp_jax.evaluation.data import EvalError
+from tlp_jax.train import runtime
 
 _HW = flags.DEFINE_string(
   "hw",
@@ -47,6 +48,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if (_WORKDIR.value is None) == (_MODEL.value is None):
     raise app.UsageError("give exactly one of --workdir and --model")
+  runtime.quiet_backend_probe_logs()  # before JAX starts a backend, as train.py
   try:
     ks = run.parse_ks(_KS.value)
     if _BATCH.value < 1:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from tlp_jax.core import atomic_file
+
 
 def cpu_model() -> str:
   """The CPU's model name from /proc/cpuinfo, else whatever ``platform`` knows."""
@@ -97,13 +99,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_json(path: str, obj: Any, announce: bool = True) -> None:
   """Writes a benchmark's results atomically (folders made as needed) and says where.
 
-  Atomic so that a script rewriting its results after every variant never leaves half a file.
+  Atomic (:mod:`tlp_jax.core.atomic_file`) so that a script rewriting its results after every
+  variant never leaves half a file.
   """
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=_json_default)
-  os.replace(tmp, path)
+  atomic_file.write_atomically(path, lambda f: json.dump(obj, f, indent=1, default=_json_default))
   if announce:
     print(f"wrote {path}")
 

@@ -53,9 +53,9 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from tlp_jax.core import atomic_file, tenset
 from tlp_jax.core import network_info as network_info_lib
 from tlp_jax.core import skeleton as skeleton_lib
-from tlp_jax.core import tenset
 
 FORMAT = "tlp-jax-synthetic-tenset"
 VERSION = 1
@@ -226,13 +226,6 @@ def task_lines(
   return "".join(out).encode()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 # Worker state (set once per process by _init).
 _STATE: dict[str, Any] = {}
 
@@ -261,7 +254,8 @@ def _write_task(k: int) -> tuple[int, int]:
     if os.path.exists(path):  # finished by an earlier run (files are renamed when complete)
       skipped += 1
       continue
-    _write_atomic(path, task_lines(params, src, k, key, p, platform, n))
+    data = task_lines(params, src, k, key, p, platform, n)
+    atomic_file.write_atomically(path, lambda f, data=data: f.write(data), binary=True)
     written += n
   return written, skipped
 
@@ -340,7 +334,8 @@ def make_tenset_scale(
       syn = dataclasses.replace(net, name=f"{net.name}-syn{r}", tasks=())
       body = dict(syn.to_json_dict(), tasks=tasks, synthetic=True, source_network=net.label)
       path = os.path.join(info_dir, network_info_lib.json_file_name(syn))
-      _write_atomic(path, json.dumps(body, indent=1).encode())
+      text = json.dumps(body, indent=1)
+      atomic_file.write_atomically(path, lambda f, text=text: f.write(text))
       networks_written += 1
   try:
     holdout_src = list(network_info_lib.default_holdout(nets))
@@ -380,8 +375,8 @@ def make_tenset_scale(
     }
     if out_failed:
       body["failed"] = out_failed
-    _write_atomic(
-      os.path.join(out_dir, skeleton_lib.TENSET_SKELETONS_FILE), json.dumps(body).encode()
+    atomic_file.write_atomically(
+      os.path.join(out_dir, skeleton_lib.TENSET_SKELETONS_FILE), lambda f: json.dump(body, f)
     )
     skel_stats = {"skeletons": len(out_skel), "failed": len(out_failed), "missing": missing}
     if missing:
@@ -406,8 +401,12 @@ def make_tenset_scale(
     "holdout_flag": ",".join(holdout),
   }
   # The manifest is written first, so a rerun with other parameters is refused.
-  _write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
-  _write_atomic(os.path.join(out_dir, MARKER), _marker_text(manifest).encode())
+  atomic_file.write_atomically(
+    os.path.join(out_dir, MANIFEST), lambda f: json.dump(manifest, f, indent=1)
+  )
+  atomic_file.write_atomically(
+    os.path.join(out_dir, MARKER), lambda f: f.write(_marker_text(manifest))
+  )
 
   written = skipped = 0
   init = (params, source_tasks, keys, counts, platforms, out_dir)

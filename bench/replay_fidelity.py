@@ -27,6 +27,7 @@ import os
 import re
 import time
 
+from tlp_jax.core import atomic_file
 from tlp_jax.core import replay as rp
 from tlp_jax.core import skeleton as sk
 
@@ -274,10 +275,7 @@ def main(argv=None):
       with open(args.out) as f:
         doc = json.load(f)
     doc[args.label or os.path.basename(os.path.normpath(args.tenset_dir))] = res
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(doc, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_file.write_atomically(args.out, lambda f: json.dump(doc, f, indent=1))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import numpy as np
 import tqdm
 
 from data_pipelines import schema
+from tlp_jax.core import atomic_file
 
 CACHE_DIR = "arrays_cache"
 CACHE_FORMAT = 1
@@ -354,19 +355,29 @@ def _build_arrays(
     except OSError as e:
       logging.warning("cannot write an array cache next to %s (%s); loading into memory", ds_dir, e)
       use_cache = False
-  arrays = {
-    split: _read_split(
-      ds_dir, split, lengths.get(split, 0), crop, num_hw, tmp if use_cache else None, token_shape
+  try:
+    arrays = {
+      split: _read_split(
+        ds_dir, split, lengths.get(split, 0), crop, num_hw, tmp if use_cache else None, token_shape
+      )
+      for split in schema.SPLITS
+    }
+    if not use_cache:
+      return arrays
+    # The fingerprint is what makes the cache valid: written last, whole, on disk.
+    stamp = {"format": CACHE_FORMAT, "fingerprint": fingerprint}
+    atomic_file.write_atomically(
+      os.path.join(tmp, "fingerprint.json"), lambda f: json.dump(stamp, f)
     )
-    for split in schema.SPLITS
-  }
-  if not use_cache:
-    return arrays
-  with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
-    json.dump({"format": CACHE_FORMAT, "fingerprint": fingerprint}, f)
-  del arrays  # close the write memmaps before the folder moves
-  shutil.rmtree(cache, ignore_errors=True)
-  os.replace(tmp, cache)
+    del arrays  # close the write memmaps before the folder moves
+    # A folder cannot be swapped in with one os.replace over a non-empty one: the old cache
+    # goes first (a reader meanwhile finds none and decodes).
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
+  except BaseException:
+    if use_cache:  # no half-written staging folder left next to the dataset
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
   loaded = _load_cache(cache, fingerprint, mmap, _array_names(token_shape))
   if loaded is None:
     raise RuntimeError(f"{cache}: cache just written cannot be read back")

@@ -48,9 +48,15 @@ def test_skeleton_roundtrip_and_atomic_collection(tmp_path):
   s = sk.Skeleton.from_dict(_DENSE)
   assert sk.Skeleton.from_json(s.to_json()) == s
   path = str(tmp_path / "sk.json")
-  sk.save_collection(path, {"dense": s})
+  old = os.umask(0o027)
+  try:
+    sk.save_collection(path, {"dense": s})
+  finally:
+    os.umask(old)
   assert sk.load_collection(path) == {"dense": s}
-  assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+  # Shared data: the umask's mode, as open() gives (not a fixed 0o644 or mkstemp's 0600).
+  assert os.stat(path).st_mode & 0o777 == 0o640
+  assert os.listdir(tmp_path) == ["sk.json"]
 
 
 @pytest.mark.parametrize(

@@ -206,6 +206,21 @@ def test_cache_hit_and_invalidation(tmp_path, sample_tenset_dir, sample_arrays, 
     f.write(b"garbage")
   again = loader.load_arrays(data_dir, "xeon-emr-16c")
   np.testing.assert_array_equal(again.test.scores, fresh.test.scores)
+  # A rebuild that fails half-way leaves no staging folder next to the dataset.
+  os.remove(os.path.join(cache, "fingerprint.json"))
+  with monkeypatch.context() as m:
+    m.setattr(loader, "_decode_records", _failing_decode)
+    with pytest.raises(OSError, match="disk full"):
+      loader.load_arrays(data_dir, "xeon-emr-16c")
+  ds_dir = loader.find_dataset_dir(data_dir, "xeon-emr-16c")
+  assert not [n for n in os.listdir(ds_dir) if n.startswith(loader.CACHE_DIR + ".")]
+  np.testing.assert_array_equal(
+    loader.load_arrays(data_dir, "xeon-emr-16c").test.scores, fresh.test.scores
+  )
+
+
+def _failing_decode(*args, **kwargs):
+  raise OSError("disk full")
 
 
 def _forbidden(*args, **kwargs):

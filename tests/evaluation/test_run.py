@@ -157,8 +157,10 @@ def test_model_without_the_head_says_so(built_sample_dataset, sample_arrays, tmp
     run.evaluate_model(hw="xeon-emr-16c", data_dir=built_sample_dataset, model_path=path)
 
 
-def _eval_cli(*args):
+def _eval_cli(*args, unset=()):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  for name in unset:
+    env.pop(name, None)
   return subprocess.run(
     [sys.executable, os.path.join(REPO, "eval.py"), *args],
     cwd=REPO,
@@ -228,6 +230,22 @@ def test_workdir_is_evaluated_through_the_exported_predictor(
   assert from_workdir["rows"][run.WORKDIR_ROW] == from_file["rows"]["model"]
   with pytest.raises(EvalError, match="not a training workdir"):
     run.evaluate_model(hw="epyc-9004", data_dir=built_sample_dataset, workdir=str(tmp_path))
+  # The CLI on a workdir starts JAX (the in-memory export). Without JAX_PLATFORMS (the tests'
+  # "cpu") JAX probes for a TPU and logs "Unable to initialize backend 'tpu'" at INFO: normal,
+  # not news, silenced as in train.py.
+  cli = _eval_cli(
+    "--hw",
+    "epyc-9004",
+    "--data_dir",
+    built_sample_dataset,
+    "--workdir",
+    workdir,
+    "--checkpoint",
+    "latest",
+    unset=("JAX_PLATFORMS",),
+  )
+  assert cli.returncode == 0, cli.stderr[-3000:]
+  assert "Unable to initialize backend" not in cli.stderr, cli.stderr[-3000:]
 
 
 def test_resolve_config_prefers_the_per_hardware_config(built_sample_dataset):

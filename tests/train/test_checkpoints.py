@@ -187,6 +187,30 @@ def test_reconcile_train_config(tmp_path):
   assert checkpoints.read_json(str(tmp_path / checkpoints.TRAIN_CONFIG_FILE))["init_from"] == ""
 
 
+def test_workdir_files_are_written_whole_with_the_umask_mode(tmp_path):
+  path = str(tmp_path / "config.json")
+  checkpoints.write_json(path, {"a": 1})
+  circular = {"a": 2}
+  circular["self"] = circular
+  with pytest.raises(ValueError, match="Circular reference"):
+    checkpoints.write_json(path, circular)  # fails half-way through the file
+  assert checkpoints.read_json(path) == {"a": 1}
+  assert os.listdir(tmp_path) == ["config.json"]
+  src = tmp_path / "data" / "skeletons.json"
+  src.parent.mkdir()
+  src.write_text('{"format": "x"}')
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  old = os.umask(0o027)
+  try:
+    checkpoints.copy_skeletons(str(src), str(workdir))
+  finally:
+    os.umask(old)
+  assert checkpoints.read_skeletons_json(str(workdir)) == '{"format": "x"}'
+  assert os.listdir(workdir) == [checkpoints.SKELETONS_FILE]
+  assert os.stat(workdir / checkpoints.SKELETONS_FILE).st_mode & 0o777 == 0o640
+
+
 def _small_state():
   cfg = model_lib.TLPConfig(
     feature_dim=4,

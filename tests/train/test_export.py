@@ -533,6 +533,23 @@ def _export_cli(*args):
   )
 
 
+def test_export_cli_does_not_log_the_tpu_probe(trained, tmp_path):
+  # Without JAX_PLATFORMS (the tests' "cpu"), JAX probes for a TPU at start and logs
+  # "Unable to initialize backend 'tpu'" at INFO: normal, not news, silenced as in train.py.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  res = subprocess.run(
+    [sys.executable, "-m", "tlp_jax.train.export"]
+    + ["--workdir", trained[0], "--out", str(tmp_path / "m.npz")],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+  )
+  assert res.returncode == 0, res.stderr
+  assert "Unable to initialize backend" not in res.stderr, res.stderr
+
+
 def test_export_cli_float16_is_quiet(trained, tmp_path):
   workdir, _ = trained
   out16, out32 = tmp_path / "m16.npz", tmp_path / "m32.npz"

@@ -1,6 +1,7 @@
 """tlp_jax.train.optimizer: schedules, Adam with coupled L2, per-member gradient clipping."""
 
 import dataclasses
+import logging
 import math
 
 import numpy as np
@@ -41,6 +42,29 @@ def test_warmup_cosine_schedule():
   assert math.isclose(float(schedule(10)), 1.0, rel_tol=1e-6)
   assert float(schedule(30)) < float(schedule(20)) < 1.0
   assert float(schedule(50)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+  "warmup_epochs,steps_per_epoch,total_steps",
+  [(1.0, 1, 1), (0.0, 4, 8), (0.1, 3, 6), (1.0, 4, 4), (2.0, 5, 50)],
+)
+def test_warmup_cosine_without_warmup_steps_is_quiet_and_keeps_its_values(
+  caplog, warmup_epochs, steps_per_epoch, total_steps
+):
+  # num_epochs=1 with one step per epoch, or warmup_epochs=0: no warm-up step at all. optax's
+  # warm-up + cosine then logs about its zero-length warm-up piece; the rates must not change.
+  cfg = _optim(learning_rate=0.3, warmup_epochs=warmup_epochs, end_learning_rate=0.01)
+  with caplog.at_level(logging.DEBUG):
+    _, schedule = optimizer.make_optimizer(cfg, steps_per_epoch, total_steps)
+  assert not [r for r in caplog.records if "polynomial schedule" in r.getMessage()]
+  warmup = min(round(warmup_epochs * steps_per_epoch), total_steps - 1)
+  reference = optax.warmup_cosine_decay_schedule(
+    0.0, 0.3, warmup, max(total_steps, warmup + 1), end_value=0.01
+  )
+  steps = np.arange(total_steps + 3)
+  np.testing.assert_allclose(schedule(steps), reference(steps), rtol=1e-7, atol=0)
+  if warmup == 0:
+    assert float(schedule(0)) == pytest.approx(0.3)
 
 
 def test_adam_is_pytorch_adam_with_coupled_l2_after_clipping():

@@ -65,6 +65,29 @@ def test_convert_a_network_pickle(tmp_path, sample_tenset_dir):
   assert [t.workload_key for t in net.tasks] == [t.workload_key for t in tasks]
 
 
+@needs_tvm
+def test_a_failed_conversion_keeps_the_previous_json(tmp_path, sample_tenset_dir, monkeypatch):
+  tasks = search_tasks.load_search_tasks(tenset.all_tasks_path(sample_tenset_dir))[:2]
+  folder = tmp_path / "network_info"
+  folder.mkdir()
+  pkl = "((toy,[(1,3,32,32)]),llvm).task.pkl"
+  with open(folder / pkl, "wb") as f:
+    pickle.dump((tasks, [1, 1]), f)
+  (previous,) = search_tasks.convert_pickles(str(tmp_path), allow_pickle=True)
+  with open(previous) as f:
+    before = f.read()
+  # JSON encoding fails half-way through the file (an unserializable last field).
+  to_json_dict = network_info.NetworkInfo.to_json_dict
+  monkeypatch.setattr(
+    network_info.NetworkInfo, "to_json_dict", lambda self: {**to_json_dict(self), "z": object()}
+  )
+  with pytest.raises(TypeError, match="not JSON serializable"):
+    search_tasks.convert_pickles(str(tmp_path), allow_pickle=True, overwrite=True)
+  with open(previous) as f:
+    assert f.read() == before
+  assert sorted(os.listdir(folder)) == sorted([os.path.basename(previous), pkl])
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -40,7 +40,7 @@ def test_cli_writes_the_committed_sample_skeletons(tmp_path, sample_tenset_dir):
   # Byte-identical: the committed file is reproducible from all_tasks.pkl.
   with open(out, "rb") as a, open(committed, "rb") as b:
     assert a.read() == b.read()
-  assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging files
 
 
 def test_cli_missing_all_tasks(tmp_path):

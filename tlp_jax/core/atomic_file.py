@@ -5,6 +5,8 @@ Standard library only. Each file is written to a staging file next to it, create
 ``0600``), flushed to disk and then swapped in with ``os.replace``. :func:`replace_all` stages a
 group of files (a report's JSON, Markdown and PNG) and swaps them in only once every one of
 them has been written, so a failure leaves every previous file of the group in place.
+:func:`write_path_atomically` is the same for writers that take a file name instead of a file
+object (TVM's ``auto_scheduler.save_records``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,17 @@ def _staging_path(path: str) -> str:
   return os.path.join(directory, f".{name}.{STAGING_TAG}.{secrets.token_hex(4)}")
 
 
-def _write_staging(path: str, write: Callable[[IO[Any]], Any], binary: bool) -> str:
-  """Writes a staging file of ``path`` with ``write(file)``; returns its path."""
+def _create_staging(path: str) -> tuple[int, str]:
+  """Creates an empty staging file of ``path`` (folders made as needed); returns (fd, path)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = _staging_path(path)
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  # 0o666: the umask applies, as for open(); O_EXCL: never another writer's staging file.
+  return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+
+
+def _write_staging(path: str, write: Callable[[IO[Any]], Any], binary: bool) -> str:
+  """Writes a staging file of ``path`` with ``write(file)``; returns its path."""
+  fd, tmp = _create_staging(path)
   try:
     with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
       write(f)
@@ -53,6 +61,28 @@ def write_atomically(path: str, write: Callable[[IO[Any]], Any], binary: bool = 
   file is left behind.
   """
   os.replace(_write_staging(path, write, binary), path)
+
+
+def write_path_atomically(path: str, write: Callable[[str], Any]) -> None:
+  """Like :func:`write_atomically` for a writer that takes a file name: ``write(staging_path)``.
+
+  The staging file exists (empty, with the umask's mode) when ``write`` is called; ``write``
+  may open it by name any number of times (TVM's ``save_records`` appends to it). If ``write``
+  raises, ``path`` is untouched and the staging file is removed.
+  """
+  fd, tmp = _create_staging(path)
+  os.close(fd)
+  try:
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    os.replace(tmp, path)
+  except BaseException:
+    _remove_quietly(tmp)
+    raise
 
 
 def replace_all(writers: Mapping[str, tuple[Callable[[IO[Any]], Any], bool]]) -> None:

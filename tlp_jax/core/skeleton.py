@@ -46,11 +46,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from tlp_jax.core import tenset
+from tlp_jax.core import atomic_file, tenset
 
 FORMAT = "tlp-jax-loopnest-skeleton"
 COLLECTION_FORMAT = "tlp-jax-loopnest-skeletons"
@@ -283,7 +282,7 @@ def save_collection(
   path: str, skeletons: Mapping[str, Skeleton], failed: Mapping[str, str] | None = None
 ) -> None:
   """Writes ``{workload_key: skeleton}`` (and the optional ``failed`` map ``{workload_key:
-  reason}``) to ``path`` atomically (temp file + ``os.replace``)."""
+  reason}``) to ``path`` atomically (:mod:`tlp_jax.core.atomic_file`)."""
   for k, s in skeletons.items():
     if k != s.workload_key:
       raise SkeletonError(f"{path}: key {k!r} holds the skeleton of {s.workload_key!r}")
@@ -294,19 +293,8 @@ def save_collection(
   }
   if failed:
     doc["failed"] = {k: str(failed[k]) for k in sorted(failed)}
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".skeletons.", suffix=".tmp", dir=d)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(doc, f, separators=(",", ":"))
-    # mkstemp makes the file private; a skeleton file is shared data (kept with datasets).
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  # Shared data (kept with datasets): the umask's mode, as any file written with open().
+  atomic_file.write_atomically(path, lambda f: json.dump(doc, f, separators=(",", ":")))
 
 
 def load_collection(path: str) -> dict[str, Skeleton]:

@@ -54,8 +54,9 @@ def hardware_folders(tenset_dir: str) -> list[str]:
 def task_files(tenset_dir: str, hardware: str) -> list[str]:
   """Paths of the measure-record files of one hardware, sorted by file name.
 
-  Hidden files are left out: they are the temporary files of an interrupted collection
-  (``tlp_jax.tvm.collect`` writes ``.tmp-*`` and renames them when complete).
+  Hidden files are left out: they are the staging files of an interrupted collection
+  (``tlp_jax.tvm.collect`` writes ``.<name>.staging.*`` files through
+  :mod:`tlp_jax.core.atomic_file` and renames them when complete).
 
   Raises:
     TensetLayoutError: no such hardware folder (the message lists the available ones).

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tlp_jax.core import atomic_file
 from tlp_jax.train import config as config_lib
 from tlp_jax.train.step import TrainState
 
@@ -273,11 +274,10 @@ def _check_same_structure(template: TrainState, tree: Mapping[str, Any], path: s
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as JSON to ``path`` atomically."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  """Writes ``obj`` as JSON to ``path`` atomically (:mod:`tlp_jax.core.atomic_file`)."""
+  atomic_file.write_atomically(
+    path, lambda f: json.dump(obj, f, indent=1, sort_keys=True, default=str)
+  )
 
 
 def read_json(path: str) -> Any:
@@ -394,10 +394,10 @@ def copy_skeletons(skeletons_path: str | None, workdir: str) -> None:
       "not embed skeletons (Predictor.predict_steps then needs skeleton=...)"
     )
     return
-  dest = os.path.join(workdir, SKELETONS_FILE)
-  tmp = dest + ".tmp"
-  shutil.copyfile(skeletons_path, tmp)
-  os.replace(tmp, dest)
+  with open(skeletons_path, "rb") as src:
+    atomic_file.write_atomically(
+      os.path.join(workdir, SKELETONS_FILE), lambda f: shutil.copyfileobj(src, f), binary=True
+    )
 
 
 def read_skeletons_json(workdir: str) -> str | None:

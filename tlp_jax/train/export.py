@@ -39,7 +39,7 @@ from absl import app, flags, logging
 
 from tlp_jax.core import atomic_file, features
 from tlp_jax.core import predictor as npred
-from tlp_jax.train import checkpoints
+from tlp_jax.train import checkpoints, runtime
 from tlp_jax.train import model as model_lib
 
 
@@ -329,6 +329,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   fl = flags.FLAGS
+  runtime.quiet_backend_probe_logs()  # before JAX starts a backend, as train.py
   try:
     arrays = export_workdir(fl.workdir, fl.out, fl.which, fl.weights_dtype)
   except (FileNotFoundError, checkpoints.CheckpointError, ValueError) as e:

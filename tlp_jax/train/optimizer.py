@@ -55,11 +55,19 @@ class OptimConfig:
 def _warmup_cosine_schedule(cfg: OptimConfig, steps_per_epoch: int, total_steps: int):
   warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
   warmup = min(warmup, max(total_steps - 1, 0))
+  decay_steps = max(total_steps, warmup + 1)
+  if warmup == 0:
+    # No warm-up (warmup_epochs=0, or a one-step run): the cosine alone. These are the values of
+    # optax's warm-up + cosine too, whose zero-length warm-up piece logs a warning on every run.
+    alpha = 0.0 if cfg.learning_rate == 0.0 else cfg.end_learning_rate / cfg.learning_rate
+    return optax.cosine_decay_schedule(
+      init_value=cfg.learning_rate, decay_steps=decay_steps, alpha=alpha
+    )
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=cfg.learning_rate,
     warmup_steps=warmup,
-    decay_steps=max(total_steps, warmup + 1),
+    decay_steps=decay_steps,
     end_value=cfg.end_learning_rate,
   )
 

@@ -41,7 +41,6 @@ import pickle
 import platform
 import random
 import re
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,7 +49,7 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from tlp_jax.core import network_info, tenset
+from tlp_jax.core import atomic_file, network_info, tenset
 from tlp_jax.tvm import tvm_import
 
 # Constants of TenSet's measure_programs.py (FLOP thresholds for the number of repeats).
@@ -247,43 +246,6 @@ def task_seed(seed: int, workload_key: str) -> int:
   return (seed * 1_000_003 + zlib.crc32(workload_key.encode())) % (1 << 30) + 1
 
 
-def _umask_mode() -> int:
-  """The mode ``open()`` gives a new file under the current umask (0o666 & ~umask)."""
-  umask = os.umask(0)
-  os.umask(umask)
-  return 0o666 & ~umask
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-  """Calls ``write(tmp_path)`` then renames the file to ``path`` (all-or-nothing).
-
-  The file gets the mode a plain ``open()`` would give it (the umask's), not mkstemp's 0600:
-  collected records are data to share.
-  """
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(
-    dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path)[-40:]
-  )
-  try:
-    try:
-      os.fchmod(fd, _umask_mode())
-    finally:
-      os.close(fd)
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def _write_text(path: str, text: str) -> None:
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-
-  _atomic_write(path, write)
-
-
 # ----------------------------------------------------------------------------------------------
 # Stage 1: tasks.
 
@@ -331,7 +293,8 @@ def stage_tasks(config: CollectConfig, progress: bool = True) -> list:
     net = network_info_of(spec, tasks, weights)
     path = os.path.join(info_dir, network_info.json_file_name(net))
     if not os.path.exists(path):
-      _write_text(path, json.dumps(net.to_json_dict(), indent=1))
+      text = json.dumps(net.to_json_dict(), indent=1)
+      atomic_file.write_atomically(path, lambda f, text=text: f.write(text))
     for t in tasks:
       key = (t.workload_key, str(t.target.kind))
       if key not in seen:
@@ -340,11 +303,9 @@ def stage_tasks(config: CollectConfig, progress: bool = True) -> list:
 
   # All tasks of the requested networks, whatever slice this run processes (rewritten every run,
   # atomically, so it always matches the network info).
-  def write(tmp):
-    with open(tmp, "wb") as f:
-      pickle.dump(unique, f)
-
-  _atomic_write(tenset.all_tasks_path(config.out_dir), write)
+  atomic_file.write_atomically(
+    tenset.all_tasks_path(config.out_dir), lambda f: pickle.dump(unique, f), binary=True
+  )
   logging.info("%d unique tasks from %d networks", len(unique), len(config.networks))
   return unique[config.start_idx : config.end_idx]
 
@@ -432,7 +393,9 @@ def dump_task(task, path: str, size: int, seed: int) -> int:
   states = sample_programs(task, size, seed)
   inputs = [auto_scheduler.MeasureInput(task, s) for s in states]
   results = [auto_scheduler.MeasureResult([0.0], 0, "", 0, time.time()) for _ in states]
-  _atomic_write(path, lambda tmp: auto_scheduler.save_records(tmp, inputs, results))
+  atomic_file.write_path_atomically(
+    path, lambda tmp: auto_scheduler.save_records(tmp, inputs, results)
+  )
   return len(states)
 
 
@@ -493,7 +456,9 @@ def measure_task(task, to_measure_path: str, out_path: str, config: CollectConfi
     build_results = builder.build(batch, verbose=0)
     all_inputs.extend(batch)
     all_results.extend(runner.run(batch, build_results, verbose=0))
-  _atomic_write(out_path, lambda tmp: auto_scheduler.save_records(tmp, all_inputs, all_results))
+  atomic_file.write_path_atomically(
+    out_path, lambda tmp: auto_scheduler.save_records(tmp, all_inputs, all_results)
+  )
   errors = sum(int(r.error_no) != 0 for r in all_results)
   return {"programs": len(all_results), "errors": errors}
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from tlp_jax.core import network_info, tenset
+from tlp_jax.core import atomic_file, network_info, tenset
 from tlp_jax.tvm import tvm_import
 
 # (module, name) pairs a pickled list of auto-scheduler SearchTasks needs, and nothing else.
@@ -200,9 +200,8 @@ def convert_pickles(
     out = os.path.join(folder, network_info.json_file_name(net))
     if os.path.exists(out) and not overwrite:
       continue
-    with open(out + ".tmp", "w") as f:
-      json.dump(net.to_json_dict(), f, indent=1)
-    os.replace(out + ".tmp", out)
+    doc = net.to_json_dict()
+    atomic_file.write_atomically(out, lambda f, doc=doc: json.dump(doc, f, indent=1))
     written.append(out)
   return written
 
