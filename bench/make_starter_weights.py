@@ -43,6 +43,7 @@ import numpy as np
 
 from bench import accuracy_sweep, common
 from data_pipelines import loader
+from tlp_jax.core import atomic_file
 from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.core import predictor as npred
 from tlp_jax.evaluation.data import eval_data
@@ -95,43 +96,14 @@ def all_in_train(arrays):
   return dataclasses.replace(arrays, train=train, validation=empty, test=empty)
 
 
-def cast_weights(arrays: dict[str, np.ndarray], weights_dtype: str) -> dict[str, np.ndarray]:
-  """The export with its weights (``params/...``) stored as ``weights_dtype``; the predictor
-  upcasts them to float32. A weight outside float16's range is an error."""
-  if weights_dtype == "float32":
-    return dict(arrays)
-  out = dict(arrays)
-  for key, value in arrays.items():
-    if key.startswith(npred.PARAMS_PREFIX):
-      with np.errstate(over="ignore"):
-        cast = np.asarray(value).astype(weights_dtype)
-      if not np.all(np.isfinite(cast)):
-        raise ValueError(f"weight {key} overflows {weights_dtype}")
-      out[key] = cast
-  npred.Predictor(out, source=f"<{weights_dtype} export>")  # must load
-  return out
-
-
 def write_npz(path: str, arrays: dict[str, np.ndarray]) -> dict:
   """Writes ``arrays`` atomically, zip-compressed; its size and SHA-256.
 
   Compressed because the embedded skeleton JSON is a NumPy unicode array (4 bytes a character,
   1.6 MB for tenset-mini's tasks) that deflates about 20x; ``np.load`` (the predictor) reads
   both kinds of ``.npz``."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez_compressed(f, **arrays)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  atomic_file.write_atomically(path, lambda f: np.savez_compressed(f, **arrays), binary=True)
   with open(path, "rb") as f:
     digest = hashlib.sha256(f.read()).hexdigest()
   return {"path": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": digest}
@@ -183,7 +155,7 @@ def train_starter(
       result = loop.train_and_evaluate(config, workdir, dataset=arrays)
     params, model_config, meta = export.restore_for_export(workdir, "latest")
   full = export.export_params(params, model_config, **export.meta_kwargs(meta))
-  half = cast_weights(full, weights_dtype)
+  half = export.cast_weights(full, weights_dtype)
   out = {
     "config": f"configs/{STARTERS[name][0]}.py",
     "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in STARTERS[name][1].items()},

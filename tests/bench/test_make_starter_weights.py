@@ -21,18 +21,6 @@ def test_all_in_train_joins_every_split_and_leaves_none(sample_arrays, config_na
   assert joined.validation.features.shape[1:] == arrays.train.features.shape[1:]
 
 
-def test_float16_export_loads_and_refuses_overflow(trained_export):
-  arrays = trained_export
-  half = make_starter_weights.cast_weights(arrays, "float16")
-  weights = [k for k in half if k.startswith(npred.PARAMS_PREFIX)]
-  assert weights and all(half[k].dtype == np.float16 for k in weights)
-  assert all(half[k].dtype == arrays[k].dtype for k in half if k not in weights)
-  big = dict(arrays)
-  big[weights[0]] = np.full_like(arrays[weights[0]], 1e6)
-  with pytest.raises(ValueError, match="overflows float16"):
-    make_starter_weights.cast_weights(big, "float16")
-
-
 def test_write_npz_is_compressed_and_readable(trained_export, tmp_path):
   path = str(tmp_path / "m.npz")
   info = make_starter_weights.write_npz(path, trained_export)

@@ -270,6 +270,8 @@ def test_predict_refuses_a_bad_batch_size(batch_size):
   pred = npred.Predictor.from_arrays(_arrays())
   with pytest.raises(npred.PredictorError, match="batch_size must be"):
     pred.predict(_features(), batch_size=batch_size)
+  with pytest.raises(npred.PredictorError, match="batch_size must be"):
+    pred.embed(_features(), batch_size=batch_size)  # the same checks: one implementation
 
 
 def test_predict_names_the_rows_of_non_finite_features():

@@ -37,7 +37,7 @@ import math
 import os
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -597,6 +597,18 @@ class Predictor:
         value (the message lists the programs, rows of ``features``, that hold one).
     """
     heads = np.arange(self.num_heads) if hw == ALL_HEADS else np.array([self.head_index(hw)])
+    n, chunks = self._model_input_chunks(features, loop_tokens, batch_size)
+    out = np.empty((n, len(heads)), np.float32)
+    for start, chunk in chunks:
+      out[start : start + len(chunk)] = self._forward(chunk, heads)
+    return out if hw == ALL_HEADS else out[:, 0]
+
+  def _model_input_chunks(
+    self, features: np.ndarray, loop_tokens: np.ndarray | None, batch_size: int
+  ) -> tuple[int, Iterator[tuple[int, np.ndarray]]]:
+    """Checks ``predict``'s inputs (shapes, finiteness, ``batch_size``) before any work, then
+    returns the program count and ``(start, model input chunk)`` pairs of at most
+    ``batch_size`` programs, the loop tokens assembled per chunk."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
       raise PredictorError(f"batch_size must be an integer, got {batch_size!r}")
     if batch_size < 1:
@@ -612,13 +624,15 @@ class Predictor:
     tokens = self._check_tokens(loop_tokens, x.shape[0])
     if tokens is not None:
       _check_finite_rows(tokens, "loop_tokens")
-    out = np.empty((x.shape[0], len(heads)), np.float32)
-    for start in range(0, x.shape[0], batch_size):
-      chunk = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
-      if tokens is not None:
-        chunk = _loop_tokens.model_input(chunk, tokens[start : start + batch_size])
-      out[start : start + len(chunk)] = self._forward(chunk, heads)
-    return out if hw == ALL_HEADS else out[:, 0]
+
+    def chunks():
+      for start in range(0, x.shape[0], batch_size):
+        chunk = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
+        if tokens is not None:
+          chunk = _loop_tokens.model_input(chunk, tokens[start : start + batch_size])
+        yield start, chunk
+
+    return x.shape[0], chunks()
 
   def _check_tokens(self, loop_tokens: np.ndarray | None, n: int) -> np.ndarray | None:
     """The ``(n, max_tokens, token_width)`` tokens ``predict`` reads, or None (no token model)."""
@@ -754,23 +768,8 @@ class Predictor:
     if hw == ALL_HEADS:
       raise PredictorError("embed is per head: pass one hardware name or None")
     head = np.array([self.head_index(hw)])
-    length, width = self.step_crop if self.reads_loop_tokens else (self.seq_len, self.feature_dim)
-    x = np.asarray(features)
-    if x.ndim != 3 or x.shape[1] < length or x.shape[2] < width:
-      raise PredictorError(
-        f"features must be (batch, >={length} steps, >={width} values), got shape {x.shape}"
-      )
-    x = x[:, :length, :width]
-    _check_finite_rows(x, "features")
-    tokens = self._check_tokens(loop_tokens, x.shape[0])
-    if tokens is not None:
-      _check_finite_rows(tokens, "loop_tokens")
-    parts = []
-    for start in range(0, x.shape[0], batch_size):
-      chunk = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
-      if tokens is not None:
-        chunk = _loop_tokens.model_input(chunk, tokens[start : start + batch_size])
-      parts.append(self._forward(chunk, head, embed=True))
+    _, chunks = self._model_input_chunks(features, loop_tokens, batch_size)
+    parts = [self._forward(chunk, head, embed=True) for _, chunk in chunks]
     dim = sum(m.decoder[-1][0].shape[1] for m in self._members)
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
