@@ -57,7 +57,10 @@ def predict_in_batches(
     args = (np.asarray(features[batch]),)
     if loop_tokens is not None:
       args += (np.asarray(loop_tokens[batch]),)
-    pred = np.asarray(predict(*args), dtype=np.float64).reshape(-1)
+    # A model that overflows is reported once, by _check_finite, as one clear error: NumPy's
+    # overflow / invalid-value warnings on the way would only be noise before it.
+    with np.errstate(over="ignore", invalid="ignore"):
+      pred = np.asarray(predict(*args), dtype=np.float64).reshape(-1)
     if pred.shape[0] != stop - start:
       raise ValueError(f"predictor returned {pred.shape[0]} values for {stop - start} programs")
     out[start:stop] = pred
