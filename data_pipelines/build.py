@@ -22,6 +22,7 @@ split and hardware) and the build rate. Read them back with
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -68,8 +69,9 @@ _SKELETONS = flags.DEFINE_string(
 )
 _WORKERS = flags.DEFINE_integer(
   "workers",
-  1,
-  "Processes replaying task files for the loop tokens (results do not depend on it).",
+  os.cpu_count() or 1,
+  "Processes reading, featurizing and replaying whole task files (default: all cores); the "
+  "datasets are the same bytes for any number.",
   lower_bound=1,
 )
 _CROP = flags.DEFINE_list(
