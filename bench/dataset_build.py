@@ -166,16 +166,21 @@ def _workers_child(workers: int, out: str) -> None:
       metas = tenset_tfds.build(_TENSET_DIR.value, data_dir, configs, workers=workers)
       wall = time.perf_counter() - t
     load_after = os.getloadavg()
-    records = sum(s["lines"] for m in metas for s in m["read_stats"].values())
+    # Each hardware is read once however many configs use it (as the build CLI counts).
+    lines = {hw: s["lines"] for m in metas for hw, s in m["read_stats"].items()}
+    records = sum(lines.values())
+    examples = sum(sum(m["examples"].values()) for m in metas)
     result = {
       "workers": workers,
       "configs": [m["config"] for m in metas],
       "records_read": records,
+      "examples_written": examples,
       "wall_s": wall,
       "records_per_s": records / wall,
       "stage_s": stage_s[0],
       "main_process_stage_cpu_s": stage_cpu[0],
       "write_s": wall - stage_s[0],
+      "write_examples_per_s": examples / max(wall - stage_s[0], 1e-9),
       "peak_rss_total_bytes": rss.peak_total,
       "peak_rss_main_bytes": rss.peak_main,
       "peak_processes": rss.peak_processes,
@@ -196,7 +201,7 @@ def workers_benchmark(worker_counts: list[int], project_to: int) -> dict:
       out = os.path.join(tmp, "run.json")
       cmd = [sys.executable, "-m", "bench.dataset_build", "--workers_child", str(n)]
       cmd += ["--child_out", out, "--tenset_dir", _TENSET_DIR.value]
-      cmd += ["--skeletons", _SKELETONS.value]
+      cmd += ["--skeletons", _SKELETONS.value, "--verbosity", "-1"]
       subprocess.run(cmd, check=True, cwd=_REPO)
       with open(out) as f:
         runs.append(json.load(f))
