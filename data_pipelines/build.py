@@ -16,8 +16,9 @@ so a failed or killed build leaves the previous datasets as they were (the next 
 what a killed one left; :mod:`data_pipelines.build_dir`). User errors (a missing TenSet dir, bad
 flag values) print one line and exit 1. Prints one summary per config
 (records read/kept/skipped by reason, loop tokens made/skipped by reason, tasks, examples per
-split and hardware) and the build rate. Read them back with
-``data_pipelines.loader.load_arrays(data_dir, config_name)``.
+split and hardware) and the build rate. ``--workers`` (default: all cores) processes read,
+featurize and replay whole task files; the datasets do not depend on their number. Read them
+back with ``data_pipelines.loader.load_arrays(data_dir, config_name)``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ hold-out list, crop and platform.
 
 Each hardware is read and featurized once per build (:class:`RecordStaging`, flat arrays on
 disk, shared by all configs of the build), so a build scales to TenSet's ~8.6M records per
-hardware without holding features in memory.
+hardware without holding features in memory. Whole task files are read, featurized and replayed
+by ``workers`` processes (:mod:`data_pipelines.file_stager`), taken back in file order: the
+datasets are the same bytes for any number of workers.
 """
 
 from __future__ import annotations
