@@ -2,6 +2,17 @@ r"""Dataset build and array-loader throughput.
 
   python -m bench.dataset_build --tenset_dir /work/shared/tenset-mini \
       [--scale_records 1000000] [--out bench/results/dataset_build.json]
+  python -m bench.dataset_build --tenset_dir /work/shared/tenset-mini \
+      --skeletons data/skeletons/tenset-mini.json --workers_runs 1,2 \
+      --out bench/results/dataset_build_workers.json
+
+``--workers_runs``: only the parallel build (``data_pipelines.build --workers N``, every config,
+loop tokens from ``--skeletons``), once per N, each in a fresh process: records/s, peak RSS
+(the build process and its workers, summed, sampled every 0.1 s), the time spent staging
+(reading + featurizing + replaying) and the main process's CPU seconds in it, the load average
+before and after, and a digest of the decoded arrays + metadata of every config (the runs must
+agree). The projection to more cores assumes the staging work scales with the workers and the
+rest (the main process's share of staging, the shard writing) does not.
 
 1. Builds every config of ``--tenset_dir`` (all hardware + the multi config) and times it.
 2. Array loader: first load (decode + write the .npy cache) and cached loads (open, and a full
@@ -20,8 +31,12 @@ import datetime
 import hashlib
 import json
 import os
+import resource
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -49,6 +64,181 @@ _STORAGE_OF = flags.DEFINE_string(
   "DATA_DIR:CONFIG of a built dataset: only report its bytes per example (on disk, in the "
   "array cache, in the trainer's memory) and whether its step features are exact in float16.",
 )
+
+
+_WORKERS_RUNS = flags.DEFINE_list(
+  "workers_runs", [], "Worker counts of the parallel-build benchmark (e.g. 1,2); empty = skip."
+)
+_SKELETONS = flags.DEFINE_string(
+  "skeletons", None, "Skeleton file of the parallel-build benchmark (loop tokens on)."
+)
+_PROJECT_TO = flags.DEFINE_integer("project_to", 16, "Cores of the projected build rate.")
+_WORKERS_CHILD = flags.DEFINE_integer(
+  "workers_child", 0, "Internal: run one parallel build with this many workers and exit."
+)
+_CHILD_OUT = flags.DEFINE_string("child_out", None, "Internal: the child's result JSON.")
+
+
+class _RssSampler:
+  """Peak RSS of this process and of all its descendants (summed), sampled in a thread."""
+
+  def __init__(self, period_s: float = 0.1):
+    import psutil
+
+    self._proc = psutil.Process()
+    self._psutil = psutil
+    self.period_s = period_s
+    self.peak_total = self.peak_main = 0
+    self.peak_processes = 1
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def _sample(self) -> None:
+    main = self._proc.memory_info().rss
+    total, n = main, 1
+    for child in self._proc.children(recursive=True):
+      try:
+        total += child.memory_info().rss
+        n += 1
+      except self._psutil.Error:  # exited between the listing and the read
+        pass
+    self.peak_main = max(self.peak_main, main)
+    self.peak_total = max(self.peak_total, total)
+    self.peak_processes = max(self.peak_processes, n)
+
+  def _run(self) -> None:
+    while not self._stop.is_set():
+      self._sample()
+      self._stop.wait(self.period_s)
+
+  def __enter__(self) -> _RssSampler:
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join()
+    self._sample()
+
+
+def _digest(data_dir: str, configs: list[str]) -> str:
+  """SHA-256 of the decoded arrays and metadata of the configs (shard files are not stable)."""
+  h = hashlib.sha256()
+  for config in configs:
+    arrays = loader.load_arrays(data_dir, config)
+    h.update(json.dumps(arrays.metadata, sort_keys=True).encode())
+    for split in schema.SPLITS:
+      sp = arrays.split(split)
+      for name in schema.FIELDS:
+        a = getattr(sp, name)
+        if a is not None:
+          a = np.ascontiguousarray(a)
+          h.update(f"{split}/{name}/{a.dtype}/{a.shape}".encode())
+          h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _workers_child(workers: int, out: str) -> None:
+  """One timed parallel build (in this fresh process); writes its numbers to ``out``."""
+  work = tempfile.mkdtemp(prefix="bench_workers_")
+  stage_s = [0.0]
+  stage_cpu = [0.0]
+  real_stage = tenset_tfds.RecordStaging._stage
+
+  def timed_stage(self, hardware):
+    t, r = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    try:
+      return real_stage(self, hardware)
+    finally:
+      r2 = resource.getrusage(resource.RUSAGE_SELF)
+      stage_s[0] += time.perf_counter() - t
+      stage_cpu[0] += (r2.ru_utime - r.ru_utime) + (r2.ru_stime - r.ru_stime)
+
+  tenset_tfds.RecordStaging._stage = timed_stage
+  try:
+    data_dir = os.path.join(work, "data")
+    configs = tenset_tfds.make_configs(
+      _TENSET_DIR.value, loop_tokens="on", skeletons=_SKELETONS.value
+    )
+    load_before = os.getloadavg()
+    with _RssSampler() as rss:
+      t = time.perf_counter()
+      metas = tenset_tfds.build(_TENSET_DIR.value, data_dir, configs, workers=workers)
+      wall = time.perf_counter() - t
+    load_after = os.getloadavg()
+    # Each hardware is read once however many configs use it (as the build CLI counts).
+    lines = {hw: s["lines"] for m in metas for hw, s in m["read_stats"].items()}
+    records = sum(lines.values())
+    examples = sum(sum(m["examples"].values()) for m in metas)
+    result = {
+      "workers": workers,
+      "configs": [m["config"] for m in metas],
+      "records_read": records,
+      "examples_written": examples,
+      "wall_s": wall,
+      "records_per_s": records / wall,
+      "stage_s": stage_s[0],
+      "main_process_stage_cpu_s": stage_cpu[0],
+      "write_s": wall - stage_s[0],
+      "write_examples_per_s": examples / max(wall - stage_s[0], 1e-9),
+      "peak_rss_total_bytes": rss.peak_total,
+      "peak_rss_main_bytes": rss.peak_main,
+      "peak_processes": rss.peak_processes,
+      "load_average_before": load_before,
+      "load_average_after": load_after,
+      "digest": _digest(data_dir, [m["config"] for m in metas]),
+    }
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+  common.write_json(out, result)
+
+
+def workers_benchmark(worker_counts: list[int], project_to: int) -> dict:
+  """Runs :func:`_workers_child` once per worker count, each in a fresh process."""
+  runs = []
+  for n in worker_counts:
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "run.json")
+      cmd = [sys.executable, "-m", "bench.dataset_build", "--workers_child", str(n)]
+      cmd += ["--child_out", out, "--tenset_dir", _TENSET_DIR.value]
+      cmd += ["--skeletons", _SKELETONS.value, "--verbosity", "-1"]
+      subprocess.run(cmd, check=True, cwd=_REPO)
+      with open(out) as f:
+        runs.append(json.load(f))
+    r = runs[-1]
+    print(
+      f"workers {n}: {r['records_per_s']:.0f} records/s ({r['wall_s']:.1f} s, staging "
+      f"{r['stage_s']:.1f} s), peak RSS {r['peak_rss_total_bytes'] / 2**20:.0f} MiB over "
+      f"{r['peak_processes']} processes, load {r['load_average_before'][0]:.1f} -> "
+      f"{r['load_average_after'][0]:.1f}"
+    )
+  one = next((r for r in runs if r["workers"] == 1), None)
+  multi = [r for r in runs if r["workers"] > 1]
+  out = {
+    "runs": runs,
+    "same_output": len({r["digest"] for r in runs}) == 1,
+  }
+  if one is not None and multi:
+    # Amdahl: the per-file work (one process's staging time) splits over the cores; the main
+    # process's share of staging (measured with workers) and the shard writing stay serial.
+    serial_stage = max(r["main_process_stage_cpu_s"] for r in multi)
+    stage = max(one["stage_s"] / project_to, serial_stage)
+    wall = stage + one["write_s"]
+    out["projection"] = {
+      "cores": project_to,
+      "stage_s": stage,
+      "write_s": one["write_s"],
+      "records_per_s": one["records_read"] / wall,
+      "speedup_over_one_worker": one["wall_s"] / wall,
+      "assumes": "staging work scales linearly with workers; the main process's staging CPU "
+      "(measured with workers) and the shard writing are serial",
+    }
+    print(
+      f"projected at {project_to} cores: {out['projection']['records_per_s']:.0f} records/s "
+      f"({out['projection']['speedup_over_one_worker']:.1f}x one worker)"
+    )
+  print(f"same decoded arrays + metadata for every worker count: {out['same_output']}")
+  return out
 
 
 def storage_report(data_dir: str, config: str) -> dict:
@@ -183,6 +373,23 @@ def _replicate(
 
 def main(argv) -> None:
   del argv
+  if _WORKERS_CHILD.value:
+    _workers_child(_WORKERS_CHILD.value, _CHILD_OUT.value)
+    return
+  if _WORKERS_RUNS.value:
+    if not _SKELETONS.value:
+      raise app.UsageError("--workers_runs needs --skeletons (the build runs with loop tokens)")
+    report = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "machine": _machine(),
+      "tenset_dir": _TENSET_DIR.value,
+      "skeletons": _SKELETONS.value,
+      "loop_tokens": True,
+      "parallel_build": workers_benchmark([int(n) for n in _WORKERS_RUNS.value], _PROJECT_TO.value),
+    }
+    report["machine"]["load_average_end"] = os.getloadavg()
+    common.write_json(_OUT.value, report)
+    return
   if _STORAGE_OF.value:
     data_dir, _, config = _STORAGE_OF.value.rpartition(":")
     if not data_dir or not config:

@@ -16,12 +16,14 @@ so a failed or killed build leaves the previous datasets as they were (the next 
 what a killed one left; :mod:`data_pipelines.build_dir`). User errors (a missing TenSet dir, bad
 flag values) print one line and exit 1. Prints one summary per config
 (records read/kept/skipped by reason, loop tokens made/skipped by reason, tasks, examples per
-split and hardware) and the build rate. Read them back with
-``data_pipelines.loader.load_arrays(data_dir, config_name)``.
+split and hardware) and the build rate. ``--workers`` (default: all cores) processes read,
+featurize and replay whole task files; the datasets do not depend on their number. Read them
+back with ``data_pipelines.loader.load_arrays(data_dir, config_name)``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -68,8 +70,9 @@ _SKELETONS = flags.DEFINE_string(
 )
 _WORKERS = flags.DEFINE_integer(
   "workers",
-  1,
-  "Processes replaying task files for the loop tokens (results do not depend on it).",
+  os.cpu_count() or 1,
+  "Processes reading, featurizing and replaying whole task files (default: all cores); the "
+  "datasets are the same bytes for any number.",
   lower_bound=1,
 )
 _CROP = flags.DEFINE_list(

@@ -14,9 +14,9 @@ faster). The traced-template cache of :mod:`tlp_jax.core.replay_cache` is not us
 sees most templates about twice, and tracing costs more than it saves in one pass (measured on
 the sample: 1,140 records/s plain vs 440/s with the cache).
 
-Replay is the slow part of a build (~1k records/s per core), so :class:`LoopTokenSource` can
-shard it by task file over ``workers`` processes; the results do not depend on the number of
-workers (each file is computed by the same function, and results are taken in file order).
+Replay is the slow part of a build (~1k records/s per core): the build runs it per task file
+in worker processes, with the reading and featurizing of the file
+(:mod:`data_pipelines.file_stager`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import multiprocessing
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -196,52 +195,23 @@ def tokens_of_lines(
   return FileTokens(ok, tokens, stats)
 
 
-class _Done:
-  """A result computed in this process, with the ``get()`` of an ``AsyncResult``."""
-
-  def __init__(self, value):
-    self._value = value
-
-  def get(self):
-    return self._value
-
-
-# Per worker process: the skeleton collection (loaded once by the pool initializer).
-_WORKER: dict = {}
-
-
-def _init_worker(path: str) -> None:
-  _WORKER["skeletons"] = sk.load_collection(path)
-
-
-def _work(key: str, lines, max_tokens: int, where: str, line_numbers) -> FileTokens:
-  return tokens_of_lines(_WORKER["skeletons"][key], lines, max_tokens, where, line_numbers)
-
-
 class LoopTokenSource:
-  """The skeletons of a build and the (optionally parallel) replay of its task files.
+  """The skeletons of a build and the replay of its task files' records.
 
   Attributes:
     path: the skeleton collection file.
     tenset_dir: the TenSet root (for error messages).
     max_tokens: ``T``; tokens are ``(T, WIDTH)`` float16.
-    workers: processes that replay task files (1 = in this process).
   """
 
-  def __init__(
-    self, path: str, tenset_dir: str, max_tokens: int = lt.DEFAULT_MAX_TOKENS, workers: int = 1
-  ):
-    if workers < 1:
-      raise ValueError(f"workers must be >= 1, got {workers}")
+  def __init__(self, path: str, tenset_dir: str, max_tokens: int = lt.DEFAULT_MAX_TOKENS):
     if max_tokens < 1:
       raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     self.path = path
     self.tenset_dir = tenset_dir
     self.max_tokens = int(max_tokens)
-    self.workers = int(workers)
     self.skeletons = sk.load_collection(path)
     self.failed = sk.load_failed(path)
-    self._pool = None
 
   def layout(self) -> dict:
     """The dataset metadata entry :data:`schema.LOOP_TOKENS_META` of tokens made here."""
@@ -274,42 +244,22 @@ class LoopTokenSource:
     """``{key: skeleton}`` of the given tasks that have one."""
     return {k: self.skeletons[k] for k in workload_keys if k in self.skeletons}
 
-  def submit(
+  def tokens(
     self, workload_key: str, lines: Sequence[bytes], where: str, line_numbers: Sequence[int]
-  ):
-    """Starts the tokens of one task file's lines; ``.get()`` of the result is a
-    :class:`FileTokens`. Raises :class:`MissingSkeletonError` for an unknown task."""
+  ) -> FileTokens:
+    """The loop tokens of one task file's record lines (in this process).
+
+    Raises:
+      MissingSkeletonError: the collection does not know the task.
+    """
     self.check(workload_key, where)
     if workload_key not in self.skeletons:
-      return _Done(
-        tokens_of_lines(
-          None, lines, self.max_tokens, where, line_numbers, self.failed[workload_key]
-        )
+      return tokens_of_lines(
+        None, lines, self.max_tokens, where, line_numbers, self.failed[workload_key]
       )
-    if self.workers == 1:
-      return _Done(
-        tokens_of_lines(self.skeletons[workload_key], lines, self.max_tokens, where, line_numbers)
-      )
-    if self._pool is None:
-      # spawn, not fork: the parent may run threads (TFDS, JAX in tests) that fork would copy
-      # mid-operation.
-      ctx = multiprocessing.get_context("spawn")
-      self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.path,))
-    return self._pool.apply_async(
-      _work, (workload_key, list(lines), self.max_tokens, where, list(map(int, line_numbers)))
+    return tokens_of_lines(
+      self.skeletons[workload_key], lines, self.max_tokens, where, line_numbers
     )
-
-  @property
-  def in_flight(self) -> int:
-    """How many task files may be pending at once (the caller's look-ahead)."""
-    return 0 if self.workers == 1 else 2 * self.workers
-
-  def close(self) -> None:
-    """Stops the worker processes (if any)."""
-    if self._pool is not None:
-      self._pool.close()
-      self._pool.join()
-      self._pool = None
 
 
 __all__ = [

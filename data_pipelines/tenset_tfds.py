@@ -27,12 +27,13 @@ hold-out list, crop and platform.
 
 Each hardware is read and featurized once per build (:class:`RecordStaging`, flat arrays on
 disk, shared by all configs of the build), so a build scales to TenSet's ~8.6M records per
-hardware without holding features in memory.
+hardware without holding features in memory. Whole task files are read, featurized and replayed
+by ``workers`` processes (:mod:`data_pipelines.file_stager`), taken back in file order: the
+datasets are the same bytes for any number of workers.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -50,7 +51,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from absl import logging
 
-from data_pipelines import build_dir, loop_token_source, schema
+from data_pipelines import build_dir, file_stager, loop_token_source, schema
 from tlp_jax.core import features as features_lib
 from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.core import network_info as network_info_lib
@@ -160,6 +161,7 @@ class RecordStaging:
     work_dir: str,
     crop: tuple[int, int] | None = None,
     token_source: loop_token_source.LoopTokenSource | None = None,
+    workers: int = 1,
   ):
     self.tenset_dir = tenset_dir
     self.token_source = token_source
@@ -167,6 +169,11 @@ class RecordStaging:
     self.crop = tuple(crop) if crop else None
     self._featurizers: dict[str, Any] = {}
     self._staged: dict[str, StagedHardware] = {}
+    self._stager = file_stager.FileStager(workers, token_source)
+
+  def close(self) -> None:
+    """Stops the worker processes (if any)."""
+    self._stager.close()
 
   def featurizer(self, platform: str):
     """The shared featurizer (and vocabulary, ``.vocab``) of a platform."""
@@ -212,15 +219,17 @@ class RecordStaging:
     tok_path = self._new_file(hardware, ".f16") if src is not None else None
     acc = _StageAccumulator(src is not None)
     layouts = set()
-    # Task files read here (the featurizer's vocabulary grows in this process only) while the
-    # loop tokens of up to ``src.in_flight`` earlier files are computed by the workers.
-    pending: collections.deque = collections.deque()
+    # Whole task files are read, featurized and replayed by the stager's workers; results come
+    # back in file order, as the one-process read makes them (data_pipelines.file_stager).
     with (
       open(feat_path, "wb") as feat_out,
       open(tok_path, "wb") if tok_path else contextlib.nullcontext() as tok_out,
     ):
-      for path in tqdm.tqdm(paths, desc=f"reading {hardware}", unit=" files", mininterval=2):
-        tf = records_lib.read_task_file(path, hardware=hardware, featurizer=featurizer)
+      staged_files = _named_errors(self._stager.stage(paths, hardware, featurizer))
+      for got in tqdm.tqdm(
+        staged_files, total=len(paths), desc=f"reading {hardware}", unit=" files", mininterval=2
+      ):
+        path, tf = got.path, got.task
         acc.stats = tf.stats if acc.stats is None else acc.stats + tf.stats
         if not len(tf):
           continue
@@ -234,17 +243,7 @@ class RecordStaging:
             f"{platform} of the rest of {hardware}"
           )
         layouts.add(tf.layout)
-        job = None
-        if src is not None:
-          lines = tf.line_numbers
-          job = src.submit(
-            tf.workload_key, records_lib.lines_at(path, lines), os.path.basename(path), lines
-          )
-        pending.append((path, tf, job))
-        while len(pending) > (src.in_flight if src is not None else 0):
-          self._finish_file(acc, feat_out, tok_out, *pending.popleft())
-      while pending:
-        self._finish_file(acc, feat_out, tok_out, *pending.popleft())
+        self._finish_file(acc, feat_out, tok_out, path, tf, got.tokens)
     if not acc.task_keys:
       read = _stats_line(stats_to_json(acc.stats)) if acc.stats is not None else "no files"
       raise DatasetBuildError(
@@ -330,13 +329,12 @@ class RecordStaging:
     tok_out,
     path: str,
     tf,
-    job,
+    got,
   ) -> None:
     """Writes one task file's kept records (valid and, with loop tokens, replayed)."""
     feats = np.asarray(tf.features, dtype=np.float32)
     keep = np.ones(feats.shape[0], bool)
-    if job is not None:
-      got = job.get()
+    if got is not None:
       acc.token_stats += got.stats
       keep = got.ok
       tok_out.write(got.tokens.tobytes())
@@ -359,6 +357,14 @@ class RecordStaging:
     acc.keys.append(np.asarray(tf.program_keys, dtype=np.uint64)[keep])
     acc.rec_task.append(np.full(int(keep.sum()), task, np.int32))
     acc.task_files.append(os.path.basename(path))
+
+
+def _named_errors(files):
+  """The staged files, with a file's failure as a :class:`DatasetBuildError` naming it."""
+  try:
+    yield from files
+  except file_stager.FileStageError as e:
+    raise DatasetBuildError(str(e)) from e
 
 
 @dataclasses.dataclass
@@ -781,6 +787,7 @@ class Tenset(tfds.core.ShardBasedBuilder):
         )
     finally:
       if self._own_staging_dir:
+        self._staging.close()
         shutil.rmtree(self._own_staging_dir, ignore_errors=True)
         self._own_staging_dir = None
         self._staging = None
@@ -995,9 +1002,11 @@ def build(
   leaves the datasets already in ``data_dir`` untouched, and the next build deletes (or, when
   it was complete, finishes) what a killed one left. Hardware shared by several configs is
   read once (the featurized records are kept in the staging folder during the build). Configs
-  with ``loop_tokens`` replay their records over the skeletons of ``token_source`` when given
-  (the caller owns it: close it after), else of the configs' ``skeletons`` file, replayed by
-  ``workers`` processes.
+  with ``loop_tokens`` replay their records over the skeletons of ``token_source`` when given,
+  else of the configs' ``skeletons`` file.
+
+  ``workers`` processes read, featurize and replay whole task files
+  (:mod:`data_pipelines.file_stager`); the datasets are the same for any number of workers.
   """
   crops = {c.crop for c in configs}
   if len(crops) > 1:
@@ -1006,7 +1015,6 @@ def build(
   if len(tokens) > 1:
     raise DatasetBuildError(f"configs of one build must share loop_tokens, got {tokens}")
   with_tokens = next(iter(tokens), False)
-  own_source = None
   if with_tokens and token_source is None:
     paths = {c.skeletons for c in configs}
     if len(paths) != 1 or None in paths:
@@ -1015,37 +1023,37 @@ def build(
         f"or a LoopTokenSource); extract them once with TVM: "
         f"{loop_token_source.extract_hint(tenset_dir)}"
       )
-    token_source = own_source = loop_token_source.LoopTokenSource(
-      next(iter(paths)), tenset_dir, workers=workers
+    token_source = loop_token_source.LoopTokenSource(next(iter(paths)), tenset_dir)
+  with (
+    build_dir.StagedBuild(data_dir) as staged_build,
+    _quiet_tfds(),
+    contextlib.ExitStack() as stack,
+  ):
+    staging = RecordStaging(
+      tenset_dir,
+      staged_build.work_dir,
+      crop=next(iter(crops)),
+      token_source=token_source if with_tokens else None,
+      workers=workers,
     )
-  try:
-    with build_dir.StagedBuild(data_dir) as staged_build, _quiet_tfds():
-      staging = RecordStaging(
-        tenset_dir,
-        staged_build.work_dir,
-        crop=next(iter(crops)),
-        token_source=token_source if with_tokens else None,
+    stack.callback(staging.close)
+    metas = []
+    for cfg in configs:
+      builder = Tenset(
+        tenset_dir=tenset_dir,
+        staging=staging,
+        config=cfg,
+        data_dir=staged_build.out_dir,
+        file_format="array_record",
+        shard_size=shard_size,
       )
-      metas = []
-      for cfg in configs:
-        builder = Tenset(
-          tenset_dir=tenset_dir,
-          staging=staging,
-          config=cfg,
-          data_dir=staged_build.out_dir,
-          file_format="array_record",
-          shard_size=shard_size,
-        )
-        builder.download_and_prepare(
-          download_dir=os.path.join(staged_build.work_dir, "downloads"),
-          download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS,
-            compute_stats=tfds.download.ComputeStatsMode.SKIP,
-          ),
-        )
-        metas.append(dict(builder.info.metadata))
-      staged_build.commit([cfg.name for cfg in configs])
-    return metas
-  finally:
-    if own_source is not None:
-      own_source.close()
+      builder.download_and_prepare(
+        download_dir=os.path.join(staged_build.work_dir, "downloads"),
+        download_config=tfds.download.DownloadConfig(
+          download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS,
+          compute_stats=tfds.download.ComputeStatsMode.SKIP,
+        ),
+      )
+      metas.append(dict(builder.info.metadata))
+    staged_build.commit([cfg.name for cfg in configs])
+  return metas

@@ -29,16 +29,11 @@ XEON = "xeon-emr-16c"
 def _build(
   tenset_dir, data_dir, hardware=None, multi=True, workers=1, skeletons=None, validation="by_record"
 ):
-  source = lts.LoopTokenSource(
-    skeletons or sk.tenset_skeletons_path(tenset_dir), tenset_dir, workers=workers
+  source = lts.LoopTokenSource(skeletons or sk.tenset_skeletons_path(tenset_dir), tenset_dir)
+  cfgs = tenset_tfds.make_configs(
+    tenset_dir, hardware=hardware, multi=multi, loop_tokens=True, validation=validation
   )
-  try:
-    cfgs = tenset_tfds.make_configs(
-      tenset_dir, hardware=hardware, multi=multi, loop_tokens=True, validation=validation
-    )
-    return tenset_tfds.build(tenset_dir, data_dir, cfgs, token_source=source)
-  finally:
-    source.close()
+  return tenset_tfds.build(tenset_dir, data_dir, cfgs, token_source=source, workers=workers)
 
 
 @pytest.fixture(scope="module")
