@@ -132,6 +132,28 @@ def test_command_line_overrides_reach_the_typed_config(monkeypatch):
   assert (cfg.model.ensemble_size, cfg.optim.learning_rate, cfg.loss.name) == (1, 1e-3, "mse")
 
 
+@pytest.mark.parametrize(
+  "value, want", [("auto", "auto"), ("4294967296", 4294967296), ("1024", 1024)]
+)
+def test_device_data_max_bytes_from_the_command_line(monkeypatch, value, want):
+  """The field's default is "auto" (a string field): a byte count on the command line arrives
+  as digits and must reach the trainer as the number."""
+  argv = ["prog", f"--config={default.__file__}", f"--config.device_data_max_bytes={value}"]
+  monkeypatch.setattr("sys.argv", argv)
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True)
+  fv(argv)
+  assert config_lib.from_config_dict(fv.config).device_data_max_bytes == want
+
+
+@pytest.mark.parametrize("value", ["lots", "-5", ""])
+def test_a_bad_device_data_max_bytes_is_a_config_error(value):
+  config = default.get_config()
+  config.device_data_max_bytes = value
+  with pytest.raises(config_lib.ConfigError, match="device_data_max_bytes"):
+    config_lib.from_config_dict(config)
+
+
 @pytest.mark.parametrize("dataset", ["epyc-9004", "xeon-emr-16c"])
 def test_heads_default_to_the_datasets_hardware(dataset):
   """``--config.dataset xeon-emr-16c`` alone trains a xeon-emr-16c model."""

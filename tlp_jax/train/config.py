@@ -133,6 +133,17 @@ class TrainConfig:
     _check_choice("init_mode", self.init_mode, INIT_MODES)
     if self.init_mode == "heads" and not self.init_from:
       raise ConfigError('config.init_mode="heads" trains only the heads: it needs config.init_from')
+    # "auto" or a byte count. The ConfigDict field is a string (its default is "auto"), so a
+    # byte count given on the command line arrives as digits: read them as the number.
+    budget = self.device_data_max_bytes
+    if isinstance(budget, str) and budget.strip().isdigit():
+      object.__setattr__(self, "device_data_max_bytes", int(budget))
+    elif budget != "auto" and (
+      isinstance(budget, bool) or not isinstance(budget, int) or budget < 0
+    ):
+      raise ConfigError(
+        f"config.device_data_max_bytes must be 'auto' or a byte count, got {budget!r}"
+      )
     for name in (
       "batch_size",
       "eval_batch_size",
