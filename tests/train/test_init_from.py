@@ -254,3 +254,19 @@ def test_a_workdir_without_validation_starts_from_its_latest(
   assert loaded.checkpoint == "latest"
   want, _ = _params(source, "latest")
   _assert_tree_equal(loaded.params, want)
+
+
+def test_a_fine_tuning_run_resumes_after_its_source_is_gone(trained, new_test_config, tmp_path):
+  """A rerun resumes from the run's own checkpoint and never reads the source again."""
+  source, _ = trained
+  npz = str(tmp_path / "source.npz")
+  export.export_workdir(source, npz)
+  workdir = tmp_path / "ft"
+  first = _frozen_run(new_test_config, npz, workdir)
+  os.remove(npz)
+  again = _frozen_run(new_test_config, npz, workdir)  # same command: resumes, all done
+  assert int(again.state.step) == int(first.state.step)
+  _assert_tree_equal(jax.device_get(again.state.params), jax.device_get(first.state.params))
+  # A new workdir still needs the source, and says so in one line.
+  with pytest.raises(init_from.InitFromError):
+    _frozen_run(new_test_config, npz, tmp_path / "other")

@@ -289,9 +289,15 @@ def _train_and_evaluate(
     config.optim, steps_per_epoch, total_steps, model_config.ensemble_size
   )
   tx = init_from.wrap_optimizer(tx, config.init_mode)
-  # A source to start from is checked before the workdir is touched (init_from.py).
+  # A source to start from is checked before the workdir is touched (init_from.py). A run
+  # that has a checkpoint of its own resumes from it and never reads the source again, so a
+  # fine-tuning run still resumes after its source was moved or deleted.
+  latest_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR, checkpoints.LATEST)
+  has_own_checkpoint = any(
+    checkpoints.TMP_MARKER not in e for e in checkpoints.step_entries(latest_dir)
+  )
   source = None
-  if config.init_from:
+  if config.init_from and not has_own_checkpoint:
     source = init_from.load_source(config.init_from)
     init_from.check_compatible(
       source, model_config, data.dataset_meta(dataset, hardware, loop_tokens)
