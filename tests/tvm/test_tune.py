@@ -130,3 +130,27 @@ def test_a_bad_model_fails_before_tuning_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
   assert not (tmp_path / "o" / "records.json").exists()
+
+
+@needs_tvm
+def test_a_head_the_model_lacks_fails_before_task_extraction(tmp_path, monkeypatch):
+  model = _tiny_step_model(tmp_path)  # one head, "hw"
+  extracted = []
+  monkeypatch.setattr(collect, "extract_network_tasks", lambda *a, **k: extracted.append(a))
+  with pytest.raises(tune.TuneError, match="no head for hardware 'xeon-emr-16c'"):
+    tune.run(_config(tmp_path, model, hardware="xeon-emr-16c"))
+  assert extracted == []
+
+
+@needs_tvm
+def test_the_random_model_reaches_ansor_as_its_own_type():
+  """Ansor's C++ treats a RandomModel node specially (TVM's random baseline); a Python wrapper
+  would turn it into a full evolutionary search on random scores."""
+  from tvm import auto_scheduler
+
+  cfg = tune.TuneConfig(
+    network=collect.NetworkSpec("mlp", 1, 8), out_dir="unused", n_trials=2, cost_model="random"
+  )
+  model = tune.make_cost_model(cfg, num_tasks=1, per_round=2)
+  assert isinstance(model.tvm_model, auto_scheduler.RandomModel)
+  assert model.predict_calls == [] and model.update_calls == []

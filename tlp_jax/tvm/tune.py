@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from tlp_jax.core import atomic_file, pretrained
 from tlp_jax.core import predictor as npred
-from tlp_jax.core import pretrained
 from tlp_jax.tvm import collect, tvm_import
 from tlp_jax.tvm import cost_model as tlp_cost_model
 
@@ -137,6 +137,15 @@ def select_tasks(tasks: Sequence, weights: Sequence[int], num_tasks: int) -> lis
   return sorted(order[:num_tasks] if num_tasks > 0 else order)
 
 
+class _Untimed:
+  """Ansor's ``RandomModel`` as it is, with empty call logs: Ansor's C++ recognises a random
+  model by its node type (it then samples the whole population and cuts the evolutionary search
+  short, TVM's random baseline), which a Python wrapper would hide."""
+
+  def __init__(self, inner):
+    self.inner, self.predict_calls, self.update_calls = inner, [], []
+
+
 def _timed(inner) -> Any:
   """Ansor cost model ``inner`` with every ``predict`` / ``update`` timed (``.predict_calls``:
   (states, seconds), ``.update_calls``: (measurements, seconds))."""
@@ -161,29 +170,42 @@ def _timed(inner) -> Any:
   return Timed()
 
 
-def make_cost_model(cfg: TuneConfig, num_tasks: int, per_round: int):
-  """The run's cost model (timed). A bad model file or name raises here, before tuning."""
+def make_tlp_model(cfg: TuneConfig) -> Any:
+  """``tlp``'s cost model, made before anything else: a bad model file or name, or a head the
+  model lacks, raises a user error here, before minutes of task extraction."""
+  try:
+    return tlp_cost_model.TLPCostModel(
+      pretrained.load_spec(cfg.load_model), hardware=cfg.hardware, update=cfg.update
+    )
+  except (npred.PredictorError, pretrained.PretrainedError, FileNotFoundError):
+    raise
+  except ValueError as e:  # e.g. no head for --hw
+    raise TuneError(f"--load_model {cfg.load_model}: {e}") from None
+
+
+def make_cost_model(cfg: TuneConfig, num_tasks: int, per_round: int, tlp_model: Any = None):
+  """The run's cost model, with a ``predict_calls`` / ``update_calls`` log (timed, except
+  Ansor's random model) and the model Ansor is given as ``.tvm_model``."""
   from tvm import auto_scheduler
 
   if cfg.cost_model == "tlp":
-    model = tlp_cost_model.TLPCostModel(
-      pretrained.load_spec(cfg.load_model), hardware=cfg.hardware, update=cfg.update
-    )
+    model = tlp_model if tlp_model is not None else make_tlp_model(cfg)
   elif cfg.cost_model == "xgb":
     from tvm.auto_scheduler.cost_model import XGBModel
 
     # As TVM's make_search_policies: random predictions for the first tasks x per-round trials.
     model = XGBModel(num_warmup_sample=num_tasks * per_round, seed=cfg.seed + 43, verbose_eval=0)
   else:
-    model = auto_scheduler.RandomModel()
-  return _timed(model)
+    logged = _Untimed(auto_scheduler.RandomModel())
+    logged.tvm_model = logged.inner
+    return logged
+  logged = _timed(model)
+  logged.tvm_model = logged
+  return logged
 
 
 def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  atomic_file.write_atomically(path, lambda f: json.dump(obj, f, indent=1))
 
 
 def _count_records(log_file: str, keys: set[str]) -> tuple[list, list]:
@@ -266,7 +288,7 @@ def tune_tasks(
   policies = [
     auto_scheduler.SketchPolicy(
       t,
-      program_cost_model=model,
+      program_cost_model=model.tvm_model,
       params={"evolutionary_search_population": cfg.population},
       seed=cfg.seed + 1 + i,
       verbose=0,
@@ -362,10 +384,10 @@ def plot(report: dict, path: str) -> None:
     if pts:
       ax.legend()
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    atomic_file.write_atomically(path, lambda f: fig.savefig(f, dpi=100, format="png"), binary=True)
+  finally:
+    plt.close(fig)
 
 
 def run(cfg: TuneConfig) -> dict:
@@ -382,8 +404,7 @@ def run(cfg: TuneConfig) -> dict:
   if os.path.dirname(cfg.log_path):
     os.makedirs(os.path.dirname(cfg.log_path), exist_ok=True)
   # The model first: a bad file or name must fail before minutes of task extraction.
-  if cfg.cost_model == "tlp":
-    pretrained.load_spec(cfg.load_model)
+  tlp_model = make_tlp_model(cfg) if cfg.cost_model == "tlp" else None
   mod, params = collect.NETWORKS[cfg.network.name](cfg.network.batch_size, cfg.network.input_size)
   t0 = time.time()
   all_tasks, all_weights = collect.extract_network_tasks(cfg.network, target, None)
@@ -393,7 +414,7 @@ def run(cfg: TuneConfig) -> dict:
   if cfg.n_trials < len(tasks):
     raise TuneError(f"--n_trials {cfg.n_trials} is below the {len(tasks)} tasks to tune")
   per_round = min(cfg.num_measures_per_round, cfg.n_trials // len(tasks))
-  model = make_cost_model(cfg, len(tasks), per_round)
+  model = make_cost_model(cfg, len(tasks), per_round, tlp_model)
   label = cfg.cost_model + (f" ({cfg.update})" if cfg.cost_model == "tlp" else "")
   out_json = os.path.join(cfg.out_dir, RESULT_JSON)
   previous = {}
