@@ -26,9 +26,7 @@ CLI::
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging as std_logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -204,27 +202,6 @@ def meta_kwargs(meta: Mapping[str, Any]) -> dict[str, Any]:
   )
 
 
-class _DropOrbaxChatter(std_logging.Filter):
-  """Drops Orbax's INFO and WARNING records (its errors pass)."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
-@contextlib.contextmanager
-def quiet_orbax():
-  """Silences Orbax's ~30 INFO/WARNING lines per restore (manager options, handler registry,
-  read timings) while the block runs: a read-only restore for export or evaluation has nothing
-  to report. Orbax logs through absl's logger, so the filter sits there; errors still show."""
-  drop = _DropOrbaxChatter()
-  logger = std_logging.getLogger("absl")
-  logger.addFilter(drop)
-  try:
-    yield
-  finally:
-    logger.removeFilter(drop)
-
-
 def restore_for_export(
   workdir: str, which: str = "best"
 ) -> tuple[Any, model_lib.TLPConfig, dict[str, Any]]:
@@ -253,12 +230,12 @@ def restore_for_export(
       raise FileNotFoundError(f"{p} missing: {workdir} is not a training workdir")
   model_config = model_lib.TLPConfig.from_dict(checkpoints.read_json(model_path))
   meta = dict(checkpoints.read_json(meta_path))
-  with quiet_orbax():
-    manager = checkpoints.open_for_reading(workdir, which)
-    try:
-      tree, ckpt_meta = checkpoints.restore_checkpoint(manager, None)
-    finally:
-      manager.close()
+  # open_for_reading silences Orbax's INFO/WARNING chatter (checkpoints.silence_orbax_logs).
+  manager = checkpoints.open_for_reading(workdir, which)
+  try:
+    tree, ckpt_meta = checkpoints.restore_checkpoint(manager, None)
+  finally:
+    manager.close()
   params = jax.tree_util.tree_map(np.asarray, tree["params"])
   meta.update({k: ckpt_meta[k] for k in ("step", "epoch", "validation") if k in ckpt_meta})
   if meta.get("loop_tokens"):
