@@ -270,3 +270,14 @@ def test_a_fine_tuning_run_resumes_after_its_source_is_gone(trained, new_test_co
   # A new workdir still needs the source, and says so in one line.
   with pytest.raises(init_from.InitFromError):
     _frozen_run(new_test_config, npz, tmp_path / "other")
+
+
+def test_a_shipped_starter_model_is_a_source(new_test_config, tmp_path):
+  """``init_from=pretrained:NAME`` reads the package's starter model (here refused only because
+  configs/test.py's tiny model differs from it); an unknown name lists the shipped ones."""
+  with pytest.raises(init_from.InitFromError, match="pretrained:epyc-9004: its model differs"):
+    _frozen_run(new_test_config, "pretrained:epyc-9004", tmp_path / "a")
+  with pytest.raises(init_from.InitFromError, match="unknown pretrained model 'nope'; available"):
+    _frozen_run(new_test_config, "pretrained:nope", tmp_path / "b")
+  source = init_from.load_source("pretrained:epyc-9004")
+  assert source.path == "pretrained:epyc-9004" and source.meta["hardware"] == ["epyc-9004"]

@@ -13,8 +13,10 @@ work offline right after ``pip install``. A model *spec* is what the command lin
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import os
+import pathlib
 import re
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,16 @@ def _entry(name: str) -> Traversable:
     shipped = ", ".join(names) if names else "none are installed"
     raise PretrainedError(f"unknown pretrained model {name!r}; available: {shipped}")
   return package_dir() / (name + SUFFIX)
+
+
+def as_path(name: str) -> contextlib.AbstractContextManager[pathlib.Path]:
+  """A context manager giving the starter model ``name``'s file as a real path (for readers
+  that take a path, e.g. fine-tuning's ``init_from``).
+
+  Raises:
+    PretrainedError: ``name`` is not one of :func:`available` (the message lists them).
+  """
+  return importlib.resources.as_file(_entry(name))
 
 
 def load(name: str) -> npred.Predictor:

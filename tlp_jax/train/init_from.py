@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from tlp_jax.core import predictor as npred
+from tlp_jax.core import pretrained
 from tlp_jax.train import checkpoints, export
 from tlp_jax.train import model as model_lib
 from tlp_jax.train.config import INIT_MODES
@@ -84,11 +85,18 @@ def _fail(path: str, reason: str) -> InitFromError:
 
 
 def load_source(path: str) -> Source:
-  """Reads a workdir (best checkpoint, else latest) or an exported ``.npz``.
+  """Reads a workdir (best checkpoint, else latest), an exported ``.npz``, or a starter model
+  shipped with the package (``pretrained:NAME``).
 
   Raises:
     InitFromError: no such path, not a workdir / export, or an unreadable checkpoint / file.
   """
+  if pretrained.is_spec(path):  # a starter model shipped with the package
+    try:
+      with pretrained.as_path(path[len(pretrained.SPEC_PREFIX) :]) as file:
+        return dataclasses.replace(_from_npz(str(file)), path=path)
+    except pretrained.PretrainedError as e:
+      raise _fail(path, str(e)) from None
   if os.path.isdir(path):
     return _from_workdir(path)
   if os.path.isfile(path):
