@@ -372,6 +372,12 @@ def _train_and_evaluate(
   placement = config.data_placement
   if placement == "auto":
     budget = data.device_data_budget(config.device_data_max_bytes, devices)
+    if jax.process_count() > 1:
+      # Every process must choose the same placement (they compile one pmapped program with
+      # cross-process collectives); "auto" reads each process's own free memory: take the least.
+      from jax.experimental import multihost_utils
+
+      budget = int(np.min(multihost_utils.process_allgather(np.int64(budget))))
     placement = "device" if train.nbytes <= budget else "host"
   if placement == "device":
     p_train = jax.pmap(
