@@ -1,10 +1,12 @@
 """tlp_jax.train.loop: end-to-end runs of configs/test.py on the sample, resume, multi-host."""
 
 import glob
+import json
 import logging
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -117,6 +119,20 @@ def test_rerun_of_a_finished_run_resumes_and_does_nothing(new_test_config, train
     jax.tree_util.tree_leaves(again.state.params), jax.tree_util.tree_leaves(result.state.params)
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_empty_hardware_and_the_same_heads_named_are_one_run(new_test_config, trained, tmp_path):
+  """``hardware=()`` means the dataset's heads: a workdir recorded either way resumes with the
+  other spelling (workdirs from before the empty default named the heads)."""
+  source, result = trained
+  workdir = str(tmp_path / "run")
+  shutil.copytree(source, workdir)
+  config = new_test_config()
+  config.hardware = ("epyc-9004",)
+  again = loop.train_and_evaluate(config, workdir)
+  assert int(again.state.step) == int(result.state.step)
+  recorded = json.load(open(os.path.join(workdir, "train_config.json")))
+  assert recorded["hardware"] == ["epyc-9004"]
 
 
 def test_sigkill_mid_epoch_then_rerun_ends_like_an_unbroken_run(

@@ -306,7 +306,10 @@ def _train_and_evaluate(
   # A workdir belongs to one run: refuse to mix runs (a different model or data would make
   # the checkpoints meaningless; different settings would resume into a hybrid). The training
   # config first: its message names every differing field with both values.
-  checkpoints.reconcile_train_config(workdir, config.to_dict(), allow_changes, write=False)
+  # Recorded with the heads actually trained: an empty ``hardware`` (= the dataset's) and the
+  # same heads named explicitly are one run, and workdirs recorded either way resume.
+  recorded_config = dict(config.to_dict(), hardware=tuple(hardware))
+  checkpoints.reconcile_train_config(workdir, recorded_config, allow_changes, write=False)
   checkpoints.check_or_write_json(
     os.path.join(workdir, checkpoints.MODEL_CONFIG_FILE),
     model_config.to_dict(),
@@ -365,7 +368,7 @@ def _train_and_evaluate(
   start_step = int(state.step)
   # Recorded once every guard has passed (the checkpoint's run identity too), so a refused run
   # leaves no trace.
-  checkpoints.reconcile_train_config(workdir, config.to_dict(), allow_changes, write=is_chief)
+  checkpoints.reconcile_train_config(workdir, recorded_config, allow_changes, write=is_chief)
 
   model = model_lib.TLPModel(model_config)
   step_kwargs = dict(model=model, tx=tx, loss_config=config.loss)
