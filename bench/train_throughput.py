@@ -433,6 +433,23 @@ def make_jax_data(split, rows: int, seed: int) -> JaxData:
   return JaxData(resident=resident, rows=rows, heads=int(split.scores.shape[1]))
 
 
+def _compile_with_cost(p_train, args: tuple, out: dict):
+  """Compiles ``p_train`` for ``args`` once, used both for XLA's cost analysis and for the run
+  (pmap's own call path would compile the same program a second time); records ``compile_s``
+  and XLA's FLOPs / bytes per call in ``out``."""
+  t0 = time.perf_counter()
+  compiled = p_train.lower(*args).compile()
+  out["compile_s"] = time.perf_counter() - t0
+  try:
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    out["xla_flops_per_call"] = float(ca.get("flops", float("nan")))
+    out["xla_bytes_per_call"] = float(ca.get("bytes accessed", float("nan")))
+  except Exception as e:  # informative only
+    logging.warning("cost analysis unavailable: %s", e)
+  return compiled
+
+
 def run_jax(
   data: JaxData,
   batch: int,
@@ -499,18 +516,7 @@ def run_jax(
       cur["order"] = p_order(k)
 
     new_order()
-    t0 = time.perf_counter()
-    # One compile, used both for XLA's cost analysis and for the run (pmap's own call path
-    # would compile the same program a second time).
-    compiled = p_train.lower(cur["state"], data.resident, *cur["order"]).compile()
-    out["compile_s"] = time.perf_counter() - t0
-    try:
-      ca = compiled.cost_analysis()
-      ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-      out["xla_flops_per_call"] = float(ca.get("flops", float("nan")))
-      out["xla_bytes_per_call"] = float(ca.get("bytes accessed", float("nan")))
-    except Exception as e:  # informative only
-      logging.warning("cost analysis unavailable: %s", e)
+    compiled = _compile_with_cost(p_train, (cur["state"], data.resident, *cur["order"]), out)
 
     def run(n_calls: int) -> None:
       for _ in range(n_calls):
@@ -923,16 +929,7 @@ def run_recipe_variant(
     state = train_data.replicate_to_devices(
       step_lib.create_train_state(model_cfg, tx, seed), data.devices
     )
-    t0 = time.perf_counter()
-    compiled = p_train.lower(state, resident, *order_dev).compile()
-    out["compile_s"] = time.perf_counter() - t0
-    try:
-      ca = compiled.cost_analysis()
-      ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-      out["xla_flops_per_call"] = float(ca.get("flops", float("nan")))
-      out["xla_bytes_per_call"] = float(ca.get("bytes accessed", float("nan")))
-    except Exception as e:  # informative only
-      logging.warning("cost analysis unavailable: %s", e)
+    compiled = _compile_with_cost(p_train, (state, resident, *order_dev), out)
     cur = {"state": state, "pending": []}
 
     def run(n_calls: int) -> None:
