@@ -68,6 +68,9 @@ def test_tune_writes_the_log_curve_plot_and_end_to_end_latency_and_resumes(tmp_p
   # The same command again resumes: the log already holds the trials, nothing is re-measured.
   again = tune.run(dataclasses_replace(cfg, e2e_repeat=0))
   assert again["resumed_from_trials"] == 2 and again["curve"] == report["curve"]
+  # Other settings into the same --out would mix two runs' curves: refused, before any work.
+  with pytest.raises(tune.TuneError, match=r"other settings \(seed: 0 -> 1\)"):
+    tune.run(dataclasses_replace(cfg, seed=1))
   with open(out / "records.json") as f:
     assert len(f.readlines()) == 2
 

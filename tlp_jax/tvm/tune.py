@@ -390,6 +390,38 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+# What a rerun into the same --out must keep, so that the resumed curve is one run's.
+RESUME_FIELDS = ("network", "target", "cost_model", "load_model", "update", "hardware_head", "seed")
+
+
+def check_resume(cfg: TuneConfig, target: str, out_json: str) -> None:
+  """Refuses (``TuneError``) to continue an ``--out`` whose ``tune.json`` was written by a run
+  with other settings (``RESUME_FIELDS``; ``--n_trials`` may grow). Before any work."""
+  if not os.path.exists(out_json):
+    return
+  try:
+    with open(out_json, encoding="utf-8") as f:
+      previous = json.load(f)
+  except (OSError, ValueError) as e:
+    raise TuneError(f"{out_json}: unreadable ({e}); use another --out") from None
+  now = {
+    "network": dataclasses.asdict(cfg.network),
+    "target": target,
+    "cost_model": cfg.cost_model,
+    "load_model": cfg.load_model,
+    "update": cfg.update,
+    "hardware_head": cfg.hardware,
+    "seed": cfg.seed,
+  }
+  differ = {k: (previous.get(k), v) for k, v in now.items() if previous.get(k) != v}
+  if differ:
+    fields = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
+    raise TuneError(
+      f"{out_json} holds a run with other settings ({fields}); rerun with them to resume it, "
+      "or use another --out"
+    )
+
+
 def run(cfg: TuneConfig) -> dict:
   """The whole run (module docstring); returns the report also written to ``OUT/tune.json``.
 
@@ -404,6 +436,7 @@ def run(cfg: TuneConfig) -> dict:
   if os.path.dirname(cfg.log_path):
     os.makedirs(os.path.dirname(cfg.log_path), exist_ok=True)
   # The model first: a bad file or name must fail before minutes of task extraction.
+  check_resume(cfg, target, os.path.join(cfg.out_dir, RESULT_JSON))
   tlp_model = make_tlp_model(cfg) if cfg.cost_model == "tlp" else None
   mod, params = collect.NETWORKS[cfg.network.name](cfg.network.batch_size, cfg.network.input_size)
   t0 = time.time()
