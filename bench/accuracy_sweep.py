@@ -35,7 +35,6 @@ with loop tokens (the default build when the TenSet dir has its skeletons;
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import importlib
 import json
@@ -424,7 +423,7 @@ def main() -> None:
   if unknown:
     raise SystemExit(f"unknown experiments {unknown}; known: {', '.join(EXPERIMENTS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
-  extra = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+  extra = common.parse_overrides(args.set)
   # Every experiment, sources of fine-tuning arms included, gets the extra overrides.
   for name, (module, overrides, target) in list(EXPERIMENTS.items()):
     EXPERIMENTS[name] = (module, {**overrides, **extra}, target)

@@ -6,6 +6,7 @@ Run the scripts from the repository root as ``python -m bench.<script>`` so that
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import datetime
 import json
@@ -94,6 +95,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+  """``KEY=PYTHON_LITERAL`` command-line overrides (``--set num_epochs=2``,
+  ``--model decoder_dims=(64,1)``) as a dict; a malformed item is a one-line SystemExit."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    try:
+      if not sep or not key:
+        raise ValueError("not KEY=VALUE")
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError) as e:
+      raise SystemExit(f"bad override {item!r}: want KEY=PYTHON_LITERAL ({e})") from None
+  return out
 
 
 def write_json(path: str, obj: Any, announce: bool = True) -> None:

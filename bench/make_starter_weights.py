@@ -31,7 +31,6 @@ float16 export's largest score change against float32, and the twins' top-k.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import hashlib
 import importlib
@@ -217,7 +216,7 @@ def main() -> None:
     help="extra config override KEY=PYTHON_LITERAL (smoke runs: --set num_epochs=1)",
   )
   args = parser.parse_args()
-  extra = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+  extra = common.parse_overrides(args.set)
   runtime.enable_deterministic_gpu_ops()  # before JAX starts a backend
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   for noisy in ("absl", "orbax", "jax"):

@@ -33,7 +33,6 @@ info (load average at the start and the end).
 from __future__ import annotations
 
 import argparse
-import ast
 import cProfile
 import os
 import pstats
@@ -225,7 +224,7 @@ def main() -> None:
     "--out", default=os.path.join(REPO, "bench", "results", "tuner_predict_cost.json")
   )
   args = parser.parse_args()
-  model_overrides = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.model)}
+  model_overrides = common.parse_overrides(args.model)
   load_at_start = os.getloadavg()
 
   # TVM only past the flags, so --help works without it.

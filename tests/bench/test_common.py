@@ -1,4 +1,4 @@
-"""bench.common.write_json: results files are written whole, with the umask's mode."""
+"""bench.common: results files written whole (umask mode); command-line overrides parsed once."""
 
 import json
 import os
@@ -25,3 +25,11 @@ def test_write_json_writes_whole_files_or_keeps_the_previous_one(tmp_path, capsy
     common.write_json(path, circular, announce=False)  # fails half-way through the file
   assert json.load(open(path)) == {"loss": 0.5, "steps": [0, 1]}
   assert os.listdir(tmp_path / "results") == ["run.json"]
+
+
+def test_parse_overrides_reads_python_literals_and_refuses_malformed_items():
+  got = common.parse_overrides(["num_epochs=2", "model.decoder_dims=(64,1)", "name='x=y'"])
+  assert got == {"num_epochs": 2, "model.decoder_dims": (64, 1), "name": "x=y"}
+  for bad in ("num_epochs", "=3", "lr=abc("):
+    with pytest.raises(SystemExit, match="bad override"):
+      common.parse_overrides([bad])
