@@ -414,9 +414,7 @@ def main() -> None:
   args = parser.parse_args()
   if not args.nondeterministic_gpu:
     runtime.enable_deterministic_gpu_ops()  # before JAX starts a backend
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  for noisy in ("absl", "orbax", "jax"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  common.log_to_stderr()
 
   names = [n for n in args.experiments.split(",") if n]
   unknown = [n for n in names if n not in EXPERIMENTS]

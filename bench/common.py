@@ -10,6 +10,7 @@ import ast
 import contextlib
 import datetime
 import json
+import logging
 import os
 import platform
 import re
@@ -95,6 +96,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def log_to_stderr() -> None:
+  """INFO logs of a training benchmark with timestamps, absl / Orbax / JAX held to warnings."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  for noisy in ("absl", "orbax", "jax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import hashlib
 import importlib
-import logging
 import os
 import tempfile
 
@@ -218,9 +217,7 @@ def main() -> None:
   args = parser.parse_args()
   extra = common.parse_overrides(args.set)
   runtime.enable_deterministic_gpu_ops()  # before JAX starts a backend
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  for noisy in ("absl", "orbax", "jax"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  common.log_to_stderr()
   names = [n for n in args.models.split(",") if n]
   unknown = [n for n in names if n not in STARTERS]
   if unknown:
