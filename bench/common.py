@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -46,6 +47,17 @@ def machine_info(**extra) -> dict:
     "numpy": np.__version__,
     **extra,
   }
+
+
+def gpu_name() -> str:
+  """The NVIDIA GPUs' names as ``nvidia-smi`` lists them, or "none" (without starting JAX)."""
+  try:
+    got = subprocess.run(
+      ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+    )
+  except OSError:
+    return "none"
+  return got.stdout.strip().replace("\n", ", ") or "none"
 
 
 def device_info() -> dict[str, Any]:

@@ -52,16 +52,6 @@ def _flatten(tree, prefix=""):
 _CHILD_ENV = dict(os.environ)
 
 
-def _gpu_name() -> str:
-  try:
-    got = subprocess.run(
-      ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
-    )
-  except OSError:
-    return "none"
-  return got.stdout.strip() or "none"
-
-
 def _train(workdir: str, xla_flags: str) -> float:
   env = dict(_CHILD_ENV, XLA_FLAGS=xla_flags, PYTHONUNBUFFERED="1")
   cmd = [
@@ -119,7 +109,7 @@ def main(argv):
   common.write_json(
     _OUT.value,
     {
-      "machine": common.machine_info(gpu=_gpu_name()),
+      "machine": common.machine_info(gpu=common.gpu_name()),
       "config": _CONFIG.value,
       "dataset": _DATASET.value,
       "num_epochs": _EPOCHS.value,

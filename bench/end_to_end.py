@@ -1,0 +1,257 @@
+r"""TenSet scale end to end, as a user runs it: generate, build, train, eval, export, timed.
+
+Each stage is the project's own command in its own process, one after the other:
+
+1. ``python -m bench.make_tenset_scale`` writes a SYNTHETIC TenSet-layout folder of
+   ``--records`` records for one platform from real records (``--source``);
+2. ``python -m data_pipelines.build`` builds it (``--workers``, default all cores; the
+   replicas of the source's hold-out networks held out);
+3. ``python train.py --config configs/default.py`` trains ``--num_epochs`` epochs;
+4. ``python eval.py`` evaluates the best checkpoint on the hold-out networks;
+5. ``python -m tlp_jax.train.export`` writes the NumPy model.
+
+For every stage: wall seconds, the peak resident memory of the stage's whole process tree (sum
+over the processes, sampled every 0.2 s from /proc) and, on a GPU, the peak GPU memory in use
+(``nvidia-smi``, sampled likewise; JAX's preallocation is turned off so the number is what the
+run needs). Also the built dataset's bytes per example and a linear projection of each stage to
+``--project_records`` (TenSet's 8.6M) records. Everything is labelled synthetic: the data are
+copies of real records with jittered costs, so the top-k it prints measure nothing.
+
+  python -m bench.end_to_end --source /work/shared/tenset-mini --work_dir /tmp/e2e \
+      --records 1000000 --num_epochs 50 --out bench/results/end_to_end_<device>.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from absl import app, flags
+
+from bench import common
+
+_SOURCE = flags.DEFINE_string("source", "/work/shared/tenset-mini", "Real TenSet-layout folder.")
+_SKELETONS = flags.DEFINE_string(
+  "skeletons", "data/skeletons/tenset-mini.json", "Skeletons of --source."
+)
+_WORK = flags.DEFINE_string("work_dir", None, "Scratch folder (made; must be new).", required=True)
+_RECORDS = flags.DEFINE_integer("records", 1_000_000, "Synthetic records of the platform.")
+_TASKS = flags.DEFINE_integer("tasks", 0, "Tasks (0: make_tenset_scale's TenSet-shaped default).")
+_EPOCHS = flags.DEFINE_integer("num_epochs", 50, "Training epochs (the default recipe's 50).")
+_WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Processes of generate/build.")
+_SET = flags.DEFINE_multi_string("set", [], "Extra train.py --config.KEY=VALUE (KEY=VALUE).")
+_PROJECT = flags.DEFINE_integer(
+  "project_records", 8_600_000, "Records to project each stage's time to (linearly)."
+)
+_OUT = flags.DEFINE_string("out", None, "Results JSON.", required=True)
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _children(pid: int) -> list[int]:
+  """Every descendant of ``pid`` (from /proc's parent links)."""
+  parents: dict[int, list[int]] = {}
+  for name in os.listdir("/proc"):
+    if not name.isdigit():
+      continue
+    try:
+      with open(f"/proc/{name}/stat") as f:
+        # The command name is in parentheses and may hold spaces: split after the last ')'.
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+      continue
+    parents.setdefault(ppid, []).append(int(name))
+  out, todo = [], [pid]
+  while todo:
+    p = todo.pop()
+    for c in parents.get(p, []):
+      out.append(c)
+      todo.append(c)
+  return out
+
+
+def _rss_bytes(pid: int) -> int:
+  try:
+    with open(f"/proc/{pid}/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, IndexError, ValueError):
+    return 0
+
+
+def _gpu_used_bytes() -> int | None:
+  try:
+    got = subprocess.run(
+      ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+      capture_output=True,
+      text=True,
+      timeout=10,
+    )
+  except (OSError, subprocess.TimeoutExpired):
+    return None
+  if got.returncode:
+    return None
+  return sum(int(x) for x in got.stdout.split()) * 2**20
+
+
+def run_stage(name: str, cmd: list[str], env: dict[str, str]) -> dict:
+  """Runs one stage, sampling its process tree's memory; raises on a non-zero exit."""
+  print(f"== {name}: {' '.join(cmd)}", flush=True)
+  gpu_base = _gpu_used_bytes()
+  start = time.perf_counter()
+  proc = subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  peak = {"rss": 0, "gpu": 0, "processes": 0}
+  stop = threading.Event()
+
+  def sample():
+    while not stop.is_set():
+      pids = [proc.pid] + _children(proc.pid)
+      peak["rss"] = max(peak["rss"], sum(_rss_bytes(p) for p in pids))
+      peak["processes"] = max(peak["processes"], len(pids))
+      gpu = _gpu_used_bytes() if gpu_base is not None else None
+      if gpu is not None:
+        peak["gpu"] = max(peak["gpu"], gpu - gpu_base)
+      stop.wait(0.2)
+
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
+  tail: list[str] = []
+  for line in proc.stdout:
+    text = line.decode(errors="replace").rstrip()
+    tail = (tail + [text])[-40:]
+    print(f"  {text}", flush=True)
+  rc = proc.wait()
+  stop.set()
+  sampler.join()
+  wall = time.perf_counter() - start
+  if rc:
+    raise RuntimeError(f"stage {name} failed with exit {rc}:\n" + "\n".join(tail))
+  row = {
+    "stage": name,
+    "wall_s": wall,
+    "peak_rss_bytes": peak["rss"],
+    "peak_processes": peak["processes"],
+    "peak_gpu_bytes": peak["gpu"] if gpu_base is not None else None,
+    "output_tail": tail[-8:],
+  }
+  print(f"== {name}: {wall:.1f} s, peak RSS {peak['rss'] / 2**30:.2f} GiB", flush=True)
+  return row
+
+
+def _dir_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  work = os.path.abspath(_WORK.value)
+  os.makedirs(work, exist_ok=False)
+  tenset_dir, data_dir = os.path.join(work, "tenset"), os.path.join(work, "data")
+  run_dir, model = os.path.join(work, "run"), os.path.join(work, "model.npz")
+  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  py = sys.executable
+  stages: list[dict] = []
+  facts: dict = {}
+
+  def save() -> None:
+    """Writes what is known so far: a run killed at its time limit keeps its finished stages."""
+    records = facts.get("records", _RECORDS.value)
+    scale = _PROJECT.value / max(records, 1)
+    total = sum(s["wall_s"] for s in stages)
+    # The exported model's size does not depend on the records; every other stage reads them all.
+    projected = {s["stage"]: s["wall_s"] * (1 if s["stage"] == "export" else scale) for s in stages}
+    common.write_json(
+      _OUT.value,
+      {
+        "what": "SYNTHETIC data (bench.make_tenset_scale): stage times and memory; accuracy "
+        "numbers of this run measure nothing",
+        "machine": common.machine_info(gpu=common.gpu_name()),
+        "num_epochs": _EPOCHS.value,
+        "workers": _WORKERS.value,
+        "train_overrides": _SET.value,
+        **facts,
+        "stages": stages,
+        "complete": len(stages) == 5,
+        "total_wall_s": total,
+        "projection": {
+          "records": _PROJECT.value,
+          "assumes": "every stage but export scales linearly with the record count",
+          "stage_s": projected,
+          "total_s": sum(projected.values()),
+        },
+      },
+      announce=False,
+    )
+
+  def stage(name: str, cmd: list[str]) -> None:
+    stages.append(run_stage(name, cmd, env))
+    save()
+
+  gen = [
+    py,
+    "-m",
+    "bench.make_tenset_scale",
+    f"--source={_SOURCE.value}",
+    f"--out_dir={tenset_dir}",
+    f"--records={_RECORDS.value}",
+    f"--skeletons={_SKELETONS.value}",
+    f"--workers={_WORKERS.value}",
+  ]
+  if _TASKS.value:
+    gen.append(f"--tasks={_TASKS.value}")
+  stage("generate", gen)
+  with open(os.path.join(tenset_dir, "synthetic.json")) as f:
+    manifest = json.load(f)
+  hw = manifest["platforms"][0]
+  facts.update(records=manifest["records_per_platform"], tasks=manifest["tasks"], platform=hw)
+  stage(
+    "build",
+    [
+      py,
+      "-m",
+      "data_pipelines.build",
+      f"--tenset_dir={tenset_dir}",
+      f"--data_dir={data_dir}",
+      f"--holdout={manifest['holdout_flag']}",
+      f"--workers={_WORKERS.value}",
+    ],
+  )
+  facts["built_dataset_bytes"] = _dir_bytes(data_dir)
+  facts["built_dataset_bytes_per_record"] = facts["built_dataset_bytes"] / max(facts["records"], 1)
+  stage(
+    "train",
+    [
+      py,
+      "train.py",
+      "--config=configs/default.py",
+      f"--workdir={run_dir}",
+      f"--config.data_dir={data_dir}",
+      f"--config.dataset={hw}",
+      f"--config.num_epochs={_EPOCHS.value}",
+    ]
+    + [f"--config.{kv}" for kv in _SET.value],
+  )
+  stage(
+    "eval",
+    [
+      py,
+      "eval.py",
+      f"--hw={hw}",
+      f"--data_dir={data_dir}",
+      f"--dataset={hw}",
+      f"--workdir={run_dir}",
+      f"--out={os.path.join(work, 'eval')}",
+    ],
+  )
+  stage("export", [py, "-m", "tlp_jax.train.export", f"--workdir={run_dir}", f"--out={model}"])
+  facts["model_bytes"] = os.path.getsize(model)
+  save()
+  print(f"wrote {_OUT.value}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
