@@ -220,16 +220,10 @@ def main(argv):
     by_task = _ORDER.value == "by_task"
     feed = Feeder(_TO_DEVICE.value, layout)
     row_bytes = sum(a.nbytes for a in split.arrays) / split.size
-    input_row_bytes = (
-      int(
-        np.prod(
-          data.host_batch(
-            split, np.zeros(1, np.int32), np.ones(1, bool), data.BatchLayout(1, 1, 1, 0)
-          )[0].shape[2:]
-        )
-      )
-      * 4
+    one_row = data.host_batch(
+      split, np.zeros(1, np.int32), np.ones(1, bool), data.BatchLayout(1, 1, 1, 0)
     )
+    input_row_bytes = one_row[0][0, 0].nbytes  # the model's input of one row, float32
     results: dict[str, Any] = {}
     load0 = os.getloadavg()[0]
     logging.info(
