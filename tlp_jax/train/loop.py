@@ -5,8 +5,9 @@
 * each epoch runs ``ceil(N / batch)`` steps of ``step.train_step`` under ``pmap``, the last
   batch padded with masked rows (the losses ignore them), so every record is used once per
   epoch, as TLP's data loader does; the training arrays either live on every device
-  (``data_placement="device"``, no host->device traffic per step) or are gathered on the host
-  per step (``"host"``); both give identical batches;
+  (``data_placement="device"``, no host->device traffic per step), are gathered on the host
+  per step (``"host"``), or the same host batches are gathered ahead by a grain pipeline
+  (``"stream"``, ``stream.py``; its iterator state is checkpointed); all give identical batches;
 * validation (``validate``) every ``eval_every_epochs`` epochs and after the last: per-head loss
   summed over the validation batches (as TLP reports it) and the quick top-k of
   ``tlp_jax.core.metrics``;
