@@ -6,6 +6,8 @@ Runs, each in its own process (so one stage's memory and threads don't colour th
 * ``bench.dataset_build`` -- TFDS dataset build, first (decode + cache) and cached array
   loads, examples/s (``--scale_records`` replicated records for a TenSet-scale build);
 * ``bench.predictor_throughput`` -- the pure-NumPy predictor, programs/s;
+* ``bench.input_throughput`` -- the training input path alone (no model step), samples/s: host
+  placement's gather vs the grain stream at 0 / 2 / 4 / 8 worker processes;
 
 then writes one summary ``bench/results/host-<cpu>-<N>core.json`` (the stage reports inside)
 and prints a table. ``--reuse`` aggregates the stage JSONs already in ``--stage_dir`` instead of
@@ -41,6 +43,7 @@ _STAGE_DIR = flags.DEFINE_string("stage_dir", _RESULTS, "Where the stage JSONs a
 _OUT = flags.DEFINE_string("out", None, "Summary JSON (default results/host-<cpu>-<N>core.json).")
 _REUSE = flags.DEFINE_bool("reuse", False, "Aggregate existing stage JSONs; run nothing.")
 _TIMEOUT = flags.DEFINE_integer("stage_timeout_s", 3600, "Per-stage time limit.")
+_INPUT_ROWS = flags.DEFINE_integer("input_rows", 200_000, "input_throughput.py --rows.")
 
 STAGES = {  # name -> (module, its JSON, extra arguments builder)
   "featurize": (
@@ -57,6 +60,11 @@ STAGES = {  # name -> (module, its JSON, extra arguments builder)
     "bench.predictor_throughput",
     "predictor_throughput.json",
     lambda: ["--records", tenset.measure_records_dir(_TENSET_DIR.value, "epyc-9004")],
+  ),
+  "input": (
+    "bench.input_throughput",
+    "input_throughput.json",
+    lambda: ["--rows", str(_INPUT_ROWS.value), "--devices", "1"],
   ),
 }
 
@@ -132,6 +140,8 @@ def summarize(stages: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     )
   for k, v in rep("predictor").get("programs_per_s", {}).items():
     rows.append(("numpy_predictor", f"{k} programs/s", f"{v:,.0f}"))
+  for k, r in rep("input").get("results", {}).items():
+    rows.append(("input_path", f"{k} samples/s (no step)", f"{r['samples_per_s']:,.0f}"))
   for name, st in stages.items():
     if "error" in st:
       rows.append((name, "ERROR", st["error"][:120].replace("\n", " ")))

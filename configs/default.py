@@ -115,11 +115,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   # Where the training arrays live: "device" (whole train set copied once to every local device,
-  # batches gathered there by index), "host" (NumPy gather per step), or "auto" (device when the
-  # arrays fit in ``device_data_max_bytes``: a byte count, or "auto" = half of the smallest local
-  # device's free memory as the device reports it, train.data.device_data_budget).
+  # batches gathered there by index), "host" (NumPy gather per step, in the training thread),
+  # "stream" (the same batches gathered ahead by a grain pipeline, tlp_jax/train/stream.py), or
+  # "auto" (device when the arrays fit in ``device_data_max_bytes``: a byte count, or "auto" =
+  # half of the smallest local device's free memory as the device reports it,
+  # train.data.device_data_budget; else AUTO_OFF_DEVICE_PLACEMENT of tlp_jax/train/loop.py).
   config.data_placement = "auto"
   config.device_data_max_bytes = "auto"
+  # data_placement="stream": grain worker processes (0 = none, the training process gathers),
+  # reader threads per process, and batches gathered ahead per process (docs/TRAINING.md).
+  config.stream = ml_collections.ConfigDict()
+  config.stream.num_workers = 0
+  config.stream.read_threads = 2
+  config.stream.prefetch_batches = 4
 
   config.log_every_steps = 50
   # Validation (and the epoch-end checkpoint) every N epochs and after the last one.

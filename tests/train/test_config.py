@@ -106,6 +106,8 @@ def test_bad_values_are_errors_naming_the_field(field, value):
     ("optim", "schedule", "constant", "unknown schedule"),
     ("loss", "name", "listwise_log", "unknown loss"),
     ("model", "pool", "sum", "unknown field"),
+    ("stream", "num_workers", -1, "config.stream.num_workers must be an integer >= 0"),
+    ("stream", "workers", 2, "unknown field"),
   ],
 )
 def test_removed_and_unknown_options_are_errors(section, field, value, match):

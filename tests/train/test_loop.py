@@ -184,10 +184,13 @@ def test_sigkill_mid_epoch_then_rerun_ends_like_an_unbroken_run(
 
 
 def test_two_processes_train_like_one(new_test_config, built_sample_dataset, tmp_path):
+  # Two processes stream their own rows of every global batch (data_placement="stream", grain
+  # reading ahead in 2 threads); one process gathers the whole batch on the host.
   overrides = {
     "num_epochs": 1,
     "loss.name": "mse",
-    "data_placement": "host",
+    "data_placement": "stream",
+    "stream.read_threads": 2,
     "checkpoint_every_steps": 0,
   }
   config = new_test_config()
@@ -237,6 +240,9 @@ def test_two_processes_train_like_one(new_test_config, built_sample_dataset, tmp
   assert [p.returncode for p in procs] == [0, 0], errors
   params, _, meta = export.restore_for_export(workdir, "latest")
   assert meta["step"] == int(single.state.step)
+  # Each process saved its own input stream's state with the checkpoint.
+  saved = os.listdir(os.path.join(workdir, "checkpoints", "latest", str(meta["step"]), "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(saved)
   # Same global batches and the same global-batch loss; only the order of the cross-device sums
   # differs, so the parameters agree to float precision -- except the attention key bias, whose
   # true gradient is exactly zero (softmax ignores a per-query constant): Adam turns its

@@ -4,7 +4,8 @@
 ``checkpoint_every_steps`` and at each validated epoch end), ``workdir/checkpoints/best`` the one
 with the lowest target-head validation loss. Each checkpoint carries JSON metadata: the run's
 identity, the data order state (epoch, step in epoch) and the validation metrics, so a restarted
-run resumes exactly where it was and refuses a checkpoint of another run.
+run resumes exactly where it was and refuses a checkpoint of another run; a streamed run's
+latest checkpoints also hold the grain iterator's state of every process (``DATA_ITEM``).
 ``workdir/model_config.json`` and ``dataset_meta.json`` describe the model for export; a second
 run in the same workdir must match them, and so must its training config
 (``train_config.json``) except for the fields ``config.RUNTIME_FIELDS`` names, or those of
@@ -49,6 +50,8 @@ BEST = "best"
 UNREADABLE = "unreadable"  # checkpoints that failed to restore, moved out of the managers' way
 # Orbax writes a checkpoint into "<step>.orbax-checkpoint-tmp-<time>" and renames it when done.
 TMP_MARKER = ".orbax-checkpoint-tmp"
+# The checkpoint item holding the grain input iterator's state (data_placement="stream").
+DATA_ITEM = "data"
 
 
 class CheckpointError(RuntimeError):
@@ -104,18 +107,47 @@ def checkpoint_managers(
 
 
 def save_checkpoint(
-  manager: ocp.CheckpointManager, state: TrainState, meta: Mapping[str, Any]
+  manager: ocp.CheckpointManager,
+  state: TrainState,
+  meta: Mapping[str, Any],
+  data_iterator: Any = None,
 ) -> None:
-  """Saves an (unreplicated) state and its JSON metadata at ``state.step``."""
+  """Saves an (unreplicated) state and its JSON metadata at ``state.step``.
+
+  ``data_iterator``: a grain iterator (``data_placement="stream"``) whose state is saved too, as
+  item ``DATA_ITEM``, one JSON file per process; it must have yielded exactly the batches of the
+  steps before ``state.step``.
+  """
   step = int(jax.device_get(state.step))
   if step in manager.all_steps():
     return
-  manager.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_state_to_tree(state)), meta=ocp.args.JsonSave(dict(meta))
-    ),
+  items = dict(
+    state=ocp.args.StandardSave(_state_to_tree(state)), meta=ocp.args.JsonSave(dict(meta))
   )
+  if data_iterator is not None:
+    import grain  # only the streamed path needs grain; importing it registers its Orbax handler
+
+    items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+  manager.save(step, args=ocp.args.Composite(**items))
+
+
+def restore_data_iterator(manager: ocp.CheckpointManager, step: int, iterator: Any) -> str | None:
+  """Sets a fresh grain ``iterator`` to the state saved with checkpoint ``step``.
+
+  Returns None when restored, else why not (the checkpoint has no saved input state: it was
+  written by another data placement, or by another number of processes); the caller then
+  starts its pipeline at ``step`` instead. An iterator that failed to restore must not be used.
+  """
+  import grain
+
+  path = os.path.join(str(manager.directory), str(step), DATA_ITEM)
+  name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if not os.path.isfile(os.path.join(path, name)):
+    return f"{path} has no {name}"
+  manager.restore(
+    step, args=ocp.args.Composite(**{DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator)})
+  )
+  return None
 
 
 def remove_interrupted_saves(workdir: str) -> list[str]:

@@ -8,7 +8,8 @@ field is a ``ValueError`` that names it and the known ones. Sections map one-to-
   the dataset by ``data.model_config_for``);
 * ``config.loss`` -> ``losses.LossConfig``;
 * ``config.optim`` -> ``optimizer.OptimConfig``;
-* ``config.few_shot`` -> ``FewShotConfig``, ``config.distributed`` -> ``DistributedConfig``;
+* ``config.few_shot`` -> ``FewShotConfig``, ``config.distributed`` -> ``DistributedConfig``,
+  ``config.stream`` -> ``StreamConfig``;
 * every other top-level field -> a field of ``TrainConfig`` of the same name.
 
 The values are validated here, so a bad run fails before it loads data.
@@ -33,7 +34,7 @@ from tlp_jax.train import model as model_lib
 # input, also on a dataset with tokens).
 LOOP_TOKEN_MODES = ("auto", "required", "off")
 BATCH_ORDERS = ("random", "by_task")
-DATA_PLACEMENTS = ("auto", "device", "host")
+DATA_PLACEMENTS = ("auto", "device", "host", "stream")
 # Values of jax.default_matmul_precision for config.matmul_precision.
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 # config.init_mode (tlp_jax/train/init_from.py): what trains when starting from config.init_from.
@@ -48,6 +49,9 @@ RUNTIME_FIELDS = frozenset(
     "data_dir",
     "data_placement",
     "device_data_max_bytes",
+    "stream.num_workers",
+    "stream.read_threads",
+    "stream.prefetch_batches",
     "log_every_steps",
     "checkpoints_to_keep",
     "distributed.enabled",
@@ -86,6 +90,21 @@ class FewShotConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StreamConfig:
+  """``config.stream``: the grain pipeline of ``data_placement="stream"`` (``stream.pipeline``)."""
+
+  num_workers: int
+  read_threads: int
+  prefetch_batches: int
+
+  def __post_init__(self):
+    for name in ("num_workers", "read_threads", "prefetch_batches"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"config.stream.{name} must be an integer >= 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedConfig:
   """``config.distributed``: ``jax.distributed.initialize`` arguments (``train.py``)."""
 
@@ -118,6 +137,7 @@ class TrainConfig:
   seed: int
   data_placement: str
   device_data_max_bytes: int | str  # bytes, or "auto" (train.data.device_data_budget)
+  stream: StreamConfig
   log_every_steps: int
   eval_every_epochs: int
   checkpoint_every_steps: int

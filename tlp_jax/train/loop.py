@@ -5,8 +5,9 @@
 * each epoch runs ``ceil(N / batch)`` steps of ``step.train_step`` under ``pmap``, the last
   batch padded with masked rows (the losses ignore them), so every record is used once per
   epoch, as TLP's data loader does; the training arrays either live on every device
-  (``data_placement="device"``, no host->device traffic per step) or are gathered on the host
-  per step (``"host"``); both give identical batches;
+  (``data_placement="device"``, no host->device traffic per step), are gathered on the host
+  per step (``"host"``), or the same host batches are gathered ahead by a grain pipeline
+  (``"stream"``, ``stream.py``; its iterator state is checkpointed); all give identical batches;
 * validation (``validate``) every ``eval_every_epochs`` epochs and after the last: per-head loss
   summed over the validation batches (as TLP reports it) and the quick top-k of
   ``tlp_jax.core.metrics``;
@@ -39,7 +40,7 @@ import tqdm
 
 from data_pipelines import loader
 from tlp_jax.core import metrics
-from tlp_jax.train import checkpoints, data, init_from, optimizer, runtime
+from tlp_jax.train import checkpoints, data, init_from, optimizer, runtime, stream
 from tlp_jax.train import config as config_lib
 from tlp_jax.train import model as model_lib
 from tlp_jax.train import step as step_lib
@@ -56,6 +57,71 @@ class TrainResult:
   hardware: tuple[str, ...]
   best_step: int | None = None  # the step of checkpoints/best (None: no validation data)
   best_validation: dict[str, float] | None = None  # its validation metrics
+
+
+# What ``data_placement="auto"`` chooses when the training arrays do not fit on the device.
+AUTO_OFF_DEVICE_PLACEMENT = "host"
+
+
+def _open_stream(
+  config: config_lib.TrainConfig,
+  train: data.HeadArrays,
+  layout: data.BatchLayout,
+  steps_per_epoch: int,
+  total_steps: int,
+  manager: Any,
+  restored_meta: Mapping[str, Any] | None,
+  start_step: int,
+) -> tuple[Any, dict[str, Any]]:
+  """The grain iterator of ``data_placement="stream"`` positioned at ``start_step``, and what the
+  checkpoints record about its pipeline (``stream_first_step``, ``stream_workers``).
+
+  Resuming, the iterator state saved with the checkpoint is restored into the pipeline it was
+  saved from; a checkpoint without one (written by host or device placement, by another number
+  of processes or of grain workers) starts a new pipeline at ``start_step``, which yields the
+  same batches (``stream.next_batch`` checks every step either way).
+  """
+
+  def open_at(first_step: int) -> Any:
+    return iter(
+      stream.pipeline(
+        train,
+        layout,
+        seed=config.seed,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        by_task=config.batch_order == "by_task",
+        first_step=first_step,
+        num_workers=config.stream.num_workers,
+        read_threads=config.stream.read_threads,
+        prefetch_batches=config.stream.prefetch_batches,
+      )
+    )
+
+  workers = config.stream.num_workers
+  if restored_meta is not None:
+    first = restored_meta.get("stream_first_step")
+    if first is None:
+      why = "it was written without the streamed input"
+    elif restored_meta.get("stream_workers") != workers:
+      why = (
+        f"it was written with {restored_meta.get('stream_workers')} grain worker(s), now {workers}"
+      )
+    else:
+      iterator = open_at(int(first))
+      why = checkpoints.restore_data_iterator(manager, start_step, iterator)
+      if why is None:
+        logging.info("input stream: restored its iterator state at step %d", start_step)
+        return iterator, {"stream_first_step": int(first), "stream_workers": workers}
+      if hasattr(iterator, "close"):
+        iterator.close()
+    logging.info(
+      "input stream: not restoring its iterator state from checkpoint %d (%s); starting it at "
+      "that step",
+      start_step,
+      why,
+    )
+  return open_at(start_step), {"stream_first_step": start_step, "stream_workers": workers}
 
 
 def validate(
@@ -343,8 +409,10 @@ def _train_and_evaluate(
   best_step: int | None = best_mgr.latest_step()
   best_validation: dict[str, Any] | None = None
   validation: dict[str, Any] = {}
+  restored_meta: dict[str, Any] | None = None
   if latest_mgr.latest_step() is not None or checkpoints.step_entries(str(latest_mgr.directory)):
     state, meta = checkpoints.restore_newest_readable(latest_mgr, state, workdir, move=is_chief)
+    restored_meta = meta
     mismatch = {k: (meta.get(k), v) for k, v in run_identity.items() if meta.get(k) != v}
     if mismatch:
       raise checkpoints.CheckpointError(
@@ -381,7 +449,7 @@ def _train_and_evaluate(
       from jax.experimental import multihost_utils
 
       budget = int(np.min(multihost_utils.process_allgather(np.int64(budget))))
-    placement = "device" if train.nbytes <= budget else "host"
+    placement = "device" if train.nbytes <= budget else AUTO_OFF_DEVICE_PLACEMENT
   if placement == "device":
     p_train = jax.pmap(
       functools.partial(
@@ -395,7 +463,7 @@ def _train_and_evaluate(
       donate_argnums=(0,),
     )
     resident = data.replicate_to_devices(train.arrays, devices)
-  else:
+  else:  # host or stream: the same batches, gathered in this thread or by grain ahead of the step
     p_train = jax.pmap(
       functools.partial(step_lib.train_step, **step_kwargs),
       axis_name=data.AXIS,
@@ -421,6 +489,11 @@ def _train_and_evaluate(
     placement,
   )
 
+  batches, stream_meta = None, {}
+  if placement == "stream":
+    batches, stream_meta = _open_stream(
+      config, train, layout, steps_per_epoch, total_steps, latest_mgr, restored_meta, start_step
+    )
   writer = writer_lib.MetricWriter(workdir, enabled=is_chief)
   if start_step == 0:
     val_tags = [f"val/loss/{h}" for h in hardware]
@@ -438,6 +511,7 @@ def _train_and_evaluate(
       best_val_loss=best_val if math.isfinite(best_val) else None,
       best_validation=best_validation,
     )
+    m.update(stream_meta)
     m.update(extra or {})
     return m
 
@@ -473,6 +547,8 @@ def _train_and_evaluate(
         for in_epoch in range(step - epoch * steps_per_epoch, steps_per_epoch):
           if placement == "device":
             rstate, m = p_train(rstate, resident, d_order, d_valid)
+          elif placement == "stream":
+            rstate, m = p_train(rstate, *stream.next_batch(batches, step))
           else:
             sl = layout.local_slice(in_epoch)
             rstate, m = p_train(rstate, *data.host_batch(train, order[sl], valid[sl], layout))
@@ -504,7 +580,7 @@ def _train_and_evaluate(
           if (
             every > 0 and step % every == 0 and not (in_epoch == steps_per_epoch - 1 and validates)
           ):
-            checkpoints.save_checkpoint(latest_mgr, host_state(), meta_for(step))
+            checkpoints.save_checkpoint(latest_mgr, host_state(), meta_for(step), batches)
 
         if not validates:
           continue
@@ -519,7 +595,9 @@ def _train_and_evaluate(
           # Orbax's multi-host barriers are named by step: let this save finish before the
           # latest manager saves the same step.
           best_mgr.wait_until_finished()
-        checkpoints.save_checkpoint(latest_mgr, hstate, meta_for(step, {"validation": validation}))
+        checkpoints.save_checkpoint(
+          latest_mgr, hstate, meta_for(step, {"validation": validation}), batches
+        )
   finally:
     bar.close()
     latest_mgr.wait_until_finished()
@@ -527,6 +605,8 @@ def _train_and_evaluate(
     latest_mgr.close()
     best_mgr.close()
     writer.close()
+    if batches is not None and hasattr(batches, "close"):
+      batches.close()  # stops grain's worker processes
   result = TrainResult(
     state=host_state(),
     validation=validation,
