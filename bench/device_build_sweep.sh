@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Parallel dataset build sweep on the GPU machine (16 cores): records/s, staging vs shard-writing
+# seconds, peak RSS (main + all children) and the same-output digests at 1, 2, 4, 8, 16 workers
+# on a SYNTHETIC TenSet-layout dir generated there (bench.make_tenset_scale), JSON under $OUT.
+#
+# The device image has no tensorflow_datasets, array_record, orjson (nor TFDS's small pure-Python
+# needs); they travel as wheels (9.4 MiB, not committed; .whl_build/ is git-ignored):
+#
+#   1. here, once, in the repo root (needs the package registry):
+#        bash bench/device_build_sweep.sh --download
+#      fills .whl_build/ with exactly these (--no-deps; the rest of what the build imports,
+#      numpy, absl-py, etils, tqdm, wrapt, six, pillow, typing_extensions, psutil, is on the image):
+#        tensorflow-datasets==4.9.10 array-record==0.8.6 (cp312) orjson==3.13.0 (cp312)
+#        immutabledict==4.3.1 toml==0.10.2 tensorflow-metadata==1.21.0 promise==2.3 (built here
+#        from its sdist, pure Python) protobuf==7.36.2 (TFDS's generated code needs >= 6.31.1;
+#        the image's version is unknown, so ours goes first on PYTHONPATH, for these processes only)
+#   2. on the device machine (the run tool, carry [".whl_build"]):
+#        bash bench/device_build_sweep.sh
+#      which installs them with
+#        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl_build/*.whl
+#        export PYTHONPATH=/tmp/site:$PWD
+#
+# Size (RECORDS=240000, TASKS=64: TenSet's ~3,750 records per task; SHARD_SIZE=10000: ~24
+# shards, as many per worker at 16 workers as TenSet's 200,000-example shards give one platform
+# of 8.6M records, ~43): estimated from ~1,500 records/s per core staging (read + featurize +
+# replay) and ~5,000 examples/s per worker writing, the sweep's five builds take ~1.94 x (160 s +
+# 48 s) ~ 400 s of one core's work spread as 1, 1/2, ..., 1/16, plus ~20 s generating and ~10 s
+# per run of start-up and digests: ~8 min, under the run tool's 10. RECORDS, TASKS, SHARD_SIZE,
+# WORKERS, SOURCE, SCRATCH and WHEEL_DIR can be set in the environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(tensorflow-datasets==4.9.10 array-record==0.8.6 orjson==3.13.0 immutabledict==4.3.1
+  toml==0.10.2 tensorflow-metadata==1.21.0 protobuf==7.36.2)
+
+if [[ "${1:-}" == "--download" ]]; then
+  mkdir -p .whl_build
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl_build "${WHEELS[@]}"
+  # No wheel on the registry: build the pure-Python one from its sdist.
+  python3 -m pip wheel -q --no-deps promise==2.3 -w .whl_build
+  ls -l .whl_build
+  du -sh .whl_build
+  exit 0
+fi
+
+: "${OUT:?set OUT to the folder for the results}"
+RECORDS=${RECORDS:-240000}
+TASKS=${TASKS:-64}
+SHARD_SIZE=${SHARD_SIZE:-10000}
+WORKERS=${WORKERS:-1,2,4,8,16}
+SOURCE=${SOURCE:-data/sample/tenset-mini}
+SCRATCH=${SCRATCH:-/tmp/tenset_scale}
+WHEEL_DIR=${WHEEL_DIR:-.whl_build}
+export PYTHONUNBUFFERED=1
+
+if ! python3 -c 'import tensorflow_datasets, array_record' 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEEL_DIR"/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+python3 -c 'import tensorflow_datasets, array_record, orjson; print("tfds", tensorflow_datasets.__version__)'
+nproc
+
+mkdir -p "$OUT"
+{
+  python3 -m bench.make_tenset_scale --source "$SOURCE" --out_dir "$SCRATCH" \
+    --records "$RECORDS" --tasks "$TASKS" --workers "$(nproc)"
+  python3 -m bench.dataset_build --tenset_dir "$SCRATCH" --workers_runs "$WORKERS" \
+    --shard_size "$SHARD_SIZE" --out "$OUT/dataset_build_sweep.json"
+} 2>&1 | tee "$OUT/device_build_sweep.log"
