@@ -184,6 +184,10 @@ def _holdout() -> list[str]:
   return []
 
 
+def _cpu(usage) -> float:
+  return usage.ru_utime + usage.ru_stime
+
+
 def _timed(cls, name: str, seconds: list, cpu: list) -> None:
   """Wraps ``cls.name`` to add its wall and this process's CPU seconds to ``seconds``/``cpu``."""
   real = getattr(cls, name)
@@ -193,9 +197,8 @@ def _timed(cls, name: str, seconds: list, cpu: list) -> None:
     try:
       return real(self, *args, **kwargs)
     finally:
-      r2 = resource.getrusage(resource.RUSAGE_SELF)
       seconds[0] += time.perf_counter() - t
-      cpu[0] += (r2.ru_utime - r.ru_utime) + (r2.ru_stime - r.ru_stime)
+      cpu[0] += _cpu(resource.getrusage(resource.RUSAGE_SELF)) - _cpu(r)
 
   setattr(cls, name, timed)
 
@@ -214,21 +217,29 @@ def _workers_child(workers: int, out: str) -> None:
       _TENSET_DIR.value, loop_tokens="on", skeletons=_SKELETONS.value, holdout=_holdout()
     )
     load_before = os.getloadavg()
+    self_before = resource.getrusage(resource.RUSAGE_SELF)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with _RssSampler() as rss:
       t = time.perf_counter()
       metas = tenset_tfds.build(
         _TENSET_DIR.value, data_dir, configs, workers=workers, shard_size=_SHARD_SIZE.value
       )
       wall = time.perf_counter() - t
+    # The build joined its workers: their CPU is in RUSAGE_CHILDREN now.
+    self_after = resource.getrusage(resource.RUSAGE_SELF)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_after = os.getloadavg()
     # Each hardware is read once however many configs use it (as the build CLI counts).
     lines = {hw: s["lines"] for m in metas for hw, s in m["read_stats"].items()}
     records = sum(lines.values())
     examples = sum(sum(m["examples"].values()) for m in metas)
-    shards = 0
+    shard_lengths = {}  # per config, in the order the shards are written
     for m in metas:
       ds_dir = loader.find_dataset_dir(data_dir, m["config"])
-      shards += sum(len(schema.shard_files(ds_dir, sp)) for sp in schema.SPLITS)
+      with open(os.path.join(ds_dir, schema.DATASET_INFO_FILE)) as f:
+        info = json.load(f)
+      shard_lengths[m["config"]] = [int(n) for sp in info["splits"] for n in sp["shardLengths"]]
+    shards = sum(len(v) for v in shard_lengths.values())
     files_digest = _files_digest(data_dir)
     if not write_s[0]:
       write_s[0] = wall - stage_s[0]
@@ -238,6 +249,7 @@ def _workers_child(workers: int, out: str) -> None:
       "records_read": records,
       "examples_written": examples,
       "shards": shards,
+      "shard_lengths": shard_lengths,
       "shard_size": _SHARD_SIZE.value,
       "wall_s": wall,
       "records_per_s": records / wall,
@@ -246,6 +258,8 @@ def _workers_child(workers: int, out: str) -> None:
       "write_s": write_s[0],
       "main_process_write_cpu_s": write_cpu[0],
       "other_s": wall - stage_s[0] - write_s[0],
+      "main_process_cpu_s": _cpu(self_after) - _cpu(self_before),
+      "workers_cpu_s": _cpu(children_after) - _cpu(children_before),
       "write_examples_per_s": examples / max(write_s[0], 1e-9),
       "peak_rss_total_bytes": rss.peak_total,
       "peak_rss_main_bytes": rss.peak_main,
@@ -258,6 +272,16 @@ def _workers_child(workers: int, out: str) -> None:
   finally:
     shutil.rmtree(work, ignore_errors=True)
   common.write_json(out, result)
+
+
+def _makespan(lengths: list[int], workers: int) -> int:
+  """Examples the busiest of ``workers`` writes when each shard, in order, goes to the first
+  free one (what the build's pool does)."""
+  free = [0] * workers
+  for n in lengths:
+    k = free.index(min(free))
+    free[k] += n
+  return max(free)
 
 
 def workers_benchmark(worker_counts: list[int], project_to: int) -> dict:
@@ -282,7 +306,8 @@ def workers_benchmark(worker_counts: list[int], project_to: int) -> dict:
       f"{r['stage_s']:.1f} s, writing {r['write_s']:.1f} s = "
       f"{r['write_examples_per_s']:.0f} examples/s over {r['shards']} shards), peak RSS "
       f"{r['peak_rss_total_bytes'] / 2**20:.0f} MiB over {r['peak_processes']} processes "
-      f"(main {r['peak_rss_main_bytes'] / 2**20:.0f} MiB), load "
+      f"(main {r['peak_rss_main_bytes'] / 2**20:.0f} MiB), CPU main "
+      f"{r['main_process_cpu_s']:.1f} s + workers {r['workers_cpu_s']:.1f} s, load "
       f"{r['load_average_before'][0]:.1f} -> {r['load_average_after'][0]:.1f}",
       flush=True,
     )
@@ -300,8 +325,9 @@ def workers_benchmark(worker_counts: list[int], project_to: int) -> dict:
     serial_stage = max(r["main_process_stage_cpu_s"] for r in multi)
     serial_write = max(r["main_process_write_cpu_s"] for r in multi)
     stage = max(one["stage_s"] / project_to, serial_stage)
-    rounds = -(-one["shards"] // project_to)
-    write = max(one["write_s"] * rounds / max(one["shards"], 1), serial_write)
+    per_example = one["write_s"] / max(one["examples_written"], 1)
+    spans = sum(_makespan(v, project_to) for v in one["shard_lengths"].values())
+    write = max(per_example * spans, serial_write)
     wall = stage + write + one["other_s"]
     out["projection"] = {
       "cores": project_to,
@@ -309,8 +335,9 @@ def workers_benchmark(worker_counts: list[int], project_to: int) -> dict:
       "write_s": write,
       "records_per_s": one["records_read"] / wall,
       "speedup_over_one_worker": one["wall_s"] / wall,
-      "assumes": "staging scales linearly with workers, shard writing by whole shards; the "
-      "main process's CPU in each (measured with workers) and the rest of the build are serial",
+      "assumes": "staging scales linearly with workers; each config's shards are written in "
+      "order by the first free worker, at one worker's examples/s; the main process's CPU in "
+      "each (measured with workers) and the rest of the build are serial",
     }
     print(
       f"projected at {project_to} cores: {out['projection']['records_per_s']:.0f} records/s "
