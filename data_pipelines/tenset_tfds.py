@@ -899,8 +899,10 @@ class Tenset(tfds_dataset_builder.FileReaderBuilder):
         total=total, desc=f"writing {cfg.name}", unit=" ex", mininterval=2, leave=False
       ) as bar:
         written = self._staging.map_ordered(shard_writer.write_shard, jobs)
-        for job, n in zip(jobs, _named_errors(written, shard_writer.ShardWriteError)):
-          lengths[job.split].append(n)
+        # Consumed to its end (not zipped with jobs): a pool generator left unfinished stops
+        # the pool.
+        for k, n in enumerate(_named_errors(written, shard_writer.ShardWriteError)):
+          lengths[jobs[k].split].append(n)
           bar.update(n)
     finally:
       shutil.rmtree(table_dir, ignore_errors=True)

@@ -51,14 +51,15 @@ def one_worker(tmp_path_factory, sample_tenset_dir):
 
 
 def test_two_workers_write_the_same_files(tmp_path, sample_tenset_dir, one_worker, monkeypatch):
-  jobs = []
+  jobs, pools = [], []
   real = file_stager.FileStager.map_ordered
 
   def spy(self, fn, items):
     items = list(items)
     if fn is shard_writer.write_shard:
       jobs.append((self.workers, len(items)))
-    return real(self, fn, items)
+    yield from real(self, fn, items)
+    pools.append(self._pool)  # the writes ran to their end and left the pool running
 
   monkeypatch.setattr(file_stager.FileStager, "map_ordered", spy)
   data_dir = str(tmp_path / "w2")
@@ -66,6 +67,8 @@ def test_two_workers_write_the_same_files(tmp_path, sample_tenset_dir, one_worke
   # Every config's shards went to the pool of 2, several shards per config.
   assert len(jobs) == len(metas) == 3
   assert all(w == 2 and n >= 12 for w, n in jobs), jobs
+  # One pool read the files and wrote every config's shards.
+  assert len(pools) == 3 and pools[0] is not None and all(p is pools[0] for p in pools)
   one, two = _files(one_worker), _files(data_dir)
   assert sorted(one) == sorted(two)
   shards = [p for p in one if ".array_record-" in p]
