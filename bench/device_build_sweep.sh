@@ -25,14 +25,14 @@
 #        export PYTHONPATH=/tmp/site:$PWD
 #
 # Size (RECORDS=200000 in TASKS=106 tasks, ~1,900 records per task: each of the 106 tasks of
-# the embedded sample's source hardware, epyc-9004, copied once, so the hold-out is whole; SHARD_SIZE=6000: ~33 shards, ~2 per worker at 16
-# workers, as TenSet's 200,000-example shards give one 8.6M-record platform ~43): estimated
-# from ~1,500 records/s per core staging (read + featurize + replay; ~2,000 measured here) and
-# ~15,000 examples/s per worker writing (measured here, bench/README.md), one worker's build
-# takes ~150 s and the sweep 1, 2, 4, 8, 16 ~1.94 x that = ~290 s, plus ~15 s per run of
-# start-up and digests and ~10 s generating: ~6-7 min, under the run tool's 10 (and 9). RECORDS,
-# TASKS, SHARD_SIZE, WORKERS,
-# SOURCE, SCRATCH, WHEEL_DIR and SITE can be set in the environment.
+# the embedded sample's source hardware, epyc-9004, copied once, so the hold-out is whole;
+# SHARD_SIZE=6000: ~33 shards, ~2 per worker at 16 workers, as TenSet's 200,000-example shards
+# give one 8.6M-record platform ~43): estimated from ~1,500 records/s per core staging (read +
+# featurize + replay; ~2,000 measured here) and ~15,000 examples/s per worker writing (measured
+# here, bench/README.md), one worker's build takes ~150 s and the sweep 1, 2, 4, 8, 16 ~1.94 x
+# that = ~290 s, plus ~15 s per run of start-up and digests and ~10 s generating: ~6-7 min,
+# under 9 (the run tool stops a command at 10). RECORDS, TASKS, SHARD_SIZE, WORKERS, SOURCE,
+# SCRATCH, WHEEL_DIR and SITE can be set in the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
