@@ -5,14 +5,21 @@ r"""Dataset build and array-loader throughput.
   python -m bench.dataset_build --tenset_dir /work/shared/tenset-mini \
       --skeletons data/skeletons/tenset-mini.json --workers_runs 1,2 \
       --out bench/results/dataset_build_workers.json
+  python -m bench.dataset_build --tenset_dir SYNTHETIC_DIR --workers_runs 1,2,4,8,16 \
+      [--shard_size 10000] --out $OUT/dataset_build_sweep.json
 
 ``--workers_runs``: only the parallel build (``data_pipelines.build --workers N``, every config,
-loop tokens from ``--skeletons``), once per N, each in a fresh process: records/s, peak RSS
-(the build process and its workers, summed, sampled every 0.1 s), the time spent staging
-(reading + featurizing + replaying) and the main process's CPU seconds in it, the load average
-before and after, and a digest of the decoded arrays + metadata of every config (the runs must
-agree). The projection to more cores assumes the staging work scales with the workers and the
-rest (the main process's share of staging, the shard writing) does not.
+loop tokens from ``--skeletons``, default ``TENSET_DIR/network_info/skeletons.json``), once per
+N, each in a fresh process: records/s, peak RSS (the build process and its workers, summed,
+sampled every 0.1 s), the time spent staging (reading + featurizing + replaying) and writing
+the shards, the main process's CPU seconds in each, the load average before and after, and two
+digests of every config: the decoded arrays + metadata, and the bytes of every dataset file
+(shards, dataset_info.json, ...); the runs must agree on both. ``--holdout`` (default: the
+``holdout_flag`` of a synthetic dir's ``synthetic.json``, else the build's default) and
+``--shard_size`` (examples per shard) are the build's. The projection to more cores assumes
+the staging and the writing scale with the workers (the writing by whole shards) and the main
+process's share of each does not. On a synthetic TenSet-scale dir (``bench.make_tenset_scale``)
+on a machine without TFDS: ``bench/device_build_sweep.sh``.
 
 1. Builds every config of ``--tenset_dir`` (all hardware + the multi config) and times it.
 2. Array loader: first load (decode + write the .npy cache) and cached loads (open, and a full
@@ -43,7 +50,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import app, flags
 
-from bench import common
+from bench import common, make_tenset_scale
 from data_pipelines import loader, schema, tenset_tfds
 from tlp_jax.core import records, tenset
 
@@ -70,7 +77,19 @@ _WORKERS_RUNS = flags.DEFINE_list(
   "workers_runs", [], "Worker counts of the parallel-build benchmark (e.g. 1,2); empty = skip."
 )
 _SKELETONS = flags.DEFINE_string(
-  "skeletons", None, "Skeleton file of the parallel-build benchmark (loop tokens on)."
+  "skeletons",
+  None,
+  "Skeleton file of the parallel-build benchmark (loop tokens on; default "
+  "TENSET_DIR/network_info/skeletons.json).",
+)
+_HOLDOUT = flags.DEFINE_list(
+  "holdout",
+  [],
+  "Parallel-build benchmark: hold-out networks (default: a synthetic dir's holdout_flag, else "
+  "the build's default).",
+)
+_SHARD_SIZE = flags.DEFINE_integer(
+  "shard_size", tenset_tfds.SHARD_SIZE, "Parallel-build benchmark: examples per shard."
 )
 _PROJECT_TO = flags.DEFINE_integer("project_to", 16, "Cores of the projected build rate.")
 _WORKERS_CHILD = flags.DEFINE_integer(
@@ -138,59 +157,131 @@ def _digest(data_dir: str, configs: list[str]) -> str:
   return h.hexdigest()
 
 
+def _files_digest(data_dir: str) -> str:
+  """SHA-256 over the name and bytes of every file of the built datasets (shards included)."""
+  h = hashlib.sha256()
+  root = os.path.join(data_dir, schema.BUILDER_NAME)
+  for dirpath, dirnames, names in os.walk(root):
+    dirnames.sort()
+    for name in sorted(names):
+      path = os.path.join(dirpath, name)
+      h.update(os.path.relpath(path, root).encode() + b"\0")
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+          h.update(block)
+  return h.hexdigest()
+
+
+def _holdout() -> list[str]:
+  """``--holdout``, else a synthetic dir's ``holdout_flag``, else [] (the build's default)."""
+  if _HOLDOUT.value:
+    return list(_HOLDOUT.value)
+  manifest = os.path.join(_TENSET_DIR.value, make_tenset_scale.MANIFEST)
+  if os.path.exists(manifest):
+    with open(manifest) as f:
+      flag = json.load(f).get("holdout_flag", "")
+    return [h for h in flag.split(",") if h]
+  return []
+
+
+def _cpu(usage) -> float:
+  return usage.ru_utime + usage.ru_stime
+
+
+def _timed(cls, name: str, seconds: list, cpu: list) -> None:
+  """Wraps ``cls.name`` to add its wall and this process's CPU seconds to ``seconds``/``cpu``."""
+  real = getattr(cls, name)
+
+  def timed(self, *args, **kwargs):
+    t, r = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    try:
+      return real(self, *args, **kwargs)
+    finally:
+      seconds[0] += time.perf_counter() - t
+      cpu[0] += _cpu(resource.getrusage(resource.RUSAGE_SELF)) - _cpu(r)
+
+  setattr(cls, name, timed)
+
+
 def _workers_child(workers: int, out: str) -> None:
   """One timed parallel build (in this fresh process); writes its numbers to ``out``."""
   work = tempfile.mkdtemp(prefix="bench_workers_")
-  stage_s = [0.0]
-  stage_cpu = [0.0]
-  real_stage = tenset_tfds.RecordStaging._stage
-
-  def timed_stage(self, hardware):
-    t, r = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    try:
-      return real_stage(self, hardware)
-    finally:
-      r2 = resource.getrusage(resource.RUSAGE_SELF)
-      stage_s[0] += time.perf_counter() - t
-      stage_cpu[0] += (r2.ru_utime - r.ru_utime) + (r2.ru_stime - r.ru_stime)
-
-  tenset_tfds.RecordStaging._stage = timed_stage
+  stage_s, stage_cpu, write_s, write_cpu = [0.0], [0.0], [0.0], [0.0]
+  _timed(tenset_tfds.RecordStaging, "_stage", stage_s, stage_cpu)
+  # The shard writing; an older tree (TFDS's serial writer) has no _write_splits: 0 there.
+  if hasattr(tenset_tfds.Tenset, "_write_splits"):
+    _timed(tenset_tfds.Tenset, "_write_splits", write_s, write_cpu)
   try:
     data_dir = os.path.join(work, "data")
     configs = tenset_tfds.make_configs(
-      _TENSET_DIR.value, loop_tokens="on", skeletons=_SKELETONS.value
+      _TENSET_DIR.value, loop_tokens="on", skeletons=_SKELETONS.value, holdout=_holdout()
     )
     load_before = os.getloadavg()
+    self_before = resource.getrusage(resource.RUSAGE_SELF)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with _RssSampler() as rss:
       t = time.perf_counter()
-      metas = tenset_tfds.build(_TENSET_DIR.value, data_dir, configs, workers=workers)
+      metas = tenset_tfds.build(
+        _TENSET_DIR.value, data_dir, configs, workers=workers, shard_size=_SHARD_SIZE.value
+      )
       wall = time.perf_counter() - t
+    # The build joined its workers: their CPU is in RUSAGE_CHILDREN now.
+    self_after = resource.getrusage(resource.RUSAGE_SELF)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_after = os.getloadavg()
     # Each hardware is read once however many configs use it (as the build CLI counts).
     lines = {hw: s["lines"] for m in metas for hw, s in m["read_stats"].items()}
     records = sum(lines.values())
     examples = sum(sum(m["examples"].values()) for m in metas)
+    shard_lengths = {}  # per config, in the order the shards are written
+    for m in metas:
+      ds_dir = loader.find_dataset_dir(data_dir, m["config"])
+      with open(os.path.join(ds_dir, schema.DATASET_INFO_FILE)) as f:
+        info = json.load(f)
+      shard_lengths[m["config"]] = [int(n) for sp in info["splits"] for n in sp["shardLengths"]]
+    shards = sum(len(v) for v in shard_lengths.values())
+    files_digest = _files_digest(data_dir)
+    if not write_s[0]:
+      write_s[0] = wall - stage_s[0]
     result = {
       "workers": workers,
       "configs": [m["config"] for m in metas],
       "records_read": records,
       "examples_written": examples,
+      "shards": shards,
+      "shard_lengths": shard_lengths,
+      "shard_size": _SHARD_SIZE.value,
       "wall_s": wall,
       "records_per_s": records / wall,
       "stage_s": stage_s[0],
       "main_process_stage_cpu_s": stage_cpu[0],
-      "write_s": wall - stage_s[0],
-      "write_examples_per_s": examples / max(wall - stage_s[0], 1e-9),
+      "write_s": write_s[0],
+      "main_process_write_cpu_s": write_cpu[0],
+      "other_s": wall - stage_s[0] - write_s[0],
+      "main_process_cpu_s": _cpu(self_after) - _cpu(self_before),
+      "workers_cpu_s": _cpu(children_after) - _cpu(children_before),
+      "write_examples_per_s": examples / max(write_s[0], 1e-9),
       "peak_rss_total_bytes": rss.peak_total,
       "peak_rss_main_bytes": rss.peak_main,
       "peak_processes": rss.peak_processes,
       "load_average_before": load_before,
       "load_average_after": load_after,
+      "files_digest": files_digest,
       "digest": _digest(data_dir, [m["config"] for m in metas]),
     }
   finally:
     shutil.rmtree(work, ignore_errors=True)
   common.write_json(out, result)
+
+
+def _makespan(lengths: list[int], workers: int) -> int:
+  """Examples the busiest of ``workers`` writes when each shard, in order, goes to the first
+  free one (what the build's pool does)."""
+  free = [0] * workers
+  for n in lengths:
+    k = free.index(min(free))
+    free[k] += n
+  return max(free)
 
 
 def workers_benchmark(worker_counts: list[int], project_to: int) -> dict:
@@ -201,43 +292,59 @@ def workers_benchmark(worker_counts: list[int], project_to: int) -> dict:
       out = os.path.join(tmp, "run.json")
       cmd = [sys.executable, "-m", "bench.dataset_build", "--workers_child", str(n)]
       cmd += ["--child_out", out, "--tenset_dir", _TENSET_DIR.value]
-      cmd += ["--skeletons", _SKELETONS.value, "--verbosity", "-1"]
+      cmd += ["--shard_size", str(_SHARD_SIZE.value), "--verbosity", "-1"]
+      if _SKELETONS.value:
+        cmd += ["--skeletons", _SKELETONS.value]
+      if _HOLDOUT.value:
+        cmd += ["--holdout", ",".join(_HOLDOUT.value)]
       subprocess.run(cmd, check=True, cwd=_REPO)
       with open(out) as f:
         runs.append(json.load(f))
     r = runs[-1]
     print(
-      f"workers {n}: {r['records_per_s']:.0f} records/s ({r['wall_s']:.1f} s, staging "
-      f"{r['stage_s']:.1f} s), peak RSS {r['peak_rss_total_bytes'] / 2**20:.0f} MiB over "
-      f"{r['peak_processes']} processes, load {r['load_average_before'][0]:.1f} -> "
-      f"{r['load_average_after'][0]:.1f}"
+      f"workers {n}: {r['records_per_s']:.0f} records/s ({r['wall_s']:.1f} s: staging "
+      f"{r['stage_s']:.1f} s, writing {r['write_s']:.1f} s = "
+      f"{r['write_examples_per_s']:.0f} examples/s over {r['shards']} shards), peak RSS "
+      f"{r['peak_rss_total_bytes'] / 2**20:.0f} MiB over {r['peak_processes']} processes "
+      f"(main {r['peak_rss_main_bytes'] / 2**20:.0f} MiB), CPU main "
+      f"{r['main_process_cpu_s']:.1f} s + workers {r['workers_cpu_s']:.1f} s, load "
+      f"{r['load_average_before'][0]:.1f} -> {r['load_average_after'][0]:.1f}",
+      flush=True,
     )
   one = next((r for r in runs if r["workers"] == 1), None)
   multi = [r for r in runs if r["workers"] > 1]
   out = {
     "runs": runs,
     "same_output": len({r["digest"] for r in runs}) == 1,
+    "same_files": len({r["files_digest"] for r in runs}) == 1,
   }
   if one is not None and multi:
-    # Amdahl: the per-file work (one process's staging time) splits over the cores; the main
-    # process's share of staging (measured with workers) and the shard writing stay serial.
+    # Amdahl: the per-file work (one process's staging time) splits over the cores, the shard
+    # writing too but by whole shards; the main process's share of each (measured with
+    # workers) stays serial.
     serial_stage = max(r["main_process_stage_cpu_s"] for r in multi)
+    serial_write = max(r["main_process_write_cpu_s"] for r in multi)
     stage = max(one["stage_s"] / project_to, serial_stage)
-    wall = stage + one["write_s"]
+    per_example = one["write_s"] / max(one["examples_written"], 1)
+    spans = sum(_makespan(v, project_to) for v in one["shard_lengths"].values())
+    write = max(per_example * spans, serial_write)
+    wall = stage + write + one["other_s"]
     out["projection"] = {
       "cores": project_to,
       "stage_s": stage,
-      "write_s": one["write_s"],
+      "write_s": write,
       "records_per_s": one["records_read"] / wall,
       "speedup_over_one_worker": one["wall_s"] / wall,
-      "assumes": "staging work scales linearly with workers; the main process's staging CPU "
-      "(measured with workers) and the shard writing are serial",
+      "assumes": "staging scales linearly with workers; each config's shards are written in "
+      "order by the first free worker, at one worker's examples/s; the main process's CPU in "
+      "each (measured with workers) and the rest of the build are serial",
     }
     print(
       f"projected at {project_to} cores: {out['projection']['records_per_s']:.0f} records/s "
       f"({out['projection']['speedup_over_one_worker']:.1f}x one worker)"
     )
   print(f"same decoded arrays + metadata for every worker count: {out['same_output']}")
+  print(f"same dataset files (bytes) for every worker count: {out['same_files']}")
   return out
 
 
@@ -377,13 +484,13 @@ def main(argv) -> None:
     _workers_child(_WORKERS_CHILD.value, _CHILD_OUT.value)
     return
   if _WORKERS_RUNS.value:
-    if not _SKELETONS.value:
-      raise app.UsageError("--workers_runs needs --skeletons (the build runs with loop tokens)")
     report = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "machine": _machine(),
       "tenset_dir": _TENSET_DIR.value,
       "skeletons": _SKELETONS.value,
+      "holdout": _holdout(),
+      "shard_size": _SHARD_SIZE.value,
       "loop_tokens": True,
       "parallel_build": workers_benchmark([int(n) for n in _WORKERS_RUNS.value], _PROJECT_TO.value),
     }

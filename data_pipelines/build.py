@@ -17,8 +17,9 @@ what a killed one left; :mod:`data_pipelines.build_dir`). User errors (a missing
 flag values) print one line and exit 1. Prints one summary per config
 (records read/kept/skipped by reason, loop tokens made/skipped by reason, tasks, examples per
 split and hardware) and the build rate. ``--workers`` (default: all cores) processes read,
-featurize and replay whole task files; the datasets do not depend on their number. Read them
-back with ``data_pipelines.loader.load_arrays(data_dir, config_name)``.
+featurize and replay whole task files, then write the array_record shards, one shard per job
+(:mod:`data_pipelines.shard_writer`); the dataset files are the same bytes for any number. Read
+them back with ``data_pipelines.loader.load_arrays(data_dir, config_name)``.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ _SKELETONS = flags.DEFINE_string(
 _WORKERS = flags.DEFINE_integer(
   "workers",
   os.cpu_count() or 1,
-  "Processes reading, featurizing and replaying whole task files (default: all cores); the "
-  "datasets are the same bytes for any number.",
+  "Processes reading, featurizing and replaying whole task files, then writing the shards "
+  "(default: all cores); the dataset files are the same bytes for any number.",
   lower_bound=1,
 )
 _CROP = flags.DEFINE_list(

@@ -27,13 +27,18 @@ import collections
 import dataclasses
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from data_pipelines import loop_token_source
 from tlp_jax.core import features as features_lib
 from tlp_jax.core import records as records_lib
+
+T = TypeVar("T")
+R = TypeVar("R")
+_END = object()
 
 
 class FileStageError(RuntimeError):
@@ -109,7 +114,8 @@ def _work(path: str, hardware: str, platform: str, crop, vocab_json: str) -> Sta
 
 
 class FileStager:
-  """Stages task files in file order, in ``workers`` processes (1 = in this process).
+  """Stages task files in file order, in ``workers`` processes (1 = in this process); the same
+  pool runs the build's other per-item jobs (:meth:`map_ordered`: the shard writing).
 
   Use as a context manager (it owns the pool). At most ``2 * workers`` files are in flight,
   so memory is bounded by a few files' arrays whatever the record count.
@@ -147,6 +153,37 @@ class FileStager:
       init = (src.path, src.tenset_dir, src.max_tokens) if src is not None else (None, "", 0)
       self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=init)
     return self._pool
+
+  def map_ordered(self, fn: Callable[[T], R], jobs: Iterable[T]) -> Iterator[R]:
+    """Yields ``fn(job)`` for each job, in job order, run by the workers (1: in this process).
+
+    ``fn`` must be a module-level function (it is pickled by reference to the ``spawn``
+    workers). At most ``2 * workers`` jobs are in flight. When a job fails, or the caller stops
+    early, the jobs still running are stopped (the pool is terminated; a later call starts a
+    new one) before the error propagates: nothing keeps writing behind a failed build.
+    """
+    if self.workers == 1:
+      for job in jobs:
+        yield fn(job)
+      return
+    pool = self._pool_or_start()
+    pending: collections.deque = collections.deque()
+    todo = iter(jobs)
+    done = False
+    try:
+      while True:
+        while len(pending) < 2 * self.workers:
+          job = next(todo, _END)
+          if job is _END:
+            break
+          pending.append(pool.apply_async(fn, (job,)))
+        if not pending:
+          done = True
+          return
+        yield pending.popleft().get()
+    finally:
+      if not done:
+        self.close()
 
   def stage(
     self, paths: Sequence[str], hardware: str, featurizer: features_lib.Featurizer

@@ -28,30 +28,32 @@ hold-out list, crop and platform.
 Each hardware is read and featurized once per build (:class:`RecordStaging`, flat arrays on
 disk, shared by all configs of the build), so a build scales to TenSet's ~8.6M records per
 hardware without holding features in memory. Whole task files are read, featurized and replayed
-by ``workers`` processes (:mod:`data_pipelines.file_stager`), taken back in file order: the
-datasets are the same bytes for any number of workers.
+by ``workers`` processes (:mod:`data_pipelines.file_stager`), taken back in file order, and the
+same processes write the array_record shards, one shard per job, from the staged files
+(:mod:`data_pipelines.shard_writer`): the dataset files are the same bytes for any number of
+workers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging as std_logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 from absl import logging
+from tensorflow_datasets.core import dataset_builder as tfds_dataset_builder
 
-from data_pipelines import build_dir, file_stager, loop_token_source, schema
+from data_pipelines import build_dir, file_stager, loop_token_source, schema, shard_writer
 from tlp_jax.core import features as features_lib
 from tlp_jax.core import loop_tokens as loop_tokens_lib
 from tlp_jax.core import network_info as network_info_lib
@@ -174,6 +176,11 @@ class RecordStaging:
   def close(self) -> None:
     """Stops the worker processes (if any)."""
     self._stager.close()
+
+  def map_ordered(self, fn, jobs):
+    """Runs ``fn`` over ``jobs`` in the staging's worker processes, results in job order
+    (:meth:`file_stager.FileStager.map_ordered`)."""
+    return self._stager.map_ordered(fn, jobs)
 
   def featurizer(self, platform: str):
     """The shared featurizer (and vocabulary, ``.vocab``) of a platform."""
@@ -359,11 +366,12 @@ class RecordStaging:
     acc.task_files.append(os.path.basename(path))
 
 
-def _named_errors(files):
-  """The staged files, with a file's failure as a :class:`DatasetBuildError` naming it."""
+def _named_errors(results, error=file_stager.FileStageError):
+  """The results of a worker pool, with a job's ``error`` (a file's or a shard's, naming it) as
+  a :class:`DatasetBuildError`."""
   try:
-    yield from files
-  except file_stager.FileStageError as e:
+    yield from results
+  except error as e:
     raise DatasetBuildError(str(e)) from e
 
 
@@ -708,13 +716,16 @@ def _quiet_tfds():
       h.removeFilter(flt)
 
 
-class Tenset(tfds.core.ShardBasedBuilder):
+class Tenset(tfds_dataset_builder.FileReaderBuilder):
   """TenSet measure records as TLP examples (see the module docstring).
 
-  A ``ShardBasedBuilder`` rather than a ``GeneratorBasedBuilder``: the latter's shuffler spills
-  splits over 1 GB to disk through ``tf.io.gfile`` (tensorflow_datasets/core/shuffle.py), i.e.
-  it needs TensorFlow at TenSet scale. Shard-based writing needs no TF, skips the shuffle pass
-  (the trainer shuffles anyway) and keeps examples in plan order (test grouped by task).
+  Shard-based writing, as TFDS's ``ShardBasedBuilder`` does it (a shard plan made up front, no
+  shuffle), but each shard written by one job of the build's worker pool
+  (:mod:`data_pipelines.shard_writer`) instead of one after another in this process; the files
+  are the same bytes for any number of workers. Not a ``GeneratorBasedBuilder``: its shuffler
+  spills splits over 1 GB to disk through ``tf.io.gfile`` (tensorflow_datasets/core/shuffle.py),
+  i.e. it needs TensorFlow at TenSet scale; shard-based writing needs no TF, skips the shuffle
+  pass (the trainer shuffles anyway) and keeps examples in plan order (test grouped by task).
   """
 
   VERSION = tfds.core.Version(schema.VERSION)
@@ -726,17 +737,20 @@ class Tenset(tfds.core.ShardBasedBuilder):
     staging: RecordStaging | None = None,
     shard_size: int = SHARD_SIZE,
     token_source: loop_token_source.LoopTokenSource | None = None,
+    workers: int = 1,
     **kwargs,
   ):
     """Args: tenset_dir: TenSet root; staging: shared reader (one is made if None);
     shard_size: examples per array_record shard; token_source: the skeletons of a config with
-    ``loop_tokens`` (the staging's when it is given)."""
+    ``loop_tokens`` (the staging's when it is given); workers: processes of the staging made
+    when none is given (a given staging's workers read and write)."""
     self._tenset_dir = tenset_dir
     self._staging = staging
     self._token_source = staging.token_source if staging is not None else token_source
     self._task_keys: list[str] = []
     self._own_staging_dir = None
     self._shard_size = int(shard_size)
+    self._workers = int(workers)
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -747,22 +761,10 @@ class Tenset(tfds.core.ShardBasedBuilder):
       if self._token_source is None:
         raise DatasetBuildError(f"{cfg.name}: loop_tokens=True but no skeletons were given")
       token_shape = (self._token_source.max_tokens, loop_tokens_lib.WIDTH)
-    specs = schema.example_specs(crop, len(cfg.hardware), token_shape)
-    fields = {}
-    for name, (shape, dtype) in specs.items():
-      if name in (schema.FEATURES, schema.LOOP_TOKENS):
-        # Raw bytes decode with one np.frombuffer (the array loader's fast path).
-        fields[name] = tfds.features.Tensor(
-          shape=shape, dtype=dtype, encoding=tfds.features.Encoding.BYTES
-        )
-      elif not shape:
-        fields[name] = tfds.features.Scalar(dtype=dtype)
-      else:
-        fields[name] = tfds.features.Tensor(shape=shape, dtype=dtype)
     return tfds.core.DatasetInfo(
       builder=self,
       description="TenSet measure records with TLP primitive features.",
-      features=tfds.features.FeaturesDict(fields),
+      features=shard_writer.features_dict(crop, len(cfg.hardware), token_shape),
       homepage="https://github.com/zhaiyi000/tlp",
       citation=_CITATION,
       metadata=tfds.core.MetadataDict(),
@@ -777,8 +779,12 @@ class Tenset(tfds.core.ShardBasedBuilder):
     logging.info("%s: written", self.builder_config.name)
 
   def _download_and_prepare(self, dl_manager, download_config=None):
+    # TFDS calls this with self.data_dir = its incomplete dir, renamed to the dataset's folder
+    # after dataset_info.json and features.json are written next to our files.
+    del dl_manager, download_config
     try:
-      super()._download_and_prepare(dl_manager, download_config)
+      plan, staged = self._plan()
+      self.info.set_splits(self._write_splits(plan, staged))
       if self.builder_config.loop_tokens:
         # Inside TFDS's incomplete dir: appears with the dataset, atomically.
         skeleton_lib.save_collection(
@@ -792,9 +798,8 @@ class Tenset(tfds.core.ShardBasedBuilder):
         self._own_staging_dir = None
         self._staging = None
 
-  def _shard_iterators_per_split(self, dl_manager):
-    """Reads (or reuses) the staged hardware, plans the splits, returns one writer per shard."""
-    del dl_manager
+  def _plan(self) -> tuple[ExamplePlan, list[StagedHardware]]:
+    """Reads (or reuses) the staged hardware, plans the splits and fills the metadata."""
     cfg = self.builder_config
     networks = network_info_lib.load_network_infos(self._tenset_dir)
     holdout = tuple(cfg.holdout) or network_info_lib.default_holdout(networks)
@@ -807,6 +812,7 @@ class Tenset(tfds.core.ShardBasedBuilder):
         self._own_staging_dir,
         crop=cfg.crop,
         token_source=(self._token_source if cfg.loop_tokens else None),
+        workers=self._workers,
       )
     staging = self._staging
     if staging.loop_tokens != cfg.loop_tokens:
@@ -844,53 +850,77 @@ class Tenset(tfds.core.ShardBasedBuilder):
     if empty:
       # TFDS cannot write an empty split; the loader reads a missing split as zero examples.
       logging.warning("%s: splits %s are empty and are not written", cfg.name, empty)
-    out = {}
-    for name in schema.SPLITS:
-      idx = plan.splits[name]
-      if idx.size:
-        out[name] = [
-          functools.partial(self._generate_examples, plan, staged, chunk, name)
-          for chunk in np.array_split(idx, -(-idx.size // self._shard_size))
-        ]
-    return out
+    return plan, staged
 
-  def _generate_examples(
-    self, plan: ExamplePlan, staged: Sequence[StagedHardware], indices: np.ndarray, split: str
-  ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Yields ``(example index, example)`` for one shard, in index order."""
-    num_hw = len(staged)
-    min_cost = np.nan_to_num(plan.task_min_cost, nan=0.0).astype(np.float32)
-    for i in tqdm.tqdm(
-      indices,
-      desc=f"writing {self.builder_config.name} {split}",
-      unit=" ex",
-      mininterval=2,
-      disable=indices.size < 100_000,
-      leave=False,
-    ):
-      row = plan.rows[i]
-      t = int(plan.task_index[i])
-      mask = row >= 0
-      score = np.zeros(num_hw, np.float32)
-      feats = tokens = None
-      for h in range(num_hw):
-        if mask[h]:
-          score[h] = staged[h].scores[row[h]]
-          if feats is None:
-            # The same program (same step list) featurizes identically on every hardware.
-            feats = np.asarray(staged[h].features[row[h]])
-            if staged[h].loop_tokens is not None:
-              tokens = np.asarray(staged[h].loop_tokens[row[h]])
-      ex = {
-        schema.FEATURES: feats,
-        schema.SCORE: score,
-        schema.MASK: mask,
-        schema.MIN_COST: min_cost[t],
-        schema.TASK_INDEX: t,
-      }
-      if tokens is not None:
-        ex[schema.LOOP_TOKENS] = tokens
-      yield int(i), ex
+  def _write_splits(
+    self, plan: ExamplePlan, staged: Sequence[StagedHardware]
+  ) -> tfds.core.SplitDict:
+    """Writes every split's shards with the staging's workers; returns TFDS's split records.
+
+    The shard plan (``ceil(n / shard_size)`` near-equal shards per split, examples in plan
+    order) and the split records are TFDS's ``ShardBasedBuilder``'s; only who writes differs.
+    """
+    cfg = self.builder_config
+    splits = {name: plan.splits[name] for name in schema.SPLITS if plan.splits[name].size}
+    table_dir = tempfile.mkdtemp(prefix=f"shards_{cfg.name}_", dir=self._staging.work_dir)
+    try:
+      shard_writer.save_table(
+        table_dir,
+        plan.rows,
+        plan.task_index,
+        [s.scores for s in staged],
+        plan.task_min_cost,
+        splits,
+      )
+      sources = tuple(shard_writer.StagedSource.of(s) for s in staged)
+      tokens = staged[0].loop_tokens
+      jobs, templates = [], {}
+      for name, idx in splits.items():
+        template = self._get_filename_template(split_name=name).replace(split=name)
+        templates[name] = template
+        ranges = shard_writer.shard_ranges(idx.size, self._shard_size)
+        for k, (start, stop) in enumerate(ranges):
+          path = template.sharded_filepath(shard_index=k, num_shards=len(ranges))
+          jobs.append(
+            shard_writer.ShardJob(
+              table_dir=table_dir,
+              split=name,
+              start=start,
+              stop=stop,
+              path=os.fspath(path),
+              sources=sources,
+              feature_shape=tuple(staged[0].features.shape[1:]),
+              loop_token_shape=None if tokens is None else tuple(tokens.shape[1:]),
+            )
+          )
+      lengths: dict[str, list[int]] = {name: [] for name in splits}
+      total = sum(idx.size for idx in splits.values())
+      with tqdm.tqdm(
+        total=total, desc=f"writing {cfg.name}", unit=" ex", mininterval=2, leave=False
+      ) as bar:
+        written = self._staging.map_ordered(shard_writer.write_shard, jobs)
+        # Consumed to its end (not zipped with jobs): a pool generator left unfinished stops
+        # the pool.
+        for k, n in enumerate(_named_errors(written, shard_writer.ShardWriteError)):
+          lengths[jobs[k].split].append(n)
+          bar.update(n)
+    finally:
+      shutil.rmtree(table_dir, ignore_errors=True)
+    infos = []
+    for name, template in templates.items():
+      num_shards = len(lengths[name])
+      paths = [
+        template.sharded_filepath(shard_index=k, num_shards=num_shards) for k in range(num_shards)
+      ]
+      infos.append(
+        tfds.core.SplitInfo(
+          name=name,
+          shard_lengths=lengths[name],
+          num_bytes=sum(p.stat().length for p in paths),
+          filename_template=template,
+        )
+      )
+    return tfds.core.SplitDict(infos)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1006,7 +1036,9 @@ def build(
   else of the configs' ``skeletons`` file.
 
   ``workers`` processes read, featurize and replay whole task files
-  (:mod:`data_pipelines.file_stager`); the datasets are the same for any number of workers.
+  (:mod:`data_pipelines.file_stager`) and write the shards (:mod:`data_pipelines.shard_writer`);
+  the dataset files are the same bytes for any number of workers. A failed shard is a
+  :class:`DatasetBuildError` naming it, and nothing of the build is committed.
   """
   crops = {c.crop for c in configs}
   if len(crops) > 1:

@@ -20,3 +20,25 @@ def test_rss_sampler_counts_child_processes():
     subprocess.run([sys.executable, "-c", code], check=True)
   assert rss.peak_processes >= 2
   assert rss.peak_total >= rss.peak_main + 70_000_000
+
+
+def test_files_digest_covers_every_byte_of_every_file(tmp_path, built_sample_dataset):
+  import glob
+  import shutil
+
+  copy = str(tmp_path / "copy")
+  shutil.copytree(built_sample_dataset, copy)
+  digest = dataset_build._files_digest(copy)
+  assert digest == dataset_build._files_digest(built_sample_dataset)
+  shard = sorted(glob.glob(f"{copy}/tenset/xeon-emr-16c/*/tenset-test.array_record-*"))[-1]
+  with open(shard, "r+b") as f:
+    f.seek(-1, 2)
+    last = f.read(1)
+    f.seek(-1, 2)
+    f.write(bytes([last[0] ^ 1]))
+  flipped = dataset_build._files_digest(copy)
+  assert flipped != digest
+  # A renamed file (same bytes) is another dataset too.
+  info = glob.glob(f"{copy}/tenset/epyc-9004/*/metadata.json")[0]
+  shutil.move(info, info + ".x")
+  assert dataset_build._files_digest(copy) != flipped

@@ -179,10 +179,9 @@ _KILL_SCRIPT = textwrap.dedent("""
       return real_read(*args, **kwargs)
     tenset_tfds.records_lib.read_task_file = read
   elif point == "writing":  # writing the first shard: TFDS incomplete folders exist
-    def gen(self, *args, **kwargs):
+    def write(job):
       die()
-      yield
-    tenset_tfds.Tenset._generate_examples = gen
+    tenset_tfds.shard_writer.write_shard = write
   elif point == "between_configs":  # epyc-9004 complete in staging, xeon-emr-16c not begun
     real_prepare = tenset_tfds.Tenset._download_and_prepare
     def prepare(self, *args, **kwargs):

@@ -207,3 +207,20 @@ def test_a_worker_error_names_the_file(tmp_path, sample_tenset_dir):
 def test_workers_must_be_positive():
   with pytest.raises(ValueError, match="workers must be >= 1"):
     file_stager.FileStager(0)
+
+
+def test_map_ordered_keeps_order_and_pool_and_stops_on_error():
+  jobs = [f"/d/{i}.json" for i in range(9)]
+  with file_stager.FileStager(2) as stager:
+    assert list(stager.map_ordered(os.path.basename, jobs)) == [f"{i}.json" for i in range(9)]
+    pool = stager._pool
+    assert pool is not None
+    assert list(stager.map_ordered(os.path.basename, jobs[:3])) == ["0.json", "1.json", "2.json"]
+    assert stager._pool is pool  # a finished map keeps the pool for the build's next step
+    with pytest.raises(TypeError):
+      list(stager.map_ordered(os.path.basename, jobs[:2] + [None] + jobs[2:]))
+    assert stager._pool is None  # a failed job stops the jobs still running
+  assert list(file_stager.FileStager(1).map_ordered(os.path.basename, jobs[:2])) == [
+    "0.json",
+    "1.json",
+  ]
