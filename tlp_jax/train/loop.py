@@ -8,6 +8,8 @@
   (``data_placement="device"``, no host->device traffic per step), are gathered on the host
   per step (``"host"``), or the same host batches are gathered ahead by a grain pipeline
   (``"stream"``, ``stream.py``; its iterator state is checkpointed); all give identical batches;
+  host and stream batches are put on the devices ``config.prefetch_to_device`` steps ahead of
+  the step that reads them (``prefetch.py``), so no step waits for its own batch's copy;
 * validation (``validate``) every ``eval_every_epochs`` epochs and after the last: per-head loss
   summed over the validation batches (as TLP reports it) and the quick top-k of
   ``tlp_jax.core.metrics``;
