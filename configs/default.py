@@ -128,6 +128,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.stream.num_workers = 0
   config.stream.read_threads = 2
   config.stream.prefetch_batches = 4
+  # data_placement="host" or "stream": batches put on the devices this many steps ahead of the
+  # step that reads them, so no step waits for its own batch's host-to-device copy
+  # (tlp_jax/train/prefetch.py; the same batches, so the same parameters). 0 = off.
+  config.prefetch_to_device = 2
 
   config.log_every_steps = 50
   # Validation (and the epoch-end checkpoint) every N epochs and after the last one.

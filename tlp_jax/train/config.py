@@ -52,6 +52,7 @@ RUNTIME_FIELDS = frozenset(
     "stream.num_workers",
     "stream.read_threads",
     "stream.prefetch_batches",
+    "prefetch_to_device",
     "log_every_steps",
     "checkpoints_to_keep",
     "distributed.enabled",
@@ -138,6 +139,7 @@ class TrainConfig:
   data_placement: str
   device_data_max_bytes: int | str  # bytes, or "auto" (train.data.device_data_budget)
   stream: StreamConfig
+  prefetch_to_device: int  # batches on the devices ahead of the step (host, stream); 0: off
   log_every_steps: int
   eval_every_epochs: int
   checkpoint_every_steps: int
@@ -164,6 +166,9 @@ class TrainConfig:
       raise ConfigError(
         f"config.device_data_max_bytes must be 'auto' or a byte count, got {budget!r}"
       )
+    prefetch = self.prefetch_to_device
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+      raise ConfigError(f"config.prefetch_to_device must be an integer >= 0, got {prefetch!r}")
     for name in (
       "batch_size",
       "eval_batch_size",

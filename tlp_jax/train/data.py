@@ -404,16 +404,28 @@ def first_replica(tree: Any) -> Any:
   return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
 
+def pmap_sharding(devices: Sequence[Any]) -> jax.sharding.NamedSharding:
+  """The sharding of pmap's ``(devices, ...)`` arrays over ``devices``: the leading axis split,
+  one slice per device."""
+  # The same sharding (mesh axis named like pmap's axis) as pmap's outputs, so a step compiled
+  # for these inputs is reused when the state it returns is fed back.
+  mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+def shard_to_devices(tree: Any, devices: Sequence[Any]) -> Any:
+  """Puts host arrays laid out ``(len(devices), ...)`` (``host_batch``'s) on ``devices``, slice
+  ``i`` on device ``i``, as pmap reads its inputs; the copies run asynchronously."""
+  return jax.device_put(tree, pmap_sharding(devices))
+
+
 def replicate_to_devices(tree: Any, devices: Sequence[Any]) -> Any:
   """Copies every array of ``tree`` to each device, as pmap's ``(devices, ...)`` inputs.
 
   Unlike ``flax.jax_utils.replicate`` no ``(devices, ...)`` host copy is made, so a large
   training set needs only its own size in host memory.
   """
-  # The same sharding (mesh axis named like pmap's axis) as pmap's outputs, so a step compiled
-  # for these inputs is reused when the state it returns is fed back.
-  mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  sharding = pmap_sharding(devices)
 
   def put(x):
     x = np.asarray(x)

@@ -8,6 +8,8 @@
   (``data_placement="device"``, no host->device traffic per step), are gathered on the host
   per step (``"host"``), or the same host batches are gathered ahead by a grain pipeline
   (``"stream"``, ``stream.py``; its iterator state is checkpointed); all give identical batches;
+  host and stream batches are put on the devices ``config.prefetch_to_device`` steps ahead of
+  the step that reads them (``prefetch.py``), so no step waits for its own batch's copy;
 * validation (``validate``) every ``eval_every_epochs`` epochs and after the last: per-head loss
   summed over the validation batches (as TLP reports it) and the quick top-k of
   ``tlp_jax.core.metrics``;
@@ -40,7 +42,7 @@ import tqdm
 
 from data_pipelines import loader
 from tlp_jax.core import metrics
-from tlp_jax.train import checkpoints, data, init_from, optimizer, runtime, stream
+from tlp_jax.train import checkpoints, data, init_from, optimizer, prefetch, runtime, stream
 from tlp_jax.train import config as config_lib
 from tlp_jax.train import model as model_lib
 from tlp_jax.train import step as step_lib
@@ -61,6 +63,9 @@ class TrainResult:
 
 # What ``data_placement="auto"`` chooses when the training arrays do not fit on the device.
 AUTO_OFF_DEVICE_PLACEMENT = "host"
+# ``config.prefetch_to_device`` > 0: whether the look-ahead is filled from a background thread
+# (``prefetch.DevicePrefetch``) or inline in the training thread, per placement.
+PREFETCH_IN_THREAD = {"host": True, "stream": True}
 
 
 def _open_stream(
@@ -122,6 +127,44 @@ def _open_stream(
       why,
     )
   return open_at(start_step), {"stream_first_step": start_step, "stream_workers": workers}
+
+
+def _device_prefetch(
+  config: config_lib.TrainConfig,
+  placement: str,
+  train: data.HeadArrays,
+  layout: data.BatchLayout,
+  steps_per_epoch: int,
+  total_steps: int,
+  start_step: int,
+  devices: Sequence[Any],
+  batches: Any,
+) -> prefetch.DevicePrefetch | None:
+  """Host or stream placement's batches of steps ``start_step..`` put on ``devices``
+  ``config.prefetch_to_device`` steps ahead; None when that is 0 or the data is on the device.
+
+  Host placement's batches come from ``stream.StepBatch``, the gather of the streamed path
+  (host placement's own rows and layout, any step, across epochs); the stream's from its grain
+  iterator ``batches``, whose state after each batch is kept for the checkpoints.
+  """
+  size = config.prefetch_to_device
+  if size == 0 or placement not in PREFETCH_IN_THREAD:
+    return None
+  if placement == "stream":
+    fetch, snapshot = (lambda step: stream.next_batch(batches, step)), batches.get_state
+  else:
+    step_batch = stream.StepBatch(
+      train, layout, config.seed, steps_per_epoch, config.batch_order == "by_task"
+    )
+    fetch, snapshot = (lambda step: step_batch(step)[1:]), None
+  return prefetch.DevicePrefetch(
+    fetch,
+    range(start_step, total_steps),
+    devices,
+    size,
+    snapshot=snapshot,
+    thread=PREFETCH_IN_THREAD[placement],
+  )
 
 
 def validate(
@@ -494,6 +537,13 @@ def _train_and_evaluate(
     batches, stream_meta = _open_stream(
       config, train, layout, steps_per_epoch, total_steps, latest_mgr, restored_meta, start_step
     )
+  order_by_task = train.task_index if config.batch_order == "by_task" else None
+  # Host and stream placement: the batches put on the devices ahead of their steps, or None.
+  feed = _device_prefetch(
+    config, placement, train, layout, steps_per_epoch, total_steps, start_step, devices, batches
+  )
+  # What a checkpoint saves of the input stream: what the training loop has taken of it.
+  saved_input = feed if feed is not None and batches is not None else batches
   writer = writer_lib.MetricWriter(workdir, enabled=is_chief)
   if start_step == 0:
     val_tags = [f"val/loss/{h}" for h in hardware]
@@ -518,7 +568,6 @@ def _train_and_evaluate(
   def host_state() -> step_lib.TrainState:
     return data.first_replica(rstate)
 
-  order_by_task = train.task_index if config.batch_order == "by_task" else None
   # The bar counts samples; its postfix names the 1-based epoch, as the log does.
   bar = tqdm.tqdm(
     total=total_steps * layout.global_batch,
@@ -536,9 +585,10 @@ def _train_and_evaluate(
   try:
     with logs_above_bar:
       for epoch in range(start_step // steps_per_epoch, num_epochs):
-        order, valid = data.epoch_order(
-          config.seed, epoch, train.size, steps_per_epoch, layout.global_batch, order_by_task
-        )
+        if placement == "device" or (placement == "host" and feed is None):
+          order, valid = data.epoch_order(
+            config.seed, epoch, train.size, steps_per_epoch, layout.global_batch, order_by_task
+          )
         if placement == "device":
           d_order, d_valid = data.replicate_to_devices((order, valid), devices)
         # Small datasets run many short epochs; validating and checkpointing each one can cost
@@ -547,6 +597,8 @@ def _train_and_evaluate(
         for in_epoch in range(step - epoch * steps_per_epoch, steps_per_epoch):
           if placement == "device":
             rstate, m = p_train(rstate, resident, d_order, d_valid)
+          elif feed is not None:
+            rstate, m = p_train(rstate, *feed.next_batch(step))
           elif placement == "stream":
             rstate, m = p_train(rstate, *stream.next_batch(batches, step))
           else:
@@ -580,7 +632,7 @@ def _train_and_evaluate(
           if (
             every > 0 and step % every == 0 and not (in_epoch == steps_per_epoch - 1 and validates)
           ):
-            checkpoints.save_checkpoint(latest_mgr, host_state(), meta_for(step), batches)
+            checkpoints.save_checkpoint(latest_mgr, host_state(), meta_for(step), saved_input)
 
         if not validates:
           continue
@@ -596,7 +648,7 @@ def _train_and_evaluate(
           # latest manager saves the same step.
           best_mgr.wait_until_finished()
         checkpoints.save_checkpoint(
-          latest_mgr, hstate, meta_for(step, {"validation": validation}), batches
+          latest_mgr, hstate, meta_for(step, {"validation": validation}), saved_input
         )
   finally:
     bar.close()
@@ -605,6 +657,8 @@ def _train_and_evaluate(
     latest_mgr.close()
     best_mgr.close()
     writer.close()
+    if feed is not None:
+      feed.close()  # first: its thread may be reading the grain iterator
     if batches is not None and hasattr(batches, "close"):
       batches.close()  # stops grain's worker processes
   result = TrainResult(
