@@ -28,7 +28,9 @@ hold-out list, crop and platform.
 Each hardware is read and featurized once per build (:class:`RecordStaging`, flat arrays on
 disk, shared by all configs of the build), so a build scales to TenSet's ~8.6M records per
 hardware without holding features in memory. Whole task files are read, featurized and replayed
-by ``workers`` processes (:mod:`data_pipelines.file_stager`), taken back in file order, and the
+by ``workers`` processes (:mod:`data_pipelines.file_stager`), which write each file's rows to the
+build's work dir; the main process takes the files' labels back in file order and appends their
+rows to the staging files with a kernel copy (a few bytes per record pass through it), and the
 same processes write the array_record shards, one shard per job, from the staged files
 (:mod:`data_pipelines.shard_writer`): the dataset files are the same bytes for any number of
 workers.
