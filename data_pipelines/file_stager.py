@@ -19,12 +19,21 @@ Otherwise the parent re-reads that file itself with its own featurizer (exactly 
 one-process read; the loop tokens, which do not depend on the vocabulary, are kept) and later
 submissions carry the grown vocabulary. On TenSet the vocabulary settles in the first files,
 so almost every file is taken from a worker; the output is the same bytes for any worker count.
+
+The arrays of a file (its kept records' step features and loop tokens, ~4 KB per record) do not
+travel back: the process that read the file writes them to files named by the file's index in
+the caller's folder (:meth:`StagedFile.write_rows`), and only the few bytes per record the
+labels need (costs, program keys, line numbers, which records replayed) and the stats come back
+through the pool. The caller appends each file's rows to its staging files in file order
+(:meth:`StagedFile.move_rows`: a copy inside the kernel, not through the caller), so the main
+process's work per record no longer grows with the size of a record.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -50,12 +59,118 @@ class StagedFile:
   """One task file read, featurized and (with loop tokens) replayed.
 
   ``grew``: the featurizer's vocabulary grew while reading it (see the module docstring).
+
+  The staged rows are the records :attr:`keep` marks (with loop tokens: those that replayed;
+  else every valid record). Once :meth:`write_rows` has run, they are in ``features_file``
+  (raw float32 ``(rows, L, E)``) and ``tokens_file`` (raw float16 ``(rows, T, W)``, with loop
+  tokens), and ``task.features`` / ``tokens.tokens`` are None: what is left is a few bytes per
+  record.
   """
 
   path: str
   task: records_lib.TaskFile
   tokens: loop_token_source.FileTokens | None
   grew: bool = False
+  row_shape: tuple[int, ...] = ()  # (L, E) of a feature row
+  token_row_shape: tuple[int, ...] = ()  # (T, W) of a loop-token row
+  features_file: str | None = None
+  tokens_file: str | None = None
+
+  @property
+  def keep(self) -> np.ndarray:
+    """``(len(task),)`` bool: the records whose rows are staged."""
+    if self.tokens is not None:
+      return self.tokens.ok
+    return np.ones(len(self.task), bool)
+
+  @property
+  def rows(self) -> int:
+    """Number of staged rows."""
+    return int(self.keep.sum())
+
+  def write_rows(self, features_file: str, tokens_file: str | None) -> None:
+    """Writes the staged feature rows (and the loop tokens still in memory) to these files and
+    drops the arrays. ``tokens_file`` names the tokens' file even when they were written
+    already (a file re-read by the parent keeps its worker's tokens)."""
+    feats = np.asarray(self.task.features, dtype=np.float32)
+    self.row_shape = tuple(feats.shape[1:])
+    keep = self.keep
+    _write_array(features_file, feats if keep.all() else feats[keep])
+    self.task.features = None
+    self.features_file = features_file
+    if self.tokens is not None:
+      if self.tokens.tokens is not None:
+        self.token_row_shape = tuple(self.tokens.tokens.shape[1:])
+        _write_array(tokens_file, self.tokens.tokens)
+        self.tokens.tokens = None
+      self.tokens_file = tokens_file
+
+  def move_rows(self, features_out, tokens_out) -> None:
+    """Appends the staged rows (:meth:`write_rows`) to ``features_out`` and ``tokens_out``
+    (binary files opened with ``buffering=0``, :func:`append_file`) and deletes their files.
+
+    Raises:
+      FileStageError: a file does not hold exactly the rows it should (names the task file).
+    """
+    files = [(self.features_file, features_out, self.row_shape, np.float32)]
+    if self.tokens_file is not None:
+      files.append((self.tokens_file, tokens_out, self.token_row_shape, np.float16))
+    for path, out, shape, dtype in files:
+      size = append_file(out, path)
+      want = self.rows * int(np.prod(shape)) * np.dtype(dtype).itemsize
+      if size != want:
+        raise FileStageError(
+          f"{self.path}: {path} holds {size} bytes, not {self.rows} rows of {shape} "
+          f"{np.dtype(dtype).name} ({want} bytes)"
+        )
+      os.remove(path)
+
+
+def _write_array(path: str, a: np.ndarray) -> None:
+  with open(path, "wb") as f:
+    np.ascontiguousarray(a).tofile(f)
+
+
+# Errors of copy_file_range meaning "not between these files" (EBADF: ``out`` was opened for
+# appending): copy through this process.
+_NO_KERNEL_COPY = {
+  errno.EBADF,
+  errno.EXDEV,
+  errno.ENOSYS,
+  errno.EINVAL,
+  errno.EOPNOTSUPP,
+  errno.ENOTSUP,
+}
+
+
+def append_file(out, path: str) -> int:
+  """Appends the bytes of file ``path`` to ``out`` (a binary file opened with ``buffering=0``:
+  the copy moves the OS file position); returns their number.
+
+  The copy runs in the kernel (``copy_file_range``: the bytes do not pass through this
+  process) where the file system allows, else through a 16 MiB buffer.
+  """
+  dst = out.fileno()
+  with open(path, "rb", buffering=0) as f:
+    size = os.fstat(f.fileno()).st_size
+    done = 0
+    try:
+      while done < size:
+        n = os.copy_file_range(f.fileno(), dst, size - done)
+        if n == 0:
+          break
+        done += n
+    except OSError as e:
+      if done or e.errno not in _NO_KERNEL_COPY:
+        raise
+      while block := f.read(1 << 24):
+        view = memoryview(block)
+        while view:  # an unbuffered write may write less than it is given
+          view = view[out.write(view) :]
+        done += len(block)
+  if done != size:
+    raise OSError(f"{path}: appended {done} of {size} bytes (file changed while copied?)")
+  return done
 
 
 def stage_file(
@@ -63,8 +178,12 @@ def stage_file(
   hardware: str,
   featurizer: features_lib.Featurizer,
   token_source: loop_token_source.LoopTokenSource | None,
+  out: str | None = None,
 ) -> StagedFile:
   """Reads one task file with ``featurizer`` and, with a token source, makes its loop tokens.
+
+  ``out``: write the staged rows to ``out + ".f32"`` (and ``".f16"``) and drop the arrays
+  (:meth:`StagedFile.write_rows`); None keeps them in memory.
 
   Raises:
     FileStageError: anything failed; the message names the file.
@@ -78,12 +197,15 @@ def stage_file(
       tokens = token_source.tokens(
         tf.workload_key, records_lib.lines_at(path, lines), os.path.basename(path), lines
       )
+    staged = StagedFile(path, tf, tokens, grew=featurizer.vocab.to_json() != before)
+    if out is not None and len(tf):
+      staged.write_rows(out + ".f32", out + ".f16")
   except FileStageError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     # One line naming the file, whichever process it happened in (the pool re-raises it).
     raise FileStageError(f"{path}: {type(e).__name__}: {e}") from e
-  return StagedFile(path, tf, tokens, grew=featurizer.vocab.to_json() != before)
+  return staged
 
 
 # Per worker process: the token source and the featurizer of the current vocabulary snapshot.
@@ -99,7 +221,7 @@ def _init_worker(skeletons: str | None, tenset_dir: str, max_tokens: int) -> Non
   _WORKER["featurizers"] = {}
 
 
-def _work(path: str, hardware: str, platform: str, crop, vocab_json: str) -> StagedFile:
+def _work(path: str, out: str, hardware: str, platform: str, crop, vocab_json: str) -> StagedFile:
   cache = _WORKER["featurizers"]
   key = (platform, crop, vocab_json)
   fz = cache.pop(key, None)
@@ -107,10 +229,10 @@ def _work(path: str, hardware: str, platform: str, crop, vocab_json: str) -> Sta
     cache.clear()  # one snapshot at a time: its step-row cache is what makes reading fast
     vocab = features_lib.Vocabulary.from_json(vocab_json)
     fz = features_lib.Featurizer(platform, crop=crop, vocab=vocab)
-  out = stage_file(path, hardware, fz, _WORKER["source"])
-  if not out.grew:  # a grown featurizer no longer matches its snapshot
+  got = stage_file(path, hardware, fz, _WORKER["source"], out)
+  if not got.grew:  # a grown featurizer no longer matches its snapshot
     cache[key] = fz
-  return out
+  return got
 
 
 class FileStager:
@@ -118,7 +240,8 @@ class FileStager:
   pool runs the build's other per-item jobs (:meth:`map_ordered`: the shard writing).
 
   Use as a context manager (it owns the pool). At most ``2 * workers`` files are in flight,
-  so memory is bounded by a few files' arrays whatever the record count.
+  so memory (and the disk of the per-file row files) is bounded by a few files' arrays
+  whatever the record count.
   """
 
   def __init__(
@@ -186,46 +309,69 @@ class FileStager:
         self.close()
 
   def stage(
-    self, paths: Sequence[str], hardware: str, featurizer: features_lib.Featurizer
+    self,
+    paths: Sequence[str],
+    hardware: str,
+    featurizer: features_lib.Featurizer,
+    out_dir: str,
   ) -> Iterator[StagedFile]:
     """Yields each file of ``paths`` staged, in order, as the one-process read makes it.
 
     ``featurizer`` is the shared (growing) featurizer of the platform; it grows as it would
-    reading the files one by one in this process.
+    reading the files one by one in this process. Each file's staged rows are written to
+    ``out_dir`` (``<file index>.f32`` / ``.f16``, :meth:`StagedFile.write_rows`) by the process
+    that read it; the caller takes them with :meth:`StagedFile.move_rows`. When a file fails,
+    or the caller stops early, the files still being read are stopped (the pool is terminated)
+    before the error propagates: nothing keeps writing into ``out_dir``.
     """
+    outs = [os.path.join(out_dir, f"{i:07d}") for i in range(len(paths))]
     if self.workers == 1:
-      for path in paths:
-        yield stage_file(path, hardware, featurizer, self.token_source)
+      for path, out in zip(paths, outs):
+        yield stage_file(path, hardware, featurizer, self.token_source, out)
       return
     pool = self._pool_or_start()
     crop = featurizer.crop
     pending: collections.deque = collections.deque()
-    todo = iter(paths)
+    todo = iter(zip(paths, outs))
     snapshot = featurizer.vocab.to_json()
-    while True:
-      while len(pending) < 2 * self.workers:
-        path = next(todo, None)
-        if path is None:
-          break
-        job = pool.apply_async(_work, (path, hardware, featurizer.platform, crop, snapshot))
-        pending.append((path, job, featurizer.layout))
-      if not pending:
-        return
-      path, job, layout = pending.popleft()
-      got = job.get()
-      if got.grew or layout != featurizer.layout:
-        got = self._redo(got, hardware, featurizer)
-        snapshot = featurizer.vocab.to_json()
-      yield got
+    done = False
+    try:
+      while True:
+        while len(pending) < 2 * self.workers:
+          path, out = next(todo, (None, None))
+          if path is None:
+            break
+          args = (path, out, hardware, featurizer.platform, crop, snapshot)
+          pending.append((pool.apply_async(_work, args), featurizer.layout))
+        if not pending:
+          done = True
+          return
+        job, layout = pending.popleft()
+        got = job.get()
+        if got.grew or layout != featurizer.layout:
+          got = self._redo(got, hardware, featurizer)
+          snapshot = featurizer.vocab.to_json()
+        yield got
+    finally:
+      if not done:
+        self.close()
 
   def _redo(self, got: StagedFile, hardware: str, featurizer) -> StagedFile:
-    """Re-reads a worker's file with the parent's featurizer (the one-process result)."""
+    """Re-reads a worker's file with the parent's featurizer (the one-process result) and
+    writes its feature rows over the worker's; the worker's loop tokens, which do not depend
+    on the vocabulary, are kept."""
     self.redone += 1
     again = stage_file(got.path, hardware, featurizer, None)
     if not np.array_equal(again.task.line_numbers, got.task.line_numbers):
       raise FileStageError(f"{got.path}: kept other records when read again (file changed?)")
     again.tokens = got.tokens
+    again.token_row_shape = got.token_row_shape
+    if got.features_file is not None:
+      try:
+        again.write_rows(got.features_file, got.tokens_file)
+      except OSError as e:
+        raise FileStageError(f"{got.path}: {type(e).__name__}: {e}") from e
     return again
 
 
-__all__ = ["FileStageError", "StagedFile", "FileStager", "stage_file"]
+__all__ = ["FileStageError", "StagedFile", "FileStager", "append_file", "stage_file"]

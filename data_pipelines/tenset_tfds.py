@@ -28,7 +28,9 @@ hold-out list, crop and platform.
 Each hardware is read and featurized once per build (:class:`RecordStaging`, flat arrays on
 disk, shared by all configs of the build), so a build scales to TenSet's ~8.6M records per
 hardware without holding features in memory. Whole task files are read, featurized and replayed
-by ``workers`` processes (:mod:`data_pipelines.file_stager`), taken back in file order, and the
+by ``workers`` processes (:mod:`data_pipelines.file_stager`), which write each file's rows to the
+build's work dir; the main process takes the files' labels back in file order and appends their
+rows to the staging files with a kernel copy (a few bytes per record pass through it), and the
 same processes write the array_record shards, one shard per job, from the staged files
 (:mod:`data_pipelines.shard_writer`): the dataset files are the same bytes for any number of
 workers.
@@ -226,31 +228,37 @@ class RecordStaging:
     tok_path = self._new_file(hardware, ".f16") if src is not None else None
     acc = _StageAccumulator(src is not None)
     layouts = set()
-    # Whole task files are read, featurized and replayed by the stager's workers; results come
-    # back in file order, as the one-process read makes them (data_pipelines.file_stager).
-    with (
-      open(feat_path, "wb") as feat_out,
-      open(tok_path, "wb") if tok_path else contextlib.nullcontext() as tok_out,
-    ):
-      staged_files = _named_errors(self._stager.stage(paths, hardware, featurizer))
-      for got in tqdm.tqdm(
-        staged_files, total=len(paths), desc=f"reading {hardware}", unit=" files", mininterval=2
+    # Whole task files are read, featurized and replayed by the stager's workers, which write
+    # each file's rows to its own files in rows_dir; results come back in file order, as the
+    # one-process read makes them (data_pipelines.file_stager), and their rows are appended
+    # to the staging files in that order.
+    rows_dir = tempfile.mkdtemp(prefix=f"{hardware}.files.", dir=self.work_dir)
+    try:
+      with (
+        open(feat_path, "wb", buffering=0) as feat_out,
+        open(tok_path, "wb", buffering=0) if tok_path else contextlib.nullcontext() as tok_out,
       ):
-        path, tf = got.path, got.task
-        acc.stats = tf.stats if acc.stats is None else acc.stats + tf.stats
-        if not len(tf):
-          continue
-        costs = np.asarray(tf.costs, dtype=np.float64)
-        if not (np.isfinite(costs) & (costs > 0)).all():
-          # records.py keeps valid measurements only; anything else is a bug, not data to drop.
-          raise DatasetBuildError(f"{path}: the reader kept a record without a valid cost")
-        if tf.platform != platform:
-          raise DatasetBuildError(
-            f"{path}: target platform {tf.platform} differs from "
-            f"{platform} of the rest of {hardware}"
-          )
-        layouts.add(tf.layout)
-        self._finish_file(acc, feat_out, tok_out, path, tf, got.tokens)
+        staged_files = _named_errors(self._stager.stage(paths, hardware, featurizer, rows_dir))
+        for got in tqdm.tqdm(
+          staged_files, total=len(paths), desc=f"reading {hardware}", unit=" files", mininterval=2
+        ):
+          path, tf = got.path, got.task
+          acc.stats = tf.stats if acc.stats is None else acc.stats + tf.stats
+          if not len(tf):
+            continue
+          costs = np.asarray(tf.costs, dtype=np.float64)
+          if not (np.isfinite(costs) & (costs > 0)).all():
+            # records.py keeps valid measurements only; anything else is a bug, not data to drop.
+            raise DatasetBuildError(f"{path}: the reader kept a record without a valid cost")
+          if tf.platform != platform:
+            raise DatasetBuildError(
+              f"{path}: target platform {tf.platform} differs from "
+              f"{platform} of the rest of {hardware}"
+            )
+          layouts.add(tf.layout)
+          self._finish_file(acc, feat_out, tok_out, got)
+    finally:
+      shutil.rmtree(rows_dir, ignore_errors=True)
     if not acc.task_keys:
       read = _stats_line(stats_to_json(acc.stats)) if acc.stats is not None else "no files"
       raise DatasetBuildError(
@@ -330,29 +338,26 @@ class RecordStaging:
     return out_path
 
   def _finish_file(
-    self,
-    acc: _StageAccumulator,
-    feat_out,
-    tok_out,
-    path: str,
-    tf,
-    got,
+    self, acc: _StageAccumulator, feat_out, tok_out, got: file_stager.StagedFile
   ) -> None:
-    """Writes one task file's kept records (valid and, with loop tokens, replayed)."""
-    feats = np.asarray(tf.features, dtype=np.float32)
-    keep = np.ones(feats.shape[0], bool)
-    if got is not None:
-      acc.token_stats += got.stats
-      keep = got.ok
-      tok_out.write(got.tokens.tobytes())
+    """Appends one task file's staged rows (valid and, with loop tokens, replayed) to the
+    staging files and collects its labels."""
+    tf = got.task
+    if got.tokens is not None:
+      acc.token_stats += got.tokens.stats
+    keep = got.keep
+    try:
+      got.move_rows(feat_out, tok_out)
+    except file_stager.FileStageError as e:
+      raise DatasetBuildError(str(e)) from e
+    except OSError as e:
+      raise DatasetBuildError(f"{got.path}: staging its rows: {type(e).__name__}: {e}") from e
     if not keep.any():
       return  # every record of the task failed to replay (counted in the token stats)
-    feats = np.ascontiguousarray(feats[keep])
     if acc.shape is None:
-      acc.shape = feats.shape[1:]
-    elif feats.shape[1:] != acc.shape:
-      raise DatasetBuildError(f"{path}: feature shape {feats.shape[1:]} != {acc.shape}")
-    feat_out.write(feats.tobytes())
+      acc.shape = got.row_shape
+    elif got.row_shape != acc.shape:
+      raise DatasetBuildError(f"{got.path}: feature shape {got.row_shape} != {acc.shape}")
     # Labels are per task (workload key), not per file: a task split over several files is
     # normalised once, by its best cost over all of them (:func:`_label`).
     task = acc.task_index.setdefault(tf.workload_key, len(acc.task_keys))
@@ -363,7 +368,7 @@ class RecordStaging:
     acc.costs.append(np.asarray(tf.costs, dtype=np.float64)[keep])
     acc.keys.append(np.asarray(tf.program_keys, dtype=np.uint64)[keep])
     acc.rec_task.append(np.full(int(keep.sum()), task, np.int32))
-    acc.task_files.append(os.path.basename(path))
+    acc.task_files.append(os.path.basename(got.path))
 
 
 def _named_errors(results, error=file_stager.FileStageError):

@@ -19,6 +19,7 @@ import pytest
 from data_pipelines import file_stager, loader, schema, tenset_tfds
 from data_pipelines import loop_token_source as lts
 from tlp_jax.core import features as features_lib
+from tlp_jax.core import loop_tokens as lt
 from tlp_jax.core import skeleton as sk
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -90,18 +91,43 @@ def growing_dir(tmp_path_factory, sample_tenset_dir):
   return tdir
 
 
-def _stage_all(paths, workers, source):
+def _stage_all(paths, workers, source, out_dir):
+  """Stages ``paths``; returns each file's result with its rows read back from its files."""
   fz = features_lib.Featurizer("llvm", vocab=features_lib.Vocabulary.original("llvm"))
-  with file_stager.FileStager(workers, source) as stager:
-    out = list(stager.stage(paths, XEON, fz))
+  os.makedirs(out_dir)
+  out = []
+  with (
+    file_stager.FileStager(workers, source) as stager,
+    # As the build opens its staging files.
+    open(os.path.join(out_dir, "f"), "wb", buffering=0) as feat,
+    open(os.path.join(out_dir, "t"), "wb", buffering=0) as tok,
+  ):
+    for got in stager.stage(paths, XEON, fz, out_dir):
+      # Only a few bytes per record come back: the arrays are in the files.
+      assert got.task.features is None or not len(got.task), got.path
+      assert got.tokens is None or got.tokens.tokens is None, got.path
+      rows = {}
+      if got.features_file is not None:
+        with open(got.features_file, "rb") as f:
+          rows["features"] = f.read()
+        if got.tokens_file is not None:
+          with open(got.tokens_file, "rb") as f:
+            rows["tokens"] = f.read()
+        got.move_rows(feat, tok)
+        assert not os.path.exists(got.features_file)
+      out.append((got, rows))
+  # move_rows appended exactly these bytes, in file order.
+  for name, suffix in (("features", "f"), ("tokens", "t")):
+    with open(os.path.join(out_dir, suffix), "rb") as f:
+      assert f.read() == b"".join(r.get(name, b"") for _, r in out), name
     return out, fz.vocab, stager.redone
 
 
-def test_stager_matches_one_process_file_by_file(growing_dir):
+def test_stager_matches_one_process_file_by_file(growing_dir, tmp_path):
   paths = sorted(glob.glob(os.path.join(growing_dir, "measure_records", XEON, "*.json")))
   source = lts.LoopTokenSource(sk.tenset_skeletons_path(growing_dir), growing_dir)
-  one, vocab1, redone1 = _stage_all(paths, 1, source)
-  two, vocab2, redone2 = _stage_all(paths, 2, source)
+  one, vocab1, redone1 = _stage_all(paths, 1, source, str(tmp_path / "w1"))
+  two, vocab2, redone2 = _stage_all(paths, 2, source, str(tmp_path / "w2"))
   assert vocab1 == vocab2
   assert vocab1.kinds[-1] == NEW_KIND
   assert sorted(vocab1.tokens["unroll"], key=vocab1.tokens["unroll"].get)[-3:] == [
@@ -109,10 +135,21 @@ def test_stager_matches_one_process_file_by_file(growing_dir):
     "auto_unroll_max_step$8",
     "auto_unroll_max_step$128",
   ]
-  assert [s.path for s in one] == [s.path for s in two] == paths
-  for a, b in zip(one, two):
+  assert [s.path for s, _ in one] == [s.path for s, _ in two] == paths
+  # In memory, one process: the rows in the files are the kept records' arrays (a file with a
+  # record that failed replay, if any: its features are cut to the replayed records).
+  staged = [k for k, (s, _) in enumerate(one) if s.tokens is not None]
+  k = next((k for k in staged if not one[k][0].keep.all()), staged[0])
+  fz = features_lib.Featurizer("llvm", vocab=features_lib.Vocabulary.original("llvm"))
+  for path in paths[: k + 1]:
+    ref = file_stager.stage_file(path, XEON, fz, source)
+  assert ref.rows > 0 and ref.task.features.shape[0] > 0
+  assert one[k][1]["features"] == np.asarray(ref.task.features[ref.keep], np.float32).tobytes()
+  assert one[k][1]["tokens"] == ref.tokens.tokens.tobytes()
+  for (a, rows_a), (b, rows_b) in zip(one, two):
     assert a.task.layout == b.task.layout and a.task.workload_key == b.task.workload_key
-    assert a.task.features.tobytes() == b.task.features.tobytes(), a.path
+    assert rows_a == rows_b, a.path
+    assert (a.features_file is None) == (not len(a.task)), a.path
     for name in ("costs", "program_keys", "line_numbers"):
       np.testing.assert_array_equal(getattr(a.task, name), getattr(b.task, name))
     assert a.task.stats.to_dict() == b.task.stats.to_dict(), a.path
@@ -120,13 +157,13 @@ def test_stager_matches_one_process_file_by_file(growing_dir):
     if a.tokens is None:
       continue
     assert a.tokens.ok.tolist() == b.tokens.ok.tolist()
-    assert a.tokens.tokens.tobytes() == b.tokens.tokens.tobytes()
+    assert len(rows_a["tokens"]) == a.rows * source.max_tokens * lt.WIDTH * 2
     assert a.tokens.stats.to_dict() == b.tokens.stats.to_dict()
   assert redone1 == 0 and redone2 > 0  # the growth happened, and the stager caught it
   # Files read before the new kind have the old layout (the build then reads the hardware
   # again), the rest the new one: in both runs alike.
-  assert {s.task.layout for s in one[:NEW_KIND_FILE]} == {11}
-  assert {s.task.layout for s in one[NEW_KIND_FILE:] if len(s.task)} == {12}
+  assert {s.task.layout for s, _ in one[:NEW_KIND_FILE]} == {11}
+  assert {s.task.layout for s, _ in one[NEW_KIND_FILE:] if len(s.task)} == {12}
 
 
 def test_build_is_the_same_for_one_and_two_workers(tmp_path, growing_dir):
@@ -172,9 +209,11 @@ def test_a_worker_error_names_the_file(tmp_path, sample_tenset_dir):
   tdir, bad = _with_bad_file(sample_tenset_dir, tmp_path)
   paths = sorted(glob.glob(os.path.join(tdir, "measure_records", XEON, "*.json")))
   fz = features_lib.Featurizer("llvm")
+  os.makedirs(tmp_path / "rows")
   with file_stager.FileStager(2) as stager:
     with pytest.raises(file_stager.FileStageError, match=r"_x\.json: IsADirectoryError"):
-      list(stager.stage(paths, XEON, fz))
+      list(stager.stage(paths, XEON, fz, str(tmp_path / "rows")))
+    assert stager._pool is None  # the files still being read were stopped
   # The CLI: one line naming the file, exit 1, nothing built.
   data_dir = str(tmp_path / "data")
   proc = subprocess.run(
@@ -202,6 +241,18 @@ def test_a_worker_error_names_the_file(tmp_path, sample_tenset_dir):
   assert len(err) == 1 and f"{bad}: IsADirectoryError" in err[0], proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(schema.dataset_dir(data_dir, XEON))
+
+
+@pytest.mark.parametrize("mode", ["wb", "ab"])  # "ab": no copy_file_range, the fallback
+def test_append_file_appends_and_checks(tmp_path, mode):
+  parts = [os.urandom(n) for n in (0, 5, 1 << 20, 3)]
+  out_path = tmp_path / "out"
+  with open(out_path, mode, buffering=0) as out:
+    out.write(b"head")
+    for k, data in enumerate(parts):
+      (tmp_path / str(k)).write_bytes(data)
+      assert file_stager.append_file(out, str(tmp_path / str(k))) == len(data)
+  assert out_path.read_bytes() == b"head" + b"".join(parts)
 
 
 def test_workers_must_be_positive():
