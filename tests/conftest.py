@@ -12,6 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import functools  # noqa: E402  (XLA_FLAGS must be set before anything imports JAX)
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -51,3 +53,42 @@ def sample_arrays(built_sample_dataset):
     return loader.load_arrays(built_sample_dataset, config_name)
 
   return load
+
+
+def _run_python(*args, env=None, timeout=300):
+  """``python ARGS`` run as a user runs a CLI: from the repository root, with it as PYTHONPATH
+  (so this checkout is the one imported); ``env`` adds variables to this process's environment.
+  Returns the CompletedProcess, stdout and stderr as text."""
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), **(env or {})),
+  )
+
+
+@pytest.fixture(scope="session")
+def run_python():
+  """``run_python(*args, env=None, timeout=300) -> CompletedProcess``: ``python ARGS`` from the
+  repository root with it as PYTHONPATH (e.g. ``run_python("-m", "data_pipelines.build", ...)``)."""
+  return _run_python
+
+
+@pytest.fixture(scope="session")
+def train_argv():
+  """``train_argv(workdir, *args) -> list``: the arguments of ``python`` that run train.py with
+  configs/test.py in ``workdir`` (for ``run_python`` or a ``subprocess.Popen``)."""
+
+  def argv(workdir, *args):
+    return [
+      str(REPO_ROOT / "train.py"),
+      "--config",
+      str(REPO_ROOT / "configs" / "test.py"),
+      "--workdir",
+      str(workdir),
+      *args,
+    ]
+
+  return argv

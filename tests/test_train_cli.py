@@ -2,26 +2,14 @@
 line on stderr and a non-zero exit, never a traceback."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _train(*args, tmp_path):
-  cmd = [
-    sys.executable,
-    os.path.join(REPO, "train.py"),
-    "--config",
-    os.path.join(REPO, "configs", "test.py"),
-    "--workdir",
-    str(tmp_path / "wd"),
-    *args,
-  ]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def train(tmp_path, run_python, train_argv):
+  """``train(*args)``: train.py with configs/test.py and workdir tmp_path/wd, as a user runs it."""
+  return lambda *args: run_python(*train_argv(tmp_path / "wd", *args), env={"JAX_PLATFORMS": "cpu"})
 
 
 def _one_line_error(done):
@@ -45,34 +33,24 @@ def _one_line_error(done):
     (["--config.init_mode=heads"], 'config.init_mode="heads" trains only the heads'),
   ],
 )
-def test_config_errors_are_one_line(args, want, tmp_path):
-  assert want in _one_line_error(_train(*args, tmp_path=tmp_path))
+def test_config_errors_are_one_line(args, want, tmp_path, train):
+  assert want in _one_line_error(train(*args))
   assert not os.listdir(tmp_path) or not os.listdir(tmp_path / "wd")
 
 
-def test_unknown_dataset_and_hardware_are_one_line(built_sample_dataset, tmp_path):
-  line = _one_line_error(
-    _train(f"--config.data_dir={built_sample_dataset}", "--config.dataset=foo", tmp_path=tmp_path)
-  )
+def test_unknown_dataset_and_hardware_are_one_line(built_sample_dataset, train):
+  line = _one_line_error(train(f"--config.data_dir={built_sample_dataset}", "--config.dataset=foo"))
   assert "tenset/foo: no such dataset config" in line and "epyc-9004" in line
   line = _one_line_error(
-    _train(
-      f"--config.data_dir={built_sample_dataset}",
-      "--config.hardware=('foo',)",
-      tmp_path=tmp_path,
-    )
+    train(f"--config.data_dir={built_sample_dataset}", "--config.hardware=('foo',)")
   )
   assert "config.hardware ['foo']" in line
 
 
-def test_a_bad_init_from_source_is_one_line(built_sample_dataset, tmp_path):
+def test_a_bad_init_from_source_is_one_line(built_sample_dataset, tmp_path, train):
   bad = tmp_path / "bad.npz"
   bad.write_bytes(b"not a zip file")
   line = _one_line_error(
-    _train(
-      f"--config.data_dir={built_sample_dataset}",
-      f"--config.init_from={bad}",
-      tmp_path=tmp_path,
-    )
+    train(f"--config.data_dir={built_sample_dataset}", f"--config.init_from={bad}")
   )
   assert "init_from" in line and "bad.npz" in line

@@ -1,23 +1,6 @@
 """The build CLI: user errors are one line (exit 1), a build prints no TFDS download banner."""
 
-import os
-import subprocess
-import sys
-
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _build(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "data_pipelines.build", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=dict(os.environ, PYTHONPATH=REPO),
-  )
 
 
 def _user_error_cases(tmp_path, sample):
@@ -56,9 +39,9 @@ def _user_error_cases(tmp_path, sample):
     "data_dir_is_a_file",
   ],
 )
-def test_user_errors_are_one_line(tmp_path, sample_tenset_dir, case):
+def test_user_errors_are_one_line(tmp_path, sample_tenset_dir, case, run_python):
   args, message = _user_error_cases(tmp_path, sample_tenset_dir)[case]
-  proc = _build(*args)
+  proc = run_python("-m", "data_pipelines.build", *args)
   assert proc.returncode == 1
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr[-3000:]
@@ -66,8 +49,10 @@ def test_user_errors_are_one_line(tmp_path, sample_tenset_dir, case):
   assert not proc.stdout
 
 
-def test_build_prints_no_download_banner(tmp_path, sample_tenset_dir):
-  proc = _build(
+def test_build_prints_no_download_banner(tmp_path, sample_tenset_dir, run_python):
+  proc = run_python(
+    "-m",
+    "data_pipelines.build",
     "--tenset_dir",
     sample_tenset_dir,
     "--data_dir",

@@ -6,15 +6,11 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from data_pipelines import build_dir, schema, tenset_tfds
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _snapshot(data_dir):
@@ -209,17 +205,10 @@ def _seed(data_dir, config):
 
 @pytest.mark.parametrize("point", ["reading", "writing", "between_configs", "swapping"])
 def test_sigkilled_build_leaves_old_data_and_next_build_cleans(
-  tmp_path, sample_tenset_dir, built_copy, point
+  tmp_path, sample_tenset_dir, built_copy, point, run_python
 ):
   before = _snapshot(built_copy)
-  proc = subprocess.run(
-    [sys.executable, "-c", _KILL_SCRIPT, sample_tenset_dir, built_copy, point],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=dict(os.environ, PYTHONPATH=REPO),
-  )
+  proc = run_python("-c", _KILL_SCRIPT, sample_tenset_dir, built_copy, point)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert _leftovers(built_copy)  # the killed build left its staging folder behind
   if point != "swapping":

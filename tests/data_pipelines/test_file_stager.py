@@ -10,8 +10,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +20,6 @@ from tlp_jax.core import features as features_lib
 from tlp_jax.core import loop_tokens as lt
 from tlp_jax.core import skeleton as sk
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 XEON = "xeon-emr-16c"
 # file index -> unroll values given to its first measured records with a PR unroll step (new
 # tokens: the original llvm table has 0, 16, 64, 512), and the file whose record gets a step of
@@ -205,7 +202,7 @@ def _with_bad_file(sample_tenset_dir, tmp_path):
   return tdir, bad
 
 
-def test_a_worker_error_names_the_file(tmp_path, sample_tenset_dir):
+def test_a_worker_error_names_the_file(tmp_path, sample_tenset_dir, run_python):
   tdir, bad = _with_bad_file(sample_tenset_dir, tmp_path)
   paths = sorted(glob.glob(os.path.join(tdir, "measure_records", XEON, "*.json")))
   fz = features_lib.Featurizer("llvm")
@@ -216,25 +213,17 @@ def test_a_worker_error_names_the_file(tmp_path, sample_tenset_dir):
     assert stager._pool is None  # the files still being read were stopped
   # The CLI: one line naming the file, exit 1, nothing built.
   data_dir = str(tmp_path / "data")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "data_pipelines.build",
-      "--tenset_dir",
-      tdir,
-      "--data_dir",
-      data_dir,
-      "--loop_tokens",
-      "off",
-      "--workers",
-      "2",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=dict(os.environ, PYTHONPATH=REPO),
+  proc = run_python(
+    "-m",
+    "data_pipelines.build",
+    "--tenset_dir",
+    tdir,
+    "--data_dir",
+    data_dir,
+    "--loop_tokens",
+    "off",
+    "--workers",
+    "2",
   )
   assert proc.returncode == 1, proc.stderr[-3000:]
   err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]

@@ -8,8 +8,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +20,6 @@ from tlp_jax.core import loop_tokens as lt
 from tlp_jax.core import replay as rp
 from tlp_jax.core import skeleton as sk
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 XEON = "xeon-emr-16c"
 
 
@@ -238,7 +235,7 @@ def test_tokens_of_lines_reasons():
   assert total.records == 5 and total.tokenized == 2 and sum(total.skipped.values()) == 3
 
 
-def test_missing_skeletons_are_clear_errors(tmp_path, sample_tenset_dir):
+def test_missing_skeletons_are_clear_errors(tmp_path, sample_tenset_dir, run_python):
   tdir = str(tmp_path / "tenset")
   files = _copy_sample(sample_tenset_dir, tdir)
   path = sk.tenset_skeletons_path(tdir)
@@ -262,25 +259,17 @@ def test_missing_skeletons_are_clear_errors(tmp_path, sample_tenset_dir):
     _build(tdir, str(tmp_path / "data"), multi=False)
   assert not os.path.exists(schema.dataset_dir(str(tmp_path / "data"), XEON))
   # The CLI says it in one line.
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "data_pipelines.build",
-      "--tenset_dir",
-      tdir,
-      "--data_dir",
-      str(tmp_path / "cli"),
-      "--loop_tokens",
-      "on",
-      "--skeletons",
-      str(tmp_path / "no.json"),
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=dict(os.environ, PYTHONPATH=REPO),
+  proc = run_python(
+    "-m",
+    "data_pipelines.build",
+    "--tenset_dir",
+    tdir,
+    "--data_dir",
+    str(tmp_path / "cli"),
+    "--loop_tokens",
+    "on",
+    "--skeletons",
+    str(tmp_path / "no.json"),
   )
   assert proc.returncode == 1
   err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]

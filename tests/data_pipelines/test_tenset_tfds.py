@@ -5,8 +5,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -293,17 +291,11 @@ _NO_TF_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_cli_build_and_read_without_tensorflow(tmp_path, sample_tenset_dir, sample_arrays):
+def test_cli_build_and_read_without_tensorflow(
+  tmp_path, sample_tenset_dir, sample_arrays, run_python
+):
   data_dir = str(tmp_path / "data")
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  proc = subprocess.run(
-    [sys.executable, "-c", _NO_TF_SCRIPT, sample_tenset_dir, data_dir],
-    cwd=repo,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=dict(os.environ, PYTHONPATH=repo),
-  )
+  proc = run_python("-c", _NO_TF_SCRIPT, sample_tenset_dir, data_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "NO_TF_OK" in proc.stdout
   assert "config all: hardware epyc-9004, xeon-emr-16c" in proc.stdout

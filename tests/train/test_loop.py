@@ -136,19 +136,11 @@ def test_empty_hardware_and_the_same_heads_named_are_one_run(new_test_config, tr
 
 
 def test_sigkill_mid_epoch_then_rerun_ends_like_an_unbroken_run(
-  trained, built_sample_dataset, tmp_path
+  trained, built_sample_dataset, tmp_path, train_argv
 ):
   unbroken_workdir, unbroken = trained
   workdir = str(tmp_path / "killed")
-  cmd = [
-    sys.executable,
-    os.path.join(REPO, "train.py"),
-    "--config",
-    os.path.join(REPO, "configs", "test.py"),
-    "--workdir",
-    workdir,
-    f"--config.data_dir={built_sample_dataset}",
-  ]
+  cmd = [sys.executable, *train_argv(workdir, f"--config.data_dir={built_sample_dataset}")]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   # checkpoint_every_steps=10 in configs/test.py; step 10 is inside the first epoch.
   marker = os.path.join(workdir, "checkpoints", "latest", "10")
@@ -183,7 +175,7 @@ def test_sigkill_mid_epoch_then_rerun_ends_like_an_unbroken_run(
       np.testing.assert_array_equal(a, b)
 
 
-def test_two_processes_train_like_one(new_test_config, built_sample_dataset, tmp_path):
+def test_two_processes_train_like_one(new_test_config, built_sample_dataset, tmp_path, train_argv):
   # Two processes stream their own rows of every global batch (data_placement="stream", grain
   # reading ahead in 2 threads); one process gathers the whole batch on the host.
   overrides = {
@@ -212,12 +204,7 @@ def test_two_processes_train_like_one(new_test_config, built_sample_dataset, tmp
   for i in range(2):
     cmd = [
       sys.executable,
-      os.path.join(REPO, "train.py"),
-      "--config",
-      os.path.join(REPO, "configs", "test.py"),
-      "--workdir",
-      workdir,
-      f"--config.data_dir={built_sample_dataset}",
+      *train_argv(workdir, f"--config.data_dir={built_sample_dataset}"),
       "--config.distributed.enabled=True",
       f"--config.distributed.coordinator_address=localhost:{port}",
       "--config.distributed.num_processes=2",

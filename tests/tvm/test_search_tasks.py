@@ -3,8 +3,6 @@
 import importlib.util
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 
@@ -88,9 +86,6 @@ def test_a_failed_conversion_keeps_the_previous_json(tmp_path, sample_tenset_dir
   assert sorted(os.listdir(folder)) == sorted([os.path.basename(previous), pkl])
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def _bad_pickles(folder, sample_tenset_dir):
   """{case: bytes or None (a directory)} of files no SearchTask reader may accept."""
   with open(tenset.all_tasks_path(sample_tenset_dir), "rb") as f:
@@ -141,26 +136,13 @@ def test_not_a_list_and_empty_network_pickles(tmp_path):
 
 
 @needs_tvm
-def test_cli_bad_network_pickle_is_one_line(tmp_path, sample_tenset_dir):
+def test_cli_bad_network_pickle_is_one_line(tmp_path, sample_tenset_dir, run_python):
   folder = tmp_path / "network_info"
   folder.mkdir()
   content = _bad_pickles(tmp_path, sample_tenset_dir)["truncated"]
   _place(str(folder / "((toy,[(1,3,32,32)]),llvm).task.pkl"), content)
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "tlp_jax.tvm.search_tasks",
-      "convert",
-      "--tenset_dir",
-      str(tmp_path),
-      "--allow_pickle",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=dict(os.environ, PYTHONPATH=REPO),
+  proc = run_python(
+    "-m", "tlp_jax.tvm.search_tasks", "convert", "--tenset_dir", str(tmp_path), "--allow_pickle"
   )
   assert proc.returncode != 0
   lines = proc.stderr.strip().splitlines()

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -11,26 +9,17 @@ from tlp_jax.core import skeleton as sk
 
 pytest.importorskip("tvm")
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def test_cli_writes_the_committed_sample_skeletons(tmp_path, sample_tenset_dir):
+def test_cli_writes_the_committed_sample_skeletons(tmp_path, sample_tenset_dir, run_python):
   out = str(tmp_path / "sk.json")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "tlp_jax.tvm.skeleton_extract",
-      "--tenset_dir",
-      sample_tenset_dir,
-      "--out",
-      out,
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=dict(os.environ, PYTHONPATH=REPO, TOPHUB_LOCATION="NONE"),
+  proc = run_python(
+    "-m",
+    "tlp_jax.tvm.skeleton_extract",
+    "--tenset_dir",
+    sample_tenset_dir,
+    "--out",
+    out,
+    env={"TOPHUB_LOCATION": "NONE"},
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "106 skeletons" in proc.stdout and "0 tasks failed" in proc.stdout
@@ -43,31 +32,17 @@ def test_cli_writes_the_committed_sample_skeletons(tmp_path, sample_tenset_dir):
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging files
 
 
-def test_cli_missing_all_tasks(tmp_path):
-  proc = subprocess.run(
-    [sys.executable, "-m", "tlp_jax.tvm.skeleton_extract", "--tenset_dir", str(tmp_path)],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env=dict(os.environ, PYTHONPATH=REPO),
-  )
+def test_cli_missing_all_tasks(tmp_path, run_python):
+  proc = run_python("-m", "tlp_jax.tvm.skeleton_extract", "--tenset_dir", str(tmp_path))
   assert proc.returncode != 0
   assert "all_tasks.pkl: not found" in proc.stderr
 
 
 @pytest.mark.parametrize("content", [b"not a pickle", b"\x80\x04\x95\x10\x00"])
-def test_cli_bad_all_tasks_is_one_line(tmp_path, content):
+def test_cli_bad_all_tasks_is_one_line(tmp_path, content, run_python):
   (tmp_path / "network_info").mkdir()
   (tmp_path / "network_info" / "all_tasks.pkl").write_bytes(content)
-  proc = subprocess.run(
-    [sys.executable, "-m", "tlp_jax.tvm.skeleton_extract", "--tenset_dir", str(tmp_path)],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=dict(os.environ, PYTHONPATH=REPO),
-  )
+  proc = run_python("-m", "tlp_jax.tvm.skeleton_extract", "--tenset_dir", str(tmp_path))
   assert proc.returncode != 0
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
