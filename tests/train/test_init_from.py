@@ -112,15 +112,20 @@ def test_heads_mode_trains_only_the_heads(trained, new_test_config, tmp_path):
     assert same == (name != "heads"), name
 
 
-def test_wrap_optimizer_zeroes_trunk_updates_of_an_ensemble():
-  cfg = model_lib.TLPConfig(
+def _small_ensemble(ensemble_size):
+  """A small TLPConfig: two hardware heads, ``ensemble_size`` members."""
+  return model_lib.TLPConfig(
     encoder_dims=(8, 8),
     attention_heads=2,
     res_blocks=1,
     decoder_dims=(4, 1),
     num_hardware_heads=2,
-    ensemble_size=2,
+    ensemble_size=ensemble_size,
   )
+
+
+def test_wrap_optimizer_zeroes_trunk_updates_of_an_ensemble():
+  cfg = _small_ensemble(2)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
   grads = jax.tree_util.tree_map(jax.numpy.ones_like, params)
   for mode, trunk_moves in (("all", True), ("heads", False)):
@@ -133,14 +138,7 @@ def test_wrap_optimizer_zeroes_trunk_updates_of_an_ensemble():
 
 
 def test_ensemble_heads_are_picked_on_the_head_axis():
-  cfg = model_lib.TLPConfig(
-    encoder_dims=(8, 8),
-    attention_heads=2,
-    res_blocks=1,
-    decoder_dims=(4, 1),
-    num_hardware_heads=2,
-    ensemble_size=3,
-  )
+  cfg = _small_ensemble(3)
   params = jax.tree_util.tree_map(np.asarray, model_lib.init_params(cfg, jax.random.PRNGKey(1)))
   source = init_from.Source("src", "npz", params, cfg, {"hardware": ["a", "b"]})
   out = init_from.initial_params(source, cfg, ["b", "c", "a"])

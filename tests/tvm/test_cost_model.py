@@ -183,24 +183,27 @@ def test_ansor_search_calls_the_model_through_the_ffi(matmul_task):
   assert best_scores.min() >= np.sort(seen)[-len(seen) // 2]
 
 
-@needs_tvm
-def test_with_the_real_numpy_predictor(matmul_task, tmp_path):
-  """End to end with an exported (randomly initialised) model."""
-  vocab = features.Vocabulary.original("llvm")
-  crop = (25, 22)
-  # Small widths: the cost model does not depend on them, and init stays cheap.
+def _tiny_model(crop, *, width=16, decoder_dims=None, input_norm="log1p", seed=0):
+  """A small randomly initialised TLP model of input shape ``crop``: (config, params).
+
+  Small widths: the cost model does not depend on them, and init stays cheap."""
   cfg = model_lib.TLPConfig(
     feature_dim=crop[1],
     seq_len=crop[0],
-    encoder_dims=(16, 16),
+    encoder_dims=(width, width),
     attention_heads=2,
     res_blocks=1,
-    decoder_dims=(16, 1),
+    decoder_dims=decoder_dims or (width, 1),
+    input_norm=input_norm,
   )
-  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0), np.zeros((1,) + crop, np.float32))[
-    "params"
-  ]
-  path = str(tmp_path / "model.npz")
+  params = model_lib.TLPModel(cfg).init(
+    jax.random.PRNGKey(seed), np.zeros((1,) + tuple(crop), np.float32)
+  )["params"]
+  return cfg, params
+
+
+def _save_export(path, cfg, params, crop, **extra):
+  """``export.save_npz`` of ``params`` with one hardware head "hw" on llvm; returns ``path``."""
   export.save_npz(
     path,
     params,
@@ -208,9 +211,19 @@ def test_with_the_real_numpy_predictor(matmul_task, tmp_path):
     hardware=["hw"],
     platform="llvm",
     crop=crop,
-    vocab_json=vocab.to_json(),
+    vocab_json=features.Vocabulary.original("llvm").to_json(),
     step=0,
+    **extra,
   )
+  return path
+
+
+@needs_tvm
+def test_with_the_real_numpy_predictor(matmul_task, tmp_path):
+  """End to end with an exported (randomly initialised) model."""
+  crop = (25, 22)
+  cfg, params = _tiny_model(crop, input_norm="none")
+  path = _save_export(str(tmp_path / "model.npz"), cfg, params, crop)
   pred = npred.Predictor.load(path)
   states = _states(matmul_task)
   identity = tvm_cost_model.CostModelConfig(score_transform="identity")
@@ -242,18 +255,7 @@ def test_a_bad_model_file_fails_at_construction(tmp_path):
 def test_a_model_of_the_removed_store_version_is_refused(tmp_path):
   """Exports of the TVM store feature version (format 2, or its own meta keys) fail at
   construction, naming the commit that still serves them."""
-  cfg = model_lib.TLPConfig(
-    feature_dim=22,
-    seq_len=25,
-    encoder_dims=(8, 8),
-    attention_heads=2,
-    res_blocks=1,
-    decoder_dims=(8, 1),
-    input_norm="log1p",
-  )
-  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0), np.zeros((1, 25, 22), np.float32))[
-    "params"
-  ]
+  cfg, params = _tiny_model((25, 22), width=8)
   arrays = export.export_params(
     params,
     cfg,
@@ -295,32 +297,16 @@ def sample_conv_task(sample_tenset_dir):
 def _token_export(tmp_path, skeletons):
   """A tiny export of a loop-token model (format 5) embedding ``skeletons``."""
   crop = npred.input_shape((25, 22), (lt.DEFAULT_MAX_TOKENS, lt.WIDTH))
-  cfg = model_lib.TLPConfig(
-    feature_dim=crop[1],
-    seq_len=crop[0],
-    encoder_dims=(16, 16),
-    attention_heads=2,
-    res_blocks=1,
-    decoder_dims=(16, 1),
-    input_norm="log1p",
-  )
-  params = model_lib.TLPModel(cfg).init(jax.random.PRNGKey(0), np.zeros((1,) + crop, np.float32))[
-    "params"
-  ]
+  cfg, params = _tiny_model(crop)
   sk_path = str(tmp_path / "skeletons.json")
   sk.save_collection(sk_path, skeletons)
   with open(sk_path) as f:
     skeletons_json = f.read()
-  path = str(tmp_path / "tokens.npz")
-  export.save_npz(
-    path,
-    params,
+  return _save_export(
+    str(tmp_path / "tokens.npz"),
     cfg,
-    hardware=["hw"],
-    platform="llvm",
-    crop=crop,
-    vocab_json=features.Vocabulary.original("llvm").to_json(),
-    step=0,
+    params,
+    crop,
     loop_tokens={
       "layout_version": lt.LAYOUT_VERSION,
       "max_tokens": lt.DEFAULT_MAX_TOKENS,
@@ -328,7 +314,6 @@ def _token_export(tmp_path, skeletons):
     },
     skeletons_json=skeletons_json,
   )
-  return path
 
 
 @needs_tvm
@@ -476,31 +461,9 @@ def test_ansor_search_with_a_loop_token_model(sample_conv_task, tmp_path):
 
 
 def _tiny_step_model(tmp_path, seed=0):
-  """A small random step-token export (its own file), and its Predictor."""
-  cfg = model_lib.TLPConfig(
-    feature_dim=22,
-    seq_len=25,
-    encoder_dims=(16, 16),
-    attention_heads=2,
-    res_blocks=1,
-    decoder_dims=(16, 8, 1),
-    input_norm="log1p",
-  )
-  params = model_lib.TLPModel(cfg).init(
-    jax.random.PRNGKey(seed), np.zeros((1, 25, 22), np.float32)
-  )["params"]
-  path = str(tmp_path / f"step_model_{seed}.npz")
-  export.save_npz(
-    path,
-    params,
-    cfg,
-    hardware=["hw"],
-    platform="llvm",
-    crop=(25, 22),
-    vocab_json=features.Vocabulary.original("llvm").to_json(),
-    step=0,
-  )
-  return path
+  """A small random step-token export (its own file)."""
+  cfg, params = _tiny_model((25, 22), decoder_dims=(16, 8, 1), seed=seed)
+  return _save_export(str(tmp_path / f"step_model_{seed}.npz"), cfg, params, (25, 22))
 
 
 def _kendall(a, b):
