@@ -6,12 +6,14 @@ import math
 import os
 import pickle
 import shutil
+import threading
+import types
 
 import jax
 import numpy as np
 import pytest
 
-from tlp_jax.train import data, loop, stream
+from tlp_jax.train import checkpoints, data, loop, stream
 
 
 def _split(n=37, seed=0, tasks=6):
@@ -157,3 +159,70 @@ def test_stream_trains_like_host_and_resumes_from_its_saved_iterator_state(
     ):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert math.isclose(resumed.validation["val_loss"], host.validation["val_loss"])
+
+
+def _record_iterators(monkeypatch):
+  """Patches ``stream.pipeline``: returns the list of the iterators the loop opens from it, each
+  as ``{"closed": bool}``."""
+  opened = []
+  real_pipeline = stream.pipeline
+
+  class Recorded:
+    def __init__(self, ds):
+      self.ds = ds
+
+    def __iter__(self):
+      it, record = iter(self.ds), {"closed": False}
+      real_close = it.close
+
+      def close():
+        record["closed"] = True
+        real_close()
+
+      it.close = close
+      opened.append(record)
+      return it
+
+  monkeypatch.setattr(stream, "pipeline", lambda *a, **k: Recorded(real_pipeline(*a, **k)))
+  return opened
+
+
+def _prefetch_threads():
+  return [t for t in threading.enumerate() if t.name == "device-prefetch" and t.is_alive()]
+
+
+def test_a_run_failing_before_its_first_step_leaves_no_input_thread_or_iterator_open(
+  new_test_config, tmp_path, monkeypatch
+):
+  assert not _prefetch_threads()
+  opened = _record_iterators(monkeypatch)
+
+  def broken(*args, **kwargs):
+    raise OSError("no space left for the metrics")
+
+  monkeypatch.setattr(loop.writer_lib, "MetricWriter", broken)
+  config = new_test_config()
+  config.data_placement, config.prefetch_to_device = "stream", 2
+  with pytest.raises(OSError, match="no space left"):
+    loop.train_and_evaluate(config, str(tmp_path / "wd"), devices=jax.devices()[:2])
+  assert all(r["closed"] for r in opened), opened
+  assert not _prefetch_threads()
+
+
+def test_a_failed_iterator_restore_closes_the_iterator_it_opened(monkeypatch):
+  opened = _record_iterators(monkeypatch)
+
+  def corrupt(manager, step, iterator):
+    raise ValueError("unreadable iterator state")
+
+  monkeypatch.setattr(checkpoints, "restore_data_iterator", corrupt)
+  config = types.SimpleNamespace(
+    seed=0,
+    batch_order="random",
+    stream=types.SimpleNamespace(num_workers=0, read_threads=1, prefetch_batches=2),
+  )
+  layout = data.BatchLayout(8, 2, 2, 0)
+  meta = {"stream_first_step": 0, "stream_workers": 0}
+  with pytest.raises(ValueError, match="unreadable iterator state"):
+    loop._open_stream(config, _split(), layout, 5, 10, None, meta, 5)
+  assert opened == [{"closed": True}]

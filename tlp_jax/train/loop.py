@@ -114,12 +114,15 @@ def _open_stream(
       )
     else:
       iterator = open_at(int(first))
-      why = checkpoints.restore_data_iterator(manager, start_step, iterator)
+      try:
+        why = checkpoints.restore_data_iterator(manager, start_step, iterator)
+      except BaseException:
+        iterator.close()  # stops the grain workers it started
+        raise
       if why is None:
         logging.info("input stream: restored its iterator state at step %d", start_step)
         return iterator, {"stream_first_step": int(first), "stream_workers": workers}
-      if hasattr(iterator, "close"):
-        iterator.close()
+      iterator.close()
     logging.info(
       "input stream: not restoring its iterator state from checkpoint %d (%s); starting it at "
       "that step",
@@ -165,6 +168,17 @@ def _device_prefetch(
     snapshot=snapshot,
     thread=PREFETCH_IN_THREAD[placement],
   )
+
+
+def _close_input(feed: prefetch.DevicePrefetch | None, batches: Any) -> None:
+  """Stops the device prefetch's thread, then the grain iterator's threads and worker processes,
+  the second even when the first fails."""
+  try:
+    if feed is not None:
+      feed.close()  # first: its thread may be reading the grain iterator
+  finally:
+    if batches is not None:
+      batches.close()
 
 
 def validate(
@@ -532,18 +546,13 @@ def _train_and_evaluate(
     placement,
   )
 
-  batches, stream_meta = None, {}
-  if placement == "stream":
-    batches, stream_meta = _open_stream(
-      config, train, layout, steps_per_epoch, total_steps, latest_mgr, restored_meta, start_step
-    )
   order_by_task = train.task_index if config.batch_order == "by_task" else None
-  # Host and stream placement: the batches put on the devices ahead of their steps, or None.
-  feed = _device_prefetch(
-    config, placement, train, layout, steps_per_epoch, total_steps, start_step, devices, batches
-  )
-  # What a checkpoint saves of the input stream: what the training loop has taken of it.
-  saved_input = feed if feed is not None and batches is not None else batches
+  # The grain iterator (stream placement) and the device prefetch (host, stream) hold threads
+  # and worker processes: opened inside the try below, whose finally closes them.
+  batches: Any = None
+  feed: prefetch.DevicePrefetch | None = None
+  saved_input: Any = None
+  stream_meta: dict[str, Any] = {}
   writer = writer_lib.MetricWriter(workdir, enabled=is_chief)
   if start_step == 0:
     val_tags = [f"val/loss/{h}" for h in hardware]
@@ -583,6 +592,16 @@ def _train_and_evaluate(
   step = start_step
   logs_above_bar = _logs_above_bar() if is_chief else contextlib.nullcontext()
   try:
+    if placement == "stream":
+      batches, stream_meta = _open_stream(
+        config, train, layout, steps_per_epoch, total_steps, latest_mgr, restored_meta, start_step
+      )
+    # Host and stream placement: the batches put on the devices ahead of their steps, or None.
+    feed = _device_prefetch(
+      config, placement, train, layout, steps_per_epoch, total_steps, start_step, devices, batches
+    )
+    # What a checkpoint saves of the input stream: what the training loop has taken of it.
+    saved_input = feed if feed is not None and batches is not None else batches
     with logs_above_bar:
       for epoch in range(start_step // steps_per_epoch, num_epochs):
         if placement == "device" or (placement == "host" and feed is None):
@@ -651,16 +670,15 @@ def _train_and_evaluate(
           latest_mgr, hstate, meta_for(step, {"validation": validation}), saved_input
         )
   finally:
-    bar.close()
-    latest_mgr.wait_until_finished()
-    best_mgr.wait_until_finished()
-    latest_mgr.close()
-    best_mgr.close()
-    writer.close()
-    if feed is not None:
-      feed.close()  # first: its thread may be reading the grain iterator
-    if batches is not None and hasattr(batches, "close"):
-      batches.close()  # stops grain's worker processes
+    try:
+      bar.close()
+      latest_mgr.wait_until_finished()
+      best_mgr.wait_until_finished()
+      latest_mgr.close()
+      best_mgr.close()
+      writer.close()
+    finally:
+      _close_input(feed, batches)
   result = TrainResult(
     state=host_state(),
     validation=validation,
