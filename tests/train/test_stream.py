@@ -226,3 +226,20 @@ def test_a_failed_iterator_restore_closes_the_iterator_it_opened(monkeypatch):
   with pytest.raises(ValueError, match="unreadable iterator state"):
     loop._open_stream(config, _split(), layout, 5, 10, None, meta, 5)
   assert opened == [{"closed": True}]
+
+
+def test_auto_placement_streams_a_training_set_over_the_device_budget(
+  new_test_config, tmp_path, caplog
+):
+  """Over the budget, "auto" streams (measured fastest off the device, docs/TRAINING.md): the
+  run logs it and its latest checkpoint holds the grain iterator's state."""
+  config = new_test_config()
+  config.num_epochs, config.data_placement, config.device_data_max_bytes = 1, "auto", "1"
+  with caplog.at_level(logging.INFO):
+    loop.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  assert "data placement auto: stream" in caplog.text
+  latest = os.path.join(str(tmp_path / "run"), "checkpoints", "latest")
+  steps = os.listdir(latest)
+  assert steps
+  for step in steps:
+    assert "process_0-of-1.json" in os.listdir(os.path.join(latest, step, "data"))
