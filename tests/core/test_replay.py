@@ -97,6 +97,46 @@ def test_replay_split_compute_at_bounds():
   ]
 
 
+def test_extent_one_loop_at_the_attach_point_is_a_constant_point():
+  # C reads P[h // 4 + 2]; P is computed at h.0 (extent 1 when h is split 1 x 7). TVM's
+  # InferRootBound takes the single point 0 for an extent-1 loop, so P's extent is the constant
+  # 2; a loop variable of range [0, 0] there would leave floordiv(7p, 4) and floordiv(7p + 6, 4)
+  # as two atoms and flag the extent symbolic.
+  s = sk.Skeleton.from_dict(
+    {
+      "format": sk.FORMAT,
+      "version": sk.VERSION,
+      "workload_key": "div",
+      "stages": [
+        {"name": "A", "type": "placeholder", "shape": [4]},
+        {
+          "name": "P",
+          "type": "compute",
+          "shape": [4],
+          "iters": [["i", "s", 4]],
+          "reads": [[0, [[1, 0]]]],
+          "output": False,
+          "const_matrix": False,
+          "num_outputs": 1,
+        },
+        {
+          "name": "C",
+          "type": "compute",
+          "shape": [7],
+          "iters": [["h", "s", 7]],
+          "reads": [[1, [{"e": ["+", ["//", ["v", 0], 4], 2]}]]],
+          "output": True,
+          "const_matrix": False,
+          "num_outputs": 1,
+        },
+      ],
+    }
+  )
+  for n, want in ((7, 2), (1, 1)):
+    p = rp.replay(s, [["SP", 2, 0, 7, [n], 1], ["CA", 1, 2, 0]]).stages[1]
+    assert [(lp[rp.L_EXTENT], lp[rp.L_SYMBOLIC]) for lp in p[rp.S_LOOPS]] == [(want, False)]
+
+
 def test_replay_errors_name_step():
   s = sk.Skeleton.from_dict(_DENSE)
   with pytest.raises(rp.ReplayError, match=r"step 1 \('XX'\)"):

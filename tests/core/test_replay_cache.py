@@ -33,6 +33,37 @@ def test_template_hit_guard_fallback_and_identity():
   assert rc.signature(progs[0])[0] == rc.signature(progs[1])[0]
 
 
+def test_split_length_one_on_a_relaxed_loop_shares_the_trace():
+  # D's j loops are inside C's attach point (relaxed in C's bound inference): a length of 1 on
+  # either part gives the same numbers as the range formula, so it must not need its own trace.
+  s = sk.Skeleton.from_dict(_DENSE)
+  cache = rc.TemplateCache()
+  progs = [[["SP", 3, 0, 8, [2], 1], ["SP", 3, 2, 4, [n], 1], ["CA", 2, 3, 1]] for n in (2, 1, 4)]
+  got = rc.featurize_many(s, progs, cache, max_tokens=8)
+  for st, row in zip(progs, got):
+    np.testing.assert_array_equal(row, lt.loop_tokens(rp.replay(s, st), max_tokens=8))
+  assert cache.stats["traced"] == 1 and cache.stats["hits"] == 2, cache.stats
+
+
+def test_floormod_bounds_take_no_branch_on_traced_values():
+  # The bounds of a floormod atom are [lo % c, hi % c] when lo and hi share a quotient, else
+  # [0, c - 1] (also for an empty range, lo > hi); a traced replay records no comparison on them.
+  for lo, hi, c in ((0, 3, 4), (5, 6, 4), (3, 4, 4), (0, 11, 4), (2, 1, 4), (4, 3, 4), (7, 7, 3)):
+    want = (lo % c, hi % c) if lo // c == hi // c else (0, c - 1)
+    tr = rc._Trace(2)  # pylint: disable=protected-access
+    rc._ACTIVE[0] = tr  # pylint: disable=protected-access
+    try:
+      t_lo, t_hi = rc.TInt(lo), rc.TInt(hi)
+      t_lo.nid, t_hi.nid = 0, 1
+      sym = rp._Sym()  # pylint: disable=protected-access
+      a = sym.atom(("x", 0), t_lo, t_hi)
+      got = sym.floormod(("S", 0, ((a, 1),)), c)
+    finally:
+      rc._ACTIVE[0] = None  # pylint: disable=protected-access
+    assert tuple(int.__int__(x) for x in sym.bounds[got[2][0][0]]) == want, (lo, hi, c)
+    assert all(g[0] == "!=" and g[2] == ("c", 0) and g[3] for g in tr.guards), tr.guards
+
+
 def test_traced_int_refuses_untraceable_use():
   tr = rc._Trace(1)  # pylint: disable=protected-access
   rc._ACTIVE[0] = tr  # pylint: disable=protected-access

@@ -967,7 +967,11 @@ class _Sym:
       c //= g
     base = ("S", b, tuple(rest))
     lo, hi = self.lohi(base)
-    blo, bhi = (lo % c, hi % c) if lo // c == hi // c else (0, c - 1)
+    # [lo % c, hi % c] when lo and hi share a quotient, else [0, c - 1]; as arithmetic
+    # (same = 1 // (|quotient gap| + 1): 1 iff the gap is 0), so a traced replay records no
+    # guard on it (replay_cache) and programs of one template keep sharing their trace.
+    same = 1 // (abs(hi // c - lo // c) + 1)
+    blo, bhi = same * (lo % c), same * (hi % c) + (1 - same) * (c - 1)
     atom = self.atom(("fm", base, c), blo, bhi)
     return ("S", r, ((atom, g),))
 
@@ -1347,13 +1351,16 @@ def _consumer_domain(sym: _Sym, c: _Stage, stage_attach, rank):
     if stage_attach is not None and stage_attach[0] is c and stage_attach[1] == v:
       found = True
     ext = rng[v][1]
-    if ext == 1:
+    # TVM takes the single point for an extent of 1 before asking NeedRelax; for a relaxed loop
+    # the range [0, ext - 1] is that point, so the extent is compared only where it matters
+    # (keeps one traced template for split lengths of 1, replay_cache).
+    if _need_relax(c, v, found, rank):
+      up[v] = (0, ext - 1)
+    elif ext == 1:
       up[v] = (0, 0)
-    elif not _need_relax(c, v, found, rank):
+    else:
       p = sym.var((cid, v), ext)
       up[v] = (p, p)
-    else:
-      up[v] = (0, ext - 1)
   relaxed = set()
   for t, v in _attach_path(c):
     if stage_attach is not None and stage_attach[0] is t and stage_attach[1] == v:
