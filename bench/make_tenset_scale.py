@@ -411,7 +411,9 @@ def make_tenset_scale(
   written = skipped = 0
   init = (params, source_tasks, keys, counts, platforms, out_dir)
   if workers > 1:
-    ctx = multiprocessing.get_context("fork")
+    # spawn, as data_pipelines.file_stager: forking a process that has started threads (JAX, in
+    # a test or notebook) can deadlock the child.
+    ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_init, initargs=init) as pool:
       for w, s in pool.imap_unordered(_write_task, range(len(keys)), chunksize=4):
         written, skipped = written + w, skipped + s
