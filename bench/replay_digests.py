@@ -20,7 +20,6 @@ import glob
 import hashlib
 import json
 import os
-import random
 
 import numpy as np
 
@@ -37,20 +36,9 @@ def _h(b: bytes) -> str:
 
 
 def _tuner_states(by: dict, per_task: int) -> dict:
-  rng = random.Random(1)
-  out = {}
-  for key in sorted(by):
-    b = []
-    for _ in range(per_task):
-      st = [list(x) for x in by[key][rng.randrange(len(by[key]))]]
-      for x in st:
-        if x[0] == "SP" and all(n is not None for n in x[4]) and x[3]:
-          x[4] = rt._factorizations(int(x[3]), len(x[4]), rng)  # pylint: disable=protected-access
-        elif x[0] == "PR" and x[3].startswith("auto_unroll_max_step$"):
-          x[3] = "auto_unroll_max_step$" + str(rng.choice((0, 16, 64, 512)))
-      b.append(st)
-    out[key] = b
-  return out
+  """``{task: per_task step lists}``: one tuner-like batch per task (seed 1)."""
+  batches = rt.tuner_like_batches(by, sorted(by), per_task, 1, seed=1)
+  return {key: bs[0] for key, bs in batches.items()}
 
 
 def digests(skels: dict, src: dict, name: str) -> dict:

@@ -36,7 +36,6 @@ import contextlib
 import glob
 import json
 import os
-import random
 import subprocess
 import tempfile
 import time
@@ -110,25 +109,9 @@ def variant(swaps: dict | None):
 
 
 def tuner_batches(by: dict, n_tasks: int, batch: int, n_batches: int = 3) -> dict:
-  """{task: [batch of step lists]}: the task's own step structures, resampled split lengths and
-  auto_unroll values (``replay_throughput.tuner_bench``'s generator)."""
-  rng = random.Random(0)
-  out = {}
-  for key in sorted(by)[:n_tasks]:
-    bs = []
-    for _ in range(n_batches):
-      b = []
-      for _ in range(batch):
-        st = [list(x) for x in by[key][rng.randrange(len(by[key]))]]
-        for x in st:
-          if x[0] == "SP" and all(n is not None for n in x[4]) and x[3]:
-            x[4] = rt._factorizations(int(x[3]), len(x[4]), rng)  # pylint: disable=protected-access
-          elif x[0] == "PR" and x[3].startswith("auto_unroll_max_step$"):
-            x[3] = "auto_unroll_max_step$" + str(rng.choice((0, 16, 64, 512)))
-        b.append(st)
-      bs.append(b)
-    out[key] = bs
-  return out
+  """{task: [batch of step lists]}: ``replay_throughput.tuner_like_batches`` of the first
+  ``n_tasks`` tasks, seed 0."""
+  return rt.tuner_like_batches(by, sorted(by)[:n_tasks], batch, n_batches)
 
 
 def _passes(skels, batches: dict, chunk: int) -> tuple[list, list, list]:

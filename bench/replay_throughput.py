@@ -249,19 +249,18 @@ def _factorizations(n, k, rng):
   return out
 
 
-def tuner_bench(parsed, skels, n_tasks, batch):
-  """Batches of ``batch`` states per task: the task's own step structures with resampled
-  split lengths and auto_unroll values; rates of the first and of the second batch (cache
-  warm from the first), checked bit-identical to the full path on a slice."""
+def tuner_like_batches(by: dict, keys, batch: int, n_batches: int, seed: int = 0) -> dict:
+  """``{task: [n_batches lists of batch step lists]}`` for ``keys`` (in order): states the way
+  Ansor's search makes them, the task's own step structures (``by``: task -> parsed step
+  lists) with split lengths and auto_unroll values resampled, from one ``random.Random(seed)``.
+  """
   import random  # pylint: disable=import-outside-toplevel
 
-  rng = random.Random(0)
-  by = _by_task(parsed)
-  keys = sorted(by)[:n_tasks]
-  batches = {}
+  rng = random.Random(seed)
+  out = {}
   for key in keys:
     bs = []
-    for _ in range(2):
+    for _ in range(n_batches):
       b = []
       for _ in range(batch):
         st = [list(x) for x in by[key][rng.randrange(len(by[key]))]]
@@ -272,7 +271,17 @@ def tuner_bench(parsed, skels, n_tasks, batch):
             x[3] = "auto_unroll_max_step$" + str(rng.choice((0, 16, 64, 512)))
         b.append(st)
       bs.append(b)
-    batches[key] = bs
+    out[key] = bs
+  return out
+
+
+def tuner_bench(parsed, skels, n_tasks, batch):
+  """Batches of ``batch`` states per task: the task's own step structures with resampled
+  split lengths and auto_unroll values; rates of the first and of the second batch (cache
+  warm from the first), checked bit-identical to the full path on a slice."""
+  by = _by_task(parsed)
+  keys = sorted(by)[:n_tasks]
+  batches = tuner_like_batches(by, keys, batch, 2)
   fresh = {k: sk.Skeleton.from_json(skels[k].to_json()) for k in keys}
   caches = {k: rc.TemplateCache() for k in keys}
   rates = []
