@@ -17,6 +17,7 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -50,6 +51,12 @@ flags.DEFINE_string("work_dir", None, "Per-variant outputs (default: /tmp/tune_<
 flags.DEFINE_string("out_dir", os.path.join(REPO, "bench", "results"), "Where JSON/PNG go.")
 flags.DEFINE_string("out_name", None, "Base name (default: tune_<network>_<size>).")
 flags.DEFINE_string("note", "", "Free text stored in the JSON (e.g. what the run is not).")
+flags.DEFINE_bool(
+  "resume",
+  True,
+  "Keep the variants already done in OUT_DIR/OUT_NAME.json by a run with the same network, "
+  "budget and model file, and run only the others (a session can stop between variants).",
+)
 
 _VARIANT_FLAGS = {
   "tlp-none": ["--cost_model=tlp", "--update=none"],
@@ -112,6 +119,44 @@ def plot(results: dict, path: str, title: str) -> None:
   plt.close(fig)
 
 
+def model_digest(path: str | None) -> str | None:
+  """SHA-256 of the TLP model file (``pretrained:NAME`` as given), so that a resumed run only
+  keeps variants tuned with the same model."""
+  if not path or path.startswith("pretrained:"):
+    return path
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def budget() -> dict:
+  """What must match for two runs' variants to be comparable."""
+  return {
+    "num_tasks": FLAGS.num_tasks,
+    "n_trials": FLAGS.n_trials,
+    "num_measures_per_round": FLAGS.num_measures_per_round,
+    "population": FLAGS.population,
+    "seed": FLAGS.seed,
+  }
+
+
+def finished_variants(path: str, network: str, run_budget: dict, digest: str | None) -> dict:
+  """The variants of an earlier report at ``path`` that finished (status ``done``) with the same
+  network, budget and model digest; empty if there is none or it does not match."""
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    old = json.load(f)
+  same = (
+    old.get("network") == network
+    and old.get("budget") == run_budget
+    and old.get("tlp_model_sha256") == digest
+  )
+  if not same:
+    logging.warning("%s is from another network, budget or model: not resumed", path)
+    return {}
+  return {k: v for k, v in old.get("results", {}).items() if v.get("status") == "done"}
+
+
 def main(argv):
   del argv
   load_at_start = os.getloadavg()
@@ -120,8 +165,16 @@ def main(argv):
   env = dict(
     os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
   )
+  network = f"{FLAGS.network}:{FLAGS.batch}:{FLAGS.size}"
+  digest = model_digest(FLAGS.load_model)
+  out_json = os.path.join(FLAGS.out_dir, name + ".json")
+  done = finished_variants(out_json, network, budget(), digest) if FLAGS.resume else {}
   results = {}
   for variant in FLAGS.variants:
+    if variant in done:
+      logging.info("%s: done in %s, kept", variant, out_json)
+      results[variant] = done[variant]
+      continue
     out = os.path.join(work, variant)
     t0 = time.time()
     proc = subprocess.run(
@@ -136,25 +189,21 @@ def main(argv):
       result["status"] = f"exit code {proc.returncode} after {len(result['curve'])} rounds"
       logging.warning("%s: %s", variant, result["status"])
     result["process_wall_s"] = round(time.time() - t0, 1)
+    result["machine"] = common.machine_info(load_average_start=load_at_start)
+    result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results[variant] = result
     report = {
-      "network": f"{FLAGS.network}:{FLAGS.batch}:{FLAGS.size}",
-      "machine": common.machine_info(load_average_start=load_at_start),
-      "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+      "network": network,
       "note": FLAGS.note,
-      "budget": {
-        "num_tasks": FLAGS.num_tasks,
-        "n_trials": FLAGS.n_trials,
-        "num_measures_per_round": FLAGS.num_measures_per_round,
-        "population": FLAGS.population,
-        "seed": FLAGS.seed,
-      },
+      "budget": budget(),
       "tlp_model": FLAGS.load_model,
+      "tlp_model_sha256": digest,
       "results": results,
     }
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    common.write_json(os.path.join(FLAGS.out_dir, name + ".json"), report)  # after each variant
-  plot(results, os.path.join(FLAGS.out_dir, name + ".png"), report["network"])
+    common.write_json(out_json, report)  # after each variant
+    load_at_start = os.getloadavg()
+  plot(results, os.path.join(FLAGS.out_dir, name + ".png"), network)
   for variant, r in results.items():
     e2e = r.get("end_to_end") or {}
     print(

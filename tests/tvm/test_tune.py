@@ -51,8 +51,11 @@ def test_tune_writes_the_log_curve_plot_and_end_to_end_latency_and_resumes(tmp_p
   if valid:  # the estimated latency is the best measured one (weight 1 for this task)
     best = min(sum(r["r"][0]) / len(r["r"][0]) for r in valid) * 1e3
     assert point["estimated_latency_ms"] == pytest.approx(best * report["tasks"][0]["weight"])
+    assert point["best_ms_per_task"] == [pytest.approx(best)]
+    assert point["estimated_latency_measured_ms"] == point["estimated_latency_ms"]
   else:
     assert point["estimated_latency_ms"] is None
+    assert point["best_ms_per_task"] == [None] and point["estimated_latency_measured_ms"] == 0
   e2e = report["end_to_end"]
   assert (
     e2e["status"] == "measured" and e2e["latency_ms_mean"] > 0 and len(e2e["latency_ms_all"]) == 2

@@ -261,7 +261,8 @@ def tune_tasks(
     def post_tune(self, task_scheduler, task_id):
       p, u = model.predict_calls[self.seen[0] :], model.update_calls[self.seen[1] :]
       self.seen = (len(model.predict_calls), len(model.update_calls))
-      ok = all(c < 1e9 for c in task_scheduler.best_costs)
+      best = [float(c) for c in task_scheduler.best_costs]
+      ok = all(c < 1e9 for c in best)
       est = float(task_scheduler.cur_score) * 1e3 if ok else None
       trials = done + int(task_scheduler.ct)
       curve.append(
@@ -269,7 +270,12 @@ def tune_tasks(
           "trials": trials,
           "elapsed_s": round(offset_s + time.time() - task_scheduler.tic, 2),
           "estimated_latency_ms": est,  # None until every task has a valid measurement
-          "tasks_measured": int(sum(c < 1e9 for c in task_scheduler.best_costs)),
+          "tasks_measured": int(sum(c < 1e9 for c in best)),
+          # Weighted sum over the tasks measured so far: a task that no schedule can build
+          # (e.g. TVM 0.19's layout rewrite of some dense tasks) would leave the total None.
+          "estimated_latency_measured_ms": 1e3
+          * sum(w * c for w, c in zip(weights, best) if c < 1e9),
+          "best_ms_per_task": [round(c * 1e3, 6) if c < 1e9 else None for c in best],
         }
       )
       rounds.append(
