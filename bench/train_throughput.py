@@ -58,7 +58,7 @@ from absl import (
   logging,  # noqa: E402
 )
 
-from bench import common  # noqa: E402
+from bench import common, kernel_profile  # noqa: E402
 from configs import default as default_config  # noqa: E402
 from configs import tlp_original  # noqa: E402
 from data_pipelines import loader  # noqa: E402
@@ -157,6 +157,12 @@ _RECIPE_RUNS = flags.DEFINE_list(
 )
 _RECIPE_SEEDS = flags.DEFINE_list("recipe_seeds", ["0", "1"], "Seeds of default_accuracy.")
 _RECIPE_EPOCHS = flags.DEFINE_integer("recipe_epochs", 50, "Epochs of default_accuracy runs.")
+_PROFILE_STEPS = flags.DEFINE_integer(
+  "profile_steps",
+  0,
+  "After timing a default_recipe variant, trace this many steps with the JAX profiler and store "
+  "device time per op and per kernel (bench/kernel_profile.py) in its entry. 0 = off.",
+)
 
 LOG_EVERY = 50  # train_and_evaluate's default log_every_steps: a metric fetch (sync) that often
 SCAN_K = 16
@@ -821,6 +827,11 @@ RECIPE_VARIANTS = {
     dtype="bfloat16", batch=4096, task_copies=80, loss="band"
   ),
   "bf16_ens5": RecipeVariant(dtype="bfloat16", ensemble=5),
+  "landed_pad8": RecipeVariant(attention="einsum_pad8"),
+  "landed_pad16": RecipeVariant(attention="einsum_pad16"),
+  "bf16_pad8": RecipeVariant(dtype="bfloat16", attention="einsum_pad8"),
+  "bf16_pad16": RecipeVariant(dtype="bfloat16", attention="einsum_pad16"),
+  "bf16_pad8_b4096": RecipeVariant(dtype="bfloat16", attention="einsum_pad8", batch=4096),
 }
 
 RECIPE_ACCURACY_RUNS = {  # name -> overrides of configs/default.py
@@ -894,10 +905,16 @@ class TiledData:
 
 
 def run_recipe_variant(
-  data: TiledData, v: RecipeVariant, min_time: float, repeats: int, seed: int
+  data: TiledData,
+  v: RecipeVariant,
+  min_time: float,
+  repeats: int,
+  seed: int,
+  profile_steps: int = 0,
 ) -> dict[str, Any]:
   """samples/s of the default recipe's resident step (``train_step_resident`` as the trainer
-  builds it, by-task epoch order) for one variant."""
+  builds it, by-task epoch order) for one variant; with ``profile_steps``, also device time per
+  op and kernel over that many traced steps."""
   task_dev, task_host, biggest = data.tasks(v.task_copies)
   resident = tuple(data.resident[:-1]) + (task_dev,)
   recipe = recipe_config({"model.dtype": v.dtype, "model.ensemble_size": v.ensemble})
@@ -944,6 +961,10 @@ def run_recipe_variant(
       jax.block_until_ready(cur["state"].step)
 
     out.update(time_loop(run, min_time, repeats))
+    if profile_steps > 0:
+      with tempfile.TemporaryDirectory() as trace_dir:
+        xplane = kernel_profile.trace(lambda: run(profile_steps), trace_dir)
+        out["profile"] = kernel_profile.summarize(xplane, calls=profile_steps)
   out.update(
     dataclasses.asdict(v),
     samples_per_s=v.batch / out["step_s"],
@@ -1341,7 +1362,9 @@ def main(argv):
           "bf16" if v.dtype == "bfloat16" else "tf32",
           v.batch,
           est_jax,
-          functools.partial(run_recipe_variant, tiled, v, min_time, repeats, seed),
+          functools.partial(
+            run_recipe_variant, tiled, v, min_time, repeats, seed, _PROFILE_STEPS.value
+          ),
           recipe_variant=name,
         )
       del tiled
