@@ -810,6 +810,12 @@ class RecipeVariant:
 
 
 RECIPE_VARIANTS = {
+  # configs/default.py since 2026-12-03: bf16 compute on the GPU ("auto") and the token axis
+  # padded to a multiple of 8 inside the attention ("einsum_pad8").
+  "default": RecipeVariant(dtype="bfloat16", attention="einsum_pad8"),
+  "default_tenset_tasks": RecipeVariant(dtype="bfloat16", attention="einsum_pad8", task_copies=80),
+  "default_b4096": RecipeVariant(dtype="bfloat16", attention="einsum_pad8", batch=4096),
+  # The default until 2026-12-02 (TF32, plain einsum attention).
   "landed": RecipeVariant(),
   "landed_tenset_tasks": RecipeVariant(task_copies=80),
   "band": RecipeVariant(loss="band"),
@@ -835,7 +841,8 @@ RECIPE_VARIANTS = {
 }
 
 RECIPE_ACCURACY_RUNS = {  # name -> overrides of configs/default.py
-  "tf32": {},
+  "default": {},
+  "tf32": {"model.dtype": "float32", "attention_impl": "einsum"},
   "bf16": {"model.dtype": "bfloat16"},
   "tf32_b4096": {"batch_size": 4096},
   "bf16_b4096": {"model.dtype": "bfloat16", "batch_size": 4096},

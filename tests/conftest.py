@@ -10,6 +10,21 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent XLA compilation cache for the session, this process and every train.py /
+# eval.py subprocess it starts (they inherit the environment): the same small programs are
+# compiled in dozens of runs, and a cache hit loads the same executable, so results are
+# unchanged. Removed at exit; a JAX_COMPILATION_CACHE_DIR set by the caller is used as is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="tlp_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import functools  # noqa: E402  (XLA_FLAGS must be set before anything imports JAX)
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402

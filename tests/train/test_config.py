@@ -43,9 +43,18 @@ def test_every_field_of_default_is_mapped_and_nested_like_the_config_dict():
   assert cfg.deterministic_gpu_ops is True
 
 
+def test_default_uses_the_aligned_attention():
+  cfg = config_lib.from_config_dict(_config("default"))
+  assert cfg.attention_impl == "einsum_pad8"
+  config = _config("default")
+  config.attention_impl = "flash"
+  with pytest.raises(config_lib.ConfigError, match="attention_impl"):
+    config_lib.from_config_dict(config)
+
+
 def test_tlp_original_is_the_original_recipe():
   cfg = config_lib.from_config_dict(_config("tlp_original"))
-  assert cfg.model == model_lib.TLPConfig()
+  assert cfg.model == model_lib.TLPConfig()  # float32, as PyTorch
   optim = cfg.optim
   assert (optim.optimizer, optim.schedule) == ("adam", "step")
   assert (optim.learning_rate, optim.weight_decay, optim.grad_clip_norm) == (7e-4, 1e-6, 0.5)

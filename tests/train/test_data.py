@@ -1,5 +1,6 @@
 """tlp_jax.train.data: epoch order, heads, few-shot masks, the model input from the dataset."""
 
+import dataclasses
 import math
 import types
 
@@ -118,6 +119,9 @@ def test_model_input_grows_by_the_loop_tokens_it_reads():
   assert data.dataset_meta(loop, ["a"], loop_tokens=False)["crop"] == [25, 22]
   tlp = _loop_dataset(max_tokens=0)
   assert data.model_config_for(model, "auto", tlp, 1) == model
+  # A config's dtype "auto" becomes this backend's (float32 on the CPU, model.resolve_dtype).
+  auto = data.model_config_for(dataclasses.replace(model, dtype="auto"), "auto", tlp, 1)
+  assert auto == model and auto.dtype == "float32"
   # "required" on a dataset without tokens names the command that makes them.
   with pytest.raises(
     ValueError,

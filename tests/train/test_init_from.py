@@ -54,6 +54,16 @@ def test_starts_from_the_workdirs_best_checkpoint(trained, new_test_config, tmp_
   assert not np.array_equal(np.asarray(fresh["encoder_0"]["kernel"]), want["encoder_0"]["kernel"])
 
 
+def test_another_compute_dtype_starts_from_the_same_parameters(trained, new_test_config, tmp_path):
+  # A model trained in bfloat16 on a GPU fine-tunes in float32 on a CPU, and back: the compute
+  # dtype is not part of the parameters.
+  source, _ = trained
+  result = _frozen_run(new_test_config, source, tmp_path / "ft", **{"model.dtype": "bfloat16"})
+  assert result.model_config.dtype == "bfloat16"
+  want, _ = _params(source, "best")
+  _assert_tree_equal(jax.device_get(result.state.params), want)
+
+
 def test_starts_from_an_export_float32_or_float16(trained, new_test_config, tmp_path):
   source, _ = trained
   npz = str(tmp_path / "model.npz")

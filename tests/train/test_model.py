@@ -249,12 +249,27 @@ def test_ensemble_is_the_mean_of_independent_members():
     TLPConfig(ensemble_size=0)
 
 
+def test_auto_dtype_is_bfloat16_on_accelerators_and_must_be_resolved():
+  assert model_lib.resolve_dtype("auto", "cpu") == "float32"
+  assert model_lib.resolve_dtype("auto", "gpu") == "bfloat16"
+  assert model_lib.resolve_dtype("auto", "tpu") == "bfloat16"
+  assert model_lib.resolve_dtype("float32", "gpu") == "float32"  # a concrete dtype is kept
+  cfg = TLPConfig(**SMALL, dtype="auto")
+  with pytest.raises(ValueError, match="resolve"):
+    init_params(cfg, jax.random.PRNGKey(0))
+  with pytest.raises(TypeError):
+    TLPConfig(**SMALL, dtype="float33")
+
+
+@pytest.mark.parametrize("impl", ["xla", "einsum_pad8", "einsum_pad4"])
 @pytest.mark.parametrize("ensemble", [1, 2])
-def test_dot_product_attention_path_is_the_same_function(ensemble):
-  """``attention_impl`` other than "einsum" goes through jax.nn.dot_product_attention (its
-  "cudnn" kernel on a GPU); its XLA backend, runnable here, must give the reference's outputs and
-  gradients for the same parameters."""
+def test_other_attention_paths_are_the_same_function(ensemble, impl):
+  """``attention_impl`` "einsum_padN" pads the token axis (5 tokens here) inside the layer and
+  masks the padded keys; others go through jax.nn.dot_product_attention (its "cudnn" kernel on a
+  GPU; its XLA backend runs here). Each must give the reference's outputs and gradients for the
+  same parameters."""
   cfg = TLPConfig(**SMALL, ensemble_size=ensemble)
+  assert cfg.seq_len % 4 and cfg.seq_len % 8  # the padded paths do pad
   params = init_params(cfg, jax.random.PRNGKey(0))
   x = _x(4, cfg)
 
@@ -262,7 +277,7 @@ def test_dot_product_attention_path_is_the_same_function(ensemble):
     return jnp.sum(TLPModel(cfg, attention_impl=impl).apply({"params": p}, x) ** 2)
 
   ref, ref_grad = jax.value_and_grad(loss)(params, "einsum")
-  got, got_grad = jax.value_and_grad(loss)(params, "xla")
+  got, got_grad = jax.value_and_grad(loss)(params, impl)
   np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(got_grad), jax.tree_util.tree_leaves(ref_grad)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -37,6 +37,8 @@ BATCH_ORDERS = ("random", "by_task")
 DATA_PLACEMENTS = ("auto", "device", "host", "stream")
 # Values of jax.default_matmul_precision for config.matmul_precision.
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+# config.attention_impl (model.SelfAttention.implementation): the same function either way.
+ATTENTION_IMPLS = ("einsum", "einsum_pad8")
 # config.init_mode (tlp_jax/train/init_from.py): what trains when starting from config.init_from.
 INIT_MODES = ("all", "heads")
 
@@ -72,6 +74,7 @@ OVERRIDABLE_FIELDS = frozenset(
     "checkpoint_every_steps",
     "eval_top_k",
     "matmul_precision",
+    "attention_impl",
     "deterministic_gpu_ops",
   }
 )
@@ -131,6 +134,7 @@ class TrainConfig:
   batch_order: str
   optim: optimizer.OptimConfig
   matmul_precision: str
+  attention_impl: str
   deterministic_gpu_ops: bool
   batch_size: int
   eval_batch_size: int
@@ -152,6 +156,7 @@ class TrainConfig:
     _check_choice("batch_order", self.batch_order, BATCH_ORDERS)
     _check_choice("data_placement", self.data_placement, DATA_PLACEMENTS)
     _check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
+    _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     _check_choice("init_mode", self.init_mode, INIT_MODES)
     if self.init_mode == "heads" and not self.init_from:
       raise ConfigError('config.init_mode="heads" trains only the heads: it needs config.init_from')

@@ -196,7 +196,8 @@ def model_config_for(
   num_hardware_heads: int,
   reads_tokens: bool | None = None,
 ) -> model_lib.TLPConfig:
-  """The ``TLPConfig`` trained on ``dataset``: ``config.model`` with its heads and input size.
+  """The ``TLPConfig`` trained on ``dataset``: ``config.model`` with its heads and input size,
+  and its dtype made concrete for this process's backend (``model.resolve_dtype``).
 
   ``model.seq_len`` / ``feature_dim`` are the step-token crop (TLP's ``step_size`` /
   ``fea_size``). When the model reads the dataset's loop tokens (``reads_loop_tokens``), its
@@ -215,7 +216,11 @@ def model_config_for(
       )
     seq_len, feature_dim = predictor.input_shape(step_crop, loop_shape)
   return dataclasses.replace(
-    model, seq_len=seq_len, feature_dim=feature_dim, num_hardware_heads=num_hardware_heads
+    model,
+    seq_len=seq_len,
+    feature_dim=feature_dim,
+    num_hardware_heads=num_hardware_heads,
+    dtype=model_lib.resolve_dtype(model.dtype, jax.default_backend()),
   )
 
 

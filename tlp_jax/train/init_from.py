@@ -188,8 +188,11 @@ def check_compatible(
   Raises:
     InitFromError: naming the differing model fields or feature-layout fields.
   """
-  want = {k: v for k, v in model_config.to_dict().items() if k != "num_hardware_heads"}
-  got = {k: v for k, v in source.model_config.to_dict().items() if k != "num_hardware_heads"}
+  # The compute dtype does not change the parameters (always float32): a model trained in
+  # bfloat16 on a GPU fine-tunes in float32 on a CPU.
+  ignored = ("num_hardware_heads", "dtype")
+  want = {k: v for k, v in model_config.to_dict().items() if k not in ignored}
+  got = {k: v for k, v in source.model_config.to_dict().items() if k not in ignored}
   diff = {k: (got[k], want[k]) for k in want if got.get(k) != want[k]}
   if diff:
     raise _fail(

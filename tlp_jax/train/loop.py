@@ -497,7 +497,7 @@ def _train_and_evaluate(
   # leaves no trace.
   checkpoints.reconcile_train_config(workdir, recorded_config, allow_changes, write=is_chief)
 
-  model = model_lib.TLPModel(model_config)
+  model = model_lib.TLPModel(model_config, attention_impl=config.attention_impl)
   step_kwargs = dict(model=model, tx=tx, loss_config=config.loss)
   placement = config.data_placement
   if placement == "auto":

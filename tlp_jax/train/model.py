@@ -70,6 +70,19 @@ INPUT_NORMS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+# ``TLPConfig.dtype`` "auto": bfloat16 compute on GPUs and TPUs, float32 on CPUs (where XLA
+# emulates bfloat16 matmuls and would be slower). ``resolve_dtype`` picks one where the trained
+# model's config is made, so a workdir and an exported model always record a concrete dtype.
+AUTO_DTYPE = "auto"
+
+
+def resolve_dtype(dtype: str, platform: str) -> str:
+  """The compute dtype ``dtype`` means on a backend ``platform`` ("cpu", "gpu", "tpu", ...)."""
+  if dtype != AUTO_DTYPE:
+    return dtype
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
 @dataclasses.dataclass(frozen=True)
 class TLPConfig:
   """Hyper-parameters of the TLP attention model. Defaults reproduce the original TLP model.
@@ -83,7 +96,8 @@ class TLPConfig:
     res_blocks: number of residual blocks ``relu(Linear(x)) + x`` (TLP ``res_block_cnt``).
     decoder_dims: widths of the decoder Linear layers (TLP ``out_dim``); must end in 1.
     num_hardware_heads: number of hardware decoder heads (1 = TLP, >1 = MTL-TLP).
-    dtype: compute dtype name ("float32", "bfloat16", ...); parameters stay float32.
+    dtype: compute dtype name ("float32", "bfloat16", ...); parameters stay float32. "auto"
+      (``AUTO_DTYPE``) in a training config only: ``resolve_dtype`` makes it concrete.
     input_norm: key of ``INPUT_NORMS`` applied to the input features. Original: "none".
     ensemble_size: independently initialised copies of the whole network whose scores are
       averaged (1 = a single network, as the original).
@@ -120,7 +134,8 @@ class TLPConfig:
       raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
     if self.input_norm not in INPUT_NORMS:
       raise ValueError(f"unknown input_norm {self.input_norm!r}; known: {sorted(INPUT_NORMS)}")
-    jnp.dtype(self.dtype)  # raises on an unknown dtype name
+    if self.dtype != AUTO_DTYPE:
+      jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
   @property
   def hidden_dim(self) -> int:
@@ -188,7 +203,8 @@ class SelfAttention(nn.Module):
   dim: int
   heads: int
   dtype: Any = jnp.float32
-  # "einsum": the einsum/softmax below (the reference); otherwise the ``implementation`` of
+  # "einsum": the einsum/softmax below (the reference); "einsum_padN": the same with the token
+  # axis padded to a multiple of N inside the layer; otherwise the ``implementation`` of
   # jax.nn.dot_product_attention ("cudnn": its fused kernel, GPU with bfloat16/float16 only;
   # "xla"), the same function of q, k, v.
   implementation: str = "einsum"
@@ -214,11 +230,20 @@ class SelfAttention(nn.Module):
     q = in_proj("query")(x).reshape(b, steps, self.heads, head_dim)
     k = in_proj("key")(x).reshape(b, steps, self.heads, head_dim)
     v = in_proj("value")(x).reshape(b, steps, self.heads, head_dim)
-    if self.implementation == "einsum":
+    if self.implementation == "einsum" or self.implementation.startswith("einsum_pad"):
+      # "einsum_padN": the same function with the token axis zero-padded to a multiple of N and
+      # the padded keys masked out. With odd lengths (25 + 40 = 65 tokens) deterministic cuBLAS
+      # falls back to unaligned batched GEMM kernels (bench/README.md, kernel profile).
+      multiple = int(self.implementation[len("einsum_pad") :] or 1)
+      pad = -steps % multiple
+      if pad:
+        q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
       logits = logits.astype(jnp.float32)
+      if pad:
+        logits = jnp.where(jnp.arange(steps + pad) < steps, logits, -jnp.inf)
       probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-      ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+      ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)[:, :steps]
     else:
       ctx = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     ctx = ctx.reshape(b, steps, self.dim)
@@ -281,6 +306,8 @@ class TLPModel(nn.Module):
 
   def _network(self, x: Array) -> Array:
     cfg = self.config
+    if cfg.dtype == AUTO_DTYPE:
+      raise ValueError('model dtype "auto" is for configs: resolve it (model.resolve_dtype) first')
     dtype = jnp.dtype(cfg.dtype)
     if x.ndim != 3:
       raise ValueError(f"expected features (batch, steps, width), got shape {x.shape}")
