@@ -48,15 +48,16 @@ class FakePredictor:
   platform = "llvm"
   hardware = ("hw_a", "hw_b")
 
-  def __init__(self):
+  def __init__(self, offset=0.0):
     self.seen = []
     self.heads = []
+    self.offset = offset
 
   def predict_steps(self, list_of_steps, hw=None):
     self.seen.extend(list_of_steps)
     self.heads.append(hw)
     # Deterministic and spread out: negative for some programs (LambdaRank outputs can be).
-    return np.asarray([len(json.dumps(s)) % 97 - 40.0 for s in list_of_steps])
+    return np.asarray([len(json.dumps(s)) % 97 - 40.0 + self.offset for s in list_of_steps])
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +138,24 @@ def test_softplus_transform_is_positive_and_order_preserving(matmul_task):
   assert np.all(soft > 0)
   assert np.array_equal(np.argsort(raw, kind="stable"), np.argsort(soft, kind="stable"))
   assert np.any(raw < 0)
+
+
+@needs_tvm
+def test_softplus_keeps_the_ranking_of_scores_far_below_zero(matmul_task):
+  # A ranking model's scores have an arbitrary offset; one exported model scores whole tasks
+  # near -196, where softplus underflows float32 (Ansor's dtype) and every state would tie.
+  states = _states(matmul_task)
+  raw = tvm_cost_model.TLPCostModel(
+    FakePredictor(offset=-200.0), tvm_cost_model.CostModelConfig(score_transform="identity")
+  ).predict(matmul_task, states)
+  model = tvm_cost_model.TLPCostModel(FakePredictor(offset=-200.0))  # softplus, the default
+  soft = model.predict(matmul_task, states)
+  assert np.all(soft > 0) and len(np.unique(soft)) == len(np.unique(raw)) > 1
+  assert np.array_equal(np.argsort(raw, kind="stable"), np.argsort(soft, kind="stable"))
+  # The task's anchor is kept: a later call (here: cached, and a subset) scores the same.
+  again = model.predict(matmul_task, states[:3])
+  np.testing.assert_array_equal(again, soft[:3])
+  assert model.timing_summary()["states_cached"] == 3
 
 
 @needs_tvm
@@ -373,16 +392,19 @@ def test_loop_token_model_scores_states_with_no_tvm_call_per_state(
   tokens = pred.loop_tokens_of(steps, workload_key=task.workload_key)
   assert tokens.any()
   assert not np.allclose(want, pred.predict(pred.featurize_steps(steps), loop_tokens=tokens * 0))
-  # Softplus (the default) of the same scores.
+  # Softplus (the default) of the same scores, relative to the task's anchor: the median raw
+  # score of its first call.
   soft = tvm_cost_model.TLPCostModel(path).predict(task, states)
-  np.testing.assert_allclose(soft, np.logaddexp(0.0, want.astype(np.float64)), rtol=1e-6)
+  centred = want.astype(np.float64) - np.median(want.astype(np.float64))
+  np.testing.assert_allclose(soft, np.logaddexp(0.0, centred), rtol=1e-5)
 
 
 @needs_tvm
 def test_a_state_whose_replay_fails_gets_the_lowest_score(sample_conv_task, tmp_path, monkeypatch):
   task = sample_conv_task
   path = _token_export(tmp_path, {task.workload_key: skeleton_extract.skeleton_from_task(task)})
-  model = tvm_cost_model.TLPCostModel(path)
+  # Raw scores: softplus's per-task anchor would depend on which states the first call scored.
+  model = tvm_cost_model.TLPCostModel(path, score_transform="identity")
   states = _states(task, n=6, seed=5)
   steps = tvm_cost_model.states_to_steps(task, states)
   good = model.predict(task, states)
@@ -394,7 +416,7 @@ def test_a_state_whose_replay_fails_gets_the_lowest_score(sample_conv_task, tmp_
       raise rp.ReplayError("unsupported step")
     return real(steps_list, **kwargs)
 
-  model2 = tvm_cost_model.TLPCostModel(path)
+  model2 = tvm_cost_model.TLPCostModel(path, score_transform="identity")
   monkeypatch.setattr(model2.predictor, "loop_tokens_of", flaky)
   got = model2.predict(task, states)
   ok = np.arange(len(states)) != 2

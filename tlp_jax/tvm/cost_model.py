@@ -94,11 +94,13 @@ def _softplus(raw: np.ndarray) -> np.ndarray:
 
 
 # Original TLP returns the raw network output ("identity"); the default is "softplus" (see
-# _softplus: identity can make Ansor's roulette weights all zero or NaN).
+# _softplus: identity can make Ansor's roulette weights all zero or NaN), applied to the raw
+# score relative to a per-task anchor (TLPCostModel._anchor) so that float32 keeps the ranking.
 SCORE_TRANSFORMS: Mapping[str, Callable[[np.ndarray], np.ndarray]] = {
   "identity": _identity,
   "softplus": _softplus,
 }
+ANCHORED_TRANSFORMS = frozenset({"softplus"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +110,9 @@ class CostModelConfig:
   Attributes:
     hardware: predictor head to use (a hardware name of the exported model); None = first head.
     score_transform: key of ``SCORE_TRANSFORMS``; "softplus" (default) keeps Ansor's roulette
-      weights positive; "identity" is the original TLP behaviour.
+      weights positive, applied to the raw score minus a per-task anchor so that scores far from
+      0 keep their order in float32 (``TLPCostModel._anchor``); "identity" is the original TLP
+      behaviour.
     batch_size: states featurised and predicted per chunk (bounds peak memory).
     cache_size: predictions memoised by serialised steps (Ansor re-scores the same states across
       evolution iterations); 0 disables the cache. Predictions are deterministic, so caching
@@ -214,6 +218,8 @@ class TLPCostModel(_python_based_model()):
     self.predictor = predictor
     self.config = config
     self._transform = SCORE_TRANSFORMS[config.score_transform]
+    self._shift = config.score_transform in ANCHORED_TRANSFORMS
+    self._anchors: dict[str, float] = {}  # workload key -> raw score anchor (_anchor)
     self._cache: dict[bytes, float] = {}
     self._skeletons: dict[str, Any] = {}  # workload key -> skeleton, extracted once per task
     # Tasks scored without loop tokens because no skeleton could be had (warned once each).
@@ -264,6 +270,7 @@ class TLPCostModel(_python_based_model()):
           self.config.online_config,
         )
         self._dw = dw
+        self._anchors.clear()  # the last layer changed: re-anchor each task at its next call
         call.pairs = stats.pairs
       call.buffer = int(sum(len(g) for g in buf["group"]))
     except Exception as e:  # never into TVM's callback
@@ -387,15 +394,16 @@ class TLPCostModel(_python_based_model()):
     t0 = time.perf_counter()
     keys = [state_steps_json(task, s) for s in states]
     t1 = time.perf_counter()
-    scores = np.empty(len(keys), dtype=np.float32)
+    # Raw network scores first (float64), then one transform of all of them: the transform may
+    # depend on the task's anchor (_anchor), which the first call of a task sets from them.
+    raw = np.empty(len(keys), dtype=np.float64)
     todo = [i for i, k in enumerate(keys) if k not in self._cache]
     embeddings: dict[int, np.ndarray] = {}  # online: the embeddings computed in this call
     for i, k in enumerate(keys):
       if k in self._cache:
-        scores[i] = self._cached_score(self._cache[k])
-    num_failed = 0
-    # A failed state's score is its batch's lowest: it depends on the batch, so it is not cached.
-    uncacheable: set[int] = set()
+        raw[i] = self._cached_raw(self._cache[k])
+    # A failed state's score is the call's lowest: it depends on the call, so it is not cached.
+    failed_states: list[int] = []
     for start in range(0, len(todo), self.config.batch_size):
       chunk = todo[start : start + self.config.batch_size]
       steps = [orjson.loads(keys[i])[1][1] for i in chunk]
@@ -404,31 +412,33 @@ class TLPCostModel(_python_based_model()):
         phi, failed = self._embed(task, steps)
         for j, i in enumerate(chunk):
           embeddings[i] = phi[j]
-        raw = phi.astype(np.float64) @ (self._w + self._dw) + self._c
+        out = phi.astype(np.float64) @ (self._w + self._dw) + self._c
       elif self._loop_tokens:
         tokens, failed = self._loop_tokens_of(task, steps)
-        raw = self.predictor.predict(
+        out = self.predictor.predict(
           self.predictor.featurize_steps(steps), hw=self.config.hardware, loop_tokens=tokens
         )
       else:
-        raw = self.predictor.predict_steps(steps, hw=self.config.hardware)
-      out = self._transform(np.asarray(raw, dtype=np.float64).reshape(len(chunk)))
-      if failed:
-        ok = np.ones(len(chunk), bool)
-        ok[failed] = False
-        out[~ok] = out[ok].min() if ok.any() else 0.0
-        num_failed += len(failed)
-        uncacheable.update(chunk[j] for j in failed)
-      scores[chunk] = out.astype(np.float32)
+        out = self.predictor.predict_steps(steps, hw=self.config.hardware)
+      raw[chunk] = np.asarray(out, dtype=np.float64).reshape(len(chunk))
+      failed_states.extend(chunk[j] for j in failed)
+    ok = np.ones(len(keys), bool)
+    ok[failed_states] = False
+    if failed_states:
+      raw[~ok] = raw[ok].min() if ok.any() else 0.0
+    anchor = self._anchor(task.workload_key, raw[ok])
+    scores = self._transform(raw - anchor).astype(np.float32)
     if self.config.cache_size > 0:
       if len(self._cache) + len(todo) > self.config.cache_size:
         self._cache.clear()  # Cheap bound on memory; a miss only costs a re-prediction.
       for i in todo:
-        if i not in uncacheable:
-          self._cache[keys[i]] = embeddings[i] if self._online else float(scores[i])
+        if ok[i]:
+          self._cache[keys[i]] = embeddings[i] if self._online else float(raw[i])
     t2 = time.perf_counter()
     self.calls.append(
-      PredictCall(task.workload_key, len(keys), len(keys) - len(todo), t1 - t0, t2 - t1, num_failed)
+      PredictCall(
+        task.workload_key, len(keys), len(keys) - len(todo), t1 - t0, t2 - t1, len(failed_states)
+      )
     )
     logging.debug(
       "TLPCostModel.predict: %d states (%d cached) in %.3f s",
@@ -438,13 +448,28 @@ class TLPCostModel(_python_based_model()):
     )
     return scores
 
-  def _cached_score(self, entry) -> float:
-    """A cached entry's score: the score itself, or (online) from its embedding and the current
-    last layer, so an update re-scores every cached state."""
+  def _anchor(self, workload_key: str, raw: np.ndarray) -> float:
+    """The raw score a task's scores are taken relative to before a shift-sensitive transform.
+
+    A ranking model's scores have an arbitrary offset (the loss only sees differences): one
+    model scores every program of a task near -196. ``softplus(-196)`` is ~1e-85, 0 in float32,
+    the dtype Ansor keeps scores in: every state would tie and the search would pick at random
+    by position. So ``softplus`` is applied to ``raw - anchor``, the anchor being the median raw
+    score of the task's first call (kept for the task, so that scores of different calls, which
+    Ansor compares, stay on one scale; reset when ``update`` changes the model). Transforms that
+    are the original's raw output ("identity") use no anchor."""
+    if not self._shift:
+      return 0.0
+    if workload_key not in self._anchors:
+      self._anchors[workload_key] = float(np.median(raw)) if raw.size else 0.0
+    return self._anchors[workload_key]
+
+  def _cached_raw(self, entry) -> float:
+    """A cached entry's raw score: the score itself, or (online) from its embedding and the
+    current last layer, so an update re-scores every cached state."""
     if not self._online:
       return entry
-    raw = float(entry.astype(np.float64) @ (self._w + self._dw) + self._c)
-    return float(self._transform(np.asarray([raw]))[0])
+    return float(entry.astype(np.float64) @ (self._w + self._dw) + self._c)
 
   def timing_summary(self) -> dict:
     """Totals over all ``predict`` calls so far (for benchmarks)."""
