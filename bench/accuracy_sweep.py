@@ -68,8 +68,9 @@ EXPERIMENTS = {
   # The shipped default and the original TLP recipe.
   "default": ("default", {}, EPYC),
   "tlp_original": ("tlp_original", {}, EPYC),
-  # The default with float32 compute (TF32 matmuls on a GPU): the default until 2026-12-03.
+  # The default with float32 compute (TF32 matmuls on a GPU) and with bfloat16 compute.
   "default_tf32": ("default", {"model.dtype": "float32"}, EPYC),
+  "default_bf16": ("default", {"model.dtype": "bfloat16"}, EPYC),
   # The default as an ensemble of five networks (the default before issue 15's validation).
   "default_ens5": ("default", {"model.ensemble_size": 5}, EPYC),
   # MTL-TLP: all of xeon's labels plus all of epyc's, xeon the target.
