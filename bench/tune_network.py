@@ -169,11 +169,13 @@ def main(argv):
   digest = model_digest(FLAGS.load_model)
   out_json = os.path.join(FLAGS.out_dir, name + ".json")
   done = finished_variants(out_json, network, budget(), digest) if FLAGS.resume else {}
-  results = {}
+  # Kept variants stay in the report from the start, so that a rewrite after a later variant
+  # never drops them (a session can stop between two variants).
+  results = {v: done[v] for v in FLAGS.variants if v in done}
+  for variant in results:
+    logging.info("%s: done in %s, kept", variant, out_json)
   for variant in FLAGS.variants:
     if variant in done:
-      logging.info("%s: done in %s, kept", variant, out_json)
-      results[variant] = done[variant]
       continue
     out = os.path.join(work, variant)
     t0 = time.time()
