@@ -26,7 +26,7 @@ import time
 
 from absl import app, flags, logging
 
-from bench import common
+from bench import common, tune_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,34 +89,6 @@ def _variant_args(name: str, out: str) -> list[str]:
       raise app.UsageError("--load_model is required for the tlp variants")
     args.append(f"--load_model={FLAGS.load_model}")
   return args
-
-
-def plot(results: dict, path: str, title: str) -> None:
-  """Estimated latency against trials and wall time, one line per variant."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for name, r in results.items():
-    pts = [
-      (c["trials"], c["elapsed_s"], c["estimated_latency_ms"])
-      for c in r.get("curve", [])
-      if c["estimated_latency_ms"] is not None
-    ]
-    if pts:
-      trials, elapsed, lat = zip(*pts)
-      axes[0].plot(trials, lat, marker=".", label=name)
-      axes[1].plot(elapsed, lat, marker=".", label=name)
-  axes[0].set(xlabel="measurement trials", ylabel="estimated latency (ms)", title=title)
-  axes[1].set(xlabel="tuning wall time (s)", ylabel="estimated latency (ms)")
-  for ax in axes:
-    ax.grid(alpha=0.3)
-    ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def model_digest(path: str | None) -> str | None:
@@ -205,7 +177,9 @@ def main(argv):
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     common.write_json(out_json, report)  # after each variant
     load_at_start = os.getloadavg()
-  plot(results, os.path.join(FLAGS.out_dir, name + ".png"), network)
+  # The same curves as bench.tune_summary's (over the tasks every variant measured), one seed.
+  summary = tune_summary.summarise([{"network": network, "budget": budget(), "results": results}])
+  tune_summary.plot(summary, os.path.join(FLAGS.out_dir, name + ".png"))
   for variant, r in results.items():
     e2e = r.get("end_to_end") or {}
     print(
