@@ -70,6 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
   # 0.685 +- 0.012 / 0.871 +- 0.020 against five's 0.658 +- 0.015 / 0.874 +- 0.007, and serves
   # 5x cheaper. Larger values train independently initialised copies and average their scores.
   config.model.ensemble_size = 1
+  # Compute dtype "auto": bfloat16 on GPUs and TPUs, float32 on CPUs (model.resolve_dtype; a
+  # workdir and an export record the concrete one). Decided on task-disjoint validation before
+  # it landed (bench/README.md, "bf16 as the default"): over 17 paired runs on five folds of
+  # epyc-9004, bf16 - float32 (TF32) is -0.0005 in top-1 and -0.005 in top-5, for 1.6x the
+  # samples/s on an H200. configs/tlp_original.py computes in float32, as the original.
+  config.model.dtype = "auto"
   # On a dataset with loop tokens the model also reads them: the replayed loop tokens of a
   # default build (data_pipelines.build, (T, W) float16 per program, stored apart and assembled
   # per batch, tlp_jax.core.loop_tokens.model_input). model.seq_len / feature_dim are the step

@@ -182,3 +182,21 @@ def test_device_data_budget_on_jax_devices_and_bad_values():
   for bad in ("4GiB", -1, 1.5, True):
     with pytest.raises(ValueError, match="device_data_max_bytes"):
       data.device_data_budget(bad, jax.local_devices())
+
+
+def test_is_cuda_tells_nvidia_gpus_from_other_backends():
+  import jax
+
+  class _Client:
+    def __init__(self, version):
+      self.platform_version = version
+
+  class _Gpu:
+    platform = "gpu"
+
+    def __init__(self, version):
+      self.client = _Client(version)
+
+  assert data.is_cuda(_Gpu("PJRT C API\ncuda 12080"))
+  assert not data.is_cuda(_Gpu("PJRT C API\nrocm 60300"))
+  assert not data.is_cuda(jax.local_devices()[0])  # this machine's CPU

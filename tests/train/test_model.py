@@ -261,13 +261,23 @@ def test_auto_dtype_is_bfloat16_on_accelerators_and_must_be_resolved():
     TLPConfig(**SMALL, dtype="float33")
 
 
-@pytest.mark.parametrize("impl", ["xla", "einsum_pad8", "einsum_pad4"])
+def test_auto_attention_is_cudnn_only_for_half_precision_on_nvidia_gpus():
+  resolve = model_lib.resolve_attention
+  assert resolve("auto", "bfloat16", cuda=True) == "cudnn_pad8"
+  assert resolve("auto", "float16", cuda=True) == "cudnn_pad8"
+  # cuDNN's fused attention takes no float32 inputs; CPUs, TPUs and ROCm GPUs have no cuDNN.
+  assert resolve("auto", "float32", cuda=True) == "einsum_pad8"
+  assert resolve("auto", "bfloat16", cuda=False) == "einsum_pad8"
+  assert resolve("einsum", "bfloat16", cuda=True) == "einsum"  # an explicit choice is kept
+
+
+@pytest.mark.parametrize("impl", ["xla", "einsum_pad8", "einsum_pad4", "xla_pad8"])
 @pytest.mark.parametrize("ensemble", [1, 2])
 def test_other_attention_paths_are_the_same_function(ensemble, impl):
-  """``attention_impl`` "einsum_padN" pads the token axis (5 tokens here) inside the layer and
-  masks the padded keys; others go through jax.nn.dot_product_attention (its "cudnn" kernel on a
-  GPU; its XLA backend runs here). Each must give the reference's outputs and gradients for the
-  same parameters."""
+  """``attention_impl`` "<kind>_padN" pads the token axis (5 tokens here) inside the layer and
+  masks the padded keys; "xla"/"cudnn" go through jax.nn.dot_product_attention (its "cudnn"
+  kernel on a GPU; its XLA backend runs here). Each must give the reference's outputs and
+  gradients for the same parameters."""
   cfg = TLPConfig(**SMALL, ensemble_size=ensemble)
   assert cfg.seq_len % 4 and cfg.seq_len % 8  # the padded paths do pad
   params = init_params(cfg, jax.random.PRNGKey(0))

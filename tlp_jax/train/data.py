@@ -348,6 +348,11 @@ def host_batch(
 AUTO_DEVICE_DATA_FRACTION = 0.5
 
 
+def is_cuda(device: Any) -> bool:
+  """Whether ``device`` is an NVIDIA GPU (where cuDNN's kernels run; ROCm GPUs are "gpu" too)."""
+  return device.platform == "gpu" and "cuda" in str(device.client.platform_version).lower()
+
+
 def device_free_bytes(device: Any) -> int | None:
   """Free memory the device reports (``memory_stats()``: ``bytes_limit - bytes_in_use``), or
   None when it reports none (e.g. JAX's CPU devices)."""

@@ -497,7 +497,11 @@ def _train_and_evaluate(
   # leaves no trace.
   checkpoints.reconcile_train_config(workdir, recorded_config, allow_changes, write=is_chief)
 
-  model = model_lib.TLPModel(model_config, attention_impl=config.attention_impl)
+  attention = model_lib.resolve_attention(
+    config.attention_impl, model_config.dtype, cuda=data.is_cuda(devices[0])
+  )
+  model = model_lib.TLPModel(model_config, attention_impl=attention)
+  logging.info("model: %s compute, attention %s", model_config.dtype, attention)
   step_kwargs = dict(model=model, tx=tx, loss_config=config.loss)
   placement = config.data_placement
   if placement == "auto":

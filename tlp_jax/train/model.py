@@ -83,6 +83,20 @@ def resolve_dtype(dtype: str, platform: str) -> str:
   return "float32" if platform == "cpu" else "bfloat16"
 
 
+# ``SelfAttention.implementation`` "auto": cuDNN's fused attention over the token axis padded to
+# a multiple of 8 where it runs (NVIDIA GPUs, bfloat16/float16 compute), else the padded einsum;
+# the same function either way (bench/README.md, "Fused attention").
+AUTO_ATTENTION = "auto"
+
+
+def resolve_attention(implementation: str, dtype: str, cuda: bool) -> str:
+  """The attention implementation ``implementation`` means for a concrete compute ``dtype`` on
+  a backend that is (``cuda``) or is not an NVIDIA GPU."""
+  if implementation != AUTO_ATTENTION:
+    return implementation
+  return "cudnn_pad8" if cuda and dtype in ("bfloat16", "float16") else "einsum_pad8"
+
+
 @dataclasses.dataclass(frozen=True)
 class TLPConfig:
   """Hyper-parameters of the TLP attention model. Defaults reproduce the original TLP model.
@@ -206,7 +220,8 @@ class SelfAttention(nn.Module):
   # "einsum": the einsum/softmax below (the reference); "einsum_padN": the same with the token
   # axis padded to a multiple of N inside the layer; otherwise the ``implementation`` of
   # jax.nn.dot_product_attention ("cudnn": its fused kernel, GPU with bfloat16/float16 only;
-  # "xla"), the same function of q, k, v.
+  # "xla"), optionally padded the same way ("cudnn_padN", "xla_padN"): the same function of q,
+  # k, v.
   implementation: str = "einsum"
 
   @nn.compact
@@ -230,14 +245,14 @@ class SelfAttention(nn.Module):
     q = in_proj("query")(x).reshape(b, steps, self.heads, head_dim)
     k = in_proj("key")(x).reshape(b, steps, self.heads, head_dim)
     v = in_proj("value")(x).reshape(b, steps, self.heads, head_dim)
-    if self.implementation == "einsum" or self.implementation.startswith("einsum_pad"):
-      # "einsum_padN": the same function with the token axis zero-padded to a multiple of N and
-      # the padded keys masked out. With odd lengths (25 + 40 = 65 tokens) deterministic cuBLAS
-      # falls back to unaligned batched GEMM kernels (bench/README.md, kernel profile).
-      multiple = int(self.implementation[len("einsum_pad") :] or 1)
-      pad = -steps % multiple
-      if pad:
-        q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+    # "<kind>_padN": the same function with the token axis zero-padded to a multiple of N and
+    # the padded keys masked out. With odd lengths (25 + 40 = 65 tokens) deterministic cuBLAS
+    # falls back to unaligned batched GEMM kernels (bench/README.md, kernel profile).
+    kind, _, multiple = self.implementation.partition("_pad")
+    pad = -steps % int(multiple or 1)
+    if pad:
+      q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+    if kind == "einsum":
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
       logits = logits.astype(jnp.float32)
       if pad:
@@ -245,7 +260,10 @@ class SelfAttention(nn.Module):
       probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
       ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)[:, :steps]
     else:
-      ctx = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+      lengths = jnp.full((b,), steps, jnp.int32) if pad else None
+      ctx = jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=lengths, implementation=kind
+      )[:, :steps]
     ctx = ctx.reshape(b, steps, self.dim)
     out_bound = 1.0 / math.sqrt(self.dim)
     return nn.Dense(
