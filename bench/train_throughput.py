@@ -810,12 +810,11 @@ class RecipeVariant:
 
 
 RECIPE_VARIANTS = {
-  # configs/default.py's attention since 2026-12-03 (the token axis padded to a multiple of 8
-  # inside the attention, "einsum_pad8") in bf16 compute (model.dtype "auto" on a GPU; the
-  # default's dtype is float32 until the bf16 folds decide, bench/README.md).
-  "default": RecipeVariant(dtype="bfloat16", attention="einsum_pad8"),
-  "default_tenset_tasks": RecipeVariant(dtype="bfloat16", attention="einsum_pad8", task_copies=80),
-  "default_b4096": RecipeVariant(dtype="bfloat16", attention="einsum_pad8", batch=4096),
+  # configs/default.py on an NVIDIA GPU since 2026-12-03: model.dtype "auto" = bf16, and
+  # attention_impl "auto" = cuDNN's fused attention over the token axis padded to 72.
+  "default": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8"),
+  "default_tenset_tasks": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8", task_copies=80),
+  "default_b4096": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8", batch=4096),
   # The default until 2026-12-02 (TF32, plain einsum attention).
   "landed": RecipeVariant(),
   "landed_tenset_tasks": RecipeVariant(task_copies=80),
@@ -852,7 +851,7 @@ RECIPE_ACCURACY_RUNS = {  # name -> overrides of configs/default.py
   "default": {},
   "tf32": {"model.dtype": "float32", "attention_impl": "einsum"},
   "bf16": {"model.dtype": "bfloat16"},
-  "tf32_b4096": {"batch_size": 4096},
+  "tf32_b4096": {"model.dtype": "float32", "batch_size": 4096},
   "bf16_b4096": {"model.dtype": "bfloat16", "batch_size": 4096},
   "bf16_b2048": {"model.dtype": "bfloat16", "batch_size": 2048},
 }
