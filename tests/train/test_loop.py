@@ -1,5 +1,6 @@
 """tlp_jax.train.loop: end-to-end runs of configs/test.py on the sample, resume, multi-host."""
 
+import functools
 import glob
 import json
 import logging
@@ -76,6 +77,39 @@ def test_end_to_end_test_config(trained, sample_arrays, new_test_config):
   )
   np.testing.assert_allclose(after["val_loss"], val["val_loss"], rtol=1e-4)
   assert after["val_loss"] < before["val_loss"]
+
+
+def test_validation_on_device_gives_the_host_gathered_results(
+  trained, sample_arrays, new_test_config
+):
+  """The resident validation (arrays on every device, batches gathered there, read back at the
+  end) evaluates the same batches as the host-gathered one: the same numbers, on 1 or 2
+  devices."""
+  _, result = trained
+  split = data.select_heads(sample_arrays("epyc-9004").validation, [0], loop_tokens=True)
+  kwargs = dict(
+    model=model_lib.TLPModel(result.model_config),
+    loss_config=config_lib.from_config_dict(new_test_config()).loss,
+  )
+  for n in (1, 2):
+    devices = jax.devices()[:n]
+    layout = data.BatchLayout.create(128, devices)
+    assert split.size % layout.global_batch  # the last batch is padded
+    params = data.replicate_to_devices(result.state.params, devices)
+    p_host = jax.pmap(
+      functools.partial(step_lib.eval_step, **kwargs), axis_name=data.AXIS, devices=devices
+    )
+    p_dev = jax.pmap(
+      functools.partial(step_lib.eval_step_resident, global_batch=layout.global_batch, **kwargs),
+      axis_name=data.AXIS,
+      devices=devices,
+    )
+    host = loop.validate(p_host, params, split, layout, result.hardware, (1, 5))
+    resident = loop.resident_split(split, layout, devices)
+    dev = loop.validate(p_dev, params, split, layout, result.hardware, (1, 5), resident)
+    assert set(dev) == set(host)
+    for k in host:
+      np.testing.assert_allclose(dev[k], host[k], rtol=1e-6, err_msg=k)
 
 
 def test_eval_every_epochs_changes_only_when_it_validates(

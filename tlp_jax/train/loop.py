@@ -183,6 +183,28 @@ def _close_input(feed: prefetch.DevicePrefetch | None, batches: Any) -> None:
       batches.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class ResidentSplit:
+  """A validation split copied to every device, and its padded sequential order there."""
+
+  arrays: tuple[Any, ...]
+  order: Any
+  valid: Any
+
+
+def resident_split(
+  split: data.HeadArrays, layout: data.BatchLayout, devices: Sequence[Any]
+) -> ResidentSplit:
+  """Copies ``split`` (in row order, padded to whole global batches) to every device."""
+  steps = -(-split.size // layout.global_batch)
+  order = np.zeros(steps * layout.global_batch, np.int32)
+  order[: split.size] = np.arange(split.size, dtype=np.int32)
+  valid = np.arange(order.size) < split.size
+  arrays = data.replicate_to_devices(split.arrays, devices)
+  d_order, d_valid = data.replicate_to_devices((order, valid), devices)
+  return ResidentSplit(arrays, d_order, d_valid)
+
+
 def validate(
   p_eval_step: Callable,
   params: Any,
@@ -190,22 +212,37 @@ def validate(
   layout: data.BatchLayout,
   hardware: Sequence[str],
   ks: Sequence[int],
+  resident: ResidentSplit | None = None,
 ) -> dict[str, float]:
-  """Validation: per-head loss summed over sequential batches (as TLP), and quick top-k."""
+  """Validation: per-head loss summed over sequential batches (as TLP), and quick top-k.
+
+  ``resident`` (the split on every device, ``resident_split``) with ``p_eval_step`` the pmapped
+  ``step.eval_step_resident``: batches are gathered on device and dispatched without waiting,
+  read back at the end. Otherwise each batch is gathered on the host (``step.eval_step``). The
+  same batches either way, so the same results.
+  """
   if split.size == 0:
     return {}
   steps = -(-split.size // layout.global_batch)
-  order = np.zeros(steps * layout.global_batch, np.int32)
-  order[: split.size] = np.arange(split.size, dtype=np.int32)
-  valid = np.arange(order.size) < split.size
+  outs = []
+  if resident is None:
+    order = np.zeros(steps * layout.global_batch, np.int32)
+    order[: split.size] = np.arange(split.size, dtype=np.int32)
+    valid = np.arange(order.size) < split.size
+    for s in range(steps):
+      sl = layout.local_slice(s)
+      batch = data.host_batch(split, order[sl], valid[sl], layout)
+      outs.append(data.first_replica(p_eval_step(params, *batch)))
+  else:
+    for s in range(steps):
+      index = np.full((layout.local_devices,), s, np.int32)
+      outs.append(p_eval_step(params, resident.arrays, resident.order, resident.valid, index))
+    outs = [data.first_replica(out) for out in outs]
   loss_sum = np.zeros(len(hardware), np.float64)
   preds = np.zeros((steps * layout.global_batch, len(hardware)), np.float32)
-  for s in range(steps):
-    sl = layout.local_slice(s)
-    batch = data.host_batch(split, order[sl], valid[sl], layout)
-    p, per_head = data.first_replica(p_eval_step(params, *batch))
+  for s, (p, per_head) in enumerate(outs):
     preds[s * layout.global_batch : (s + 1) * layout.global_batch] = p
-    loss_sum += per_head.astype(np.float64)
+    loss_sum += np.asarray(per_head).astype(np.float64)
   preds = preds[: split.size]
   out = {"val_loss": float(loss_sum.sum())}
   for h, name in enumerate(hardware):
@@ -504,6 +541,7 @@ def _train_and_evaluate(
   logging.info("model: %s compute, attention %s", model_config.dtype, attention)
   step_kwargs = dict(model=model, tx=tx, loss_config=config.loss)
   placement = config.data_placement
+  budget = None  # bytes the resident arrays may take; None = not limited (placement "device")
   if placement == "auto":
     budget = data.device_data_budget(config.device_data_max_bytes, devices)
     if jax.process_count() > 1:
@@ -539,11 +577,25 @@ def _train_and_evaluate(
       devices=pmap_devices,
       donate_argnums=(0,),
     )
-  p_eval = jax.pmap(
-    functools.partial(step_lib.eval_step, model=model, loss_config=config.loss),
-    axis_name=data.AXIS,
-    devices=pmap_devices,
-  )
+  # Validation arrays go on the devices too when the training arrays do and both fit: each
+  # validation then runs without host gathers (bench/README.md, "Validation on device").
+  resident_val = None
+  eval_kwargs = dict(model=model, loss_config=config.loss)
+  if placement == "device" and val.size and (budget is None or train.nbytes + val.nbytes <= budget):
+    resident_val = resident_split(val, eval_layout, devices)
+    p_eval = jax.pmap(
+      functools.partial(
+        step_lib.eval_step_resident, global_batch=eval_layout.global_batch, **eval_kwargs
+      ),
+      axis_name=data.AXIS,
+      devices=pmap_devices,
+    )
+  else:
+    p_eval = jax.pmap(
+      functools.partial(step_lib.eval_step, **eval_kwargs),
+      axis_name=data.AXIS,
+      devices=pmap_devices,
+    )
   logging.info(
     "training %d records (%s), %d validation, heads %s, %d steps/epoch x %d epochs, "
     "batch %d on %d device(s), data on %s",
@@ -667,7 +719,9 @@ def _train_and_evaluate(
 
         if not validates:
           continue
-        validation = validate(p_eval, rstate.params, val, eval_layout, hardware, config.eval_top_k)
+        validation = validate(
+          p_eval, rstate.params, val, eval_layout, hardware, config.eval_top_k, resident_val
+        )
         validation["epoch"] = epoch + 1
         writer.write_scalars(step, tensorboard_tags(validation))
         hstate = host_state()

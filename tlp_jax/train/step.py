@@ -160,6 +160,30 @@ def train_step_resident(
   )
 
 
+def eval_step_resident(
+  params: Any,
+  data: tuple[jax.Array, ...],
+  order: jax.Array,
+  valid: jax.Array,
+  index: jax.Array,
+  *,
+  global_batch: int,
+  **eval_kwargs,
+) -> tuple[jax.Array, jax.Array]:
+  """``eval_step`` on global batch number ``index`` of resident validation arrays (``data``,
+  ``order`` and ``valid`` laid out as ``train_step_resident``'s), assembled on device."""
+  features, *tokens, scores, mask, task_index = data
+  n = global_batch // jax.lax.psum(1, AXIS)
+  start = index * global_batch + jax.lax.axis_index(AXIS) * n
+  rows = jax.lax.dynamic_slice_in_dim(order, start, n)
+  ok = jax.lax.dynamic_slice_in_dim(valid, start, n)
+  x = features[rows]
+  if tokens:
+    x = model_input(x, tokens[0][rows])
+  mask = mask[rows] & ok[:, None]
+  return eval_step(params, x, scores[rows], mask, task_index[rows], **eval_kwargs)
+
+
 def eval_step(
   params: Any,
   features: jax.Array,
