@@ -1,6 +1,7 @@
 """TFDS build + array loader on the embedded sample: splits, join, metadata, cache."""
 
 import collections
+import dataclasses
 import glob
 import json
 import os
@@ -215,6 +216,20 @@ def test_cache_hit_and_invalidation(tmp_path, sample_tenset_dir, sample_arrays, 
   np.testing.assert_array_equal(
     loader.load_arrays(data_dir, "xeon-emr-16c").test.scores, fresh.test.scores
   )
+  # A parallel decode (2 spawned processes, ranges that cut through shards) writes the same
+  # arrays as one process.
+  shutil.rmtree(cache)
+  with monkeypatch.context() as m:
+    m.setattr(loader, "_DECODE_CHUNK", 64)
+    par = loader.load_arrays(data_dir, "xeon-emr-16c", decode_workers=2)
+  assert isinstance(par.train.features, np.memmap)
+  for split in schema.SPLITS:
+    for field in dataclasses.fields(par.split(split)):
+      got, want = getattr(par.split(split), field.name), getattr(fresh.split(split), field.name)
+      if want is None:
+        assert got is None
+      else:
+        np.testing.assert_array_equal(got, want, err_msg=f"{split}.{field.name}")
 
 
 def _failing_decode(*args, **kwargs):
