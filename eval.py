@@ -40,6 +40,9 @@ _OUT = flags.DEFINE_string(
   "out", None, "Output folder (default: WORKDIR/eval, or the model file's folder)."
 )
 _BATCH = flags.DEFINE_integer("batch_size", 4096, "Prediction batch size.")
+_WORKERS = flags.DEFINE_integer(
+  "workers", 0, "Threads predicting batches at once (0: one per core); the same scores."
+)
 _KS = flags.DEFINE_list("ks", ["1", "5", "10", "20"], "k values of top-k.")
 
 
@@ -63,6 +66,7 @@ def main(argv):
       split=_SPLIT.value,
       ks=ks,
       batch_size=_BATCH.value,
+      workers=_WORKERS.value,
     )
     out_dir = report_lib.default_out_dir(_OUT.value, _WORKDIR.value, _MODEL.value)
     paths = report_lib.write_report(report, out_dir)

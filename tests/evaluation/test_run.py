@@ -326,6 +326,10 @@ def test_a_loop_token_model_is_evaluated_on_assembled_batches(tmp_path):
   )
   want = pred.predict(data.features, hw="b", loop_tokens=data.loop_tokens, batch_size=3)
   np.testing.assert_array_equal(got, want)
+  threaded = topk.predict_in_batches(
+    predict, data.split_features, data.rows, 3, loop_tokens=data.split_loop_tokens, workers=3
+  )
+  np.testing.assert_array_equal(threaded, want)  # batches in threads: the very same scores
   assert report["num_programs"] == 8
   arrays.metadata = {}
   with pytest.raises(EvalError, match="reads loop tokens; dataset"):

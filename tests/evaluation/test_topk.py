@@ -80,6 +80,14 @@ def test_predict_in_batches_checks_output_length():
   rows = np.array([8, 0, 3, 4, 5])
   got = topk.predict_in_batches(toy.read_feature0, x, rows, batch_size=2)
   np.testing.assert_allclose(got, x[rows, 0, 0])
+  # Several threads: the same scores in the same order, and a bad batch still raises.
+  for workers in (0, 3):
+    got = topk.predict_in_batches(toy.read_feature0, x, rows, batch_size=2, workers=workers)
+    np.testing.assert_allclose(got, x[rows, 0, 0])
+  with pytest.raises(ValueError, match="returned 1 values"):
+    topk.predict_in_batches(lambda x: np.zeros(1), np.zeros((5, 2, 3)), batch_size=2, workers=2)
+  with pytest.raises(ValueError, match="workers must be >= 0"):
+    topk.predict_in_batches(toy.read_feature0, x, workers=-1)
 
 
 def test_random_row_is_the_metrics_expectation():

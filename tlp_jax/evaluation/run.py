@@ -208,8 +208,11 @@ def evaluate_model(
   ks: Sequence[int] = metrics.DEFAULT_KS,
   batch_size: int = 4096,
   extra_predictions: Mapping[str, np.ndarray] | None = None,
+  workers: int = 0,
 ) -> dict:
   """Loads the data and the model (``model_path`` or ``workdir``), returns the top-k report.
+
+  ``workers``: threads predicting at once (0 = one per core; the same scores for any number).
 
   The model row is named after the model file, or :data:`WORKDIR_ROW` for a workdir; see
   :func:`tlp_jax.evaluation.topk.topk_report` for the report and ``extra_predictions``.
@@ -222,6 +225,8 @@ def evaluate_model(
     raise EvalError(f"ks must be positive integers, got {list(ks)}")
   if batch_size < 1:
     raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+  if workers < 0:
+    raise EvalError(f"workers must be >= 0, got {workers}")
   config = resolve_config(data_dir, hw, dataset)
   try:
     arrays = loader.load_arrays(data_dir, config)
@@ -241,4 +246,5 @@ def evaluate_model(
     batch_size=batch_size,
     model_info=info,
     loop_tokens=predictor.reads_loop_tokens,
+    workers=workers,
   )

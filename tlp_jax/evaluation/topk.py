@@ -8,10 +8,13 @@ XGBoost model on Ansor features), so all rows share the same programs, tasks, ne
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import threadpoolctl
 import tqdm
 
 from tlp_jax.core import metrics
@@ -30,28 +33,39 @@ def predict_in_batches(
   batch_size: int = 4096,
   desc: str = "predict",
   loop_tokens: np.ndarray | None = None,
+  workers: int = 1,
 ) -> np.ndarray:
   """``predict(features[rows])`` (or ``predict(features[rows], loop_tokens[rows])``) in
   batches, as float64.
 
-  Only one batch of features (and tokens) is gathered at a time, so a memory-mapped split of
-  TenSet size is never copied whole into memory, nor the model's padded input block made for it.
+  Only ``workers`` batches of features (and tokens) are gathered at a time, so a memory-mapped
+  split of TenSet size is never copied whole into memory, nor the model's padded input block made
+  for it.
 
   Args:
-    predict: ``(B, L, E) -> (B,)``, or ``((B, L, E), (B, T, W)) -> (B,)`` with ``loop_tokens``.
+    predict: ``(B, L, E) -> (B,)``, or ``((B, L, E), (B, T, W)) -> (B,)`` with ``loop_tokens``;
+      called from ``workers`` threads at once (the NumPy predictor is safe to).
     features: ``(M, L, E)`` features.
     rows: indices into ``features`` to predict (default: all, in order).
     batch_size: programs per call of ``predict``.
     desc: progress-bar label.
     loop_tokens: ``(M, T, W)`` loop tokens aligned with ``features``, passed to ``predict``.
+    workers: threads predicting batches at once, each with a one-thread BLAS (NumPy releases
+      the GIL in its kernels: a whole core per thread); 0 = one per core. A program's score does
+      not depend on its batch, so the scores are the same for any number.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if workers < 0:
+    raise ValueError(f"workers must be >= 0, got {workers}")
   if rows is None:
     rows = np.arange(features.shape[0])
   n = rows.shape[0]
   out = np.empty(n, dtype=np.float64)
-  for start in tqdm.trange(0, n, batch_size, desc=desc, unit="batch", disable=n <= batch_size):
+  starts = range(0, n, batch_size)
+  workers = min(workers or os.cpu_count() or 1, len(starts))
+
+  def one(start: int) -> int:
     stop = min(start + batch_size, n)
     batch = rows[start:stop]
     args = (np.asarray(features[batch]),)
@@ -64,6 +78,21 @@ def predict_in_batches(
     if pred.shape[0] != stop - start:
       raise ValueError(f"predictor returned {pred.shape[0]} values for {stop - start} programs")
     out[start:stop] = pred
+    return start
+
+  bar = tqdm.tqdm(total=len(starts), desc=desc, unit="batch", disable=len(starts) <= 1)
+  with bar:
+    if workers <= 1:
+      for start in starts:
+        one(start)
+        bar.update(1)
+    else:
+      with (
+        threadpoolctl.threadpool_limits(1, user_api="blas"),
+        concurrent.futures.ThreadPoolExecutor(workers) as pool,
+      ):
+        for _ in pool.map(one, starts):
+          bar.update(1)
   return out
 
 
@@ -168,6 +197,7 @@ def topk_report(
   batch_size: int = 4096,
   model_info: Mapping[str, Any] | None = None,
   loop_tokens: bool = False,
+  workers: int = 0,
 ) -> dict:
   """Top-k report of a model on one split/hardware, with random, oracle and extra rows.
 
@@ -184,6 +214,7 @@ def topk_report(
     model_info: JSON-able description of the model (path, heads, ...) stored in the report.
     loop_tokens: ``predict`` also takes the programs' loop tokens (``(B, T, W)``, from
       ``data.split_loop_tokens``), for a model of loop tokens.
+    workers: threads predicting at once (``predict_in_batches``; 0 = one per core).
 
   Returns:
     A JSON-able report dict: ``hardware``, ``split``, ``ks``, counts (``max_task_programs``:
@@ -212,6 +243,7 @@ def topk_report(
     batch_size,
     desc=f"predict {model_name}",
     loop_tokens=data.split_loop_tokens if loop_tokens else None,
+    workers=workers,
   )
   _check_finite(pred, data, model_name, model_info)
   rows = {model_name: _row(metrics.top_k_scores(pred, *args), data, pred)}
