@@ -52,7 +52,8 @@ def predict_in_batches(
     loop_tokens: ``(M, T, W)`` loop tokens aligned with ``features``, passed to ``predict``.
     workers: threads predicting batches at once, each with a one-thread BLAS (NumPy releases
       the GIL in its kernels: a whole core per thread); 0 = one per core. A program's score does
-      not depend on its batch, so the scores are the same for any number.
+      not depend on its batch nor, with a one-thread BLAS, on the thread count: the scores are
+      the same for any number.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -81,16 +82,15 @@ def predict_in_batches(
     return start
 
   bar = tqdm.tqdm(total=len(starts), desc=desc, unit="batch", disable=len(starts) <= 1)
-  with bar:
+  # A one-thread BLAS in every case: a multi-threaded BLAS splits its matmuls by thread count and
+  # changes the scores' last bits, so the scores would depend on the machine's cores.
+  with bar, threadpoolctl.threadpool_limits(1, user_api="blas"):
     if workers <= 1:
       for start in starts:
         one(start)
         bar.update(1)
     else:
-      with (
-        threadpoolctl.threadpool_limits(1, user_api="blas"),
-        concurrent.futures.ThreadPoolExecutor(workers) as pool,
-      ):
+      with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for _ in pool.map(one, starts):
           bar.update(1)
   return out
