@@ -184,7 +184,7 @@ def test_device_data_budget_on_jax_devices_and_bad_values():
       data.device_data_budget(bad, jax.local_devices())
 
 
-def test_is_cuda_tells_nvidia_gpus_from_other_backends():
+def test_cudnn_attention_only_on_nvidia_gpus_from_ampere_on():
   import jax
 
   class _Client:
@@ -194,9 +194,12 @@ def test_is_cuda_tells_nvidia_gpus_from_other_backends():
   class _Gpu:
     platform = "gpu"
 
-    def __init__(self, version):
+    def __init__(self, version, capability):
       self.client = _Client(version)
+      self.compute_capability = capability
 
-  assert data.is_cuda(_Gpu("PJRT C API\ncuda 12080"))
-  assert not data.is_cuda(_Gpu("PJRT C API\nrocm 60300"))
-  assert not data.is_cuda(jax.local_devices()[0])  # this machine's CPU
+  assert data.has_cudnn_attention(_Gpu("PJRT C API\ncuda 12080", "9.0"))  # H100/H200
+  assert data.has_cudnn_attention(_Gpu("PJRT C API\ncuda 12080", "8.0"))  # A100
+  assert not data.has_cudnn_attention(_Gpu("PJRT C API\ncuda 12080", "7.5"))  # T4
+  assert not data.has_cudnn_attention(_Gpu("PJRT C API\nrocm 60300", "9.0"))
+  assert not data.has_cudnn_attention(jax.local_devices()[0])  # this machine's CPU

@@ -38,8 +38,8 @@ DATA_PLACEMENTS = ("auto", "device", "host", "stream")
 # Values of jax.default_matmul_precision for config.matmul_precision.
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 # config.attention_impl (model.SelfAttention.implementation): the same function either way.
-# "cudnn_pad8": cuDNN's fused attention (NVIDIA GPUs, bfloat16/float16 compute only); "auto":
-# that where it runs, else "einsum_pad8" (model.resolve_attention).
+# "cudnn_pad8": cuDNN's fused attention (NVIDIA GPUs from Ampere on, bfloat16/float16 compute
+# only); "auto": that where it runs, else "einsum_pad8" (model.resolve_attention).
 ATTENTION_IMPLS = ("auto", "einsum", "einsum_pad8", "cudnn_pad8")
 # config.init_mode (tlp_jax/train/init_from.py): what trains when starting from config.init_from.
 INIT_MODES = ("all", "heads")

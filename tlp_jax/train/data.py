@@ -348,9 +348,16 @@ def host_batch(
 AUTO_DEVICE_DATA_FRACTION = 0.5
 
 
-def is_cuda(device: Any) -> bool:
-  """Whether ``device`` is an NVIDIA GPU (where cuDNN's kernels run; ROCm GPUs are "gpu" too)."""
-  return device.platform == "gpu" and "cuda" in str(device.client.platform_version).lower()
+def has_cudnn_attention(device: Any) -> bool:
+  """Whether cuDNN's fused attention runs on ``device``: an NVIDIA GPU (ROCm GPUs are "gpu"
+  too) of compute capability 8.0 or newer (cuDNN's flash attention needs Ampere)."""
+  if device.platform != "gpu" or "cuda" not in str(device.client.platform_version).lower():
+    return False
+  try:
+    major = int(str(getattr(device, "compute_capability", "0")).split(".")[0])
+  except ValueError:
+    return False
+  return major >= 8
 
 
 def device_free_bytes(device: Any) -> int | None:

@@ -535,7 +535,7 @@ def _train_and_evaluate(
   checkpoints.reconcile_train_config(workdir, recorded_config, allow_changes, write=is_chief)
 
   attention = model_lib.resolve_attention(
-    config.attention_impl, model_config.dtype, cuda=data.is_cuda(devices[0])
+    config.attention_impl, model_config.dtype, cuda=data.has_cudnn_attention(devices[0])
   )
   model = model_lib.TLPModel(model_config, attention_impl=attention)
   logging.info("model: %s compute, attention %s", model_config.dtype, attention)

@@ -84,14 +84,16 @@ def resolve_dtype(dtype: str, platform: str) -> str:
 
 
 # ``SelfAttention.implementation`` "auto": cuDNN's fused attention over the token axis padded to
-# a multiple of 8 where it runs (NVIDIA GPUs, bfloat16/float16 compute), else the padded einsum;
+# a multiple of 8 where it runs (NVIDIA GPUs from Ampere on, bfloat16/float16 compute), else the
+# padded einsum;
 # the same function either way (bench/README.md, "Fused attention").
 AUTO_ATTENTION = "auto"
 
 
 def resolve_attention(implementation: str, dtype: str, cuda: bool) -> str:
   """The attention implementation ``implementation`` means for a concrete compute ``dtype`` on
-  a backend that is (``cuda``) or is not an NVIDIA GPU."""
+  a device where cuDNN's fused attention runs (``cuda``: ``train.data.has_cudnn_attention``) or
+  not."""
   if implementation != AUTO_ATTENTION:
     return implementation
   return "cudnn_pad8" if cuda and dtype in ("bfloat16", "float16") else "einsum_pad8"
