@@ -21,7 +21,7 @@ import logging
 import multiprocessing
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -272,19 +272,26 @@ def _decode_range(job: tuple) -> int:
   ``pos...`` of the split's ``.npy`` memory maps (opened read-write here; disjoint rows per
   job). Returns the number of records decoded."""
   path, begin, end, pos, npy_paths, num_hw = job
+  out = {name: np.load(p, mmap_mode="r+") for name, p in npy_paths.items()}
+  decoded = sum(_decode_span(path, begin, end, pos, out, num_hw))
+  for arr in out.values():
+    arr.flush()
+  return decoded
+
+
+def _decode_span(path: str, begin: int, end: int, pos: int, out, num_hw: int) -> Iterator[int]:
+  """Decodes records ``[begin, end)`` of shard ``path`` into rows ``pos...`` of ``out``, in
+  batches of ``_DECODE_BATCH``; yields each batch's record count."""
   from array_record.python import array_record_module
 
-  out = {name: np.load(p, mmap_mode="r+") for name, p in npy_paths.items()}
   reader = array_record_module.ArrayRecordReader(path)
   try:
     for b in range(begin, end, _DECODE_BATCH):
       recs = reader.read(b, min(b + _DECODE_BATCH, end))
       _decode_records(recs, out, pos + b - begin, num_hw)
+      yield len(recs)
   finally:
     reader.close()
-  for arr in out.values():
-    arr.flush()
-  return end - begin
 
 
 def _read_split(
@@ -357,14 +364,8 @@ def _read_split(
           bar.update(n)
     else:
       for path, begin, end, start in jobs:
-        reader = array_record_module.ArrayRecordReader(path)
-        try:
-          for b in range(begin, end, _DECODE_BATCH):
-            recs = reader.read(b, min(b + _DECODE_BATCH, end))
-            _decode_records(recs, out, start + b - begin, num_hw)
-            bar.update(len(recs))
-        finally:
-          reader.close()
+        for n in _decode_span(path, begin, end, start, out, num_hw):
+          bar.update(n)
   for arr in out.values():
     if isinstance(arr, np.memmap):
       arr.flush()

@@ -196,13 +196,17 @@ def resident_split(
   split: data.HeadArrays, layout: data.BatchLayout, devices: Sequence[Any]
 ) -> ResidentSplit:
   """Copies ``split`` (in row order, padded to whole global batches) to every device."""
-  steps = -(-split.size // layout.global_batch)
-  order = np.zeros(steps * layout.global_batch, np.int32)
-  order[: split.size] = np.arange(split.size, dtype=np.int32)
-  valid = np.arange(order.size) < split.size
   arrays = data.replicate_to_devices(split.arrays, devices)
-  d_order, d_valid = data.replicate_to_devices((order, valid), devices)
-  return ResidentSplit(arrays, d_order, d_valid)
+  order, valid = data.replicate_to_devices(_sequential_order(split.size, layout), devices)
+  return ResidentSplit(arrays, order, valid)
+
+
+def _sequential_order(size: int, layout: data.BatchLayout) -> tuple[np.ndarray, np.ndarray]:
+  """Rows ``0..size-1`` in order, padded to whole global batches, and which entries are real."""
+  steps = -(-size // layout.global_batch)
+  order = np.zeros(steps * layout.global_batch, np.int32)
+  order[:size] = np.arange(size, dtype=np.int32)
+  return order, np.arange(order.size) < size
 
 
 def validate(
@@ -226,9 +230,7 @@ def validate(
   steps = -(-split.size // layout.global_batch)
   outs = []
   if resident is None:
-    order = np.zeros(steps * layout.global_batch, np.int32)
-    order[: split.size] = np.arange(split.size, dtype=np.int32)
-    valid = np.arange(order.size) < split.size
+    order, valid = _sequential_order(split.size, layout)
     for s in range(steps):
       sl = layout.local_slice(s)
       batch = data.host_batch(split, order[sl], valid[sl], layout)
@@ -242,7 +244,7 @@ def validate(
   preds = np.zeros((steps * layout.global_batch, len(hardware)), np.float32)
   for s, (p, per_head) in enumerate(outs):
     preds[s * layout.global_batch : (s + 1) * layout.global_batch] = p
-    loss_sum += np.asarray(per_head).astype(np.float64)
+    loss_sum += per_head.astype(np.float64)
   preds = preds[: split.size]
   out = {"val_loss": float(loss_sum.sum())}
   for h, name in enumerate(hardware):

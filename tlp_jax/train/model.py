@@ -85,8 +85,7 @@ def resolve_dtype(dtype: str, platform: str) -> str:
 
 # ``SelfAttention.implementation`` "auto": cuDNN's fused attention over the token axis padded to
 # a multiple of 8 where it runs (NVIDIA GPUs from Ampere on, bfloat16/float16 compute), else the
-# padded einsum;
-# the same function either way (bench/README.md, "Fused attention").
+# padded einsum; the same function either way (bench/README.md, "Fused attention").
 AUTO_ATTENTION = "auto"
 
 

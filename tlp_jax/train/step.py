@@ -130,6 +130,23 @@ def model_input(steps: jax.Array, tokens: jax.Array) -> jax.Array:
   return out.at[:, length:, width:].set(tokens.astype(jnp.float32))
 
 
+def _resident_batch(
+  data: tuple[jax.Array, ...], order: jax.Array, valid: jax.Array, index: Any, global_batch: int
+) -> tuple[jax.Array, ...]:
+  """This device's share of global batch number ``index`` of resident arrays ``data =
+  (features, [loop_tokens,] scores, mask, task_index)`` in the padded ``order``/``valid``:
+  ``(model input, scores, mask, task_index)``, the model input assembled here (in ``pmap``)."""
+  features, *tokens, scores, mask, task_index = data
+  n = global_batch // jax.lax.psum(1, AXIS)
+  start = index * global_batch + jax.lax.axis_index(AXIS) * n
+  rows = jax.lax.dynamic_slice_in_dim(order, start, n)
+  ok = jax.lax.dynamic_slice_in_dim(valid, start, n)
+  x = features[rows]
+  if tokens:
+    x = model_input(x, tokens[0][rows])
+  return x, scores[rows], mask[rows] & ok[:, None], task_index[rows]
+
+
 def train_step_resident(
   state: TrainState,
   data: tuple[jax.Array, ...],
@@ -147,17 +164,8 @@ def train_step_resident(
   step's rows follow from ``state.step``. With loop tokens (float16 on device) the batch's
   model input is assembled here, so the padded block never exists for the whole set.
   """
-  features, *tokens, scores, mask, task_index = data
-  n = global_batch // jax.lax.psum(1, AXIS)
-  start = (state.step % steps_per_epoch) * global_batch + jax.lax.axis_index(AXIS) * n
-  rows = jax.lax.dynamic_slice_in_dim(order, start, n)
-  ok = jax.lax.dynamic_slice_in_dim(valid, start, n)
-  x = features[rows]
-  if tokens:
-    x = model_input(x, tokens[0][rows])
-  return train_step(
-    state, x, scores[rows], mask[rows] & ok[:, None], task_index[rows], **step_kwargs
-  )
+  batch = _resident_batch(data, order, valid, state.step % steps_per_epoch, global_batch)
+  return train_step(state, *batch, **step_kwargs)
 
 
 def eval_step_resident(
@@ -172,16 +180,7 @@ def eval_step_resident(
 ) -> tuple[jax.Array, jax.Array]:
   """``eval_step`` on global batch number ``index`` of resident validation arrays (``data``,
   ``order`` and ``valid`` laid out as ``train_step_resident``'s), assembled on device."""
-  features, *tokens, scores, mask, task_index = data
-  n = global_batch // jax.lax.psum(1, AXIS)
-  start = index * global_batch + jax.lax.axis_index(AXIS) * n
-  rows = jax.lax.dynamic_slice_in_dim(order, start, n)
-  ok = jax.lax.dynamic_slice_in_dim(valid, start, n)
-  x = features[rows]
-  if tokens:
-    x = model_input(x, tokens[0][rows])
-  mask = mask[rows] & ok[:, None]
-  return eval_step(params, x, scores[rows], mask, task_index[rows], **eval_kwargs)
+  return eval_step(params, *_resident_batch(data, order, valid, index, global_batch), **eval_kwargs)
 
 
 def eval_step(
