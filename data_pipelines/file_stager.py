@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import itertools
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -179,11 +180,14 @@ def stage_file(
   featurizer: features_lib.Featurizer,
   token_source: loop_token_source.LoopTokenSource | None,
   out: str | None = None,
+  priors: Sequence[loop_token_source.PriorTokens] = (),
 ) -> StagedFile:
   """Reads one task file with ``featurizer`` and, with a token source, makes its loop tokens.
 
   ``out``: write the staged rows to ``out + ".f32"`` (and ``".f16"``) and drop the arrays
-  (:meth:`StagedFile.write_rows`); None keeps them in memory.
+  (:meth:`StagedFile.write_rows`); None keeps them in memory. ``priors``: this task's tokens
+  staged for earlier hardware, reused for the same programs
+  (:func:`loop_token_source.tokens_of_lines`).
 
   Raises:
     FileStageError: anything failed; the message names the file.
@@ -195,7 +199,12 @@ def stage_file(
     if token_source is not None and len(tf):
       lines = tf.line_numbers
       tokens = token_source.tokens(
-        tf.workload_key, records_lib.lines_at(path, lines), os.path.basename(path), lines
+        tf.workload_key,
+        records_lib.lines_at(path, lines),
+        os.path.basename(path),
+        lines,
+        program_keys=tf.program_keys,
+        priors=priors,
       )
     staged = StagedFile(path, tf, tokens, grew=featurizer.vocab.to_json() != before)
     if out is not None and len(tf):
@@ -221,7 +230,9 @@ def _init_worker(skeletons: str | None, tenset_dir: str, max_tokens: int) -> Non
   _WORKER["featurizers"] = {}
 
 
-def _work(path: str, out: str, hardware: str, platform: str, crop, vocab_json: str) -> StagedFile:
+def _work(
+  path: str, out: str, hardware: str, platform: str, crop, vocab_json: str, priors
+) -> StagedFile:
   cache = _WORKER["featurizers"]
   key = (platform, crop, vocab_json)
   fz = cache.pop(key, None)
@@ -229,7 +240,7 @@ def _work(path: str, out: str, hardware: str, platform: str, crop, vocab_json: s
     cache.clear()  # one snapshot at a time: its step-row cache is what makes reading fast
     vocab = features_lib.Vocabulary.from_json(vocab_json)
     fz = features_lib.Featurizer(platform, crop=crop, vocab=vocab)
-  got = stage_file(path, hardware, fz, _WORKER["source"], out)
+  got = stage_file(path, hardware, fz, _WORKER["source"], out, priors)
   if not got.grew:  # a grown featurizer no longer matches its snapshot
     cache[key] = fz
   return got
@@ -314,8 +325,12 @@ class FileStager:
     hardware: str,
     featurizer: features_lib.Featurizer,
     out_dir: str,
+    priors: Iterable[Sequence[loop_token_source.PriorTokens]] | None = None,
   ) -> Iterator[StagedFile]:
     """Yields each file of ``paths`` staged, in order, as the one-process read makes it.
+
+    ``priors``: per file of ``paths`` (consumed lazily, in step), the task's loop tokens
+    staged for earlier hardware, to reuse (:func:`stage_file`); None: replay every record.
 
     ``featurizer`` is the shared (growing) featurizer of the platform; it grows as it would
     reading the files one by one in this process. Each file's staged rows are written to
@@ -325,23 +340,24 @@ class FileStager:
     before the error propagates: nothing keeps writing into ``out_dir``.
     """
     outs = [os.path.join(out_dir, f"{i:07d}") for i in range(len(paths))]
+    prior_of = iter(priors) if priors is not None else itertools.repeat(())
     if self.workers == 1:
-      for path, out in zip(paths, outs):
-        yield stage_file(path, hardware, featurizer, self.token_source, out)
+      for path, out, prior in zip(paths, outs, prior_of):
+        yield stage_file(path, hardware, featurizer, self.token_source, out, prior)
       return
     pool = self._pool_or_start()
     crop = featurizer.crop
     pending: collections.deque = collections.deque()
-    todo = iter(zip(paths, outs))
+    todo = iter(zip(paths, outs, prior_of))
     snapshot = featurizer.vocab.to_json()
     done = False
     try:
       while True:
         while len(pending) < 2 * self.workers:
-          path, out = next(todo, (None, None))
+          path, out, prior = next(todo, (None, None, None))
           if path is None:
             break
-          args = (path, out, hardware, featurizer.platform, crop, snapshot)
+          args = (path, out, hardware, featurizer.platform, crop, snapshot, prior)
           pending.append((pool.apply_async(_work, args), featurizer.layout))
         if not pending:
           done = True

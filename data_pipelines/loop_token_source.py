@@ -143,12 +143,63 @@ class FileTokens:
   ok: np.ndarray  # (n,) bool: the record got tokens
   tokens: np.ndarray  # (ok.sum(), T, W) float16, in record order
   stats: LoopTokenStats
+  cropped: np.ndarray | None = None  # (ok.sum(),) bool: that record's nest was cropped to T
+  reused: int = 0  # records whose tokens came from :class:`PriorTokens`, not a replay
+
+
+@dataclasses.dataclass
+class PriorTokens:
+  """Loop tokens of one task already staged for another hardware, to reuse.
+
+  A program's loop tokens depend only on its task's skeleton and its step list, not on the
+  hardware that measured it, and TenSet measures the same programs of a task on every hardware
+  of a platform: a build of several hardware replays each program once and copies its tokens
+  for the other hardware (the same bytes as a replay; tests/data_pipelines check it).
+
+  Attributes:
+    path: the staged ``(N, T, W)`` float16 token file of the earlier hardware.
+    num_rows: ``N``.
+    keys: ``(n,)`` uint64 program keys (``features.program_key``) of this task's rows there.
+    rows: ``(n,)`` int64 their rows in ``path``.
+    cropped: ``(n,)`` bool: that program's nest was cropped (for the stats).
+  """
+
+  path: str
+  num_rows: int
+  keys: np.ndarray
+  rows: np.ndarray
+  cropped: np.ndarray
 
 
 def _reason(e: Exception) -> str:
   if isinstance(e, rp.ReplayError):
     return REPLAY_ERROR
   return f"unexpected_{type(e).__name__}"
+
+
+def _prior_lookup(priors: Sequence[PriorTokens]) -> dict:
+  """``{program key: (prior index, row, cropped)}``, the first prior holding a key winning."""
+  lookup: dict = {}
+  for i, p in enumerate(priors):
+    for key, row, crop in zip(p.keys.tolist(), p.rows.tolist(), p.cropped.tolist()):
+      lookup.setdefault(key, (i, row, crop))
+  return lookup
+
+
+def _read_prior_rows(priors: Sequence[PriorTokens], picks: list, max_tokens: int) -> np.ndarray:
+  """The token rows ``picks`` = [(prior index, row)] of the priors' staged files, in order."""
+  out = np.empty((len(picks), max_tokens, lt.WIDTH), lt.DTYPE)
+  by_prior: dict = {}
+  for k, (i, row) in enumerate(picks):
+    by_prior.setdefault(i, ([], []))
+    by_prior[i][0].append(k)
+    by_prior[i][1].append(row)
+  for i, (at, rows) in by_prior.items():
+    p = priors[i]
+    staged = np.memmap(p.path, dtype=lt.DTYPE, mode="r", shape=(p.num_rows, max_tokens, lt.WIDTH))
+    out[at] = staged[np.asarray(rows, np.int64)]
+    del staged
+  return out
 
 
 def tokens_of_lines(
@@ -158,19 +209,39 @@ def tokens_of_lines(
   where: str,
   line_numbers: Sequence[int],
   no_skeleton_reason: str = "",
+  program_keys: Sequence[int] | None = None,
+  priors: Sequence[PriorTokens] = (),
 ) -> FileTokens:
   """Loop tokens of one task's record lines (replay + tokens, failures counted, not raised).
 
   ``skeleton`` None: every record is skipped as :data:`NO_SKELETON` with the reason given.
+  ``priors`` (with ``program_keys``, one per line): tokens of this task's programs already
+  staged for other hardware; a record whose program key is there gets those tokens instead of a
+  replay (:class:`PriorTokens`). Only programs of *earlier* hardware are reused, never an
+  earlier line of the same file, so every hardware's own programs are replayed once each.
   """
   n = len(lines)
   stats = LoopTokenStats(records=n)
   ok = np.zeros(n, bool)
   items = []
+  lookup = _prior_lookup(priors) if priors and skeleton is not None else {}
+  if lookup and (program_keys is None or len(program_keys) != n):
+    raise ValueError(f"{where}: reusing prior tokens needs one program key per line")
+  # Per ok record, in order: ("r", index into items) for a replay, ("p", index into picks).
+  order: list = []
+  picks: list = []
+  reused_cropped: list = []
   for k, (line, lineno) in enumerate(zip(lines, line_numbers)):
     at = f"{where}:{int(lineno)}"
     if skeleton is None:
       stats.skip(NO_SKELETON, at, no_skeleton_reason)
+      continue
+    hit = lookup.get(int(program_keys[k])) if lookup else None
+    if hit is not None:
+      ok[k] = True
+      order.append(("p", len(picks)))
+      picks.append(hit[:2])
+      reused_cropped.append(hit[2])
       continue
     try:
       steps = features_lib.json_loads(line)["i"][1][1]
@@ -186,13 +257,29 @@ def tokens_of_lines(
       continue
     ok[k] = True
     plan, ext = item[0], item[1]
-    stats.cropped += int(((ext != 1) | plan.always).sum()) > max_tokens
-    items.append(item)
-  stats.tokenized = len(items)
-  tokens = np.zeros((len(items), max_tokens, lt.WIDTH), lt.DTYPE)
+    order.append(("r", len(items)))
+    items.append((item, int(((ext != 1) | plan.always).sum()) > max_tokens))
+  replayed = np.zeros((len(items), max_tokens, lt.WIDTH), lt.DTYPE)
   for s in range(0, len(items), _FILL_CHUNK):
-    tokens[s : s + _FILL_CHUNK] = replay_cache.fill_padded(items[s : s + _FILL_CHUNK], max_tokens)
-  return FileTokens(ok, tokens, stats)
+    chunk = [it for it, _ in items[s : s + _FILL_CHUNK]]
+    replayed[s : s + _FILL_CHUNK] = replay_cache.fill_padded(chunk, max_tokens)
+  cropped = np.zeros(len(order), bool)
+  if picks:
+    from_prior = _read_prior_rows(priors, picks, max_tokens)
+    tokens = np.empty((len(order), max_tokens, lt.WIDTH), lt.DTYPE)
+    for j, (src, i) in enumerate(order):
+      if src == "r":
+        tokens[j] = replayed[i]
+        cropped[j] = items[i][1]
+      else:
+        tokens[j] = from_prior[i]
+        cropped[j] = reused_cropped[i]
+  else:
+    tokens = replayed
+    cropped[:] = [c for _, c in items]
+  stats.tokenized = len(order)
+  stats.cropped = int(cropped.sum())
+  return FileTokens(ok, tokens, stats, cropped=cropped, reused=len(picks))
 
 
 class LoopTokenSource:
@@ -233,21 +320,32 @@ class LoopTokenSource:
         f"{extract_hint(self.tenset_dir, self.path)}"
       )
 
-  def check_task_files(self, paths: Sequence[str]) -> None:
-    """Checks every task file's workload key up front (reads one line per file)."""
+  def check_task_files(self, paths: Sequence[str]) -> list[str | None]:
+    """Checks every task file's workload key up front (reads one line per file); returns them
+    (None for a file without a well-formed record)."""
+    keys = []
     for path in paths:
       first = records_lib.first_record(path)
+      keys.append(None if first is None else first.workload_key)
       if first is not None:
         self.check(first.workload_key, os.path.basename(path))
+    return keys
 
   def subset(self, workload_keys: Sequence[str]) -> dict[str, sk.Skeleton]:
     """``{key: skeleton}`` of the given tasks that have one."""
     return {k: self.skeletons[k] for k in workload_keys if k in self.skeletons}
 
   def tokens(
-    self, workload_key: str, lines: Sequence[bytes], where: str, line_numbers: Sequence[int]
+    self,
+    workload_key: str,
+    lines: Sequence[bytes],
+    where: str,
+    line_numbers: Sequence[int],
+    program_keys: Sequence[int] | None = None,
+    priors: Sequence[PriorTokens] = (),
   ) -> FileTokens:
-    """The loop tokens of one task file's record lines (in this process).
+    """The loop tokens of one task file's record lines (in this process); ``program_keys`` and
+    ``priors``: see :func:`tokens_of_lines`.
 
     Raises:
       MissingSkeletonError: the collection does not know the task.
@@ -258,7 +356,13 @@ class LoopTokenSource:
         None, lines, self.max_tokens, where, line_numbers, self.failed[workload_key]
       )
     return tokens_of_lines(
-      self.skeletons[workload_key], lines, self.max_tokens, where, line_numbers
+      self.skeletons[workload_key],
+      lines,
+      self.max_tokens,
+      where,
+      line_numbers,
+      program_keys=program_keys,
+      priors=priors,
     )
 
 
@@ -270,6 +374,7 @@ __all__ = [
   "MissingSkeletonError",
   "LoopTokenStats",
   "FileTokens",
+  "PriorTokens",
   "LoopTokenSource",
   "tokens_of_lines",
   "resolve_skeletons",

@@ -133,6 +133,8 @@ class StagedHardware:
   layout: int  # featurizer one-hot width the features were made with
   loop_tokens: np.ndarray | None = None  # (N, T, W) float16 read-only memmap, if made
   loop_token_stats: Any = None  # loop_token_source.LoopTokenStats, if made
+  loop_token_cropped: np.ndarray | None = None  # (N,) bool: the nest was cropped to T tokens
+  loop_tokens_reused: int = 0  # rows copied from an earlier hardware's, not replayed
 
   @property
   def num_records(self) -> int:
@@ -157,6 +159,12 @@ class RecordStaging:
   tables first). A new step kind widens the one-hot block and so changes the layout of every
   feature vector; hardware staged under an older layout is re-read by :meth:`get_all` so the
   features of one config always share one layout, matching the vocabulary stored with it.
+
+  Loop tokens are replayed once per program, not once per hardware: TenSet measures the same
+  programs of a task on every hardware, so a hardware staged after others copies the tokens of
+  the programs they staged (:class:`loop_token_source.PriorTokens`, matched by task and program
+  key) and replays only the rest; the staged bytes are the same (``reuse_tokens=False`` replays
+  everything, for the tests that check it).
   """
 
   def __init__(
@@ -166,9 +174,11 @@ class RecordStaging:
     crop: tuple[int, int] | None = None,
     token_source: loop_token_source.LoopTokenSource | None = None,
     workers: int = 1,
+    reuse_tokens: bool = True,
   ):
     self.tenset_dir = tenset_dir
     self.token_source = token_source
+    self.reuse_tokens = reuse_tokens
     self.work_dir = work_dir
     self.crop = tuple(crop) if crop else None
     self._featurizers: dict[str, Any] = {}
@@ -220,8 +230,12 @@ class RecordStaging:
     featurizer = self.featurizer(platform)
     paths = tenset.task_files(self.tenset_dir, hardware)
     src = self.token_source
+    priors = None
     if src is not None:
-      src.check_task_files(paths)  # a missing skeleton fails now, not hours into the build
+      # A missing skeleton fails now, not hours into the build.
+      file_keys = src.check_task_files(paths)
+      if self.reuse_tokens:
+        priors = self._priors(file_keys, exclude=hardware)
     os.makedirs(self.work_dir, exist_ok=True)
     # Fresh files per read: a re-read must not truncate a file an older memmap still maps.
     feat_path = self._new_file(hardware, ".f32")
@@ -238,7 +252,9 @@ class RecordStaging:
         open(feat_path, "wb", buffering=0) as feat_out,
         open(tok_path, "wb", buffering=0) if tok_path else contextlib.nullcontext() as tok_out,
       ):
-        staged_files = _named_errors(self._stager.stage(paths, hardware, featurizer, rows_dir))
+        staged_files = _named_errors(
+          self._stager.stage(paths, hardware, featurizer, rows_dir, priors=priors)
+        )
         for got in tqdm.tqdm(
           staged_files, total=len(paths), desc=f"reading {hardware}", unit=" files", mininterval=2
         ):
@@ -265,6 +281,9 @@ class RecordStaging:
         f"{hardware}: no valid measurement in {len(paths)} task files (read: {read})"
       )
     scores, task_min, record_task, keys, keep = _label(acc, hardware)
+    cropped = np.concatenate(acc.cropped) if src is not None and acc.cropped else None
+    if cropped is not None:
+      cropped = cropped[keep]
     if not keep.all():
       feat_path = self._compact(hardware, feat_path, ".f32", keep, acc.shape, np.float32)
       if src is not None:
@@ -289,10 +308,13 @@ class RecordStaging:
       )
       st = acc.token_stats
       logging.info(
-        "%s loop tokens: %d of %d records, skipped %s, %d cropped to %d tokens",
+        "%s loop tokens: %d of %d records (%d replayed, %d copied from the same programs "
+        "of hardware staged before), skipped %s, %d cropped to %d tokens",
         hardware,
         st.tokenized,
         st.records,
+        st.tokenized - acc.reused,
+        acc.reused,
         st.skipped or "none",
         st.cropped,
         src.max_tokens,
@@ -315,7 +337,46 @@ class RecordStaging:
       layout=layouts.pop() if len(layouts) == 1 else -1,
       loop_tokens=loop_tokens,
       loop_token_stats=acc.token_stats,
+      loop_token_cropped=cropped,
+      loop_tokens_reused=acc.reused,
     )
+
+  def _priors(self, file_keys, exclude: str):
+    """Per task file (workload keys ``file_keys``), lazily: the loop tokens of its task staged
+    for the hardware staged before (not ``exclude``), as :class:`loop_token_source.PriorTokens`;
+    a program staged by several counts once (the first hardware's row)."""
+    index = []
+    for s in self._staged.values():
+      if s.hardware == exclude or s.loop_tokens is None or s.loop_token_cropped is None:
+        continue
+      order = np.argsort(s.record_task, kind="stable")
+      bounds = np.searchsorted(s.record_task[order], np.arange(len(s.task_keys) + 1))
+      tasks = {k: t for t, k in enumerate(s.task_keys)}
+      index.append((s, order, bounds, tasks))
+    for key in file_keys:
+      out, covered = [], None
+      for s, order, bounds, tasks in index:
+        t = tasks.get(key)
+        if t is None:
+          continue
+        rows = order[bounds[t] : bounds[t + 1]]
+        keys = s.program_keys[rows]
+        if covered is not None:
+          new = ~np.isin(keys, covered)
+          rows, keys = rows[new], keys[new]
+        if not rows.size:
+          continue
+        covered = keys if covered is None else np.concatenate([covered, keys])
+        out.append(
+          loop_token_source.PriorTokens(
+            path=s.loop_tokens.filename,
+            num_rows=int(s.loop_tokens.shape[0]),
+            keys=keys,
+            rows=rows.astype(np.int64),
+            cropped=s.loop_token_cropped[rows],
+          )
+        )
+      yield out
 
   def _new_file(self, hardware: str, suffix: str) -> str:
     fd, path = tempfile.mkstemp(prefix=f"{hardware}.", suffix=suffix, dir=self.work_dir)
@@ -345,6 +406,7 @@ class RecordStaging:
     tf = got.task
     if got.tokens is not None:
       acc.token_stats += got.tokens.stats
+      acc.reused += got.tokens.reused
     keep = got.keep
     try:
       got.move_rows(feat_out, tok_out)
@@ -367,6 +429,8 @@ class RecordStaging:
     acc.task_num_files[task] += 1
     acc.costs.append(np.asarray(tf.costs, dtype=np.float64)[keep])
     acc.keys.append(np.asarray(tf.program_keys, dtype=np.uint64)[keep])
+    if got.tokens is not None:
+      acc.cropped.append(got.tokens.cropped)
     acc.rec_task.append(np.full(int(keep.sum()), task, np.int32))
     acc.task_files.append(os.path.basename(got.path))
 
@@ -395,6 +459,8 @@ class _StageAccumulator:
   task_index: dict = dataclasses.field(default_factory=dict)  # workload key -> task
   task_num_files: list = dataclasses.field(default_factory=list)
   task_files: list = dataclasses.field(default_factory=list)
+  cropped: list = dataclasses.field(default_factory=list)  # per file: (rows,) bool
+  reused: int = 0
 
   def __post_init__(self):
     if self.loop_tokens:

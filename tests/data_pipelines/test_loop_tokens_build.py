@@ -292,3 +292,41 @@ def test_by_task_validation_is_task_disjoint(tmp_path, sample_tenset_dir):
     assert len(train) == int(n * 0.9)
   with pytest.raises(tenset_tfds.DatasetBuildError, match="validation must be one of"):
     tenset_tfds.make_configs(sample_tenset_dir, validation="by_network")
+
+
+def _staged(tenset_dir, work_dir, workers, reuse):
+  os.makedirs(work_dir)
+  source = lts.LoopTokenSource(sk.tenset_skeletons_path(tenset_dir), tenset_dir)
+  staging = tenset_tfds.RecordStaging(
+    tenset_dir, work_dir, token_source=source, workers=workers, reuse_tokens=reuse
+  )
+  try:
+    return staging.get_all(["epyc-9004", XEON])
+  finally:
+    staging.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tokens_of_programs_staged_before_are_reused_bit_identical(
+  tmp_path, sample_tenset_dir, workers
+):
+  """The second hardware copies the tokens of programs the first staged (same task, same program
+  key) instead of replaying them: same bytes, same stats, and copies only where the key is."""
+  reused = _staged(sample_tenset_dir, str(tmp_path / "a"), workers, reuse=True)
+  replayed = _staged(sample_tenset_dir, str(tmp_path / "b"), workers, reuse=False)
+  for a, b in zip(reused, replayed):
+    np.testing.assert_array_equal(np.asarray(a.loop_tokens), np.asarray(b.loop_tokens))
+    np.testing.assert_array_equal(a.loop_token_cropped, b.loop_token_cropped)
+    assert a.loop_token_stats.to_dict() == b.loop_token_stats.to_dict()
+    np.testing.assert_array_equal(a.program_keys, b.program_keys)
+    assert b.loop_tokens_reused == 0
+  first, second = reused
+  assert first.loop_tokens_reused == 0  # nothing staged before it
+  # Every xeon program whose (task, key) epyc staged is copied; the rest are replayed.
+  seen = {(first.task_keys[t], k) for t, k in zip(first.record_task, first.program_keys.tolist())}
+  want = sum(
+    (second.task_keys[t], k) in seen
+    for t, k in zip(second.record_task, second.program_keys.tolist())
+  )
+  assert want > 0 and second.loop_tokens_reused == want
+  assert second.loop_token_cropped.shape == (second.num_records,)
