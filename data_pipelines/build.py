@@ -18,8 +18,10 @@ flag values) print one line and exit 1. Prints one summary per config
 (records read/kept/skipped by reason, loop tokens made/skipped by reason, tasks, examples per
 split and hardware) and the build rate. ``--workers`` (default: all cores) processes read,
 featurize and replay whole task files, then write the array_record shards, one shard per job
-(:mod:`data_pipelines.shard_writer`); the dataset files are the same bytes for any number. Read
-them back with ``data_pipelines.loader.load_arrays(data_dir, config_name)``.
+(:mod:`data_pipelines.shard_writer`); the dataset files are the same bytes for any number. A
+program measured on several hardware is replayed once: later hardware copy its loop tokens
+(:class:`tenset_tfds.RecordStaging`). Read them back with
+``data_pipelines.loader.load_arrays(data_dir, config_name)``.
 """
 
 from __future__ import annotations
