@@ -118,15 +118,18 @@ def main(argv=None):
       flush=True,
     )
   n = sum(r["programs"] for r in rows)
+
+  def rate(field: str) -> float:
+    return n / sum(r["programs"] / r[field] for r in rows)
+
   res = {
     "tenset_dir": args.tenset_dir,
     "sampling": "tlp_jax.tvm.collect.sample_programs (TenSet's dump_programs), seed = task index",
     "tasks": rows,
     "all": {
       "programs": n,
-      "full_programs_per_s_cpu": n / sum(r["programs"] / r["full_programs_per_s_cpu"] for r in rows),
-      "templates_programs_per_s_cpu": n
-      / sum(r["programs"] / r["templates_programs_per_s_cpu"] for r in rows),
+      "full_programs_per_s_cpu": rate("full_programs_per_s_cpu"),
+      "templates_programs_per_s_cpu": rate("templates_programs_per_s_cpu"),
       "all_same_tokens": all(r["same_tokens"] for r in rows),
     },
     "machine": common.machine_info(single_core=True, load_average_start=load_at_start),
