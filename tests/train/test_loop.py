@@ -387,7 +387,8 @@ def test_run_logs_above_the_bar_ends_with_a_summary_and_writes_tensorboard_hpara
   values = [v for e in _events(workdir) for v in e.summary.value]
   scalars = {v.tag for v in values if v.HasField("simple_value")}
   assert {"train/loss", "train/learning_rate", "val/loss", "val/top1/epyc-9004"} <= scalars
-  assert all(t.startswith(("train/", "val/")) for t in scalars), scalars
+  assert all(t.startswith(("train/", "val/", "time/")) for t in scalars), scalars
+  assert {"time/epoch_s", "time/validation_s", "time/checkpoint_s"} <= scalars
   assert "hparams/text_summary" not in {v.tag for v in values}
   (start,) = [v for v in values if v.tag == "_hparams_/session_start_info"]
   hparams = plugin_hparams_pb2.HParamsPluginData.FromString(

@@ -618,6 +618,7 @@ def _train_and_evaluate(
   batches: Any = None
   feed: prefetch.DevicePrefetch | None = None
   saved_input: Any = None
+  orders: data.EpochOrders | None = None  # device / host placement without a feed
   stream_meta: dict[str, Any] = {}
   writer = writer_lib.MetricWriter(workdir, enabled=is_chief)
   if start_step == 0:
@@ -668,12 +669,15 @@ def _train_and_evaluate(
     )
     # What a checkpoint saves of the input stream: what the training loop has taken of it.
     saved_input = feed if feed is not None and batches is not None else batches
+    if placement == "device" or (placement == "host" and feed is None):
+      orders = data.EpochOrders(
+        config.seed, train.size, steps_per_epoch, layout.global_batch, num_epochs, order_by_task
+      )
     with logs_above_bar:
       for epoch in range(start_step // steps_per_epoch, num_epochs):
-        if placement == "device" or (placement == "host" and feed is None):
-          order, valid = data.epoch_order(
-            config.seed, epoch, train.size, steps_per_epoch, layout.global_batch, order_by_task
-          )
+        epoch_start = time.perf_counter()
+        if orders is not None:
+          order, valid = orders.get(epoch)
         if placement == "device":
           d_order, d_valid = data.replicate_to_devices((order, valid), devices)
         # Small datasets run many short epochs; validating and checkpointing each one can cost
@@ -721,9 +725,11 @@ def _train_and_evaluate(
 
         if not validates:
           continue
+        val_start = time.perf_counter()
         validation = validate(
           p_eval, rstate.params, val, eval_layout, hardware, config.eval_top_k, resident_val
         )
+        val_end = time.perf_counter()
         validation["epoch"] = epoch + 1
         writer.write_scalars(step, tensorboard_tags(validation))
         hstate = host_state()
@@ -737,6 +743,17 @@ def _train_and_evaluate(
         checkpoints.save_checkpoint(
           latest_mgr, hstate, meta_for(step, {"validation": validation}), saved_input
         )
+        # Where an epoch's wall time goes: the steps (and the order), the validation, and the
+        # checkpoints (the state's copy to the host and the saves).
+        now = time.perf_counter()
+        writer.write_scalars(
+          step,
+          {
+            "time/epoch_s": now - epoch_start,
+            "time/validation_s": val_end - val_start,
+            "time/checkpoint_s": now - val_end,
+          },
+        )
   finally:
     try:
       bar.close()
@@ -747,6 +764,8 @@ def _train_and_evaluate(
       writer.close()
     finally:
       _close_input(feed, batches)
+      if orders is not None:
+        orders.close()
   result = TrainResult(
     state=host_state(),
     validation=validation,
