@@ -203,17 +203,3 @@ def test_cudnn_attention_only_on_nvidia_gpus_from_ampere_on():
   assert not data.has_cudnn_attention(_Gpu("PJRT C API\ncuda 12080", "7.5"))  # T4
   assert not data.has_cudnn_attention(_Gpu("PJRT C API\nrocm 60300", "9.0"))
   assert not data.has_cudnn_attention(jax.local_devices()[0])  # this machine's CPU
-
-
-def test_epoch_orders_ahead_equal_epoch_order():
-  """The orders computed a step ahead in a thread are epoch_order's, in order or after a jump
-  (a resume), with and without the by-task shuffle."""
-  task_index = np.repeat(np.arange(7), [5, 1, 9, 3, 4, 8, 2])
-  n = task_index.size
-  for ti in (None, task_index):
-    with data.EpochOrders(3, n, 4, 8, num_epochs=5, task_index=ti) as orders:
-      for epoch in (0, 1, 2, 4, 3):
-        got = orders.get(epoch)
-        want = data.epoch_order(3, epoch, n, 4, 8, ti)
-        np.testing.assert_array_equal(got[0], want[0])
-        np.testing.assert_array_equal(got[1], want[1])

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -283,57 +282,6 @@ def epoch_order(
   order[:n] = perm
   valid = np.arange(total) < n
   return order, valid
-
-
-class EpochOrders:
-  """:func:`epoch_order` of each epoch, the next epoch's computed in a background thread while
-  the current one trains.
-
-  The by-task shuffle is a host sort of the whole training set (~0.23 s for 1.3M rows on one
-  core; ~1 s for TenSet's ~5.6M), and the device would wait for it at every epoch boundary.
-  :meth:`get` returns exactly what ``epoch_order`` returns; an epoch that was not computed ahead
-  (the first, or the first after a resume) is computed on the spot. Use as a context manager
-  (it owns the thread).
-  """
-
-  def __init__(
-    self,
-    seed: int,
-    n: int,
-    steps_per_epoch: int,
-    global_batch: int,
-    num_epochs: int,
-    task_index: np.ndarray | None = None,
-  ):
-    self._args = (n, steps_per_epoch, global_batch, task_index)
-    self._seed = seed
-    self._num_epochs = num_epochs
-    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epoch-order")
-    self._ahead: dict[int, concurrent.futures.Future] = {}
-
-  def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    n, steps, batch, task_index = self._args
-    return epoch_order(self._seed, epoch, n, steps, batch, task_index)
-
-  def get(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(order, valid)`` of ``epoch``; starts computing the next epoch's."""
-    ahead = self._ahead.pop(epoch, None)
-    self._ahead.clear()  # an order of another epoch is not going to be asked for
-    got = ahead.result() if ahead is not None else self._order(epoch)
-    if epoch + 1 < self._num_epochs:
-      self._ahead[epoch + 1] = self._pool.submit(self._order, epoch + 1)
-    return got
-
-  def close(self) -> None:
-    """Stops the thread (an order being computed is finished and dropped)."""
-    self._ahead.clear()
-    self._pool.shutdown(wait=True, cancel_futures=True)
-
-  def __enter__(self) -> EpochOrders:
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
 
 @dataclasses.dataclass(frozen=True)

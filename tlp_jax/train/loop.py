@@ -618,7 +618,6 @@ def _train_and_evaluate(
   batches: Any = None
   feed: prefetch.DevicePrefetch | None = None
   saved_input: Any = None
-  orders: data.EpochOrders | None = None  # device / host placement without a feed
   stream_meta: dict[str, Any] = {}
   writer = writer_lib.MetricWriter(workdir, enabled=is_chief)
   if start_step == 0:
@@ -669,15 +668,13 @@ def _train_and_evaluate(
     )
     # What a checkpoint saves of the input stream: what the training loop has taken of it.
     saved_input = feed if feed is not None and batches is not None else batches
-    if placement == "device" or (placement == "host" and feed is None):
-      orders = data.EpochOrders(
-        config.seed, train.size, steps_per_epoch, layout.global_batch, num_epochs, order_by_task
-      )
     with logs_above_bar:
       for epoch in range(start_step // steps_per_epoch, num_epochs):
         epoch_start = time.perf_counter()
-        if orders is not None:
-          order, valid = orders.get(epoch)
+        if placement == "device" or (placement == "host" and feed is None):
+          order, valid = data.epoch_order(
+            config.seed, epoch, train.size, steps_per_epoch, layout.global_batch, order_by_task
+          )
         if placement == "device":
           d_order, d_valid = data.replicate_to_devices((order, valid), devices)
         # Small datasets run many short epochs; validating and checkpointing each one can cost
@@ -764,8 +761,6 @@ def _train_and_evaluate(
       writer.close()
     finally:
       _close_input(feed, batches)
-      if orders is not None:
-        orders.close()
   result = TrainResult(
     state=host_state(),
     validation=validation,

@@ -2,9 +2,9 @@
 
 Tags are grouped by prefix, so TensorBoard shows one section each: ``train/...`` (loss, grad
 norm, learning rate, throughput), ``val/...`` (loss and top-k per head) and ``time/...`` (where
-each validated epoch's wall time went: the whole epoch, its validation, its checkpoints). The run's config is
-written as TensorBoard hparams (the HPARAMS tab: one row per run, every config field a column,
-next to the final validation metrics), not as text.
+each validated epoch's wall time went: the whole epoch, its validation, its checkpoints). The
+run's config is written as TensorBoard hparams (the HPARAMS tab: one row per run, every config
+field a column, next to the final validation metrics), not as text.
 """
 
 from __future__ import annotations
