@@ -157,6 +157,7 @@ class PriorTokens:
   for the other hardware (the same bytes as a replay; tests/data_pipelines check it).
 
   Attributes:
+    workload_key: the task (tokens of another task are never used, whatever the keys).
     path: the staged ``(N, T, W)`` float16 token file of the earlier hardware.
     num_rows: ``N``.
     keys: ``(n,)`` uint64 program keys (``features.program_key``) of this task's rows there.
@@ -164,6 +165,7 @@ class PriorTokens:
     cropped: ``(n,)`` bool: that program's nest was cropped (for the stats).
   """
 
+  workload_key: str
   path: str
   num_rows: int
   keys: np.ndarray
@@ -355,6 +357,8 @@ class LoopTokenSource:
       return tokens_of_lines(
         None, lines, self.max_tokens, where, line_numbers, self.failed[workload_key]
       )
+    # A program key hashes the steps only: the same steps in another task replay differently.
+    priors = [p for p in priors if p.workload_key == workload_key]
     return tokens_of_lines(
       self.skeletons[workload_key],
       lines,

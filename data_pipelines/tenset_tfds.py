@@ -369,6 +369,7 @@ class RecordStaging:
         covered = keys if covered is None else np.concatenate([covered, keys])
         out.append(
           loop_token_source.PriorTokens(
+            workload_key=key,
             path=s.loop_tokens.filename,
             num_rows=int(s.loop_tokens.shape[0]),
             keys=keys,

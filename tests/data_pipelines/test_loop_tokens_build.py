@@ -330,3 +330,53 @@ def test_tokens_of_programs_staged_before_are_reused_bit_identical(
   )
   assert want > 0 and second.loop_tokens_reused == want
   assert second.loop_token_cropped.shape == (second.num_records,)
+
+
+def test_prior_tokens_are_copied_by_program_key_and_only_within_their_task(tmp_path):
+  """Rows of a prior are copied (not replayed) for the records whose program key it holds, its
+  cropped flags counted; a prior of another workload key is ignored whatever its keys."""
+  skel_dict = {
+    "format": sk.FORMAT,
+    "version": sk.VERSION,
+    "workload_key": "k",
+    "stages": [
+      {"name": "A", "type": "placeholder", "shape": [8]},
+      {
+        "name": "B",
+        "type": "compute",
+        "shape": [8],
+        "iters": [["i", "s", 8]],
+        "reads": [[0, [[1, 0]]]],
+        "output": True,
+        "const_matrix": False,
+        "num_outputs": 1,
+      },
+    ],
+  }
+  path = str(tmp_path / "skeletons.json")
+  sk.save_collection(path, {"k": sk.Skeleton.from_dict(skel_dict)})
+  source = lts.LoopTokenSource(path, str(tmp_path))
+  lines = [
+    b'{"i": [["k", "llvm"], [[], [["SP", 1, 0, 8, [4], 1]]]], "r": [[1.0], 0, 0, 0]}',
+    b'{"i": [["k", "llvm"], [[], [["SP", 1, 0, 8, [2], 1]]]], "r": [[1.0], 0, 0, 0]}',
+  ]
+  keys = [11, 22]
+  # A staged token file whose row 1 is recognisable: 7.0 everywhere.
+  staged = np.zeros((3, source.max_tokens, lt.WIDTH), np.float16)
+  staged[1] = 7.0
+  tok_path = str(tmp_path / "staged.f16")
+  staged.tofile(tok_path)
+
+  def prior(key):
+    keys, rows, cropped = np.array([22], np.uint64), np.array([1]), np.array([True])
+    return lts.PriorTokens(key, tok_path, 3, keys, rows, cropped)
+
+  fresh = source.tokens("k", lines, "f", [1, 2], program_keys=keys)
+  got = source.tokens("k", lines, "f", [1, 2], program_keys=keys, priors=[prior("k")])
+  assert got.reused == 1 and fresh.reused == 0
+  np.testing.assert_array_equal(got.tokens[0], fresh.tokens[0])  # key 11: replayed
+  assert (got.tokens[1] == 7.0).all()  # key 22: copied from row 1
+  assert got.cropped.tolist() == [False, True] and got.stats.cropped == 1
+  other = source.tokens("k", lines, "f", [1, 2], program_keys=keys, priors=[prior("other")])
+  assert other.reused == 0
+  np.testing.assert_array_equal(other.tokens, fresh.tokens)
