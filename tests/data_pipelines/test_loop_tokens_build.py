@@ -197,8 +197,9 @@ def test_replay_failures_are_skipped_and_counted(tmp_path, sample_tenset_dir):
   assert "skipped: replay_error 2" in tenset_tfds.format_summary(meta)
 
 
-def test_tokens_of_lines_reasons():
-  skel = sk.Skeleton.from_dict(
+def _one_loop_skeleton() -> sk.Skeleton:
+  """Task "k": B[i] = A[i] over one spatial loop of 8."""
+  return sk.Skeleton.from_dict(
     {
       "format": sk.FORMAT,
       "version": sk.VERSION,
@@ -218,6 +219,10 @@ def test_tokens_of_lines_reasons():
       ],
     }
   )
+
+
+def test_tokens_of_lines_reasons():
+  skel = _one_loop_skeleton()
   good = b'{"i": [["k", "llvm"], [[], [["SP", 1, 0, 8, [4], 1]]]], "r": [[1.0], 0, 0, 0]}'
   bad_step = b'{"i": [["k", "llvm"], [[], [["SP", 7, 0, 8, [4], 1]]]], "r": [[1.0], 0, 0, 0]}'
   no_steps = b'{"i": [["k", "llvm"]], "r": [[1.0], 0, 0, 0]}'
@@ -335,26 +340,8 @@ def test_tokens_of_programs_staged_before_are_reused_bit_identical(
 def test_prior_tokens_are_copied_by_program_key_and_only_within_their_task(tmp_path):
   """Rows of a prior are copied (not replayed) for the records whose program key it holds, its
   cropped flags counted; a prior of another workload key is ignored whatever its keys."""
-  skel_dict = {
-    "format": sk.FORMAT,
-    "version": sk.VERSION,
-    "workload_key": "k",
-    "stages": [
-      {"name": "A", "type": "placeholder", "shape": [8]},
-      {
-        "name": "B",
-        "type": "compute",
-        "shape": [8],
-        "iters": [["i", "s", 8]],
-        "reads": [[0, [[1, 0]]]],
-        "output": True,
-        "const_matrix": False,
-        "num_outputs": 1,
-      },
-    ],
-  }
   path = str(tmp_path / "skeletons.json")
-  sk.save_collection(path, {"k": sk.Skeleton.from_dict(skel_dict)})
+  sk.save_collection(path, {"k": _one_loop_skeleton()})
   source = lts.LoopTokenSource(path, str(tmp_path))
   lines = [
     b'{"i": [["k", "llvm"], [[], [["SP", 1, 0, 8, [4], 1]]]], "r": [[1.0], 0, 0, 0]}',
