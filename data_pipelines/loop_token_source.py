@@ -229,26 +229,27 @@ def tokens_of_lines(
   lookup = _prior_lookup(priors) if priors and skeleton is not None else {}
   if lookup and (program_keys is None or len(program_keys) != n):
     raise ValueError(f"{where}: reusing prior tokens needs one program key per line")
-  # Per ok record, in order: ("r", index into items) for a replay, ("p", index into picks).
-  order: list = []
-  picks: list = []
+  copied: list = []  # per ok record, in order: its tokens come from a prior (else a replay)
+  picks: list = []  # (prior index, row) of the copied records, in order
   reused_cropped: list = []
   for k, (line, lineno) in enumerate(zip(lines, line_numbers)):
     at = f"{where}:{int(lineno)}"
     if skeleton is None:
       stats.skip(NO_SKELETON, at, no_skeleton_reason)
       continue
-    hit = lookup.get(int(program_keys[k])) if lookup else None
-    if hit is not None:
-      ok[k] = True
-      order.append(("p", len(picks)))
-      picks.append(hit[:2])
-      reused_cropped.append(hit[2])
-      continue
+    # Parsed first, hit or not: a line the replay cannot read is skipped the same way whether
+    # or not an earlier hardware staged its program.
     try:
       steps = features_lib.json_loads(line)["i"][1][1]
     except (ValueError, KeyError, IndexError, TypeError) as e:
       stats.skip(BAD_RECORD, at, f"{type(e).__name__}: {e}")
+      continue
+    hit = lookup.get(int(program_keys[k])) if lookup else None
+    if hit is not None:
+      ok[k] = True
+      copied.append(True)
+      picks.append(hit[:2])
+      reused_cropped.append(hit[2])
       continue
     try:
       item = lt.plan_and_values(rp.replay(skeleton, steps))
@@ -259,27 +260,24 @@ def tokens_of_lines(
       continue
     ok[k] = True
     plan, ext = item[0], item[1]
-    order.append(("r", len(items)))
+    copied.append(False)
     items.append((item, int(((ext != 1) | plan.always).sum()) > max_tokens))
   replayed = np.zeros((len(items), max_tokens, lt.WIDTH), lt.DTYPE)
   for s in range(0, len(items), _FILL_CHUNK):
     chunk = [it for it, _ in items[s : s + _FILL_CHUNK]]
     replayed[s : s + _FILL_CHUNK] = replay_cache.fill_padded(chunk, max_tokens)
-  cropped = np.zeros(len(order), bool)
+  replay_cropped = np.array([c for _, c in items], bool)
   if picks:
-    from_prior = _read_prior_rows(priors, picks, max_tokens)
-    tokens = np.empty((len(order), max_tokens, lt.WIDTH), lt.DTYPE)
-    for j, (src, i) in enumerate(order):
-      if src == "r":
-        tokens[j] = replayed[i]
-        cropped[j] = items[i][1]
-      else:
-        tokens[j] = from_prior[i]
-        cropped[j] = reused_cropped[i]
+    copied_at = np.array(copied, bool)
+    tokens = np.empty((len(copied), max_tokens, lt.WIDTH), lt.DTYPE)
+    tokens[~copied_at] = replayed
+    tokens[copied_at] = _read_prior_rows(priors, picks, max_tokens)
+    cropped = np.empty(len(copied), bool)
+    cropped[~copied_at] = replay_cropped
+    cropped[copied_at] = reused_cropped
   else:
-    tokens = replayed
-    cropped[:] = [c for _, c in items]
-  stats.tokenized = len(order)
+    tokens, cropped = replayed, replay_cropped
+  stats.tokenized = len(copied)
   stats.cropped = int(cropped.sum())
   return FileTokens(ok, tokens, stats, cropped=cropped, reused=len(picks))
 

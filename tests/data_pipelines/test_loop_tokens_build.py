@@ -367,3 +367,9 @@ def test_prior_tokens_are_copied_by_program_key_and_only_within_their_task(tmp_p
   other = source.tokens("k", lines, "f", [1, 2], program_keys=keys, priors=[prior("other")])
   assert other.reused == 0
   np.testing.assert_array_equal(other.tokens, fresh.tokens)
+  # A line the replay's parser refuses (orjson: a number out of range; the record reader, which
+  # falls back to the stdlib parser, keeps it) is skipped as a bad record even when its program
+  # is in a prior: reuse never keeps a record the replay would not.
+  unreadable = lines[1].replace(b"0, 0, 0]}", b"0, 1e400, 0]}")
+  got = source.tokens("k", [unreadable], "f", [3], program_keys=[22], priors=[prior("k")])
+  assert got.reused == 0 and got.stats.skipped == {lts.BAD_RECORD: 1} and not got.ok.any()
