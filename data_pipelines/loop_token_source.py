@@ -190,16 +190,13 @@ def _prior_lookup(priors: Sequence[PriorTokens]) -> dict:
 
 def _read_prior_rows(priors: Sequence[PriorTokens], picks: list, max_tokens: int) -> np.ndarray:
   """The token rows ``picks`` = [(prior index, row)] of the priors' staged files, in order."""
+  picks = np.asarray(picks, np.int64).reshape(-1, 2)
   out = np.empty((len(picks), max_tokens, lt.WIDTH), lt.DTYPE)
-  by_prior: dict = {}
-  for k, (i, row) in enumerate(picks):
-    by_prior.setdefault(i, ([], []))
-    by_prior[i][0].append(k)
-    by_prior[i][1].append(row)
-  for i, (at, rows) in by_prior.items():
+  for i in np.unique(picks[:, 0]):
     p = priors[i]
+    at = picks[:, 0] == i
     staged = np.memmap(p.path, dtype=lt.DTYPE, mode="r", shape=(p.num_rows, max_tokens, lt.WIDTH))
-    out[at] = staged[np.asarray(rows, np.int64)]
+    out[at] = staged[picks[at, 1]]
     del staged
   return out
 

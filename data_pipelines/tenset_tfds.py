@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging as std_logging
 import math
@@ -139,6 +140,14 @@ class StagedHardware:
   @property
   def num_records(self) -> int:
     return int(self.scores.shape[0])
+
+  @functools.cached_property
+  def rows_by_task(self) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """``(order, bounds, task of key)``: the rows of task ``t`` are ``order[bounds[t] :
+    bounds[t + 1]]`` (computed once; later hardware of a build look their tasks up here)."""
+    order = np.argsort(self.record_task, kind="stable")
+    bounds = np.searchsorted(self.record_task[order], np.arange(len(self.task_keys) + 1))
+    return order, bounds, {k: t for t, k in enumerate(self.task_keys)}
 
 
 def detect_platform(tenset_dir: str, hardware: str) -> str:
@@ -345,17 +354,15 @@ class RecordStaging:
     """Per task file (workload keys ``file_keys``), lazily: the loop tokens of its task staged
     for the hardware staged before (not ``exclude``), as :class:`loop_token_source.PriorTokens`;
     a program staged by several counts once (the first hardware's row)."""
-    index = []
-    for s in self._staged.values():
-      if s.hardware == exclude or s.loop_tokens is None or s.loop_token_cropped is None:
-        continue
-      order = np.argsort(s.record_task, kind="stable")
-      bounds = np.searchsorted(s.record_task[order], np.arange(len(s.task_keys) + 1))
-      tasks = {k: t for t, k in enumerate(s.task_keys)}
-      index.append((s, order, bounds, tasks))
+    earlier = [
+      s
+      for s in self._staged.values()
+      if s.hardware != exclude and s.loop_tokens is not None and s.loop_token_cropped is not None
+    ]
     for key in file_keys:
       out, covered = [], None
-      for s, order, bounds, tasks in index:
+      for s in earlier:
+        order, bounds, tasks = s.rows_by_task
         t = tasks.get(key)
         if t is None:
           continue
@@ -373,7 +380,7 @@ class RecordStaging:
             path=s.loop_tokens.filename,
             num_rows=int(s.loop_tokens.shape[0]),
             keys=keys,
-            rows=rows.astype(np.int64),
+            rows=rows,
             cropped=s.loop_token_cropped[rows],
           )
         )
