@@ -204,6 +204,49 @@ def torch_linear(features: int, fan_in: int, dtype, name: str | None = None) -> 
   )
 
 
+class DenseParams(nn.Module):
+  """The ``kernel`` (fan_in, features) and ``bias`` (features,) of an ``nn.Dense`` with the same
+  name, shapes, initialisers and parameter dtype, returned instead of applied: for layers whose
+  matmul is laid out differently from ``nn.Dense``'s (fused, padded or moved) while the
+  parameter tree and its initial values stay exactly those of the plain layer."""
+
+  fan_in: int
+  features: int
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Array]:
+    kernel = self.param("kernel", self.kernel_init, (self.fan_in, self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    return kernel, bias
+
+
+def torch_linear_params(features: int, fan_in: int, name: str) -> DenseParams:
+  """``DenseParams`` of ``torch_linear(features, fan_in, ...)`` (same tree, same init)."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return DenseParams(fan_in, features, _uniform(bound), _uniform(bound), name=name)
+
+
+def _matmul(x: Array, kernel: Array, bias: Array, dtype) -> Array:
+  """``nn.Dense``'s computation: ``x @ kernel + bias`` in ``dtype`` (parameters cast to it)."""
+  y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())))
+  return y + bias.astype(dtype)
+
+
+def aligned_linear(x: Array, layer: DenseParams, dtype, multiple: int = 8) -> Array:
+  """``x @ kernel + bias`` with the contracted axis zero-padded (input columns and kernel rows)
+  to a multiple of ``multiple``: the same function. GPU GEMM kernels want aligned operands; an
+  odd input width (22 step features + 24 loop-token columns = 46) otherwise gets cuBLAS's slow
+  unaligned fallbacks under deterministic kernels (bench/README.md, "Aligned first layer")."""
+  kernel, bias = layer()
+  pad = -x.shape[-1] % multiple
+  if pad:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    kernel = jnp.pad(kernel, ((0, pad), (0, 0)))
+  return _matmul(x, kernel, bias, dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
@@ -231,21 +274,17 @@ class SelfAttention(nn.Module):
     head_dim = self.dim // self.heads
     # PyTorch packs q/k/v into one (3*dim, dim) matrix and Xavier-initialises it as a whole.
     in_bound = math.sqrt(6.0 / (self.dim + 3 * self.dim))
-
-    def in_proj(name):
-      return nn.Dense(
-        self.dim,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=_uniform(in_bound),
-        bias_init=nn.initializers.zeros,
-        name=name,
-      )
-
+    # The parameters stay TLP's three (dim, dim) layers; one GEMM against their concatenation
+    # reads x once instead of three times (bench/README.md, "Fused QKV").
+    layers = [
+      DenseParams(self.dim, self.dim, _uniform(in_bound), nn.initializers.zeros, name=name)()
+      for name in ("query", "key", "value")
+    ]
+    kernel = jnp.concatenate([w for w, _ in layers], axis=1)
+    bias = jnp.concatenate([b_ for _, b_ in layers])
     b, steps, _ = x.shape
-    q = in_proj("query")(x).reshape(b, steps, self.heads, head_dim)
-    k = in_proj("key")(x).reshape(b, steps, self.heads, head_dim)
-    v = in_proj("value")(x).reshape(b, steps, self.heads, head_dim)
+    qkv = _matmul(x, kernel, bias, self.dtype).reshape(b, steps, 3, self.heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     # "<kind>_padN": the same function with the token axis zero-padded to a multiple of N and
     # the padded keys masked out. With odd lengths (25 + 40 = 65 tokens) deterministic cuBLAS
     # falls back to unaligned batched GEMM kernels (bench/README.md, kernel profile).
@@ -287,12 +326,17 @@ class Decoder(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     fan_in = cfg.hidden_dim
-    for i, width in enumerate(cfg.decoder_dims):
-      h = torch_linear(width, fan_in, dtype, name=f"dense_{i}")(h)
-      if i < len(cfg.decoder_dims) - 1:
-        h = nn.relu(h)
+    *hidden, _ = cfg.decoder_dims
+    for i, width in enumerate(hidden):
+      h = nn.relu(torch_linear(width, fan_in, dtype, name=f"dense_{i}")(h))
       fan_in = width
-    return jnp.sum(h[..., 0].astype(jnp.float32), axis=-1)
+    # The last layer (width 1, no activation) is linear, so summing its per-step outputs equals
+    # applying it to the steps' sum: sum_t (h_t @ w + b) = (sum_t h_t) @ w + L * b. One
+    # (B, fan_in) @ (fan_in, 1) product in float32 replaces a width-1 GEMM over all B * L rows
+    # and its two skinny backward GEMMs (bench/README.md, "Decoder sum first").
+    kernel, bias = torch_linear_params(1, fan_in, name=f"dense_{len(hidden)}")()
+    total = jnp.sum(h.astype(jnp.float32), axis=-2)
+    return (total @ kernel + h.shape[-2] * bias)[..., 0]
 
 
 class TLPModel(nn.Module):
@@ -340,7 +384,10 @@ class TLPModel(nn.Module):
     h = INPUT_NORMS[cfg.input_norm](x).astype(dtype)
     fan_in = cfg.feature_dim
     for i, width in enumerate(cfg.encoder_dims):
-      h = nn.relu(torch_linear(width, fan_in, dtype, name=f"encoder_{i}")(h))
+      if i == 0:
+        h = nn.relu(aligned_linear(h, torch_linear_params(width, fan_in, "encoder_0"), dtype))
+      else:
+        h = nn.relu(torch_linear(width, fan_in, dtype, name=f"encoder_{i}")(h))
       fan_in = width
 
     attention = SelfAttention(
