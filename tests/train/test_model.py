@@ -296,21 +296,22 @@ def test_other_attention_paths_are_the_same_function(ensemble, impl):
 
 
 def test_dense_params_have_the_tree_and_init_of_the_plain_layer():
-  """Layers computed outside ``nn.Dense`` (fused QKV, the aligned first layer, the decoder's
-  last layer) keep ``torch_linear``'s parameter names, shapes and initial values."""
+  """The fused q/k/v projection declares its parameters with ``DenseParams``: the names, shapes
+  and initial values of the ``nn.Dense`` layers they replace, and the same product."""
   import flax.linen as nn
+
+  init = model_lib._uniform(0.3)
 
   class Plain(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return model_lib.torch_linear(3, 5, jnp.float32, name="layer")(x)
+      return nn.Dense(3, kernel_init=init, bias_init=init, name="layer")(x)
 
   class Split(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return model_lib.aligned_linear(
-        x, model_lib.torch_linear_params(3, 5, "layer"), jnp.float32, multiple=8
-      )
+      kernel, bias = model_lib.DenseParams(5, 3, init, init, name="layer")()
+      return model_lib._matmul(x, kernel, bias, jnp.float32)
 
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 5)), jnp.float32)
   rng = jax.random.PRNGKey(7)
@@ -318,7 +319,6 @@ def test_dense_params_have_the_tree_and_init_of_the_plain_layer():
   assert jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(split)
   for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(split)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # The contracted axis (5) is padded to 8 inside: the same outputs.
   np.testing.assert_allclose(
     np.asarray(Split().apply(plain, x)), np.asarray(Plain().apply(plain, x)), rtol=1e-6
   )

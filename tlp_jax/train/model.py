@@ -207,13 +207,13 @@ def torch_linear(features: int, fan_in: int, dtype, name: str | None = None) -> 
 class DenseParams(nn.Module):
   """The ``kernel`` (fan_in, features) and ``bias`` (features,) of an ``nn.Dense`` with the same
   name, shapes, initialisers and parameter dtype, returned instead of applied: for layers whose
-  matmul is laid out differently from ``nn.Dense``'s (fused, padded or moved) while the
-  parameter tree and its initial values stay exactly those of the plain layer."""
+  matmul is fused with others (the attention's q/k/v) while the parameter tree and its initial
+  values stay exactly those of the plain layers."""
 
   fan_in: int
   features: int
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros
+  kernel_init: Callable
+  bias_init: Callable
 
   @nn.compact
   def __call__(self) -> tuple[Array, Array]:
@@ -222,29 +222,10 @@ class DenseParams(nn.Module):
     return kernel, bias
 
 
-def torch_linear_params(features: int, fan_in: int, name: str) -> DenseParams:
-  """``DenseParams`` of ``torch_linear(features, fan_in, ...)`` (same tree, same init)."""
-  bound = 1.0 / math.sqrt(fan_in)
-  return DenseParams(fan_in, features, _uniform(bound), _uniform(bound), name=name)
-
-
 def _matmul(x: Array, kernel: Array, bias: Array, dtype) -> Array:
   """``nn.Dense``'s computation: ``x @ kernel + bias`` in ``dtype`` (parameters cast to it)."""
   y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())))
   return y + bias.astype(dtype)
-
-
-def aligned_linear(x: Array, layer: DenseParams, dtype, multiple: int = 8) -> Array:
-  """``x @ kernel + bias`` with the contracted axis zero-padded (input columns and kernel rows)
-  to a multiple of ``multiple``: the same function. GPU GEMM kernels want aligned operands; an
-  odd input width (22 step features + 24 loop-token columns = 46) otherwise gets cuBLAS's slow
-  unaligned fallbacks under deterministic kernels (bench/README.md, "Aligned first layer")."""
-  kernel, bias = layer()
-  pad = -x.shape[-1] % multiple
-  if pad:
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    kernel = jnp.pad(kernel, ((0, pad), (0, 0)))
-  return _matmul(x, kernel, bias, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,17 +307,12 @@ class Decoder(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     fan_in = cfg.hidden_dim
-    *hidden, _ = cfg.decoder_dims
-    for i, width in enumerate(hidden):
-      h = nn.relu(torch_linear(width, fan_in, dtype, name=f"dense_{i}")(h))
+    for i, width in enumerate(cfg.decoder_dims):
+      h = torch_linear(width, fan_in, dtype, name=f"dense_{i}")(h)
+      if i < len(cfg.decoder_dims) - 1:
+        h = nn.relu(h)
       fan_in = width
-    # The last layer (width 1, no activation) is linear, so summing its per-step outputs equals
-    # applying it to the steps' sum: sum_t (h_t @ w + b) = (sum_t h_t) @ w + L * b. One
-    # (B, fan_in) @ (fan_in, 1) product in float32 replaces a width-1 GEMM over all B * L rows
-    # and its two skinny backward GEMMs (bench/README.md, "Decoder sum first").
-    kernel, bias = torch_linear_params(1, fan_in, name=f"dense_{len(hidden)}")()
-    total = jnp.sum(h.astype(jnp.float32), axis=-2)
-    return (total @ kernel + h.shape[-2] * bias)[..., 0]
+    return jnp.sum(h[..., 0].astype(jnp.float32), axis=-1)
 
 
 class TLPModel(nn.Module):
@@ -384,10 +360,7 @@ class TLPModel(nn.Module):
     h = INPUT_NORMS[cfg.input_norm](x).astype(dtype)
     fan_in = cfg.feature_dim
     for i, width in enumerate(cfg.encoder_dims):
-      if i == 0:
-        h = nn.relu(aligned_linear(h, torch_linear_params(width, fan_in, "encoder_0"), dtype))
-      else:
-        h = nn.relu(torch_linear(width, fan_in, dtype, name=f"encoder_{i}")(h))
+      h = nn.relu(torch_linear(width, fan_in, dtype, name=f"encoder_{i}")(h))
       fan_in = width
 
     attention = SelfAttention(
