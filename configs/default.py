@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
   # dataset has them, "required" = refuse a dataset without them (configs/loopnest.py), "off" =
   # step tokens only, as the original (configs/tlp_original.py).
   config.loop_tokens = "auto"
+  # Loop tokens the model reads: each program's first (outermost) ones, 0 = all the dataset
+  # stores (a default build stores 40, tlp_jax.core.loop_tokens.DEFAULT_MAX_TOKENS).
+  config.max_loop_tokens = 0
 
   # Loss: tlp_jax.train.losses.LossConfig.
   # TLP ranks the whole batch with LambdaRank (configs/tlp_original.py). This project's default

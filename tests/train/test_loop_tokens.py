@@ -196,6 +196,39 @@ def test_export_embeds_layout_and_skeletons_and_predicts_like_flax(
     pred.predict_steps(progs, workload_key="x")
 
 
+def test_max_loop_tokens_crops_every_split_and_the_export(
+  token_dataset, new_test_config, tmp_path
+):
+  """``config.max_loop_tokens``: the model reads each program's first tokens; its export says
+  so, and its predictor crops longer token sequences the same way."""
+  assert data.crop_loop_tokens(token_dataset, 0) is token_dataset
+  assert data.crop_loop_tokens(token_dataset, T) is token_dataset
+  cropped = data.crop_loop_tokens(token_dataset, 7)
+  assert data.loop_token_shape(cropped) == (7, W) and data.loop_token_shape(token_dataset)[0] == T
+  for name in ("train", "validation", "test"):
+    np.testing.assert_array_equal(
+      getattr(cropped, name).loop_tokens, getattr(token_dataset, name).loop_tokens[:, :7]
+    )
+  config = new_test_config()
+  config.max_loop_tokens = 7
+  config.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  result = loop.train_and_evaluate(config, workdir, dataset=token_dataset)
+  assert (result.model_config.seq_len, result.model_config.feature_dim) == (25 + 7, 22 + W)
+  arrays = export.export_workdir(workdir, str(tmp_path / "t7.npz"), "latest")
+  assert int(arrays[npred.META_LOOP_TOKENS_MAX]) == 7
+  pred = npred.Predictor.load(str(tmp_path / "t7.npz"))
+  test = token_dataset.test
+  steps, tokens = np.asarray(test.features[:64]), test.loop_tokens[:64]
+  flax = export.make_predict_fn(result.model_config, batch_size=64)(
+    result.state.params, lt.model_input(steps, tokens[:, :7])
+  )[:, 0]
+  np.testing.assert_allclose(pred.predict(steps, loop_tokens=tokens), flax, rtol=1e-4, atol=1e-5)
+  config.max_loop_tokens = -1
+  with pytest.raises(ValueError, match="max_loop_tokens must be an integer >= 0"):
+    loop.train_and_evaluate(config, str(tmp_path / "bad"), dataset=token_dataset)
+
+
 def test_bad_embedded_skeletons_fail_at_load(token_runs, tmp_path):
   workdir, _ = token_runs["host"]
   arrays = export.export_workdir(workdir, str(tmp_path / "m.npz"), "latest")

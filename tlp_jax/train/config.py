@@ -132,6 +132,7 @@ class TrainConfig:
   init_mode: str
   model: model_lib.TLPConfig
   loop_tokens: str
+  max_loop_tokens: int
   loss: losses.LossConfig
   batch_order: str
   optim: optimizer.OptimConfig
@@ -155,6 +156,15 @@ class TrainConfig:
 
   def __post_init__(self):
     _check_choice("loop_tokens", self.loop_tokens, LOOP_TOKEN_MODES)
+    if (
+      isinstance(self.max_loop_tokens, bool)
+      or not isinstance(self.max_loop_tokens, int)
+      or self.max_loop_tokens < 0
+    ):
+      raise ConfigError(
+        f"config.max_loop_tokens must be an integer >= 0 (0 = all the dataset stores), got "
+        f"{self.max_loop_tokens!r}"
+      )
     _check_choice("batch_order", self.batch_order, BATCH_ORDERS)
     _check_choice("data_placement", self.data_placement, DATA_PLACEMENTS)
     _check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)

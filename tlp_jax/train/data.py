@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import logging
 import math
 import os
@@ -165,6 +166,37 @@ def loop_token_shape(dataset: Any) -> tuple[int, int]:
       "rebuild the dataset"
     )
   return shape
+
+
+def crop_loop_tokens(dataset: Any, max_tokens: int) -> Any:
+  """``dataset`` with each program's first ``max_tokens`` loop tokens only
+  (``config.max_loop_tokens``; 0 = all it stores), in every split and in its metadata.
+
+  Tokens are stored outermost loop first, so the crop equals a build with ``max_tokens``; the
+  split arrays stay views (``select_heads`` copies the rows it keeps)."""
+  num_tokens = loop_token_shape(dataset)[0]
+  if max_tokens <= 0 or num_tokens <= max_tokens:
+    return dataset
+  layout = dict(dataset.metadata[schema.LOOP_TOKENS_META], max_tokens=int(max_tokens))
+  splits = {
+    name: _replace(
+      getattr(dataset, name), loop_tokens=getattr(dataset, name).loop_tokens[:, :max_tokens]
+    )
+    for name in ("train", "validation", "test")
+  }
+  return _replace(
+    dataset,
+    metadata={**dataset.metadata, schema.LOOP_TOKENS_META: layout},
+    loop_token_layout=layout,
+    **splits,
+  )
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+  # A loader dataclass, or any object with these attributes (a SimpleNamespace in tests).
+  if dataclasses.is_dataclass(obj):
+    return dataclasses.replace(obj, **changes)
+  return types.SimpleNamespace(**{**vars(obj), **changes})
 
 
 def reads_loop_tokens(loop_tokens: str, dataset: Any) -> bool:

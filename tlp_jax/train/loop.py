@@ -421,6 +421,7 @@ def _train_and_evaluate(
 
   if dataset is None:
     dataset = load_dataset(config)
+  dataset = data.crop_loop_tokens(dataset, config.max_loop_tokens)
   try:  # these check the config against the dataset: a mismatch is the user's to fix
     columns = data.head_columns(list(dataset.hardware), list(config.hardware))
     hardware = tuple(str(dataset.hardware[c]) for c in columns)

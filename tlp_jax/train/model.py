@@ -263,29 +263,32 @@ class SelfAttention(nn.Module):
     ]
     kernel = jnp.concatenate([w for w, _ in layers], axis=1)
     bias = jnp.concatenate([b_ for _, b_ in layers])
+    # "<kind>_padN": the same function with the token axis zero-padded to a multiple of N (the
+    # padded keys masked out, the padded queries' rows dropped after the out-projection). With
+    # odd lengths (25 + 40 = 65 tokens) deterministic cuBLAS falls back to unaligned batched GEMM
+    # kernels (bench/README.md, kernel profile); padding the block's input once, not q, k, v and
+    # the context apart, saves three copies (bench/README.md, "Round 2").
     b, steps, _ = x.shape
-    qkv = _matmul(x, kernel, bias, self.dtype).reshape(b, steps, 3, self.heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    # "<kind>_padN": the same function with the token axis zero-padded to a multiple of N and
-    # the padded keys masked out. With odd lengths (25 + 40 = 65 tokens) deterministic cuBLAS
-    # falls back to unaligned batched GEMM kernels (bench/README.md, kernel profile).
     kind, _, multiple = self.implementation.partition("_pad")
     pad = -steps % int(multiple or 1)
     if pad:
-      q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+      x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+    n = steps + pad
+    qkv = _matmul(x, kernel, bias, self.dtype).reshape(b, n, 3, self.heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if kind == "einsum":
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
       logits = logits.astype(jnp.float32)
       if pad:
-        logits = jnp.where(jnp.arange(steps + pad) < steps, logits, -jnp.inf)
+        logits = jnp.where(jnp.arange(n) < steps, logits, -jnp.inf)
       probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-      ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)[:, :steps]
+      ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     else:
       lengths = jnp.full((b,), steps, jnp.int32) if pad else None
       ctx = jax.nn.dot_product_attention(
         q, k, v, key_value_seq_lengths=lengths, implementation=kind
-      )[:, :steps]
-    ctx = ctx.reshape(b, steps, self.dim)
+      )
+    ctx = ctx.reshape(b, n, self.dim)
     out_bound = 1.0 / math.sqrt(self.dim)
     return nn.Dense(
       self.dim,
@@ -294,7 +297,7 @@ class SelfAttention(nn.Module):
       kernel_init=_uniform(out_bound),
       bias_init=nn.initializers.zeros,
       name="out",
-    )(ctx)
+    )(ctx)[:, :steps]
 
 
 class Decoder(nn.Module):
