@@ -196,9 +196,7 @@ def test_export_embeds_layout_and_skeletons_and_predicts_like_flax(
     pred.predict_steps(progs, workload_key="x")
 
 
-def test_max_loop_tokens_crops_every_split_and_the_export(
-  token_dataset, new_test_config, tmp_path
-):
+def test_max_loop_tokens_crops_every_split_and_the_export(token_dataset, new_test_config, tmp_path):
   """``config.max_loop_tokens``: the model reads each program's first tokens; its export says
   so, and its predictor crops longer token sequences the same way."""
   assert data.crop_loop_tokens(token_dataset, 0) is token_dataset

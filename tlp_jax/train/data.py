@@ -17,10 +17,10 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 import logging
 import math
 import os
+import types
 from collections.abc import Sequence
 from typing import Any
 
