@@ -813,9 +813,17 @@ class RecipeVariant:
 RECIPE_VARIANTS = {
   # configs/default.py on an NVIDIA GPU since 2026-12-03: model.dtype "auto" = bf16, and
   # attention_impl "auto" = cuDNN's fused attention over the token axis padded to 72.
-  "default": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8"),
-  "default_tenset_tasks": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8", task_copies=80),
-  "default_b4096": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8", batch=4096),
+  # Since 2026-12-03 (later) the model reads 39 of the 40 stored loop tokens
+  # (config.max_loop_tokens): 64 tokens in all. "default_t40": the same with all 40.
+  "default": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8", loop_tokens=39),
+  "default_tenset_tasks": RecipeVariant(
+    dtype="bfloat16", attention="cudnn_pad8", loop_tokens=39, task_copies=80
+  ),
+  "default_b4096": RecipeVariant(
+    dtype="bfloat16", attention="cudnn_pad8", loop_tokens=39, batch=4096
+  ),
+  "default_t40": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8"),
+  "default_t40_b4096": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8", batch=4096),
   # The default until 2026-12-02 (TF32, plain einsum attention).
   "landed": RecipeVariant(),
   "landed_tenset_tasks": RecipeVariant(task_copies=80),
@@ -845,11 +853,6 @@ RECIPE_VARIANTS = {
   "bf16_cudnn_pad8_b16384": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8", batch=16384),
   "bf16_cudnn_pad8_tenset_tasks": RecipeVariant(
     dtype="bfloat16", attention="cudnn_pad8", task_copies=80
-  ),
-  # 25 step + 39 loop tokens = 64: one 64-row tile of cuDNN's attention instead of two.
-  "default_t39": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8", loop_tokens=39),
-  "default_t39_b4096": RecipeVariant(
-    dtype="bfloat16", attention="cudnn_pad8", loop_tokens=39, batch=4096
   ),
 }
 

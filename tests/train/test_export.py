@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import test as test_config
 from tlp_jax.core import features, loop_tokens
 from tlp_jax.core import predictor as npred
 from tlp_jax.train import export
@@ -429,9 +430,12 @@ def test_restore_for_export(trained, sample_arrays):
   assert model_config == result.model_config
   assert meta["hardware"] == ["epyc-9004"]
   dataset = sample_arrays("epyc-9004")
-  # configs/test.py reads the sample's loop tokens (the default build has them).
+  # configs/test.py reads the sample's loop tokens (the default build has them), the first
+  # config.max_loop_tokens of them.
   layout = dataset.loop_token_layout
-  tokens = (layout["max_tokens"], layout["width"])
+  read = test_config.get_config().max_loop_tokens
+  assert 0 < read < layout["max_tokens"]  # the default crops: the export must say so
+  tokens = (read, layout["width"])
   assert (meta["platform"], tuple(meta["crop"]), meta["vocab_json"]) == (
     dataset.platform,
     npred.input_shape(dataset.crop, tokens),

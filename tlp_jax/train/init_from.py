@@ -199,7 +199,7 @@ def check_compatible(
       source.path,
       "its model differs from this run's (source vs run: "
       + ", ".join(f"model.{k} {a} vs {b}" for k, (a, b) in sorted(diff.items()))
-      + "); train with the source's config.model and loop_tokens",
+      + "); train with the source's config.model, loop_tokens and max_loop_tokens",
     )
   layout_diff = [k for k in _LAYOUT_FIELDS if not _same_layout(k, source.meta.get(k), meta.get(k))]
   if layout_diff:
