@@ -10,7 +10,8 @@ layout ``loader.load_arrays`` returns:
 
 The arrays are synthetic unless ``--data_dir`` names a built dataset: ``--rows`` random rows of
 the default build's shapes (step features (25, 22) float32, loop tokens (40, 24) float16, so
-the model's input is (65, 46) float32, 12 KB a row), written once as ``.npy`` files and read
+the assembled input is (65, 46) float32, 12 KB a row; the default model reads its first 64
+rows), written once as ``.npy`` files and read
 back memory-mapped, their pages warmed first (the page cache, not the disk, is measured). Each
 variant is timed over ``--steps`` batches after ``--warmup_steps``; with ``--to_device`` every
 batch is also put on the local JAX devices (the host-to-device link counts too), three ways:

@@ -35,7 +35,10 @@ FAMILIES = (
   ("attention", re.compile(r"cudnn|fmha|flash|sdpa|softmax", re.I)),
   ("gemm", re.compile(r"gemm|xmma|nvjet|cutlass|magma|cublas|wmma", re.I)),
   ("reduce", re.compile(r"reduce", re.I)),
-  ("transpose_copy", re.compile(r"transpose|copy|pad|slice|concatenate|bitcast", re.I)),
+  (
+    "transpose_copy",
+    re.compile(r"transpose|copy|pad|slice|concatenate|bitcast|memcpy|memset", re.I),
+  ),
   ("gather_scatter", re.compile(r"gather|scatter|dynamic", re.I)),
 )
 

@@ -98,6 +98,8 @@ def export_default_model(
     },
   )
   reads = data.reads_loop_tokens(typed.loop_tokens, dataset)
+  if reads:  # as the trainer: the model reads config.max_loop_tokens of the stored tokens
+    dataset = data.crop_loop_tokens(dataset, typed.max_loop_tokens)
   cfg = data.model_config_for(typed.model, typed.loop_tokens, dataset, num_hardware_heads=1)
   params = model_lib.TLPModel(cfg).init(
     jax.random.PRNGKey(0), np.zeros((1, cfg.seq_len, cfg.feature_dim), np.float32)

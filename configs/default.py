@@ -122,7 +122,8 @@ def get_config() -> ml_collections.ConfigDict:
   # masked: the same function as the plain einsum ("einsum"). "auto" (model.resolve_attention):
   # cuDNN's fused kernel on NVIDIA GPUs (Ampere+) in bf16/f16 ("cudnn_pad8"), else the padded
   # einsum ("einsum_pad8", which gives deterministic cuBLAS aligned GEMMs: 65 tokens pick its slow
-  # unaligned fallbacks). H200, bf16, batch 1024: einsum 262k, einsum_pad8 349k, cudnn_pad8 409k
+  # unaligned fallbacks). H200, bf16, batch 1024, 65 tokens (all 40 loop tokens; the default's
+  # 64 need no padding): einsum 262k, einsum_pad8 349k, cudnn_pad8 409k
   # samples/s; cudnn_pad8 - einsum_pad8 on five validation folds (17 paired runs): top-1 +0.0002,
   # top-5 +0.006 (bench/README.md, "Fused attention").
   config.attention_impl = "auto"

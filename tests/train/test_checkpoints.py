@@ -185,6 +185,13 @@ def test_reconcile_train_config(tmp_path):
   history = json.load(open(tmp_path / checkpoints.TRAIN_CONFIG_HISTORY_FILE))
   assert history[-1]["changes"] == {"init_from": [None, ""]}
   assert checkpoints.read_json(str(tmp_path / checkpoints.TRAIN_CONFIG_FILE))["init_from"] == ""
+  # A field added with a value that reproduces the old code (config.ADDED_FIELDS): a run
+  # recorded before it resumes under that value, and another value is refused by name.
+  with pytest.raises(checkpoints.CheckpointError, match="max_loop_tokens: 0 -> 39"):
+    checkpoints.reconcile_train_config(workdir, dict(base, init_from="", max_loop_tokens=39))
+  assert checkpoints.reconcile_train_config(
+    workdir, dict(base, init_from="", max_loop_tokens=0)
+  ) == {"max_loop_tokens": (None, 0)}
 
 
 def test_workdir_files_are_written_whole_with_the_umask_mode(tmp_path):

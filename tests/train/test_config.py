@@ -45,7 +45,8 @@ def test_every_field_of_default_is_mapped_and_nested_like_the_config_dict():
 
 def test_default_uses_the_aligned_attention_in_bf16_where_it_can():
   cfg = config_lib.from_config_dict(_config("default"))
-  # "auto": cuDNN's fused kernel over 72 tokens on NVIDIA GPUs in bf16, the padded einsum here.
+  # "auto": cuDNN's fused kernel on NVIDIA GPUs in bf16 (tokens padded to a multiple of 8),
+  # the padded einsum here.
   assert cfg.attention_impl == "auto"
   assert cfg.model.dtype == "auto"
   assert model_lib.resolve_attention(cfg.attention_impl, "float32", cuda=False) == "einsum_pad8"

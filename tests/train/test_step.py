@@ -231,9 +231,14 @@ def test_ensemble_members_train_as_independent_models():
       data.replicate_to_devices(alone, devices[:1]), *_shard(batch, 1)
     )
     losses_alone.append(np.asarray(alone_metrics["loss_per_head"])[0])
-    for got, want in zip(
-      jax.tree_util.tree_leaves(ens_after), jax.tree_util.tree_leaves(_unreplicate(alone.params))
-    ):
+    alone_leaves = jax.tree_util.tree_flatten_with_path(_unreplicate(alone.params))[0]
+    for got, (path, want) in zip(jax.tree_util.tree_leaves(ens_after), alone_leaves):
+      # The attention's key bias adds q . b_k to every logit of a query's row, which the softmax
+      # ignores: its exact gradient is 0, the computed one rounding noise of the fused q/k/v GEMM
+      # (batched differently for 3 members than for 1), and Adam scales noise up to ~lr steps.
+      if jax.tree_util.keystr(path) == "['attention']['key']['bias']":
+        assert np.all(np.abs(got[m] - want) < 5 * ADAM.learning_rate)
+        continue
       np.testing.assert_allclose(got[m], want, rtol=1e-3, atol=1e-5)
   # Reported per-head losses are the members' mean (comparable with a single model's).
   np.testing.assert_allclose(

@@ -384,6 +384,12 @@ def reconcile_train_config(
   # started, or removed), not from the user: accepted, with a warning, and recorded.
   old_fields, new_fields = set(config_lib.flatten(recorded)), set(config_lib.flatten(config))
   versioned = {k for k in changes if (k in old_fields) != (k in new_fields)}
+  # A field added since the run started (config.ADDED_FIELDS) had, in effect, its "before"
+  # value: only another value changes the run.
+  for name, before in config_lib.ADDED_FIELDS.items():
+    if name in versioned and name in new_fields and changes[name][1] != before:
+      versioned.discard(name)
+      changes[name] = (before, changes[name][1])
   refused = {k: v for k, v in changes.items() if k not in set(allow_changes) | versioned}
   if refused:
     listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())

@@ -81,6 +81,12 @@ OVERRIDABLE_FIELDS = frozenset(
   }
 )
 
+# Fields added to the config after runs were recorded without them, with the value that
+# reproduces the code before them. Resuming such a run compares the field as that value, so a
+# new default that would change the run is refused by name (``checkpoints.reconcile_train_config``)
+# instead of surfacing later as a model mismatch.
+ADDED_FIELDS = {"max_loop_tokens": 0}
+
 
 class ConfigError(ValueError):
   """A configuration the user can fix: an unknown or missing field, an invalid value, or a

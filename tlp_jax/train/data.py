@@ -169,26 +169,28 @@ def loop_token_shape(dataset: Any) -> tuple[int, int]:
 
 
 def crop_loop_tokens(dataset: Any, max_tokens: int) -> Any:
-  """``dataset`` with each program's first ``max_tokens`` loop tokens only
-  (``config.max_loop_tokens``; 0 = all it stores), in every split and in its metadata.
+  """``dataset`` as a model reading each program's first ``max_tokens`` loop tokens sees it
+  (``config.max_loop_tokens``; 0 = all it stores): its metadata says ``max_tokens``, so the
+  model's input size (``model_config_for``) and the export (``dataset_meta``) follow.
 
-  Tokens are stored outermost loop first, so the crop equals a build with ``max_tokens``; the
-  split arrays stay views (``select_heads`` copies the rows it keeps)."""
+  The arrays stay as stored (memory-mapped where they are): the model reads the first
+  ``seq_len`` rows of its input (``TLPModel`` crops, as TLP does), so the tokens past
+  ``max_tokens`` are dropped there, and the predictor crops them the same way. Tokens are
+  stored outermost loop first, so this equals a build with ``max_tokens``."""
   num_tokens = loop_token_shape(dataset)[0]
   if max_tokens <= 0 or num_tokens <= max_tokens:
+    if num_tokens and max_tokens > num_tokens:
+      logging.info(
+        "config.max_loop_tokens=%d: the dataset stores %d loop tokens; the model reads them all",
+        max_tokens,
+        num_tokens,
+      )
     return dataset
   layout = dict(dataset.metadata[schema.LOOP_TOKENS_META], max_tokens=int(max_tokens))
-  splits = {
-    name: _replace(
-      getattr(dataset, name), loop_tokens=getattr(dataset, name).loop_tokens[:, :max_tokens]
-    )
-    for name in ("train", "validation", "test")
-  }
   return _replace(
     dataset,
     metadata={**dataset.metadata, schema.LOOP_TOKENS_META: layout},
     loop_token_layout=layout,
-    **splits,
   )
 
 

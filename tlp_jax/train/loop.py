@@ -421,11 +421,12 @@ def _train_and_evaluate(
 
   if dataset is None:
     dataset = load_dataset(config)
-  dataset = data.crop_loop_tokens(dataset, config.max_loop_tokens)
   try:  # these check the config against the dataset: a mismatch is the user's to fix
     columns = data.head_columns(list(dataset.hardware), list(config.hardware))
     hardware = tuple(str(dataset.hardware[c]) for c in columns)
     loop_tokens = data.reads_loop_tokens(config.loop_tokens, dataset)
+    if loop_tokens:
+      dataset = data.crop_loop_tokens(dataset, config.max_loop_tokens)
     model_config = data.model_config_for(
       config.model,
       config.loop_tokens,

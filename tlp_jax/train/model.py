@@ -256,39 +256,39 @@ class SelfAttention(nn.Module):
     # PyTorch packs q/k/v into one (3*dim, dim) matrix and Xavier-initialises it as a whole.
     in_bound = math.sqrt(6.0 / (self.dim + 3 * self.dim))
     # The parameters stay TLP's three (dim, dim) layers; one GEMM against their concatenation
-    # reads x once instead of three times (bench/README.md, "Fused QKV").
+    # reads x once instead of three times (bench/README.md, "Fewer, aligned GEMMs in the step").
     layers = [
       DenseParams(self.dim, self.dim, _uniform(in_bound), nn.initializers.zeros, name=name)()
       for name in ("query", "key", "value")
     ]
     kernel = jnp.concatenate([w for w, _ in layers], axis=1)
     bias = jnp.concatenate([b_ for _, b_ in layers])
-    # "<kind>_padN": the same function with the token axis zero-padded to a multiple of N (the
-    # padded keys masked out, the padded queries' rows dropped after the out-projection). With
-    # odd lengths (25 + 40 = 65 tokens) deterministic cuBLAS falls back to unaligned batched GEMM
-    # kernels (bench/README.md, kernel profile); padding the block's input once, not q, k, v and
-    # the context apart, saves three copies (bench/README.md, "Round 2").
     b, steps, _ = x.shape
+    qkv = _matmul(x, kernel, bias, self.dtype).reshape(b, steps, 3, self.heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # "<kind>_padN": the same function with the token axis zero-padded to a multiple of N and
+    # the padded keys masked out. With odd lengths (25 + 40 = 65 tokens, a model reading all 40
+    # stored loop tokens) deterministic cuBLAS falls back to unaligned batched GEMM kernels
+    # (bench/README.md, kernel profile). The default reads 64 tokens and pads nothing. The padded
+    # rows of q, k and v are zeros and their gradients are dropped by the pad's transpose, so
+    # the result does not depend on what a fused kernel writes for masked keys.
     kind, _, multiple = self.implementation.partition("_pad")
     pad = -steps % int(multiple or 1)
     if pad:
-      x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-    n = steps + pad
-    qkv = _matmul(x, kernel, bias, self.dtype).reshape(b, n, 3, self.heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
     if kind == "einsum":
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
       logits = logits.astype(jnp.float32)
       if pad:
-        logits = jnp.where(jnp.arange(n) < steps, logits, -jnp.inf)
+        logits = jnp.where(jnp.arange(steps + pad) < steps, logits, -jnp.inf)
       probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-      ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+      ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)[:, :steps]
     else:
       lengths = jnp.full((b,), steps, jnp.int32) if pad else None
       ctx = jax.nn.dot_product_attention(
         q, k, v, key_value_seq_lengths=lengths, implementation=kind
-      )
-    ctx = ctx.reshape(b, n, self.dim)
+      )[:, :steps]
+    ctx = ctx.reshape(b, steps, self.dim)
     out_bound = 1.0 / math.sqrt(self.dim)
     return nn.Dense(
       self.dim,
@@ -297,7 +297,7 @@ class SelfAttention(nn.Module):
       kernel_init=_uniform(out_bound),
       bias_init=nn.initializers.zeros,
       name="out",
-    )(ctx)[:, :steps]
+    )(ctx)
 
 
 class Decoder(nn.Module):
