@@ -230,6 +230,19 @@ def test_max_loop_tokens_crops_every_split_and_the_export(token_dataset, new_tes
   config.max_loop_tokens = -1
   with pytest.raises(ValueError, match="max_loop_tokens must be an integer >= 0"):
     loop.train_and_evaluate(config, str(tmp_path / "bad"), dataset=token_dataset)
+  # A model that reads no tokens ignores their count and their layout, whatever it is.
+  other = types.SimpleNamespace(
+    **{
+      **vars(token_dataset),
+      "metadata": {
+        **token_dataset.metadata,
+        "loop_tokens": {"layout_version": lt.LAYOUT_VERSION + 1, "max_tokens": T, "width": W},
+      },
+    }
+  )
+  config.max_loop_tokens, config.loop_tokens = 7, "off"
+  steps_only = loop.train_and_evaluate(config, str(tmp_path / "off"), dataset=other)
+  assert (steps_only.model_config.seq_len, steps_only.model_config.feature_dim) == (25, 22)
 
 
 def test_bad_embedded_skeletons_fail_at_load(token_runs, tmp_path):
