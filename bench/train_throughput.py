@@ -810,17 +810,23 @@ class RecipeVariant:
   loop_tokens: int = 0  # loop tokens the model reads (the first ones); 0 = all the data holds
 
 
+# The loop tokens configs/default.py's model reads (config.max_loop_tokens), read from the
+# config so that the "default" variants follow it.
+DEFAULT_LOOP_TOKENS = default_config.get_config().max_loop_tokens
+
 RECIPE_VARIANTS = {
   # configs/default.py on an NVIDIA GPU since 2026-12-03: model.dtype "auto" = bf16, and
   # attention_impl "auto" = cuDNN's fused attention over the token axis padded to 72.
   # Since 2026-12-03 (later) the model reads 39 of the 40 stored loop tokens
   # (config.max_loop_tokens): 64 tokens in all. "default_t40": the same with all 40.
-  "default": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8", loop_tokens=39),
+  "default": RecipeVariant(
+    dtype="bfloat16", attention="cudnn_pad8", loop_tokens=DEFAULT_LOOP_TOKENS
+  ),
   "default_tenset_tasks": RecipeVariant(
-    dtype="bfloat16", attention="cudnn_pad8", loop_tokens=39, task_copies=80
+    dtype="bfloat16", attention="cudnn_pad8", loop_tokens=DEFAULT_LOOP_TOKENS, task_copies=80
   ),
   "default_b4096": RecipeVariant(
-    dtype="bfloat16", attention="cudnn_pad8", loop_tokens=39, batch=4096
+    dtype="bfloat16", attention="cudnn_pad8", loop_tokens=DEFAULT_LOOP_TOKENS, batch=4096
   ),
   "default_t40": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8"),
   "default_t40_b4096": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8", batch=4096),
