@@ -75,6 +75,13 @@ EXPERIMENTS = {
   # 39 = 64 tokens; bench/README.md, "64 tokens", where this arm ran as "default" against a
   # "default_t39" arm).
   "default_t40": ("default", {"max_loop_tokens": 0}, EPYC),
+  # A 128-wide trunk: encoder ..., 128, attention, residual blocks and decoder 128-64-1 at
+  # 128 (~3.7x fewer FLOPs per state; bench/README.md, "Cheaper networks measured").
+  "trunk128": (
+    "default",
+    {"model.encoder_dims": (64, 128, 128, 128), "model.decoder_dims": (128, 64, 1)},
+    EPYC,
+  ),
   # The default as an ensemble of five networks (the default before issue 15's validation).
   "default_ens5": ("default", {"model.ensemble_size": 5}, EPYC),
   # MTL-TLP: all of xeon's labels plus all of epyc's, xeon the target.

@@ -808,11 +808,14 @@ class RecipeVariant:
   task_copies: int = 1  # synthetic task size = this x the real task's
   ensemble: int = 1
   loop_tokens: int = 0  # loop tokens the model reads (the first ones); 0 = all the data holds
+  model: tuple[tuple[str, Any], ...] = ()  # config.model overrides ((field, value), ...)
 
 
 # The loop tokens configs/default.py's model reads (config.max_loop_tokens), read from the
 # config so that the "default" variants follow it.
 DEFAULT_LOOP_TOKENS = default_config.get_config().max_loop_tokens
+
+TRUNK128 = (("encoder_dims", (64, 128, 128, 128)), ("decoder_dims", (128, 64, 1)))
 
 RECIPE_VARIANTS = {
   # configs/default.py on an NVIDIA GPU since 2026-12-03: model.dtype "auto" = bf16, and
@@ -829,6 +832,17 @@ RECIPE_VARIANTS = {
     dtype="bfloat16", attention="cudnn_pad8", loop_tokens=DEFAULT_LOOP_TOKENS, batch=4096
   ),
   "default_t40": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8"),
+  # The default with a 128-wide trunk (accuracy_sweep's "trunk128").
+  "trunk128": RecipeVariant(
+    dtype="bfloat16", attention="cudnn_pad8", loop_tokens=DEFAULT_LOOP_TOKENS, model=TRUNK128
+  ),
+  "trunk128_b4096": RecipeVariant(
+    dtype="bfloat16",
+    attention="cudnn_pad8",
+    loop_tokens=DEFAULT_LOOP_TOKENS,
+    model=TRUNK128,
+    batch=4096,
+  ),
   "default_t40_b4096": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8", batch=4096),
   # The default until 2026-12-02 (TF32, plain einsum attention).
   "landed": RecipeVariant(),
@@ -951,7 +965,10 @@ def run_recipe_variant(
   if v.loop_tokens:  # the model reads the first ones (outermost loops first) and, as in the
     # trainer (config.max_loop_tokens), drops the rest of the resident tokens itself
     num_tokens = min(num_tokens, v.loop_tokens)
-  recipe = recipe_config({"model.dtype": v.dtype, "model.ensemble_size": v.ensemble})
+  recipe = recipe_config(
+    {"model.dtype": v.dtype, "model.ensemble_size": v.ensemble}
+    | {f"model.{k}": val for k, val in v.model}
+  )
   model_cfg = dataclasses.replace(
     recipe.model,
     seq_len=recipe.model.seq_len + num_tokens,
