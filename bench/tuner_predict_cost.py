@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import os
 import pstats
 import tempfile
@@ -178,24 +179,32 @@ def network_cost(model, task, states) -> dict:
   state, the network's seconds and the GFLOP/s it ran at."""
   pred = model.predictor
   forward = pred._forward  # pylint: disable=protected-access
+  predict = pred.predict
   acc = {"network_s": 0.0, "programs": 0.0, "packed_rows": 0.0, "unique_rows": 0.0, "flops": 0.0}
+  inputs = []  # (model input chunk, heads) of every forward, counted after the call
 
   def counted_forward(x, heads):
+    inputs.append((x, len(heads)))  # list.append is atomic: the chunks may run on threads
+    return forward(x, heads)
+
+  def timed_predict(*args, **kwargs):  # wall time of the network, over all its threads
     t = time.perf_counter()
-    out = forward(x, heads)
+    out = predict(*args, **kwargs)
     acc["network_s"] += time.perf_counter() - t
-    for k, v in pred.forward_cost(x, len(heads)).items():
-      if k in acc:
-        acc[k] += v
     return out
 
   pred._forward = counted_forward  # pylint: disable=protected-access
+  pred.predict = timed_predict
   try:
     t = time.perf_counter()
     model.predict(task, states)
     call_s = time.perf_counter() - t
   finally:
-    del pred._forward  # the class method again
+    del pred._forward, pred.predict  # the class methods again
+  for x, heads in inputs:
+    for k, v in pred.forward_cost(x, heads).items():
+      if k in acc:
+        acc[k] += v
   n = max(acc["programs"], 1.0)
   return {
     "states": len(states),
@@ -221,6 +230,12 @@ def main() -> None:
     default=[],
     help="config.model field of the timed TLP models, KEY=PYTHON_LITERAL (a cheaper candidate "
     "network, e.g. --model res_blocks=0 --model decoder_dims=(64,1)); default: configs/default.py",
+  )
+  parser.add_argument(
+    "--threads",
+    type=int,
+    default=cost_model.CostModelConfig.threads,
+    help="CostModelConfig.threads of the TLP models (0 = one per core).",
   )
   parser.add_argument(
     "--out", default=os.path.join(REPO, "bench", "results", "tuner_predict_cost.json")
@@ -278,7 +293,9 @@ def main() -> None:
       states = list(policy.sample_initial_population())[: args.states]
       row = {"workload_key": wk, "states": len(states)}
       for name, path in paths.items():
-        model = cost_model.TLPCostModel(path, cost_model.CostModelConfig(cache_size=0))
+        model = cost_model.TLPCostModel(
+          path, cost_model.CostModelConfig(cache_size=0, threads=args.threads)
+        )
         row[f"{name}_first_s"], row[f"{name}_steady_s"] = _time_model(
           model, task, states, args.repeats
         )
@@ -326,6 +343,10 @@ def main() -> None:
       "machine": common.machine_info(load_average_start=load_at_start),
       "args": vars(args),
       "ensemble_size": ensemble,
+      "tlp_cost_model_config": dataclasses.asdict(
+        cost_model.CostModelConfig(cache_size=0, threads=args.threads)
+      ),
+      "tlp_network_threads": args.threads or len(os.sched_getaffinity(0)),
       "xgb_train_records": len(prep.train_inputs),
       "xgb_fit_s": xgb_fit_s,
       "rows": rows,

@@ -362,6 +362,21 @@ def test_cached_and_text_paths_equal_the_reference(records, frozen):
     assert canon == F.canonical_steps_json(steps)
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_featurize_many_texts_equals_featurize_many(frozen):
+  records = _real_steps() * 2 + [[["AN", 1.5]], [], [["NEW", 1, [2, "x"]], ["SP", 1, 0, 8, [2], 1]]]
+  vocab = F.Vocabulary.original("llvm").freeze() if frozen else F.Vocabulary.original("llvm")
+  a, b = F.Featurizer("llvm", vocab=vocab.copy()), F.Featurizer("llvm", vocab=vocab.copy())
+  texts = [json.dumps(s).encode()[1:-1] for s in records]
+  texts[0] = json.dumps(records[0], separators=(",", ":")).encode()[1:-1]  # not TVM's layout
+  for _ in range(2):  # the second pass is served from the text cache
+    want, got = a.featurize_many(records), b.featurize_many_texts(texts)
+    np.testing.assert_array_equal(got, want)
+  assert a.stats == b.stats and a.vocab == b.vocab
+  with pytest.raises(ValueError, match="not a list of steps"):
+    b.featurize_many_texts([b'["CA", 1'])
+
+
 def test_featurize_many_counts_like_featurize():
   records = _real_steps() * 3 + [[["AN", 1.5]]] * 2
   a, b = F.Featurizer("llvm"), F.Featurizer("llvm")

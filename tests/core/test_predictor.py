@@ -294,3 +294,46 @@ def test_a_compressed_export_loads_the_same(tmp_path):
   got = npred.Predictor.load(tmp_path / "small.npz").predict(_features(), hw="all")
   want = npred.Predictor.load(_save(tmp_path, arrays)).predict(_features(), hw="all")
   np.testing.assert_array_equal(got, want)
+
+
+def test_threads_give_the_same_scores_for_every_thread_count():
+  pred = npred.Predictor.from_arrays(_arrays())
+  x = _features(n=23, seed=5)
+  # Programs of different lengths (several attention groups per chunk), some rows repeated.
+  x = np.random.default_rng(5).standard_normal((23, 5, 6)).astype(np.float32)
+  x[::3, 4:] = 0
+  x[::4, 2:] = 0
+  x[1::5, 1] = x[0, 0]
+  one = pred.predict(x, hw="all", batch_size=4, threads=1)
+  for threads in (2, 3, 8):
+    np.testing.assert_array_equal(pred.predict(x, hw="all", batch_size=4, threads=threads), one)
+  # The same function as the plain path, up to the BLAS's summation order.
+  np.testing.assert_allclose(one, pred.predict(x, hw="all", batch_size=4), rtol=1e-5, atol=1e-6)
+  emb = pred.embed(x, hw="b", batch_size=4, threads=1)
+  np.testing.assert_array_equal(pred.embed(x, hw="b", batch_size=4, threads=3), emb)
+  w, c = pred.last_layer("b")
+  np.testing.assert_allclose(emb @ w + c, one[:, 1], rtol=1e-4, atol=1e-4)
+  assert pred.predict(x[:0], threads=2).shape == (0,)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True])
+def test_predict_refuses_a_bad_thread_count(threads):
+  pred = npred.Predictor.from_arrays(_arrays())
+  with pytest.raises(npred.PredictorError, match="threads must be"):
+    pred.predict(_features(), threads=threads)
+  with pytest.raises(npred.PredictorError, match="threads must be"):
+    pred.embed(_features(), threads=threads)
+
+
+def test_a_chunk_that_fails_on_a_worker_thread_raises_in_the_caller(monkeypatch):
+  pred = npred.Predictor.from_arrays(_arrays())
+  calls = []
+
+  def broken(x, heads, embed=False):
+    calls.append(len(x))
+    raise FloatingPointError("boom")
+
+  monkeypatch.setattr(pred, "_forward", broken)
+  with pytest.raises(FloatingPointError, match="boom"):
+    pred.predict(_features(n=9), batch_size=2, threads=3)
+  assert calls

@@ -400,6 +400,59 @@ def test_loop_token_model_scores_states_with_no_tvm_call_per_state(
 
 
 @needs_tvm
+def test_step_features_come_from_the_serialised_text_with_the_same_values(
+  sample_conv_task, tmp_path
+):
+  """The step list's text is cut out of each serialised state (after the task's head, checked by
+  parsing) and featurized on the records' text path: the same features as the parsed steps."""
+  task = sample_conv_task
+  states = _states(task, n=16, seed=4)
+  keys = [tvm_cost_model.state_steps_json(task, s) for s in states]
+  head = tvm_cost_model.steps_text_head(keys[0])
+  assert head is not None and head.endswith(b", [[], [")
+  assert all(k.startswith(head) and k.endswith(b"]]]") for k in keys)
+  steps = [orjson.loads(k)[1][1] for k in keys]
+  texts = [k[len(head) : -3] for k in keys]
+  assert [json.loads(b"[" + t + b"]") for t in texts] == steps
+  pred = npred.Predictor.load(_token_export(tmp_path, {}))
+  np.testing.assert_array_equal(pred.featurize_step_texts(texts), pred.featurize_steps(steps))
+
+
+def test_steps_text_head_is_checked_by_parsing():
+  # The state's opening text also inside the task part (in its workload key string): the first
+  # cut does not parse as the task, the second does.
+  task = b'["[\\"k\\", [[], [1]]]", "llvm", [], "", 2, []]'
+  key = b"[" + task + b', [[], [["CI", 1], ["AN", 1, 0, 3]]]]'
+  head = tvm_cost_model.steps_text_head(key)
+  assert head == b"[" + task + b", [[], ["
+  assert key[len(head) : -3] == b'["CI", 1], ["AN", 1, 0, 3]'
+  empty = b"[" + task + b", [[], []]]"
+  assert empty[len(tvm_cost_model.steps_text_head(empty)) : -3] == b""
+  for bad in [b"not json", b"[1, 2]", b"[" + task + b", [[], [1]], 2]"]:
+    assert tvm_cost_model.steps_text_head(bad) is None
+
+
+@needs_tvm
+def test_network_threads_give_the_same_scores(sample_conv_task, tmp_path):
+  task = sample_conv_task
+  path = _token_export(tmp_path, {task.workload_key: skeleton_extract.skeleton_from_task(task)})
+  states = _states(task, n=16, seed=4)
+  cfg = tvm_cost_model.CostModelConfig(score_transform="identity", cache_size=0, predict_chunk=3)
+  one = tvm_cost_model.TLPCostModel(path, cfg, threads=1).predict(task, states)
+  many = tvm_cost_model.TLPCostModel(path, cfg, threads=4).predict(task, states)
+  np.testing.assert_array_equal(many, one)
+  pred = npred.Predictor.load(path)
+  want = pred.predict_steps(
+    tvm_cost_model.states_to_steps(task, states), workload_key=task.workload_key
+  )
+  np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="threads must be >= 0"):
+    tvm_cost_model.TLPCostModel(path, cfg, threads=-1)
+  with pytest.raises(ValueError, match="predict_chunk >= 1"):
+    tvm_cost_model.TLPCostModel(path, cfg, predict_chunk=0)
+
+
+@needs_tvm
 def test_a_state_whose_replay_fails_gets_the_lowest_score(sample_conv_task, tmp_path, monkeypatch):
   task = sample_conv_task
   path = _token_export(tmp_path, {task.workload_key: skeleton_extract.skeleton_from_task(task)})

@@ -32,9 +32,12 @@ Errors are ``PredictorError`` (a ``ValueError``) with the file and the reason.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import math
 import os
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -111,6 +114,54 @@ DEFAULT_BATCH_SIZE = 512
 
 class PredictorError(ValueError):
   """Bad model file or bad predictor input."""
+
+
+_BLAS = {"controller": None}
+_BLAS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+  """The process's BLAS limited to one thread for the block (threadpoolctl)."""
+  with _BLAS_LOCK:
+    if _BLAS["controller"] is None:
+      try:
+        import threadpoolctl  # noqa: PLC0415  (optional: only threaded predictions need it)
+      except ImportError:  # pragma: no cover - a dependency of tlp_jax
+        raise PredictorError(
+          "predict(threads=...) needs threadpoolctl (pip install threadpoolctl)"
+        ) from None
+      # Made once: it lists the loaded native libraries (~2 ms); a limit then costs ~10 us.
+      _BLAS["controller"] = threadpoolctl.ThreadpoolController()
+  with _BLAS["controller"].limit(limits=1, user_api="blas"):
+    yield
+
+
+def _check_threads(threads: int | None) -> None:
+  if threads is None:
+    return
+  if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+    raise PredictorError(f"threads must be None or an integer >= 1, got {threads!r}")
+
+
+def _run_chunks(fn: Callable[[Any], None], items: Iterator[Any], threads: int | None) -> None:
+  """``fn`` on every item: in order on this thread (``threads`` None, the BLAS's own threads), or
+  on ``threads`` worker threads with a one-thread BLAS. NumPy releases the GIL in its matmuls and
+  elementwise loops, so chunks of programs run in parallel; and since every chunk then computes
+  with one BLAS thread, the results are the same for every thread count (a multi-threaded BLAS
+  splits a matmul by its thread count, which moves the last bits)."""
+  if threads is None:
+    for item in items:
+      fn(item)
+    return
+  with _one_blas_thread():
+    if threads == 1:
+      for item in items:
+        fn(item)
+    else:
+      with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(fn, items):  # re-raises a chunk's exception here
+          pass
 
 
 # Weight dtypes an export may store (``--weights_dtype``); the predictor computes in float32.
@@ -576,6 +627,7 @@ class Predictor:
     hw: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     loop_tokens: np.ndarray | None = None,
+    threads: int | None = None,
   ) -> np.ndarray:
     """Scores of programs (higher = faster), as the Flax model computes them.
 
@@ -588,19 +640,28 @@ class Predictor:
       loop_tokens: ``(B, T, W)`` loop tokens of the same programs (``T >= max_tokens`` is cropped,
         as the tokens are outermost first); required by, and only by, a model of loop tokens.
         The model input is assembled per chunk (``loop_tokens.model_input``).
+      threads: None = one chunk after another on this thread, with the BLAS's own threads;
+        ``n >= 1`` = chunks on ``n`` worker threads, each with a one-thread BLAS: the scores
+        are then the same for every ``n`` (not bit-equal to None's on a multi-core BLAS).
 
     Returns:
       float32 scores.
 
     Raises:
-      PredictorError: bad shapes, an unknown head, ``batch_size < 1``, or a non-finite input
-        value (the message lists the programs, rows of ``features``, that hold one).
+      PredictorError: bad shapes, an unknown head, ``batch_size < 1``, ``threads < 1``, or a
+        non-finite input value (the message lists the programs, rows of ``features``, that
+        hold one).
     """
     heads = np.arange(self.num_heads) if hw == ALL_HEADS else np.array([self.head_index(hw)])
+    _check_threads(threads)
     n, chunks = self._model_input_chunks(features, loop_tokens, batch_size)
     out = np.empty((n, len(heads)), np.float32)
-    for start, chunk in chunks:
+
+    def one(item: tuple[int, np.ndarray]) -> None:
+      start, chunk = item
       out[start : start + len(chunk)] = self._forward(chunk, heads)
+
+    _run_chunks(one, chunks, threads)
     return out if hw == ALL_HEADS else out[:, 0]
 
   def _model_input_chunks(
@@ -668,6 +729,15 @@ class Predictor:
     if self.reads_loop_tokens:
       return step_crop_of(self.crop, (self.max_tokens, self.token_width))
     return self.crop
+
+  def featurize_step_texts(self, steps_texts: Sequence[bytes]) -> np.ndarray:
+    """:meth:`featurize_steps` of step lists given as TVM's record text, each without its
+    outer brackets (``b'["SP", 2, 0, 4, [4, 1, 1], 1], ["AN", 2, 9, 2]'``): the same values,
+    served from a cache of step texts instead of parsing and re-encoding every step."""
+    try:
+      return self._get_featurizer().featurize_many_texts(list(steps_texts))
+    except ValueError as e:
+      raise PredictorError(str(e)) from None
 
   def featurize_steps(self, steps_list: Sequence[Sequence[Any]]) -> np.ndarray:
     """``(N, *step_crop)`` float32 TLP step features of raw record step lists, with the
@@ -759,6 +829,7 @@ class Predictor:
     hw: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     loop_tokens: np.ndarray | None = None,
+    threads: int | None = None,
   ) -> np.ndarray:
     """``(B, members * d)`` float32 program embeddings: the inputs of head ``hw``'s last
     (linear) decoder layer, summed over each program's rows, members side by side over the
@@ -768,10 +839,17 @@ class Predictor:
     if hw == ALL_HEADS:
       raise PredictorError("embed is per head: pass one hardware name or None")
     head = np.array([self.head_index(hw)])
-    _, chunks = self._model_input_chunks(features, loop_tokens, batch_size)
-    parts = [self._forward(chunk, head, embed=True) for _, chunk in chunks]
+    _check_threads(threads)
+    n, chunks = self._model_input_chunks(features, loop_tokens, batch_size)
     dim = sum(m.decoder[-1][0].shape[1] for m in self._members)
-    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+    out = np.empty((n, dim), np.float32)
+
+    def one(item: tuple[int, np.ndarray]) -> None:
+      start, chunk = item
+      out[start : start + len(chunk)] = self._forward(chunk, head, embed=True)
+
+    _run_chunks(one, chunks, threads)
+    return out
 
   def last_layer(self, hw: str | None = None) -> tuple[np.ndarray, float]:
     """``(w, c)`` of head ``hw``'s last decoder layer over :meth:`embed`'s columns: ``w`` the

@@ -76,6 +76,35 @@ def state_steps_json(task, state) -> bytes:
   return serialize(make_input(task, state)).encode()
 
 
+_STATE_START = b", [[], ["  # a serialised state: [stages (empty), [steps]]
+
+
+def steps_text_head(key: bytes) -> bytes | None:
+  """The text of a serialised input (``state_steps_json``) before its step list: ``[<task>,
+  [[], [``, the same for every state of the task, so ``key[len(head):-3]`` is the step list's
+  text without brackets (``features.Featurizer.featurize_step_texts``). Checked by parsing both
+  parts against the whole; None when no cut passes."""
+  try:
+    whole = orjson.loads(key)
+  except orjson.JSONDecodeError:
+    return None
+  if not key.endswith(b"]]]"):
+    return None
+  pos = key.find(_STATE_START)
+  while pos >= 0:
+    head = key[: pos + len(_STATE_START)]
+    try:
+      if (
+        orjson.loads(key[:pos] + b", [[], []]]") == [whole[0], [[], []]]
+        and orjson.loads(b"[" + key[len(head) : -3] + b"]") == whole[1][1]
+      ):
+        return head
+    except (orjson.JSONDecodeError, IndexError, TypeError):
+      pass
+    pos = key.find(_STATE_START, pos + 1)
+  return None
+
+
 def states_to_steps(task, states: Sequence[Any]) -> list[list]:
   """Transform-step lists (record format, ``["i"][1][1]``) of ``states`` of ``task``."""
   return [orjson.loads(state_steps_json(task, s))[1][1] for s in states]
@@ -114,6 +143,12 @@ class CostModelConfig:
       0 keep their order in float32 (``TLPCostModel._anchor``); "identity" is the original TLP
       behaviour.
     batch_size: states featurised and predicted per chunk (bounds peak memory).
+    threads: threads of the NumPy network (``Predictor.predict(threads=...)``), each over chunks
+      of ``predict_chunk`` programs with a one-thread BLAS; 0 = one per core this process may
+      run on. NumPy releases the GIL in its matmuls and elementwise loops, so they run in
+      parallel while Ansor waits for the scores.
+    predict_chunk: programs per chunk of the network. Fixed apart from ``threads``, so the
+      scores are the same whatever the thread count.
     cache_size: predictions memoised by serialised steps (Ansor re-scores the same states across
       evolution iterations); 0 disables the cache. Predictions are deterministic, so caching
       never changes a score (with online updates the cache holds embeddings, and scores are
@@ -126,6 +161,8 @@ class CostModelConfig:
   hardware: str | None = None
   score_transform: str = "softplus"
   batch_size: int = 4096
+  threads: int = 0
+  predict_chunk: int = 128
   cache_size: int = 200_000
   update: str = "none"
   online_config: online.OnlineConfig = online.OnlineConfig()
@@ -196,6 +233,11 @@ class TLPCostModel(_python_based_model()):
         f"unknown score_transform {config.score_transform!r}; "
         f"choose one of {sorted(SCORE_TRANSFORMS)}"
       )
+    if config.threads < 0 or config.predict_chunk < 1:
+      raise ValueError(
+        f"threads must be >= 0 and predict_chunk >= 1, got {config.threads} and "
+        f"{config.predict_chunk}"
+      )
     if config.update not in UPDATE_MODES:
       raise ValueError(f"unknown update {config.update!r}; choose one of {list(UPDATE_MODES)}")
     self._online = config.update == "online"
@@ -222,6 +264,12 @@ class TLPCostModel(_python_based_model()):
     self._anchors: dict[str, float] = {}  # workload key -> raw score anchor (_anchor)
     self._cache: dict[bytes, float] = {}
     self._skeletons: dict[str, Any] = {}  # workload key -> skeleton, extracted once per task
+    # workload key -> the serialised inputs' text before the step list (None: not found).
+    self._heads: dict[str, bytes | None] = {}
+    self._threads = config.threads or len(os.sched_getaffinity(0))
+    # Step features straight from the serialised text (the records' fast path), when the
+    # predictor is this project's.
+    self._texts = isinstance(predictor, npred.Predictor)
     # Tasks scored without loop tokens because no skeleton could be had (warned once each).
     self.tasks_without_skeleton: set[str] = set()
     self.calls: list[PredictCall] = []
@@ -313,7 +361,11 @@ class TLPCostModel(_python_based_model()):
     if self._loop_tokens:
       tokens, failed = self._loop_tokens_of(task, steps)
     phi = self.predictor.embed(
-      self.predictor.featurize_steps(steps), hw=self.config.hardware, loop_tokens=tokens
+      self.predictor.featurize_steps(steps),
+      hw=self.config.hardware,
+      loop_tokens=tokens,
+      batch_size=self.config.predict_chunk,
+      threads=self._threads,
     )
     return phi, failed
 
@@ -378,6 +430,17 @@ class TLPCostModel(_python_based_model()):
         )
     return tokens, failed
 
+  def _step_features(self, task, keys: list[bytes], steps: list) -> np.ndarray:
+    """TLP step features of one task's states: from their serialised text (``keys``, the step
+    list's text cut out after the task's head) where that is exact, else from ``steps``."""
+    wk = task.workload_key
+    if wk not in self._heads:
+      self._heads[wk] = steps_text_head(keys[0]) if keys else None
+    head = self._heads[wk]
+    if head is not None and all(k.startswith(head) and k.endswith(b"]]]") for k in keys):
+      return self.predictor.featurize_step_texts([k[len(head) : -3] for k in keys])
+    return self.predictor.featurize_steps(steps)
+
   def _check_platform(self, task) -> None:
     task_platform = features.platform_of_target(str(task.target))
     model_platform = getattr(self.predictor, "platform", task_platform)
@@ -413,10 +476,16 @@ class TLPCostModel(_python_based_model()):
         for j, i in enumerate(chunk):
           embeddings[i] = phi[j]
         out = phi.astype(np.float64) @ (self._w + self._dw) + self._c
-      elif self._loop_tokens:
-        tokens, failed = self._loop_tokens_of(task, steps)
+      elif self._texts:
+        tokens = None
+        if self._loop_tokens:
+          tokens, failed = self._loop_tokens_of(task, steps)
         out = self.predictor.predict(
-          self.predictor.featurize_steps(steps), hw=self.config.hardware, loop_tokens=tokens
+          self._step_features(task, [keys[i] for i in chunk], steps),
+          hw=self.config.hardware,
+          loop_tokens=tokens,
+          batch_size=self.config.predict_chunk,
+          threads=self._threads,
         )
       else:
         out = self.predictor.predict_steps(steps, hw=self.config.hardware)
