@@ -75,11 +75,12 @@ EXPERIMENTS = {
   # 39 = 64 tokens; bench/README.md, "64 tokens", where this arm ran as "default" against a
   # "default_t39" arm).
   "default_t40": ("default", {"max_loop_tokens": 0}, EPYC),
-  # A 128-wide trunk: encoder ..., 128, attention, residual blocks and decoder 128-64-1 at
-  # 128 (~3.7x fewer FLOPs per state; bench/README.md, "Cheaper networks measured").
-  "trunk128": (
+  # The default with TLP's 256-wide trunk (the default until the 128-wide trunk won on
+  # validation; bench/README.md, "A 128-wide trunk", where this arm ran as "default" against a
+  # "trunk128" arm).
+  "default_w256": (
     "default",
-    {"model.encoder_dims": (64, 128, 128, 128), "model.decoder_dims": (128, 64, 1)},
+    {"model.encoder_dims": (64, 128, 256, 256), "model.decoder_dims": (256, 128, 64, 1)},
     EPYC,
   ),
   # The default as an ensemble of five networks (the default before issue 15's validation).

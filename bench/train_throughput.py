@@ -815,13 +815,16 @@ class RecipeVariant:
 # config so that the "default" variants follow it.
 DEFAULT_LOOP_TOKENS = default_config.get_config().max_loop_tokens
 
-TRUNK128 = (("encoder_dims", (64, 128, 128, 128)), ("decoder_dims", (128, 64, 1)))
+# TLP's widths (configs/tlp_original.py's model), on top of the default recipe.
+W256 = (("encoder_dims", (64, 128, 256, 256)), ("decoder_dims", (256, 128, 64, 1)))
 
 RECIPE_VARIANTS = {
   # configs/default.py on an NVIDIA GPU since 2026-12-03: model.dtype "auto" = bf16, and
   # attention_impl "auto" = cuDNN's fused attention over the token axis padded to 72.
   # Since 2026-12-03 (later) the model reads 39 of the 40 stored loop tokens
-  # (config.max_loop_tokens): 64 tokens in all. "default_t40": the same with all 40.
+  # (config.max_loop_tokens): 64 tokens in all. "default_t40": the same with all 40. Since
+  # 2026-12-03 (later still) its trunk is 128 wide (configs/default.py's model; every variant
+  # reads the model widths from the config unless it sets its own).
   "default": RecipeVariant(
     dtype="bfloat16", attention="cudnn_pad8", loop_tokens=DEFAULT_LOOP_TOKENS
   ),
@@ -832,15 +835,16 @@ RECIPE_VARIANTS = {
     dtype="bfloat16", attention="cudnn_pad8", loop_tokens=DEFAULT_LOOP_TOKENS, batch=4096
   ),
   "default_t40": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8"),
-  # The default with a 128-wide trunk (accuracy_sweep's "trunk128").
-  "trunk128": RecipeVariant(
-    dtype="bfloat16", attention="cudnn_pad8", loop_tokens=DEFAULT_LOOP_TOKENS, model=TRUNK128
+  # The default with TLP's 256-wide trunk (the default until 2026-12-03, later; accuracy_sweep's
+  # "default_w256").
+  "default_w256": RecipeVariant(
+    dtype="bfloat16", attention="cudnn_pad8", loop_tokens=DEFAULT_LOOP_TOKENS, model=W256
   ),
-  "trunk128_b4096": RecipeVariant(
+  "default_w256_b4096": RecipeVariant(
     dtype="bfloat16",
     attention="cudnn_pad8",
     loop_tokens=DEFAULT_LOOP_TOKENS,
-    model=TRUNK128,
+    model=W256,
     batch=4096,
   ),
   "default_t40_b4096": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8", batch=4096),
