@@ -809,6 +809,9 @@ class RecipeVariant:
   ensemble: int = 1
   loop_tokens: int = 0  # loop tokens the model reads (the first ones); 0 = all the data holds
   model: tuple[tuple[str, Any], ...] = ()  # config.model overrides ((field, value), ...)
+  # "compiled": the AOT-compiled step called in the loop; "pmap": the pmapped function called
+  # as train.py calls it (JAX's pmap wrapper flattens and checks the arguments on every call).
+  call: str = "compiled"
 
 
 # The loop tokens configs/default.py's model reads (config.max_loop_tokens), read from the
@@ -835,6 +838,10 @@ RECIPE_VARIANTS = {
     dtype="bfloat16", attention="cudnn_pad8", loop_tokens=DEFAULT_LOOP_TOKENS, batch=4096
   ),
   "default_t40": RecipeVariant(dtype="bfloat16", attention="cudnn_pad8"),
+  # The default's step called through jax.pmap's wrapper, as train.py calls it.
+  "default_pmap_call": RecipeVariant(
+    dtype="bfloat16", attention="cudnn_pad8", loop_tokens=DEFAULT_LOOP_TOKENS, call="pmap"
+  ),
   # The default with TLP's 256-wide trunk (the default until 2026-12-03, later; accuracy_sweep's
   # "default_w256").
   "default_w256": RecipeVariant(
@@ -1002,6 +1009,10 @@ def run_recipe_variant(
       step_lib.create_train_state(model_cfg, tx, seed), data.devices
     )
     compiled = _compile_with_cost(p_train, (state, resident, *order_dev), out)
+    if v.call == "pmap":
+      compiled = p_train  # compiles once more on its first call (in the warm-up)
+    elif v.call != "compiled":
+      raise ValueError(f"unknown call {v.call!r}")
     cur = {"state": state, "pending": []}
 
     def run(n_calls: int) -> None:
