@@ -1,5 +1,6 @@
 """Tests of the TLP cost model for TVM's auto-scheduler (tlp_jax/tvm/cost_model.py)."""
 
+import gc
 import importlib.util
 import json
 import os
@@ -126,6 +127,35 @@ def test_predict_scores_each_state_with_the_predictor(matmul_task):
   summary = model.timing_summary()
   assert summary["predict_calls"] == 2 and summary["states_cached"] == len(states)
   model.update([], [])  # documented no-op
+
+
+@needs_tvm
+def test_predict_pauses_the_cyclic_collector_and_restores_it(matmul_task):
+  class Recording(FakePredictor):
+    def predict_steps(self, list_of_steps, hw=None):
+      self.gc_during = gc.isenabled()
+      return super().predict_steps(list_of_steps, hw)
+
+  fake = Recording()
+  model = tvm_cost_model.TLPCostModel(fake, cache_size=0)
+  states = _states(matmul_task)
+  assert gc.isenabled()
+  model.predict(matmul_task, states)
+  assert fake.gc_during is False and gc.isenabled()
+  gc.disable()  # a caller that runs without the collector keeps it off
+  try:
+    model.predict(matmul_task, states)
+    assert not gc.isenabled()
+  finally:
+    gc.enable()
+
+  class Failing(FakePredictor):
+    def predict_steps(self, list_of_steps, hw=None):
+      raise RuntimeError("boom")
+
+  with pytest.raises(RuntimeError, match="boom"):
+    tvm_cost_model.TLPCostModel(Failing(), cache_size=0).predict(matmul_task, states)
+  assert gc.isenabled()
 
 
 @needs_tvm
