@@ -9,8 +9,8 @@ of states and each model scores the whole population:
   the trainer exports it (``train.data.model_config_for`` / ``dataset_meta`` on a dataset of loop
   tokens, the sample's skeletons embedded). Its first call per task extracts the task's skeleton
   with TVM and traces the replay templates cold; it is timed apart (``first_s``) from the
-  steady-state calls that follow (``steady_s``, best of ``--repeats``, prediction cache off so
-  every call scores every state);
+  steady-state calls that follow (``steady_s``, best of ``--repeats``; ``median_s``, their
+  median; prediction cache off so every call scores every state);
 * ``tlp_steps``: the same recipe on TLP's step features only (``loop_tokens="off"``), for
   reference;
 * ``xgb``: Ansor's ``XGBModel`` trained on the sample's training records of ``--hardware``
@@ -113,13 +113,19 @@ def export_default_model(
   return out
 
 
-def _time_model(model, task, states, repeats: int) -> tuple[float, float]:
-  """``(first call s, best steady-state call s)`` of ``model.predict(task, states)``."""
+def _time_model(model, task, states, repeats: int) -> tuple[float, float, float]:
+  """``(first call s, best steady-state call s, median steady-state call s)`` of
+  ``model.predict(task, states)`` over ``repeats`` steady calls: the best is the least disturbed
+  call, the median what a tuner's calls take typically (collector pauses included)."""
   t0 = time.perf_counter()
   model.predict(task, states)
   first = time.perf_counter() - t0
-  steady = common.best_time(lambda: model.predict(task, states), repeats, warmup=False)
-  return first, steady
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    model.predict(task, states)
+    times.append(time.perf_counter() - t0)
+  return first, min(times), float(np.median(times))
 
 
 # Where a TLPCostModel.predict call spends its time: (file, function) of the profile -> bucket.
@@ -296,7 +302,7 @@ def main() -> None:
         model = cost_model.TLPCostModel(
           path, cost_model.CostModelConfig(cache_size=0, threads=args.threads)
         )
-        row[f"{name}_first_s"], row[f"{name}_steady_s"] = _time_model(
+        row[f"{name}_first_s"], row[f"{name}_steady_s"], row[f"{name}_median_s"] = _time_model(
           model, task, states, args.repeats
         )
         row[f"{name}_failed"] = model.timing_summary()["states_failed"]
@@ -304,7 +310,9 @@ def main() -> None:
           profile = dict(profile_split(model, task, states), workload_key=wk)
         if name == "tlp":
           row["tlp_network"] = network_cost(model, task, states)
-      row["xgb_first_s"], row["xgb_steady_s"] = _time_model(xgb, task, states, args.repeats)
+      row["xgb_first_s"], row["xgb_steady_s"], row["xgb_median_s"] = _time_model(
+        xgb, task, states, args.repeats
+      )
       rows.append(row)
       timed = ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in row.items() if k.endswith("_s"))
       print(f"{wk[:60]}: {len(states)} states: {timed}")
