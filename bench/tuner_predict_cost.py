@@ -247,6 +247,8 @@ def main() -> None:
     "--out", default=os.path.join(REPO, "bench", "results", "tuner_predict_cost.json")
   )
   args = parser.parse_args()
+  if args.repeats < 1:
+    parser.error("--repeats must be >= 1")
   model_overrides = common.parse_overrides(args.model)
   load_at_start = os.getloadavg()
 

@@ -64,11 +64,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = get_model_config()
   # A 128-wide trunk instead of TLP's 256 (issues 15 and 16, decided on task-disjoint validation
-  # before it landed, bench/README.md, "A 128-wide trunk"): the encoder ends at 128, attention
-  # and residual blocks run at 128, the decoder is 128-64-1. Over 17 paired runs on five folds of
-  # epyc-9004, 128 - 256 is +0.001 in top-1 and -0.006 in top-5 (s.e. 0.009 / 0.006), for 3.7x
-  # fewer FLOPs per program: H200, batch 1024, 495k -> 762k samples/s; the NumPy network of
-  # TLPCostModel.predict ~2x faster. configs/tlp_original.py keeps TLP's widths.
+  # before it landed, bench/README.md, "A 128-wide trunk as the default"): the encoder ends at
+  # 128, attention and residual blocks run at 128, the decoder is 128-64-1. Over 17 paired runs
+  # on five folds of epyc-9004, 128 - 256 is +0.001 in top-1 and -0.006 in top-5 (s.e. 0.009 /
+  # 0.006), for 3.7x fewer FLOPs per program: H200, batch 1024, 495k -> 776k samples/s; the
+  # NumPy network of TLPCostModel.predict ~2x faster. configs/tlp_original.py keeps TLP's widths.
   config.model.encoder_dims = (64, 128, 128, 128)
   config.model.decoder_dims = (128, 64, 1)
   # This project's default (issue 5, docs/ACCURACY.md): log-scaled numeric fields.

@@ -375,6 +375,19 @@ def test_featurize_many_texts_equals_featurize_many(frozen):
   assert a.stats == b.stats and a.vocab == b.vocab
   with pytest.raises(ValueError, match="not a list of steps"):
     b.featurize_many_texts([b'["CA", 1'])
+  with pytest.raises(ValueError, match="not a list of steps"):  # strict UTF-8
+    b.featurize_many_texts([b'["C\xffA", 1], ["AN", 1,2]'])
+
+
+def test_featurize_many_texts_counts_one_layout_change_per_redone_batch():
+  # Three new kinds in one batch widen the one-hot block three times on the text path; the batch
+  # is redone once, and counted once, as featurize_many counts it.
+  records = [[["NEWA", 1]], [["NEWB", 2]], [["CA", 1, 2, 0], ["NEWC", 3]]]
+  a, b = F.Featurizer("llvm"), F.Featurizer("llvm")
+  want = a.featurize_many(records)
+  got = b.featurize_many_texts([json.dumps(s).encode()[1:-1] for s in records])
+  np.testing.assert_array_equal(got, want)
+  assert a.stats == b.stats and a.stats[F.STAT_LAYOUT_CHANGES] == 1 and a.vocab == b.vocab
 
 
 def test_featurize_many_counts_like_featurize():

@@ -7,10 +7,12 @@ the predictor against the Flax model.
 
 import io
 import json
+import threading
 import zipfile
 
 import numpy as np
 import pytest
+import threadpoolctl
 
 from tlp_jax.core import features
 from tlp_jax.core import predictor as npred
@@ -298,7 +300,6 @@ def test_a_compressed_export_loads_the_same(tmp_path):
 
 def test_threads_give_the_same_scores_for_every_thread_count():
   pred = npred.Predictor.from_arrays(_arrays())
-  x = _features(n=23, seed=5)
   # Programs of different lengths (several attention groups per chunk), some rows repeated.
   x = np.random.default_rng(5).standard_normal((23, 5, 6)).astype(np.float32)
   x[::3, 4:] = 0
@@ -337,3 +338,85 @@ def test_a_chunk_that_fails_on_a_worker_thread_raises_in_the_caller(monkeypatch)
   with pytest.raises(FloatingPointError, match="boom"):
     pred.predict(_features(n=9), batch_size=2, threads=3)
   assert calls
+
+
+def _blas_threads():
+  return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+
+@pytest.fixture
+def two_blas_threads():
+  """The process's BLAS thread counts, when a one-thread limit is visible against them.
+
+  (Not set here with threadpoolctl: OpenBLAS then ignores a limit set from another thread.)"""
+  before = _blas_threads()
+  if not before or max(before) < 2:
+    pytest.skip("the BLAS runs one thread already (one core?)")
+  return before
+
+
+def test_threads_run_on_a_one_thread_blas_and_restore_it(monkeypatch, two_blas_threads):
+  pred = npred.Predictor.from_arrays(_arrays())
+  before = two_blas_threads
+  seen, threads = [], set()
+  forward = pred._forward
+
+  def recording(x, heads, embed=False):
+    seen.append(_blas_threads())
+    threads.add(threading.get_ident())
+    return forward(x, heads, embed)
+
+  monkeypatch.setattr(pred, "_forward", recording)
+  pred.predict(_features(n=40), batch_size=2, threads=3)
+  assert seen and all(s == [1] * len(before) for s in seen)
+  assert _blas_threads() == before
+  assert len(threads) > 1 and threading.get_ident() not in threads
+
+  def broken(x, heads, embed=False):
+    raise FloatingPointError("boom")
+
+  monkeypatch.setattr(pred, "_forward", broken)
+  with pytest.raises(FloatingPointError):
+    pred.predict(_features(n=9), batch_size=2, threads=2)
+  assert _blas_threads() == before
+
+
+def test_overlapping_threaded_calls_keep_and_then_restore_the_limit(monkeypatch, two_blas_threads):
+  """Two calls on two threads: the one that ends first must not lift the other's limit, and the
+  last one out restores the process's own setting."""
+  pred = npred.Predictor.from_arrays(_arrays())
+  before = two_blas_threads
+  first_in, first_may_leave, first_out = threading.Event(), threading.Event(), threading.Event()
+  second_in = threading.Event()
+  seen_by_second = []
+  forward = pred._forward
+
+  def first(x, heads, embed=False):
+    first_in.set()
+    first_may_leave.wait(10)
+    return forward(x, heads, embed)
+
+  def second(x, heads, embed=False):
+    second_in.set()
+    first_out.wait(10)  # the first call has returned by now
+    seen_by_second.append(_blas_threads())
+    return forward(x, heads, embed)
+
+  def run_first():
+    p = npred.Predictor.from_arrays(_arrays())
+    p._forward = first
+    p.predict(_features(n=4), batch_size=4, threads=1)
+    first_out.set()
+
+  t = threading.Thread(target=run_first)
+  t.start()
+  assert first_in.wait(10)
+  monkeypatch.setattr(pred, "_forward", second)
+  worker = threading.Thread(target=lambda: pred.predict(_features(n=4), batch_size=4, threads=1))
+  worker.start()
+  assert second_in.wait(10)  # both calls hold the limit now
+  first_may_leave.set()
+  t.join(10)
+  worker.join(10)
+  assert seen_by_second == [[1] * len(before)]
+  assert _blas_threads() == before

@@ -118,3 +118,49 @@ def test_fill_padded_buckets_keep_program_order(monkeypatch):
   for nest, row in zip(nests, got):
     np.testing.assert_array_equal(row, lt.loop_tokens(nest, max_tokens=8))
   assert rc.fill_padded([], 8).shape == (0, 8, lt.WIDTH)
+
+
+def _signature_reference(steps):
+  """The template signature as first written (before its speed-up): the reference."""
+  sig, vals = [], []
+  for s in steps:
+    k = s[0]
+    if k == "SP":
+      ls = s[4]
+      sig.append(("SP", s[1], s[2], tuple(n is None for n in ls), s[5]))
+      vals.extend(n for n in ls if n is not None)
+    elif k == "PR" and s[3].startswith("auto_unroll_max_step"):
+      t = s[3]
+      pos = t.find("$")
+      sig.append(("PR", s[1], s[2], pos))
+      vals.append(rp._atoi(t[pos + 1 :]) if pos >= 0 else 0)  # pylint: disable=protected-access
+    else:
+      sig.append(tuple(tuple(x) if isinstance(x, list) else x for x in s))
+  return tuple(sig), vals
+
+
+def test_signature_equals_the_reference(sample_tenset_dir):
+  lists = []
+  for f in sorted(glob.glob(os.path.join(sample_tenset_dir, "measure_records", "*", "*.json"))):
+    with open(f) as fh:
+      lists += [json.loads(ln)["i"][1][1] for ln in fh]
+  lists += [
+    [["SP", 2, 0, 64, [None, 4, None], 1], ["SP", 2, 4, 8, [], 0]],
+    [["PR", 1, 0, "auto_unroll_max_step"], ["PR", 1, 0, "auto_unroll_max_step$512"]],
+    [["PR", 1, 0, "debug_skip_region"], ["AN", 1, 2, 3], ["CA", 2, 3, 1], ["CI", 4]],
+    [["FSP", 3, 1, 2, 1], ["RE", 2, [0, 2, 1]], ["FU", 2, [0, 1]], ["CHW", 2, "local"]],
+  ]
+  assert len(lists) > 4000
+  for steps in lists:
+    assert rc.signature(steps) == _signature_reference(steps), steps
+
+
+def test_a_malformed_step_takes_the_full_replay_and_its_error():
+  skel = sk.Skeleton.from_dict(_DENSE)
+  bad = [["AN", 2, [1], 3]]  # a list where TVM writes an int: the signature cannot be hashed
+  cache = rc.TemplateCache()
+  with pytest.raises(rp.ReplayError) as got:
+    cache.values(skel, bad)
+  with pytest.raises(rp.ReplayError) as want:
+    rp.replay(skel, bad)
+  assert str(got.value) == str(want.value) and cache.stats["full"] == 1

@@ -1,6 +1,5 @@
 """Tests of the TLP cost model for TVM's auto-scheduler (tlp_jax/tvm/cost_model.py)."""
 
-import gc
 import importlib.util
 import json
 import os
@@ -127,35 +126,6 @@ def test_predict_scores_each_state_with_the_predictor(matmul_task):
   summary = model.timing_summary()
   assert summary["predict_calls"] == 2 and summary["states_cached"] == len(states)
   model.update([], [])  # documented no-op
-
-
-@needs_tvm
-def test_predict_pauses_the_cyclic_collector_and_restores_it(matmul_task):
-  class Recording(FakePredictor):
-    def predict_steps(self, list_of_steps, hw=None):
-      self.gc_during = gc.isenabled()
-      return super().predict_steps(list_of_steps, hw)
-
-  fake = Recording()
-  model = tvm_cost_model.TLPCostModel(fake, cache_size=0)
-  states = _states(matmul_task)
-  assert gc.isenabled()
-  model.predict(matmul_task, states)
-  assert fake.gc_during is False and gc.isenabled()
-  gc.disable()  # a caller that runs without the collector keeps it off
-  try:
-    model.predict(matmul_task, states)
-    assert not gc.isenabled()
-  finally:
-    gc.enable()
-
-  class Failing(FakePredictor):
-    def predict_steps(self, list_of_steps, hw=None):
-      raise RuntimeError("boom")
-
-  with pytest.raises(RuntimeError, match="boom"):
-    tvm_cost_model.TLPCostModel(Failing(), cache_size=0).predict(matmul_task, states)
-  assert gc.isenabled()
 
 
 @needs_tvm
@@ -445,7 +415,7 @@ def test_step_features_come_from_the_serialised_text_with_the_same_values(
   texts = [k[len(head) : -3] for k in keys]
   assert [json.loads(b"[" + t + b"]") for t in texts] == steps
   pred = npred.Predictor.load(_token_export(tmp_path, {}))
-  np.testing.assert_array_equal(pred.featurize_step_texts(texts), pred.featurize_steps(steps))
+  np.testing.assert_array_equal(pred.featurize_texts(texts), pred.featurize_steps(steps))
 
 
 def test_steps_text_head_is_checked_by_parsing():
@@ -476,10 +446,70 @@ def test_network_threads_give_the_same_scores(sample_conv_task, tmp_path):
     tvm_cost_model.states_to_steps(task, states), workload_key=task.workload_key
   )
   np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="threads must be >= 0"):
-    tvm_cost_model.TLPCostModel(path, cfg, threads=-1)
-  with pytest.raises(ValueError, match="predict_chunk >= 1"):
-    tvm_cost_model.TLPCostModel(path, cfg, predict_chunk=0)
+  for bad in [{"threads": -1}, {"threads": 2.5}, {"threads": None}, {"threads": True}]:
+    with pytest.raises(ValueError, match="threads must be an integer >= 0"):
+      tvm_cost_model.TLPCostModel(path, cfg, **bad)
+  for bad in [0, 1.5]:
+    with pytest.raises(ValueError, match="predict_chunk must be an integer >= 1"):
+      tvm_cost_model.TLPCostModel(path, cfg, predict_chunk=bad)
+
+
+@needs_tvm
+def test_step_features_take_the_text_path_and_fall_back_to_parsed_steps(
+  sample_conv_task, tmp_path, monkeypatch
+):
+  task = sample_conv_task
+  path = _token_export(tmp_path, {task.workload_key: skeleton_extract.skeleton_from_task(task)})
+  states = _states(task, n=12, seed=4)
+  cfg = tvm_cost_model.CostModelConfig(score_transform="identity", cache_size=0)
+  want = tvm_cost_model.TLPCostModel(path, cfg).predict(task, states)
+  # The text path: the parsed steps' featurizer is never called.
+  model = tvm_cost_model.TLPCostModel(path, cfg)
+
+  def no_parsed(steps_list):
+    raise AssertionError("featurize_steps called on the text path")
+
+  monkeypatch.setattr(model.predictor, "featurize_steps", no_parsed)
+  np.testing.assert_array_equal(model.predict(task, states), want)
+  monkeypatch.undo()
+  # A head that no key starts with: every key goes back to the parsed steps, same scores.
+  model = tvm_cost_model.TLPCostModel(path, cfg)
+  model._heads[task.workload_key] = b"[[no such head"
+  calls = []
+  monkeypatch.setattr(model.predictor, "featurize_texts", lambda texts: calls.append(texts))
+  np.testing.assert_array_equal(model.predict(task, states), want)
+  assert calls == []
+
+
+@needs_tvm
+def test_a_predictor_of_another_class_is_called_as_before(sample_conv_task, tmp_path):
+  """A duck-typed predictor that reads loop tokens (e.g. a wrapper around a Predictor) gets the
+  loop tokens and plain ``predict(features, loop_tokens=...)`` calls, without threads."""
+  task = sample_conv_task
+  path = _token_export(tmp_path, {task.workload_key: skeleton_extract.skeleton_from_task(task)})
+  inner = npred.Predictor.load(path)
+
+  class Proxy:
+    def __init__(self, wrapped):
+      self._wrapped = wrapped
+      self.calls = []
+
+    def __getattr__(self, name):
+      return getattr(self._wrapped, name)
+
+    def predict(self, features, hw=None, loop_tokens=None):
+      self.calls.append(loop_tokens is not None)
+      return self._wrapped.predict(features, hw=hw, loop_tokens=loop_tokens)
+
+  proxy = Proxy(inner)
+  states = _states(task, n=8, seed=4)
+  cfg = tvm_cost_model.CostModelConfig(score_transform="identity", cache_size=0)
+  got = tvm_cost_model.TLPCostModel(proxy, cfg).predict(task, states)
+  want = inner.predict_steps(
+    tvm_cost_model.states_to_steps(task, states), workload_key=task.workload_key
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert proxy.calls == [True]
 
 
 @needs_tvm

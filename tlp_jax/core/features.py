@@ -668,16 +668,17 @@ class Featurizer:
         if out is not None:
           parts.append(out[0])
           continue
-        try:
-          steps = json.loads(b"[" + text + b"]")
+        try:  # strict UTF-8, as the text path decodes
+          steps = json.loads((b"[" + text + b"]").decode("utf-8"))
         except (ValueError, RecursionError) as e:
           raise ValueError(f"not a list of steps: {text[:80]!r}...: {e}") from None
         parts.append(self._record_bytes(steps, scratch))
       if self._vocab.one_hot_width == layout:
         break
-      # The text path notices a new kind itself (counted in scratch); the parsed one does not.
-      stats[STAT_LAYOUT_CHANGES] += scratch[STAT_LAYOUT_CHANGES]
-      self._check_layout(stats)
+      # One layout change per redone batch, as featurize_many counts: the text path notices
+      # each new kind itself (counted in scratch, which is dropped), the parsed one does not.
+      if not self._check_layout(stats) and scratch[STAT_LAYOUT_CHANGES]:
+        stats[STAT_LAYOUT_CHANGES] += 1
       self._note_layout_change(stats, scratch)
     stats.update(scratch)
     out = np.frombuffer(b"".join(parts), dtype=np.float32)

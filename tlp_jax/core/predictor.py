@@ -32,6 +32,7 @@ Errors are ``PredictorError`` (a ``ValueError``) with the file and the reason.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import json
@@ -116,25 +117,51 @@ class PredictorError(ValueError):
   """Bad model file or bad predictor input."""
 
 
-_BLAS = {"controller": None}
+# The process-wide one-thread BLAS limit of threaded predictions: threadpoolctl, its controller
+# (made once), and the limit held while any threaded call runs (counted, so that overlapping
+# calls from different threads neither lift it early nor leave it behind).
+_BLAS: dict[str, Any] = {"module": None, "controller": None, "users": 0, "limit": None}
 _BLAS_LOCK = threading.Lock()
+
+
+def _claim_blas(threadpoolctl: Any) -> None:
+  """Lets this thread set the BLAS's thread count. threadpoolctl (>= 3.6) lets only one thread
+  at a time set a pthreads OpenBLAS's process-wide count and silently ignores the others; the
+  thread that applies or restores the limit here may not be the one that did before."""
+  controller = getattr(threadpoolctl, "OpenBLASController", None)
+  clear = getattr(controller, "clear_controlling_thread", None)
+  if clear is not None:
+    clear(force=True)
 
 
 @contextlib.contextmanager
 def _one_blas_thread():
-  """The process's BLAS limited to one thread for the block (threadpoolctl)."""
+  """The process's BLAS limited to one thread for the block (threadpoolctl); the limits found
+  on entry are restored when the last overlapping block exits."""
   with _BLAS_LOCK:
     if _BLAS["controller"] is None:
       try:
-        import threadpoolctl  # noqa: PLC0415  (optional: only threaded predictions need it)
+        import threadpoolctl  # optional: only threaded predictions need it
       except ImportError:  # pragma: no cover - a dependency of tlp_jax
         raise PredictorError(
           "predict(threads=...) needs threadpoolctl (pip install threadpoolctl)"
         ) from None
       # Made once: it lists the loaded native libraries (~2 ms); a limit then costs ~10 us.
-      _BLAS["controller"] = threadpoolctl.ThreadpoolController()
-  with _BLAS["controller"].limit(limits=1, user_api="blas"):
+      _BLAS["module"], _BLAS["controller"] = threadpoolctl, threadpoolctl.ThreadpoolController()
+    if _BLAS["users"] == 0:
+      _claim_blas(_BLAS["module"])
+      _BLAS["limit"] = _BLAS["controller"].limit(limits=1, user_api="blas")
+    _BLAS["users"] += 1
+  try:
     yield
+  finally:
+    with _BLAS_LOCK:
+      _BLAS["users"] -= 1
+      if _BLAS["users"] == 0:
+        _claim_blas(_BLAS["module"])
+        _BLAS["limit"].restore_original_limits()
+        _BLAS["limit"] = None
+        _claim_blas(_BLAS["module"])  # and let go of it: any thread may set it again
 
 
 def _check_threads(threads: int | None) -> None:
@@ -149,7 +176,9 @@ def _run_chunks(fn: Callable[[Any], None], items: Iterator[Any], threads: int | 
   on ``threads`` worker threads with a one-thread BLAS. NumPy releases the GIL in its matmuls and
   elementwise loops, so chunks of programs run in parallel; and since every chunk then computes
   with one BLAS thread, the results are the same for every thread count (a multi-threaded BLAS
-  splits a matmul by its thread count, which moves the last bits)."""
+  splits a matmul by its thread count, which moves the last bits). At most ``2 * threads``
+  chunks are assembled at a time, so memory stays bounded by the chunk size. Worker threads do
+  not inherit the caller's ``np.errstate``."""
   if threads is None:
     for item in items:
       fn(item)
@@ -158,10 +187,18 @@ def _run_chunks(fn: Callable[[Any], None], items: Iterator[Any], threads: int | 
     if threads == 1:
       for item in items:
         fn(item)
-    else:
-      with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(fn, items):  # re-raises a chunk's exception here
-          pass
+      return
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
+    pending: collections.deque = collections.deque()
+    try:
+      for item in items:
+        if len(pending) >= 2 * threads:
+          pending.popleft().result()  # re-raises a chunk's exception here
+        pending.append(pool.submit(fn, item))
+      while pending:
+        pending.popleft().result()
+    finally:
+      pool.shutdown(wait=True, cancel_futures=True)
 
 
 # Weight dtypes an export may store (``--weights_dtype``); the predictor computes in float32.
@@ -730,7 +767,7 @@ class Predictor:
       return step_crop_of(self.crop, (self.max_tokens, self.token_width))
     return self.crop
 
-  def featurize_step_texts(self, steps_texts: Sequence[bytes]) -> np.ndarray:
+  def featurize_texts(self, steps_texts: Sequence[bytes]) -> np.ndarray:
     """:meth:`featurize_steps` of step lists given as TVM's record text, each without its
     outer brackets (``b'["SP", 2, 0, 4, [4, 1, 1], 1], ["AN", 2, 9, 2]'``): the same values,
     served from a cache of step texts instead of parsing and re-encoding every step."""

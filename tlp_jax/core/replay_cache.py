@@ -349,6 +349,7 @@ class TemplateCache:
       ent = self.entries.get(sig)
     except TypeError:  # a malformed step (a list where TVM writes an int): the full replay
       # reports it
+      self.stats["full"] += 1
       return lt.plan_and_values(rp.replay(skeleton, steps))
     if ent is None:
       ent = self.entries[sig] = [0, []]

@@ -27,10 +27,8 @@ deterministic, bounded per round); it can never raise into the tuner.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import gc
 import logging
 import os
 import time
@@ -78,6 +76,13 @@ def state_steps_json(task, state) -> bytes:
   return serialize(make_input(task, state)).encode()
 
 
+def _usable_cores() -> int:
+  """Cores this process may run on (its affinity where the OS reports one)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 _STATE_START = b", [[], ["  # a serialised state: [stages (empty), [steps]]
 
 
@@ -110,25 +115,6 @@ def steps_text_head(key: bytes) -> bytes | None:
 def states_to_steps(task, states: Sequence[Any]) -> list[list]:
   """Transform-step lists (record format, ``["i"][1][1]``) of ``states`` of ``task``."""
   return [orjson.loads(state_steps_json(task, s))[1][1] for s in states]
-
-
-@contextlib.contextmanager
-def _cyclic_gc_paused():
-  """Python's cyclic garbage collector paused for the block, then restored as it was.
-
-  A steady ``predict`` call allocates ~10^5 short-lived containers (template signatures, replay
-  values), which trigger collections; the oldest generation's traverse every live object of the
-  tuner process (TVM's and the template caches' too). Reference counting still frees the
-  call's objects at once; any cycle waits for the first collection after the call. Paused, a
-  steady call ran 21% faster on the sample's tasks (bench/README.md, "The cyclic collector").
-  """
-  enabled = gc.isenabled()
-  gc.disable()
-  try:
-    yield
-  finally:
-    if enabled:
-      gc.enable()
 
 
 def _identity(raw: np.ndarray) -> np.ndarray:
@@ -254,11 +240,10 @@ class TLPCostModel(_python_based_model()):
         f"unknown score_transform {config.score_transform!r}; "
         f"choose one of {sorted(SCORE_TRANSFORMS)}"
       )
-    if config.threads < 0 or config.predict_chunk < 1:
-      raise ValueError(
-        f"threads must be >= 0 and predict_chunk >= 1, got {config.threads} and "
-        f"{config.predict_chunk}"
-      )
+    for name, low in (("threads", 0), ("predict_chunk", 1)):
+      value = getattr(config, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if config.update not in UPDATE_MODES:
       raise ValueError(f"unknown update {config.update!r}; choose one of {list(UPDATE_MODES)}")
     self._online = config.update == "online"
@@ -287,9 +272,10 @@ class TLPCostModel(_python_based_model()):
     self._skeletons: dict[str, Any] = {}  # workload key -> skeleton, extracted once per task
     # workload key -> the serialised inputs' text before the step list (None: not found).
     self._heads: dict[str, bytes | None] = {}
-    self._threads = config.threads or len(os.sched_getaffinity(0))
-    # Step features straight from the serialised text (the records' fast path), when the
-    # predictor is this project's.
+    self._threads = config.threads or _usable_cores()
+    # Step features straight from the serialised text (the records' fast path) and the network
+    # on threads, when the predictor is this project's; any other (duck-typed) predictor is
+    # called as before this existed.
     self._texts = isinstance(predictor, npred.Predictor)
     # Tasks scored without loop tokens because no skeleton could be had (warned once each).
     self.tasks_without_skeleton: set[str] = set()
@@ -459,7 +445,7 @@ class TLPCostModel(_python_based_model()):
       self._heads[wk] = steps_text_head(keys[0]) if keys else None
     head = self._heads[wk]
     if head is not None and all(k.startswith(head) and k.endswith(b"]]]") for k in keys):
-      return self.predictor.featurize_step_texts([k[len(head) : -3] for k in keys])
+      return self.predictor.featurize_texts([k[len(head) : -3] for k in keys])
     return self.predictor.featurize_steps(steps)
 
   def _check_platform(self, task) -> None:
@@ -473,10 +459,6 @@ class TLPCostModel(_python_based_model()):
 
   def predict(self, task, states):
     """Scores ``states`` of ``task``: float32 array, higher = predicted faster."""
-    with _cyclic_gc_paused():
-      return self._predict(task, states)
-
-  def _predict(self, task, states):
     if not self.calls or self.calls[-1].workload_key != task.workload_key:
       self._check_platform(task)
     t0 = time.perf_counter()
@@ -501,17 +483,22 @@ class TLPCostModel(_python_based_model()):
         for j, i in enumerate(chunk):
           embeddings[i] = phi[j]
         out = phi.astype(np.float64) @ (self._w + self._dw) + self._c
-      elif self._texts:
+      elif self._texts or self._loop_tokens:
         tokens = None
         if self._loop_tokens:
           tokens, failed = self._loop_tokens_of(task, steps)
-        out = self.predictor.predict(
-          self._step_features(task, [keys[i] for i in chunk], steps),
-          hw=self.config.hardware,
-          loop_tokens=tokens,
-          batch_size=self.config.predict_chunk,
-          threads=self._threads,
-        )
+        if self._texts:
+          out = self.predictor.predict(
+            self._step_features(task, [keys[i] for i in chunk], steps),
+            hw=self.config.hardware,
+            loop_tokens=tokens,
+            batch_size=self.config.predict_chunk,
+            threads=self._threads,
+          )
+        else:
+          out = self.predictor.predict(
+            self.predictor.featurize_steps(steps), hw=self.config.hardware, loop_tokens=tokens
+          )
       else:
         out = self.predictor.predict_steps(steps, hw=self.config.hardware)
       raw[chunk] = np.asarray(out, dtype=np.float64).reshape(len(chunk))
