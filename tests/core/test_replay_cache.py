@@ -120,26 +120,25 @@ def test_fill_padded_buckets_keep_program_order(monkeypatch):
   assert rc.fill_padded([], 8).shape == (0, 8, lt.WIDTH)
 
 
-def _signature_reference(steps):
-  """The template signature as first written (before its speed-up): the reference."""
-  sig, vals = [], []
-  for s in steps:
-    k = s[0]
-    if k == "SP":
-      ls = s[4]
-      sig.append(("SP", s[1], s[2], tuple(n is None for n in ls), s[5]))
-      vals.extend(n for n in ls if n is not None)
-    elif k == "PR" and s[3].startswith("auto_unroll_max_step"):
-      t = s[3]
-      pos = t.find("$")
-      sig.append(("PR", s[1], s[2], pos))
-      vals.append(rp._atoi(t[pos + 1 :]) if pos >= 0 else 0)  # pylint: disable=protected-access
-    else:
-      sig.append(tuple(tuple(x) if isinstance(x, list) else x for x in s))
-  return tuple(sig), vals
+def _with_new_values(steps, bump):
+  """``steps`` with every abstracted value (split lengths, auto_unroll_max_step values) moved by
+  ``bump``, and the new values in step order."""
+  out, vals = [], []
+  for st in steps:
+    st = list(st)
+    if st[0] == "SP":
+      st[4] = [None if n is None else n + bump for n in st[4]]
+      vals += [n for n in st[4] if n is not None]
+    elif st[0] == "PR" and st[3].startswith("auto_unroll_max_step"):
+      head, sep, num = st[3].partition("$")
+      if sep:
+        st[3] = f"{head}${int(num) + bump}"
+      vals.append(int(num) + bump if sep else 0)
+    out.append(st)
+  return out, vals
 
 
-def test_signature_equals_the_reference(sample_tenset_dir):
+def test_signature_abstracts_exactly_the_split_lengths_and_unroll_values(sample_tenset_dir):
   lists = []
   for f in sorted(glob.glob(os.path.join(sample_tenset_dir, "measure_records", "*", "*.json"))):
     with open(f) as fh:
@@ -152,7 +151,18 @@ def test_signature_equals_the_reference(sample_tenset_dir):
   ]
   assert len(lists) > 4000
   for steps in lists:
-    assert rc.signature(steps) == _signature_reference(steps), steps
+    sig, vals = rc.signature(steps)
+    hash(sig)
+    same, _ = _with_new_values(steps, 0)
+    assert rc.signature(same) == (sig, vals)
+    moved, moved_vals = _with_new_values(steps, 3)
+    assert rc.signature(moved) == (sig, moved_vals)  # the same template, its own values
+  # Anything else is part of the template.
+  base = [["SP", 2, 0, 64, [4, 4], 1], ["AN", 2, 0, 3], ["RE", 2, [0, 1]]]
+  for i, j, value in [(0, 1, 3), (0, 5, 0), (1, 3, 2), (2, 2, [1, 0]), (0, 4, [4, None])]:
+    other = json.loads(json.dumps(base))
+    other[i][j] = value
+    assert rc.signature(other)[0] != rc.signature(base)[0], (i, j, value)
 
 
 def test_a_malformed_step_takes_the_full_replay_and_its_error():
