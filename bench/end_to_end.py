@@ -19,12 +19,21 @@ copies of real records with jittered costs, so the top-k it prints measure nothi
 
   python -m bench.end_to_end --source /work/shared/tenset-mini --work_dir /tmp/e2e \
       --records 1000000 --num_epochs 50 --out bench/results/end_to_end_<device>.json
+
+On a machine whose calls are capped in time, ``--time_budget_s`` stops the running stage when
+the call's budget is spent (its whole process tree), keeps what finished and exits 3; the same
+command with ``--resume`` then skips the finished stages and reruns the stopped one: train.py
+resumes from its last checkpoint, generation resumes its files, the build starts over (it
+swaps complete datasets only). A stage's wall time and peak memory add up / take the maximum
+over its attempts, and the JSON counts them, so a stopped-and-resumed run reports its restarts'
+cost (start-up, loading, compiling, the steps since the last checkpoint) instead of hiding it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -48,6 +57,24 @@ _PROJECT = flags.DEFINE_integer(
   "project_records", 8_600_000, "Records to project each stage's time to (linearly)."
 )
 _OUT = flags.DEFINE_string("out", None, "Results JSON.", required=True)
+_BUDGET = flags.DEFINE_float(
+  "time_budget_s",
+  0.0,
+  "Stop the running stage after this many seconds of this call, keep what finished, exit 3 "
+  "(0 = no limit); continue with --resume.",
+)
+_RESUME = flags.DEFINE_bool(
+  "resume",
+  False,
+  "Continue the run of --work_dir recorded in --out: skip its finished stages, rerun the "
+  "stopped one (same flags required).",
+)
+
+STAGES = ("generate", "build", "train", "eval", "export")
+# Exit status of a run stopped by --time_budget_s.
+EXIT_STOPPED = 3
+# What a resumed run must share with the run it continues.
+_RUN_IDENTITY = ("records_requested", "num_epochs", "train_overrides", "tasks_requested")
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,14 +124,41 @@ def _gpu_used_bytes() -> int | None:
   return sum(int(x) for x in got.stdout.split()) * 2**20
 
 
-def run_stage(name: str, cmd: list[str], env: dict[str, str]) -> dict:
-  """Runs one stage, sampling its process tree's memory; raises on a non-zero exit."""
+def _kill_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+  """SIGTERM to the stage's process group, SIGKILL after ``grace_s`` if it is still running."""
+  for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+      os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+      return
+    try:
+      proc.wait(timeout=grace_s)
+      return
+    except subprocess.TimeoutExpired:
+      continue
+
+
+def run_stage(
+  name: str, cmd: list[str], env: dict[str, str], deadline: float | None = None
+) -> dict:
+  """Runs one stage, sampling its process tree's memory; raises on a non-zero exit. At
+  ``deadline`` (a ``time.perf_counter()`` value) the stage is stopped and returned with
+  ``completed`` False."""
   print(f"== {name}: {' '.join(cmd)}", flush=True)
   gpu_base = _gpu_used_bytes()
   start = time.perf_counter()
-  proc = subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  # Its own session: a stop reaches every process the stage started (the build's workers).
+  proc = subprocess.Popen(
+    cmd,
+    cwd=_REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+  )
   peak = {"rss": 0, "gpu": 0, "processes": 0}
   stop = threading.Event()
+  stopped = threading.Event()
 
   def sample():
     while not stop.is_set():
@@ -114,31 +168,85 @@ def run_stage(name: str, cmd: list[str], env: dict[str, str]) -> dict:
       gpu = _gpu_used_bytes() if gpu_base is not None else None
       if gpu is not None:
         peak["gpu"] = max(peak["gpu"], gpu - gpu_base)
+      if deadline is not None and time.perf_counter() >= deadline and not stopped.is_set():
+        stopped.set()
+        print(f"== {name}: time budget spent, stopping the stage", flush=True)
+        _kill_tree(proc)
       stop.wait(0.2)
 
   sampler = threading.Thread(target=sample, daemon=True)
   sampler.start()
   tail: list[str] = []
-  for line in proc.stdout:
-    text = line.decode(errors="replace").rstrip()
-    tail = (tail + [text])[-40:]
-    print(f"  {text}", flush=True)
+  try:
+    for line in proc.stdout:
+      text = line.decode(errors="replace").rstrip()
+      tail = (tail + [text])[-40:]
+      print(f"  {text}", flush=True)
+  except BaseException:  # Ctrl-C here: the stage's own session does not get the terminal's
+    _kill_tree(proc)
+    raise
   rc = proc.wait()
   stop.set()
   sampler.join()
   wall = time.perf_counter() - start
-  if rc:
+  if rc and not stopped.is_set():
     raise RuntimeError(f"stage {name} failed with exit {rc}:\n" + "\n".join(tail))
   row = {
     "stage": name,
     "wall_s": wall,
+    "completed": not stopped.is_set(),
+    "attempts": 1,
     "peak_rss_bytes": peak["rss"],
     "peak_processes": peak["processes"],
     "peak_gpu_bytes": peak["gpu"] if gpu_base is not None else None,
     "output_tail": tail[-8:],
   }
-  print(f"== {name}: {wall:.1f} s, peak RSS {peak['rss'] / 2**30:.2f} GiB", flush=True)
+  state = "done" if row["completed"] else "stopped"
+  print(
+    f"== {name}: {state} after {wall:.1f} s, peak RSS {peak['rss'] / 2**30:.2f} GiB", flush=True
+  )
   return row
+
+
+def merge_attempts(earlier: dict, row: dict) -> dict:
+  """One stage's row over two attempts: wall times and attempts add up, peaks take the maximum,
+  the output is the latest attempt's."""
+  out = dict(row)
+  out["wall_s"] = earlier["wall_s"] + row["wall_s"]
+  out["attempts"] = earlier.get("attempts", 1) + row["attempts"]
+  for key in ("peak_rss_bytes", "peak_processes", "peak_gpu_bytes"):
+    values = [v for v in (earlier.get(key), row.get(key)) if v is not None]
+    out[key] = max(values) if values else None
+  return out
+
+
+def load_prior(path: str, identity: dict) -> tuple[dict[str, dict], dict]:
+  """The rows by stage and the facts of the run ``--resume`` continues (its results JSON).
+
+  Raises:
+    app.UsageError: no such file, or a run of other flags.
+  """
+  if not os.path.exists(path):
+    raise app.UsageError(f"--resume: {path} does not exist (nothing to resume)")
+  with open(path) as f:
+    prior = json.load(f)
+  differs = [k for k in _RUN_IDENTITY if prior.get(k) != identity[k]]
+  if differs:
+    shown = ", ".join(f"{k}: {prior.get(k)!r} -> {identity[k]!r}" for k in differs)
+    raise app.UsageError(f"--resume: {path} was a run of other flags ({shown})")
+  rows = {row["stage"]: row for row in prior.get("stages", [])}
+  facts = {
+    k: prior[k]
+    for k in (
+      "records",
+      "tasks",
+      "platform",
+      "built_dataset_bytes",
+      "built_dataset_bytes_per_record",
+    )
+    if k in prior
+  }
+  return rows, facts
 
 
 def _dir_bytes(path: str) -> int:
@@ -149,33 +257,46 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   work = os.path.abspath(_WORK.value)
-  os.makedirs(work, exist_ok=False)
+  identity = {
+    "records_requested": _RECORDS.value,
+    "num_epochs": _EPOCHS.value,
+    "train_overrides": list(_SET.value),
+    "tasks_requested": _TASKS.value,
+  }
+  if _RESUME.value:
+    if not os.path.isdir(work):
+      raise app.UsageError(f"--resume: {work} does not exist")
+    prior, facts = load_prior(_OUT.value, identity)
+  else:
+    os.makedirs(work, exist_ok=False)
+    prior, facts = {}, {}
+  deadline = time.perf_counter() + _BUDGET.value if _BUDGET.value > 0 else None
   tenset_dir, data_dir = os.path.join(work, "tenset"), os.path.join(work, "data")
   run_dir, model = os.path.join(work, "run"), os.path.join(work, "model.npz")
   env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
   py = sys.executable
   stages: list[dict] = []
-  facts: dict = {}
 
   def save() -> None:
-    """Writes what is known so far: a run killed at its time limit keeps its finished stages."""
+    """Writes what is known so far: a run stopped at its time budget keeps its finished stages."""
     records = facts.get("records", _RECORDS.value)
     scale = _PROJECT.value / max(records, 1)
     total = sum(s["wall_s"] for s in stages)
     # The exported model's size does not depend on the records; every other stage reads them all.
     projected = {s["stage"]: s["wall_s"] * (1 if s["stage"] == "export" else scale) for s in stages}
+    done = [s["stage"] for s in stages if s.get("completed", True)]
     common.write_json(
       _OUT.value,
       {
         "what": "SYNTHETIC data (bench.make_tenset_scale): stage times and memory; accuracy "
         "numbers of this run measure nothing",
         "machine": common.machine_info(gpu=common.gpu_name()),
-        "num_epochs": _EPOCHS.value,
+        **identity,
         "workers": _WORKERS.value,
-        "train_overrides": _SET.value,
         **facts,
         "stages": stages,
-        "complete": len(stages) == 5,
+        "complete": done == list(STAGES),
+        "attempts": sum(s.get("attempts", 1) for s in stages),
         "total_wall_s": total,
         "projection": {
           "records": _PROJECT.value,
@@ -188,8 +309,21 @@ def main(argv):
     )
 
   def stage(name: str, cmd: list[str]) -> None:
-    stages.append(run_stage(name, cmd, env))
+    earlier = prior.get(name)
+    if earlier is not None and earlier.get("completed", True):
+      print(f"== {name}: finished by an earlier call ({earlier['wall_s']:.1f} s)", flush=True)
+      stages.append(earlier)
+      return
+    row = run_stage(name, cmd, env, deadline)
+    stages.append(merge_attempts(earlier, row) if earlier is not None else row)
     save()
+    if not row["completed"]:
+      print(
+        f"stopped at the time budget ({_BUDGET.value:.0f} s) during {name}; rerun the same "
+        "command with --resume to continue",
+        flush=True,
+      )
+      raise SystemExit(EXIT_STOPPED)
 
   gen = [
     py,
