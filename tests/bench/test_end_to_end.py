@@ -7,8 +7,8 @@ Each check runs in its own process: the bench's absl flags share names with othe
 import json
 import os
 import subprocess
-import sys
-import textwrap
+
+from tests.pyproc import run_python
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -16,14 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _python(code: str, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.update(env_extra or {})
-  return subprocess.run(
-    [sys.executable, "-c", textwrap.dedent(code), *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  return run_python(code, *args, cwd=REPO, env=env)
 
 
 def test_the_time_budget_stops_the_stage_and_its_children(tmp_path):

@@ -7,13 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import jax
 import numpy as np
 import pytest
 
 from configs import test as test_config
+from tests.pyproc import run_python
 from tlp_jax.core import features, loop_tokens
 from tlp_jax.core import predictor as npred
 from tlp_jax.train import export
@@ -318,14 +318,7 @@ def test_newer_format_version_and_missing_param(tmp_path):
 def _run_python(code, cwd, env_extra=None):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
   env.update(env_extra or {})
-  return subprocess.run(
-    [sys.executable, "-c", textwrap.dedent(code)],
-    cwd=cwd,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  return run_python(code, cwd=cwd, env=env)
 
 
 def test_predictor_imports_no_jax(tmp_path):
