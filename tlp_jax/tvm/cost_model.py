@@ -352,7 +352,7 @@ class TLPCostModel(_python_based_model()):
       entry[1].append(key)
       entry[2].append(float(np.mean(costs)))
     for wkey, (task, keys, costs) in by_task.items():
-      phi, failed = self._embed(task, [orjson.loads(k)[1][1] for k in keys])
+      phi, failed = self._embed(task, [orjson.loads(k)[1][1] for k in keys], keys)
       ok = np.ones(len(keys), bool)
       ok[failed] = False
       call.failed += int((~ok).sum())
@@ -361,14 +361,15 @@ class TLPCostModel(_python_based_model()):
       self._buffer["cost"].append(np.asarray(costs)[ok])
       call.added += int(ok.sum())
 
-  def _embed(self, task, steps: list) -> tuple[np.ndarray, list[int]]:
-    """``Predictor.embed`` of one task's step lists, and the indices whose replay failed."""
+  def _embed(self, task, steps: list, keys: list[bytes]) -> tuple[np.ndarray, list[int]]:
+    """``Predictor.embed`` of one task's step lists (``keys``: their serialised inputs), and the
+    indices whose replay failed."""
     failed: list[int] = []
     tokens = None
     if self._loop_tokens:
       tokens, failed = self._loop_tokens_of(task, steps)
     phi = self.predictor.embed(
-      self.predictor.featurize_steps(steps),
+      self._step_features(task, keys, steps),
       hw=self.config.hardware,
       loop_tokens=tokens,
       batch_size=self.config.predict_chunk,
@@ -479,7 +480,7 @@ class TLPCostModel(_python_based_model()):
       steps = [orjson.loads(keys[i])[1][1] for i in chunk]
       failed: list[int] = []
       if self._online:
-        phi, failed = self._embed(task, steps)
+        phi, failed = self._embed(task, steps, [keys[i] for i in chunk])
         for j, i in enumerate(chunk):
           embeddings[i] = phi[j]
         out = phi.astype(np.float64) @ (self._w + self._dw) + self._c
