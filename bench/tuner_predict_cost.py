@@ -281,6 +281,8 @@ def main() -> None:
   xgb_fit_s = time.perf_counter() - t0
 
   ensemble = int(default.get_config().model.ensemble_size)
+  tlp_config = cost_model.CostModelConfig(cache_size=0, threads=args.threads)
+  network_threads = None  # as the cost model resolves args.threads
   with tempfile.TemporaryDirectory() as tmp:
     skeletons_path = skeleton.tenset_skeletons_path(args.tenset_dir)
     paths = {
@@ -301,9 +303,8 @@ def main() -> None:
       states = list(policy.sample_initial_population())[: args.states]
       row = {"workload_key": wk, "states": len(states)}
       for name, path in paths.items():
-        model = cost_model.TLPCostModel(
-          path, cost_model.CostModelConfig(cache_size=0, threads=args.threads)
-        )
+        model = cost_model.TLPCostModel(path, tlp_config)
+        network_threads = model.threads
         row[f"{name}_first_s"], row[f"{name}_steady_s"], row[f"{name}_median_s"] = _time_model(
           model, task, states, args.repeats
         )
@@ -353,10 +354,8 @@ def main() -> None:
       "machine": common.machine_info(load_average_start=load_at_start),
       "args": vars(args),
       "ensemble_size": ensemble,
-      "tlp_cost_model_config": dataclasses.asdict(
-        cost_model.CostModelConfig(cache_size=0, threads=args.threads)
-      ),
-      "tlp_network_threads": args.threads or len(os.sched_getaffinity(0)),
+      "tlp_cost_model_config": dataclasses.asdict(tlp_config),
+      "tlp_network_threads": network_threads,
       "xgb_train_records": len(prep.train_inputs),
       "xgb_fit_s": xgb_fit_s,
       "rows": rows,

@@ -439,7 +439,9 @@ def test_network_threads_give_the_same_scores(sample_conv_task, tmp_path):
   states = _states(task, n=16, seed=4)
   cfg = tvm_cost_model.CostModelConfig(score_transform="identity", cache_size=0, predict_chunk=3)
   one = tvm_cost_model.TLPCostModel(path, cfg, threads=1).predict(task, states)
-  many = tvm_cost_model.TLPCostModel(path, cfg, threads=4).predict(task, states)
+  four = tvm_cost_model.TLPCostModel(path, cfg, threads=4)
+  assert four.threads == 4 and tvm_cost_model.TLPCostModel(path, cfg).threads >= 1
+  many = four.predict(task, states)
   np.testing.assert_array_equal(many, one)
   pred = npred.Predictor.load(path)
   want = pred.predict_steps(

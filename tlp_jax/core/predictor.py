@@ -179,12 +179,8 @@ def _run_chunks(fn: Callable[[Any], None], items: Iterator[Any], threads: int | 
   splits a matmul by its thread count, which moves the last bits). At most ``2 * threads``
   chunks are assembled at a time, so memory stays bounded by the chunk size. Worker threads do
   not inherit the caller's ``np.errstate``."""
-  if threads is None:
-    for item in items:
-      fn(item)
-    return
-  with _one_blas_thread():
-    if threads == 1:
+  with contextlib.nullcontext() if threads is None else _one_blas_thread():
+    if threads is None or threads == 1:
       for item in items:
         fn(item)
       return

@@ -272,7 +272,8 @@ class TLPCostModel(_python_based_model()):
     self._skeletons: dict[str, Any] = {}  # workload key -> skeleton, extracted once per task
     # workload key -> the serialised inputs' text before the step list (None: not found).
     self._heads: dict[str, bytes | None] = {}
-    self._threads = config.threads or _usable_cores()
+    # Worker threads of the network: config.threads, or one per core this process may use.
+    self.threads = config.threads or _usable_cores()
     # Step features straight from the serialised text (the records' fast path) and the network
     # on threads, when the predictor is this project's; any other (duck-typed) predictor is
     # called as before this existed.
@@ -373,7 +374,7 @@ class TLPCostModel(_python_based_model()):
       hw=self.config.hardware,
       loop_tokens=tokens,
       batch_size=self.config.predict_chunk,
-      threads=self._threads,
+      threads=self.threads,
     )
     return phi, failed
 
@@ -494,7 +495,7 @@ class TLPCostModel(_python_based_model()):
             hw=self.config.hardware,
             loop_tokens=tokens,
             batch_size=self.config.predict_chunk,
-            threads=self._threads,
+            threads=self.threads,
           )
         else:
           out = self.predictor.predict(
