@@ -11,7 +11,9 @@ Each stage is the project's own command in its own process, one after the other:
 5. ``python -m tlp_jax.train.export`` writes the NumPy model.
 
 For every stage: wall seconds, the peak resident memory of the stage's whole process tree (sum
-over the processes, sampled every 0.2 s from /proc) and, on a GPU, the peak GPU memory in use
+over the processes, sampled every 0.2 s from /proc), the same without the pages of mapped files
+(the staging files and the array cache are memory-mapped: page cache, not the stage's own
+memory) and, on a GPU, the peak GPU memory in use
 (``nvidia-smi``, sampled likewise; JAX's preallocation is turned off so the number is what the
 run needs). Also the built dataset's bytes per example and a linear projection of each stage to
 ``--project_records`` (TenSet's 8.6M) records. Everything is labelled synthetic: the data are
@@ -101,12 +103,19 @@ def _children(pid: int) -> list[int]:
   return out
 
 
-def _rss_bytes(pid: int) -> int:
+def _rss_bytes(pid: int) -> tuple[int, int]:
+  """``(resident, resident and not file-backed or shared)`` bytes of process ``pid``.
+
+  The second is the process's own memory. The first adds the pages of mapped files, such as the
+  memory-mapped staging files and array cache, which are page cache the kernel can drop.
+  """
   try:
     with open(f"/proc/{pid}/statm") as f:
-      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+      fields = f.read().split()
+    page = os.sysconf("SC_PAGE_SIZE")
+    return int(fields[1]) * page, (int(fields[1]) - int(fields[2])) * page
   except (OSError, IndexError, ValueError):
-    return 0
+    return 0, 0
 
 
 def _gpu_used_bytes() -> int | None:
@@ -156,14 +165,16 @@ def run_stage(
     stderr=subprocess.STDOUT,
     start_new_session=True,
   )
-  peak = {"rss": 0, "gpu": 0, "processes": 0}
+  peak = {"rss": 0, "private": 0, "gpu": 0, "processes": 0}
   stop = threading.Event()
   stopped = threading.Event()
 
   def sample():
     while not stop.is_set():
       pids = [proc.pid] + _children(proc.pid)
-      peak["rss"] = max(peak["rss"], sum(_rss_bytes(p) for p in pids))
+      sizes = [_rss_bytes(p) for p in pids]
+      peak["rss"] = max(peak["rss"], sum(r for r, _ in sizes))
+      peak["private"] = max(peak["private"], sum(a for _, a in sizes))
       peak["processes"] = max(peak["processes"], len(pids))
       gpu = _gpu_used_bytes() if gpu_base is not None else None
       if gpu is not None:
@@ -197,13 +208,18 @@ def run_stage(
     "completed": not stopped.is_set(),
     "attempts": 1,
     "peak_rss_bytes": peak["rss"],
+    # Without the pages of mapped files (the staging files, the array cache): what the stage
+    # itself holds.
+    "peak_private_bytes": peak["private"],
     "peak_processes": peak["processes"],
     "peak_gpu_bytes": peak["gpu"] if gpu_base is not None else None,
     "output_tail": tail[-8:],
   }
   state = "done" if row["completed"] else "stopped"
   print(
-    f"== {name}: {state} after {wall:.1f} s, peak RSS {peak['rss'] / 2**30:.2f} GiB", flush=True
+    f"== {name}: {state} after {wall:.1f} s, peak RSS {peak['rss'] / 2**30:.2f} GiB "
+    f"({peak['private'] / 2**30:.2f} GiB without mapped files)",
+    flush=True,
   )
   return row
 
@@ -214,7 +230,7 @@ def merge_attempts(earlier: dict, row: dict) -> dict:
   out = dict(row)
   out["wall_s"] = earlier["wall_s"] + row["wall_s"]
   out["attempts"] = earlier.get("attempts", 1) + row["attempts"]
-  for key in ("peak_rss_bytes", "peak_processes", "peak_gpu_bytes"):
+  for key in ("peak_rss_bytes", "peak_private_bytes", "peak_processes", "peak_gpu_bytes"):
     values = [v for v in (earlier.get(key), row.get(key)) if v is not None]
     out[key] = max(values) if values else None
   return out

@@ -162,6 +162,14 @@ def get_config() -> ml_collections.ConfigDict:
   # step that reads them, so no step waits for its own batch's host-to-device copy
   # (tlp_jax/train/prefetch.py; the same batches, so the same parameters). 0 = off.
   config.prefetch_to_device = 2
+  # data_placement="device" (the data resident on the devices): training steps run per call of
+  # the compiled program (a lax.scan over the steps, step.train_steps_resident), as Keras's
+  # steps_per_execution. The host's per-call work is then paid once per this many steps. The
+  # parameters are those of one step per call up to float rounding (XLA compiles the step in
+  # the loop apart), and a run is reproducible and resumes exactly for a given value. Calls
+  # never span a log, checkpoint or epoch end (those steps run one per call). Host and stream
+  # placement run one step per call.
+  config.steps_per_execution = 25
 
   config.log_every_steps = 50
   # Validation (and the epoch-end checkpoint) every N epochs and after the last one.

@@ -19,5 +19,8 @@ def get_config():
   config.optim.learning_rate = 1e-3
   config.log_every_steps = 5
   config.checkpoint_every_steps = 10
+  # Divides both: runs that keep their data on the device take multi-step calls (the resume
+  # tests included).
+  config.steps_per_execution = 5
   config.data_placement = "device"
   return config

@@ -152,3 +152,33 @@ def test_a_stopped_run_resumes_where_it_stopped(tmp_path):
 def test_resume_needs_an_earlier_run(tmp_path):
   got, _ = _drive(tmp_path, [f"--work_dir={tmp_path}", f"--out={tmp_path / 'no.json'}", "--resume"])
   assert got.returncode == 2 and "does not exist (nothing to resume)" in got.stdout
+
+
+def test_peak_memory_tells_own_memory_from_mapped_files(tmp_path):
+  """A stage that reads a 256 MiB file through a memory map shows it in its RSS but not in its
+  private memory; one that fills 256 MiB of its own memory shows it in both."""
+  data = tmp_path / "mapped.bin"
+  data.write_bytes(b"\1" * (256 * 2**20))
+  got = _python(
+    """
+    import json, os, sys
+    from bench import end_to_end as e2e
+    hold = "import time\\ntime.sleep(1.0)\\n"
+    mapped = (
+      "import numpy as np, sys\\n"
+      "m = np.memmap(sys.argv[1], mode='r')\\n"
+      "assert int(m.sum(dtype=np.int64)) == m.size\\n" + hold
+    )
+    own = "import numpy as np\\nx = np.ones(256 * 2**20, np.uint8)\\n" + hold
+    rows = {name: e2e.run_stage(name, [sys.executable, "-c", code, sys.argv[1]], dict(os.environ))
+            for name, code in (("mapped", mapped), ("own", own))}
+    print(json.dumps({k: [r["peak_rss_bytes"], r["peak_private_bytes"]] for k, r in rows.items()}))
+    """,
+    str(data),
+  )
+  assert got.returncode == 0, got.stderr
+  out = json.loads(got.stdout.strip().splitlines()[-1])
+  mib = 2**20
+  (mapped_rss, mapped_private), (own_rss, own_private) = out["mapped"], out["own"]
+  assert mapped_rss > 200 * mib and mapped_private < mapped_rss - 200 * mib
+  assert own_rss > 200 * mib and own_private > 200 * mib

@@ -26,6 +26,7 @@ from tlp_jax.train import checkpoints, data, export, loop
 from tlp_jax.train import config as config_lib
 from tlp_jax.train import model as model_lib
 from tlp_jax.train import step as step_lib
+from tlp_jax.train import writer as writer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -136,7 +137,9 @@ def test_eval_every_epochs_changes_only_when_it_validates(
   assert "validation" not in meta  # epoch 1 was not validated
 
 
-@pytest.mark.parametrize("field, value", [("eval_every_epochs", 0), ("batch_order", "by_net")])
+@pytest.mark.parametrize(
+  "field, value", [("eval_every_epochs", 0), ("batch_order", "by_net"), ("steps_per_execution", 0)]
+)
 def test_a_bad_config_fails_before_any_work(new_test_config, tmp_path, field, value):
   config = new_test_config()
   config[field] = value
@@ -396,3 +399,83 @@ def test_run_logs_above_the_bar_ends_with_a_summary_and_writes_tensorboard_hpara
   ).session_start_info.hparams
   assert hparams["optim.learning_rate"].number_value == pytest.approx(1e-3)
   assert hparams["loss.name"].string_value == "pairwise_log"
+
+
+def test_multi_step_calls_train_and_log_like_single_steps(
+  new_test_config, trained, monkeypatch, tmp_path
+):
+  """``steps_per_execution`` > 1 runs several steps per call where no log, checkpoint or epoch
+  end falls inside them: the same parameters, the same losses logged at the same steps and the
+  same checkpoints as one step per call, up to float rounding (the step compiled inside the
+  scan's loop may fuse differently). MSE, for the reason given in tests/train/test_step.py."""
+  _, full = trained
+  calls = {"multi": 0, "single": 0}
+  fits = loop.fits_multi_step
+
+  def counting(step, epoch_end, config):
+    ok = fits(step, epoch_end, config)
+    calls["multi" if ok else "single"] += 1
+    return ok
+
+  logged = {}
+  write = writer_lib.MetricWriter.write_scalars
+
+  def recording(self, step, scalars):
+    if "train/loss" in scalars:
+      logged.setdefault(run, {})[step] = (scalars["train/loss"], scalars["train/grad_norm"])
+    return write(self, step, scalars)
+
+  monkeypatch.setattr(loop, "fits_multi_step", counting)
+  monkeypatch.setattr(writer_lib.MetricWriter, "write_scalars", recording)
+  results = {}
+  for run in (1, 3):
+    config = new_test_config()
+    with config.unlocked():
+      config.steps_per_execution = run
+      config.loss.name = "mse"
+      config.log_every_steps = 9
+      config.checkpoint_every_steps = 18
+      config.checkpoints_to_keep = 10
+    results[run] = loop.train_and_evaluate(config, str(tmp_path / str(run)))
+  assert calls["multi"] > 0 and calls["single"] > 0
+  assert int(results[1].state.step) == int(results[3].state.step) == int(full.state.step)
+  jax.tree_util.tree_map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+    results[3].state.params,
+    results[1].state.params,
+  )
+  assert sorted(logged[3]) == sorted(logged[1]) and len(logged[1]) > 3
+  np.testing.assert_allclose(
+    [logged[3][k] for k in sorted(logged[3])], [logged[1][k] for k in sorted(logged[1])], rtol=1e-5
+  )
+  saved = [sorted(os.listdir(tmp_path / str(run) / "checkpoints" / "latest")) for run in (1, 3)]
+  assert saved[0] == saved[1]
+
+
+@pytest.mark.parametrize(
+  "step, epoch_end, expected",
+  [
+    (0, 100, True),  # steps 0-3: the log after step 8 and the save after 16 are later
+    (4, 100, True),  # ends exactly at the log step 8
+    (5, 100, False),  # would run past the log at 8
+    (12, 100, True),  # ends at 16: a log and a save, both after the call's last step
+    (13, 100, False),
+    (96, 100, True),  # ends exactly at the epoch end
+    (97, 100, False),  # would cross the epoch end
+  ],
+)
+def test_fits_multi_step(new_test_config, step, epoch_end, expected):
+  config = new_test_config()
+  with config.unlocked():
+    config.steps_per_execution = 4
+    config.log_every_steps = 8
+    config.checkpoint_every_steps = 16
+  assert loop.fits_multi_step(step, epoch_end, config_lib.from_config_dict(config)) is expected
+
+
+def test_fits_multi_step_without_step_checkpoints(new_test_config):
+  config = new_test_config()
+  with config.unlocked():
+    config.steps_per_execution, config.log_every_steps, config.checkpoint_every_steps = 5, 10, 0
+  typed = config_lib.from_config_dict(config)
+  assert loop.fits_multi_step(5, 100, typed) and not loop.fits_multi_step(6, 100, typed)

@@ -244,3 +244,48 @@ def test_ensemble_members_train_as_independent_models():
   np.testing.assert_allclose(
     np.asarray(metrics["loss_per_head"])[0], np.mean(losses_alone, axis=0), rtol=1e-4
   )
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_multi_step_call_equals_single_steps(num_devices):
+  """``train_steps_resident`` with ``num_steps=3`` ends in the state of three single
+  ``train_step_resident`` calls, and stacks their metrics, on 1 and on 8 devices.
+
+  Up to float rounding: XLA compiles the step inside the scan's loop apart from the step alone,
+  and may fuse (so round) differently. So SGD with momentum, not Adam, for the reason given in
+  ``test_eight_and_one_device_steps_agree``."""
+  devices = jax.devices()[:num_devices]
+  tx = optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.05, momentum=0.9))
+  x, s, m, t = _batch(128, seed=7)
+  order = np.random.default_rng(1).permutation(128).astype(np.int32)
+  kwargs = dict(
+    steps_per_epoch=4, global_batch=32, model=model_lib.TLPModel(TINY), tx=tx, loss_config=LOSS
+  )
+  resident = data.replicate_to_devices((x, s, m, t), devices)
+  order_dev = data.replicate_to_devices((order, np.ones(128, bool)), devices)
+  one = jax.pmap(
+    functools.partial(step_lib.train_step_resident, **kwargs), axis_name=data.AXIS, devices=devices
+  )
+  many = jax.pmap(
+    functools.partial(step_lib.train_steps_resident, num_steps=3, **kwargs),
+    axis_name=data.AXIS,
+    devices=devices,
+  )
+  state = data.replicate_to_devices(step_lib.create_train_state(TINY, tx, seed=3), devices)
+  singles = []
+  single_state = state
+  for _ in range(3):
+    single_state, metrics = one(single_state, resident, *order_dev)
+    singles.append(_unreplicate(metrics))
+  multi_state, stacked = many(state, resident, *order_dev)
+  assert int(_unreplicate(multi_state).step) == 3
+  moved = 0.0
+  for a, b, c in zip(*map(jax.tree_util.tree_leaves, (single_state, multi_state, state))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
+    moved = max(moved, float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(c)))))
+  assert moved > 1e-3  # the steps trained: the tolerance is far below what they changed
+  stacked = _unreplicate(stacked)
+  for key in ("loss", "loss_per_head", "grad_norm"):
+    expected = np.stack([g[key] for g in singles])
+    assert stacked[key].shape == expected.shape, key
+    np.testing.assert_allclose(stacked[key], expected, rtol=2e-5, err_msg=key)

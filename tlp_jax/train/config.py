@@ -57,6 +57,7 @@ RUNTIME_FIELDS = frozenset(
     "stream.read_threads",
     "stream.prefetch_batches",
     "prefetch_to_device",
+    "steps_per_execution",
     "log_every_steps",
     "checkpoints_to_keep",
     "distributed.enabled",
@@ -153,6 +154,7 @@ class TrainConfig:
   device_data_max_bytes: int | str  # bytes, or "auto" (train.data.device_data_budget)
   stream: StreamConfig
   prefetch_to_device: int  # batches on the devices ahead of the step (host, stream); 0: off
+  steps_per_execution: int  # training steps per dispatch (device placement); 1: one per call
   log_every_steps: int
   eval_every_epochs: int
   checkpoint_every_steps: int
@@ -193,6 +195,7 @@ class TrainConfig:
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
       raise ConfigError(f"config.prefetch_to_device must be an integer >= 0, got {prefetch!r}")
     for name in (
+      "steps_per_execution",
       "batch_size",
       "eval_batch_size",
       "num_epochs",

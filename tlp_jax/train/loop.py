@@ -289,6 +289,21 @@ def _logs_above_bar():
       del h.handle  # back to the class's method
 
 
+def fits_multi_step(step: int, epoch_end: int, config: config_lib.TrainConfig) -> bool:
+  """Whether ``config.steps_per_execution`` steps from ``step`` (the next step to run) may run
+  in one call: none of the steps at which the loop logs, checkpoints or ends the epoch falls
+  before the call's last step, so the run logs, saves and validates at the same steps as with
+  single steps."""
+  end = step + config.steps_per_execution  # the step count after the call
+  if end > epoch_end:
+    return False
+  boundaries = [config.log_every_steps]
+  if config.checkpoint_every_steps > 0:
+    boundaries.append(config.checkpoint_every_steps)
+  # The first multiple of each period after ``step`` must not come before ``end``.
+  return all((step // every + 1) * every >= end for every in boundaries)
+
+
 def log_summary(result: TrainResult, workdir: str, config: config_lib.TrainConfig) -> None:
   """Logs how a run ended: the best checkpoint and its validation metrics, where the
   checkpoints are, and the commands that evaluate and export the model."""
@@ -561,18 +576,28 @@ def _train_and_evaluate(
       train.nbytes / 2**30,
       budget / 2**30,
     )
+  # Device placement runs ``config.steps_per_execution`` steps per dispatch where no log,
+  # checkpoint or epoch end falls inside them (``_steps_per_call``), single steps elsewhere.
+  p_train_many = None
   if placement == "device":
+    resident_kwargs = dict(
+      steps_per_epoch=steps_per_epoch, global_batch=layout.global_batch, **step_kwargs
+    )
     p_train = jax.pmap(
-      functools.partial(
-        step_lib.train_step_resident,
-        steps_per_epoch=steps_per_epoch,
-        global_batch=layout.global_batch,
-        **step_kwargs,
-      ),
+      functools.partial(step_lib.train_step_resident, **resident_kwargs),
       axis_name=data.AXIS,
       devices=pmap_devices,
       donate_argnums=(0,),
     )
+    if config.steps_per_execution > 1:
+      p_train_many = jax.pmap(
+        functools.partial(
+          step_lib.train_steps_resident, num_steps=config.steps_per_execution, **resident_kwargs
+        ),
+        axis_name=data.AXIS,
+        devices=pmap_devices,
+        donate_argnums=(0,),
+      )
     resident = data.replicate_to_devices(train.arrays, devices)
   else:  # host or stream: the same batches, gathered in this thread or by grain ahead of the step
     p_train = jax.pmap(
@@ -682,25 +707,42 @@ def _train_and_evaluate(
         # Small datasets run many short epochs; validating and checkpointing each one can cost
         # more than the training steps (bench/README.md).
         validates = (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == num_epochs
-        for in_epoch in range(step - epoch * steps_per_epoch, steps_per_epoch):
-          if placement == "device":
+        epoch_end = (epoch + 1) * steps_per_epoch
+        while step < epoch_end:
+          in_epoch = step - epoch * steps_per_epoch
+          if p_train_many is not None and fits_multi_step(step, epoch_end, config):
+            rstate, m = p_train_many(rstate, resident, d_order, d_valid)
+            done = config.steps_per_execution
+          elif placement == "device":
             rstate, m = p_train(rstate, resident, d_order, d_valid)
+            done = 1
           elif feed is not None:
             rstate, m = p_train(rstate, *feed.next_batch(step))
+            done = 1
           elif placement == "stream":
             rstate, m = p_train(rstate, *stream.next_batch(batches, step))
+            done = 1
           else:
             sl = layout.local_slice(in_epoch)
             rstate, m = p_train(rstate, *data.host_batch(train, order[sl], valid[sl], layout))
-          step += 1
+            done = 1
+          step += done
+          last_in_epoch = step - 1 - epoch * steps_per_epoch  # the last step taken, in its epoch
           pending.append(m)
-          bar.update(layout.global_batch)
-          if step % config.log_every_steps == 0 or in_epoch == steps_per_epoch - 1:
+          bar.update(done * layout.global_batch)
+          if step % config.log_every_steps == 0 or last_in_epoch == steps_per_epoch - 1:
+            # Every step's metrics count once, whether it ran alone or in a multi-step call
+            # (whose metrics carry one entry per step).
             got = [data.first_replica(p) for p in pending]
             now = time.time()
+            per_head = np.concatenate(
+              [np.reshape(g["loss_per_head"], (-1, len(hardware))) for g in got]
+            )
             scalars = {
-              "train/loss": float(np.mean([g["loss"] for g in got])),
-              "train/grad_norm": float(np.mean([g["grad_norm"] for g in got])),
+              "train/loss": float(np.mean(np.concatenate([np.ravel(g["loss"]) for g in got]))),
+              "train/grad_norm": float(
+                np.mean(np.concatenate([np.ravel(g["grad_norm"]) for g in got]))
+              ),
               "train/learning_rate": float(schedule(step - 1)),
               "train/samples_per_sec": (step - last_log_step)
               * layout.global_batch
@@ -708,7 +750,7 @@ def _train_and_evaluate(
               "train/epoch": epoch + 1,
             }
             for h, name in enumerate(hardware):
-              scalars[f"train/loss/{name}"] = float(np.mean([g["loss_per_head"][h] for g in got]))
+              scalars[f"train/loss/{name}"] = float(np.mean(per_head[:, h]))
             if not np.isfinite(scalars["train/loss"]):
               raise FloatingPointError(f"non-finite training loss at step {step}")
             writer.write_scalars(step, scalars)
@@ -718,7 +760,9 @@ def _train_and_evaluate(
           every = config.checkpoint_every_steps
           # A validated epoch's last step is saved below, with its validation metrics.
           if (
-            every > 0 and step % every == 0 and not (in_epoch == steps_per_epoch - 1 and validates)
+            every > 0
+            and step % every == 0
+            and not (last_in_epoch == steps_per_epoch - 1 and validates)
           ):
             checkpoints.save_checkpoint(latest_mgr, host_state(), meta_for(step), saved_input)
 

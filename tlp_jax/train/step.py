@@ -168,6 +168,29 @@ def train_step_resident(
   return train_step(state, *batch, **step_kwargs)
 
 
+def train_steps_resident(
+  state: TrainState,
+  data: tuple[jax.Array, ...],
+  order: jax.Array,
+  valid: jax.Array,
+  *,
+  num_steps: int,
+  **resident_kwargs,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """``num_steps`` consecutive ``train_step_resident`` steps in one program (a ``lax.scan``).
+
+  One dispatch then runs several steps, so the host's per-call work (pmap's argument handling,
+  the launch) is paid once per ``num_steps`` steps instead of every step: on one H200 the
+  128-wide default's step is short enough (~1.3 ms) for that work to hold the GPU back
+  (bench/README.md). Each step is the same function on the state the previous one returned, so
+  the states are those of ``num_steps`` single calls up to float rounding: XLA compiles the step
+  inside the loop apart from the step alone and may fuse it differently. The metrics are
+  stacked along a new leading axis, one entry per step.
+  """
+  step = lambda s, _: train_step_resident(s, data, order, valid, **resident_kwargs)  # noqa: E731
+  return jax.lax.scan(step, state, None, length=num_steps)
+
+
 def eval_step_resident(
   params: Any,
   data: tuple[jax.Array, ...],
