@@ -106,8 +106,9 @@ def _children(pid: int) -> list[int]:
 def _rss_bytes(pid: int) -> tuple[int, int]:
   """``(resident, resident and not file-backed or shared)`` bytes of process ``pid``.
 
-  The second is the process's own memory. The first adds the pages of mapped files, such as the
-  memory-mapped staging files and array cache, which are page cache the kernel can drop.
+  The second is the process's anonymous private memory. The first adds the pages of mapped
+  files, such as the memory-mapped staging files and array cache (page cache the kernel can
+  drop), and shared memory (which it cannot drop).
   """
   try:
     with open(f"/proc/{pid}/statm") as f:
@@ -208,8 +209,8 @@ def run_stage(
     "completed": not stopped.is_set(),
     "attempts": 1,
     "peak_rss_bytes": peak["rss"],
-    # Without the pages of mapped files (the staging files, the array cache): what the stage
-    # itself holds.
+    # Without the pages of mapped files (the staging files, the array cache) and of shared
+    # memory: the stage's anonymous private memory.
     "peak_private_bytes": peak["private"],
     "peak_processes": peak["processes"],
     "peak_gpu_bytes": peak["gpu"] if gpu_base is not None else None,

@@ -166,9 +166,11 @@ def get_config() -> ml_collections.ConfigDict:
   # the compiled program (a lax.scan over the steps, step.train_steps_resident), as Keras's
   # steps_per_execution. The host's per-call work is then paid once per this many steps. The
   # parameters are those of one step per call up to float rounding (XLA compiles the step in
-  # the loop apart), and a run is reproducible and resumes exactly for a given value. Calls
-  # never span a log, checkpoint or epoch end (those steps run one per call). Host and stream
-  # placement run one step per call.
+  # the loop apart); a run is reproducible, and resumes exactly, for given values of this,
+  # log_every_steps and checkpoint_every_steps (they decide which steps share a call). Calls
+  # never span a log, checkpoint or epoch end, so it should divide log_every_steps and
+  # checkpoint_every_steps (the trainer warns otherwise). Host and stream placement run one
+  # step per call.
   config.steps_per_execution = 25
 
   config.log_every_steps = 50

@@ -16,5 +16,6 @@ def get_config():
   config.eval_batch_size = 1024
   config.num_epochs = 12
   config.log_every_steps = 20
+  config.steps_per_execution = 10  # divides log_every_steps (see configs/default.py)
   config.checkpoint_every_steps = 0
   return config

@@ -103,12 +103,22 @@ def test_a_missing_field_is_an_error():
     ("loop_tokens", "maybe"),
     ("data_placement", "disk"),
     ("eval_every_epochs", 0),
+    ("steps_per_execution", 0),
   ],
 )
 def test_bad_values_are_errors_naming_the_field(field, value):
   config = default.get_config()
   config[field] = value
   with pytest.raises(ValueError, match=f"config.{field}"):
+    config_lib.from_config_dict(config)
+
+
+@pytest.mark.parametrize("value", [2.5, True, "4"])
+def test_steps_per_execution_must_be_an_integer(value):
+  """A plain mapping is not type-checked as a ConfigDict is: the typed config checks it."""
+  config = default.get_config().to_dict()
+  config["steps_per_execution"] = value
+  with pytest.raises(ValueError, match="config.steps_per_execution must be an integer >= 1"):
     config_lib.from_config_dict(config)
 
 

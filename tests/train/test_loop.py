@@ -138,7 +138,12 @@ def test_eval_every_epochs_changes_only_when_it_validates(
 
 
 @pytest.mark.parametrize(
-  "field, value", [("eval_every_epochs", 0), ("batch_order", "by_net"), ("steps_per_execution", 0)]
+  "field, value",
+  [
+    ("eval_every_epochs", 0),
+    ("batch_order", "by_net"),
+    ("steps_per_execution", 0),
+  ],
 )
 def test_a_bad_config_fails_before_any_work(new_test_config, tmp_path, field, value):
   config = new_test_config()
@@ -471,6 +476,29 @@ def test_fits_multi_step(new_test_config, step, epoch_end, expected):
     config.log_every_steps = 8
     config.checkpoint_every_steps = 16
   assert loop.fits_multi_step(step, epoch_end, config_lib.from_config_dict(config)) is expected
+
+
+def test_fits_multi_step_checkpoints_not_a_multiple_of_logs(new_test_config):
+  """A checkpoint step between log steps ends a call too (checkpoint every 6, log every 8)."""
+  config = new_test_config()
+  with config.unlocked():
+    config.steps_per_execution, config.log_every_steps, config.checkpoint_every_steps = 4, 8, 6
+  typed = config_lib.from_config_dict(config)
+  assert not loop.fits_multi_step(4, 100, typed)  # would run past the checkpoint at 6
+  assert loop.fits_multi_step(2, 100, typed)  # ends at the checkpoint at 6
+  assert not loop.fits_multi_step(6, 100, typed)  # would run past the log at 8
+  assert loop.fits_multi_step(8, 100, typed)  # ends at 12, the next checkpoint
+
+
+def test_steps_per_execution_that_does_not_divide_the_log_period_warns(
+  new_test_config, tmp_path, caplog
+):
+  config = new_test_config()
+  with config.unlocked():
+    config.steps_per_execution, config.num_epochs = 3, 1
+  with caplog.at_level(logging.WARNING):
+    loop.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert "does not divide log_every_steps=5" in caplog.text
 
 
 def test_fits_multi_step_without_step_checkpoints(new_test_config):

@@ -194,8 +194,10 @@ class TrainConfig:
     prefetch = self.prefetch_to_device
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
       raise ConfigError(f"config.prefetch_to_device must be an integer >= 0, got {prefetch!r}")
+    steps = self.steps_per_execution
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+      raise ConfigError(f"config.steps_per_execution must be an integer >= 1, got {steps!r}")
     for name in (
-      "steps_per_execution",
       "batch_size",
       "eval_batch_size",
       "num_epochs",

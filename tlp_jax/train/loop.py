@@ -577,7 +577,7 @@ def _train_and_evaluate(
       budget / 2**30,
     )
   # Device placement runs ``config.steps_per_execution`` steps per dispatch where no log,
-  # checkpoint or epoch end falls inside them (``_steps_per_call``), single steps elsewhere.
+  # checkpoint or epoch end falls inside them (``fits_multi_step``), single steps elsewhere.
   p_train_many = None
   if placement == "device":
     resident_kwargs = dict(
@@ -590,6 +590,18 @@ def _train_and_evaluate(
       donate_argnums=(0,),
     )
     if config.steps_per_execution > 1:
+      periods = [config.log_every_steps] + [config.checkpoint_every_steps] * (
+        config.checkpoint_every_steps > 0
+      )
+      if any(p % config.steps_per_execution for p in periods):
+        logging.warning(
+          "config.steps_per_execution=%d does not divide log_every_steps=%d / "
+          "checkpoint_every_steps=%d: the steps before each log or checkpoint run one per "
+          "call, which gives back most of the gain",
+          config.steps_per_execution,
+          config.log_every_steps,
+          config.checkpoint_every_steps,
+        )
       p_train_many = jax.pmap(
         functools.partial(
           step_lib.train_steps_resident, num_steps=config.steps_per_execution, **resident_kwargs
