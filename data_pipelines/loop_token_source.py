@@ -354,15 +354,22 @@ class LoopTokenSource:
       )
     # A program key hashes the steps only: the same steps in another task replay differently.
     priors = [p for p in priors if p.workload_key == workload_key]
-    return tokens_of_lines(
-      self.skeletons[workload_key],
-      lines,
-      self.max_tokens,
-      where,
-      line_numbers,
-      program_keys=program_keys,
-      priors=priors,
-    )
+    skeleton = self.skeletons[workload_key]
+    try:
+      return tokens_of_lines(
+        skeleton,
+        lines,
+        self.max_tokens,
+        where,
+        line_numbers,
+        program_keys=program_keys,
+        priors=priors,
+      )
+    finally:
+      # A build reads each task's records in one call per hardware: the replay's memo of this
+      # task is not needed after it. Kept, the memos of all the tasks a process has read would
+      # grow with the records (bench/README.md, "Build memory").
+      rp.drop_cache(skeleton)
 
 
 __all__ = [

@@ -373,3 +373,24 @@ def test_prior_tokens_are_copied_by_program_key_and_only_within_their_task(tmp_p
   unreadable = lines[1].replace(b"0, 0, 0]}", b"0, 1e400, 0]}")
   got = source.tokens("k", [unreadable], "f", [3], program_keys=[22], priors=[prior("k")])
   assert got.reused == 0 and got.stats.skipped == {lts.BAD_RECORD: 1} and not got.ok.any()
+
+
+def test_a_task_file_leaves_no_replay_memo_behind(sample_tenset_dir):
+  """``LoopTokenSource.tokens`` drops the replay's memo of the task when done with its file, so
+  a build process's memory does not grow with the tasks and records it has read; reading the
+  file again gives the same tokens."""
+  source = lts.LoopTokenSource(sk.tenset_skeletons_path(sample_tenset_dir), sample_tenset_dir)
+  path = sorted(glob.glob(os.path.join(sample_tenset_dir, "measure_records", XEON, "*.json")))[0]
+  with open(path, "rb") as f:
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  key = json.loads(lines[0])["i"][0][0]
+  skeleton = source.skeletons[key]
+  first = source.tokens(key, lines, path, list(range(1, len(lines) + 1)))
+  assert first.ok.any()
+  assert "_replay_cache" not in vars(skeleton)
+  rp.replay(skeleton, json.loads(lines[0])["i"][1][1])
+  assert "_replay_cache" in vars(skeleton)  # what the source drops
+  again = source.tokens(key, lines, path, list(range(1, len(lines) + 1)))
+  assert "_replay_cache" not in vars(skeleton)
+  np.testing.assert_array_equal(first.ok, again.ok)
+  np.testing.assert_array_equal(first.tokens, again.tokens)

@@ -356,6 +356,13 @@ def _cache(skel: sk.Skeleton) -> _TaskCache:
   return c
 
 
+def drop_cache(skel: sk.Skeleton) -> None:
+  """Forgets what :func:`replay` memoized for ``skel``'s task (it grows with the task's distinct
+  program structures). A caller done with a task calls it to keep its memory bounded over many
+  tasks; replays after it give the same nests, computed afresh."""
+  skel.__dict__.pop("_replay_cache", None)
+
+
 # --------------------------------------------------------------------------- replay state
 class _Stage:
   """One stage during replay: the auto-scheduler view (iters) and the te view (vars, rels)."""
