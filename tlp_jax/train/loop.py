@@ -10,6 +10,9 @@
   (``"stream"``, ``stream.py``; its iterator state is checkpointed); all give identical batches;
   host and stream batches are put on the devices ``config.prefetch_to_device`` steps ahead of
   the step that reads them (``prefetch.py``), so no step waits for its own batch's copy;
+  device placement runs ``config.steps_per_execution`` steps per call
+  (``step.train_steps_resident``) wherever no log, checkpoint or epoch end falls inside them
+  (``fits_multi_step``), so the host's per-call work does not hold a fast step back;
 * validation (``validate``) every ``eval_every_epochs`` epochs and after the last: per-head loss
   summed over the validation batches (as TLP reports it) and the quick top-k of
   ``tlp_jax.core.metrics``;
