@@ -507,3 +507,13 @@ def test_fits_multi_step_without_step_checkpoints(new_test_config):
     config.steps_per_execution, config.log_every_steps, config.checkpoint_every_steps = 5, 10, 0
   typed = config_lib.from_config_dict(config)
   assert loop.fits_multi_step(5, 100, typed) and not loop.fits_multi_step(6, 100, typed)
+
+
+def test_the_epoch_order_thread_ends_with_the_run(trained):
+  """The thread that computes the next epoch's order ahead is gone once the run returns (the
+  ``trained`` run ran its epochs with it)."""
+  import threading
+
+  _, result = trained
+  assert int(result.state.step) > 0
+  assert not [t for t in threading.enumerate() if t.name.startswith("epoch-order")]

@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -655,6 +656,18 @@ def _train_and_evaluate(
   )
 
   order_by_task = train.task_index if config.batch_order == "by_task" else None
+  epoch_order_of = functools.partial(
+    data.epoch_order,
+    config.seed,
+    n=train.size,
+    steps_per_epoch=steps_per_epoch,
+    global_batch=layout.global_batch,
+    task_index=order_by_task,
+  )
+  # One thread computes the next epoch's order while this one trains (a pure function of the
+  # seed and the epoch: the same orders as computed in turn).
+  orders = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-order")
+  upcoming: tuple[int, concurrent.futures.Future] | None = None
   # The grain iterator (stream placement) and the device prefetch (host, stream) hold threads
   # and worker processes: opened inside the try below, whose finally closes them.
   batches: Any = None
@@ -714,9 +727,13 @@ def _train_and_evaluate(
       for epoch in range(start_step // steps_per_epoch, num_epochs):
         epoch_start = time.perf_counter()
         if placement == "device" or (placement == "host" and feed is None):
-          order, valid = data.epoch_order(
-            config.seed, epoch, train.size, steps_per_epoch, layout.global_batch, order_by_task
-          )
+          # The epoch's order, computed ahead during the previous epoch (the first one here):
+          # at TenSet scale it takes ~1 s of host time that the device would otherwise wait.
+          if upcoming is None or upcoming[0] != epoch:
+            upcoming = (epoch, orders.submit(epoch_order_of, epoch))
+          order, valid = upcoming[1].result()
+          if epoch + 1 < num_epochs:
+            upcoming = (epoch + 1, orders.submit(epoch_order_of, epoch + 1))
         if placement == "device":
           d_order, d_valid = data.replicate_to_devices((order, valid), devices)
         # Small datasets run many short epochs; validating and checkpointing each one can cost
@@ -821,6 +838,7 @@ def _train_and_evaluate(
       best_mgr.close()
       writer.close()
     finally:
+      orders.shutdown(wait=True, cancel_futures=True)
       _close_input(feed, batches)
   result = TrainResult(
     state=host_state(),
