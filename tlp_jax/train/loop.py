@@ -301,11 +301,16 @@ def fits_multi_step(step: int, epoch_end: int, config: config_lib.TrainConfig) -
   end = step + config.steps_per_execution  # the step count after the call
   if end > epoch_end:
     return False
-  boundaries = [config.log_every_steps]
-  if config.checkpoint_every_steps > 0:
-    boundaries.append(config.checkpoint_every_steps)
   # The first multiple of each period after ``step`` must not come before ``end``.
-  return all((step // every + 1) * every >= end for every in boundaries)
+  return all((step // every + 1) * every >= end for every in _call_periods(config))
+
+
+def _call_periods(config: config_lib.TrainConfig) -> list[int]:
+  """The step periods a multi-step call must not span: logs and step checkpoints."""
+  periods = [config.log_every_steps]
+  if config.checkpoint_every_steps > 0:
+    periods.append(config.checkpoint_every_steps)
+  return periods
 
 
 def log_summary(result: TrainResult, workdir: str, config: config_lib.TrainConfig) -> None:
@@ -594,10 +599,7 @@ def _train_and_evaluate(
       donate_argnums=(0,),
     )
     if config.steps_per_execution > 1:
-      periods = [config.log_every_steps] + [config.checkpoint_every_steps] * (
-        config.checkpoint_every_steps > 0
-      )
-      if any(p % config.steps_per_execution for p in periods):
+      if any(p % config.steps_per_execution for p in _call_periods(config)):
         logging.warning(
           "config.steps_per_execution=%d does not divide log_every_steps=%d / "
           "checkpoint_every_steps=%d: the steps before each log or checkpoint run one per "
@@ -741,23 +743,19 @@ def _train_and_evaluate(
         validates = (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == num_epochs
         epoch_end = (epoch + 1) * steps_per_epoch
         while step < epoch_end:
-          in_epoch = step - epoch * steps_per_epoch
+          done = 1  # steps this call runs
           if p_train_many is not None and fits_multi_step(step, epoch_end, config):
             rstate, m = p_train_many(rstate, resident, d_order, d_valid)
             done = config.steps_per_execution
           elif placement == "device":
             rstate, m = p_train(rstate, resident, d_order, d_valid)
-            done = 1
           elif feed is not None:
             rstate, m = p_train(rstate, *feed.next_batch(step))
-            done = 1
           elif placement == "stream":
             rstate, m = p_train(rstate, *stream.next_batch(batches, step))
-            done = 1
           else:
-            sl = layout.local_slice(in_epoch)
+            sl = layout.local_slice(step - epoch * steps_per_epoch)
             rstate, m = p_train(rstate, *data.host_batch(train, order[sl], valid[sl], layout))
-            done = 1
           step += done
           last_in_epoch = step - 1 - epoch * steps_per_epoch  # the last step taken, in its epoch
           pending.append(m)
