@@ -757,10 +757,9 @@ def _train_and_evaluate(
             sl = layout.local_slice(step - epoch * steps_per_epoch)
             rstate, m = p_train(rstate, *data.host_batch(train, order[sl], valid[sl], layout))
           step += done
-          last_in_epoch = step - 1 - epoch * steps_per_epoch  # the last step taken, in its epoch
           pending.append(m)
           bar.update(done * layout.global_batch)
-          if step % config.log_every_steps == 0 or last_in_epoch == steps_per_epoch - 1:
+          if step % config.log_every_steps == 0 or step == epoch_end:
             # Every step's metrics count once, whether it ran alone or in a multi-step call
             # (whose metrics carry one entry per step).
             got = [data.first_replica(p) for p in pending]
@@ -789,11 +788,7 @@ def _train_and_evaluate(
             last_log_time, last_log_step = now, step
           every = config.checkpoint_every_steps
           # A validated epoch's last step is saved below, with its validation metrics.
-          if (
-            every > 0
-            and step % every == 0
-            and not (last_in_epoch == steps_per_epoch - 1 and validates)
-          ):
+          if every > 0 and step % every == 0 and not (step == epoch_end and validates):
             checkpoints.save_checkpoint(latest_mgr, host_state(), meta_for(step), saved_input)
 
         if not validates:
